@@ -1,0 +1,157 @@
+"""Async database access (PostgreSQL in production, SQLite embedded) and per-service migrations.
+
+Each service owns its database (or schema). Migrations are ordered steps per component, recorded
+in ``schema_migrations``; the common tables (outbox, inbox, idempotency) are component "common".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Column, Float, Integer, MetaData, String, Table, event, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+_meta = MetaData()
+schema_migrations = Table(
+    "schema_migrations",
+    _meta,
+    Column("component", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("applied_at", Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    apply: Callable[[AsyncConnection], Awaitable[None]]
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit key for PostgreSQL advisory locks."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+class Database:
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        parsed = make_url(url)
+        self.url = url
+        self.dialect = parsed.get_backend_name()
+        if self.dialect not in ("postgresql", "sqlite"):
+            raise ValueError(f"unsupported database {self.dialect!r}: use postgresql or sqlite")
+        self._sqlite_path: Path | None = None
+        self._file_locks: dict[str, int] = {}
+        self._local_locks: dict[str, asyncio.Lock] = {}
+        if self.dialect == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                self._sqlite_path = Path(parsed.database)
+                self._sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+            self.engine: AsyncEngine = create_async_engine(url, connect_args={"timeout": 30})
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect == "postgresql"
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def connect(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            yield conn
+
+    async def try_xact_lock(self, conn: AsyncConnection, name: str) -> bool:
+        """Try to take lock `name` until `conn`'s transaction ends (one holder across replicas).
+
+        PostgreSQL: a transaction-level advisory lock. SQLite, a single-host database: an
+        exclusive file lock beside the database file, kept by this process once taken.
+        """
+        if self.is_postgres:
+            got = await conn.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": lock_key(name)})
+            return bool(got)
+        return self._try_file_lock(name)
+
+    def _try_file_lock(self, name: str) -> bool:
+        if name in self._file_locks:
+            return True
+        if self._sqlite_path is None:
+            return True  # an in-memory database is private to this process
+        path = self._sqlite_path.with_name(f"{self._sqlite_path.name}.{name}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._file_locks[name] = fd
+        return True
+
+    async def migrate(self, component: str, migrations: Sequence[Migration]) -> list[str]:
+        """Apply `component`'s migrations not yet applied, in order; returns what it applied."""
+        applied: list[str] = []
+        async with self.transaction() as conn:
+            if self.is_postgres:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key("migrations")})
+            await conn.run_sync(_meta.create_all)
+            done = set(
+                (
+                    await conn.execute(
+                        select(schema_migrations.c.version).where(schema_migrations.c.component == component)
+                    )
+                ).scalars()
+            )
+            for m in sorted(migrations, key=lambda m: m.version):
+                if m.version in done:
+                    continue
+                await m.apply(conn)
+                await conn.execute(
+                    schema_migrations.insert().values(
+                        component=component, version=m.version, name=m.name, applied_at=time.time()
+                    )
+                )
+                applied.append(f"{component} {m.version} {m.name}")
+        return applied
+
+    async def ping(self) -> None:
+        async with self.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+        for fd in self._file_locks.values():
+            os.close(fd)
+        self._file_locks.clear()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def create_tables(metadata: MetaData) -> Callable[[AsyncConnection], Awaitable[None]]:
+    """A migration step that creates `metadata`'s tables (dialect-portable DDL)."""
+
+    async def apply(conn: AsyncConnection) -> None:
+        await conn.run_sync(metadata.create_all)
+
+    return apply

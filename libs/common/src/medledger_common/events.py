@@ -1,0 +1,76 @@
+"""The event envelope (medledger.events.v1.Event) and the topic names.
+
+Every topic carries the same protobuf envelope with CloudEvents attributes; the payload is a
+typed message packed in ``data``. Events carry ids only, never personal data.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from google.protobuf import message as pb_message
+from google.protobuf.message import DecodeError
+from medledger.events.v1 import envelope_pb2
+
+Event = envelope_pb2.Event
+
+SERVICES = ("identity", "consent", "records", "audit", "anchoring")
+TOPICS = {name: f"medledger.{name}.v1" for name in SERVICES}
+# Service topics, never their dead-letter topics.
+SERVICE_TOPIC_PATTERN = r"^medledger\.[a-z]+\.v[0-9]+$"
+CONTENT_TYPE = "application/cloudevents+protobuf"
+
+
+def dlq_topic(topic: str) -> str:
+    return f"{topic}.dlq"
+
+
+class MalformedEvent(ValueError):
+    """A Kafka message that is not a valid envelope."""
+
+
+def new_event(
+    *,
+    source: str,
+    payload: pb_message.Message,
+    aggregate_id: str,
+    version: int,
+    subject: str = "",
+    time: datetime | None = None,
+    event_id: str | None = None,
+) -> Event:
+    event = Event(
+        id=event_id or str(uuid.uuid4()),
+        source=source,
+        type=payload.DESCRIPTOR.full_name,
+        subject=subject,
+        aggregate_id=aggregate_id,
+        version=version,
+    )
+    event.time.FromDatetime(time or datetime.now(UTC))
+    event.data.Pack(payload)
+    return event
+
+
+def decode(raw: bytes | None) -> Event:
+    """Parse and check an envelope; raises MalformedEvent naming what is wrong."""
+    if not raw:
+        raise MalformedEvent("empty message")
+    event = Event()
+    try:
+        event.ParseFromString(raw)
+    except DecodeError:
+        raise MalformedEvent("not a protobuf envelope") from None
+    if not event.id:
+        raise MalformedEvent("envelope has no id")
+    if not event.type or not event.data.type_url.endswith("/" + event.type):
+        raise MalformedEvent("envelope type does not match its payload")
+    return event
+
+
+def unpack(event: Event, cls: type[pb_message.Message]) -> pb_message.Message:
+    payload = cls()
+    if not event.data.Unpack(payload):
+        raise MalformedEvent(f"payload is not {cls.DESCRIPTOR.full_name}")
+    return payload

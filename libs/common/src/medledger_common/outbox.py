@@ -1,0 +1,316 @@
+"""The transactional outbox, the idempotent inbox, and the relay that publishes the outbox.
+
+A service writes its state change and its event in one transaction (``enqueue``). The relay
+publishes unpublished rows in id order with ``acks=all`` and marks them published afterwards, so
+a crash between the two republishes: delivery is at least once and consumers deduplicate by event
+id through the inbox (``claim_inbox``), written in the same transaction as their effect.
+
+The relay never keeps a "last id sent" mark: ids are allocated at insert but committed in any
+order, so a mark would skip a row that commits late. It always selects every unpublished row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+from opentelemetry import propagate
+from prometheus_client import Counter, Gauge
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    and_,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from medledger_common.db import Database, Migration, create_tables
+from medledger_common.events import CONTENT_TYPE, Event
+
+log = logging.getLogger(__name__)
+
+metadata = MetaData()
+# BIGINT on PostgreSQL; INTEGER on SQLite, where only INTEGER PRIMARY KEY autoincrements.
+_Id = BigInteger().with_variant(Integer(), "sqlite")
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("event_id", String(64), nullable=False),
+    Column("topic", String(255), nullable=False),
+    Column("key", LargeBinary, nullable=True),
+    Column("value", LargeBinary, nullable=False),
+    # The producing request's W3C trace context, sent with the message.
+    Column("traceparent", String(128), nullable=True),
+    Column("tracestate", String(512), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("published_at", Float, nullable=True),
+    Index(
+        "ix_outbox_unpublished",
+        "id",
+        postgresql_where=Column("published_at").is_(None),
+        sqlite_where=Column("published_at").is_(None),
+    ),
+    Index("ix_outbox_published_at", "published_at"),
+)
+
+# The highest offset the broker acknowledged per partition; a broker whose end offset is below
+# it has lost data, and the retained rows of that topic are published again.
+outbox_watermarks = Table(
+    "outbox_watermarks",
+    metadata,
+    Column("topic", String(255), primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("acked_offset", BigInteger, nullable=False),
+)
+
+inbox = Table(
+    "inbox",
+    metadata,
+    Column("consumer", String(128), primary_key=True),
+    Column("event_id", String(64), primary_key=True),
+    Column("received_at", Float, nullable=False),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("scope", String(128), primary_key=True),
+    Column("request_id", String(128), primary_key=True),
+    Column("request_hash", LargeBinary, nullable=False),
+    Column("response", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+COMMON_MIGRATIONS = [Migration(1, "outbox, inbox and idempotency keys", create_tables(metadata))]
+
+OUTBOX_PUBLISHED = Counter("medledger_outbox_published_total", "Outbox rows published to Kafka.", ["service"])
+OUTBOX_BACKLOG = Gauge(
+    "medledger_outbox_backlog", "Outbox rows not yet published, as last seen by the relay.", ["service"]
+)
+OUTBOX_REPUBLISHED = Counter(
+    "medledger_outbox_republished_total",
+    "Retained outbox rows queued again because the broker lost data.",
+    ["service"],
+)
+OUTBOX_ERRORS = Counter("medledger_outbox_relay_errors_total", "Relay batches that failed.", ["service"])
+
+
+async def enqueue(conn: AsyncConnection, topic: str, event: Event, key: bytes | None = None) -> None:
+    """Write `event` to the outbox inside the caller's transaction."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    await conn.execute(
+        insert(outbox).values(
+            event_id=event.id,
+            topic=topic,
+            key=key,
+            value=event.SerializeToString(),
+            traceparent=carrier.get("traceparent"),
+            tracestate=carrier.get("tracestate"),
+            created_at=time.time(),
+        )
+    )
+
+
+async def claim_inbox(conn: AsyncConnection, consumer: str, event_id: str) -> bool:
+    """Record `event_id` as handled by `consumer` in the caller's transaction.
+
+    Returns False when it was handled before: the caller then skips its effect.
+    """
+    values = {"consumer": consumer, "event_id": event_id, "received_at": time.time()}
+    dialect = conn.dialect.name
+    stmt: Any
+    if dialect == "postgresql":
+        stmt = postgresql.insert(inbox).values(**values).on_conflict_do_nothing()
+    else:
+        stmt = sqlite.insert(inbox).values(**values).on_conflict_do_nothing()
+    result = await conn.execute(stmt)
+    return bool(result.rowcount)
+
+
+class OutboxRelay:
+    """Publishes the outbox; one relay at a time per service (a database lock)."""
+
+    def __init__(
+        self,
+        db: Database,
+        producer: AIOKafkaProducer,
+        *,
+        service: str,
+        bootstrap_servers: str = "",
+        batch_size: int = 2000,
+        poll_seconds: float = 0.5,
+        retention_seconds: float = 7 * 24 * 3600.0,
+        watermark_check_seconds: float = 10.0,
+    ) -> None:
+        self.db = db
+        self.producer = producer
+        self.service = service
+        self.batch_size = batch_size
+        self.poll_seconds = poll_seconds
+        self.retention_seconds = retention_seconds
+        self.watermark_check_seconds = watermark_check_seconds
+        self._bootstrap = bootstrap_servers
+        self._wake = asyncio.Event()
+        self._published = OUTBOX_PUBLISHED.labels(service)
+        self._backlog = OUTBOX_BACKLOG.labels(service)
+        OUTBOX_REPUBLISHED.labels(service)
+        OUTBOX_ERRORS.labels(service)
+
+    def notify(self) -> None:
+        """Wake the relay now (a write just committed) instead of at the next poll."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        backoff = 0.1
+        next_check = time.monotonic() + self.watermark_check_seconds
+        next_purge = time.monotonic()
+        while True:
+            try:
+                sent = await self.publish_once()
+                if time.monotonic() >= next_check:
+                    await self.republish_if_broker_lost_data()
+                    next_check = time.monotonic() + self.watermark_check_seconds
+                if time.monotonic() >= next_purge:
+                    await self.purge_expired()
+                    next_purge = time.monotonic() + 60
+                backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                OUTBOX_ERRORS.labels(self.service).inc()
+                log.warning("outbox relay batch failed, retrying", extra={"error": type(exc).__name__})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if sent < self.batch_size:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+
+    async def publish_once(self) -> int:
+        """Publish one batch of unpublished rows in id order; returns how many were sent."""
+        async with self.db.transaction() as conn:
+            if not await self.db.try_xact_lock(conn, f"outbox-relay:{self.service}"):
+                return 0
+            rows = (
+                await conn.execute(
+                    select(
+                        outbox.c.id,
+                        outbox.c.topic,
+                        outbox.c.key,
+                        outbox.c.value,
+                        outbox.c.traceparent,
+                        outbox.c.tracestate,
+                    )
+                    .where(outbox.c.published_at.is_(None))
+                    .order_by(outbox.c.id)
+                    .limit(self.batch_size)
+                )
+            ).all()
+            if not rows:
+                self._backlog.set(0)
+                return 0
+            futures = []
+            for row in rows:
+                headers = [("content-type", CONTENT_TYPE.encode())]
+                if row.traceparent:
+                    headers.append(("traceparent", row.traceparent.encode()))
+                if row.tracestate:
+                    headers.append(("tracestate", row.tracestate.encode()))
+                futures.append(await self.producer.send(row.topic, row.value, key=row.key, headers=headers))
+            metas = await asyncio.gather(*futures)
+            await self._mark_published(conn, [r.id for r in rows], metas)
+        self._published.inc(len(rows))
+        if len(rows) == self.batch_size:
+            self._backlog.set(len(rows))
+        else:
+            self._backlog.set(0)
+        return len(rows)
+
+    async def _mark_published(self, conn: AsyncConnection, ids: Sequence[int], metas: Sequence[Any]) -> None:
+        now = time.time()
+        await conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(published_at=now))
+        highest: dict[tuple[str, int], int] = {}
+        for m in metas:
+            k = (m.topic, m.partition)
+            if m.offset > highest.get(k, -1):
+                highest[k] = m.offset
+        for (topic, partition), offset in highest.items():
+            stmt: Any
+            values = {"topic": topic, "partition": partition, "acked_offset": offset}
+            if conn.dialect.name == "postgresql":
+                ins = postgresql.insert(outbox_watermarks).values(**values)
+                stmt = ins.on_conflict_do_update(
+                    index_elements=["topic", "partition"],
+                    set_={"acked_offset": func.greatest(outbox_watermarks.c.acked_offset, offset)},
+                )
+            else:
+                ins_s = sqlite.insert(outbox_watermarks).values(**values)
+                stmt = ins_s.on_conflict_do_update(
+                    index_elements=["topic", "partition"],
+                    set_={"acked_offset": func.max(outbox_watermarks.c.acked_offset, offset)},
+                )
+            await conn.execute(stmt)
+
+    async def republish_if_broker_lost_data(self) -> int:
+        """Queue retained rows again for topics whose partitions lost acknowledged messages."""
+        async with self.db.connect() as conn:
+            marks = (await conn.execute(select(outbox_watermarks))).all()
+        if not marks or not self._bootstrap:
+            return 0
+        from aiokafka import AIOKafkaConsumer
+
+        probe = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, enable_auto_commit=False)
+        await probe.start()
+        try:
+            tps = [TopicPartition(m.topic, m.partition) for m in marks]
+            ends = await probe.end_offsets(tps)
+        except KafkaError:
+            return 0
+        finally:
+            await probe.stop()
+        lost_topics = {m.topic for m in marks if ends.get(TopicPartition(m.topic, m.partition), 0) <= m.acked_offset}
+        if not lost_topics:
+            return 0
+        async with self.db.transaction() as conn:
+            result = await conn.execute(
+                update(outbox)
+                .where(and_(outbox.c.topic.in_(lost_topics), outbox.c.published_at.is_not(None)))
+                .values(published_at=None)
+            )
+            await conn.execute(delete(outbox_watermarks).where(outbox_watermarks.c.topic.in_(lost_topics)))
+        count = int(result.rowcount or 0)
+        OUTBOX_REPUBLISHED.labels(self.service).inc(count)
+        log.warning(
+            "broker lost acknowledged messages; republishing retained outbox rows",
+            extra={"topics": sorted(lost_topics), "rows": count},
+        )
+        self.notify()
+        return count
+
+    async def purge_expired(self) -> int:
+        cutoff = time.time() - self.retention_seconds
+        async with self.db.transaction() as conn:
+            result = await conn.execute(delete(outbox).where(outbox.c.published_at < cutoff))
+        return int(result.rowcount or 0)

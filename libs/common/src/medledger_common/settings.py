@@ -1,0 +1,91 @@
+"""Typed service settings from environment variables, all under one prefix.
+
+Every service reads ``MEDLEDGER_<NAME>`` variables (see the README's configuration table).
+A bad value stops the service at start with a message naming the variable, never later.
+Secrets are never values in the environment: a variable names a file and the secret is read from it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "MEDLEDGER_"
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the environment variable."""
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every service shares. Services subclass it to add their own."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    metrics_port: int = Field(default=9101, ge=0, le=65535)
+    # Upper bound for one gRPC message in either direction, in bytes.
+    grpc_max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    # Seconds a SIGTERM waits for in-flight calls before cancelling them.
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=300)
+    # TLS: server certificate and key; a CA file as well turns on mTLS (clients must present one).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+
+    database_url: str = "sqlite+aiosqlite:///.medledger/service.db"
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    # How long published outbox rows are kept for republishing after broker data loss.
+    outbox_retention_seconds: float = Field(default=7 * 24 * 3600.0, ge=0)
+    outbox_poll_seconds: float = Field(default=0.5, gt=0, le=60)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Fraction of root traces sampled; child spans follow their parent's decision.
+    trace_sampling_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    # OTLP/gRPC collector endpoint, e.g. http://otel-collector:4317; empty: no export.
+    otlp_endpoint: str = ""
+
+    @field_validator("tls_cert_file", "tls_key_file", "tls_ca_file")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {value} does not exist")
+        return value
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def load_settings(cls: type[S]) -> S:
+    """Read settings from the environment, or raise ConfigError naming each bad variable."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            problems.append(f"{ENV_PREFIX}{field.upper()}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def load_settings_or_exit(cls: type[S]) -> S:
+    """For a service's main: a bad setting stops the process with a readable message."""
+    try:
+        return load_settings(cls)
+    except ConfigError as exc:
+        print(f"medledger: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def read_secret_file(path: Path) -> bytes:
+    """Read a secret from a mounted file, without trailing newline. Never log the result."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
+    return data.rstrip(b"\r\n")

@@ -1,0 +1,1 @@
+"""The medledger audit service."""

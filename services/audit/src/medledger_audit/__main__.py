@@ -1,0 +1,5 @@
+"""Run with ``python -m medledger_audit``."""
+
+from medledger_audit.main import main
+
+main()

@@ -1,0 +1,6 @@
+"""Audit's tables and migrations. Its own tables arrive with the audit issue; the common
+outbox, inbox and idempotency tables are migrated by the runtime."""
+
+from medledger_common.db import Migration
+
+MIGRATIONS: list[Migration] = []

@@ -1,0 +1,51 @@
+"""Consent's event handlers: identity events keep the principal directory current."""
+
+from __future__ import annotations
+
+from medledger.events.v1 import identity_events_pb2
+from medledger.types.v1 import vocabulary_pb2
+from medledger_common.db import Database
+from medledger_common.events import unpack
+from medledger_common.kafka import ConsumedMessage
+from medledger_common.outbox import claim_inbox
+
+from medledger_consent import storage
+
+DIRECTORY_CONSUMER = "consent.principal-directory"
+_REGISTERED = identity_events_pb2.PrincipalRegistered.DESCRIPTOR.full_name
+_DEACTIVATED = identity_events_pb2.PrincipalDeactivated.DESCRIPTOR.full_name
+
+
+class PrincipalDirectoryHandler:
+    """Applies identity events once each (inbox), ignoring stale versions."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def __call__(self, message: ConsumedMessage) -> None:
+        event = message.event
+        if event is None or event.type not in (_REGISTERED, _DEACTIVATED):
+            return
+        async with self.db.transaction() as conn:
+            if not await claim_inbox(conn, DIRECTORY_CONSUMER, event.id):
+                return
+            if event.type == _REGISTERED:
+                reg = unpack(event, identity_events_pb2.PrincipalRegistered)
+                await storage.upsert_principal(
+                    conn,
+                    storage.KnownPrincipal(
+                        principal_id=reg.principal_id,  # type: ignore[attr-defined]
+                        kind=reg.kind,  # type: ignore[attr-defined]
+                        status=vocabulary_pb2.PrincipalStatus.PRINCIPAL_STATUS_ACTIVE,
+                        organization_id=reg.organization_id,  # type: ignore[attr-defined]
+                        version=event.version,
+                    ),
+                )
+            else:
+                dea = unpack(event, identity_events_pb2.PrincipalDeactivated)
+                await storage.set_status(
+                    conn,
+                    dea.principal_id,  # type: ignore[attr-defined]
+                    vocabulary_pb2.PrincipalStatus.PRINCIPAL_STATUS_DEACTIVATED,
+                    event.version,
+                )

@@ -1,0 +1,39 @@
+"""Wires consent: settings, storage, the gRPC API and its event handlers."""
+
+from __future__ import annotations
+
+from medledger.consent.v1 import consent_service_pb2, consent_service_pb2_grpc
+from medledger_common.events import TOPICS
+from medledger_common.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
+from medledger_common.settings import load_settings_or_exit
+
+from medledger_consent.api import ConsentApi
+from medledger_consent.config import ConsentSettings
+from medledger_consent.handlers import DIRECTORY_CONSUMER, PrincipalDirectoryHandler
+from medledger_consent.storage import MIGRATIONS
+
+NAME = "consent"
+
+
+def build(runtime: ServiceRuntime) -> ServiceParts:
+    # RPCs not built yet answer UNIMPLEMENTED (the generated base servicer) until their issue lands.
+    api = ConsentApi(runtime)  # type: ignore[abstract]
+    return ServiceParts(
+        service_descriptors=[consent_service_pb2.DESCRIPTOR.services_by_name["ConsentService"]],
+        register=lambda server: consent_service_pb2_grpc.add_ConsentServiceServicer_to_server(api, server),
+        consumers=[
+            ConsumerSpec(
+                group_id=DIRECTORY_CONSUMER,
+                handler=PrincipalDirectoryHandler(runtime.db),
+                topics=[TOPICS["identity"]],
+            )
+        ],
+    )
+
+
+def main() -> None:
+    run_service(NAME, load_settings_or_exit(ConsentSettings), MIGRATIONS, build)
+
+
+if __name__ == "__main__":
+    main()

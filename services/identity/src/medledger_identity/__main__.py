@@ -1,0 +1,5 @@
+"""Run with ``python -m medledger_identity``."""
+
+from medledger_identity.main import main
+
+main()

@@ -1,0 +1,9 @@
+"""Records's settings: the common ones under MEDLEDGER_, with records's default ports."""
+
+from medledger_common.settings import ServiceSettings
+
+
+class RecordsSettings(ServiceSettings):
+    grpc_port: int = 50053
+    metrics_port: int = 9103
+    database_url: str = "sqlite+aiosqlite:///.medledger/records.db"

@@ -1,0 +1,30 @@
+"""Wires records: settings, storage and the gRPC API."""
+
+from __future__ import annotations
+
+from medledger.records.v1 import records_service_pb2, records_service_pb2_grpc
+from medledger_common.service import ServiceParts, ServiceRuntime, run_service
+from medledger_common.settings import load_settings_or_exit
+
+from medledger_records.api import RecordsApi
+from medledger_records.config import RecordsSettings
+from medledger_records.storage import MIGRATIONS
+
+NAME = "records"
+
+
+def build(runtime: ServiceRuntime) -> ServiceParts:
+    # RPCs not built yet answer UNIMPLEMENTED (the generated base servicer) until their issue lands.
+    api = RecordsApi(runtime)  # type: ignore[abstract]
+    return ServiceParts(
+        service_descriptors=[records_service_pb2.DESCRIPTOR.services_by_name["RecordsService"]],
+        register=lambda server: records_service_pb2_grpc.add_RecordsServiceServicer_to_server(api, server),
+    )
+
+
+def main() -> None:
+    run_service(NAME, load_settings_or_exit(RecordsSettings), MIGRATIONS, build)
+
+
+if __name__ == "__main__":
+    main()
