@@ -73,8 +73,10 @@ outbox = Table(
     Index("ix_outbox_published_at", "published_at"),
 )
 
-# The highest offset the broker acknowledged per partition; a broker whose end offset is below
-# it has lost data, and the retained rows of that topic are published again.
+# Per partition, the first offset of the newest batch the broker acknowledged. A broker whose
+# end offset is not past it has lost acknowledged data, and the retained rows of that topic are
+# published again. (The first offset, not the last: Tansu reports a partition's end as the
+# newest record batch's base offset + 1, so only offsets at batch starts are comparable.)
 outbox_watermarks = Table(
     "outbox_watermarks",
     metadata,
@@ -251,12 +253,12 @@ class OutboxRelay:
     async def _mark_published(self, conn: AsyncConnection, ids: Sequence[int], metas: Sequence[Any]) -> None:
         now = time.time()
         await conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(published_at=now))
-        highest: dict[tuple[str, int], int] = {}
+        first_in_batch: dict[tuple[str, int], int] = {}
         for m in metas:
             k = (m.topic, m.partition)
-            if m.offset > highest.get(k, -1):
-                highest[k] = m.offset
-        for (topic, partition), offset in highest.items():
+            if k not in first_in_batch or m.offset < first_in_batch[k]:
+                first_in_batch[k] = m.offset
+        for (topic, partition), offset in first_in_batch.items():
             stmt: Any
             values = {"topic": topic, "partition": partition, "acked_offset": offset}
             if conn.dialect.name == "postgresql":
@@ -279,18 +281,11 @@ class OutboxRelay:
             marks = (await conn.execute(select(outbox_watermarks))).all()
         if not marks or not self._bootstrap:
             return 0
-        from aiokafka import AIOKafkaConsumer
-
-        probe = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, enable_auto_commit=False)
-        await probe.start()
-        try:
-            tps = [TopicPartition(m.topic, m.partition) for m in marks]
-            ends = await probe.end_offsets(tps)
-        except KafkaError:
-            return 0
-        finally:
-            await probe.stop()
-        lost_topics = {m.topic for m in marks if ends.get(TopicPartition(m.topic, m.partition), 0) <= m.acked_offset}
+        lost_topics = await self._topics_behind(marks)
+        if lost_topics:
+            # A broker may report its high watermark a moment late: confirm before republishing.
+            await asyncio.sleep(1.0)
+            lost_topics &= await self._topics_behind(marks)
         if not lost_topics:
             return 0
         async with self.db.transaction() as conn:
@@ -308,6 +303,20 @@ class OutboxRelay:
         )
         self.notify()
         return count
+
+    async def _topics_behind(self, marks: Sequence[Any]) -> set[str]:
+        """Topics with a partition whose end offset is not past the newest acknowledged batch."""
+        from aiokafka import AIOKafkaConsumer
+
+        probe = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, enable_auto_commit=False)
+        await probe.start()
+        try:
+            ends = await probe.end_offsets([TopicPartition(m.topic, m.partition) for m in marks])
+        except KafkaError:
+            return set()
+        finally:
+            await probe.stop()
+        return {m.topic for m in marks if ends.get(TopicPartition(m.topic, m.partition), 0) <= m.acked_offset}
 
     async def purge_expired(self) -> int:
         cutoff = time.time() - self.retention_seconds

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from medledger.anchoring.v1 import anchoring_service_pb2, anchoring_service_pb2_grpc
-from medledger_common.service import ServiceParts, ServiceRuntime, run_service
-from medledger_common.settings import load_settings_or_exit
 
 from medledger_anchoring.api import AnchoringApi
 from medledger_anchoring.config import AnchoringSettings
 from medledger_anchoring.storage import MIGRATIONS
+from medledger_common.service import ServiceParts, ServiceRuntime, run_service
+from medledger_common.settings import load_settings_or_exit
 
 NAME = "anchoring"
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from medledger.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
-from medledger_common.service import ServiceParts, ServiceRuntime, run_service
-from medledger_common.settings import load_settings_or_exit
 
 from medledger_audit.api import AuditApi
 from medledger_audit.config import AuditSettings
 from medledger_audit.storage import MIGRATIONS
+from medledger_common.service import ServiceParts, ServiceRuntime, run_service
+from medledger_common.settings import load_settings_or_exit
 
 NAME = "audit"
 

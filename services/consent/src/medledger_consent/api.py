@@ -7,6 +7,7 @@ which is what the generated base servicer does.
 from __future__ import annotations
 
 from medledger.consent.v1 import consent_service_pb2_grpc as pb_grpc
+
 from medledger_common.service import ServiceRuntime
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from medledger.events.v1 import identity_events_pb2
 from medledger.types.v1 import vocabulary_pb2
+
 from medledger_common.db import Database
 from medledger_common.events import unpack
 from medledger_common.kafka import ConsumedMessage
 from medledger_common.outbox import claim_inbox
-
 from medledger_consent import storage
 
 DIRECTORY_CONSUMER = "consent.principal-directory"

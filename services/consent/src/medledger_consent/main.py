@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from medledger.consent.v1 import consent_service_pb2, consent_service_pb2_grpc
+
 from medledger_common.events import TOPICS
 from medledger_common.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
 from medledger_common.settings import load_settings_or_exit
-
 from medledger_consent.api import ConsentApi
 from medledger_consent.config import ConsentSettings
 from medledger_consent.handlers import DIRECTORY_CONSUMER, PrincipalDirectoryHandler

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medledger_common.db import Migration, create_tables
 from sqlalchemy import Column, Integer, MetaData, String, Table, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from medledger_common.db import Migration, create_tables
 
 metadata = MetaData()
 # Consent's view of identity's principals, kept current from identity events; grants name

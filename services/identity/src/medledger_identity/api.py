@@ -7,13 +7,13 @@ from medledger.events.v1 import identity_events_pb2
 from medledger.identity.v1 import identity_service_pb2 as pb
 from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
 from medledger.types.v1 import vocabulary_pb2
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from medledger_common.errors import NotFound
 from medledger_common.events import TOPICS, new_event
 from medledger_common.idempotency import run_idempotent
 from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from medledger_identity import domain, storage
 
 ACTIVE = vocabulary_pb2.PrincipalStatus.PRINCIPAL_STATUS_ACTIVE

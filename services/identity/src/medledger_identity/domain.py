@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from medledger.types.v1 import vocabulary_pb2
+
 from medledger_common.errors import InvalidArgument
 
 PrincipalKind = vocabulary_pb2.PrincipalKind

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from medledger.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
+
 from medledger_common.service import ServiceParts, ServiceRuntime, run_service
 from medledger_common.settings import load_settings_or_exit
-
 from medledger_identity.api import IdentityApi
 from medledger_identity.config import IdentitySettings
 from medledger_identity.storage import MIGRATIONS

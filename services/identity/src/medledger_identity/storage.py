@@ -6,9 +6,10 @@ import time
 from dataclasses import dataclass
 
 from medledger.types.v1 import vocabulary_pb2
-from medledger_common.db import Migration, create_tables
 from sqlalchemy import Column, Float, Integer, MetaData, String, Table, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from medledger_common.db import Migration, create_tables
 
 metadata = MetaData()
 principals = Table(

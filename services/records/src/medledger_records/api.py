@@ -7,6 +7,7 @@ generated base servicer does.
 from __future__ import annotations
 
 from medledger.records.v1 import records_service_pb2_grpc as pb_grpc
+
 from medledger_common.service import ServiceRuntime
 
 

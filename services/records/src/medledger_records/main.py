@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from medledger.records.v1 import records_service_pb2, records_service_pb2_grpc
+
 from medledger_common.service import ServiceParts, ServiceRuntime, run_service
 from medledger_common.settings import load_settings_or_exit
-
 from medledger_records.api import RecordsApi
 from medledger_records.config import RecordsSettings
 from medledger_records.storage import MIGRATIONS

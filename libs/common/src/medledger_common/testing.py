@@ -1,0 +1,108 @@
+"""Pytest fixtures that start the real components on free ports and stop them afterwards:
+Tansu (Kafka protocol), Anvil (EVM) and a PostgreSQL cluster of the tests' own.
+
+Registered for every test folder by the repository's root ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from medledger_common import localstack
+from medledger_common.db import Migration
+from medledger_common.service import ServiceParts, ServiceRuntime
+from medledger_common.settings import ServiceSettings
+from medledger_common.telemetry import configure_tracing
+
+
+@dataclass
+class Kafka:
+    bootstrap_servers: str
+    process: localstack.ManagedProcess
+
+
+@dataclass
+class Anvil:
+    rpc_url: str
+    state_file: Path
+    process: localstack.ManagedProcess
+
+
+class Postgres:
+    def __init__(self, cluster: localstack.PostgresCluster) -> None:
+        self.cluster = cluster
+
+    def new_database(self, prefix: str = "t") -> str:
+        """A fresh, empty database on the tests' cluster; returns its SQLAlchemy URL."""
+        return self.cluster.create_database(f"{prefix}_{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kafka]:
+    """A Tansu broker for the whole test session (memory storage)."""
+    port = localstack.free_port()
+    proc = localstack.start_tansu(port, tmp_path_factory.mktemp("kafka") / "tansu.log")
+    try:
+        yield Kafka(f"{localstack.HOST}:{port}", proc)
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def anvil(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Anvil]:
+    port = localstack.free_port()
+    folder = tmp_path_factory.mktemp("anvil")
+    proc = localstack.start_anvil(port, folder / "state.json", folder / "anvil.log")
+    try:
+        yield Anvil(f"http://{localstack.HOST}:{port}", folder / "state.json", proc)
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    """A PostgreSQL cluster made with initdb in a temporary folder, on a free port."""
+    cluster = localstack.PostgresCluster(tmp_path_factory.mktemp("pg") / "data", localstack.free_port())
+    cluster.init()
+    cluster.start()
+    try:
+        yield Postgres(cluster)
+    finally:
+        cluster.stop("immediate")
+
+
+@asynccontextmanager
+async def running_service(
+    name: str,
+    settings: ServiceSettings,
+    migrations: Sequence[Migration],
+    build: Callable[[ServiceRuntime], ServiceParts],
+) -> AsyncIterator[ServiceRuntime]:
+    """Run a service in the test's event loop, exactly as its ``main`` wires it."""
+    runtime = ServiceRuntime(name, settings, migrations)
+    try:
+        await runtime.start(build)
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+_memory_exporter: InMemorySpanExporter | None = None
+
+
+def span_exporter() -> InMemorySpanExporter:
+    """Finished spans of this test process, kept in memory (tracing sampled at 100%)."""
+    global _memory_exporter
+    if _memory_exporter is None:
+        provider = configure_tracing("tests", 1.0)
+        _memory_exporter = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(_memory_exporter))
+    return _memory_exporter

@@ -1,0 +1,31 @@
+"""Runs the outbox relay for one batch and SIGKILLs itself after the broker acknowledged the
+messages but before the rows are marked published: the crash the outbox must survive.
+
+Usage: python relay_killed_after_publish.py DATABASE_URL BOOTSTRAP_SERVERS SERVICE
+"""
+
+import asyncio
+import os
+import signal
+import sys
+
+from medledger_common.db import Database
+from medledger_common.kafka import make_producer
+from medledger_common.outbox import OutboxRelay
+
+
+class RelayKilledBeforeMarking(OutboxRelay):
+    async def _mark_published(self, conn, ids, metas):  # type: ignore[no-untyped-def]
+        print(f"published {len(ids)} rows; killing myself before marking them", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def main(url: str, bootstrap: str, service: str) -> None:
+    db = Database(url)
+    producer = make_producer(bootstrap)
+    await producer.start()
+    await RelayKilledBeforeMarking(db, producer, service=service).publish_once()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(*sys.argv[1:4]))
