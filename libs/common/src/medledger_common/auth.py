@@ -1,0 +1,319 @@
+"""Authentication and coarse authorization for every service's gRPC server.
+
+Callers send ``authorization: Bearer <JWT>`` metadata. Tokens are issued by identity, signed by
+a key-manager key (EdDSA or ES256) named by ``kid``, and published as a JWKS. The interceptor:
+
+- pins the algorithm to the JWK's own (so ``none``, HS* and algorithm confusion are refused);
+- checks ``iss``, ``aud`` (this service), ``exp`` and ``nbf`` with 30 s of leeway;
+- fetches the JWKS again on an unknown ``kid``, at most once per 30 s;
+- caches verified tokens until they expire, so a repeated token costs a dict lookup;
+- refuses tokens of deactivated principals on every call;
+- lets the service's public RPCs through, answers UNAUTHENTICATED without a valid token and
+  PERMISSION_DENIED when the caller's roles and kind are not in the RPC's access rule.
+
+Finer rules (a patient about themselves, an org-admin within their organization) belong to the
+service's API layer, which reads the caller from ``current_caller()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import jwt
+from jwt.exceptions import InvalidTokenError, PyJWKError
+
+from medledger_common.errors import PermissionDenied, Unauthenticated
+
+LEEWAY_SECONDS = 30
+JWKS_REFETCH_SECONDS = 30
+MAX_TOKEN_BYTES = 8192
+# The algorithms medledger signs with; anything else (none, HS*, RS*) is refused outright.
+ALLOWED_ALGORITHMS = frozenset({"EdDSA", "ES256"})
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated principal behind a call."""
+
+    principal_id: str
+    kind: str
+    roles: frozenset[str]
+    organization_id: str
+    token_id: str
+    expires_at: float
+
+    def has_role(self, role: str) -> bool:
+        return role in self.roles
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may call an RPC: any of these roles or principal kinds. Empty means any caller."""
+
+    roles: frozenset[str] = frozenset()
+    kinds: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, *, roles: Iterable[str] = (), kinds: Iterable[str] = ()) -> Access:
+        return cls(frozenset(roles), frozenset(kinds))
+
+    def allows(self, caller: Caller) -> bool:
+        if not self.roles and not self.kinds:
+            return True
+        return caller.kind in self.kinds or not self.roles.isdisjoint(caller.roles)
+
+
+ANY_CALLER = Access()
+
+_current: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("medledger_caller", default=None)
+
+
+def current_caller() -> Caller:
+    """The caller of the RPC being handled; only valid behind the AuthInterceptor."""
+    caller = _current.get()
+    if caller is None:
+        raise Unauthenticated("no authenticated caller")
+    return caller
+
+
+def jwk_algorithm(jwk: Mapping[str, Any]) -> str | None:
+    """The one algorithm a JWK may verify: its ``alg``, or the only one its key type allows."""
+    if jwk.get("kty") == "OKP" and jwk.get("crv") == "Ed25519":
+        alg = "EdDSA"
+    elif jwk.get("kty") == "EC" and jwk.get("crv") == "P-256":
+        alg = "ES256"
+    else:
+        return None
+    declared = jwk.get("alg")
+    if declared is not None and declared != alg:
+        return None
+    return alg
+
+
+JwksFetcher = Callable[[], Awaitable[Mapping[str, Any]]]
+
+
+class TokenVerifier:
+    """Verifies medledger access tokens for one audience."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        fetch_jwks: JwksFetcher,
+        clock: Callable[[], float] = time.time,
+        max_cached: int = 100_000,
+    ) -> None:
+        self.issuer = issuer
+        self.audience = audience
+        self._fetch_jwks = fetch_jwks
+        self._clock = clock
+        self._keys: dict[str, tuple[jwt.PyJWK, str]] = {}
+        self._last_fetch = -float("inf")
+        self._fetch_lock = asyncio.Lock()
+        self._cache: dict[str, Caller] = {}
+        self._max_cached = max_cached
+
+    async def refresh_keys(self) -> None:
+        async with self._fetch_lock:
+            self._last_fetch = time.monotonic()
+            jwks = await self._fetch_jwks()
+            keys: dict[str, tuple[jwt.PyJWK, str]] = {}
+            for jwk in jwks.get("keys", []):
+                alg = jwk_algorithm(jwk)
+                kid = jwk.get("kid")
+                if alg is None or not kid:
+                    continue
+                try:
+                    keys[kid] = (jwt.PyJWK(dict(jwk), algorithm=alg), alg)
+                except PyJWKError:
+                    continue
+            self._keys = keys
+
+    async def _key(self, kid: str) -> tuple[jwt.PyJWK, str] | None:
+        found = self._keys.get(kid)
+        if found is None and time.monotonic() - self._last_fetch >= JWKS_REFETCH_SECONDS:
+            await self.refresh_keys()
+            found = self._keys.get(kid)
+        return found
+
+    async def verify(self, token: str) -> Caller:
+        now = self._clock()
+        cached = self._cache.get(token)
+        if cached is not None:
+            if cached.expires_at + LEEWAY_SECONDS >= now:
+                return cached
+            del self._cache[token]
+        if len(token) > MAX_TOKEN_BYTES:
+            raise Unauthenticated("token too large")
+        try:
+            header = jwt.get_unverified_header(token)
+        except InvalidTokenError:
+            raise Unauthenticated("malformed token") from None
+        alg, kid = header.get("alg"), header.get("kid")
+        if alg not in ALLOWED_ALGORITHMS:
+            raise Unauthenticated(f"token algorithm {str(alg)[:16]!r} is not accepted")
+        if not isinstance(kid, str) or not kid:
+            raise Unauthenticated("token has no key id")
+        found = await self._key(kid)
+        if found is None:
+            raise Unauthenticated("token signed by an unknown key")
+        key, key_alg = found
+        if alg != key_alg:
+            raise Unauthenticated("token algorithm does not match its key")
+        try:
+            claims = jwt.decode(
+                token,
+                key=key,
+                algorithms=[key_alg],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=LEEWAY_SECONDS,
+                options={"require": ["exp", "iat", "sub", "jti", "iss", "aud"], "verify_nbf": True},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthenticated("token not yet valid") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthenticated("token is for another service") from None
+        except jwt.InvalidIssuerError:
+            raise Unauthenticated("token from an unknown issuer") from None
+        except InvalidTokenError:
+            raise Unauthenticated("invalid token") from None
+        caller = Caller(
+            principal_id=str(claims["sub"]),
+            kind=str(claims.get("kind", "")),
+            roles=frozenset(str(r) for r in claims.get("roles", ())),
+            organization_id=str(claims.get("org", "")),
+            token_id=str(claims["jti"]),
+            expires_at=float(claims["exp"]),
+        )
+        if len(self._cache) >= self._max_cached:
+            self._evict_expired(now)
+        self._cache[token] = caller
+        return caller
+
+    def _evict_expired(self, now: float) -> None:
+        for token, caller in list(self._cache.items()):
+            if caller.expires_at + LEEWAY_SECONDS < now:
+                del self._cache[token]
+        if len(self._cache) >= self._max_cached:
+            self._cache.clear()
+
+
+class DeactivationSet:
+    """Principals whose tokens are refused. Loaded before SERVING, kept current from events."""
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+        self.loaded = False
+
+    def replace(self, ids: Iterable[str]) -> None:
+        self._ids = set(ids)
+        self.loaded = True
+
+    def add(self, principal_id: str) -> None:
+        self._ids.add(principal_id)
+
+    def discard(self, principal_id: str) -> None:
+        self._ids.discard(principal_id)
+
+    def __contains__(self, principal_id: object) -> bool:
+        return principal_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            scheme, _, token = text.partition(" ")
+            if scheme.lower() == "bearer" and token:
+                return token.strip()
+            return None
+    return None
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Authenticates every non-public RPC and applies its coarse access rule."""
+
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        deactivated: DeactivationSet,
+        *,
+        public_methods: Iterable[str],
+        access: Mapping[str, Access],
+    ) -> None:
+        self.verifier = verifier
+        self.deactivated = deactivated
+        self.public_methods = frozenset(public_methods)
+        self.access = dict(access)
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    def is_public(self, method: str) -> bool:
+        return (
+            method in self.public_methods
+            or method.startswith("/grpc.health.v1.Health/")
+            or method.startswith("/grpc.reflection.")
+        )
+
+    async def authenticate(self, metadata: Iterable[tuple[str, Any]] | None, method: str) -> Caller:
+        token = bearer_token(metadata)
+        if token is None:
+            raise Unauthenticated("this call needs an access token (authorization: Bearer …)")
+        caller = await self.verifier.verify(token)
+        if caller.principal_id in self.deactivated:
+            raise Unauthenticated("the principal is deactivated")
+        rule = self.access.get(method)
+        if rule is None:
+            # An RPC without a rule is a mistake in the service's table: refuse, never allow.
+            raise PermissionDenied("no access rule for this call")
+        if not rule.allows(caller):
+            raise PermissionDenied("the caller's roles do not allow this call")
+        return caller
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None or self.is_public(method) or handler.unary_unary is None:
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        behavior = handler.unary_unary
+
+        async def authenticated(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            caller = await self.authenticate(context.invocation_metadata(), method)
+            token = _current.set(caller)
+            try:
+                return await behavior(request, context)
+            finally:
+                _current.reset(token)
+
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            authenticated,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._wrapped[method] = wrapped
+        return wrapped
+
+
+def jwks_json(keys: Iterable[Mapping[str, Any]]) -> bytes:
+    return json.dumps({"keys": list(keys)}, separators=(",", ":")).encode()

