@@ -31,6 +31,8 @@ from medledger_common.events import TOPICS, Event, MalformedEvent, decode, dlq_t
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("medledger.kafka")
+_EMPTY_CONTEXT = otel_context.Context()
+_CONSUMER = SpanKind.CONSUMER
 
 CONSUMED = Counter("medledger_kafka_consumed_total", "Messages handled by a consumer.", ["group", "topic", "outcome"])
 DEAD_LETTERS = Counter(
@@ -128,7 +130,7 @@ class EventConsumer:
         max_attempts: int = 5,
         backoff_seconds: float = 0.05,
         max_backoff_seconds: float = 5.0,
-        batch_max: int = 500,
+        batch_max: int = 2000,
         auto_offset_reset: str = "earliest",
     ) -> None:
         if not topics and not pattern:
@@ -152,6 +154,8 @@ class EventConsumer:
             max_poll_records=batch_max,
         )
         self._counters: dict[tuple[str, str], Any] = {}
+        self._span_names: dict[str, str] = {}
+        self._pending_commit: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         await self.consumer.start()
@@ -161,24 +165,41 @@ class EventConsumer:
             self.consumer.subscribe(self.topics)
 
     async def stop(self) -> None:
+        if self._pending_commit is not None and not self._pending_commit.done():
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._pending_commit
         await self.consumer.stop()
 
     async def run(self) -> None:
-        """Consume until cancelled."""
-        while True:
-            batches = await self.consumer.getmany(timeout_ms=500, max_records=self.batch_max)
-            if not batches:
-                continue
-            offsets: dict[TopicPartition, int] = {}
-            for tp, records in batches.items():
-                for record in records:
-                    await self._handle(record)
-                    offsets[tp] = record.offset + 1
-            await self.consumer.commit(offsets)
-            for tp, records in batches.items():
-                CONSUMER_LAG.labels(self.group_id, tp.topic).set(
-                    max(0, (self.consumer.highwater(tp) or 0) - (records[-1].offset + 1))
-                )
+        """Consume until cancelled.
+
+        A batch's offsets are committed once every message in it has been handled. The commit
+        (a broker round trip) runs while the next batch is handled; it is awaited before the
+        next commit, so commits stay in order and never run ahead of the effects they cover.
+        """
+        try:
+            while True:
+                batches = await self.consumer.getmany(timeout_ms=500, max_records=self.batch_max)
+                if not batches:
+                    continue
+                offsets: dict[TopicPartition, int] = {}
+                for tp, records in batches.items():
+                    for record in records:
+                        await self._handle(record)
+                        offsets[tp] = record.offset + 1
+                if self._pending_commit is not None:
+                    # Shielded: cancelling this loop must not cancel a commit already sent.
+                    await asyncio.shield(self._pending_commit)
+                self._pending_commit = asyncio.ensure_future(self.consumer.commit(offsets))
+                for tp, records in batches.items():
+                    CONSUMER_LAG.labels(self.group_id, tp.topic).set(
+                        max(0, (self.consumer.highwater(tp) or 0) - (records[-1].offset + 1))
+                    )
+        finally:
+            if self._pending_commit is not None and not self._pending_commit.done():
+                # Cancelled mid-stream: let the last commit of handled messages finish.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._pending_commit)
 
     def _count(self, topic: str, outcome: str) -> None:
         key = (topic, outcome)
@@ -198,24 +219,30 @@ class EventConsumer:
                 return
             event, malformed = None, str(exc)
         message = ConsumedMessage(record=record, event=event, malformed=malformed, headers=headers)
-        carrier = {k: v.decode("latin-1") for k, v in headers.items() if k in ("traceparent", "tracestate")}
-        token = otel_context.attach(propagate.extract(carrier))
-        try:
-            with tracer.start_as_current_span(
-                f"{record.topic} process",
-                kind=SpanKind.CONSUMER,
-                attributes={
+        # The producer's trace context, when the message has one; else the span starts a trace.
+        parent = _EMPTY_CONTEXT
+        if "traceparent" in headers:
+            carrier = {k: v.decode("latin-1") for k, v in headers.items() if k in ("traceparent", "tracestate")}
+            parent = propagate.extract(carrier, context=_EMPTY_CONTEXT)
+        span = tracer.start_span(self._span_names.get(record.topic) or self._span_name(record.topic), parent, _CONSUMER)
+        if span.is_recording():
+            # Attributes only for sampled spans: building them costs as much as the span.
+            span.set_attributes(
+                {
                     "messaging.system": "kafka",
                     "messaging.destination.name": str(record.topic),
                     "messaging.operation.type": "process",
                     "messaging.consumer.group.name": self.group_id,
                     "messaging.kafka.offset": record.offset,
                     "messaging.message.id": event.id if event else "",
-                },
-            ):
-                await self._call_with_retries(message)
-        finally:
-            otel_context.detach(token)
+                }
+            )
+        with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
+            await self._call_with_retries(message)
+
+    def _span_name(self, topic: str) -> str:
+        name = self._span_names[topic] = f"{topic} process"
+        return name
 
     async def _call_with_retries(self, message: ConsumedMessage) -> None:
         attempt = 0
