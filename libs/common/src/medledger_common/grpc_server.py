@@ -30,6 +30,7 @@ from medledger_common.errors import MedledgerError
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("medledger.grpc")
+_EMPTY_CONTEXT = otel_context.Context()
 
 # go-grpc-prometheus names, which Grafana dashboards for gRPC already understand.
 RPC_STARTED = Counter("grpc_server_started_total", "RPCs started on the server.", ["grpc_service", "grpc_method"])
@@ -139,16 +140,16 @@ def _wrap_unary(full_method: str, behavior: _Behavior) -> _Behavior:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started.inc()
         t0 = time.perf_counter()
-        carrier = dict(context.invocation_metadata() or ())
-        token = otel_context.attach(propagate.extract(carrier))
+        # The caller's trace context when it sent one; else the span starts a new trace.
+        parent = _EMPTY_CONTEXT
+        metadata = context.invocation_metadata()
+        if metadata and any(k == "traceparent" for k, _ in metadata):
+            parent = propagate.extract(dict(metadata), context=_EMPTY_CONTEXT)
+        span = tracer.start_span(span_name, parent, SpanKind.SERVER)
+        if span.is_recording():
+            span.set_attributes({"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
         try:
-            with tracer.start_as_current_span(
-                span_name,
-                kind=SpanKind.SERVER,
-                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
-                record_exception=False,
-                set_status_on_exception=False,
-            ) as span:
+            with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
                 try:
                     response = await behavior(request, context)
                 except MedledgerError as exc:
@@ -170,7 +171,6 @@ def _wrap_unary(full_method: str, behavior: _Behavior) -> _Behavior:
                 return response
         finally:
             seconds.observe(time.perf_counter() - t0)
-            otel_context.detach(token)
 
     return wrapper
 
