@@ -37,6 +37,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -252,7 +253,13 @@ class OutboxRelay:
 
     async def _mark_published(self, conn: AsyncConnection, ids: Sequence[int], metas: Sequence[Any]) -> None:
         now = time.time()
-        await conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(published_at=now))
+        if conn.dialect.name == "postgresql":
+            # One array parameter instead of one bind parameter per id: much cheaper for big batches.
+            await conn.execute(
+                text("UPDATE outbox SET published_at = :now WHERE id = ANY(:ids)"), {"now": now, "ids": list(ids)}
+            )
+        else:
+            await conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(published_at=now))
         first_in_batch: dict[tuple[str, int], int] = {}
         for m in metas:
             k = (m.topic, m.partition)
