@@ -8,6 +8,7 @@ consumes it through its inbox.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import uuid
 from pathlib import Path
@@ -69,27 +70,22 @@ async def _copies_on_topic(bootstrap: str, topic: str, event_id: str, expected: 
     """How many messages on `topic` carry `event_id` (reads until `expected` or timeout)."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
     await consumer.start()
+
+    async def copies_in_next_fetch(timeout_ms: int) -> int:
+        copies = 0
+        for records in (await consumer.getmany(timeout_ms=timeout_ms)).values():
+            for r in records:
+                with contextlib.suppress(events.MalformedEvent):
+                    copies += events.decode(r.value).id == event_id
+        return copies
+
     found = 0
     try:
         deadline = asyncio.get_running_loop().time() + within
         while found < expected and asyncio.get_running_loop().time() < deadline:
-            batch = await consumer.getmany(timeout_ms=300)
-            for records in batch.values():
-                for r in records:
-                    try:
-                        if events.decode(r.value).id == event_id:
-                            found += 1
-                    except events.MalformedEvent:
-                        pass
+            found += await copies_in_next_fetch(300)
         # Read a little longer to be sure there is no extra copy.
-        batch = await consumer.getmany(timeout_ms=500)
-        for records in batch.values():
-            for r in records:
-                try:
-                    if events.decode(r.value).id == event_id:
-                        found += 1
-                except events.MalformedEvent:
-                    pass
+        found += await copies_in_next_fetch(500)
     finally:
         await consumer.stop()
     return found

@@ -30,6 +30,7 @@ import jwt
 from jwt.exceptions import InvalidTokenError, PyJWKError
 
 from medledger_common.errors import PermissionDenied, Unauthenticated
+from medledger_common.grpc_server import with_unary_behavior
 
 LEEWAY_SECONDS = 30
 JWKS_REFETCH_SECONDS = 30
@@ -306,11 +307,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             finally:
                 _current.reset(token)
 
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            authenticated,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        wrapped = with_unary_behavior(handler, authenticated)
         self._wrapped[method] = wrapped
         return wrapped
 

@@ -88,6 +88,15 @@ def _split_method(full: str) -> tuple[str, str]:
 _Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
+def with_unary_behavior(handler: grpc.RpcMethodHandler, behavior: _Behavior) -> grpc.RpcMethodHandler:
+    """`handler` with its unary behaviour replaced, keeping its (de)serializers: how interceptors wrap."""
+    return grpc.unary_unary_rpc_method_handler(
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """RED metrics, a server span and error mapping, applied in one wrapper per method.
 
@@ -113,11 +122,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
         if handler.unary_unary is None:
             # Streaming RPCs keep their own handlers; medledger's APIs are unary.
             return handler
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            _wrap_unary(method, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        wrapped = with_unary_behavior(handler, _wrap_unary(method, handler.unary_unary))
         self._cache[method] = wrapped
         return wrapped
 
