@@ -45,7 +45,7 @@ async def raw(bootstrap: str, topic: str, n: int) -> float:
     seen = 0
     t0 = None
     while seen < n:
-        batch = await consumer.getmany(timeout_ms=500, max_records=500)
+        batch = await consumer.getmany(timeout_ms=500, max_records=2000)
         if batch and t0 is None:
             t0 = time.perf_counter()
         seen += sum(len(r) for r in batch.values())

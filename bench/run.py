@@ -47,7 +47,8 @@ def bench_relay(bootstrap: str, pg: localstack.PostgresCluster, results: dict) -
 
 
 def bench_consumer(bootstrap: str, results: dict) -> None:
-    n = 50_000
+    # 200k: at 50k the raw loop ran ~70 ms and its figure swung by 2x between runs.
+    n = 200_000
     topic = f"bench.consume.{uuid.uuid4().hex[:8]}"
     print(f"-- (b) EventConsumer (parse, span, commit after effect) vs raw consume, {n:,} envelopes", flush=True)
     subprocess.run([PY, str(HERE / "bench_consumer.py"), bootstrap, topic, str(n), "produce"], check=True, timeout=600)

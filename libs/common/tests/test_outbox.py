@@ -172,3 +172,52 @@ async def test_poison_message_goes_to_the_dead_letter_topic_and_the_consumer_goe
         await asyncio.gather(task, return_exceptions=True)
         await consumer.stop()
         await producer.stop()
+
+
+async def test_consumer_commits_what_it_handled_when_stopped_between_commit_intervals(kafka: Kafka) -> None:
+    """Offsets are committed on an interval; stopping in between must not leave handled
+    messages uncommitted, or the next consumer in the group would redo them."""
+    topic = f"test.commit.{uuid.uuid4().hex[:8]}"
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    await ensure_topics(kafka.bootstrap_servers, [topic], partitions=1)
+    producer = make_producer(kafka.bootstrap_servers)
+    await producer.start()
+
+    async def consume(want: int) -> list[str]:
+        seen: list[str] = []
+        enough = asyncio.Event()
+
+        async def handler(message: ConsumedMessage) -> None:
+            assert message.event is not None
+            seen.append(message.event.id)
+            if len(seen) >= want:
+                enough.set()
+
+        consumer = EventConsumer(
+            bootstrap_servers=kafka.bootstrap_servers,
+            group_id=group,
+            handler=handler,
+            producer=producer,
+            topics=[topic],
+            commit_interval_seconds=3600,
+        )
+        await consumer.start()
+        task = asyncio.create_task(consumer.run())
+        try:
+            await asyncio.wait_for(enough.wait(), 30)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await consumer.stop()
+        return seen
+
+    try:
+        first = [_event(i) for i in range(5)]
+        for e in first:
+            await producer.send_and_wait(topic, e.SerializeToString())
+        assert await consume(5) == [e.id for e in first]
+        later = _event(99)
+        await producer.send_and_wait(topic, later.SerializeToString())
+        assert await consume(1) == [later.id]
+    finally:
+        await producer.stop()
