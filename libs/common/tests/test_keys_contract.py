@@ -297,6 +297,31 @@ async def test_rotate_keeps_old_ciphertexts_readable(km: KeyManager, new_name: C
     assert (await km.key_info(name)).latest_version == 2
 
 
+@pytest.mark.parametrize("key_type", [KeyType.AES256_GCM96, KeyType.ED25519, KeyType.ECDSA_P256])
+async def test_hmac_is_deterministic_per_key_and_version(
+    km: KeyManager, new_name: Callable[[str], str], key_type: KeyType
+) -> None:
+    name, other = new_name("mac"), new_name("mac2")
+    await km.ensure_key(name, key_type)
+    await km.ensure_key(other, key_type)
+    first = await km.hmac(name, b"urn:oid:1.2.3|MRN-1")
+    assert re.fullmatch(r"vault:v1:[A-Za-z0-9+/]+={0,2}", first)
+    assert len(base64.b64decode(first.split(":", 2)[2])) == 32  # HMAC-SHA256
+    assert await km.hmac(name, b"urn:oid:1.2.3|MRN-1") == first
+    assert await km.hmac(name, b"urn:oid:1.2.3|MRN-2") != first
+    assert await km.hmac(other, b"urn:oid:1.2.3|MRN-1") != first
+    await km.rotate(name)
+    rotated = await km.hmac(name, b"urn:oid:1.2.3|MRN-1")
+    assert rotated.startswith("vault:v2:") and rotated.split(":", 2)[2] != first.split(":", 2)[2]
+    # A blind index pins its version: rotation does not change it.
+    assert await km.hmac(name, b"urn:oid:1.2.3|MRN-1", key_version=1) == first
+    for bad in (0, 3):
+        with pytest.raises(InvalidArgument):
+            await km.hmac(name, b"x", key_version=bad)
+    with pytest.raises(NotFound):
+        await km.hmac(new_name("missing"), b"x")
+
+
 async def test_rewrap_moves_to_latest_version(km: KeyManager, new_name: Callable[[str], str]) -> None:
     name = new_name("rewrap")
     await km.ensure_key(name, KeyType.AES256_GCM96)

@@ -19,6 +19,7 @@ It follows the HTTP API of the transit secrets engine as documented for **Vault 
 - ``POST /v1/<mount>/encrypt/:name`` (upserts a missing key, as Vault does for a token with
   ``create``), ``decrypt``, ``rewrap``, ``datakey/plaintext|wrapped``, with ``associated_data``
   (AEAD AD, Vault >= 1.13) on encrypt and decrypt;
+- ``POST /v1/<mount>/hmac/:name(/:algorithm)`` (``input``, ``key_version``; any key type);
 - ``POST /v1/<mount>/sign/:name(/:hash_algorithm)`` and ``verify`` (``marshaling_algorithm``
   asn1 or jws, ``hash_algorithm``, ``prehashed``; ed25519 signs the input itself).
 
@@ -56,6 +57,7 @@ from urllib.parse import urlsplit
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature, encode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -110,6 +112,8 @@ def _bad(message: str) -> _Reply:
 class _Version:
     created: datetime
     secret: Any  # bytes (AES) or a cryptography private key
+    # Vault keeps separate HMAC material for every version of every key type.
+    hmac_key: bytes = field(default_factory=lambda: os.urandom(32))
 
 
 @dataclass
@@ -409,6 +413,8 @@ class VaultTransitDouble:
                 return self._sign(name, parts[2] if len(parts) == 3 else None, params)
             case ["verify", name] | ["verify", name, _] if write:
                 return self._verify(name, parts[2] if len(parts) == 3 else None, params)
+            case ["hmac", name] | ["hmac", name, _] if write:
+                return self._hmac(name, parts[2] if len(parts) == 3 else None, params)
             case ["keys", _] | ["keys", _, "rotate" | "config"] | ["encrypt" | "decrypt" | "rewrap", _]:
                 raise _error(HTTPStatus.METHOD_NOT_ALLOWED, "unsupported operation")
             case _:
@@ -606,6 +612,24 @@ class VaultTransitDouble:
         else:
             encoded = base64.b64encode(signature).decode("ascii")
         return HTTPStatus.OK, {"signature": f"vault:v{version}:{encoded}", "key_version": version}, []
+
+    def _hmac(self, name: str, url_algorithm: str | None, params: dict[str, Any]) -> tuple[int, Any, list[str]]:
+        """POST /transit/hmac/:name(/:algorithm), as Vault 1.15's path_hmac.go answers it."""
+        algorithm = self._hash(url_algorithm, params)
+        key = self._keys.get(name)
+        if key is None:
+            raise _bad("encryption key not found")
+        version = _as_int(params.get("key_version") or 0, "key_version")
+        if version == 0:
+            version = key.latest_version
+        if version < key.min_encryption_version:
+            raise _bad("cannot generate HMAC: version is too old (disallowed by policy)")
+        if version > key.latest_version or version not in key.versions:
+            raise _bad("invalid key version")
+        mac = crypto_hmac.HMAC(key.versions[version].hmac_key, algorithm)
+        mac.update(_b64decode(params.get("input") or "", "input"))
+        encoded = base64.b64encode(mac.finalize()).decode("ascii")
+        return HTTPStatus.OK, {"hmac": f"vault:v{version}:{encoded}"}, []
 
     def _verify(self, name: str, url_algorithm: str | None, params: dict[str, Any]) -> tuple[int, Any, list[str]]:
         signature = params.get("signature")

@@ -386,6 +386,17 @@ class KeyManager(abc.ABC):
     # -- signing -------------------------------------------------------------------------------
 
     @abc.abstractmethod
+    async def hmac(self, name: str, data: bytes, *, key_version: int | None = None) -> str:
+        """HMAC-SHA256 of ``data`` under key ``name`` as ``vault:v<N>:<base64>`` (Vault transit's
+        ``hmac``): every key of every type has HMAC material of its own per version, apart from
+        its encryption or signing material.
+
+        ``key_version`` pins a version (default: the latest). Deterministic output is what blind
+        indexes need: pin the version, or rotation changes every index. InvalidArgument when the
+        version is below 1 or above the latest; NotFound for an unknown key.
+        """
+
+    @abc.abstractmethod
     async def sign(self, name: str, data: bytes, *, marshaling: Marshaling = "asn1") -> Signature:
         """Sign ``data`` with the latest version (Ed25519, or ECDSA P-256 with SHA-256)."""
 

@@ -31,8 +31,10 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from medledger_common.errors import (
     AlreadyExists,
@@ -130,6 +132,9 @@ def load_master_key(master_key_file: Path | str, keyring_path: Path | str) -> by
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("master key file is readable by group or others", extra={"path": str(master_key_file)})
     return data
+
+
+_HMAC_INFO = b"medledger keyring: hmac key"
 
 
 # -- in-memory model -------------------------------------------------------------------------
@@ -513,6 +518,24 @@ class LocalKeyring(KeyManager):
         self._require_encryption(name, key)
         plaintext = os.urandom(DATA_KEY_BYTES)
         return DataKey(plaintext=plaintext, wrapped=self._encrypt(name, key, plaintext, None))
+
+    # -- keyed hashes ----------------------------------------------------------------------
+
+    async def hmac(self, name: str, data: bytes, *, key_version: int | None = None) -> str:
+        key = self._get(name)
+        version = key.latest_version if key_version is None else key_version
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= key.latest_version:
+            raise InvalidArgument.field("key_version", f"must be between 1 and {key.latest_version}")
+        if version not in key.versions:
+            raise InvalidArgument.field("key_version", f"version {version} of key {name!r} no longer exists")
+        # HMAC material of its own, derived from the version's secret with HKDF, so that the
+        # same bytes never serve two purposes (Vault keeps a separate HMAC key per version).
+        hmac_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HMAC_INFO).derive(
+            key.versions[version].secret
+        )
+        mac = crypto_hmac.HMAC(hmac_key, hashes.SHA256())
+        mac.update(bytes(data))
+        return format_versioned(version, mac.finalize())
 
     # -- signing ---------------------------------------------------------------------------
 

@@ -472,6 +472,24 @@ class VaultKeyManager(KeyManager):
             params.update(hash_algorithm="sha2-256", prehashed=False)
         return params
 
+    async def hmac(self, name: str, data: bytes, *, key_version: int | None = None) -> str:
+        validate_key_name(name)
+        info = await self.key_info(name)  # NotFound for an unknown key, as the keyring says
+        if key_version is not None and (
+            isinstance(key_version, bool)
+            or not isinstance(key_version, int)
+            or not 1 <= key_version <= info.latest_version
+        ):
+            raise InvalidArgument.field("key_version", f"must be between 1 and {info.latest_version}")
+        answer = await self._call(
+            "hmac",
+            name,
+            lambda t: _data(
+                t.generate_hmac(name=name, hash_input=_b64(bytes(data)), key_version=key_version, algorithm="sha2-256")
+            ),
+        )
+        return str(answer["hmac"])
+
     async def sign(self, name: str, data: bytes, *, marshaling: Marshaling = "asn1") -> Signature:
         validate_key_name(name)
         marshaling = check_marshaling(marshaling)
