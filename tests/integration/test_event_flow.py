@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
 import uuid
 from pathlib import Path
@@ -24,29 +25,31 @@ from sqlalchemy import func, select
 
 from medledger_common import events
 from medledger_common.grpc_client import make_channel
+from medledger_common.keys import create_master_key_file
 from medledger_common.outbox import COMMON_MIGRATIONS, inbox, outbox
-from medledger_common.service import ServiceRuntime
-from medledger_common.testing import Kafka, Postgres, running_service, span_exporter
-from medledger_consent import main as consent_main
+from medledger_common.service import ServiceRuntime, open_key_manager
+from medledger_common.testing import Kafka, Postgres, span_exporter
 from medledger_consent import storage as consent_storage
-from medledger_consent.config import ConsentSettings
 from medledger_consent.handlers import DIRECTORY_CONSUMER
-from medledger_identity import main as identity_main
 from medledger_identity import storage as identity_storage
 from medledger_identity.api import IdentityApi
 from medledger_identity.config import IdentitySettings
+from medledger_identity.credentials import SecretHasher
+from medledger_identity.tokens import TokenSigner
 
 PATIENT = vocabulary_pb2.PrincipalKind.PRINCIPAL_KIND_PATIENT
 HELPERS = Path(__file__).parent / "helpers"
 
 
-def _settings(cls, kafka: Kafka, database_url: str):
-    return cls(
-        grpc_port=0,
-        metrics_port=0,
-        database_url=database_url,
-        kafka_bootstrap_servers=kafka.bootstrap_servers,
-        outbox_poll_seconds=0.1,
+def _patient(mrn: str) -> bytes:
+    return json.dumps(
+        {"resourceType": "Patient", "identifier": [{"system": "urn:oid:2.16.840.1.113883.4.1", "value": mrn}]}
+    ).encode()
+
+
+def _register_patient(request_id: str | None = None, mrn: str | None = None) -> id_pb.RegisterPatientRequest:
+    return id_pb.RegisterPatientRequest(
+        request_id=request_id or str(uuid.uuid4()), fhir_patient=_patient(mrn or uuid.uuid4().hex)
     )
 
 
@@ -91,23 +94,15 @@ async def _copies_on_topic(bootstrap: str, topic: str, event_id: str, expected: 
     return found
 
 
-async def test_registered_principal_reaches_consent_once_with_the_callers_trace(
-    kafka: Kafka, postgres: Postgres
-) -> None:
+async def test_registered_principal_reaches_consent_once_with_the_callers_trace(start_stack) -> None:
     exporter = span_exporter()
-    id_settings = _settings(IdentitySettings, kafka, postgres.new_database("identity"))
-    co_settings = _settings(ConsentSettings, kafka, postgres.new_database("consent"))
-    async with (
-        running_service("identity", id_settings, identity_storage.MIGRATIONS, identity_main.build) as identity,
-        running_service("consent", co_settings, consent_storage.MIGRATIONS, consent_main.build) as consent,
-    ):
+    async with start_stack() as stack:
+        consent = stack.consent
         tracer = trace.get_tracer("test")
-        async with make_channel(f"127.0.0.1:{identity.grpc_port}") as channel:
+        async with make_channel(stack.identity_address) as channel:
             stub = id_grpc.IdentityServiceStub(channel)
             with tracer.start_as_current_span("client call") as client_span:
-                reply = await stub.RegisterPrincipal(
-                    id_pb.RegisterPrincipalRequest(request_id=str(uuid.uuid4()), kind=PATIENT)
-                )
+                reply = await stub.RegisterPatient(_register_patient())
             trace_id = client_span.get_span_context().trace_id
         principal_id = reply.principal.principal_id
         entry = await _wait_for(lambda: _directory_entry(consent, principal_id))
@@ -125,27 +120,33 @@ async def test_registered_principal_reaches_consent_once_with_the_callers_trace(
             ]
 
         await _wait_for(lambda: asyncio.sleep(0, consumer_spans()))
-        server_spans = [s for s in exporter.get_finished_spans() if s.name.endswith("/RegisterPrincipal")]
+        server_spans = [s for s in exporter.get_finished_spans() if s.name.endswith("/RegisterPatient")]
         assert any(s.context.trace_id == trace_id for s in server_spans)
 
 
 async def test_relay_killed_between_publish_and_mark_duplicate_dropped_by_inbox(
-    kafka: Kafka, postgres: Postgres
+    kafka: Kafka, postgres: Postgres, start_stack, tmp_path: Path
 ) -> None:
     id_url = postgres.new_database("identity")
-    id_settings = _settings(IdentitySettings, kafka, id_url)
+    master = create_master_key_file(tmp_path / "master-identity.key")
+    id_settings = IdentitySettings(
+        database_url=id_url, master_key_file=master, keyring_file=tmp_path / "keyrings" / "identity.keyring"
+    )
     # identity's API writes the principal and its event in one transaction; no relay runs yet.
     writer = ServiceRuntime("identity", id_settings, identity_storage.MIGRATIONS)
+    keys = await open_key_manager(id_settings, "identity")
+    assert keys is not None
     try:
         await writer.db.migrate("common", COMMON_MIGRATIONS)
         await writer.db.migrate("identity", identity_storage.MIGRATIONS)
-        reply = await IdentityApi(writer).RegisterPrincipal(
-            id_pb.RegisterPrincipalRequest(request_id=str(uuid.uuid4()), kind=PATIENT), None
-        )
+        api = IdentityApi(writer, keys, TokenSigner(keys), SecretHasher())
+        await api.start()
+        reply = await api.RegisterPatient(_register_patient(), None)
         async with writer.db.connect() as conn:
             event_id = (await conn.execute(select(outbox.c.event_id))).scalar_one()
     finally:
         await writer.db.close()
+        await keys.aclose()
 
     # A relay publishes the row, then dies by SIGKILL before marking it published.
     proc = await asyncio.create_subprocess_exec(
@@ -161,15 +162,14 @@ async def test_relay_killed_between_publish_and_mark_duplicate_dropped_by_inbox(
     assert proc.returncode == -9, err.decode()
     assert "published 1 rows" in out.decode()
 
-    co_settings = _settings(ConsentSettings, kafka, postgres.new_database("consent"))
-    async with (
-        running_service("identity", id_settings, identity_storage.MIGRATIONS, identity_main.build) as identity,
-        running_service("consent", co_settings, consent_storage.MIGRATIONS, consent_main.build) as consent,
-    ):
+    async with start_stack(identity_db=id_url) as stack:
+        identity, consent = stack.identity, stack.consent
+
         # The restarted relay publishes the unmarked row again: two copies on the topic.
         async def row_published():
             async with identity.db.connect() as conn:
-                return (await conn.execute(select(outbox.c.published_at))).scalar_one() is not None
+                query = select(outbox.c.published_at).where(outbox.c.event_id == event_id)
+                return (await conn.execute(query)).scalar_one() is not None
 
         await _wait_for(row_published)
         assert await _copies_on_topic(kafka.bootstrap_servers, events.TOPICS["identity"], event_id, 2) == 2
@@ -185,26 +185,30 @@ async def test_relay_killed_between_publish_and_mark_duplicate_dropped_by_inbox(
         await asyncio.sleep(1.5)
         assert await inbox_rows() == 1
         async with consent.db.connect() as conn:
-            n = (await conn.execute(select(func.count()).select_from(consent_storage.principal_directory))).scalar_one()
+            table = consent_storage.principal_directory
+            query = select(func.count()).select_from(table).where(table.c.principal_id == reply.principal.principal_id)
+            n = (await conn.execute(query)).scalar_one()
         assert n == 1
 
 
-async def test_retried_register_with_same_request_id_has_one_effect(kafka: Kafka, postgres: Postgres) -> None:
-    id_settings = _settings(IdentitySettings, kafka, postgres.new_database("identity"))
-    async with running_service("identity", id_settings, identity_storage.MIGRATIONS, identity_main.build) as identity:
-        async with make_channel(f"127.0.0.1:{identity.grpc_port}") as channel:
+async def test_retried_register_with_same_request_id_has_one_effect(start_stack) -> None:
+    async with start_stack(consent=False) as stack:
+        identity = stack.identity
+        async with identity.db.connect() as conn:
+            outbox_before = (await conn.execute(select(func.count()).select_from(outbox))).scalar_one()
+        async with make_channel(stack.identity_address) as channel:
             stub = id_grpc.IdentityServiceStub(channel)
-            request = id_pb.RegisterPrincipalRequest(request_id="req-42", kind=PATIENT)
-            first, second = await asyncio.gather(stub.RegisterPrincipal(request), stub.RegisterPrincipal(request))
-            third = await stub.RegisterPrincipal(request)
+            request = _register_patient(request_id="req-42")
+            first, second = await asyncio.gather(stub.RegisterPatient(request), stub.RegisterPatient(request))
+            third = await stub.RegisterPatient(request)
             assert first.principal.principal_id == second.principal.principal_id == third.principal.principal_id
+            # The client secret reaches a retrying client too (kept encrypted meanwhile).
+            assert first.client_secret == second.client_secret == third.client_secret != ""
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.RegisterPrincipal(
-                    id_pb.RegisterPrincipalRequest(
-                        request_id="req-42", kind=vocabulary_pb2.PrincipalKind.PRINCIPAL_KIND_RESEARCHER
-                    )
-                )
+                await stub.RegisterPatient(_register_patient(request_id="req-42"))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         async with identity.db.connect() as conn:
-            assert (await conn.execute(select(func.count()).select_from(identity_storage.principals))).scalar_one() == 1
-            assert (await conn.execute(select(func.count()).select_from(outbox))).scalar_one() == 1
+            patients = select(func.count()).select_from(identity_storage.principals)
+            patients = patients.where(identity_storage.principals.c.kind == PATIENT)
+            assert (await conn.execute(patients)).scalar_one() == 1
+            assert (await conn.execute(select(func.count()).select_from(outbox))).scalar_one() == outbox_before + 1

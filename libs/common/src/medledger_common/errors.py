@@ -56,6 +56,12 @@ class FailedPrecondition(MedledgerError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Aborted(MedledgerError):
+    """A concurrent change got there first; the client may retry the call."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class ResourceExhausted(MedledgerError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ def make_channel(
     max_message_bytes: int = 8 * 1024 * 1024,
     server_name_override: str | None = None,
     propagate_trace: bool = True,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """A grpc.aio channel; TLS when ``ca_file`` is given, mTLS when a client cert is too."""
     options: list[tuple[str, Any]] = [
@@ -52,12 +53,13 @@ def make_channel(
     ]
     if server_name_override:
         options.append(("grpc.ssl_target_name_override", server_name_override))
-    interceptors = [_TraceContextInterceptor()] if propagate_trace else []
+    chain: list[grpc.aio.ClientInterceptor] = [_TraceContextInterceptor()] if propagate_trace else []
+    chain.extend(interceptors)
     if ca_file is None:
-        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+        return grpc.aio.insecure_channel(target, options=options, interceptors=chain)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=ca_file.read_bytes(),
         private_key=key_file.read_bytes() if key_file else None,
         certificate_chain=cert_file.read_bytes() if cert_file else None,
     )
-    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=chain)

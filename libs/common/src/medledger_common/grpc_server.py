@@ -167,6 +167,10 @@ def _wrap_unary(full_method: str, behavior: _Behavior) -> _Behavior:
                     code = context.code() or grpc.StatusCode.UNKNOWN
                     count(code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN)
                     raise
+                except NotImplementedError:
+                    # What a generated base servicer raises for an RPC not built yet.
+                    count(grpc.StatusCode.UNIMPLEMENTED)
+                    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this RPC is not implemented yet")
                 except Exception:
                     count(grpc.StatusCode.INTERNAL)
                     span.set_status(Status(StatusCode.ERROR, "INTERNAL"))

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from google.protobuf import message as pb_message
-from sqlalchemy import and_, insert, select
+from sqlalchemy import and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -63,24 +63,40 @@ async def run_idempotent(
     response_cls: type[R],
     work: Callable[[AsyncConnection], Awaitable[R]],
     after_commit: Callable[[], None] | None = None,
+    seal: Callable[[R], Awaitable[R]] | None = None,
+    unseal: Callable[[R], Awaitable[R]] | None = None,
 ) -> R:
-    """Run `work` in a transaction once per (scope, request_id); replay its response after."""
+    """Run `work` in a transaction once per (scope, request_id); replay its response after.
+
+    A response holding a secret that must reach a retrying client (a new client secret) is
+    stored as `seal` makes it (e.g. that field encrypted) and replayed through `unseal`.
+    """
     check_request_id(request_id)
     fingerprint = request_fingerprint(request)
     try:
         async with db.transaction() as conn:
             stored = await _stored(conn, scope, request_id)
             if stored is not None:
-                return _replay(stored, fingerprint, response_cls)
-            response = await work(conn)
+                replayed = _replay(stored, fingerprint, response_cls)
+                return await unseal(replayed) if unseal else replayed
+            # Claim the request id before the work: a concurrent retry blocks on this row until
+            # we commit, then fails its insert and replays our response, instead of racing us
+            # through the work (and tripping over the unique constraints our effect created).
             await conn.execute(
                 insert(idempotency_keys).values(
                     scope=scope,
                     request_id=request_id,
                     request_hash=fingerprint,
-                    response=response.SerializeToString(deterministic=True),
+                    response=b"",
                     created_at=time.time(),
                 )
+            )
+            response = await work(conn)
+            kept = await seal(response) if seal else response
+            await conn.execute(
+                update(idempotency_keys)
+                .where(and_(idempotency_keys.c.scope == scope, idempotency_keys.c.request_id == request_id))
+                .values(response=kept.SerializeToString(deterministic=True))
             )
     except IntegrityError:
         # A concurrent call with the same request_id committed first: its result stands.
@@ -88,7 +104,8 @@ async def run_idempotent(
             stored = await _stored(conn, scope, request_id)
         if stored is None:
             raise
-        return _replay(stored, fingerprint, response_cls)
+        replayed = _replay(stored, fingerprint, response_cls)
+        return await unseal(replayed) if unseal else replayed
     if after_commit is not None:
         after_commit()
     return response

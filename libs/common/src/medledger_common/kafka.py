@@ -121,7 +121,7 @@ class EventConsumer:
         self,
         *,
         bootstrap_servers: str,
-        group_id: str,
+        group_id: str | None,
         handler: Handler,
         producer: AIOKafkaProducer,
         topics: Sequence[str] = (),
@@ -133,10 +133,16 @@ class EventConsumer:
         batch_max: int = 2000,
         commit_interval_seconds: float = 0.2,
         auto_offset_reset: str = "earliest",
+        name: str = "",
     ) -> None:
         if not topics and not pattern:
             raise ValueError("a consumer needs topics or a pattern")
+        if group_id is None and (pattern or not name):
+            raise ValueError("a consumer without a group needs explicit topics and a name")
+        # No group: the consumer reads every partition from the end as of start() and commits
+        # nothing. For in-memory views that are loaded in full before the consumer runs.
         self.group_id = group_id
+        self.name = name or str(group_id)
         self.handler = handler
         self.producer = producer
         self.topics = list(topics)
@@ -162,6 +168,9 @@ class EventConsumer:
 
     async def start(self) -> None:
         await self.consumer.start()
+        if self.group_id is None:
+            await self._assign_all_from_end()
+            return
         listener = _CommitOnRevoke(self)
         if self.pattern:
             self.consumer.subscribe(pattern=self.pattern, listener=listener)
@@ -173,8 +182,26 @@ class EventConsumer:
             await self.commit_handled()
         await self.consumer.stop()
 
+    async def _assign_all_from_end(self) -> None:
+        """Take every partition of the topics, positioned at their current end: what is
+        published after start() returns is seen, what was published before is not."""
+        await self.consumer.topics()  # fetches the cluster's metadata
+        partitions = []
+        for topic in self.topics:
+            numbers = self.consumer.partitions_for_topic(topic)
+            if not numbers:
+                raise Unavailable(f"topic {topic} does not exist")
+            partitions += [TopicPartition(topic, n) for n in sorted(numbers)]
+        self.consumer.assign(partitions)
+        await self.consumer.seek_to_end(*partitions)
+        for tp in partitions:
+            await self.consumer.position(tp)  # resolves the end offset now, not at the first fetch
+
     async def commit_handled(self) -> None:
         """Commit the offsets of every message handled so far."""
+        if self.group_id is None:
+            self._handled.clear()
+            return
         if self._handled:
             offsets, self._handled = self._handled, {}
             try:
@@ -214,7 +241,7 @@ class EventConsumer:
                     self._count(tp.topic, "handled", len(records) - dead_lettered)
                     if dead_lettered:
                         self._count(tp.topic, "dead_lettered", dead_lettered)
-                    CONSUMER_LAG.labels(self.group_id, tp.topic).set(
+                    CONSUMER_LAG.labels(self.name, tp.topic).set(
                         max(0, (self.consumer.highwater(tp) or 0) - (records[-1].offset + 1))
                     )
                 if loop.time() >= next_commit:
@@ -230,7 +257,7 @@ class EventConsumer:
         key = (topic, outcome)
         c = self._counters.get(key)
         if c is None:
-            c = self._counters[key] = CONSUMED.labels(self.group_id, topic, outcome)
+            c = self._counters[key] = CONSUMED.labels(self.name, topic, outcome)
         c.inc(n)
 
     async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> bool:
@@ -258,7 +285,7 @@ class EventConsumer:
                     "messaging.system": "kafka",
                     "messaging.destination.name": str(record.topic),
                     "messaging.operation.type": "process",
-                    "messaging.consumer.group.name": self.group_id,
+                    "messaging.consumer.group.name": self.name,
                     "messaging.kafka.offset": record.offset,
                     "messaging.message.id": event.id if event else "",
                 }
@@ -297,7 +324,7 @@ class EventConsumer:
                     # The message is fine; a dependency is not. Keep it until the dependency is back.
                     log.warning(
                         "handler hit a transient error, retrying",
-                        extra={"group": self.group_id, "topic": message.topic, "error": type(error).__name__},
+                        extra={"group": self.name, "topic": message.topic, "error": type(error).__name__},
                     )
                 elif not isinstance(error, Exception):
                     raise error
@@ -308,7 +335,7 @@ class EventConsumer:
                     log.warning(
                         "handler failed, retrying",
                         extra={
-                            "group": self.group_id,
+                            "group": self.name,
                             "topic": message.topic,
                             "attempt": attempt,
                             "error": type(error).__name__,
@@ -334,10 +361,10 @@ class EventConsumer:
             ("dlq.source.topic", topic.encode()),
             ("dlq.source.partition", str(record.partition).encode()),
             ("dlq.source.offset", str(record.offset).encode()),
-            ("dlq.consumer.group", self.group_id.encode()),
+            ("dlq.consumer.group", self.name.encode()),
         ]
         await self.producer.send_and_wait(dlq_topic(topic), record.value or b"", key=record.key, headers=headers)
-        DEAD_LETTERS.labels(self.group_id, topic).inc()
+        DEAD_LETTERS.labels(self.name, topic).inc()
         log.warning(
             "message sent to the dead-letter topic", extra={"topic": topic, "offset": record.offset, "error": error}
         )

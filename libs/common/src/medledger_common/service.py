@@ -11,22 +11,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 from aiokafka import AIOKafkaProducer
+from medledger.events.v1 import identity_events_pb2
 
+from medledger_common.auth import Access, AuthInterceptor, DeactivationSet, JwksFetcher, TokenVerifier
 from medledger_common.db import Database, Migration
+from medledger_common.events import TOPICS, unpack
 from medledger_common.grpc_server import GrpcServer, TLSFiles
-from medledger_common.kafka import EventConsumer, Handler, make_producer
+from medledger_common.identity_link import TOKEN_ISSUER, IdentityLink
+from medledger_common.kafka import ConsumedMessage, EventConsumer, Handler, ensure_topics, make_producer
+from medledger_common.keys import KeyManager, LocalKeyring, VaultKeyManager
 from medledger_common.logs import configure_logging
 from medledger_common.outbox import COMMON_MIGRATIONS, OutboxRelay
-from medledger_common.settings import ServiceSettings
+from medledger_common.settings import ConfigError, ServiceSettings
 from medledger_common.telemetry import configure_tracing, start_metrics_server
+from medledger_common.vocabulary import service_principal_id
 
 log = logging.getLogger(__name__)
+_DEACTIVATED = identity_events_pb2.PrincipalDeactivated.DESCRIPTOR.full_name
+_KEY_ROTATED = identity_events_pb2.SigningKeyRotated.DESCRIPTOR.full_name
 
 
 @dataclass
@@ -41,14 +50,32 @@ class ConsumerSpec:
 
 
 @dataclass
+class AuthSources:
+    """Where a service's authentication gets the token-signing keys and the deactivated
+    principals. Every service but identity asks identity (the default); identity asks itself."""
+
+    fetch_jwks: JwksFetcher
+    load_deactivated: Callable[[], Awaitable[Iterable[str]]]
+
+
+@dataclass
 class ServiceParts:
-    """What a service contributes to the runtime; built by its ``wiring`` from the runtime."""
+    """What a service contributes to the runtime; built by its ``wiring`` from the runtime.
+
+    `access` is the service's authorization table (RPC full name → who may call it) and
+    `public_methods` the RPCs callable without a token; health and reflection always are.
+    """
 
     service_descriptors: Sequence[Any]
     register: Callable[[grpc.aio.Server], None]
+    access: Mapping[str, Access]
+    public_methods: Sequence[str] = ()
+    auth: AuthSources | None = None
     consumers: Sequence[ConsumerSpec] = ()
     interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
     background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()
+    # Run in order after build and before anything serves (keys, provisioning, listeners).
+    on_start: Sequence[Callable[[], Awaitable[None]]] = ()
     on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
@@ -67,6 +94,13 @@ class ServiceRuntime:
             poll_seconds=settings.outbox_poll_seconds,
             retention_seconds=settings.outbox_retention_seconds,
         )
+        self.keys: KeyManager | None = None
+        # Parts a service's build wants reachable from outside (tests, benchmarks), by name.
+        self.extras: dict[str, Any] = {}
+        # Principals whose tokens every call refuses; loaded before SERVING, kept current.
+        self.deactivated = DeactivationSet()
+        self._identity: IdentityLink | None = None
+        self._verifier: TokenVerifier | None = None
         self.server: GrpcServer | None = None
         self.grpc_port = 0
         self.metrics_port = 0
@@ -88,8 +122,11 @@ class ServiceRuntime:
         for step in await self.db.migrate(self.name, self.migrations):
             log.info("migration applied", extra={"migration": step})
         await _retry_until_up("Kafka", self.producer.start)
+        self.keys = await open_key_manager(s, self.name)
         parts = build(self)
         self._on_stop = list(parts.on_stop)
+        for hook in parts.on_start:
+            await hook()
         for spec in parts.consumers:
             consumer = EventConsumer(
                 bootstrap_servers=s.kafka_bootstrap_servers,
@@ -106,6 +143,7 @@ class ServiceRuntime:
         self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
         for job in parts.background:
             self._tasks.append(asyncio.create_task(job(), name=getattr(job, "__name__", "background")))
+        auth = await self._start_authentication(parts)
         tls = TLSFiles(s.tls_cert_file, s.tls_key_file, s.tls_ca_file) if s.tls_cert_file and s.tls_key_file else None
         self.server = GrpcServer(
             host=s.grpc_host,
@@ -113,7 +151,7 @@ class ServiceRuntime:
             max_message_bytes=s.grpc_max_message_bytes,
             service_descriptors=parts.service_descriptors,
             register=parts.register,
-            interceptors=parts.interceptors,
+            interceptors=[auth, *parts.interceptors],
             tls=tls,
         )
         self.grpc_port = await self.server.start()
@@ -124,6 +162,73 @@ class ServiceRuntime:
             "service started",
             extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port, "tls": tls is not None},
         )
+
+    def require_keys(self) -> KeyManager:
+        """The key manager, for services that keep keys; a ConfigError names what is missing."""
+        if self.keys is None:
+            raise ConfigError(
+                f"{self.name} needs a key manager: set MEDLEDGER_MASTER_KEY_FILE (local keyring) "
+                "or MEDLEDGER_KEY_MANAGER=vault with MEDLEDGER_VAULT_ADDR and MEDLEDGER_VAULT_TOKEN_FILE"
+            )
+        return self.keys
+
+    def identity_link(self) -> IdentityLink:
+        """This service's link to identity, with its own principal's credentials."""
+        if self._identity is None:
+            if self.settings.client_secret_file is None:
+                raise ConfigError(f"{self.name} needs MEDLEDGER_CLIENT_SECRET_FILE: its credentials for identity")
+            self._identity = IdentityLink(
+                self.settings.identity_address,
+                service_principal_id(self.name),
+                secret_file=self.settings.client_secret_file,
+            )
+        return self._identity
+
+    async def _start_authentication(self, parts: ServiceParts) -> AuthInterceptor:
+        """Follow deactivations from now on, then load those made before, then authenticate.
+
+        In that order, so that no deactivation falls between the load and the event stream.
+        """
+        sources = parts.auth
+        if sources is None:
+            link = self.identity_link()
+            sources = AuthSources(fetch_jwks=link.fetch_jwks, load_deactivated=link.deactivated_principals)
+        # The service may be up before identity has published anything: make sure the topic is there.
+        await _retry_until_up(
+            "Kafka", lambda: ensure_topics(self.settings.kafka_bootstrap_servers, [TOPICS["identity"]])
+        )
+        listener = EventConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            group_id=None,
+            name=f"{self.name}.deactivations",
+            handler=self._on_identity_event,
+            producer=self.producer,
+            topics=[TOPICS["identity"]],
+        )
+        await _retry_until_up("Kafka consumer", listener.start)
+        self._consumers.append(listener)
+        self._tasks.append(asyncio.create_task(listener.run(), name="consumer:deactivations"))
+        for principal_id in await _retry_until_up("identity", sources.load_deactivated):
+            self.deactivated.add(principal_id)
+        self.deactivated.loaded = True
+        verifier = TokenVerifier(issuer=TOKEN_ISSUER, audience=self.source, fetch_jwks=sources.fetch_jwks)
+        self._verifier = verifier
+        return AuthInterceptor(verifier, self.deactivated, public_methods=parts.public_methods, access=parts.access)
+
+    async def _on_identity_event(self, message: ConsumedMessage) -> None:
+        event = message.event
+        if event is None:
+            return
+        if event.type == _DEACTIVATED:
+            self.deactivated.add(unpack(event, identity_events_pb2.PrincipalDeactivated).principal_id)  # type: ignore[attr-defined]
+        elif event.type == _KEY_ROTATED:
+            await self.token_keys_changed()
+
+    async def token_keys_changed(self) -> None:
+        """Fetch the JWKS again now: tokens of a new signing key arrive at once, and without
+        this the verifier would wait out its 30 s refetch limit before accepting them."""
+        if self._verifier is not None:
+            await self._verifier.refresh_keys()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self._stopping.is_set():
@@ -149,23 +254,44 @@ class ServiceRuntime:
             await c.stop()
         for hook in getattr(self, "_on_stop", []):
             await hook()
+        if self._identity is not None:
+            await self._identity.aclose()
+        if self.keys is not None:
+            await self.keys.aclose()
         await self.producer.stop()
         await self.db.close()
         log.info("service stopped")
 
 
-async def _retry_until_up(what: str, start: Callable[[], Awaitable[None]], attempts: int = 60) -> None:
+async def open_key_manager(settings: ServiceSettings, service: str) -> KeyManager | None:
+    """The key manager the settings name; None for a local keyring without a master key."""
+    if settings.key_manager == "vault":
+        if not settings.vault_addr or settings.vault_token_file is None:
+            raise ConfigError("MEDLEDGER_KEY_MANAGER=vault needs MEDLEDGER_VAULT_ADDR and MEDLEDGER_VAULT_TOKEN_FILE")
+        return VaultKeyManager(
+            settings.vault_addr, token_file=settings.vault_token_file, mount_point=settings.vault_transit_mount
+        )
+    if settings.master_key_file is None:
+        return None
+    path = settings.keyring_file or Path(".medledger") / "keyrings" / f"{service}.keyring"
+    return await LocalKeyring.open(path, settings.master_key_file)
+
+
+T = TypeVar("T")
+
+
+async def _retry_until_up(what: str, start: Callable[[], Awaitable[T]], attempts: int = 60) -> T:
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:
-            await start()
-            return
+            return await start()
         except Exception as exc:
             if attempt == attempts:
                 raise
             log.warning(f"{what} not reachable yet, retrying", extra={"error": type(exc).__name__})
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
 
 
 def run_service(

@@ -50,7 +50,24 @@ class ServiceSettings(BaseSettings):
     # OTLP/gRPC collector endpoint, e.g. http://otel-collector:4317; empty: no export.
     otlp_endpoint: str = ""
 
-    @field_validator("tls_cert_file", "tls_key_file", "tls_ca_file")
+    # Key manager: "local" (an encrypted keyring file) or "vault" (HashiCorp Vault transit).
+    key_manager: Literal["local", "vault"] = "local"
+    # Local keyring file; default .medledger/keyrings/<service>.keyring.
+    keyring_file: Path | None = None
+    # The local keyring's master key: a file outside the keyring's folder (a mounted secret).
+    master_key_file: Path | None = None
+    vault_addr: str = ""
+    vault_token_file: Path | None = None
+    vault_transit_mount: str = "transit"
+
+    # Authentication: where identity is (JWKS, deactivated principals), and this service's own
+    # client secret (a mounted file; its principal is svc_<service>).
+    identity_address: str = "127.0.0.1:50051"
+    client_secret_file: Path | None = None
+
+    @field_validator(
+        "tls_cert_file", "tls_key_file", "tls_ca_file", "master_key_file", "vault_token_file", "client_secret_file"
+    )
     @classmethod
     def _file_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():

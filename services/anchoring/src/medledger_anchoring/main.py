@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from medledger.anchoring.v1 import anchoring_service_pb2, anchoring_service_pb2_grpc
 
-from medledger_anchoring.api import AnchoringApi
+from medledger_anchoring.api import ACCESS, PUBLIC_METHODS, AnchoringApi
 from medledger_anchoring.config import AnchoringSettings
 from medledger_anchoring.storage import MIGRATIONS
 from medledger_common.service import ServiceParts, ServiceRuntime, run_service
@@ -19,6 +19,8 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     return ServiceParts(
         service_descriptors=[anchoring_service_pb2.DESCRIPTOR.services_by_name["AnchoringService"]],
         register=lambda server: anchoring_service_pb2_grpc.add_AnchoringServiceServicer_to_server(api, server),
+        access=ACCESS,
+        public_methods=PUBLIC_METHODS,
     )
 
 

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from medledger.audit.v1 import audit_service_pb2_grpc as pb_grpc
 
+from medledger_common.auth import Access
 from medledger_common.service import ServiceRuntime
+
+_SERVICE = "/medledger.audit.v1.AuditService/"
+# Transparency data (checkpoints, proofs) is public: anyone may verify the log.
+PUBLIC_METHODS: tuple[str, ...] = (_SERVICE + "GetLatestCheckpoint",)
+# The coarse table; keep it equal to services/audit/README.md (a test compares them).
+ACCESS: dict[str, Access] = {}
 
 
 class AuditApi(pb_grpc.AuditServiceServicer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from medledger.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
 
-from medledger_audit.api import AuditApi
+from medledger_audit.api import ACCESS, PUBLIC_METHODS, AuditApi
 from medledger_audit.config import AuditSettings
 from medledger_audit.storage import MIGRATIONS
 from medledger_common.service import ServiceParts, ServiceRuntime, run_service
@@ -19,6 +19,8 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     return ServiceParts(
         service_descriptors=[audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"]],
         register=lambda server: audit_service_pb2_grpc.add_AuditServiceServicer_to_server(api, server),
+        access=ACCESS,
+        public_methods=PUBLIC_METHODS,
     )
 
 

@@ -7,7 +7,7 @@ from medledger.consent.v1 import consent_service_pb2, consent_service_pb2_grpc
 from medledger_common.events import TOPICS
 from medledger_common.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
 from medledger_common.settings import load_settings_or_exit
-from medledger_consent.api import ConsentApi
+from medledger_consent.api import ACCESS, PUBLIC_METHODS, ConsentApi
 from medledger_consent.config import ConsentSettings
 from medledger_consent.handlers import DIRECTORY_CONSUMER, PrincipalDirectoryHandler
 from medledger_consent.storage import MIGRATIONS
@@ -21,6 +21,8 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     return ServiceParts(
         service_descriptors=[consent_service_pb2.DESCRIPTOR.services_by_name["ConsentService"]],
         register=lambda server: consent_service_pb2_grpc.add_ConsentServiceServicer_to_server(api, server),
+        access=ACCESS,
+        public_methods=PUBLIC_METHODS,
         consumers=[
             ConsumerSpec(
                 group_id=DIRECTORY_CONSUMER,

@@ -1,5 +1,9 @@
 """Identity's settings: the common ones under MEDLEDGER_, with identity's default ports."""
 
+from pathlib import Path
+
+from pydantic import Field
+
 from medledger_common.settings import ServiceSettings
 
 
@@ -7,3 +11,11 @@ class IdentitySettings(ServiceSettings):
     grpc_port: int = 50051
     metrics_port: int = 9101
     database_url: str = "sqlite+aiosqlite:///.medledger/identity.db"
+    # The JWKS over HTTP at /.well-known/jwks.json, for verifiers outside medledger; 0 picks one.
+    jwks_http_port: int = Field(default=9111, ge=0, le=65535)
+    # The bootstrap admin's client secret (principal svc_admin); unset: no bootstrap admin.
+    bootstrap_admin_secret_file: Path | None = None
+    # A folder of <service>.secret files: each makes (or updates) principal svc_<service>.
+    service_secrets_dir: Path | None = None
+    # At most this many Argon2id computations at once (each takes 19 MiB and a core for ~30 ms).
+    max_concurrent_hashing: int = Field(default=2, ge=1, le=64)

@@ -1,34 +1,246 @@
-"""Identity's domain rules, free of I/O."""
+"""Identity's domain rules, free of I/O: FHIR checks, identifiers, did:key, who may do what,
+and the shape of access tokens."""
 
 from __future__ import annotations
 
+import base64
+import json
+import secrets
 import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
+import base58
+from fhir.resources.R4B.patient import Patient
+from fhir.resources.R4B.practitioner import Practitioner
 from medledger.types.v1 import vocabulary_pb2
+from pydantic import ValidationError
 
-from medledger_common.errors import InvalidArgument
+from medledger_common.auth import Caller
+from medledger_common.errors import FieldViolation, InvalidArgument, PermissionDenied
+from medledger_common.events import SERVICES
+from medledger_common.identity_link import TOKEN_ISSUER
+from medledger_common.vocabulary import KIND_NAMES, ROLE_NAMES
 
 PrincipalKind = vocabulary_pb2.PrincipalKind
+Role = vocabulary_pb2.Role
+
+ISSUER = TOKEN_ISSUER
+AUDIENCES = frozenset(f"medledger.{name}" for name in SERVICES)
+# RFC 8725 suggests short-lived tokens; deactivation also reaches every service within a second.
+TOKEN_TTL_SECONDS = 15 * 60
+MAX_FHIR_BYTES = 64 * 1024
 
 # Pseudonymous id prefixes: readable in logs without saying anything about the person.
-_ID_PREFIX = {
+_ID_PREFIX: dict[int, str] = {
     PrincipalKind.PRINCIPAL_KIND_PATIENT: "pat",
     PrincipalKind.PRINCIPAL_KIND_PRACTITIONER: "prn",
     PrincipalKind.PRINCIPAL_KIND_ORGANIZATION: "org",
     PrincipalKind.PRINCIPAL_KIND_RESEARCHER: "rsr",
     PrincipalKind.PRINCIPAL_KIND_SERVICE: "svc",
 }
+# Kinds that carry a FHIR resource, and which one.
+_FHIR_MODEL: dict[int, type[Patient] | type[Practitioner]] = {
+    PrincipalKind.PRINCIPAL_KIND_PATIENT: Patient,
+    PrincipalKind.PRINCIPAL_KIND_PRACTITIONER: Practitioner,
+}
+# FHIR's required binding for Patient.gender and Practitioner.gender; fhir.resources checks
+# types and cardinality but not bindings.
+ADMINISTRATIVE_GENDER = frozenset({"male", "female", "other", "unknown"})
+# Multicodec prefix of an Ed25519 public key (varint 0xed), as did:key wants it.
+_ED25519_PUB_MULTICODEC = b"\xed\x01"
 
 
-def new_principal_id(kind: vocabulary_pb2.PrincipalKind.ValueType) -> str:
+def new_principal_id(kind: int) -> str:
     return f"{_ID_PREFIX[kind]}_{uuid.uuid4().hex}"
 
 
-def check_registration(kind: vocabulary_pb2.PrincipalKind.ValueType, organization_id: str) -> None:
-    """A principal needs a known kind; a practitioner belongs to an organization."""
+def new_client_secret() -> str:
+    # 256 bits from the OS; the prefix lets secret scanners recognise a leaked one.
+    return "mlsec_" + secrets.token_urlsafe(32)
+
+
+def did_key(ed25519_public_key: bytes) -> str:
+    """did:key of an Ed25519 public key (W3C did:key method, multibase base58btc)."""
+    if len(ed25519_public_key) != 32:
+        raise ValueError("an Ed25519 public key is 32 bytes")
+    return "did:key:z" + base58.b58encode(_ED25519_PUB_MULTICODEC + ed25519_public_key).decode("ascii")
+
+
+def check_kind(kind: int) -> None:
     if kind not in _ID_PREFIX:
         raise InvalidArgument.field("kind", "must be one of patient, practitioner, organization, researcher, service")
+
+
+def check_organization(kind: int, organization_id: str) -> None:
+    """A practitioner belongs to an organization; other kinds belong to none."""
     if kind == PrincipalKind.PRINCIPAL_KIND_PRACTITIONER and not organization_id:
         raise InvalidArgument.field("organization_id", "required for a practitioner")
     if kind != PrincipalKind.PRINCIPAL_KIND_PRACTITIONER and organization_id:
         raise InvalidArgument.field("organization_id", "only practitioners belong to an organization")
+
+
+@dataclass(frozen=True)
+class FhirResource:
+    """A validated FHIR resource: its canonical JSON and its identifiers (system, value)."""
+
+    json: bytes
+    identifiers: tuple[tuple[str, str], ...]
+
+
+def validate_fhir(kind: int, raw: bytes, field: str) -> FhirResource | None:
+    """Validate `raw` as the FHIR R4 resource a principal of `kind` carries.
+
+    Patients and practitioners need one, with at least one identifier that has a system and a
+    value (the duplicate check uses them); other kinds take none. Errors name the FHIR path,
+    never the offending value: it may be personal data.
+    """
+    model = _FHIR_MODEL.get(kind)
+    if model is None:
+        if raw:
+            raise InvalidArgument.field(field, "only patients and practitioners carry a FHIR resource")
+        return None
+    if not raw:
+        raise InvalidArgument.field(field, f"required: a FHIR R4 {model.__name__} resource, JSON")
+    if len(raw) > MAX_FHIR_BYTES:
+        raise InvalidArgument.field(field, f"larger than {MAX_FHIR_BYTES} bytes")
+    try:
+        document = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument.field(field, "not JSON") from None
+    if not isinstance(document, dict) or document.get("resourceType") != model.__name__:
+        raise InvalidArgument.field(f"{field}.resourceType", f"must be {model.__name__}")
+    try:
+        resource = model.model_validate(document)
+    except ValidationError as exc:
+        violations = tuple(
+            FieldViolation(
+                ".".join([field, *(str(p) for p in err["loc"] if p != "__root__")]),
+                # pydantic's message without the input value, which could be personal data.
+                err["msg"],
+            )
+            for err in exc.errors(include_input=False, include_url=False)[:20]
+        )
+        raise InvalidArgument(f"{field}: not a valid FHIR R4 {model.__name__}", violations=violations) from None
+    gender = getattr(resource, "gender", None)
+    if gender is not None and gender not in ADMINISTRATIVE_GENDER:
+        raise InvalidArgument.field(f"{field}.gender", "must be one of " + ", ".join(sorted(ADMINISTRATIVE_GENDER)))
+    identifiers = tuple((str(i.system), str(i.value)) for i in (resource.identifier or []) if i.system and i.value)
+    if not identifiers:
+        raise InvalidArgument.field(f"{field}.identifier", "at least one identifier with a system and a value")
+    return FhirResource(resource.model_dump_json(exclude_none=True).encode(), identifiers)
+
+
+def identifier_index_input(system: str, value: str) -> bytes:
+    """What the blind index hashes: FHIR's ``system|value`` token form."""
+    return f"{system}|{value}".encode()
+
+
+# -- who may do what (beyond the coarse per-RPC table the interceptor applies) -----------------
+
+
+def is_admin(caller: Caller) -> bool:
+    return caller.has_role("admin")
+
+
+def check_may_register(caller: Caller, kind: int, organization_id: str) -> None:
+    """Admins register any kind; org-admins register practitioners of their own organization."""
+    if is_admin(caller):
+        return
+    if (
+        caller.has_role("org-admin")
+        and kind == PrincipalKind.PRINCIPAL_KIND_PRACTITIONER
+        and organization_id
+        and organization_id == caller.organization_id
+    ):
+        return
+    raise PermissionDenied("only admins, or org-admins for practitioners of their organization, may register this")
+
+
+def check_may_change_role(caller: Caller, role: int, target_organization_id: str) -> None:
+    """Admins grant any role; org-admins grant roles other than admin within their organization."""
+    if role not in ROLE_NAMES:
+        raise InvalidArgument.field("role", "must be one of " + ", ".join(ROLE_NAMES.values()))
+    if is_admin(caller):
+        return
+    if (
+        caller.has_role("org-admin")
+        and role != Role.ROLE_ADMIN
+        and target_organization_id
+        and target_organization_id == caller.organization_id
+    ):
+        return
+    raise PermissionDenied("only admins, or org-admins within their organization, may change this role")
+
+
+def may_read_resource(caller: Caller, principal_id: str, organization_id: str) -> bool:
+    """A FHIR resource is shown to its principal, to admins, and to its organization's org-admins."""
+    if caller.principal_id == principal_id or is_admin(caller):
+        return True
+    return caller.has_role("org-admin") and bool(organization_id) and organization_id == caller.organization_id
+
+
+def check_may_manage(caller: Caller, principal_id: str, organization_id: str) -> None:
+    """Updating or deactivating: the principal itself, admins, org-admins of its organization."""
+    if not may_read_resource(caller, principal_id, organization_id):
+        raise PermissionDenied("only the principal, admins or its org-admins may change it")
+
+
+# -- access tokens --------------------------------------------------------------------------------
+
+
+def check_audience(audience: str) -> None:
+    if audience not in AUDIENCES:
+        raise InvalidArgument.field("audience", "must be one of " + ", ".join(sorted(AUDIENCES)))
+
+
+def token_claims(
+    *,
+    principal_id: str,
+    kind: int,
+    roles: Iterable[int],
+    organization_id: str,
+    audience: str,
+    now: int,
+) -> dict[str, Any]:
+    """RFC 7519 claims of a medledger access token, plus kind, roles and organization."""
+    return {
+        "iss": ISSUER,
+        "aud": audience,
+        "sub": principal_id,
+        "jti": uuid.uuid4().hex,
+        "iat": now,
+        "nbf": now,
+        "exp": now + TOKEN_TTL_SECONDS,
+        "kind": KIND_NAMES[kind],
+        "roles": sorted(ROLE_NAMES[r] for r in roles if r in ROLE_NAMES),
+        "org": organization_id,
+    }
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def jws_signing_input(header: Mapping[str, Any], claims: Mapping[str, Any]) -> bytes:
+    """The JWS signing input (RFC 7515 §5.1): BASE64URL(header) '.' BASE64URL(payload).
+
+    Built here rather than by PyJWT because the private key never leaves the key manager:
+    PyJWT signs only with key material it holds.
+    """
+    compact = (",", ":")
+    return (
+        _b64url(json.dumps(dict(header), separators=compact).encode())
+        + "."
+        + _b64url(json.dumps(dict(claims), separators=compact).encode())
+    ).encode("ascii")
+
+
+def jws_compact(signing_input: bytes, signature: bytes) -> str:
+    return signing_input.decode("ascii") + "." + _b64url(signature)
+
+
+def signing_kid(key_name: str, version: int) -> str:
+    """The ``kid`` of one version of the token-signing key."""
+    return f"{key_name}.v{version}"

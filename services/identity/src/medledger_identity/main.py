@@ -1,23 +1,96 @@
-"""Wires identity: settings, storage, the gRPC API and its events."""
+"""Wires identity: settings, key manager, storage, the gRPC API, the JWKS over HTTP, and the
+platform principals (services and the bootstrap admin) provisioned from secret files."""
 
 from __future__ import annotations
 
-from medledger.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
+import logging
 
-from medledger_common.service import ServiceParts, ServiceRuntime, run_service
-from medledger_common.settings import load_settings_or_exit
-from medledger_identity.api import IdentityApi
+from aiohttp import web
+from medledger.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
+from medledger.types.v1 import vocabulary_pb2
+
+from medledger_common.events import SERVICES
+from medledger_common.service import AuthSources, ServiceParts, ServiceRuntime, run_service
+from medledger_common.settings import ConfigError, load_settings_or_exit, read_secret_file
+from medledger_common.vocabulary import service_principal_id
+from medledger_identity.api import ACCESS, PUBLIC_METHODS, IdentityApi
 from medledger_identity.config import IdentitySettings
+from medledger_identity.credentials import SecretHasher
 from medledger_identity.storage import MIGRATIONS
+from medledger_identity.tokens import TokenSigner
 
 NAME = "identity"
+BOOTSTRAP_ADMIN = "svc_admin"
+Role = vocabulary_pb2.Role
+# Roles the platform's own services hold: records asks consent for decisions.
+SERVICE_ROLES: dict[str, tuple[int, ...]] = {"records": (Role.ROLE_PDP_CLIENT,)}
+
+log = logging.getLogger(__name__)
+
+
+class JwksHttp:
+    """GET /.well-known/jwks.json: the token-verification keys for HTTP clients."""
+
+    def __init__(self, signer: TokenSigner, host: str, port: int) -> None:
+        self.signer = signer
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    async def _jwks(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text=await self.signer.jwks_json(),
+            content_type="application/jwk-set+json",
+            headers={"Cache-Control": "public, max-age=60"},
+        )
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/.well-known/jwks.json", self._jwks)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        log.info("JWKS served over HTTP", extra={"port": self.port})
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
 
 
 def build(runtime: ServiceRuntime) -> ServiceParts:
-    api = IdentityApi(runtime)
+    settings = runtime.settings
+    assert isinstance(settings, IdentitySettings)
+    keys = runtime.require_keys()
+    signer = TokenSigner(keys)
+    api = IdentityApi(runtime, keys, signer, SecretHasher(settings.max_concurrent_hashing))
+    jwks_http = JwksHttp(signer, settings.grpc_host, settings.jwks_http_port)
+    runtime.extras["identity_api"] = api
+    runtime.extras["jwks_http"] = jwks_http
+
+    async def provision() -> None:
+        if settings.bootstrap_admin_secret_file is not None:
+            secret = read_secret_file(settings.bootstrap_admin_secret_file).decode()
+            await api.ensure_platform_principal(BOOTSTRAP_ADMIN, secret, (Role.ROLE_ADMIN,))
+        if settings.service_secrets_dir is not None:
+            for path in sorted(settings.service_secrets_dir.glob("*.secret")):
+                service = path.stem
+                if service not in SERVICES:
+                    raise ConfigError(f"{path}: {service} is not a medledger service")
+                secret = read_secret_file(path).decode()
+                await api.ensure_platform_principal(
+                    service_principal_id(service), secret, SERVICE_ROLES.get(service, ())
+                )
+
     return ServiceParts(
         service_descriptors=[identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"]],
         register=lambda server: identity_service_pb2_grpc.add_IdentityServiceServicer_to_server(api, server),
+        access=ACCESS,
+        public_methods=PUBLIC_METHODS,
+        auth=AuthSources(fetch_jwks=signer.jwks, load_deactivated=api.deactivated_ids),
+        on_start=[api.start, provision, jwks_http.start],
+        on_stop=[jwks_http.stop],
     )
 
 

@@ -1,15 +1,21 @@
-"""Identity's tables and queries."""
+"""Identity's tables and queries.
+
+Personal data is never stored in the clear: a FHIR resource is stored as a key-manager
+ciphertext (a patient's under the patient's own key, so deleting that key erases it), and its
+identifiers only as blind indexes (keyed hashes) for the duplicate check.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from medledger.types.v1 import vocabulary_pb2
-from sqlalchemy import Column, Float, Integer, MetaData, String, Table, insert, select
+from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, and_, delete, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_common.db import Migration, create_tables
+from medledger_common.errors import Aborted, AlreadyExists
 
 metadata = MetaData()
 principals = Table(
@@ -23,39 +29,194 @@ principals = Table(
     Column("created_at", Float, nullable=False),
 )
 
-MIGRATIONS = [Migration(1, "principals", create_tables(metadata))]
+# Added by migration 2; declared apart so that migration 1 keeps creating what it always did.
+roles_metadata = MetaData()
+principal_roles = Table(
+    "principal_roles",
+    roles_metadata,
+    Column("principal_id", String(64), primary_key=True),
+    Column("role", Integer, primary_key=True),
+)
+principal_identifiers = Table(
+    "principal_identifiers",
+    roles_metadata,
+    # HMAC of "system|value" under the blind-index key: equal identifiers, equal index.
+    Column("blind_index", String(128), primary_key=True),
+    Column("principal_id", String(64), nullable=False, index=True),
+)
+# Columns migration 2 adds to principals; the query helpers below use these names.
+_NEW_COLUMNS = {
+    "did": "VARCHAR(128) NOT NULL DEFAULT ''",
+    "fhir_resource": "TEXT",
+    "secret_hash": "VARCHAR(256)",
+    "updated_at": "DOUBLE PRECISION NOT NULL DEFAULT 0",
+}
+_principals_v2 = Table(
+    "principals",
+    MetaData(),
+    *(Column(c.name, c.type, primary_key=c.primary_key) for c in principals.columns),
+    Column("did", String(128)),
+    Column("fhir_resource", Text),
+    Column("secret_hash", String(256)),
+    Column("updated_at", Float),
+)
+
+
+async def _add_principal_columns(conn: AsyncConnection) -> None:
+    for name, ddl in _NEW_COLUMNS.items():
+        await conn.execute(text(f"ALTER TABLE principals ADD COLUMN {name} {ddl}"))
+    await conn.run_sync(roles_metadata.create_all)
+
+
+MIGRATIONS = [
+    Migration(1, "principals", create_tables(metadata)),
+    Migration(2, "roles, identifiers, keys, resources and credentials", _add_principal_columns),
+]
+
+P = _principals_v2.c
 
 
 @dataclass(frozen=True)
 class PrincipalRow:
     principal_id: str
-    kind: vocabulary_pb2.PrincipalKind.ValueType
-    status: vocabulary_pb2.PrincipalStatus.ValueType
+    kind: int
+    status: int
     organization_id: str
     version: int
+    did: str = ""
+    roles: tuple[int, ...] = ()
+    created_at: float = 0.0
+    # Key-manager ciphertext of the FHIR resource, or None.
+    fhir_resource: str | None = None
 
 
-async def insert_principal(conn: AsyncConnection, row: PrincipalRow) -> None:
+async def insert_principal(conn: AsyncConnection, row: PrincipalRow, *, secret_hash: str) -> None:
+    now = time.time()
     await conn.execute(
-        insert(principals).values(
+        insert(_principals_v2).values(
             principal_id=row.principal_id,
             kind=row.kind,
             status=row.status,
             organization_id=row.organization_id,
             version=row.version,
-            created_at=time.time(),
+            created_at=row.created_at or now,
+            did=row.did,
+            fhir_resource=row.fhir_resource,
+            secret_hash=secret_hash,
+            updated_at=now,
         )
     )
+    for role in row.roles:
+        await conn.execute(insert(principal_roles).values(principal_id=row.principal_id, role=role))
 
 
-async def get_principal(conn: AsyncConnection, principal_id: str) -> PrincipalRow | None:
-    r = (await conn.execute(select(principals).where(principals.c.principal_id == principal_id))).first()
+async def claim_identifiers(conn: AsyncConnection, principal_id: str, blind_indexes: list[str]) -> None:
+    """Record a principal's identifiers; ALREADY_EXISTS if another principal holds one."""
+    taken = (
+        await conn.execute(
+            select(principal_identifiers.c.blind_index).where(principal_identifiers.c.blind_index.in_(blind_indexes))
+        )
+    ).first()
+    if taken is not None:
+        raise AlreadyExists("a principal with this identifier is already registered")
+    try:
+        async with conn.begin_nested():
+            await conn.execute(
+                insert(principal_identifiers),
+                [{"blind_index": b, "principal_id": principal_id} for b in dict.fromkeys(blind_indexes)],
+            )
+    except IntegrityError:
+        # Registered concurrently by another call: the same answer as the check above.
+        raise AlreadyExists("a principal with this identifier is already registered") from None
+
+
+async def replace_identifiers(conn: AsyncConnection, principal_id: str, blind_indexes: list[str]) -> None:
+    await conn.execute(delete(principal_identifiers).where(principal_identifiers.c.principal_id == principal_id))
+    await claim_identifiers(conn, principal_id, blind_indexes)
+
+
+async def _roles(conn: AsyncConnection, principal_id: str) -> tuple[int, ...]:
+    rows = await conn.execute(
+        select(principal_roles.c.role).where(principal_roles.c.principal_id == principal_id).order_by("role")
+    )
+    return tuple(int(r) for r in rows.scalars())
+
+
+def _row(r: object, roles: tuple[int, ...]) -> PrincipalRow:
+    return PrincipalRow(
+        principal_id=r.principal_id,  # type: ignore[attr-defined]
+        kind=int(r.kind),  # type: ignore[attr-defined]
+        status=int(r.status),  # type: ignore[attr-defined]
+        organization_id=r.organization_id,  # type: ignore[attr-defined]
+        version=int(r.version),  # type: ignore[attr-defined]
+        did=r.did,  # type: ignore[attr-defined]
+        roles=roles,
+        created_at=float(r.created_at),  # type: ignore[attr-defined]
+        fhir_resource=r.fhir_resource,  # type: ignore[attr-defined]
+    )
+
+
+async def get_principal(conn: AsyncConnection, principal_id: str, *, for_update: bool = False) -> PrincipalRow | None:
+    query = select(_principals_v2).where(P.principal_id == principal_id)
+    if for_update and conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    r = (await conn.execute(query)).first()
     if r is None:
         return None
-    return PrincipalRow(
-        r.principal_id,
-        vocabulary_pb2.PrincipalKind.ValueType(r.kind),
-        vocabulary_pb2.PrincipalStatus.ValueType(r.status),
-        r.organization_id,
-        r.version,
+    return _row(r, await _roles(conn, principal_id))
+
+
+async def get_secret_hash(conn: AsyncConnection, principal_id: str) -> str | None:
+    return (await conn.execute(select(P.secret_hash).where(P.principal_id == principal_id))).scalar()
+
+
+async def set_secret_hash(conn: AsyncConnection, principal_id: str, secret_hash: str) -> None:
+    await conn.execute(update(_principals_v2).where(P.principal_id == principal_id).values(secret_hash=secret_hash))
+
+
+async def list_principals(
+    conn: AsyncConnection, *, kind: int, organization_id: str, after: str, limit: int
+) -> list[PrincipalRow]:
+    conditions = [P.principal_id > after]
+    if kind:
+        conditions.append(P.kind == kind)
+    if organization_id:
+        conditions.append(P.organization_id == organization_id)
+    rows = (
+        await conn.execute(select(_principals_v2).where(and_(*conditions)).order_by(P.principal_id).limit(limit))
+    ).all()
+    out = []
+    for r in rows:
+        out.append(_row(r, await _roles(conn, r.principal_id)))
+    return out
+
+
+async def save_changes(conn: AsyncConnection, before: PrincipalRow, after: PrincipalRow) -> PrincipalRow:
+    """Write `after` over `before` (status, resource, roles) and bump the version once."""
+    changed = replace(after, version=before.version + 1)
+    result = await conn.execute(
+        update(_principals_v2)
+        .where(and_(P.principal_id == before.principal_id, P.version == before.version))
+        .values(
+            status=changed.status,
+            fhir_resource=changed.fhir_resource,
+            version=changed.version,
+            updated_at=time.time(),
+        )
     )
+    if result.rowcount != 1:
+        raise Aborted("the principal changed while this call ran; retry it")
+    for role in set(before.roles) - set(after.roles):
+        await conn.execute(
+            delete(principal_roles).where(
+                and_(principal_roles.c.principal_id == before.principal_id, principal_roles.c.role == role)
+            )
+        )
+    for role in set(after.roles) - set(before.roles):
+        await conn.execute(insert(principal_roles).values(principal_id=before.principal_id, role=role))
+    return changed
+
+
+async def deactivated_ids(conn: AsyncConnection, deactivated_status: int) -> list[str]:
+    rows = await conn.execute(select(P.principal_id).where(P.status == deactivated_status).order_by(P.principal_id))
+    return [str(r) for r in rows.scalars()]

@@ -6,7 +6,7 @@ from medledger.records.v1 import records_service_pb2, records_service_pb2_grpc
 
 from medledger_common.service import ServiceParts, ServiceRuntime, run_service
 from medledger_common.settings import load_settings_or_exit
-from medledger_records.api import RecordsApi
+from medledger_records.api import ACCESS, PUBLIC_METHODS, RecordsApi
 from medledger_records.config import RecordsSettings
 from medledger_records.storage import MIGRATIONS
 
@@ -19,6 +19,8 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     return ServiceParts(
         service_descriptors=[records_service_pb2.DESCRIPTOR.services_by_name["RecordsService"]],
         register=lambda server: records_service_pb2_grpc.add_RecordsServiceServicer_to_server(api, server),
+        access=ACCESS,
+        public_methods=PUBLIC_METHODS,
     )
 
 

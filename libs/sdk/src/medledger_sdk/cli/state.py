@@ -17,9 +17,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from medledger_common.keys import create_master_key_file
 
 DEFAULT_STATE_DIR = ".medledger"
 MARKER = "MEDLEDGER_STATE"
@@ -65,6 +69,29 @@ class StateDir:
 
     def database_url(self, service: str) -> str:
         return f"sqlite+aiosqlite:///{self.path / f'{service}.db'}"
+
+    # Credentials and key material, made on first use and kept with the rest of the state. The
+    # master keys sit in secrets/, outside keyrings/, as the local keyring requires.
+    def _secret(self, path: Path, make: Callable[[Path], object]) -> Path:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make(path)
+        return path
+
+    def master_key_file(self, service: str) -> Path:
+        return self._secret(self.path / "secrets" / f"master-{service}.key", create_master_key_file)
+
+    def keyring_file(self, service: str) -> Path:
+        return self.path / "keyrings" / f"{service}.keyring"
+
+    def service_secrets_dir(self) -> Path:
+        return self.path / "secrets" / "services"
+
+    def service_secret_file(self, service: str) -> Path:
+        return self._secret(self.service_secrets_dir() / f"{service}.secret", _write_new_secret)
+
+    def admin_secret_file(self) -> Path:
+        return self._secret(self.path / "secrets" / "admin.secret", _write_new_secret)
 
     @property
     def anvil_state(self) -> Path:
@@ -128,6 +155,12 @@ class StateDir:
                 removed.append(f"{entry.name} ({_size(entry)})")
         shutil.rmtree(self.path)
         return removed
+
+
+def _write_new_secret(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("mlsec_" + secrets.token_urlsafe(32) + "\n")
 
 
 def describe_running(processes: list[RecordedProcess]) -> str:

@@ -73,11 +73,17 @@ class Ports:
     def metrics(self, service: str) -> int:
         return self.metrics_base + SERVICES.index(service)
 
+    @property
+    def jwks(self) -> int:
+        """identity's JWKS over HTTP: 9111 with the default metrics ports."""
+        return self.metrics_base + 10
+
     def purposes(self) -> list[tuple[int, str]]:
         """Every port the stack needs, with what it is for."""
         needed = [(self.kafka, "Kafka (Tansu)"), (self.anvil, "Anvil JSON-RPC")]
         needed += [(self.grpc(s), f"{s} gRPC") for s in SERVICES]
         needed += [(self.metrics(s), f"{s} metrics") for s in SERVICES]
+        needed.append((self.jwks, "identity JWKS over HTTP"))
         return needed
 
 
@@ -288,8 +294,20 @@ class Stack:
             "MEDLEDGER_METRICS_PORT": str(self.ports.metrics(name)),
             "MEDLEDGER_DATABASE_URL": self.state.database_url(name),
             "MEDLEDGER_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap_servers,
+            "MEDLEDGER_IDENTITY_ADDRESS": f"{HOST}:{self.ports.grpc('identity')}",
+            "MEDLEDGER_MASTER_KEY_FILE": str(self.state.master_key_file(name)),
+            "MEDLEDGER_KEYRING_FILE": str(self.state.keyring_file(name)),
             "PYTHONUNBUFFERED": "1",  # so `tail -f` on the log shows lines as they happen
         }
+        if name == "identity":
+            # Every service's secret file exists before identity reads the folder.
+            for other in SERVICES[1:]:
+                self.state.service_secret_file(other)
+            env["MEDLEDGER_SERVICE_SECRETS_DIR"] = str(self.state.service_secrets_dir())
+            env["MEDLEDGER_BOOTSTRAP_ADMIN_SECRET_FILE"] = str(self.state.admin_secret_file())
+            env["MEDLEDGER_JWKS_HTTP_PORT"] = str(self.ports.jwks)
+        else:
+            env["MEDLEDGER_CLIENT_SECRET_FILE"] = str(self.state.service_secret_file(name))
         proc = localstack.ManagedProcess.spawn(name, [sys.executable, "-m", f"medledger_{name}"], log, env=env)
         self.services[name] = proc
         self._record_pids()
@@ -359,6 +377,8 @@ class Stack:
         assert self.kafka is not None and self.anvil is not None
         print(f"  Kafka bootstrap  {self.bootstrap_servers}  (pid {self.kafka.pid})")
         print(f"  Anvil RPC        http://{HOST}:{self.ports.anvil}  (pid {self.anvil.pid})")
+        print(f"  JWKS             http://{HOST}:{self.ports.jwks}/.well-known/jwks.json")
+        print(f"  admin            principal svc_admin, client secret in {self.state.admin_secret_file()}")
         print(f"  state folder     {self.state.path}")
         print(f"  logs             {self.state.logs}")
         print()

@@ -1,0 +1,121 @@
+"""Starting identity (and the services that authenticate against it) as the platform runs them:
+real Kafka (Tansu), a real PostgreSQL, a local keyring with its master key outside the keyring's
+folder, and the secret files `make up` provisions."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from medledger_common.keys import create_master_key_file
+from medledger_common.service import ServiceRuntime
+from medledger_common.testing import Kafka, Postgres, running_service
+from medledger_consent import main as consent_main
+from medledger_consent import storage as consent_storage
+from medledger_consent.config import ConsentSettings
+from medledger_identity import main as identity_main
+from medledger_identity import storage as identity_storage
+from medledger_identity.config import IdentitySettings
+from medledger_sdk.auth import TokenClient
+
+
+@dataclass
+class Stack:
+    """identity (always) and consent (when asked), with the credentials to call them."""
+
+    identity: ServiceRuntime
+    consent: ServiceRuntime | None
+    admin_secret: str
+    secrets_dir: Path
+    _clients: list[TokenClient] = field(default_factory=list)
+
+    @property
+    def identity_address(self) -> str:
+        return f"127.0.0.1:{self.identity.grpc_port}"
+
+    @property
+    def consent_address(self) -> str:
+        assert self.consent is not None
+        return f"127.0.0.1:{self.consent.grpc_port}"
+
+    def client(self, principal_id: str, secret: str) -> TokenClient:
+        c = TokenClient(self.identity_address, principal_id, client_secret=secret)
+        self._clients.append(c)
+        return c
+
+    def admin(self) -> TokenClient:
+        return self.client(identity_main.BOOTSTRAP_ADMIN, self.admin_secret)
+
+    async def close_clients(self) -> None:
+        for c in self._clients:
+            await c.aclose()
+
+
+def service_settings(cls: type, kafka: Kafka, database_url: str, **extra: Any) -> Any:
+    return cls(
+        grpc_port=0,
+        metrics_port=0,
+        database_url=database_url,
+        kafka_bootstrap_servers=kafka.bootstrap_servers,
+        outbox_poll_seconds=0.1,
+        **extra,
+    )
+
+
+StackFactory = Callable[..., Any]
+
+
+@pytest.fixture
+def start_stack(kafka: Kafka, postgres: Postgres, tmp_path: Path) -> StackFactory:
+    """`async with start_stack(consent=True) as stack:` runs identity (and consent)."""
+
+    @asynccontextmanager
+    async def start(*, consent: bool = True, identity_db: str | None = None) -> AsyncIterator[Stack]:
+        secrets_dir = tmp_path / "secrets"
+        secrets_dir.mkdir(exist_ok=True)
+        admin_secret = "mlsec_admin_" + secrets.token_urlsafe(24)
+        (tmp_path / "admin.secret").write_text(admin_secret + "\n")
+        (secrets_dir / "consent.secret").write_text("mlsec_consent_" + secrets.token_urlsafe(24))
+        master = tmp_path / "master-identity.key"
+        if not master.exists():
+            create_master_key_file(master)
+        id_settings = service_settings(
+            IdentitySettings,
+            kafka,
+            identity_db or postgres.new_database("identity"),
+            jwks_http_port=0,
+            master_key_file=master,
+            keyring_file=tmp_path / "keyrings" / "identity.keyring",
+            bootstrap_admin_secret_file=tmp_path / "admin.secret",
+            service_secrets_dir=secrets_dir,
+        )
+        async with contextlib.AsyncExitStack() as exits:
+            identity = await exits.enter_async_context(
+                running_service("identity", id_settings, identity_storage.MIGRATIONS, identity_main.build)
+            )
+            consent_rt = None
+            if consent:
+                co_settings = service_settings(
+                    ConsentSettings,
+                    kafka,
+                    postgres.new_database("consent"),
+                    identity_address=f"127.0.0.1:{identity.grpc_port}",
+                    client_secret_file=secrets_dir / "consent.secret",
+                )
+                consent_rt = await exits.enter_async_context(
+                    running_service("consent", co_settings, consent_storage.MIGRATIONS, consent_main.build)
+                )
+            stack = Stack(identity, consent_rt, admin_secret, secrets_dir)
+            try:
+                yield stack
+            finally:
+                await stack.close_clients()
+
+    return start
