@@ -21,8 +21,10 @@ import stat
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -201,6 +203,8 @@ async def test_unknown_key_is_not_found(km: KeyManager, new_name: Callable[[str]
         "decrypt_data_key": km.decrypt_data_key(name, ciphertext),
         "sign": km.sign(name, b"x"),
         "verify": km.verify(name, b"x", signature),
+        "hmac": km.hmac(name, b"x"),
+        "hmac at a version": km.hmac(name, b"x", key_version=1),
     }
     for op, call in calls.items():
         with pytest.raises(NotFound, match="not found") as err:
@@ -297,29 +301,84 @@ async def test_rotate_keeps_old_ciphertexts_readable(km: KeyManager, new_name: C
     assert (await km.key_info(name)).latest_version == 2
 
 
-@pytest.mark.parametrize("key_type", [KeyType.AES256_GCM96, KeyType.ED25519, KeyType.ECDSA_P256])
+HMAC = re.compile(r"^vault:v(\d+):([A-Za-z0-9+/]{43}=)$")  # HMAC-SHA256: 32 bytes, standard base64
+INDEX_INPUT = b"urn:oid:2.16.840.1.113883.4.1|123-45-6789"  # a blind index's "system|value"
+
+
+@pytest.mark.parametrize("key_type", list(KeyType), ids=lambda t: t.value)
 async def test_hmac_is_deterministic_per_key_and_version(
     km: KeyManager, new_name: Callable[[str], str], key_type: KeyType
 ) -> None:
     name, other = new_name("mac"), new_name("mac2")
     await km.ensure_key(name, key_type)
     await km.ensure_key(other, key_type)
-    first = await km.hmac(name, b"urn:oid:1.2.3|MRN-1")
-    assert re.fullmatch(r"vault:v1:[A-Za-z0-9+/]+={0,2}", first)
-    assert len(base64.b64decode(first.split(":", 2)[2])) == 32  # HMAC-SHA256
-    assert await km.hmac(name, b"urn:oid:1.2.3|MRN-1") == first
-    assert await km.hmac(name, b"urn:oid:1.2.3|MRN-2") != first
-    assert await km.hmac(other, b"urn:oid:1.2.3|MRN-1") != first
-    await km.rotate(name)
-    rotated = await km.hmac(name, b"urn:oid:1.2.3|MRN-1")
-    assert rotated.startswith("vault:v2:") and rotated.split(":", 2)[2] != first.split(":", 2)[2]
+    first = await km.hmac(name, INDEX_INPUT)
+    match = HMAC.fullmatch(first)
+    assert match and match.group(1) == "1", first
+    assert len(base64.b64decode(match.group(2))) == 32
+    assert await km.hmac(name, INDEX_INPUT) == first
+    assert await km.hmac(name, INDEX_INPUT, key_version=1) == first
+    assert await km.hmac(name, INDEX_INPUT + b"0") != first
+    assert await km.hmac(other, INDEX_INPUT) != first  # another key, another HMAC key
+    empty = await km.hmac(name, b"")
+    assert HMAC.fullmatch(empty) and await km.hmac(name, b"") == empty
+    # HMAC material is not the key's other material: data keys and signatures still work.
+    if key_type.is_encryption:
+        assert await km.decrypt(name, await km.encrypt(name, INDEX_INPUT)) == INDEX_INPUT
+    if key_type.is_signing:
+        assert await km.verify(name, INDEX_INPUT, await km.sign(name, INDEX_INPUT))
+
+
+@pytest.mark.parametrize("key_type", [KeyType.AES256_GCM96, KeyType.HMAC], ids=lambda t: t.value)
+async def test_hmac_after_rotation_and_pinned_versions(
+    km: KeyManager, new_name: Callable[[str], str], key_type: KeyType
+) -> None:
+    name = new_name("index")
+    await km.ensure_key(name, key_type)
+    v1 = await km.hmac(name, INDEX_INPUT)
+    info = await km.rotate(name)
+    assert (info.latest_version, info.versions) == (2, (1, 2))
+    v2 = await km.hmac(name, INDEX_INPUT)
+    assert v2.startswith("vault:v2:") and v2.split(":", 2)[2] != v1.split(":", 2)[2]
+    assert await km.hmac(name, INDEX_INPUT, key_version=2) == v2
     # A blind index pins its version: rotation does not change it.
-    assert await km.hmac(name, b"urn:oid:1.2.3|MRN-1", key_version=1) == first
-    for bad in (0, 3):
-        with pytest.raises(InvalidArgument):
-            await km.hmac(name, b"x", key_version=bad)
-    with pytest.raises(NotFound):
-        await km.hmac(new_name("missing"), b"x")
+    assert await km.hmac(name, INDEX_INPUT, key_version=1) == v1
+    for bad in (3, 99):
+        with pytest.raises(InvalidArgument, match="key_version"):
+            await km.hmac(name, INDEX_INPUT, key_version=bad)
+    for bad in (0, -1):
+        with pytest.raises(InvalidArgument, match="key_version"):
+            await km.hmac(name, INDEX_INPUT, key_version=bad)
+    # Versions below min_decryption_version cannot HMAC (Vault archives them); the floor is
+    # reversible, and lowering it gives back the very same index.
+    await km.set_min_decryption_version(name, 2)
+    with pytest.raises(FailedPrecondition):
+        await km.hmac(name, INDEX_INPUT, key_version=1)
+    assert await km.hmac(name, INDEX_INPUT) == v2
+    await km.set_min_decryption_version(name, 1)
+    assert await km.hmac(name, INDEX_INPUT, key_version=1) == v1
+
+
+async def test_hmac_key_type_only_hmacs(km: KeyManager, new_name: Callable[[str], str]) -> None:
+    name = new_name("blind")
+    info = await km.ensure_key(name, "hmac")
+    assert (info.type, info.latest_version, info.versions) == (KeyType.HMAC, 1, (1,))
+    assert await km.ensure_key(name, KeyType.HMAC) == info
+    with pytest.raises(AlreadyExists, match="exists with type hmac"):
+        await km.ensure_key(name, KeyType.AES256_GCM96)
+    ciphertext = "vault:v1:" + base64.b64encode(bytes(40)).decode()
+    for call in (
+        km.encrypt(name, b"x"),
+        km.decrypt(name, ciphertext),
+        km.rewrap(name, ciphertext),
+        km.generate_data_key(name),
+        km.sign(name, b"x"),
+        km.verify(name, b"x", "vault:v1:AAAA"),
+        km.public_key(name),
+    ):
+        with pytest.raises(FailedPrecondition, match="does not support"):
+            await call
+    assert HMAC.fullmatch(await km.hmac(name, INDEX_INPUT))
 
 
 async def test_rewrap_moves_to_latest_version(km: KeyManager, new_name: Callable[[str], str]) -> None:
@@ -442,15 +501,18 @@ async def test_es256_in_jws_and_der_form(km: KeyManager, new_name: Callable[[str
 
 
 async def test_operations_the_key_type_does_not_support(km: KeyManager, new_name: Callable[[str], str]) -> None:
-    aes, signer = new_name("aes"), new_name("signer")
+    aes, signer, mac = new_name("aes"), new_name("signer"), new_name("mac")
     await km.ensure_key(aes, KeyType.AES256_GCM96)
     await km.ensure_key(signer, KeyType.ED25519)
+    await km.ensure_key(mac, KeyType.HMAC)
     for call in (
         km.sign(aes, b"x"),
         km.verify(aes, b"x", "vault:v1:AAAA"),
         km.public_key(aes),
         km.encrypt(signer, b"x"),
         km.generate_data_key(signer),
+        km.encrypt(mac, b"x"),
+        km.sign(mac, b"x"),
     ):
         with pytest.raises(FailedPrecondition, match="does not support"):
             await call
@@ -512,6 +574,7 @@ async def test_vault_sealed_is_unavailable(own_double: VaultTransitDouble) -> No
             km.decrypt("sealed-test", ciphertext),
             km.generate_data_key("sealed-test"),
             km.sign("sealed-sig", b"x"),
+            km.hmac("sealed-test", b"x"),
             km.check(),
         ):
             with pytest.raises(Unavailable, match="sealed") as err:
@@ -531,8 +594,13 @@ async def test_vault_forbidden_is_permission_denied(own_double: VaultTransitDoub
         message = _clean(err.value, own_double.token)
         assert "sign" in message and "signer" in message
         assert (await km.key_info("signer")).latest_version == 1  # other paths still allowed
+        own_double.deny(f"{own_double.mount}/hmac/")
+        with pytest.raises(PermissionDenied, match="permission denied") as err:
+            await km.hmac("signer", b"x", key_version=1)
+        assert "hmac" in _clean(err.value, own_double.token)
         own_double.allow_all()
         assert await km.verify("signer", b"x", await km.sign("signer", b"x"))
+        assert (await km.hmac("signer", b"x")).startswith("vault:v1:")
     async with _manager(own_double, token="hvs.not-the-token") as km:
         with pytest.raises(PermissionDenied, match="permission denied") as err:
             await km.key_info("signer")
@@ -603,6 +671,70 @@ async def test_vault_never_exports_and_never_upserts(own_double: VaultTransitDou
         assert not [path for _, path in own_double.calls if "/export/" in path or "/backup/" in path]
 
 
+async def test_vault_hmac_and_hmac_keys_use_the_mount_point() -> None:
+    with VaultTransitDouble(mount="kms") as server:
+        async with _manager(server, mount_point="kms") as km:
+            await km.ensure_key("mac", KeyType.HMAC)
+            assert HMAC.fullmatch(await km.hmac("mac", INDEX_INPUT, key_version=1))
+        assert ("POST", "/v1/kms/keys/mac") in server.calls and ("POST", "/v1/kms/hmac/mac") in server.calls
+
+
+def test_vault_double_hmac_route_answers_as_vault(own_double: VaultTransitDouble) -> None:
+    """The double's hmac route on the wire (what a real Vault 1.15 answers), without hvac."""
+
+    def call(method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        answer = requests.request(
+            method,
+            f"{own_double.url}/v1/transit/{path}",
+            json=body,
+            headers={"X-Vault-Token": own_double.token},
+            timeout=5,
+        )
+        return answer.status_code, (answer.json() if answer.content else {})
+
+    status, _ = call("POST", "keys/mac", {"type": "hmac", "key_size": 32})
+    assert status == 200
+    status, read = call("GET", "keys/mac")
+    data = read["data"]
+    assert isinstance(data, dict) and data["type"] == "hmac" and data["key_size"] == 32 and "keys" not in data
+    assert not data["supports_signing"] and not data["supports_encryption"]
+    assert call("POST", "keys/aes", {"type": "aes256-gcm96", "key_size": 32}) == (
+        400,
+        {"errors": ["key_size is not valid for algorithm aes256-gcm96"]},
+    )
+    assert call("POST", "keys/big", {"type": "hmac", "key_size": 16})[0] == 400
+    call("POST", "keys/aes", {"type": "aes256-gcm96"})
+    data_in = base64.b64encode(INDEX_INPUT).decode()
+    for key in ("mac", "aes"):
+        status, body = call("POST", f"hmac/{key}", {"input": data_in})
+        assert status == 200, body
+        value = body["data"]["hmac"]
+        assert HMAC.fullmatch(value) and value.startswith("vault:v1:")
+        assert call("POST", f"hmac/{key}/sha2-256", {"input": data_in, "key_version": 0})[1]["data"] == {"hmac": value}
+        assert call("POST", f"hmac/{key}", {"input": data_in, "algorithm": "sha2-256", "key_version": 1})[1][
+            "data"
+        ] == {"hmac": value}
+        long = call("POST", f"hmac/{key}/sha2-512", {"input": data_in})[1]["data"]["hmac"]
+        assert len(base64.b64decode(long.split(":", 2)[2])) == 64
+    assert call("POST", "hmac/nope", {"input": data_in}) == (400, {"errors": ["encryption key not found"]})
+    assert call("POST", "hmac/mac", {"input": data_in, "key_version": 2}) == (
+        400,
+        {"errors": ["key version does not exist; latest key version is 1"]},
+    )
+    assert call("POST", "hmac/mac", {}) == (400, {"errors": ["missing input for HMAC"]})
+    assert call("POST", "hmac/mac", {"input": "%%%"})[0] == 400
+    call("POST", "keys/mac/rotate")
+    call("POST", "keys/mac/config", {"min_decryption_version": 2})
+    assert call("POST", "hmac/mac", {"input": data_in, "key_version": 1}) == (400, {"errors": ["no such key version"]})
+    assert call("POST", "sign/mac", {"input": data_in}) == (400, {"errors": ["key type hmac does not support signing"]})
+    assert call("POST", "encrypt/mac", {"plaintext": data_in})[0] == 400
+    own_double.sealed = True
+    assert call("POST", "hmac/mac", {"input": data_in}) == (503, {"errors": ["Vault is sealed"]})
+    own_double.sealed = False
+    own_double.deny("transit/hmac/")
+    assert call("POST", "hmac/mac", {"input": data_in}) == (403, {"errors": ["permission denied"]})
+
+
 def test_vault_manager_refuses_bad_configuration() -> None:
     with pytest.raises(ValueError, match="exactly one"):
         VaultKeyManager("http://127.0.0.1:8200")
@@ -618,19 +750,20 @@ def test_vault_manager_refuses_bad_configuration() -> None:
 async def test_keyring_file_holds_no_key_material(tmp_path: Path) -> None:
     master, path = _master_and_keyring(tmp_path)
     async with await LocalKeyring.open(path, master) as km:
-        names = [patient_key_name("a1b2c3d4"), "identity-jwt", "audit-checkpoint"]
+        names = [patient_key_name("a1b2c3d4"), "identity-jwt", "audit-checkpoint", "identity-blind-index"]
         for name, key_type in zip(names, KeyType, strict=True):
             await km.ensure_key(name, key_type)
             await km.rotate(name)
         data_key = await km.generate_data_key(names[0])
+        macs = [await km.hmac(name, b"x", key_version=v) for name in names for v in (1, 2)]
     content = path.read_bytes()
-    secrets = [
-        v.secret
-        for key in local_module._unseal(master.read_bytes(), path, content).values()
-        for v in key.versions.values()
-    ]
-    assert len(secrets) == 6
-    for secret in [*secrets, data_key.plaintext, master.read_bytes()]:
+    keys = local_module._unseal(master.read_bytes(), path, content)
+    secrets = [v.secret for key in keys.values() for v in key.versions.values()]
+    hmac_keys = [LocalKeyring._hmac_key(key, n) for key in keys.values() for n in key.versions]
+    assert len(secrets) == 8 and len(set(hmac_keys)) == 8 and len(set(macs)) == 8
+    # Only an hmac key's HMAC key is its secret; every other key's HMAC key is material of its own.
+    assert {k for k in hmac_keys if k in secrets} == {v.secret for v in keys["identity-blind-index"].versions.values()}
+    for secret in [*secrets, *hmac_keys, data_key.plaintext, master.read_bytes()]:
         for form in (secret, base64.b64encode(secret), secret.hex().encode()):
             assert form not in content
     for name in names:
@@ -646,12 +779,16 @@ async def test_keyring_survives_reopen(tmp_path: Path) -> None:
         await km.ensure_key("signer", KeyType.ECDSA_P256)
         await km.rotate("signer")
         await km.allow_deletion("signer")
+        await km.ensure_key("blind-index", KeyType.HMAC)
         ciphertext = await km.encrypt("patient-1", b"persisted")
         signature = await km.sign("signer", b"persisted")
+        macs = [await km.hmac(name, INDEX_INPUT) for name in ("patient-1", "signer", "blind-index")]
         before = (await km.key_info("patient-1"), await km.key_info("signer"), await km.public_key("signer"))
     async with await LocalKeyring.open(path, master) as km:
         assert await km.decrypt("patient-1", ciphertext) == b"persisted"
         assert await km.verify("signer", b"persisted", signature)
+        # Blind indexes stay valid across restarts.
+        assert [await km.hmac(name, INDEX_INPUT) for name in ("patient-1", "signer", "blind-index")] == macs
         after = (await km.key_info("patient-1"), await km.key_info("signer"), await km.public_key("signer"))
         assert after == before
         assert after[1].deletion_allowed

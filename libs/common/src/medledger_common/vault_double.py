@@ -9,17 +9,20 @@ It follows the HTTP API of the transit secrets engine as documented for **Vault 
 (developer.hashicorp.com/vault/api-docs/v1.15.x/secret/transit, and ``/v1/sys/health``,
 ``/v1/sys/seal-status``), for exactly the endpoints the key manager calls:
 
-- ``POST /v1/<mount>/keys/:name`` (``type``: aes256-gcm96, ed25519, ecdsa-p256), ``GET`` it
-  (``keys`` map of versions: creation time in Unix seconds for AES, ``{name, public_key,
-  creation_time, certificate_chain}`` for asymmetric keys; versions below
-  ``min_decryption_version`` are not listed, as Vault archives them), ``DELETE`` it (400
-  ``deletion is not allowed for this key`` unless allowed);
+- ``POST /v1/<mount>/keys/:name`` (``type``: aes256-gcm96, ed25519, ecdsa-p256, or hmac with
+  ``key_size`` 32-512), ``GET`` it (``keys`` map of versions: creation time in Unix seconds for
+  AES, ``{name, public_key, creation_time, certificate_chain}`` for asymmetric keys, no ``keys``
+  but ``key_size`` for hmac keys; versions below ``min_decryption_version`` are not listed, as
+  Vault archives them), ``DELETE`` it (400 ``deletion is not allowed for this key`` unless
+  allowed);
 - ``POST /v1/<mount>/keys/:name/rotate`` and ``/config`` (``min_decryption_version``,
   ``deletion_allowed``); like Vault >= 1.14, key writes answer 200 with the key's information;
 - ``POST /v1/<mount>/encrypt/:name`` (upserts a missing key, as Vault does for a token with
   ``create``), ``decrypt``, ``rewrap``, ``datakey/plaintext|wrapped``, with ``associated_data``
   (AEAD AD, Vault >= 1.13) on encrypt and decrypt;
-- ``POST /v1/<mount>/hmac/:name(/:algorithm)`` (``input``, ``key_version``; any key type);
+- ``POST /v1/<mount>/hmac/:name(/:algorithm)`` (``input``, ``key_version``, ``algorithm``;
+  every key type: an hmac key's own material, any other key's separate per-version HMAC key;
+  archived versions below ``min_decryption_version`` are ``no such key version``);
 - ``POST /v1/<mount>/sign/:name(/:hash_algorithm)`` and ``verify`` (``marshaling_algorithm``
   asn1 or jws, ``hash_algorithm``, ``prehashed``; ed25519 signs the input itself).
 
@@ -88,7 +91,9 @@ _VAULT_TYPES = {
     "rsa-4096",
     "hmac",
 }
-_IMPLEMENTED_TYPES = {"aes256-gcm96", "ed25519", "ecdsa-p256"}
+_IMPLEMENTED_TYPES = {"aes256-gcm96", "ed25519", "ecdsa-p256", "hmac"}
+_SIGNING_TYPES = {"ed25519", "ecdsa-p256"}
+_HMAC_MIN_KEY_SIZE, _HMAC_MAX_KEY_SIZE = 32, 512  # bytes, Vault's keysutil.HmacMin/MaxKeySize
 
 
 class _Reply(Exception):
@@ -111,8 +116,9 @@ def _bad(message: str) -> _Reply:
 @dataclass
 class _Version:
     created: datetime
-    secret: Any  # bytes (AES) or a cryptography private key
-    # Vault keeps separate HMAC material for every version of every key type.
+    secret: Any  # bytes (AES, hmac) or a cryptography private key
+    # Vault gives every version of every key a random 32-byte HMAC key of its own (KeyEntry.HMACKey);
+    # keys of type hmac use their ``secret`` instead (Policy.HMACKey).
     hmac_key: bytes = field(default_factory=lambda: os.urandom(32))
 
 
@@ -125,10 +131,13 @@ class _Key:
     min_decryption_version: int = 1
     min_encryption_version: int = 0
     deletion_allowed: bool = False
+    key_size: int = 0  # hmac keys only
 
     def add_version(self) -> None:
         if self.type == "aes256-gcm96":
             secret: Any = os.urandom(32)
+        elif self.type == "hmac":
+            secret = os.urandom(self.key_size or _HMAC_MIN_KEY_SIZE)
         elif self.type == "ed25519":
             secret = ed25519.Ed25519PrivateKey.generate()
         else:
@@ -140,12 +149,21 @@ class _Key:
     def is_aes(self) -> bool:
         return self.type == "aes256-gcm96"
 
+    @property
+    def is_signing(self) -> bool:
+        return self.type in _SIGNING_TYPES
+
+    def hmac_key(self, version: int) -> bytes:
+        """Policy.HMACKey: an hmac key's own bytes, any other key's separate HMAC key."""
+        entry = self.versions[version]
+        return entry.secret if self.type == "hmac" else entry.hmac_key
+
     def policy(self) -> dict[str, Any]:
         """The ``data`` of a read (Vault's formatKeyPolicy)."""
         keys: dict[str, Any] = {}
         for n, v in sorted(self.versions.items()):
-            if n < self.min_decryption_version:
-                continue  # archived
+            if n < self.min_decryption_version or self.type == "hmac":
+                continue  # archived; and formatKeyPolicy lists no versions for hmac keys
             if self.is_aes:
                 keys[str(n)] = int(v.created.timestamp())
                 continue
@@ -166,7 +184,7 @@ class _Key:
                 "certificate_chain": "",
                 "creation_time": v.created.isoformat().replace("+00:00", "Z"),
             }
-        return {
+        policy: dict[str, Any] = {
             "name": self.name,
             "type": self.type,
             "derived": False,
@@ -179,12 +197,16 @@ class _Key:
             "allow_plaintext_backup": False,
             "supports_encryption": self.is_aes,
             "supports_decryption": self.is_aes,
-            "supports_signing": not self.is_aes,
-            "supports_derivation": self.type != "ecdsa-p256",
+            "supports_signing": self.is_signing,
+            "supports_derivation": self.type in ("aes256-gcm96", "ed25519"),
             "auto_rotate_period": 0,
             "imported_key": False,
-            "keys": keys,
         }
+        if self.key_size:
+            policy["key_size"] = self.key_size
+        if self.type != "hmac":
+            policy["keys"] = keys
+        return policy
 
 
 def _b64decode(value: Any, what: str = "input") -> bytes:
@@ -428,12 +450,18 @@ class VaultTransitDouble:
             raise _bad(f"unknown key type {key_type}")
         if key_type not in _IMPLEMENTED_TYPES:
             raise _bad(f"key type {key_type} is not implemented by this test double")
+        key_size = _as_int(params.get("key_size") or 0, "key_size")
+        if key_size != 0:
+            if key_type != "hmac":
+                raise _bad(f"key_size is not valid for algorithm {key_type}")
+            if not _HMAC_MIN_KEY_SIZE <= key_size <= _HMAC_MAX_KEY_SIZE:
+                raise _bad(f"invalid key_size {key_size}")
         if _as_bool(params.get("derived", False), "derived") or _as_bool(params.get("exportable", False), "exportable"):
             raise _bad("derived and exportable keys are not implemented by this test double")
         key = self._keys.get(name)
         if key is not None:
             return HTTPStatus.OK, key.policy(), [f"key {name} already existed"]
-        key = _Key(name=name, type=key_type)
+        key = _Key(name=name, type=key_type, key_size=key_size)
         key.add_version()
         self._keys[name] = key
         return HTTPStatus.OK, key.policy(), []
@@ -570,7 +598,7 @@ class VaultTransitDouble:
         key = self._keys.get(name)
         if key is None:
             raise _bad(missing)
-        if key.is_aes:
+        if not key.is_signing:
             raise _bad(f"key type {key.type} does not support {verb}")
         return key
 
@@ -614,20 +642,37 @@ class VaultTransitDouble:
         return HTTPStatus.OK, {"signature": f"vault:v{version}:{encoded}", "key_version": version}, []
 
     def _hmac(self, name: str, url_algorithm: str | None, params: dict[str, Any]) -> tuple[int, Any, list[str]]:
-        """POST /transit/hmac/:name(/:algorithm), as Vault 1.15's path_hmac.go answers it."""
-        algorithm = self._hash(url_algorithm, params)
+        """POST /transit/hmac/:name(/:algorithm), in the order of Vault's pathHMACWrite."""
+        version = _as_int(params.get("key_version") or 0, "key_version")
+        algorithm = url_algorithm or str(params.get("algorithm") or "sha2-256")
         key = self._keys.get(name)
         if key is None:
             raise _bad("encryption key not found")
-        version = _as_int(params.get("key_version") or 0, "key_version")
         if version == 0:
             version = key.latest_version
-        if version < key.min_encryption_version:
+        elif version != key.latest_version and key.min_encryption_version > 0 and version < key.min_encryption_version:
             raise _bad("cannot generate HMAC: version is too old (disallowed by policy)")
-        if version > key.latest_version or version not in key.versions:
-            raise _bad("invalid key version")
-        mac = crypto_hmac.HMAC(key.versions[version].hmac_key, algorithm)
-        mac.update(_b64decode(params.get("input") or "", "input"))
+        # Policy.HMACKey, then safeGetKeyEntry: versions below min_decryption_version are archived.
+        if version < 0:
+            raise _bad("key version does not exist (cannot be negative)")
+        if version > key.latest_version:
+            raise _bad(f"key version does not exist; latest key version is {key.latest_version}")
+        if version < key.min_decryption_version or version not in key.versions:
+            raise _bad("no such key version")
+        factory = _HASHES.get(algorithm)
+        if factory is None:
+            raise _bad(f"unsupported algorithm {algorithm!r}")
+        if "input" not in params:
+            raise _bad("missing input for HMAC")
+        raw = params["input"]
+        try:
+            data = base64.b64decode(raw, validate=True) if isinstance(raw, str) else None
+        except (binascii.Error, ValueError):
+            data = None
+        if data is None:
+            raise _bad("unable to decode input as base64: illegal base64 data at input byte 0")
+        mac = crypto_hmac.HMAC(key.hmac_key(version), factory())
+        mac.update(data)
         encoded = base64.b64encode(mac.finalize()).decode("ascii")
         return HTTPStatus.OK, {"hmac": f"vault:v{version}:{encoded}"}, []
 

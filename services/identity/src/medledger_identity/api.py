@@ -100,7 +100,7 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
         self._dummy_hash = ""
 
     async def start(self) -> None:
-        await self.keys.ensure_key(BLIND_INDEX_KEY, KeyType.AES256_GCM96)  # used for its HMAC material only
+        await self.keys.ensure_key(BLIND_INDEX_KEY, KeyType.HMAC)
         await self.keys.ensure_key(RESOURCE_KEY, KeyType.AES256_GCM96)
         await self.keys.ensure_key(REPLAY_KEY, KeyType.AES256_GCM96)
         await self.signer.start()

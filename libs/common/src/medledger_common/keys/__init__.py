@@ -10,6 +10,7 @@ the contract tests against a real Vault.
 
 from medledger_common.keys.base import (
     DATA_KEY_BYTES,
+    HMAC_KEY_BYTES,
     DataKey,
     KeyInfo,
     KeyManager,
@@ -28,6 +29,7 @@ from medledger_common.keys.vault import VaultKeyManager
 
 __all__ = [
     "DATA_KEY_BYTES",
+    "HMAC_KEY_BYTES",
     "DataKey",
     "KeyInfo",
     "KeyManager",

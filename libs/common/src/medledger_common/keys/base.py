@@ -5,16 +5,17 @@ Two implementations share these semantics (see ``KEYS.md`` next to ``pyproject.t
 :class:`~medledger_common.keys.vault.VaultKeyManager` (HashiCorp Vault's transit engine).
 
 Private and symmetric key material never leaves a key manager: callers get ciphertexts, wrapped
-data keys, signatures and public keys. Ciphertexts, wrapped keys and signatures are strings in
-Vault's form ``vault:v<N>:<base64>``, whichever implementation made them.
+data keys, signatures, HMACs and public keys. Ciphertexts, wrapped keys, signatures and HMACs are
+strings in Vault's form ``vault:v<N>:<base64>``, whichever implementation made them.
 
 Errors (all from :mod:`medledger_common.errors`, messages never hold key material or tokens):
 
 - unknown key: ``NotFound``; malformed key name or argument: ``InvalidArgument``;
 - ``ensure_key`` on an existing key of another type: ``AlreadyExists``;
 - decrypting tampered data (or data of another key): ``DataLoss``;
-- a ciphertext or signature older than the key's ``min_decryption_version``, deleting a key whose
-  deletion was not allowed, an operation the key's type does not support: ``FailedPrecondition``;
+- a ciphertext or signature older than the key's ``min_decryption_version`` (or an HMAC asked of
+  such a version), deleting a key whose deletion was not allowed, an operation the key's type does
+  not support: ``FailedPrecondition``;
 - the key manager cannot be used (Vault sealed, unreachable, too slow; keyring file unwritable):
   ``Unavailable``; Vault refused the token or its policy: ``PermissionDenied``.
 """
@@ -40,6 +41,7 @@ from medledger_common.errors import DataLoss, InvalidArgument
 
 __all__ = [
     "DATA_KEY_BYTES",
+    "HMAC_KEY_BYTES",
     "DataKey",
     "KeyInfo",
     "KeyManager",
@@ -59,6 +61,9 @@ __all__ = [
 DATA_KEY_BYTES = 32
 """Length of a generated data key: AES-256."""
 
+HMAC_KEY_BYTES = 32
+"""Length of a key of type ``hmac`` (Vault's ``key_size``) and of every key's HMAC material."""
+
 P256_COORDINATE_BYTES = 32
 
 # Lower-case letters, digits and ``.``, ``_``, ``-`` inside; starts and ends with a letter or digit.
@@ -76,10 +81,12 @@ class KeyType(StrEnum):
     """Signing (EdDSA over Curve25519; pure Ed25519, the message is not prehashed)."""
     ECDSA_P256 = "ecdsa-p256"
     """Signing (ECDSA over P-256 with SHA-256: ES256)."""
+    HMAC = "hmac"
+    """HMAC only (Vault's ``hmac`` type, 32 bytes): no encryption, no signing. For blind indexes."""
 
     @property
     def is_signing(self) -> bool:
-        return self is not KeyType.AES256_GCM96
+        return self in (KeyType.ED25519, KeyType.ECDSA_P256)
 
     @property
     def is_encryption(self) -> bool:
@@ -383,18 +390,27 @@ class KeyManager(abc.ABC):
             raise DataLoss(f"wrapped data key under {name!r} does not hold a {DATA_KEY_BYTES}-byte key")
         return plaintext
 
-    # -- signing -------------------------------------------------------------------------------
+    # -- keyed hashes --------------------------------------------------------------------------
 
     @abc.abstractmethod
     async def hmac(self, name: str, data: bytes, *, key_version: int | None = None) -> str:
-        """HMAC-SHA256 of ``data`` under key ``name`` as ``vault:v<N>:<base64>`` (Vault transit's
-        ``hmac``): every key of every type has HMAC material of its own per version, apart from
-        its encryption or signing material.
+        """HMAC-SHA256 of ``data`` under key ``name``, as ``vault:v<N>:<base64>`` (Vault transit's
+        ``hmac/:name``, ``algorithm=sha2-256``).
 
-        ``key_version`` pins a version (default: the latest). Deterministic output is what blind
-        indexes need: pin the version, or rotation changes every index. InvalidArgument when the
-        version is below 1 or above the latest; NotFound for an unknown key.
+        Works on keys of every type, as in Vault: a key of type ``hmac`` uses its own material, any
+        other key has separate HMAC material per version (never its encryption or signing key).
+
+        ``key_version`` pins a version; the default is the latest. The output is deterministic for
+        a key, a version and ``data``, which is what a blind index (a keyed hash of, e.g., an
+        identifier's ``system|value``) needs: pin the version, or a rotation changes every index.
+
+        NotFound for an unknown key; InvalidArgument (field ``key_version``) for a version below 1
+        or above the latest; FailedPrecondition for a version below the key's
+        ``min_decryption_version`` (Vault archives those versions). Lowering the floor again gives
+        the same HMACs as before.
         """
+
+    # -- signing -------------------------------------------------------------------------------
 
     @abc.abstractmethod
     async def sign(self, name: str, data: bytes, *, marshaling: Marshaling = "asn1") -> Signature:
@@ -425,6 +441,14 @@ class KeyManager(abc.ABC):
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
+
+
+def check_key_version(key_version: int | None) -> None:
+    """InvalidArgument (field ``key_version``) unless ``key_version`` is None or an int >= 1."""
+    if key_version is None:
+        return
+    if isinstance(key_version, bool) or not isinstance(key_version, int) or key_version < 1:
+        raise InvalidArgument.field("key_version", "must be an integer of at least 1")
 
 
 def coerce_key_type(key_type: KeyType | str) -> KeyType:

@@ -46,6 +46,7 @@ from medledger_common.errors import (
 )
 from medledger_common.keys.base import (
     DATA_KEY_BYTES,
+    HMAC_KEY_BYTES,
     DataKey,
     KeyInfo,
     KeyManager,
@@ -55,6 +56,7 @@ from medledger_common.keys.base import (
     PublicKeySet,
     Signature,
     b64decode_strict,
+    check_key_version,
     check_marshaling,
     coerce_key_type,
     coerce_marshaling,
@@ -134,10 +136,11 @@ def load_master_key(master_key_file: Path | str, keyring_path: Path | str) -> by
     return data
 
 
-_HMAC_INFO = b"medledger keyring: hmac key"
-
-
 # -- in-memory model -------------------------------------------------------------------------
+
+
+_HMAC_INFO = b"medledger keyring: hmac key"
+"""HKDF ``info`` of the HMAC material derived from a (non-``hmac``) key version's secret."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,8 @@ class _Key:
 def _new_secret(key_type: KeyType) -> bytes:
     if key_type is KeyType.AES256_GCM96:
         return os.urandom(32)
+    if key_type is KeyType.HMAC:
+        return os.urandom(HMAC_KEY_BYTES)
     if key_type is KeyType.ED25519:
         return ed25519.Ed25519PrivateKey.generate().private_bytes_raw()
     scalar = ec.generate_private_key(ec.SECP256R1()).private_numbers().private_value
@@ -377,6 +382,19 @@ class LocalKeyring(KeyManager):
         assert isinstance(cached, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey)
         return cached
 
+    @staticmethod
+    def _hmac_key(key: _Key, version: int) -> bytes:
+        """A version's HMAC material, never the bytes it encrypts or signs with.
+
+        An ``hmac`` key's secret is its HMAC key (as in Vault). Any other key's HMAC key is derived
+        from the version's secret with HKDF-SHA256 (no salt, ``info`` :data:`_HMAC_INFO`), so it
+        lives in the keyring file under the same master key and atomic writes as the secret.
+        """
+        secret = key.versions[version].secret
+        if key.type is KeyType.HMAC:
+            return secret
+        return HKDF(algorithm=hashes.SHA256(), length=HMAC_KEY_BYTES, salt=None, info=_HMAC_INFO).derive(secret)
+
     def _forget(self, name: str) -> None:
         for cached in [k for k in self._objects if k[0] == name]:
             del self._objects[cached]
@@ -522,18 +540,20 @@ class LocalKeyring(KeyManager):
     # -- keyed hashes ----------------------------------------------------------------------
 
     async def hmac(self, name: str, data: bytes, *, key_version: int | None = None) -> str:
+        validate_key_name(name)
+        check_key_version(key_version)
         key = self._get(name)
         version = key.latest_version if key_version is None else key_version
-        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= key.latest_version:
-            raise InvalidArgument.field("key_version", f"must be between 1 and {key.latest_version}")
-        if version not in key.versions:
-            raise InvalidArgument.field("key_version", f"version {version} of key {name!r} no longer exists")
-        # HMAC material of its own, derived from the version's secret with HKDF, so that the
-        # same bytes never serve two purposes (Vault keeps a separate HMAC key per version).
-        hmac_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HMAC_INFO).derive(
-            key.versions[version].secret
-        )
-        mac = crypto_hmac.HMAC(hmac_key, hashes.SHA256())
+        if version > key.latest_version or version not in key.versions:
+            raise InvalidArgument.field(
+                "key_version", f"key {name!r} has no version {version}; its latest version is {key.latest_version}"
+            )
+        if version < key.min_decryption_version:
+            raise FailedPrecondition(
+                f"cannot compute an HMAC with version {version} of key {name!r}: it is below the key's "
+                f"minimum decryption version {key.min_decryption_version}"
+            )
+        mac = crypto_hmac.HMAC(self._hmac_key(key, version), hashes.SHA256())
         mac.update(bytes(data))
         return format_versioned(version, mac.finalize())
 

@@ -47,6 +47,7 @@ from medledger_common.errors import (
 )
 from medledger_common.keys.base import (
     DATA_KEY_BYTES,
+    HMAC_KEY_BYTES,
     DataKey,
     KeyInfo,
     KeyManager,
@@ -55,6 +56,7 @@ from medledger_common.keys.base import (
     PublicKey,
     PublicKeySet,
     Signature,
+    check_key_version,
     check_marshaling,
     coerce_key_type,
     coerce_marshaling,
@@ -246,6 +248,15 @@ class VaultKeyManager(KeyManager):
                 return Unavailable(f"Vault at {self.url} has no transit engine mounted at {self.mount_point!r}")
             return NotFound(f"key {name!r} not found")
         if isinstance(exc, hvac.exceptions.InvalidRequest | hvac.exceptions.InternalServerError):
+            if op == "hmac" and "no such key version" in low:
+                # Vault archives versions below min_decryption_version: hmac cannot find them.
+                return FailedPrecondition(
+                    f"{what}: the requested key version is below the key's minimum decryption version"
+                )
+            if op == "hmac" and "key version does not exist" in low:
+                return InvalidArgument.field("key_version", f"{what}: {detail}")
+            if op == "hmac" and ("too old" in low or "disallowed by policy" in low):
+                return FailedPrecondition(f"{what}: the key's policy refuses that key version ({detail})")
             if "too old" in low or "disallowed by policy" in low:
                 return FailedPrecondition(
                     f"{what}: the {'signature' if op == 'verify' else 'ciphertext'} is of a key version below "
@@ -276,14 +287,18 @@ class VaultKeyManager(KeyManager):
         except ValueError:
             raise FailedPrecondition(f"key {name!r} has type {data['type']!r}, which medledger does not use") from None
         self._types[name] = key_type
-        keys = data.get("keys") or {}
+        latest, floor = int(data["latest_version"]), int(data["min_decryption_version"])
+        if key_type is KeyType.HMAC:
+            versions = tuple(range(floor, latest + 1))  # Vault lists no "keys" for hmac keys
+        else:
+            versions = tuple(sorted(int(v) for v in data.get("keys") or {}))
         return KeyInfo(
             name=name,
             type=key_type,
-            latest_version=int(data["latest_version"]),
-            min_decryption_version=int(data["min_decryption_version"]),
+            latest_version=latest,
+            min_decryption_version=floor,
             deletion_allowed=bool(data["deletion_allowed"]),
-            versions=tuple(sorted(int(v) for v in keys)),
+            versions=versions,
         )
 
     async def _read(self, name: str, op: str = "read") -> dict[str, Any]:
@@ -307,11 +322,16 @@ class VaultKeyManager(KeyManager):
     async def ensure_key(self, name: str, key_type: KeyType | str) -> KeyInfo:
         validate_key_name(name)
         wanted = coerce_key_type(key_type)
-        info = await self._after_write(
-            name,
-            "create",
-            lambda t: t.create_key(name=name, key_type=wanted.value, mount_point=self.mount_point),
-        )
+
+        def create(t: Any) -> Any:
+            if wanted is KeyType.HMAC:
+                # hvac's create_key knows neither the "hmac" type nor key_size: the same POST by hand.
+                return self._client().adapter.post(
+                    url=f"/v1/{self.mount_point}/keys/{name}", json={"type": wanted.value, "key_size": HMAC_KEY_BYTES}
+                )
+            return t.create_key(name=name, key_type=wanted.value, mount_point=self.mount_point)
+
+        info = await self._after_write(name, "create", create)
         if info.type is not wanted:
             raise AlreadyExists(f"key {name!r} exists with type {info.type.value}, not {wanted.value}")
         return info
@@ -464,6 +484,29 @@ class VaultKeyManager(KeyManager):
             raise Unavailable(f"Vault returned a data key of the wrong length for key {name!r}")
         return DataKey(plaintext=plaintext, wrapped=wrapped)
 
+    # -- keyed hashes ----------------------------------------------------------------------
+
+    async def hmac(self, name: str, data: bytes, *, key_version: int | None = None) -> str:
+        validate_key_name(name)
+        check_key_version(key_version)
+        # No read first: transit's hmac never creates a key, and answers 400 "encryption key not
+        # found" for a missing one (NotFound). Other refusals are mapped in _map_error.
+        return await self._call(
+            "hmac",
+            name,
+            lambda t: str(
+                _data(
+                    t.generate_hmac(
+                        name=name,
+                        hash_input=_b64(bytes(data)),
+                        key_version=key_version,
+                        algorithm="sha2-256",
+                        mount_point=self.mount_point,
+                    )
+                )["hmac"]
+            ),
+        )
+
     # -- signing ---------------------------------------------------------------------------
 
     def _sign_params(self, key_type: KeyType, marshaling: Marshaling) -> dict[str, Any]:
@@ -471,24 +514,6 @@ class VaultKeyManager(KeyManager):
         if key_type is KeyType.ECDSA_P256:
             params.update(hash_algorithm="sha2-256", prehashed=False)
         return params
-
-    async def hmac(self, name: str, data: bytes, *, key_version: int | None = None) -> str:
-        validate_key_name(name)
-        info = await self.key_info(name)  # NotFound for an unknown key, as the keyring says
-        if key_version is not None and (
-            isinstance(key_version, bool)
-            or not isinstance(key_version, int)
-            or not 1 <= key_version <= info.latest_version
-        ):
-            raise InvalidArgument.field("key_version", f"must be between 1 and {info.latest_version}")
-        answer = await self._call(
-            "hmac",
-            name,
-            lambda t: _data(
-                t.generate_hmac(name=name, hash_input=_b64(bytes(data)), key_version=key_version, algorithm="sha2-256")
-            ),
-        )
-        return str(answer["hmac"])
 
     async def sign(self, name: str, data: bytes, *, marshaling: Marshaling = "asn1") -> Signature:
         validate_key_name(name)
