@@ -1,8 +1,11 @@
 """(c) An empty unary RPC through the common server bootstrap with all its interceptors vs a
 bare grpc.aio server; server and client each in their own process, 16 calls in flight.
 
-Usage: python bench_grpc.py server bare|common PORT     (serves until killed)
-       python bench_grpc.py client PORT SECONDS         (prints one JSON line)
+With `auth`, the common server also runs the authentication interceptor (every call carries a
+token, verified once and then served from the verifier's cache, as repeated tokens are).
+
+Usage: python bench_grpc.py server bare|common|auth PORT [TOKEN_FILE]   (serves until killed)
+       python bench_grpc.py client PORT SECONDS [TOKEN_FILE]            (prints one JSON line)
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 
 import grpc
 from medledger.identity.v1 import identity_service_pb2 as pb
 from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
+from medledger_common.auth import Access, AuthInterceptor, DeactivationSet, TokenVerifier
 from medledger_common.grpc_server import GrpcServer
 from medledger_common.telemetry import configure_tracing
 
@@ -27,7 +32,26 @@ class Empty(pb_grpc.IdentityServiceServicer):
         return pb.GetPrincipalResponse()
 
 
-async def serve(kind: str, port: int) -> None:
+async def auth_interceptor(token_file: Path) -> AuthInterceptor:
+    """An interceptor that accepts one principal, whose token it writes to `token_file`."""
+    from bench_auth import make_token, signing_keys
+
+    key, jwk = signing_keys()["EdDSA"]
+
+    async def fetch() -> dict:
+        return {"keys": [jwk]}
+
+    token, _, _ = make_token("EdDSA", key, jwk["kid"], int(time.time()))
+    token_file.write_text(token)  # noqa: ASYNC240 - once, before serving
+    return AuthInterceptor(
+        TokenVerifier(issuer="medledger.identity", audience="medledger.consent", fetch_jwks=fetch),
+        DeactivationSet(),
+        public_methods=(),
+        access={"/medledger.identity.v1.IdentityService/GetPrincipal": Access.of(roles=["pdp-client"])},
+    )
+
+
+async def serve(kind: str, port: int, token_file: Path | None = None) -> None:
     if kind == "bare":
         server = grpc.aio.server()
         pb_grpc.add_IdentityServiceServicer_to_server(Empty(), server)
@@ -42,25 +66,28 @@ async def serve(kind: str, port: int) -> None:
         max_message_bytes=8 * 1024 * 1024,
         service_descriptors=[pb.DESCRIPTOR.services_by_name["IdentityService"]],
         register=lambda s: pb_grpc.add_IdentityServiceServicer_to_server(Empty(), s),
+        interceptors=[await auth_interceptor(token_file)] if kind == "auth" and token_file else [],
     )
     await common.start()
     await common.set_serving(True)
     await common.server.wait_for_termination()
 
 
-async def client(port: int, seconds: float) -> None:
+async def client(port: int, seconds: float, token_file: Path | None = None) -> None:
+    token = token_file.read_text() if token_file else None  # noqa: ASYNC240 - once, before calling
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.IdentityServiceStub(channel)
         await channel.channel_ready()
         for _ in range(200):  # warm-up
-            await stub.GetPrincipal(pb.GetPrincipalRequest())
+            await stub.GetPrincipal(pb.GetPrincipalRequest(), metadata=metadata)
         latencies: list[float] = []
         deadline = time.perf_counter() + seconds
 
         async def worker() -> None:
             while time.perf_counter() < deadline:
                 t = time.perf_counter()
-                await stub.GetPrincipal(pb.GetPrincipalRequest())
+                await stub.GetPrincipal(pb.GetPrincipalRequest(), metadata=metadata)
                 latencies.append(time.perf_counter() - t)
 
         t0 = time.perf_counter()
@@ -80,6 +107,6 @@ async def client(port: int, seconds: float) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "server":
-        asyncio.run(serve(sys.argv[2], int(sys.argv[3])))
+        asyncio.run(serve(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]) if len(sys.argv) > 4 else None))
     else:
-        asyncio.run(client(int(sys.argv[2]), float(sys.argv[3])))
+        asyncio.run(client(int(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4]) if len(sys.argv) > 4 else None))

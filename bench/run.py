@@ -3,7 +3,7 @@ folder) and stopping it afterwards. Each figure is printed beside a baseline mea
 run, with the ratio and the target. Exit code 0 unless a benchmark errors: a missed target is
 printed as MISS, never hidden.
 
-Usage: python bench/run.py [relay] [consumer] [grpc] [--json FILE]
+Usage: python bench/run.py [relay] [consumer] [grpc] [auth] [--json FILE]
 """
 
 from __future__ import annotations
@@ -67,35 +67,68 @@ def bench_consumer(bootstrap: str, results: dict) -> None:
 def bench_grpc(results: dict, seconds: float = 5.0) -> None:
     print(f"-- (c) empty unary RPC, 16 in flight, {seconds:.0f} s each, server and client in their own processes")
     figures = {}
-    for kind in ("bare", "common"):
-        port = localstack.free_port()
-        server = subprocess.Popen([PY, str(HERE / "bench_grpc.py"), "server", kind, str(port)])
-        try:
-            localstack.wait_for_port(port, 30, server, f"{kind} gRPC server")
-            figures[kind] = run_json(str(HERE / "bench_grpc.py"), "client", str(port), str(seconds))
-        finally:
-            server.terminate()
-            server.wait(10)
-    bare, common = figures["bare"], figures["common"]
-    ratio = common["calls_per_s"] / bare["calls_per_s"]
+    with tempfile.TemporaryDirectory() as tmp:
+        token_file = Path(tmp) / "token"
+        for kind in ("bare", "common", "auth"):
+            port = localstack.free_port()
+            extra = [str(token_file)] if kind == "auth" else []
+            server = subprocess.Popen([PY, str(HERE / "bench_grpc.py"), "server", kind, str(port), *extra])
+            try:
+                localstack.wait_for_port(port, 30, server, f"{kind} gRPC server")
+                figures[kind] = run_json(str(HERE / "bench_grpc.py"), "client", str(port), str(seconds), *extra)
+            finally:
+                server.terminate()
+                server.wait(10)
+    bare = figures["bare"]
     for kind, f in figures.items():
         print(f"   {kind:>6}: {f['calls_per_s']:,.0f} calls/s  p50 {f['p50_ms']:.2f} ms  p99 {f['p99_ms']:.2f} ms")
-    print(f"   common bootstrap with all interceptors: {ratio:.0%} of bare (target >= 80%)  {verdict(ratio, 0.80)}")
-    results["grpc"] = {**figures, "ratio": ratio, "target": 0.80}
+    for kind, label in (("common", "all interceptors"), ("auth", "all interceptors and authentication")):
+        ratio = figures[kind]["calls_per_s"] / bare["calls_per_s"]
+        print(f"   common bootstrap with {label}: {ratio:.0%} of bare (target >= 80%)  {verdict(ratio, 0.80)}")
+        figures[kind]["ratio"] = ratio
+    results["grpc"] = {**figures, "target": 0.80}
+
+
+def bench_auth(bootstrap: str, results: dict) -> None:
+    n = 5000
+    print(f"-- (d) access-token verification through the interceptor, {n:,} tokens per algorithm, one core")
+    r = run_json(str(HERE / "bench_auth.py"), "verify", str(n))
+    for alg, f in r.items():
+        ratio = f["first_seen_per_s"] / f["raw_per_s"]
+        print(
+            f"   {alg:>5} repeated token: {f['repeated_per_s']:,.0f}/s (target >= 20,000/s)  "
+            f"{verdict(f['repeated_per_s'], 20_000)}"
+        )
+        print(
+            f"   {alg:>5} first-seen tokens: {f['first_seen_per_s']:,.0f}/s  |  raw signature verification: "
+            f"{f['raw_per_s']:,.0f}/s  |  {ratio:.0%} (target >= 70%)  {verdict(ratio, 0.70)}"
+        )
+        f["ratio"] = ratio
+    results["auth_verify"] = r
+    print("-- (e) identity and consent running: token issues, deactivation reaching consent")
+    with tempfile.TemporaryDirectory() as tmp:
+        p = run_json(str(HERE / "bench_auth.py"), "platform", bootstrap, tmp)
+    print(f"   token issues: {p['issue_per_s']:,.0f}/s (8 clients; Argon2id-bound, 2 hashes at a time)")
+    print(
+        f"   deactivation to refusal in consent, {p['deactivations']} principals: p50 {p['deactivation_p50_ms']:.0f} ms"
+        f"  p99 {p['deactivation_p99_ms']:.0f} ms (target p99 <= 1000 ms)  "
+        f"{verdict(1000 - p['deactivation_p99_ms'], 0)}"
+    )
+    results["auth_platform"] = p
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("only", nargs="*", choices=["relay", "consumer", "grpc", []], default=[])
+    parser.add_argument("only", nargs="*", choices=["relay", "consumer", "grpc", "auth", []], default=[])
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
-    wanted = set(args.only) or {"relay", "consumer", "grpc"}
+    wanted = set(args.only) or {"relay", "consumer", "grpc", "auth"}
     results: dict = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="medledger-bench-") as tmp:
         broker = pg = None
         try:
-            if wanted & {"relay", "consumer"}:
+            if wanted & {"relay", "consumer", "auth"}:
                 print("starting Tansu", flush=True)
                 port = localstack.free_port()
                 broker = localstack.start_tansu(port, Path(tmp) / "tansu.log")
@@ -110,6 +143,8 @@ def main() -> int:
                 bench_consumer(bootstrap, results)
             if "grpc" in wanted:
                 bench_grpc(results)
+            if "auth" in wanted:
+                bench_auth(bootstrap, results)
         finally:
             if pg is not None:
                 pg.stop("immediate")

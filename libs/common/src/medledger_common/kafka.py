@@ -134,6 +134,7 @@ class EventConsumer:
         commit_interval_seconds: float = 0.2,
         auto_offset_reset: str = "earliest",
         name: str = "",
+        fetch_max_wait_ms: int = 500,
     ) -> None:
         if not topics and not pattern:
             raise ValueError("a consumer needs topics or a pattern")
@@ -160,6 +161,8 @@ class EventConsumer:
             auto_offset_reset=auto_offset_reset,
             metadata_max_age_ms=5000,
             max_poll_records=batch_max,
+            # How long the broker may hold a fetch waiting for data: the latency of an idle topic.
+            fetch_max_wait_ms=fetch_max_wait_ms,
         )
         self._counters: dict[tuple[str, str], Any] = {}
         self._span_names: dict[str, str] = {}

@@ -201,6 +201,8 @@ class ServiceRuntime:
             bootstrap_servers=self.settings.kafka_bootstrap_servers,
             group_id=None,
             name=f"{self.name}.deactivations",
+            # A deactivation must stop the principal's calls within a second, on every replica.
+            fetch_max_wait_ms=50,
             handler=self._on_identity_event,
             producer=self.producer,
             topics=[TOPICS["identity"]],

@@ -1,0 +1,270 @@
+"""Authentication benchmarks.
+
+verify:   tokens verified per second through AuthInterceptor.authenticate, for a repeated token
+          (the cache) and for first-seen tokens (every one checked cryptographically), beside raw
+          signature verification with `cryptography` of the same signing inputs, EdDSA and ES256.
+platform: identity and consent running in this process (Tansu from BOOTSTRAP, SQLite, a local
+          keyring): access tokens issued per second, and how long a deactivation takes to reach
+          consent (p50/p99 over several principals).
+
+Usage: python bench_auth.py verify N                  -> one JSON line
+       python bench_auth.py platform BOOTSTRAP FOLDER  -> one JSON line
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+
+from medledger_common.auth import Access, AuthInterceptor, DeactivationSet, TokenVerifier
+
+METHOD = "/medledger.consent.v1.ConsentService/CheckConsent"
+
+
+def b64u(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def signing_keys() -> dict[str, tuple[Any, dict[str, str]]]:
+    """A fresh key per algorithm, with its JWK."""
+    ed = ed25519.Ed25519PrivateKey.generate()
+    ed_jwk = {
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "alg": "EdDSA",
+        "kid": "bench-ed",
+        "x": b64u(ed.public_key().public_bytes_raw()),
+    }
+    p256 = ec.generate_private_key(ec.SECP256R1())
+    numbers = p256.public_key().public_numbers()
+    p256_jwk = {
+        "kty": "EC",
+        "crv": "P-256",
+        "alg": "ES256",
+        "kid": "bench-es",
+        "x": b64u(numbers.x.to_bytes(32, "big")),
+        "y": b64u(numbers.y.to_bytes(32, "big")),
+    }
+    return {"EdDSA": (ed, ed_jwk), "ES256": (p256, p256_jwk)}
+
+
+def make_token(alg: str, key: Any, kid: str, now: int) -> tuple[str, bytes, bytes]:
+    """A medledger access token; also its signing input and raw signature for the baseline."""
+    header = {"alg": alg, "typ": "JWT", "kid": kid}
+    claims = {
+        "iss": "medledger.identity",
+        "aud": "medledger.consent",
+        "sub": "rsr_" + uuid.uuid4().hex,
+        "jti": uuid.uuid4().hex,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 900,
+        "kind": "researcher",
+        "roles": ["pdp-client"],
+        "org": "",
+    }
+    signing_input = (b64u(json.dumps(header).encode()) + "." + b64u(json.dumps(claims).encode())).encode()
+    if alg == "EdDSA":
+        signature = key.sign(signing_input)
+    else:
+        r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    return signing_input.decode() + "." + b64u(signature), signing_input, signature
+
+
+async def bench_verify(n: int) -> dict[str, Any]:
+    keys = signing_keys()
+    jwks = {"keys": [jwk for _, jwk in keys.values()]}
+
+    async def fetch() -> dict[str, Any]:
+        return jwks
+
+    now = int(time.time())
+    out: dict[str, Any] = {}
+    for alg, (key, jwk) in keys.items():
+        tokens = [make_token(alg, key, jwk["kid"], now) for _ in range(n)]
+        interceptor = AuthInterceptor(
+            TokenVerifier(issuer="medledger.identity", audience="medledger.consent", fetch_jwks=fetch),
+            DeactivationSet(),
+            public_methods=(),
+            access={METHOD: Access.of(roles=["pdp-client"])},
+        )
+        await interceptor.authenticate([("authorization", f"Bearer {tokens[0][0]}")], METHOD)  # loads the JWKS
+
+        # Raw: the same signatures over the same signing inputs, with cryptography alone.
+        public = key.public_key()
+        t0 = time.perf_counter()
+        for _, signing_input, signature in tokens:
+            if alg == "EdDSA":
+                public.verify(signature, signing_input)
+            else:
+                der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+                public.verify(der, signing_input, ec.ECDSA(hashes.SHA256()))
+        raw = n / (time.perf_counter() - t0)
+
+        metadata = [[("authorization", f"Bearer {token}")] for token, _, _ in tokens]
+        t0 = time.perf_counter()
+        for md in metadata:
+            await interceptor.authenticate(md, METHOD)
+        first_seen = n / (time.perf_counter() - t0)
+
+        repeated_md = metadata[0]
+        t0 = time.perf_counter()
+        for _ in range(n * 10):
+            await interceptor.authenticate(repeated_md, METHOD)
+        repeated = n * 10 / (time.perf_counter() - t0)
+        out[alg] = {"raw_per_s": raw, "first_seen_per_s": first_seen, "repeated_per_s": repeated}
+    return out
+
+
+async def bench_platform(bootstrap: str, folder: Path) -> dict[str, Any]:
+    from medledger.consent.v1 import consent_service_pb2 as co_pb
+    from medledger.consent.v1 import consent_service_pb2_grpc as co_grpc
+    from medledger.identity.v1 import identity_service_pb2 as pb
+    from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
+    from medledger.types.v1 import vocabulary_pb2
+
+    from medledger_common.grpc_client import make_channel
+    from medledger_common.keys import create_master_key_file
+    from medledger_common.testing import running_service
+    from medledger_consent import main as consent_main
+    from medledger_consent import storage as consent_storage
+    from medledger_consent.config import ConsentSettings
+    from medledger_identity import main as identity_main
+    from medledger_identity import storage as identity_storage
+    from medledger_identity.config import IdentitySettings
+    from medledger_sdk.auth import TokenClient
+
+    secrets_dir = folder / "secrets"
+    secrets_dir.mkdir(parents=True)
+    admin_secret = "mlsec_" + secrets.token_urlsafe(24)
+    (folder / "admin.secret").write_text(admin_secret)
+    (secrets_dir / "consent.secret").write_text("mlsec_" + secrets.token_urlsafe(24))
+    common: dict[str, Any] = {
+        "grpc_port": 0,
+        "metrics_port": 0,
+        "kafka_bootstrap_servers": bootstrap,
+        "outbox_poll_seconds": 0.5,
+        "log_level": "WARNING",
+    }
+    id_settings = IdentitySettings(
+        **common,
+        database_url=f"sqlite+aiosqlite:///{folder / 'identity.db'}",
+        jwks_http_port=0,
+        master_key_file=create_master_key_file(folder / "master.key"),
+        keyring_file=folder / "keyrings" / "identity.keyring",
+        bootstrap_admin_secret_file=folder / "admin.secret",
+        service_secrets_dir=secrets_dir,
+    )
+    async with running_service("identity", id_settings, identity_storage.MIGRATIONS, identity_main.build) as identity:
+        co_settings = ConsentSettings(
+            **common,
+            database_url=f"sqlite+aiosqlite:///{folder / 'consent.db'}",
+            identity_address=f"127.0.0.1:{identity.grpc_port}",
+            client_secret_file=secrets_dir / "consent.secret",
+        )
+        async with running_service("consent", co_settings, consent_storage.MIGRATIONS, consent_main.build) as consent:
+            identity_address = f"127.0.0.1:{identity.grpc_port}"
+            admin = TokenClient(identity_address, identity_main.BOOTSTRAP_ADMIN, client_secret=admin_secret)
+            stub = pb_grpc.IdentityServiceStub(admin.channel(identity_address, "medledger.identity"))
+            principals = []
+            for _ in range(20):
+                reply = await stub.RegisterPrincipal(
+                    pb.RegisterPrincipalRequest(
+                        request_id=str(uuid.uuid4()), kind=vocabulary_pb2.PrincipalKind.PRINCIPAL_KIND_RESEARCHER
+                    )
+                )
+                await stub.AssignRole(
+                    pb.AssignRoleRequest(
+                        request_id=str(uuid.uuid4()),
+                        principal_id=reply.principal.principal_id,
+                        role=vocabulary_pb2.Role.ROLE_PDP_CLIENT,
+                    )
+                )
+                principals.append((reply.principal.principal_id, reply.client_secret))
+
+            # Token issues per second: 8 clients at once, for 3 s.
+            async with make_channel(identity_address) as channel:
+                public = pb_grpc.IdentityServiceStub(channel)
+                issued = 0
+                deadline = time.perf_counter() + 3.0
+
+                async def issue(pid: str, secret: str) -> None:
+                    nonlocal issued
+                    while time.perf_counter() < deadline:
+                        await public.IssueToken(
+                            pb.IssueTokenRequest(principal_id=pid, client_secret=secret, audience="medledger.consent")
+                        )
+                        issued += 1
+
+                t0 = time.perf_counter()
+                await asyncio.gather(*(issue(*principals[i]) for i in range(8)))
+                issue_rate = issued / (time.perf_counter() - t0)
+
+            # Deactivation propagation: deactivate, then call consent until it refuses the token.
+            latencies = []
+            async with make_channel(f"127.0.0.1:{consent.grpc_port}") as channel:
+                consent_stub = co_grpc.ConsentServiceStub(channel)
+                for pid, secret in principals:
+                    token = await public_issue(identity_address, pid, secret)
+                    md = (("authorization", f"Bearer {token}"),)
+                    await _status(consent_stub.CheckConsent(co_pb.CheckConsentRequest(), metadata=md))
+                    t0 = time.perf_counter()
+                    await stub.DeactivatePrincipal(
+                        pb.DeactivatePrincipalRequest(request_id=str(uuid.uuid4()), principal_id=pid)
+                    )
+                    while await _status(consent_stub.CheckConsent(co_pb.CheckConsentRequest(), metadata=md)) != 16:
+                        if time.perf_counter() - t0 > 10:
+                            raise RuntimeError("a deactivation did not reach consent within 10 s")
+                        await asyncio.sleep(0.002)
+                    latencies.append(time.perf_counter() - t0)
+            await admin.aclose()
+    latencies.sort()
+    return {
+        "issue_per_s": issue_rate,
+        "deactivation_p50_ms": latencies[len(latencies) // 2] * 1000,
+        "deactivation_p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+        "deactivation_max_ms": latencies[-1] * 1000,
+        "deactivations": len(latencies),
+    }
+
+
+async def public_issue(identity_address: str, pid: str, secret: str) -> str:
+    from medledger.identity.v1 import identity_service_pb2 as pb
+    from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
+
+    from medledger_common.grpc_client import make_channel
+
+    async with make_channel(identity_address) as channel:
+        reply = await pb_grpc.IdentityServiceStub(channel).IssueToken(
+            pb.IssueTokenRequest(principal_id=pid, client_secret=secret, audience="medledger.consent")
+        )
+    return str(reply.access_token)
+
+
+async def _status(call: Any) -> int:
+    import grpc
+
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return int(exc.code().value[0])
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "verify":
+        print(json.dumps(asyncio.run(bench_verify(int(sys.argv[2])))))
+    else:
+        print(json.dumps(asyncio.run(bench_platform(sys.argv[2], Path(sys.argv[3])))))

@@ -1,0 +1,169 @@
+"""TokenVerifier and AuthInterceptor against tokens made here: every refusal the verifier owes,
+and the acceptance that makes the refusals mean something."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from medledger_common.auth import Access, AuthInterceptor, DeactivationSet, TokenVerifier
+from medledger_common.errors import PermissionDenied, Unauthenticated
+
+NOW = 1_800_000_000
+METHOD = "/medledger.consent.v1.ConsentService/CheckConsent"
+
+
+def b64u(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class Issuer:
+    """Signs tokens the way identity does, with keys of its own."""
+
+    def __init__(self) -> None:
+        self.ed = ed25519.Ed25519PrivateKey.generate()
+        self.p256 = ec.generate_private_key(ec.SECP256R1())
+        n = self.p256.public_key().public_numbers()
+        ed_x = b64u(self.ed.public_key().public_bytes_raw())
+        self.jwks: dict[str, Any] = {
+            "keys": [
+                {"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "kid": "ed-1", "x": ed_x},
+                {
+                    "kty": "EC", "crv": "P-256", "alg": "ES256", "kid": "es-1",
+                    "x": b64u(n.x.to_bytes(32, "big")), "y": b64u(n.y.to_bytes(32, "big")),
+                },
+            ]
+        }  # fmt: skip
+        self.fetches = 0
+
+    async def fetch(self) -> dict[str, Any]:
+        self.fetches += 1
+        return self.jwks
+
+    def claims(self, **changes: Any) -> dict[str, Any]:
+        base = {
+            "iss": "medledger.identity", "aud": "medledger.consent", "sub": "rsr_1", "jti": uuid.uuid4().hex,
+            "iat": NOW, "nbf": NOW, "exp": NOW + 900, "kind": "researcher", "roles": ["pdp-client"], "org": "",
+        }  # fmt: skip
+        base.update(changes)
+        return {k: v for k, v in base.items() if v is not None}
+
+    def token(self, alg: str = "EdDSA", kid: str | None = None, header: dict | None = None, **changes: Any) -> str:
+        head = header or {"alg": alg, "typ": "JWT", "kid": kid or ("ed-1" if alg == "EdDSA" else "es-1")}
+        signing_input = f"{b64u(json.dumps(head).encode())}.{b64u(json.dumps(self.claims(**changes)).encode())}"
+        if alg == "EdDSA":
+            signature = self.ed.sign(signing_input.encode())
+        else:
+            r, s = decode_dss_signature(self.p256.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256())))
+            signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        return f"{signing_input}.{b64u(signature)}"
+
+
+@pytest.fixture
+def issuer() -> Issuer:
+    return Issuer()
+
+
+def verifier(issuer: Issuer, now: float = NOW + 10) -> TokenVerifier:
+    return TokenVerifier(
+        issuer="medledger.identity", audience="medledger.consent", fetch_jwks=issuer.fetch, clock=lambda: now
+    )
+
+
+@pytest.mark.parametrize("alg", ["EdDSA", "ES256"])
+async def test_a_good_token_is_accepted_and_cached(issuer: Issuer, alg: str) -> None:
+    v = verifier(issuer)
+    token = issuer.token(alg)
+    caller = await v.verify(token)
+    assert (caller.principal_id, caller.kind, caller.roles) == ("rsr_1", "researcher", frozenset({"pdp-client"}))
+    assert await v.verify(token) is caller
+    # An audience list that names this service is fine too (RFC 7519 §4.1.3).
+    assert await v.verify(issuer.token(alg, aud=["medledger.records", "medledger.consent"]))
+
+
+async def test_leeway_is_thirty_seconds(issuer: Issuer) -> None:
+    assert await verifier(issuer, now=NOW + 900 + 29).verify(issuer.token())
+    assert await verifier(issuer, now=NOW - 29).verify(issuer.token())
+
+
+def _tampered(issuer: Issuer) -> str:
+    head, _, sig = issuer.token().split(".")
+    return f"{head}.{b64u(json.dumps(issuer.claims(roles=['admin'])).encode())}.{sig}"
+
+
+REFUSED = {
+    "expired": lambda i: i.token(exp=NOW - 60, iat=NOW - 1000, nbf=NOW - 1000),
+    "not yet valid": lambda i: i.token(nbf=NOW + 300),
+    "wrong issuer": lambda i: i.token(iss="https://evil.example"),
+    "wrong audience": lambda i: i.token(aud="medledger.records"),
+    "no exp": lambda i: i.token(exp=None),
+    "no jti": lambda i: i.token(jti=None),
+    "exp not a number": lambda i: i.token(exp="tomorrow"),
+    "alg none": lambda i: (
+        f"{b64u(json.dumps({'alg': 'none', 'kid': 'ed-1'}).encode())}.{b64u(json.dumps(i.claims()).encode())}."
+    ),
+    "HS256 keyed with the public key": lambda i: jwt.encode(
+        i.claims(), i.ed.public_key().public_bytes_raw(), algorithm="HS256", headers={"kid": "ed-1"}
+    ),
+    "RS256": lambda i: i.token(header={"alg": "RS256", "kid": "ed-1"}),
+    "alg of another key": lambda i: i.token(header={"alg": "ES256", "kid": "ed-1"}),
+    "forged signature": lambda i: i.token().rsplit(".", 1)[0] + "." + b64u(bytes(64)),
+    "tampered claims": _tampered,
+    "unknown kid": lambda i: i.token(kid="ed-9"),
+    "no kid": lambda i: i.token(header={"alg": "EdDSA"}),
+    "padded base64": lambda i: i.token().rsplit(".", 1)[0] + "." + i.token().rsplit(".", 1)[1] + "==",
+    "not base64": lambda i: "e30!.e30.e30",
+    "two segments": lambda i: "e30.e30",
+    "too large": lambda i: i.token(org="x" * 9000),
+}
+
+
+@pytest.mark.parametrize("what", sorted(REFUSED))
+async def test_bad_tokens_are_unauthenticated(issuer: Issuer, what: str) -> None:
+    with pytest.raises(Unauthenticated):
+        await verifier(issuer).verify(REFUSED[what](issuer))
+
+
+async def test_unknown_kids_refetch_the_jwks_at_most_every_30_seconds(issuer: Issuer) -> None:
+    v = verifier(issuer)
+    await v.verify(issuer.token())
+    assert issuer.fetches == 1
+    for _ in range(5):
+        with pytest.raises(Unauthenticated):
+            await v.verify(issuer.token(kid="ed-9"))
+    assert issuer.fetches == 1, "a flood of unknown kids must not flood identity"
+
+
+async def test_interceptor_refuses_deactivated_principals_and_applies_the_rule(issuer: Issuer) -> None:
+    deactivated = DeactivationSet()
+    interceptor = AuthInterceptor(
+        verifier(issuer), deactivated, public_methods=(), access={METHOD: Access.of(roles=["pdp-client"])}
+    )
+    token = issuer.token()
+    md = [("authorization", f"Bearer {token}")]
+    assert (await interceptor.authenticate(md, METHOD)).principal_id == "rsr_1"
+    with pytest.raises(PermissionDenied):
+        await interceptor.authenticate([("authorization", f"Bearer {issuer.token(roles=[])}")], METHOD)
+    with pytest.raises(PermissionDenied):
+        await interceptor.authenticate(md, "/medledger.consent.v1.ConsentService/NotInTheTable")
+    with pytest.raises(Unauthenticated):
+        await interceptor.authenticate([], METHOD)
+    with pytest.raises(Unauthenticated):
+        await interceptor.authenticate([("authorization", f"Basic {token}")], METHOD)
+    deactivated.add("rsr_1")
+    with pytest.raises(Unauthenticated):
+        await interceptor.authenticate(md, METHOD)  # even though the token is cached
+
+
+def test_verifier_clock_default_is_wall_time(issuer: Issuer) -> None:
+    v = TokenVerifier(issuer="medledger.identity", audience="medledger.consent", fetch_jwks=issuer.fetch)
+    assert abs(v._clock() - time.time()) < 5
