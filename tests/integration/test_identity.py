@@ -51,6 +51,8 @@ Kind = vocabulary_pb2.PrincipalKind
 Role = vocabulary_pb2.Role
 REPO = Path(__file__).resolve().parents[2]
 CODE = grpc.StatusCode
+# An empty CheckConsent that got past authentication: consent itself refuses the question.
+PASSED_AUTH = grpc.StatusCode.INVALID_ARGUMENT
 ROLES = ["admin", "org-admin", "privacy-officer", "auditor", "guardian", "pdp-client"]
 
 
@@ -289,8 +291,8 @@ async def test_tokens_round_trip_and_bad_tokens_are_unauthenticated_in_another_s
         p = Platform(stack)
         client = await p.principal_with(Role.ROLE_PDP_CLIENT)
         consent = p.consent_as(client)
-        # Authenticated and allowed: the call reaches consent (whose decision point comes later).
-        assert await code_of(consent.CheckConsent(co_pb.CheckConsentRequest())) == CODE.UNIMPLEMENTED
+        # Authenticated and allowed: the call reaches consent, which refuses the empty question.
+        assert await code_of(consent.CheckConsent(co_pb.CheckConsentRequest())) == PASSED_AUTH
         token = await client.token("medledger.consent")
         header = jwt.get_unverified_header(token)
         assert header["alg"] == "EdDSA" and header["kid"].startswith("identity-token-signing.v")
@@ -332,7 +334,7 @@ async def test_tokens_round_trip_and_bad_tokens_are_unauthenticated_in_another_s
             "garbage": "not.a.token",
         }
         # The genuine token signed the same way is accepted: the refusals are about the flaw.
-        assert await consent_answer(stack, await signer.sign(good)) == CODE.UNIMPLEMENTED
+        assert await consent_answer(stack, await signer.sign(good)) == PASSED_AUTH
         for what, bad in bad_tokens.items():
             assert await consent_answer(stack, bad) == CODE.UNAUTHENTICATED, what
 
@@ -473,7 +475,7 @@ async def test_a_deactivated_principals_token_is_refused_by_another_service(star
         p = Platform(stack)
         client = await p.principal_with(Role.ROLE_PDP_CLIENT)
         consent = p.consent_as(client)
-        assert await code_of(consent.CheckConsent(co_pb.CheckConsentRequest())) == CODE.UNIMPLEMENTED
+        assert await code_of(consent.CheckConsent(co_pb.CheckConsentRequest())) == PASSED_AUTH
         token = await client.token("medledger.consent")
         started = time.monotonic()
         await p.admin.DeactivatePrincipal(
@@ -497,7 +499,7 @@ async def test_rotation_keeps_older_tokens_valid_until_they_expire(start_stack) 
         p = Platform(stack)
         client = await p.principal_with(Role.ROLE_PDP_CLIENT)
         before = await client.token("medledger.consent")
-        assert await consent_answer(stack, before) == CODE.UNIMPLEMENTED
+        assert await consent_answer(stack, before) == PASSED_AUTH
         kid = (await p.admin.RotateSigningKey(pb.RotateSigningKeyRequest(request_id=rid()))).kid
         assert kid.endswith(".v2")
         reply = await p.public.IssueToken(
@@ -510,10 +512,10 @@ async def test_rotation_keeps_older_tokens_valid_until_they_expire(start_stack) 
         after = reply.access_token
         assert jwt.get_unverified_header(after)["kid"] == kid
         started = time.monotonic()
-        while await consent_answer(stack, after) != CODE.UNIMPLEMENTED:
+        while await consent_answer(stack, after) != PASSED_AUTH:
             assert time.monotonic() - started < 10, "consent does not accept tokens of the new key"
             await asyncio.sleep(0.05)
-        assert await consent_answer(stack, before) == CODE.UNIMPLEMENTED
+        assert await consent_answer(stack, before) == PASSED_AUTH
         kids = [k["kid"] for k in json.loads((await p.public.GetJwks(pb.GetJwksRequest())).jwks_json)["keys"]]
         assert kids == ["identity-token-signing.v1", "identity-token-signing.v2"]
         port = stack.identity.extras["jwks_http"].port

@@ -144,6 +144,7 @@ class EventConsumer:
         # nothing. For in-memory views that are loaded in full before the consumer runs.
         self.group_id = group_id
         self.name = name or str(group_id)
+        self.bootstrap_servers = bootstrap_servers
         self.handler = handler
         self.producer = producer
         self.topics = list(topics)
@@ -188,7 +189,11 @@ class EventConsumer:
     async def _assign_all_from_end(self) -> None:
         """Take every partition of the topics, positioned at their current end: what is
         published after start() returns is seen, what was published before is not."""
-        await self.consumer.topics()  # fetches the cluster's metadata
+        missing = [t for t in self.topics if t not in await self.consumer.topics()]
+        if missing:
+            # This replica may be up before anyone published: the topic must exist to be read.
+            await ensure_topics(self.bootstrap_servers, missing)
+            await self.consumer._client.force_metadata_update()
         partitions = []
         for topic in self.topics:
             numbers = self.consumer.partitions_for_topic(topic)

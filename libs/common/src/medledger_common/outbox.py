@@ -135,6 +135,29 @@ async def enqueue(conn: AsyncConnection, topic: str, event: Event, key: bytes | 
     )
 
 
+async def enqueue_many(conn: AsyncConnection, items: Sequence[tuple[str, Event, bytes | None, str | None]]) -> None:
+    """Write many events to the outbox in one statement: (topic, event, key, traceparent) each,
+    the traceparent of the request that caused it (several requests share one transaction)."""
+    if not items:
+        return
+    now = time.time()
+    await conn.execute(
+        insert(outbox),
+        [
+            {
+                "event_id": event.id,
+                "topic": topic,
+                "key": key,
+                "value": event.SerializeToString(),
+                "traceparent": traceparent,
+                "tracestate": None,
+                "created_at": now,
+            }
+            for topic, event, key, traceparent in items
+        ],
+    )
+
+
 async def claim_inbox(conn: AsyncConnection, consumer: str, event_id: str) -> bool:
     """Record `event_id` as handled by `consumer` in the caller's transaction.
 

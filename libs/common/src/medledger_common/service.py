@@ -40,13 +40,19 @@ _KEY_ROTATED = identity_events_pb2.SigningKeyRotated.DESCRIPTOR.full_name
 
 @dataclass
 class ConsumerSpec:
-    """An event handler and what it listens to."""
+    """An event handler and what it listens to.
 
-    group_id: str
+    `group_id` None: a consumer of this replica alone, reading every partition from the end as
+    of start (for in-memory views that `on_start` hooks then load in full); it needs a `name`.
+    """
+
+    group_id: str | None
     handler: Handler
     topics: Sequence[str] = ()
     pattern: str | None = None
     accept_malformed: bool = False
+    name: str = ""
+    fetch_max_wait_ms: int = 500
 
 
 @dataclass
@@ -74,7 +80,8 @@ class ServiceParts:
     consumers: Sequence[ConsumerSpec] = ()
     interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
     background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()
-    # Run in order after build and before anything serves (keys, provisioning, listeners).
+    # Run in order once the consumers have started, before anything serves (keys, provisioning,
+    # loading in-memory views).
     on_start: Sequence[Callable[[], Awaitable[None]]] = ()
     on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -125,8 +132,6 @@ class ServiceRuntime:
         self.keys = await open_key_manager(s, self.name)
         parts = build(self)
         self._on_stop = list(parts.on_stop)
-        for hook in parts.on_start:
-            await hook()
         for spec in parts.consumers:
             consumer = EventConsumer(
                 bootstrap_servers=s.kafka_bootstrap_servers,
@@ -136,10 +141,15 @@ class ServiceRuntime:
                 topics=spec.topics,
                 pattern=spec.pattern,
                 accept_malformed=spec.accept_malformed,
+                name=spec.name,
+                fetch_max_wait_ms=spec.fetch_max_wait_ms,
             )
             await _retry_until_up("Kafka consumer", consumer.start)
             self._consumers.append(consumer)
             self._tasks.append(asyncio.create_task(consumer.run(), name=f"consumer:{spec.group_id}"))
+        # After the consumers: a hook that loads a view in full then misses no event.
+        for hook in parts.on_start:
+            await hook()
         self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
         for job in parts.background:
             self._tasks.append(asyncio.create_task(job(), name=getattr(job, "__name__", "background")))

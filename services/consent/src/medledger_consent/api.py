@@ -1,24 +1,339 @@
 """The gRPC API of consent: medledger.consent.v1.ConsentService.
 
-The decision point is built by the consent issue; until then its RPCs answer UNIMPLEMENTED,
-which is what the generated base servicer does.
+Checks decide on this replica's in-memory index (ConsentIndex) and record every decision
+before answering (DecisionLog, group-committed). Grants and revocations are new consent
+versions, written with their event in one transaction and added to the index at once.
 """
 
 from __future__ import annotations
 
-from medledger.consent.v1 import consent_service_pb2_grpc as pb_grpc
+import time
+from dataclasses import replace
 
-from medledger_common.auth import Access
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from medledger.consent.v1 import consent_service_pb2 as pb
+from medledger.consent.v1 import consent_service_pb2_grpc as pb_grpc
+from medledger.events.v1 import consent_events_pb2
+from medledger.types.v1 import vocabulary_pb2
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from medledger_common.auth import ANY_CALLER, Access, Caller, current_caller
+from medledger_common.errors import InvalidArgument, NotFound, PermissionDenied
+from medledger_common.events import TOPICS, new_event
+from medledger_common.idempotency import run_idempotent
+from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
+from medledger_consent import domain, storage
+
+Kind = vocabulary_pb2.PrincipalKind
+PRINCIPAL_ACTIVE = vocabulary_pb2.PrincipalStatus.PRINCIPAL_STATUS_ACTIVE
+_GRANTEE_KINDS = {
+    Kind.PRINCIPAL_KIND_PRACTITIONER,
+    Kind.PRINCIPAL_KIND_ORGANIZATION,
+    Kind.PRINCIPAL_KIND_RESEARCHER,
+    Kind.PRINCIPAL_KIND_SERVICE,
+}
 
 _SERVICE = "/medledger.consent.v1.ConsentService/"
 PUBLIC_METHODS: tuple[str, ...] = ()
 # The coarse table; keep it equal to services/consent/README.md (a test compares them).
 ACCESS: dict[str, Access] = {
-    _SERVICE + "CheckConsent": Access.of(roles=["pdp-client"]),
+    _SERVICE + "GrantConsent": ANY_CALLER,
+    _SERVICE + "RevokeConsent": ANY_CALLER,
+    _SERVICE + "GetConsent": ANY_CALLER,
+    _SERVICE + "ListConsents": ANY_CALLER,
+    _SERVICE + "CheckConsent": Access.of(roles=["pdp-client"], kinds=["patient"]),
 }
+# Who sees any patient's consents.
+_OVERSEERS = ("admin", "privacy-officer", "auditor")
+MAX_PAGE_SIZE = 1000
+
+
+def _ts(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def to_proto(v: domain.ConsentVersion) -> pb.Consent:
+    consent = pb.Consent(
+        consent_id=v.consent_id,
+        version=v.version,
+        patient_id=v.patient_id,
+        grantee_id=v.grantee_id,
+        provision=v.provision,  # type: ignore[arg-type]
+        actions=sorted(v.actions),  # type: ignore[arg-type]
+        categories=sorted(v.categories),  # type: ignore[arg-type]
+        purposes=sorted(v.purposes),  # type: ignore[arg-type]
+        period_start=_ts(v.period_start),
+        status=v.status,  # type: ignore[arg-type]
+        recorded_by=v.recorded_by,
+        recorded_at=_ts(v.recorded_at),
+        commitment=v.commitment,
+    )
+    if v.period_end is not None:
+        consent.period_end.CopyFrom(_ts(v.period_end))
+    return consent
+
+
+def may_manage(caller: Caller, patient_id: str) -> bool:
+    """Grant and revoke: the patient, or an admin acting for them."""
+    return caller.principal_id == patient_id or caller.has_role("admin")
 
 
 class ConsentApi(pb_grpc.ConsentServiceServicer):
-    def __init__(self, runtime: ServiceRuntime) -> None:
+    def __init__(self, runtime: ServiceRuntime, index: domain.ConsentIndex, log: storage.DecisionLog) -> None:
         self.rt = runtime
+        self.index = index
+        self.log = log
+        # A practitioner's organization never changes in identity: remembered once read.
+        self._organization_of: dict[str, str] = {}
+
+    async def load_index(self) -> None:
+        async with self.rt.db.connect() as conn:
+            for v in await storage.all_versions(conn):
+                self.index.add(v)
+
+    async def _record_version(
+        self, conn: AsyncConnection, v: domain.ConsentVersion
+    ) -> tuple[domain.ConsentVersion, bytes, str]:
+        salt = domain.new_salt()
+        document = domain.fhir_consent(v)
+        v = replace(v, commitment=domain.commitment(document, salt))
+        await storage.insert_version(conn, v, salt)
+        event = new_event(
+            source=self.rt.source,
+            payload=consent_events_pb2.ConsentVersionRecorded(
+                consent_id=v.consent_id,
+                version=v.version,
+                patient_id=v.patient_id,
+                grantee_id=v.grantee_id,
+                revoked=v.status == domain.INACTIVE,
+                commitment=v.commitment,
+            ),
+            aggregate_id=v.consent_id,
+            version=v.version,
+            subject=v.patient_id,
+        )
+        await enqueue(conn, TOPICS["consent"], event, key=v.patient_id.encode())
+        return v, salt, domain.fhir_json(document)
+
+    async def GrantConsent(
+        self, request: pb.GrantConsentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GrantConsentResponse:
+        caller = current_caller()
+        now = time.time()
+        start, end = domain.check_grant(request, now)
+        if not may_manage(caller, request.patient_id):
+            raise PermissionDenied("only the patient, or an admin for them, grants their consent")
+        recorded: list[domain.ConsentVersion] = []
+
+        async def work(conn: AsyncConnection) -> pb.GrantConsentResponse:
+            patient = await storage.get_principal(conn, request.patient_id)
+            if patient is None or patient.kind != Kind.PRINCIPAL_KIND_PATIENT:
+                raise InvalidArgument.field("patient_id", "not a registered patient")
+            grantee = await storage.get_principal(conn, request.grantee_id)
+            if grantee is None or grantee.kind not in _GRANTEE_KINDS:
+                raise InvalidArgument.field(
+                    "grantee_id", "not a registered practitioner, organization, researcher or service"
+                )
+            if grantee.status != PRINCIPAL_ACTIVE:
+                raise InvalidArgument.field("grantee_id", "the grantee is deactivated")
+            version = domain.ConsentVersion(
+                consent_id=domain.new_consent_id(),
+                version=1,
+                patient_id=request.patient_id,
+                grantee_id=request.grantee_id,
+                provision=request.provision,
+                actions=frozenset(request.actions),
+                categories=frozenset(request.categories),
+                purposes=frozenset(request.purposes),
+                period_start=start,
+                period_end=end,
+                status=domain.ACTIVE,
+                recorded_by=caller.principal_id,
+                recorded_at=now,
+            )
+            v, salt, document = await self._record_version(conn, version)
+            recorded.append(v)
+            return pb.GrantConsentResponse(consent=to_proto(v), salt=salt, fhir_consent_json=document)
+
+        response = await run_idempotent(
+            self.rt.db,
+            scope="consent.GrantConsent",
+            request_id=request.request_id,
+            request=request,
+            response_cls=pb.GrantConsentResponse,
+            work=work,
+            after_commit=self.rt.relay.notify,
+        )
+        for v in recorded:
+            self.index.add(v)
+        return response
+
+    async def RevokeConsent(
+        self, request: pb.RevokeConsentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevokeConsentResponse:
+        caller = current_caller()
+        recorded: list[domain.ConsentVersion] = []
+
+        async def work(conn: AsyncConnection) -> pb.RevokeConsentResponse:
+            found = await storage.get_version(conn, request.consent_id, for_update=True)
+            if found is None:
+                raise NotFound("no such consent")
+            latest, salt = found
+            if not may_manage(caller, latest.patient_id):
+                raise PermissionDenied("only the patient, or an admin for them, revokes their consent")
+            if latest.status == domain.INACTIVE:
+                return pb.RevokeConsentResponse(
+                    consent=to_proto(latest), salt=salt, fhir_consent_json=domain.fhir_json(domain.fhir_consent(latest))
+                )
+            revoked = replace(
+                latest,
+                version=latest.version + 1,
+                status=domain.INACTIVE,
+                recorded_by=caller.principal_id,
+                recorded_at=time.time(),
+                commitment="",
+            )
+            v, new_salt, document = await self._record_version(conn, revoked)
+            recorded.append(v)
+            return pb.RevokeConsentResponse(consent=to_proto(v), salt=new_salt, fhir_consent_json=document)
+
+        response = await run_idempotent(
+            self.rt.db,
+            scope="consent.RevokeConsent",
+            request_id=request.request_id,
+            request=request,
+            response_cls=pb.RevokeConsentResponse,
+            work=work,
+            after_commit=self.rt.relay.notify,
+        )
+        for v in recorded:
+            self.index.add(v)
+        return response
+
+    async def GetConsent(
+        self, request: pb.GetConsentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetConsentResponse:
+        caller = current_caller()
+        async with self.rt.db.connect() as conn:
+            found = await storage.get_version(conn, request.consent_id, request.version)
+        if found is None:
+            raise NotFound("no such consent version")
+        v, salt = found
+        overseer = any(caller.has_role(r) for r in _OVERSEERS)
+        if not (overseer or caller.principal_id in (v.patient_id, v.grantee_id)):
+            # The same answer as a missing consent: ids must not reveal whom a patient sees.
+            raise NotFound("no such consent version")
+        response = pb.GetConsentResponse(
+            consent=to_proto(v), fhir_consent_json=domain.fhir_json(domain.fhir_consent(v))
+        )
+        if may_manage(caller, v.patient_id):
+            response.salt = salt
+        return response
+
+    async def ListConsents(
+        self, request: pb.ListConsentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListConsentsResponse:
+        caller = current_caller()
+        if bool(request.patient_id) == bool(request.grantee_id):
+            raise InvalidArgument.field("patient_id", "give a patient_id or a grantee_id, not both")
+        if not any(caller.has_role(r) for r in _OVERSEERS) and caller.principal_id not in (
+            request.patient_id,
+            request.grantee_id,
+        ):
+            raise PermissionDenied("principals list their own consents; overseers list anyone's")
+        if request.page_size < 0:
+            raise InvalidArgument.field("page_size", "must not be negative")
+        size = min(request.page_size or 100, MAX_PAGE_SIZE)
+        async with self.rt.db.connect() as conn:
+            versions = await storage.latest_versions(
+                conn,
+                patient_id=request.patient_id,
+                grantee_id=request.grantee_id,
+                after=request.page_token,
+                limit=size + 1,
+            )
+        more = len(versions) > size
+        versions = versions[:size]
+        return pb.ListConsentsResponse(
+            consents=[to_proto(v) for v in versions], next_page_token=versions[-1].consent_id if more else ""
+        )
+
+    async def _organization(self, actor_id: str) -> str:
+        organization = self._organization_of.get(actor_id)
+        if organization is None:
+            async with self.rt.db.connect() as conn:
+                known = await storage.get_principal(conn, actor_id)
+            if known is None:
+                return ""  # not known (yet): no organization grant can cover it
+            organization = self._organization_of[actor_id] = known.organization_id
+        return organization
+
+    async def CheckConsent(
+        self, request: pb.CheckConsentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CheckConsentResponse:
+        domain.check_question(request)
+        caller = current_caller()
+        if not caller.has_role("pdp-client") and caller.principal_id != request.patient_id:
+            # A patient asks about themselves only: checks must not reveal whom others see.
+            raise PermissionDenied("a patient may check consents about themselves only")
+        question = domain.Question(
+            patient_id=request.patient_id,
+            actor_id=request.actor_id,
+            actor_organization_id=await self._organization(request.actor_id),
+            action=request.action,
+            category=request.category,
+            purpose=request.purpose,
+            now=time.time(),
+        )
+        outcome = self.index.decide(question)
+        decision_id = domain.new_decision_id()
+        deciding = [f"{cid}@{ver}" for cid, ver in outcome.deciding]
+        decision_name = pb.Decision.Name(outcome.decision)  # type: ignore[arg-type]
+        event = new_event(
+            source=self.rt.source,
+            payload=consent_events_pb2.ConsentDecisionRecorded(
+                decision_id=decision_id,
+                patient_id=question.patient_id,
+                actor_id=question.actor_id,
+                action=question.action,  # type: ignore[arg-type]
+                category=question.category,  # type: ignore[arg-type]
+                purpose=question.purpose,  # type: ignore[arg-type]
+                decided_at=_ts(question.now),
+                decision=decision_name,
+                reason_code=outcome.reason_code,
+                deciding=deciding,
+                rule_version=domain.RULE_VERSION,
+            ),
+            aggregate_id=decision_id,
+            version=1,
+            subject=question.patient_id,
+        )
+        await self.log.record(
+            {
+                "decision_id": decision_id,
+                "decided_at": question.now,
+                "patient_id": question.patient_id,
+                "actor_id": question.actor_id,
+                "action": question.action,
+                "category": question.category,
+                "purpose": question.purpose,
+                "decision": outcome.decision,
+                "reason_code": outcome.reason_code,
+                "deciding": " ".join(deciding),
+                "rule_version": domain.RULE_VERSION,
+            },
+            event,
+        )
+        return pb.CheckConsentResponse(
+            decision=outcome.decision,  # type: ignore[arg-type]
+            decision_id=decision_id,
+            reason=outcome.reason,
+            reason_code=outcome.reason_code,
+            deciding=[pb.ConsentRef(consent_id=c, version=v) for c, v in outcome.deciding],
+            rule_version=domain.RULE_VERSION,
+            decided_at=_ts(question.now),
+        )

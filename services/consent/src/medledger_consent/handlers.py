@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from medledger.events.v1 import identity_events_pb2
+from medledger.events.v1 import consent_events_pb2, identity_events_pb2
 from medledger.types.v1 import vocabulary_pb2
 
 from medledger_common.db import Database
+from medledger_common.errors import Unavailable
 from medledger_common.events import unpack
 from medledger_common.kafka import ConsumedMessage
 from medledger_common.outbox import claim_inbox
 from medledger_consent import storage
+from medledger_consent.domain import ConsentIndex
 
 DIRECTORY_CONSUMER = "consent.principal-directory"
 _REGISTERED = identity_events_pb2.PrincipalRegistered.DESCRIPTOR.full_name
@@ -49,3 +51,27 @@ class PrincipalDirectoryHandler:
                     vocabulary_pb2.PrincipalStatus.PRINCIPAL_STATUS_DEACTIVATED,
                     event.version,
                 )
+
+
+INDEX_CONSUMER = "consent.index"
+_VERSION_RECORDED = consent_events_pb2.ConsentVersionRecorded.DESCRIPTOR.full_name
+
+
+class ConsentIndexHandler:
+    """Keeps this replica's consent index current with versions other replicas recorded."""
+
+    def __init__(self, db: Database, index: ConsentIndex) -> None:
+        self.db = db
+        self.index = index
+
+    async def __call__(self, message: ConsumedMessage) -> None:
+        event = message.event
+        if event is None or event.type != _VERSION_RECORDED:
+            return
+        recorded = unpack(event, consent_events_pb2.ConsentVersionRecorded)
+        async with self.db.connect() as conn:
+            found = await storage.get_version(conn, recorded.consent_id, recorded.version)  # type: ignore[attr-defined]
+        if found is None:
+            # Published after its commit, so it is there; if not, retry until it is.
+            raise Unavailable("a consent version announced by its event is not in the database yet")
+        self.index.add(found[0])

@@ -9,15 +9,25 @@ from medledger_common.service import ConsumerSpec, ServiceParts, ServiceRuntime,
 from medledger_common.settings import load_settings_or_exit
 from medledger_consent.api import ACCESS, PUBLIC_METHODS, ConsentApi
 from medledger_consent.config import ConsentSettings
-from medledger_consent.handlers import DIRECTORY_CONSUMER, PrincipalDirectoryHandler
-from medledger_consent.storage import MIGRATIONS
+from medledger_consent.domain import ConsentIndex
+from medledger_consent.handlers import (
+    DIRECTORY_CONSUMER,
+    INDEX_CONSUMER,
+    ConsentIndexHandler,
+    PrincipalDirectoryHandler,
+)
+from medledger_consent.storage import MIGRATIONS, DecisionLog
 
 NAME = "consent"
 
 
 def build(runtime: ServiceRuntime) -> ServiceParts:
     # RPCs not built yet answer UNIMPLEMENTED (the generated base servicer) until their issue lands.
-    api = ConsentApi(runtime)  # type: ignore[abstract]
+    index = ConsentIndex()
+    decisions = DecisionLog(runtime.db, TOPICS["consent"])
+    decisions.after_commit = runtime.relay.notify
+    api = ConsentApi(runtime, index, decisions)
+    runtime.extras["consent_api"] = api
     return ServiceParts(
         service_descriptors=[consent_service_pb2.DESCRIPTOR.services_by_name["ConsentService"]],
         register=lambda server: consent_service_pb2_grpc.add_ConsentServiceServicer_to_server(api, server),
@@ -28,8 +38,18 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
                 group_id=DIRECTORY_CONSUMER,
                 handler=PrincipalDirectoryHandler(runtime.db),
                 topics=[TOPICS["identity"]],
-            )
+            ),
+            # Per replica, from the end; the index is then loaded in full before serving.
+            ConsumerSpec(
+                group_id=None,
+                name=INDEX_CONSUMER,
+                handler=ConsentIndexHandler(runtime.db, index),
+                topics=[TOPICS["consent"]],
+                fetch_max_wait_ms=50,
+            ),
         ],
+        on_start=[api.load_index],
+        background=[decisions.run],
     )
 
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Column, Integer, MetaData, String, Table, select, update
+from opentelemetry import propagate
+from sqlalchemy import Column, Float, Integer, LargeBinary, MetaData, String, Table, Text, and_, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common.db import Migration, create_tables
+from medledger_common.db import Database, Migration, create_tables
+from medledger_common.errors import Unavailable
+from medledger_common.outbox import enqueue_many
+from medledger_consent.domain import ConsentVersion
 
 metadata = MetaData()
 # Consent's view of identity's principals, kept current from identity events; grants name
@@ -23,7 +29,51 @@ principal_directory = Table(
     Column("version", Integer, nullable=False),
 )
 
-MIGRATIONS = [Migration(1, "principal directory", create_tables(metadata))]
+consents_metadata = MetaData()
+# Every version of every consent; versions are never changed, only added.
+consent_versions = Table(
+    "consent_versions",
+    consents_metadata,
+    Column("consent_id", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("patient_id", String(64), nullable=False, index=True),
+    Column("grantee_id", String(64), nullable=False, index=True),
+    Column("provision", Integer, nullable=False),
+    # Space-separated enum numbers; empty: every value.
+    Column("actions", String(200), nullable=False),
+    Column("categories", String(200), nullable=False),
+    Column("purposes", String(200), nullable=False),
+    Column("period_start", Float, nullable=False),
+    Column("period_end", Float, nullable=True),
+    Column("status", Integer, nullable=False),
+    Column("recorded_by", String(64), nullable=False),
+    Column("recorded_at", Float, nullable=False),
+    Column("commitment", String(64), nullable=False),
+    # The commitment's salt: for the grantor; never in events or logs.
+    Column("salt", LargeBinary, nullable=False),
+)
+# Every decision, written before it was answered.
+consent_decisions = Table(
+    "consent_decisions",
+    consents_metadata,
+    Column("decision_id", String(64), primary_key=True),
+    Column("decided_at", Float, nullable=False),
+    Column("patient_id", String(64), nullable=False, index=True),
+    Column("actor_id", String(64), nullable=False),
+    Column("action", Integer, nullable=False),
+    Column("category", Integer, nullable=False),
+    Column("purpose", Integer, nullable=False),
+    Column("decision", Integer, nullable=False),
+    Column("reason_code", String(64), nullable=False),
+    # Space-separated consent_id@version.
+    Column("deciding", Text, nullable=False),
+    Column("rule_version", String(64), nullable=False),
+)
+
+MIGRATIONS = [
+    Migration(1, "principal directory", create_tables(metadata)),
+    Migration(2, "consent versions and decisions", create_tables(consents_metadata)),
+]
 
 
 @dataclass(frozen=True)
@@ -69,3 +119,155 @@ async def get_principal(conn: AsyncConnection, principal_id: str) -> KnownPrinci
         await conn.execute(select(principal_directory).where(principal_directory.c.principal_id == principal_id))
     ).first()
     return KnownPrincipal(r.principal_id, r.kind, r.status, r.organization_id, r.version) if r else None
+
+
+def _codes(values: frozenset[int]) -> str:
+    return " ".join(str(v) for v in sorted(values))
+
+
+def _parse_codes(text: str) -> frozenset[int]:
+    return frozenset(int(v) for v in text.split())
+
+
+def _version(r: object) -> ConsentVersion:
+    return ConsentVersion(
+        consent_id=r.consent_id,  # type: ignore[attr-defined]
+        version=int(r.version),  # type: ignore[attr-defined]
+        patient_id=r.patient_id,  # type: ignore[attr-defined]
+        grantee_id=r.grantee_id,  # type: ignore[attr-defined]
+        provision=int(r.provision),  # type: ignore[attr-defined]
+        actions=_parse_codes(r.actions),  # type: ignore[attr-defined]
+        categories=_parse_codes(r.categories),  # type: ignore[attr-defined]
+        purposes=_parse_codes(r.purposes),  # type: ignore[attr-defined]
+        period_start=float(r.period_start),  # type: ignore[attr-defined]
+        period_end=None if r.period_end is None else float(r.period_end),  # type: ignore[attr-defined]
+        status=int(r.status),  # type: ignore[attr-defined]
+        recorded_by=r.recorded_by,  # type: ignore[attr-defined]
+        recorded_at=float(r.recorded_at),  # type: ignore[attr-defined]
+        commitment=r.commitment,  # type: ignore[attr-defined]
+    )
+
+
+async def insert_version(conn: AsyncConnection, v: ConsentVersion, salt: bytes) -> None:
+    await conn.execute(
+        insert(consent_versions).values(
+            consent_id=v.consent_id,
+            version=v.version,
+            patient_id=v.patient_id,
+            grantee_id=v.grantee_id,
+            provision=v.provision,
+            actions=_codes(v.actions),
+            categories=_codes(v.categories),
+            purposes=_codes(v.purposes),
+            period_start=v.period_start,
+            period_end=v.period_end,
+            status=v.status,
+            recorded_by=v.recorded_by,
+            recorded_at=v.recorded_at,
+            commitment=v.commitment,
+            salt=salt,
+        )
+    )
+
+
+async def get_version(
+    conn: AsyncConnection, consent_id: str, version: int = 0, *, for_update: bool = False
+) -> tuple[ConsentVersion, bytes] | None:
+    """One version with its salt; version 0 means the latest."""
+    query = select(consent_versions).where(consent_versions.c.consent_id == consent_id)
+    query = query.where(consent_versions.c.version == version) if version else query
+    query = query.order_by(consent_versions.c.version.desc()).limit(1)
+    if for_update and conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    r = (await conn.execute(query)).first()
+    return (_version(r), bytes(r.salt)) if r else None
+
+
+async def all_versions(conn: AsyncConnection) -> list[ConsentVersion]:
+    rows = await conn.execute(
+        select(consent_versions).order_by(consent_versions.c.consent_id, consent_versions.c.version)
+    )
+    return [_version(r) for r in rows]
+
+
+async def latest_versions(
+    conn: AsyncConnection, *, patient_id: str, grantee_id: str, after: str, limit: int
+) -> list[ConsentVersion]:
+    """The latest version of each consent of a patient or naming a grantee, in id order."""
+    c = consent_versions.c
+    condition = c.patient_id == patient_id if patient_id else c.grantee_id == grantee_id
+    ids = (
+        await conn.execute(
+            select(c.consent_id).where(and_(condition, c.consent_id > after)).group_by(c.consent_id)
+            .order_by(c.consent_id).limit(limit)
+        )
+    ).scalars().all()  # fmt: skip
+    out = []
+    for consent_id in ids:
+        found = await get_version(conn, consent_id)
+        if found is not None:
+            out.append(found[0])
+    return out
+
+
+async def insert_decisions(conn: AsyncConnection, rows: list[dict[str, object]]) -> None:
+    await conn.execute(insert(consent_decisions), rows)
+
+
+@dataclass
+class PendingDecision:
+    row: dict[str, object]
+    event: object  # medledger.events.v1.Event
+    traceparent: str | None
+    done: asyncio.Future[None]
+
+
+class DecisionLog:
+    """Writes decision records and their events durably before the checks answer.
+
+    Group commit: checks queue their records; one writer task commits everything queued so far
+    in one transaction (decision rows and outbox rows), then releases the waiting checks. Under
+    load a transaction carries many decisions; alone, a check waits for one commit.
+    """
+
+    def __init__(self, db: Database, topic: str, max_batch: int = 500) -> None:
+        self.db = db
+        self.topic = topic
+        self.max_batch = max_batch
+        self._queue: list[PendingDecision] = []
+        self._wake = asyncio.Event()
+        self.after_commit: Callable[[], None] | None = None
+
+    async def record(self, row: dict[str, object], event: object) -> None:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(PendingDecision(row, event, carrier.get("traceparent"), done))
+        self._wake.set()
+        await done
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                try:
+                    async with self.db.transaction() as conn:
+                        await insert_decisions(conn, [p.row for p in batch])
+                        await enqueue_many(
+                            conn,
+                            [(self.topic, p.event, str(p.row["patient_id"]).encode(), p.traceparent) for p in batch],  # type: ignore[misc]
+                        )
+                except Exception as exc:
+                    for p in batch:
+                        if not p.done.done():
+                            p.done.set_exception(
+                                Unavailable(f"the decision could not be recorded: {type(exc).__name__}")
+                            )
+                    continue
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_result(None)
+                if self.after_commit is not None:
+                    self.after_commit()

@@ -1,0 +1,348 @@
+"""Consent's domain, free of I/O: consent versions, the decision rule, grant validation, the
+FHIR Consent form and the salted commitment.
+
+The decision rule (RULE_VERSION) is a pure function of the patient's consent versions, the
+actor (and their organization), the action, the data category, the purpose and `now`:
+
+1. For each consent, the version in force at `now` is its latest version recorded at or before
+   `now`; consents with no such version do not exist yet.
+2. A version applies when it names the actor (or the actor's organization), is active (not
+   revoked), `now` is inside its period, and its action, category and purpose lists cover the
+   request (an empty list covers everything).
+3. Any applicable DENY decides DENY; otherwise any applicable PERMIT decides PERMIT; otherwise
+   NO_CONSENT, which is a deny with no deciding versions.
+
+When nothing applies, the reason names the first test that the consents naming the actor fail,
+in the order above, so a single wrong input gets its own reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import rfc8785
+from fhir.resources.R4B.consent import Consent as FhirConsent
+from medledger.consent.v1 import consent_service_pb2 as pb
+from medledger.types.v1 import vocabulary_pb2
+from pydantic import ValidationError
+
+from medledger_common.errors import FieldViolation, InvalidArgument
+
+RULE_VERSION = "medledger-consent-rules/1"
+COMMITMENT_DOMAIN = b"medledger:consent:v1\n"
+SALT_BYTES = 32
+
+PERMIT = pb.ProvisionType.PROVISION_TYPE_PERMIT
+DENY = pb.ProvisionType.PROVISION_TYPE_DENY
+ACTIVE = pb.ConsentStatus.CONSENT_STATUS_ACTIVE
+INACTIVE = pb.ConsentStatus.CONSENT_STATUS_INACTIVE
+
+_ACTIONS = {v.number: v.name for v in vocabulary_pb2.Action.DESCRIPTOR.values if v.number}
+_CATEGORIES = {v.number: v.name for v in vocabulary_pb2.DataCategory.DESCRIPTOR.values if v.number}
+_PURPOSES = {v.number: v.name for v in vocabulary_pb2.PurposeOfUse.DESCRIPTOR.values if v.number}
+
+
+@dataclass(frozen=True)
+class ConsentVersion:
+    consent_id: str
+    version: int
+    patient_id: str
+    grantee_id: str
+    provision: int
+    actions: frozenset[int]
+    categories: frozenset[int]
+    purposes: frozenset[int]
+    period_start: float
+    period_end: float | None
+    status: int
+    recorded_by: str
+    recorded_at: float
+    commitment: str = ""
+
+    @property
+    def ref(self) -> tuple[str, int]:
+        return (self.consent_id, self.version)
+
+
+@dataclass(frozen=True)
+class Question:
+    """One consent check: who wants to do what with whose data, why, and when."""
+
+    patient_id: str
+    actor_id: str
+    # The organization the actor belongs to (practitioners); grants to it cover the actor.
+    actor_organization_id: str
+    action: int
+    category: int
+    purpose: int
+    now: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    decision: int
+    reason_code: str
+    reason: str
+    deciding: tuple[tuple[str, int], ...] = ()
+
+
+def in_force(versions: Sequence[ConsentVersion], now: float) -> ConsentVersion | None:
+    """The version of one consent in force at `now`: the latest recorded at or before it."""
+    current = None
+    for v in versions:
+        if v.recorded_at <= now and (current is None or v.version > current.version):
+            current = v
+    return current
+
+
+def _name(values: Mapping[int, str], number: int) -> str:
+    return values.get(number, str(number)).split("_", 1)[-1].replace("_", " ").lower()
+
+
+def decide(consents: Iterable[Sequence[ConsentVersion]], q: Question) -> Outcome:
+    """The decision for `q` given the patient's consents (each a sequence of its versions)."""
+    current = [v for versions in consents if (v := in_force(versions, q.now)) is not None]
+    current = [v for v in current if v.patient_id == q.patient_id]
+    if not current:
+        return Outcome(
+            pb.Decision.DECISION_NO_CONSENT, "NO_CONSENT_FOR_PATIENT", f"patient {q.patient_id} has no consents"
+        )
+    actor_ids = {q.actor_id, q.actor_organization_id} - {""}
+    stages: list[tuple[str, str, Any]] = [
+        (
+            "NO_MATCHING_GRANTEE",
+            f"no consent of patient {q.patient_id} names {q.actor_id} or their organization",
+            lambda v: v.grantee_id in actor_ids,
+        ),
+        ("REVOKED", "the consents naming the actor are revoked", lambda v: v.status == ACTIVE),
+        (
+            "NOT_IN_PERIOD",
+            "no consent naming the actor is in force at this time (expired or not yet begun)",
+            lambda v: v.period_start <= q.now and (v.period_end is None or q.now < v.period_end),
+        ),
+        (
+            "ACTION_NOT_COVERED",
+            f"no consent naming the actor covers the action {_name(_ACTIONS, q.action)}",
+            lambda v: not v.actions or q.action in v.actions,
+        ),
+        (
+            "CATEGORY_NOT_COVERED",
+            f"no consent naming the actor covers {_name(_CATEGORIES, q.category)} data",
+            lambda v: not v.categories or q.category in v.categories,
+        ),
+        (
+            "PURPOSE_NOT_COVERED",
+            f"no consent naming the actor covers the purpose {_name(_PURPOSES, q.purpose)}",
+            lambda v: not v.purposes or q.purpose in v.purposes,
+        ),
+    ]
+    applicable = current
+    for code, reason, test in stages:
+        applicable = [v for v in applicable if test(v)]
+        if not applicable:
+            return Outcome(pb.Decision.DECISION_NO_CONSENT, code, reason)
+    denies = sorted(v.ref for v in applicable if v.provision == DENY)
+    if denies:
+        return Outcome(
+            pb.Decision.DECISION_DENY,
+            "EXPLICIT_DENY",
+            "the patient explicitly denied this actor this access; a deny outweighs any permit",
+            tuple(denies),
+        )
+    permits = sorted(v.ref for v in applicable if v.provision == PERMIT)
+    return Outcome(
+        pb.Decision.DECISION_PERMIT, "PERMITTED", "a consent of the patient permits this access", tuple(permits)
+    )
+
+
+# -- grants ---------------------------------------------------------------------------------------
+
+
+def check_codes(field: str, values: Iterable[int], known: Mapping[int, str]) -> frozenset[int]:
+    out = frozenset(values)
+    for value in out:
+        if value not in known:
+            raise InvalidArgument.field(field, f"unknown code {value}; one of {', '.join(known.values())}")
+    return out
+
+
+def check_grant(request: pb.GrantConsentRequest, now: float) -> tuple[float, float | None]:
+    """Field checks of a grant that need no lookups; returns its period (start, end)."""
+    if not request.patient_id:
+        raise InvalidArgument.field("patient_id", "required")
+    if not request.grantee_id:
+        raise InvalidArgument.field("grantee_id", "required")
+    if request.grantee_id == request.patient_id:
+        raise InvalidArgument.field("grantee_id", "a patient needs no consent for their own data")
+    if request.provision not in (PERMIT, DENY):
+        raise InvalidArgument.field("provision", "PERMIT or DENY")
+    check_codes("actions", request.actions, _ACTIONS)
+    check_codes("categories", request.categories, _CATEGORIES)
+    check_codes("purposes", request.purposes, _PURPOSES)
+    start = request.period_start.ToNanoseconds() / 1e9 if request.HasField("period_start") else now
+    end = request.period_end.ToNanoseconds() / 1e9 if request.HasField("period_end") else None
+    if end is not None and end <= start:
+        raise InvalidArgument.field("period_end", "must be after period_start")
+    return start, end
+
+
+def check_question(request: pb.CheckConsentRequest) -> None:
+    violations = []
+    if not request.patient_id:
+        violations.append(FieldViolation("patient_id", "required"))
+    if not request.actor_id:
+        violations.append(FieldViolation("actor_id", "required"))
+    for field, value, known in (
+        ("action", request.action, _ACTIONS),
+        ("category", request.category, _CATEGORIES),
+        ("purpose", request.purpose, _PURPOSES),
+    ):
+        if value not in known:
+            violations.append(FieldViolation(field, "required: one of " + ", ".join(known.values())))
+    if violations:
+        raise InvalidArgument("invalid consent check", violations=tuple(violations))
+
+
+def new_consent_id() -> str:
+    return f"cns_{uuid.uuid4().hex}"
+
+
+def new_decision_id() -> str:
+    return f"dec_{uuid.uuid4().hex}"
+
+
+def new_salt() -> bytes:
+    return os.urandom(SALT_BYTES)
+
+
+# -- FHIR form and commitment ----------------------------------------------------------------
+
+_ACTION_CODES: dict[int, str] = {
+    vocabulary_pb2.Action.ACTION_READ: "access",
+    vocabulary_pb2.Action.ACTION_WRITE: "correct",
+}
+_CATEGORY_SYSTEM = "https://medledger.dev/fhir/CodeSystem/data-category"
+_PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_PRINCIPAL_TYPES = {"pat": "Patient", "prn": "Practitioner", "org": "Organization"}
+
+
+def _principal_reference(principal_id: str) -> dict[str, Any]:
+    reference: dict[str, Any] = {"identifier": {"system": "https://medledger.dev/principal", "value": principal_id}}
+    resource_type = _PRINCIPAL_TYPES.get(principal_id.split("_", 1)[0])
+    if resource_type:
+        reference["type"] = resource_type
+    return reference
+
+
+def fhir_consent(v: ConsentVersion) -> dict[str, Any]:
+    """The FHIR R4 Consent of a version (a plain dict, validated with fhir.resources.R4B)."""
+    period: dict[str, str] = {"start": _iso(v.period_start)}
+    if v.period_end is not None:
+        period["end"] = _iso(v.period_end)
+    provision: dict[str, Any] = {
+        "type": "permit" if v.provision == PERMIT else "deny",
+        "period": period,
+        "actor": [
+            {
+                "role": {
+                    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]
+                },
+                # Logical references: medledger ids are not FHIR ids (they contain "_").
+                "reference": _principal_reference(v.grantee_id),
+            }
+        ],
+    }
+    if v.actions:
+        provision["action"] = [
+            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": _ACTION_CODES[a]}]}
+            for a in sorted(v.actions)
+        ]
+    if v.purposes:
+        provision["purpose"] = [
+            {"system": _PURPOSE_SYSTEM, "code": _PURPOSES[p].removeprefix("PURPOSE_OF_USE_")}
+            for p in sorted(v.purposes)
+        ]
+    if v.categories:
+        provision["class"] = [
+            {"system": _CATEGORY_SYSTEM, "code": _CATEGORIES[c].removeprefix("DATA_CATEGORY_").lower()}
+            for c in sorted(v.categories)
+        ]
+    document = {
+        "resourceType": "Consent",
+        "id": f"{v.consent_id.replace('_', '-')}-v{v.version}",
+        "meta": {"versionId": str(v.version)},
+        "identifier": [{"system": "https://medledger.dev/consent", "value": v.consent_id}],
+        "status": "active" if v.status == ACTIVE else "inactive",
+        "scope": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": _principal_reference(v.patient_id),
+        "dateTime": _iso(v.recorded_at),
+        "performer": [_principal_reference(v.recorded_by)],
+        "policyRule": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                    "code": "OPTIN" if v.provision == PERMIT else "OPTOUT",
+                }
+            ]
+        },
+        "provision": provision,
+    }
+    try:
+        FhirConsent.model_validate(document)
+    except ValidationError as exc:  # a bug here, never the caller's
+        raise AssertionError(f"consent export does not validate: {exc}") from exc
+    return document
+
+
+def fhir_json(document: Mapping[str, Any]) -> str:
+    return json.dumps(document, separators=(",", ":"), sort_keys=True)
+
+
+def commitment(document: Mapping[str, Any], salt: bytes) -> str:
+    """SHA-256 over the domain tag, the salt and the RFC 8785 (JCS) form of the FHIR Consent."""
+    if len(salt) != SALT_BYTES:
+        raise ValueError("the salt is 32 bytes")
+    return hashlib.sha256(COMMITMENT_DOMAIN + salt + rfc8785.dumps(dict(document))).hexdigest()
+
+
+class ConsentIndex:
+    """Every consent version, by patient and consent, in memory: what checks decide on.
+
+    Each replica keeps its own, loaded before it serves and kept current from consent events
+    (and at once from its own writes). Adding a version twice is harmless.
+    """
+
+    def __init__(self) -> None:
+        self._by_patient: dict[str, dict[str, list[ConsentVersion]]] = {}
+        self.size = 0
+
+    def add(self, v: ConsentVersion) -> bool:
+        versions = self._by_patient.setdefault(v.patient_id, {}).setdefault(v.consent_id, [])
+        if any(x.version == v.version for x in versions):
+            return False
+        versions.append(v)
+        versions.sort(key=lambda x: x.version)
+        self.size += 1
+        return True
+
+    def of_patient(self, patient_id: str) -> list[list[ConsentVersion]]:
+        return list(self._by_patient.get(patient_id, {}).values())
+
+    def decide(self, q: Question) -> Outcome:
+        return decide(self._by_patient.get(q.patient_id, {}).values(), q)

@@ -1,0 +1,177 @@
+"""The decision rule as a pure function: the decision matrix, deny over permit, organizations,
+periods, revocation, replay at a past `now`; and the FHIR form and commitment of a version."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+
+import pytest
+import rfc8785
+from fhir.resources.R4B.consent import Consent as FhirConsent
+from medledger.consent.v1 import consent_service_pb2 as pb
+from medledger.types.v1 import vocabulary_pb2 as v
+
+from medledger_consent import domain
+from medledger_consent.domain import ConsentIndex, ConsentVersion, Question
+
+T0 = 1_800_000_000.0
+DAY = 86400.0
+PATIENT, DOCTOR, OTHER_DOCTOR, ORG = "pat_p", "prn_a", "prn_b", "org_1"
+READ, WRITE = v.Action.ACTION_READ, v.Action.ACTION_WRITE
+OBS, MEDS = v.DataCategory.DATA_CATEGORY_OBSERVATIONS, v.DataCategory.DATA_CATEGORY_MEDICATIONS
+TREAT, HRESCH = v.PurposeOfUse.PURPOSE_OF_USE_TREAT, v.PurposeOfUse.PURPOSE_OF_USE_HRESCH
+PERMIT, DENY, NO_CONSENT = (
+    pb.Decision.DECISION_PERMIT,
+    pb.Decision.DECISION_DENY,
+    pb.Decision.DECISION_NO_CONSENT,
+)
+
+
+def consent(
+    consent_id: str = "cns_1",
+    grantee: str = DOCTOR,
+    provision: int = domain.PERMIT,
+    version: int = 1,
+    recorded_at: float = T0,
+    **changes: object,
+) -> ConsentVersion:
+    base = ConsentVersion(
+        consent_id=consent_id,
+        version=version,
+        patient_id=PATIENT,
+        grantee_id=grantee,
+        provision=provision,
+        actions=frozenset({READ}),
+        categories=frozenset({OBS}),
+        purposes=frozenset({TREAT}),
+        period_start=T0,
+        period_end=T0 + 30 * DAY,
+        status=domain.ACTIVE,
+        recorded_by=PATIENT,
+        recorded_at=recorded_at,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def ask(index: ConsentIndex, **changes: object) -> domain.Outcome:
+    q = Question(
+        patient_id=PATIENT,
+        actor_id=DOCTOR,
+        actor_organization_id="",
+        action=READ,
+        category=OBS,
+        purpose=TREAT,
+        now=T0 + DAY,
+    )
+    return index.decide(replace(q, **changes))  # type: ignore[arg-type]
+
+
+def index_of(*versions: ConsentVersion) -> ConsentIndex:
+    index = ConsentIndex()
+    for x in versions:
+        index.add(x)
+    return index
+
+
+def test_the_right_request_is_permitted_by_its_consent() -> None:
+    outcome = ask(index_of(consent()))
+    assert (outcome.decision, outcome.reason_code, outcome.deciding) == (PERMIT, "PERMITTED", (("cns_1", 1),))
+
+
+@pytest.mark.parametrize(
+    ("wrong", "code"),
+    [
+        ({"patient_id": "pat_other"}, "NO_CONSENT_FOR_PATIENT"),
+        ({"actor_id": OTHER_DOCTOR}, "NO_MATCHING_GRANTEE"),
+        ({"action": WRITE}, "ACTION_NOT_COVERED"),
+        ({"category": MEDS}, "CATEGORY_NOT_COVERED"),
+        ({"purpose": HRESCH}, "PURPOSE_NOT_COVERED"),
+        ({"now": T0 + 31 * DAY}, "NOT_IN_PERIOD"),
+    ],
+)
+def test_each_single_wrong_input_denies_with_its_own_reason(wrong: dict, code: str) -> None:
+    outcome = ask(index_of(consent()), **wrong)
+    assert outcome.decision == NO_CONSENT
+    assert outcome.reason_code == code
+    assert outcome.deciding == (), "NO_CONSENT has no deciding versions"
+    assert outcome.reason and outcome.reason != ask(index_of(consent())).reason
+
+
+def test_the_reasons_differ_from_each_other() -> None:
+    index = index_of(consent())
+    wrongs = [{"actor_id": OTHER_DOCTOR}, {"action": WRITE}, {"category": MEDS}, {"purpose": HRESCH}, {"now": T0 - 1}]
+    reasons = {ask(index, **w).reason for w in wrongs}
+    assert len(reasons) == len(wrongs)
+
+
+def test_an_explicit_deny_beats_a_permit() -> None:
+    deny = consent("cns_2", provision=domain.DENY, actions=frozenset(), categories=frozenset(), purposes=frozenset())
+    outcome = ask(index_of(consent(), deny))
+    assert (outcome.decision, outcome.reason_code, outcome.deciding) == (DENY, "EXPLICIT_DENY", (("cns_2", 1),))
+    # The deny names one doctor: another's permit stands.
+    other = consent("cns_3", grantee=OTHER_DOCTOR)
+    assert ask(index_of(consent(), deny, other), actor_id=OTHER_DOCTOR).decision == PERMIT
+
+
+def test_a_newer_consent_for_one_doctor_leaves_another_doctors_permit_intact() -> None:
+    first = consent("cns_1", grantee=DOCTOR)
+    second = consent("cns_2", grantee=OTHER_DOCTOR, recorded_at=T0 + 2 * DAY)
+    revoked_first = replace(first, version=2, status=domain.INACTIVE, recorded_at=T0 + 3 * DAY)
+    index = index_of(first, second, revoked_first)
+    now = T0 + 4 * DAY
+    assert ask(index, actor_id=OTHER_DOCTOR, now=now).decision == PERMIT
+    assert ask(index, now=now).reason_code == "REVOKED"
+
+
+def test_expiry_and_not_yet_begun() -> None:
+    index = index_of(consent(period_start=T0 + DAY, period_end=T0 + 2 * DAY))
+    assert ask(index, now=T0 + 0.5 * DAY).reason_code == "NOT_IN_PERIOD"
+    assert ask(index, now=T0 + 1.5 * DAY).decision == PERMIT
+    assert ask(index, now=T0 + 2 * DAY).reason_code == "NOT_IN_PERIOD"  # the end is exclusive
+    assert ask(index_of(consent(period_end=None)), now=T0 + 3650 * DAY).decision == PERMIT
+
+
+def test_an_organization_grant_covers_its_practitioners_only() -> None:
+    index = index_of(consent(grantee=ORG))
+    assert ask(index, actor_organization_id=ORG).decision == PERMIT
+    assert ask(index, actor_organization_id="org_2").reason_code == "NO_MATCHING_GRANTEE"
+    assert ask(index).reason_code == "NO_MATCHING_GRANTEE"
+
+
+def test_empty_lists_cover_everything() -> None:
+    index = index_of(consent(actions=frozenset(), categories=frozenset(), purposes=frozenset()))
+    assert ask(index, action=WRITE, category=MEDS, purpose=HRESCH).decision == PERMIT
+
+
+def test_the_same_inputs_and_now_give_the_same_decision_even_after_later_changes() -> None:
+    grant = consent()
+    index = index_of(grant)
+    before = ask(index, now=T0 + DAY)
+    # A revocation recorded later does not change what was decided at T0 + DAY.
+    index.add(replace(grant, version=2, status=domain.INACTIVE, recorded_at=T0 + 2 * DAY))
+    assert ask(index, now=T0 + DAY) == before
+    assert ask(index, now=T0 + 3 * DAY).reason_code == "REVOKED"
+    # Versions recorded in the future of `now` do not exist yet.
+    assert ask(index_of(consent(recorded_at=T0 + 5 * DAY)), now=T0 + DAY).decision == NO_CONSENT
+
+
+def test_adding_a_version_twice_changes_nothing() -> None:
+    index = index_of(consent())
+    assert not index.add(consent())
+    assert index.size == 1
+
+
+def test_the_fhir_form_validates_and_the_commitment_is_what_the_readme_says() -> None:
+    for version in (consent(), consent(provision=domain.DENY, grantee=ORG, period_end=None)):
+        document = domain.fhir_consent(version)
+        FhirConsent.model_validate(document)
+        assert document["provision"]["type"] in ("permit", "deny")
+        salt = bytes(range(32))
+        expected = hashlib.sha256(b"medledger:consent:v1\n" + salt + rfc8785.dumps(document)).hexdigest()
+        assert domain.commitment(document, salt) == expected
+        assert domain.commitment(document, bytes(32)) != expected
+        # JCS: key order and whitespace do not change the commitment.
+        reordered = json.loads(json.dumps(document, sort_keys=True))
+        assert domain.commitment(reordered, salt) == expected
