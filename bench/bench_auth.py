@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import secrets
 import sys
 import time
 import uuid
@@ -133,95 +132,44 @@ async def bench_platform(bootstrap: str, folder: Path) -> dict[str, Any]:
     from medledger.consent.v1 import consent_service_pb2_grpc as co_grpc
     from medledger.identity.v1 import identity_service_pb2 as pb
     from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
-    from medledger.types.v1 import vocabulary_pb2
+    from running_stack import identity_and_consent
 
     from medledger_common.grpc_client import make_channel
-    from medledger_common.keys import create_master_key_file
-    from medledger_common.testing import running_service
-    from medledger_consent import main as consent_main
-    from medledger_consent import storage as consent_storage
-    from medledger_consent.config import ConsentSettings
-    from medledger_identity import main as identity_main
-    from medledger_identity import storage as identity_storage
-    from medledger_identity.config import IdentitySettings
-    from medledger_sdk.auth import TokenClient
 
-    secrets_dir = folder / "secrets"
-    secrets_dir.mkdir(parents=True)
-    admin_secret = "mlsec_" + secrets.token_urlsafe(24)
-    (folder / "admin.secret").write_text(admin_secret)
-    (secrets_dir / "consent.secret").write_text("mlsec_" + secrets.token_urlsafe(24))
-    common: dict[str, Any] = {
-        "grpc_port": 0,
-        "metrics_port": 0,
-        "kafka_bootstrap_servers": bootstrap,
-        "outbox_poll_seconds": 0.5,
-        "log_level": "WARNING",
-    }
-    id_settings = IdentitySettings(
-        **common,
-        database_url=f"sqlite+aiosqlite:///{folder / 'identity.db'}",
-        jwks_http_port=0,
-        master_key_file=create_master_key_file(folder / "master.key"),
-        keyring_file=folder / "keyrings" / "identity.keyring",
-        bootstrap_admin_secret_file=folder / "admin.secret",
-        service_secrets_dir=secrets_dir,
-    )
-    async with running_service("identity", id_settings, identity_storage.MIGRATIONS, identity_main.build) as identity:
-        co_settings = ConsentSettings(
-            **common,
-            database_url=f"sqlite+aiosqlite:///{folder / 'consent.db'}",
-            identity_address=f"127.0.0.1:{identity.grpc_port}",
-            client_secret_file=secrets_dir / "consent.secret",
-        )
-        async with running_service("consent", co_settings, consent_storage.MIGRATIONS, consent_main.build) as consent:
-            identity_address = f"127.0.0.1:{identity.grpc_port}"
-            admin = TokenClient(identity_address, identity_main.BOOTSTRAP_ADMIN, client_secret=admin_secret)
-            stub = pb_grpc.IdentityServiceStub(admin.channel(identity_address, "medledger.identity"))
-            principals = []
-            for _ in range(20):
-                reply = await stub.RegisterPrincipal(
-                    pb.RegisterPrincipalRequest(
-                        request_id=str(uuid.uuid4()), kind=vocabulary_pb2.PrincipalKind.PRINCIPAL_KIND_RESEARCHER
+    async with identity_and_consent(bootstrap, folder) as platform:
+        principals = [await platform.researcher_with_pdp_role() for _ in range(20)]
+        identity_address = platform.identity_address
+
+        # Token issues per second: 8 clients at once, for 3 s.
+        async with make_channel(identity_address) as channel:
+            public = pb_grpc.IdentityServiceStub(channel)
+            issued = 0
+            deadline = time.perf_counter() + 3.0
+
+            async def issue(pid: str, secret: str) -> None:
+                nonlocal issued
+                while time.perf_counter() < deadline:
+                    await public.IssueToken(
+                        pb.IssueTokenRequest(principal_id=pid, client_secret=secret, audience="medledger.consent")
                     )
-                )
-                await stub.AssignRole(
-                    pb.AssignRoleRequest(
-                        request_id=str(uuid.uuid4()),
-                        principal_id=reply.principal.principal_id,
-                        role=vocabulary_pb2.Role.ROLE_PDP_CLIENT,
-                    )
-                )
-                principals.append((reply.principal.principal_id, reply.client_secret))
+                    issued += 1
 
-            # Token issues per second: 8 clients at once, for 3 s.
-            async with make_channel(identity_address) as channel:
-                public = pb_grpc.IdentityServiceStub(channel)
-                issued = 0
-                deadline = time.perf_counter() + 3.0
-
-                async def issue(pid: str, secret: str) -> None:
-                    nonlocal issued
-                    while time.perf_counter() < deadline:
-                        await public.IssueToken(
-                            pb.IssueTokenRequest(principal_id=pid, client_secret=secret, audience="medledger.consent")
-                        )
-                        issued += 1
-
-                t0 = time.perf_counter()
-                await asyncio.gather(*(issue(*principals[i]) for i in range(8)))
-                issue_rate = issued / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await asyncio.gather(*(issue(*principals[i]) for i in range(8)))
+            issue_rate = issued / (time.perf_counter() - t0)
 
             # Deactivation propagation: deactivate, then call consent until it refuses the token.
             latencies = []
-            async with make_channel(f"127.0.0.1:{consent.grpc_port}") as channel:
-                consent_stub = co_grpc.ConsentServiceStub(channel)
+            async with make_channel(f"127.0.0.1:{platform.consents[0].grpc_port}") as consent_channel:
+                consent_stub = co_grpc.ConsentServiceStub(consent_channel)
                 for pid, secret in principals:
-                    token = await public_issue(identity_address, pid, secret)
-                    md = (("authorization", f"Bearer {token}"),)
+                    reply = await public.IssueToken(
+                        pb.IssueTokenRequest(principal_id=pid, client_secret=secret, audience="medledger.consent")
+                    )
+                    md = (("authorization", f"Bearer {reply.access_token}"),)
                     await _status(consent_stub.CheckConsent(co_pb.CheckConsentRequest(), metadata=md))
                     t0 = time.perf_counter()
-                    await stub.DeactivatePrincipal(
+                    await platform.admin_identity.DeactivatePrincipal(
                         pb.DeactivatePrincipalRequest(request_id=str(uuid.uuid4()), principal_id=pid)
                     )
                     while await _status(consent_stub.CheckConsent(co_pb.CheckConsentRequest(), metadata=md)) != 16:
@@ -229,7 +177,6 @@ async def bench_platform(bootstrap: str, folder: Path) -> dict[str, Any]:
                             raise RuntimeError("a deactivation did not reach consent within 10 s")
                         await asyncio.sleep(0.002)
                     latencies.append(time.perf_counter() - t0)
-            await admin.aclose()
     latencies.sort()
     return {
         "issue_per_s": issue_rate,
@@ -238,19 +185,6 @@ async def bench_platform(bootstrap: str, folder: Path) -> dict[str, Any]:
         "deactivation_max_ms": latencies[-1] * 1000,
         "deactivations": len(latencies),
     }
-
-
-async def public_issue(identity_address: str, pid: str, secret: str) -> str:
-    from medledger.identity.v1 import identity_service_pb2 as pb
-    from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
-
-    from medledger_common.grpc_client import make_channel
-
-    async with make_channel(identity_address) as channel:
-        reply = await pb_grpc.IdentityServiceStub(channel).IssueToken(
-            pb.IssueTokenRequest(principal_id=pid, client_secret=secret, audience="medledger.consent")
-        )
-    return str(reply.access_token)
 
 
 async def _status(call: Any) -> int:

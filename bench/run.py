@@ -3,7 +3,7 @@ folder) and stopping it afterwards. Each figure is printed beside a baseline mea
 run, with the ratio and the target. Exit code 0 unless a benchmark errors: a missed target is
 printed as MISS, never hidden.
 
-Usage: python bench/run.py [relay] [consumer] [grpc] [auth] [--json FILE]
+Usage: python bench/run.py [relay] [consumer] [grpc] [auth] [consent] [--json FILE]
 """
 
 from __future__ import annotations
@@ -117,27 +117,80 @@ def bench_auth(bootstrap: str, results: dict) -> None:
     results["auth_platform"] = p
 
 
+def bench_consent(bootstrap: str, pg: localstack.PostgresCluster, results: dict, seconds: float = 5.0) -> None:
+    n = 100_000
+    print(f"-- (f) consent: in-process decisions on {n:,} consents; CheckConsent from a client process", flush=True)
+    d = run_json(str(HERE / "bench_consent.py"), "decide", str(n))
+    print(
+        f"   in-process decisions: {d['decisions_per_s']:,.0f}/s on {d['consents']:,} consents "
+        f"(target >= 50,000/s)  {verdict(d['decisions_per_s'], 50_000)}"
+    )
+    figures: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        port = localstack.free_port()
+        server = subprocess.Popen([PY, str(HERE / "bench_grpc.py"), "server", "bare", str(port)])
+        try:
+            localstack.wait_for_port(port, 30, server, "bare gRPC server")
+            figures["empty"] = run_json(str(HERE / "bench_grpc.py"), "client", str(port), str(seconds))
+        finally:
+            server.terminate()
+            server.wait(10)
+        config = Path(tmp) / "consent.json"
+        url = pg.create_database(f"bench_consent_{uuid.uuid4().hex[:6]}")
+        stack_folder = Path(tmp) / "stack"
+        server = subprocess.Popen(
+            [PY, str(HERE / "bench_consent.py"), "server", bootstrap, url, str(stack_folder), str(config)]
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not config.exists():
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the consent benchmark server did not start")
+                time.sleep(0.2)
+            figures["check"] = run_json(str(HERE / "bench_consent.py"), "client", str(config), str(seconds))
+        finally:
+            server.terminate()
+            server.wait(20)
+        url = pg.create_database(f"bench_consent_{uuid.uuid4().hex[:6]}")
+        p = run_json(str(HERE / "bench_consent.py"), "propagation", bootstrap, url, str(Path(tmp) / "replicas"))
+    empty, check = figures["empty"], figures["check"]
+    rate, p99 = check["calls_per_s"] / empty["calls_per_s"], check["p99_ms"] / empty["p99_ms"]
+    for kind, f in figures.items():
+        print(f"   {kind:>6}: {f['calls_per_s']:,.0f} calls/s  p50 {f['p50_ms']:.2f} ms  p99 {f['p99_ms']:.2f} ms")
+    print(
+        f"   CheckConsent (decision recorded durably in PostgreSQL): {rate:.0%} of the empty call's rate "
+        f"(target >= 50%)  {verdict(rate, 0.5)}; p99 {p99:.1f}x the empty call's (target <= 3x)  "
+        f"{verdict(3 - p99, 0)}"
+    )
+    print(
+        f"   revocation reaching a second replica, {p['rounds']} consents: p50 {p['p50_ms']:.0f} ms  "
+        f"p99 {p['p99_ms']:.0f} ms (target p99 <= 1000 ms)  {verdict(1000 - p['p99_ms'], 0)}"
+    )
+    results["consent"] = {"decide": d, **figures, "rate_ratio": rate, "p99_ratio": p99, "propagation": p}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("only", nargs="*", choices=["relay", "consumer", "grpc", "auth", []], default=[])
+    parser.add_argument("only", nargs="*", choices=["relay", "consumer", "grpc", "auth", "consent", []], default=[])
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
-    wanted = set(args.only) or {"relay", "consumer", "grpc", "auth"}
+    wanted = set(args.only) or {"relay", "consumer", "grpc", "auth", "consent"}
     results: dict = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="medledger-bench-") as tmp:
         broker = pg = None
         try:
-            if wanted & {"relay", "consumer", "auth"}:
+            if wanted & {"relay", "consumer", "auth", "consent"}:
                 print("starting Tansu", flush=True)
                 port = localstack.free_port()
                 broker = localstack.start_tansu(port, Path(tmp) / "tansu.log")
                 bootstrap = f"127.0.0.1:{port}"
-            if "relay" in wanted:
+            if wanted & {"relay", "consent"}:
                 print("starting a PostgreSQL cluster of our own", flush=True)
                 pg = localstack.PostgresCluster(Path(tmp) / "pg", localstack.free_port())
                 pg.init()
                 pg.start()
+            if "relay" in wanted:
                 bench_relay(bootstrap, pg, results)
             if "consumer" in wanted:
                 bench_consumer(bootstrap, results)
@@ -145,6 +198,8 @@ def main() -> int:
                 bench_grpc(results)
             if "auth" in wanted:
                 bench_auth(bootstrap, results)
+            if "consent" in wanted:
+                bench_consent(bootstrap, pg, results)
         finally:
             if pg is not None:
                 pg.stop("immediate")

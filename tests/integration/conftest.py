@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from medledger_common import localstack
 from medledger_common.keys import create_master_key_file
 from medledger_common.service import ServiceRuntime
 from medledger_common.testing import Kafka, Postgres, running_service
@@ -34,6 +35,8 @@ class Stack:
     consent: ServiceRuntime | None
     admin_secret: str
     secrets_dir: Path
+    # Every consent replica, `consent` first; they share one database.
+    consent_replicas: list[ServiceRuntime] = field(default_factory=list)
     _clients: list[TokenClient] = field(default_factory=list)
 
     @property
@@ -73,11 +76,23 @@ StackFactory = Callable[..., Any]
 
 
 @pytest.fixture
-def start_stack(kafka: Kafka, postgres: Postgres, tmp_path: Path) -> StackFactory:
-    """`async with start_stack(consent=True) as stack:` runs identity (and consent)."""
+def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
+    """`async with start_stack(consent=True) as stack:` runs identity (and consent) on a Kafka
+    broker of their own.
+
+    Their own, because the services' consumer groups have fixed names: on a shared Tansu, a
+    stack stopped by an earlier test leaves its group to a rebalance that can outlast the next
+    test's waits (Tansu 0.6 does not always let a stopping member go at once).
+    """
 
     @asynccontextmanager
-    async def start(*, consent: bool = True, identity_db: str | None = None) -> AsyncIterator[Stack]:
+    async def start(
+        *,
+        consent: bool = True,
+        identity_db: str | None = None,
+        consent_replicas: int = 1,
+        kafka: Kafka | None = None,
+    ) -> AsyncIterator[Stack]:
         secrets_dir = tmp_path / "secrets"
         secrets_dir.mkdir(exist_ok=True)
         admin_secret = "mlsec_admin_" + secrets.token_urlsafe(24)
@@ -86,21 +101,26 @@ def start_stack(kafka: Kafka, postgres: Postgres, tmp_path: Path) -> StackFactor
         master = tmp_path / "master-identity.key"
         if not master.exists():
             create_master_key_file(master)
-        id_settings = service_settings(
-            IdentitySettings,
-            kafka,
-            identity_db or postgres.new_database("identity"),
-            jwks_http_port=0,
-            master_key_file=master,
-            keyring_file=tmp_path / "keyrings" / "identity.keyring",
-            bootstrap_admin_secret_file=tmp_path / "admin.secret",
-            service_secrets_dir=secrets_dir,
-        )
         async with contextlib.AsyncExitStack() as exits:
+            if kafka is None:
+                port = localstack.free_port()
+                broker = localstack.start_tansu(port, tmp_path / f"tansu-{port}.log")
+                exits.callback(broker.stop)
+                kafka = Kafka(f"{localstack.HOST}:{port}", broker)
+            id_settings = service_settings(
+                IdentitySettings,
+                kafka,
+                identity_db or postgres.new_database("identity"),
+                jwks_http_port=0,
+                master_key_file=master,
+                keyring_file=tmp_path / "keyrings" / "identity.keyring",
+                bootstrap_admin_secret_file=tmp_path / "admin.secret",
+                service_secrets_dir=secrets_dir,
+            )
             identity = await exits.enter_async_context(
                 running_service("identity", id_settings, identity_storage.MIGRATIONS, identity_main.build)
             )
-            consent_rt = None
+            replicas: list[ServiceRuntime] = []
             if consent:
                 co_settings = service_settings(
                     ConsentSettings,
@@ -109,10 +129,13 @@ def start_stack(kafka: Kafka, postgres: Postgres, tmp_path: Path) -> StackFactor
                     identity_address=f"127.0.0.1:{identity.grpc_port}",
                     client_secret_file=secrets_dir / "consent.secret",
                 )
-                consent_rt = await exits.enter_async_context(
-                    running_service("consent", co_settings, consent_storage.MIGRATIONS, consent_main.build)
-                )
-            stack = Stack(identity, consent_rt, admin_secret, secrets_dir)
+                for _ in range(consent_replicas):
+                    replicas.append(
+                        await exits.enter_async_context(
+                            running_service("consent", co_settings, consent_storage.MIGRATIONS, consent_main.build)
+                        )
+                    )
+            stack = Stack(identity, replicas[0] if replicas else None, admin_secret, secrets_dir, replicas)
             try:
                 yield stack
             finally:

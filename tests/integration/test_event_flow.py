@@ -162,7 +162,8 @@ async def test_relay_killed_between_publish_and_mark_duplicate_dropped_by_inbox(
     assert proc.returncode == -9, err.decode()
     assert "published 1 rows" in out.decode()
 
-    async with start_stack(identity_db=id_url) as stack:
+    # On the broker the killed relay published to.
+    async with start_stack(identity_db=id_url, kafka=kafka) as stack:
         identity, consent = stack.identity, stack.consent
 
         # The restarted relay publishes the unmarked row again: two copies on the topic.

@@ -17,8 +17,11 @@ Event = envelope_pb2.Event
 
 SERVICES = ("identity", "consent", "records", "audit", "anchoring")
 TOPICS = {name: f"medledger.{name}.v1" for name in SERVICES}
+# Consent decisions, one per record access, apart from consent's own changes: the consumers of
+# changes (every consent replica) need not read through the decisions.
+TOPICS["consent.decisions"] = "medledger.consent.decisions.v1"
 # Service topics, never their dead-letter topics.
-SERVICE_TOPIC_PATTERN = r"^medledger\.[a-z]+\.v[0-9]+$"
+SERVICE_TOPIC_PATTERN = r"^medledger\.[a-z]+(\.[a-z]+)?\.v[0-9]+$"
 CONTENT_TYPE = "application/cloudevents+protobuf"
 
 

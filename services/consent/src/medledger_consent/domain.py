@@ -106,6 +106,23 @@ def _name(values: Mapping[int, str], number: int) -> str:
     return values.get(number, str(number)).split("_", 1)[-1].replace("_", " ").lower()
 
 
+def _first_failed_test(v: ConsentVersion, q: Question, actor_ids: set[str]) -> int:
+    """How far `v` gets through the tests of an applicable version (6: it applies)."""
+    if v.grantee_id not in actor_ids:
+        return 0
+    if v.status != ACTIVE:
+        return 1
+    if v.period_start > q.now or (v.period_end is not None and q.now >= v.period_end):
+        return 2
+    if v.actions and q.action not in v.actions:
+        return 3
+    if v.categories and q.category not in v.categories:
+        return 4
+    if v.purposes and q.purpose not in v.purposes:
+        return 5
+    return 6
+
+
 def decide(consents: Iterable[Sequence[ConsentVersion]], q: Question) -> Outcome:
     """The decision for `q` given the patient's consents (each a sequence of its versions)."""
     current = [v for versions in consents if (v := in_force(versions, q.now)) is not None]
@@ -115,39 +132,19 @@ def decide(consents: Iterable[Sequence[ConsentVersion]], q: Question) -> Outcome
             pb.Decision.DECISION_NO_CONSENT, "NO_CONSENT_FOR_PATIENT", f"patient {q.patient_id} has no consents"
         )
     actor_ids = {q.actor_id, q.actor_organization_id} - {""}
-    stages: list[tuple[str, str, Any]] = [
-        (
-            "NO_MATCHING_GRANTEE",
-            f"no consent of patient {q.patient_id} names {q.actor_id} or their organization",
-            lambda v: v.grantee_id in actor_ids,
-        ),
-        ("REVOKED", "the consents naming the actor are revoked", lambda v: v.status == ACTIVE),
-        (
-            "NOT_IN_PERIOD",
-            "no consent naming the actor is in force at this time (expired or not yet begun)",
-            lambda v: v.period_start <= q.now and (v.period_end is None or q.now < v.period_end),
-        ),
-        (
-            "ACTION_NOT_COVERED",
-            f"no consent naming the actor covers the action {_name(_ACTIONS, q.action)}",
-            lambda v: not v.actions or q.action in v.actions,
-        ),
-        (
-            "CATEGORY_NOT_COVERED",
-            f"no consent naming the actor covers {_name(_CATEGORIES, q.category)} data",
-            lambda v: not v.categories or q.category in v.categories,
-        ),
-        (
-            "PURPOSE_NOT_COVERED",
-            f"no consent naming the actor covers the purpose {_name(_PURPOSES, q.purpose)}",
-            lambda v: not v.purposes or q.purpose in v.purposes,
-        ),
-    ]
-    applicable = current
-    for code, reason, test in stages:
-        applicable = [v for v in applicable if test(v)]
-        if not applicable:
-            return Outcome(pb.Decision.DECISION_NO_CONSENT, code, reason)
+    applicable = []
+    furthest = 0
+    # One pass, one test after another per version: the reason is the first test that every
+    # version fails, i.e. where the version that got furthest stopped.
+    for v in current:
+        reached = _first_failed_test(v, q, actor_ids)
+        if reached == 6:
+            applicable.append(v)
+        elif reached > furthest:
+            furthest = reached
+    if not applicable:
+        code, reason = _REASONS[furthest]
+        return Outcome(pb.Decision.DECISION_NO_CONSENT, code, reason.format(q=q, **_names_of(q)))
     denies = sorted(v.ref for v in applicable if v.provision == DENY)
     if denies:
         return Outcome(
@@ -160,6 +157,25 @@ def decide(consents: Iterable[Sequence[ConsentVersion]], q: Question) -> Outcome
     return Outcome(
         pb.Decision.DECISION_PERMIT, "PERMITTED", "a consent of the patient permits this access", tuple(permits)
     )
+
+
+# The reason for NO_CONSENT when the versions got no further than test N.
+_REASONS = [
+    ("NO_MATCHING_GRANTEE", "no consent of patient {q.patient_id} names {q.actor_id} or their organization"),
+    ("REVOKED", "the consents naming the actor are revoked"),
+    ("NOT_IN_PERIOD", "no consent naming the actor is in force at this time (expired or not yet begun)"),
+    ("ACTION_NOT_COVERED", "no consent naming the actor covers the action {action}"),
+    ("CATEGORY_NOT_COVERED", "no consent naming the actor covers {category} data"),
+    ("PURPOSE_NOT_COVERED", "no consent naming the actor covers the purpose {purpose}"),
+]
+
+
+def _names_of(q: Question) -> dict[str, str]:
+    return {
+        "action": _name(_ACTIONS, q.action),
+        "category": _name(_CATEGORIES, q.category),
+        "purpose": _name(_PURPOSES, q.purpose),
+    }
 
 
 # -- grants ---------------------------------------------------------------------------------------

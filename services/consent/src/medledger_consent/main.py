@@ -24,7 +24,7 @@ NAME = "consent"
 def build(runtime: ServiceRuntime) -> ServiceParts:
     # RPCs not built yet answer UNIMPLEMENTED (the generated base servicer) until their issue lands.
     index = ConsentIndex()
-    decisions = DecisionLog(runtime.db, TOPICS["consent"])
+    decisions = DecisionLog(runtime.db, TOPICS["consent.decisions"])
     decisions.after_commit = runtime.relay.notify
     api = ConsentApi(runtime, index, decisions)
     runtime.extras["consent_api"] = api
