@@ -287,3 +287,46 @@ async def test_a_revocation_reaches_a_second_consent_replica(start_stack) -> Non
         print(f"revocation reached the second replica in {time.monotonic() - started:.3f} s")
         assert answer.reason_code == "REVOKED"
         assert first is not second
+
+
+async def test_a_guardian_acts_for_the_patient_only_while_appointed_and_holding_the_role(start_stack) -> None:
+    async with start_stack() as stack:
+        w = await World().build(stack)
+        parent = await w.public.RegisterPatient(
+            id_pb.RegisterPatientRequest(request_id=rid(), fhir_patient=patient_json())
+        )
+        parent_id = parent.principal.principal_id
+        await w.known_to_consent(parent_id)
+        await w.admin_identity.AssignRole(
+            id_pb.AssignRoleRequest(request_id=rid(), principal_id=parent_id, role=vocab.Role.ROLE_GUARDIAN)
+        )
+        guardian = w.consent_as(stack.client(parent_id, parent.client_secret))
+        # Holding the role is not enough: the patient has not appointed them.
+        assert await code_of(guardian.GrantConsent(w.grant())) == CODE.PERMISSION_DENIED
+        # Only the patient (or an admin) appoints; not the would-be guardian.
+        appoint = pb.AppointGuardianRequest(request_id=rid(), patient_id=w.patient_id, guardian_id=parent_id)
+        assert await code_of(guardian.AppointGuardian(appoint)) == CODE.PERMISSION_DENIED
+        appointed = await w.patient.AppointGuardian(appoint)
+        assert appointed.guardianship.active and appointed.guardianship.changed_by == w.patient_id
+
+        granted = await guardian.GrantConsent(w.grant())
+        assert granted.consent.recorded_by == parent_id
+        assert (await guardian.CheckConsent(w.question())).decision == pb.Decision.DECISION_PERMIT
+        # A guardian of one patient is nobody's guardian else.
+        assert await code_of(guardian.GrantConsent(w.grant(patient_id=w.other_patient_id))) == CODE.PERMISSION_DENIED
+
+        await w.patient.RemoveGuardian(
+            pb.RemoveGuardianRequest(request_id=rid(), patient_id=w.patient_id, guardian_id=parent_id)
+        )
+        revoke = pb.RevokeConsentRequest(request_id=rid(), consent_id=granted.consent.consent_id)
+        assert await code_of(guardian.RevokeConsent(revoke)) == CODE.PERMISSION_DENIED
+        assert await code_of(guardian.CheckConsent(w.question())) == CODE.PERMISSION_DENIED
+        # Appointed again but without the role (revoked in identity): the new token lacks it.
+        await w.patient.AppointGuardian(
+            pb.AppointGuardianRequest(request_id=rid(), patient_id=w.patient_id, guardian_id=parent_id)
+        )
+        await w.admin_identity.RevokeRole(
+            id_pb.RevokeRoleRequest(request_id=rid(), principal_id=parent_id, role=vocab.Role.ROLE_GUARDIAN)
+        )
+        without_role = w.consent_as(stack.client(parent_id, parent.client_secret))
+        assert await code_of(without_role.RevokeConsent(revoke)) == CODE.PERMISSION_DENIED

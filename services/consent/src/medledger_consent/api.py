@@ -43,7 +43,9 @@ ACCESS: dict[str, Access] = {
     _SERVICE + "RevokeConsent": ANY_CALLER,
     _SERVICE + "GetConsent": ANY_CALLER,
     _SERVICE + "ListConsents": ANY_CALLER,
-    _SERVICE + "CheckConsent": Access.of(roles=["pdp-client"], kinds=["patient"]),
+    _SERVICE + "CheckConsent": Access.of(roles=["pdp-client", "guardian"], kinds=["patient"]),
+    _SERVICE + "AppointGuardian": ANY_CALLER,
+    _SERVICE + "RemoveGuardian": ANY_CALLER,
 }
 # Who sees any patient's consents.
 _OVERSEERS = ("admin", "privacy-officer", "auditor")
@@ -78,8 +80,11 @@ def to_proto(v: domain.ConsentVersion) -> pb.Consent:
 
 
 def may_manage(caller: Caller, patient_id: str) -> bool:
-    """Grant and revoke: the patient, or an admin acting for them."""
+    """The patient, or an admin acting for them (guardians: see ConsentApi.acts_for)."""
     return caller.principal_id == patient_id or caller.has_role("admin")
+
+
+_GUARDIAN_KINDS = {Kind.PRINCIPAL_KIND_PATIENT, Kind.PRINCIPAL_KIND_PRACTITIONER, Kind.PRINCIPAL_KIND_RESEARCHER}
 
 
 class ConsentApi(pb_grpc.ConsentServiceServicer):
@@ -89,6 +94,17 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
         self.log = log
         # A practitioner's organization never changes in identity: remembered once read.
         self._organization_of: dict[str, str] = {}
+
+    async def acts_for(self, caller: Caller, patient_id: str, conn: AsyncConnection | None = None) -> bool:
+        """The patient, an admin, or a guardian the patient appointed who holds the guardian role."""
+        if may_manage(caller, patient_id):
+            return True
+        if not caller.has_role("guardian"):
+            return False
+        if conn is not None:
+            return await storage.is_guardian(conn, patient_id, caller.principal_id)
+        async with self.rt.db.connect() as own:
+            return await storage.is_guardian(own, patient_id, caller.principal_id)
 
     async def load_index(self) -> None:
         async with self.rt.db.connect() as conn:
@@ -125,11 +141,11 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
         caller = current_caller()
         now = time.time()
         start, end = domain.check_grant(request, now)
-        if not may_manage(caller, request.patient_id):
-            raise PermissionDenied("only the patient, or an admin for them, grants their consent")
         recorded: list[domain.ConsentVersion] = []
 
         async def work(conn: AsyncConnection) -> pb.GrantConsentResponse:
+            if not await self.acts_for(caller, request.patient_id, conn):
+                raise PermissionDenied("only the patient, their guardian or an admin grants their consent")
             patient = await storage.get_principal(conn, request.patient_id)
             if patient is None or patient.kind != Kind.PRINCIPAL_KIND_PATIENT:
                 raise InvalidArgument.field("patient_id", "not a registered patient")
@@ -183,8 +199,8 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
             if found is None:
                 raise NotFound("no such consent")
             latest, salt = found
-            if not may_manage(caller, latest.patient_id):
-                raise PermissionDenied("only the patient, or an admin for them, revokes their consent")
+            if not await self.acts_for(caller, latest.patient_id, conn):
+                raise PermissionDenied("only the patient, their guardian or an admin revokes their consent")
             if latest.status == domain.INACTIVE:
                 return pb.RevokeConsentResponse(
                     consent=to_proto(latest), salt=salt, fhir_consent_json=domain.fhir_json(domain.fhir_consent(latest))
@@ -277,8 +293,9 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
     ) -> pb.CheckConsentResponse:
         domain.check_question(request)
         caller = current_caller()
-        if not caller.has_role("pdp-client") and caller.principal_id != request.patient_id:
-            # A patient asks about themselves only: checks must not reveal whom others see.
+        if not caller.has_role("pdp-client") and not await self.acts_for(caller, request.patient_id):
+            # A patient (or their guardian) asks about themselves only: checks must not reveal
+            # whom others see.
             raise PermissionDenied("a patient may check consents about themselves only")
         question = domain.Question(
             patient_id=request.patient_id,
@@ -337,3 +354,71 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
             rule_version=domain.RULE_VERSION,
             decided_at=_ts(question.now),
         )
+
+    async def _change_guardianship(
+        self, request: pb.AppointGuardianRequest | pb.RemoveGuardianRequest, active: bool
+    ) -> pb.Guardianship:
+        caller = current_caller()
+        if not may_manage(caller, request.patient_id):
+            raise PermissionDenied("only the patient, or an admin for them, appoints or removes a guardian")
+        if not request.guardian_id:
+            raise InvalidArgument.field("guardian_id", "required")
+        if request.guardian_id == request.patient_id:
+            raise InvalidArgument.field("guardian_id", "a patient is not their own guardian")
+        response_cls = pb.AppointGuardianResponse if active else pb.RemoveGuardianResponse
+
+        async def work(conn: AsyncConnection) -> pb.AppointGuardianResponse | pb.RemoveGuardianResponse:
+            patient = await storage.get_principal(conn, request.patient_id)
+            if patient is None or patient.kind != Kind.PRINCIPAL_KIND_PATIENT:
+                raise InvalidArgument.field("patient_id", "not a registered patient")
+            guardian = await storage.get_principal(conn, request.guardian_id)
+            if guardian is None or guardian.kind not in _GUARDIAN_KINDS:
+                raise InvalidArgument.field("guardian_id", "not a registered patient, practitioner or researcher")
+            now = time.time()
+            await storage.set_guardianship(
+                conn, request.patient_id, request.guardian_id, active, caller.principal_id, now
+            )
+            event = new_event(
+                source=self.rt.source,
+                payload=consent_events_pb2.GuardianshipChanged(
+                    patient_id=request.patient_id,
+                    guardian_id=request.guardian_id,
+                    active=active,
+                    changed_by=caller.principal_id,
+                ),
+                aggregate_id=f"{request.patient_id}/{request.guardian_id}",
+                version=int(now * 1000),
+                subject=request.patient_id,
+            )
+            await enqueue(conn, TOPICS["consent"], event, key=request.patient_id.encode())
+            return response_cls(
+                guardianship=pb.Guardianship(
+                    patient_id=request.patient_id,
+                    guardian_id=request.guardian_id,
+                    active=active,
+                    changed_by=caller.principal_id,
+                    changed_at=_ts(now),
+                )
+            )
+
+        response = await run_idempotent(
+            self.rt.db,
+            scope="consent.AppointGuardian" if active else "consent.RemoveGuardian",
+            request_id=request.request_id,
+            request=request,
+            response_cls=response_cls,
+            work=work,
+            after_commit=self.rt.relay.notify,
+        )
+        guardianship: pb.Guardianship = response.guardianship  # type: ignore[attr-defined]
+        return guardianship
+
+    async def AppointGuardian(
+        self, request: pb.AppointGuardianRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AppointGuardianResponse:
+        return pb.AppointGuardianResponse(guardianship=await self._change_guardianship(request, active=True))
+
+    async def RemoveGuardian(
+        self, request: pb.RemoveGuardianRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RemoveGuardianResponse:
+        return pb.RemoveGuardianResponse(guardianship=await self._change_guardianship(request, active=False))

@@ -71,9 +71,22 @@ consent_decisions = Table(
     Column("rule_version", String(64), nullable=False),
 )
 
+guardians_metadata = MetaData()
+# Who acts for a patient; a row is kept (inactive) when a guardianship ends.
+guardianships = Table(
+    "guardianships",
+    guardians_metadata,
+    Column("patient_id", String(64), primary_key=True),
+    Column("guardian_id", String(64), primary_key=True),
+    Column("active", Integer, nullable=False),
+    Column("changed_by", String(64), nullable=False),
+    Column("changed_at", Float, nullable=False),
+)
+
 MIGRATIONS = [
     Migration(1, "principal directory", create_tables(metadata)),
     Migration(2, "consent versions and decisions", create_tables(consents_metadata)),
+    Migration(3, "guardianships", create_tables(guardians_metadata)),
 ]
 
 
@@ -283,3 +296,28 @@ class DecisionLog:
         if self.after_commit is not None and now - self._notified_at >= self.notify_seconds:
             self._notified_at = now
             self.after_commit()
+
+
+async def set_guardianship(
+    conn: AsyncConnection, patient_id: str, guardian_id: str, active: bool, changed_by: str, changed_at: float
+) -> None:
+    values = {
+        "patient_id": patient_id,
+        "guardian_id": guardian_id,
+        "active": int(active),
+        "changed_by": changed_by,
+        "changed_at": changed_at,
+    }
+    ins = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(guardianships)
+    await conn.execute(
+        ins.values(**values).on_conflict_do_update(
+            index_elements=["patient_id", "guardian_id"],
+            set_={k: v for k, v in values.items() if k not in ("patient_id", "guardian_id")},
+        )
+    )
+
+
+async def is_guardian(conn: AsyncConnection, patient_id: str, guardian_id: str) -> bool:
+    g = guardianships.c
+    row = await conn.execute(select(g.active).where(and_(g.patient_id == patient_id, g.guardian_id == guardian_id)))
+    return bool(row.scalar())
