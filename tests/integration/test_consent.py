@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 
 from medledger_common.grpc_client import make_channel
 from medledger_common.outbox import outbox
+from medledger_common.testing import status_of
 from medledger_consent import storage
 
 Kind = vocab.PrincipalKind
@@ -144,14 +145,6 @@ class World:
         return pb.CheckConsentRequest(**base)
 
 
-async def code_of(call: Any) -> grpc.StatusCode:
-    try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return CODE.OK
-
-
 async def test_grant_check_and_the_decision_record_written_before_the_answer(start_stack) -> None:
     async with start_stack() as stack:
         w = await World().build(stack)
@@ -216,12 +209,12 @@ async def test_who_may_grant_get_and_check(start_stack) -> None:
         w = await World().build(stack)
         granted = await w.patient.GrantConsent(w.grant())
         # Another patient can neither grant for this one, nor see, nor ask about them.
-        assert await code_of(w.other_patient.GrantConsent(w.grant())) == CODE.PERMISSION_DENIED
+        assert await status_of(w.other_patient.GrantConsent(w.grant())) == CODE.PERMISSION_DENIED
         assert (
-            await code_of(w.other_patient.GetConsent(pb.GetConsentRequest(consent_id=granted.consent.consent_id)))
+            await status_of(w.other_patient.GetConsent(pb.GetConsentRequest(consent_id=granted.consent.consent_id)))
             == CODE.NOT_FOUND
         )
-        assert await code_of(w.other_patient.CheckConsent(w.question())) == CODE.PERMISSION_DENIED
+        assert await status_of(w.other_patient.CheckConsent(w.question())) == CODE.PERMISSION_DENIED
         # The patient may ask about themselves; an admin may grant for them.
         assert (await w.patient.CheckConsent(w.question())).decision == pb.Decision.DECISION_PERMIT
         by_admin = await w.admin_consent.GrantConsent(w.grant(grantee_id=w.colleague_id))
@@ -302,10 +295,10 @@ async def test_a_guardian_acts_for_the_patient_only_while_appointed_and_holding_
         )
         guardian = w.consent_as(stack.client(parent_id, parent.client_secret))
         # Holding the role is not enough: the patient has not appointed them.
-        assert await code_of(guardian.GrantConsent(w.grant())) == CODE.PERMISSION_DENIED
+        assert await status_of(guardian.GrantConsent(w.grant())) == CODE.PERMISSION_DENIED
         # Only the patient (or an admin) appoints; not the would-be guardian.
         appoint = pb.AppointGuardianRequest(request_id=rid(), patient_id=w.patient_id, guardian_id=parent_id)
-        assert await code_of(guardian.AppointGuardian(appoint)) == CODE.PERMISSION_DENIED
+        assert await status_of(guardian.AppointGuardian(appoint)) == CODE.PERMISSION_DENIED
         appointed = await w.patient.AppointGuardian(appoint)
         assert appointed.guardianship.active and appointed.guardianship.changed_by == w.patient_id
 
@@ -313,14 +306,14 @@ async def test_a_guardian_acts_for_the_patient_only_while_appointed_and_holding_
         assert granted.consent.recorded_by == parent_id
         assert (await guardian.CheckConsent(w.question())).decision == pb.Decision.DECISION_PERMIT
         # A guardian of one patient is nobody's guardian else.
-        assert await code_of(guardian.GrantConsent(w.grant(patient_id=w.other_patient_id))) == CODE.PERMISSION_DENIED
+        assert await status_of(guardian.GrantConsent(w.grant(patient_id=w.other_patient_id))) == CODE.PERMISSION_DENIED
 
         await w.patient.RemoveGuardian(
             pb.RemoveGuardianRequest(request_id=rid(), patient_id=w.patient_id, guardian_id=parent_id)
         )
         revoke = pb.RevokeConsentRequest(request_id=rid(), consent_id=granted.consent.consent_id)
-        assert await code_of(guardian.RevokeConsent(revoke)) == CODE.PERMISSION_DENIED
-        assert await code_of(guardian.CheckConsent(w.question())) == CODE.PERMISSION_DENIED
+        assert await status_of(guardian.RevokeConsent(revoke)) == CODE.PERMISSION_DENIED
+        assert await status_of(guardian.CheckConsent(w.question())) == CODE.PERMISSION_DENIED
         # Appointed again but without the role (revoked in identity): the new token lacks it.
         await w.patient.AppointGuardian(
             pb.AppointGuardianRequest(request_id=rid(), patient_id=w.patient_id, guardian_id=parent_id)
@@ -329,4 +322,4 @@ async def test_a_guardian_acts_for_the_patient_only_while_appointed_and_holding_
             id_pb.RevokeRoleRequest(request_id=rid(), principal_id=parent_id, role=vocab.Role.ROLE_GUARDIAN)
         )
         without_role = w.consent_as(stack.client(parent_id, parent.client_secret))
-        assert await code_of(without_role.RevokeConsent(revoke)) == CODE.PERMISSION_DENIED
+        assert await status_of(without_role.RevokeConsent(revoke)) == CODE.PERMISSION_DENIED

@@ -41,6 +41,7 @@ from medledger_common.auth import Access
 from medledger_common.grpc_client import make_channel
 from medledger_common.logs import JsonFormatter
 from medledger_common.outbox import outbox
+from medledger_common.testing import status_of
 from medledger_consent import api as consent_api
 from medledger_identity import api as identity_api
 from medledger_identity import domain
@@ -80,14 +81,6 @@ def practitioner_json(npi: str) -> bytes:
 
 def rid() -> str:
     return str(uuid.uuid4())
-
-
-async def code_of(call: Any) -> grpc.StatusCode:
-    try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return CODE.OK
 
 
 class Platform:
@@ -176,7 +169,7 @@ async def test_registration_of_every_kind_and_who_may_do_it(start_stack) -> None
             pb.RegisterPrincipalRequest(request_id=rid(), kind=Kind.PRINCIPAL_KIND_RESEARCHER, organization_id=org_id),
             pb.RegisterPrincipalRequest(request_id=rid(), kind=0),
         ):
-            assert await code_of(p.admin.RegisterPrincipal(bad)) == CODE.INVALID_ARGUMENT
+            assert await status_of(p.admin.RegisterPrincipal(bad)) == CODE.INVALID_ARGUMENT
 
         # Listing by kind and by organization.
         listed = await p.admin.ListPrincipals(pb.ListPrincipalsRequest(kind=Kind.PRINCIPAL_KIND_PATIENT))
@@ -217,12 +210,12 @@ async def test_registration_of_every_kind_and_who_may_do_it(start_stack) -> None
             ),
             pb.RegisterPrincipalRequest(request_id=rid(), kind=Kind.PRINCIPAL_KIND_RESEARCHER),
         ):
-            assert await code_of(org_admin.RegisterPrincipal(request)) == CODE.PERMISSION_DENIED
+            assert await status_of(org_admin.RegisterPrincipal(request)) == CODE.PERMISSION_DENIED
         # ...and cannot make anyone an admin.
         grant_admin = pb.AssignRoleRequest(
             request_id=rid(), principal_id=colleague.principal.principal_id, role=Role.ROLE_ADMIN
         )
-        assert await code_of(org_admin.AssignRole(grant_admin)) == CODE.PERMISSION_DENIED
+        assert await status_of(org_admin.AssignRole(grant_admin)) == CODE.PERMISSION_DENIED
 
         # A FHIR resource is shown to its principal and admins, not to another patient.
         own = p.identity_as(stack.client(patient.principal.principal_id, patient.client_secret))
@@ -231,7 +224,7 @@ async def test_registration_of_every_kind_and_who_may_do_it(start_stack) -> None
         )
         assert json.loads(mine.fhir_resource)["name"][0]["family"] == "Example"
         theirs = pb.GetPrincipalRequest(principal_id=admin_patient.principal.principal_id, include_fhir_resource=True)
-        assert await code_of(own.GetPrincipal(theirs)) == CODE.PERMISSION_DENIED
+        assert await status_of(own.GetPrincipal(theirs)) == CODE.PERMISSION_DENIED
         assert (await p.admin.GetPrincipal(theirs)).fhir_resource
 
 
@@ -242,11 +235,11 @@ async def test_duplicate_identifier_is_already_exists(start_stack) -> None:
         await p.public.RegisterPatient(pb.RegisterPatientRequest(request_id=rid(), fhir_patient=patient_json(mrn)))
         before = await count(stack.identity, identity_storage.principals)
         again = pb.RegisterPatientRequest(request_id=rid(), fhir_patient=patient_json(mrn, family="Someone Else"))
-        assert await code_of(p.public.RegisterPatient(again)) == CODE.ALREADY_EXISTS
+        assert await status_of(p.public.RegisterPatient(again)) == CODE.ALREADY_EXISTS
         by_admin = pb.RegisterPrincipalRequest(
             request_id=rid(), kind=Kind.PRINCIPAL_KIND_PATIENT, fhir_resource=patient_json(mrn)
         )
-        assert await code_of(p.admin.RegisterPrincipal(by_admin)) == CODE.ALREADY_EXISTS
+        assert await status_of(p.admin.RegisterPrincipal(by_admin)) == CODE.ALREADY_EXISTS
         assert await count(stack.identity, identity_storage.principals) == before
 
 
@@ -292,7 +285,7 @@ async def test_tokens_round_trip_and_bad_tokens_are_unauthenticated_in_another_s
         client = await p.principal_with(Role.ROLE_PDP_CLIENT)
         consent = p.consent_as(client)
         # Authenticated and allowed: the call reaches consent, which refuses the empty question.
-        assert await code_of(consent.CheckConsent(co_pb.CheckConsentRequest())) == PASSED_AUTH
+        assert await status_of(consent.CheckConsent(co_pb.CheckConsentRequest())) == PASSED_AUTH
         token = await client.token("medledger.consent")
         header = jwt.get_unverified_header(token)
         assert header["alg"] == "EdDSA" and header["kid"].startswith("identity-token-signing.v")
@@ -302,10 +295,10 @@ async def test_tokens_round_trip_and_bad_tokens_are_unauthenticated_in_another_s
         assert claims["exp"] - claims["iat"] <= 15 * 60
 
         no_role = p.consent_as(await p.principal_with())
-        assert await code_of(no_role.CheckConsent(co_pb.CheckConsentRequest())) == CODE.PERMISSION_DENIED
+        assert await status_of(no_role.CheckConsent(co_pb.CheckConsentRequest())) == CODE.PERMISSION_DENIED
         async with make_channel(stack.consent_address) as channel:
             bare = co_grpc.ConsentServiceStub(channel)
-            assert await code_of(bare.CheckConsent(co_pb.CheckConsentRequest())) == CODE.UNAUTHENTICATED
+            assert await status_of(bare.CheckConsent(co_pb.CheckConsentRequest())) == CODE.UNAUTHENTICATED
 
         signer = stack.identity.extras["identity_api"].signer
         now = int(time.time())
@@ -349,7 +342,7 @@ async def consent_answer(stack: Any, token: str) -> grpc.StatusCode:
     """The status consent answers a call that carries `token`."""
     async with make_channel(stack.consent_address) as channel:
         stub = co_grpc.ConsentServiceStub(channel)
-        return await code_of(
+        return await status_of(
             stub.CheckConsent(co_pb.CheckConsentRequest(), metadata=(("authorization", f"Bearer {token}"),))
         )
 
@@ -370,7 +363,7 @@ async def test_issue_token_refuses_wrong_secrets_and_unknown_audiences(start_sta
             (pb.IssueTokenRequest(principal_id=pid, client_secret=secret, audience="medledger.elsewhere"),
              CODE.INVALID_ARGUMENT),
         ):  # fmt: skip
-            assert await code_of(issue(request)) == code
+            assert await status_of(issue(request)) == code
 
 
 # -- the authorization tables -----------------------------------------------------------------------
@@ -475,7 +468,7 @@ async def test_a_deactivated_principals_token_is_refused_by_another_service(star
         p = Platform(stack)
         client = await p.principal_with(Role.ROLE_PDP_CLIENT)
         consent = p.consent_as(client)
-        assert await code_of(consent.CheckConsent(co_pb.CheckConsentRequest())) == PASSED_AUTH
+        assert await status_of(consent.CheckConsent(co_pb.CheckConsentRequest())) == PASSED_AUTH
         token = await client.token("medledger.consent")
         started = time.monotonic()
         await p.admin.DeactivatePrincipal(
@@ -486,7 +479,7 @@ async def test_a_deactivated_principals_token_is_refused_by_another_service(star
             await asyncio.sleep(0.02)
         print(f"deactivation reached consent in {time.monotonic() - started:.3f} s")
         issue = pb.IssueTokenRequest(principal_id=client.principal_id, client_secret="x", audience="medledger.consent")
-        assert await code_of(p.public.IssueToken(issue)) == CODE.UNAUTHENTICATED
+        assert await status_of(p.public.IssueToken(issue)) == CODE.UNAUTHENTICATED
         # A service started later loads the deactivation before it serves.
         assert (
             client.principal_id
@@ -544,11 +537,11 @@ async def test_no_personal_data_or_secret_in_logs_or_events(start_stack, caplog:
         )
         client = stack.client(reply.principal.principal_id, reply.client_secret)
         token = await client.token("medledger.consent")
-        await code_of(
+        await status_of(
             p.public.RegisterPatient(pb.RegisterPatientRequest(request_id=rid(), fhir_patient=patient_json(mrn)))
         )
         bad = json.loads(patient_json(mrn, family=family, birth_date="1951-02-30"))
-        await code_of(
+        await status_of(
             p.public.RegisterPatient(pb.RegisterPatientRequest(request_id=rid(), fhir_patient=json.dumps(bad).encode()))
         )
         await consent_answer(stack, token + "x")

@@ -10,6 +10,16 @@ import grpc
 from opentelemetry import propagate
 
 
+def with_metadata(details: grpc.aio.ClientCallDetails, pairs: Sequence[tuple[str, str]]) -> grpc.aio.ClientCallDetails:
+    """`details` with `pairs` added to its metadata: how client interceptors add headers."""
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    for key, value in pairs:
+        metadata.add(key, value)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
 class _TraceContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     """Puts the current W3C trace context (``traceparent``) into the call's metadata."""
 
@@ -22,16 +32,7 @@ class _TraceContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: i
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
         if carrier:
-            metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()))
-            for key, value in carrier.items():
-                metadata.add(key, value)
-            client_call_details = grpc.aio.ClientCallDetails(
-                client_call_details.method,
-                client_call_details.timeout,
-                metadata,
-                client_call_details.credentials,
-                client_call_details.wait_for_ready,
-            )
+            client_call_details = with_metadata(client_call_details, list(carrier.items()))
         return await continuation(client_call_details, request)
 
 

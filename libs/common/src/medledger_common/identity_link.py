@@ -20,7 +20,7 @@ from medledger.identity.v1 import identity_service_pb2 as pb
 from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
 from medledger_common.errors import Unauthenticated, Unavailable
-from medledger_common.grpc_client import make_channel
+from medledger_common.grpc_client import make_channel, with_metadata
 from medledger_common.settings import read_secret_file
 
 # The `iss` of every medledger access token.
@@ -121,15 +121,7 @@ class BearerTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ign
         request: Any,
     ) -> Any:
         token = await self.link.token(self.audience)
-        metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()))
-        metadata.add("authorization", f"Bearer {token}")
-        details = grpc.aio.ClientCallDetails(
-            client_call_details.method,
-            client_call_details.timeout,
-            metadata,
-            client_call_details.credentials,
-            client_call_details.wait_for_ready,
-        )
+        details = with_metadata(client_call_details, [("authorization", f"Bearer {token}")])
         call = await continuation(details, request)
         code = await call.code()
         if code == grpc.StatusCode.UNAUTHENTICATED:

@@ -7,11 +7,12 @@ Registered for every test folder by the repository's root ``conftest.py``.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -93,6 +94,15 @@ async def running_service(
         yield runtime
     finally:
         await runtime.stop()
+
+
+async def status_of(call: Awaitable[object]) -> grpc.StatusCode:
+    """The gRPC status a call ends with: OK, or the code of the error it raised."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
 
 
 _memory_exporter: InMemorySpanExporter | None = None
