@@ -7,6 +7,7 @@ versions, written with their event in one transaction and added to the index at 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 
@@ -16,6 +17,7 @@ from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.consent.v1 import consent_service_pb2_grpc as pb_grpc
 from medledger.events.v1 import consent_events_pb2
 from medledger.types.v1 import vocabulary_pb2
+from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_common.auth import ANY_CALLER, Access, Caller, current_caller
@@ -50,6 +52,10 @@ ACCESS: dict[str, Access] = {
 # Who sees any patient's consents.
 _OVERSEERS = ("admin", "privacy-officer", "auditor")
 MAX_PAGE_SIZE = 1000
+INDEX_REPAIRS = Counter(
+    "medledger_consent_index_repairs_total",
+    "Consent versions this replica's index got from the database, not from their event.",
+)
 
 
 def _ts(seconds: float) -> Timestamp:
@@ -92,6 +98,7 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
         self.rt = runtime
         self.index = index
         self.log = log
+        self._loaded_until = 0.0
         # A practitioner's organization never changes in identity: remembered once read.
         self._organization_of: dict[str, str] = {}
 
@@ -107,9 +114,24 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
             return await storage.is_guardian(own, patient_id, caller.principal_id)
 
     async def load_index(self) -> None:
+        started = time.time()
         async with self.rt.db.connect() as conn:
             for v in await storage.all_versions(conn):
                 self.index.add(v)
+        self._loaded_until = started
+
+    async def reconcile_index(self, every_seconds: float = 2.0, overlap_seconds: float = 10.0) -> None:
+        """Read recently recorded versions from the database now and then: events keep the index
+        current within milliseconds, and this keeps it right should one ever not arrive. The
+        overlap covers transactions that commit after the time they recorded."""
+        while True:
+            await asyncio.sleep(every_seconds)
+            started = time.time()
+            async with self.rt.db.connect() as conn:
+                for v in await storage.versions_recorded_since(conn, self._loaded_until - overlap_seconds):
+                    if self.index.add(v):
+                        INDEX_REPAIRS.inc()
+            self._loaded_until = started
 
     async def _record_version(
         self, conn: AsyncConnection, v: domain.ConsentVersion

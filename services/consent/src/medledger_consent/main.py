@@ -49,7 +49,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
             ),
         ],
         on_start=[api.load_index],
-        background=[decisions.run],
+        background=[decisions.run, api.reconcile_index],
     )
 
 

@@ -8,7 +8,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from opentelemetry import propagate
-from sqlalchemy import Column, Float, Integer, LargeBinary, MetaData, String, Table, Text, and_, insert, select, update
+from sqlalchemy import (
+    Column,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -83,10 +97,16 @@ guardianships = Table(
     Column("changed_at", Float, nullable=False),
 )
 
+
+async def _index_recorded_at(conn: AsyncConnection) -> None:
+    await conn.execute(text("CREATE INDEX ix_consent_versions_recorded_at ON consent_versions (recorded_at)"))
+
+
 MIGRATIONS = [
     Migration(1, "principal directory", create_tables(metadata)),
     Migration(2, "consent versions and decisions", create_tables(consents_metadata)),
     Migration(3, "guardianships", create_tables(guardians_metadata)),
+    Migration(4, "consent versions by recording time", _index_recorded_at),
 ]
 
 
@@ -201,6 +221,12 @@ async def all_versions(conn: AsyncConnection) -> list[ConsentVersion]:
     rows = await conn.execute(
         select(consent_versions).order_by(consent_versions.c.consent_id, consent_versions.c.version)
     )
+    return [_version(r) for r in rows]
+
+
+async def versions_recorded_since(conn: AsyncConnection, since: float) -> list[ConsentVersion]:
+    c = consent_versions.c
+    rows = await conn.execute(select(consent_versions).where(c.recorded_at >= since).order_by(c.recorded_at))
     return [_version(r) for r in rows]
 
 
