@@ -223,9 +223,21 @@ class ServiceRuntime:
         for principal_id in await _retry_until_up("identity", sources.load_deactivated):
             self.deactivated.add(principal_id)
         self.deactivated.loaded = True
+        self._tasks.append(asyncio.create_task(self._reload_deactivated(sources), name="deactivations-reload"))
         verifier = TokenVerifier(issuer=TOKEN_ISSUER, audience=self.source, fetch_jwks=sources.fetch_jwks)
         self._verifier = verifier
         return AuthInterceptor(verifier, self.deactivated, public_methods=parts.public_methods, access=parts.access)
+
+    async def _reload_deactivated(self, sources: AuthSources, every_seconds: float = 30.0) -> None:
+        """Load the deactivated principals again now and then: the events bring them within
+        milliseconds, and this makes sure a lost event costs at most `every_seconds`."""
+        while True:
+            await asyncio.sleep(every_seconds)
+            try:
+                for principal_id in await sources.load_deactivated():
+                    self.deactivated.add(principal_id)
+            except Exception as exc:  # identity unreachable for a while: the events still flow
+                log.warning("could not reload the deactivated principals", extra={"error": type(exc).__name__})
 
     async def _on_identity_event(self, message: ConsumedMessage) -> None:
         event = message.event
