@@ -100,6 +100,13 @@ def _tampered(issuer: Issuer) -> str:
     return f"{head}.{b64u(json.dumps(issuer.claims(roles=['admin'])).encode())}.{sig}"
 
 
+def _utf16_header(issuer: Issuer) -> str:
+    """Correctly signed, but its header is UTF-16 JSON; RFC 7515 §7.1 says UTF-8."""
+    head = b64u(json.dumps({"alg": "EdDSA", "kid": "ed-1"}).encode("utf-16"))
+    signing_input = f"{head}.{b64u(json.dumps(issuer.claims()).encode())}"
+    return f"{signing_input}.{b64u(issuer.ed.sign(signing_input.encode()))}"
+
+
 REFUSED = {
     "expired": lambda i: i.token(exp=NOW - 60, iat=NOW - 1000, nbf=NOW - 1000),
     "not yet valid": lambda i: i.token(nbf=NOW + 300),
@@ -115,6 +122,10 @@ REFUSED = {
         i.claims(), i.ed.public_key().public_bytes_raw(), algorithm="HS256", headers={"kid": "ed-1"}
     ),
     "RS256": lambda i: i.token(header={"alg": "RS256", "kid": "ed-1"}),
+    "alg not a string": lambda i: i.token(header={"alg": ["EdDSA"], "kid": "ed-1"}),
+    "kid not a string": lambda i: i.token(header={"alg": "EdDSA", "kid": ["ed-1"]}),
+    "header in UTF-16": lambda i: _utf16_header(i),
+    "not ASCII": lambda i: i.token().replace(".", ".é", 1),
     "alg of another key": lambda i: i.token(header={"alg": "ES256", "kid": "ed-1"}),
     "forged signature": lambda i: i.token().rsplit(".", 1)[0] + "." + b64u(bytes(64)),
     "tampered claims": _tampered,
@@ -131,6 +142,20 @@ REFUSED = {
 async def test_bad_tokens_are_unauthenticated(issuer: Issuer, what: str) -> None:
     with pytest.raises(Unauthenticated):
         await verifier(issuer).verify(REFUSED[what](issuer))
+
+
+async def test_a_known_header_still_gets_every_other_check(issuer: Issuer) -> None:
+    v = verifier(issuer)
+    await v.verify(issuer.token())
+    head = issuer.token().split(".")[0]
+    assert head in v._headers
+    for bad in (REFUSED["forged signature"](issuer), REFUSED["tampered claims"](issuer), issuer.token(aud="x")):
+        assert bad.startswith(head + ".")
+        with pytest.raises(Unauthenticated):
+            await v.verify(bad)
+    for n in range(200):  # made-up header fields cannot grow the header cache without bound
+        await v.verify(issuer.token(header={"alg": "EdDSA", "kid": "ed-1", "n": n}))
+    assert len(v._headers) <= 64
 
 
 async def test_unknown_kids_refetch_the_jwks_at_most_every_30_seconds(issuer: Issuer) -> None:

@@ -128,6 +128,9 @@ class TokenVerifier:
         self._fetch_lock = asyncio.Lock()
         self._cache: dict[str, Caller] = {}
         self._max_cached = max_cached
+        # Header segment -> (alg, kid), for headers that passed the checks below. Every token of
+        # one signing key carries the same header, so this skips one base64 + JSON parse per token.
+        self._headers: dict[str, tuple[str, str]] = {}
 
     async def refresh_keys(self) -> None:
         async with self._fetch_lock:
@@ -161,18 +164,15 @@ class TokenVerifier:
             del self._cache[token]
         if len(token) > MAX_TOKEN_BYTES:
             raise Unauthenticated("token too large")
+        if not token.isascii():
+            raise Unauthenticated("malformed token")
         # The JWS compact form (RFC 7515 §7.1) is checked here rather than with jwt.decode:
         # PyJWT 2.15 tests every base64 character in a Python loop, twice per token, which
         # made a first-seen token cost twice its signature check. PyJWT still parses the JWKS.
         parts = token.split(".")
         if len(parts) != 3:
             raise Unauthenticated("malformed token")
-        header = _json_segment(parts[0])
-        alg, kid = header.get("alg"), header.get("kid")
-        if alg not in ALLOWED_ALGORITHMS:
-            raise Unauthenticated(f"token algorithm {str(alg)[:16]!r} is not accepted")
-        if not isinstance(kid, str) or not kid:
-            raise Unauthenticated("token has no key id")
+        alg, kid = self._header(parts[0])
         found = await self._key(kid)
         if found is None:
             raise Unauthenticated("token signed by an unknown key")
@@ -196,6 +196,22 @@ class TokenVerifier:
             self._evict_expired(now)
         self._cache[token] = caller
         return caller
+
+    def _header(self, segment: str) -> tuple[str, str]:
+        """The header's accepted ``alg`` and its ``kid``; Unauthenticated for anything else."""
+        known = self._headers.get(segment)
+        if known is not None:
+            return known
+        header = _json_segment(segment)
+        alg, kid = header.get("alg"), header.get("kid")
+        if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
+            raise Unauthenticated(f"token algorithm {str(alg)[:16]!r} is not accepted")
+        if not isinstance(kid, str) or not kid:
+            raise Unauthenticated("token has no key id")
+        if len(self._headers) >= _MAX_HEADERS:
+            self._headers.clear()  # headers with made-up extra fields cannot grow it without bound
+        self._headers[segment] = (alg, kid)
+        return alg, kid
 
     def _check_claims(self, claims: dict[str, Any], now: float) -> None:
         """RFC 7519 §4.1 checks, with LEEWAY_SECONDS of clock skew either way."""
@@ -231,6 +247,7 @@ class TokenVerifier:
 
 
 _REQUIRED_CLAIMS = ("exp", "iat", "sub", "jti", "iss", "aud")
+_MAX_HEADERS = 64
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
@@ -246,7 +263,8 @@ def _b64url_segment(segment: str) -> bytes:
 
 def _json_segment(segment: str) -> dict[str, Any]:
     try:
-        value = json.loads(_b64url_segment(segment))
+        # UTF-8 only (RFC 7515 §7.1); json.loads on bytes would also take UTF-16 and UTF-32.
+        value = json.loads(_b64url_segment(segment).decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise Unauthenticated("malformed token") from None
     if not isinstance(value, dict):
