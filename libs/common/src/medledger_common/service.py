@@ -25,7 +25,7 @@ from medledger_common.db import Database, Migration
 from medledger_common.events import TOPICS, unpack
 from medledger_common.grpc_server import GrpcServer, TLSFiles
 from medledger_common.identity_link import TOKEN_ISSUER, IdentityLink
-from medledger_common.kafka import ConsumedMessage, EventConsumer, Handler, ensure_topics, make_producer
+from medledger_common.kafka import ConsumedMessage, EventConsumer, Handler, make_producer
 from medledger_common.keys import KeyManager, LocalKeyring, VaultKeyManager
 from medledger_common.logs import configure_logging
 from medledger_common.outbox import COMMON_MIGRATIONS, OutboxRelay
@@ -203,10 +203,6 @@ class ServiceRuntime:
         if sources is None:
             link = self.identity_link()
             sources = AuthSources(fetch_jwks=link.fetch_jwks, load_deactivated=link.deactivated_principals)
-        # The service may be up before identity has published anything: make sure the topic is there.
-        await _retry_until_up(
-            "Kafka", lambda: ensure_topics(self.settings.kafka_bootstrap_servers, [TOPICS["identity"]])
-        )
         listener = EventConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap_servers,
             group_id=None,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -52,6 +54,8 @@ ACCESS: dict[str, Access] = {
 # Who sees any patient's consents.
 _OVERSEERS = ("admin", "privacy-officer", "auditor")
 MAX_PAGE_SIZE = 1000
+R = TypeVar("R", pb.GrantConsentResponse, pb.RevokeConsentResponse)
+GrantOrRevoke = pb.GrantConsentRequest | pb.RevokeConsentRequest
 INDEX_REPAIRS = Counter(
     "medledger_consent_index_repairs_total",
     "Consent versions this replica's index got from the database, not from their event.",
@@ -157,15 +161,37 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
         await enqueue(conn, TOPICS["consent"], event, key=v.patient_id.encode())
         return v, salt, domain.fhir_json(document)
 
+    async def _write_versions(
+        self,
+        scope: str,
+        request: GrantOrRevoke,
+        response_cls: type[R],
+        work: Callable[[AsyncConnection, list[domain.ConsentVersion]], Awaitable[R]],
+    ) -> R:
+        """Run `work` once per request id; the versions it recorded join this replica's index as
+        soon as they are committed (other replicas add them from the event)."""
+        recorded: list[domain.ConsentVersion] = []
+        response = await run_idempotent(
+            self.rt.db,
+            scope=scope,
+            request_id=request.request_id,
+            request=request,
+            response_cls=response_cls,
+            work=lambda conn: work(conn, recorded),
+            after_commit=self.rt.relay.notify,
+        )
+        for v in recorded:
+            self.index.add(v)
+        return response
+
     async def GrantConsent(
         self, request: pb.GrantConsentRequest, context: grpc.aio.ServicerContext
     ) -> pb.GrantConsentResponse:
         caller = current_caller()
         now = time.time()
         start, end = domain.check_grant(request, now)
-        recorded: list[domain.ConsentVersion] = []
 
-        async def work(conn: AsyncConnection) -> pb.GrantConsentResponse:
+        async def work(conn: AsyncConnection, recorded: list[domain.ConsentVersion]) -> pb.GrantConsentResponse:
             if not await self.acts_for(caller, request.patient_id, conn):
                 raise PermissionDenied("only the patient, their guardian or an admin grants their consent")
             patient = await storage.get_principal(conn, request.patient_id)
@@ -197,26 +223,14 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
             recorded.append(v)
             return pb.GrantConsentResponse(consent=to_proto(v), salt=salt, fhir_consent_json=document)
 
-        response = await run_idempotent(
-            self.rt.db,
-            scope="consent.GrantConsent",
-            request_id=request.request_id,
-            request=request,
-            response_cls=pb.GrantConsentResponse,
-            work=work,
-            after_commit=self.rt.relay.notify,
-        )
-        for v in recorded:
-            self.index.add(v)
-        return response
+        return await self._write_versions("consent.GrantConsent", request, pb.GrantConsentResponse, work)
 
     async def RevokeConsent(
         self, request: pb.RevokeConsentRequest, context: grpc.aio.ServicerContext
     ) -> pb.RevokeConsentResponse:
         caller = current_caller()
-        recorded: list[domain.ConsentVersion] = []
 
-        async def work(conn: AsyncConnection) -> pb.RevokeConsentResponse:
+        async def work(conn: AsyncConnection, recorded: list[domain.ConsentVersion]) -> pb.RevokeConsentResponse:
             found = await storage.get_version(conn, request.consent_id, for_update=True)
             if found is None:
                 raise NotFound("no such consent")
@@ -239,18 +253,7 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
             recorded.append(v)
             return pb.RevokeConsentResponse(consent=to_proto(v), salt=new_salt, fhir_consent_json=document)
 
-        response = await run_idempotent(
-            self.rt.db,
-            scope="consent.RevokeConsent",
-            request_id=request.request_id,
-            request=request,
-            response_cls=pb.RevokeConsentResponse,
-            work=work,
-            after_commit=self.rt.relay.notify,
-        )
-        for v in recorded:
-            self.index.add(v)
-        return response
+        return await self._write_versions("consent.RevokeConsent", request, pb.RevokeConsentResponse, work)
 
     async def GetConsent(
         self, request: pb.GetConsentRequest, context: grpc.aio.ServicerContext

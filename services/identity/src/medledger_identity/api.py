@@ -182,6 +182,27 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
         response.client_secret = (await self.keys.decrypt(REPLAY_KEY, response.client_secret)).decode()
         return response
 
+    async def _register(
+        self,
+        scope: str,
+        request: pb.RegisterPatientRequest | pb.RegisterPrincipalRequest,
+        response_cls: type[_WithSecret],
+        work: Callable[[AsyncConnection], Awaitable[_WithSecret]],
+    ) -> _WithSecret:
+        """A registration, once per request id; its new client secret is kept encrypted so that
+        a retrying client still receives it."""
+        return await run_idempotent(
+            self.rt.db,
+            scope=scope,
+            request_id=request.request_id,
+            request=request,
+            response_cls=response_cls,
+            work=work,
+            after_commit=self.rt.relay.notify,
+            seal=self._seal_secret,
+            unseal=self._unseal_secret,
+        )
+
     async def _change(
         self,
         *,
@@ -232,17 +253,7 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
             )
             return pb.RegisterPatientResponse(principal=to_proto(row), client_secret=secret)
 
-        return await run_idempotent(
-            self.rt.db,
-            scope="identity.RegisterPatient",
-            request_id=request.request_id,
-            request=request,
-            response_cls=pb.RegisterPatientResponse,
-            work=work,
-            after_commit=self.rt.relay.notify,
-            seal=self._seal_secret,
-            unseal=self._unseal_secret,
-        )
+        return await self._register("identity.RegisterPatient", request, pb.RegisterPatientResponse, work)
 
     async def RegisterPrincipal(
         self, request: pb.RegisterPrincipalRequest, context: grpc.aio.ServicerContext
@@ -264,17 +275,7 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
             )
             return pb.RegisterPrincipalResponse(principal=to_proto(row), client_secret=secret)
 
-        return await run_idempotent(
-            self.rt.db,
-            scope="identity.RegisterPrincipal",
-            request_id=request.request_id,
-            request=request,
-            response_cls=pb.RegisterPrincipalResponse,
-            work=work,
-            after_commit=self.rt.relay.notify,
-            seal=self._seal_secret,
-            unseal=self._unseal_secret,
-        )
+        return await self._register("identity.RegisterPrincipal", request, pb.RegisterPrincipalResponse, work)
 
     async def ensure_platform_principal(
         self, principal_id: str, secret: str, roles: tuple[int, ...], kind: int = Kind.PRINCIPAL_KIND_SERVICE
