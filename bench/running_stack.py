@@ -93,18 +93,23 @@ async def identity_and_consent(
         identity = await stack.enter_async_context(
             running_service("identity", id_settings, identity_storage.MIGRATIONS, identity_main.build)
         )
-        co_settings = ConsentSettings(
-            **common,
-            database_url=consent_database_url or f"sqlite+aiosqlite:///{folder / 'consent.db'}",
-            identity_address=f"127.0.0.1:{identity.grpc_port}",
-            client_secret_file=secrets_dir / "consent.secret",
-        )
-        consents = [
-            await stack.enter_async_context(
-                running_service("consent", co_settings, consent_storage.MIGRATIONS, consent_main.build)
+        consent_master = create_master_key_file(folder / "master-consent.key")
+        consents = []
+        for replica in range(consent_replicas):
+            co_settings = ConsentSettings(
+                **common,
+                database_url=consent_database_url or f"sqlite+aiosqlite:///{folder / 'consent.db'}",
+                identity_address=f"127.0.0.1:{identity.grpc_port}",
+                client_secret_file=secrets_dir / "consent.secret",
+                master_key_file=consent_master,
+                # A local keyring belongs to one process.
+                keyring_file=folder / "keyrings" / f"consent-{replica}.keyring",
             )
-            for _ in range(consent_replicas)
-        ]
+            consents.append(
+                await stack.enter_async_context(
+                    running_service("consent", co_settings, consent_storage.MIGRATIONS, consent_main.build)
+                )
+            )
         address = f"127.0.0.1:{identity.grpc_port}"
         admin = TokenClient(address, identity_main.BOOTSTRAP_ADMIN, client_secret=admin_secret)
         platform = Platform(

@@ -122,14 +122,21 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
             )
             replicas: list[ServiceRuntime] = []
             if consent:
-                co_settings = service_settings(
-                    ConsentSettings,
-                    kafka,
-                    postgres.new_database("consent"),
-                    identity_address=f"127.0.0.1:{identity.grpc_port}",
-                    client_secret_file=secrets_dir / "consent.secret",
-                )
-                for _ in range(consent_replicas):
+                consent_db = postgres.new_database("consent")
+                consent_master = tmp_path / "master-consent.key"
+                if not consent_master.exists():
+                    create_master_key_file(consent_master)
+                for replica in range(consent_replicas):
+                    co_settings = service_settings(
+                        ConsentSettings,
+                        kafka,
+                        consent_db,
+                        identity_address=f"127.0.0.1:{identity.grpc_port}",
+                        client_secret_file=secrets_dir / "consent.secret",
+                        master_key_file=consent_master,
+                        # A local keyring belongs to one process: a keyring per replica.
+                        keyring_file=tmp_path / "keyrings" / f"consent-{replica}.keyring",
+                    )
                     replicas.append(
                         await exits.enter_async_context(
                             running_service("consent", co_settings, consent_storage.MIGRATIONS, consent_main.build)

@@ -5,6 +5,7 @@ ask what, and a revocation reaching a second consent replica."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import uuid
@@ -158,7 +159,7 @@ async def test_grant_check_and_the_decision_record_written_before_the_answer(sta
         answer = await w.pdp.CheckConsent(w.question())
         assert answer.decision == pb.Decision.DECISION_PERMIT
         assert [(r.consent_id, r.version) for r in answer.deciding] == [(consent.consent_id, 1)]
-        assert answer.rule_version == "medledger-consent-rules/1" and answer.decision_id.startswith("dec_")
+        assert answer.rule_version == "medledger-consent-rules/2" and answer.decision_id.startswith("dec_")
         # The record was durable when the answer came: read it right after.
         async with stack.consent.db.connect() as conn:
             row = (
@@ -323,3 +324,227 @@ async def test_a_guardian_acts_for_the_patient_only_while_appointed_and_holding_
         )
         without_role = w.consent_as(stack.client(parent_id, parent.client_secret))
         assert await status_of(without_role.RevokeConsent(revoke)) == CODE.PERMISSION_DENIED
+
+
+# -- break-glass ------------------------------------------------------------------------------------
+
+ETREAT = vocab.PurposeOfUse.PURPOSE_OF_USE_ETREAT
+LIFE_THREATENING = pb.BreakGlassReason.BREAK_GLASS_REASON_LIFE_THREATENING
+JUSTIFICATION = "Unconscious on arrival after a road accident; need allergy and medication history now"
+
+
+async def test_break_glass_from_policy_to_review(start_stack, caplog) -> None:
+    from medledger.events.v1 import consent_events_pb2, notification_events_pb2
+    from prometheus_client import REGISTRY
+
+    from medledger_common.events import decode, unpack
+
+    async with start_stack() as stack:
+        w = await World().build(stack)
+
+        async def staff(role: int | None = None) -> tuple[str, Any]:
+            registered = await w.register(
+                Kind.PRINCIPAL_KIND_PRACTITIONER, organization_id=w.org_id, fhir_resource=w.practitioner()
+            )
+            pid = registered.principal.principal_id
+            if role is not None:
+                await w.admin_identity.AssignRole(
+                    id_pb.AssignRoleRequest(request_id=rid(), principal_id=pid, role=role)
+                )
+            await w.known_to_consent(pid)
+            return pid, w.consent_as(stack.client(pid, registered.client_secret))
+
+        doctor_id, doctor = await staff()
+        nurse_id, nurse = await staff()
+        _, org_admin = await staff(vocab.Role.ROLE_ORG_ADMIN)
+        officer_id, officer = await staff(vocab.Role.ROLE_PRIVACY_OFFICER)
+        other_org = await w.register(Kind.PRINCIPAL_KIND_ORGANIZATION)
+        outsider = await w.register(
+            Kind.PRINCIPAL_KIND_PRACTITIONER,
+            organization_id=other_org.principal.principal_id,
+            fhir_resource=w.practitioner(),
+        )
+        await w.admin_identity.AssignRole(
+            id_pb.AssignRoleRequest(
+                request_id=rid(), principal_id=outsider.principal.principal_id, role=vocab.Role.ROLE_PRIVACY_OFFICER
+            )
+        )
+        outside_officer = w.consent_as(stack.client(outsider.principal.principal_id, outsider.client_secret))
+
+        def breaking(patient_id: str = w.patient_id, **fields: Any) -> pb.BreakGlassRequest:
+            return pb.BreakGlassRequest(
+                request_id=rid(), patient_id=patient_id, reason=LIFE_THREATENING, justification=JUSTIFICATION, **fields
+            )
+
+        def emergency(actor_id: str, **fields: Any) -> pb.CheckConsentRequest:
+            return w.question(actor_id=actor_id, purpose=ETREAT, **fields)
+
+        async def accesses() -> int:
+            async with stack.consent.db.connect() as conn:
+                return (await conn.execute(select(func.count()).select_from(storage.break_glass_accesses))).scalar_one()
+
+        # Off until the organization enables it: refused, nothing stored.
+        assert await status_of(doctor.BreakGlass(breaking())) == CODE.PERMISSION_DENIED
+        policy = pb.BreakGlassPolicy(organization_id=w.org_id, enabled=True, max_uses=2)
+        outsider_admin = pb.BreakGlassPolicy(organization_id=other_org.principal.principal_id, enabled=True)
+        assert (
+            await status_of(
+                org_admin.SetBreakGlassPolicy(pb.SetBreakGlassPolicyRequest(request_id=rid(), policy=outsider_admin))
+            )
+            == CODE.PERMISSION_DENIED
+        )
+        set_policy = await org_admin.SetBreakGlassPolicy(pb.SetBreakGlassPolicyRequest(request_id=rid(), policy=policy))
+        assert set_policy.policy.access_duration.ToSeconds() == 4 * 3600 and not set_policy.policy.overrides_deny
+        assert await accesses() == 0
+        uses_before = (
+            REGISTRY.get_sample_value(
+                "medledger_consent_break_glass_uses_total", {"reason": "BREAK_GLASS_REASON_LIFE_THREATENING"}
+            )
+            or 0.0
+        )
+
+        # On: an emergency read without consent is permitted for this doctor, this patient, read only.
+        assert (await w.pdp.CheckConsent(emergency(doctor_id))).decision == pb.Decision.DECISION_NO_CONSENT
+        started = (await doctor.BreakGlass(breaking())).access
+        assert started.review == pb.BreakGlassReview.BREAK_GLASS_REVIEW_PENDING and started.organization_id == w.org_id
+        lasts = started.expires_at.ToNanoseconds() - started.started_at.ToNanoseconds()
+        assert lasts == 4 * 3600 * 10**9
+        permitted = await w.pdp.CheckConsent(emergency(doctor_id))
+        assert (permitted.decision, permitted.reason_code) == (pb.Decision.DECISION_PERMIT, "BREAK_GLASS")
+        assert permitted.break_glass_access_id == started.access_id
+        for wrong in (emergency(doctor_id, action=WRITE), w.question(actor_id=doctor_id), emergency(nurse_id)):
+            assert (await w.pdp.CheckConsent(wrong)).decision == pb.Decision.DECISION_NO_CONSENT
+        assert (
+            REGISTRY.get_sample_value(
+                "medledger_consent_break_glass_uses_total", {"reason": "BREAK_GLASS_REASON_LIFE_THREATENING"}
+            )
+            == uses_before + 1
+        )
+
+        # Rate-limited per practitioner: the third use within the window is refused, nothing stored.
+        await doctor.BreakGlass(breaking(w.other_patient_id))
+        assert await status_of(doctor.BreakGlass(breaking())) == CODE.RESOURCE_EXHAUSTED
+        assert await accesses() == 2
+
+        # A patient's explicit deny stands unless the policy says break-glass overrides it.
+        deny = await w.patient.GrantConsent(
+            w.grant(
+                grantee_id=nurse_id,
+                provision=pb.ProvisionType.PROVISION_TYPE_DENY,
+                actions=[],
+                categories=[],
+                purposes=[],
+            )
+        )
+        nurse_access = (await nurse.BreakGlass(breaking())).access
+        assert (await w.pdp.CheckConsent(emergency(nurse_id))).decision == pb.Decision.DECISION_DENY
+        policy.overrides_deny = True
+        await org_admin.SetBreakGlassPolicy(pb.SetBreakGlassPolicyRequest(request_id=rid(), policy=policy))
+        overriding = (await nurse.BreakGlass(breaking())).access
+        assert overriding.overrides_deny and not nurse_access.overrides_deny
+        overridden = await w.pdp.CheckConsent(emergency(nurse_id))
+        assert (overridden.decision, overridden.reason_code) == (
+            pb.Decision.DECISION_PERMIT,
+            "BREAK_GLASS_OVERRIDES_DENY",
+        )
+        assert [r.consent_id for r in overridden.deciding] == [deny.consent.consent_id]
+
+        # Stored encrypted; events carry the hash and the reason code; the patient and the
+        # privacy officers are told; the text is in no event and no log line.
+        async with stack.consent.db.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(storage.break_glass_accesses).where(
+                        storage.break_glass_accesses.c.access_id == started.access_id
+                    )
+                )
+            ).one()
+            published = [(r.topic, bytes(r.value)) for r in await conn.execute(select(outbox.c.topic, outbox.c.value))]
+        assert (
+            row.justification_ciphertext.startswith("vault:v1:") and "road accident" not in row.justification_ciphertext
+        )
+        assert (
+            row.justification_sha256
+            == hashlib.sha256(b"medledger:break-glass-justification:v1\n" + JUSTIFICATION.encode()).hexdigest()
+        )
+        events = [decode(payload) for _, payload in published]
+        starts = [
+            unpack(e, consent_events_pb2.BreakGlassAccessStarted)
+            for e in events
+            if e.type == consent_events_pb2.BreakGlassAccessStarted.DESCRIPTOR.full_name
+        ]
+        first = next(s for s in starts if s.access_id == started.access_id)
+        assert (first.reason_code, first.justification_sha256) == (
+            "BREAK_GLASS_REASON_LIFE_THREATENING",
+            row.justification_sha256,
+        )
+        notes = [
+            unpack(e, notification_events_pb2.NotificationRequested)
+            for e in events
+            if e.type == notification_events_pb2.NotificationRequested.DESCRIPTOR.full_name
+        ]
+        told = {
+            (n.recipient_id, n.organization_id, n.recipient_role) for n in notes if n.subject_id == started.access_id
+        }
+        assert told == {(w.patient_id, "", ""), ("", w.org_id, "privacy-officer")}
+        decisions = [
+            unpack(e, consent_events_pb2.ConsentDecisionRecorded)
+            for e in events
+            if e.type == consent_events_pb2.ConsentDecisionRecorded.DESCRIPTOR.full_name
+        ]
+        assert any(
+            d.decision_id == permitted.decision_id and d.break_glass_access_id == started.access_id for d in decisions
+        )
+        for text in (JUSTIFICATION, "road accident"):
+            assert all(text.encode() not in payload for _, payload in published)
+            assert text not in caplog.text
+
+        # Pending until a privacy officer of the organization reviews it.
+        pending = await officer.ListBreakGlassAccesses(
+            pb.ListBreakGlassAccessesRequest(organization_id=w.org_id, pending_only=True)
+        )
+        assert {a.access_id for a in pending.accesses} == {
+            started.access_id,
+            nurse_access.access_id,
+            overriding.access_id,
+        } | {a.access_id for a in pending.accesses if a.patient_id == w.other_patient_id}
+        assert len(pending.accesses) == 4
+        read = await officer.GetBreakGlassAccess(pb.GetBreakGlassAccessRequest(access_id=started.access_id))
+        assert read.justification == JUSTIFICATION
+        assert (
+            await status_of(
+                outside_officer.GetBreakGlassAccess(pb.GetBreakGlassAccessRequest(access_id=started.access_id))
+            )
+            == CODE.NOT_FOUND
+        )
+        assert (
+            await status_of(
+                outside_officer.ListBreakGlassAccesses(pb.ListBreakGlassAccessesRequest(organization_id=w.org_id))
+            )
+            == CODE.PERMISSION_DENIED
+        )
+
+        def review(access_id: str, outcome: int) -> pb.ReviewBreakGlassAccessRequest:
+            return pb.ReviewBreakGlassAccessRequest(request_id=rid(), access_id=access_id, review=outcome)
+
+        justified = pb.BreakGlassReview.BREAK_GLASS_REVIEW_JUSTIFIED
+        unjustified = pb.BreakGlassReview.BREAK_GLASS_REVIEW_UNJUSTIFIED
+        assert (
+            await status_of(doctor.ReviewBreakGlassAccess(review(started.access_id, justified)))
+            == CODE.PERMISSION_DENIED
+        )
+        done = (await officer.ReviewBreakGlassAccess(review(started.access_id, justified))).access
+        assert (done.review, done.reviewed_by, done.HasField("ended_at")) == (justified, officer_id, False)
+        assert (
+            await status_of(officer.ReviewBreakGlassAccess(review(started.access_id, unjustified)))
+            == CODE.FAILED_PRECONDITION
+        )
+        # An unjustified use ends at once: the patient's deny of the nurse holds again.
+        ended = (await officer.ReviewBreakGlassAccess(review(overriding.access_id, unjustified))).access
+        assert ended.HasField("ended_at")
+        assert (await w.pdp.CheckConsent(emergency(nurse_id))).decision == pb.Decision.DECISION_DENY
+        assert (await w.pdp.CheckConsent(emergency(doctor_id))).decision == pb.Decision.DECISION_PERMIT
+        still = await officer.ListBreakGlassAccesses(
+            pb.ListBreakGlassAccessesRequest(organization_id=w.org_id, pending_only=True)
+        )
+        assert started.access_id not in {a.access_id for a in still.accesses} and len(still.accesses) == 2

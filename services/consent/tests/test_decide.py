@@ -175,3 +175,112 @@ def test_the_fhir_form_validates_and_the_commitment_is_what_the_readme_says() ->
         # JCS: key order and whitespace do not change the commitment.
         reordered = json.loads(json.dumps(document, sort_keys=True))
         assert domain.commitment(reordered, salt) == expected
+
+
+# -- break-glass (rule 4) -------------------------------------------------------------------------
+
+ETREAT = v.PurposeOfUse.PURPOSE_OF_USE_ETREAT
+HOUR = 3600.0
+
+
+def broken_glass(access_id: str = "bgl_1", **changes: object) -> domain.BreakGlassAccess:
+    base = domain.BreakGlassAccess(
+        access_id=access_id,
+        patient_id=PATIENT,
+        practitioner_id=DOCTOR,
+        organization_id=ORG,
+        reason=pb.BreakGlassReason.BREAK_GLASS_REASON_LIFE_THREATENING,
+        justification_sha256=domain.justification_sha256("unconscious, allergy history needed"),
+        started_at=T0 + DAY - HOUR,
+        expires_at=T0 + DAY + 3 * HOUR,
+        overrides_deny=False,
+        review=pb.BreakGlassReview.BREAK_GLASS_REVIEW_PENDING,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def with_break_glass(index: ConsentIndex, *accesses: domain.BreakGlassAccess) -> ConsentIndex:
+    for a in accesses:
+        index.put_break_glass(a)
+    return index
+
+
+def test_break_glass_permits_emergency_reads_without_consent() -> None:
+    index = with_break_glass(index_of(), broken_glass())
+    outcome = ask(index, purpose=ETREAT)
+    assert (outcome.decision, outcome.reason_code, outcome.break_glass_access_id) == (PERMIT, "BREAK_GLASS", "bgl_1")
+    assert outcome.deciding == ()
+
+
+def test_break_glass_is_read_only_for_etreat_and_for_its_practitioner_and_patient() -> None:
+    index = with_break_glass(index_of(), broken_glass())
+    for wrong, code in (
+        ({"action": WRITE}, "NO_CONSENT_FOR_PATIENT"),
+        ({"purpose": TREAT}, "NO_CONSENT_FOR_PATIENT"),
+        ({"actor_id": OTHER_DOCTOR}, "NO_CONSENT_FOR_PATIENT"),
+        ({"patient_id": "pat_other"}, "NO_CONSENT_FOR_PATIENT"),
+    ):
+        outcome = ask(index, **{"purpose": ETREAT, **wrong})
+        assert (outcome.decision, outcome.reason_code, outcome.break_glass_access_id) == (NO_CONSENT, code, ""), wrong
+
+
+def test_break_glass_expires_and_ends_with_an_unjustified_review() -> None:
+    access = broken_glass()
+    index = with_break_glass(index_of(), access)
+    assert ask(index, purpose=ETREAT, now=access.expires_at - 1).decision == PERMIT
+    assert ask(index, purpose=ETREAT, now=access.expires_at).decision == NO_CONSENT
+    assert ask(index, purpose=ETREAT, now=access.started_at - 1).decision == NO_CONSENT
+    ended = replace(
+        access, review=pb.BreakGlassReview.BREAK_GLASS_REVIEW_UNJUSTIFIED, ended_at=T0 + DAY, reviewed_at=T0 + DAY
+    )
+    assert index.put_break_glass(ended) and not index.put_break_glass(ended)
+    assert ask(index, purpose=ETREAT, now=T0 + DAY + 1).decision == NO_CONSENT
+    # Replayed at a time before the review, the decision is what it was then.
+    assert ask(index, purpose=ETREAT, now=T0 + DAY - 1).decision == PERMIT
+
+
+def test_an_explicit_deny_stands_unless_the_policy_let_break_glass_override_it() -> None:
+    deny = consent("cns_deny", provision=domain.DENY, actions=frozenset(), categories=frozenset(), purposes=frozenset())
+    held = ask(with_break_glass(index_of(deny), broken_glass()), purpose=ETREAT)
+    assert (held.decision, held.reason_code, held.break_glass_access_id) == (DENY, "EXPLICIT_DENY", "")
+    assert "does not override" in held.reason
+    overridden = ask(with_break_glass(index_of(deny), broken_glass(overrides_deny=True)), purpose=ETREAT)
+    assert (overridden.decision, overridden.reason_code) == (PERMIT, "BREAK_GLASS_OVERRIDES_DENY")
+    assert overridden.deciding == (("cns_deny", 1),) and overridden.break_glass_access_id == "bgl_1"
+
+
+def test_a_consent_that_permits_decides_before_break_glass() -> None:
+    index = with_break_glass(index_of(consent(purposes=frozenset({ETREAT}))), broken_glass())
+    outcome = ask(index, purpose=ETREAT)
+    assert (outcome.reason_code, outcome.break_glass_access_id) == ("PERMITTED", "")
+
+
+@pytest.mark.parametrize(
+    ("field", "request_fields"),
+    [
+        ("patient_id", {"patient_id": ""}),
+        ("reason", {"reason": 0}),
+        ("reason", {"reason": 99}),
+        ("justification", {"justification": "   too short "}),
+        ("justification", {"justification": "x" * 2001}),
+    ],
+)
+def test_break_glass_requests_name_the_bad_field(field: str, request_fields: dict) -> None:
+    base = {
+        "request_id": "r",
+        "patient_id": PATIENT,
+        "reason": pb.BreakGlassReason.BREAK_GLASS_REASON_LIFE_THREATENING,
+        "justification": "unconscious on arrival; allergy history needed",
+    }
+    with pytest.raises(domain.InvalidArgument) as err:
+        domain.check_break_glass(pb.BreakGlassRequest(**{**base, **request_fields}))
+    assert [violation.field for violation in err.value.violations] == [field]
+
+
+def test_policies_default_to_four_hours_and_three_uses_a_day_and_refuse_bad_durations() -> None:
+    policy = domain.check_policy(pb.BreakGlassPolicy(organization_id=ORG, enabled=True))
+    assert (policy.access_seconds, policy.max_uses, policy.rate_window_seconds) == (4 * HOUR, 3, 24 * HOUR)
+    too_long = pb.BreakGlassPolicy(organization_id=ORG)
+    too_long.access_duration.FromSeconds(25 * 3600)
+    with pytest.raises(domain.InvalidArgument):
+        domain.check_policy(too_long)

@@ -20,6 +20,9 @@ TOPICS = {name: f"medledger.{name}.v1" for name in SERVICES}
 # Consent decisions, one per record access, apart from consent's own changes: the consumers of
 # changes (every consent replica) need not read through the decisions.
 TOPICS["consent.decisions"] = "medledger.consent.decisions.v1"
+# What a person must be told (e.g. a patient, of a break-glass access to their data), for
+# whatever delivers notifications.
+TOPICS["notifications"] = "medledger.notifications.v1"
 # Service topics, never their dead-letter topics.
 SERVICE_TOPIC_PATTERN = r"^medledger\.[a-z]+(\.[a-z]+)?\.v[0-9]+$"
 CONTENT_TYPE = "application/cloudevents+protobuf"

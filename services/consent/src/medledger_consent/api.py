@@ -29,6 +29,7 @@ from medledger_common.idempotency import run_idempotent
 from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
 from medledger_consent import domain, storage
+from medledger_consent.break_glass import BreakGlassDesk
 
 Kind = vocabulary_pb2.PrincipalKind
 PRINCIPAL_ACTIVE = vocabulary_pb2.PrincipalStatus.PRINCIPAL_STATUS_ACTIVE
@@ -50,6 +51,12 @@ ACCESS: dict[str, Access] = {
     _SERVICE + "CheckConsent": Access.of(roles=["pdp-client", "guardian"], kinds=["patient"]),
     _SERVICE + "AppointGuardian": ANY_CALLER,
     _SERVICE + "RemoveGuardian": ANY_CALLER,
+    _SERVICE + "SetBreakGlassPolicy": Access.of(roles=["admin", "org-admin"]),
+    _SERVICE + "GetBreakGlassPolicy": ANY_CALLER,
+    _SERVICE + "BreakGlass": Access.of(kinds=["practitioner"]),
+    _SERVICE + "ListBreakGlassAccesses": Access.of(roles=["admin", "privacy-officer", "auditor"]),
+    _SERVICE + "GetBreakGlassAccess": Access.of(roles=["admin", "privacy-officer"]),
+    _SERVICE + "ReviewBreakGlassAccess": Access.of(roles=["privacy-officer"]),
 }
 # Who sees any patient's consents.
 _OVERSEERS = ("admin", "privacy-officer", "auditor")
@@ -58,7 +65,7 @@ R = TypeVar("R", pb.GrantConsentResponse, pb.RevokeConsentResponse)
 GrantOrRevoke = pb.GrantConsentRequest | pb.RevokeConsentRequest
 INDEX_REPAIRS = Counter(
     "medledger_consent_index_repairs_total",
-    "Consent versions this replica's index got from the database, not from their event.",
+    "Consent versions and break-glass accesses this replica's index got from the database, not from their event.",
 )
 
 
@@ -98,10 +105,17 @@ _GUARDIAN_KINDS = {Kind.PRINCIPAL_KIND_PATIENT, Kind.PRINCIPAL_KIND_PRACTITIONER
 
 
 class ConsentApi(pb_grpc.ConsentServiceServicer):
-    def __init__(self, runtime: ServiceRuntime, index: domain.ConsentIndex, log: storage.DecisionLog) -> None:
+    def __init__(
+        self,
+        runtime: ServiceRuntime,
+        index: domain.ConsentIndex,
+        log: storage.DecisionLog,
+        break_glass: BreakGlassDesk,
+    ) -> None:
         self.rt = runtime
         self.index = index
         self.log = log
+        self.break_glass = break_glass
         self._loaded_until = 0.0
         # A practitioner's organization never changes in identity: remembered once read.
         self._organization_of: dict[str, str] = {}
@@ -122,6 +136,8 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
         async with self.rt.db.connect() as conn:
             for v in await storage.all_versions(conn):
                 self.index.add(v)
+            for a in await storage.accesses_running_after(conn, started - 60):
+                self.index.put_break_glass(a)
         self._loaded_until = started
 
     async def reconcile_index(self, every_seconds: float = 2.0, overlap_seconds: float = 10.0) -> None:
@@ -132,8 +148,12 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
             await asyncio.sleep(every_seconds)
             started = time.time()
             async with self.rt.db.connect() as conn:
-                for v in await storage.versions_recorded_since(conn, self._loaded_until - overlap_seconds):
+                since = self._loaded_until - overlap_seconds
+                for v in await storage.versions_recorded_since(conn, since):
                     if self.index.add(v):
+                        INDEX_REPAIRS.inc()
+                for a in await storage.accesses_changed_since(conn, since):
+                    if self.index.put_break_glass(a):
                         INDEX_REPAIRS.inc()
             self._loaded_until = started
 
@@ -349,6 +369,7 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
                 reason_code=outcome.reason_code,
                 deciding=deciding,
                 rule_version=domain.RULE_VERSION,
+                break_glass_access_id=outcome.break_glass_access_id,
             ),
             aggregate_id=decision_id,
             version=1,
@@ -366,6 +387,7 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
                 "decision": outcome.decision,
                 "reason_code": outcome.reason_code,
                 "deciding": " ".join(deciding),
+                "break_glass_access_id": outcome.break_glass_access_id,
                 "rule_version": domain.RULE_VERSION,
             },
             event,
@@ -378,6 +400,7 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
             deciding=[pb.ConsentRef(consent_id=c, version=v) for c, v in outcome.deciding],
             rule_version=domain.RULE_VERSION,
             decided_at=_ts(question.now),
+            break_glass_access_id=outcome.break_glass_access_id,
         )
 
     async def _change_guardianship(
@@ -447,3 +470,35 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
         self, request: pb.RemoveGuardianRequest, context: grpc.aio.ServicerContext
     ) -> pb.RemoveGuardianResponse:
         return pb.RemoveGuardianResponse(guardianship=await self._change_guardianship(request, active=False))
+
+    # -- break-glass (medledger_consent.break_glass) ---------------------------------------------
+
+    async def SetBreakGlassPolicy(
+        self, request: pb.SetBreakGlassPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetBreakGlassPolicyResponse:
+        return await self.break_glass.set_policy(request)
+
+    async def GetBreakGlassPolicy(
+        self, request: pb.GetBreakGlassPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetBreakGlassPolicyResponse:
+        return await self.break_glass.get_policy(request)
+
+    async def BreakGlass(
+        self, request: pb.BreakGlassRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BreakGlassResponse:
+        return await self.break_glass.break_glass(request)
+
+    async def ListBreakGlassAccesses(
+        self, request: pb.ListBreakGlassAccessesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListBreakGlassAccessesResponse:
+        return await self.break_glass.list_accesses(request)
+
+    async def GetBreakGlassAccess(
+        self, request: pb.GetBreakGlassAccessRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetBreakGlassAccessResponse:
+        return await self.break_glass.get_access(request)
+
+    async def ReviewBreakGlassAccess(
+        self, request: pb.ReviewBreakGlassAccessRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReviewBreakGlassAccessResponse:
+        return await self.break_glass.review(request)

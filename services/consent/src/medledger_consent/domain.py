@@ -14,6 +14,12 @@ actor (and their organization), the action, the data category, the purpose and `
 
 When nothing applies, the reason names the first test that the consents naming the actor fail,
 in the order above, so a single wrong input gets its own reason.
+
+4. Break-glass: when 1-3 do not permit, the action is READ and the purpose ETREAT, a
+   break-glass access of the actor to the patient that is running at `now` (started at or before
+   it, not expired, not ended by a review) permits (BREAK_GLASS). It outweighs an explicit deny
+   only if it was granted under a policy that says so (BREAK_GLASS_OVERRIDES_DENY, naming the
+   overridden deny versions); otherwise the deny stands.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,7 +41,7 @@ from pydantic import ValidationError
 
 from medledger_common.errors import FieldViolation, InvalidArgument
 
-RULE_VERSION = "medledger-consent-rules/1"
+RULE_VERSION = "medledger-consent-rules/2"
 COMMITMENT_DOMAIN = b"medledger:consent:v1\n"
 SALT_BYTES = 32
 
@@ -44,6 +50,8 @@ DENY = pb.ProvisionType.PROVISION_TYPE_DENY
 ACTIVE = pb.ConsentStatus.CONSENT_STATUS_ACTIVE
 INACTIVE = pb.ConsentStatus.CONSENT_STATUS_INACTIVE
 
+_READ = vocabulary_pb2.Action.ACTION_READ
+_ETREAT = vocabulary_pb2.PurposeOfUse.PURPOSE_OF_USE_ETREAT
 _ACTIONS = {v.number: v.name for v in vocabulary_pb2.Action.DESCRIPTOR.values if v.number}
 _CATEGORIES = {v.number: v.name for v in vocabulary_pb2.DataCategory.DESCRIPTOR.values if v.number}
 _PURPOSES = {v.number: v.name for v in vocabulary_pb2.PurposeOfUse.DESCRIPTOR.values if v.number}
@@ -72,6 +80,30 @@ class ConsentVersion:
 
 
 @dataclass(frozen=True)
+class BreakGlassAccess:
+    """A practitioner's emergency read access (purpose ETREAT) to one patient's data."""
+
+    access_id: str
+    patient_id: str
+    practitioner_id: str
+    organization_id: str
+    reason: int
+    justification_sha256: str
+    started_at: float
+    expires_at: float
+    overrides_deny: bool
+    review: int
+    reviewed_by: str = ""
+    reviewed_at: float | None = None
+    # Set when an UNJUSTIFIED review ended it before it expired.
+    ended_at: float | None = None
+
+    def running(self, now: float) -> bool:
+        end = self.expires_at if self.ended_at is None else min(self.expires_at, self.ended_at)
+        return self.started_at <= now < end
+
+
+@dataclass(frozen=True)
 class Question:
     """One consent check: who wants to do what with whose data, why, and when."""
 
@@ -91,6 +123,7 @@ class Outcome:
     reason_code: str
     reason: str
     deciding: tuple[tuple[str, int], ...] = ()
+    break_glass_access_id: str = ""
 
 
 def in_force(versions: Sequence[ConsentVersion], now: float) -> ConsentVersion | None:
@@ -123,8 +156,50 @@ def _first_failed_test(v: ConsentVersion, q: Question, actor_ids: set[str]) -> i
     return 6
 
 
-def decide(consents: Iterable[Sequence[ConsentVersion]], q: Question) -> Outcome:
-    """The decision for `q` given the patient's consents (each a sequence of its versions)."""
+def decide(
+    consents: Iterable[Sequence[ConsentVersion]], q: Question, break_glass: Iterable[BreakGlassAccess] = ()
+) -> Outcome:
+    """The decision for `q` given the patient's consents (each a sequence of its versions) and
+    break-glass accesses."""
+    outcome = _decide_by_consents(consents, q)
+    if outcome.decision == pb.Decision.DECISION_PERMIT or (q.action, q.purpose) != (_READ, _ETREAT):
+        return outcome
+    running = sorted(
+        (
+            a
+            for a in break_glass
+            if a.practitioner_id == q.actor_id and a.patient_id == q.patient_id and a.running(q.now)
+        ),
+        key=lambda a: a.access_id,
+    )
+    if not running:
+        return outcome
+    if outcome.decision == pb.Decision.DECISION_DENY:
+        overriding = [a for a in running if a.overrides_deny]
+        if not overriding:
+            return replace(
+                outcome,
+                reason=outcome.reason
+                + "; the break-glass access does not override a deny under its organization's policy",
+            )
+        return Outcome(
+            pb.Decision.DECISION_PERMIT,
+            "BREAK_GLASS_OVERRIDES_DENY",
+            "emergency access (break-glass), overriding the patient's explicit deny as the organization's policy "
+            "allows; a privacy officer reviews it",
+            outcome.deciding,
+            overriding[0].access_id,
+        )
+    return Outcome(
+        pb.Decision.DECISION_PERMIT,
+        "BREAK_GLASS",
+        "emergency access (break-glass) without the patient's consent; a privacy officer reviews it",
+        (),
+        running[0].access_id,
+    )
+
+
+def _decide_by_consents(consents: Iterable[Sequence[ConsentVersion]], q: Question) -> Outcome:
     current = [v for versions in consents if (v := in_force(versions, q.now)) is not None]
     current = [v for v in current if v.patient_id == q.patient_id]
     if not current:
@@ -346,6 +421,8 @@ class ConsentIndex:
 
     def __init__(self) -> None:
         self._by_patient: dict[str, dict[str, list[ConsentVersion]]] = {}
+        # Break-glass accesses by patient and access id; a review replaces one.
+        self._break_glass: dict[str, dict[str, BreakGlassAccess]] = {}
         self.size = 0
 
     def add(self, v: ConsentVersion) -> bool:
@@ -360,5 +437,90 @@ class ConsentIndex:
     def of_patient(self, patient_id: str) -> list[list[ConsentVersion]]:
         return list(self._by_patient.get(patient_id, {}).values())
 
+    def put_break_glass(self, a: BreakGlassAccess) -> bool:
+        """Add or update an access; False when the index already had it as it is."""
+        accesses = self._break_glass.setdefault(a.patient_id, {})
+        if accesses.get(a.access_id) == a:
+            return False
+        accesses[a.access_id] = a
+        return True
+
     def decide(self, q: Question) -> Outcome:
-        return decide(self._by_patient.get(q.patient_id, {}).values(), q)
+        return decide(
+            self._by_patient.get(q.patient_id, {}).values(),
+            q,
+            self._break_glass.get(q.patient_id, {}).values(),
+        )
+
+
+# -- break-glass --------------------------------------------------------------------------------
+
+JUSTIFICATION_DOMAIN = b"medledger:break-glass-justification:v1\n"
+JUSTIFICATION_MIN_CHARS = 10
+JUSTIFICATION_MAX_CHARS = 2000
+DEFAULT_ACCESS_SECONDS = 4 * 3600.0
+MAX_ACCESS_SECONDS = 24 * 3600.0
+DEFAULT_MAX_USES = 3
+DEFAULT_RATE_WINDOW_SECONDS = 24 * 3600.0
+_REASONS_OF_BREAK_GLASS = {v.number: v.name for v in pb.BreakGlassReason.DESCRIPTOR.values if v.number}
+
+
+@dataclass(frozen=True)
+class BreakGlassPolicy:
+    organization_id: str
+    enabled: bool = False
+    overrides_deny: bool = False
+    access_seconds: float = DEFAULT_ACCESS_SECONDS
+    max_uses: int = DEFAULT_MAX_USES
+    rate_window_seconds: float = DEFAULT_RATE_WINDOW_SECONDS
+    changed_by: str = ""
+    changed_at: float = 0.0
+
+
+def check_policy(p: pb.BreakGlassPolicy) -> BreakGlassPolicy:
+    """A policy from its proto, with defaults for unset durations and counts."""
+    if not p.organization_id:
+        raise InvalidArgument.field("policy.organization_id", "required")
+    access = p.access_duration.ToNanoseconds() / 1e9 if p.HasField("access_duration") else DEFAULT_ACCESS_SECONDS
+    if not 0 < access <= MAX_ACCESS_SECONDS:
+        raise InvalidArgument.field("policy.access_duration", "more than 0 and at most 24 hours")
+    window = p.rate_window.ToNanoseconds() / 1e9 if p.HasField("rate_window") else DEFAULT_RATE_WINDOW_SECONDS
+    if window <= 0:
+        raise InvalidArgument.field("policy.rate_window", "must be positive")
+    if p.max_uses < 0:
+        raise InvalidArgument.field("policy.max_uses", "must not be negative (0: the default, 3)")
+    return BreakGlassPolicy(
+        organization_id=p.organization_id,
+        enabled=p.enabled,
+        overrides_deny=p.overrides_deny,
+        access_seconds=access,
+        max_uses=p.max_uses or DEFAULT_MAX_USES,
+        rate_window_seconds=window,
+    )
+
+
+def check_break_glass(request: pb.BreakGlassRequest) -> str:
+    """Field checks of a break-glass request; returns the justification, stripped."""
+    if not request.patient_id:
+        raise InvalidArgument.field("patient_id", "required")
+    if request.reason not in _REASONS_OF_BREAK_GLASS:
+        raise InvalidArgument.field("reason", "required: one of " + ", ".join(_REASONS_OF_BREAK_GLASS.values()))
+    justification = request.justification.strip()
+    if not JUSTIFICATION_MIN_CHARS <= len(justification) <= JUSTIFICATION_MAX_CHARS:
+        raise InvalidArgument.field(
+            "justification",
+            f"{JUSTIFICATION_MIN_CHARS} to {JUSTIFICATION_MAX_CHARS} characters explaining the emergency",
+        )
+    return justification
+
+
+def justification_sha256(justification: str) -> str:
+    return hashlib.sha256(JUSTIFICATION_DOMAIN + justification.encode()).hexdigest()
+
+
+def reason_code(reason: int) -> str:
+    return _REASONS_OF_BREAK_GLASS.get(reason, "BREAK_GLASS_REASON_UNSPECIFIED")
+
+
+def new_break_glass_id() -> str:
+    return f"bgl_{uuid.uuid4().hex}"

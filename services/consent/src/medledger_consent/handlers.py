@@ -55,10 +55,15 @@ class PrincipalDirectoryHandler:
 
 INDEX_CONSUMER = "consent.index"
 _VERSION_RECORDED = consent_events_pb2.ConsentVersionRecorded.DESCRIPTOR.full_name
+_BREAK_GLASS_CHANGED = {
+    consent_events_pb2.BreakGlassAccessStarted.DESCRIPTOR.full_name,
+    consent_events_pb2.BreakGlassAccessReviewed.DESCRIPTOR.full_name,
+}
 
 
 class ConsentIndexHandler:
-    """Keeps this replica's consent index current with versions other replicas recorded."""
+    """Keeps this replica's consent index current with the consent versions and break-glass
+    accesses other replicas recorded."""
 
     def __init__(self, db: Database, index: ConsentIndex) -> None:
         self.db = db
@@ -66,6 +71,8 @@ class ConsentIndexHandler:
 
     async def __call__(self, message: ConsumedMessage) -> None:
         event = message.event
+        if event is not None and event.type in _BREAK_GLASS_CHANGED:
+            await self._break_glass_changed(event.aggregate_id)
         if event is None or event.type != _VERSION_RECORDED:
             return
         recorded = unpack(event, consent_events_pb2.ConsentVersionRecorded)
@@ -75,3 +82,10 @@ class ConsentIndexHandler:
             # Published after its commit, so it is there; if not, retry until it is.
             raise Unavailable("a consent version announced by its event is not in the database yet")
         self.index.add(found[0])
+
+    async def _break_glass_changed(self, access_id: str) -> None:
+        async with self.db.connect() as conn:
+            found = await storage.get_access(conn, access_id)
+        if found is None:
+            raise Unavailable("a break-glass access announced by its event is not in the database yet")
+        self.index.put_break_glass(found[0])

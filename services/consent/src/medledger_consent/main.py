@@ -8,6 +8,7 @@ from medledger_common.events import TOPICS
 from medledger_common.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
 from medledger_common.settings import load_settings_or_exit
 from medledger_consent.api import ACCESS, PUBLIC_METHODS, ConsentApi
+from medledger_consent.break_glass import BreakGlassDesk
 from medledger_consent.config import ConsentSettings
 from medledger_consent.domain import ConsentIndex
 from medledger_consent.handlers import (
@@ -26,7 +27,8 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     index = ConsentIndex()
     decisions = DecisionLog(runtime.db, TOPICS["consent.decisions"])
     decisions.after_commit = runtime.relay.notify
-    api = ConsentApi(runtime, index, decisions)
+    desk = BreakGlassDesk(runtime, runtime.require_keys(), index)
+    api = ConsentApi(runtime, index, decisions, desk)
     runtime.extras["consent_api"] = api
     return ServiceParts(
         service_descriptors=[consent_service_pb2.DESCRIPTOR.services_by_name["ConsentService"]],
@@ -49,7 +51,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
             ),
         ],
         on_start=[api.load_index],
-        background=[decisions.run, api.reconcile_index],
+        background=[decisions.run, api.reconcile_index, desk.watch_pending_reviews],
     )
 
 

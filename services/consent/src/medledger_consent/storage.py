@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from medledger.consent.v1 import consent_service_pb2 as pb
 from opentelemetry import propagate
 from sqlalchemy import (
     Column,
@@ -18,19 +19,23 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    func,
     insert,
+    inspect,
     select,
     text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.expression import Executable
 
 from medledger_common.db import Database, Migration, create_tables
 from medledger_common.errors import Unavailable
 from medledger_common.outbox import enqueue_many
-from medledger_consent.domain import ConsentVersion
+from medledger_consent.domain import BreakGlassAccess, BreakGlassPolicy, ConsentVersion
 
+PENDING_REVIEW = pb.BreakGlassReview.BREAK_GLASS_REVIEW_PENDING
 metadata = MetaData()
 # Consent's view of identity's principals, kept current from identity events; grants name
 # principals, and a grant to an unknown principal is refused.
@@ -83,7 +88,19 @@ consent_decisions = Table(
     # Space-separated consent_id@version.
     Column("deciding", Text, nullable=False),
     Column("rule_version", String(64), nullable=False),
+    # The break-glass access that permitted (migration 6); empty for consent decisions.
+    Column("break_glass_access_id", String(64), nullable=False, server_default=""),
 )
+
+
+async def _decisions_by_break_glass(conn: AsyncConnection) -> None:
+    # Databases that ran migration 2 before the column was in the table above lack it.
+    columns = await conn.run_sync(lambda sync: {c["name"] for c in inspect(sync).get_columns("consent_decisions")})
+    if "break_glass_access_id" not in columns:
+        await conn.execute(
+            text("ALTER TABLE consent_decisions ADD COLUMN break_glass_access_id VARCHAR(64) NOT NULL DEFAULT ''")
+        )
+
 
 guardians_metadata = MetaData()
 # Who acts for a patient; a row is kept (inactive) when a guardianship ends.
@@ -98,6 +115,44 @@ guardianships = Table(
 )
 
 
+break_glass_metadata = MetaData()
+# Each organization's break-glass rules; no row: disabled.
+break_glass_policies = Table(
+    "break_glass_policies",
+    break_glass_metadata,
+    Column("organization_id", String(64), primary_key=True),
+    Column("enabled", Integer, nullable=False),
+    Column("overrides_deny", Integer, nullable=False),
+    Column("access_seconds", Float, nullable=False),
+    Column("max_uses", Integer, nullable=False),
+    Column("rate_window_seconds", Float, nullable=False),
+    Column("changed_by", String(64), nullable=False),
+    Column("changed_at", Float, nullable=False),
+)
+# Every break-glass use; the justification only as a key-manager ciphertext under the patient's
+# key (crypto-shredding erases it with the patient's other data).
+break_glass_accesses = Table(
+    "break_glass_accesses",
+    break_glass_metadata,
+    Column("access_id", String(64), primary_key=True),
+    Column("patient_id", String(64), nullable=False, index=True),
+    Column("practitioner_id", String(64), nullable=False, index=True),
+    Column("organization_id", String(64), nullable=False, index=True),
+    Column("reason", Integer, nullable=False),
+    Column("justification_sha256", String(64), nullable=False),
+    Column("justification_ciphertext", Text, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("ended_at", Float, nullable=True),
+    Column("overrides_deny", Integer, nullable=False),
+    Column("review", Integer, nullable=False),
+    Column("reviewed_by", String(64), nullable=False),
+    Column("reviewed_at", Float, nullable=True),
+    # When the row last changed: replicas' reconciliation reads recent changes.
+    Column("changed_at", Float, nullable=False, index=True),
+)
+
+
 async def _index_recorded_at(conn: AsyncConnection) -> None:
     await conn.execute(text("CREATE INDEX ix_consent_versions_recorded_at ON consent_versions (recorded_at)"))
 
@@ -107,6 +162,8 @@ MIGRATIONS = [
     Migration(2, "consent versions and decisions", create_tables(consents_metadata)),
     Migration(3, "guardianships", create_tables(guardians_metadata)),
     Migration(4, "consent versions by recording time", _index_recorded_at),
+    Migration(5, "break-glass policies and accesses", create_tables(break_glass_metadata)),
+    Migration(6, "decisions name the break-glass access that permitted", _decisions_by_break_glass),
 ]
 
 
@@ -347,3 +404,160 @@ async def is_guardian(conn: AsyncConnection, patient_id: str, guardian_id: str) 
     g = guardianships.c
     row = await conn.execute(select(g.active).where(and_(g.patient_id == patient_id, g.guardian_id == guardian_id)))
     return bool(row.scalar())
+
+
+# -- break-glass ------------------------------------------------------------------------------
+
+
+def _upsert(conn: AsyncConnection, table: Table, values: dict[str, object], keys: list[str]) -> Executable:
+    ins = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+    return ins.values(**values).on_conflict_do_update(
+        index_elements=keys, set_={k: v for k, v in values.items() if k not in keys}
+    )
+
+
+async def set_policy(conn: AsyncConnection, p: BreakGlassPolicy) -> None:
+    values = {
+        "organization_id": p.organization_id,
+        "enabled": int(p.enabled),
+        "overrides_deny": int(p.overrides_deny),
+        "access_seconds": p.access_seconds,
+        "max_uses": p.max_uses,
+        "rate_window_seconds": p.rate_window_seconds,
+        "changed_by": p.changed_by,
+        "changed_at": p.changed_at,
+    }
+    await conn.execute(_upsert(conn, break_glass_policies, values, ["organization_id"]))
+
+
+async def get_policy(conn: AsyncConnection, organization_id: str) -> BreakGlassPolicy:
+    """The organization's policy; a disabled one when it never set any."""
+    t = break_glass_policies.c
+    r = (await conn.execute(select(break_glass_policies).where(t.organization_id == organization_id))).first()
+    if r is None:
+        return BreakGlassPolicy(organization_id)
+    return BreakGlassPolicy(
+        organization_id=r.organization_id,
+        enabled=bool(r.enabled),
+        overrides_deny=bool(r.overrides_deny),
+        access_seconds=float(r.access_seconds),
+        max_uses=int(r.max_uses),
+        rate_window_seconds=float(r.rate_window_seconds),
+        changed_by=r.changed_by,
+        changed_at=float(r.changed_at),
+    )
+
+
+def _access(r: object) -> BreakGlassAccess:
+    return BreakGlassAccess(
+        access_id=r.access_id,  # type: ignore[attr-defined]
+        patient_id=r.patient_id,  # type: ignore[attr-defined]
+        practitioner_id=r.practitioner_id,  # type: ignore[attr-defined]
+        organization_id=r.organization_id,  # type: ignore[attr-defined]
+        reason=int(r.reason),  # type: ignore[attr-defined]
+        justification_sha256=r.justification_sha256,  # type: ignore[attr-defined]
+        started_at=float(r.started_at),  # type: ignore[attr-defined]
+        expires_at=float(r.expires_at),  # type: ignore[attr-defined]
+        overrides_deny=bool(r.overrides_deny),  # type: ignore[attr-defined]
+        review=int(r.review),  # type: ignore[attr-defined]
+        reviewed_by=r.reviewed_by,  # type: ignore[attr-defined]
+        reviewed_at=None if r.reviewed_at is None else float(r.reviewed_at),  # type: ignore[attr-defined]
+        ended_at=None if r.ended_at is None else float(r.ended_at),  # type: ignore[attr-defined]
+    )
+
+
+async def insert_access(conn: AsyncConnection, a: BreakGlassAccess, justification_ciphertext: str) -> None:
+    await conn.execute(
+        insert(break_glass_accesses).values(
+            access_id=a.access_id,
+            patient_id=a.patient_id,
+            practitioner_id=a.practitioner_id,
+            organization_id=a.organization_id,
+            reason=a.reason,
+            justification_sha256=a.justification_sha256,
+            justification_ciphertext=justification_ciphertext,
+            started_at=a.started_at,
+            expires_at=a.expires_at,
+            ended_at=a.ended_at,
+            overrides_deny=int(a.overrides_deny),
+            review=a.review,
+            reviewed_by=a.reviewed_by,
+            reviewed_at=a.reviewed_at,
+            changed_at=a.started_at,
+        )
+    )
+
+
+async def record_review(conn: AsyncConnection, a: BreakGlassAccess) -> None:
+    await conn.execute(
+        update(break_glass_accesses)
+        .where(break_glass_accesses.c.access_id == a.access_id)
+        .values(
+            review=a.review,
+            reviewed_by=a.reviewed_by,
+            reviewed_at=a.reviewed_at,
+            ended_at=a.ended_at,
+            changed_at=a.reviewed_at,
+        )
+    )
+
+
+async def get_access(
+    conn: AsyncConnection, access_id: str, *, for_update: bool = False
+) -> tuple[BreakGlassAccess, str] | None:
+    """An access with its justification's ciphertext."""
+    query = select(break_glass_accesses).where(break_glass_accesses.c.access_id == access_id)
+    if for_update and conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    r = (await conn.execute(query)).first()
+    return (_access(r), r.justification_ciphertext) if r else None
+
+
+async def uses_since(conn: AsyncConnection, practitioner_id: str, since: float) -> int:
+    t = break_glass_accesses.c
+    query = select(func.count()).where(and_(t.practitioner_id == practitioner_id, t.started_at >= since))
+    return int((await conn.execute(query)).scalar_one())
+
+
+async def lock_principal(conn: AsyncConnection, principal_id: str) -> None:
+    """Serializes a principal's concurrent requests (PostgreSQL; SQLite serializes writers)."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(
+            select(principal_directory.c.principal_id)
+            .where(principal_directory.c.principal_id == principal_id)
+            .with_for_update()
+        )
+
+
+async def list_accesses(
+    conn: AsyncConnection, organization_id: str, *, pending_only: bool, before: str, limit: int
+) -> list[BreakGlassAccess]:
+    """An organization's accesses, newest first (by id within a start time), after the page token
+    `before` ("<started_at>/<access_id>")."""
+    t = break_glass_accesses.c
+    query = select(break_glass_accesses).where(t.organization_id == organization_id)
+    if pending_only:
+        query = query.where(t.review == PENDING_REVIEW)
+    if before:
+        started, _, access_id = before.partition("/")
+        query = query.where(
+            (t.started_at < float(started)) | and_(t.started_at == float(started), t.access_id < access_id)
+        )
+    rows = await conn.execute(query.order_by(t.started_at.desc(), t.access_id.desc()).limit(limit))
+    return [_access(r) for r in rows]
+
+
+async def accesses_changed_since(conn: AsyncConnection, since: float) -> list[BreakGlassAccess]:
+    t = break_glass_accesses.c
+    return [_access(r) for r in await conn.execute(select(break_glass_accesses).where(t.changed_at >= since))]
+
+
+async def accesses_running_after(conn: AsyncConnection, since: float) -> list[BreakGlassAccess]:
+    """Accesses that expire after `since`: the ones a decision from then on can depend on."""
+    t = break_glass_accesses.c
+    return [_access(r) for r in await conn.execute(select(break_glass_accesses).where(t.expires_at > since))]
+
+
+async def pending_reviews(conn: AsyncConnection) -> int:
+    t = break_glass_accesses.c
+    return int((await conn.execute(select(func.count()).where(t.review == PENDING_REVIEW))).scalar_one())

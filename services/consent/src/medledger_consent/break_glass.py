@@ -1,0 +1,397 @@
+"""Break-glass: emergency read access for practitioners, and its review by privacy officers.
+
+An organization enables it in its policy. A practitioner of that organization then breaks the
+glass for a patient with a reason code and a justification; that yields a short read-only
+access for purpose ETREAT (`domain.decide`, rule 4), rate-limited per practitioner. The
+justification is stored encrypted under the patient's key; events carry only its hash and the
+reason code. The patient and the organization's privacy officers are notified by events, a
+counter rises for alerting, and the access stays pending until a privacy officer reviews it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+from medledger.consent.v1 import consent_service_pb2 as pb
+from medledger.events.v1 import consent_events_pb2, notification_events_pb2
+from medledger.types.v1 import vocabulary_pb2
+from prometheus_client import Counter, Gauge
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from medledger_common.auth import Caller, current_caller
+from medledger_common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from medledger_common.events import TOPICS, new_event
+from medledger_common.idempotency import run_idempotent
+from medledger_common.keys import KeyManager, KeyType, patient_key_name
+from medledger_common.outbox import enqueue
+from medledger_common.service import ServiceRuntime
+from medledger_consent import domain, storage
+
+log = logging.getLogger(__name__)
+
+Kind = vocabulary_pb2.PrincipalKind
+ACTIVE_PRINCIPAL = vocabulary_pb2.PrincipalStatus.PRINCIPAL_STATUS_ACTIVE
+PENDING = pb.BreakGlassReview.BREAK_GLASS_REVIEW_PENDING
+JUSTIFIED = pb.BreakGlassReview.BREAK_GLASS_REVIEW_JUSTIFIED
+UNJUSTIFIED = pb.BreakGlassReview.BREAK_GLASS_REVIEW_UNJUSTIFIED
+MAX_PAGE_SIZE = 1000
+
+# Alert on any increase: every use is an emergency someone must look at.
+USES = Counter(
+    "medledger_consent_break_glass_uses_total",
+    "Break-glass accesses started, by reason code.",
+    ["reason"],
+)
+REFUSALS = Counter(
+    "medledger_consent_break_glass_refusals_total",
+    "Break-glass requests refused: policy (not enabled) or rate (the practitioner's limit reached).",
+    ["why"],
+)
+PENDING_REVIEWS = Gauge(
+    "medledger_consent_break_glass_pending_reviews",
+    "Break-glass accesses no privacy officer has reviewed yet (read from the database).",
+)
+
+
+def _ts(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def policy_proto(p: domain.BreakGlassPolicy) -> pb.BreakGlassPolicy:
+    out = pb.BreakGlassPolicy(
+        organization_id=p.organization_id,
+        enabled=p.enabled,
+        overrides_deny=p.overrides_deny,
+        access_duration=_duration(p.access_seconds),
+        max_uses=p.max_uses,
+        rate_window=_duration(p.rate_window_seconds),
+        changed_by=p.changed_by,
+    )
+    if p.changed_at:
+        out.changed_at.CopyFrom(_ts(p.changed_at))
+    return out
+
+
+def access_proto(a: domain.BreakGlassAccess) -> pb.BreakGlassAccess:
+    out = pb.BreakGlassAccess(
+        access_id=a.access_id,
+        patient_id=a.patient_id,
+        practitioner_id=a.practitioner_id,
+        organization_id=a.organization_id,
+        reason=a.reason,  # type: ignore[arg-type]
+        justification_sha256=a.justification_sha256,
+        started_at=_ts(a.started_at),
+        expires_at=_ts(a.expires_at),
+        overrides_deny=a.overrides_deny,
+        review=a.review,  # type: ignore[arg-type]
+        reviewed_by=a.reviewed_by,
+    )
+    if a.ended_at is not None:
+        out.ended_at.CopyFrom(_ts(a.ended_at))
+    if a.reviewed_at is not None:
+        out.reviewed_at.CopyFrom(_ts(a.reviewed_at))
+    return out
+
+
+def _is_officer_of(caller: Caller, organization_id: str) -> bool:
+    return caller.has_role("privacy-officer") and caller.organization_id == organization_id
+
+
+class BreakGlassDesk:
+    """The break-glass RPCs of ConsentService; accesses join `index` as soon as they commit."""
+
+    def __init__(self, runtime: ServiceRuntime, keys: KeyManager, index: domain.ConsentIndex) -> None:
+        self.rt = runtime
+        self.keys = keys
+        self.index = index
+
+    async def _once(
+        self,
+        scope: str,
+        request: pb.SetBreakGlassPolicyRequest | pb.BreakGlassRequest | pb.ReviewBreakGlassAccessRequest,
+        response_cls: type,
+        work: Callable[[AsyncConnection, list[domain.BreakGlassAccess]], object],
+    ) -> tuple[object, list[domain.BreakGlassAccess]]:
+        """Run `work` once per request id; returns the response and the accesses `work` wrote
+        (none when the response is a replay)."""
+        changed: list[domain.BreakGlassAccess] = []
+        response: object = await run_idempotent(
+            self.rt.db,
+            scope=scope,
+            request_id=request.request_id,
+            request=request,
+            response_cls=response_cls,
+            work=lambda conn: work(conn, changed),  # type: ignore[arg-type,return-value]
+            after_commit=self.rt.relay.notify,
+        )
+        for a in changed:
+            self.index.put_break_glass(a)
+        return response, changed
+
+    # -- policy ---------------------------------------------------------------------------------
+
+    async def set_policy(self, request: pb.SetBreakGlassPolicyRequest) -> pb.SetBreakGlassPolicyResponse:
+        caller = current_caller()
+        policy = domain.check_policy(request.policy)
+        if not (caller.has_role("admin") or caller.organization_id == policy.organization_id):
+            raise PermissionDenied("an org-admin sets their own organization's policy; admins any")
+
+        async def work(conn: AsyncConnection, _: list[domain.BreakGlassAccess]) -> pb.SetBreakGlassPolicyResponse:
+            organization = await storage.get_principal(conn, policy.organization_id)
+            if organization is None or organization.kind != Kind.PRINCIPAL_KIND_ORGANIZATION:
+                raise InvalidArgument.field("policy.organization_id", "not a registered organization")
+            stored = replace(policy, changed_by=caller.principal_id, changed_at=time.time())
+            await storage.set_policy(conn, stored)
+            event = new_event(
+                source=self.rt.source,
+                payload=consent_events_pb2.BreakGlassPolicyChanged(
+                    organization_id=stored.organization_id,
+                    enabled=stored.enabled,
+                    overrides_deny=stored.overrides_deny,
+                    changed_by=stored.changed_by,
+                ),
+                aggregate_id=stored.organization_id,
+                version=int(stored.changed_at * 1000),
+                subject=stored.organization_id,
+            )
+            await enqueue(conn, TOPICS["consent"], event, key=stored.organization_id.encode())
+            return pb.SetBreakGlassPolicyResponse(policy=policy_proto(stored))
+
+        response, _ = await self._once("consent.SetBreakGlassPolicy", request, pb.SetBreakGlassPolicyResponse, work)
+        return response  # type: ignore[return-value]
+
+    async def get_policy(self, request: pb.GetBreakGlassPolicyRequest) -> pb.GetBreakGlassPolicyResponse:
+        caller = current_caller()
+        if not request.organization_id:
+            raise InvalidArgument.field("organization_id", "required")
+        if not (caller.has_role("admin") or caller.organization_id == request.organization_id):
+            raise PermissionDenied("principals of the organization read its policy; admins any")
+        async with self.rt.db.connect() as conn:
+            policy = await storage.get_policy(conn, request.organization_id)
+        return pb.GetBreakGlassPolicyResponse(policy=policy_proto(policy))
+
+    # -- breaking the glass ---------------------------------------------------------------------
+
+    async def break_glass(self, request: pb.BreakGlassRequest) -> pb.BreakGlassResponse:
+        caller = current_caller()
+        justification = domain.check_break_glass(request)
+
+        async def work(conn: AsyncConnection, started: list[domain.BreakGlassAccess]) -> pb.BreakGlassResponse:
+            practitioner = await storage.get_principal(conn, caller.principal_id)
+            if practitioner is None or practitioner.kind != Kind.PRINCIPAL_KIND_PRACTITIONER:
+                raise PermissionDenied("only practitioners break the glass")
+            patient = await storage.get_principal(conn, request.patient_id)
+            if patient is None or patient.kind != Kind.PRINCIPAL_KIND_PATIENT:
+                raise InvalidArgument.field("patient_id", "not a registered patient")
+            policy = await storage.get_policy(conn, practitioner.organization_id)
+            if not policy.enabled:
+                REFUSALS.labels("policy").inc()
+                raise PermissionDenied("your organization has not enabled break-glass access")
+            now = time.time()
+            # One practitioner's requests one at a time, so two at once cannot both pass the limit.
+            await storage.lock_principal(conn, caller.principal_id)
+            if await storage.uses_since(conn, caller.principal_id, now - policy.rate_window_seconds) >= policy.max_uses:
+                REFUSALS.labels("rate").inc()
+                raise ResourceExhausted(
+                    f"break-glass limit reached: {policy.max_uses} uses per "
+                    f"{policy.rate_window_seconds / 3600:g} hours; ask a privacy officer"
+                )
+            access = domain.BreakGlassAccess(
+                access_id=domain.new_break_glass_id(),
+                patient_id=request.patient_id,
+                practitioner_id=caller.principal_id,
+                organization_id=practitioner.organization_id,
+                reason=request.reason,
+                justification_sha256=domain.justification_sha256(justification),
+                started_at=now,
+                expires_at=now + policy.access_seconds,
+                overrides_deny=policy.overrides_deny,
+                review=PENDING,
+            )
+            key = patient_key_name(request.patient_id)
+            await self.keys.ensure_key(key, KeyType.AES256_GCM96)
+            # Bound to the access: a ciphertext moved to another row does not decrypt.
+            ciphertext = await self.keys.encrypt(key, justification.encode(), associated_data=access.access_id.encode())
+            await storage.insert_access(conn, access, ciphertext)
+            await self._announce_start(conn, access)
+            started.append(access)
+            return pb.BreakGlassResponse(access=access_proto(access))
+
+        response, started = await self._once("consent.BreakGlass", request, pb.BreakGlassResponse, work)
+        for a in started:  # not for a replayed response
+            USES.labels(domain.reason_code(a.reason)).inc()
+            log.warning(
+                "break-glass access started",
+                extra={
+                    "access_id": a.access_id,
+                    "organization_id": a.organization_id,
+                    "reason_code": domain.reason_code(a.reason),
+                },
+            )
+        return response  # type: ignore[return-value]
+
+    async def _announce_start(self, conn: AsyncConnection, a: domain.BreakGlassAccess) -> None:
+        code = domain.reason_code(a.reason)
+        started = new_event(
+            source=self.rt.source,
+            payload=consent_events_pb2.BreakGlassAccessStarted(
+                access_id=a.access_id,
+                patient_id=a.patient_id,
+                practitioner_id=a.practitioner_id,
+                organization_id=a.organization_id,
+                reason_code=code,
+                justification_sha256=a.justification_sha256,
+                started_at=_ts(a.started_at),
+                expires_at=_ts(a.expires_at),
+                overrides_deny=a.overrides_deny,
+            ),
+            aggregate_id=a.access_id,
+            version=1,
+            subject=a.patient_id,
+        )
+        await enqueue(conn, TOPICS["consent"], started, key=a.patient_id.encode())
+        for recipient in (
+            notification_events_pb2.NotificationRequested(recipient_id=a.patient_id),
+            notification_events_pb2.NotificationRequested(
+                organization_id=a.organization_id, recipient_role="privacy-officer"
+            ),
+        ):
+            recipient.topic = "break-glass.started"
+            recipient.subject_id = a.access_id
+            recipient.reason_code = code
+            note = new_event(
+                source=self.rt.source,
+                payload=recipient,
+                aggregate_id=f"{a.access_id}/{recipient.recipient_id or recipient.recipient_role}",
+                version=1,
+                subject=recipient.recipient_id or a.organization_id,
+            )
+            await enqueue(conn, TOPICS["notifications"], note, key=a.access_id.encode())
+
+    # -- review ---------------------------------------------------------------------------------
+
+    async def list_accesses(self, request: pb.ListBreakGlassAccessesRequest) -> pb.ListBreakGlassAccessesResponse:
+        caller = current_caller()
+        if not request.organization_id:
+            raise InvalidArgument.field("organization_id", "required")
+        if not (
+            caller.has_role("admin") or caller.has_role("auditor") or _is_officer_of(caller, request.organization_id)
+        ):
+            raise PermissionDenied("privacy officers list their own organization's uses; admins and auditors any")
+        if request.page_size < 0:
+            raise InvalidArgument.field("page_size", "must not be negative")
+        if request.page_token and not _valid_page_token(request.page_token):
+            raise InvalidArgument.field("page_token", "not a token this RPC returned")
+        size = min(request.page_size or 100, MAX_PAGE_SIZE)
+        async with self.rt.db.connect() as conn:
+            accesses = await storage.list_accesses(
+                conn,
+                request.organization_id,
+                pending_only=request.pending_only,
+                before=request.page_token,
+                limit=size + 1,
+            )
+        more = len(accesses) > size
+        accesses = accesses[:size]
+        token = f"{accesses[-1].started_at!r}/{accesses[-1].access_id}" if more else ""
+        return pb.ListBreakGlassAccessesResponse(accesses=[access_proto(a) for a in accesses], next_page_token=token)
+
+    async def get_access(self, request: pb.GetBreakGlassAccessRequest) -> pb.GetBreakGlassAccessResponse:
+        caller = current_caller()
+        async with self.rt.db.connect() as conn:
+            found = await storage.get_access(conn, request.access_id)
+        if found is None or not (caller.has_role("admin") or _is_officer_of(caller, found[0].organization_id)):
+            # The same answer either way: ids must not reveal whose records were opened.
+            raise NotFound("no such break-glass access")
+        access, ciphertext = found
+        justification = await self.keys.decrypt(
+            patient_key_name(access.patient_id), ciphertext, associated_data=access.access_id.encode()
+        )
+        return pb.GetBreakGlassAccessResponse(access=access_proto(access), justification=justification.decode())
+
+    async def review(self, request: pb.ReviewBreakGlassAccessRequest) -> pb.ReviewBreakGlassAccessResponse:
+        caller = current_caller()
+        if request.review not in (JUSTIFIED, UNJUSTIFIED):
+            raise InvalidArgument.field("review", "BREAK_GLASS_REVIEW_JUSTIFIED or BREAK_GLASS_REVIEW_UNJUSTIFIED")
+
+        async def work(
+            conn: AsyncConnection, reviewed: list[domain.BreakGlassAccess]
+        ) -> pb.ReviewBreakGlassAccessResponse:
+            found = await storage.get_access(conn, request.access_id, for_update=True)
+            if found is None or not _is_officer_of(caller, found[0].organization_id):
+                raise NotFound("no such break-glass access among your organization's")
+            access = found[0]
+            if access.practitioner_id == caller.principal_id:
+                raise PermissionDenied("a privacy officer does not review their own break-glass use")
+            if access.review != PENDING:
+                raise FailedPrecondition("this break-glass access was reviewed already")
+            now = time.time()
+            ended = now if request.review == UNJUSTIFIED and access.running(now) else None
+            access = replace(
+                access, review=request.review, reviewed_by=caller.principal_id, reviewed_at=now, ended_at=ended
+            )
+            await storage.record_review(conn, access)
+            event = consent_events_pb2.BreakGlassAccessReviewed(
+                access_id=access.access_id,
+                patient_id=access.patient_id,
+                organization_id=access.organization_id,
+                review=pb.BreakGlassReview.Name(access.review),  # type: ignore[arg-type]
+                reviewed_by=access.reviewed_by,
+            )
+            if ended is not None:
+                event.ended_at.CopyFrom(_ts(ended))
+            await enqueue(
+                conn,
+                TOPICS["consent"],
+                new_event(
+                    source=self.rt.source,
+                    payload=event,
+                    aggregate_id=access.access_id,
+                    version=2,
+                    subject=access.patient_id,
+                ),
+                key=access.patient_id.encode(),
+            )
+            reviewed.append(access)
+            return pb.ReviewBreakGlassAccessResponse(access=access_proto(access))
+
+        response, _ = await self._once(
+            "consent.ReviewBreakGlassAccess", request, pb.ReviewBreakGlassAccessResponse, work
+        )
+        return response  # type: ignore[return-value]
+
+    async def watch_pending_reviews(self, every_seconds: float = 15.0) -> None:
+        """Keep the pending-review gauge current (every replica reports the same count)."""
+        while True:
+            async with self.rt.db.connect() as conn:
+                PENDING_REVIEWS.set(await storage.pending_reviews(conn))
+            await asyncio.sleep(every_seconds)
+
+
+def _valid_page_token(token: str) -> bool:
+    started, sep, access_id = token.partition("/")
+    try:
+        float(started)
+    except ValueError:
+        return False
+    return bool(sep) and access_id.startswith("bgl_")
