@@ -1,5 +1,5 @@
 """Runs the outbox relay for one batch and SIGKILLs itself after the broker acknowledged the
-messages but before the rows are marked published: the crash the outbox must survive.
+messages but before the rows' marking as published commits: the crash the outbox must survive.
 
 Usage: python relay_killed_after_publish.py DATABASE_URL BOOTSTRAP_SERVERS SERVICE
 """
@@ -15,8 +15,15 @@ from medledger_common.outbox import OutboxRelay
 
 
 class RelayKilledBeforeMarking(OutboxRelay):
-    async def _mark_published(self, conn, ids, metas):  # type: ignore[no-untyped-def]
-        print(f"published {len(ids)} rows; killing myself before marking them", flush=True)
+    marking = 0
+
+    async def _mark_published(self, conn, ids):  # type: ignore[no-untyped-def]
+        self.marking = len(ids)
+        await super()._mark_published(conn, ids)
+
+    # Called once every message is acknowledged, inside the transaction that marks the rows.
+    async def _raise_watermarks(self, conn, metas):  # type: ignore[no-untyped-def]
+        print(f"published {self.marking} rows; killing myself before the marking commits", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -174,6 +174,24 @@ async def claim_inbox(conn: AsyncConnection, consumer: str, event_id: str) -> bo
     return bool(result.rowcount)
 
 
+class _HeaderCache:
+    """Kafka headers per (traceparent, tracestate): rows of one request share them."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str | None, str | None], list[tuple[str, bytes]]] = {}
+
+    def __call__(self, traceparent: str | None, tracestate: str | None) -> list[tuple[str, bytes]]:
+        headers = self._seen.get((traceparent, tracestate))
+        if headers is None:
+            headers = [("content-type", CONTENT_TYPE.encode())]
+            if traceparent:
+                headers.append(("traceparent", traceparent.encode()))
+            if tracestate:
+                headers.append(("tracestate", tracestate.encode()))
+            self._seen[(traceparent, tracestate)] = headers
+        return headers
+
+
 class OutboxRelay:
     """Publishes the outbox; one relay at a time per service (a database lock)."""
 
@@ -198,6 +216,7 @@ class OutboxRelay:
         self.watermark_check_seconds = watermark_check_seconds
         self._bootstrap = bootstrap_servers
         self._wake = asyncio.Event()
+        self._partition_lists: dict[str, tuple[float, tuple[list[int], list[int]]]] = {}
         self._published = OUTBOX_PUBLISHED.labels(service)
         self._backlog = OUTBOX_BACKLOG.labels(service)
         OUTBOX_REPUBLISHED.labels(service)
@@ -257,16 +276,16 @@ class OutboxRelay:
             if not rows:
                 self._backlog.set(0)
                 return 0
-            futures = []
-            for row in rows:
-                headers = [("content-type", CONTENT_TYPE.encode())]
-                if row.traceparent:
-                    headers.append(("traceparent", row.traceparent.encode()))
-                if row.tracestate:
-                    headers.append(("tracestate", row.tracestate.encode()))
-                futures.append(await self.producer.send(row.topic, row.value, key=row.key, headers=headers))
-            metas = await asyncio.gather(*futures)
-            await self._mark_published(conn, [r.id for r in rows], metas)
+            # Mark the rows while the broker acknowledges them: the mark commits only after every
+            # acknowledgement, and a failed send rolls it back, so the two may overlap.
+            sending = asyncio.ensure_future(self._send(rows))
+            try:
+                await self._mark_published(conn, [r.id for r in rows])
+                metas = await sending
+            finally:
+                if not sending.done():
+                    sending.cancel()
+            await self._raise_watermarks(conn, metas)
         self._published.inc(len(rows))
         if len(rows) == self.batch_size:
             self._backlog.set(len(rows))
@@ -274,7 +293,52 @@ class OutboxRelay:
             self._backlog.set(0)
         return len(rows)
 
-    async def _mark_published(self, conn: AsyncConnection, ids: Sequence[int], metas: Sequence[Any]) -> None:
+    async def _send(self, rows: Sequence[Any]) -> list[Any]:
+        """Send rows in id order and wait for the broker's acknowledgements; returns the record
+        metadata of every batch sent (topic, partition, base offset).
+
+        Rows go into one record batch per partition, built here, rather than through `send()`
+        per message: `send()` costs a partition lookup, a future and an accumulator visit per
+        message, which made the relay half as fast as a bare producer. The partition is what
+        `send()` would pick (the producer's partitioner: murmur2 of the key), so keyed events
+        keep their partition, and per partition the rows keep their id order.
+        """
+        headers_of = _HeaderCache()
+        batches: dict[tuple[str, int], Any] = {}
+        futures = []
+        for row in rows:
+            partition = self._partition_of(row.topic, row.key, await self._partitions(row.topic))
+            place = (row.topic, partition)
+            batch = batches.get(place)
+            if batch is None:
+                batch = batches[place] = self.producer.create_batch()
+            headers = headers_of(row.traceparent, row.tracestate)
+            if batch.append(key=row.key, value=row.value, timestamp=None, headers=headers) is None:
+                # Full: send it and start the next one for this partition.
+                futures.append(await self.producer.send_batch(batch, row.topic, partition=partition))
+                batch = batches[place] = self.producer.create_batch()
+                if batch.append(key=row.key, value=row.value, timestamp=None, headers=headers) is None:
+                    raise ValueError(f"an outbox row of {len(row.value)} bytes exceeds the producer's batch size")
+        for (topic, partition), batch in batches.items():
+            futures.append(await self.producer.send_batch(batch, topic, partition=partition))
+        return list(await asyncio.gather(*futures))
+
+    async def _partitions(self, topic: str) -> tuple[list[int], list[int]]:
+        """A topic's partitions (all, available), from the producer's metadata."""
+        known = self._partition_lists.get(topic)
+        if known is None or time.monotonic() - known[0] > 30:
+            await self.producer.partitions_for(topic)  # waits for metadata, creating the topic if allowed
+            metadata = self.producer.client.cluster
+            all_partitions = sorted(metadata.partitions_for_topic(topic) or ())
+            available = sorted(metadata.available_partitions_for_topic(topic) or ())
+            known = self._partition_lists[topic] = (time.monotonic(), (all_partitions, available))
+        return known[1]
+
+    def _partition_of(self, topic: str, key: bytes | None, partitions: tuple[list[int], list[int]]) -> int:
+        all_partitions, available = partitions
+        return int(self.producer._partitioner(key, all_partitions, available))  # the producer's own choice
+
+    async def _mark_published(self, conn: AsyncConnection, ids: Sequence[int]) -> None:
         now = time.time()
         if conn.dialect.name == "postgresql":
             # One array parameter instead of one bind parameter per id: much cheaper for big batches.
@@ -283,6 +347,9 @@ class OutboxRelay:
             )
         else:
             await conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(published_at=now))
+
+    async def _raise_watermarks(self, conn: AsyncConnection, metas: Sequence[Any]) -> None:
+        """Remember the first offset acknowledged per partition (see republish_if_broker_lost_data)."""
         first_in_batch: dict[tuple[str, int], int] = {}
         for m in metas:
             k = (m.topic, m.partition)
