@@ -10,6 +10,8 @@ from dataclasses import replace
 import pytest
 import rfc8785
 from fhir.resources.R4B.consent import Consent as FhirConsent
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.types.v1 import vocabulary_pb2 as v
 
@@ -284,3 +286,57 @@ def test_policies_default_to_four_hours_and_three_uses_a_day_and_refuse_bad_dura
     too_long.access_duration.FromSeconds(25 * 3600)
     with pytest.raises(domain.InvalidArgument):
         domain.check_policy(too_long)
+
+
+# -- the index decides as the rule does -----------------------------------------------------------
+
+_ACTORS = [DOCTOR, OTHER_DOCTOR, ORG]
+_version_strategy = st.builds(
+    lambda cid, grantee, provision, actions, categories, purposes, start, length, revoked, recorded: consent(
+        f"cns_{cid}",
+        grantee=grantee,
+        provision=provision,
+        actions=frozenset(actions),
+        categories=frozenset(categories),
+        purposes=frozenset(purposes),
+        period_start=T0 + start * DAY,
+        period_end=None if length is None else T0 + (start + length) * DAY,
+        status=domain.INACTIVE if revoked else domain.ACTIVE,
+        recorded_at=T0 + recorded * DAY,
+    ),
+    st.integers(0, 5),
+    st.sampled_from(_ACTORS),
+    st.sampled_from([domain.PERMIT, domain.DENY]),
+    st.sets(st.sampled_from([READ, WRITE]), max_size=2),
+    st.sets(st.sampled_from([OBS, MEDS]), max_size=2),
+    st.sets(st.sampled_from([TREAT, HRESCH]), max_size=2),
+    st.integers(-3, 3),
+    st.one_of(st.none(), st.integers(1, 5)),
+    st.booleans(),
+    st.integers(-4, 4),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    versions=st.lists(_version_strategy, max_size=8),
+    actor=st.sampled_from(_ACTORS),
+    organization=st.sampled_from(["", ORG]),
+    action=st.sampled_from([READ, WRITE]),
+    category=st.sampled_from([OBS, MEDS]),
+    purpose=st.sampled_from([TREAT, HRESCH]),
+    day=st.integers(-5, 8),
+)
+def test_the_index_decides_exactly_as_the_rule_over_all_the_patients_consents(
+    versions: list[ConsentVersion], actor: str, organization: str, action: int, category: int, purpose: int, day: int
+) -> None:
+    # Versions of one consent share its grantee and take numbers in order of recording.
+    by_id: dict[str, list[ConsentVersion]] = {}
+    for x in sorted(versions, key=lambda x: x.recorded_at):
+        first = by_id.get(x.consent_id, [x])[0]
+        by_id.setdefault(x.consent_id, []).append(
+            replace(x, grantee_id=first.grantee_id, version=len(by_id.get(x.consent_id, [])) + 1)
+        )
+    index = index_of(*(v for vs in by_id.values() for v in vs))
+    q = Question(PATIENT, actor, organization, action, category, purpose, T0 + day * DAY)
+    assert index.decide(q) == domain.decide(list(by_id.values()), q)

@@ -139,10 +139,9 @@ def _name(values: Mapping[int, str], number: int) -> str:
     return values.get(number, str(number)).split("_", 1)[-1].replace("_", " ").lower()
 
 
-def _first_failed_test(v: ConsentVersion, q: Question, actor_ids: set[str]) -> int:
-    """How far `v` gets through the tests of an applicable version (6: it applies)."""
-    if v.grantee_id not in actor_ids:
-        return 0
+def _first_failed_test(v: ConsentVersion, q: Question) -> int:
+    """How far `v`, which names the actor, gets through the tests of an applicable version
+    (6: it applies)."""
     if v.status != ACTIVE:
         return 1
     if v.period_start > q.now or (v.period_end is not None and q.now >= v.period_end):
@@ -161,8 +160,12 @@ def decide(
 ) -> Outcome:
     """The decision for `q` given the patient's consents (each a sequence of its versions) and
     break-glass accesses."""
-    outcome = _decide_by_consents(consents, q)
-    if outcome.decision == pb.Decision.DECISION_PERMIT or (q.action, q.purpose) != (_READ, _ETREAT):
+    return _with_break_glass(_decide_by_consents(consents, q), q, break_glass)
+
+
+def _with_break_glass(outcome: Outcome, q: Question, break_glass: Iterable[BreakGlassAccess]) -> Outcome:
+    """Rule 4: a running break-glass access of the actor permits an emergency read."""
+    if outcome.decision == pb.Decision.DECISION_PERMIT or q.action != _READ or q.purpose != _ETREAT:
         return outcome
     running = sorted(
         (
@@ -202,17 +205,22 @@ def decide(
 def _decide_by_consents(consents: Iterable[Sequence[ConsentVersion]], q: Question) -> Outcome:
     current = [v for versions in consents if (v := in_force(versions, q.now)) is not None]
     current = [v for v in current if v.patient_id == q.patient_id]
-    if not current:
+    actor_ids = {q.actor_id, q.actor_organization_id} - {""}
+    return _decide_among([v for v in current if v.grantee_id in actor_ids], q, patient_has_consents=bool(current))
+
+
+def _decide_among(naming_actor: Sequence[ConsentVersion], q: Question, *, patient_has_consents: bool) -> Outcome:
+    """Rules 2-3 over the versions in force that name the actor (or their organization)."""
+    if not patient_has_consents:
         return Outcome(
             pb.Decision.DECISION_NO_CONSENT, "NO_CONSENT_FOR_PATIENT", f"patient {q.patient_id} has no consents"
         )
-    actor_ids = {q.actor_id, q.actor_organization_id} - {""}
     applicable = []
     furthest = 0
     # One pass, one test after another per version: the reason is the first test that every
     # version fails, i.e. where the version that got furthest stopped.
-    for v in current:
-        reached = _first_failed_test(v, q, actor_ids)
+    for v in naming_actor:
+        reached = _first_failed_test(v, q)
         if reached == 6:
             applicable.append(v)
         elif reached > furthest:
@@ -247,10 +255,15 @@ _REASONS = [
 
 def _names_of(q: Question) -> dict[str, str]:
     return {
-        "action": _name(_ACTIONS, q.action),
-        "category": _name(_CATEGORIES, q.category),
-        "purpose": _name(_PURPOSES, q.purpose),
+        "action": _ACTION_NAMES.get(q.action) or _name(_ACTIONS, q.action),
+        "category": _CATEGORY_NAMES.get(q.category) or _name(_CATEGORIES, q.category),
+        "purpose": _PURPOSE_NAMES.get(q.purpose) or _name(_PURPOSES, q.purpose),
     }
+
+
+_ACTION_NAMES = {n: _name(_ACTIONS, n) for n in _ACTIONS}
+_CATEGORY_NAMES = {n: _name(_CATEGORIES, n) for n in _CATEGORIES}
+_PURPOSE_NAMES = {n: _name(_PURPOSES, n) for n in _PURPOSES}
 
 
 # -- grants ---------------------------------------------------------------------------------------
@@ -420,22 +433,30 @@ class ConsentIndex:
     """
 
     def __init__(self) -> None:
-        self._by_patient: dict[str, dict[str, list[ConsentVersion]]] = {}
+        self._by_patient: dict[str, _PatientConsents] = {}
         # Break-glass accesses by patient and access id; a review replaces one.
         self._break_glass: dict[str, dict[str, BreakGlassAccess]] = {}
         self.size = 0
 
     def add(self, v: ConsentVersion) -> bool:
-        versions = self._by_patient.setdefault(v.patient_id, {}).setdefault(v.consent_id, [])
+        patient = self._by_patient.get(v.patient_id)
+        if patient is None:
+            patient = self._by_patient[v.patient_id] = _PatientConsents()
+        versions = patient.by_consent.get(v.consent_id)
+        if versions is None:
+            versions = patient.by_consent[v.consent_id] = []
+            patient.by_grantee.setdefault(v.grantee_id, []).append(versions)
         if any(x.version == v.version for x in versions):
             return False
         versions.append(v)
         versions.sort(key=lambda x: x.version)
+        patient.first_recorded_at = min(patient.first_recorded_at, v.recorded_at)
         self.size += 1
         return True
 
     def of_patient(self, patient_id: str) -> list[list[ConsentVersion]]:
-        return list(self._by_patient.get(patient_id, {}).values())
+        patient = self._by_patient.get(patient_id)
+        return list(patient.by_consent.values()) if patient else []
 
     def put_break_glass(self, a: BreakGlassAccess) -> bool:
         """Add or update an access; False when the index already had it as it is."""
@@ -446,11 +467,32 @@ class ConsentIndex:
         return True
 
     def decide(self, q: Question) -> Outcome:
-        return decide(
-            self._by_patient.get(q.patient_id, {}).values(),
-            q,
-            self._break_glass.get(q.patient_id, {}).values(),
-        )
+        """What `decide` gives over all the patient's consents (a test holds them equal), looking
+        only at the consents that name the actor or their organization."""
+        patient = self._by_patient.get(q.patient_id)
+        break_glass = self._break_glass.get(q.patient_id)
+        if patient is None or patient.first_recorded_at > q.now:
+            outcome = _decide_among((), q, patient_has_consents=False)
+        else:
+            naming_actor = []
+            for grantee in (q.actor_id, q.actor_organization_id):
+                for versions in patient.by_grantee.get(grantee, ()) if grantee else ():
+                    if (v := in_force(versions, q.now)) is not None:
+                        naming_actor.append(v)
+            outcome = _decide_among(naming_actor, q, patient_has_consents=True)
+        return _with_break_glass(outcome, q, break_glass.values() if break_glass else ())
+
+
+class _PatientConsents:
+    """One patient's consents: each a list of its versions, by consent id and by grantee."""
+
+    __slots__ = ("by_consent", "by_grantee", "first_recorded_at")
+
+    def __init__(self) -> None:
+        self.by_consent: dict[str, list[ConsentVersion]] = {}
+        self.by_grantee: dict[str, list[list[ConsentVersion]]] = {}
+        # A consent exists from its first version's recording on (rule 1).
+        self.first_recorded_at = float("inf")
 
 
 # -- break-glass --------------------------------------------------------------------------------

@@ -25,7 +25,10 @@ NAME = "consent"
 def build(runtime: ServiceRuntime) -> ServiceParts:
     # RPCs not built yet answer UNIMPLEMENTED (the generated base servicer) until their issue lands.
     index = ConsentIndex()
-    decisions = DecisionLog(runtime.db, TOPICS["consent.decisions"])
+    settings: ConsentSettings = runtime.settings  # type: ignore[assignment]
+    decisions = DecisionLog(
+        runtime.db, TOPICS["consent.decisions"], commit_interval=settings.decision_commit_interval_seconds
+    )
     decisions.after_commit = runtime.relay.notify
     desk = BreakGlassDesk(runtime, runtime.require_keys(), index)
     api = ConsentApi(runtime, index, decisions, desk)
@@ -52,6 +55,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         ],
         on_start=[api.load_index],
         background=[decisions.run, api.reconcile_index, desk.watch_pending_reviews],
+        on_stop=[decisions.close],
     )
 
 
