@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
 import sys
 import time
 import uuid
@@ -154,7 +155,10 @@ async def serve(bootstrap: str, database_url: str, folder: Path, config: Path) -
                 }
             )
         )
-        await asyncio.Event().wait()
+        # Until the runner's SIGTERM; then leave the block, which stops the services.
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
 
 
 async def client(config_path: Path, seconds: float) -> dict[str, Any]:

@@ -24,8 +24,11 @@ PY = sys.executable
 
 
 def run_json(*args: str) -> dict[str, float]:
-    out = subprocess.run([PY, *args], check=True, capture_output=True, text=True, timeout=600).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run([PY, *args], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr[-3000:])
+        raise RuntimeError(f"{Path(args[0]).name} {args[1] if len(args) > 1 else ''} failed (exit {done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def verdict(ratio: float, target: float) -> str:

@@ -57,8 +57,8 @@ def consent(
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
-def ask(index: ConsentIndex, **changes: object) -> domain.Outcome:
-    q = Question(
+def ask_question() -> Question:
+    return Question(
         patient_id=PATIENT,
         actor_id=DOCTOR,
         actor_organization_id="",
@@ -67,7 +67,10 @@ def ask(index: ConsentIndex, **changes: object) -> domain.Outcome:
         purpose=TREAT,
         now=T0 + DAY,
     )
-    return index.decide(replace(q, **changes))  # type: ignore[arg-type]
+
+
+def ask(index: ConsentIndex, **changes: object) -> domain.Outcome:
+    return index.decide(replace(ask_question(), **changes))  # type: ignore[arg-type]
 
 
 def index_of(*versions: ConsentVersion) -> ConsentIndex:
@@ -340,3 +343,13 @@ def test_the_index_decides_exactly_as_the_rule_over_all_the_patients_consents(
     index = index_of(*(v for vs in by_id.values() for v in vs))
     q = Question(PATIENT, actor, organization, action, category, purpose, T0 + day * DAY)
     assert index.decide(q) == domain.decide(list(by_id.values()), q)
+
+
+def test_an_actor_that_is_its_own_organization_is_counted_once() -> None:
+    # Found by the property test above: the index looked the organization up twice.
+    index = index_of(consent(grantee=ORG))
+    outcome = ask(index, actor_id=ORG, actor_organization_id=ORG)
+    assert outcome == domain.decide(
+        index.of_patient(PATIENT), replace(ask_question(), actor_id=ORG, actor_organization_id=ORG)
+    )
+    assert outcome.deciding == (("cns_1", 1),)

@@ -50,6 +50,10 @@ DENY = pb.ProvisionType.PROVISION_TYPE_DENY
 ACTIVE = pb.ConsentStatus.CONSENT_STATUS_ACTIVE
 INACTIVE = pb.ConsentStatus.CONSENT_STATUS_INACTIVE
 
+# Module constants: a protobuf enum's attribute lookup costs microseconds, on the hot path.
+_PERMITTED = pb.Decision.DECISION_PERMIT
+_DENIED = pb.Decision.DECISION_DENY
+_NO_CONSENT = pb.Decision.DECISION_NO_CONSENT
 _READ = vocabulary_pb2.Action.ACTION_READ
 _ETREAT = vocabulary_pb2.PurposeOfUse.PURPOSE_OF_USE_ETREAT
 _ACTIONS = {v.number: v.name for v in vocabulary_pb2.Action.DESCRIPTOR.values if v.number}
@@ -165,7 +169,7 @@ def decide(
 
 def _with_break_glass(outcome: Outcome, q: Question, break_glass: Iterable[BreakGlassAccess]) -> Outcome:
     """Rule 4: a running break-glass access of the actor permits an emergency read."""
-    if outcome.decision == pb.Decision.DECISION_PERMIT or q.action != _READ or q.purpose != _ETREAT:
+    if outcome.decision == _PERMITTED or q.action != _READ or q.purpose != _ETREAT:
         return outcome
     running = sorted(
         (
@@ -177,7 +181,7 @@ def _with_break_glass(outcome: Outcome, q: Question, break_glass: Iterable[Break
     )
     if not running:
         return outcome
-    if outcome.decision == pb.Decision.DECISION_DENY:
+    if outcome.decision == _DENIED:
         overriding = [a for a in running if a.overrides_deny]
         if not overriding:
             return replace(
@@ -186,7 +190,7 @@ def _with_break_glass(outcome: Outcome, q: Question, break_glass: Iterable[Break
                 + "; the break-glass access does not override a deny under its organization's policy",
             )
         return Outcome(
-            pb.Decision.DECISION_PERMIT,
+            _PERMITTED,
             "BREAK_GLASS_OVERRIDES_DENY",
             "emergency access (break-glass), overriding the patient's explicit deny as the organization's policy "
             "allows; a privacy officer reviews it",
@@ -194,7 +198,7 @@ def _with_break_glass(outcome: Outcome, q: Question, break_glass: Iterable[Break
             overriding[0].access_id,
         )
     return Outcome(
-        pb.Decision.DECISION_PERMIT,
+        _PERMITTED,
         "BREAK_GLASS",
         "emergency access (break-glass) without the patient's consent; a privacy officer reviews it",
         (),
@@ -213,7 +217,7 @@ def _decide_among(naming_actor: Sequence[ConsentVersion], q: Question, *, patien
     """Rules 2-3 over the versions in force that name the actor (or their organization)."""
     if not patient_has_consents:
         return Outcome(
-            pb.Decision.DECISION_NO_CONSENT, "NO_CONSENT_FOR_PATIENT", f"patient {q.patient_id} has no consents"
+            _NO_CONSENT, "NO_CONSENT_FOR_PATIENT", f"patient {q.patient_id} has no consents"
         )
     applicable = []
     furthest = 0
@@ -227,18 +231,18 @@ def _decide_among(naming_actor: Sequence[ConsentVersion], q: Question, *, patien
             furthest = reached
     if not applicable:
         code, reason = _REASONS[furthest]
-        return Outcome(pb.Decision.DECISION_NO_CONSENT, code, reason.format(q=q, **_names_of(q)))
+        return Outcome(_NO_CONSENT, code, reason.format(q=q, **_names_of(q)))
     denies = sorted(v.ref for v in applicable if v.provision == DENY)
     if denies:
         return Outcome(
-            pb.Decision.DECISION_DENY,
+            _DENIED,
             "EXPLICIT_DENY",
             "the patient explicitly denied this actor this access; a deny outweighs any permit",
             tuple(denies),
         )
     permits = sorted(v.ref for v in applicable if v.provision == PERMIT)
     return Outcome(
-        pb.Decision.DECISION_PERMIT, "PERMITTED", "a consent of the patient permits this access", tuple(permits)
+        _PERMITTED, "PERMITTED", "a consent of the patient permits this access", tuple(permits)
     )
 
 
@@ -475,8 +479,9 @@ class ConsentIndex:
             outcome = _decide_among((), q, patient_has_consents=False)
         else:
             naming_actor = []
-            for grantee in (q.actor_id, q.actor_organization_id):
-                for versions in patient.by_grantee.get(grantee, ()) if grantee else ():
+            org = q.actor_organization_id
+            for grantee in (q.actor_id,) if org in ("", q.actor_id) else (q.actor_id, org):
+                for versions in patient.by_grantee.get(grantee, ()):
                     if (v := in_force(versions, q.now)) is not None:
                         naming_actor.append(v)
             outcome = _decide_among(naming_actor, q, patient_has_consents=True)
