@@ -216,9 +216,7 @@ def _decide_by_consents(consents: Iterable[Sequence[ConsentVersion]], q: Questio
 def _decide_among(naming_actor: Sequence[ConsentVersion], q: Question, *, patient_has_consents: bool) -> Outcome:
     """Rules 2-3 over the versions in force that name the actor (or their organization)."""
     if not patient_has_consents:
-        return Outcome(
-            _NO_CONSENT, "NO_CONSENT_FOR_PATIENT", f"patient {q.patient_id} has no consents"
-        )
+        return Outcome(_NO_CONSENT, "NO_CONSENT_FOR_PATIENT", f"patient {q.patient_id} has no consents")
     applicable = []
     furthest = 0
     # One pass, one test after another per version: the reason is the first test that every
@@ -241,9 +239,7 @@ def _decide_among(naming_actor: Sequence[ConsentVersion], q: Question, *, patien
             tuple(denies),
         )
     permits = sorted(v.ref for v in applicable if v.provision == PERMIT)
-    return Outcome(
-        _PERMITTED, "PERMITTED", "a consent of the patient permits this access", tuple(permits)
-    )
+    return Outcome(_PERMITTED, "PERMITTED", "a consent of the patient permits this access", tuple(permits))
 
 
 # The reason for NO_CONSENT when the versions got no further than test N.
