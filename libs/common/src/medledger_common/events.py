@@ -6,8 +6,9 @@ typed message packed in ``data``. Events carry ids only, never personal data.
 
 from __future__ import annotations
 
+import time as _time
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 
 from google.protobuf import message as pb_message
 from google.protobuf.message import DecodeError
@@ -54,7 +55,10 @@ def new_event(
         aggregate_id=aggregate_id,
         version=version,
     )
-    event.time.FromDatetime(time or datetime.now(UTC))
+    if time is None:
+        event.time.FromNanoseconds(_time.time_ns())  # FromDatetime costs several times more
+    else:
+        event.time.FromDatetime(time)
     event.data.Pack(payload)
     return event
 

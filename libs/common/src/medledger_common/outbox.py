@@ -250,6 +250,7 @@ class OutboxRelay:
         self._bootstrap = bootstrap_servers
         self._wake = asyncio.Event()
         self._partition_lists: dict[str, tuple[float, tuple[list[int], list[int]]]] = {}
+        self._partition_cache: dict[tuple[str, bytes, int], int] = {}
         self._published = OUTBOX_PUBLISHED.labels(service)
         self._backlog = OUTBOX_BACKLOG.labels(service)
         OUTBOX_REPUBLISHED.labels(service)
@@ -369,7 +370,18 @@ class OutboxRelay:
 
     def _partition_of(self, topic: str, key: bytes | None, partitions: tuple[list[int], list[int]]) -> int:
         all_partitions, available = partitions
-        return int(self.producer._partitioner(key, all_partitions, available))  # the producer's own choice
+        if key is None:
+            return int(self.producer._partitioner(key, all_partitions, available))  # the producer's own choice
+        # Keys repeat (a patient's events) and murmur2 is pure Python: remember recent answers.
+        # A key's partition depends only on the partition count while every partition is up.
+        cached = (topic, key, len(all_partitions))
+        partition = self._partition_cache.get(cached) if len(available) == len(all_partitions) else None
+        if partition is None:
+            partition = int(self.producer._partitioner(key, all_partitions, available))
+            if len(self._partition_cache) >= 10_000:
+                self._partition_cache.clear()
+            self._partition_cache[cached] = partition
+        return partition
 
     async def _mark_published(self, conn: AsyncConnection, ids: Sequence[int]) -> None:
         now = time.time()

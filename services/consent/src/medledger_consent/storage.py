@@ -346,7 +346,7 @@ class DecisionLog:
         db: Database,
         topic: str,
         max_batch: int = 500,
-        notify_seconds: float = 0.05,
+        notify_seconds: float = 0.2,
         commit_interval: float = 0.005,
     ) -> None:
         self.db = db
