@@ -221,3 +221,52 @@ async def test_consumer_commits_what_it_handled_when_stopped_between_commit_inte
         assert await consume(1) == [later.id]
     finally:
         await producer.stop()
+
+
+async def test_a_consumer_whose_start_failed_starts_on_the_next_attempt(kafka: Kafka) -> None:
+    # The runtime retries start() while the broker is not ready; an aiokafka consumer refuses a
+    # second start() ("Did you call start twice?"), which once kept a service retrying forever.
+    topic = f"t.retry.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(kafka.bootstrap_servers, [topic], partitions=1)
+    seen: list[str] = []
+
+    async def handler(message: ConsumedMessage) -> None:
+        assert message.event is not None
+        seen.append(message.event.id)
+
+    producer = make_producer(kafka.bootstrap_servers)
+    await producer.start()
+    consumer = EventConsumer(
+        bootstrap_servers=kafka.bootstrap_servers, group_id=None, name="retry", handler=handler,
+        producer=producer, topics=[topic], fetch_max_wait_ms=50,
+    )  # fmt: skip
+    real_assign = consumer._assign_all_from_end
+    failures = iter([True])
+
+    async def assign_failing_once() -> None:
+        if next(failures, False):
+            raise ConnectionError("the broker is not ready")
+        await real_assign()
+
+    consumer._assign_all_from_end = assign_failing_once  # type: ignore[method-assign]
+    try:
+        try:
+            await consumer.start()
+        except ConnectionError:
+            pass
+        else:
+            raise AssertionError("the first start should have failed")
+        await consumer.start()
+        task = asyncio.create_task(consumer.run())
+        event = _event(7)
+        await producer.send_and_wait(topic, event.SerializeToString())
+        for _ in range(200):
+            if seen:
+                break
+            await asyncio.sleep(0.05)
+        assert seen == [event.id]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await consumer.stop()
+        await producer.stop()

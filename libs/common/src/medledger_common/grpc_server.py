@@ -29,7 +29,6 @@ from prometheus_client import Counter, Histogram
 from medledger_common.errors import MedledgerError
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("medledger.grpc")
 _EMPTY_CONTEXT = otel_context.Context()
 
 # go-grpc-prometheus names, which Grafana dashboards for gRPC already understand.
@@ -141,6 +140,10 @@ def _wrap_unary(full_method: str, behavior: _Behavior) -> _Behavior:
 
     count_ok = RPC_HANDLED.labels(service, method, grpc.StatusCode.OK.name)
     span_name = full_method.lstrip("/")
+    # The provider's own tracer once one is installed (handlers are wrapped after start-up), not
+    # the module's proxy, which looks the provider up again on every span.
+    method_tracer = trace.get_tracer("medledger.grpc")
+    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started.inc()
@@ -150,9 +153,7 @@ def _wrap_unary(full_method: str, behavior: _Behavior) -> _Behavior:
         metadata = context.invocation_metadata()
         if metadata and any(k == "traceparent" for k, _ in metadata):
             parent = propagate.extract(dict(metadata), context=_EMPTY_CONTEXT)
-        span = tracer.start_span(span_name, parent, SpanKind.SERVER)
-        if span.is_recording():
-            span.set_attributes({"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
+        span = method_tracer.start_span(span_name, parent, SpanKind.SERVER, attributes=attributes)
         try:
             with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
                 try:

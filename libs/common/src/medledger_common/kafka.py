@@ -155,26 +155,36 @@ class EventConsumer:
         self.max_backoff_seconds = max_backoff_seconds
         self.batch_max = batch_max
         self.commit_interval_seconds = commit_interval_seconds
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap_servers,
-            group_id=group_id,
-            enable_auto_commit=False,
-            auto_offset_reset=auto_offset_reset,
-            metadata_max_age_ms=5000,
-            max_poll_records=batch_max,
+        self._consumer_options: dict[str, Any] = {
+            "bootstrap_servers": bootstrap_servers,
+            "group_id": group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": auto_offset_reset,
+            "metadata_max_age_ms": 5000,
+            "max_poll_records": batch_max,
             # How long the broker may hold a fetch waiting for data: the latency of an idle topic.
-            fetch_max_wait_ms=fetch_max_wait_ms,
-        )
+            "fetch_max_wait_ms": fetch_max_wait_ms,
+        }
+        self.consumer = AIOKafkaConsumer(**self._consumer_options)
         self._counters: dict[tuple[str, str], Any] = {}
         self._span_names: dict[str, str] = {}
         # Offsets of handled messages not yet committed, per partition.
         self._handled: dict[TopicPartition, int] = {}
 
     async def start(self) -> None:
-        await self.consumer.start()
-        if self.group_id is None:
-            await self._assign_all_from_end()
-            return
+        """Connect and take partitions. After a failure, start() may be called again: an
+        aiokafka consumer starts once only, so a failed attempt leaves a fresh one behind."""
+        try:
+            await self.consumer.start()
+            if self.group_id is None:
+                await self._assign_all_from_end()
+                return
+        except BaseException:
+            failed, self.consumer = self.consumer, AIOKafkaConsumer(**self._consumer_options)
+            # Its stop may end in its own tasks' CancelledError; the original error is what counts.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await failed.stop()
+            raise
         listener = _CommitOnRevoke(self)
         if self.pattern:
             self.consumer.subscribe(pattern=self.pattern, listener=listener)

@@ -10,4 +10,4 @@ class ConsentSettings(ServiceSettings):
     metrics_port: int = 9102
     database_url: str = "sqlite+aiosqlite:///.medledger/consent.db"
     # Group commit of decision records: commits start at most this often under load.
-    decision_commit_interval_seconds: float = Field(default=0.005, ge=0.0, le=0.1)
+    decision_commit_interval_seconds: float = Field(default=0.008, ge=0.0, le=0.1)

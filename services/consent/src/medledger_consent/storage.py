@@ -347,7 +347,7 @@ class DecisionLog:
         topic: str,
         max_batch: int = 500,
         notify_seconds: float = 0.2,
-        commit_interval: float = 0.005,
+        commit_interval: float = 0.008,
     ) -> None:
         self.db = db
         self.topic = topic
