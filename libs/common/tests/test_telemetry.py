@@ -37,3 +37,32 @@ def test_a_ratio_outside_zero_to_one_is_refused() -> None:
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError):
             ParentBasedRatioSampler(bad)
+
+
+def test_start_span_decides_each_new_trace_once_as_the_sdk_would() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import SpanKind
+
+    from medledger_common import telemetry
+
+    for ratio in (0.0, 0.3, 1.0):
+        ids, sampler = telemetry.PresetTraceIds(), ParentBasedRatioSampler(ratio)
+        tracer = TracerProvider(sampler=sampler, id_generator=ids).get_tracer("t")
+        saved = telemetry._ids, telemetry._sampler
+        telemetry._ids, telemetry._sampler = ids, sampler
+        try:
+            spans = [telemetry.start_span(tracer, "m", Context(), SpanKind.CONSUMER) for _ in range(2000)]
+            child = telemetry.start_span(tracer, "c", _parent(True), SpanKind.CONSUMER)
+        finally:
+            telemetry._ids, telemetry._sampler = saved
+        recorded = [s for s in spans if s.is_recording()]
+        for s in spans:
+            ctx = s.get_span_context()
+            assert ctx.is_valid and not ctx.is_remote
+            # Sampled exactly when the trace id falls under the ratio, like TraceIdRatioBased.
+            under = ctx.trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < TraceIdRatioBased.get_bound_for_rate(ratio)
+            assert s.is_recording() == under == ctx.trace_flags.sampled
+        assert len({s.get_span_context().trace_id for s in spans}) == len(spans)
+        assert abs(len(recorded) / len(spans) - ratio) < 0.05
+        # A message with a sampled parent continues its trace.
+        assert child.is_recording() and child.get_span_context().trace_id == 0x1234

@@ -27,6 +27,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram
 
 from medledger_common.errors import MedledgerError
+from medledger_common.telemetry import start_span
 
 log = logging.getLogger(__name__)
 _EMPTY_CONTEXT = otel_context.Context()
@@ -153,7 +154,7 @@ def _wrap_unary(full_method: str, behavior: _Behavior) -> _Behavior:
         metadata = context.invocation_metadata()
         if metadata and any(k == "traceparent" for k, _ in metadata):
             parent = propagate.extract(dict(metadata), context=_EMPTY_CONTEXT)
-        span = method_tracer.start_span(span_name, parent, SpanKind.SERVER, attributes=attributes)
+        span = start_span(method_tracer, span_name, parent, SpanKind.SERVER, attributes)
         try:
             with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
                 try:

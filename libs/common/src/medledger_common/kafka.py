@@ -28,6 +28,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from medledger_common.errors import Unavailable
 from medledger_common.events import TOPICS, Event, MalformedEvent, decode, dlq_topic
+from medledger_common.telemetry import start_span
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("medledger.kafka")
@@ -295,7 +296,9 @@ class EventConsumer:
         if "traceparent" in headers:
             carrier = {k: v.decode("latin-1") for k, v in headers.items() if k in ("traceparent", "tracestate")}
             parent = propagate.extract(carrier, context=_EMPTY_CONTEXT)
-        span = tracer.start_span(self._span_names.get(record.topic) or self._span_name(record.topic), parent, _CONSUMER)
+        span = start_span(
+            tracer, self._span_names.get(record.topic) or self._span_name(record.topic), parent, _CONSUMER
+        )
         if span.is_recording():
             # Attributes only for sampled spans: building them costs as much as the span.
             span.set_attributes(

@@ -9,8 +9,9 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult, TraceIdRatioBased
-from opentelemetry.trace import Link, SpanKind, TraceState, get_current_span
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceState, get_current_span
 from opentelemetry.util.types import Attributes
 from prometheus_client import start_http_server
 
@@ -61,15 +62,54 @@ class ParentBasedRatioSampler(Sampler):
         return f"ParentBasedRatioSampler{{{self.ratio}}}"
 
 
+class PresetTraceIds(RandomIdGenerator):
+    """Random ids, except that the next trace id can be chosen beforehand (start_span)."""
+
+    def __init__(self) -> None:
+        self.next_trace_id = 0
+
+    def generate_trace_id(self) -> int:
+        if self.next_trace_id:
+            trace_id, self.next_trace_id = self.next_trace_id, 0
+            return trace_id
+        return super().generate_trace_id()
+
+
+def start_span(
+    tracer: trace.Tracer, name: str, context: Context, kind: SpanKind, attributes: Attributes = None
+) -> trace.Span:
+    """``tracer.start_span(name, context, kind, attributes)``; a new trace that the sampler drops is made
+    here, as the SDK makes it (a non-recording span with fresh random ids), at a fraction of the
+    SDK's cost: the consumer starts one per Kafka message, mostly unsampled in production.
+
+    The shortcut draws the trace id and asks the sampler itself; when the sampler keeps the
+    trace, the SDK starts the span with that very trace id, so each trace is decided once.
+    """
+    ids, sampler = _ids, _sampler
+    if ids is None or sampler is None or get_current_span(context).get_span_context().is_valid:
+        return tracer.start_span(name, context, kind, attributes)
+    trace_id = ids.generate_trace_id()
+    if sampler.should_sample(context, trace_id, name, kind).decision is Decision.RECORD_AND_SAMPLE:
+        ids.next_trace_id = trace_id
+        return tracer.start_span(name, context, kind, attributes)
+    return NonRecordingSpan(SpanContext(trace_id, ids.generate_span_id(), is_remote=False))
+
+
+_ids: PresetTraceIds | None = None
+_sampler: ParentBasedRatioSampler | None = None
+
+
 def configure_tracing(service: str, sampling_ratio: float, otlp_endpoint: str = "") -> TracerProvider:
     """Install a tracer provider: ratio sampling of new traces, parents decide for children.
 
     Spans are exported over OTLP/gRPC only when an endpoint is configured.
     """
-    global _provider
+    global _provider, _ids, _sampler
+    ids, sampler = PresetTraceIds(), ParentBasedRatioSampler(sampling_ratio)
     provider = TracerProvider(
         resource=Resource.create({"service.name": f"medledger-{service}", "service.namespace": "medledger"}),
-        sampler=ParentBasedRatioSampler(sampling_ratio),
+        sampler=sampler,
+        id_generator=ids,
     )
     if otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -77,7 +117,7 @@ def configure_tracing(service: str, sampling_ratio: float, otlp_endpoint: str = 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
     if _provider is None:
         trace.set_tracer_provider(provider)
-        _provider = provider
+        _provider, _ids, _sampler = provider, ids, sampler
     return _provider
 
 
