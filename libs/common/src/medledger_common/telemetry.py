@@ -55,8 +55,12 @@ class ParentBasedRatioSampler(Sampler):
                     Decision.RECORD_AND_SAMPLE if sampled else Decision.DROP, None, parent.trace_state
                 )
         else:
-            sampled = trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < self._bound
+            sampled = self.samples_new_trace(trace_id)
         return self._SAMPLE if sampled else self._DROP
+
+    def samples_new_trace(self, trace_id: int) -> bool:
+        """The decision for a span without a parent: TraceIdRatioBased's."""
+        return trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < self._bound
 
     def get_description(self) -> str:
         return f"ParentBasedRatioSampler{{{self.ratio}}}"
@@ -86,10 +90,11 @@ def start_span(
     trace, the SDK starts the span with that very trace id, so each trace is decided once.
     """
     ids, sampler = _ids, _sampler
-    if ids is None or sampler is None or get_current_span(context).get_span_context().is_valid:
+    # An empty context (falsy: a Context is a dict) has no parent span.
+    if ids is None or sampler is None or (context and get_current_span(context).get_span_context().is_valid):
         return tracer.start_span(name, context, kind, attributes)
     trace_id = ids.generate_trace_id()
-    if sampler.should_sample(context, trace_id, name, kind).decision is Decision.RECORD_AND_SAMPLE:
+    if sampler.samples_new_trace(trace_id):
         ids.next_trace_id = trace_id
         return tracer.start_span(name, context, kind, attributes)
     return NonRecordingSpan(SpanContext(trace_id, ids.generate_span_id(), is_remote=False))
