@@ -460,6 +460,46 @@ async def test_the_identity_authorization_table_holds_for_every_rpc(start_stack)
         assert (await p.public.GetJwks(pb.GetJwksRequest())).jwks_json
 
 
+async def test_the_consent_authorization_table_holds_for_every_rpc(start_stack) -> None:
+    """Every consent RPC, called by each role and each principal kind with an empty request: the
+    interceptor refuses exactly whom the README table leaves out (a handler may refuse too, but
+    with its own reason, never the table's)."""
+    table, _ = readme_table("consent")
+    descriptor = co_pb.DESCRIPTOR.services_by_name["ConsentService"]
+    async with start_stack() as stack:
+        p = Platform(stack)
+        callers: dict[str, Any] = {"no role": await p.principal_with()}
+        for name in ROLES:
+            callers[name] = await p.principal_with(vocabulary_pb2.Role.Value("ROLE_" + name.upper().replace("-", "_")))
+        callers["service"] = await p.principal_with(kind=Kind.PRINCIPAL_KIND_SERVICE)
+        org_id = (await p.register(Kind.PRINCIPAL_KIND_ORGANIZATION)).principal.principal_id
+        practitioner = await p.register(
+            Kind.PRINCIPAL_KIND_PRACTITIONER, organization_id=org_id, fhir_resource=practitioner_json("1234567893")
+        )
+        callers["practitioner"] = stack.client(practitioner.principal.principal_id, practitioner.client_secret)
+        patient = await p.public.RegisterPatient(
+            pb.RegisterPatientRequest(request_id=rid(), fhir_patient=patient_json(uuid.uuid4().hex))
+        )
+        callers["patient"] = stack.client(patient.principal.principal_id, patient.client_secret)
+        kinds = {"service": "service", "practitioner": "practitioner", "patient": "patient"}
+        for who, client in callers.items():
+            stub = p.consent_as(client)
+            for method in descriptor.methods:
+                rule = table[method.name]
+                roles = {who} if who in ROLES else set()
+                allowed = (
+                    (not rule.roles and not rule.kinds) or bool(roles & rule.roles) or kinds.get(who) in rule.kinds
+                )
+                request = getattr(co_pb, method.input_type.name)()
+                try:
+                    await getattr(stub, method.name)(request)
+                    refused_by_table = False
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() != CODE.UNAUTHENTICATED, (who, method.name, exc.details())
+                    refused_by_table = exc.details() == "the caller's roles do not allow this call"
+                assert refused_by_table != allowed, (who, method.name)
+
+
 # -- deactivation and rotation ----------------------------------------------------------------------
 
 
