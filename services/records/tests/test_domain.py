@@ -1,0 +1,116 @@
+"""Records' pure domain: every Synthea resource validates and its commitment recomputes from
+what `get` returns; JSON that RFC 8785 cannot represent exactly is refused; invalid FHIR names
+its problems; sealed versions are bound to their record, version and patient."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import rfc8785
+
+from medledger_common.errors import DataLoss, InvalidArgument
+from medledger_records import domain
+
+SYNTHEA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "synthea"
+
+
+def synthea_resources() -> list[dict]:
+    out = []
+    for path in sorted(SYNTHEA.glob("*.json")):
+        bundle = json.loads(path.read_text())
+        out += [entry["resource"] for entry in bundle.get("entry", [])]
+    return out
+
+
+def test_every_synthea_resource_validates_and_its_commitment_recomputes() -> None:
+    resources = synthea_resources()
+    assert len(resources) > 500
+    types = set()
+    for resource in resources:
+        returned = json.dumps(resource).encode()  # what a get would return
+        types.add(domain.validate_fhir(domain.parse_json(returned)))
+        salt = domain.new_salt()
+        commitment = domain.record_commitment(returned, salt)
+        # Recomputed by hand, from the README's formula.
+        expected = hashlib.sha256(b"medledger:record:v1\n" + salt + rfc8785.dumps(json.loads(returned))).hexdigest()
+        assert commitment == expected
+        # Key order and whitespace do not matter; the salt does.
+        reordered = json.dumps(dict(reversed(list(resource.items()))), indent=2).encode()
+        assert domain.record_commitment(reordered, salt) == commitment
+        assert domain.record_commitment(returned, domain.new_salt()) != commitment
+    assert {"Patient", "Observation", "Encounter", "Condition", "Immunization"} <= types
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"a": 1, "a": 2}',
+        b'{"n": 9007199254740993}',
+        b'{"n": 0.10000000000000000001}',
+        b'{"n": NaN}',
+        b'{"n": Infinity}',
+        b'{"n": 1',
+        b"\xff\xfe",
+    ],
+)
+def test_json_that_rfc8785_cannot_represent_exactly_is_refused(content: bytes) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        domain.parse_json(content)
+    assert [v.field for v in err.value.violations] == ["content"]
+
+
+def test_numbers_a_double_holds_exactly_are_accepted() -> None:
+    assert domain.parse_json(b'{"a": 0.1, "b": 1e21, "c": 9007199254740991, "d": -2.5}')["c"] == 2**53 - 1
+
+
+def test_invalid_fhir_names_each_problem() -> None:
+    with pytest.raises(InvalidArgument) as err:
+        domain.validate_fhir(
+            {"resourceType": "Observation", "status": "final", "code": {}, "valueQuantity": {"value": "x"}, "bogus": 1}
+        )
+    assert {v.field for v in err.value.violations} == {"content.valueQuantity.value", "content.bogus"}
+    with pytest.raises(InvalidArgument) as err:
+        domain.validate_fhir({"resourceType": "Observation", "code": {}})
+    assert [v.field for v in err.value.violations] == ["content.status"]
+    for bad, field in (
+        ({"resourceType": "NoSuchThing"}, "content.resourceType"),
+        ({"id": "x"}, "content.resourceType"),
+        ([1, 2], "content"),
+    ):
+        with pytest.raises(InvalidArgument) as err:
+            domain.validate_fhir(bad)
+        assert [v.field for v in err.value.violations] == [field]
+
+
+def test_document_commitment_is_the_readme_formula() -> None:
+    salt, data = domain.new_salt(), os.urandom(1000)
+    expected = hashlib.sha256(
+        b"medledger:document:v1\n" + salt + hashlib.sha256(b"application/pdf").digest() + data
+    ).hexdigest()
+    assert domain.document_commitment("application/pdf", data, salt) == expected
+    assert domain.document_commitment("image/png", data, salt) != expected
+
+
+def test_a_sealed_version_opens_only_unaltered_and_under_its_own_binding() -> None:
+    key, plaintext = os.urandom(32), b'{"resourceType": "Patient"}'
+    sealed = domain.seal(key, plaintext, "rec_1", 2, "pat_1")
+    assert plaintext not in sealed
+    assert domain.unseal(key, sealed, "rec_1", 2, "pat_1") == plaintext
+    for i in (0, len(sealed) // 2, len(sealed) - 1):
+        flipped = bytearray(sealed)
+        flipped[i] ^= 1
+        with pytest.raises(DataLoss):
+            domain.unseal(key, bytes(flipped), "rec_1", 2, "pat_1")
+    for binding in (("rec_2", 2, "pat_1"), ("rec_1", 1, "pat_1"), ("rec_1", 2, "pat_2")):
+        with pytest.raises(DataLoss):
+            domain.unseal(key, sealed, *binding)
+    with pytest.raises(DataLoss):
+        domain.unseal(os.urandom(32), sealed, "rec_1", 2, "pat_1")
+    with pytest.raises(DataLoss):
+        domain.unseal(key, sealed[:20], "rec_1", 2, "pat_1")
+    # Length-prefixed binding: shifting a character between fields changes it.
+    assert domain.associated_data("ab", 1, "c") != domain.associated_data("a", 1, "bc")
