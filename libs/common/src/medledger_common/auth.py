@@ -272,6 +272,9 @@ def _json_segment(segment: str) -> dict[str, Any]:
     return value
 
 
+_ES256 = ec.ECDSA(hashes.SHA256())  # immutable: made once, not per token
+
+
 def _signature_valid(key: Any, alg: str, signing_input: bytes, signature: bytes) -> bool:
     try:
         if alg == "EdDSA":
@@ -283,7 +286,7 @@ def _signature_valid(key: Any, alg: str, signing_input: bytes, signature: bytes)
         if not isinstance(key, ec.EllipticCurvePublicKey) or len(signature) != 64:
             return False
         r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-        key.verify(encode_dss_signature(r, s), signing_input, ec.ECDSA(hashes.SHA256()))
+        key.verify(encode_dss_signature(r, s), signing_input, _ES256)
         return True
     except InvalidSignature:
         return False
