@@ -24,6 +24,9 @@ from medledger_consent.config import ConsentSettings
 from medledger_identity import main as identity_main
 from medledger_identity import storage as identity_storage
 from medledger_identity.config import IdentitySettings
+from medledger_records import main as records_main
+from medledger_records import storage as records_storage
+from medledger_records.config import RecordsSettings
 from medledger_sdk.auth import TokenClient
 
 
@@ -37,6 +40,7 @@ class Stack:
     secrets_dir: Path
     # Every consent replica, `consent` first; they share one database.
     consent_replicas: list[ServiceRuntime] = field(default_factory=list)
+    records: ServiceRuntime | None = None
     _clients: list[TokenClient] = field(default_factory=list)
 
     @property
@@ -92,12 +96,14 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
         identity_db: str | None = None,
         consent_replicas: int = 1,
         kafka: Kafka | None = None,
+        records: bool = False,
     ) -> AsyncIterator[Stack]:
         secrets_dir = tmp_path / "secrets"
         secrets_dir.mkdir(exist_ok=True)
         admin_secret = "mlsec_admin_" + secrets.token_urlsafe(24)
         (tmp_path / "admin.secret").write_text(admin_secret + "\n")
         (secrets_dir / "consent.secret").write_text("mlsec_consent_" + secrets.token_urlsafe(24))
+        (secrets_dir / "records.secret").write_text("mlsec_records_" + secrets.token_urlsafe(24))
         master = tmp_path / "master-identity.key"
         if not master.exists():
             create_master_key_file(master)
@@ -142,7 +148,31 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
                             running_service("consent", co_settings, consent_storage.MIGRATIONS, consent_main.build)
                         )
                     )
+            records_runtime = None
+            if records:
+                assert replicas, "records asks consent: start consent too"
+                master_records = tmp_path / "master-records.key"
+                if not master_records.exists():
+                    create_master_key_file(master_records)
+                records_runtime = await exits.enter_async_context(
+                    running_service(
+                        "records",
+                        service_settings(
+                            RecordsSettings,
+                            kafka,
+                            postgres.new_database("records"),
+                            identity_address=f"127.0.0.1:{identity.grpc_port}",
+                            consent_address=f"127.0.0.1:{replicas[0].grpc_port}",
+                            client_secret_file=secrets_dir / "records.secret",
+                            master_key_file=master_records,
+                            keyring_file=tmp_path / "keyrings" / "records.keyring",
+                        ),
+                        records_storage.MIGRATIONS,
+                        records_main.build,
+                    )
+                )
             stack = Stack(identity, replicas[0] if replicas else None, admin_secret, secrets_dir, replicas)
+            stack.records = records_runtime
             try:
                 yield stack
             finally:

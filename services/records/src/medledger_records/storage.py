@@ -1,6 +1,131 @@
-"""Records's tables and migrations. Its own tables arrive with the records issue; the common
-outbox, inbox and idempotency tables are migrated by the runtime."""
+"""Records' tables and queries. Only ciphertexts, wrapped data keys, salts and commitments are
+stored, never content; the common outbox, inbox and idempotency tables are the runtime's."""
 
-from medledger_common.db import Migration
+from __future__ import annotations
 
-MIGRATIONS: list[Migration] = []
+from dataclasses import dataclass
+
+from sqlalchemy import Column, Float, Integer, LargeBinary, MetaData, String, Table, Text, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from medledger_common.db import Migration, create_tables
+
+metadata = MetaData()
+# One row per record: whose it is, what it is, and its latest version.
+records = Table(
+    "records",
+    metadata,
+    Column("record_id", String(64), primary_key=True),
+    Column("patient_id", String(64), nullable=False, index=True),
+    Column("category", Integer, nullable=False),
+    Column("media_type", String(255), nullable=False),
+    Column("latest_version", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+# Every version: AES-256-GCM ciphertext under its own data key, the data key wrapped under the
+# patient's key in the key manager, and the version's salted commitment.
+record_versions = Table(
+    "record_versions",
+    metadata,
+    Column("record_id", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("patient_id", String(64), nullable=False),
+    Column("key_name", String(128), nullable=False),
+    Column("wrapped_key", Text, nullable=False),
+    Column("ciphertext", LargeBinary, nullable=False),
+    Column("salt", LargeBinary, nullable=False),
+    Column("commitment", String(64), nullable=False),
+    Column("event_id", String(64), nullable=False),
+    # FHIR Provenance, as far as medledger knows it: who wrote it, for which organization, when.
+    Column("written_by", String(64), nullable=False),
+    Column("organization_id", String(64), nullable=False),
+    Column("written_at", Float, nullable=False),
+)
+
+MIGRATIONS = [Migration(1, "records and their versions", create_tables(metadata))]
+
+
+@dataclass(frozen=True)
+class Record:
+    record_id: str
+    patient_id: str
+    category: int
+    media_type: str
+    latest_version: int
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    record_id: str
+    version: int
+    patient_id: str
+    key_name: str
+    wrapped_key: str
+    ciphertext: bytes
+    salt: bytes
+    commitment: str
+    event_id: str
+
+
+async def get_record(conn: AsyncConnection, record_id: str, *, for_update: bool = False) -> Record | None:
+    query = select(records).where(records.c.record_id == record_id)
+    if for_update and conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    r = (await conn.execute(query)).first()
+    return Record(r.record_id, r.patient_id, int(r.category), r.media_type, int(r.latest_version)) if r else None
+
+
+async def insert_record(conn: AsyncConnection, record: Record, now: float) -> None:
+    await conn.execute(
+        insert(records).values(
+            record_id=record.record_id,
+            patient_id=record.patient_id,
+            category=record.category,
+            media_type=record.media_type,
+            latest_version=record.latest_version,
+            created_at=now,
+        )
+    )
+
+
+async def set_latest_version(conn: AsyncConnection, record_id: str, version: int) -> None:
+    await conn.execute(update(records).where(records.c.record_id == record_id).values(latest_version=version))
+
+
+async def insert_version(
+    conn: AsyncConnection, v: StoredVersion, *, written_by: str, organization_id: str, now: float
+) -> None:
+    await conn.execute(
+        insert(record_versions).values(
+            record_id=v.record_id,
+            version=v.version,
+            patient_id=v.patient_id,
+            key_name=v.key_name,
+            wrapped_key=v.wrapped_key,
+            ciphertext=v.ciphertext,
+            salt=v.salt,
+            commitment=v.commitment,
+            event_id=v.event_id,
+            written_by=written_by,
+            organization_id=organization_id,
+            written_at=now,
+        )
+    )
+
+
+async def get_version(conn: AsyncConnection, record_id: str, version: int) -> StoredVersion | None:
+    c = record_versions.c
+    r = (await conn.execute(select(record_versions).where(c.record_id == record_id, c.version == version))).first()
+    if r is None:
+        return None
+    return StoredVersion(
+        r.record_id,
+        int(r.version),
+        r.patient_id,
+        r.key_name,
+        r.wrapped_key,
+        bytes(r.ciphertext),
+        bytes(r.salt),
+        r.commitment,
+        r.event_id,
+    )

@@ -295,6 +295,7 @@ class Stack:
             "MEDLEDGER_DATABASE_URL": self.state.database_url(name),
             "MEDLEDGER_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap_servers,
             "MEDLEDGER_IDENTITY_ADDRESS": f"{HOST}:{self.ports.grpc('identity')}",
+            "MEDLEDGER_CONSENT_ADDRESS": f"{HOST}:{self.ports.grpc('consent')}",  # records asks it
             "MEDLEDGER_MASTER_KEY_FILE": str(self.state.master_key_file(name)),
             "MEDLEDGER_KEYRING_FILE": str(self.state.keyring_file(name)),
             "PYTHONUNBUFFERED": "1",  # so `tail -f` on the log shows lines as they happen

@@ -1,0 +1,220 @@
+"""Records end to end on PostgreSQL, Tansu, real tokens and consent: a FHIR resource and a
+document round trip, consent decides every read and every practitioner's write, the stored bytes
+hold no plaintext, tampering is DATA_LOSS, the receipt's commitment recomputes from what get
+returned, and bad input changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import rfc8785
+from medledger.consent.v1 import consent_service_pb2 as co_pb
+from medledger.consent.v1 import consent_service_pb2_grpc as co_grpc
+from medledger.events.v1 import records_events_pb2
+from medledger.identity.v1 import identity_service_pb2 as id_pb
+from medledger.identity.v1 import identity_service_pb2_grpc as id_grpc
+from medledger.records.v1 import records_service_pb2 as pb
+from medledger.records.v1 import records_service_pb2_grpc as pb_grpc
+from medledger.types.v1 import vocabulary_pb2 as vocab
+from sqlalchemy import func, select, update
+
+from medledger_common.events import decode, unpack
+from medledger_common.grpc_client import make_channel
+from medledger_common.outbox import outbox
+from medledger_common.testing import status_of
+from medledger_consent import storage as consent_storage
+from medledger_records import storage
+
+Kind = vocab.PrincipalKind
+CODE = grpc.StatusCode
+OBS = vocab.DataCategory.DATA_CATEGORY_OBSERVATIONS
+DOCS = vocab.DataCategory.DATA_CATEGORY_DOCUMENTS
+TREAT = vocab.PurposeOfUse.PURPOSE_OF_USE_TREAT
+READ, WRITE = vocab.Action.ACTION_READ, vocab.Action.ACTION_WRITE
+SYNTHEA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "synthea"
+
+
+def rid() -> str:
+    return str(uuid.uuid4())
+
+
+def observation() -> dict[str, Any]:
+    for path in sorted(SYNTHEA.glob("*.json")):
+        for entry in json.loads(path.read_text()).get("entry", []):
+            if entry["resource"]["resourceType"] == "Observation":
+                return dict(entry["resource"])
+    raise AssertionError("no Observation in the Synthea data")
+
+
+async def known_to_consent(stack: Any, *ids: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        async with stack.consent.db.connect() as conn:
+            if all([await consent_storage.get_principal(conn, i) for i in ids]):
+                return
+        assert time.monotonic() < deadline, "consent did not learn the principals"
+        await asyncio.sleep(0.05)
+
+
+async def people(stack: Any) -> dict[str, Any]:
+    public = id_grpc.IdentityServiceStub(make_channel(stack.identity_address))
+    admin = id_grpc.IdentityServiceStub(stack.admin().channel(stack.identity_address, "medledger.identity"))
+    fhir = {"resourceType": "Patient", "identifier": [{"system": "urn:oid:1.2.3", "value": uuid.uuid4().hex}]}
+    patient = await public.RegisterPatient(
+        id_pb.RegisterPatientRequest(request_id=rid(), fhir_patient=json.dumps(fhir).encode())
+    )
+    org = await admin.RegisterPrincipal(
+        id_pb.RegisterPrincipalRequest(request_id=rid(), kind=Kind.PRINCIPAL_KIND_ORGANIZATION)
+    )
+    out: dict[str, Any] = {"patient_id": patient.principal.principal_id}
+    records_address = f"127.0.0.1:{stack.records.grpc_port}"
+    out["patient"] = pb_grpc.RecordsServiceStub(
+        stack.client(patient.principal.principal_id, patient.client_secret).channel(
+            records_address, "medledger.records"
+        )
+    )
+    out["consent"] = co_grpc.ConsentServiceStub(
+        stack.client(patient.principal.principal_id, patient.client_secret).channel(
+            stack.consent_address, "medledger.consent"
+        )
+    )
+    for name in ("doctor", "stranger"):
+        practitioner = {
+            "resourceType": "Practitioner",
+            "identifier": [{"system": "urn:npi", "value": uuid.uuid4().hex}],
+        }
+        reply = await admin.RegisterPrincipal(
+            id_pb.RegisterPrincipalRequest(
+                request_id=rid(),
+                kind=Kind.PRINCIPAL_KIND_PRACTITIONER,
+                organization_id=org.principal.principal_id,
+                fhir_resource=json.dumps(practitioner).encode(),
+            )
+        )
+        out[name + "_id"] = reply.principal.principal_id
+        out[name] = pb_grpc.RecordsServiceStub(
+            stack.client(reply.principal.principal_id, reply.client_secret).channel(
+                records_address, "medledger.records"
+            )
+        )
+    await known_to_consent(stack, out["patient_id"], out["doctor_id"], out["stranger_id"])
+    return out
+
+
+async def test_records_round_trip_under_consent_encrypted_and_provable(start_stack) -> None:
+    async with start_stack(records=True) as stack:
+        p = await people(stack)
+        resource = observation()
+        content = json.dumps(resource).encode()
+
+        def put(**fields: Any) -> pb.PutRecordRequest:
+            base = {
+                "request_id": rid(),
+                "patient_id": p["patient_id"],
+                "category": OBS,
+                "content": content,
+                "media_type": "application/fhir+json",
+            }
+            return pb.PutRecordRequest(**{**base, **fields})
+
+        # Without the patient's consent a doctor can neither write nor read.
+        assert await status_of(p["doctor"].PutRecord(put())) == CODE.PERMISSION_DENIED
+        stored = await p["patient"].PutRecord(put())  # a patient writes their own records
+        assert stored.version == 1 and len(bytes.fromhex(stored.receipt.salt)) == 32
+        get = pb.GetRecordRequest(record_id=stored.record_id, purpose=TREAT)
+        assert await status_of(p["doctor"].GetRecord(get)) == CODE.PERMISSION_DENIED
+
+        granted = await p["consent"].GrantConsent(
+            co_pb.GrantConsentRequest(
+                request_id=rid(),
+                patient_id=p["patient_id"],
+                grantee_id=p["doctor_id"],
+                provision=co_pb.ProvisionType.PROVISION_TYPE_PERMIT,
+                actions=[READ, WRITE],
+                categories=[OBS],
+                purposes=[TREAT],
+            )
+        )
+        got = await p["doctor"].GetRecord(get)
+        assert json.loads(got.content) == resource and got.decision_id.startswith("dec_")
+        # The receipt's commitment recomputes from what get returned and the salt.
+        salt = bytes.fromhex(got.receipt.salt)
+        expected = hashlib.sha256(b"medledger:record:v1\n" + salt + rfc8785.dumps(json.loads(got.content))).hexdigest()
+        assert got.receipt.commitment == expected == stored.receipt.commitment
+        assert await status_of(p["stranger"].GetRecord(get)) == CODE.PERMISSION_DENIED
+
+        # A new version by the doctor; a retried put makes no second one.
+        retry = put(record_id=stored.record_id)
+        second = await p["doctor"].PutRecord(retry)
+        again = await p["doctor"].PutRecord(retry)
+        assert second.version == again.version == 2 and second.receipt == again.receipt
+        # A document round trips too.
+        pdf = b"%PDF-1.7 " + uuid.uuid4().bytes * 100
+        document = await p["patient"].PutRecord(put(content=pdf, media_type="application/pdf", category=DOCS))
+        own = await p["patient"].GetRecord(pb.GetRecordRequest(record_id=document.record_id))
+        assert own.content == pdf and own.decision_id == ""
+
+        # Bad input: invalid FHIR, oversize, unknown category; nothing stored.
+        async with stack.records.db.connect() as conn:
+            versions = (await conn.execute(select(func.count()).select_from(storage.record_versions))).scalar_one()
+        invalid = dict(resource, status=5)
+        assert (
+            await status_of(p["patient"].PutRecord(put(content=json.dumps(invalid).encode()))) == CODE.INVALID_ARGUMENT
+        )
+        assert await status_of(p["patient"].PutRecord(put(content=b'{"a": 1, "a": 2}'))) == CODE.INVALID_ARGUMENT
+        big = b"x" * (4 * 1024 * 1024 + 1)
+        assert (
+            await status_of(p["patient"].PutRecord(put(content=big, media_type="text/plain")))
+            == CODE.RESOURCE_EXHAUSTED
+        )
+        assert await status_of(p["patient"].PutRecord(put(category=0))) == CODE.INVALID_ARGUMENT
+        async with stack.records.db.connect() as conn:
+            assert (
+                await conn.execute(select(func.count()).select_from(storage.record_versions))
+            ).scalar_one() == versions
+            rows = (await conn.execute(select(storage.record_versions))).all()
+            published = [bytes(r.value) for r in await conn.execute(select(outbox.c.value))]
+        # No plaintext fragment in what is stored or sent.
+        fragment = json.dumps(resource["code"]).encode()[:40]
+        for row in rows:
+            assert fragment not in bytes(row.ciphertext) and b"%PDF" not in bytes(row.ciphertext)
+        assert all(fragment not in value for value in published)
+        kinds = {decode(value).type for value in published}
+        assert {
+            records_events_pb2.RecordStored.DESCRIPTOR.full_name,
+            records_events_pb2.RecordDisclosed.DESCRIPTOR.full_name,
+            records_events_pb2.RecordAccessDenied.DESCRIPTOR.full_name,
+        } <= kinds
+        disclosed = [
+            unpack(e, records_events_pb2.RecordDisclosed)
+            for e in map(decode, published)
+            if e.type == records_events_pb2.RecordDisclosed.DESCRIPTOR.full_name
+        ]
+        assert any(d.decision_id == got.decision_id and d.actor_id == p["doctor_id"] for d in disclosed)
+
+        # A flipped byte in the ciphertext is DATA_LOSS, never data.
+        c = storage.record_versions.c
+        row = next(r for r in rows if r.record_id == stored.record_id and r.version == 1)
+        flipped = bytearray(row.ciphertext)
+        flipped[20] ^= 1
+        async with stack.records.db.transaction() as conn:
+            await conn.execute(
+                update(storage.record_versions)
+                .where(c.record_id == stored.record_id, c.version == 1)
+                .values(ciphertext=bytes(flipped))
+            )
+        one = pb.GetRecordRequest(record_id=stored.record_id, version=1, purpose=TREAT)
+        assert await status_of(p["doctor"].GetRecord(one)) == CODE.DATA_LOSS
+
+        # A revoked consent denies the next get.
+        await p["consent"].RevokeConsent(
+            co_pb.RevokeConsentRequest(request_id=rid(), consent_id=granted.consent.consent_id)
+        )
+        assert await status_of(p["doctor"].GetRecord(get)) == CODE.PERMISSION_DENIED
