@@ -218,3 +218,92 @@ async def test_records_round_trip_under_consent_encrypted_and_provable(start_sta
             co_pb.RevokeConsentRequest(request_id=rid(), consent_id=granted.consent.consent_id)
         )
         assert await status_of(p["doctor"].GetRecord(get)) == CODE.PERMISSION_DENIED
+
+
+async def test_listing_shows_what_consent_permits_and_export_returns_everything_as_a_bundle(start_stack) -> None:
+    import base64
+
+    from fhir.resources.R4B.bundle import Bundle
+
+    async with start_stack(records=True) as stack:
+        p = await people(stack)
+        resource = observation()
+
+        def put(**fields: Any) -> pb.PutRecordRequest:
+            base = {
+                "request_id": rid(),
+                "patient_id": p["patient_id"],
+                "category": OBS,
+                "content": json.dumps(resource).encode(),
+                "media_type": "application/fhir+json",
+            }
+            return pb.PutRecordRequest(**{**base, **fields})
+
+        observations = [(await p["patient"].PutRecord(put())).record_id for _ in range(3)]
+        pdf = b"%PDF-1.7 " + uuid.uuid4().bytes
+        document = (
+            await p["patient"].PutRecord(put(content=pdf, media_type="application/pdf", category=DOCS))
+        ).record_id
+        await p["consent"].GrantConsent(
+            co_pb.GrantConsentRequest(
+                request_id=rid(),
+                patient_id=p["patient_id"],
+                grantee_id=p["doctor_id"],
+                provision=co_pb.ProvisionType.PROVISION_TYPE_PERMIT,
+                actions=[READ],
+                categories=[OBS],
+                purposes=[TREAT],
+            )
+        )
+        # The doctor sees the observations only, a page at a time, with the decision that permitted.
+        seen: list[str] = []
+        token = ""
+        while True:
+            page = await p["doctor"].ListRecords(
+                pb.ListRecordsRequest(patient_id=p["patient_id"], purpose=TREAT, page_size=2, page_token=token)
+            )
+            assert len(page.decision_ids) == 1 and page.decision_ids[0].startswith("dec_")
+            seen += [r.record_id for r in page.records]
+            token = page.next_page_token
+            if not token:
+                break
+        assert sorted(seen) == sorted(observations)
+        assert (
+            await p["stranger"].ListRecords(pb.ListRecordsRequest(patient_id=p["patient_id"], purpose=TREAT))
+        ).records == []
+        # The patient sees everything, and can filter.
+        everything = await p["patient"].ListRecords(pb.ListRecordsRequest(patient_id=p["patient_id"]))
+        assert {r.record_id for r in everything.records} == {*observations, document}
+        only_docs = await p["patient"].ListRecords(pb.ListRecordsRequest(patient_id=p["patient_id"], categories=[DOCS]))
+        assert [r.record_id for r in only_docs.records] == [document]
+        by_type = await p["patient"].ListRecords(
+            pb.ListRecordsRequest(patient_id=p["patient_id"], resource_type="Observation")
+        )
+        assert sorted(r.record_id for r in by_type.records) == sorted(observations)
+        assert (
+            await status_of(p["patient"].ListRecords(pb.ListRecordsRequest(patient_id=p["patient_id"], page_token="x")))
+            == CODE.INVALID_ARGUMENT
+        )
+
+        # Export: the patient's right of access, as a FHIR Bundle that validates.
+        exported = await p["patient"].ExportRecords(pb.ExportRecordsRequest(patient_id=p["patient_id"]))
+        bundle = Bundle.model_validate_json(exported.fhir_bundle_json)
+        assert exported.records == 4 and len(bundle.entry) == 4
+        raw = json.loads(exported.fhir_bundle_json)
+        binaries = [e["resource"] for e in raw["entry"] if e["resource"]["resourceType"] == "Binary"]
+        assert [base64.b64decode(b["data"]) for b in binaries] == [pdf]
+        assert [b["contentType"] for b in binaries] == ["application/pdf"]
+        assert (
+            await status_of(p["doctor"].ExportRecords(pb.ExportRecordsRequest(patient_id=p["patient_id"])))
+            == CODE.PERMISSION_DENIED
+        )
+
+        async with stack.records.db.connect() as conn:
+            published = [decode(bytes(v)) for v in (await conn.execute(select(outbox.c.value))).scalars()]
+        listed = [
+            unpack(e, records_events_pb2.RecordsListed)
+            for e in published
+            if e.type == records_events_pb2.RecordsListed.DESCRIPTOR.full_name
+        ]
+        assert any(x.operation == "export" and len(x.record_ids) == 4 for x in listed)
+        assert any(x.actor_id == p["doctor_id"] and x.decision_ids for x in listed)

@@ -8,11 +8,14 @@ idempotency record commit together.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import time
 import uuid
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from medledger.consent.v1 import consent_service_pb2 as co_pb
 from medledger.consent.v1 import consent_service_pb2_grpc as co_grpc
 from medledger.events.v1 import records_events_pb2 as ev
@@ -45,7 +48,10 @@ PUBLIC_METHODS: tuple[str, ...] = ()
 ACCESS: dict[str, Access] = {
     _SERVICE + "PutRecord": Access.of(kinds=["practitioner", "patient"]),
     _SERVICE + "GetRecord": Access.of(kinds=["practitioner", "patient", "researcher"]),
+    _SERVICE + "ListRecords": Access.of(kinds=["practitioner", "patient", "researcher"]),
+    _SERVICE + "ExportRecords": Access.of(kinds=["patient"]),
 }
+MAX_PAGE_SIZE = 500
 MAX_RECORD_BYTES = 4 * 1024 * 1024
 READ, WRITE = vocabulary_pb2.Action.ACTION_READ, vocabulary_pb2.Action.ACTION_WRITE
 TREAT = vocabulary_pb2.PurposeOfUse.PURPOSE_OF_USE_TREAT
@@ -95,8 +101,9 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
             raise InvalidArgument.field("category", "required: a DataCategory")
         if not request.media_type:
             raise InvalidArgument.field("media_type", "required: application/fhir+json or a document's media type")
+        resource_type = ""
         if request.media_type == domain.FHIR_JSON:
-            domain.validate_fhir(domain.parse_json(request.content))
+            resource_type = domain.validate_fhir(domain.parse_json(request.content))
         if caller.principal_id != request.patient_id:
             if caller.kind == "patient":
                 raise PermissionDenied("a patient writes their own records only")
@@ -113,10 +120,15 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
                 if (record.category, record.media_type) != (request.category, request.media_type):
                     raise InvalidArgument.field("category", "a new version keeps its record's category and media type")
                 version = record.latest_version + 1
-                await storage.set_latest_version(conn, record.record_id, version)
+                await storage.set_latest_version(conn, record.record_id, version, now)
             else:
                 record = storage.Record(
-                    f"rec_{uuid.uuid4().hex}", request.patient_id, request.category, request.media_type, 1
+                    f"rec_{uuid.uuid4().hex}",
+                    request.patient_id,
+                    request.category,
+                    request.media_type,
+                    1,
+                    resource_type,
                 )
                 version = 1
                 await storage.insert_record(conn, record, now)
@@ -195,15 +207,7 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
             raise NotFound("no such version")
         if stored.key_name != patient_key_name(record.patient_id):
             raise FailedPrecondition("this record's data was erased")
-        try:
-            data_key = await self.keys.decrypt_data_key(stored.key_name, stored.wrapped_key)
-            content = domain.unseal(data_key, stored.ciphertext, record.record_id, version, record.patient_id)
-        except DataLoss:
-            TAMPERED.inc()
-            log.error(
-                "a stored record version failed to decrypt", extra={"record_id": record.record_id, "version": version}
-            )
-            raise
+        content = await self._open(record, stored)
         event = new_event(
             source=self.rt.source,
             payload=ev.RecordDisclosed(
@@ -253,3 +257,149 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         async with self.rt.db.transaction() as conn:
             await enqueue(conn, TOPICS["records"], event, key=record.patient_id.encode())
         self.rt.relay.notify()
+
+    async def ListRecords(
+        self, request: pb.ListRecordsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRecordsResponse:
+        caller = current_caller()
+        if not request.patient_id:
+            raise InvalidArgument.field("patient_id", "required")
+        own = caller.principal_id == request.patient_id
+        if not own and caller.kind == "patient":
+            raise PermissionDenied("a patient lists their own records only")
+        if not own and request.purpose == vocabulary_pb2.PurposeOfUse.PURPOSE_OF_USE_UNSPECIFIED:
+            raise InvalidArgument.field("purpose", "required: why the records are listed")
+        if request.page_size < 0:
+            raise InvalidArgument.field("page_size", "must not be negative")
+        after = _page_position(request.page_token) if request.page_token else None
+        size = min(request.page_size or 50, MAX_PAGE_SIZE)
+        categories: list[int] = [int(c) for c in request.categories] or sorted(_CATEGORIES)
+        decision_ids: list[str] = []
+        if not own:
+            # One decision per category: only the categories consent permits are listed.
+            permitted = []
+            for category in categories:
+                answer = await self._ask(caller, request.patient_id, READ, category, request.purpose)
+                if answer.decision == PERMIT:
+                    permitted.append(category)
+                    decision_ids.append(answer.decision_id)
+            categories = permitted
+        found: list[storage.Record] = []
+        if categories:
+            async with self.rt.db.connect() as conn:
+                found = await storage.list_records(
+                    conn,
+                    request.patient_id,
+                    categories=categories,
+                    resource_type=request.resource_type,
+                    updated_from=_seconds(request.updated_from) if request.HasField("updated_from") else None,
+                    updated_before=_seconds(request.updated_before) if request.HasField("updated_before") else None,
+                    after=after,
+                    limit=size + 1,
+                )
+        more = len(found) > size
+        found = found[:size]
+        await self._announce_listing(caller, request.patient_id, found, decision_ids, request.purpose, "list")
+        return pb.ListRecordsResponse(
+            records=[_summary(r) for r in found],
+            next_page_token=f"{found[-1].updated_at!r}/{found[-1].record_id}" if more else "",
+            decision_ids=decision_ids,
+        )
+
+    async def ExportRecords(
+        self, request: pb.ExportRecordsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExportRecordsResponse:
+        caller = current_caller()
+        if caller.principal_id != request.patient_id:
+            raise PermissionDenied("a patient exports their own records only")
+        async with self.rt.db.connect() as conn:
+            found = await storage.list_records(conn, request.patient_id, limit=1_000_000)
+            versions = [await storage.get_version(conn, r.record_id, r.latest_version) for r in found]
+        entries = []
+        for record, stored in zip(found, versions, strict=True):
+            if stored is None:
+                continue
+            content = await self._open(record, stored)
+            if record.media_type == domain.FHIR_JSON:
+                resource = json.loads(content)
+            else:
+                resource = {
+                    "resourceType": "Binary",
+                    "contentType": record.media_type,
+                    "data": base64.b64encode(content).decode("ascii"),
+                }
+            entries.append(
+                {"fullUrl": f"urn:medledger:record:{record.record_id}:{stored.version}", "resource": resource}
+            )
+        bundle = {"resourceType": "Bundle", "type": "collection", "entry": entries}
+        await self._announce_listing(caller, request.patient_id, found, [], 0, "export")
+        return pb.ExportRecordsResponse(fhir_bundle_json=json.dumps(bundle).encode(), records=len(entries))
+
+    async def _open(self, record: storage.Record, stored: storage.StoredVersion) -> bytes:
+        """A stored version's plaintext; DataLoss (counted and logged) when it was altered."""
+        try:
+            data_key = await self.keys.decrypt_data_key(stored.key_name, stored.wrapped_key)
+            return domain.unseal(data_key, stored.ciphertext, record.record_id, stored.version, record.patient_id)
+        except DataLoss:
+            TAMPERED.inc()
+            log.error(
+                "a stored record version failed to decrypt",
+                extra={"record_id": record.record_id, "version": stored.version},
+            )
+            raise
+
+    async def _announce_listing(
+        self,
+        caller: Caller,
+        patient_id: str,
+        found: list[storage.Record],
+        decision_ids: list[str],
+        purpose: int,
+        operation: str,
+    ) -> None:
+        event = new_event(
+            source=self.rt.source,
+            payload=ev.RecordsListed(
+                patient_id=patient_id,
+                actor_id=caller.principal_id,
+                record_ids=[r.record_id for r in found],
+                decision_ids=decision_ids,
+                purpose=purpose,  # type: ignore[arg-type]
+                operation=operation,
+            ),
+            aggregate_id=patient_id,
+            version=0,
+            subject=patient_id,
+        )
+        async with self.rt.db.transaction() as conn:
+            await enqueue(conn, TOPICS["records"], event, key=patient_id.encode())
+        self.rt.relay.notify()
+
+
+def _seconds(ts: Timestamp) -> float:
+    return ts.ToNanoseconds() / 1e9
+
+
+def _page_position(token: str) -> tuple[float, str]:
+    updated, _, record_id = token.partition("/")
+    try:
+        position = float(updated)
+    except ValueError:
+        raise InvalidArgument.field("page_token", "not a token this RPC returned") from None
+    if not record_id.startswith("rec_"):
+        raise InvalidArgument.field("page_token", "not a token this RPC returned")
+    return position, record_id
+
+
+def _summary(r: storage.Record) -> pb.RecordSummary:
+    updated = Timestamp()
+    updated.FromNanoseconds(int(r.updated_at * 1e9))
+    return pb.RecordSummary(
+        record_id=r.record_id,
+        patient_id=r.patient_id,
+        category=r.category,  # type: ignore[arg-type]
+        media_type=r.media_type,
+        resource_type=r.resource_type,
+        latest_version=r.latest_version,
+        updated_at=updated,
+    )

@@ -3,9 +3,26 @@ stored, never content; the common outbox, inbox and idempotency tables are the r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Column, Float, Integer, LargeBinary, MetaData, String, Table, Text, insert, select, update
+from sqlalchemy import (
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_common.db import Migration, create_tables
@@ -19,9 +36,13 @@ records = Table(
     Column("patient_id", String(64), nullable=False, index=True),
     Column("category", Integer, nullable=False),
     Column("media_type", String(255), nullable=False),
+    # The FHIR resourceType; empty for documents.
+    Column("resource_type", String(64), nullable=False),
     Column("latest_version", Integer, nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
 )
+Index("ix_records_patient_updated", records.c.patient_id, records.c.updated_at)
 # Every version: AES-256-GCM ciphertext under its own data key, the data key wrapped under the
 # patient's key in the key manager, and the version's salted commitment.
 record_versions = Table(
@@ -52,6 +73,8 @@ class Record:
     category: int
     media_type: str
     latest_version: int
+    resource_type: str = ""
+    updated_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -72,7 +95,19 @@ async def get_record(conn: AsyncConnection, record_id: str, *, for_update: bool 
     if for_update and conn.dialect.name == "postgresql":
         query = query.with_for_update()
     r = (await conn.execute(query)).first()
-    return Record(r.record_id, r.patient_id, int(r.category), r.media_type, int(r.latest_version)) if r else None
+    return _record(r) if r else None
+
+
+def _record(r: Any) -> Record:
+    return Record(
+        r.record_id,
+        r.patient_id,
+        int(r.category),
+        r.media_type,
+        int(r.latest_version),
+        r.resource_type,
+        float(r.updated_at),
+    )
 
 
 async def insert_record(conn: AsyncConnection, record: Record, now: float) -> None:
@@ -82,14 +117,46 @@ async def insert_record(conn: AsyncConnection, record: Record, now: float) -> No
             patient_id=record.patient_id,
             category=record.category,
             media_type=record.media_type,
+            resource_type=record.resource_type,
             latest_version=record.latest_version,
             created_at=now,
+            updated_at=now,
         )
     )
 
 
-async def set_latest_version(conn: AsyncConnection, record_id: str, version: int) -> None:
-    await conn.execute(update(records).where(records.c.record_id == record_id).values(latest_version=version))
+async def set_latest_version(conn: AsyncConnection, record_id: str, version: int, now: float) -> None:
+    await conn.execute(
+        update(records).where(records.c.record_id == record_id).values(latest_version=version, updated_at=now)
+    )
+
+
+async def list_records(
+    conn: AsyncConnection,
+    patient_id: str,
+    *,
+    categories: Sequence[int] = (),
+    resource_type: str = "",
+    updated_from: float | None = None,
+    updated_before: float | None = None,
+    after: tuple[float, str] | None = None,
+    limit: int = 50,
+) -> list[Record]:
+    """A patient's records, newest update first, after the position `after` (updated_at, id)."""
+    c = records.c
+    query = select(records).where(c.patient_id == patient_id)
+    if categories:
+        query = query.where(c.category.in_(list(categories)))
+    if resource_type:
+        query = query.where(c.resource_type == resource_type)
+    if updated_from is not None:
+        query = query.where(c.updated_at >= updated_from)
+    if updated_before is not None:
+        query = query.where(c.updated_at < updated_before)
+    if after is not None:
+        query = query.where(or_(c.updated_at < after[0], and_(c.updated_at == after[0], c.record_id < after[1])))
+    rows = await conn.execute(query.order_by(c.updated_at.desc(), c.record_id.desc()).limit(limit))
+    return [_record(r) for r in rows]
 
 
 async def insert_version(
