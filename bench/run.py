@@ -3,7 +3,7 @@ folder) and stopping it afterwards. Each figure is printed beside a baseline mea
 run, with the ratio and the target. Exit code 0 unless a benchmark errors: a missed target is
 printed as MISS, never hidden.
 
-Usage: python bench/run.py [relay] [consumer] [grpc] [auth] [consent] [--json FILE]
+Usage: python bench/run.py [relay] [consumer] [grpc] [auth] [consent] [records] [--json FILE]
 """
 
 from __future__ import annotations
@@ -172,23 +172,74 @@ def bench_consent(bootstrap: str, pg: localstack.PostgresCluster, results: dict,
     results["consent"] = {"decide": d, **figures, "rate_ratio": rate, "p99_ratio": p99, "propagation": p}
 
 
+def bench_records(bootstrap: str, pg: localstack.PostgresCluster, results: dict, seconds: float = 5.0) -> None:
+    print("-- (g) records: puts and gets through gRPC with consent checks and the local keyring", flush=True)
+    figures: dict = {}
+    for size in (1024, 65536):
+        st = run_json(str(HERE / "bench_records.py"), "stages", str(size))
+        figures[f"stages_{size}"] = st
+        print(
+            f"   stages, {size // 1024} KiB (µs): "
+            + ", ".join(f"{k.removesuffix('_us')} {v:,.0f}" for k, v in st.items())
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        port = localstack.free_port()
+        server = subprocess.Popen([PY, str(HERE / "bench_grpc.py"), "server", "bare", str(port)])
+        try:
+            localstack.wait_for_port(port, 30, server, "bare gRPC server")
+            empty = run_json(str(HERE / "bench_grpc.py"), "client", str(port), str(seconds))
+        finally:
+            server.terminate()
+            server.wait(10)
+        config = Path(tmp) / "records.json"
+        urls = ",".join(pg.create_database(f"bench_{name}_{uuid.uuid4().hex[:6]}") for name in ("consent", "records"))
+        server = subprocess.Popen(
+            [PY, str(HERE / "bench_records.py"), "server", bootstrap, urls, str(Path(tmp) / "stack"), str(config)]
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not config.exists():
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the records benchmark server did not start")
+                time.sleep(0.2)
+            print(
+                f"    empty: {empty['calls_per_s']:,.0f} calls/s  p50 {empty['p50_ms']:.2f} ms  p99 {empty['p99_ms']:.2f} ms"
+            )
+            for op in ("put", "get"):
+                for size in (1024, 65536):
+                    f = run_json(str(HERE / "bench_records.py"), "client", str(config), str(seconds), op, str(size))
+                    ratio = f["calls_per_s"] / empty["calls_per_s"]
+                    figures[f"{op}_{size}"] = {**f, "ratio": ratio}
+                    print(
+                        f"   {op} {size // 1024:>2} KiB: {f['calls_per_s']:,.0f} calls/s  p50 {f['p50_ms']:.2f} ms  "
+                        f"p99 {f['p99_ms']:.2f} ms  |  {ratio:.0%} of the empty call (target >= 25%)  "
+                        f"{verdict(ratio, 0.25)}"
+                    )
+        finally:
+            server.terminate()
+            server.wait(20)
+    results["records"] = {"empty": empty, **figures}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("only", nargs="*", choices=["relay", "consumer", "grpc", "auth", "consent", []], default=[])
+    parser.add_argument(
+        "only", nargs="*", choices=["relay", "consumer", "grpc", "auth", "consent", "records", []], default=[]
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
-    wanted = set(args.only) or {"relay", "consumer", "grpc", "auth", "consent"}
+    wanted = set(args.only) or {"relay", "consumer", "grpc", "auth", "consent", "records"}
     results: dict = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="medledger-bench-") as tmp:
         broker = pg = None
         try:
-            if wanted & {"relay", "consumer", "auth", "consent"}:
+            if wanted & {"relay", "consumer", "auth", "consent", "records"}:
                 print("starting Tansu", flush=True)
                 port = localstack.free_port()
                 broker = localstack.start_tansu(port, Path(tmp) / "tansu.log")
                 bootstrap = f"127.0.0.1:{port}"
-            if wanted & {"relay", "consent"}:
+            if wanted & {"relay", "consent", "records"}:
                 print("starting a PostgreSQL cluster of our own", flush=True)
                 pg = localstack.PostgresCluster(Path(tmp) / "pg", localstack.free_port())
                 pg.init()
@@ -203,6 +254,8 @@ def main() -> int:
                 bench_auth(bootstrap, results)
             if "consent" in wanted:
                 bench_consent(bootstrap, pg, results)
+            if "records" in wanted:
+                bench_records(bootstrap, pg, results)
         finally:
             if pg is not None:
                 pg.stop("immediate")

@@ -25,6 +25,9 @@ from medledger_consent.config import ConsentSettings
 from medledger_identity import main as identity_main
 from medledger_identity import storage as identity_storage
 from medledger_identity.config import IdentitySettings
+from medledger_records import main as records_main
+from medledger_records import storage as records_storage
+from medledger_records.config import RecordsSettings
 from medledger_sdk.auth import TokenClient
 
 
@@ -35,6 +38,7 @@ class Platform:
     admin: TokenClient
     admin_identity: id_grpc.IdentityServiceStub
     clients: list[TokenClient] = field(default_factory=list)
+    records: ServiceRuntime | None = None
 
     @property
     def identity_address(self) -> str:
@@ -66,13 +70,20 @@ class Platform:
 
 @asynccontextmanager
 async def identity_and_consent(
-    bootstrap: str, folder: Path, *, consent_database_url: str | None = None, consent_replicas: int = 1
+    bootstrap: str,
+    folder: Path,
+    *,
+    consent_database_url: str | None = None,
+    consent_replicas: int = 1,
+    records_database_url: str | None = None,
 ) -> AsyncIterator[Platform]:
+    """identity and consent; records too when `records_database_url` is given."""
     secrets_dir = folder / "secrets"
     secrets_dir.mkdir(parents=True, exist_ok=True)
     admin_secret = "mlsec_" + secrets.token_urlsafe(24)
     (folder / "admin.secret").write_text(admin_secret)
     (secrets_dir / "consent.secret").write_text("mlsec_" + secrets.token_urlsafe(24))
+    (secrets_dir / "records.secret").write_text("mlsec_" + secrets.token_urlsafe(24))
     common: dict[str, Any] = {
         "grpc_port": 0,
         "metrics_port": 0,
@@ -110,11 +121,26 @@ async def identity_and_consent(
                     running_service("consent", co_settings, consent_storage.MIGRATIONS, consent_main.build)
                 )
             )
+        if records_database_url is not None:
+            records_settings = RecordsSettings(
+                **common,
+                database_url=records_database_url,
+                identity_address=f"127.0.0.1:{identity.grpc_port}",
+                consent_address=f"127.0.0.1:{consents[0].grpc_port}",
+                client_secret_file=secrets_dir / "records.secret",
+                master_key_file=create_master_key_file(folder / "master-records.key"),
+                keyring_file=folder / "keyrings" / "records.keyring",
+            )
+            records = await stack.enter_async_context(
+                running_service("records", records_settings, records_storage.MIGRATIONS, records_main.build)
+            )
         address = f"127.0.0.1:{identity.grpc_port}"
         admin = TokenClient(address, identity_main.BOOTSTRAP_ADMIN, client_secret=admin_secret)
         platform = Platform(
             identity, consents, admin, id_grpc.IdentityServiceStub(admin.channel(address, "medledger.identity"))
         )
+        if records_database_url is not None:
+            platform.records = records
         try:
             yield platform
         finally:

@@ -239,6 +239,7 @@ class OutboxRelay:
         poll_seconds: float = 0.5,
         retention_seconds: float = 7 * 24 * 3600.0,
         watermark_check_seconds: float = 10.0,
+        min_interval_seconds: float = 0.02,
     ) -> None:
         self.db = db
         self.producer = producer
@@ -247,6 +248,7 @@ class OutboxRelay:
         self.poll_seconds = poll_seconds
         self.retention_seconds = retention_seconds
         self.watermark_check_seconds = watermark_check_seconds
+        self.min_interval_seconds = min_interval_seconds
         self._bootstrap = bootstrap_servers
         self._wake = asyncio.Event()
         self._partition_lists: dict[str, tuple[float, tuple[list[int], list[int]]]] = {}
@@ -264,7 +266,16 @@ class OutboxRelay:
         backoff = 0.1
         next_check = time.monotonic() + self.watermark_check_seconds
         next_purge = time.monotonic()
+        last_cycle = 0.0
         while True:
+            # At most one cycle per `min_interval_seconds` unless a full batch is waiting: a
+            # relay cycle costs several statements, and a busy service notifies on every write.
+            pause = last_cycle + self.min_interval_seconds - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            last_cycle = time.monotonic()
+            # Cleared before the cycle, so that a write committed during it wakes the next one.
+            self._wake.clear()
             try:
                 sent = await self.publish_once()
                 if time.monotonic() >= next_check:
@@ -282,8 +293,9 @@ class OutboxRelay:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            if sent < self.batch_size:
-                self._wake.clear()
+            if sent >= self.batch_size:
+                last_cycle = 0.0  # a backlog: go on at once
+            else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
 
