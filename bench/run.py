@@ -203,7 +203,8 @@ def bench_records(bootstrap: str, pg: localstack.PostgresCluster, results: dict,
                     raise RuntimeError("the records benchmark server did not start")
                 time.sleep(0.2)
             print(
-                f"    empty: {empty['calls_per_s']:,.0f} calls/s  p50 {empty['p50_ms']:.2f} ms  p99 {empty['p99_ms']:.2f} ms"
+                f"    empty: {empty['calls_per_s']:,.0f} calls/s  "
+                f"p50 {empty['p50_ms']:.2f} ms  p99 {empty['p99_ms']:.2f} ms"
             )
             for op in ("put", "get"):
                 for size in (1024, 65536):
