@@ -307,3 +307,59 @@ async def test_listing_shows_what_consent_permits_and_export_returns_everything_
         ]
         assert any(x.operation == "export" and len(x.record_ids) == 4 for x in listed)
         assert any(x.actor_id == p["doctor_id"] and x.decision_ids for x in listed)
+
+
+async def test_key_rotation_rewraps_every_data_key_and_resumes_after_a_crash(start_stack, monkeypatch) -> None:
+    from medledger_records import api as records_api
+
+    async with start_stack(records=True) as stack:
+        p = await people(stack)
+        content = json.dumps(observation()).encode()
+        ids = []
+        for _ in range(3):
+            put = pb.PutRecordRequest(
+                request_id=rid(),
+                patient_id=p["patient_id"],
+                category=OBS,
+                content=content,
+                media_type="application/fhir+json",
+            )
+            ids.append((await p["patient"].PutRecord(put)).record_id)
+        admin = pb_grpc.RecordsServiceStub(
+            stack.admin().channel(f"127.0.0.1:{stack.records.grpc_port}", "medledger.records")
+        )
+        rotate = pb.RotatePatientKeyRequest(patient_id=p["patient_id"])
+        assert await status_of(p["patient"].RotatePatientKey(rotate)) == CODE.PERMISSION_DENIED
+
+        # The service dies after the first page of one version: nothing is refused yet.
+        monkeypatch.setattr(records_api, "ROTATION_PAGE", 1)
+        real_advance = storage.advance_rotation
+        calls = 0
+
+        async def crash_after_first_page(*args: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                raise RuntimeError("killed mid-rotation")
+            await real_advance(*args)
+
+        monkeypatch.setattr(storage, "advance_rotation", crash_after_first_page)
+        assert await status_of(admin.RotatePatientKey(rotate)) == CODE.INTERNAL
+        keys = stack.records.keys
+        name = f"patient-{p['patient_id']}"
+        assert (await keys.key_info(name)).min_decryption_version == 1
+        for record_id in ids:
+            assert (await p["patient"].GetRecord(pb.GetRecordRequest(record_id=record_id))).content == content
+
+        # Called again, it finishes the same rotation (no third key version).
+        monkeypatch.setattr(storage, "advance_rotation", real_advance)
+        done = await admin.RotatePatientKey(rotate)
+        assert done.key_version == 2 and done.rewrapped == 2
+        info = await keys.key_info(name)
+        assert (info.latest_version, info.min_decryption_version) == (2, 2)
+        async with stack.records.db.connect() as conn:
+            wrapped = (await conn.execute(select(storage.record_versions.c.wrapped_key))).scalars().all()
+            assert (await conn.execute(select(func.count()).select_from(storage.key_rotations))).scalar_one() == 0
+        assert len(wrapped) == 3 and all(w.startswith("vault:v2:") for w in wrapped)
+        for record_id in ids:
+            assert (await p["patient"].GetRecord(pb.GetRecordRequest(record_id=record_id))).content == content

@@ -37,6 +37,7 @@ from medledger_common.errors import (
 from medledger_common.events import TOPICS, new_event
 from medledger_common.idempotency import run_idempotent
 from medledger_common.keys import KeyManager, KeyType, patient_key_name
+from medledger_common.keys.base import parse_versioned
 from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
 from medledger_records import domain, storage
@@ -50,7 +51,9 @@ ACCESS: dict[str, Access] = {
     _SERVICE + "GetRecord": Access.of(kinds=["practitioner", "patient", "researcher"]),
     _SERVICE + "ListRecords": Access.of(kinds=["practitioner", "patient", "researcher"]),
     _SERVICE + "ExportRecords": Access.of(kinds=["patient"]),
+    _SERVICE + "RotatePatientKey": Access.of(roles=["admin"]),
 }
+ROTATION_PAGE = 100
 MAX_PAGE_SIZE = 500
 MAX_RECORD_BYTES = 4 * 1024 * 1024
 READ, WRITE = vocabulary_pb2.Action.ACTION_READ, vocabulary_pb2.Action.ACTION_WRITE
@@ -334,6 +337,43 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         bundle = {"resourceType": "Bundle", "type": "collection", "entry": entries}
         await self._announce_listing(caller, request.patient_id, found, [], 0, "export")
         return pb.ExportRecordsResponse(fhir_bundle_json=json.dumps(bundle).encode(), records=len(entries))
+
+    async def RotatePatientKey(
+        self, request: pb.RotatePatientKeyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RotatePatientKeyResponse:
+        """Rotate, rewrap every data key, and only then raise the minimum decryption version.
+        Each page of rewrapped keys commits with the rotation's position, so a crash between
+        pages loses nothing and a new call goes on from there."""
+        if not request.patient_id:
+            raise InvalidArgument.field("patient_id", "required")
+        name = patient_key_name(request.patient_id)
+        async with self.rt.db.transaction() as conn:
+            in_progress = await storage.rotation_in_progress(conn, request.patient_id)
+        if in_progress is None:
+            info = await self.keys.rotate(name)  # NotFound when the patient has no key (no records)
+            target, done_record, done_version = info.latest_version, "", 0
+            async with self.rt.db.transaction() as conn:
+                await storage.start_rotation(conn, request.patient_id, target, time.time())
+        else:
+            target, done_record, done_version = in_progress
+        rewrapped = 0
+        while True:
+            async with self.rt.db.transaction() as conn:
+                page = await storage.versions_after(conn, request.patient_id, done_record, done_version, ROTATION_PAGE)
+                for record_id, version, wrapped in page:
+                    if parse_versioned(wrapped, what="wrapped_key")[0] < target:
+                        await storage.set_wrapped_key(conn, record_id, version, await self.keys.rewrap(name, wrapped))
+                        rewrapped += 1
+                if page:
+                    done_record, done_version = page[-1][0], page[-1][1]
+                    await storage.advance_rotation(conn, request.patient_id, done_record, done_version)
+            if len(page) < ROTATION_PAGE:
+                break
+        await self.keys.set_min_decryption_version(name, target)
+        async with self.rt.db.transaction() as conn:
+            await storage.finish_rotation(conn, request.patient_id)
+        log.info("patient key rotated", extra={"key_version": target, "rewrapped": rewrapped})
+        return pb.RotatePatientKeyResponse(key_version=target, rewrapped=rewrapped)
 
     async def _open(self, record: storage.Record, stored: storage.StoredVersion) -> bytes:
         """A stored version's plaintext; DataLoss (counted and logged) when it was altered."""

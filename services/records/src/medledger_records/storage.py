@@ -18,6 +18,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    delete,
     insert,
     or_,
     select,
@@ -61,6 +62,17 @@ record_versions = Table(
     Column("written_by", String(64), nullable=False),
     Column("organization_id", String(64), nullable=False),
     Column("written_at", Float, nullable=False),
+)
+
+# A key rotation in progress, per patient: resumable from the last version it rewrapped.
+key_rotations = Table(
+    "key_rotations",
+    metadata,
+    Column("patient_id", String(64), primary_key=True),
+    Column("target_version", Integer, nullable=False),
+    Column("done_record_id", String(64), nullable=False),
+    Column("done_version", Integer, nullable=False),
+    Column("started_at", Float, nullable=False),
 )
 
 MIGRATIONS = [Migration(1, "records and their versions", create_tables(metadata))]
@@ -196,3 +208,51 @@ async def get_version(conn: AsyncConnection, record_id: str, version: int) -> St
         r.commitment,
         r.event_id,
     )
+
+
+async def rotation_in_progress(conn: AsyncConnection, patient_id: str) -> tuple[int, str, int] | None:
+    """(target key version, last record id and version rewrapped) of an unfinished rotation."""
+    r = (await conn.execute(select(key_rotations).where(key_rotations.c.patient_id == patient_id))).first()
+    return (int(r.target_version), r.done_record_id, int(r.done_version)) if r else None
+
+
+async def start_rotation(conn: AsyncConnection, patient_id: str, target_version: int, now: float) -> None:
+    await conn.execute(
+        insert(key_rotations).values(
+            patient_id=patient_id, target_version=target_version, done_record_id="", done_version=0, started_at=now
+        )
+    )
+
+
+async def versions_after(
+    conn: AsyncConnection, patient_id: str, record_id: str, version: int, limit: int
+) -> list[tuple[str, int, str]]:
+    """(record id, version, wrapped key) of a patient's versions after a position, in order."""
+    c = record_versions.c
+    rows = await conn.execute(
+        select(c.record_id, c.version, c.wrapped_key)
+        .where(c.patient_id == patient_id)
+        .where(or_(c.record_id > record_id, and_(c.record_id == record_id, c.version > version)))
+        .order_by(c.record_id, c.version)
+        .limit(limit)
+    )
+    return [(r.record_id, int(r.version), r.wrapped_key) for r in rows]
+
+
+async def set_wrapped_key(conn: AsyncConnection, record_id: str, version: int, wrapped_key: str) -> None:
+    c = record_versions.c
+    await conn.execute(
+        update(record_versions).where(c.record_id == record_id, c.version == version).values(wrapped_key=wrapped_key)
+    )
+
+
+async def advance_rotation(conn: AsyncConnection, patient_id: str, record_id: str, version: int) -> None:
+    await conn.execute(
+        update(key_rotations)
+        .where(key_rotations.c.patient_id == patient_id)
+        .values(done_record_id=record_id, done_version=version)
+    )
+
+
+async def finish_rotation(conn: AsyncConnection, patient_id: str) -> None:
+    await conn.execute(delete(key_rotations).where(key_rotations.c.patient_id == patient_id))
