@@ -97,6 +97,7 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
         consent_replicas: int = 1,
         kafka: Kafka | None = None,
         records: bool = False,
+        records_db: str | None = None,
     ) -> AsyncIterator[Stack]:
         secrets_dir = tmp_path / "secrets"
         secrets_dir.mkdir(exist_ok=True)
@@ -160,7 +161,7 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
                         service_settings(
                             RecordsSettings,
                             kafka,
-                            postgres.new_database("records"),
+                            records_db or postgres.new_database("records"),
                             identity_address=f"127.0.0.1:{identity.grpc_port}",
                             consent_address=f"127.0.0.1:{replicas[0].grpc_port}",
                             client_secret_file=secrets_dir / "records.secret",

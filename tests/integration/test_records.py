@@ -363,3 +363,34 @@ async def test_key_rotation_rewraps_every_data_key_and_resumes_after_a_crash(sta
         assert len(wrapped) == 3 and all(w.startswith("vault:v2:") for w in wrapped)
         for record_id in ids:
             assert (await p["patient"].GetRecord(pb.GetRecordRequest(record_id=record_id))).content == content
+
+
+async def test_records_work_on_the_embedded_sqlite_database_too(start_stack, tmp_path) -> None:
+    async with start_stack(records=True, records_db=f"sqlite+aiosqlite:///{tmp_path / 'records.db'}") as stack:
+        p = await people(stack)
+        content = json.dumps(observation()).encode()
+        put = pb.PutRecordRequest(
+            request_id=rid(),
+            patient_id=p["patient_id"],
+            category=OBS,
+            content=content,
+            media_type="application/fhir+json",
+        )
+        stored = await p["patient"].PutRecord(put)
+        again = await p["patient"].PutRecord(put)
+        assert again.receipt == stored.receipt
+        newer = await p["patient"].PutRecord(
+            pb.PutRecordRequest(
+                request_id=rid(),
+                patient_id=p["patient_id"],
+                record_id=stored.record_id,
+                category=OBS,
+                content=content,
+                media_type="application/fhir+json",
+            )
+        )
+        assert newer.version == 2
+        got = await p["patient"].GetRecord(pb.GetRecordRequest(record_id=stored.record_id, version=1))
+        assert got.content == content and got.receipt.commitment == stored.receipt.commitment
+        listed = await p["patient"].ListRecords(pb.ListRecordsRequest(patient_id=p["patient_id"]))
+        assert [(r.record_id, r.latest_version) for r in listed.records] == [(stored.record_id, 2)]
