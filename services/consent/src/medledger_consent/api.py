@@ -14,7 +14,6 @@ from dataclasses import replace
 from typing import TypeVar
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.consent.v1 import consent_service_pb2_grpc as pb_grpc
 from medledger.events.v1 import consent_events_pb2
@@ -28,6 +27,7 @@ from medledger_common.events import TOPICS, new_event
 from medledger_common.idempotency import run_idempotent
 from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
+from medledger_common.timestamps import timestamp
 from medledger_consent import domain, storage
 from medledger_consent.break_glass import BreakGlassDesk
 
@@ -69,12 +69,6 @@ INDEX_REPAIRS = Counter(
 )
 
 
-def _ts(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
 def to_proto(v: domain.ConsentVersion) -> pb.Consent:
     consent = pb.Consent(
         consent_id=v.consent_id,
@@ -85,14 +79,14 @@ def to_proto(v: domain.ConsentVersion) -> pb.Consent:
         actions=sorted(v.actions),  # type: ignore[arg-type]
         categories=sorted(v.categories),  # type: ignore[arg-type]
         purposes=sorted(v.purposes),  # type: ignore[arg-type]
-        period_start=_ts(v.period_start),
+        period_start=timestamp(v.period_start),
         status=v.status,  # type: ignore[arg-type]
         recorded_by=v.recorded_by,
-        recorded_at=_ts(v.recorded_at),
+        recorded_at=timestamp(v.recorded_at),
         commitment=v.commitment,
     )
     if v.period_end is not None:
-        consent.period_end.CopyFrom(_ts(v.period_end))
+        consent.period_end.CopyFrom(timestamp(v.period_end))
     return consent
 
 
@@ -364,7 +358,7 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
                 action=question.action,  # type: ignore[arg-type]
                 category=question.category,  # type: ignore[arg-type]
                 purpose=question.purpose,  # type: ignore[arg-type]
-                decided_at=_ts(question.now),
+                decided_at=timestamp(question.now),
                 decision=decision_name,
                 reason_code=outcome.reason_code,
                 deciding=deciding,
@@ -399,7 +393,7 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
             reason_code=outcome.reason_code,
             deciding=[pb.ConsentRef(consent_id=c, version=v) for c, v in outcome.deciding],
             rule_version=domain.RULE_VERSION,
-            decided_at=_ts(question.now),
+            decided_at=timestamp(question.now),
             break_glass_access_id=outcome.break_glass_access_id,
         )
 
@@ -445,7 +439,7 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
                     guardian_id=request.guardian_id,
                     active=active,
                     changed_by=caller.principal_id,
-                    changed_at=_ts(now),
+                    changed_at=timestamp(now),
                 )
             )
 

@@ -16,8 +16,6 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.events.v1 import consent_events_pb2, notification_events_pb2
 from medledger.types.v1 import vocabulary_pb2
@@ -37,6 +35,7 @@ from medledger_common.idempotency import run_idempotent
 from medledger_common.keys import KeyManager, KeyType, patient_key_name
 from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
+from medledger_common.timestamps import duration, timestamp
 from medledger_consent import domain, storage
 
 log = logging.getLogger(__name__)
@@ -65,30 +64,18 @@ PENDING_REVIEWS = Gauge(
 )
 
 
-def _ts(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
-def _duration(seconds: float) -> Duration:
-    d = Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
-
-
 def policy_proto(p: domain.BreakGlassPolicy) -> pb.BreakGlassPolicy:
     out = pb.BreakGlassPolicy(
         organization_id=p.organization_id,
         enabled=p.enabled,
         overrides_deny=p.overrides_deny,
-        access_duration=_duration(p.access_seconds),
+        access_duration=duration(p.access_seconds),
         max_uses=p.max_uses,
-        rate_window=_duration(p.rate_window_seconds),
+        rate_window=duration(p.rate_window_seconds),
         changed_by=p.changed_by,
     )
     if p.changed_at:
-        out.changed_at.CopyFrom(_ts(p.changed_at))
+        out.changed_at.CopyFrom(timestamp(p.changed_at))
     return out
 
 
@@ -100,16 +87,16 @@ def access_proto(a: domain.BreakGlassAccess) -> pb.BreakGlassAccess:
         organization_id=a.organization_id,
         reason=a.reason,  # type: ignore[arg-type]
         justification_sha256=a.justification_sha256,
-        started_at=_ts(a.started_at),
-        expires_at=_ts(a.expires_at),
+        started_at=timestamp(a.started_at),
+        expires_at=timestamp(a.expires_at),
         overrides_deny=a.overrides_deny,
         review=a.review,  # type: ignore[arg-type]
         reviewed_by=a.reviewed_by,
     )
     if a.ended_at is not None:
-        out.ended_at.CopyFrom(_ts(a.ended_at))
+        out.ended_at.CopyFrom(timestamp(a.ended_at))
     if a.reviewed_at is not None:
-        out.reviewed_at.CopyFrom(_ts(a.reviewed_at))
+        out.reviewed_at.CopyFrom(timestamp(a.reviewed_at))
     return out
 
 
@@ -261,8 +248,8 @@ class BreakGlassDesk:
                 organization_id=a.organization_id,
                 reason_code=code,
                 justification_sha256=a.justification_sha256,
-                started_at=_ts(a.started_at),
-                expires_at=_ts(a.expires_at),
+                started_at=timestamp(a.started_at),
+                expires_at=timestamp(a.expires_at),
                 overrides_deny=a.overrides_deny,
             ),
             aggregate_id=a.access_id,
@@ -359,7 +346,7 @@ class BreakGlassDesk:
                 reviewed_by=access.reviewed_by,
             )
             if ended is not None:
-                event.ended_at.CopyFrom(_ts(ended))
+                event.ended_at.CopyFrom(timestamp(ended))
             await enqueue(
                 conn,
                 TOPICS["consent"],

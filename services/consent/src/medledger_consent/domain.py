@@ -40,6 +40,7 @@ from medledger.types.v1 import vocabulary_pb2
 from pydantic import ValidationError
 
 from medledger_common.errors import FieldViolation, InvalidArgument
+from medledger_common.timestamps import seconds
 
 RULE_VERSION = "medledger-consent-rules/2"
 COMMITMENT_DOMAIN = b"medledger:consent:v1\n"
@@ -290,8 +291,8 @@ def check_grant(request: pb.GrantConsentRequest, now: float) -> tuple[float, flo
     check_codes("actions", request.actions, _ACTIONS)
     check_codes("categories", request.categories, _CATEGORIES)
     check_codes("purposes", request.purposes, _PURPOSES)
-    start = request.period_start.ToNanoseconds() / 1e9 if request.HasField("period_start") else now
-    end = request.period_end.ToNanoseconds() / 1e9 if request.HasField("period_end") else None
+    start = seconds(request.period_start) if request.HasField("period_start") else now
+    end = seconds(request.period_end) if request.HasField("period_end") else None
     if end is not None and end <= start:
         raise InvalidArgument.field("period_end", "must be after period_start")
     return start, end
@@ -524,10 +525,10 @@ def check_policy(p: pb.BreakGlassPolicy) -> BreakGlassPolicy:
     """A policy from its proto, with defaults for unset durations and counts."""
     if not p.organization_id:
         raise InvalidArgument.field("policy.organization_id", "required")
-    access = p.access_duration.ToNanoseconds() / 1e9 if p.HasField("access_duration") else DEFAULT_ACCESS_SECONDS
+    access = seconds(p.access_duration) if p.HasField("access_duration") else DEFAULT_ACCESS_SECONDS
     if not 0 < access <= MAX_ACCESS_SECONDS:
         raise InvalidArgument.field("policy.access_duration", "more than 0 and at most 24 hours")
-    window = p.rate_window.ToNanoseconds() / 1e9 if p.HasField("rate_window") else DEFAULT_RATE_WINDOW_SECONDS
+    window = seconds(p.rate_window) if p.HasField("rate_window") else DEFAULT_RATE_WINDOW_SECONDS
     if window <= 0:
         raise InvalidArgument.field("policy.rate_window", "must be positive")
     if p.max_uses < 0:

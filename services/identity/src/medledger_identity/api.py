@@ -13,7 +13,6 @@ from typing import TypeVar
 
 import grpc
 from google.protobuf import message as pb_message
-from google.protobuf.timestamp_pb2 import Timestamp
 from medledger.events.v1 import identity_events_pb2
 from medledger.identity.v1 import identity_service_pb2 as pb
 from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
@@ -27,6 +26,7 @@ from medledger_common.idempotency import run_idempotent
 from medledger_common.keys import KeyManager, KeyType, patient_key_name
 from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
+from medledger_common.timestamps import timestamp
 from medledger_identity import domain, storage
 from medledger_identity.credentials import SecretHasher
 from medledger_identity.tokens import TokenSigner
@@ -67,12 +67,6 @@ _WithSecret = TypeVar("_WithSecret", pb.RegisterPatientResponse, pb.RegisterPrin
 _DUMMY_SECRET = domain.new_client_secret()
 
 
-def _timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
 def to_proto(row: storage.PrincipalRow) -> pb.Principal:
     return pb.Principal(
         principal_id=row.principal_id,
@@ -81,7 +75,7 @@ def to_proto(row: storage.PrincipalRow) -> pb.Principal:
         organization_id=row.organization_id,
         roles=list(row.roles),  # type: ignore[arg-type]
         did=row.did,
-        created_at=_timestamp(row.created_at),
+        created_at=timestamp(row.created_at),
         version=row.version,
     )
 
@@ -464,7 +458,7 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
             now=int(time.time()),
         )
         token = await self.signer.sign(claims)
-        return pb.IssueTokenResponse(access_token=token, expires_at=_timestamp(claims["exp"]), token_type="Bearer")  # noqa: S106
+        return pb.IssueTokenResponse(access_token=token, expires_at=timestamp(claims["exp"]), token_type="Bearer")  # noqa: S106
 
     async def GetJwks(self, request: pb.GetJwksRequest, context: grpc.aio.ServicerContext) -> pb.GetJwksResponse:
         return pb.GetJwksResponse(jwks_json=await self.signer.jwks_json())

@@ -15,7 +15,6 @@ import time
 import uuid
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from medledger.consent.v1 import consent_service_pb2 as co_pb
 from medledger.consent.v1 import consent_service_pb2_grpc as co_grpc
 from medledger.events.v1 import records_events_pb2 as ev
@@ -40,6 +39,7 @@ from medledger_common.keys import KeyManager, KeyType, patient_key_name
 from medledger_common.keys.base import parse_versioned
 from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
+from medledger_common.timestamps import seconds, timestamp
 from medledger_records import domain, storage
 
 log = logging.getLogger(__name__)
@@ -295,8 +295,8 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
                     request.patient_id,
                     categories=categories,
                     resource_type=request.resource_type,
-                    updated_from=_seconds(request.updated_from) if request.HasField("updated_from") else None,
-                    updated_before=_seconds(request.updated_before) if request.HasField("updated_before") else None,
+                    updated_from=seconds(request.updated_from) if request.HasField("updated_from") else None,
+                    updated_before=seconds(request.updated_before) if request.HasField("updated_before") else None,
                     after=after,
                     limit=size + 1,
                 )
@@ -416,10 +416,6 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         self.rt.relay.notify()
 
 
-def _seconds(ts: Timestamp) -> float:
-    return ts.ToNanoseconds() / 1e9
-
-
 def _page_position(token: str) -> tuple[float, str]:
     updated, _, record_id = token.partition("/")
     try:
@@ -432,8 +428,6 @@ def _page_position(token: str) -> tuple[float, str]:
 
 
 def _summary(r: storage.Record) -> pb.RecordSummary:
-    updated = Timestamp()
-    updated.FromNanoseconds(int(r.updated_at * 1e9))
     return pb.RecordSummary(
         record_id=r.record_id,
         patient_id=r.patient_id,
@@ -441,5 +435,5 @@ def _summary(r: storage.Record) -> pb.RecordSummary:
         media_type=r.media_type,
         resource_type=r.resource_type,
         latest_version=r.latest_version,
-        updated_at=updated,
+        updated_at=timestamp(r.updated_at),
     )
