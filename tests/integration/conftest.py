@@ -4,8 +4,10 @@ folder, and the secret files `make up` provisions."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -59,6 +61,17 @@ class Stack:
 
     def admin(self) -> TokenClient:
         return self.client(identity_main.BOOTSTRAP_ADMIN, self.admin_secret)
+
+    async def known_to_consent(self, *principal_ids: str, within: float = 20.0) -> None:
+        """Consent learns principals from identity's events; a grant naming one waits until it has."""
+        assert self.consent is not None
+        deadline = time.monotonic() + within
+        while True:
+            async with self.consent.db.connect() as conn:
+                if all([await consent_storage.get_principal(conn, i) for i in principal_ids]):
+                    return
+            assert time.monotonic() < deadline, "consent did not learn the principals"
+            await asyncio.sleep(0.05)
 
     async def close_clients(self) -> None:
         for c in self._clients:

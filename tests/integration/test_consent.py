@@ -91,7 +91,7 @@ class World:
         )
         self.pdp_client = stack.client(pdp.principal.principal_id, pdp.client_secret)
         self.pdp = self.consent_as(self.pdp_client)
-        await self.known_to_consent(
+        await stack.known_to_consent(
             self.patient_id, self.other_patient_id, self.org_id, self.doctor_id, self.colleague_id
         )
         return self
@@ -109,17 +109,6 @@ class World:
         return await self.admin_identity.RegisterPrincipal(
             id_pb.RegisterPrincipalRequest(request_id=rid(), kind=kind, **fields)
         )
-
-    async def known_to_consent(self, *ids: str) -> None:
-        """Consent learns principals from identity's events; grants wait until it has."""
-        deadline = time.monotonic() + 20
-        while True:
-            async with self.stack.consent.db.connect() as conn:
-                known = [await storage.get_principal(conn, i) for i in ids]
-            if all(known):
-                return
-            assert time.monotonic() < deadline, "consent did not learn the principals"
-            await asyncio.sleep(0.05)
 
     def grant(self, **fields: Any) -> pb.GrantConsentRequest:
         base: dict[str, Any] = {
@@ -222,7 +211,7 @@ async def test_who_may_grant_get_and_check(start_stack) -> None:
         assert by_admin.consent.recorded_by == "svc_admin"
         # A grantee sees the consent naming them, without its salt.
         doctor = await w.register(Kind.PRINCIPAL_KIND_RESEARCHER)
-        await w.known_to_consent(doctor.principal.principal_id)
+        await stack.known_to_consent(doctor.principal.principal_id)
         research = await w.patient.GrantConsent(w.grant(grantee_id=doctor.principal.principal_id, purposes=[HRESCH]))
         seen = await w.consent_as(stack.client(doctor.principal.principal_id, doctor.client_secret)).GetConsent(
             pb.GetConsentRequest(consent_id=research.consent.consent_id)
@@ -290,7 +279,7 @@ async def test_a_guardian_acts_for_the_patient_only_while_appointed_and_holding_
             id_pb.RegisterPatientRequest(request_id=rid(), fhir_patient=patient_json())
         )
         parent_id = parent.principal.principal_id
-        await w.known_to_consent(parent_id)
+        await stack.known_to_consent(parent_id)
         await w.admin_identity.AssignRole(
             id_pb.AssignRoleRequest(request_id=rid(), principal_id=parent_id, role=vocab.Role.ROLE_GUARDIAN)
         )
@@ -351,7 +340,7 @@ async def test_break_glass_from_policy_to_review(start_stack, caplog) -> None:
                 await w.admin_identity.AssignRole(
                     id_pb.AssignRoleRequest(request_id=rid(), principal_id=pid, role=role)
                 )
-            await w.known_to_consent(pid)
+            await stack.known_to_consent(pid)
             return pid, w.consent_as(stack.client(pid, registered.client_secret))
 
         doctor_id, doctor = await staff()

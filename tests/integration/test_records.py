@@ -5,10 +5,8 @@ returned, and bad input changes nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,6 @@ from medledger_common.events import decode, unpack
 from medledger_common.grpc_client import make_channel
 from medledger_common.outbox import outbox
 from medledger_common.testing import status_of
-from medledger_consent import storage as consent_storage
 from medledger_records import storage
 
 Kind = vocab.PrincipalKind
@@ -51,16 +48,6 @@ def observation() -> dict[str, Any]:
             if entry["resource"]["resourceType"] == "Observation":
                 return dict(entry["resource"])
     raise AssertionError("no Observation in the Synthea data")
-
-
-async def known_to_consent(stack: Any, *ids: str) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        async with stack.consent.db.connect() as conn:
-            if all([await consent_storage.get_principal(conn, i) for i in ids]):
-                return
-        assert time.monotonic() < deadline, "consent did not learn the principals"
-        await asyncio.sleep(0.05)
 
 
 async def people(stack: Any) -> dict[str, Any]:
@@ -104,7 +91,7 @@ async def people(stack: Any) -> dict[str, Any]:
                 records_address, "medledger.records"
             )
         )
-    await known_to_consent(stack, out["patient_id"], out["doctor_id"], out["stranger_id"])
+    await stack.known_to_consent(out["patient_id"], out["doctor_id"], out["stranger_id"])
     return out
 
 

@@ -177,6 +177,17 @@ class KnownPrincipal:
     version: int
 
 
+def _upsert(
+    conn: AsyncConnection, table: Table, values: dict[str, object], keys: list[str], where: Any = None
+) -> Executable:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE the other columns [WHERE where], in the dialect's
+    own form (PostgreSQL's and SQLite's share the syntax, not the SQLAlchemy construct)."""
+    ins = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+    return ins.values(**values).on_conflict_do_update(
+        index_elements=keys, set_={k: v for k, v in values.items() if k not in keys}, where=where
+    )
+
+
 async def upsert_principal(conn: AsyncConnection, p: KnownPrincipal) -> bool:
     """Apply a principal's state at `p.version`; an older version than the stored one is ignored."""
     values = {
@@ -186,13 +197,8 @@ async def upsert_principal(conn: AsyncConnection, p: KnownPrincipal) -> bool:
         "organization_id": p.organization_id,
         "version": p.version,
     }
-    ins = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(principal_directory)
     result = await conn.execute(
-        ins.values(**values).on_conflict_do_update(
-            index_elements=["principal_id"],
-            set_={k: v for k, v in values.items() if k != "principal_id"},
-            where=principal_directory.c.version < p.version,
-        )
+        _upsert(conn, principal_directory, values, ["principal_id"], where=principal_directory.c.version < p.version)
     )
     return bool(result.rowcount)
 
@@ -441,13 +447,7 @@ async def set_guardianship(
         "changed_by": changed_by,
         "changed_at": changed_at,
     }
-    ins = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(guardianships)
-    await conn.execute(
-        ins.values(**values).on_conflict_do_update(
-            index_elements=["patient_id", "guardian_id"],
-            set_={k: v for k, v in values.items() if k not in ("patient_id", "guardian_id")},
-        )
-    )
+    await conn.execute(_upsert(conn, guardianships, values, ["patient_id", "guardian_id"]))
 
 
 async def is_guardian(conn: AsyncConnection, patient_id: str, guardian_id: str) -> bool:
@@ -457,13 +457,6 @@ async def is_guardian(conn: AsyncConnection, patient_id: str, guardian_id: str) 
 
 
 # -- break-glass ------------------------------------------------------------------------------
-
-
-def _upsert(conn: AsyncConnection, table: Table, values: dict[str, object], keys: list[str]) -> Executable:
-    ins = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
-    return ins.values(**values).on_conflict_do_update(
-        index_elements=keys, set_={k: v for k, v in values.items() if k not in keys}
-    )
 
 
 async def set_policy(conn: AsyncConnection, p: BreakGlassPolicy) -> None:

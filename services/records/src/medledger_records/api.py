@@ -33,7 +33,7 @@ from medledger_common.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from medledger_common.events import TOPICS, new_event
+from medledger_common.events import TOPICS, Event, new_event
 from medledger_common.idempotency import run_idempotent
 from medledger_common.keys import KeyManager, KeyType, patient_key_name
 from medledger_common.keys.base import parse_versioned
@@ -226,9 +226,7 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
             subject=record.patient_id,
         )
         # No disclosure without a durable record of it: the event commits before the answer.
-        async with self.rt.db.transaction() as conn:
-            await enqueue(conn, TOPICS["records"], event, key=record.patient_id.encode())
-        self.rt.relay.notify()
+        await self._publish(event, record.patient_id)
         return pb.GetRecordResponse(
             content=content,
             media_type=record.media_type,
@@ -257,9 +255,7 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
             version=0,
             subject=record.patient_id,
         )
-        async with self.rt.db.transaction() as conn:
-            await enqueue(conn, TOPICS["records"], event, key=record.patient_id.encode())
-        self.rt.relay.notify()
+        await self._publish(event, record.patient_id)
 
     async def ListRecords(
         self, request: pb.ListRecordsRequest, context: grpc.aio.ServicerContext
@@ -411,6 +407,10 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
             version=0,
             subject=patient_id,
         )
+        await self._publish(event, patient_id)
+
+    async def _publish(self, event: Event, patient_id: str) -> None:
+        """Write one event through the outbox, durably, in a transaction of its own."""
         async with self.rt.db.transaction() as conn:
             await enqueue(conn, TOPICS["records"], event, key=patient_id.encode())
         self.rt.relay.notify()
