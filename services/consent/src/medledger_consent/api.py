@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TypeVar
 
 import grpc
 from medledger.consent.v1 import consent_service_pb2 as pb
@@ -30,6 +28,7 @@ from medledger_common.service import ServiceRuntime
 from medledger_common.timestamps import timestamp
 from medledger_consent import domain, storage
 from medledger_consent.break_glass import BreakGlassDesk
+from medledger_consent.writes import write_once
 
 Kind = vocabulary_pb2.PrincipalKind
 PRINCIPAL_ACTIVE = vocabulary_pb2.PrincipalStatus.PRINCIPAL_STATUS_ACTIVE
@@ -61,8 +60,6 @@ ACCESS: dict[str, Access] = {
 # Who sees any patient's consents.
 _OVERSEERS = ("admin", "privacy-officer", "auditor")
 MAX_PAGE_SIZE = 1000
-R = TypeVar("R", pb.GrantConsentResponse, pb.RevokeConsentResponse)
-GrantOrRevoke = pb.GrantConsentRequest | pb.RevokeConsentRequest
 INDEX_REPAIRS = Counter(
     "medledger_consent_index_repairs_total",
     "Consent versions and break-glass accesses this replica's index got from the database, not from their event.",
@@ -175,29 +172,6 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
         await enqueue(conn, TOPICS["consent"], event, key=v.patient_id.encode())
         return v, salt, domain.fhir_json(document)
 
-    async def _write_versions(
-        self,
-        scope: str,
-        request: GrantOrRevoke,
-        response_cls: type[R],
-        work: Callable[[AsyncConnection, list[domain.ConsentVersion]], Awaitable[R]],
-    ) -> R:
-        """Run `work` once per request id; the versions it recorded join this replica's index as
-        soon as they are committed (other replicas add them from the event)."""
-        recorded: list[domain.ConsentVersion] = []
-        response = await run_idempotent(
-            self.rt.db,
-            scope=scope,
-            request_id=request.request_id,
-            request=request,
-            response_cls=response_cls,
-            work=lambda conn: work(conn, recorded),
-            after_commit=self.rt.relay.notify,
-        )
-        for v in recorded:
-            self.index.add(v)
-        return response
-
     async def GrantConsent(
         self, request: pb.GrantConsentRequest, context: grpc.aio.ServicerContext
     ) -> pb.GrantConsentResponse:
@@ -237,7 +211,15 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
             recorded.append(v)
             return pb.GrantConsentResponse(consent=to_proto(v), salt=salt, fhir_consent_json=document)
 
-        return await self._write_versions("consent.GrantConsent", request, pb.GrantConsentResponse, work)
+        response, _ = await write_once(
+            self.rt,
+            self.index,
+            scope="consent.GrantConsent",
+            request=request,
+            response_cls=pb.GrantConsentResponse,
+            work=work,
+        )
+        return response
 
     async def RevokeConsent(
         self, request: pb.RevokeConsentRequest, context: grpc.aio.ServicerContext
@@ -267,7 +249,15 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
             recorded.append(v)
             return pb.RevokeConsentResponse(consent=to_proto(v), salt=new_salt, fhir_consent_json=document)
 
-        return await self._write_versions("consent.RevokeConsent", request, pb.RevokeConsentResponse, work)
+        response, _ = await write_once(
+            self.rt,
+            self.index,
+            scope="consent.RevokeConsent",
+            request=request,
+            response_cls=pb.RevokeConsentResponse,
+            work=work,
+        )
+        return response
 
     async def GetConsent(
         self, request: pb.GetConsentRequest, context: grpc.aio.ServicerContext

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import replace
 
 from medledger.consent.v1 import consent_service_pb2 as pb
@@ -31,12 +30,12 @@ from medledger_common.errors import (
     ResourceExhausted,
 )
 from medledger_common.events import TOPICS, new_event
-from medledger_common.idempotency import run_idempotent
 from medledger_common.keys import KeyManager, KeyType, patient_key_name
 from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
 from medledger_common.timestamps import duration, timestamp
 from medledger_consent import domain, storage
+from medledger_consent.writes import write_once
 
 log = logging.getLogger(__name__)
 
@@ -112,29 +111,6 @@ class BreakGlassDesk:
         self.keys = keys
         self.index = index
 
-    async def _once(
-        self,
-        scope: str,
-        request: pb.SetBreakGlassPolicyRequest | pb.BreakGlassRequest | pb.ReviewBreakGlassAccessRequest,
-        response_cls: type,
-        work: Callable[[AsyncConnection, list[domain.BreakGlassAccess]], object],
-    ) -> tuple[object, list[domain.BreakGlassAccess]]:
-        """Run `work` once per request id; returns the response and the accesses `work` wrote
-        (none when the response is a replay)."""
-        changed: list[domain.BreakGlassAccess] = []
-        response: object = await run_idempotent(
-            self.rt.db,
-            scope=scope,
-            request_id=request.request_id,
-            request=request,
-            response_cls=response_cls,
-            work=lambda conn: work(conn, changed),  # type: ignore[arg-type,return-value]
-            after_commit=self.rt.relay.notify,
-        )
-        for a in changed:
-            self.index.put_break_glass(a)
-        return response, changed
-
     # -- policy ---------------------------------------------------------------------------------
 
     async def set_policy(self, request: pb.SetBreakGlassPolicyRequest) -> pb.SetBreakGlassPolicyResponse:
@@ -164,8 +140,15 @@ class BreakGlassDesk:
             await enqueue(conn, TOPICS["consent"], event, key=stored.organization_id.encode())
             return pb.SetBreakGlassPolicyResponse(policy=policy_proto(stored))
 
-        response, _ = await self._once("consent.SetBreakGlassPolicy", request, pb.SetBreakGlassPolicyResponse, work)
-        return response  # type: ignore[return-value]
+        response, _ = await write_once(
+            self.rt,
+            self.index,
+            scope="consent.SetBreakGlassPolicy",
+            request=request,
+            response_cls=pb.SetBreakGlassPolicyResponse,
+            work=work,
+        )
+        return response
 
     async def get_policy(self, request: pb.GetBreakGlassPolicyRequest) -> pb.GetBreakGlassPolicyResponse:
         caller = current_caller()
@@ -224,7 +207,14 @@ class BreakGlassDesk:
             started.append(access)
             return pb.BreakGlassResponse(access=access_proto(access))
 
-        response, started = await self._once("consent.BreakGlass", request, pb.BreakGlassResponse, work)
+        response, started = await write_once(
+            self.rt,
+            self.index,
+            scope="consent.BreakGlass",
+            request=request,
+            response_cls=pb.BreakGlassResponse,
+            work=work,
+        )
         for a in started:  # not for a replayed response
             USES.labels(domain.reason_code(a.reason)).inc()
             log.warning(
@@ -235,7 +225,7 @@ class BreakGlassDesk:
                     "reason_code": domain.reason_code(a.reason),
                 },
             )
-        return response  # type: ignore[return-value]
+        return response
 
     async def _announce_start(self, conn: AsyncConnection, a: domain.BreakGlassAccess) -> None:
         code = domain.reason_code(a.reason)
@@ -362,10 +352,15 @@ class BreakGlassDesk:
             reviewed.append(access)
             return pb.ReviewBreakGlassAccessResponse(access=access_proto(access))
 
-        response, _ = await self._once(
-            "consent.ReviewBreakGlassAccess", request, pb.ReviewBreakGlassAccessResponse, work
+        response, _ = await write_once(
+            self.rt,
+            self.index,
+            scope="consent.ReviewBreakGlassAccess",
+            request=request,
+            response_cls=pb.ReviewBreakGlassAccessResponse,
+            work=work,
         )
-        return response  # type: ignore[return-value]
+        return response
 
     async def watch_pending_reviews(self, every_seconds: float = 15.0) -> None:
         """Keep the pending-review gauge current (every replica reports the same count)."""
