@@ -111,6 +111,7 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
         kafka: Kafka | None = None,
         records: bool = False,
         records_db: str | None = None,
+        records_settings: dict[str, Any] | None = None,
     ) -> AsyncIterator[Stack]:
         secrets_dir = tmp_path / "secrets"
         secrets_dir.mkdir(exist_ok=True)
@@ -180,6 +181,7 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
                             client_secret_file=secrets_dir / "records.secret",
                             master_key_file=master_records,
                             keyring_file=tmp_path / "keyrings" / "records.keyring",
+                            **(records_settings or {}),
                         ),
                         records_storage.MIGRATIONS,
                         records_main.build,

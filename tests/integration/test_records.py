@@ -5,6 +5,8 @@ returned, and bad input changes nothing."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import uuid
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 import rfc8785
 from medledger.consent.v1 import consent_service_pb2 as co_pb
 from medledger.consent.v1 import consent_service_pb2_grpc as co_grpc
@@ -23,6 +26,7 @@ from medledger.records.v1 import records_service_pb2_grpc as pb_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
 from sqlalchemy import func, select, update
 
+from medledger_common.errors import NotFound
 from medledger_common.events import decode, unpack
 from medledger_common.grpc_client import make_channel
 from medledger_common.outbox import outbox
@@ -275,7 +279,9 @@ async def test_listing_shows_what_consent_permits_and_export_returns_everything_
         # Export: the patient's right of access, as a FHIR Bundle that validates.
         exported = await p["patient"].ExportRecords(pb.ExportRecordsRequest(patient_id=p["patient_id"]))
         bundle = Bundle.model_validate_json(exported.fhir_bundle_json)
-        assert exported.records == 4 and len(bundle.entry) == 4
+        # Each record's latest version, and a Provenance for it.
+        assert exported.records == 4 and len(bundle.entry) == 8
+        assert sum(e.resource.get_resource_type() == "Provenance" for e in bundle.entry) == 4
         raw = json.loads(exported.fhir_bundle_json)
         binaries = [e["resource"] for e in raw["entry"] if e["resource"]["resourceType"] == "Binary"]
         assert [base64.b64decode(b["data"]) for b in binaries] == [pdf]
@@ -381,3 +387,205 @@ async def test_records_work_on_the_embedded_sqlite_database_too(start_stack, tmp
         assert got.content == content and got.receipt.commitment == stored.receipt.commitment
         listed = await p["patient"].ListRecords(pb.ListRecordsRequest(patient_id=p["patient_id"]))
         assert [(r.record_id, r.latest_version) for r in listed.records] == [(stored.record_id, 2)]
+
+
+async def officer(stack: Any) -> pb_grpc.RecordsServiceStub:
+    """A practitioner with the privacy-officer role, as a records client."""
+    admin = id_grpc.IdentityServiceStub(stack.admin().channel(stack.identity_address, "medledger.identity"))
+    org = await admin.RegisterPrincipal(
+        id_pb.RegisterPrincipalRequest(request_id=rid(), kind=Kind.PRINCIPAL_KIND_ORGANIZATION)
+    )
+    reply = await admin.RegisterPrincipal(
+        id_pb.RegisterPrincipalRequest(
+            request_id=rid(),
+            kind=Kind.PRINCIPAL_KIND_PRACTITIONER,
+            organization_id=org.principal.principal_id,
+            fhir_resource=json.dumps(
+                {"resourceType": "Practitioner", "identifier": [{"system": "urn:npi", "value": uuid.uuid4().hex}]}
+            ).encode(),
+        )
+    )
+    await admin.AssignRole(
+        id_pb.AssignRoleRequest(
+            request_id=rid(), principal_id=reply.principal.principal_id, role=vocab.Role.ROLE_PRIVACY_OFFICER
+        )
+    )
+    client = stack.client(reply.principal.principal_id, reply.client_secret)
+    return pb_grpc.RecordsServiceStub(client.channel(f"127.0.0.1:{stack.records.grpc_port}", "medledger.records"))
+
+
+async def put_two(p: dict[str, Any]) -> list[str]:
+    """A FHIR record and a document of the patient's; their record ids."""
+    fhir = pb.PutRecordRequest(
+        request_id=rid(),
+        patient_id=p["patient_id"],
+        category=OBS,
+        content=json.dumps(observation()).encode(),
+        media_type="application/fhir+json",
+    )
+    document = pb.PutRecordRequest(
+        request_id=rid(),
+        patient_id=p["patient_id"],
+        category=DOCS,
+        content=b"%PDF-1.7 scan",
+        media_type="application/pdf",
+    )
+    return [(await p["patient"].PutRecord(fhir)).record_id, (await p["patient"].PutRecord(document)).record_id]
+
+
+ERASURE = pb.ErasureState
+
+
+async def test_an_approved_erasure_shreds_keys_so_even_an_older_database_copy_is_unreadable(
+    start_stack, tmp_path
+) -> None:
+    blob_dir = tmp_path / "blobs"
+    settings = {"erasure_grace_seconds": 3600, "blob_store": "filesystem", "blob_dir": blob_dir}
+    async with start_stack(records=True, records_settings=settings) as stack:
+        p = await people(stack)
+        po = await officer(stack)
+        ids = await put_two(p)
+        got = await p["patient"].GetRecord(pb.GetRecordRequest(record_id=ids[0]))
+        provenance = json.loads(got.provenance_fhir_json)
+        assert provenance["resourceType"] == "Provenance"
+        assert provenance["agent"][0]["who"]["identifier"]["value"] == p["patient_id"]
+        # The ciphertexts are in the blob store, not the rows.
+        assert len(list(blob_dir.glob("rec_*/*"))) == 2
+        # The copy an attacker (or a backup) keeps from before the erasure.
+        async with stack.records.db.connect() as conn:
+            copy = (await conn.execute(select(storage.record_versions))).all()
+        blobs = {path: path.read_bytes() for path in blob_dir.glob("rec_*/*")}
+
+        # Only the patient (or an admin) asks; a retried request is the same erasure.
+        ask = pb.RequestErasureRequest(request_id=rid(), patient_id=p["patient_id"], reason="leaving the clinic")
+        assert await status_of(p["doctor"].RequestErasure(ask)) == CODE.PERMISSION_DENIED
+        pending = (await p["patient"].RequestErasure(ask)).erasure
+        assert pending.state == ERASURE.ERASURE_STATE_PENDING
+        assert pending.runs_after.seconds - pending.requested_at.seconds in (3599, 3600, 3601)
+        assert (await p["patient"].RequestErasure(ask)).erasure.erasure_id == pending.erasure_id
+        another = pb.RequestErasureRequest(request_id=rid(), patient_id=p["patient_id"])
+        assert await status_of(p["patient"].RequestErasure(another)) == CODE.ALREADY_EXISTS
+
+        # Unapproved, within its grace period: nothing happens.
+        assert await stack.records.extras["erasures"].run_due() == []
+        assert (await p["patient"].GetRecord(pb.GetRecordRequest(record_id=ids[1]))).content == b"%PDF-1.7 scan"
+
+        # Held: approval is refused and nothing changes.
+        approve = pb.ApproveErasureRequest(erasure_id=pending.erasure_id)
+        assert await status_of(p["patient"].ApproveErasure(approve)) == CODE.PERMISSION_DENIED
+        hold = (
+            await po.PlaceLegalHold(
+                pb.PlaceLegalHoldRequest(request_id=rid(), patient_id=p["patient_id"], reason="case 2026-114")
+            )
+        ).legal_hold
+        assert await status_of(po.ApproveErasure(approve)) == CODE.FAILED_PRECONDITION
+        held = (await p["patient"].GetErasure(pb.GetErasureRequest(erasure_id=pending.erasure_id))).erasure
+        assert held.state == ERASURE.ERASURE_STATE_PENDING and "legal hold" in held.blocked_by
+        assert (await p["patient"].GetRecord(pb.GetRecordRequest(record_id=ids[0]))).content == got.content
+        await po.ReleaseLegalHold(pb.ReleaseLegalHoldRequest(hold_id=hold.hold_id))
+
+        # Approved: it runs at once.
+        done = (await po.ApproveErasure(approve)).erasure
+        assert done.state == ERASURE.ERASURE_STATE_COMPLETED
+        certificate = done.certificate
+        assert certificate.key_name == f"patient-{p['patient_id']}" and list(certificate.key_versions) == [1]
+        assert (certificate.records_erased, certificate.versions_erased) == (2, 2)
+        assert certificate.authorized_by.startswith("privacy-officer ")
+        assert certificate.unrecoverable_after.seconds - certificate.erased_at.seconds == 30 * 24 * 3600
+
+        # Every later read or write says so; nothing is listed.
+        for record_id in ids:
+            read = p["patient"].GetRecord(pb.GetRecordRequest(record_id=record_id))
+            assert await status_of(read) == CODE.FAILED_PRECONDITION
+        write = pb.PutRecordRequest(
+            request_id=rid(), patient_id=p["patient_id"], category=DOCS, content=b"x", media_type="text/plain"
+        )
+        assert await status_of(p["patient"].PutRecord(write)) == CODE.FAILED_PRECONDITION
+        assert not (await p["patient"].ListRecords(pb.ListRecordsRequest(patient_id=p["patient_id"]))).records
+
+        # The copy from before: its wrapped data keys no longer open, so neither does any byte of it.
+        for row in copy:
+            with pytest.raises(NotFound):
+                await stack.records.keys.decrypt_data_key(row.key_name, row.wrapped_key)
+        assert blobs and not list(blob_dir.glob("rec_*/*"))
+        async with stack.records.db.connect() as conn:
+            rows = (await conn.execute(select(storage.record_versions))).all()
+            published = [decode(bytes(v)) for v in (await conn.execute(select(outbox.c.value))).scalars()]
+        assert all(
+            (bytes(r.ciphertext), bytes(r.salt), r.wrapped_key, r.written_by) == (b"", b"", "", "") for r in rows
+        )
+        assert {r.commitment for r in rows} == {r.commitment for r in copy}  # what the log holds stays
+        erased = [e for e in published if e.type == records_events_pb2.PatientRecordsErased.DESCRIPTOR.full_name]
+        assert [unpack(e, records_events_pb2.PatientRecordsErased).certificate for e in erased] == [certificate]
+
+        # Identity drops the patient's personal attributes on the event.
+        identity = id_grpc.IdentityServiceStub(stack.admin().channel(stack.identity_address, "medledger.identity"))
+        ask_identity = id_pb.GetPrincipalRequest(principal_id=p["patient_id"], include_fhir_resource=True)
+        for _ in range(200):
+            if not (await identity.GetPrincipal(ask_identity)).fhir_resource:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("identity kept the erased patient's FHIR resource")
+        with pytest.raises(NotFound):  # identity's copy of the patient's key went too
+            await stack.identity.keys.key_info(f"patient-{p['patient_id']}")
+
+
+async def test_an_erasure_runs_after_its_grace_period_unless_held_and_finishes_after_a_crash(
+    start_stack, monkeypatch
+) -> None:
+    settings = {"erasure_grace_seconds": 1.0, "erasure_check_interval_seconds": 0.2}
+    async with start_stack(records=True, records_settings=settings) as stack:
+        p = await people(stack)
+        po = await officer(stack)
+        ids = await put_two(p)
+        desk = stack.records.extras["erasures"]
+        await po.PlaceLegalHold(
+            pb.PlaceLegalHoldRequest(request_id=rid(), patient_id=p["patient_id"], reason="case 2026-115")
+        )
+        # Held before it is asked: refused.
+        ask = pb.RequestErasureRequest(request_id=rid(), patient_id=p["patient_id"])
+        assert await status_of(p["patient"].RequestErasure(ask)) == CODE.FAILED_PRECONDITION
+
+        # Held after it is asked: the grace period passes and nothing happens.
+        hold_ids = []
+        async with stack.records.db.transaction() as conn:
+            hold_ids = [h.hold_id for h in await storage.holds_in_force(conn, p["patient_id"])]
+        await po.ReleaseLegalHold(pb.ReleaseLegalHoldRequest(hold_id=hold_ids[0]))
+        # From here only the test runs erasures: the runner sleeps an hour on an event no one sets.
+        monkeypatch.setattr(desk, "check_interval", 3600.0)
+        await asyncio.sleep(0.5)
+        monkeypatch.setattr(desk, "_wake", asyncio.Event())
+        pending = (await p["patient"].RequestErasure(ask)).erasure
+        await po.PlaceLegalHold(
+            pb.PlaceLegalHoldRequest(request_id=rid(), patient_id=p["patient_id"], reason="case 2026-116")
+        )
+        await asyncio.sleep(1.5)
+        assert await desk.run_due() == []
+        assert (await p["patient"].GetRecord(pb.GetRecordRequest(record_id=ids[1]))).content == b"%PDF-1.7 scan"
+        async with stack.records.db.transaction() as conn:
+            hold_ids = [h.hold_id for h in await storage.holds_in_force(conn, p["patient_id"])]
+
+        # Released, it runs; killed after deleting the key, the next run finishes it.
+        real_erase = storage.erase_patient_data
+
+        async def killed(*args: Any) -> Any:
+            raise RuntimeError("killed mid-erasure")
+
+        monkeypatch.setattr(storage, "erase_patient_data", killed)
+        await po.ReleaseLegalHold(pb.ReleaseLegalHoldRequest(hold_id=hold_ids[0]))
+        with contextlib.suppress(RuntimeError):
+            await desk.run_due()
+        state = (await p["patient"].GetErasure(pb.GetErasureRequest(erasure_id=pending.erasure_id))).erasure
+        assert state.state == ERASURE.ERASURE_STATE_RUNNING
+        monkeypatch.setattr(storage, "erase_patient_data", real_erase)
+        assert await desk.run_due() == [pending.erasure_id]
+        done = (await p["patient"].GetErasure(pb.GetErasureRequest(erasure_id=pending.erasure_id))).erasure
+        assert done.state == ERASURE.ERASURE_STATE_COMPLETED and done.certificate.authorized_by == "grace-period"
+        assert list(done.certificate.key_versions) == [1] and done.certificate.versions_erased == 2
+        assert await status_of(p["patient"].GetRecord(pb.GetRecordRequest(record_id=ids[0]))) == (
+            CODE.FAILED_PRECONDITION
+        )
+        # A pending erasure can be cancelled; a completed one cannot.
+        cancel = pb.CancelErasureRequest(erasure_id=pending.erasure_id)
+        assert await status_of(p["patient"].CancelErasure(cancel)) == CODE.FAILED_PRECONDITION

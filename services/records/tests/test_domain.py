@@ -114,3 +114,27 @@ def test_a_sealed_version_opens_only_unaltered_and_under_its_own_binding() -> No
         domain.unseal(key, sealed[:20], "rec_1", 2, "pat_1")
     # Length-prefixed binding: shifting a character between fields changes it.
     assert domain.associated_data("ab", 1, "c") != domain.associated_data("a", 1, "bc")
+
+
+def test_a_version_provenance_is_a_valid_fhir_provenance_naming_writer_and_organization() -> None:
+    from fhir.resources.R4B.provenance import Provenance
+
+    by_practitioner = domain.provenance(
+        record_id="rec_" + "a" * 32,
+        version=3,
+        patient_id="pat_1",
+        written_by="prc_2",
+        organization_id="org_3",
+        written_at=1_764_000_000.25,
+    )
+    parsed = Provenance.model_validate(by_practitioner)
+    agent = parsed.agent[0]
+    assert agent.who.type == "Practitioner" and agent.who.identifier.value == "prc_2"
+    assert agent.onBehalfOf.identifier.value == "org_3"
+    assert parsed.target[0].identifier.value == "rec_" + "a" * 32 + "/_history/3"
+    assert by_practitioner["recorded"] == "2025-11-24T16:00:00.250Z"
+    by_patient = domain.provenance(
+        record_id="rec_" + "a" * 32, version=1, patient_id="pat_1", written_by="pat_1", organization_id="", written_at=0
+    )
+    assert Provenance.model_validate(by_patient).agent[0].who.type == "Patient"
+    assert "onBehalfOf" not in by_patient["agent"][0]

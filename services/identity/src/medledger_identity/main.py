@@ -9,13 +9,14 @@ from aiohttp import web
 from medledger.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
 from medledger.types.v1 import vocabulary_pb2
 
-from medledger_common.events import SERVICES
-from medledger_common.service import AuthSources, ServiceParts, ServiceRuntime, run_service
+from medledger_common.events import SERVICES, TOPICS
+from medledger_common.service import AuthSources, ConsumerSpec, ServiceParts, ServiceRuntime, run_service
 from medledger_common.settings import ConfigError, load_settings_or_exit, read_secret_file
 from medledger_common.vocabulary import service_principal_id
 from medledger_identity.api import ACCESS, PUBLIC_METHODS, IdentityApi
 from medledger_identity.config import IdentitySettings
 from medledger_identity.credentials import SecretHasher
+from medledger_identity.handlers import ERASURE_CONSUMER, PatientErasedHandler
 from medledger_identity.storage import MIGRATIONS
 from medledger_identity.tokens import TokenSigner
 
@@ -89,6 +90,11 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         access=ACCESS,
         public_methods=PUBLIC_METHODS,
         auth=AuthSources(fetch_jwks=signer.jwks, load_deactivated=api.deactivated_ids),
+        consumers=[
+            ConsumerSpec(
+                group_id=ERASURE_CONSUMER, handler=PatientErasedHandler(runtime.db, keys), topics=[TOPICS["records"]]
+            )
+        ],
         on_start=[api.start, provision, jwks_http.start],
         on_stop=[jwks_http.stop],
     )

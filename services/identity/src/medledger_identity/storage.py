@@ -220,3 +220,13 @@ async def save_changes(conn: AsyncConnection, before: PrincipalRow, after: Princ
 async def deactivated_ids(conn: AsyncConnection, deactivated_status: int) -> list[str]:
     rows = await conn.execute(select(P.principal_id).where(P.status == deactivated_status).order_by(P.principal_id))
     return [str(r) for r in rows.scalars()]
+
+
+async def forget_personal_data(conn: AsyncConnection, principal_id: str) -> bool:
+    """Drop a principal's FHIR resource and identifier indexes; False if there was no such
+    principal."""
+    await conn.execute(delete(principal_identifiers).where(principal_identifiers.c.principal_id == principal_id))
+    result = await conn.execute(
+        update(_principals_v2).where(P.principal_id == principal_id).values(fhir_resource=None, updated_at=time.time())
+    )
+    return bool(result.rowcount)

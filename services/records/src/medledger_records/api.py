@@ -13,6 +13,7 @@ import json
 import logging
 import time
 import uuid
+from typing import Any, Protocol
 
 import grpc
 from medledger.consent.v1 import consent_service_pb2 as co_pb
@@ -35,12 +36,14 @@ from medledger_common.errors import (
 )
 from medledger_common.events import TOPICS, Event, new_event
 from medledger_common.idempotency import run_idempotent
-from medledger_common.keys import KeyManager, KeyType, patient_key_name
+from medledger_common.keys import DataKey, KeyInfo, KeyType, patient_key_name
 from medledger_common.keys.base import parse_versioned
 from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
 from medledger_common.timestamps import seconds, timestamp
 from medledger_records import domain, storage
+from medledger_records.blobs import BlobStore, blob_key
+from medledger_records.erasure import COMPLETED, RUNNING, ErasureDesk
 
 log = logging.getLogger(__name__)
 _SERVICE = "/medledger.records.v1.RecordsService/"
@@ -52,6 +55,12 @@ ACCESS: dict[str, Access] = {
     _SERVICE + "ListRecords": Access.of(kinds=["practitioner", "patient", "researcher"]),
     _SERVICE + "ExportRecords": Access.of(kinds=["patient"]),
     _SERVICE + "RotatePatientKey": Access.of(roles=["admin"]),
+    _SERVICE + "RequestErasure": Access.of(kinds=["patient"], roles=["admin"]),
+    _SERVICE + "ApproveErasure": Access.of(roles=["privacy-officer"]),
+    _SERVICE + "CancelErasure": Access.of(kinds=["patient"], roles=["admin", "privacy-officer"]),
+    _SERVICE + "GetErasure": Access.of(kinds=["patient"], roles=["admin", "privacy-officer"]),
+    _SERVICE + "PlaceLegalHold": Access.of(roles=["admin", "privacy-officer"]),
+    _SERVICE + "ReleaseLegalHold": Access.of(roles=["admin", "privacy-officer"]),
 }
 ROTATION_PAGE = 100
 MAX_PAGE_SIZE = 500
@@ -75,11 +84,32 @@ def _denied(answer: co_pb.CheckConsentResponse) -> PermissionDenied:
     return PermissionDenied(f"consent {answer.reason_code}: {answer.reason} (decision {answer.decision_id})")
 
 
+class RecordKeys(Protocol):
+    """What records does with its everyday key-manager credential: no deleting keys (only
+    approved erasures do that, through their own credential: erasure.KeyShredder)."""
+
+    async def ensure_key(self, name: str, key_type: KeyType | str) -> KeyInfo: ...
+    async def generate_data_key(self, name: str) -> DataKey: ...
+    async def decrypt_data_key(self, name: str, wrapped: str) -> bytes: ...
+    async def rotate(self, name: str) -> KeyInfo: ...
+    async def rewrap(self, name: str, ciphertext: str) -> str: ...
+    async def set_min_decryption_version(self, name: str, version: int) -> KeyInfo: ...
+
+
 class RecordsApi(pb_grpc.RecordsServiceServicer):
-    def __init__(self, runtime: ServiceRuntime, keys: KeyManager, consent: co_grpc.ConsentServiceStub) -> None:
+    def __init__(
+        self,
+        runtime: ServiceRuntime,
+        keys: RecordKeys,
+        consent: co_grpc.ConsentServiceStub,
+        erasures: ErasureDesk,
+        blobs: BlobStore | None = None,
+    ) -> None:
         self.rt = runtime
         self.keys = keys
         self.consent = consent
+        self.erasures = erasures
+        self.blobs = blobs
 
     async def _ask(
         self, caller: Caller, patient_id: str, action: int, category: int, purpose: int
@@ -115,6 +145,11 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
                 raise _denied(answer)
 
         async def work(conn: AsyncConnection) -> pb.PutRecordResponse:
+            # Shared with other writes, exclusive with the start of an erasure: once an erasure
+            # runs, no version is added (and no key re-created) for this patient.
+            await storage.lock_patient(conn, request.patient_id, exclusive=False)
+            for erasure in await storage.erasures_of(conn, request.patient_id, [RUNNING, COMPLETED]):
+                raise FailedPrecondition(f"this patient's records were erased ({erasure.erasure_id})")
             now = time.time()
             if request.record_id:
                 record = await storage.get_record(conn, request.record_id, for_update=True)
@@ -144,6 +179,10 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
             await self.keys.ensure_key(key_name, KeyType.AES256_GCM96)
             data_key = await self.keys.generate_data_key(key_name)
             sealed = domain.seal(data_key.plaintext, request.content, record.record_id, version, request.patient_id)
+            stored_key = ""
+            if self.blobs is not None:
+                stored_key = blob_key(record.record_id, version)
+                await self.blobs.put(stored_key, sealed)
             event = new_event(
                 source=self.rt.source,
                 payload=ev.RecordStored(
@@ -164,10 +203,11 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
                 request.patient_id,
                 key_name,
                 data_key.wrapped,
-                sealed,
+                b"" if stored_key else sealed,
                 salt,
                 commitment,
                 event.id,
+                stored_key,
             )
             await storage.insert_version(
                 conn, stored, written_by=caller.principal_id, organization_id=caller.organization_id, now=now
@@ -193,6 +233,8 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
                 raise NotFound("no such record")
             version = request.version or record.latest_version
             stored = await storage.get_version(conn, record.record_id, version)
+        if record.erased_at is not None:
+            raise FailedPrecondition("this patient's records were erased")
         own = caller.principal_id == record.patient_id
         if own:
             decision_id = ""
@@ -208,8 +250,6 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
             decision_id = answer.decision_id
         if stored is None:
             raise NotFound("no such version")
-        if stored.key_name != patient_key_name(record.patient_id):
-            raise FailedPrecondition("this record's data was erased")
         content = await self._open(record, stored)
         event = new_event(
             source=self.rt.source,
@@ -235,6 +275,7 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
             decision_id=decision_id,
             patient_id=record.patient_id,
             category=record.category,  # type: ignore[arg-type]
+            provenance_fhir_json=json.dumps(_provenance(record, stored)).encode(),
         )
 
     async def _announce_denial(
@@ -330,9 +371,15 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
             entries.append(
                 {"fullUrl": f"urn:medledger:record:{record.record_id}:{stored.version}", "resource": resource}
             )
+            entries.append(
+                {
+                    "fullUrl": f"urn:medledger:provenance:{record.record_id}:{stored.version}",
+                    "resource": _provenance(record, stored),
+                }
+            )
         bundle = {"resourceType": "Bundle", "type": "collection", "entry": entries}
         await self._announce_listing(caller, request.patient_id, found, [], 0, "export")
-        return pb.ExportRecordsResponse(fhir_bundle_json=json.dumps(bundle).encode(), records=len(entries))
+        return pb.ExportRecordsResponse(fhir_bundle_json=json.dumps(bundle).encode(), records=len(entries) // 2)
 
     async def RotatePatientKey(
         self, request: pb.RotatePatientKeyRequest, context: grpc.aio.ServicerContext
@@ -375,7 +422,11 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         """A stored version's plaintext; DataLoss (counted and logged) when it was altered."""
         try:
             data_key = await self.keys.decrypt_data_key(stored.key_name, stored.wrapped_key)
-            return domain.unseal(data_key, stored.ciphertext, record.record_id, stored.version, record.patient_id)
+            sealed = await self.blobs.get(stored.blob_key) if stored.blob_key and self.blobs else stored.ciphertext
+            return domain.unseal(data_key, sealed, record.record_id, stored.version, record.patient_id)
+        except NotFound:
+            # The key went between reading the row and opening it: an erasure ran just then.
+            raise FailedPrecondition("this patient's records were erased") from None
         except DataLoss:
             TAMPERED.inc()
             log.error(
@@ -414,6 +465,49 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         async with self.rt.db.transaction() as conn:
             await enqueue(conn, TOPICS["records"], event, key=patient_id.encode())
         self.rt.relay.notify()
+
+    # Erasure and legal holds: see erasure.py.
+
+    async def RequestErasure(
+        self, request: pb.RequestErasureRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RequestErasureResponse:
+        return await self.erasures.request(current_caller(), request)
+
+    async def ApproveErasure(
+        self, request: pb.ApproveErasureRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ApproveErasureResponse:
+        return await self.erasures.approve(current_caller(), request.erasure_id)
+
+    async def CancelErasure(
+        self, request: pb.CancelErasureRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelErasureResponse:
+        return await self.erasures.cancel(current_caller(), request.erasure_id)
+
+    async def GetErasure(
+        self, request: pb.GetErasureRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetErasureResponse:
+        return await self.erasures.get(current_caller(), request.erasure_id)
+
+    async def PlaceLegalHold(
+        self, request: pb.PlaceLegalHoldRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PlaceLegalHoldResponse:
+        return await self.erasures.place_hold(current_caller(), request)
+
+    async def ReleaseLegalHold(
+        self, request: pb.ReleaseLegalHoldRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseLegalHoldResponse:
+        return await self.erasures.release_hold(current_caller(), request.hold_id)
+
+
+def _provenance(record: storage.Record, stored: storage.StoredVersion) -> dict[str, Any]:
+    return domain.provenance(
+        record_id=record.record_id,
+        version=stored.version,
+        patient_id=record.patient_id,
+        written_by=stored.written_by,
+        organization_id=stored.organization_id,
+        written_at=stored.written_at,
+    )
 
 
 def _page_position(token: str) -> tuple[float, str]:

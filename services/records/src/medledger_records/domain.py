@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -35,6 +36,10 @@ SEAL_DOMAIN = b"medledger:record-seal:v1"
 SALT_BYTES = 32
 NONCE_BYTES = 12
 FHIR_JSON = "application/fhir+json"
+# Identifier systems naming medledger's own ids in FHIR resources.
+RECORD_SYSTEM = "urn:medledger:record"
+PRINCIPAL_SYSTEM = "urn:medledger:principal"
+ORGANIZATION_SYSTEM = "urn:medledger:organization"
 # Beyond this an integer is not exactly an IEEE 754 double; RFC 8785 (I-JSON) refuses it.
 _MAX_SAFE_INTEGER = 2**53 - 1
 
@@ -172,3 +177,34 @@ def unseal(data_key: bytes, sealed: bytes, record_id: str, version: int, patient
         )
     except InvalidTag:
         raise DataLoss("a stored record version does not decrypt: altered ciphertext or data key") from None
+
+
+def provenance(
+    *, record_id: str, version: int, patient_id: str, written_by: str, organization_id: str, written_at: float
+) -> dict[str, Any]:
+    """A FHIR R4 Provenance for one record version: who wrote it (the patient, or a
+    practitioner), for which organization, and when. Principals and organizations are named by
+    medledger identifiers, never by personal data."""
+    author: dict[str, Any] = {
+        "type": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "author"}
+            ]
+        },
+        "who": {
+            "type": "Patient" if written_by == patient_id else "Practitioner",
+            "identifier": {"system": PRINCIPAL_SYSTEM, "value": written_by},
+        },
+    }
+    if organization_id:
+        author["onBehalfOf"] = {
+            "type": "Organization",
+            "identifier": {"system": ORGANIZATION_SYSTEM, "value": organization_id},
+        }
+    recorded = datetime.fromtimestamp(written_at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return {
+        "resourceType": "Provenance",
+        "target": [{"identifier": {"system": RECORD_SYSTEM, "value": f"{record_id}/_history/{version}"}}],
+        "recorded": recorded,
+        "agent": [author],
+    }

@@ -22,11 +22,12 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common.db import Migration, create_tables
+from medledger_common.db import Migration, create_tables, lock_key
 
 metadata = MetaData()
 # One row per record: whose it is, what it is, and its latest version.
@@ -42,6 +43,8 @@ records = Table(
     Column("latest_version", Integer, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # Set when the patient's records were erased: only ids, versions and commitments remain.
+    Column("erased_at", Float, nullable=True),
 )
 Index("ix_records_patient_updated", records.c.patient_id, records.c.updated_at)
 # Every version: AES-256-GCM ciphertext under its own data key, the data key wrapped under the
@@ -62,6 +65,8 @@ record_versions = Table(
     Column("written_by", String(64), nullable=False),
     Column("organization_id", String(64), nullable=False),
     Column("written_at", Float, nullable=False),
+    # Where the ciphertext is when not in `ciphertext`: a blob-store key (empty: in the row).
+    Column("blob_key", String(255), nullable=False, server_default=""),
 )
 
 # A key rotation in progress, per patient: resumable from the last version it rewrapped.
@@ -75,7 +80,62 @@ key_rotations = Table(
     Column("started_at", Float, nullable=False),
 )
 
-MIGRATIONS = [Migration(1, "records and their versions", create_tables(metadata))]
+# Erasure requests and their certificates, per patient.
+erasures = Table(
+    "erasures",
+    metadata,
+    Column("erasure_id", String(64), primary_key=True),
+    Column("patient_id", String(64), nullable=False, index=True),
+    Column("state", Integer, nullable=False),
+    Column("requested_by", String(64), nullable=False),
+    Column("requested_at", Float, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("runs_after", Float, nullable=False),
+    Column("approved_by", String(64), nullable=False),
+    Column("approved_at", Float, nullable=True),
+    # The key's versions, read before it was deleted (a resumed erasure still knows them).
+    Column("key_versions", Text, nullable=False),
+    # The serialized ErasureCertificate, once completed.
+    Column("certificate", LargeBinary, nullable=True),
+)
+legal_holds = Table(
+    "legal_holds",
+    metadata,
+    Column("hold_id", String(64), primary_key=True),
+    Column("patient_id", String(64), nullable=False, index=True),
+    Column("reason", Text, nullable=False),
+    Column("placed_by", String(64), nullable=False),
+    Column("placed_at", Float, nullable=False),
+    Column("released_by", String(64), nullable=False),
+    Column("released_at", Float, nullable=True),
+)
+
+# Migration 1 created the first three tables without the columns migration 2 adds.
+_ADDED_IN_2 = {"records": ("erased_at",), "record_versions": ("blob_key",)}
+_metadata_v1 = MetaData()
+for _table in (records, record_versions, key_rotations):
+    Table(
+        _table.name,
+        _metadata_v1,
+        *(c._copy() for c in _table.columns if c.name not in _ADDED_IN_2.get(_table.name, ())),
+    )
+Index(
+    "ix_records_patient_updated",
+    _metadata_v1.tables["records"].c.patient_id,
+    _metadata_v1.tables["records"].c.updated_at,
+)
+
+
+async def _erasure_and_blobs(conn: AsyncConnection) -> None:
+    await conn.execute(text("ALTER TABLE records ADD COLUMN erased_at DOUBLE PRECISION"))
+    await conn.execute(text("ALTER TABLE record_versions ADD COLUMN blob_key VARCHAR(255) NOT NULL DEFAULT ''"))
+    await conn.run_sync(lambda sync: metadata.create_all(sync, tables=[erasures, legal_holds]))
+
+
+MIGRATIONS = [
+    Migration(1, "records and their versions", create_tables(_metadata_v1)),
+    Migration(2, "erasures, legal holds and blob-store keys", _erasure_and_blobs),
+]
 
 
 @dataclass(frozen=True)
@@ -87,6 +147,7 @@ class Record:
     latest_version: int
     resource_type: str = ""
     updated_at: float = 0.0
+    erased_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +161,10 @@ class StoredVersion:
     salt: bytes
     commitment: str
     event_id: str
+    blob_key: str = ""
+    written_by: str = ""
+    organization_id: str = ""
+    written_at: float = 0.0
 
 
 async def get_record(conn: AsyncConnection, record_id: str, *, for_update: bool = False) -> Record | None:
@@ -119,6 +184,7 @@ def _record(r: Any) -> Record:
         int(r.latest_version),
         r.resource_type,
         float(r.updated_at),
+        None if r.erased_at is None else float(r.erased_at),
     )
 
 
@@ -156,7 +222,7 @@ async def list_records(
 ) -> list[Record]:
     """A patient's records, newest update first, after the position `after` (updated_at, id)."""
     c = records.c
-    query = select(records).where(c.patient_id == patient_id)
+    query = select(records).where(c.patient_id == patient_id, c.erased_at.is_(None))
     if categories:
         query = query.where(c.category.in_(list(categories)))
     if resource_type:
@@ -185,6 +251,7 @@ async def insert_version(
             salt=v.salt,
             commitment=v.commitment,
             event_id=v.event_id,
+            blob_key=v.blob_key,
             written_by=written_by,
             organization_id=organization_id,
             written_at=now,
@@ -207,6 +274,10 @@ async def get_version(conn: AsyncConnection, record_id: str, version: int) -> St
         bytes(r.salt),
         r.commitment,
         r.event_id,
+        r.blob_key,
+        r.written_by,
+        r.organization_id,
+        float(r.written_at),
     )
 
 
@@ -256,3 +327,187 @@ async def advance_rotation(conn: AsyncConnection, patient_id: str, record_id: st
 
 async def finish_rotation(conn: AsyncConnection, patient_id: str) -> None:
     await conn.execute(delete(key_rotations).where(key_rotations.c.patient_id == patient_id))
+
+
+# Erasure and legal holds.
+
+
+@dataclass(frozen=True)
+class ErasureRow:
+    erasure_id: str
+    patient_id: str
+    state: int
+    requested_by: str
+    requested_at: float
+    reason: str
+    runs_after: float
+    approved_by: str = ""
+    approved_at: float | None = None
+    key_versions: tuple[int, ...] = ()
+    certificate: bytes | None = None
+
+
+@dataclass(frozen=True)
+class LegalHoldRow:
+    hold_id: str
+    patient_id: str
+    reason: str
+    placed_by: str
+    placed_at: float
+    released_by: str = ""
+    released_at: float | None = None
+
+
+async def lock_patient(conn: AsyncConnection, patient_id: str, *, exclusive: bool) -> None:
+    """Serialize a patient's writes (shared) against the start of their erasure (exclusive)
+    until the transaction ends. PostgreSQL: an advisory lock; SQLite writes serialize anyway."""
+    if conn.dialect.name == "postgresql":
+        function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        await conn.execute(text(f"SELECT {function}(:k)"), {"k": lock_key(f"records.patient:{patient_id}")})
+
+
+def _erasure(r: Any) -> ErasureRow:
+    return ErasureRow(
+        r.erasure_id,
+        r.patient_id,
+        int(r.state),
+        r.requested_by,
+        float(r.requested_at),
+        r.reason,
+        float(r.runs_after),
+        r.approved_by,
+        None if r.approved_at is None else float(r.approved_at),
+        tuple(int(v) for v in r.key_versions.split(",") if v),
+        None if r.certificate is None else bytes(r.certificate),
+    )
+
+
+async def insert_erasure(conn: AsyncConnection, e: ErasureRow) -> None:
+    await conn.execute(
+        insert(erasures).values(
+            erasure_id=e.erasure_id,
+            patient_id=e.patient_id,
+            state=e.state,
+            requested_by=e.requested_by,
+            requested_at=e.requested_at,
+            reason=e.reason,
+            runs_after=e.runs_after,
+            approved_by="",
+            key_versions="",
+        )
+    )
+
+
+async def get_erasure(conn: AsyncConnection, erasure_id: str) -> ErasureRow | None:
+    r = (await conn.execute(select(erasures).where(erasures.c.erasure_id == erasure_id))).first()
+    return _erasure(r) if r else None
+
+
+async def erasures_of(conn: AsyncConnection, patient_id: str, states: Sequence[int]) -> list[ErasureRow]:
+    c = erasures.c
+    rows = await conn.execute(
+        select(erasures).where(c.patient_id == patient_id, c.state.in_(list(states))).order_by(c.requested_at)
+    )
+    return [_erasure(r) for r in rows]
+
+
+async def set_erasure_state(conn: AsyncConnection, erasure_id: str, from_state: int, **values: Any) -> bool:
+    """Move an erasure on from `from_state` (with `values`); False if it was no longer there."""
+    c = erasures.c
+    if "key_versions" in values:
+        values["key_versions"] = ",".join(str(v) for v in values["key_versions"])
+    result = await conn.execute(
+        update(erasures).where(c.erasure_id == erasure_id, c.state == from_state).values(**values)
+    )
+    return bool(result.rowcount)
+
+
+async def erasures_to_run(conn: AsyncConnection, pending: int, running: int, now: float) -> list[ErasureRow]:
+    """Running erasures (to finish after a crash) and pending ones past their grace period."""
+    c = erasures.c
+    rows = await conn.execute(
+        select(erasures)
+        .where(or_(c.state == running, and_(c.state == pending, c.runs_after <= now)))
+        .order_by(c.requested_at)
+    )
+    return [_erasure(r) for r in rows]
+
+
+def _hold(r: Any) -> LegalHoldRow:
+    return LegalHoldRow(
+        r.hold_id,
+        r.patient_id,
+        r.reason,
+        r.placed_by,
+        float(r.placed_at),
+        r.released_by,
+        None if r.released_at is None else float(r.released_at),
+    )
+
+
+async def insert_hold(conn: AsyncConnection, h: LegalHoldRow) -> None:
+    await conn.execute(
+        insert(legal_holds).values(
+            hold_id=h.hold_id,
+            patient_id=h.patient_id,
+            reason=h.reason,
+            placed_by=h.placed_by,
+            placed_at=h.placed_at,
+            released_by="",
+        )
+    )
+
+
+async def get_hold(conn: AsyncConnection, hold_id: str) -> LegalHoldRow | None:
+    r = (await conn.execute(select(legal_holds).where(legal_holds.c.hold_id == hold_id))).first()
+    return _hold(r) if r else None
+
+
+async def holds_in_force(conn: AsyncConnection, patient_id: str) -> list[LegalHoldRow]:
+    c = legal_holds.c
+    rows = await conn.execute(select(legal_holds).where(c.patient_id == patient_id, c.released_at.is_(None)))
+    return [_hold(r) for r in rows]
+
+
+async def release_hold(conn: AsyncConnection, hold_id: str, released_by: str, now: float) -> bool:
+    c = legal_holds.c
+    result = await conn.execute(
+        update(legal_holds)
+        .where(c.hold_id == hold_id, c.released_at.is_(None))
+        .values(released_by=released_by, released_at=now)
+    )
+    return bool(result.rowcount)
+
+
+async def blob_keys_of(conn: AsyncConnection, patient_id: str) -> list[str]:
+    c = record_versions.c
+    rows = await conn.execute(select(c.blob_key).where(c.patient_id == patient_id, c.blob_key != ""))
+    return [r.blob_key for r in rows]
+
+
+async def erase_patient_data(conn: AsyncConnection, patient_id: str, now: float) -> tuple[int, int]:
+    """Drop everything of a patient's records but ids, versions and commitments (which the
+    transparency log holds anyway): ciphertexts, wrapped keys, salts, categories, types, who
+    wrote them and when. Returns how many records and versions there were."""
+    v = record_versions.c
+    versions = await conn.execute(
+        update(record_versions)
+        .where(v.patient_id == patient_id)
+        .values(
+            key_name="",
+            wrapped_key="",
+            ciphertext=b"",
+            salt=b"",
+            blob_key="",
+            written_by="",
+            organization_id="",
+            written_at=0.0,
+        )
+    )
+    r = records.c
+    erased = await conn.execute(
+        update(records)
+        .where(r.patient_id == patient_id)
+        .values(category=0, media_type="", resource_type="", created_at=now, updated_at=now, erased_at=now)
+    )
+    return int(erased.rowcount), int(versions.rowcount)
