@@ -3,6 +3,7 @@ and the acceptance that makes the refusals mean something."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -166,6 +167,23 @@ async def test_unknown_kids_refetch_the_jwks_at_most_every_30_seconds(issuer: Is
         with pytest.raises(Unauthenticated):
             await v.verify(issuer.token(kid="ed-9"))
     assert issuer.fetches == 1, "a flood of unknown kids must not flood identity"
+
+
+async def test_tokens_of_a_new_key_arriving_together_wait_for_one_fetch(issuer: Issuer) -> None:
+    slow = asyncio.Event()
+
+    async def slow_fetch() -> dict[str, Any]:
+        await slow.wait()
+        return await issuer.fetch()
+
+    v = TokenVerifier(
+        issuer="medledger.identity", audience="medledger.consent", fetch_jwks=slow_fetch, clock=lambda: NOW + 10
+    )
+    pending = [asyncio.ensure_future(v.verify(issuer.token())) for _ in range(8)]
+    await asyncio.sleep(0.01)
+    slow.set()
+    callers = await asyncio.gather(*pending)
+    assert all(c.principal_id == "rsr_1" for c in callers) and issuer.fetches == 1
 
 
 async def test_interceptor_refuses_deactivated_principals_and_applies_the_rule(issuer: Issuer) -> None:

@@ -150,10 +150,16 @@ class TokenVerifier:
 
     async def _key(self, kid: str) -> tuple[jwt.PyJWK, str] | None:
         found = self._keys.get(kid)
-        if found is None and time.monotonic() - self._last_fetch >= JWKS_REFETCH_SECONDS:
+        if found is not None:
+            return found
+        if self._fetch_lock.locked():
+            # A fetch is on its way (started by a token of the same new key, most likely):
+            # wait for it rather than refuse a good token that arrived a moment too early.
+            async with self._fetch_lock:
+                pass
+        elif time.monotonic() - self._last_fetch >= JWKS_REFETCH_SECONDS:
             await self.refresh_keys()
-            found = self._keys.get(kid)
-        return found
+        return self._keys.get(kid)
 
     async def verify(self, token: str) -> Caller:
         now = self._clock()
