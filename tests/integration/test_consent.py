@@ -15,8 +15,6 @@ import grpc
 import pytest
 from fhir.resources.R4B.consent import Consent as FhirConsent
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.consent.v1 import consent_service_pb2_grpc as pb_grpc
 from medledger.identity.v1 import identity_service_pb2 as id_pb
@@ -26,7 +24,7 @@ from sqlalchemy import func, select
 
 from medledger_common.grpc_client import make_channel
 from medledger_common.outbox import outbox
-from medledger_common.testing import status_of
+from medledger_common.testing import bad_request_fields, status_of
 from medledger_consent import storage
 
 Kind = vocab.PrincipalKind
@@ -239,10 +237,7 @@ async def test_invalid_grants_name_the_field_and_change_nothing(start_stack) -> 
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await caller.GrantConsent(request)
             assert err.value.code() == CODE.INVALID_ARGUMENT, field
-            status = rpc_status.from_call(err.value)
-            bad = error_details_pb2.BadRequest()
-            assert status is not None and status.details[0].Unpack(bad)
-            assert [v.field for v in bad.field_violations] == [field]
+            assert bad_request_fields(err.value) == [field]
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await w.pdp.CheckConsent(pb.CheckConsentRequest(patient_id=w.patient_id))
         assert err.value.code() == CODE.INVALID_ARGUMENT

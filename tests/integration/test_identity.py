@@ -22,8 +22,6 @@ import grpc
 import jwt
 import pytest
 from aiokafka import AIOKafkaConsumer
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from medledger.anchoring.v1 import anchoring_service_pb2
 from medledger.audit.v1 import audit_service_pb2
 from medledger.consent.v1 import consent_service_pb2 as co_pb
@@ -41,7 +39,7 @@ from medledger_common.auth import Access
 from medledger_common.grpc_client import make_channel
 from medledger_common.logs import JsonFormatter
 from medledger_common.outbox import outbox
-from medledger_common.testing import status_of
+from medledger_common.testing import bad_request_fields, status_of
 from medledger_consent import api as consent_api
 from medledger_identity import api as identity_api
 from medledger_identity import domain
@@ -108,17 +106,6 @@ class Platform:
                 pb.AssignRoleRequest(request_id=rid(), principal_id=reply.principal.principal_id, role=role)
             )
         return self.stack.client(reply.principal.principal_id, reply.client_secret)
-
-
-def bad_request_fields(err: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(err)
-    assert status is not None, "no google.rpc.Status in the error"
-    fields = []
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            fields += [v.field for v in bad.field_violations]
-    return fields
 
 
 async def count(runtime: Any, table: Any) -> int:

@@ -6,9 +6,11 @@ returned, and bad input changes nothing."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,8 @@ from medledger_common.errors import NotFound
 from medledger_common.events import decode, unpack
 from medledger_common.grpc_client import make_channel
 from medledger_common.outbox import outbox
-from medledger_common.testing import status_of
+from medledger_common.testing import bad_request_fields, status_of
+from medledger_common.timestamps import timestamp
 from medledger_records import storage
 
 Kind = vocab.PrincipalKind
@@ -152,13 +155,15 @@ async def test_records_round_trip_under_consent_encrypted_and_provable(start_sta
         own = await p["patient"].GetRecord(pb.GetRecordRequest(record_id=document.record_id))
         assert own.content == pdf and own.decision_id == ""
 
-        # Bad input: invalid FHIR, oversize, unknown category; nothing stored.
+        # Bad input: invalid FHIR, oversize, unknown category; nothing stored, no event.
         async with stack.records.db.connect() as conn:
             versions = (await conn.execute(select(func.count()).select_from(storage.record_versions))).scalar_one()
+            events = (await conn.execute(select(func.count()).select_from(outbox))).scalar_one()
         invalid = dict(resource, status=5)
-        assert (
-            await status_of(p["patient"].PutRecord(put(content=json.dumps(invalid).encode()))) == CODE.INVALID_ARGUMENT
-        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await p["patient"].PutRecord(put(content=json.dumps(invalid).encode()))
+        assert refused.value.code() == CODE.INVALID_ARGUMENT
+        assert bad_request_fields(refused.value) == ["content.status"]  # the problem, in the details
         assert await status_of(p["patient"].PutRecord(put(content=b'{"a": 1, "a": 2}'))) == CODE.INVALID_ARGUMENT
         big = b"x" * (4 * 1024 * 1024 + 1)
         assert (
@@ -170,6 +175,7 @@ async def test_records_round_trip_under_consent_encrypted_and_provable(start_sta
             assert (
                 await conn.execute(select(func.count()).select_from(storage.record_versions))
             ).scalar_one() == versions
+            assert (await conn.execute(select(func.count()).select_from(outbox))).scalar_one() == events
             rows = (await conn.execute(select(storage.record_versions))).all()
             published = [bytes(r.value) for r in await conn.execute(select(outbox.c.value))]
         # No plaintext fragment in what is stored or sent.
@@ -203,6 +209,19 @@ async def test_records_round_trip_under_consent_encrypted_and_provable(start_sta
             )
         one = pb.GetRecordRequest(record_id=stored.record_id, version=1, purpose=TREAT)
         assert await status_of(p["doctor"].GetRecord(one)) == CODE.DATA_LOSS
+        # So is a flipped byte in the wrapped data key (of version 2, whose ciphertext is intact).
+        row = next(r for r in rows if r.record_id == stored.record_id and r.version == 2)
+        prefix, _, body = row.wrapped_key.rpartition(":")
+        key_bytes = bytearray(base64.b64decode(body))
+        key_bytes[14] ^= 1
+        async with stack.records.db.transaction() as conn:
+            await conn.execute(
+                update(storage.record_versions)
+                .where(c.record_id == stored.record_id, c.version == 2)
+                .values(wrapped_key=f"{prefix}:{base64.b64encode(bytes(key_bytes)).decode()}")
+            )
+        two = pb.GetRecordRequest(record_id=stored.record_id, version=2, purpose=TREAT)
+        assert await status_of(p["doctor"].GetRecord(two)) == CODE.DATA_LOSS
 
         # A revoked consent denies the next get.
         await p["consent"].RevokeConsent(
@@ -212,8 +231,6 @@ async def test_records_round_trip_under_consent_encrypted_and_provable(start_sta
 
 
 async def test_listing_shows_what_consent_permits_and_export_returns_everything_as_a_bundle(start_stack) -> None:
-    import base64
-
     from fhir.resources.R4B.bundle import Bundle
 
     async with start_stack(records=True) as stack:
@@ -589,3 +606,132 @@ async def test_an_erasure_runs_after_its_grace_period_unless_held_and_finishes_a
         # A pending erasure can be cancelled; a completed one cannot.
         cancel = pb.CancelErasureRequest(erasure_id=pending.erasure_id)
         assert await status_of(p["patient"].CancelErasure(cancel)) == CODE.FAILED_PRECONDITION
+
+
+C = vocab.DataCategory
+# Where a test files each Synthea resource type (anything else: documents).
+CATEGORY_OF = {
+    "Patient": C.DATA_CATEGORY_DEMOGRAPHICS,
+    "Observation": C.DATA_CATEGORY_OBSERVATIONS,
+    "Condition": C.DATA_CATEGORY_CONDITIONS,
+    "MedicationRequest": C.DATA_CATEGORY_MEDICATIONS,
+    "MedicationAdministration": C.DATA_CATEGORY_MEDICATIONS,
+    "Immunization": C.DATA_CATEGORY_IMMUNIZATIONS,
+    "Procedure": C.DATA_CATEGORY_PROCEDURES,
+    "Encounter": C.DATA_CATEGORY_ENCOUNTERS,
+    "DiagnosticReport": C.DATA_CATEGORY_DIAGNOSTIC_REPORTS,
+    "AllergyIntolerance": C.DATA_CATEGORY_ALLERGIES,
+    "CarePlan": C.DATA_CATEGORY_CARE_PLANS,
+    "CareTeam": C.DATA_CATEGORY_CARE_PLANS,
+    "Claim": C.DATA_CATEGORY_CLAIMS,
+    "ExplanationOfBenefit": C.DATA_CATEGORY_CLAIMS,
+}
+
+
+async def test_every_synthea_resource_round_trips_encrypted_on_postgresql(start_stack) -> None:
+    resources = [
+        entry["resource"] for path in sorted(SYNTHEA.glob("*.json")) for entry in json.loads(path.read_text())["entry"]
+    ]
+    assert len(resources) > 500
+    async with start_stack(records=True) as stack:
+        p = await people(stack)
+        gate = asyncio.Semaphore(16)
+
+        async def round_trip(resource: dict[str, Any]) -> tuple[str, str]:
+            content = json.dumps(resource).encode()
+            async with gate:
+                stored = await p["patient"].PutRecord(
+                    pb.PutRecordRequest(
+                        request_id=rid(),
+                        patient_id=p["patient_id"],
+                        category=CATEGORY_OF.get(resource["resourceType"], C.DATA_CATEGORY_DOCUMENTS),
+                        content=content,
+                        media_type="application/fhir+json",
+                    )
+                )
+                got = await p["patient"].GetRecord(pb.GetRecordRequest(record_id=stored.record_id))
+            assert got.content == content
+            salt = bytes.fromhex(got.receipt.salt)
+            canonical = rfc8785.dumps(json.loads(got.content))
+            assert stored.receipt.commitment == hashlib.sha256(b"medledger:record:v1\n" + salt + canonical).hexdigest()
+            return stored.record_id, resource["id"]
+
+        done = await asyncio.gather(*(round_trip(r) for r in resources))
+        assert len({record_id for record_id, _ in done}) == len(resources)
+        # Not one resource's id (a unique plaintext fragment) is in what the database holds.
+        async with stack.records.db.connect() as conn:
+            stored_bytes = b"".join(
+                bytes(r.ciphertext) + r.wrapped_key.encode() + bytes(r.salt)
+                for r in await conn.execute(select(storage.record_versions))
+            )
+        assert not [resource_id for _, resource_id in done if resource_id.encode() in stored_bytes]
+
+
+async def test_every_consent_deny_reason_reaches_the_reader_and_the_event(start_stack) -> None:
+    async with start_stack(records=True) as stack:
+        p = await people(stack)
+        stored = await p["patient"].PutRecord(
+            pb.PutRecordRequest(
+                request_id=rid(),
+                patient_id=p["patient_id"],
+                category=OBS,
+                content=json.dumps(observation()).encode(),
+                media_type="application/fhir+json",
+            )
+        )
+        get = pb.GetRecordRequest(record_id=stored.record_id, purpose=TREAT)
+
+        async def grant(grantee: str, **fields: Any) -> co_pb.GrantConsentResponse:
+            base = {
+                "provision": co_pb.ProvisionType.PROVISION_TYPE_PERMIT,
+                "actions": [READ],
+                "categories": [OBS],
+                "purposes": [TREAT],
+            }
+            return await p["consent"].GrantConsent(
+                co_pb.GrantConsentRequest(
+                    request_id=rid(), patient_id=p["patient_id"], grantee_id=grantee, **{**base, **fields}
+                )
+            )
+
+        async def revoked() -> None:
+            consent = await grant(p["doctor_id"])
+            await p["consent"].RevokeConsent(
+                co_pb.RevokeConsentRequest(request_id=rid(), consent_id=consent.consent.consent_id)
+            )
+
+        # Each step adds a consent of the doctor's that gets one test further than the last, so
+        # each denial names the next reason (consent reports the furthest test reached).
+        steps = [
+            ("NO_CONSENT_FOR_PATIENT", None),
+            ("NO_MATCHING_GRANTEE", lambda: grant(p["stranger_id"])),
+            ("REVOKED", revoked),
+            ("NOT_IN_PERIOD", lambda: grant(p["doctor_id"], period_start=timestamp(time.time() + 3600))),
+            ("ACTION_NOT_COVERED", lambda: grant(p["doctor_id"], actions=[WRITE])),
+            ("CATEGORY_NOT_COVERED", lambda: grant(p["doctor_id"], categories=[DOCS])),
+            (
+                "PURPOSE_NOT_COVERED",
+                lambda: grant(p["doctor_id"], purposes=[vocab.PurposeOfUse.PURPOSE_OF_USE_HRESCH]),
+            ),
+            (
+                "EXPLICIT_DENY",
+                lambda: grant(p["doctor_id"], provision=co_pb.ProvisionType.PROVISION_TYPE_DENY),
+            ),
+        ]
+        for reason, step in steps:
+            if step is not None:
+                await step()
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await p["doctor"].GetRecord(get)
+            assert denied.value.code() == CODE.PERMISSION_DENIED and reason in (denied.value.details() or ""), reason
+        async with stack.records.db.connect() as conn:
+            events = [
+                decode(bytes(v)) for v in (await conn.execute(select(outbox.c.value).order_by(outbox.c.id))).scalars()
+            ]
+        denials = [
+            unpack(e, records_events_pb2.RecordAccessDenied)
+            for e in events
+            if e.type == records_events_pb2.RecordAccessDenied.DESCRIPTOR.full_name
+        ]
+        assert [d.reason_code for d in denials] == [reason for reason, _ in steps]
+        assert all(d.decision_id.startswith("dec_") and d.actor_id == p["doctor_id"] for d in denials)

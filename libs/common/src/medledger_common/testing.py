@@ -105,6 +105,21 @@ async def status_of(call: Awaitable[object]) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    """The fields named by the google.rpc.BadRequest details of an error."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)
+    assert status is not None, "no google.rpc.Status in the error"
+    fields: list[str] = []
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            fields += [v.field for v in bad.field_violations]
+    return fields
+
+
 _memory_exporter: InMemorySpanExporter | None = None
 
 
