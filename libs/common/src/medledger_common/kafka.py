@@ -31,9 +31,14 @@ from medledger_common.events import TOPICS, Event, MalformedEvent, decode, dlq_t
 from medledger_common.telemetry import start_span
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("medledger.kafka")
+_TRACER_NAME = "medledger.kafka"
+tracer = trace.get_tracer(_TRACER_NAME)
 _EMPTY_CONTEXT = otel_context.Context()
 _CONSUMER = SpanKind.CONSUMER
+_TRACE_HEADERS = ("traceparent", "tracestate")
+# The context key under which OpenTelemetry keeps the current span, found through its public API
+# once: a context holding only the span is then built directly, not by copying an empty one.
+_SPAN_KEY = next(iter(trace.set_span_in_context(trace.INVALID_SPAN, _EMPTY_CONTEXT)))
 
 CONSUMED = Counter("medledger_kafka_consumed_total", "Messages handled by a consumer.", ["group", "topic", "outcome"])
 DEAD_LETTERS = Counter(
@@ -169,6 +174,7 @@ class EventConsumer:
         self.consumer = AIOKafkaConsumer(**self._consumer_options)
         self._counters: dict[tuple[str, str], Any] = {}
         self._span_names: dict[str, str] = {}
+        self._tracer: trace.Tracer = tracer
         # Offsets of handled messages not yet committed, per partition.
         self._handled: dict[TopicPartition, int] = {}
 
@@ -242,27 +248,14 @@ class EventConsumer:
         """
         loop = asyncio.get_running_loop()
         next_commit = loop.time() + self.commit_interval_seconds
+        # The provider's own tracer when one is installed by now (services configure tracing
+        # before they start consumers), not the module's proxy, which looks it up per span.
+        self._tracer = trace.get_tracer(_TRACER_NAME)
         try:
             while True:
                 batches = await self.consumer.getmany(timeout_ms=500, max_records=self.batch_max)
-                last: ConsumerRecord[bytes, bytes] | None = None
                 for tp, records in batches.items():
-                    dead_lettered = 0
-                    try:
-                        for record in records:
-                            if not await self._handle(record):
-                                dead_lettered += 1
-                            last = record
-                    finally:
-                        # Up to the last message whose handler returned, even when cancelled.
-                        if last is not None and last.partition == tp.partition and last.topic == tp.topic:
-                            self._handled[tp] = last.offset + 1
-                    self._count(tp.topic, "handled", len(records) - dead_lettered)
-                    if dead_lettered:
-                        self._count(tp.topic, "dead_lettered", dead_lettered)
-                    CONSUMER_LAG.labels(self.name, tp.topic).set(
-                        max(0, (self.consumer.highwater(tp) or 0) - (records[-1].offset + 1))
-                    )
+                    await self._handle_batch(tp, records)
                 if loop.time() >= next_commit:
                     await self.commit_handled()
                     next_commit = loop.time() + self.commit_interval_seconds
@@ -272,60 +265,83 @@ class EventConsumer:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(self.commit_handled())
 
+    async def _handle_batch(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        """Handle one partition's records in order, each in its own span, with its own retries.
+
+        A record's offset becomes committable only once its handler has returned (or it went to
+        the dead-letter topic); on cancellation or an error, up to the last such record. The
+        per-message work is written out here, not in a coroutine of its own per message, and
+        what is the same for the whole batch (span name, tracer, handler) is looked up once.
+        """
+        topic = str(tp.topic)
+        span_name = self._span_names.get(topic) or self._span_name(topic)
+        handler, accept_malformed, group, span_tracer = self.handler, self.accept_malformed, self.name, self._tracer
+        dead_lettered = 0
+        next_offset = -1
+        try:
+            for record in records:
+                try:
+                    event: Event | None = decode(record.value)
+                    malformed = None
+                except MalformedEvent as exc:
+                    if not accept_malformed:
+                        await self._dead_letter(record, f"malformed envelope: {exc}")
+                        dead_lettered += 1
+                        next_offset = record.offset + 1
+                        continue
+                    event, malformed = None, str(exc)
+                raw_headers = record.headers
+                headers = dict(raw_headers) if raw_headers else {}
+                message = ConsumedMessage(record, event, malformed, headers)
+                # The producer's trace context, when the message has one; else the span starts a trace.
+                parent = _EMPTY_CONTEXT
+                if "traceparent" in headers:
+                    carrier = {k: v.decode("latin-1") for k, v in headers.items() if k in _TRACE_HEADERS}
+                    parent = propagate.extract(carrier, context=_EMPTY_CONTEXT)
+                span = start_span(span_tracer, span_name, parent, _CONSUMER)
+                if span.is_recording():
+                    # Attributes only for sampled spans: building them costs as much as the span.
+                    span.set_attributes(
+                        {
+                            "messaging.system": "kafka",
+                            "messaging.destination.name": topic,
+                            "messaging.operation.type": "process",
+                            "messaging.consumer.group.name": group,
+                            "messaging.kafka.offset": record.offset,
+                            "messaging.message.id": event.id if event else "",
+                        }
+                    )
+                # attach/detach rather than trace.use_span: the context manager costs more than
+                # the rest of the per-message work together.
+                token = otel_context.attach(otel_context.Context({_SPAN_KEY: span}))
+                try:
+                    try:
+                        # Fast path: most messages are handled at the first attempt.
+                        await handler(message)
+                    except asyncio.CancelledError:
+                        raise
+                    except BaseException as exc:
+                        if not await self._call_with_retries(message, exc):
+                            dead_lettered += 1
+                finally:
+                    otel_context.detach(token)
+                    span.end()
+                next_offset = record.offset + 1
+        finally:
+            # Up to the last message whose handler returned, even when cancelled.
+            if next_offset >= 0:
+                self._handled[tp] = next_offset
+        self._count(topic, "handled", len(records) - dead_lettered)
+        if dead_lettered:
+            self._count(topic, "dead_lettered", dead_lettered)
+        CONSUMER_LAG.labels(group, topic).set(max(0, (self.consumer.highwater(tp) or 0) - (records[-1].offset + 1)))
+
     def _count(self, topic: str, outcome: str, n: int = 1) -> None:
         key = (topic, outcome)
         c = self._counters.get(key)
         if c is None:
             c = self._counters[key] = CONSUMED.labels(self.name, topic, outcome)
         c.inc(n)
-
-    async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> bool:
-        """Handle one message; False when it went to the dead-letter topic."""
-        headers = dict(record.headers) if record.headers else {}
-        try:
-            event: Event | None = decode(record.value)
-            malformed = None
-        except MalformedEvent as exc:
-            if not self.accept_malformed:
-                await self._dead_letter(record, f"malformed envelope: {exc}")
-                return False
-            event, malformed = None, str(exc)
-        message = ConsumedMessage(record, event, malformed, headers)
-        # The producer's trace context, when the message has one; else the span starts a trace.
-        parent = _EMPTY_CONTEXT
-        if "traceparent" in headers:
-            carrier = {k: v.decode("latin-1") for k, v in headers.items() if k in ("traceparent", "tracestate")}
-            parent = propagate.extract(carrier, context=_EMPTY_CONTEXT)
-        span = start_span(
-            tracer, self._span_names.get(record.topic) or self._span_name(record.topic), parent, _CONSUMER
-        )
-        if span.is_recording():
-            # Attributes only for sampled spans: building them costs as much as the span.
-            span.set_attributes(
-                {
-                    "messaging.system": "kafka",
-                    "messaging.destination.name": str(record.topic),
-                    "messaging.operation.type": "process",
-                    "messaging.consumer.group.name": self.name,
-                    "messaging.kafka.offset": record.offset,
-                    "messaging.message.id": event.id if event else "",
-                }
-            )
-        # attach/detach rather than trace.use_span: the context manager costs more than the
-        # rest of the per-message work together.
-        token = otel_context.attach(trace.set_span_in_context(span, _EMPTY_CONTEXT))
-        try:
-            try:
-                # Fast path: most messages are handled at the first attempt.
-                await self.handler(message)
-                return True
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:
-                return await self._call_with_retries(message, exc)
-        finally:
-            otel_context.detach(token)
-            span.end()
 
     def _span_name(self, topic: str) -> str:
         name = self._span_names[topic] = f"{topic} process"

@@ -1,0 +1,125 @@
+"""EventConsumer on the real broker: the span per message and the offsets it commits."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from aiokafka import TopicPartition
+from medledger.events.v1 import identity_events_pb2
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanContext, SpanKind
+
+from medledger_common import events
+from medledger_common.kafka import ConsumedMessage, EventConsumer, ensure_topics, make_producer
+from medledger_common.testing import Kafka, span_exporter
+
+
+def _event(n: int) -> events.Event:
+    return events.new_event(
+        source="medledger.test",
+        payload=identity_events_pb2.PrincipalRegistered(principal_id=f"pat_{n}"),
+        aggregate_id=f"pat_{n}",
+        version=1,
+    )
+
+
+async def test_each_message_is_handled_in_a_consumer_span_that_continues_the_producers_trace(kafka: Kafka) -> None:
+    exporter = span_exporter()
+    topic = f"test.spans.{uuid.uuid4().hex[:8]}"
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    await ensure_topics(kafka.bootstrap_servers, [topic], partitions=1)
+    seen: dict[str, SpanContext] = {}
+    done = asyncio.Event()
+
+    async def handler(message: ConsumedMessage) -> None:
+        assert message.event is not None
+        # The handler runs inside the message's span: its logs and child spans belong to it.
+        seen[message.event.id] = trace.get_current_span().get_span_context()
+        if len(seen) == 3:
+            done.set()
+
+    producer = make_producer(kafka.bootstrap_servers)
+    await producer.start()
+    traced = [_event(1), _event(2)]
+    untraced = _event(3)
+    producer_spans = []
+    for e in traced:
+        with trace.get_tracer("test").start_as_current_span("publish", kind=SpanKind.PRODUCER) as span:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            await producer.send_and_wait(
+                topic, e.SerializeToString(), headers=[(k, v.encode()) for k, v in carrier.items()]
+            )
+        producer_spans.append(span.get_span_context())
+    await producer.send_and_wait(topic, untraced.SerializeToString())
+    consumer = EventConsumer(
+        bootstrap_servers=kafka.bootstrap_servers, group_id=group, handler=handler, producer=producer, topics=[topic]
+    )
+    await consumer.start()
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(done.wait(), 30)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
+        await producer.stop()
+
+    spans = {s.context.span_id: s for s in exporter.get_finished_spans() if s.name == f"{topic} process"}
+    for e, producer_span in zip(traced, producer_spans, strict=True):
+        ctx = seen[e.id]
+        assert ctx.trace_id == producer_span.trace_id
+        span = spans[ctx.span_id]
+        assert span.parent is not None and span.parent.span_id == producer_span.span_id
+        assert span.kind == SpanKind.CONSUMER
+        assert span.attributes is not None
+        assert span.attributes["messaging.system"] == "kafka"
+        assert span.attributes["messaging.destination.name"] == topic
+        assert span.attributes["messaging.consumer.group.name"] == group
+        assert span.attributes["messaging.message.id"] == e.id
+    # Without a traceparent the message's span starts a trace of its own.
+    own = seen[untraced.id]
+    assert own.is_valid and own.trace_id not in {p.trace_id for p in producer_spans}
+    assert spans[own.span_id].parent is None
+
+
+async def test_a_cancelled_batch_commits_only_the_messages_whose_handler_returned(kafka: Kafka) -> None:
+    topic = f"test.partial.{uuid.uuid4().hex[:8]}"
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    await ensure_topics(kafka.bootstrap_servers, [topic], partitions=1)
+    handled: list[str] = []
+    stuck = asyncio.Event()
+
+    async def handler(message: ConsumedMessage) -> None:
+        assert message.event is not None
+        if len(handled) == 2:
+            stuck.set()
+            await asyncio.Event().wait()  # the third message's effect never completes
+        handled.append(message.event.id)
+
+    producer = make_producer(kafka.bootstrap_servers)
+    await producer.start()
+    batch = [_event(i) for i in range(5)]
+    for e in batch:
+        await producer.send(topic, e.SerializeToString())
+    await producer.flush()
+    consumer = EventConsumer(
+        bootstrap_servers=kafka.bootstrap_servers,
+        group_id=group,
+        handler=handler,
+        producer=producer,
+        topics=[topic],
+        commit_interval_seconds=3600,
+    )
+    await consumer.start()
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(stuck.wait(), 30)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert handled == [batch[0].id, batch[1].id]
+        assert await consumer.consumer.committed(TopicPartition(topic, 0)) == 2
+    finally:
+        await consumer.stop()
+        await producer.stop()
