@@ -166,6 +166,23 @@ _OUTBOX_FROM_ARRAYS = (
 )
 
 
+def _outbox_arrays(items: Sequence[tuple[str, Event, bytes | None, str | None]]) -> list[list[Any]]:
+    now = time.time()
+    arrays: list[list[Any]] = [[], [], [], [], [], [], []]
+    for topic, event, key, traceparent in items:
+        for column, value in zip(
+            arrays, (event.id, topic, key, event.SerializeToString(), traceparent, None, now), strict=True
+        ):
+            column.append(value)
+    return arrays
+
+
+def events_statement(items: Sequence[tuple[str, Event, bytes | None, str | None]]) -> tuple[str, tuple[Any, ...]]:
+    """PostgreSQL: ONE statement (and its parameters) that writes events to the outbox. Items
+    are as in `enqueue_many`."""
+    return _OUTBOX_FROM_ARRAYS.format(*range(1, 8)), tuple(_outbox_arrays(items))
+
+
 def rows_with_events(
     rows_sql: str,
     row_arrays: Sequence[Sequence[Any]],
@@ -175,20 +192,12 @@ def rows_with_events(
     their events into the outbox: one round trip, atomic as every statement is.
 
     `rows_sql` is an `INSERT ... SELECT * FROM unnest($1::type[], ..., $n::type[])` taking
-    `row_arrays` (one list per column). Items are as in `enqueue_many`. For hot paths (consent
-    decisions), run it in autocommit mode: a transaction of separate statements costs four round
-    trips, and on a small machine each costs more CPU than the rows do.
+    `row_arrays` (one list per column; see group_commit.unnest_insert). Items are as in
+    `enqueue_many`. For hot paths, run it in autocommit mode (see group_commit).
     """
     n = len(row_arrays)
-    now = time.time()
-    outbox_arrays: list[list[Any]] = [[], [], [], [], [], [], []]
-    for topic, event, key, traceparent in items:
-        for column, value in zip(
-            outbox_arrays, (event.id, topic, key, event.SerializeToString(), traceparent, None, now), strict=True
-        ):
-            column.append(value)
     statement = f"WITH service_rows AS ({rows_sql}) " + _OUTBOX_FROM_ARRAYS.format(*range(n + 1, n + 8))
-    return statement, (*row_arrays, *outbox_arrays)
+    return statement, (*row_arrays, *_outbox_arrays(items))
 
 
 async def claim_inbox(conn: AsyncConnection, consumer: str, event_id: str) -> bool:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from medledger.consent.v1 import consent_service_pb2 as pb
-from opentelemetry import propagate
 from sqlalchemy import (
     Column,
     Float,
@@ -32,8 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import Executable
 
 from medledger_common.db import Database, Migration, create_tables
-from medledger_common.errors import Unavailable
-from medledger_common.outbox import enqueue_many, rows_with_events
+from medledger_common.events import Event
+from medledger_common.group_commit import OutboxGroupCommit
 from medledger_consent.domain import BreakGlassAccess, BreakGlassPolicy, ConsentVersion
 
 PENDING_REVIEW = pb.BreakGlassReview.BREAK_GLASS_REVIEW_PENDING
@@ -314,127 +310,16 @@ async def latest_versions(
     return out
 
 
-async def insert_decisions(conn: AsyncConnection, rows: list[dict[str, object]]) -> None:
-    await conn.execute(insert(consent_decisions), rows)
+class DecisionLog(OutboxGroupCommit):
+    """Writes decision records and their events durably before the checks answer, group
+    committed (see medledger_common.group_commit)."""
 
-
-_DECISION_COLUMNS = [c.name for c in consent_decisions.columns]
-_ARRAY_TYPES = {String: "varchar[]", Text: "text[]", Float: "float8[]", Integer: "int[]"}
-# Built from the table's own column names and types, never from input.
-_DECISIONS_FROM_ARRAYS = (
-    f"INSERT INTO consent_decisions ({', '.join(_DECISION_COLUMNS)}) SELECT * FROM unnest("  # noqa: S608
-    + ", ".join(f"${i}::{_ARRAY_TYPES[type(c.type)]}" for i, c in enumerate(consent_decisions.columns, 1))
-    + ")"
-)
-
-
-@dataclass
-class PendingDecision:
-    row: dict[str, object]
-    event: object  # medledger.events.v1.Event
-    traceparent: str | None
-    done: asyncio.Future[None]
-
-
-class DecisionLog:
-    """Writes decision records and their events durably before the checks answer.
-
-    Group commit: checks queue their records; one writer task commits everything queued so far
-    in one statement (decision rows and outbox rows), then releases the waiting checks. Commits
-    start at most every `commit_interval` seconds (like PostgreSQL's commit_delay): alone, a
-    check waits for one commit; under load a commit carries many decisions instead of one or
-    two, which is what lets a small machine serve more checks (each commit costs the event loop
-    more than its rows do), at the price of at most that interval of latency.
-    """
-
-    def __init__(
-        self,
-        db: Database,
-        topic: str,
-        max_batch: int = 500,
-        notify_seconds: float = 0.2,
-        commit_interval: float = 0.008,
-    ) -> None:
-        self.db = db
+    def __init__(self, db: Database, topic: str, *, commit_interval: float = 0.008) -> None:
+        super().__init__(db, table=consent_decisions, commit_interval=commit_interval, what="the decision")
         self.topic = topic
-        self.max_batch = max_batch
-        self._queue: list[PendingDecision] = []
-        self._wake = asyncio.Event()
-        # Called after commits, at most every `notify_seconds`: the relay then publishes decision
-        # events in batches of that many milliseconds, not one relay transaction per commit,
-        # and without holding the event loop for a whole poll interval's worth at once.
-        self.after_commit: Callable[[], None] | None = None
-        self.notify_seconds = notify_seconds
-        self._notified_at = 0.0
-        self._driver: Any = None  # asyncpg.Connection, opened at the first commit
-        self.commit_interval = commit_interval
 
-    async def record(self, row: dict[str, object], event: object) -> None:
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(PendingDecision(row, event, carrier.get("traceparent"), done))
-        self._wake.set()
-        await done
-
-    async def run(self) -> None:
-        """Commit queued decisions, one transaction at a time; a batch fills while the previous
-        one waits for its fsync. (Two at a time measured slower: the work is CPU, not waiting.)"""
-        last_start = 0.0
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                pause = last_start + self.commit_interval - time.monotonic()
-                if pause > 0 and len(self._queue) < self.max_batch:
-                    await asyncio.sleep(pause)
-                last_start = time.monotonic()
-                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-                await self._commit(batch)
-
-    async def close(self) -> None:
-        if self._driver is not None:
-            await self._driver.close()
-            self._driver = None
-
-    async def _commit(self, batch: list[PendingDecision]) -> None:
-        events = [(self.topic, p.event, str(p.row["patient_id"]).encode(), p.traceparent) for p in batch]
-        try:
-            if self.db.is_postgres:
-                # One statement, one round trip, on a connection of the log's own: decisions are
-                # the hottest write there is (see Database.connect_driver).
-                statement, arguments = rows_with_events(
-                    _DECISIONS_FROM_ARRAYS,
-                    [[p.row[c] for p in batch] for c in _DECISION_COLUMNS],
-                    events,  # type: ignore[arg-type]
-                )
-                if self._driver is None:
-                    self._driver = await self.db.connect_driver()
-                try:
-                    await self._driver.execute(statement, *arguments)
-                except BaseException:
-                    # Whether the statement committed is unknown only if the connection broke;
-                    # then the checks fail (Unavailable) and the next batch opens a new one.
-                    driver, self._driver = self._driver, None
-                    driver.terminate()
-                    raise
-            else:
-                async with self.db.transaction() as conn:
-                    await insert_decisions(conn, [p.row for p in batch])
-                    await enqueue_many(conn, events)  # type: ignore[arg-type]
-        except Exception as exc:
-            failure = Unavailable(f"the decision could not be recorded: {type(exc).__name__}")
-            for p in batch:
-                if not p.done.done():
-                    p.done.set_exception(failure)
-            return
-        for p in batch:
-            if not p.done.done():
-                p.done.set_result(None)
-        now = time.monotonic()
-        if self.after_commit is not None and now - self._notified_at >= self.notify_seconds:
-            self._notified_at = now
-            self.after_commit()
+    async def record(self, row: dict[str, object], event: Event) -> None:
+        await self.write(self.topic, event, str(row["patient_id"]).encode(), row)
 
 
 async def set_guardianship(
