@@ -1,25 +1,30 @@
 """Records benchmarks.
 
-stages:  the cost of each stage of a put and a get, in process, per record of SIZE bytes:
-         validation, canonicalization (with the commitment), keys (a data key from the local
-         keyring, and its unwrapping), crypto (seal, unseal), events (building and serializing).
-server:  identity, consent and records running (records and consent on PostgreSQL, the local
-         keyring); a patient who let a doctor read and write observations for treatment, and a
-         1 KiB and a 64 KiB Observation stored; writes what a client needs to CONFIG, serves
-         until SIGTERM.
+stages:  the cost of each stage of a put and a get, per record of SIZE bytes: validation,
+         canonicalization (with the commitment), keys (a data key from the local keyring, and
+         its unwrapping), crypto (seal, unseal), events (building and serializing), and the
+         database (a put's transaction, a get's read) on PostgreSQL at DATABASE_URL.
+server:  identity and consent in this process, records in a process of its own as deployed
+         (PostgreSQL; the local keyring, or Vault: the test double, in its own process too); a
+         patient who let a doctor read and write observations for treatment, and a 1 KiB and a
+         64 KiB Observation stored; measures what one consent check costs records; writes what
+         a client needs to CONFIG, serves until SIGTERM.
 client:  PutRecord or GetRecord calls per second and latencies as the doctor, from its own
          process, 16 in flight, every call with its consent check.
 
-Usage: python bench_records.py stages SIZE
-       python bench_records.py server BOOTSTRAP DATABASE_URL FOLDER CONFIG
+Usage: python bench_records.py stages SIZE DATABASE_URL
+       python bench_records.py server BOOTSTRAP CONSENT_DATABASE_URL,RECORDS_DATABASE_URL FOLDER CONFIG local|vault
        python bench_records.py client CONFIG SECONDS put|get SIZE
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +42,7 @@ from medledger_common.events import new_event
 from medledger_common.keys import KeyType, LocalKeyring, create_master_key_file
 from medledger_records import domain
 
-IN_FLIGHT = int(__import__("os").environ.get("IN_FLIGHT", "16"))
+IN_FLIGHT = int(os.environ.get("IN_FLIGHT", "16"))
 OBS = vocab.DataCategory.DATA_CATEGORY_OBSERVATIONS
 TREAT = vocab.PurposeOfUse.PURPOSE_OF_USE_TREAT
 READ, WRITE = vocab.Action.ACTION_READ, vocab.Action.ACTION_WRITE
@@ -72,7 +77,7 @@ async def _per_op_async(fn: Any, n: int) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
-async def stages(size: int) -> dict[str, float]:
+async def stages(size: int, database_url: str) -> dict[str, float]:
     content = observation(size)
     n = 2000 if size <= 4096 else 200
     salt = domain.new_salt()
@@ -103,18 +108,127 @@ async def stages(size: int) -> dict[str, float]:
         ).SerializeToString(),
         n,
     )
+    out.update(await database_stages(content, database_url, n=300))
     return out
 
 
-async def serve(bootstrap: str, database_url: str, folder: Path, config: Path) -> None:
+async def database_stages(content: bytes, database_url: str, n: int) -> dict[str, float]:
+    """A put's transaction (record, version, outbox row) and a get's read, one at a time, on
+    records' tables in PostgreSQL."""
+    from medledger_common.db import Database
+    from medledger_common.outbox import COMMON_MIGRATIONS, enqueue
+    from medledger_records import storage
+
+    db = Database(database_url)
+    await db.migrate("common", COMMON_MIGRATIONS)
+    await db.migrate("records", storage.MIGRATIONS)
+    sealed = b"\0" * (len(content) + 28)
+    ids: list[str] = []
+
+    async def write() -> None:
+        record = storage.Record(f"rec_{uuid.uuid4().hex}", "pat_bench", OBS, FHIR_JSON, 1, "Observation")
+        version = storage.StoredVersion(
+            record.record_id, 1, "pat_bench", "patient-bench", "vault:v1:x", sealed, b"s" * 32, "0" * 64, "e"
+        )
+        async with db.transaction() as conn:
+            await storage.insert_record(conn, record, time.time())
+            await storage.insert_version(conn, version, written_by="prc_1", organization_id="org_1", now=time.time())
+            event = new_event(
+                source="medledger.records",
+                payload=records_events_pb2.RecordStored(record_id=record.record_id, version=1),
+                aggregate_id=record.record_id,
+                version=1,
+            )
+            await enqueue(conn, "medledger.records.v1", event, b"pat_bench")
+        ids.append(record.record_id)
+
+    async def read() -> None:
+        async with db.connect() as conn:
+            await storage.get_record_and_version(conn, ids[0], 0)
+
+    try:
+        return {"database_write_us": await _per_op_async(write, n), "database_read_us": await _per_op_async(read, n)}
+    finally:
+        await db.close()
+
+
+@contextlib.contextmanager
+def records_process(platform: Any, bootstrap: str, database_url: str, folder: Path, key_manager: str) -> Any:
+    """records as it is deployed: a process of its own (`python -m medledger_records`), asking the
+    consent in this process; with the local keyring, or with Vault (the test double, in a process
+    of its own too). Yields records' gRPC port."""
+    from medledger_common import localstack
+
+    port = localstack.free_port()
+    env = {
+        **os.environ,
+        "MEDLEDGER_GRPC_PORT": str(port),
+        "MEDLEDGER_METRICS_PORT": str(localstack.free_port()),
+        "MEDLEDGER_DATABASE_URL": database_url,
+        "MEDLEDGER_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "MEDLEDGER_IDENTITY_ADDRESS": platform.identity_address,
+        "MEDLEDGER_CONSENT_ADDRESS": f"127.0.0.1:{platform.consents[0].grpc_port}",
+        "MEDLEDGER_CLIENT_SECRET_FILE": str(folder / "secrets" / "records.secret"),
+        "MEDLEDGER_OUTBOX_POLL_SECONDS": "0.5",
+        "MEDLEDGER_LOG_LEVEL": "WARNING",
+    }
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        if key_manager == "vault":
+            token_file = folder / "vault.token"
+            double = subprocess.Popen(
+                [sys.executable, "-m", "medledger_common.vault_double", str(token_file)], stdout=subprocess.PIPE
+            )
+            children.append(double)
+            assert double.stdout is not None
+            url = double.stdout.readline().decode().strip()
+            env |= {
+                "MEDLEDGER_KEY_MANAGER": "vault",
+                "MEDLEDGER_VAULT_ADDR": url,
+                "MEDLEDGER_VAULT_TOKEN_FILE": str(token_file),
+                # The double has no policies: one token serves as both credentials.
+                "MEDLEDGER_ERASURE_VAULT_TOKEN_FILE": str(token_file),
+            }
+        else:
+            env |= {
+                "MEDLEDGER_MASTER_KEY_FILE": str(create_master_key_file(folder / "master-records.key")),
+                "MEDLEDGER_KEYRING_FILE": str(folder / "keyrings" / "records.keyring"),
+            }
+        children.append(subprocess.Popen([sys.executable, "-m", "medledger_records"], env=env))
+        yield port
+    finally:
+        for child in reversed(children):
+            child.terminate()
+            child.wait(20)
+
+
+async def consent_check_us(platform: Any, folder: Path, patient_id: str, doctor: str, n: int = 300) -> float:
+    """What one consent check costs records: a CheckConsent as records makes it (its own
+    credential), one at a time, median, microseconds."""
+    from medledger.consent.v1 import consent_service_pb2 as co_pb
+    from medledger.consent.v1 import consent_service_pb2_grpc as co_grpc
+
+    secret = (folder / "secrets" / "records.secret").read_text().strip()
+    client = platform.client("svc_records", secret)
+    stub = co_grpc.ConsentServiceStub(
+        client.channel(f"127.0.0.1:{platform.consents[0].grpc_port}", "medledger.consent")
+    )
+    ask = co_pb.CheckConsentRequest(patient_id=patient_id, actor_id=doctor, action=READ, category=OBS, purpose=TREAT)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await stub.CheckConsent(ask)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[n // 2] * 1e6
+
+
+async def serve(bootstrap: str, database_urls: str, folder: Path, config: Path, key_manager: str) -> None:
     from bench_consent import patient_with_grant
     from medledger.consent.v1 import consent_service_pb2 as co_pb
     from running_stack import identity_and_consent
 
-    consent_url, records_url = database_url.split(",")
-    async with identity_and_consent(
-        bootstrap, folder, consent_database_url=consent_url, records_database_url=records_url
-    ) as platform:
+    consent_url, records_url = database_urls.split(",")
+    async with identity_and_consent(bootstrap, folder, consent_database_url=consent_url) as platform:
         org, _ = await platform.principal(vocab.PrincipalKind.PRINCIPAL_KIND_ORGANIZATION)
         practitioner = {
             "resourceType": "Practitioner",
@@ -138,30 +252,37 @@ async def serve(bootstrap: str, database_url: str, folder: Path, config: Path) -
             )
         )
         token = await platform.client(doctor, doctor_secret).token("medledger.records")
-        address = f"127.0.0.1:{platform.records.grpc_port}"
         metadata = (("authorization", f"Bearer {token}"),)
-        stored: dict[str, str] = {}
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = pb_grpc.RecordsServiceStub(channel)
-            for size in (1024, 65536):
-                deadline = time.monotonic() + 20
-                while True:  # records' consent checks need consent to know the doctor first
-                    try:
-                        reply = await stub.PutRecord(_put(patient_id, size), metadata=metadata)
-                        break
-                    except grpc.aio.AioRpcError:
-                        if time.monotonic() > deadline:
-                            raise
-                        await asyncio.sleep(0.1)
-                stored[str(size)] = reply.record_id
-        config.write_text(  # noqa: ASYNC240 - once, before serving
-            json.dumps(
-                {"port": platform.records.grpc_port, "token": token, "patient_id": patient_id, "records": stored}
+        with records_process(platform, bootstrap, records_url, folder, key_manager) as port:
+            stored: dict[str, str] = {}
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.RecordsServiceStub(channel)
+                for size in (1024, 65536):
+                    deadline = time.monotonic() + 60
+                    while True:  # records is starting; consent must know the doctor first
+                        try:
+                            reply = await stub.PutRecord(_put(patient_id, size), metadata=metadata)
+                            break
+                        except grpc.aio.AioRpcError:
+                            if time.monotonic() > deadline:
+                                raise
+                            await asyncio.sleep(0.2)
+                    stored[str(size)] = reply.record_id
+            check_us = await consent_check_us(platform, folder, patient_id, doctor)
+            config.write_text(  # noqa: ASYNC240 - once, before serving
+                json.dumps(
+                    {
+                        "port": port,
+                        "token": token,
+                        "patient_id": patient_id,
+                        "records": stored,
+                        "consent_check_us": check_us,
+                    }
+                )
             )
-        )
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
+            stop = asyncio.Event()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+            await stop.wait()
 
 
 def _put(patient_id: str, size: int) -> pb.PutRecordRequest:
@@ -213,8 +334,8 @@ async def client(config_path: Path, seconds: float, op: str, size: int) -> dict[
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "stages":
-        print(json.dumps(asyncio.run(stages(int(sys.argv[2])))))
+        print(json.dumps(asyncio.run(stages(int(sys.argv[2]), sys.argv[3]))))
     elif mode == "server":
-        asyncio.run(serve(sys.argv[2], sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5])))
+        asyncio.run(serve(sys.argv[2], sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]), sys.argv[6]))
     else:
         print(json.dumps(asyncio.run(client(Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5])))))

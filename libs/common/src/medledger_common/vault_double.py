@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import os
 import re
@@ -766,3 +767,29 @@ class _Handler(BaseHTTPRequestHandler):
     do_PUT = _answer
     do_DELETE = _answer
     do_HEAD = _answer
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m medledger_common.vault_double TOKEN_FILE``: run the double in a process of its
+    own (benchmarks, local experiments), write its token to TOKEN_FILE, print its URL on one
+    line, and serve until SIGTERM or Ctrl-C. Still a TEST DOUBLE, not Vault."""
+    import signal
+    import sys
+    from pathlib import Path
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m medledger_common.vault_double TOKEN_FILE")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with VaultTransitDouble() as double:
+        token_file = Path(args[0])
+        token_file.write_text(double.token)
+        token_file.chmod(0o600)
+        print(double.url, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -35,6 +35,7 @@ from medledger_common.errors import (
     ResourceExhausted,
 )
 from medledger_common.events import TOPICS, Event, new_event
+from medledger_common.group_commit import OutboxGroupCommit
 from medledger_common.idempotency import run_idempotent
 from medledger_common.keys import DataKey, KeyInfo, KeyType, patient_key_name
 from medledger_common.keys.base import parse_versioned
@@ -103,9 +104,11 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         keys: RecordKeys,
         consent: co_grpc.ConsentServiceStub,
         erasures: ErasureDesk,
+        disclosures: OutboxGroupCommit,
         blobs: BlobStore | None = None,
     ) -> None:
         self.rt = runtime
+        self.disclosures = disclosures
         self.keys = keys
         self.consent = consent
         self.erasures = erasures
@@ -227,12 +230,12 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
 
     async def GetRecord(self, request: pb.GetRecordRequest, context: grpc.aio.ServicerContext) -> pb.GetRecordResponse:
         caller = current_caller()
-        async with self.rt.db.connect() as conn:
-            record = await storage.get_record(conn, request.record_id)
-            if record is None:
-                raise NotFound("no such record")
-            version = request.version or record.latest_version
-            stored = await storage.get_version(conn, record.record_id, version)
+        async with self.rt.db.read() as conn:
+            found = await storage.get_record_and_version(conn, request.record_id, request.version)
+        if found is None:
+            raise NotFound("no such record")
+        record, stored = found
+        version = request.version or record.latest_version
         if record.erased_at is not None:
             raise FailedPrecondition("this patient's records were erased")
         own = caller.principal_id == record.patient_id
@@ -326,7 +329,7 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
             categories = permitted
         found: list[storage.Record] = []
         if categories:
-            async with self.rt.db.connect() as conn:
+            async with self.rt.db.read() as conn:
                 found = await storage.list_records(
                     conn,
                     request.patient_id,
@@ -461,10 +464,9 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         await self._publish(event, patient_id)
 
     async def _publish(self, event: Event, patient_id: str) -> None:
-        """Write one event through the outbox, durably, in a transaction of its own."""
-        async with self.rt.db.transaction() as conn:
-            await enqueue(conn, TOPICS["records"], event, key=patient_id.encode())
-        self.rt.relay.notify()
+        """Write one event through the outbox, durably, before answering (group-committed with
+        other requests' events: disclosures are as many as reads)."""
+        await self.disclosures.write(TOPICS["records"], event, patient_id.encode())
 
     # Erasure and legal holds: see erasure.py.
 

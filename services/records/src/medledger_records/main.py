@@ -5,6 +5,7 @@ from __future__ import annotations
 from medledger.consent.v1.consent_service_pb2_grpc import ConsentServiceStub
 from medledger.records.v1 import records_service_pb2, records_service_pb2_grpc
 
+from medledger_common.group_commit import OutboxGroupCommit
 from medledger_common.grpc_client import make_channel
 from medledger_common.identity_link import BearerTokenInterceptor
 from medledger_common.keys import KeyManager, VaultKeyManager
@@ -37,9 +38,11 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         check_interval=settings.erasure_check_interval_seconds,
         backup_retention_seconds=settings.key_backup_retention_seconds,
     )
-    api = RecordsApi(runtime, keys, ConsentServiceStub(consent_channel), erasures, blobs)
+    disclosures = OutboxGroupCommit(runtime.db, what="the disclosure")
+    disclosures.after_commit = runtime.relay.notify
+    api = RecordsApi(runtime, keys, ConsentServiceStub(consent_channel), erasures, disclosures, blobs)
     runtime.extras["erasures"] = erasures
-    on_stop = [consent_channel.close]
+    on_stop = [consent_channel.close, disclosures.close]
     if erasure_keys is not keys:
         on_stop.append(erasure_keys.aclose)
     return ServiceParts(
@@ -47,7 +50,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         register=lambda server: records_service_pb2_grpc.add_RecordsServiceServicer_to_server(api, server),
         access=ACCESS,
         public_methods=PUBLIC_METHODS,
-        background=[erasures.run],
+        background=[erasures.run, disclosures.run],
         on_stop=on_stop,
     )
 

@@ -18,7 +18,9 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     delete,
+    func,
     insert,
     or_,
     select,
@@ -279,6 +281,47 @@ async def get_version(conn: AsyncConnection, record_id: str, version: int) -> St
         r.organization_id,
         float(r.written_at),
     )
+
+
+def _record_and_version_query() -> Any:
+    r, v = records.c, record_versions.c
+    wanted = v.version == func.coalesce(func.nullif(bindparam("version", type_=Integer), 0), r.latest_version)
+    return (
+        select(records, *(c.label(f"v_{c.name}") for c in record_versions.columns))
+        .select_from(records.outerjoin(record_versions, and_(v.record_id == r.record_id, wanted)))
+        .where(r.record_id == bindparam("record_id", type_=String))
+    )
+
+
+# Built once: it runs on every read, and building it costs more than running it.
+_RECORD_AND_VERSION = _record_and_version_query()
+
+
+async def get_record_and_version(
+    conn: AsyncConnection, record_id: str, version: int
+) -> tuple[Record, StoredVersion | None] | None:
+    """A record and one of its versions (0: the latest) in one query; None: no such record."""
+    row = (await conn.execute(_RECORD_AND_VERSION, {"record_id": record_id, "version": version})).first()
+    if row is None:
+        return None
+    stored = None
+    if row.v_record_id is not None:
+        stored = StoredVersion(
+            row.v_record_id,
+            int(row.v_version),
+            row.v_patient_id,
+            row.v_key_name,
+            row.v_wrapped_key,
+            bytes(row.v_ciphertext),
+            bytes(row.v_salt),
+            row.v_commitment,
+            row.v_event_id,
+            row.v_blob_key,
+            row.v_written_by,
+            row.v_organization_id,
+            float(row.v_written_at),
+        )
+    return _record(row), stored
 
 
 async def rotation_in_progress(conn: AsyncConnection, patient_id: str) -> tuple[int, str, int] | None:
