@@ -66,3 +66,19 @@ def test_start_span_decides_each_new_trace_once_as_the_sdk_would() -> None:
         assert abs(len(recorded) / len(spans) - ratio) < 0.05
         # A message with a sampled parent continues its trace.
         assert child.is_recording() and child.get_span_context().trace_id == 0x1234
+
+
+def test_a_sampled_span_keeps_the_attributes_it_was_started_with() -> None:
+    # The SDK gives a span the attributes of the sampler's result (gRPC server spans are
+    # started with rpc.system, rpc.service and rpc.method).
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import SpanKind
+
+    attributes = {"rpc.system": "grpc", "rpc.method": "Get"}
+    tracer = TracerProvider(sampler=ParentBasedRatioSampler(1.0)).get_tracer("t")
+    for ctx in (Context(), _parent(True), _parent(True, TraceState([("v", "x")]))):
+        span = tracer.start_span("s", ctx, SpanKind.SERVER, attributes)
+        assert span.is_recording()
+        assert dict(span.attributes or {}) == attributes  # type: ignore[attr-defined]
+    dropped = tracer.start_span("s", _parent(False), SpanKind.SERVER, attributes)
+    assert not dropped.is_recording()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from random import getrandbits as _getrandbits
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -52,10 +53,16 @@ class ParentBasedRatioSampler(Sampler):
             if parent.trace_state:
                 # Keep the parent's tracestate on the child, as the SDK's ParentBased does.
                 return SamplingResult(
-                    Decision.RECORD_AND_SAMPLE if sampled else Decision.DROP, None, parent.trace_state
+                    Decision.RECORD_AND_SAMPLE if sampled else Decision.DROP,
+                    attributes if sampled else None,
+                    parent.trace_state,
                 )
         else:
             sampled = self.samples_new_trace(trace_id)
+        if sampled and attributes:
+            # The SDK gives a span the attributes of its sampling result, not those it was
+            # started with: the sampler must hand them on, as the SDK's samplers do.
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
         return self._SAMPLE if sampled else self._DROP
 
     def samples_new_trace(self, trace_id: int) -> bool:
@@ -93,11 +100,13 @@ def start_span(
     # An empty context (falsy: a Context is a dict) has no parent span.
     if ids is None or sampler is None or (context and get_current_span(context).get_span_context().is_valid):
         return tracer.start_span(name, context, kind, attributes)
-    trace_id = ids.generate_trace_id()
+    # The ids RandomIdGenerator would draw, drawn here without its two calls per id; zero, which
+    # is not a valid id, is drawn again by the generator itself.
+    trace_id = _getrandbits(128) or ids.generate_trace_id()
     if sampler.samples_new_trace(trace_id):
         ids.next_trace_id = trace_id
         return tracer.start_span(name, context, kind, attributes)
-    return NonRecordingSpan(SpanContext(trace_id, ids.generate_span_id(), is_remote=False))
+    return NonRecordingSpan(SpanContext(trace_id, _getrandbits(64) or ids.generate_span_id(), is_remote=False))
 
 
 _ids: PresetTraceIds | None = None
