@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from google.protobuf import message as pb_message
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import and_, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -35,14 +35,22 @@ def request_fingerprint(request: pb_message.Message) -> bytes:
     return hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
 
 
+# Built once with bind parameters: every mutating RPC runs them, and building a statement costs
+# more CPU than sending it.
+_K = idempotency_keys.c
+_STORED = select(_K.request_hash, _K.response).where(
+    and_(_K.scope == bindparam("scope"), _K.request_id == bindparam("request_id"))
+)
+_CLAIM = insert(idempotency_keys)
+_KEEP_RESPONSE = (
+    update(idempotency_keys)
+    .where(and_(_K.scope == bindparam("key_scope"), _K.request_id == bindparam("key_request_id")))
+    .values(response=bindparam("kept"))
+)
+
+
 async def _stored(conn: AsyncConnection, scope: str, request_id: str) -> tuple[bytes, bytes] | None:
-    row = (
-        await conn.execute(
-            select(idempotency_keys.c.request_hash, idempotency_keys.c.response).where(
-                and_(idempotency_keys.c.scope == scope, idempotency_keys.c.request_id == request_id)
-            )
-        )
-    ).first()
+    row = (await conn.execute(_STORED, {"scope": scope, "request_id": request_id})).first()
     return (row.request_hash, row.response) if row else None
 
 
@@ -83,20 +91,20 @@ async def run_idempotent(
             # we commit, then fails its insert and replays our response, instead of racing us
             # through the work (and tripping over the unique constraints our effect created).
             await conn.execute(
-                insert(idempotency_keys).values(
-                    scope=scope,
-                    request_id=request_id,
-                    request_hash=fingerprint,
-                    response=b"",
-                    created_at=time.time(),
-                )
+                _CLAIM,
+                {
+                    "scope": scope,
+                    "request_id": request_id,
+                    "request_hash": fingerprint,
+                    "response": b"",
+                    "created_at": time.time(),
+                },
             )
             response = await work(conn)
             kept = await seal(response) if seal else response
             await conn.execute(
-                update(idempotency_keys)
-                .where(and_(idempotency_keys.c.scope == scope, idempotency_keys.c.request_id == request_id))
-                .values(response=kept.SerializeToString(deterministic=True))
+                _KEEP_RESPONSE,
+                {"key_scope": scope, "key_request_id": request_id, "kept": kept.SerializeToString(deterministic=True)},
             )
     except IntegrityError:
         # A concurrent call with the same request_id committed first: its result stands.

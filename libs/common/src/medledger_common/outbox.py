@@ -118,20 +118,24 @@ OUTBOX_REPUBLISHED = Counter(
 OUTBOX_ERRORS = Counter("medledger_outbox_relay_errors_total", "Relay batches that failed.", ["service"])
 
 
+_INSERT_OUTBOX = insert(outbox)
+
+
 async def enqueue(conn: AsyncConnection, topic: str, event: Event, key: bytes | None = None) -> None:
     """Write `event` to the outbox inside the caller's transaction."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     await conn.execute(
-        insert(outbox).values(
-            event_id=event.id,
-            topic=topic,
-            key=key,
-            value=event.SerializeToString(),
-            traceparent=carrier.get("traceparent"),
-            tracestate=carrier.get("tracestate"),
-            created_at=time.time(),
-        )
+        _INSERT_OUTBOX,  # prebuilt: statement building costs more CPU than the insert itself
+        {
+            "event_id": event.id,
+            "topic": topic,
+            "key": key,
+            "value": event.SerializeToString(),
+            "traceparent": carrier.get("traceparent"),
+            "tracestate": carrier.get("tracestate"),
+            "created_at": time.time(),
+        },
     )
 
 

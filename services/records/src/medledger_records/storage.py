@@ -190,18 +190,25 @@ def _record(r: Any) -> Record:
     )
 
 
+# Inserts run on every put: built once, their values passed as parameters.
+_INSERT_RECORD = insert(records)
+_INSERT_VERSION = insert(record_versions)
+
+
 async def insert_record(conn: AsyncConnection, record: Record, now: float) -> None:
     await conn.execute(
-        insert(records).values(
-            record_id=record.record_id,
-            patient_id=record.patient_id,
-            category=record.category,
-            media_type=record.media_type,
-            resource_type=record.resource_type,
-            latest_version=record.latest_version,
-            created_at=now,
-            updated_at=now,
-        )
+        _INSERT_RECORD,
+        {
+            "record_id": record.record_id,
+            "patient_id": record.patient_id,
+            "category": record.category,
+            "media_type": record.media_type,
+            "resource_type": record.resource_type,
+            "latest_version": record.latest_version,
+            "created_at": now,
+            "updated_at": now,
+            "erased_at": None,
+        },
     )
 
 
@@ -243,21 +250,22 @@ async def insert_version(
     conn: AsyncConnection, v: StoredVersion, *, written_by: str, organization_id: str, now: float
 ) -> None:
     await conn.execute(
-        insert(record_versions).values(
-            record_id=v.record_id,
-            version=v.version,
-            patient_id=v.patient_id,
-            key_name=v.key_name,
-            wrapped_key=v.wrapped_key,
-            ciphertext=v.ciphertext,
-            salt=v.salt,
-            commitment=v.commitment,
-            event_id=v.event_id,
-            blob_key=v.blob_key,
-            written_by=written_by,
-            organization_id=organization_id,
-            written_at=now,
-        )
+        _INSERT_VERSION,
+        {
+            "record_id": v.record_id,
+            "version": v.version,
+            "patient_id": v.patient_id,
+            "key_name": v.key_name,
+            "wrapped_key": v.wrapped_key,
+            "ciphertext": v.ciphertext,
+            "salt": v.salt,
+            "commitment": v.commitment,
+            "event_id": v.event_id,
+            "blob_key": v.blob_key,
+            "written_by": written_by,
+            "organization_id": organization_id,
+            "written_at": now,
+        },
     )
 
 
@@ -401,12 +409,16 @@ class LegalHoldRow:
     released_at: float | None = None
 
 
+_LOCK_PATIENT_EXCLUSIVE = text("SELECT pg_advisory_xact_lock(:k)")
+_LOCK_PATIENT_SHARED = text("SELECT pg_advisory_xact_lock_shared(:k)")
+
+
 async def lock_patient(conn: AsyncConnection, patient_id: str, *, exclusive: bool) -> None:
     """Serialize a patient's writes (shared) against the start of their erasure (exclusive)
     until the transaction ends. PostgreSQL: an advisory lock; SQLite writes serialize anyway."""
     if conn.dialect.name == "postgresql":
-        function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
-        await conn.execute(text(f"SELECT {function}(:k)"), {"k": lock_key(f"records.patient:{patient_id}")})
+        statement = _LOCK_PATIENT_EXCLUSIVE if exclusive else _LOCK_PATIENT_SHARED
+        await conn.execute(statement, {"k": lock_key(f"records.patient:{patient_id}")})
 
 
 def _erasure(r: Any) -> ErasureRow:
@@ -446,11 +458,15 @@ async def get_erasure(conn: AsyncConnection, erasure_id: str) -> ErasureRow | No
     return _erasure(r) if r else None
 
 
+_ERASURES_OF = (
+    select(erasures)
+    .where(erasures.c.patient_id == bindparam("patient_id"), erasures.c.state.in_(bindparam("states", expanding=True)))
+    .order_by(erasures.c.requested_at)
+)
+
+
 async def erasures_of(conn: AsyncConnection, patient_id: str, states: Sequence[int]) -> list[ErasureRow]:
-    c = erasures.c
-    rows = await conn.execute(
-        select(erasures).where(c.patient_id == patient_id, c.state.in_(list(states))).order_by(c.requested_at)
-    )
+    rows = await conn.execute(_ERASURES_OF, {"patient_id": patient_id, "states": list(states)})
     return [_erasure(r) for r in rows]
 
 
