@@ -394,7 +394,11 @@ async def leaf_hashes(reader: TileReader, start: int, end: int, tree_size: int) 
 
 
 def verify_inclusion(index: int, tree_size: int, leaf: bytes, proof: Sequence[bytes], root: bytes) -> bool:
-    """RFC 9162 §2.1.3.2: does ``proof`` show leaf hash ``leaf`` at ``index`` under ``root``?"""
+    """RFC 9162 §2.1.3.2: does ``proof`` show leaf hash ``leaf`` at ``index`` under ``root``?
+
+    Take ``tree_size`` and ``root`` together from one verified checkpoint: the algorithm does not
+    bind a size to a root by itself (some proofs pass for a neighbouring size with the same root).
+    """
     if not 0 <= index < tree_size or any(len(p) != HASH_SIZE for p in proof):
         return False
     fn, sn, r = index, tree_size - 1, leaf
