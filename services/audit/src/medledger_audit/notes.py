@@ -113,7 +113,7 @@ class NoteVerifier:
     def parse(cls, text: str) -> NoteVerifier:
         """A verifier key in C2SP form ``<name>+<8 hex digits>+<base64(type || key)>``; the id
         must be the one the key gives."""
-        parts = text.split("+")
+        parts = text.split("+", 2)  # the base64 key may itself hold "+"
         if len(parts) != 3 or not valid_key_name(parts[0]) or not _HEX_KEY_ID.fullmatch(parts[1]):
             raise InvalidArgument.field("verifier_key", "not <name>+<hex key id>+<base64 key>")
         name, key_id_hex, key_b64 = parts
