@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,18 +36,29 @@ def verdict(ratio: float, target: float) -> str:
     return "PASS" if ratio >= target else "MISS"
 
 
+# Kafka throughput on this shared machine swings by up to 2x from one run to the next (both
+# ours and the raw baseline), so those benchmarks run ROUNDS rounds, each measuring the
+# baseline and ours back to back, and judge the median of the rounds' ratios.
+ROUNDS = 3
+
+
 def bench_relay(bootstrap: str, pg: localstack.PostgresCluster, results: dict) -> None:
     n = 50_000
     print(f"-- (a) outbox relay vs raw aiokafka produce, {n:,} messages of ~300 bytes, acks=all", flush=True)
-    r = run_json(
-        str(HERE / "bench_outbox_relay.py"), bootstrap, pg.create_database(f"bench_{uuid.uuid4().hex[:6]}"), str(n)
-    )
-    ratio = r["relay_per_s"] / r["raw_per_s"]
-    print(
-        f"   relay publishing: {r['relay_per_s']:,.0f} msg/s  |  raw aiokafka produce: {r['raw_per_s']:,.0f} msg/s  "
-        f"|  {ratio:.0%} (target >= 70%)  {verdict(ratio, 0.70)}"
-    )
-    results["outbox_relay"] = {**r, "ratio": ratio, "target": 0.70}
+    rounds = []
+    for _ in range(ROUNDS):
+        r = run_json(
+            str(HERE / "bench_outbox_relay.py"), bootstrap, pg.create_database(f"bench_{uuid.uuid4().hex[:6]}"), str(n)
+        )
+        rounds.append({**r, "ratio": r["relay_per_s"] / r["raw_per_s"]})
+        print(
+            f"   relay publishing: {r['relay_per_s']:,.0f} msg/s  |  "
+            f"raw aiokafka produce: {r['raw_per_s']:,.0f} msg/s  |  {rounds[-1]['ratio']:.0%}",
+            flush=True,
+        )
+    ratio = statistics.median(r["ratio"] for r in rounds)
+    print(f"   median of {ROUNDS} rounds: {ratio:.0%} (target >= 70%)  {verdict(ratio, 0.70)}")
+    results["outbox_relay"] = {"rounds": rounds, "ratio": ratio, "target": 0.70}
 
 
 def bench_consumer(bootstrap: str, results: dict) -> None:
@@ -55,16 +67,26 @@ def bench_consumer(bootstrap: str, results: dict) -> None:
     topic = f"bench.consume.{uuid.uuid4().hex[:8]}"
     print(f"-- (b) EventConsumer (parse, span, commit after effect) vs raw consume, {n:,} envelopes", flush=True)
     subprocess.run([PY, str(HERE / "bench_consumer.py"), bootstrap, topic, str(n), "produce"], check=True, timeout=600)
-    raw = run_json(str(HERE / "bench_consumer.py"), bootstrap, topic, str(n), "raw")["per_s"]
-    results["consumer"] = {"raw_per_s": raw, "target": 0.25}
-    for sampling in (1.0, 0.01):
-        ours = run_json(str(HERE / "bench_consumer.py"), bootstrap, topic, str(n), "consumer", str(sampling))["per_s"]
-        ratio = ours / raw
+    results["consumer"] = {"target": 0.25, "rounds": []}
+    ratios: dict[float, list[float]] = {1.0: [], 0.01: []}
+    for _ in range(ROUNDS):
+        raw = run_json(str(HERE / "bench_consumer.py"), bootstrap, topic, str(n), "raw")["per_s"]
+        line = [f"raw aiokafka consume: {raw:,.0f} msg/s"]
+        one_round = {"raw_per_s": raw}
+        for sampling in ratios:
+            ours = run_json(str(HERE / "bench_consumer.py"), bootstrap, topic, str(n), "consumer", str(sampling))
+            ratios[sampling].append(ours["per_s"] / raw)
+            one_round[f"sampling_{sampling}"] = ours["per_s"]
+            line.append(f"sampling {sampling:.0%}: {ours['per_s']:,.0f} msg/s ({ratios[sampling][-1]:.0%})")
+        results["consumer"]["rounds"].append(one_round)
+        print("   " + "  |  ".join(line), flush=True)
+    for sampling, values in ratios.items():
+        ratio = statistics.median(values)
+        results["consumer"][f"sampling_{sampling}"] = {"ratio": ratio}
         print(
-            f"   sampling {sampling:>4.0%}: {ours:,.0f} msg/s  |  raw aiokafka consume: {raw:,.0f} msg/s  "
-            f"|  {ratio:.0%} (target >= 25%)  {verdict(ratio, 0.25)}"
+            f"   sampling {sampling:>4.0%}: median of {ROUNDS} rounds {ratio:.0%} of raw (target >= 25%)  "
+            f"{verdict(ratio, 0.25)}"
         )
-        results["consumer"][f"sampling_{sampling}"] = {"per_s": ours, "ratio": ratio}
 
 
 def bench_grpc(results: dict, seconds: float = 5.0) -> None:
