@@ -1,0 +1,252 @@
+"""What the log holds: one entry per event, a JCS (RFC 8785) JSON object per entry, without I/O.
+
+Every entry has `v` (1), `type`, `event_id`, `event_time`, `integrated_time`, `source` and
+`subject`, then the fields of its type (the schema of each type is in the README, generated from
+`ENTRY_TYPES`). The patient an entry is about never appears in it: `subject` is the HMAC-SHA-256
+of the patient id under a key of that patient's own (`subject_key_name`), which erasure deletes,
+so the patient's entries become unlinkable while every hash of the log stays. Ids of other
+principals (the actor who read, the grantee) stay: they are who did what.
+
+Long id lists are not written into an entry: it holds their count and the SHA-256 of their JCS
+form, and the list is kept beside the log (`EntryDraft.side_lists`), so an entry stays small and
+a verifier can still check a list it is shown. An entry is at most `MAX_ENTRY_BYTES`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import rfc8785
+from google.protobuf import message as pb_message
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.timestamp_pb2 import Timestamp
+from medledger.events.v1 import (
+    consent_events_pb2,
+    identity_events_pb2,
+    notification_events_pb2,
+    records_events_pb2,
+)
+
+from medledger_audit.tlog import MAX_ENTRY_BYTES
+from medledger_common.events import Event, unpack
+
+ENTRY_VERSION = 1
+__all__ = ["MAX_ENTRY_BYTES", "EntryDraft", "draft_entry", "encode_entry", "subject_key_name", "unprocessable_entry"]
+# Above this many ids a list is hashed and kept beside the log.
+MAX_LISTED_IDS = 16
+PATIENT_PREFIX = "pat_"
+UNPROCESSABLE = "unprocessable"
+
+# The entry type of each event payload the log knows. An event of another payload type is an
+# `unprocessable` entry (with the SHA-256 of its bytes), never dropped.
+_KNOWN: list[tuple[str, Any]] = [
+    ("principal.registered", identity_events_pb2.PrincipalRegistered),
+    ("principal.updated", identity_events_pb2.PrincipalUpdated),
+    ("principal.deactivated", identity_events_pb2.PrincipalDeactivated),
+    ("principal.role_changed", identity_events_pb2.PrincipalRoleChanged),
+    ("identity.signing_key_rotated", identity_events_pb2.SigningKeyRotated),
+    ("consent.version_recorded", consent_events_pb2.ConsentVersionRecorded),
+    ("consent.decision", consent_events_pb2.ConsentDecisionRecorded),
+    ("consent.guardianship_changed", consent_events_pb2.GuardianshipChanged),
+    ("break_glass.started", consent_events_pb2.BreakGlassAccessStarted),
+    ("break_glass.reviewed", consent_events_pb2.BreakGlassAccessReviewed),
+    ("break_glass.policy_changed", consent_events_pb2.BreakGlassPolicyChanged),
+    ("record.stored", records_events_pb2.RecordStored),
+    ("record.disclosed", records_events_pb2.RecordDisclosed),
+    ("record.access_denied", records_events_pb2.RecordAccessDenied),
+    ("records.listed", records_events_pb2.RecordsListed),
+    ("erasure.requested", records_events_pb2.ErasureRequested),
+    ("erasure.cancelled", records_events_pb2.ErasureCancelled),
+    ("legal_hold.changed", records_events_pb2.LegalHoldChanged),
+    ("erasure.completed", records_events_pb2.PatientRecordsErased),
+    ("notification.requested", notification_events_pb2.NotificationRequested),
+]
+ENTRY_TYPES: dict[str, tuple[str, type[pb_message.Message]]] = {m.DESCRIPTOR.full_name: (n, m) for n, m in _KNOWN}
+# The audit service's own events (its checkpoints) are not appended: the log would grow by
+# signing that it grew.
+OWN_EVENT_SOURCE = "medledger.audit"
+# Fields that name the patient an entry is about, in the order they are looked for.
+_PATIENT_FIELDS = ("patient_id", "principal_id", "recipient_id")
+
+
+@dataclass(frozen=True)
+class EntryDraft:
+    """An entry before the log integrates it (it then gets `subject` and `integrated_time`)."""
+
+    event_id: str
+    type: str
+    patient_id: str | None
+    event_time: float
+    fields: dict[str, Any]
+    side_lists: dict[str, list[str]] = field(default_factory=dict)
+
+
+def subject_key_name(patient_id: str) -> str:
+    """The key-manager HMAC key an entry's `subject` is made with; erasure deletes it."""
+    return f"audit-subject-{patient_id}"
+
+
+def rfc3339(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def draft_entry(event: Event) -> EntryDraft | None:
+    """The entry an event becomes; None for the audit service's own events."""
+    if event.source == OWN_EVENT_SOURCE:
+        return None
+    event_time = event.time.seconds + event.time.nanos / 1e9
+    known = ENTRY_TYPES.get(event.type)
+    if known is None:
+        return _unprocessable(
+            event.id or f"sha256:{sha256_hex(event.SerializeToString())}",
+            event_time,
+            reason="unknown event type",
+            raw=event.SerializeToString(),
+            where={"event_type": event.type[:200]},
+        )
+    entry_type, message_class = known
+    try:
+        payload = unpack(event, message_class)
+    except Exception:
+        return _unprocessable(
+            event.id, event_time, reason="undecodable payload", raw=event.SerializeToString(), where={}
+        )
+    fields = _fields_of(payload)
+    patient_id = _take_patient(fields)
+    side_lists = _hash_long_lists(fields)
+    return EntryDraft(event.id, entry_type, patient_id, event_time, fields, side_lists)
+
+
+def unprocessable_entry(raw: bytes, topic: str, partition: int, offset: int) -> EntryDraft:
+    """A Kafka message that is not an event envelope: kept as the SHA-256 of its bytes."""
+    digest = sha256_hex(raw)
+    # Its own id: a redelivery of the same message at the same place is the same entry.
+    event_id = f"kafka:{topic}/{partition}/{offset}:{digest[:16]}"
+    return _unprocessable(
+        event_id,
+        0.0,
+        reason="not an event envelope",
+        raw=raw,
+        where={"topic": topic[:249], "partition": partition, "offset": offset},
+    )
+
+
+def _unprocessable(event_id: str, event_time: float, *, reason: str, raw: bytes, where: dict[str, Any]) -> EntryDraft:
+    fields = {"reason": reason, "raw_sha256": sha256_hex(raw), "raw_bytes": len(raw), **where}
+    return EntryDraft(event_id[:200], UNPROCESSABLE, None, event_time, fields)
+
+
+def encode_entry(draft: EntryDraft, subject: str | None, integrated_time: float) -> bytes:
+    """The entry's bytes: JCS of the common fields and the type's fields."""
+    entry: dict[str, Any] = {
+        **draft.fields,
+        "v": ENTRY_VERSION,
+        "type": draft.type,
+        "event_id": draft.event_id,
+        "event_time": rfc3339(draft.event_time) if draft.event_time else None,
+        "integrated_time": rfc3339(integrated_time),
+        "subject": subject,
+    }
+    data: bytes = rfc8785.dumps(entry)
+    if len(data) > MAX_ENTRY_BYTES:
+        # Cannot happen with ids and codes alone; if it ever does, the fields are kept by hash.
+        common = {k: entry[k] for k in ("v", "type", "event_id", "event_time", "integrated_time", "subject")}
+        data = rfc8785.dumps({**common, "oversize_fields_sha256": sha256_hex(rfc8785.dumps(draft.fields))})
+    return data
+
+
+def _take_patient(fields: dict[str, Any]) -> str | None:
+    """Remove the patient id from an entry's fields (it becomes `subject`), wherever it is: a
+    `patient_id`, a patient principal's `principal_id` or `recipient_id`, or within a nested
+    message such as the erasure certificate."""
+    found: str | None = None
+    for name in _PATIENT_FIELDS:
+        value = fields.get(name)
+        if isinstance(value, str) and value and (name == "patient_id" or value.startswith(PATIENT_PREFIX)):
+            found = found or value
+            del fields[name]
+    for value in fields.values():
+        if isinstance(value, dict):
+            nested = _take_patient(value)
+            found = found or nested
+    return found
+
+
+def _hash_long_lists(fields: dict[str, Any]) -> dict[str, list[str]]:
+    side: dict[str, list[str]] = {}
+    for name in [n for n, v in fields.items() if isinstance(v, list) and len(v) > MAX_LISTED_IDS]:
+        values = [str(v) for v in fields.pop(name)]
+        digest = sha256_hex(rfc8785.dumps(values))
+        fields[f"{name}_sha256"] = digest
+        fields[f"{name}_count"] = len(values)
+        side[digest] = values
+    return side
+
+
+def _fields_of(message: pb_message.Message) -> dict[str, Any]:
+    """A payload's set fields as JSON values: enums by name, timestamps in RFC 3339, bytes in
+    hex, 64-bit integers as numbers (ids and versions stay far below 2^53)."""
+    out: dict[str, Any] = {}
+    for descriptor, value in message.ListFields():
+        if descriptor.is_repeated:
+            out[descriptor.name] = [_value(descriptor, v) for v in value]
+        else:
+            out[descriptor.name] = _value(descriptor, value)
+    return out
+
+
+def _value(descriptor: FieldDescriptor, value: Any) -> Any:
+    if descriptor.type == FieldDescriptor.TYPE_ENUM and descriptor.enum_type is not None:
+        enum_value = descriptor.enum_type.values_by_number.get(value)
+        return enum_value.name if enum_value is not None else int(value)
+    if descriptor.type == FieldDescriptor.TYPE_MESSAGE:
+        if isinstance(value, Timestamp):
+            return rfc3339(value.seconds + value.nanos / 1e9)
+        return _fields_of(value)
+    if descriptor.type == FieldDescriptor.TYPE_BYTES:
+        return bytes(value).hex()
+    if descriptor.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        return float(value)
+    return value
+
+
+_JSON_TYPES = {
+    FieldDescriptor.TYPE_STRING: "string",
+    FieldDescriptor.TYPE_BOOL: "boolean",
+    FieldDescriptor.TYPE_BYTES: "string (hex)",
+    FieldDescriptor.TYPE_ENUM: "string (enum name)",
+    FieldDescriptor.TYPE_DOUBLE: "number",
+    FieldDescriptor.TYPE_FLOAT: "number",
+}
+
+
+def schema_markdown() -> str:
+    """The README's table of entry types and their fields (a test keeps the two equal)."""
+    lines = ["| type | event | fields besides the common ones |", "|---|---|---|"]
+    for full_name, (entry_type, message_class) in sorted(ENTRY_TYPES.items(), key=lambda kv: kv[1][0]):
+        described = []
+        for f in message_class.DESCRIPTOR.fields:
+            if f.name == "patient_id":
+                described.append("(`patient_id` → `subject`)")
+                continue
+            if f.type == FieldDescriptor.TYPE_MESSAGE:
+                timestamp = f.message_type is not None and f.message_type.full_name == "google.protobuf.Timestamp"
+                kind = "string (RFC 3339)" if timestamp else "object"
+            else:
+                kind = _JSON_TYPES.get(f.type, "integer")
+            if f.is_repeated:
+                kind = f"array of {kind}; over {MAX_LISTED_IDS}: `{f.name}_sha256`, `{f.name}_count`"
+            described.append(f"`{f.name}` {kind}")
+        lines.append(f"| `{entry_type}` | `{full_name.rsplit('.', 1)[1]}` | {', '.join(described)} |")
+    lines.append(
+        "| `unprocessable` | (anything else) | `reason` string, `raw_sha256` string (hex), `raw_bytes` integer; "
+        "`event_type` string, or `topic` string, `partition` integer, `offset` integer |"
+    )
+    return "\n".join(lines)

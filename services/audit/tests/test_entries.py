@@ -1,0 +1,139 @@
+"""Entries: what each event becomes in the log. JCS bytes, the common fields, the patient never
+in the clear, long lists hashed beside the log, nothing dropped."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+import rfc8785
+from medledger.events.v1 import identity_events_pb2, records_events_pb2
+from medledger.types.v1 import vocabulary_pb2 as vocab
+
+from medledger_audit import entries
+from medledger_common.events import new_event
+
+PATIENT = "pat_" + "1" * 32
+NOW = datetime(2026, 11, 25, 9, 30, tzinfo=UTC)
+
+
+def event(payload, source: str = "medledger.records"):  # type: ignore[no-untyped-def]
+    return new_event(source=source, payload=payload, aggregate_id="agg", version=3, subject=PATIENT, time=NOW)
+
+
+def decoded(data: bytes) -> dict:
+    value = json.loads(data)
+    assert rfc8785.dumps(value) == data, "entries are RFC 8785 canonical JSON"
+    return value
+
+
+def test_a_record_stored_event_becomes_an_entry_with_its_commitment_and_no_patient_id() -> None:
+    stored = records_events_pb2.RecordStored(
+        record_id="rec_1",
+        version=2,
+        patient_id=PATIENT,
+        category=vocab.DataCategory.DATA_CATEGORY_OBSERVATIONS,
+        commitment="ab" * 32,
+        written_by="prn_9",
+    )
+    e = event(stored)
+    draft = entries.draft_entry(e)
+    assert draft is not None and draft.type == "record.stored" and draft.patient_id == PATIENT
+    data = entries.encode_entry(draft, "vault:v1:c3ViamVjdA==", NOW.timestamp() + 1.5)
+    entry = decoded(data)
+    assert entry == {
+        "v": 1,
+        "type": "record.stored",
+        "event_id": e.id,
+        "event_time": "2026-11-25T09:30:00.000Z",
+        "integrated_time": "2026-11-25T09:30:01.500Z",
+        "subject": "vault:v1:c3ViamVjdA==",
+        "record_id": "rec_1",
+        "version": 2,
+        "category": "DATA_CATEGORY_OBSERVATIONS",
+        "commitment": "ab" * 32,
+        "written_by": "prn_9",
+    }
+    assert PATIENT.encode() not in data
+
+
+def test_a_patient_principal_is_the_subject_and_other_principals_stay_named() -> None:
+    patient = entries.draft_entry(
+        event(
+            identity_events_pb2.PrincipalRegistered(
+                principal_id=PATIENT, kind=vocab.PrincipalKind.PRINCIPAL_KIND_PATIENT
+            ),
+            source="medledger.identity",
+        )
+    )
+    assert patient is not None and patient.patient_id == PATIENT and "principal_id" not in patient.fields
+    doctor = entries.draft_entry(
+        event(
+            identity_events_pb2.PrincipalRegistered(principal_id="prn_2", organization_id="org_3"), "medledger.identity"
+        )
+    )
+    assert doctor is not None and doctor.patient_id is None
+    assert doctor.fields == {"principal_id": "prn_2", "organization_id": "org_3"}
+
+
+def test_the_erasure_certificate_names_no_patient_either() -> None:
+    certificate = records_events_pb2.ErasureCertificate(
+        erasure_id="era_1", patient_id=PATIENT, key_name="patient-x", key_versions=[1, 2], records_erased=3
+    )
+    draft = entries.draft_entry(event(records_events_pb2.PatientRecordsErased(certificate=certificate)))
+    assert draft is not None and draft.type == "erasure.completed" and draft.patient_id == PATIENT
+    entry = decoded(entries.encode_entry(draft, None, NOW.timestamp()))
+    assert entry["certificate"]["key_versions"] == [1, 2] and "patient_id" not in entry["certificate"]
+
+
+def test_long_id_lists_are_hashed_and_kept_beside_the_log() -> None:
+    ids = [f"rec_{n:032d}" for n in range(100)]
+    draft = entries.draft_entry(
+        event(records_events_pb2.RecordsListed(patient_id=PATIENT, actor_id="prn_1", record_ids=ids, operation="list"))
+    )
+    assert draft is not None and "record_ids" not in draft.fields
+    digest = draft.fields["record_ids_sha256"]
+    assert draft.fields["record_ids_count"] == 100
+    assert draft.side_lists == {digest: ids}
+    assert digest == entries.sha256_hex(rfc8785.dumps(ids))  # anyone shown the list can check it
+    short = entries.draft_entry(event(records_events_pb2.RecordsListed(patient_id=PATIENT, record_ids=ids[:3])))
+    assert short is not None and short.fields["record_ids"] == ids[:3] and short.side_lists == {}
+
+
+def test_what_cannot_be_read_is_kept_by_hash_never_dropped() -> None:
+    raw = b"\x00 not an envelope"
+    draft = entries.unprocessable_entry(raw, "medledger.records.v1", 2, 41)
+    assert draft.type == "unprocessable" and draft.fields["raw_sha256"] == entries.sha256_hex(raw)
+    assert entries.unprocessable_entry(raw, "medledger.records.v1", 2, 41).event_id == draft.event_id
+    entry = decoded(entries.encode_entry(draft, None, NOW.timestamp()))
+    assert entry["offset"] == 41 and entry["event_time"] is None and entry["subject"] is None
+    unknown = event(records_events_pb2.RecordStored(record_id="rec_1"))
+    unknown.type = "medledger.events.v1.SomethingNew"
+    kept = entries.draft_entry(unknown)
+    assert kept is not None and kept.type == "unprocessable" and kept.fields["event_type"] == unknown.type
+
+
+def test_the_audit_services_own_checkpoint_events_are_not_appended() -> None:
+    assert entries.draft_entry(event(records_events_pb2.RecordStored(), source="medledger.audit")) is None
+
+
+@pytest.mark.parametrize("type_name", sorted(entries.ENTRY_TYPES))
+def test_every_event_type_becomes_a_small_canonical_entry_without_the_patient(type_name: str) -> None:
+    entry_type, message_class = entries.ENTRY_TYPES[type_name]
+    payload = message_class()
+    for field in message_class.DESCRIPTOR.fields:
+        if field.name in ("patient_id", "recipient_id", "principal_id"):
+            setattr(payload, field.name, PATIENT)
+    draft = entries.draft_entry(event(payload))
+    assert draft is not None and draft.type == entry_type
+    data = entries.encode_entry(draft, "subject", NOW.timestamp())
+    assert len(data) <= entries.MAX_ENTRY_BYTES and PATIENT.encode() not in data
+    assert {"v", "type", "event_id", "event_time", "integrated_time", "subject"} <= decoded(data).keys()
+
+
+def test_the_readme_documents_every_entry_type_as_the_code_builds_it() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert entries.schema_markdown() in readme
