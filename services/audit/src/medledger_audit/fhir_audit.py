@@ -1,0 +1,138 @@
+"""Log entries as FHIR R4 AuditEvent resources (for export), without I/O.
+
+Each entry maps to one AuditEvent: `type` is the DICOM audit event type closest to what happened
+and `subtype` the entry type itself (system `urn:medledger:audit-entry-type`); `action`
+C/R/U/D/E; `recorded` is the entry's integrated time; `outcome` 0 (success) or 4 (minor failure:
+an access denied); `purposeOfEvent` the HL7 v3 purpose of use; `agent` the principal who acted,
+by medledger id; `source.observer` the service that emitted the event; `entity` the records,
+consents, accesses and erasures concerned, and the entry's `subject` (the HMAC standing for the
+patient, never the patient id). The entry's index in the log and its leaf hash go in an entity
+too, so each AuditEvent points back to what proves it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_DCM = "http://dicom.nema.org/resources/ontology/DCM"
+_PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+_ENTRY_TYPE_SYSTEM = "urn:medledger:audit-entry-type"
+_PRINCIPAL_SYSTEM = "urn:medledger:principal"
+_SUBJECT_SYSTEM = "urn:medledger:audit-subject"
+_LOG_SYSTEM = "urn:medledger:audit-log-entry"
+
+# DICOM (DCM) audit event types: what kind of thing happened.
+_PATIENT_RECORD = ("110110", "Patient Record")
+_QUERY = ("110112", "Query")
+_EXPORT = ("110106", "Export")
+_SECURITY_ALERT = ("110113", "Security Alert")
+_USER_SECURITY = ("110114", "User Authentication")
+_EMERGENCY_STARTED = ("110127", "Emergency Override Started")
+_EMERGENCY_STOPPED = ("110128", "Emergency Override Stopped")
+_APPLICATION_ACTIVITY = ("110100", "Application Activity")
+
+# entry type -> (DICOM type, action)
+_KINDS: dict[str, tuple[tuple[str, str], str]] = {
+    "record.stored": (_PATIENT_RECORD, "C"),
+    "record.disclosed": (_PATIENT_RECORD, "R"),
+    "record.access_denied": (_PATIENT_RECORD, "R"),
+    "records.listed": (_QUERY, "R"),
+    "erasure.requested": (_PATIENT_RECORD, "E"),
+    "erasure.cancelled": (_PATIENT_RECORD, "E"),
+    "erasure.completed": (_PATIENT_RECORD, "D"),
+    "legal_hold.changed": (_PATIENT_RECORD, "U"),
+    "consent.version_recorded": (_PATIENT_RECORD, "U"),
+    "consent.decision": (_QUERY, "E"),
+    "consent.guardianship_changed": (_USER_SECURITY, "U"),
+    "break_glass.started": (_EMERGENCY_STARTED, "E"),
+    "break_glass.reviewed": (_EMERGENCY_STOPPED, "E"),
+    "break_glass.policy_changed": (_APPLICATION_ACTIVITY, "U"),
+    "principal.registered": (_USER_SECURITY, "C"),
+    "principal.updated": (_USER_SECURITY, "U"),
+    "principal.deactivated": (_USER_SECURITY, "U"),
+    "principal.role_changed": (_USER_SECURITY, "U"),
+    "identity.signing_key_rotated": (_APPLICATION_ACTIVITY, "U"),
+    "notification.requested": (_APPLICATION_ACTIVITY, "E"),
+    "unprocessable": (_SECURITY_ALERT, "E"),
+}
+# Fields naming who acted, in order of preference.
+_ACTOR_FIELDS = (
+    "actor_id",
+    "written_by",
+    "practitioner_id",
+    "requested_by",
+    "reviewed_by",
+    "changed_by",
+    "cancelled_by",
+    "granted_by",
+    "principal_id",
+)
+# Fields naming what was concerned: (field, identifier system).
+_WHAT_FIELDS = (
+    ("record_id", "urn:medledger:record"),
+    ("consent_id", "urn:medledger:consent"),
+    ("decision_id", "urn:medledger:consent-decision"),
+    ("access_id", "urn:medledger:break-glass-access"),
+    ("erasure_id", "urn:medledger:erasure"),
+    ("hold_id", "urn:medledger:legal-hold"),
+)
+
+
+def _coding(system: str, code: str, display: str | None = None) -> dict[str, str]:
+    coding = {"system": system, "code": code}
+    if display:
+        coding["display"] = display
+    return coding
+
+
+def audit_event(entry: dict[str, Any], *, index: int, leaf_hash_hex: str, source: str = "") -> dict[str, Any]:
+    """The AuditEvent of one log entry (parsed JSON), at `index` in the log."""
+    entry_type = str(entry.get("type", "unprocessable"))
+    (code, display), action = _KINDS.get(entry_type, (_APPLICATION_ACTIVITY, "E"))
+    actor = next((entry[f] for f in _ACTOR_FIELDS if isinstance(entry.get(f), str) and entry[f]), None)
+    agent: dict[str, Any] = {"requestor": True}
+    if actor:
+        agent["who"] = {"identifier": {"system": _PRINCIPAL_SYSTEM, "value": actor}}
+    else:
+        agent["who"] = {"display": "medledger"}
+    purpose = entry.get("purpose")
+    if isinstance(purpose, str) and purpose.startswith("PURPOSE_OF_USE_"):
+        agent["purposeOfUse"] = [{"coding": [_coding(_PURPOSE_SYSTEM, purpose.removeprefix("PURPOSE_OF_USE_"))]}]
+    entities: list[dict[str, Any]] = [
+        {
+            "what": {"identifier": {"system": _LOG_SYSTEM, "value": f"{index}:{leaf_hash_hex}"}},
+            "description": "the log entry this AuditEvent was made from: index and RFC 6962 leaf hash",
+        }
+    ]
+    for field_name, system in _WHAT_FIELDS:
+        value = entry.get(field_name)
+        if isinstance(value, str) and value:
+            entities.append({"what": {"identifier": {"system": system, "value": value}}})
+    if entry.get("subject"):
+        entities.append(
+            {
+                "what": {"identifier": {"system": _SUBJECT_SYSTEM, "value": str(entry["subject"])}},
+                "description": "the patient, as the keyed hash that stands for them in the log",
+            }
+        )
+    event: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "type": _coding(_DCM, code, display),
+        "subtype": [_coding(_ENTRY_TYPE_SYSTEM, entry_type)],
+        "action": action,
+        "recorded": entry.get("integrated_time") or "1970-01-01T00:00:00.000Z",
+        "outcome": "4" if entry_type == "record.access_denied" else "0",
+        "agent": [agent],
+        "source": {"observer": {"display": source or "medledger.audit"}},
+        "entity": entities,
+    }
+    if entry.get("reason_code"):
+        event["outcomeDesc"] = str(entry["reason_code"])
+    if "purposeOfUse" in agent:
+        event["purposeOfEvent"] = agent["purposeOfUse"]
+    return event
+
+
+def audit_event_bundle(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """A FHIR R4 Bundle (collection) of AuditEvents."""
+    return {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": e} for e in events]}
