@@ -365,7 +365,9 @@ def readme_table(service: str) -> tuple[dict[str, Access], set[str]]:
     header: list[str] = []
     access: dict[str, Access] = {}
     public: set[str] = set()
-    for line in lines[start:]:
+    for line in lines[start + 1 :]:
+        if line.startswith("## "):
+            break  # the next section: its tables are not the authorization table
         if not line.startswith("|"):
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

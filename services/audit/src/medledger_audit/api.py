@@ -13,9 +13,24 @@ from medledger_common.service import ServiceRuntime
 
 _SERVICE = "/medledger.audit.v1.AuditService/"
 # Transparency data (checkpoints, proofs) is public: anyone may verify the log.
-PUBLIC_METHODS: tuple[str, ...] = (_SERVICE + "GetLatestCheckpoint",)
+PUBLIC_METHODS: tuple[str, ...] = tuple(
+    _SERVICE + name
+    for name in (
+        "GetLatestCheckpoint",
+        "GetCheckpoint",
+        "GetVerifierKeys",
+        "GetInclusionProof",
+        "GetConsistencyProof",
+        "GetTlogProof",
+    )
+)
 # The coarse table; keep it equal to services/audit/README.md (a test compares them).
-ACCESS: dict[str, Access] = {}
+ACCESS: dict[str, Access] = {
+    # Whoever holds a receipt's commitment finds its entry.
+    _SERVICE + "FindCommitment": Access(),
+    _SERVICE + "ListEntries": Access.of(kinds=["patient"], roles=["auditor"]),
+    _SERVICE + "ExportAuditEvents": Access.of(kinds=["patient"], roles=["auditor"]),
+}
 
 
 class AuditApi(pb_grpc.AuditServiceServicer):
