@@ -1,11 +1,14 @@
-"""Wires audit: settings, storage and the gRPC API."""
+"""Wires audit: settings, storage, the log's consumer, sequencer and checkpointer, the gRPC API."""
 
 from __future__ import annotations
 
 from medledger.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
 
 from medledger_audit.api import ACCESS, PUBLIC_METHODS, AuditApi
+from medledger_audit.checkpoints import Checkpointer
 from medledger_audit.config import AuditSettings
+from medledger_audit.handlers import LogConsumer
+from medledger_audit.sequencer import Sequencer
 from medledger_audit.storage import MIGRATIONS
 from medledger_common.service import ServiceParts, ServiceRuntime, run_service
 from medledger_common.settings import load_settings_or_exit
@@ -14,6 +17,29 @@ NAME = "audit"
 
 
 def build(runtime: ServiceRuntime) -> ServiceParts:
+    settings: AuditSettings = runtime.settings  # type: ignore[assignment]
+    keys = runtime.require_keys()
+    sequencer = Sequencer(runtime.db, keys, max_batch=settings.append_batch_max)
+    checkpointer = Checkpointer(
+        runtime.db,
+        keys,
+        origin=settings.log_origin,
+        last_checkpoint_file=settings.last_checkpoint_file,
+        source=runtime.source,
+        every_entries=settings.checkpoint_every_entries,
+        interval_seconds=settings.checkpoint_interval_seconds,
+    )
+    sequencer.after_append = checkpointer.tree_grew
+    checkpointer.after_commit = runtime.relay.notify
+    # Not a ConsumerSpec: the runtime's consumers call a handler per message, and the log
+    # appends whole polls (see handlers.py). It runs as a background task instead.
+    consumer = LogConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        sequencer=sequencer,
+        producer=runtime.producer,
+        batch_max=settings.append_batch_max,
+    )
+    runtime.extras.update(audit_sequencer=sequencer, audit_checkpointer=checkpointer, audit_consumer=consumer)
     # RPCs not built yet answer UNIMPLEMENTED (the generated base servicer) until their issue lands.
     api = AuditApi(runtime)  # type: ignore[abstract]
     return ServiceParts(
@@ -21,6 +47,10 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         register=lambda server: audit_service_pb2_grpc.add_AuditServiceServicer_to_server(api, server),
         access=ACCESS,
         public_methods=PUBLIC_METHODS,
+        # The signing keys and the last signed checkpoint, before anything is appended or served.
+        on_start=[checkpointer.start],
+        background=[consumer.run_until_cancelled, checkpointer.run],
+        on_stop=[sequencer.close],
     )
 
 

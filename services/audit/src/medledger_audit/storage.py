@@ -1,6 +1,383 @@
-"""Audit's tables and migrations. Its own tables arrive with the audit issue; the common
-outbox, inbox and idempotency tables are migrated by the runtime."""
+"""Audit's tables, the tile reader over them, and the writes of one append.
 
-from medledger_common.db import Migration
+The log is kept as:
 
-MIGRATIONS: list[Migration] = []
+- ``entries``: one row per leaf, by index; the entry's JCS bytes (NULL once redacted: its leaf
+  hash stays in the tiles), its event id (UNIQUE: the log itself deduplicates), and lookup
+  columns taken from the entry (type, subject, record, commitment, actor, times). Entry bundles
+  (``tile/entries/<N>``) are built from these rows, never stored.
+- ``tiles``: one row per hash tile (level, index) holding its widest version; a narrower width
+  is a prefix of it (see ``tlog``).
+- ``side_lists``: long id lists an entry holds by SHA-256, keyed by that hash.
+- ``checkpoints``: every signed note, verbatim, by origin and tree size.
+- ``log_state``: one row, the tree's size and root as of the last append.
+
+Two ways in: SQLAlchemy (SQLite, and reads on either database) and asyncpg (the sequencer's
+append on PostgreSQL, where building SQLAlchemy statements cost more CPU than the database did).
+Both answer a tile read in ONE query.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    insert,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from medledger_audit import tlog
+from medledger_common.db import Database, Migration
+from medledger_common.errors import DataLoss
+
+metadata = MetaData()
+
+entries = Table(
+    "entries",
+    metadata,
+    Column("entry_index", BigInteger, primary_key=True, autoincrement=False),
+    Column("event_id", String(200), nullable=False, unique=True),
+    # The entry's JCS bytes; NULL once redacted (the leaf hash stays in the tiles).
+    Column("entry", LargeBinary, nullable=True),
+    Column("type", String(64), nullable=False),
+    # HMAC of the patient id under the patient's audit key; unlinkable once the key is erased.
+    Column("subject", String(128), nullable=True),
+    Column("record_id", String(200), nullable=True),
+    Column("commitment", String(200), nullable=True),
+    Column("actor_id", String(200), nullable=True),
+    Column("event_time", Float, nullable=False),
+    Column("integrated_time", Float, nullable=False),
+    Index("ix_entries_subject", "subject"),
+    Index("ix_entries_record_id", "record_id"),
+    Index("ix_entries_commitment", "commitment"),
+    Index("ix_entries_actor_id", "actor_id"),
+    Index("ix_entries_integrated_time", "integrated_time"),
+)
+
+tiles = Table(
+    "tiles",
+    metadata,
+    Column("level", Integer, primary_key=True, autoincrement=False),
+    Column("tile_index", BigInteger, primary_key=True, autoincrement=False),
+    # The widest version of the tile: width * 32 bytes.
+    Column("hashes", LargeBinary, nullable=False),
+)
+
+side_lists = Table(
+    "side_lists",
+    metadata,
+    # SHA-256 (hex) of the list's JCS form, as the entry holds it.
+    Column("hash", String(64), primary_key=True),
+    Column("ids", Text, nullable=False),  # the JSON list
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    # A log that was rolled back continues under a new origin: sizes repeat across origins.
+    Column("origin", String(255), primary_key=True),
+    Column("tree_size", BigInteger, primary_key=True, autoincrement=False),
+    Column("note", Text, nullable=False),  # the signed note, verbatim
+    Column("signed_at", Float, nullable=False),
+)
+
+log_state = Table(
+    "log_state",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("tree_size", BigInteger, nullable=False),
+    Column("root", LargeBinary, nullable=False),
+)
+
+
+async def _create_log_tables(conn: AsyncConnection) -> None:
+    await conn.run_sync(metadata.create_all)
+    await conn.execute(insert(log_state).values(id=1, tree_size=0, root=tlog.EMPTY_ROOT))
+
+
+MIGRATIONS: list[Migration] = [
+    Migration(1, "entries, tiles, side lists, checkpoints and the log's state", _create_log_tables),
+]
+
+
+@dataclass(frozen=True)
+class EntryRow:
+    """An entry as the sequencer writes it."""
+
+    entry_index: int
+    event_id: str
+    entry: bytes
+    type: str
+    subject: str | None
+    record_id: str | None
+    commitment: str | None
+    actor_id: str | None
+    event_time: float
+    integrated_time: float
+
+
+ENTRY_COLUMNS = [c.name for c in entries.columns]
+
+
+def answer_tiles(wanted: Sequence[tlog.Tile], stored: Mapping[tuple[int, int], bytes]) -> list[bytes]:
+    """Each wanted tile as the prefix of its stored (widest) version; DataLoss if missing or short."""
+    out = []
+    for tile in wanted:
+        data = stored.get((tile.level, tile.index))
+        if data is None or len(data) < tile.byte_length:
+            raise DataLoss(f"tile {tile.path()} is missing from storage")
+        out.append(bytes(data[: tile.byte_length]))
+    return out
+
+
+# --- SQLAlchemy (SQLite, and reads on either database) ----------------------------------------
+
+
+class ConnectionTiles:
+    """A TileReader on an open SQLAlchemy connection (inside a transaction when appending)."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    async def read_tiles(self, wanted: Sequence[tlog.Tile]) -> list[bytes]:
+        if not wanted:
+            return []
+        keys = sorted({(t.level, t.index) for t in wanted})
+        rows = await self.conn.execute(
+            select(tiles.c.level, tiles.c.tile_index, tiles.c.hashes).where(
+                tuple_(tiles.c.level, tiles.c.tile_index).in_(keys)
+            )
+        )
+        return answer_tiles(wanted, {(r.level, r.tile_index): r.hashes for r in rows})
+
+
+class DatabaseTiles:
+    """A TileReader over the database: one autocommit read per call. For proofs and roots at
+    any size up to the current one (tiles only grow, so no snapshot is needed)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def read_tiles(self, wanted: Sequence[tlog.Tile]) -> list[bytes]:
+        async with self.db.read() as conn:
+            return await ConnectionTiles(conn).read_tiles(wanted)
+
+
+async def read_state(conn: AsyncConnection) -> tuple[int, bytes]:
+    """The tree's size and root as of the last committed append."""
+    row = (await conn.execute(select(log_state.c.tree_size, log_state.c.root).where(log_state.c.id == 1))).one()
+    return int(row.tree_size), bytes(row.root)
+
+
+class SqlAppend:
+    """The reads and writes of one append, on a SQLAlchemy connection in a transaction."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+        self.tiles = ConnectionTiles(conn)
+
+    async def state(self) -> tuple[int, bytes]:
+        return await read_state(self.conn)
+
+    async def logged_event_ids(self, event_ids: Sequence[str]) -> set[str]:
+        rows = await self.conn.execute(select(entries.c.event_id).where(entries.c.event_id.in_(event_ids)))
+        return {r.event_id for r in rows}
+
+    async def write(
+        self,
+        rows: Sequence[EntryRow],
+        written_tiles: Mapping[tlog.Tile, bytes],
+        lists: Mapping[str, list[str]],
+        tree_size: int,
+        root: bytes,
+    ) -> None:
+        conn = self.conn
+        if rows:
+            await conn.execute(insert(entries), [r.__dict__ for r in rows])
+        tile_rows = [{"level": t.level, "tile_index": t.index, "hashes": d} for t, d in written_tiles.items()]
+        if tile_rows:
+            upsert: Any = (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(tiles)
+            await conn.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=["level", "tile_index"], set_={"hashes": upsert.excluded.hashes}
+                ),
+                tile_rows,
+            )
+        if lists:
+            ins: Any = (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(side_lists)
+            await conn.execute(
+                ins.on_conflict_do_nothing(), [{"hash": h, "ids": json.dumps(ids)} for h, ids in lists.items()]
+            )
+        await conn.execute(update(log_state).where(log_state.c.id == 1).values(tree_size=tree_size, root=root))
+
+
+# --- asyncpg (the append on PostgreSQL) --------------------------------------------------------
+
+_PG_READ_TILES = (
+    "SELECT t.level, t.tile_index, t.hashes FROM tiles t "
+    "JOIN unnest($1::int[], $2::bigint[]) AS w(level, tile_index) "
+    "ON t.level = w.level AND t.tile_index = w.tile_index"
+)
+_PG_INSERT_ENTRIES = (
+    f"INSERT INTO entries ({', '.join(ENTRY_COLUMNS)}) SELECT * FROM unnest("  # noqa: S608 - column names only
+    "$1::bigint[], $2::varchar[], $3::bytea[], $4::varchar[], $5::varchar[], $6::varchar[], $7::varchar[], "
+    "$8::varchar[], $9::float8[], $10::float8[])"
+)
+_PG_UPSERT_TILES = (
+    "INSERT INTO tiles (level, tile_index, hashes) SELECT * FROM unnest($1::int[], $2::bigint[], $3::bytea[]) "
+    "ON CONFLICT (level, tile_index) DO UPDATE SET hashes = EXCLUDED.hashes"
+)
+_PG_INSERT_LISTS = (
+    "INSERT INTO side_lists (hash, ids) SELECT * FROM unnest($1::varchar[], $2::text[]) ON CONFLICT DO NOTHING"
+)
+
+
+class PgTiles:
+    """A TileReader on an asyncpg connection."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def read_tiles(self, wanted: Sequence[tlog.Tile]) -> list[bytes]:
+        if not wanted:
+            return []
+        keys = sorted({(t.level, t.index) for t in wanted})
+        rows = await self.conn.fetch(_PG_READ_TILES, [k[0] for k in keys], [k[1] for k in keys])
+        return answer_tiles(wanted, {(r["level"], r["tile_index"]): r["hashes"] for r in rows})
+
+
+class PgAppend:
+    """The reads and writes of one append, on an asyncpg connection in a transaction: every
+    write is one statement of arrays, whatever the batch's size."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.tiles = PgTiles(conn)
+
+    async def state(self) -> tuple[int, bytes]:
+        row = await self.conn.fetchrow("SELECT tree_size, root FROM log_state WHERE id = 1")
+        return int(row["tree_size"]), bytes(row["root"])
+
+    async def logged_event_ids(self, event_ids: Sequence[str]) -> set[str]:
+        rows = await self.conn.fetch("SELECT event_id FROM entries WHERE event_id = ANY($1::varchar[])", event_ids)
+        return {r["event_id"] for r in rows}
+
+    async def write(
+        self,
+        rows: Sequence[EntryRow],
+        written_tiles: Mapping[tlog.Tile, bytes],
+        lists: Mapping[str, list[str]],
+        tree_size: int,
+        root: bytes,
+    ) -> None:
+        conn = self.conn
+        if rows:
+            await conn.execute(_PG_INSERT_ENTRIES, *_columns(rows))
+        if written_tiles:
+            items = list(written_tiles.items())
+            await conn.execute(
+                _PG_UPSERT_TILES, [t.level for t, _ in items], [t.index for t, _ in items], [d for _, d in items]
+            )
+        if lists:
+            await conn.execute(_PG_INSERT_LISTS, list(lists), [json.dumps(ids) for ids in lists.values()])
+        await conn.execute("UPDATE log_state SET tree_size = $1, root = $2 WHERE id = 1", tree_size, root)
+
+
+def _columns(rows: Iterable[EntryRow]) -> list[list[Any]]:
+    arrays: list[list[Any]] = [[] for _ in ENTRY_COLUMNS]
+    for r in rows:
+        for column, value in zip(
+            arrays,
+            (
+                r.entry_index,
+                r.event_id,
+                r.entry,
+                r.type,
+                r.subject,
+                r.record_id,
+                r.commitment,
+                r.actor_id,
+                r.event_time,
+                r.integrated_time,
+            ),
+            strict=True,
+        ):
+            column.append(value)
+    return arrays
+
+
+# --- reads for the API, verify and the checkpointer --------------------------------------------
+
+
+async def read_entries(conn: AsyncConnection, start: int, end: int) -> list[Any]:
+    """The entry rows of indexes [start, end), in index order (``entry`` is NULL if redacted)."""
+    return list(
+        await conn.execute(
+            select(entries).where(entries.c.entry_index >= start, entries.c.entry_index < end).order_by("entry_index")
+        )
+    )
+
+
+async def entry_bundle(conn: AsyncConnection, tile: tlog.Tile) -> bytes:
+    """The C2SP entry bundle ``tile/entries/<N>[.p/<W>]`` built from the entry rows; DataLoss if
+    an entry is missing or redacted (a bundle cannot hold a redacted entry)."""
+    start = tile.index * tlog.TILE_WIDTH
+    rows = await read_entries(conn, start, start + tile.width)
+    if len(rows) != tile.width or any(r.entry is None for r in rows):
+        raise DataLoss(f"entries of {tile.path()} are missing or redacted")
+    return tlog.encode_entry_bundle([bytes(r.entry) for r in rows])
+
+
+async def side_list(conn: AsyncConnection, digest: str) -> list[str] | None:
+    ids = await conn.scalar(select(side_lists.c.ids).where(side_lists.c.hash == digest))
+    return None if ids is None else list(json.loads(ids))
+
+
+async def checkpoint_at(conn: AsyncConnection, origin: str, tree_size: int) -> str | None:
+    """The signed note of the checkpoint at exactly this size, verbatim, if one was signed."""
+    note = await conn.scalar(
+        select(checkpoints.c.note).where(checkpoints.c.origin == origin, checkpoints.c.tree_size == tree_size)
+    )
+    return None if note is None else str(note)
+
+
+async def latest_checkpoint(conn: AsyncConnection, origin: str) -> tuple[str, int] | None:
+    """The latest signed note of this origin and its tree size."""
+    row = (
+        await conn.execute(
+            select(checkpoints.c.note, checkpoints.c.tree_size)
+            .where(checkpoints.c.origin == origin)
+            .order_by(checkpoints.c.tree_size.desc())
+            .limit(1)
+        )
+    ).first()
+    return None if row is None else (str(row.note), int(row.tree_size))
+
+
+async def store_checkpoint(conn: AsyncConnection, origin: str, tree_size: int, note: str, signed_at: float) -> None:
+    await conn.execute(insert(checkpoints).values(origin=origin, tree_size=tree_size, note=note, signed_at=signed_at))
+
+
+@asynccontextmanager
+async def pg_transaction(conn: Any) -> AsyncIterator[Any]:
+    """An asyncpg transaction (typed here so callers need not import asyncpg)."""
+    async with conn.transaction():
+        yield conn

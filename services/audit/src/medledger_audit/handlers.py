@@ -1,0 +1,155 @@
+"""The log's Kafka consumer: every message on a service topic becomes one entry.
+
+It consumes like every other consumer (``EventConsumer``: group ``audit.log``, the service topic
+pattern, malformed messages accepted, offsets committed only after the effect), but handles a
+whole poll at once instead of calling a handler per message: the effect here is an append, and
+appending messages one transaction each would cap the log at a few hundred entries a second. So
+each poll (thousands of messages from any partitions) is drafted, appended in one transaction,
+and its offsets become committable once that transaction has committed. While one poll is being
+appended the next is fetched and drafted.
+
+An append that fails is retried, never skipped: the log must not silently drop an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+from aiokafka import ConsumerRecord, TopicPartition
+
+from medledger_audit.entries import EntryDraft, draft_entry, unprocessable_entry
+from medledger_audit.sequencer import Sequencer
+from medledger_common.events import SERVICE_TOPIC_PATTERN, MalformedEvent, decode
+from medledger_common.kafka import TRANSIENT_ERRORS, EventConsumer
+
+log = logging.getLogger(__name__)
+
+LOG_CONSUMER = "audit.log"
+# A dependency down, not a problem of the appended events: retried for as long as it lasts.
+_TRANSIENT = (*TRANSIENT_ERRORS, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+# Failures that are not a dependency being down: after this many the service stops (loudly)
+# rather than skip an event or spin.
+MAX_FAILED_APPENDS = 10
+
+Records = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+
+
+def draft_of(record: ConsumerRecord[bytes, bytes]) -> EntryDraft | None:
+    """The entry a Kafka message becomes; None for the audit service's own checkpoint events."""
+    raw = record.value or b""
+    try:
+        event = decode(raw)
+    except MalformedEvent:
+        return unprocessable_entry(raw, str(record.topic), record.partition, record.offset)
+    try:
+        return draft_entry(event)
+    except Exception:  # a payload the entries module trips over is kept by hash, never dropped
+        log.exception("event could not be drafted; appended as unprocessable", extra={"topic": record.topic})
+        return unprocessable_entry(raw, str(record.topic), record.partition, record.offset)
+
+
+class LogConsumer(EventConsumer):
+    """The consumer that feeds the sequencer; see the module."""
+
+    def __init__(
+        self,
+        *,
+        bootstrap_servers: str,
+        sequencer: Sequencer,
+        producer: Any,
+        batch_max: int = 5000,
+        retry_seconds: float = 0.2,
+        max_retry_seconds: float = 5.0,
+        fetch_max_wait_ms: int = 100,
+    ) -> None:
+        super().__init__(
+            bootstrap_servers=bootstrap_servers,
+            group_id=LOG_CONSUMER,
+            handler=self._never_called,
+            producer=producer,
+            pattern=SERVICE_TOPIC_PATTERN,
+            accept_malformed=True,
+            batch_max=batch_max,
+            fetch_max_wait_ms=fetch_max_wait_ms,
+        )
+        self.sequencer = sequencer
+        self.retry_seconds = retry_seconds
+        self.max_retry_seconds = max_retry_seconds
+
+    async def _never_called(self, _message: Any) -> None:  # the log appends whole polls instead
+        raise AssertionError("LogConsumer handles polls, not messages")
+
+    async def run_until_cancelled(self) -> None:
+        """Start (retrying until Kafka is up), consume until cancelled, then stop: the body of
+        the service's background task."""
+        delay = 0.2
+        while True:
+            try:
+                await self.start()
+                break
+            except Exception as exc:
+                log.warning("Kafka consumer not reachable yet, retrying", extra={"error": type(exc).__name__})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        try:
+            await self.run()
+        finally:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(self.stop())
+
+    async def run(self) -> None:
+        """Fetch, draft and append polls, one append in flight while the next poll is drafted."""
+        loop = asyncio.get_running_loop()
+        next_commit = loop.time() + self.commit_interval_seconds
+        in_flight: asyncio.Task[None] | None = None
+        try:
+            while True:
+                polled = await self.consumer.getmany(timeout_ms=500, max_records=self.batch_max)
+                if polled:
+                    drafts = [d for records in polled.values() for r in records if (d := draft_of(r)) is not None]
+                    if in_flight is not None:
+                        await in_flight  # appends stay in poll order
+                    in_flight = asyncio.create_task(self._append(polled, drafts))
+                elif in_flight is not None and in_flight.done():
+                    await in_flight
+                    in_flight = None
+                if loop.time() >= next_commit:
+                    await self.commit_handled()
+                    next_commit = loop.time() + self.commit_interval_seconds
+        finally:
+            if in_flight is not None and not in_flight.done():
+                in_flight.cancel()
+                with contextlib.suppress(BaseException):
+                    await in_flight
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(self.commit_handled())
+
+    async def _append(self, polled: Records, drafts: Sequence[EntryDraft]) -> None:
+        """Append a poll's drafts, retrying until it commits; then its offsets may be committed."""
+        delay = self.retry_seconds
+        failures = 0
+        while True:
+            try:
+                await self.sequencer.append(drafts)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                transient = isinstance(exc, _TRANSIENT)
+                failures += 0 if transient else 1
+                log.warning(
+                    "append failed, retrying",
+                    extra={"error": type(exc).__name__, "transient": transient, "entries": len(drafts)},
+                )
+                if failures >= MAX_FAILED_APPENDS:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_retry_seconds)
+        for tp, records in polled.items():
+            self._handled[tp] = records[-1].offset + 1
+            self._count(str(tp.topic), "handled", len(records))

@@ -1,0 +1,270 @@
+"""The sequencer: the one writer that appends entries to the log.
+
+An append is one transaction: take the sequencer lock, read the tree's size, drop drafts whose
+event id the log already holds (the log is its own inbox), compute subjects, encode the entries,
+extend the tree with ``tlog.append`` over the stored tiles, and write entries, tiles, side lists
+and the new size and root. Nothing else writes entries or tiles, and the lock makes the appends
+of all replicas one sequence: PostgreSQL's ``pg_advisory_xact_lock`` waits, so a second replica
+waits for the first's transaction and then appends after it (and takes over when it is gone).
+
+Built for throughput: thousands of drafts per transaction, each write one statement of arrays
+on PostgreSQL (asyncpg, see ``storage.PgAppend``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from medledger_audit import storage, tlog
+from medledger_audit.entries import UNPROCESSABLE, EntryDraft, encode_entry, subject_key_name
+from medledger_common.db import Database, lock_key
+from medledger_common.errors import NotFound
+from medledger_common.keys import KeyManager, KeyType
+
+log = logging.getLogger(__name__)
+
+APPEND_LOCK = "audit-sequencer"
+ERASURE_TYPE = "erasure.completed"
+# Fields that name who acted, in the order they are looked for (for lookups by actor).
+_ACTOR_FIELDS = (
+    "actor_id",
+    "written_by",
+    "practitioner_id",
+    "requested_by",
+    "reviewed_by",
+    "changed_by",
+    "cancelled_by",
+    "grantee_id",
+)
+
+ENTRIES_APPENDED = Counter("medledger_audit_entries_appended_total", "Entries appended to the log.")
+DUPLICATES_SKIPPED = Counter(
+    "medledger_audit_duplicates_skipped_total", "Events not appended because the log already held their id."
+)
+UNPROCESSABLE_TOTAL = Counter(
+    "medledger_audit_unprocessable_total",
+    "Messages the log could not parse, appended as `unprocessable` entries (alert on any).",
+)
+TREE_SIZE = Gauge("medledger_audit_tree_size", "Entries in the log as of this replica's last append.")
+APPEND_SECONDS = Histogram(
+    "medledger_audit_append_seconds",
+    "Time of one append transaction, lock wait included.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+@dataclass(frozen=True)
+class AppendOutcome:
+    """The tree after an append, and what the append did with its drafts."""
+
+    tree_size: int
+    root: bytes
+    appended: int
+    duplicates: int
+    unprocessable: int = 0
+
+
+class Subjects:
+    """An entry's `subject`: HMAC-SHA-256 of the patient id under the patient's own audit key.
+
+    Only the fact that a key exists is cached, never an HMAC: after an erasure (possibly by
+    another replica) no cached value can keep linking new entries to the erased patient.
+    """
+
+    def __init__(self, keys: KeyManager) -> None:
+        self.keys = keys
+        self._known: set[str] = set()
+
+    async def of(self, patient_ids: Iterable[str]) -> dict[str, str]:
+        ids = sorted(set(patient_ids))
+        values = await asyncio.gather(*(self._one(p) for p in ids))
+        return dict(zip(ids, values, strict=True))
+
+    async def _one(self, patient_id: str) -> str:
+        name = subject_key_name(patient_id)
+        if name not in self._known:
+            await self.keys.ensure_key(name, KeyType.HMAC)
+            self._known.add(name)
+        try:
+            return await self.keys.hmac(name, patient_id.encode())
+        except NotFound:  # erased by another replica since: a new key, unlinkable to the old
+            await self.keys.ensure_key(name, KeyType.HMAC)
+            return await self.keys.hmac(name, patient_id.encode())
+
+    async def erase(self, patient_id: str) -> None:
+        """Delete the patient's audit key: their entries' subjects can no longer be linked to them."""
+        name = subject_key_name(patient_id)
+        self._known.discard(name)
+        try:
+            await self.keys.allow_deletion(name)
+            await self.keys.delete_key(name)
+        except NotFound:
+            pass  # already erased (a redelivered erasure)
+
+
+def lookup_columns(draft: EntryDraft) -> tuple[str | None, str | None, str | None]:
+    """The record id, commitment and actor an entry is found by."""
+    fields = draft.fields
+    record_id = fields.get("record_id")
+    commitment = fields.get("commitment")
+    actor = next((fields[f] for f in _ACTOR_FIELDS if isinstance(fields.get(f), str) and fields[f]), None)
+    return (
+        record_id[:200] if isinstance(record_id, str) and record_id else None,
+        commitment[:200] if isinstance(commitment, str) and commitment else None,
+        actor[:200] if actor else None,
+    )
+
+
+def chunks(drafts: Sequence[EntryDraft], max_batch: int) -> list[list[EntryDraft]]:
+    """Batches of at most `max_batch` drafts, each ending at an erasure if it holds one: the
+    patient's key is deleted once their erasure is durable, before any later entry is made."""
+    out: list[list[EntryDraft]] = [[]]
+    for draft in drafts:
+        if len(out[-1]) >= max_batch:
+            out.append([])
+        out[-1].append(draft)
+        if draft.type == ERASURE_TYPE:
+            out.append([])
+    return [c for c in out if c]
+
+
+class Sequencer:
+    """Appends drafts to the log; see the module. One per process; calls are serialized."""
+
+    def __init__(
+        self,
+        db: Database,
+        keys: KeyManager,
+        *,
+        max_batch: int = 5000,
+        lock_name: str = APPEND_LOCK,
+        use_driver: bool = True,
+    ) -> None:
+        self.db = db
+        self.subjects = Subjects(keys)
+        self.max_batch = max_batch
+        self.lock_name = lock_name
+        # PostgreSQL through asyncpg (the fast path) unless told otherwise (tests compare both).
+        self.use_driver = use_driver and db.is_postgres
+        # Called with the new tree size after every append that grew the tree (the checkpointer).
+        self.after_append: Callable[[int], None] | None = None
+        self._driver: Any = None
+        self._serial = asyncio.Lock()
+
+    async def append(self, drafts: Sequence[EntryDraft]) -> AppendOutcome:
+        """Append every draft whose event id the log does not hold yet; returns once they are
+        durable. Drafts keep their order; a repeated event id within `drafts` counts once."""
+        async with self._serial:
+            outcome: AppendOutcome | None = None
+            appended = duplicates = unprocessable = 0
+            for chunk in chunks(drafts, self.max_batch):
+                outcome = await self._append_chunk(chunk)
+                appended += outcome.appended
+                duplicates += outcome.duplicates
+                unprocessable += outcome.unprocessable
+                for draft in chunk:
+                    # Also for a duplicate: a crash between the erasure's commit and the key's
+                    # deletion redelivers the event, and this is where the deletion is done.
+                    if draft.type == ERASURE_TYPE and draft.patient_id:
+                        await self.subjects.erase(draft.patient_id)
+            if outcome is None:
+                size, root = await self.state()
+                return AppendOutcome(size, root, 0, 0)
+            return AppendOutcome(outcome.tree_size, outcome.root, appended, duplicates, unprocessable)
+
+    async def state(self) -> tuple[int, bytes]:
+        async with self.db.read() as conn:
+            return await storage.read_state(conn)
+
+    async def close(self) -> None:
+        if self._driver is not None:
+            driver, self._driver = self._driver, None
+            await driver.close()
+
+    async def _append_chunk(self, drafts: list[EntryDraft]) -> AppendOutcome:
+        started = time.perf_counter()
+        if self.use_driver:
+            outcome = await self._append_pg(drafts)
+        else:
+            outcome = await self._append_sql(drafts)
+        APPEND_SECONDS.observe(time.perf_counter() - started)
+        ENTRIES_APPENDED.inc(outcome.appended)
+        DUPLICATES_SKIPPED.inc(outcome.duplicates)
+        UNPROCESSABLE_TOTAL.inc(outcome.unprocessable)
+        TREE_SIZE.set(outcome.tree_size)
+        if outcome.appended and self.after_append is not None:
+            self.after_append(outcome.tree_size)
+        return outcome
+
+    async def _append_pg(self, drafts: list[EntryDraft]) -> AppendOutcome:
+        if self._driver is None:
+            self._driver = await self.db.connect_driver()
+        conn = self._driver
+        try:
+            async with storage.pg_transaction(conn):
+                # Waits for another replica's append to commit: appends form one sequence.
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(self.lock_name))
+                return await self._append_in(storage.PgAppend(conn), drafts)
+        except BaseException:
+            # The connection's state is unknown (e.g. cancelled mid-statement): a new one next time.
+            self._driver = None
+            conn.terminate()
+            raise
+
+    async def _append_sql(self, drafts: list[EntryDraft]) -> AppendOutcome:
+        while True:
+            async with self.db.transaction() as conn:
+                if self.db.is_postgres:
+                    await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({lock_key(self.lock_name)})")
+                    return await self._append_in(storage.SqlAppend(conn), drafts)
+                # SQLite: one process on the host holds the sequencer's file lock; others wait.
+                if await self.db.try_xact_lock(conn, self.lock_name):
+                    return await self._append_in(storage.SqlAppend(conn), drafts)
+            await asyncio.sleep(0.2)
+
+    async def _append_in(self, store: storage.PgAppend | storage.SqlAppend, drafts: list[EntryDraft]) -> AppendOutcome:
+        size, root = await store.state()
+        unique: dict[str, EntryDraft] = {}
+        for draft in drafts:
+            unique.setdefault(draft.event_id, draft)
+        logged = await store.logged_event_ids(list(unique))
+        new = [d for d in unique.values() if d.event_id not in logged]
+        duplicates = len(drafts) - len(new)
+        if not new:
+            return AppendOutcome(size, root, 0, duplicates)
+        subjects = await self.subjects.of(d.patient_id for d in new if d.patient_id)
+        integrated_time = time.time()
+        rows: list[storage.EntryRow] = []
+        leaves: list[bytes] = []
+        lists: dict[str, list[str]] = {}
+        for offset, draft in enumerate(new):
+            subject = subjects[draft.patient_id] if draft.patient_id else None
+            entry = encode_entry(draft, subject, integrated_time)
+            record_id, commitment, actor = lookup_columns(draft)
+            rows.append(
+                storage.EntryRow(
+                    size + offset,
+                    draft.event_id,
+                    entry,
+                    draft.type,
+                    subject,
+                    record_id,
+                    commitment,
+                    actor,
+                    draft.event_time,
+                    integrated_time,
+                )
+            )
+            leaves.append(tlog.leaf_hash(entry))
+            lists.update(draft.side_lists)
+        result = await tlog.append(store.tiles, size, leaves)
+        await store.write(rows, result.tiles, lists, result.tree_size, result.root)
+        unprocessable = sum(1 for d in new if d.type == UNPROCESSABLE)
+        return AppendOutcome(result.tree_size, result.root, len(new), duplicates, unprocessable)
