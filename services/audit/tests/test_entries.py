@@ -137,3 +137,10 @@ def test_the_readme_documents_every_entry_type_as_the_code_builds_it() -> None:
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert entries.schema_markdown() in readme
+
+
+def test_the_patient_acting_on_their_own_data_is_named_as_the_subject() -> None:
+    stored = records_events_pb2.RecordStored(record_id="rec_1", version=1, patient_id=PATIENT, written_by=PATIENT)
+    draft = entries.draft_entry(event(stored))
+    assert draft is not None and draft.fields["written_by"] == entries.SUBJECT_ITSELF
+    assert PATIENT.encode() not in entries.encode_entry(draft, "s", NOW.timestamp())

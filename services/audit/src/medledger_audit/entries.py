@@ -39,6 +39,9 @@ __all__ = ["MAX_ENTRY_BYTES", "EntryDraft", "draft_entry", "encode_entry", "subj
 MAX_LISTED_IDS = 16
 PATIENT_PREFIX = "pat_"
 UNPROCESSABLE = "unprocessable"
+# What stands in a field for the patient the entry is about (e.g. `written_by` when a patient
+# wrote their own record).
+SUBJECT_ITSELF = "@subject"
 
 # The entry type of each event payload the log knows. An event of another payload type is an
 # `unprocessable` entry (with the SHA-256 of its bytes), never dropped.
@@ -120,6 +123,10 @@ def draft_entry(event: Event) -> EntryDraft | None:
         )
     fields = _fields_of(payload)
     patient_id = _take_patient(fields)
+    if patient_id:
+        # The patient acting on their own data (writing their record, reading it): named as the
+        # subject, not by id.
+        _replace_value(fields, patient_id, SUBJECT_ITSELF)
     side_lists = _hash_long_lists(fields)
     return EntryDraft(event.id, entry_type, patient_id, event_time, fields, side_lists)
 
@@ -177,6 +184,16 @@ def _take_patient(fields: dict[str, Any]) -> str | None:
             nested = _take_patient(value)
             found = found or nested
     return found
+
+
+def _replace_value(fields: dict[str, Any], old: str, new: str) -> None:
+    for name, value in fields.items():
+        if value == old:
+            fields[name] = new
+        elif isinstance(value, dict):
+            _replace_value(value, old, new)
+        elif isinstance(value, list):
+            fields[name] = [new if v == old else v for v in value]
 
 
 def _hash_long_lists(fields: dict[str, Any]) -> dict[str, list[str]]:
