@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 
+from medledger_audit import main as audit_main
+from medledger_audit import storage as audit_storage
+from medledger_audit.config import AuditSettings
 from medledger_common import localstack
 from medledger_common.keys import create_master_key_file
 from medledger_common.service import ServiceRuntime
@@ -43,6 +46,7 @@ class Stack:
     # Every consent replica, `consent` first; they share one database.
     consent_replicas: list[ServiceRuntime] = field(default_factory=list)
     records: ServiceRuntime | None = None
+    audit: ServiceRuntime | None = None
     _clients: list[TokenClient] = field(default_factory=list)
 
     @property
@@ -112,6 +116,7 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
         records: bool = False,
         records_db: str | None = None,
         records_settings: dict[str, Any] | None = None,
+        audit: bool = False,
     ) -> AsyncIterator[Stack]:
         secrets_dir = tmp_path / "secrets"
         secrets_dir.mkdir(exist_ok=True)
@@ -119,6 +124,7 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
         (tmp_path / "admin.secret").write_text(admin_secret + "\n")
         (secrets_dir / "consent.secret").write_text("mlsec_consent_" + secrets.token_urlsafe(24))
         (secrets_dir / "records.secret").write_text("mlsec_records_" + secrets.token_urlsafe(24))
+        (secrets_dir / "audit.secret").write_text("mlsec_audit_" + secrets.token_urlsafe(24))
         master = tmp_path / "master-identity.key"
         if not master.exists():
             create_master_key_file(master)
@@ -187,8 +193,32 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
                         records_main.build,
                     )
                 )
+            audit_runtime = None
+            if audit:
+                master_audit = tmp_path / "master-audit.key"
+                if not master_audit.exists():
+                    create_master_key_file(master_audit)
+                audit_runtime = await exits.enter_async_context(
+                    running_service(
+                        "audit",
+                        service_settings(
+                            AuditSettings,
+                            kafka,
+                            postgres.new_database("audit"),
+                            identity_address=f"127.0.0.1:{identity.grpc_port}",
+                            client_secret_file=secrets_dir / "audit.secret",
+                            master_key_file=master_audit,
+                            keyring_file=tmp_path / "keyrings" / "audit.keyring",
+                            last_checkpoint_file=tmp_path / "audit" / "last-checkpoint",
+                            checkpoint_interval_seconds=0.5,
+                        ),
+                        audit_storage.MIGRATIONS,
+                        audit_main.build,
+                    )
+                )
             stack = Stack(identity, replicas[0] if replicas else None, admin_secret, secrets_dir, replicas)
             stack.records = records_runtime
+            stack.audit = audit_runtime
             try:
                 yield stack
             finally:

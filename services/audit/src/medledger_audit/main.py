@@ -40,8 +40,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         batch_max=settings.append_batch_max,
     )
     runtime.extras.update(audit_sequencer=sequencer, audit_checkpointer=checkpointer, audit_consumer=consumer)
-    # RPCs not built yet answer UNIMPLEMENTED (the generated base servicer) until their issue lands.
-    api = AuditApi(runtime)  # type: ignore[abstract]
+    api = AuditApi(runtime, checkpointer)
     return ServiceParts(
         service_descriptors=[audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"]],
         register=lambda server: audit_service_pb2_grpc.add_AuditServiceServicer_to_server(api, server),

@@ -373,3 +373,39 @@ async def pg_transaction(conn: Any) -> AsyncIterator[Any]:
     """An asyncpg transaction (typed here so callers need not import asyncpg)."""
     async with conn.transaction():
         yield conn
+
+
+# --- reads for the API --------------------------------------------------------------------------
+
+
+async def select_entries(
+    conn: AsyncConnection,
+    *,
+    subject: str | None = None,
+    actor_id: str = "",
+    record_id: str = "",
+    time_from: float | None = None,
+    time_before: float | None = None,
+    after_index: int = -1,
+    limit: int = 100,
+) -> list[Any]:
+    """Entry rows matching every filter given, in index order, after `after_index`."""
+    c = entries.c
+    query = select(entries).where(c.entry_index > after_index)
+    if subject is not None:
+        query = query.where(c.subject == subject)
+    if actor_id:
+        query = query.where(c.actor_id == actor_id)
+    if record_id:
+        query = query.where(c.record_id == record_id)
+    if time_from is not None:
+        query = query.where(c.integrated_time >= time_from)
+    if time_before is not None:
+        query = query.where(c.integrated_time < time_before)
+    return list(await conn.execute(query.order_by(c.entry_index).limit(limit)))
+
+
+async def entry_by_commitment(conn: AsyncConnection, commitment: str) -> Any | None:
+    """The (first) entry holding a record version's commitment."""
+    c = entries.c
+    return (await conn.execute(select(entries).where(c.commitment == commitment).order_by(c.entry_index))).first()
