@@ -211,6 +211,7 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
                             keyring_file=tmp_path / "keyrings" / "audit.keyring",
                             last_checkpoint_file=tmp_path / "audit" / "last-checkpoint",
                             checkpoint_interval_seconds=0.5,
+                            tiles_http_port=0,
                         ),
                         audit_storage.MIGRATIONS,
                         audit_main.build,

@@ -168,3 +168,70 @@ async def test_a_record_is_proven_in_the_log_and_entries_are_read_by_whom_they_c
         bundle = Bundle.model_validate_json(exported.fhir_bundle_json)
         assert exported.entries == len(own.entries) == len(bundle.entry)
         assert patient_id not in exported.fhir_bundle_json.decode()
+
+
+async def test_the_log_is_served_as_c2sp_tiles_and_bundles_are_for_auditors(start_stack) -> None:
+    import aiohttp
+
+    async with start_stack(records=True, audit=True) as stack:
+        assert stack.audit is not None and stack.records is not None
+        identity_public = id_grpc.IdentityServiceStub(make_channel(stack.identity_address))
+        admin = id_grpc.IdentityServiceStub(stack.admin().channel(stack.identity_address, "medledger.identity"))
+        fhir = {"resourceType": "Patient", "identifier": [{"system": "urn:oid:1.2.3", "value": uuid.uuid4().hex}]}
+        patient = await identity_public.RegisterPatient(
+            id_pb.RegisterPatientRequest(request_id=rid(), fhir_patient=json.dumps(fhir).encode())
+        )
+        reply = await admin.RegisterPrincipal(
+            id_pb.RegisterPrincipalRequest(request_id=rid(), kind=vocab.PrincipalKind.PRINCIPAL_KIND_RESEARCHER)
+        )
+        await admin.AssignRole(
+            id_pb.AssignRoleRequest(
+                request_id=rid(), principal_id=reply.principal.principal_id, role=vocab.Role.ROLE_AUDITOR
+            )
+        )
+        public = pb_grpc.AuditServiceStub(make_channel(f"127.0.0.1:{stack.audit.grpc_port}"))
+
+        async def signed() -> Any:
+            try:
+                latest = await public.GetLatestCheckpoint(pb.GetLatestCheckpointRequest())
+            except grpc.aio.AioRpcError:
+                return None
+            return latest if latest.tree_size >= 2 else None
+
+        latest = await eventually(signed, "a checkpoint")
+        keys = await public.GetVerifierKeys(pb.GetVerifierKeysRequest())
+        verifiers = [notes.NoteVerifier.parse(k) for k in keys.verifier_keys]
+        base = f"http://127.0.0.1:{stack.audit.extras['audit_http'].port}"
+        auditor_token = await stack.client(reply.principal.principal_id, reply.client_secret).token("medledger.audit")
+        patient_token = await stack.client(patient.principal.principal_id, patient.client_secret).token(
+            "medledger.audit"
+        )
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/checkpoint") as r:
+                checkpoint, _ = notes.open_checkpoint(await r.text(), verifiers, origin=keys.origin)
+            assert checkpoint.tree_size >= latest.tree_size
+
+            class HttpTiles:
+                async def read_tiles(self, wanted: Any) -> list[bytes]:
+                    out = []
+                    for tile in wanted:
+                        async with http.get(f"{base}/{tile.path()}") as response:
+                            assert response.status == 200, tile.path()
+                            out.append(await response.read())
+                    return out
+
+            # A verifier that has only HTTP recomputes the signed root from the public tiles.
+            assert await tlog.tree_root(HttpTiles(), checkpoint.tree_size) == checkpoint.root
+            beyond = tlog.Tile(0, 5, 256)
+            async with http.get(f"{base}/{beyond.path()}") as r:
+                assert r.status == 404
+            bundle_path = f"{base}/{tlog.Tile(tlog.ENTRIES_LEVEL, 0, checkpoint.tree_size).path()}"
+            async with http.get(bundle_path) as r:
+                assert r.status == 401
+            async with http.get(bundle_path, headers={"Authorization": f"Bearer {patient_token}"}) as r:
+                assert r.status == 403
+            async with http.get(bundle_path, headers={"Authorization": f"Bearer {auditor_token}"}) as r:
+                assert r.status == 200
+                bundle = tlog.decode_entry_bundle(await r.read(), checkpoint.tree_size)
+            leaves = (await HttpTiles().read_tiles([tlog.Tile(0, 0, checkpoint.tree_size)]))[0]
+            assert b"".join(tlog.leaf_hash(e) for e in bundle) == leaves

@@ -20,8 +20,9 @@ import grpc
 from aiokafka import AIOKafkaProducer
 from medledger.events.v1 import identity_events_pb2
 
-from medledger_common.auth import Access, AuthInterceptor, DeactivationSet, JwksFetcher, TokenVerifier
+from medledger_common.auth import Access, AuthInterceptor, Caller, DeactivationSet, JwksFetcher, TokenVerifier
 from medledger_common.db import Database, Migration
+from medledger_common.errors import Unauthenticated
 from medledger_common.events import TOPICS, unpack
 from medledger_common.grpc_server import GrpcServer, TLSFiles
 from medledger_common.identity_link import TOKEN_ISSUER, IdentityLink
@@ -172,6 +173,20 @@ class ServiceRuntime:
             "service started",
             extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port, "tls": tls is not None},
         )
+
+    async def authenticate_bearer(self, authorization: str | None) -> Caller:
+        """The caller behind an HTTP request's `Authorization: Bearer` header, checked as the
+        gRPC interceptor checks calls (signature, audience, expiry, deactivation); for a
+        service's HTTP endpoints. Unauthenticated otherwise."""
+        if self._verifier is None:
+            raise Unauthenticated("this service does not authenticate callers yet")
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("this request needs an access token (Authorization: Bearer …)")
+        caller = await self._verifier.verify(token.strip())
+        if caller.principal_id in self.deactivated:
+            raise Unauthenticated("the principal is deactivated")
+        return caller
 
     def require_keys(self) -> KeyManager:
         """The key manager, for services that keep keys; a ConfigError names what is missing."""

@@ -12,6 +12,8 @@ class AuditSettings(ServiceSettings):
     grpc_port: int = 50055
     metrics_port: int = 9105
     database_url: str = "sqlite+aiosqlite:///.medledger/audit.db"
+    # The C2SP tlog-tiles HTTP endpoint (/checkpoint, /tile/...); 0: a free port.
+    tiles_http_port: int = Field(default=9115, ge=0, le=65535)
 
     # The log's name: the first line of its checkpoints and the name of its note keys. A log
     # whose database was rolled back continues under a new origin.

@@ -8,6 +8,7 @@ from medledger_audit.api import ACCESS, PUBLIC_METHODS, AuditApi
 from medledger_audit.checkpoints import Checkpointer
 from medledger_audit.config import AuditSettings
 from medledger_audit.handlers import LogConsumer
+from medledger_audit.http import TilesHttp
 from medledger_audit.sequencer import Sequencer
 from medledger_audit.storage import MIGRATIONS
 from medledger_common.service import ServiceParts, ServiceRuntime, run_service
@@ -41,15 +42,17 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     )
     runtime.extras.update(audit_sequencer=sequencer, audit_checkpointer=checkpointer, audit_consumer=consumer)
     api = AuditApi(runtime, checkpointer)
+    tiles_http = TilesHttp(runtime, checkpointer, settings.grpc_host, settings.tiles_http_port)
+    runtime.extras["audit_http"] = tiles_http
     return ServiceParts(
         service_descriptors=[audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"]],
         register=lambda server: audit_service_pb2_grpc.add_AuditServiceServicer_to_server(api, server),
         access=ACCESS,
         public_methods=PUBLIC_METHODS,
         # The signing keys and the last signed checkpoint, before anything is appended or served.
-        on_start=[checkpointer.start],
+        on_start=[checkpointer.start, tiles_http.start],
         background=[consumer.run_until_cancelled, checkpointer.run],
-        on_stop=[sequencer.close],
+        on_stop=[tiles_http.stop, sequencer.close],
     )
 
 
