@@ -78,12 +78,18 @@ class Ports:
         """identity's JWKS over HTTP: 9111 with the default metrics ports."""
         return self.metrics_base + 10
 
+    @property
+    def tiles(self) -> int:
+        """audit's transparency-log tiles over HTTP: 9115 with the default metrics ports."""
+        return self.metrics_base + 14
+
     def purposes(self) -> list[tuple[int, str]]:
         """Every port the stack needs, with what it is for."""
         needed = [(self.kafka, "Kafka (Tansu)"), (self.anvil, "Anvil JSON-RPC")]
         needed += [(self.grpc(s), f"{s} gRPC") for s in SERVICES]
         needed += [(self.metrics(s), f"{s} metrics") for s in SERVICES]
         needed.append((self.jwks, "identity JWKS over HTTP"))
+        needed.append((self.tiles, "audit log tiles over HTTP"))
         return needed
 
 
@@ -309,6 +315,9 @@ class Stack:
             env["MEDLEDGER_JWKS_HTTP_PORT"] = str(self.ports.jwks)
         else:
             env["MEDLEDGER_CLIENT_SECRET_FILE"] = str(self.state.service_secret_file(name))
+        if name == "audit":
+            env["MEDLEDGER_TILES_HTTP_PORT"] = str(self.ports.tiles)
+            env["MEDLEDGER_LAST_CHECKPOINT_FILE"] = str(self.state.path / "audit" / "last-checkpoint")
         proc = localstack.ManagedProcess.spawn(name, [sys.executable, "-m", f"medledger_{name}"], log, env=env)
         self.services[name] = proc
         self._record_pids()
@@ -379,6 +388,7 @@ class Stack:
         print(f"  Kafka bootstrap  {self.bootstrap_servers}  (pid {self.kafka.pid})")
         print(f"  Anvil RPC        http://{HOST}:{self.ports.anvil}  (pid {self.anvil.pid})")
         print(f"  JWKS             http://{HOST}:{self.ports.jwks}/.well-known/jwks.json")
+        print(f"  audit log tiles  http://{HOST}:{self.ports.tiles}/checkpoint")
         print(f"  admin            principal svc_admin, client secret in {self.state.admin_secret_file()}")
         print(f"  state folder     {self.state.path}")
         print(f"  logs             {self.state.logs}")
