@@ -12,6 +12,8 @@ class AuditSettings(ServiceSettings):
     grpc_port: int = 50055
     metrics_port: int = 9105
     database_url: str = "sqlite+aiosqlite:///.medledger/audit.db"
+    # How often the service checks its newest entries and latest checkpoint against storage.
+    verify_interval_seconds: float = Field(default=300.0, gt=0)
     # The C2SP tlog-tiles HTTP endpoint (/checkpoint, /tile/...); 0: a free port.
     tiles_http_port: int = Field(default=9115, ge=0, le=65535)
 

@@ -11,6 +11,7 @@ from medledger_audit.handlers import LogConsumer
 from medledger_audit.http import TilesHttp
 from medledger_audit.sequencer import Sequencer
 from medledger_audit.storage import MIGRATIONS
+from medledger_audit.verify import IncrementalVerifier
 from medledger_common.service import ServiceParts, ServiceRuntime, run_service
 from medledger_common.settings import load_settings_or_exit
 
@@ -44,6 +45,10 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     api = AuditApi(runtime, checkpointer)
     tiles_http = TilesHttp(runtime, checkpointer, settings.grpc_host, settings.tiles_http_port)
     runtime.extras["audit_http"] = tiles_http
+    verifier = IncrementalVerifier(
+        runtime.db, checkpointer, interval=settings.verify_interval_seconds, origin=settings.log_origin
+    )
+    runtime.extras["audit_verifier"] = verifier
     return ServiceParts(
         service_descriptors=[audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"]],
         register=lambda server: audit_service_pb2_grpc.add_AuditServiceServicer_to_server(api, server),
@@ -51,7 +56,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         public_methods=PUBLIC_METHODS,
         # The signing keys and the last signed checkpoint, before anything is appended or served.
         on_start=[checkpointer.start, tiles_http.start],
-        background=[consumer.run_until_cancelled, checkpointer.run],
+        background=[consumer.run_until_cancelled, checkpointer.run, verifier.run],
         on_stop=[tiles_http.stop, sequencer.close],
     )
 

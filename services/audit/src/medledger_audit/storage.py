@@ -409,3 +409,13 @@ async def entry_by_commitment(conn: AsyncConnection, commitment: str) -> Any | N
     """The (first) entry holding a record version's commitment."""
     c = entries.c
     return (await conn.execute(select(entries).where(c.commitment == commitment).order_by(c.entry_index))).first()
+
+
+async def checkpoints_of(conn: AsyncConnection, origin: str) -> list[tuple[int, str]]:
+    """Every signed checkpoint of this origin: (tree size, note verbatim), by size."""
+    rows = await conn.execute(
+        select(checkpoints.c.tree_size, checkpoints.c.note)
+        .where(checkpoints.c.origin == origin)
+        .order_by(checkpoints.c.tree_size)
+    )
+    return [(int(r.tree_size), str(r.note)) for r in rows]
