@@ -169,6 +169,40 @@ async def test_a_record_is_proven_in_the_log_and_entries_are_read_by_whom_they_c
         assert exported.entries == len(own.entries) == len(bundle.entry)
         assert patient_id not in exported.fhir_bundle_json.decode()
 
+        # Redaction for retention: the payload goes, the leaf stays, every proof still verifies.
+        redact = pb.RedactEntryRequest(request_id=rid(), index=entry.index, reason="retention rule R-7")
+        assert await status_of(auditor.RedactEntry(redact)) == CODE.PERMISSION_DENIED
+        await admin.AssignRole(
+            id_pb.AssignRoleRequest(
+                request_id=rid(), principal_id=reply.principal.principal_id, role=vocab.Role.ROLE_PRIVACY_OFFICER
+            )
+        )
+        officer = pb_grpc.AuditServiceStub(
+            stack.client(reply.principal.principal_id, reply.client_secret).channel(audit_address, "medledger.audit")
+        )
+        redacted = await officer.RedactEntry(redact)
+        assert redacted.entry.redacted and not redacted.entry.entry and redacted.entry.leaf_hash == entry.leaf_hash
+        assert (await officer.RedactEntry(redact)).redaction_index == redacted.redaction_index  # a retry
+        again = pb.RedactEntryRequest(request_id=rid(), index=entry.index, reason="again")
+        assert await status_of(officer.RedactEntry(again)) == CODE.FAILED_PRECONDITION
+        proof = await public.GetInclusionProof(
+            pb.GetInclusionProofRequest(index=entry.index, tree_size=checkpoint.tree_size)
+        )
+        assert tlog.verify_inclusion(entry.index, checkpoint.tree_size, entry.leaf_hash, proof.hashes, checkpoint.root)
+        listed = await auditor.ListEntries(pb.ListEntriesRequest(record_id=stored.record_id))
+        assert [(e.index, e.redacted, e.leaf_hash) for e in listed.entries] == [(entry.index, True, entry.leaf_hash)]
+
+        async def recorded() -> Any:
+            page = await auditor.ListEntries(pb.ListEntriesRequest(page_size=1000))
+            return [json.loads(e.entry) for e in page.entries if e.index == redacted.redaction_index]
+
+        (record_of_it,) = await eventually(recorded, "the redaction's entry")
+        assert record_of_it["type"] == "entry.redacted" and record_of_it["redacted_index"] == entry.index
+        from medledger_audit.verify import verify_log
+
+        checkpointer = stack.audit.extras["audit_checkpointer"]
+        assert (await verify_log(stack.audit.db, checkpointer.verifiers, checkpointer.origin)).ok
+
 
 async def test_the_log_is_served_as_c2sp_tiles_and_bundles_are_for_auditors(start_stack) -> None:
     import aiohttp

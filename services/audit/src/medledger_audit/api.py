@@ -17,9 +17,10 @@ from medledger.audit.v1 import audit_service_pb2_grpc as pb_grpc
 
 from medledger_audit import fhir_audit, notes, storage, tlog
 from medledger_audit.checkpoints import Checkpointer
-from medledger_audit.entries import subject_key_name
+from medledger_audit.entries import REDACTION, EntryDraft, redaction_entry, subject_key_name
 from medledger_common.auth import Access, Caller, current_caller
 from medledger_common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from medledger_common.idempotency import check_request_id
 from medledger_common.service import ServiceRuntime
 from medledger_common.timestamps import seconds
 
@@ -42,7 +43,9 @@ ACCESS: dict[str, Access] = {
     _SERVICE + "FindCommitment": Access(),
     _SERVICE + "ListEntries": Access.of(kinds=["patient"], roles=["auditor"]),
     _SERVICE + "ExportAuditEvents": Access.of(kinds=["patient"], roles=["auditor"]),
+    _SERVICE + "RedactEntry": Access.of(roles=["privacy-officer"]),
 }
+MAX_REASON = 500
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
 MAX_EXPORT = 10_000
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -223,6 +226,37 @@ class AuditApi(pb_grpc.AuditServiceServicer):
                 limit=limit,
             )
 
+    async def RedactEntry(
+        self, request: pb.RedactEntryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RedactEntryResponse:
+        """Redaction for retention: the redaction is appended as an entry first (durable, and
+        deduplicated by the request id), then the payload goes; a retry finishes a redaction a
+        crash interrupted."""
+        caller = current_caller()
+        check_request_id(request.request_id)
+        if not request.reason or len(request.reason) > MAX_REASON:
+            raise InvalidArgument.field("reason", f"required: why, at most {MAX_REASON} characters")
+        size = await self._tree_size()
+        if request.index >= size:
+            raise NotFound(f"the log has no entry {request.index}")
+        async with self.rt.db.read() as conn:
+            (row,) = await storage.read_entries(conn, request.index, request.index + 1)
+            draft_id = f"redaction:{request.request_id}"[:200]
+            retried = await storage.entry_index_of(conn, draft_id) is not None
+        if row.type == REDACTION:
+            raise FailedPrecondition("a redaction's own entry stays: it is what says the redaction happened")
+        if row.entry is None and not retried:
+            raise FailedPrecondition(f"entry {request.index} is redacted already")
+        leaf = (await tlog.leaf_hashes(self.tiles, request.index, request.index + 1, size))[0]
+        sequencer = self.rt.extras["audit_sequencer"]
+        await sequencer.append([_redaction_of(request, caller, leaf)])
+        async with self.rt.db.transaction() as conn:
+            await storage.redact_entry(conn, request.index)
+            redaction_index = await storage.entry_index_of(conn, draft_id)
+            (row,) = await storage.read_entries(conn, request.index, request.index + 1)
+        assert redaction_index is not None
+        return pb.RedactEntryResponse(entry=_log_entry(row, leaf), redaction_index=redaction_index)
+
     async def _subject_of(self, patient_id: str) -> str | None:
         """The patient's `subject`, without creating a key for a patient the log never saw."""
         keys = self.rt.require_keys()
@@ -239,6 +273,10 @@ class AuditApi(pb_grpc.AuditServiceServicer):
         size = await self._tree_size()
         leaf = (await tlog.leaf_hashes(self.tiles, int(row.entry_index), int(row.entry_index) + 1, size))[0]
         return _log_entry(row, leaf)
+
+
+def _redaction_of(request: pb.RedactEntryRequest, caller: Caller, leaf: bytes) -> EntryDraft:
+    return redaction_entry(request.index, leaf.hex(), request.reason, caller.principal_id, request.request_id)
 
 
 def _page_position(token: str) -> int:

@@ -150,6 +150,21 @@ def _unprocessable(event_id: str, event_time: float, *, reason: str, raw: bytes,
     return EntryDraft(event_id[:200], UNPROCESSABLE, None, event_time, fields)
 
 
+REDACTION = "entry.redacted"
+
+
+def redaction_entry(index: int, leaf_hash_hex: str, reason: str, redacted_by: str, request_id: str) -> EntryDraft:
+    """The entry recording that entry `index` lost its payload (its leaf hash stays in the tree).
+    Its id comes from the request, so a retried redaction is the same entry."""
+    fields = {
+        "redacted_index": index,
+        "redacted_leaf_hash": leaf_hash_hex,
+        "reason": reason,
+        "redacted_by": redacted_by,
+    }
+    return EntryDraft(f"redaction:{request_id}"[:200], REDACTION, None, 0.0, fields)
+
+
 def encode_entry(draft: EntryDraft, subject: str | None, integrated_time: float) -> bytes:
     """The entry's bytes: JCS of the common fields and the type's fields."""
     entry: dict[str, Any] = {
@@ -262,6 +277,10 @@ def schema_markdown() -> str:
                 kind = f"array of {kind}; over {MAX_LISTED_IDS}: `{f.name}_sha256`, `{f.name}_count`"
             described.append(f"`{f.name}` {kind}")
         lines.append(f"| `{entry_type}` | `{full_name.rsplit('.', 1)[1]}` | {', '.join(described)} |")
+    lines.append(
+        "| `entry.redacted` | (`RedactEntry`) | `redacted_index` integer, `redacted_leaf_hash` string (hex), "
+        "`reason` string, `redacted_by` string |"
+    )
     lines.append(
         "| `unprocessable` | (anything else) | `reason` string, `raw_sha256` string (hex), `raw_bytes` integer; "
         "`event_type` string, or `topic` string, `partition` integer, `offset` integer |"

@@ -54,6 +54,7 @@ _KINDS: dict[str, tuple[tuple[str, str], str]] = {
     "identity.signing_key_rotated": (_APPLICATION_ACTIVITY, "U"),
     "notification.requested": (_APPLICATION_ACTIVITY, "E"),
     "unprocessable": (_SECURITY_ALERT, "E"),
+    "entry.redacted": (_APPLICATION_ACTIVITY, "D"),
 }
 # Fields naming who acted, in order of preference.
 _ACTOR_FIELDS = (
@@ -66,6 +67,7 @@ _ACTOR_FIELDS = (
     "cancelled_by",
     "granted_by",
     "principal_id",
+    "redacted_by",
 )
 # Fields naming what was concerned: (field, identifier system).
 _WHAT_FIELDS = (

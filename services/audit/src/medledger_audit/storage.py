@@ -419,3 +419,13 @@ async def checkpoints_of(conn: AsyncConnection, origin: str) -> list[tuple[int, 
         .order_by(checkpoints.c.tree_size)
     )
     return [(int(r.tree_size), str(r.note)) for r in rows]
+
+
+async def redact_entry(conn: AsyncConnection, index: int) -> None:
+    """Remove an entry's payload; its leaf hash stays in the tiles, so every proof still holds."""
+    await conn.execute(update(entries).where(entries.c.entry_index == index).values(entry=None))
+
+
+async def entry_index_of(conn: AsyncConnection, event_id: str) -> int | None:
+    found = await conn.scalar(select(entries.c.entry_index).where(entries.c.event_id == event_id))
+    return None if found is None else int(found)
