@@ -144,3 +144,71 @@ def test_the_patient_acting_on_their_own_data_is_named_as_the_subject() -> None:
     draft = entries.draft_entry(event(stored))
     assert draft is not None and draft.fields["written_by"] == entries.SUBJECT_ITSELF
     assert PATIENT.encode() not in entries.encode_entry(draft, "s", NOW.timestamp())
+
+
+# --- canonical_json: the standard library's encoder where it writes RFC 8785's bytes ----------
+
+
+def _all_code_points_in_chunks(size: int = 997) -> list[str]:
+    points = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    return ["".join(map(chr, points[i : i + size])) for i in range(0, len(points), size)]
+
+
+@pytest.mark.parametrize("type_name", sorted(entries.ENTRY_TYPES))
+def test_every_entry_type_encodes_to_the_bytes_of_rfc8785(type_name: str) -> None:
+    _, message_class = entries.ENTRY_TYPES[type_name]
+    payload = message_class()
+    for field in message_class.DESCRIPTOR.fields:
+        if field.type == field.TYPE_STRING:
+            value = PATIENT if field.name in ("patient_id", "recipient_id", "principal_id") else f'é"\\\n\u2028{field.name}😀'
+            if field.is_repeated:
+                getattr(payload, field.name).extend([value, "x"])
+            else:
+                setattr(payload, field.name, value)
+    draft = entries.draft_entry(event(payload))
+    assert draft is not None
+    entry = {**draft.fields, "v": 1, "type": draft.type, "event_id": draft.event_id, "subject": "s"}
+    assert entries._jcs_safe(entry), "entries take the fast path"
+    assert entries.canonical_json(entry) == rfc8785.dumps(entry)
+    data = entries.encode_entry(draft, "subject", NOW.timestamp())
+    assert data == rfc8785.dumps(json.loads(data))
+
+
+def test_canonical_json_matches_rfc8785_on_every_code_point_in_values_and_keys() -> None:
+    tricky = ['"', "\\", "/", "\b\f\n\r\t", "\x00\x01\x1f\x7f", "\u2028\u2029", "\U0001f600\U0010ffff", "é中", ""]
+    for text in tricky + _all_code_points_in_chunks():
+        value = {"k": text, "list": [text, 1, True, None], "nested": {"a": text}}
+        assert entries.canonical_json(value) == rfc8785.dumps(value), repr(text[:20])
+    for c in range(0x80):  # every ASCII character in a key, escaped alike and sorted alike
+        value = {chr(c): 1, "a" + chr(c): 2, "~": 3}
+        assert entries.canonical_json(value) == rfc8785.dumps(value), c
+
+
+def test_canonical_json_leaves_to_rfc8785_what_the_fast_path_would_write_differently() -> None:
+    import enum
+
+    class Kind(enum.IntEnum):
+        A = 1
+
+    slow = [
+        {"f": 1.5},
+        {"f": 1e21},
+        {"f": -0.0},
+        {"nested": [{"f": 0.1}]},
+        {"big": 2**53},
+        {"big": -(2**53)},
+        {"\ue000": 1, "\U0001f600": 2},  # code-point order and UTF-16 order differ here
+        {"enum": Kind.A},
+    ]
+    for value in slow:
+        assert not entries._jcs_safe(value)
+        try:
+            expected = rfc8785.dumps(value)
+        except rfc8785.CanonicalizationError:
+            with pytest.raises(rfc8785.CanonicalizationError):
+                entries.canonical_json(value)
+        else:
+            assert entries.canonical_json(value) == expected
+    assert entries._jcs_safe({"ok": 2**53 - 1, "neg": -(2**53) + 1})
+    with pytest.raises(rfc8785.CanonicalizationError):  # a lone surrogate is not UTF-8
+        entries.canonical_json({"s": "\ud800"})
