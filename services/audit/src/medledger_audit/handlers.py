@@ -66,10 +66,11 @@ class LogConsumer(EventConsumer):
         retry_seconds: float = 0.2,
         max_retry_seconds: float = 5.0,
         fetch_max_wait_ms: int = 100,
+        group_id: str = LOG_CONSUMER,
     ) -> None:
         super().__init__(
             bootstrap_servers=bootstrap_servers,
-            group_id=LOG_CONSUMER,
+            group_id=group_id,
             handler=self._never_called,
             producer=producer,
             pattern=SERVICE_TOPIC_PATTERN,
