@@ -23,8 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     BigInteger,
@@ -119,9 +118,9 @@ MIGRATIONS: list[Migration] = [
 ]
 
 
-@dataclass(frozen=True)
-class EntryRow:
-    """An entry as the sequencer writes it."""
+class EntryRow(NamedTuple):
+    """An entry as the sequencer writes it: a tuple in the columns' order, so COPY takes the rows
+    as they are (thousands per append; building a tuple from each row cost a tenth of an append)."""
 
     entry_index: int
     event_id: str
@@ -136,6 +135,7 @@ class EntryRow:
 
 
 ENTRY_COLUMNS = [c.name for c in entries.columns]
+assert list(EntryRow._fields) == ENTRY_COLUMNS, "EntryRow's fields are the entries columns, in order"
 
 
 def answer_tiles(wanted: Sequence[tlog.Tile], stored: Mapping[tuple[int, int], bytes]) -> list[bytes]:
@@ -178,6 +178,14 @@ class DatabaseTiles:
         self.db = db
 
     async def read_tiles(self, wanted: Sequence[tlog.Tile]) -> list[bytes]:
+        if not wanted:
+            return []
+        if self.db.is_postgres:
+            # A pooled connection's asyncpg driver, one statement in autocommit: a proof is this
+            # one read, and through SQLAlchemy's statement building it cost more than the query.
+            async with self.db.engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                return await PgTiles(raw.driver_connection).read_tiles(wanted)
         async with self.db.read() as conn:
             return await ConnectionTiles(conn).read_tiles(wanted)
 
@@ -212,7 +220,7 @@ class SqlAppend:
     ) -> None:
         conn = self.conn
         if rows:
-            await conn.execute(insert(entries), [r.__dict__ for r in rows])
+            await conn.execute(insert(entries), [r._asdict() for r in rows])
         tile_rows = [{"level": t.level, "tile_index": t.index, "hashes": d} for t, d in written_tiles.items()]
         if tile_rows:
             upsert: Any = (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(tiles)
@@ -287,25 +295,7 @@ class PgAppend:
         conn = self.conn
         if rows:
             # COPY: for thousands of rows, cheaper for the server than INSERT ... unnest.
-            await conn.copy_records_to_table(
-                "entries",
-                records=[
-                    (
-                        r.entry_index,
-                        r.event_id,
-                        r.entry,
-                        r.type,
-                        r.subject,
-                        r.record_id,
-                        r.commitment,
-                        r.actor_id,
-                        r.event_time,
-                        r.integrated_time,
-                    )
-                    for r in rows
-                ],
-                columns=ENTRY_COLUMNS,
-            )
+            await conn.copy_records_to_table("entries", records=rows, columns=ENTRY_COLUMNS)
         if written_tiles:
             items = list(written_tiles.items())
             await conn.execute(
