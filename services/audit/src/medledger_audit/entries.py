@@ -14,7 +14,10 @@ a verifier can still check a list it is shown. An entry is at most `MAX_ENTRY_BY
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +25,6 @@ from typing import Any
 import rfc8785
 from google.protobuf import message as pb_message
 from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.timestamp_pb2 import Timestamp
 from medledger.events.v1 import (
     consent_events_pb2,
     identity_events_pb2,
@@ -220,7 +222,7 @@ def _jcs_safe(value: Any) -> bool:
     if kind is str or kind is bool or value is None:
         return True
     if kind is int:
-        return -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT
+        return bool(-_MAX_SAFE_INT <= value <= _MAX_SAFE_INT)
     if kind is dict:
         for key, item in value.items():
             if type(key) is not str or not key.isascii() or not _jcs_safe(item):
@@ -274,26 +276,37 @@ def _fields_of(message: pb_message.Message) -> dict[str, Any]:
     hex, 64-bit integers as numbers (ids and versions stay far below 2^53)."""
     out: dict[str, Any] = {}
     for descriptor, value in message.ListFields():
-        if descriptor.is_repeated:
-            out[descriptor.name] = [_value(descriptor, v) for v in value]
+        plan = _PLANS.get(descriptor)
+        if plan is None:
+            plan = _PLANS[descriptor] = (descriptor.is_repeated, _converter(descriptor))
+        repeated, convert = plan
+        if convert is None:  # strings, integers, booleans: as they are
+            out[descriptor.name] = list(value) if repeated else value
+        elif repeated:
+            out[descriptor.name] = [convert(v) for v in value]
         else:
-            out[descriptor.name] = _value(descriptor, value)
+            out[descriptor.name] = convert(value)
     return out
 
 
-def _value(descriptor: FieldDescriptor, value: Any) -> Any:
+# Per field: whether it is repeated and how its values become JSON (None: as they are). Made
+# once per field, not per value: _fields_of runs for every event the log takes in.
+_PLANS: dict[FieldDescriptor, tuple[bool, Callable[[Any], Any] | None]] = {}
+
+
+def _converter(descriptor: FieldDescriptor) -> Callable[[Any], Any] | None:
     if descriptor.type == FieldDescriptor.TYPE_ENUM and descriptor.enum_type is not None:
-        enum_value = descriptor.enum_type.values_by_number.get(value)
-        return enum_value.name if enum_value is not None else int(value)
+        names = {number: v.name for number, v in descriptor.enum_type.values_by_number.items()}
+        return lambda value: names.get(value, int(value))
     if descriptor.type == FieldDescriptor.TYPE_MESSAGE:
-        if isinstance(value, Timestamp):
-            return rfc3339(value.seconds + value.nanos / 1e9)
-        return _fields_of(value)
+        if descriptor.message_type is not None and descriptor.message_type.full_name == "google.protobuf.Timestamp":
+            return lambda value: rfc3339(value.seconds + value.nanos / 1e9)
+        return _fields_of
     if descriptor.type == FieldDescriptor.TYPE_BYTES:
-        return bytes(value).hex()
+        return lambda value: bytes(value).hex()
     if descriptor.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
-        return float(value)
-    return value
+        return float
+    return None
 
 
 _JSON_TYPES = {
