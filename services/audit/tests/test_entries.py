@@ -160,7 +160,8 @@ def test_every_entry_type_encodes_to_the_bytes_of_rfc8785(type_name: str) -> Non
     payload = message_class()
     for field in message_class.DESCRIPTOR.fields:
         if field.type == field.TYPE_STRING:
-            value = PATIENT if field.name in ("patient_id", "recipient_id", "principal_id") else f'é"\\\n\u2028{field.name}😀'
+            tricky = f'é"\\\n\u2028{field.name}😀'
+            value = PATIENT if field.name in ("patient_id", "recipient_id", "principal_id") else tricky
             if field.is_repeated:
                 getattr(payload, field.name).extend([value, "x"])
             else:
