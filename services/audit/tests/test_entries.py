@@ -213,3 +213,18 @@ def test_canonical_json_leaves_to_rfc8785_what_the_fast_path_would_write_differe
     assert entries._jcs_safe({"ok": 2**53 - 1, "neg": -(2**53) + 1})
     with pytest.raises(rfc8785.CanonicalizationError):  # a lone surrogate is not UTF-8
         entries.canonical_json({"s": "\ud800"})
+
+
+def test_rfc3339_is_datetimes_isoformat_to_the_millisecond() -> None:
+    import random
+
+    def reference(seconds: float) -> str:
+        return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    rng = random.Random(8785)
+    edges = [0.0, 1.0, -1.0, -0.0005, 0.0005, 0.9995, 0.9999995, 0.9999994, 1.0000005, 1e-7, -1e-7]
+    values = edges + [1_764_000_000 + e for e in edges] + [rng.uniform(-2e9, 4e9) for _ in range(200_000)]
+    values += [rng.randrange(0, 4_000_000_000) + rng.randrange(0, 1_000_000) / 1e6 for _ in range(200_000)]
+    values += [rng.randrange(0, 4_000_000_000) + (rng.randrange(0, 1000) + 0.5) / 1000 for _ in range(100_000)]
+    for seconds in values:
+        assert entries.rfc3339(seconds) == reference(seconds), repr(seconds)
