@@ -49,10 +49,9 @@ contract AnchorRegistry {
     event AnchorerSet(address indexed anchorer, bool allowed);
     event LogRegistered(bytes32 indexed originHash, string origin, bytes32 x, bytes32 y);
     event LogKeyRotated(bytes32 indexed originHash, bytes32 x, bytes32 y);
-    /// An accepted checkpoint. With `origin` and `signature` anyone can rebuild the signed note.
-    event CheckpointAnchored(
-        bytes32 indexed originHash, uint64 size, bytes32 root, uint64 previousSize, string origin, bytes signature
-    );
+    /// An accepted checkpoint. The origin and the signature (r || s) are in the transaction's
+    /// calldata: with them anyone can rebuild the signed note.
+    event CheckpointAnchored(bytes32 indexed originHash, uint64 size, bytes32 root, uint64 previousSize);
 
     error NotOwner(address caller);
     error NotAnchorer(address caller);
@@ -136,7 +135,7 @@ contract AnchorRegistry {
         uint64 previousSize = _check(o, origin, size, root, signature, consistencyProof);
         _roots[o][size] = root;
         _latest[o] = Latest(size, uint64(block.number), uint64(block.timestamp), true);
-        emit CheckpointAnchored(o, size, root, previousSize, origin, signature);
+        emit CheckpointAnchored(o, size, root, previousSize);
     }
 
     /// Every check of `anchor`, in order; returns the latest accepted size (0: none yet).
@@ -167,7 +166,7 @@ contract AnchorRegistry {
         view
     {
         PublicKey memory key = _keys[o];
-        if (!_verifySignature(sha256(checkpointNote(origin, size, root)), signature, key.x, key.y)) {
+        if (!_verifySignature(_noteHash(origin, size, root), signature, key.x, key.y)) {
             revert BadSignature();
         }
     }
@@ -212,8 +211,17 @@ contract AnchorRegistry {
     }
 
     /// @notice The C2SP checkpoint note text the log signs: `<origin>\n<size>\n<base64 root>\n`.
-    function checkpointNote(string calldata origin, uint64 size, bytes32 root) public pure returns (bytes memory) {
-        return abi.encodePacked(origin, "\n", _decimal(size), "\n", _base64(root), "\n");
+    function checkpointNote(string calldata origin, uint64 size, bytes32 root) public pure returns (bytes memory note) {
+        bytes memory table = BASE64;
+        note = new bytes(bytes(origin).length + 68); // the longest: 20 digits, 44 base64 characters, 3 newlines
+        uint256 start;
+        assembly ("memory-safe") {
+            start := add(note, 32)
+        }
+        uint256 length = _writeNote(start, table, origin, size, root) - start;
+        assembly ("memory-safe") {
+            mstore(note, length)
+        }
     }
 
     // --- internals ----------------------------------------------------------------------------
@@ -237,6 +245,64 @@ contract AnchorRegistry {
         if (mulmod(py, py, P256_P) != rhs) revert InvalidPublicKey();
     }
 
+    /// SHA-256 of the note text, built in free memory (not allocated) and hashed by the precompile.
+    function _noteHash(string calldata origin, uint64 size, bytes32 root) private view returns (bytes32 h) {
+        bytes memory table = BASE64;
+        uint256 start;
+        assembly ("memory-safe") {
+            start := mload(0x40)
+        }
+        uint256 end = _writeNote(start, table, origin, size, root);
+        assembly ("memory-safe") {
+            if iszero(staticcall(gas(), 0x02, start, sub(end, start), 0x00, 0x20)) { revert(0, 0) }
+            h := mload(0x00)
+        }
+    }
+
+    /// Writes `<origin>\n<size in decimal>\n<base64 root>\n` at `p`; returns where it ends.
+    function _writeNote(uint256 p, bytes memory table, string calldata origin, uint64 size, bytes32 root)
+        private
+        pure
+        returns (uint256 end)
+    {
+        assembly ("memory-safe") {
+            calldatacopy(p, origin.offset, origin.length)
+            p := add(p, origin.length)
+            mstore8(p, 0x0a)
+            p := add(p, 1)
+            let digits := 1
+            for { let v := div(size, 10) } v { v := div(v, 10) } { digits := add(digits, 1) }
+            let q := add(p, digits)
+            for { let v := size } 1 {} {
+                q := sub(q, 1)
+                mstore8(q, add(48, mod(v, 10)))
+                v := div(v, 10)
+                if iszero(v) { break }
+            }
+            p := add(p, digits)
+            mstore8(p, 0x0a)
+            p := add(p, 1)
+            // Standard padded base64 of 32 bytes: ten groups of 24 bits (four characters each),
+            // then the last 16 bits padded to 18 (three characters) and '='.
+            let t := add(table, 1) // mload(t + i) ends with the table's byte i
+            for { let i := 0 } lt(i, 10) { i := add(i, 1) } {
+                let chunk := and(shr(sub(232, mul(24, i)), root), 0xffffff)
+                mstore8(p, mload(add(t, and(shr(18, chunk), 63))))
+                mstore8(add(p, 1), mload(add(t, and(shr(12, chunk), 63))))
+                mstore8(add(p, 2), mload(add(t, and(shr(6, chunk), 63))))
+                mstore8(add(p, 3), mload(add(t, and(chunk, 63))))
+                p := add(p, 4)
+            }
+            let last := shl(2, and(root, 0xffff))
+            mstore8(p, mload(add(t, and(shr(12, last), 63))))
+            mstore8(add(p, 1), mload(add(t, and(shr(6, last), 63))))
+            mstore8(add(p, 2), mload(add(t, and(last, 63))))
+            mstore8(add(p, 3), 0x3d)
+            mstore8(add(p, 4), 0x0a)
+            end := add(p, 5)
+        }
+    }
+
     function _verifySignature(bytes32 digest, bytes calldata signature, bytes32 x, bytes32 y)
         private
         view
@@ -247,93 +313,58 @@ contract AnchorRegistry {
         return ok && out.length == 32 && uint256(bytes32(out)) == 1;
     }
 
-    /// RFC 9162 §2.1.4.2, for 0 < fromSize < toSize (the caller has checked).
+    /// RFC 9162 §2.1.4.2, for 0 < fromSize < toSize (the caller has checked); in assembly, as
+    /// it runs once per proof hash. Node hashes go through the SHA-256 precompile (0x02).
     function _consistent(uint64 fromSize, uint64 toSize, bytes32 fromRoot, bytes32 toRoot, bytes32[] calldata proof)
         private
         view
-        returns (bool)
+        returns (bool ok)
     {
-        uint256 len = proof.length;
-        if (len == 0) return false;
-        uint256 i;
-        bytes32 fr;
-        if (fromSize & (fromSize - 1) == 0) {
-            fr = fromRoot; // a power of two: the old root is a node of the new tree
-        } else {
-            fr = proof[0];
-            i = 1;
-        }
-        bytes32 sr = fr;
-        uint256 fn = fromSize - 1;
-        uint256 sn = toSize - 1;
-        while (fn & 1 == 1) {
-            fn >>= 1;
-            sn >>= 1;
-        }
-        for (; i < len; ++i) {
-            if (sn == 0) return false;
-            bytes32 c = proof[i];
-            if (fn & 1 == 1 || fn == sn) {
-                fr = _node(c, fr);
-                sr = _node(c, sr);
-                while (fn & 1 == 0 && fn != 0) {
-                    fn >>= 1;
-                    sn >>= 1;
+        assembly ("memory-safe") {
+            let buf := mload(0x40) // 0x01 || left || right, in free memory (not allocated)
+            mstore8(buf, 0x01)
+            function node(b, left, right) -> h {
+                mstore(add(b, 1), left)
+                mstore(add(b, 33), right)
+                if iszero(staticcall(gas(), 0x02, b, 65, 0x00, 0x20)) { revert(0, 0) }
+                h := mload(0x00)
+            }
+            let len := proof.length
+            let ptr := proof.offset
+            let end := add(ptr, mul(len, 32))
+            let fr := fromRoot
+            if and(fromSize, sub(fromSize, 1)) {
+                // not a power of two: the proof starts with the old tree's largest complete subtree
+                fr := calldataload(ptr)
+                ptr := add(ptr, 32)
+            }
+            let sr := fr
+            let fn := sub(fromSize, 1)
+            let sn := sub(toSize, 1)
+            for {} and(fn, 1) {} {
+                fn := shr(1, fn)
+                sn := shr(1, sn)
+            }
+            ok := gt(len, 0)
+            for {} lt(ptr, end) { ptr := add(ptr, 32) } {
+                if iszero(sn) {
+                    ok := 0
+                    break
                 }
-            } else {
-                sr = _node(sr, c);
+                let c := calldataload(ptr)
+                switch or(and(fn, 1), eq(fn, sn))
+                case 0 { sr := node(buf, sr, c) }
+                default {
+                    fr := node(buf, c, fr)
+                    sr := node(buf, c, sr)
+                    for {} and(iszero(and(fn, 1)), iszero(iszero(fn))) {} {
+                        fn := shr(1, fn)
+                        sn := shr(1, sn)
+                    }
+                }
+                fn := shr(1, fn)
+                sn := shr(1, sn)
             }
-            fn >>= 1;
-            sn >>= 1;
+            ok := and(ok, and(iszero(sn), and(eq(fr, fromRoot), eq(sr, toRoot))))
         }
-        return sn == 0 && fr == fromRoot && sr == toRoot;
-    }
-
-    /// RFC 6962 node hash SHA-256(0x01 || left || right), through the SHA-256 precompile (0x02).
-    function _node(bytes32 left, bytes32 right) private view returns (bytes32 h) {
-        assembly ("memory-safe") {
-            let p := mload(0x40)
-            mstore8(p, 0x01)
-            mstore(add(p, 1), left)
-            mstore(add(p, 33), right)
-            if iszero(staticcall(gas(), 0x02, p, 65, 0x00, 0x20)) { revert(0, 0) }
-            h := mload(0x00)
-        }
-    }
-
-    function _decimal(uint64 value) private pure returns (bytes memory out) {
-        if (value == 0) return "0";
-        uint256 len;
-        for (uint64 v = value; v != 0; v /= 10) ++len;
-        out = new bytes(len);
-        for (uint64 v = value; v != 0; v /= 10) {
-            out[--len] = bytes1(uint8(48 + (v % 10)));
-        }
-    }
-
-    /// Standard padded base64 of 32 bytes: 44 characters, the last one '='.
-    function _base64(bytes32 data) private pure returns (bytes memory out) {
-        bytes memory table = BASE64;
-        out = new bytes(44);
-        assembly ("memory-safe") {
-            let t := add(table, 1) // mload(t + i) ends with the table's byte i
-            let dst := add(out, 32)
-            let v := data
-            // 30 bytes: ten groups of 24 bits, four characters each.
-            for { let i := 0 } lt(i, 10) { i := add(i, 1) } {
-                let chunk := and(shr(sub(232, mul(24, i)), v), 0xffffff)
-                mstore8(dst, mload(add(t, and(shr(18, chunk), 63))))
-                mstore8(add(dst, 1), mload(add(t, and(shr(12, chunk), 63))))
-                mstore8(add(dst, 2), mload(add(t, and(shr(6, chunk), 63))))
-                mstore8(add(dst, 3), mload(add(t, and(chunk, 63))))
-                dst := add(dst, 4)
-            }
-            // The last 2 bytes: 16 bits, padded to 18, three characters and '='.
-            let last := shl(2, and(v, 0xffff))
-            mstore8(dst, mload(add(t, and(shr(12, last), 63))))
-            mstore8(add(dst, 1), mload(add(t, and(shr(6, last), 63))))
-            mstore8(add(dst, 2), mload(add(t, and(last, 63))))
-            mstore8(add(dst, 3), 0x3d)
-        }
-    }
-}
+    }}

@@ -242,6 +242,7 @@ def test_consistency_proofs_accepted_for_every_pair_up_to_20_leaves(w3: Web3) ->
 def test_one_origin_grows_through_many_sizes_and_the_views_return_what_was_anchored(w3: Web3) -> None:
     registry = Registry(w3)
     log = Log("medledger.test/growing", new_key(), 5000)
+    verifier = notes.NoteVerifier.from_public_key(log.origin, log.key.public_key())
     registry.register(log)
     c = registry.contract.functions
     sizes = [1, 2, 3, 4, 7, 8, 9, 16, 17, 31, 32, 33, 100, 255, 256, 257, 1000, 1023, 1024, 1025, 4095, 4096, 5000]
@@ -252,19 +253,14 @@ def test_one_origin_grows_through_many_sizes_and_the_views_return_what_was_ancho
         assert c.latest(log.origin).call() == [size, log.root(size), receipt.blockNumber, block.timestamp]
         event = registry.contract.events.CheckpointAnchored().process_receipt(receipt)[0].args
         assert event.originHash == origin_hash(log.origin)
-        assert (event.size, event.root, event.previousSize, event.origin) == (
-            size,
-            log.root(size),
-            previous,
-            log.origin,
+        assert (event.size, event.root, event.previousSize) == (size, log.root(size), previous)
+        # The transaction's calldata holds what rebuilds the signed note: the origin and r||s.
+        _, args = registry.contract.decode_function_input(w3.eth.get_transaction(receipt.transactionHash).input)
+        note = notes.SignedNote(
+            notes.Checkpoint(args["origin"], args["size"], args["root"]).body(),
+            (notes.NoteSignature(log.origin, verifier.key_id, raw_rs_to_der(args["signature"])),),
         )
-        # The event holds what rebuilds the signed note: origin and r||s.
-        r_s = bytes(event.signature)
-        public = ec.EllipticCurvePublicNumbers(*(int.from_bytes(v, "big") for v in public_xy(log.key)), ec.SECP256R1())
-        public.public_key().verify(
-            raw_rs_to_der(r_s), notes.Checkpoint(log.origin, size, log.root(size)).body().encode(),
-            ec.ECDSA(hashes.SHA256()),
-        )  # fmt: skip
+        notes.open_checkpoint(note.format(), [verifier], origin=log.origin)
         previous = size
     for size in sizes:
         assert c.rootAt(log.origin, size).call() == log.root(size)
