@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from medledger.events.v1 import audit_events_pb2
 from prometheus_client import Counter, Gauge
 
 from medledger_audit import notes, storage, tlog
+from medledger_common import files
 from medledger_common.db import Database
 from medledger_common.errors import DataLoss, FailedPrecondition, InvalidArgument
 from medledger_common.events import TOPICS, new_event
@@ -56,19 +56,9 @@ class SignedCheckpoint:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text`: a temporary file, fsync, rename, fsync of the folder."""
+    """Replace `path` with `text` whole (see medledger_common.files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    files.write_atomically(path, text.encode("utf-8"))
 
 
 class Checkpointer:

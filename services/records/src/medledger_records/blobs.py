@@ -7,12 +7,12 @@ blob store needs no access control of its own to keep records confidential; it i
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from pathlib import Path
 from typing import Protocol
 
 from medledger_common.errors import DataLoss
+from medledger_common.files import write_atomically
 
 _KEY = re.compile(r"^rec_[0-9a-f]{32}/[1-9][0-9]{0,9}$")
 
@@ -35,9 +35,9 @@ class BlobStore(Protocol):
 
 class FilesystemBlobStore:
     """One file per record version under `root`: `<record id>/<version>`, written atomically
-    (a temporary file, fsync, rename, fsync of the folder), so a crash leaves the old state or
-    the new one. A put whose database transaction then fails leaves an orphan file: sealed under
-    a data key that was never stored, it can never be decrypted."""
+    (medledger_common.files), so a crash leaves the old state or the new one. A put whose
+    database transaction then fails leaves an orphan file: sealed under a data key that was never
+    stored, it can never be decrypted."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -63,14 +63,4 @@ class FilesystemBlobStore:
     @staticmethod
     def _write(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        temporary = path.with_name(f".{path.name}.tmp")
-        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        write_atomically(path, data)

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -44,6 +43,7 @@ from medledger_common.errors import (
     NotFound,
     Unavailable,
 )
+from medledger_common.files import fsync_folder, write_atomically
 from medledger_common.keys.base import (
     DATA_KEY_BYTES,
     HMAC_KEY_BYTES,
@@ -84,14 +84,6 @@ _NONCE_BYTES = 12
 # -- master key ------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def create_master_key_file(path: Path | str) -> Path:
     """Write a new random 32-byte master key to ``path`` (mode 0600); refuse to overwrite one.
 
@@ -109,7 +101,7 @@ def create_master_key_file(path: Path | str) -> Path:
         out.flush()
         os.fsync(out.fileno())
     os.chmod(path, 0o600)
-    _fsync_dir(path.parent)
+    fsync_folder(path.parent)
     return path
 
 
@@ -266,23 +258,6 @@ def _unseal(master: bytes, path: Path, data: bytes) -> dict[str, _Key]:
         raise ConfigError(f"keyring file {path} opened but its content is malformed") from None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename over ``path``, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _read_if_exists(path: Path) -> bytes | None:
     try:
         return path.read_bytes()
@@ -338,7 +313,7 @@ class LocalKeyring(KeyManager):
     async def _persist(self, keys: dict[str, _Key]) -> None:
         """Write ``keys`` to the file, then make them the in-memory state. Caller holds the lock."""
         data = _seal(self._master, keys)
-        task = asyncio.ensure_future(asyncio.to_thread(_atomic_write, self.path, data))
+        task = asyncio.ensure_future(asyncio.to_thread(write_atomically, self.path, data))
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
