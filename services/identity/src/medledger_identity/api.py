@@ -7,6 +7,7 @@ here through the domain module.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -301,11 +302,14 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
             if not domain.may_read_resource(caller, row.principal_id, row.organization_id):
                 raise PermissionDenied("only the principal, admins and its org-admins may read its resource")
             if row.fhir_resource:
-                response.fhir_resource = await self.keys.decrypt(
-                    resource_key(row.principal_id, row.kind),
-                    row.fhir_resource,
-                    associated_data=row.principal_id.encode(),
-                )
+                # NotFound: the patient's key was deleted (their records were erased) and the
+                # ciphertext is about to go too: there is no resource any more.
+                with contextlib.suppress(NotFound):
+                    response.fhir_resource = await self.keys.decrypt(
+                        resource_key(row.principal_id, row.kind),
+                        row.fhir_resource,
+                        associated_data=row.principal_id.encode(),
+                    )
         return response
 
     async def ListPrincipals(
