@@ -518,6 +518,19 @@ async def test_operations_the_key_type_does_not_support(km: KeyManager, new_name
             await call
 
 
+async def test_erase_key_shreds_in_one_call_and_a_repeat_is_done(
+    km: KeyManager, new_name: Callable[[str], str]
+) -> None:
+    name = new_name("erase")
+    await km.ensure_key(name, KeyType.AES256_GCM96)
+    data_key = await km.generate_data_key(name)
+    await km.erase_key(name)
+    with pytest.raises(NotFound):
+        await km.decrypt_data_key(name, data_key.wrapped)
+    await km.erase_key(name)  # erased before: nothing to do
+    await km.erase_key(new_name("never-made"))
+
+
 async def test_delete_only_after_deletion_allowed(km: KeyManager, new_name: Callable[[str], str]) -> None:
     name = new_name("shred")
     await km.ensure_key(name, KeyType.AES256_GCM96)

@@ -102,11 +102,7 @@ class Subjects:
         """Delete the patient's audit key: their entries' subjects can no longer be linked to them."""
         name = subject_key_name(patient_id)
         self._known.discard(name)
-        try:
-            await self.keys.allow_deletion(name)
-            await self.keys.delete_key(name)
-        except NotFound:
-            pass  # already erased (a redelivered erasure)
+        await self.keys.erase_key(name)  # a redelivered erasure finds it gone: done
 
 
 def lookup_columns(draft: EntryDraft) -> tuple[str | None, str | None, str | None]:

@@ -8,7 +8,6 @@ import logging
 from medledger.events.v1 import records_events_pb2
 
 from medledger_common.db import Database
-from medledger_common.errors import NotFound
 from medledger_common.events import unpack
 from medledger_common.kafka import ConsumedMessage
 from medledger_common.keys import KeyManager, patient_key_name
@@ -39,12 +38,7 @@ class PatientErasedHandler:
         patient_id: str = certificate.patient_id
         # The key first (repeatable), then the rows with the inbox entry: a crash in between
         # redelivers the event and both run again.
-        name = patient_key_name(patient_id)
-        try:
-            await self.keys.allow_deletion(name)
-            await self.keys.delete_key(name)
-        except NotFound:
-            pass
+        await self.keys.erase_key(patient_key_name(patient_id))
         async with self.db.transaction() as conn:
             if not await claim_inbox(conn, ERASURE_CONSUMER, event.id):
                 return

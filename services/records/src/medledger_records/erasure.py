@@ -77,11 +77,7 @@ class KeyShredder:
 
     async def shred(self, name: str) -> None:
         """Delete every version of the key; done already is done."""
-        try:
-            await self._keys.allow_deletion(name)
-            await self._keys.delete_key(name)
-        except NotFound:
-            pass
+        await self._keys.erase_key(name)
 
 
 def _state_name(state: int) -> str:

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
-from medledger_common.errors import DataLoss, InvalidArgument
+from medledger_common.errors import DataLoss, InvalidArgument, NotFound
 
 __all__ = [
     "DATA_KEY_BYTES",
@@ -359,6 +359,16 @@ class KeyManager(abc.ABC):
 
         FailedPrecondition unless :meth:`allow_deletion` was called first; NotFound if unknown.
         """
+
+    async def erase_key(self, name: str) -> None:
+        """Crypto-shredding in one call: allow deletion, then delete every version. A key that
+        is already gone (erased before, never created) is done, not an error, so a repeated
+        erasure (a redelivered event, a resumed run) just finishes."""
+        try:
+            await self.allow_deletion(name)
+            await self.delete_key(name)
+        except NotFound:
+            pass
 
     # -- encryption ----------------------------------------------------------------------------
 
