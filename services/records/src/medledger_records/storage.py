@@ -269,26 +269,35 @@ async def insert_version(
     )
 
 
+def _stored_version(row: Any, prefix: str = "") -> StoredVersion:
+    """A StoredVersion from a row's mapping of `record_versions` columns (named `prefix + name`)."""
+
+    def column(name: str) -> Any:
+        return row[prefix + name]
+
+    return StoredVersion(
+        column("record_id"),
+        int(column("version")),
+        column("patient_id"),
+        column("key_name"),
+        column("wrapped_key"),
+        bytes(column("ciphertext")),
+        bytes(column("salt")),
+        column("commitment"),
+        column("event_id"),
+        column("blob_key"),
+        column("written_by"),
+        column("organization_id"),
+        float(column("written_at")),
+    )
+
+
 async def get_version(conn: AsyncConnection, record_id: str, version: int) -> StoredVersion | None:
     c = record_versions.c
     r = (await conn.execute(select(record_versions).where(c.record_id == record_id, c.version == version))).first()
     if r is None:
         return None
-    return StoredVersion(
-        r.record_id,
-        int(r.version),
-        r.patient_id,
-        r.key_name,
-        r.wrapped_key,
-        bytes(r.ciphertext),
-        bytes(r.salt),
-        r.commitment,
-        r.event_id,
-        r.blob_key,
-        r.written_by,
-        r.organization_id,
-        float(r.written_at),
-    )
+    return _stored_version(r._mapping)
 
 
 def _record_and_version_query() -> Any:
@@ -314,21 +323,7 @@ async def get_record_and_version(
         return None
     stored = None
     if row.v_record_id is not None:
-        stored = StoredVersion(
-            row.v_record_id,
-            int(row.v_version),
-            row.v_patient_id,
-            row.v_key_name,
-            row.v_wrapped_key,
-            bytes(row.v_ciphertext),
-            bytes(row.v_salt),
-            row.v_commitment,
-            row.v_event_id,
-            row.v_blob_key,
-            row.v_written_by,
-            row.v_organization_id,
-            float(row.v_written_at),
-        )
+        stored = _stored_version(row._mapping, prefix="v_")
     return _record(row), stored
 
 
