@@ -51,14 +51,13 @@ MAX_EXPORT = 10_000
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _log_entry(row: Any, leaf: bytes | None = None) -> pb.LogEntry:
-    data = None if row.entry is None else bytes(row.entry)
-    return pb.LogEntry(
-        index=int(row.entry_index),
-        entry=data or b"",
-        leaf_hash=leaf if data is None and leaf is not None else tlog.leaf_hash(data) if data is not None else b"",
-        redacted=data is None,
-    )
+def _log_entry(row: Any, redacted_leaf: bytes = b"") -> pb.LogEntry:
+    """An entry row as the API gives it. A redacted row has no bytes to hash: its leaf hash,
+    read from the tiles, is passed in."""
+    if row.entry is None:
+        return pb.LogEntry(index=int(row.entry_index), leaf_hash=redacted_leaf, redacted=True)
+    data = bytes(row.entry)
+    return pb.LogEntry(index=int(row.entry_index), entry=data, leaf_hash=tlog.leaf_hash(data))
 
 
 class AuditApi(pb_grpc.AuditServiceServicer):
