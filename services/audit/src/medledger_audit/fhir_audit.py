@@ -65,7 +65,6 @@ _ACTOR_FIELDS = (
     "reviewed_by",
     "changed_by",
     "cancelled_by",
-    "granted_by",
     "principal_id",
     "redacted_by",
 )
