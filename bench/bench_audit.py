@@ -32,11 +32,11 @@ from aiokafka import AIOKafkaConsumer
 from medledger.events.v1 import consent_events_pb2, records_events_pb2
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
-from medledger_audit import storage, tlog
+from medledger_audit import storage
 from medledger_audit.entries import subject_key_name
 from medledger_audit.handlers import LogConsumer
 from medledger_audit.sequencer import Sequencer
-from medledger_common import events
+from medledger_common import events, tlog
 from medledger_common.db import Database
 from medledger_common.kafka import ensure_topics, make_producer
 from medledger_common.keys import KeyType, LocalKeyring, create_master_key_file

@@ -10,7 +10,8 @@ import pytest
 from fhir.resources.R4B.auditevent import AuditEvent
 from fhir.resources.R4B.bundle import Bundle
 
-from medledger_audit import entries, fhir_audit, tlog
+from medledger_audit import entries, fhir_audit
+from medledger_common import tlog
 from medledger_common.events import new_event
 
 PATIENT = "pat_" + "2" * 32

@@ -15,10 +15,11 @@ from medledger.events.v1 import audit_events_pb2, identity_events_pb2, records_e
 from prometheus_client import REGISTRY
 from sqlalchemy import delete, func, select, update
 
-from medledger_audit import notes, storage, tlog
+from medledger_audit import storage
 from medledger_audit.checkpoints import Checkpointer
 from medledger_audit.entries import EntryDraft, draft_entry, subject_key_name, unprocessable_entry
 from medledger_audit.sequencer import APPEND_LOCK, Sequencer
+from medledger_common import notes, tlog
 from medledger_common.db import Database, lock_key
 from medledger_common.errors import NotFound
 from medledger_common.events import TOPICS, Event, new_event

@@ -19,11 +19,11 @@ from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from medledger_audit import main as audit_main
-from medledger_audit import notes, storage, tlog
+from medledger_audit import storage
 from medledger_audit.checkpoints import Checkpointer
 from medledger_audit.config import AuditSettings
 from medledger_audit.handlers import LogConsumer
-from medledger_common import localstack
+from medledger_common import localstack, notes, tlog
 from medledger_common.events import TOPICS, Event, new_event
 from medledger_common.kafka import make_producer
 from medledger_common.keys import create_master_key_file

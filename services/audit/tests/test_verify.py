@@ -11,11 +11,12 @@ import pytest
 from medledger.events.v1 import records_events_pb2
 from sqlalchemy import delete, select, update
 
-from medledger_audit import storage, tlog
+from medledger_audit import storage
 from medledger_audit.checkpoints import Checkpointer
 from medledger_audit.entries import draft_entry
 from medledger_audit.sequencer import Sequencer
 from medledger_audit.verify import verify_log, verify_recent
+from medledger_common import tlog
 from medledger_common.db import Database
 from medledger_common.events import new_event
 from medledger_common.keys import LocalKeyring, create_master_key_file

@@ -15,9 +15,10 @@ import grpc
 from medledger.audit.v1 import audit_service_pb2 as pb
 from medledger.audit.v1 import audit_service_pb2_grpc as pb_grpc
 
-from medledger_audit import fhir_audit, notes, storage, tlog
+from medledger_audit import fhir_audit, storage
 from medledger_audit.checkpoints import Checkpointer
 from medledger_audit.entries import REDACTION, EntryDraft, redaction_entry, subject_key_name
+from medledger_common import notes, tlog
 from medledger_common.auth import Access, Caller, current_caller
 from medledger_common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from medledger_common.idempotency import check_request_id

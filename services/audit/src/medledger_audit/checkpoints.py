@@ -26,8 +26,8 @@ from pathlib import Path
 from medledger.events.v1 import audit_events_pb2
 from prometheus_client import Counter, Gauge
 
-from medledger_audit import notes, storage, tlog
-from medledger_common import files
+from medledger_audit import storage
+from medledger_common import files, notes, tlog
 from medledger_common.db import Database
 from medledger_common.errors import DataLoss, FailedPrecondition, InvalidArgument
 from medledger_common.events import TOPICS, new_event

@@ -12,8 +12,8 @@ from typing import Any
 from medledger.audit.v1 import audit_service_pb2 as pb
 from medledger.audit.v1 import audit_service_pb2_grpc as pb_grpc
 
-from medledger_audit import notes
 from medledger_audit.verify import verify_log
+from medledger_common import notes
 from medledger_common.db import Database
 from medledger_common.grpc_client import make_channel
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from medledger_audit.notes import valid_key_name
+from medledger_common.notes import valid_key_name
 from medledger_common.settings import ServiceSettings
 
 

@@ -33,8 +33,8 @@ from medledger.events.v1 import (
     records_events_pb2,
 )
 
-from medledger_audit.tlog import MAX_ENTRY_BYTES
 from medledger_common.events import Event, unpack
+from medledger_common.tlog import MAX_ENTRY_BYTES
 
 ENTRY_VERSION = 1
 __all__ = ["MAX_ENTRY_BYTES", "EntryDraft", "draft_entry", "encode_entry", "subject_key_name", "unprocessable_entry"]

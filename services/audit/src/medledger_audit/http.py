@@ -16,8 +16,9 @@ import logging
 
 from aiohttp import web
 
-from medledger_audit import storage, tlog
+from medledger_audit import storage
 from medledger_audit.checkpoints import Checkpointer
+from medledger_common import tlog
 from medledger_common.errors import DataLoss, InvalidArgument, Unauthenticated
 from medledger_common.service import ServiceRuntime
 

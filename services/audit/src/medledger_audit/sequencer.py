@@ -22,8 +22,9 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from medledger_audit import storage, tlog
+from medledger_audit import storage
 from medledger_audit.entries import UNPROCESSABLE, EntryDraft, encode_entry, subject_key_name
+from medledger_common import tlog
 from medledger_common.db import Database, lock_key
 from medledger_common.errors import NotFound
 from medledger_common.keys import KeyManager, KeyType

@@ -44,7 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_audit import tlog
+from medledger_common import tlog
 from medledger_common.db import Database, Migration
 from medledger_common.errors import DataLoss
 

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
 
-from medledger_audit import notes, storage, tlog
+from medledger_audit import storage
 from medledger_audit.checkpoints import Checkpointer
+from medledger_common import notes, tlog
 from medledger_common.db import Database
 
 log = logging.getLogger(__name__)

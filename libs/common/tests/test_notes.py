@@ -1,4 +1,4 @@
-"""C2SP signed notes, checkpoints and tlog-proofs (medledger_audit.notes).
+"""C2SP signed notes, checkpoints and tlog-proofs (medledger_common.notes).
 
 Signatures made by the production code are checked here with plain ``cryptography`` calls on
 a note split by hand, and key ids are recomputed here from the spec's formulas. External vectors:
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature, encode_dss_signature
 
-from medledger_audit import notes, tlog
+from medledger_common import notes, tlog
 from medledger_common.errors import FailedPrecondition, InvalidArgument
 from medledger_common.keys import KeyType, LocalKeyring, create_master_key_file
 

@@ -1,4 +1,4 @@
-"""The tree core (medledger_audit.tlog) against an independent reading of the RFCs.
+"""The tree core (medledger_common.tlog) against an independent reading of the RFCs.
 
 The reference hasher, PATH/PROOF and the two verifiers below are written in this file from
 RFC 6962 §2.1 and RFC 9162 §2.1.3.2 / §2.1.4.2; they import nothing from the production code.
@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import pytest
 
-from medledger_audit import tlog
+from medledger_common import tlog
 from medledger_common.errors import DataLoss, InvalidArgument
 
 # --- transparency-dev/merkle test vectors -----------------------------------------------------

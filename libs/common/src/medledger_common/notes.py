@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from medledger_audit import tlog
+from medledger_common import tlog
 from medledger_common.errors import FailedPrecondition, InvalidArgument
 from medledger_common.keys import KeyManager, KeyType
 
