@@ -25,6 +25,7 @@ from medledger.types.v1 import vocabulary_pb2
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from medledger_common import commitments
 from medledger_common.auth import Access, Caller, current_caller
 from medledger_common.errors import (
     DataLoss,
@@ -139,7 +140,7 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
             raise InvalidArgument.field("media_type", "required: application/fhir+json or a document's media type")
         resource_type = ""
         if request.media_type == domain.FHIR_JSON:
-            resource_type = domain.validate_fhir(domain.parse_json(request.content))
+            resource_type = domain.validate_fhir(commitments.parse_json(request.content))
         if caller.principal_id != request.patient_id:
             if caller.kind == "patient":
                 raise PermissionDenied("a patient writes their own records only")
@@ -175,9 +176,9 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
                 await storage.insert_record(conn, record, now)
             salt = domain.new_salt()
             if request.media_type == domain.FHIR_JSON:
-                commitment = domain.record_commitment(request.content, salt)
+                commitment = commitments.record_commitment(request.content, salt)
             else:
-                commitment = domain.document_commitment(request.media_type, request.content, salt)
+                commitment = commitments.document_commitment(request.media_type, request.content, salt)
             key_name = patient_key_name(request.patient_id)
             await self.keys.ensure_key(key_name, KeyType.AES256_GCM96)
             data_key = await self.keys.generate_data_key(key_name)
