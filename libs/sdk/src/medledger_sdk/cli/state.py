@@ -8,8 +8,12 @@ Layout::
       <service>.db        one SQLite database per service
       anvil-state.json    the chain state Anvil dumps every second and on SIGTERM
       logs/<name>.log     one log per process (kafka, anvil, and each service)
+      secrets/            client secrets, keyring master keys, and anchorer.key: the anchoring
+                          service's chain account (hex private key, mode 0600)
+      chain.json          the deployed registries, their owner, the anchorer and the RPC URL
+      trust-policy.json   what a verifier of anchored proofs trusts: publish this file
 
-Later commands keep their own files here too (keyrings, deployed contract addresses).
+Later commands keep their own files here too (keyrings).
 """
 
 from __future__ import annotations
@@ -93,6 +97,18 @@ class StateDir:
     def admin_secret_file(self) -> Path:
         return self._secret(self.path / "secrets" / "admin.secret", _write_new_secret)
 
+    def anchorer_key_file(self) -> Path:
+        """The anchoring service's chain account: made once, reused by every later ``up``."""
+        return self._secret(self.path / "secrets" / "anchorer.key", _write_new_chain_key)
+
+    @property
+    def chain_file(self) -> Path:
+        return self.path / "chain.json"
+
+    @property
+    def trust_policy_file(self) -> Path:
+        return self.path / "trust-policy.json"
+
     @property
     def anvil_state(self) -> Path:
         return self.path / "anvil-state.json"
@@ -161,6 +177,20 @@ def _write_new_secret(path: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write("mlsec_" + secrets.token_urlsafe(32) + "\n")
+
+
+def _write_new_chain_key(path: Path) -> None:
+    from eth_account import Account  # web3's; imported here so `reset` and `--help` stay quick
+
+    key = bytes(Account.create().key)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("0x" + key.hex() + "\n")
+
+
+def read_chain_key(path: Path) -> str:
+    """The hex private key in ``path`` (0x-prefixed, as ``_write_new_chain_key`` writes it)."""
+    return path.read_text().strip()
 
 
 def describe_running(processes: list[RecordedProcess]) -> str:

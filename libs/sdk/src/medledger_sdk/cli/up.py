@@ -2,7 +2,14 @@
 
 It starts Kafka (Tansu), creates the topics and their dead-letter topics, starts Anvil with its
 chain state in the state folder, then the five services, each its own process with its own log,
-and waits until every one answers the gRPC health check with SERVING. On Ctrl-C or SIGTERM it
+and waits until every one answers the gRPC health check with SERVING.
+
+The chain side: ``up`` makes the anchoring service's account (``secrets/anchorer.key``), deploys
+AnchorRegistry and ConsentRegistry from Anvil's first development account (their owner), names
+the anchorer on both and funds it, and records the addresses in ``chain.json``; a later ``up`` on
+the same folder reuses them (Anvil keeps its chain in the folder). Once audit serves, ``up``
+registers the log's origin and P-256 checkpoint key on AnchorRegistry and writes
+``trust-policy.json``, the file an operator publishes for verifiers of anchored proofs. On Ctrl-C or SIGTERM it
 stops the services (SIGTERM, then SIGKILL if they hang), then Anvil (SIGTERM, so it dumps its
 state), then Kafka: only processes it started itself.
 
@@ -21,28 +28,38 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from aiokafka.errors import KafkaError
+from eth_account import Account
+from eth_utils.address import to_checksum_address
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from medledger.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
+from web3.exceptions import ContractCustomError
+from web3.types import Wei
 
-from medledger_common import localstack
+from medledger_common import chain, localstack, notes
+from medledger_common.anchored_proofs import TrustPolicy
+from medledger_common.files import write_atomically
 from medledger_common.kafka import ensure_topics
 from medledger_sdk.cli.errors import CommandError
 from medledger_sdk.cli.reset import reset_state
-from medledger_sdk.cli.state import DEFAULT_STATE_DIR, RecordedProcess, StateDir, describe_running
+from medledger_sdk.cli.state import DEFAULT_STATE_DIR, RecordedProcess, StateDir, describe_running, read_chain_key
+
+_T = TypeVar("_T")
 
 HOST = localstack.HOST
 # In port order: identity gets the base port, audit base + 4.
@@ -58,6 +75,14 @@ SERVICE_STOP_SECONDS = 15.0
 INFRA_STOP_SECONDS = 10.0
 LOG_TAIL_LINES = 25
 LOG_RUN_HEADER = "----- medledger up: "
+
+DEFAULT_LOG_ORIGIN = "medledger.local/audit"
+ETHER = 10**18
+ANCHORER_FUNDS_WEI = 10 * ETHER
+# A reused anchorer with less than this is topped up with ANCHORER_FUNDS_WEI.
+ANCHORER_LOW_WEI = 1 * ETHER
+# What the local trust policy asks of an anchor: Anvil mines a block a second, one is enough.
+MIN_CONFIRMATIONS = 1
 
 
 @dataclass(frozen=True)
@@ -128,6 +153,12 @@ def register(subparsers: Any) -> None:
         default=120.0,
         help="seconds to wait for every service to report SERVING (default: %(default)s)",
     )
+    parser.add_argument(
+        "--log-origin",
+        type=_origin,
+        default=DEFAULT_LOG_ORIGIN,
+        help="the audit log's origin, registered on chain and named in the trust policy (default: %(default)s)",
+    )
     parser.add_argument("--reset", action="store_true", help="delete the state folder first (like `medledger reset`)")
     parser.set_defaults(func=run)
 
@@ -142,6 +173,12 @@ def _port(text: str) -> int:
     return value
 
 
+def _origin(text: str) -> str:
+    if not notes.valid_key_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a log origin (non-empty, no space or '+')")
+    return text
+
+
 def run(args: argparse.Namespace) -> int:
     state = StateDir.at(args.state_dir)
     ports = Ports(args.kafka_port, args.anvil_port, args.grpc_port_base, args.metrics_port_base)
@@ -149,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     if args.reset:
         reset_state(state)
     state.create()
-    stack = Stack(state, ports)
+    stack = Stack(state, ports, getattr(args, "log_origin", DEFAULT_LOG_ORIGIN))
     with stack.handling_signals():
         try:
             stack.start(args.start_timeout)
@@ -221,9 +258,12 @@ class _Interrupted(Exception):
 class Stack:
     """The processes of one ``up``, started in order and stopped in reverse."""
 
-    def __init__(self, state: StateDir, ports: Ports) -> None:
+    def __init__(self, state: StateDir, ports: Ports, origin: str = DEFAULT_LOG_ORIGIN) -> None:
         self.state = state
         self.ports = ports
+        self.origin = origin
+        self.deployment: chain.Deployment | None = None
+        self._serving: set[str] = set()
         self.kafka: localstack.ManagedProcess | None = None
         self.anvil: localstack.ManagedProcess | None = None
         self.services: dict[str, localstack.ManagedProcess] = {}
@@ -276,10 +316,33 @@ class Stack:
         self._record_pids()
         self._check_interrupted()
 
+        started = time.monotonic()
+        # Anchoring starts last, once the trust policy is written: its settings require the file
+        # to exist, and a provisional policy cannot be right on a first run, because the log's
+        # verifier keys exist only once audit has made its signing keys. The other four start
+        # now, and the contracts are deployed while they come up.
         for name in SERVICES:
-            proc = self._spawn_service(name)
-            print(f"starting {name} (pid {proc.pid}) on {HOST}:{self.ports.grpc(name)} ...")
-        self._wait_until_serving(timeout)
+            if name != "anchoring":
+                self._start_service(name)
+
+        print(f"setting up the chain side on {self.rpc_url} ...")
+        self.deployment = _chain_step("deploying the contracts", set_up_contracts(self.state, self.rpc_url))
+        self._check_interrupted()
+
+        self._wait_until_serving(["audit"], started, timeout)
+        print(f"registering the audit log {self.origin!r} on AnchorRegistry ...")
+        _chain_step(
+            "registering the audit log",
+            publish_log(self.state, self.rpc_url, self.deployment, self.origin, f"{HOST}:{self.ports.grpc('audit')}"),
+        )
+        self._check_interrupted()
+
+        self._start_service("anchoring")
+        self._wait_until_serving(list(SERVICES), started, timeout)
+
+    def _start_service(self, name: str) -> None:
+        proc = self._spawn_service(name)
+        print(f"starting {name} (pid {proc.pid}) on {HOST}:{self.ports.grpc(name)} ...")
 
     def _start_infra(self, name: str, start: Callable[[Path], localstack.ManagedProcess]) -> localstack.ManagedProcess:
         log = self.state.log(name)
@@ -318,19 +381,32 @@ class Stack:
         if name == "audit":
             env["MEDLEDGER_TILES_HTTP_PORT"] = str(self.ports.tiles)
             env["MEDLEDGER_LAST_CHECKPOINT_FILE"] = str(self.state.path / "audit" / "last-checkpoint")
+            env["MEDLEDGER_LOG_ORIGIN"] = self.origin
+        if name == "anchoring":
+            assert self.deployment is not None, "anchoring starts after the contracts are deployed"
+            env["MEDLEDGER_AUDIT_ADDRESS"] = f"{HOST}:{self.ports.grpc('audit')}"
+            env["MEDLEDGER_LOG_ORIGIN"] = self.origin
+            env["MEDLEDGER_CHAIN_RPC_URL"] = self.rpc_url
+            env["MEDLEDGER_CHAIN_ID"] = str(self.deployment.chain_id)
+            env["MEDLEDGER_ANCHOR_REGISTRY_ADDRESS"] = self.deployment.anchor_registry
+            env["MEDLEDGER_CONSENT_REGISTRY_ADDRESS"] = self.deployment.consent_registry
+            env["MEDLEDGER_ANCHORER_KEY_FILE"] = str(self.state.anchorer_key_file())
+            env["MEDLEDGER_TRUST_POLICY_FILE"] = str(self.state.trust_policy_file)
         proc = localstack.ManagedProcess.spawn(name, [sys.executable, "-m", f"medledger_{name}"], log, env=env)
         self.services[name] = proc
         self._record_pids()
         return proc
 
-    def _wait_until_serving(self, timeout: float) -> None:
-        print("waiting for the services to report SERVING ...")
-        started = time.monotonic()
-        last_note = started
-        pending = list(SERVICES)
+    def _wait_until_serving(self, names: list[str], started: float, timeout: float) -> None:
+        """Wait until each of `names` reports SERVING, `timeout` seconds from `started` at most."""
+        pending = [name for name in names if name not in self._serving]
+        if not pending:
+            return
+        print(f"waiting for {', '.join(pending)} to report SERVING ...")
+        last_note = time.monotonic()
         # Short reconnect backoff: the default grows to minutes while a server is still starting.
         options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
-        channels = {s: grpc.insecure_channel(f"{HOST}:{self.ports.grpc(s)}", options=options) for s in SERVICES}
+        channels = {s: grpc.insecure_channel(f"{HOST}:{self.ports.grpc(s)}", options=options) for s in pending}
         try:
             while pending:
                 self._check_interrupted()
@@ -345,6 +421,7 @@ class Stack:
                     if localstack.port_in_use(self.ports.grpc(name)) and _serving(channels[name]):
                         print(f"  {name} is serving ({time.monotonic() - started:.1f} s)")
                         pending.remove(name)
+                        self._serving.add(name)
                 now = time.monotonic()
                 if pending and now - started > timeout:
                     for name in pending:
@@ -368,6 +445,10 @@ class Stack:
     def bootstrap_servers(self) -> str:
         return f"{HOST}:{self.ports.kafka}"
 
+    @property
+    def rpc_url(self) -> str:
+        return f"http://{HOST}:{self.ports.anvil}"
+
     def print_endpoints(self) -> None:
         rows = [("service", "pid", "gRPC", "metrics")]
         for name in SERVICES:
@@ -386,7 +467,14 @@ class Stack:
         print()
         assert self.kafka is not None and self.anvil is not None
         print(f"  Kafka bootstrap  {self.bootstrap_servers}  (pid {self.kafka.pid})")
-        print(f"  Anvil RPC        http://{HOST}:{self.ports.anvil}  (pid {self.anvil.pid})")
+        print(f"  Anvil RPC        {self.rpc_url}  (pid {self.anvil.pid})")
+        if self.deployment is not None:
+            d = self.deployment
+            print(f"  AnchorRegistry   {d.anchor_registry}  (chain id {d.chain_id}, owner {d.owner})")
+            print(f"  ConsentRegistry  {d.consent_registry}")
+            print(f"  anchorer         {d.anchorer}  (key in {self.state.anchorer_key_file()})")
+            print(f"  chain            {self.state.chain_file}")
+            print(f"  trust policy     {self.state.trust_policy_file}  (publish it for verifiers)")
         print(f"  JWKS             http://{HOST}:{self.ports.jwks}/.well-known/jwks.json")
         print(f"  audit log tiles  http://{HOST}:{self.ports.tiles}/checkpoint")
         print(f"  admin            principal svc_admin, client secret in {self.state.admin_secret_file()}")
@@ -484,6 +572,150 @@ class Stack:
         print(f"  last lines of {log}:")
         for line in lines:
             print(f"  | {line}")
+
+
+# The chain side ---------------------------------------------------------------------------
+
+
+def _chain_step(what: str, step: Coroutine[Any, Any, _T]) -> _T:
+    """Run one chain step to its end; a failure becomes a CommandError naming the step. Signals
+    only set a flag (``handling_signals``), so a step is never cut in the middle of a transaction."""
+    try:
+        return asyncio.run(step)
+    except CommandError:
+        raise
+    except Exception as exc:  # web3, HTTP and gRPC errors alike: say what failed and stop the stack
+        raise CommandError(f"{what} failed: {type(exc).__name__}: {exc}") from None
+
+
+def anchorer_address(state: StateDir) -> str:
+    """The anchoring service's account, from its key file (made on first use)."""
+    return str(Account.from_key(read_chain_key(state.anchorer_key_file())).address)
+
+
+def recorded_deployment(state: StateDir) -> chain.Deployment | None:
+    try:
+        return chain.Deployment.from_json(json.loads(state.chain_file.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"  ignoring {state.chain_file}: unreadable ({type(exc).__name__}: {exc})")
+        return None
+
+
+async def _still_deployed(w3: chain.Web3, recorded: chain.Deployment, anchorer: str) -> str | None:
+    """Why the recorded deployment cannot be reused on this chain, or None if it can."""
+    if await w3.eth.chain_id != recorded.chain_id:
+        return f"it is on chain {recorded.chain_id}"
+    for name, address in (("AnchorRegistry", recorded.anchor_registry), ("ConsentRegistry", recorded.consent_registry)):
+        if not await w3.eth.get_code(to_checksum_address(address)):
+            return f"this chain has no {name} at {address} (a new chain state)"
+    if recorded.anchorer != anchorer:
+        return f"it names another anchorer ({recorded.anchorer})"
+    return None
+
+
+async def set_up_contracts(state: StateDir, rpc_url: str) -> chain.Deployment:
+    """Deploy both registries (or reuse those ``chain.json`` records if this chain still holds
+    them), make the anchorer their anchorer and writer, fund it, and write ``chain.json``."""
+    anchorer = anchorer_address(state)
+    w3 = chain.connect(rpc_url)
+    try:
+        recorded = recorded_deployment(state)
+        why_not = None if recorded is None else await _still_deployed(w3, recorded, anchorer)
+        if recorded is not None and why_not is None:
+            deployment = recorded
+            print(
+                f"  reusing the contracts deployed at block {deployment.block_number}: AnchorRegistry at "
+                f"{deployment.anchor_registry}, ConsentRegistry at {deployment.consent_registry}"
+            )
+            balance = await w3.eth.get_balance(to_checksum_address(anchorer))
+            if balance < ANCHORER_LOW_WEI:
+                tx = await w3.eth.send_transaction(
+                    {"from": to_checksum_address(deployment.owner), "to": anchorer, "value": Wei(ANCHORER_FUNDS_WEI)}
+                )
+                await w3.eth.wait_for_transaction_receipt(tx)
+                print(f"  anchorer {anchorer} had {balance / ETHER:.4f} ETH; funded with {_eth(ANCHORER_FUNDS_WEI)}")
+            else:
+                print(f"  anchorer {anchorer} has {balance / ETHER:.4f} ETH")
+        else:
+            if recorded is not None:
+                print(f"  not reusing the contracts in {state.chain_file}: {why_not}")
+            owner = (await w3.eth.accounts)[0]  # Anvil's first development account
+            deployment = await chain.deploy_registries(w3, owner=owner, anchorer=anchorer, fund_wei=ANCHORER_FUNDS_WEI)
+            print(
+                f"  deployed AnchorRegistry at {deployment.anchor_registry}, ConsentRegistry at "
+                f"{deployment.consent_registry} (owner {deployment.owner}); anchorer {anchorer} is their "
+                f"anchorer and writer, funded with {_eth(ANCHORER_FUNDS_WEI)}"
+            )
+        record = {**deployment.as_json(), "rpc_url": rpc_url}
+        write_atomically(state.chain_file, (json.dumps(record, indent=2) + "\n").encode())
+        state.chain_file.chmod(0o644)  # addresses only, nothing secret
+        print(f"  recorded in {state.chain_file}")
+        return deployment
+    finally:
+        await w3.provider.disconnect()
+
+
+async def audit_verifier_keys(address: str) -> tuple[str, list[str]]:
+    """The log's origin and verifier keys, from audit's public ``GetVerifierKeys``."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = audit_service_pb2_grpc.AuditServiceStub(channel)
+        reply = await stub.GetVerifierKeys(audit_service_pb2.GetVerifierKeysRequest(), timeout=10.0)
+    return reply.origin, list(reply.verifier_keys)
+
+
+async def publish_log(
+    state: StateDir, rpc_url: str, deployment: chain.Deployment, origin: str, audit_address: str
+) -> TrustPolicy:
+    """Register the log's origin and P-256 checkpoint key on AnchorRegistry (rotating the key if
+    the registry holds another, as after a reset of audit alone) and write ``trust-policy.json``."""
+    served_origin, keys = await audit_verifier_keys(audit_address)
+    if served_origin != origin:
+        raise CommandError(f"audit signs checkpoints as {served_origin!r}, not {origin!r}")
+    p256 = [v for v in map(notes.NoteVerifier.parse, keys) if v.signature_type == notes.SIGNATURE_ECDSA]
+    if len(p256) != 1:
+        raise CommandError(f"audit serves {len(p256)} P-256 verifier keys, not one: {keys}")
+    key_text = next(k for k in keys if notes.NoteVerifier.parse(k) == p256[0])
+
+    w3 = chain.connect(rpc_url)
+    try:
+        registry = chain.contract(w3, chain.ANCHOR_REGISTRY, deployment.anchor_registry)
+        x, y = chain.p256_xy(p256[0].public_key)
+        try:
+            registered: tuple[bytes, bytes] | None = tuple(await registry.functions.logKey(origin).call())
+        except ContractCustomError:  # UnknownOrigin
+            registered = None
+        if registered is None:
+            await chain.register_log(w3, deployment.anchor_registry, deployment.owner, origin, p256[0].public_key)
+            print(f"  registered the log {origin!r} with its P-256 key {key_text}")
+        elif registered == (x, y):
+            print(f"  the log {origin!r} is registered with its P-256 key {key_text}")
+        else:
+            await chain.transact_and_wait(w3, registry.functions.rotateLogKey(origin, x, y), deployment.owner)
+            print(f"  the registry held another key for {origin!r}: rotated it to {key_text}")
+    finally:
+        await w3.provider.disconnect()
+
+    policy = TrustPolicy(
+        origin=origin,
+        log_verifier_keys=tuple(keys),
+        chain_id=deployment.chain_id,
+        anchor_registry=deployment.anchor_registry,
+        min_confirmations=MIN_CONFIRMATIONS,
+    )
+    write_atomically(state.trust_policy_file, policy.to_json().encode())
+    state.trust_policy_file.chmod(0o644)  # public: meant to be published
+    print(
+        f"  wrote the trust policy to {state.trust_policy_file}: log {origin!r} with {len(keys)} verifier "
+        f"key{'s' if len(keys) != 1 else ''}, AnchorRegistry {deployment.anchor_registry} on chain "
+        f"{deployment.chain_id}, {MIN_CONFIRMATIONS} confirmation{'s' if MIN_CONFIRMATIONS != 1 else ''}"
+    )
+    return policy
+
+
+def _eth(wei: int) -> str:
+    return f"{wei / ETHER:g} ETH"
 
 
 async def _create_topics(bootstrap_servers: str, within: float = 30.0) -> list[str]:
