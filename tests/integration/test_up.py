@@ -10,10 +10,14 @@ import socket
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
+from medledger.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
 
-from medledger_common import localstack
-from medledger_sdk.cli.state import RecordedProcess
+from medledger_common import chain, localstack, notes
+from medledger_common.anchored_proofs import TrustPolicy
+from medledger_sdk.cli import up as up_command
+from medledger_sdk.cli.state import RecordedProcess, StateDir, read_chain_key
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 SERVICES = ("identity", "consent", "records", "anchoring", "audit")
@@ -139,8 +143,73 @@ async def _grpcurl_list(port: int) -> str:
     return out.decode()
 
 
-@pytest.mark.timeout(90)
-async def test_up_serves_every_service_and_stops_everything_it_started(tmp_path: Path) -> None:
+ORIGIN = "medledger.local/audit"
+
+
+async def _check_chain_side(state_dir: Path, ports: Ports, printed: str) -> dict[str, object]:
+    """What `up` set up on the chain, checked against the chain and against audit itself."""
+    from eth_account import Account
+
+    recorded = json.loads((state_dir / "chain.json").read_text())
+    deployment = chain.Deployment.from_json(recorded)
+    assert recorded["rpc_url"] == f"http://{localstack.HOST}:{ports.anvil}"
+    key_file = state_dir / "secrets" / "anchorer.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert Account.from_key(read_chain_key(key_file)).address == deployment.anchorer
+    assert deployment.anchor_registry in printed and deployment.consent_registry in printed
+    assert "trust-policy.json" in printed
+
+    async with grpc.aio.insecure_channel(f"{localstack.HOST}:{ports.grpc('audit')}") as channel:
+        served = await audit_service_pb2_grpc.AuditServiceStub(channel).GetVerifierKeys(
+            audit_service_pb2.GetVerifierKeysRequest(), timeout=10
+        )
+    (p256,) = [
+        v for v in map(notes.NoteVerifier.parse, served.verifier_keys) if v.signature_type == notes.SIGNATURE_ECDSA
+    ]
+    policy = TrustPolicy.read(state_dir / "trust-policy.json")
+    assert policy == TrustPolicy(
+        ORIGIN, tuple(served.verifier_keys), deployment.chain_id, deployment.anchor_registry, 1
+    )
+
+    w3 = chain.connect(recorded["rpc_url"])
+    try:
+        assert deployment.chain_id == await w3.eth.chain_id
+        assert deployment.owner == (await w3.eth.accounts)[0]
+        assert await w3.eth.get_code(deployment.anchor_registry)
+        assert await w3.eth.get_code(deployment.consent_registry)
+        anchors = chain.contract(w3, chain.ANCHOR_REGISTRY, deployment.anchor_registry)
+        consents = chain.contract(w3, chain.CONSENT_REGISTRY, deployment.consent_registry)
+        assert tuple(await anchors.functions.logKey(ORIGIN).call()) == chain.p256_xy(p256.public_key)
+        assert await anchors.functions.isAnchorer(deployment.anchorer).call()
+        assert not await anchors.functions.isAnchorer(deployment.owner).call()
+        assert await consents.functions.isWriter(deployment.anchorer).call()
+        assert await w3.eth.get_balance(deployment.anchorer) >= up_command.ANCHORER_LOW_WEI
+    finally:
+        await w3.provider.disconnect()
+    return dict(recorded)
+
+
+async def _check_reuse(state_dir: Path, recorded: dict[str, object], capsys: pytest.CaptureFixture[str]) -> None:
+    """The next `up`'s chain step on the chain state Anvil dumped: the same contracts, nothing
+    deployed. (The step itself, on a fresh Anvil, rather than a second full `up`: seconds.)"""
+    port = localstack.free_port()
+    anvil = localstack.start_anvil(port, state_dir / "anvil-state.json", state_dir / "logs" / "anvil-reuse.log")
+    try:
+        capsys.readouterr()
+        again = await up_command.set_up_contracts(StateDir.at(state_dir), f"http://{localstack.HOST}:{port}")
+        said = capsys.readouterr().out
+    finally:
+        anvil.stop()
+    assert "reusing the contracts" in said, said
+    assert "deployed AnchorRegistry" not in said, said
+    assert again.as_json() == {k: v for k, v in recorded.items() if k != "rpc_url"}
+    assert json.loads((state_dir / "chain.json").read_text())["anchor_registry"] == recorded["anchor_registry"]
+
+
+@pytest.mark.timeout(120)
+async def test_up_serves_every_service_and_stops_everything_it_started(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     state_dir = tmp_path / "state"
     ports = Ports()
     up = await _medledger("up", "--state-dir", str(state_dir), *ports.args())
@@ -163,6 +232,10 @@ async def test_up_serves_every_service_and_stops_everything_it_started(tmp_path:
         for service, listing in zip(SERVICES, listings, strict=True):
             assert "grpc.health.v1.Health" in listing.splitlines(), listing
             assert f"medledger.{service}.v1.{service.capitalize()}Service" in listing.splitlines(), listing
+
+        # The chain side: both registries deployed, the anchorer named and funded, the log's
+        # P-256 key registered, the trust policy written.
+        recorded = await _check_chain_side(state_dir, ports, printed)
 
         # The state folder is in use: reset must refuse and delete nothing.
         code, out = await _run("reset", "--state-dir", str(state_dir))
@@ -188,6 +261,7 @@ async def test_up_serves_every_service_and_stops_everything_it_started(tmp_path:
     assert not _processes_mentioning(*ports.traces(state_dir))
     assert not (state_dir / "up.pid").exists()
     assert (state_dir / "anvil-state.json").exists()  # Anvil dumped its chain on SIGTERM
+    await _check_reuse(state_dir, recorded, capsys)
 
     code, out = await _run("reset", "--state-dir", str(state_dir))
     assert code == 0, out
