@@ -60,21 +60,21 @@ def contract(w3: Web3, name: str, address: str) -> Any:
     return w3.eth.contract(address=to_checksum_address(address), abi=abi(name))
 
 
-async def deploy(w3: Web3, name: str, sender: str, *args: Any, timeout: float = 60.0) -> str:
+async def deploy(w3: Web3, name: str, sender: str, *args: Any, wait_seconds: float = 60.0) -> str:
     """Deploy ``name`` from ``sender``, an account the node holds (Anvil's development accounts);
     returns the contract's checksummed address once the deployment is mined."""
     factory = w3.eth.contract(abi=abi(name), bytecode=artifact(name)["bytecode"])
     tx = await factory.constructor(*args).transact({"from": to_checksum_address(sender)})
-    receipt = await w3.eth.wait_for_transaction_receipt(tx, timeout=timeout)
+    receipt = await w3.eth.wait_for_transaction_receipt(tx, timeout=wait_seconds)
     if receipt["status"] != 1:
         raise RuntimeError(f"deploying {name} reverted (transaction {tx.hex()})")
     return str(receipt["contractAddress"])
 
 
-async def transact_and_wait(w3: Web3, call: Any, sender: str, *, timeout: float = 60.0) -> Any:
+async def transact_and_wait(w3: Web3, call: Any, sender: str, *, wait_seconds: float = 60.0) -> Any:
     """Send a contract call from an account the node holds and wait until it is mined."""
     tx = await call.transact({"from": to_checksum_address(sender)})
-    receipt = await w3.eth.wait_for_transaction_receipt(tx, timeout=timeout)
+    receipt = await w3.eth.wait_for_transaction_receipt(tx, timeout=wait_seconds)
     if receipt["status"] != 1:
         raise RuntimeError(f"transaction {tx.hex()} reverted")
     return receipt
