@@ -1,0 +1,111 @@
+"""``medledger verify``: check an anchored proof as a third party, trusting only a trust policy
+and a chain RPC endpoint (``medledger_common.anchored_proofs.verify_anchored_proof``).
+
+Exit codes: 0 verified, 1 not verified, 2 a usage error or a file that cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import string
+from pathlib import Path
+from typing import Any
+
+from medledger_common import chain
+from medledger_common.anchored_proofs import TrustPolicy, Verification, verify_anchored_proof
+from medledger_common.errors import InvalidArgument
+from medledger_sdk.cli.errors import CommandError
+
+PROOF_SUFFIX = ".tlog-proof"
+RPC_TIMEOUT_SECONDS = 15.0
+USAGE = 2
+
+
+def register(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "verify",
+        help="verify an anchored proof against a trust policy and the chain",
+        description=(
+            "Verify that an entry of the transparency log (and, given the record and its salt, the record "
+            "it commits to) is in a checkpoint signed by the log's keys and anchored on chain. Trusts only "
+            "the trust policy and the chain behind --rpc. Exit 0 verified, 1 not verified, 2 usage error."
+        ),
+    )
+    parser.add_argument("proof", metavar="PROOF", help="the proof, <stem>.tlog-proof")
+    parser.add_argument("--trust", required=True, metavar="POLICY", help="the trust policy (JSON)")
+    parser.add_argument("--rpc", required=True, metavar="URL", help="a JSON-RPC URL of the chain")
+    parser.add_argument("--entry", metavar="FILE", help="the entry's bytes (default: <stem>.entry)")
+    parser.add_argument("--anchor", metavar="FILE", help="the anchor (default: <stem>-anchor.json)")
+    parser.add_argument("--record", metavar="FILE", help="the record as returned by GetRecord (needs --salt)")
+    parser.add_argument("--salt", metavar="HEX", help="the record version's salt, 64 hex digits (from its receipt)")
+    parser.add_argument("--media-type", metavar="TYPE", help="the record is a document of this media type")
+    parser.set_defaults(func=run)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read the {what} {path}: {exc.strerror or exc}", USAGE) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    proof_path = Path(args.proof)
+    if not proof_path.name.endswith(PROOF_SUFFIX):
+        raise CommandError(f"PROOF is a <stem>{PROOF_SUFFIX} file, not {proof_path}", USAGE)
+    stem = proof_path.name.removesuffix(PROOF_SUFFIX)
+    entry_path = Path(args.entry) if args.entry else proof_path.with_name(f"{stem}.entry")
+    anchor_path = Path(args.anchor) if args.anchor else proof_path.with_name(f"{stem}-anchor.json")
+    if (args.record is None) != (args.salt is None):
+        raise CommandError("--record and --salt go together", USAGE)
+    if args.media_type is not None and args.record is None:
+        raise CommandError("--media-type needs --record and --salt", USAGE)
+    salt = args.salt.removeprefix("0x") if args.salt is not None else None
+    if salt is not None and (len(salt) != 64 or any(c not in string.hexdigits for c in salt)):
+        raise CommandError("--salt is the 32-byte salt as 64 hex digits", USAGE)
+    try:
+        policy = TrustPolicy.parse(_read(Path(args.trust), "trust policy"))
+    except InvalidArgument as exc:
+        raise CommandError(f"the trust policy {args.trust} is not usable: {exc.message}", USAGE) from None
+    proof = _read(proof_path, "proof")
+    entry = _read(entry_path, "entry")
+    anchor = _read(anchor_path, "anchor")
+    record = _read(Path(args.record), "record") if args.record is not None else None
+
+    print(f"verifying {proof_path} (entry {entry_path}, anchor {anchor_path})")
+    print(f"trusting the log {policy.origin}, chain {policy.chain_id}, registry {policy.anchor_registry}")
+    result = asyncio.run(_verify(policy, proof, entry, anchor, args.rpc, record, salt, args.media_type))
+    print_report(result)
+    return 0 if result.verified else 1
+
+
+async def _verify(
+    policy: TrustPolicy,
+    proof: bytes,
+    entry: bytes,
+    anchor: bytes,
+    rpc_url: str,
+    record: bytes | None,
+    salt: str | None,
+    media_type: str | None,
+) -> Verification:
+    w3 = chain.connect(rpc_url, timeout=RPC_TIMEOUT_SECONDS)
+    try:
+        return await verify_anchored_proof(
+            policy, proof, entry, anchor, w3, record=record, salt_hex=salt, media_type=media_type
+        )
+    finally:
+        await w3.provider.disconnect()
+
+
+def print_report(result: Verification) -> None:
+    for check in result.checks:
+        if check.passed is None:
+            print(f"  - {check.name}: {check.title} (not run)")
+        else:
+            mark = "✓" if check.passed else "✗"
+            outcome = "" if check.passed else " — FAILED"
+            print(f"  {mark} {check.name}: {check.title}{outcome}")
+            print(f"      {check.detail}")
+    print(result.verdict())
