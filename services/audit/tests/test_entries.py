@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 import rfc8785
-from medledger.events.v1 import identity_events_pb2, records_events_pb2
+from medledger.events.v1 import anchoring_events_pb2, identity_events_pb2, records_events_pb2
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_audit import entries
@@ -116,6 +116,16 @@ def test_what_cannot_be_read_is_kept_by_hash_never_dropped() -> None:
 
 def test_the_audit_services_own_checkpoint_events_are_not_appended() -> None:
     assert entries.draft_entry(event(records_events_pb2.RecordStored(), source="medledger.audit")) is None
+
+
+def test_anchors_are_not_appended_but_consent_commitments_on_chain_are() -> None:
+    # An anchor appended would be a new entry to anchor: a transaction every interval, forever.
+    anchored = anchoring_events_pb2.CheckpointAnchored(origin="medledger.local/audit", tree_size=10, root=bytes(32))
+    assert entries.draft_entry(event(anchored, source="medledger.anchoring")) is None
+    on_chain = anchoring_events_pb2.ConsentCommitmentRecorded(commitment="cd" * 32, status="granted", chain_id=1)
+    draft = entries.draft_entry(event(on_chain, source="medledger.anchoring"))
+    assert draft is not None and draft.type == "consent.commitment_on_chain"
+    assert draft.fields["commitment"] == "cd" * 32 and draft.patient_id is None
 
 
 @pytest.mark.parametrize("type_name", sorted(entries.ENTRY_TYPES))

@@ -27,6 +27,7 @@ import rfc8785
 from google.protobuf import message as pb_message
 from google.protobuf.descriptor import FieldDescriptor
 from medledger.events.v1 import (
+    anchoring_events_pb2,
     consent_events_pb2,
     identity_events_pb2,
     notification_events_pb2,
@@ -69,11 +70,16 @@ _KNOWN: list[tuple[str, Any]] = [
     ("legal_hold.changed", records_events_pb2.LegalHoldChanged),
     ("erasure.completed", records_events_pb2.PatientRecordsErased),
     ("notification.requested", notification_events_pb2.NotificationRequested),
+    ("consent.commitment_on_chain", anchoring_events_pb2.ConsentCommitmentRecorded),
 ]
 ENTRY_TYPES: dict[str, tuple[str, type[pb_message.Message]]] = {m.DESCRIPTOR.full_name: (n, m) for n, m in _KNOWN}
 # The audit service's own events (its checkpoints) are not appended: the log would grow by
 # signing that it grew.
 OWN_EVENT_SOURCE = "medledger.audit"
+# Nor are the anchors of those checkpoints: each would grow the log by one entry, whose
+# checkpoint would be anchored in turn, one transaction every interval with no traffic at all.
+# The chain is their record (and anchoring's API serves them).
+NOT_APPENDED_TYPES = frozenset({anchoring_events_pb2.CheckpointAnchored.DESCRIPTOR.full_name})
 # Fields that name the patient an entry is about, in the order they are looked for.
 _PATIENT_FIELDS = ("patient_id", "principal_id", "recipient_id")
 
@@ -119,8 +125,8 @@ def sha256_hex(data: bytes) -> str:
 
 
 def draft_entry(event: Event) -> EntryDraft | None:
-    """The entry an event becomes; None for the audit service's own events."""
-    if event.source == OWN_EVENT_SOURCE:
+    """The entry an event becomes; None for the audit service's own events and for anchors."""
+    if event.source == OWN_EVENT_SOURCE or event.type in NOT_APPENDED_TYPES:
         return None
     event_time = event.time.seconds + event.time.nanos / 1e9
     known = ENTRY_TYPES.get(event.type)

@@ -164,6 +164,8 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
                 grantee_id=v.grantee_id,
                 revoked=v.status == domain.INACTIVE,
                 commitment=v.commitment,
+                period_start=timestamp(v.period_start),
+                period_end=timestamp(v.period_end) if v.period_end is not None else None,
             ),
             aggregate_id=v.consent_id,
             version=v.version,
