@@ -14,12 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from eth_account import Account
+from medledger.audit.v1 import audit_service_pb2 as audit_pb
+from medledger.audit.v1.audit_service_pb2_grpc import AuditServiceStub
 
+from medledger_anchoring import main as anchoring_main
+from medledger_anchoring import storage as anchoring_storage
+from medledger_anchoring.config import AnchoringSettings
 from medledger_audit import main as audit_main
 from medledger_audit import storage as audit_storage
 from medledger_audit.config import AuditSettings
-from medledger_common import localstack
+from medledger_common import chain, localstack, notes
+from medledger_common.anchored_proofs import TrustPolicy
 from medledger_common.keys import create_master_key_file
 from medledger_common.service import ServiceRuntime
 from medledger_common.testing import Kafka, Postgres, running_service
@@ -47,6 +55,9 @@ class Stack:
     consent_replicas: list[ServiceRuntime] = field(default_factory=list)
     records: ServiceRuntime | None = None
     audit: ServiceRuntime | None = None
+    anchoring: ServiceRuntime | None = None
+    # The registries anchoring writes to, when it runs.
+    deployment: chain.Deployment | None = None
     _clients: list[TokenClient] = field(default_factory=list)
 
     @property
@@ -80,6 +91,35 @@ class Stack:
     async def close_clients(self) -> None:
         for c in self._clients:
             await c.aclose()
+
+
+async def deploy_chain(tmp_path: Path, rpc_url: str, audit: ServiceRuntime) -> tuple[chain.Deployment, dict[str, Any]]:
+    """What `medledger up` does for anchoring, on a fresh pair of registries: an anchorer key,
+    the contracts, the audit log's P-256 key registered, a trust policy; returns the deployment
+    and anchoring's chain settings."""
+    account = Account.create()
+    key_file = tmp_path / f"anchorer-{account.address}.key"
+    key_file.write_text(account.key.hex())
+    w3 = chain.connect(rpc_url)
+    owner = (await w3.eth.accounts)[0]
+    deployment = await chain.deploy_registries(w3, owner, account.address)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{audit.grpc_port}") as channel:
+        keys = await AuditServiceStub(channel).GetVerifierKeys(audit_pb.GetVerifierKeysRequest())
+    verifiers = [notes.NoteVerifier.parse(k) for k in keys.verifier_keys]
+    p256 = next(v for v in verifiers if v.signature_type == notes.SIGNATURE_ECDSA)
+    await chain.register_log(w3, deployment.anchor_registry, owner, keys.origin, p256.public_key)
+    policy_file = tmp_path / f"trust-policy-{deployment.anchor_registry}.json"
+    policy_file.write_text(
+        TrustPolicy(keys.origin, tuple(keys.verifier_keys), deployment.chain_id, deployment.anchor_registry).to_json()
+    )
+    return deployment, {
+        "chain_rpc_url": rpc_url,
+        "chain_id": deployment.chain_id,
+        "anchor_registry_address": deployment.anchor_registry,
+        "consent_registry_address": deployment.consent_registry,
+        "anchorer_key_file": key_file,
+        "trust_policy_file": policy_file,
+    }
 
 
 def service_settings(cls: type, kafka: Kafka, database_url: str, **extra: Any) -> Any:
@@ -117,6 +157,9 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
         records_db: str | None = None,
         records_settings: dict[str, Any] | None = None,
         audit: bool = False,
+        anchoring: bool = False,
+        chain_rpc_url: str | None = None,
+        anchoring_settings: dict[str, Any] | None = None,
     ) -> AsyncIterator[Stack]:
         secrets_dir = tmp_path / "secrets"
         secrets_dir.mkdir(exist_ok=True)
@@ -125,6 +168,7 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
         (secrets_dir / "consent.secret").write_text("mlsec_consent_" + secrets.token_urlsafe(24))
         (secrets_dir / "records.secret").write_text("mlsec_records_" + secrets.token_urlsafe(24))
         (secrets_dir / "audit.secret").write_text("mlsec_audit_" + secrets.token_urlsafe(24))
+        (secrets_dir / "anchoring.secret").write_text("mlsec_anchoring_" + secrets.token_urlsafe(24))
         master = tmp_path / "master-identity.key"
         if not master.exists():
             create_master_key_file(master)
@@ -217,9 +261,31 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
                         audit_main.build,
                     )
                 )
+            anchoring_runtime, deployment = None, None
+            if anchoring:
+                assert audit_runtime is not None and chain_rpc_url, "anchoring needs audit and a chain"
+                deployment, chain_settings = await deploy_chain(tmp_path, chain_rpc_url, audit_runtime)
+                anchoring_runtime = await exits.enter_async_context(
+                    running_service(
+                        "anchoring",
+                        service_settings(
+                            AnchoringSettings,
+                            kafka,
+                            postgres.new_database("anchoring"),
+                            identity_address=f"127.0.0.1:{identity.grpc_port}",
+                            client_secret_file=secrets_dir / "anchoring.secret",
+                            audit_address=f"127.0.0.1:{audit_runtime.grpc_port}",
+                            **{**chain_settings, **(anchoring_settings or {})},
+                        ),
+                        anchoring_storage.MIGRATIONS,
+                        anchoring_main.build,
+                    )
+                )
             stack = Stack(identity, replicas[0] if replicas else None, admin_secret, secrets_dir, replicas)
             stack.records = records_runtime
             stack.audit = audit_runtime
+            stack.anchoring = anchoring_runtime
+            stack.deployment = deployment
             try:
                 yield stack
             finally:

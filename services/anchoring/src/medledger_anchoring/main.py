@@ -1,26 +1,97 @@
-"""Wires anchoring: settings, storage and the gRPC API."""
+"""Wires anchoring: settings, storage, the chain account and sender, the anchorer and consent
+writer, the event handlers, and the gRPC API."""
 
 from __future__ import annotations
 
 from medledger.anchoring.v1 import anchoring_service_pb2, anchoring_service_pb2_grpc
+from medledger.audit.v1.audit_service_pb2_grpc import AuditServiceStub
 
+from medledger_anchoring import domain
+from medledger_anchoring.anchorer import Anchorer, AuditLog
 from medledger_anchoring.api import ACCESS, PUBLIC_METHODS, AnchoringApi
 from medledger_anchoring.config import AnchoringSettings
+from medledger_anchoring.consents import ConsentWriter
+from medledger_anchoring.handlers import (
+    CHECKPOINTS_CONSUMER,
+    CONSENTS_CONSUMER,
+    CheckpointHandler,
+    ConsentVersionHandler,
+)
+from medledger_anchoring.sender import Sender, load_account
 from medledger_anchoring.storage import MIGRATIONS
-from medledger_common.service import ServiceParts, ServiceRuntime, run_service
-from medledger_common.settings import load_settings_or_exit
+from medledger_common import anchored_proofs, chain
+from medledger_common.events import TOPICS
+from medledger_common.grpc_client import make_channel
+from medledger_common.identity_link import BearerTokenInterceptor
+from medledger_common.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
+from medledger_common.settings import ConfigError, load_settings_or_exit
 
 NAME = "anchoring"
 
 
 def build(runtime: ServiceRuntime) -> ServiceParts:
-    # RPCs not built yet answer UNIMPLEMENTED (the generated base servicer) until their issue lands.
-    api = AnchoringApi(runtime)  # type: ignore[abstract]
+    settings: AnchoringSettings = runtime.settings  # type: ignore[assignment]
+    if settings.anchorer_key_file is None or not settings.anchor_registry_address:
+        raise ConfigError(
+            "anchoring needs MEDLEDGER_ANCHORER_KEY_FILE and MEDLEDGER_ANCHOR_REGISTRY_ADDRESS "
+            "(`medledger up` sets both)"
+        )
+    w3 = chain.connect(settings.chain_rpc_url)
+    sender = Sender(
+        w3,
+        load_account(settings.anchorer_key_file),
+        chain_id=settings.chain_id,
+        confirmations=settings.confirmations,
+        max_fee_per_gas_wei=int(settings.max_fee_per_gas_gwei * 10**9),
+    )
+    # Public audit RPCs (checkpoints, proofs) and FindCommitment, which any authenticated caller
+    # may use: anchoring calls it as itself.
+    audit_channel = make_channel(
+        settings.audit_address,
+        max_message_bytes=settings.grpc_max_message_bytes,
+        interceptors=[BearerTokenInterceptor(runtime.identity_link(), "medledger.audit")],
+    )
+    audit = AuditServiceStub(audit_channel)
+    anchorer = Anchorer(
+        runtime.db,
+        sender,
+        AuditLog(audit),
+        registry_address=settings.anchor_registry_address,
+        origin=settings.log_origin,
+        policy=domain.AnchorPolicy(settings.anchor_interval_seconds, settings.anchor_every_entries),
+        source=runtime.source,
+    )
+    anchorer.after_commit = runtime.relay.notify
+    if settings.consent_registry_address:
+        anchorer.consents = ConsentWriter(runtime.db, sender, settings.consent_registry_address, source=runtime.source)
+        anchorer.consents.after_commit = runtime.relay.notify
+    policy = anchored_proofs.TrustPolicy.read(settings.trust_policy_file) if settings.trust_policy_file else None
+    api = AnchoringApi(runtime, anchorer, audit, policy)
+    runtime.extras.update(anchorer=anchorer, anchoring_api=api)
+    consumers = [
+        ConsumerSpec(
+            group_id=CHECKPOINTS_CONSUMER,
+            handler=CheckpointHandler(runtime.db, settings.log_origin, anchorer.wake),
+            topics=[TOPICS["audit"]],
+        )
+    ]
+    if settings.consent_registry_address:
+        consumers.append(
+            ConsumerSpec(
+                group_id=CONSENTS_CONSUMER,
+                handler=ConsentVersionHandler(runtime.db, anchorer.wake),
+                topics=[TOPICS["consent"]],
+            )
+        )
     return ServiceParts(
         service_descriptors=[anchoring_service_pb2.DESCRIPTOR.services_by_name["AnchoringService"]],
         register=lambda server: anchoring_service_pb2_grpc.add_AnchoringServiceServicer_to_server(api, server),
         access=ACCESS,
         public_methods=PUBLIC_METHODS,
+        consumers=consumers,
+        on_start=[sender.check_chain],
+        background=[anchorer.run],
+        on_stop=[audit_channel.close],
     )
 
 
