@@ -26,7 +26,7 @@ from medledger_anchoring.config import AnchoringSettings
 from medledger_audit import main as audit_main
 from medledger_audit import storage as audit_storage
 from medledger_audit.config import AuditSettings
-from medledger_common import chain, localstack, notes
+from medledger_common import chain, localstack
 from medledger_common.anchored_proofs import TrustPolicy
 from medledger_common.keys import create_master_key_file
 from medledger_common.service import ServiceRuntime
@@ -101,13 +101,11 @@ async def deploy_chain(tmp_path: Path, rpc_url: str, audit: ServiceRuntime) -> t
     key_file = tmp_path / f"anchorer-{account.address}.key"
     key_file.write_text(account.key.hex())
     w3 = chain.connect(rpc_url)
-    owner = (await w3.eth.accounts)[0]
-    deployment = await chain.deploy_registries(w3, owner, account.address)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{audit.grpc_port}") as channel:
         keys = await AuditServiceStub(channel).GetVerifierKeys(audit_pb.GetVerifierKeysRequest())
-    verifiers = [notes.NoteVerifier.parse(k) for k in keys.verifier_keys]
-    p256 = next(v for v in verifiers if v.signature_type == notes.SIGNATURE_ECDSA)
-    await chain.register_log(w3, deployment.anchor_registry, owner, keys.origin, p256.public_key)
+    deployment = await chain.deploy_for_log(
+        w3, (await w3.eth.accounts)[0], account.address, keys.origin, list(keys.verifier_keys)
+    )
     policy_file = tmp_path / f"trust-policy-{deployment.anchor_registry}.json"
     policy_file.write_text(
         TrustPolicy(keys.origin, tuple(keys.verifier_keys), deployment.chain_id, deployment.anchor_registry).to_json()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -16,6 +17,8 @@ from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 from web3 import AsyncHTTPProvider, AsyncWeb3
 from web3.exceptions import ContractCustomError
+
+from medledger_common import notes
 
 # web3's AsyncWeb3 is generic in its provider.
 Web3 = AsyncWeb3[AsyncHTTPProvider]
@@ -175,6 +178,20 @@ async def deploy_registries(w3: Web3, owner: str, anchorer: str, *, fund_wei: in
         anchorer=anchorer,
         block_number=await w3.eth.block_number,
     )
+
+
+async def deploy_for_log(
+    w3: Web3, owner: str, anchorer: str, origin: str, verifier_keys: Sequence[str], *, fund_wei: int = 10**19
+) -> Deployment:
+    """Both registries on a fresh chain, ``anchorer`` funded, and the log ``origin`` registered
+    with the P-256 key among its C2SP ``verifier_keys``: what the tests and benchmarks set up
+    (`medledger up` does the same in steps, reusing what a previous run deployed)."""
+    p256 = [v for v in map(notes.NoteVerifier.parse, verifier_keys) if v.signature_type == notes.SIGNATURE_ECDSA]
+    if len(p256) != 1:
+        raise ValueError(f"the log has {len(p256)} P-256 verifier keys, not one")
+    deployment = await deploy_registries(w3, owner, anchorer, fund_wei=fund_wei)
+    await register_log(w3, deployment.anchor_registry, owner, origin, p256[0].public_key)
+    return deployment
 
 
 def p256_xy(spki_der: bytes) -> tuple[bytes, bytes]:
