@@ -21,14 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from medledger.anchoring.v1 import anchoring_service_pb2 as pb
 from medledger.anchoring.v1 import anchoring_service_pb2_grpc as pb_grpc
+from medledger.consent.v1 import consent_service_pb2 as co_pb
+from medledger.consent.v1 import consent_service_pb2_grpc as co_grpc
 from medledger.events.v1 import records_events_pb2
+from medledger.identity.v1 import identity_service_pb2 as id_pb
+from medledger.identity.v1 import identity_service_pb2_grpc as id_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_common import chain, commitments, localstack
 from medledger_common.anchored_proofs import Anchor, TrustPolicy, verify_anchored_proof
 from medledger_common.events import TOPICS, new_event
+from medledger_common.grpc_client import make_channel
 from medledger_common.kafka import make_producer
 from medledger_common.testing import Anvil, status_of
 from medledger_sdk.cli import main as medledger
@@ -436,3 +442,70 @@ async def test_a_checkpoint_a_reorg_dropped_is_anchored_again(start_stack: Any, 
             policy = TrustPolicy.read(stack.anchoring.settings.trust_policy_file)
             result = await verify_anchored_proof(policy, reply.tlog_proof, reply.entry, reply.anchor_json, on_chain.w3)
             assert result.verified, result.verdict()
+
+
+async def test_consent_versions_reach_the_consent_registry(start_stack: Any, anvil: Anvil) -> None:
+    """A grant is on ConsentRegistry with its period; its revocation revokes it there, naming the
+    revoking version's commitment. Only commitments and times reach the chain."""
+    async with start_stack(
+        consent=True, audit=True, anchoring=True, chain_rpc_url=anvil.rpc_url, anchoring_settings=COUNT_ONLY
+    ) as stack:
+        public = id_grpc.IdentityServiceStub(make_channel(stack.identity_address))
+        fhir = {"resourceType": "Patient", "identifier": [{"system": "urn:oid:1.2.3", "value": uuid.uuid4().hex}]}
+        patient = await public.RegisterPatient(
+            id_pb.RegisterPatientRequest(request_id=str(uuid.uuid4()), fhir_patient=json.dumps(fhir).encode())
+        )
+        admin = id_grpc.IdentityServiceStub(stack.admin().channel(stack.identity_address, "medledger.identity"))
+        org = await admin.RegisterPrincipal(
+            id_pb.RegisterPrincipalRequest(
+                request_id=str(uuid.uuid4()), kind=vocab.PrincipalKind.PRINCIPAL_KIND_ORGANIZATION
+            )
+        )
+        patient_id, org_id = patient.principal.principal_id, org.principal.principal_id
+        await stack.known_to_consent(patient_id, org_id)
+        consent = co_grpc.ConsentServiceStub(
+            stack.client(patient_id, patient.client_secret).channel(stack.consent_address, "medledger.consent")
+        )
+        registry = chain.contract(Chain(anvil.rpc_url, stack.deployment).w3, chain.CONSENT_REGISTRY,
+                                  stack.deployment.consent_registry)  # fmt: skip
+
+        async def status_of_commitment(commitment: str) -> Any:
+            return await registry.functions.statusOf(bytes.fromhex(commitment)).call()
+
+        start = int(time.time()) + 3600
+        period_start = Timestamp(seconds=start)
+        granted = await consent.GrantConsent(
+            co_pb.GrantConsentRequest(
+                request_id=str(uuid.uuid4()),
+                patient_id=patient_id,
+                grantee_id=org_id,
+                provision=co_pb.ProvisionType.PROVISION_TYPE_PERMIT,
+                actions=[vocab.Action.ACTION_READ],
+                categories=[vocab.DataCategory.DATA_CATEGORY_OBSERVATIONS],
+                purposes=[vocab.PurposeOfUse.PURPOSE_OF_USE_TREAT],
+                period_start=period_start,
+            )
+        )
+        c1 = granted.consent.commitment
+
+        async def active() -> Any:
+            entry = await status_of_commitment(c1)
+            return entry if entry[0] == 1 else None
+
+        entry = await eventually(active, "the grant on ConsentRegistry", within=60)
+        assert (entry[1], entry[2]) == (start, 0), "valid from the period's start, no end"
+        assert await registry.functions.isInForce(bytes.fromhex(c1), start + 1).call()
+
+        revoked = await consent.RevokeConsent(
+            co_pb.RevokeConsentRequest(request_id=str(uuid.uuid4()), consent_id=granted.consent.consent_id)
+        )
+        c2 = revoked.consent.commitment
+
+        async def revoked_on_chain() -> Any:
+            entry = await status_of_commitment(c1)
+            return entry if entry[0] == 2 else None
+
+        entry = await eventually(revoked_on_chain, "the revocation on ConsentRegistry", within=60)
+        assert bytes(entry[5]) == bytes.fromhex(c2), "revoked by the revoking version"
+        assert not await registry.functions.isInForce(bytes.fromhex(c1), start + 1).call()
+        assert (await status_of_commitment(c2))[0] == 0, "a revocation is not itself a grant"
