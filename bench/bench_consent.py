@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from closed_loop import measure
 from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.consent.v1 import consent_service_pb2_grpc as pb_grpc
 from medledger.identity.v1 import identity_service_pb2 as id_pb
@@ -35,7 +36,6 @@ from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_consent import domain
 
-IN_FLIGHT = 16
 READ = vocab.Action.ACTION_READ
 OBS = vocab.DataCategory.DATA_CATEGORY_OBSERVATIONS
 TREAT = vocab.PurposeOfUse.PURPOSE_OF_USE_TREAT
@@ -171,26 +171,7 @@ async def client(config_path: Path, seconds: float) -> dict[str, Any]:
         stub = pb_grpc.ConsentServiceStub(channel)
         first = await stub.CheckConsent(request, metadata=metadata)
         assert first.decision == pb.Decision.DECISION_PERMIT, first
-        for _ in range(200):
-            await stub.CheckConsent(request, metadata=metadata)
-        latencies: list[float] = []
-        deadline = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            while time.perf_counter() < deadline:
-                t = time.perf_counter()
-                await stub.CheckConsent(request, metadata=metadata)
-                latencies.append(time.perf_counter() - t)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
-        elapsed = time.perf_counter() - t0
-    latencies.sort()
-    return {
-        "calls_per_s": len(latencies) / elapsed,
-        "p50_ms": latencies[len(latencies) // 2] * 1000,
-        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
-    }
+        return await measure(lambda: stub.CheckConsent(request, metadata=metadata), seconds, warm_up=200)
 
 
 async def propagation(bootstrap: str, database_url: str, folder: Path, rounds: int = 20) -> dict[str, Any]:

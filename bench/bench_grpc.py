@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 
 import grpc
+from closed_loop import measure
 from medledger.identity.v1 import identity_service_pb2 as pb
 from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
 from medledger_common.auth import Access, AuthInterceptor, DeactivationSet, TokenVerifier
 from medledger_common.grpc_server import GrpcServer
 from medledger_common.telemetry import configure_tracing
-
-IN_FLIGHT = 16
 
 
 class Empty(pb_grpc.IdentityServiceServicer):
@@ -79,30 +78,10 @@ async def client(port: int, seconds: float, token_file: Path | None = None) -> N
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.IdentityServiceStub(channel)
         await channel.channel_ready()
-        for _ in range(200):  # warm-up
-            await stub.GetPrincipal(pb.GetPrincipalRequest(), metadata=metadata)
-        latencies: list[float] = []
-        deadline = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            while time.perf_counter() < deadline:
-                t = time.perf_counter()
-                await stub.GetPrincipal(pb.GetPrincipalRequest(), metadata=metadata)
-                latencies.append(time.perf_counter() - t)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
-        elapsed = time.perf_counter() - t0
-    latencies.sort()
-    print(
-        json.dumps(
-            {
-                "calls_per_s": len(latencies) / elapsed,
-                "p50_ms": latencies[len(latencies) // 2] * 1000,
-                "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
-            }
+        figures = await measure(
+            lambda: stub.GetPrincipal(pb.GetPrincipalRequest(), metadata=metadata), seconds, warm_up=200
         )
-    )
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

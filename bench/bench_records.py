@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from closed_loop import measure
 from medledger.events.v1 import records_events_pb2
 from medledger.records.v1 import records_service_pb2 as pb
 from medledger.records.v1 import records_service_pb2_grpc as pb_grpc
@@ -309,26 +310,7 @@ async def client(config_path: Path, seconds: float, op: str, size: int) -> dict[
             else:
                 await stub.GetRecord(get, metadata=metadata)
 
-        for _ in range(50):
-            await call()
-        latencies: list[float] = []
-        deadline = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            while time.perf_counter() < deadline:
-                t = time.perf_counter()
-                await call()
-                latencies.append(time.perf_counter() - t)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
-        elapsed = time.perf_counter() - t0
-    latencies.sort()
-    return {
-        "calls_per_s": len(latencies) / elapsed,
-        "p50_ms": latencies[len(latencies) // 2] * 1000,
-        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
-    }
+        return await measure(call, seconds, in_flight=IN_FLIGHT)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ folder) and stopping it afterwards. Each figure is printed beside a baseline mea
 run, with the ratio and the target. Exit code 0 unless a benchmark errors: a missed target is
 printed as MISS, never hidden.
 
-Usage: python bench/run.py [relay] [consumer] [grpc] [auth] [consent] [records] [audit] [--json FILE]
+Usage: python bench/run.py [relay] [consumer] [grpc] [auth] [consent] [records] [audit] [anchoring] [--json FILE]
 """
 
 from __future__ import annotations
@@ -205,14 +205,7 @@ def bench_records(bootstrap: str, pg: localstack.PostgresCluster, results: dict,
             + ", ".join(f"{k.removesuffix('_us')} {v:,.0f}" for k, v in st.items())
         )
     with tempfile.TemporaryDirectory() as tmp:
-        port = localstack.free_port()
-        server = subprocess.Popen([PY, str(HERE / "bench_grpc.py"), "server", "bare", str(port)])
-        try:
-            localstack.wait_for_port(port, 30, server, "bare gRPC server")
-            empty = run_json(str(HERE / "bench_grpc.py"), "client", str(port), str(seconds))
-        finally:
-            server.terminate()
-            server.wait(10)
+        empty = _empty_call(seconds)
         print(
             f"    empty: {empty['calls_per_s']:,.0f} calls/s  "
             f"p50 {empty['p50_ms']:.2f} ms  p99 {empty['p99_ms']:.2f} ms"
@@ -298,25 +291,103 @@ def bench_audit(bootstrap: str, pg: localstack.PostgresCluster, results: dict) -
     results["audit"] = {"rounds": rounds, "per_s": rate, "ratio": ratio, "target_per_s": 20_000, "proofs": p}
 
 
+def bench_anchoring(
+    bootstrap: str, pg: localstack.PostgresCluster, tmp: Path, results: dict, seconds: float = 5.0
+) -> None:
+    print("-- (i) anchoring on Anvil: gas per covered entry, proofs served, time to an anchored proof", flush=True)
+    port = localstack.free_port()
+    anvil = localstack.start_anvil(port, tmp / "anvil" / "state.json", tmp / "anvil.log")
+    rpc_url = f"http://127.0.0.1:{port}"
+    try:
+        g = run_json(str(HERE / "bench_anchoring.py"), "gas", rpc_url)
+        per_record = g["per_record_transaction_gas"]
+        print(f"   one transaction per record (a commitment in its own slot): {per_record:,.0f} gas per record")
+        for covered, target in (("100", None), ("1000", 100), ("10000", 10)):
+            f = g[covered]
+            judged = f"(target <= {target})  {verdict(target - f['per_entry'], 0)}" if target else "(no target)"
+            print(
+                f"   one anchor covering {int(covered):>6,} entries at tree size 1,000,000 ({f['proof_hashes']}-hash "
+                f"proof): {f['gas']:,} gas, {f['per_entry']:,.1f} gas per entry {judged}; "
+                f"{per_record / f['per_entry']:,.0f}x less than a transaction per record"
+            )
+        empty = _empty_call(seconds)
+        print(f"   empty gRPC call: {empty['calls_per_s']:,.0f} calls/s  p50 {empty['p50_ms']:.2f} ms")
+        config = tmp / "anchoring.json"
+        server = subprocess.Popen(
+            [
+                PY, str(HERE / "bench_anchoring.py"), "server", bootstrap, rpc_url,
+                pg.create_database(f"bench_audit_{uuid.uuid4().hex[:6]}"),
+                pg.create_database(f"bench_anchoring_{uuid.uuid4().hex[:6]}"),
+                str(tmp / "anchoring-stack"), str(config),
+            ]
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 600
+            while not config.exists():
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the anchoring benchmark server did not finish its latency run")
+                time.sleep(0.5)
+            lat = json.loads(config.read_text())
+            print(
+                f"   record published -> anchored proof available, {lat['records']:,} records at steady rate "
+                f"(audit checkpoints every {lat['checkpoint_interval_seconds']:g} s, anchoring every "
+                f"{lat['anchor_interval_seconds']:g} s, {lat['anchor_transactions']} anchor transactions): "
+                f"p50 {lat['latency_p50_s']:.1f} s  p99 {lat['latency_p99_s']:.1f} s  max {lat['latency_max_s']:.1f} s"
+            )
+            proofs = run_json(str(HERE / "bench_anchoring.py"), "client", str(config), str(seconds))
+            ratio = proofs["calls_per_s"] / empty["calls_per_s"]
+            print(
+                f"   GetAnchoredProof (by commitment; audit's FindCommitment and tlog-proof behind it): "
+                f"{proofs['calls_per_s']:,.0f} proofs/s  p50 {proofs['p50_ms']:.2f} ms  p99 {proofs['p99_ms']:.2f} ms"
+                f"  |  {ratio:.0%} of the empty call (no target)"
+            )
+        finally:
+            server.terminate()
+            server.wait(30)
+    finally:
+        anvil.stop()
+    results["anchoring"] = {
+        "gas": g,
+        "empty": empty,
+        "latency": {k: v for k, v in lat.items() if k not in ("token", "commitments")},
+        "proofs": proofs,
+    }
+
+
+def _empty_call(seconds: float) -> dict:
+    """The baseline: an empty unary call to a bare grpc.aio server, from another process."""
+    port = localstack.free_port()
+    server = subprocess.Popen([PY, str(HERE / "bench_grpc.py"), "server", "bare", str(port)])
+    try:
+        localstack.wait_for_port(port, 30, server, "bare gRPC server")
+        return run_json(str(HERE / "bench_grpc.py"), "client", str(port), str(seconds))
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "only", nargs="*", choices=["relay", "consumer", "grpc", "auth", "consent", "records", "audit", []], default=[]
+        "only",
+        nargs="*",
+        choices=["relay", "consumer", "grpc", "auth", "consent", "records", "audit", "anchoring", []],
+        default=[],
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
-    wanted = set(args.only) or {"relay", "consumer", "grpc", "auth", "consent", "records", "audit"}
+    wanted = set(args.only) or {"relay", "consumer", "grpc", "auth", "consent", "records", "audit", "anchoring"}
     results: dict = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="medledger-bench-") as tmp:
         broker = pg = None
         try:
-            if wanted & {"relay", "consumer", "auth", "consent", "records", "audit"}:
+            if wanted & {"relay", "consumer", "auth", "consent", "records", "audit", "anchoring"}:
                 print("starting Tansu", flush=True)
                 port = localstack.free_port()
                 broker = localstack.start_tansu(port, Path(tmp) / "tansu.log")
                 bootstrap = f"127.0.0.1:{port}"
-            if wanted & {"relay", "consent", "records", "audit"}:
+            if wanted & {"relay", "consent", "records", "audit", "anchoring"}:
                 print("starting a PostgreSQL cluster of our own", flush=True)
                 pg = localstack.PostgresCluster(Path(tmp) / "pg", localstack.free_port())
                 pg.init()
@@ -335,6 +406,8 @@ def main() -> int:
                 bench_records(bootstrap, pg, results)
             if "audit" in wanted:
                 bench_audit(bootstrap, pg, results)
+            if "anchoring" in wanted:
+                bench_anchoring(bootstrap, pg, Path(tmp), results)
         finally:
             if pg is not None:
                 pg.stop("immediate")
