@@ -473,28 +473,38 @@ async def test_consent_versions_reach_the_consent_registry(start_stack: Any, anv
             return await registry.functions.statusOf(bytes.fromhex(commitment)).call()
 
         start = int(time.time()) + 3600
-        period_start = Timestamp(seconds=start)
-        granted = await consent.GrantConsent(
-            co_pb.GrantConsentRequest(
+
+        def grant(category: int) -> co_pb.GrantConsentRequest:
+            return co_pb.GrantConsentRequest(
                 request_id=str(uuid.uuid4()),
                 patient_id=patient_id,
                 grantee_id=org_id,
                 provision=co_pb.ProvisionType.PROVISION_TYPE_PERMIT,
                 actions=[vocab.Action.ACTION_READ],
-                categories=[vocab.DataCategory.DATA_CATEGORY_OBSERVATIONS],
+                categories=[category],
                 purposes=[vocab.PurposeOfUse.PURPOSE_OF_USE_TREAT],
-                period_start=period_start,
+                period_start=Timestamp(seconds=start),
             )
-        )
+
+        # Three consents at once: written side by side, each on chain with its period.
+        granted, *others = [
+            await consent.GrantConsent(grant(c))
+            for c in (
+                vocab.DataCategory.DATA_CATEGORY_OBSERVATIONS,
+                vocab.DataCategory.DATA_CATEGORY_MEDICATIONS,
+                vocab.DataCategory.DATA_CATEGORY_DEMOGRAPHICS,
+            )
+        ]
         c1 = granted.consent.commitment
 
-        async def active() -> Any:
-            entry = await status_of_commitment(c1)
-            return entry if entry[0] == 1 else None
+        async def all_active() -> Any:
+            entries = [await status_of_commitment(g.consent.commitment) for g in (granted, *others)]
+            return entries if all(e[0] == 1 for e in entries) else None
 
-        entry = await eventually(active, "the grant on ConsentRegistry", within=60)
-        assert (entry[1], entry[2]) == (start, 0), "valid from the period's start, no end"
+        for entry in await eventually(all_active, "the grants on ConsentRegistry", within=60):
+            assert (entry[1], entry[2]) == (start, 0), "valid from the period's start, no end"
         assert await registry.functions.isInForce(bytes.fromhex(c1), start + 1).call()
+        assert not await registry.functions.isInForce(bytes.fromhex(c1), start - 1).call()
 
         revoked = await consent.RevokeConsent(
             co_pb.RevokeConsentRequest(request_id=str(uuid.uuid4()), consent_id=granted.consent.consent_id)

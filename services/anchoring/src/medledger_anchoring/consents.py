@@ -9,6 +9,7 @@ recognised in the simulation and costs nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from medledger.events.v1 import anchoring_events_pb2
@@ -37,11 +38,23 @@ class ConsentWriter:
         self.after_commit: object = None
 
     async def write_pending(self) -> int:
-        """Write up to ``batch`` pending versions, oldest first; returns how many were settled."""
+        """Write up to ``batch`` pending versions; returns how many were settled.
+
+        The versions of one consent go one after the other, oldest first (a version revokes the
+        one before it, which must be on chain by then); different consents go side by side, so
+        their transactions share blocks instead of each waiting for the last one's confirmation.
+        """
         async with self.db.read() as conn:
             pending = await storage.pending_consent_writes(conn, self.batch)
+        by_consent: dict[str, list[storage.ConsentWrite]] = {}
         for write in pending:
-            await self._write(write)
+            by_consent.setdefault(write.consent_id, []).append(write)
+
+        async def in_order(writes: list[storage.ConsentWrite]) -> None:
+            for write in writes:
+                await self._write(write)
+
+        await asyncio.gather(*(in_order(w) for w in by_consent.values()))
         return len(pending)
 
     async def _send(self, name: str, call: object) -> str | None:
