@@ -269,7 +269,13 @@ class ServiceRuntime:
         if task.cancelled() or self._stopping.is_set():
             return
         exc = task.exception()
-        log.error("background task stopped, shutting down", extra={"task": task.get_name(), "error": repr(exc)})
+        log.error(
+            "background task %s stopped (%s), shutting down",
+            task.get_name(),
+            type(exc).__name__ if exc else "returned",
+            exc_info=exc,
+            extra={"task": task.get_name(), "error": repr(exc)},
+        )
         self._stopping.set()
 
     def request_stop(self) -> None:
