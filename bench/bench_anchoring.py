@@ -5,9 +5,9 @@ gas:      gas per covered entry of one AnchorRegistry.anchor at tree size 1,000,
           proof from the audit log's own code), beside the early-EHR design measured on the same
           node: one transaction per record, each storing its commitment in a slot of its own
           (ConsentRegistry.grant, a commitment and a status per transaction).
-server:   identity, the audit log and anchoring in this process as deployed (PostgreSQL; the
-          audit log and anchoring with their default checkpoint and anchoring intervals), the
-          registries deployed; record-stored events published at a steady rate straight to the
+server:   identity and the audit log in this process, anchoring in a process of its own as
+          deployed (PostgreSQL; the audit log and anchoring with their default checkpoint and
+          anchoring intervals), the registries deployed; record-stored events published at a steady rate straight to the
           records topic (what records' outbox relay sends once a put commits); measures, for each,
           the time from its publication until GetAnchoredProof returns its proof; then writes
           what a client needs to CONFIG and serves until SIGTERM.
@@ -23,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import secrets
 import signal
+import subprocess
 import sys
 import time
 from contextlib import AsyncExitStack
@@ -44,13 +46,11 @@ from medledger.audit.v1 import audit_service_pb2_grpc as audit_grpc
 from medledger.events.v1 import records_events_pb2
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
-from medledger_anchoring import main as anchoring_main
-from medledger_anchoring import storage as anchoring_storage
 from medledger_anchoring.config import AnchoringSettings
 from medledger_audit import main as audit_main
 from medledger_audit import storage as audit_storage
 from medledger_audit.config import AuditSettings
-from medledger_common import chain, notes, tlog
+from medledger_common import chain, localstack, notes, tlog
 from medledger_common.anchored_proofs import TrustPolicy
 from medledger_common.events import TOPICS, new_event
 from medledger_common.kafka import make_producer
@@ -255,28 +255,32 @@ async def server(bootstrap: str, rpc_url: str, audit_url: str, anchoring_url: st
                 keys.origin, tuple(keys.verifier_keys), deployment.chain_id, deployment.anchor_registry
             ).to_json()
         )
-        anchoring = await exits.enter_async_context(
-            running_service(
-                "anchoring",
-                AnchoringSettings(
-                    **common,
-                    database_url=anchoring_url,
-                    identity_address=identity_address,
-                    client_secret_file=secrets_dir / "anchoring.secret",
-                    audit_address=audit_address,
-                    chain_rpc_url=rpc_url,
-                    chain_id=deployment.chain_id,
-                    anchor_registry_address=deployment.anchor_registry,
-                    anchorer_key_file=key_file,
-                    trust_policy_file=policy_file,
-                ),
-                anchoring_storage.MIGRATIONS,
-                anchoring_main.build,
-            )
-        )
+        # Anchoring as it is deployed: a process of its own (`python -m medledger_anchoring`),
+        # configured by its environment; its defaults for T and N.
+        port = localstack.free_port()
+        settings = {
+            "grpc_port": port,
+            "metrics_port": localstack.free_port(),
+            "database_url": anchoring_url,
+            "kafka_bootstrap_servers": bootstrap,
+            "identity_address": identity_address,
+            "client_secret_file": secrets_dir / "anchoring.secret",
+            "audit_address": audit_address,
+            "chain_rpc_url": rpc_url,
+            "chain_id": deployment.chain_id,
+            "anchor_registry_address": deployment.anchor_registry,
+            "anchorer_key_file": key_file,
+            "trust_policy_file": policy_file,
+            "log_level": "WARNING",
+        }
+        anchoring_settings = AnchoringSettings(**settings)  # checked here, as the process will
+        env = {**os.environ, **{f"MEDLEDGER_{k.upper()}": str(v) for k, v in settings.items()}}
+        process = subprocess.Popen([sys.executable, "-m", "medledger_anchoring"], env=env)  # noqa: ASYNC220 - set-up
+        exits.callback(_stop, process)
+        await asyncio.to_thread(localstack.wait_for_port, port, 60, process, "anchoring")
         admin = TokenClient(identity_address, identity_main.BOOTSTRAP_ADMIN, client_secret=admin_secret)
         exits.push_async_callback(admin.aclose)
-        anchoring_address = f"127.0.0.1:{anchoring.grpc_port}"
+        anchoring_address = f"127.0.0.1:{port}"
         channel = grpc.aio.insecure_channel(anchoring_address)
         exits.push_async_callback(channel.close)
         stub = pb_grpc.AnchoringServiceStub(channel)
@@ -298,7 +302,7 @@ async def server(bootstrap: str, rpc_url: str, audit_url: str, anchoring_url: st
                     "latency_max_s": latencies[-1],
                     "records": len(latencies),
                     "anchor_transactions": transactions,
-                    "anchor_interval_seconds": anchoring.settings.anchor_interval_seconds,
+                    "anchor_interval_seconds": anchoring_settings.anchor_interval_seconds,
                     "checkpoint_interval_seconds": audit.settings.checkpoint_interval_seconds,
                 }
             )
@@ -306,6 +310,14 @@ async def server(bootstrap: str, rpc_url: str, audit_url: str, anchoring_url: st
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 async def client(config_path: Path, seconds: float) -> dict[str, Any]:
