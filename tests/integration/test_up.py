@@ -233,6 +233,13 @@ async def test_up_serves_every_service_and_stops_everything_it_started(
             assert "grpc.health.v1.Health" in listing.splitlines(), listing
             assert f"medledger.{service}.v1.{service.capitalize()}Service" in listing.splitlines(), listing
 
+        # `medledger status` finds every service serving, and anchoring's account and progress.
+        status_ports = ["--grpc-port-base", str(ports.grpc_base), "--metrics-port-base", str(ports.metrics_base)]
+        code, out = await _run("status", *status_ports)
+        assert code == 0, out
+        assert "5 of 5 services serving" in out and "anchorer balance" in out, out
+        assert "identity   SERVING" in out and "outbox backlog" in out, out
+
         # The chain side: both registries deployed, the anchorer named and funded, the log's
         # P-256 key registered, the trust policy written.
         recorded = await _check_chain_side(state_dir, ports, printed)
@@ -261,6 +268,8 @@ async def test_up_serves_every_service_and_stops_everything_it_started(
     assert not _processes_mentioning(*ports.traces(state_dir))
     assert not (state_dir / "up.pid").exists()
     assert (state_dir / "anvil-state.json").exists()  # Anvil dumped its chain on SIGTERM
+    code, out = await _run("status", *status_ports)
+    assert code == 1 and "0 of 5 services serving" in out and "unreachable" in out, out
     await _check_reuse(state_dir, recorded, capsys)
 
     code, out = await _run("reset", "--state-dir", str(state_dir))
