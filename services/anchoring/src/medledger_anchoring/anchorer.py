@@ -33,7 +33,7 @@ from medledger.audit.v1 import audit_service_pb2 as audit_pb
 from medledger.audit.v1 import audit_service_pb2_grpc as audit_grpc
 from medledger.events.v1 import anchoring_events_pb2
 from prometheus_client import Counter, Gauge, Histogram
-from web3.exceptions import ContractCustomError, TransactionNotFound
+from web3.exceptions import ContractCustomError
 
 from medledger_anchoring import domain, storage
 from medledger_anchoring.consents import ConsentWriter
@@ -223,22 +223,17 @@ class Anchorer:
             self.sender.forget_nonce()
             log.warning("%d recorded anchor(s) above size %d are no longer on chain", dropped, latest.tree_size)
         ANCHORED_SIZE.set(latest.tree_size)
-        if latest.tree_size == 0 or (ours and (ours.tree_size, ours.root) == (latest.tree_size, latest.root)):
-            if ours and ours.tree_size == latest.tree_size and not await self._still_mined(ours):
-                # Same size and root, but its transaction is gone (re-mined elsewhere): re-read.
-                await self._record_from_chain(latest)
+        if latest.tree_size == 0:
             return
+        if ours and (ours.tree_size, ours.root) == (latest.tree_size, latest.root) and await self._still_mined(ours):
+            return
+        # Not ours yet (sent before a crash, or by another replica), or the same checkpoint whose
+        # transaction was re-mined elsewhere: record what the chain holds.
         await self._record_from_chain(latest)
 
     async def _still_mined(self, row: storage.AnchorRow) -> bool:
-        receipt = await with_backoff("receipt", lambda: self._receipt(row.transaction_hash))
+        receipt = await with_backoff("receipt", lambda: self.sender.receipt(row.transaction_hash))
         return receipt is not None and int(receipt["blockNumber"]) == row.block_number
-
-    async def _receipt(self, tx_hash: str) -> Any:
-        try:
-            return await self.sender.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
-        except TransactionNotFound:
-            return None
 
     async def _record_from_chain(self, latest: domain.ChainLatest) -> None:
         """Record the anchor the chain holds at ``latest`` from its CheckpointAnchored event."""
@@ -253,7 +248,7 @@ class Anchorer:
         for event in events:
             if int(event["args"]["size"]) == latest.tree_size and bytes(event["args"]["root"]) == latest.root:
                 tx_hash = "0x" + bytes(event["transactionHash"]).hex()
-                receipt = await self._receipt(tx_hash)
+                receipt = await self.sender.receipt(tx_hash)
                 row = storage.AnchorRow(
                     origin=self.origin,
                     tree_size=latest.tree_size,

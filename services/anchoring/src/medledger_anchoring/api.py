@@ -135,7 +135,7 @@ class AnchoringApi(pb_grpc.AnchoringServiceServicer):
             raise InvalidArgument.field("target", "give a commitment or an entry index")
         async with self.rt.db.read() as conn:
             row = await storage.anchor_covering(conn, self.anchorer.origin, index)
-            latest = await storage.latest_anchor(conn, self.anchorer.origin)
+            latest = await storage.latest_anchor(conn, self.anchorer.origin) if row is None else None
         if row is None:
             anchored = latest.tree_size if latest else 0
             raise FailedPrecondition(

@@ -70,9 +70,7 @@ class ConsentWriter:
     async def _write(self, write: storage.ConsentWrite) -> None:
         async with self.db.read() as conn:
             previous = await storage.previous_granted_commitment(conn, write.consent_id, write.version)
-        plan = domain.consent_chain_write(
-            write.commitment, write.revoked, previous, write.valid_from, write.valid_until
-        )
+        plan = domain.consent_chain_write(write.commitment, write.revoked, previous)
         tx_hash: str | None = None
         try:
             if plan.revoke:
@@ -84,7 +82,7 @@ class ConsentWriter:
                 tx_hash = (
                     await self._send(
                         "grant",
-                        self.registry.functions.grant(bytes.fromhex(plan.grant), plan.valid_from, plan.valid_until),
+                        self.registry.functions.grant(bytes.fromhex(plan.grant), write.valid_from, write.valid_until),
                     )
                     or tx_hash
                 )

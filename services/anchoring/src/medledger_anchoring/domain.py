@@ -73,17 +73,7 @@ class ConsentChainWrite:
 
     revoke: str | None
     grant: str | None
-    valid_from: int
-    # 0: no end (ConsentRegistry's convention): in force until revoked.
-    valid_until: int
 
 
-def consent_chain_write(
-    commitment: str, revoked: bool, previous: str | None, valid_from: int, valid_until: int
-) -> ConsentChainWrite:
-    return ConsentChainWrite(
-        revoke=previous,
-        grant=None if revoked else commitment,
-        valid_from=valid_from,
-        valid_until=valid_until,
-    )
+def consent_chain_write(commitment: str, revoked: bool, previous: str | None) -> ConsentChainWrite:
+    return ConsentChainWrite(revoke=previous, grant=None if revoked else commitment)

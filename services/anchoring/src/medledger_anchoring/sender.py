@@ -206,7 +206,8 @@ class Sender:
             return "0x" + bytes(sent).hex()
         raise RuntimeError("unreachable")
 
-    async def _receipt(self, tx_hash: str) -> Any | None:
+    async def receipt(self, tx_hash: str) -> Any | None:
+        """The transaction's receipt, or None while it is not mined (or no longer is)."""
         try:
             return await self.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
         except TransactionNotFound:
@@ -223,7 +224,7 @@ class Sender:
         deadline = time.monotonic() + self.receipt_timeout
         while True:
             try:
-                receipt = await self._receipt(tx_hash)
+                receipt = await self.receipt(tx_hash)
                 if receipt is None and not await self._known(tx_hash):
                     # Neither mined nor pending: the node lost it (restarted from older state).
                     self._nonce = None
@@ -235,7 +236,7 @@ class Sender:
                     head = await self.w3.eth.block_number
                     if head - receipt["blockNumber"] + 1 >= self.confirmations:
                         # Still there at depth, in the same block: not reorganised away meanwhile.
-                        again = await self._receipt(tx_hash)
+                        again = await self.receipt(tx_hash)
                         if again is not None and again["blockHash"] == receipt["blockHash"]:
                             block = await self.w3.eth.get_block(receipt["blockNumber"])
                             return Mined(
