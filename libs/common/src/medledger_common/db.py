@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Float, Integer, MetaData, String, Table, event, select, text
+from sqlalchemy import Column, Float, Integer, MetaData, String, Table, event, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -156,6 +156,25 @@ class Database:
                 )
                 applied.append(f"{component} {m.version} {m.name}")
         return applied
+
+    async def pending(self, component: str, migrations: Sequence[Migration]) -> list[str]:
+        """`component`'s migrations not yet applied, by name; changes nothing."""
+        async with self.connect() as conn:
+            if not await conn.run_sync(lambda sync: inspect(sync).has_table(schema_migrations.name)):
+                done: set[int] = set()
+            else:
+                done = set(
+                    (
+                        await conn.execute(
+                            select(schema_migrations.c.version).where(schema_migrations.c.component == component)
+                        )
+                    ).scalars()
+                )
+        return [
+            f"{component} {m.version} {m.name}"
+            for m in sorted(migrations, key=lambda m: m.version)
+            if m.version not in done
+        ]
 
     async def ping(self) -> None:
         async with self.connect() as conn:

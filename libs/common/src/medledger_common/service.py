@@ -125,10 +125,10 @@ class ServiceRuntime:
         s = self.settings
         configure_tracing(self.name, s.trace_sampling_ratio, s.otlp_endpoint)
         self.metrics_port = start_metrics_server(s.grpc_host, s.metrics_port)
-        for step in await self.db.migrate("common", COMMON_MIGRATIONS):
-            log.info("migration applied", extra={"migration": step})
-        for step in await self.db.migrate(self.name, self.migrations):
-            log.info("migration applied", extra={"migration": step})
+        if s.migrations == "check":
+            await check_migrated(self.db, self.name, self.migrations)
+        else:
+            await apply_migrations(self.db, self.name, self.migrations)
         await _retry_until_up("Kafka", self.producer.start)
         self.keys = await open_key_manager(s, self.name)
         parts = build(self)
@@ -304,6 +304,34 @@ class ServiceRuntime:
         log.info("service stopped")
 
 
+async def apply_migrations(db: Database, name: str, migrations: Sequence[Migration]) -> None:
+    """Apply the common migrations, then the service's (each step once, under a lock)."""
+    for step in await db.migrate("common", COMMON_MIGRATIONS):
+        log.info("migration applied", extra={"migration": step})
+    for step in await db.migrate(name, migrations):
+        log.info("migration applied", extra={"migration": step})
+
+
+async def check_migrated(db: Database, name: str, migrations: Sequence[Migration]) -> None:
+    """For MEDLEDGER_MIGRATIONS=check: refuse to start while a migration is missing."""
+    missing = await db.pending("common", COMMON_MIGRATIONS) + await db.pending(name, migrations)
+    if missing:
+        raise ConfigError(
+            f"MEDLEDGER_MIGRATIONS=check: the database lacks migrations {', '.join(missing)}; "
+            f"apply them first (MEDLEDGER_MIGRATIONS=only python -m medledger_{name})"
+        )
+
+
+async def migrate_only(name: str, settings: ServiceSettings, migrations: Sequence[Migration]) -> None:
+    """For MEDLEDGER_MIGRATIONS=only: apply the migrations, then stop (a deployment's Job)."""
+    db = Database(settings.database_url)
+    try:
+        await apply_migrations(db, name, migrations)
+    finally:
+        await db.close()
+    log.info("migrations applied, exiting (MEDLEDGER_MIGRATIONS=only)")
+
+
 async def open_key_manager(settings: ServiceSettings, service: str) -> KeyManager | None:
     """The key manager the settings name; None for a local keyring without a master key."""
     if settings.key_manager == "vault":
@@ -343,6 +371,9 @@ def run_service(
 ) -> None:
     """Run a service until SIGTERM or SIGINT; the body of every service's ``main``."""
     configure_logging(name, settings.log_level)
+    if settings.migrations == "only":
+        asyncio.run(migrate_only(name, settings, migrations))
+        return
 
     async def _main() -> None:
         runtime = ServiceRuntime(name, settings, migrations)

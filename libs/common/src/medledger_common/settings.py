@@ -39,6 +39,10 @@ class ServiceSettings(BaseSettings):
     tls_ca_file: Path | None = None
 
     database_url: str = "sqlite+aiosqlite:///.medledger/service.db"
+    # Schema migrations: "start" applies them as the service starts (the embedded default);
+    # "only" applies them and exits (a deployment's migration Job); "check" applies none and
+    # refuses to start while one is missing (replicas, once that Job has run).
+    migrations: Literal["start", "only", "check"] = "start"
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     # How long published outbox rows are kept for republishing after broker data loss.
     outbox_retention_seconds: float = Field(default=7 * 24 * 3600.0, ge=0)
