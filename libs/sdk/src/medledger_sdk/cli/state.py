@@ -30,6 +30,8 @@ from pathlib import Path
 from medledger_common.keys import create_master_key_file
 
 DEFAULT_STATE_DIR = ".medledger"
+# The bootstrap admin that identity makes from `secrets/admin.secret`.
+ADMIN_PRINCIPAL = "svc_admin"
 MARKER = "MEDLEDGER_STATE"
 PID_FILE = "up.pid"
 

@@ -57,7 +57,14 @@ from medledger_common.files import write_atomically
 from medledger_common.kafka import ensure_topics
 from medledger_sdk.cli.errors import CommandError
 from medledger_sdk.cli.reset import reset_state
-from medledger_sdk.cli.state import DEFAULT_STATE_DIR, RecordedProcess, StateDir, describe_running, read_chain_key
+from medledger_sdk.cli.state import (
+    ADMIN_PRINCIPAL,
+    DEFAULT_STATE_DIR,
+    RecordedProcess,
+    StateDir,
+    describe_running,
+    read_chain_key,
+)
 
 _T = TypeVar("_T")
 
@@ -477,7 +484,7 @@ class Stack:
             print(f"  trust policy     {self.state.trust_policy_file}  (publish it for verifiers)")
         print(f"  JWKS             http://{HOST}:{self.ports.jwks}/.well-known/jwks.json")
         print(f"  audit log tiles  http://{HOST}:{self.ports.tiles}/checkpoint")
-        print(f"  admin            principal svc_admin, client secret in {self.state.admin_secret_file()}")
+        print(f"  admin            principal {ADMIN_PRINCIPAL}, client secret in {self.state.admin_secret_file()}")
         print(f"  state folder     {self.state.path}")
         print(f"  logs             {self.state.logs}")
         print()
