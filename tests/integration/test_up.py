@@ -1,14 +1,23 @@
 """``medledger up`` as a user runs it: a subprocess that starts the real stack (Tansu, Anvil and
-the five services), serves gRPC with reflection, and leaves no process behind when stopped."""
+the five services), serves gRPC with reflection, and leaves no process behind when stopped; with
+it running, ``medledger demo --out`` writes evidence that ``medledger verify`` and a verifier
+without any medledger code accept. And the same story through the SDK against the stack on
+PostgreSQL, with what it leaves in the databases checked."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+import uuid
 from pathlib import Path
+from types import ModuleType
 
 import grpc
 import pytest
@@ -16,8 +25,11 @@ from medledger.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
 
 from medledger_common import chain, localstack, notes
 from medledger_common.anchored_proofs import TrustPolicy
+from medledger_common.testing import Postgres
 from medledger_sdk.cli import up as up_command
-from medledger_sdk.cli.state import RecordedProcess, StateDir, read_chain_key
+from medledger_sdk.cli.state import ADMIN_PRINCIPAL, RecordedProcess, StateDir, read_chain_key
+from medledger_sdk.client import Endpoints
+from medledger_sdk.demo import OUT_FILES, Narrator, StoryConfig, run_story
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 SERVICES = ("identity", "consent", "records", "anchoring", "audit")
@@ -206,7 +218,7 @@ async def _check_reuse(state_dir: Path, recorded: dict[str, object], capsys: pyt
     assert json.loads((state_dir / "chain.json").read_text())["anchor_registry"] == recorded["anchor_registry"]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 async def test_up_serves_every_service_and_stops_everything_it_started(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -243,6 +255,9 @@ async def test_up_serves_every_service_and_stops_everything_it_started(
         # The chain side: both registries deployed, the anchorer named and funded, the log's
         # P-256 key registered, the trust policy written.
         recorded = await _check_chain_side(state_dir, ports, printed)
+
+        # The whole story against this stack, and its evidence checked three ways.
+        await _check_demo(state_dir, ports, tmp_path / "demo")
 
         # The state folder is in use: reset must refuse and delete nothing.
         code, out = await _run("reset", "--state-dir", str(state_dir))
@@ -295,3 +310,172 @@ async def test_up_refuses_a_taken_port_and_starts_nothing(tmp_path: Path) -> Non
     assert not localstack.port_in_use(ports.kafka)
     assert not localstack.port_in_use(ports.anvil)
     assert not _processes_mentioning(*ports.traces(state_dir))
+
+
+# --- the story --------------------------------------------------------------------------------
+
+
+def _independent_verifier() -> ModuleType:
+    """helpers/independent_verifier.py: a verifier of the demo's evidence without medledger code."""
+    path = Path(__file__).parent / "helpers" / "independent_verifier.py"
+    spec = importlib.util.spec_from_file_location("independent_verifier", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tampered(folder: Path, into: Path, name: str, old: bytes, new: bytes) -> Path:
+    """A copy of the evidence with one change in one file."""
+    shutil.copytree(folder, into)
+    data = (into / name).read_bytes()
+    assert old in data, f"{old!r} is not in {name}"
+    (into / name).write_bytes(data.replace(old, new, 1))
+    return into
+
+
+async def _check_demo(state_dir: Path, ports: Ports, out: Path) -> None:
+    """`medledger demo --out` against the running `up`; its files verify with `medledger verify`
+    and with RFC 6962, Ed25519, RFC 8785 and plain JSON-RPC alone; tampered copies do not."""
+    code, said = await _run(
+        "demo", "--state-dir", str(state_dir), "--grpc-port-base", str(ports.grpc_base), "--out", str(out), within=150
+    )
+    assert code == 0, said
+    assert "using the stack of `medledger up`" in said, said
+    assert "verifications passed" in said and "  FAIL  " not in said, said
+    assert sorted(os.listdir(out)) == sorted(OUT_FILES)
+    rpc_url = f"http://{localstack.HOST}:{ports.anvil}"
+    assert (out / "trust.json").read_bytes() == (state_dir / "trust-policy.json").read_bytes()
+    anchor = json.loads((out / "record-anchor.json").read_text())
+    assert set(anchor) >= {"chain_id", "contract_address", "tx_hash", "block_number", "origin", "tree_size", "root"}
+    assert anchor["root"].startswith("0x")
+    salt = (out / "record.salt").read_text().strip()
+    assert len(salt) == 64 and salt == salt.lower()
+
+    trust, record = ["--trust", str(out / "trust.json"), "--rpc", rpc_url], str(out / "record.json")
+    code, said = await _run("verify", str(out / "record.tlog-proof"), *trust, "--record", record, "--salt", salt)
+    assert code == 0 and "VERIFIED" in said, said
+    code, said = await _run("verify", str(out / "access.tlog-proof"), *trust)
+    assert code == 0 and "VERIFIED" in said, said
+
+    verifier = _independent_verifier()
+    assert verifier.verify_folder(out, rpc_url) == []
+    entry = (out / "access.entry").read_bytes()
+    other_tx = "0x" + "ab" * 32
+    proof_lines = (out / "record.tlog-proof").read_text().split("\n")
+    index_line = proof_lines[1]
+    index = int(index_line.removeprefix("index "))
+    assert index > 0  # entries of identity's and consent's events come before the record's
+    first_hash = next(line for line in proof_lines[2:] if line)  # after the header and the index
+    other_hash = ("B" if first_hash[0] != "B" else "C") + first_hash[1:]
+    root_line = proof_lines[proof_lines.index("") + 3]  # the checkpoint's origin, size, root
+    other_root = ("B" if root_line[0] != "B" else "C") + root_line[1:]
+    tampers = {
+        "the record": ("record.json", b"128", b"129", "record: the record and salt do not give"),
+        "the salt": ("record.salt", salt[:8].encode(), b"00000000", "record: the record and salt do not give"),
+        "the index": ("record.tlog-proof", index_line.encode(), f"index {index - 1}".encode(),
+                      "record: the entry is not in the checkpoint's tree"),
+        "an inclusion hash": ("record.tlog-proof", first_hash.encode(), other_hash.encode(),
+                              "record: the entry is not in the checkpoint's tree"),
+        "the checkpoint's root": ("record.tlog-proof", root_line.encode(), other_root.encode(),
+                                  "record: the checkpoint's Ed25519 signature does not verify"),
+        "the disclosure": ("access.entry", b'"purpose":"PURPOSE_OF_USE_TREAT"', b'"purpose":"PURPOSE_OF_USE_HRESCH"',
+                           "access: the entry is not in the checkpoint's tree"),
+        "the anchoring transaction": ("record-anchor.json", anchor["tx_hash"].encode(), other_tx.encode(),
+                                      "record: the anchoring transaction is not"),
+    }  # fmt: skip
+    assert b'"purpose":"PURPOSE_OF_USE_TREAT"' in entry
+    for what, (name, old, new, expected) in tampers.items():
+        copy = _tampered(out, out.parent / f"tampered-{name}-{uuid.uuid4().hex[:6]}", name, old, new)
+        problems = verifier.verify_folder(copy, rpc_url)
+        assert any(p.startswith(expected) for p in problems), (what, problems)
+    copy = _tampered(out, out.parent / "tampered-medledger-verify", "record.json", b"128", b"129")
+    code, said = await _run("verify", str(copy / "record.tlog-proof"), *trust, "--record", str(copy / "record.json"),
+                            "--salt", salt)  # fmt: skip
+    assert code == 1 and "record-commitment" in said, said
+
+
+def _dump(postgres: Postgres, database: str) -> str:
+    """Everything a database holds, as pg_dump writes it (data included)."""
+    cluster = postgres.cluster
+    return subprocess.run(
+        [cluster._bin("pg_dump"), "-h", localstack.HOST, "-p", str(cluster.port), "-U", "postgres", database],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+@pytest.mark.timeout(300)
+async def test_the_story_on_postgresql_through_the_sdk(tmp_path: Path, postgres: Postgres) -> None:
+    """The demo's story, told in this process through the SDK, against `medledger up` running
+    every service in a process of its own on PostgreSQL."""
+    state_dir, ports = tmp_path / "state", Ports()
+    prefix = f"story_{uuid.uuid4().hex[:8]}_"
+    databases = {s: f"{prefix}{s}" for s in SERVICES}
+    for name in databases.values():
+        postgres.cluster.create_database(name)
+    template = postgres.cluster.url(prefix + "{service}")
+    up = await _medledger("up", "--state-dir", str(state_dir), *ports.args(), "--database-url", template)
+    output: list[str] = []
+    said: list[str] = []
+    try:
+        await _read_until(up, "ready", output, within=90)
+        config = StoryConfig(
+            endpoints=Endpoints(**{s: f"{localstack.HOST}:{ports.grpc(s)}" for s in SERVICES}),
+            admin_id=ADMIN_PRINCIPAL,
+            admin_secret=(state_dir / "secrets" / "admin.secret").read_text().strip(),
+            trust_policy=TrustPolicy.read(state_dir / "trust-policy.json"),
+            rpc_url=f"http://{localstack.HOST}:{ports.anvil}",
+            out_dir=tmp_path / "out",
+        )
+        result = await run_story(config, Narrator(said.append))
+
+        story = "\n".join(said)
+        assert result.passed, story
+        assert [o.name for o in result.outcomes] == [
+            "receipt commitment",
+            "researcher denied",
+            "no emergency read without break-glass",
+            "break-glass read",
+            "break-glass pending review",
+            "break-glass reviewed",
+            "revoked consent denies",
+            "who saw my data",
+            "record proof verifies",
+            "disclosure proof verifies",
+            "latest checkpoint anchored",
+            "erasure completed",
+            "erased record unreadable",
+            "proof verifies after erasure",
+        ], story
+        assert result.record_proof is not None and result.access_proof is not None
+        assert result.record_proof.anchor.tree_size > result.access_proof.entry_index
+
+        # The services ran on PostgreSQL and kept no SQLite file of their own.
+        assert not list(state_dir.glob("*.db"))
+        # The log on PostgreSQL verifies from its rows, pinned to the keys of the trust policy.
+        keys = [a for k in config.trust_policy.log_verifier_keys for a in ("--verifier-key", k)]
+        code, out = await _run(
+            "audit", "verify", "--database-url", postgres.cluster.url(databases["audit"]),
+            "--origin", config.trust_policy.origin, *keys, within=60,
+        )  # fmt: skip
+        assert code == 0, out
+
+        # No personal data of the patient in any database or log in the clear: the name and
+        # birth date live only encrypted in identity (and were erased with the patient's key).
+        dumps = {s: _dump(postgres, db) for s, db in databases.items()}
+        assert result.record_id in dumps["records"] and result.record_id in dumps["audit"]
+        logs = {p.name: p.read_text(errors="replace") for p in (state_dir / "logs").iterdir()}
+        for text in ("Rivera", "1984-03-02", "Patient unconscious", "Blood pressure panel", result.salt):
+            assert not [s for s, dump in dumps.items() if text in dump], text
+            assert not [name for name, log in logs.items() if text in log], text
+
+        up.send_signal(signal.SIGTERM)
+        rest, _ = await asyncio.wait_for(up.communicate(), 45)
+        output.append(rest.decode())
+    finally:
+        if up.returncode is None:
+            up.kill()
+            await up.wait()
+    assert up.returncode == 0, "".join(output)

@@ -166,6 +166,16 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_LOG_ORIGIN,
         help="the audit log's origin, registered on chain and named in the trust policy (default: %(default)s)",
     )
+    parser.add_argument(
+        "--database-url",
+        type=_database_url,
+        metavar="TEMPLATE",
+        help=(
+            "each service's SQLAlchemy database URL, with {service} for its name, e.g. "
+            "postgresql+asyncpg://medledger@db.example:5432/medledger_{service} (the databases must exist; "
+            "default: a SQLite file per service in the state folder)"
+        ),
+    )
     parser.add_argument("--reset", action="store_true", help="delete the state folder first (like `medledger reset`)")
     parser.set_defaults(func=run)
 
@@ -178,6 +188,12 @@ def _port(text: str) -> int:
     if not 1 <= value <= 65535 - (len(SERVICES) - 1):
         raise argparse.ArgumentTypeError(f"{value} is not a usable port (1 to {65535 - (len(SERVICES) - 1)})")
     return value
+
+
+def _database_url(text: str) -> str:
+    if "{service}" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r} has no {{service}}: the five services need a database each")
+    return text
 
 
 def _origin(text: str) -> str:
@@ -193,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     if args.reset:
         reset_state(state)
     state.create()
-    stack = Stack(state, ports, getattr(args, "log_origin", DEFAULT_LOG_ORIGIN))
+    stack = Stack(state, ports, args.log_origin, database_url=args.database_url)
     with stack.handling_signals():
         try:
             stack.start(args.start_timeout)
@@ -265,10 +281,14 @@ class _Interrupted(Exception):
 class Stack:
     """The processes of one ``up``, started in order and stopped in reverse."""
 
-    def __init__(self, state: StateDir, ports: Ports, origin: str = DEFAULT_LOG_ORIGIN) -> None:
+    def __init__(
+        self, state: StateDir, ports: Ports, origin: str = DEFAULT_LOG_ORIGIN, database_url: str | None = None
+    ) -> None:
         self.state = state
         self.ports = ports
         self.origin = origin
+        # A template with {service}; None: the SQLite files of the state folder.
+        self.database_url = database_url
         self.deployment: chain.Deployment | None = None
         self._serving: set[str] = set()
         self.kafka: localstack.ManagedProcess | None = None
@@ -368,7 +388,9 @@ class Stack:
             **os.environ,
             "MEDLEDGER_GRPC_PORT": str(self.ports.grpc(name)),
             "MEDLEDGER_METRICS_PORT": str(self.ports.metrics(name)),
-            "MEDLEDGER_DATABASE_URL": self.state.database_url(name),
+            "MEDLEDGER_DATABASE_URL": (
+                self.database_url.replace("{service}", name) if self.database_url else self.state.database_url(name)
+            ),
             "MEDLEDGER_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap_servers,
             "MEDLEDGER_IDENTITY_ADDRESS": f"{HOST}:{self.ports.grpc('identity')}",
             "MEDLEDGER_CONSENT_ADDRESS": f"{HOST}:{self.ports.grpc('consent')}",  # records asks it

@@ -1,0 +1,219 @@
+"""A verifier of `medledger demo --out` evidence that uses no medledger code at all.
+
+Written from the specifications only — RFC 6962/9162 (Merkle tree hashing and inclusion proofs),
+C2SP signed-note, tlog-checkpoint and tlog-proof (text formats, Ed25519 signature type 0x01),
+RFC 8785 (JSON canonicalization, via the `rfc8785` package), the record commitment formula of the
+README, and plain Ethereum JSON-RPC over HTTP (``eth_chainId``, ``eth_getTransactionReceipt``,
+``eth_call``) — so that a third party can see that the evidence stands on those alone. It shares
+nothing with ``medledger_common``: a bug there cannot hide a bug here.
+
+``verify_folder(folder, rpc_url)`` returns the list of problems found (empty: verified).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import rfc8785
+from Crypto.Hash import keccak
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+
+class Refused(Exception):
+    pass
+
+
+def _keccak(data: bytes) -> bytes:
+    return keccak.new(digest_bits=256, data=data).digest()
+
+
+# --- C2SP formats ---------------------------------------------------------------------------
+
+
+def parse_vkey(text: str) -> tuple[str, bytes, bytes]:
+    """A C2SP note verifier key ``<name>+<key id hex>+<base64(type || public key)>`` of type
+    0x01 (Ed25519); returns (name, key id, public key) after checking the key id."""
+    name, key_id_hex, encoded = text.strip().split("+", 2)  # base64 may hold "+" too
+    raw = base64.b64decode(encoded, validate=True)
+    if raw[0] != 0x01 or len(raw) != 33:
+        raise Refused("log.vkey is not an Ed25519 (type 0x01) verifier key")
+    key_id = bytes.fromhex(key_id_hex)
+    if hashlib.sha256(name.encode() + b"\n" + raw).digest()[:4] != key_id:
+        raise Refused("log.vkey's key id does not match its name and key")
+    return name, key_id, raw[1:]
+
+
+def parse_tlog_proof(text: str) -> tuple[int, list[bytes], str]:
+    """c2sp.org/tlog-proof@v1: header, optional ``extra``, ``index N``, inclusion hashes, a blank
+    line, the checkpoint verbatim. Returns (index, hashes, checkpoint note)."""
+    head, sep, note = text.partition("\n\n")
+    if not sep:
+        raise Refused("the tlog-proof has no blank line before its checkpoint")
+    lines = head.split("\n")
+    if lines[0] != "c2sp.org/tlog-proof@v1":
+        raise Refused("not a c2sp.org/tlog-proof@v1")
+    rest = lines[1:]
+    if rest and rest[0].startswith("extra "):
+        rest = rest[1:]
+    if not rest or not rest[0].startswith("index "):
+        raise Refused("the tlog-proof has no index line")
+    index = int(rest[0].removeprefix("index "))
+    hashes = [base64.b64decode(h, validate=True) for h in rest[1:]]
+    if any(len(h) != 32 for h in hashes):
+        raise Refused("an inclusion hash is not 32 bytes")
+    return index, hashes, note
+
+
+def open_checkpoint(note: str, name: str, key_id: bytes, public_key: bytes) -> tuple[str, int, bytes]:
+    """Check the note's Ed25519 signature by the given key; return (origin, size, root)."""
+    body, sep, signatures = note.partition("\n\n")
+    if not sep:
+        raise Refused("the checkpoint has no signature block")
+    body += "\n"
+    verified = False
+    for line in signatures.strip("\n").split("\n"):
+        if not line.startswith("\u2014 "):
+            raise Refused("a malformed signature line")
+        signer, encoded = line[2:].rsplit(" ", 1)
+        blob = base64.b64decode(encoded)
+        if signer != name or blob[:4] != key_id:
+            continue  # another key's signature (the P-256 one): not ours to check here
+        try:
+            Ed25519PublicKey.from_public_bytes(public_key).verify(blob[4:], body.encode())
+        except InvalidSignature:
+            raise Refused("the checkpoint's Ed25519 signature does not verify") from None
+        verified = True
+    if not verified:
+        raise Refused("the checkpoint carries no signature of log.vkey")
+    origin, size, root = body.split("\n")[:3]
+    return origin, int(size), base64.b64decode(root, validate=True)
+
+
+# --- RFC 9162 -------------------------------------------------------------------------------
+
+
+def leaf_hash(entry: bytes) -> bytes:
+    return hashlib.sha256(b"\x00" + entry).digest()
+
+
+def root_from_inclusion(index: int, size: int, leaf: bytes, path: list[bytes]) -> bytes:
+    """RFC 9162 §2.1.3.2, step by step."""
+    if index >= size:
+        raise Refused("the index is outside the tree")
+    fn, sn, r = index, size - 1, leaf
+    for p in path:
+        if sn == 0:
+            raise Refused("the inclusion proof is too long")
+        if fn & 1 or fn == sn:
+            r = hashlib.sha256(b"\x01" + p + r).digest()
+            if not fn & 1:
+                while fn & 1 == 0 and fn != 0:
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            r = hashlib.sha256(b"\x01" + r + p).digest()
+        fn >>= 1
+        sn >>= 1
+    if sn != 0:
+        raise Refused("the inclusion proof is too short")
+    return r
+
+
+# --- Ethereum JSON-RPC ----------------------------------------------------------------------
+
+
+def rpc(url: str, method: str, *params: Any) -> Any:
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)}).encode()
+    # A URL the test chose, http to a local node.
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})  # noqa: S310
+    with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310
+        answer = json.loads(reply.read())
+    if "error" in answer:
+        raise Refused(f"{method}: {answer['error']}")
+    return answer["result"]
+
+
+def _word(value: int) -> bytes:
+    return value.to_bytes(32, "big")
+
+
+def call_root_at(url: str, registry: str, origin: str, size: int) -> bytes:
+    """``rootAt(string,uint64)`` of AnchorRegistry by eth_call, ABI-encoded by hand."""
+    selector = _keccak(b"rootAt(string,uint64)")[:4]
+    name = origin.encode()
+    padded = name + b"\x00" * (-len(name) % 32)
+    data = selector + _word(64) + _word(size) + _word(len(name)) + padded
+    result = rpc(url, "eth_call", {"to": registry, "data": "0x" + data.hex()}, "latest")
+    return bytes.fromhex(result[2:])
+
+
+# --- the whole check --------------------------------------------------------------------------
+
+
+def verify_proof(folder: Path, stem: str, rpc_url: str, problems: list[str]) -> dict[str, Any] | None:
+    """The tlog-proof ``<stem>.tlog-proof`` of ``<stem>.entry``, anchored per ``<stem>-anchor.json``."""
+    trust = json.loads((folder / "trust.json").read_text())
+    name, key_id, public_key = parse_vkey((folder / "log.vkey").read_text())
+    if name != trust["origin"] or (folder / "log.vkey").read_text().strip() not in trust["log_verifier_keys"]:
+        problems.append(f"{stem}: log.vkey is not the trust policy's key of its log")
+        return None
+    entry = (folder / f"{stem}.entry").read_bytes()
+    anchor = json.loads((folder / f"{stem}-anchor.json").read_text())
+    try:
+        index, path, note = parse_tlog_proof((folder / f"{stem}.tlog-proof").read_text())
+        origin, size, root = open_checkpoint(note, name, key_id, public_key)
+        if origin != trust["origin"]:
+            raise Refused("the checkpoint is of another log")
+        if root_from_inclusion(index, size, leaf_hash(entry), path) != root:
+            raise Refused("the entry is not in the checkpoint's tree")
+        # The anchor names exactly this checkpoint, on the trusted chain and registry.
+        if (anchor["origin"], anchor["tree_size"], anchor["root"]) != (origin, size, "0x" + root.hex()):
+            raise Refused("the anchor is not this checkpoint")
+        if anchor["chain_id"] != trust["chain_id"] or int(rpc(rpc_url, "eth_chainId"), 16) != trust["chain_id"]:
+            raise Refused("not the trusted chain")
+        registry = trust["anchor_registry"].lower()
+        if anchor["contract_address"].lower() != registry:
+            raise Refused("the anchor names another registry")
+        receipt = rpc(rpc_url, "eth_getTransactionReceipt", anchor["tx_hash"])
+        if receipt is None or receipt["status"] != "0x1" or (receipt["to"] or "").lower() != registry:
+            raise Refused("the anchoring transaction is not a successful call of the registry")
+        if int(receipt["blockNumber"], 16) != anchor["block_number"]:
+            raise Refused("the anchoring transaction is in another block")
+        topic = "0x" + _keccak(b"CheckpointAnchored(bytes32,uint64,bytes32,uint64)").hex()
+        origin_hash = "0x" + _keccak(origin.encode()).hex()
+        emitted = [
+            bytes.fromhex(log["data"][2:])
+            for log in receipt["logs"]
+            if log["address"].lower() == registry and log["topics"][:2] == [topic, origin_hash]
+        ]
+        if not any(int.from_bytes(d[0:32], "big") == size and d[32:64] == root for d in emitted):
+            raise Refused("the transaction did not anchor this checkpoint")
+        if call_root_at(rpc_url, registry, origin, size) != root:
+            raise Refused("the registry does not hold this root now")
+    except (Refused, ValueError, KeyError) as exc:
+        problems.append(f"{stem}: {exc}")
+        return None
+    parsed: dict[str, Any] = json.loads(entry)
+    return parsed
+
+
+def verify_folder(folder: Path, rpc_url: str) -> list[str]:
+    problems: list[str] = []
+    stored = verify_proof(folder, "record", rpc_url, problems)
+    if stored is not None:
+        # The README's formula: SHA-256("medledger:record:v1\n" || salt || JCS(record)).
+        salt = bytes.fromhex((folder / "record.salt").read_text().strip())
+        record = json.loads((folder / "record.json").read_bytes())
+        computed = hashlib.sha256(b"medledger:record:v1\n" + salt + rfc8785.dumps(record)).hexdigest()
+        if stored.get("type") != "record.stored" or stored.get("commitment") != computed:
+            problems.append("record: the record and salt do not give the entry's commitment")
+    access = verify_proof(folder, "access", rpc_url, problems)
+    if access is not None and access.get("type") != "record.disclosed":
+        problems.append("access: the entry is not a disclosure")
+    return problems
