@@ -227,6 +227,22 @@ async def _eventually(
         await asyncio.sleep(every)
 
 
+async def until_known(call: Callable[[], Awaitable[_T]], within: float = LEARN_WAIT_SECONDS) -> _T:
+    """Consent learns new principals from identity's events, a moment after registration; a call
+    naming one is retried (the same request, so the same request_id) until it has."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await call()
+        except RpcError as exc:
+            unknown = exc.code() == grpc.StatusCode.INVALID_ARGUMENT and any(
+                "not a registered" in v.description for v in exc.field_violations
+            )
+            if not unknown or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.2)
+
+
 class Story:
     def __init__(self, config: StoryConfig, narrator: Narrator) -> None:
         self.config = config
@@ -253,19 +269,7 @@ class Story:
         self.check(name, got == code, detail if got == code else f"{detail}; expected {code.name}")
 
     async def until_known(self, call: Callable[[], Awaitable[_T]]) -> _T:
-        """Consent learns new principals from identity's events, a moment after registration;
-        a call naming one is retried (the same request, so the same request_id) until it has."""
-        deadline = time.monotonic() + LEARN_WAIT_SECONDS
-        while True:
-            try:
-                return await call()
-            except RpcError as exc:
-                unknown = exc.code() == grpc.StatusCode.INVALID_ARGUMENT and any(
-                    "not a registered" in v.description for v in exc.field_violations
-                )
-                if not unknown or time.monotonic() > deadline:
-                    raise
-            await asyncio.sleep(0.2)
+        return await until_known(call)
 
     def name(self, principal_id: str) -> str:
         return self.result.cast.get(principal_id, principal_id)

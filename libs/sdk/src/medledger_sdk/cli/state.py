@@ -12,6 +12,8 @@ Layout::
                           service's chain account (hex private key, mode 0600)
       chain.json          the deployed registries, their owner, the anchorer and the RPC URL
       trust-policy.json   what a verifier of anchored proofs trusts: publish this file
+      stack.json          where the running stack answers: Kafka, the chain, each service's gRPC
+                          and metrics (written once every service serves)
 
 Later commands keep their own files here too (keyrings).
 """
@@ -106,6 +108,10 @@ class StateDir:
     @property
     def chain_file(self) -> Path:
         return self.path / "chain.json"
+
+    @property
+    def endpoints_file(self) -> Path:
+        return self.path / "stack.json"
 
     @property
     def trust_policy_file(self) -> Path:

@@ -366,6 +366,17 @@ class Stack:
 
         self._start_service("anchoring")
         self._wait_until_serving(list(SERVICES), started, timeout)
+        self._write_endpoints()
+
+    def _write_endpoints(self) -> None:
+        """``stack.json``: where everything answers, for `demo`, the load generator and chaos."""
+        endpoints = {
+            "kafka_bootstrap_servers": self.bootstrap_servers,
+            "chain_rpc_url": self.rpc_url,
+            "grpc": {s: f"{HOST}:{self.ports.grpc(s)}" for s in SERVICES},
+            "metrics": {s: f"http://{HOST}:{self.ports.metrics(s)}/metrics" for s in SERVICES},
+        }
+        write_atomically(self.state.endpoints_file, (json.dumps(endpoints, indent=2) + "\n").encode())
 
     def _start_service(self, name: str) -> None:
         proc = self._spawn_service(name)
