@@ -205,7 +205,7 @@ class Load:
             patient = self.client(pid, reply.client_secret)
             self.patients.append((pid, patient))
             grant = self._grant(pid, self.doctor_a_id)
-            await until_known(lambda patient=patient, grant=grant: patient.consent.GrantConsent(grant))
+            await until_known(functools.partial(patient.consent.GrantConsent, grant))
 
     def _grant(self, patient_id: str, grantee_id: str) -> consent_pb.GrantConsentRequest:
         return consent_pb.GrantConsentRequest(
