@@ -22,13 +22,15 @@ from types import ModuleType
 import grpc
 import pytest
 from medledger.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
+from medledger.identity.v1 import identity_service_pb2 as identity_pb
+from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_common import chain, localstack, notes
 from medledger_common.anchored_proofs import TrustPolicy
 from medledger_common.testing import Postgres
 from medledger_sdk.cli import up as up_command
 from medledger_sdk.cli.state import ADMIN_PRINCIPAL, RecordedProcess, StateDir, read_chain_key
-from medledger_sdk.client import Endpoints
+from medledger_sdk.client import Endpoints, Medledger
 from medledger_sdk.demo import OUT_FILES, Narrator, StoryConfig, run_story
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
@@ -395,6 +397,22 @@ async def _check_demo(state_dir: Path, ports: Ports, out: Path) -> None:
     assert code == 1 and "record-commitment" in said, said
 
 
+async def _auditor(config: StoryConfig) -> tuple[str, str]:
+    """A principal with the auditor role, registered by the admin; its id and client secret."""
+    async with Medledger(config.endpoints, principal_id=config.admin_id, client_secret=config.admin_secret) as admin:
+        reply = await admin.identity.RegisterPrincipal(
+            identity_pb.RegisterPrincipalRequest(
+                request_id=str(uuid.uuid4()), kind=vocab.PrincipalKind.PRINCIPAL_KIND_RESEARCHER
+            )
+        )
+        await admin.identity.AssignRole(
+            identity_pb.AssignRoleRequest(
+                request_id=str(uuid.uuid4()), principal_id=reply.principal.principal_id, role=vocab.Role.ROLE_AUDITOR
+            )
+        )
+    return reply.principal.principal_id, reply.client_secret
+
+
 def _dump(postgres: Postgres, database: str) -> str:
     """Everything a database holds, as pg_dump writes it (data included)."""
     cluster = postgres.cluster
@@ -461,6 +479,20 @@ async def test_the_story_on_postgresql_through_the_sdk(tmp_path: Path, postgres:
             "--origin", config.trust_policy.origin, *keys, within=60,
         )  # fmt: skip
         assert code == 0, out
+
+        # `medledger audit entries`, as an auditor: the record's whole trail; a researcher is refused.
+        auditor, secret = await _auditor(config)
+        (tmp_path / "auditor.secret").write_text(secret)
+        addresses = ["--identity-address", config.endpoints.identity, "--audit-address", config.endpoints.audit]
+        code, out = await _run("audit", "entries", "--principal", auditor, "--secret-file",
+                               str(tmp_path / "auditor.secret"), "--record", result.record_id, *addresses)  # fmt: skip
+        assert code == 0, out
+        assert "record.stored" in out and "record.disclosed" in out and "record.access_denied" in out, out
+        readers = [p for p, name in result.cast.items() if name.startswith(("Dr. Grey", "Dr. Ross"))]
+        assert all(f"actor_id={r}" in out for r in readers), out
+        code, out = await _run("audit", "entries", "--principal", "rsr_nobody", "--secret-file",
+                               str(tmp_path / "auditor.secret"), *addresses)  # fmt: skip
+        assert code == 1 and "identity refused the credentials of rsr_nobody" in out, out
 
         # No personal data of the patient in any database or log in the clear: the name and
         # birth date live only encrypted in identity (and were erased with the patient's key).

@@ -1,12 +1,20 @@
-"""`medledger audit verify`: recompute the log from its database and check every signed
-checkpoint (see medledger_audit.verify). Exit 0 when the log verifies, 1 when it does not."""
+"""`medledger audit ...`:
+
+- `verify`: recompute the log from its database and check every signed checkpoint (see
+  medledger_audit.verify). Exit 0 when the log verifies, 1 when it does not.
+- `entries`: the log's entries about a patient, by an actor, of a record or in a time range,
+  through audit's ListEntries as a principal (a patient their own, an auditor all).
+- `checkpoint`: the latest signed checkpoint, checked against the log's published keys."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from medledger.audit.v1 import audit_service_pb2 as pb
@@ -15,6 +23,7 @@ from medledger.audit.v1 import audit_service_pb2_grpc as pb_grpc
 from medledger_audit.verify import verify_log
 from medledger_common import notes
 from medledger_common.db import Database
+from medledger_common.errors import MedledgerError
 from medledger_common.grpc_client import make_channel
 
 DEFAULT_DATABASE = "sqlite+aiosqlite:///.medledger/audit.db"
@@ -51,6 +60,119 @@ def register(subparsers: Any) -> None:
         help="where to ask the log for its keys when none are given (default 127.0.0.1:50055)",
     )
     verify.set_defaults(func=run_verify)
+
+    entries = commands.add_parser(
+        "entries",
+        help="list the log's entries about a patient, by an actor, of a record or in a time range",
+        description=(
+            "List log entries through audit's ListEntries, as a principal: a patient sees the entries about "
+            "themselves, an auditor every entry. Each line: index, time, type, who acted, what on."
+        ),
+    )
+    chosen = entries.add_mutually_exclusive_group()
+    chosen.add_argument("--patient", metavar="ID", help="entries about this patient")
+    chosen.add_argument("--actor", metavar="ID", help="entries of what this principal did")
+    chosen.add_argument("--record", metavar="ID", help="entries about this record")
+    entries.add_argument("--since", metavar="TIME", type=_time, help="integrated at or after (ISO 8601, UTC)")
+    entries.add_argument("--until", metavar="TIME", type=_time, help="integrated before (ISO 8601, UTC)")
+    entries.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    entries.add_argument("--json", action="store_true", help="print each entry's JSON as the log holds it")
+    _credentials(entries)
+    entries.set_defaults(func=run_entries)
+
+    checkpoint = commands.add_parser(
+        "checkpoint", help="print the log's latest signed checkpoint (C2SP), verified against its published keys"
+    )
+    checkpoint.add_argument("--audit-address", default="127.0.0.1:50055", help="(default 127.0.0.1:50055)")
+    checkpoint.set_defaults(func=run_checkpoint)
+
+
+def _credentials(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--principal", required=True, metavar="ID", help="who asks (a patient, or an auditor)")
+    parser.add_argument("--secret-file", required=True, type=Path, help="that principal's client secret, in a file")
+    parser.add_argument("--identity-address", default="127.0.0.1:50051", help="(default 127.0.0.1:50051)")
+    parser.add_argument("--audit-address", default="127.0.0.1:50055", help="(default 127.0.0.1:50055)")
+
+
+def _time(text: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def run_entries(args: argparse.Namespace) -> int:
+    return asyncio.run(_entries(args))
+
+
+async def _entries(args: argparse.Namespace) -> int:
+    from medledger_sdk.calls import RpcError, pages  # the SDK: tokens, deadlines, retries, pages
+    from medledger_sdk.client import Endpoints, Medledger
+
+    request = pb.ListEntriesRequest(
+        patient_id=args.patient or "", actor_id=args.actor or "", record_id=args.record or ""
+    )
+    if args.since:
+        request.time_from.FromDatetime(args.since)
+    if args.until:
+        request.time_before.FromDatetime(args.until)
+    endpoints = Endpoints(identity=args.identity_address, audit=args.audit_address)
+    shown = 0
+    async with Medledger(endpoints, principal_id=args.principal, secret_file=args.secret_file) as ml:
+        try:
+            async for entry in pages(ml.audit.ListEntries, request, "entries"):
+                print(entry.entry.decode() if args.json else _describe(entry))
+                shown += 1
+                if shown >= args.limit:
+                    break
+        except RpcError as exc:
+            print(f"medledger: the log refused: {exc}", file=sys.stderr)
+            return 1
+        except MedledgerError as exc:  # from fetching a token: identity refused the credentials
+            print(f"medledger: {exc.message}", file=sys.stderr)
+            return 1
+    if not args.json:
+        print(f"{shown} entr{'y' if shown == 1 else 'ies'}{' (the limit)' if shown >= args.limit else ''}")
+    return 0
+
+
+# The fields that say who acted, in the order they are looked for.
+_ACTORS = ("actor_id", "written_by", "recorded_by", "requested_by", "practitioner_id", "reviewed_by", "changed_by")
+_OBJECTS = ("record_id", "consent_id", "access_id", "erasure_id", "decision_id", "principal_id")
+
+
+def _describe(entry: pb.LogEntry) -> str:
+    if entry.redacted or not entry.entry:
+        return f"{entry.index:>8}  (redacted; leaf hash {entry.leaf_hash.hex()[:16]}…)"
+    fields = json.loads(entry.entry)
+    actor = next((f"{k}={fields[k]}" for k in _ACTORS if fields.get(k)), "")
+    target = next((f"{k}={fields[k]}" for k in _OBJECTS if fields.get(k)), "")
+    extra = " ".join(f"{k}={fields[k]}" for k in ("purpose", "decision", "reason_code") if fields.get(k))
+    when = str(fields.get("integrated_time", ""))[:19]
+    return f"{entry.index:>8}  {when}  {fields.get('type', '?'):<26} {actor} {target} {extra}".rstrip()
+
+
+def run_checkpoint(args: argparse.Namespace) -> int:
+    return asyncio.run(_checkpoint(args))
+
+
+async def _checkpoint(args: argparse.Namespace) -> int:
+    channel = make_channel(args.audit_address)
+    try:
+        stub = pb_grpc.AuditServiceStub(channel)
+        keys = await stub.GetVerifierKeys(pb.GetVerifierKeysRequest(), timeout=10)
+        latest = await stub.GetLatestCheckpoint(pb.GetLatestCheckpointRequest(), timeout=10)
+    finally:
+        await channel.close()
+    verifiers = [notes.NoteVerifier.parse(k) for k in keys.verifier_keys]
+    checkpoint, _ = notes.open_checkpoint(latest.note, verifiers, origin=keys.origin, require_all=True)
+    print(latest.note.decode(), end="")
+    print(
+        f"\nthe log {keys.origin} has {checkpoint.tree_size:,} entries; root {checkpoint.root.hex()}; "
+        f"signed by all {len(verifiers)} of its published keys"
+    )
+    return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
