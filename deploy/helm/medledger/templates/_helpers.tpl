@@ -1,0 +1,176 @@
+{{/*
+Names and labels. Every object carries the app.kubernetes.io/* labels; a component's objects add
+app.kubernetes.io/component: <service>.
+*/}}
+{{- define "medledger.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "medledger.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "medledger.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "medledger.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: medledger
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "medledger.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "medledger.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* A component's helpers take (dict "root" $ "name" <service> "c" <its values>). */}}
+{{- define "medledger.component.fullname" -}}
+{{- printf "%s-%s" (include "medledger.fullname" .root) .name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "medledger.component.labels" -}}
+{{ include "medledger.labels" .root }}
+app.kubernetes.io/component: {{ .name }}
+{{- end -}}
+
+{{- define "medledger.component.selectorLabels" -}}
+{{ include "medledger.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .name }}
+{{- end -}}
+
+{{/* Selector labels of another component, by name: (dict "root" $ "name" <service>). */}}
+{{- define "medledger.peer" -}}
+podSelector:
+  matchLabels:
+    {{- include "medledger.component.selectorLabels" . | nindent 4 }}
+{{- end -}}
+
+{{- define "medledger.image" -}}
+{{- $registry := default .root.Values.image.registry .root.Values.global.imageRegistry -}}
+{{- $tag := default .root.Chart.AppVersion .root.Values.image.tag -}}
+{{- $repository := printf "%s/%s" .root.Values.image.repositoryPrefix .name | trimPrefix "/" -}}
+{{- if $registry -}}
+{{- printf "%s/%s:%s" $registry $repository $tag -}}
+{{- else -}}
+{{- printf "%s:%s" $repository $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "medledger.imagePullSecrets" -}}
+{{- with .Values.global.imagePullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Where a service answers gRPC, for the others: (dict "root" $ "name" <service>). */}}
+{{- define "medledger.address" -}}
+{{- $c := index .root.Values.components .name -}}
+{{- printf "%s-%s:%v" (include "medledger.fullname" .root) .name $c.ports.grpc -}}
+{{- end -}}
+
+{{- define "medledger.kafka.clusterName" -}}
+{{- default (printf "%s-kafka" (include "medledger.fullname" .)) .Values.kafka.strimzi.clusterName -}}
+{{- end -}}
+
+{{- define "medledger.kafka.bootstrapServers" -}}
+{{- if .Values.kafka.strimzi.enabled -}}
+{{- printf "%s-kafka-bootstrap:9092" (include "medledger.kafka.clusterName" .) -}}
+{{- else -}}
+{{- required "kafka.bootstrapServers is required (or kafka.strimzi.enabled)" .Values.kafka.bootstrapServers -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The services that keep keys in the key manager; anchoring's only key is the anchorer's. */}}
+{{- define "medledger.keepsKeys" -}}
+{{- if has .name (list "identity" "consent" "records" "audit") }}true{{ end -}}
+{{- end -}}
+
+{{- define "medledger.hasDatabase" -}}
+{{- if or .c.database.existingSecret .c.database.url }}true{{ end -}}
+{{- end -}}
+
+{{- define "medledger.databaseSecretName" -}}
+{{- default (printf "%s-database" (include "medledger.component.fullname" .)) .c.database.existingSecret -}}
+{{- end -}}
+
+{{- define "medledger.credentialsSecretName" -}}
+{{- default (printf "%s-credentials" (include "medledger.fullname" .)) .Values.credentials.existingSecret -}}
+{{- end -}}
+
+{{- define "medledger.keyringSecretName" -}}
+{{- default (printf "%s-keyring" (include "medledger.fullname" .)) .Values.keyManager.local.existingSecret -}}
+{{- end -}}
+
+{{- define "medledger.tlsSecretName" -}}
+{{- if .root.Values.tls.certManager.enabled -}}
+{{- printf "%s-tls" (include "medledger.component.fullname" .) -}}
+{{- else -}}
+{{- required (printf "tls.existingSecrets.%s is required with tls.enabled and without cert-manager" .name) (index .root.Values.tls.existingSecrets .name) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "medledger.vault" -}}
+{{- if and (eq .root.Values.keyManager.type "vault") (include "medledger.keepsKeys" .) }}true{{ end -}}
+{{- end -}}
+
+{{/*
+Vault Agent Injector annotations: the agent logs in with the pod's ServiceAccount under the
+service's Vault role and keeps a token file that the key manager re-reads when it changes
+(MEDLEDGER_VAULT_TOKEN_FILE). records gets a second role and file for approved erasures only.
+*/}}
+{{- define "medledger.vaultAnnotations" -}}
+{{- $v := .root.Values.keyManager.vault -}}
+vault.hashicorp.com/agent-inject: "true"
+vault.hashicorp.com/role: {{ printf "%s%s" $v.rolePrefix .name | quote }}
+vault.hashicorp.com/auth-path: {{ $v.authPath | quote }}
+vault.hashicorp.com/agent-pre-populate: "true"
+vault.hashicorp.com/agent-run-as-user: "10001"
+vault.hashicorp.com/agent-run-as-group: "10001"
+{{- if eq .name "records" }}
+{{- /* records: two child tokens from Vault token roles, so that the everyday token (no key
+deletion) cannot mint the erasure token; the agent's own token can only create these two. */}}
+vault.hashicorp.com/agent-inject-secret-token: {{ printf "auth/token/create/%srecords" $v.rolePrefix | quote }}
+vault.hashicorp.com/agent-inject-template-token: |
+  {{ printf "{{- with secret \"auth/token/create/%srecords\" \"ttl=1h\" -}}{{ .Auth.ClientToken }}{{- end -}}" $v.rolePrefix }}
+vault.hashicorp.com/agent-inject-perms-token: "0400"
+vault.hashicorp.com/agent-inject-secret-erasure-token: {{ printf "auth/token/create/%srecords-erasure" $v.rolePrefix | quote }}
+vault.hashicorp.com/agent-inject-template-erasure-token: |
+  {{ printf "{{- with secret \"auth/token/create/%srecords-erasure\" \"ttl=1h\" -}}{{ .Auth.ClientToken }}{{- end -}}" $v.rolePrefix }}
+vault.hashicorp.com/agent-inject-perms-erasure-token: "0400"
+{{- else }}
+{{- /* the agent's own token, which the role's policy limits to this service's keys */}}
+vault.hashicorp.com/agent-inject-secret-token: "auth/token/lookup-self"
+vault.hashicorp.com/agent-inject-template-token: |
+  {{`{{- with secret "auth/token/lookup-self" -}}{{ .Data.id }}{{- end -}}`}}
+vault.hashicorp.com/agent-inject-perms-token: "0400"
+{{- end }}
+{{- with $v.caSecret }}
+vault.hashicorp.com/tls-secret: {{ . | quote }}
+vault.hashicorp.com/ca-cert: /vault/tls/ca.crt
+{{- end }}
+{{- with $v.extraAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The component's values over the `default` block, for a key: (dict ... "key" "nodeSelector"). */}}
+{{- define "medledger.pick" -}}
+{{- $own := index .c .key -}}
+{{- if $own -}}{{ toYaml $own }}{{- else -}}{{ toYaml (index .root.Values.default .key) }}{{- end -}}
+{{- end -}}

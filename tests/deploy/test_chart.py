@@ -1,0 +1,482 @@
+"""The Helm chart, statically: Helm's linter, the values schema, every rendered object against the
+Kubernetes 1.30 schemas (built-in kinds) or the repository's schemas (custom resources), and the
+rules the chart exists to keep: hardened containers with probes and limits, autoscalers only for
+services that scale, the architecture's network flows and nothing else, migrations in a hook,
+Vault per service, TLS, Kafka topics as the code names them, labels everywhere."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from deploylib import (
+    CHART,
+    DEPLOY,
+    KUBERNETES_VERSION,
+    NAMESPACE,
+    SCENARIOS,
+    SERVICES,
+    SINGLE_WRITERS,
+    component,
+    helm,
+    of_kind,
+    scenario_values,
+)
+
+CUSTOM_KINDS = {"Certificate", "Kafka", "KafkaNodePool", "KafkaTopic", "ServiceMonitor", "PrometheusRule"}
+PORTS = {
+    "identity": {"grpc": 50051, "metrics": 9101, "http": 9111},
+    "consent": {"grpc": 50052, "metrics": 9102},
+    "records": {"grpc": 50053, "metrics": 9103},
+    "anchoring": {"grpc": 50054, "metrics": 9104},
+    "audit": {"grpc": 50055, "metrics": 9105, "http": 9115},
+}
+# Who calls whom over gRPC (the architecture): every service authenticates against identity.
+CALLS = {
+    "identity": set(),
+    "consent": {"identity"},
+    "records": {"identity", "consent"},
+    "audit": {"identity"},
+    "anchoring": {"identity", "audit"},
+}
+
+
+def deployment(docs: list[dict[str, Any]], service: str) -> dict[str, Any]:
+    (found,) = [d for d in of_kind(docs, "Deployment") if component(d) == service]
+    return found
+
+
+def configmap(docs: list[dict[str, Any]], service: str) -> dict[str, str]:
+    (found,) = [d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"] == f"medledger-{service}"]
+    return dict(found["data"])
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    specs = []
+    for d in docs:
+        if d["kind"] in ("Deployment", "Job"):
+            specs.append((f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"]))
+        elif d["kind"] == "Pod":
+            specs.append((f"Pod/{d['metadata']['name']}", d["spec"]))
+    return specs
+
+
+# --- Helm's own checks ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_helm_lint_finds_no_warning_or_error(scenario: str) -> None:
+    report = helm().lint(str(CHART), scenario_values(scenario), strict=True, kube_version=f"v{KUBERNETES_VERSION}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], report
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"surprise": True},
+        {"components": {"identity": {"replicaz": 2}}},
+        {"components": {"audit": {"autoscaling": {"enabled": True}}}},
+        {"components": {"anchoring": {"autoscaling": {"enabled": True}}}},
+        {"components": {"billing": {"enabled": True}}},
+        {"components": {"records": {"settings": {"CONSENT_ADDRESS": "x:1"}}}},
+        {"keyManager": {"type": "kms"}},
+        {"chain": {"anchorRegistryAddress": "0x1234"}},
+        {"tls": {"certManager": {"issuerRef": {"name": "ca", "kind": "Certificate"}}}},
+    ],
+)
+def test_values_schema_refuses(bad: dict[str, Any]) -> None:
+    with helm().Chart.load(str(CHART)) as chart, pytest.raises(Exception, match="medledger"):
+        chart.validate_schema(bad)
+
+
+def test_values_schema_accepts_every_example() -> None:
+    with helm().Chart.load(str(CHART)) as chart:
+        for scenario in SCENARIOS:
+            chart.validate_schema(scenario_values(scenario))
+
+
+# --- schemas ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_builtin_kinds_validate_strictly_against_kubernetes_1_30(
+    rendered: dict[str, list[dict[str, Any]]], scenario: str
+) -> None:
+    import kubernetes_validate
+
+    docs = [d for d in rendered[scenario] if d["kind"] not in CUSTOM_KINDS]
+    assert docs
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+
+
+def test_the_kubernetes_check_would_catch_a_misspelt_field(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    import kubernetes_validate
+
+    doc = json.loads(json.dumps(deployment(rendered["default"], "identity")))
+    doc["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def custom_schema(kind: str) -> dict[str, Any]:
+    path = DEPLOY / "schemas" / f"{kind.lower()}.json"
+    assert path.is_file(), f"no schema for {kind} in deploy/schemas/"
+    schema: dict[str, Any] = json.loads(path.read_text())
+    return schema
+
+
+def test_custom_resources_validate_against_the_repositorys_schemas(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = [d for scenario in SCENARIOS for d in rendered[scenario] if d["kind"] in CUSTOM_KINDS]
+    assert {d["kind"] for d in docs} == CUSTOM_KINDS, "the full scenario renders every custom resource"
+    for doc in docs:
+        schema = custom_schema(doc["kind"])
+        errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(doc), key=str)
+        assert not errors, f"{doc['kind']}/{doc['metadata']['name']}: {errors[0].message} at {list(errors[0].path)}"
+
+
+def test_a_custom_resource_field_the_crd_does_not_know_is_refused(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    (kafka,) = of_kind(rendered["full"], "Kafka")
+    bad = json.loads(json.dumps(kafka))
+    bad["spec"]["kafka"]["replicas"] = 3  # Strimzi's v1 API has node pools, not spec.kafka.replicas
+    assert list(jsonschema.Draft202012Validator(custom_schema("Kafka")).iter_errors(bad))
+
+
+def test_every_rendered_kind_is_checked(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    import kubernetes_validate
+
+    for doc in rendered["full"]:
+        if doc["kind"] in CUSTOM_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            pytest.fail(f"{doc['kind']} has neither a Kubernetes schema nor one in deploy/schemas/")
+
+
+# --- what every service gets --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", ["default", "production"])
+def test_every_service_has_its_objects(rendered: dict[str, list[dict[str, Any]]], scenario: str) -> None:
+    docs = rendered[scenario]
+    for kind in ("Deployment", "Service", "ServiceAccount", "ConfigMap", "NetworkPolicy", "PodDisruptionBudget"):
+        assert {component(d) for d in of_kind(docs, kind)} >= set(SERVICES), kind
+    for pdb in of_kind(docs, "PodDisruptionBudget"):
+        assert pdb["spec"]["maxUnavailable"] == 1
+    for service in of_kind(docs, "Service"):
+        ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+        assert ports == PORTS[component(service)]
+        assert all(p["targetPort"] == p["name"] for p in service["spec"]["ports"])
+
+
+def test_labels_everywhere(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for doc in rendered["full"]:
+        labels = doc["metadata"].get("labels", {})
+        for key in ("name", "instance", "version", "managed-by", "part-of"):
+            assert f"app.kubernetes.io/{key}" in labels, f"{doc['kind']}/{doc['metadata']['name']} lacks {key}"
+        if doc["kind"] in ("Deployment", "Job"):
+            assert "app.kubernetes.io/component" in doc["spec"]["template"]["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_container_is_hardened_and_bounded(rendered: dict[str, list[dict[str, Any]]], scenario: str) -> None:
+    for name, spec in pod_specs(rendered[scenario]):
+        pod = spec.get("securityContext", {})
+        assert pod.get("runAsNonRoot") is True, name
+        assert pod.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+        for container in spec["containers"]:
+            where = f"{name}/{container['name']}"
+            sc = container["securityContext"]
+            assert sc["runAsNonRoot"] is True, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert sc.get("seccompProfile", pod.get("seccompProfile"))["type"] == "RuntimeDefault", where
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"][bound]), f"{where} {bound}"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_services_have_grpc_probes_and_liveness_does_not_ask_readiness(
+    rendered: dict[str, list[dict[str, Any]]], scenario: str
+) -> None:
+    tls = scenario_values(scenario).get("tls", {}).get("enabled", False)
+    for doc in of_kind(rendered[scenario], "Deployment"):
+        service = component(doc)
+        (container,) = doc["spec"]["template"]["spec"]["containers"]
+        startup, ready, live = (container[p] for p in ("startupProbe", "readinessProbe", "livenessProbe"))
+        if tls:
+            # The kubelet's gRPC probes speak plaintext: a TLS server gets TCP and /metrics.
+            assert ready["tcpSocket"]["port"] == "grpc" and live["httpGet"]["port"] == "metrics"
+            continue
+        port = PORTS[service]["grpc"]
+        assert startup["grpc"] == {"port": port} and ready["grpc"] == {"port": port}
+        assert live["grpc"] == {"port": port, "service": f"medledger.{service}.v1.{service.title()}Service"}
+        assert live["failureThreshold"] * live["periodSeconds"] > ready["failureThreshold"] * ready["periodSeconds"]
+
+
+@pytest.mark.parametrize("scenario", ["default", "production", "dev", "full"])
+def test_only_identity_consent_and_records_autoscale(rendered: dict[str, list[dict[str, Any]]], scenario: str) -> None:
+    docs = rendered[scenario]
+    hpas = of_kind(docs, "HorizontalPodAutoscaler")
+    scaled = {hpa["spec"]["scaleTargetRef"]["name"].removeprefix("medledger-") for hpa in hpas}
+    assert not scaled & set(SINGLE_WRITERS)
+    if scenario != "dev":
+        assert scaled == {"identity", "consent", "records"}
+    for hpa in hpas:
+        assert "replicas" not in deployment(docs, component(hpa))["spec"], "the autoscaler owns replicas"
+
+
+def test_configmaps_set_only_settings_the_services_read(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Every MEDLEDGER_* variable the chart sets is a field of that service's settings class."""
+    from medledger_anchoring.config import AnchoringSettings
+    from medledger_audit.config import AuditSettings
+    from medledger_consent.config import ConsentSettings
+    from medledger_identity.config import IdentitySettings
+    from medledger_records.config import RecordsSettings
+
+    classes = {
+        "identity": IdentitySettings,
+        "consent": ConsentSettings,
+        "records": RecordsSettings,
+        "audit": AuditSettings,
+        "anchoring": AnchoringSettings,
+    }
+    for scenario in SCENARIOS:
+        docs = rendered[scenario]
+        for service, cls in classes.items():
+            known = {f"MEDLEDGER_{field.upper()}" for field in cls.model_fields}
+            data = configmap(docs, service)
+            unknown = set(data) - known
+            assert not unknown, f"{scenario}: {service} does not read {sorted(unknown)}"
+            assert data["MEDLEDGER_GRPC_PORT"] == str(PORTS[service]["grpc"])
+            assert data["MEDLEDGER_METRICS_PORT"] == str(PORTS[service]["metrics"])
+            assert data["MEDLEDGER_GRPC_HOST"] == "0.0.0.0"  # noqa: S104 - a pod listens on its own address
+            (container,) = deployment(docs, service)["spec"]["template"]["spec"]["containers"]
+            env = {e["name"] for e in container.get("env", [])}
+            assert not (env & known) - {"MEDLEDGER_DATABASE_URL"}, "settings come from the ConfigMap"
+
+
+# --- the architecture's flows, and only those ---------------------------------------------------
+
+
+def peers_to_components(peers: list[dict[str, Any]]) -> set[str]:
+    return {
+        p["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+        for p in peers
+        if "podSelector" in p and "app.kubernetes.io/component" in p["podSelector"].get("matchLabels", {})
+    }
+
+
+@pytest.mark.parametrize("scenario", ["default", "production", "dev", "full"])
+def test_network_policies_allow_the_architectures_flows_only(
+    rendered: dict[str, list[dict[str, Any]]], scenario: str
+) -> None:
+    policies = {component(p): p["spec"] for p in of_kind(rendered[scenario], "NetworkPolicy")}
+    assert set(policies) == set(SERVICES)
+    for service, spec in policies.items():
+        assert spec["policyTypes"] == ["Ingress", "Egress"], "deny by default both ways"
+        reached = set()
+        for rule in spec["egress"]:
+            for callee in peers_to_components(rule.get("to", [])):
+                assert [p["port"] for p in rule["ports"]] == [PORTS[callee]["grpc"]]
+                reached.add(callee)
+        assert reached == CALLS[service], service
+        callers = {c for rule in spec["ingress"] for c in peers_to_components(rule.get("from", []))}
+        assert callers - {"health-check"} == {s for s, calls in CALLS.items() if service in calls}, service
+        metrics_rules = [r for r in spec["ingress"] if any(p["port"] == "metrics" for p in r["ports"])]
+        assert len(metrics_rules) == 1 and metrics_rules[0]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+        chain_egress = [r for r in spec["egress"] if any(p["port"] == 8545 for p in r["ports"])]
+        assert bool(chain_egress) == (service == "anchoring"), "only anchoring reaches the chain"
+
+
+# --- migrations ---------------------------------------------------------------------------------
+
+
+def test_migrations_run_in_a_hook_job_and_replicas_only_check(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["production"]
+    jobs = {component(j).removesuffix("-migrate"): j for j in of_kind(docs, "Job")}
+    assert set(jobs) == set(SERVICES)
+    for service, job in jobs.items():
+        assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["MEDLEDGER_MIGRATIONS"]["value"] == "only"
+        assert env["MEDLEDGER_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == f"medledger-db-{service}"
+        assert container["image"] == deployment(docs, service)["spec"]["template"]["spec"]["containers"][0]["image"]
+        assert configmap(docs, service)["MEDLEDGER_MIGRATIONS"] == "check"
+
+
+def test_without_postgresql_each_pod_migrates_its_own_file(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["minimal"]
+    assert not of_kind(docs, "Job")
+    assert {configmap(docs, s)["MEDLEDGER_MIGRATIONS"] for s in SERVICES} == {"start"}
+
+
+# --- keys: Vault per service, the local keyring only for development --------------------------------
+
+
+def test_vault_agent_writes_each_key_keeping_services_token(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["production"]
+    for service in SERVICES:
+        annotations = deployment(docs, service)["spec"]["template"]["metadata"]["annotations"]
+        data = configmap(docs, service)
+        if service == "anchoring":  # its only key is the anchorer's, a mounted Secret
+            assert "vault.hashicorp.com/agent-inject" not in annotations
+            assert "MEDLEDGER_KEY_MANAGER" not in data
+            continue
+        assert annotations["vault.hashicorp.com/agent-inject"] == "true"
+        assert annotations["vault.hashicorp.com/role"] == f"medledger-{service}"
+        assert "{{" in annotations["vault.hashicorp.com/agent-inject-template-token"]
+        assert data["MEDLEDGER_KEY_MANAGER"] == "vault"
+        assert data["MEDLEDGER_VAULT_TOKEN_FILE"] == "/vault/secrets/token"
+        assert (DEPLOY / "vault" / f"{service}.hcl").is_file(), f"no Vault policy for {service}"
+    records = deployment(docs, "records")["spec"]["template"]["metadata"]["annotations"]
+    assert "medledger-records-erasure" in records["vault.hashicorp.com/agent-inject-template-erasure-token"]
+    assert configmap(docs, "records")["MEDLEDGER_ERASURE_VAULT_TOKEN_FILE"] == "/vault/secrets/erasure-token"
+
+
+def hcl_rules(service: str) -> list[tuple[str, str]]:
+    """(path, body) of each `path "..." { ... }` block of a policy."""
+    import re
+
+    text = "\n".join(line.split("#")[0] for line in (DEPLOY / "vault" / f"{service}.hcl").read_text().splitlines())
+    return re.findall(r'path\s+"([^"]+)"\s*\{(.*?)\n?\}\s*(?=path|\Z)', text, re.S)
+
+
+def test_records_everyday_policy_cannot_delete_keys_and_the_erasure_policy_only_can() -> None:
+    for path, body in hcl_rules("records"):
+        assert '"delete"' not in body, path
+        if path.startswith("transit/keys/"):
+            assert "deletion_allowed" in body and "denied_parameters" in body, path
+    erasure = hcl_rules("records-erasure")
+    assert erasure and all(path.startswith("transit/keys/patient-") for path, _ in erasure)
+    assert any('"delete"' in body for _, body in erasure)
+    for service in ("identity", "consent"):
+        assert all('"delete"' not in body for _, body in hcl_rules(service)), service
+
+
+def test_local_keyring_master_keys_are_mounted_read_only_for_the_owner(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = rendered["default"]
+    for service in ("identity", "consent", "records", "audit"):
+        spec = deployment(docs, service)["spec"]["template"]["spec"]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "keyring"]
+        assert volume["secret"]["defaultMode"] == 0o400
+        assert volume["secret"]["items"] == [{"key": f"{service}.master-key", "path": "master.key"}]
+        assert configmap(docs, service)["MEDLEDGER_MASTER_KEY_FILE"] == "/etc/medledger/keyring/master.key"
+
+
+# --- TLS ------------------------------------------------------------------------------------------
+
+
+def test_tls_gives_every_service_a_certificate_and_mutual_tls(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["full"]
+    certificates = {component(c): c["spec"] for c in of_kind(docs, "Certificate")}
+    assert set(certificates) == set(SERVICES)
+    for service, spec in certificates.items():
+        assert f"medledger-{service}.{NAMESPACE}.svc" in spec["dnsNames"]
+        assert {"server auth", "client auth"} <= set(spec["usages"])
+        data = configmap(docs, service)
+        assert data["MEDLEDGER_TLS_CERT_FILE"] == "/etc/medledger/tls/tls.crt"
+        assert data["MEDLEDGER_TLS_CA_FILE"] == "/etc/medledger/tls/ca.crt"
+        (volume,) = [v for v in deployment(docs, service)["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+        assert volume["secret"]["secretName"] == spec["secretName"]
+    for service in SERVICES:
+        assert "MEDLEDGER_TLS_CERT_FILE" not in configmap(rendered["production"], service)
+
+
+# --- Kafka ------------------------------------------------------------------------------------------
+
+
+def test_strimzi_topics_are_the_codes_topics_and_their_dead_letters(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    from medledger_common.events import TOPICS, dlq_topic
+
+    docs = rendered["full"]
+    topics = {t["spec"]["topicName"] for t in of_kind(docs, "KafkaTopic")}
+    assert topics == set(TOPICS.values()) | {dlq_topic(t) for t in TOPICS.values()}
+    (kafka,) = of_kind(docs, "Kafka")
+    (pool,) = of_kind(docs, "KafkaNodePool")
+    assert kafka["apiVersion"] == pool["apiVersion"] == "kafka.strimzi.io/v1"
+    assert set(pool["spec"]["roles"]) == {"controller", "broker"}, "KRaft: no ZooKeeper"
+    bootstrap = f"{kafka['metadata']['name']}-kafka-bootstrap:9092"
+    assert {configmap(docs, s)["MEDLEDGER_KAFKA_BOOTSTRAP_SERVERS"] for s in SERVICES} == {bootstrap}
+    assert not of_kind(rendered["production"], "KafkaTopic")
+
+
+# --- monitoring ------------------------------------------------------------------------------------
+
+
+def test_prometheus_rule_embeds_the_plain_rules_file(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    (rule,) = of_kind(rendered["full"], "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    plain = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    assert rule["spec"]["groups"] == plain["groups"]
+    monitors = of_kind(rendered["full"], "ServiceMonitor")
+    assert {component(m) for m in monitors} == set(SERVICES)
+    for monitor in monitors:
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/component", "job = the service's name"
+        assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert not of_kind(rendered["default"], "PrometheusRule") and not of_kind(rendered["default"], "ServiceMonitor")
+
+
+def test_runbook_links_can_point_at_the_repositorys_web_address() -> None:
+    from deploylib import documents, merge, render
+
+    base = "https://git.example.org/medledger/-/blob/main/deploy/RUNBOOKS.md"
+    values = merge(scenario_values("full"), {"metrics": {"prometheusRule": {"runbookBaseUrl": base}}})
+    (rule,) = of_kind(documents(render(values)), "PrometheusRule")
+    urls = [r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert urls and all(u.startswith(base + "#medledger") for u in urls)
+
+
+def test_dashboards_are_configmaps_for_the_grafana_sidecar(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    files = sorted(p.name for p in (CHART / "dashboards").glob("*.json"))
+    assert len(files) >= 6, "an overview and one per service"
+    maps = [c for c in of_kind(rendered["full"], "ConfigMap") if c["metadata"]["labels"].get("grafana_dashboard")]
+    assert sorted(k for c in maps for k in c["data"]) == files
+    for c in maps:
+        assert c["metadata"]["labels"]["grafana_dashboard"] == "1"
+        for text in c["data"].values():
+            json.loads(text)
+
+
+# --- what a platform engineer reads ---------------------------------------------------------------
+
+
+def test_helm_test_pod_asks_every_services_health(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    (pod,) = of_kind(rendered["default"], "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    addresses = {c["name"]: c["args"][0] for c in pod["spec"]["containers"]}
+    assert addresses == {s: f"-addr=medledger-{s}:{PORTS[s]['grpc']}" for s in SERVICES}
+    for container in pod["spec"]["containers"]:
+        assert container["image"].startswith("ghcr.io/grpc-ecosystem/grpc-health-probe:v")
+
+
+def test_notes_say_how_to_reach_the_services_and_what_the_trust_policy_is(notes: Any) -> None:
+    default = notes("default")
+    for service in SERVICES:
+        assert f"medledger-{service}:{PORTS[service]['grpc']}" in default
+    assert "trust policy" in default.lower()
+    assert "anchorRegistryAddress is empty" in default and "keyManager.type=local" in default
+    production = notes("production")
+    assert "WARNING" not in production and "configmap medledger-trust-policy" in production
+
+
+def test_the_trust_policy_reaches_anchoring_as_a_file(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["production"]
+    (policy,) = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"] == "medledger-trust-policy"]
+    assert json.loads(policy["data"]["trust-policy.json"]) == scenario_values("production")["trustPolicy"]
+    assert (
+        configmap(docs, "anchoring")["MEDLEDGER_TRUST_POLICY_FILE"] == "/etc/medledger/trust-policy/trust-policy.json"
+    )
