@@ -4,6 +4,7 @@ the services export (tests/deploy/conftest.py puts this folder on sys.path)."""
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import shutil
 from pathlib import Path
@@ -46,6 +47,19 @@ def tool(name: str, hint: str) -> str:
     if found is None:
         pytest.fail(f"{name} is not installed: {hint} (make setup installs it)", pytrace=False)
     return found
+
+
+def validate_builtin(doc: dict[str, Any]) -> None:
+    """kubernetes-validate's strict check against the Kubernetes schemas of KUBERNETES_VERSION.
+
+    It reads and parses each schema file (one of them megabytes) on every call: cache that, the
+    files do not change during a run."""
+    import kubernetes_validate
+    from kubernetes_validate import utils
+
+    if not hasattr(utils.schema_contents, "cache_info"):
+        utils.schema_contents = functools.cache(utils.schema_contents)
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

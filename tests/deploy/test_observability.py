@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ def promtool() -> str:
     return tool("promtool", "Debian package prometheus (apt-get install prometheus)")
 
 
+@cache
 def rules() -> list[dict[str, Any]]:
     return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
 
@@ -32,6 +34,7 @@ def alerts() -> list[dict[str, Any]]:
     return [r for r in rules() if "alert" in r]
 
 
+@cache
 def recorded() -> set[str]:
     return {r["record"] for r in rules() if "record" in r}
 
