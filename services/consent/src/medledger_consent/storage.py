@@ -267,12 +267,20 @@ async def insert_version(conn: AsyncConnection, v: ConsentVersion, salt: bytes) 
 async def get_version(
     conn: AsyncConnection, consent_id: str, version: int = 0, *, for_update: bool = False
 ) -> tuple[ConsentVersion, bytes] | None:
-    """One version with its salt; version 0 means the latest."""
-    query = select(consent_versions).where(consent_versions.c.consent_id == consent_id)
-    query = query.where(consent_versions.c.version == version) if version else query
-    query = query.order_by(consent_versions.c.version.desc()).limit(1)
+    """One version with its salt; version 0 means the latest. `for_update`: the consent stays
+    locked against other writers until the transaction ends."""
+    c = consent_versions.c
     if for_update and conn.dialect.name == "postgresql":
-        query = query.with_for_update()
+        # Writers lock the consent's first version, which never changes, and read the latest
+        # after: locking the latest let a writer that had waited on it read that same row once
+        # let in (READ COMMITTED re-checks only the locked row), not the version written
+        # meanwhile, and write that next version again.
+        await conn.execute(
+            select(c.version).where(c.consent_id == consent_id).order_by(c.version).limit(1).with_for_update()
+        )
+    query = select(consent_versions).where(c.consent_id == consent_id)
+    query = query.where(c.version == version) if version else query
+    query = query.order_by(c.version.desc()).limit(1)
     r = (await conn.execute(query)).first()
     return (_version(r), bytes(r.salt)) if r else None
 
