@@ -110,6 +110,9 @@ class Ledger:
     acknowledged: Counter[str] = field(default_factory=Counter)
     failed: Counter[str] = field(default_factory=Counter)  # "<op>: <status>"
     puts: list[AcknowledgedPut] = field(default_factory=list)
+    # Puts that ended without an acknowledgement (refused, or still unanswered at the end): the
+    # platform may or may not have made them, so a check of duplicates allows for them.
+    unacknowledged: list[dict[str, str]] = field(default_factory=list)
     pending_puts: int = 0
     poison_sent: int = 0
     latencies: dict[str, list[float]] = field(default_factory=dict)
@@ -120,6 +123,7 @@ class Ledger:
             "acknowledged": dict(self.acknowledged),
             "failed": dict(self.failed),
             "puts": [asdict(p) for p in self.puts],
+            "unacknowledged": self.unacknowledged,
             "pending_puts": self.pending_puts,
             "poison_sent": self.poison_sent,
         }
@@ -241,6 +245,11 @@ class Load:
         except RpcError as exc:
             if exc.code() in TRANSIENT:
                 self._retry.append(put)  # the same request, so the same request_id, later
+            else:
+                self._unacknowledged(put)
+            raise
+        except Exception:
+            self._unacknowledged(put)
             raise
         r = reply.receipt
         self.ledger.puts.append(
@@ -249,6 +258,12 @@ class Load:
         )  # fmt: skip
         if not put.request.record_id:
             self._records.append((put.request.patient_id, r.record_id))
+
+    def _unacknowledged(self, put: _Put) -> None:
+        r = put.request
+        self.ledger.unacknowledged.append(
+            {"request_id": r.request_id, "patient_id": r.patient_id, "record_id": r.record_id}
+        )
 
     async def op_get(self) -> None:
         if not self._records:
@@ -394,6 +409,8 @@ class Load:
             if self._retry:
                 await asyncio.sleep(0.5)
         self.ledger.pending_puts = len(self._retry)
+        for put in self._retry:
+            self._unacknowledged(put)
 
     def _progress(self, elapsed: float) -> str:
         attempted = sum(self.ledger.attempted.values())

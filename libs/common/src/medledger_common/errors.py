@@ -76,3 +76,46 @@ class Unavailable(MedledgerError):
     """A dependency (database, broker, key manager) cannot be reached; the client may retry."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+_RETRYABLE_CALLS = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def dependency_outage(exc: BaseException) -> str | None:
+    """The dependency an exception says is out of reach ("the database", "Kafka"), or None.
+
+    What a request or a background job meets while PostgreSQL restarts or the broker is away:
+    the work may succeed when tried again, so it is UNAVAILABLE to a caller (who retries with
+    the same request_id) and a reason to retry for a job, never INTERNAL or a reason to stop.
+    A call to another service that could not be made (UNAVAILABLE, DEADLINE_EXCEEDED) is one too.
+    A constraint violation or a bad query is not an outage, though SQLAlchemy wraps both alike.
+    """
+    import sqlite3
+
+    from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError
+    from asyncpg.exceptions import CannotConnectNowError, ConnectionDoesNotExistError, InterfaceError
+    from sqlalchemy import exc as sa
+
+    # The driver's error is wrapped by SQLAlchemy's adapter, and that by SQLAlchemy: look down
+    # the chain of causes (a few links) for what actually happened.
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            return None
+        if isinstance(seen, sa.DBAPIError) and (
+            seen.connection_invalidated or isinstance(seen, sa.OperationalError | sa.InterfaceError)
+        ):
+            if isinstance(seen.orig, sqlite3.OperationalError) and "locked" not in str(seen.orig):
+                return None  # SQLite says OperationalError for a missing table too: a bug, not an outage
+            return "the database"
+        if isinstance(seen, sa.TimeoutError | CannotConnectNowError | ConnectionDoesNotExistError | InterfaceError):
+            return "the database"  # sa.TimeoutError: no pooled connection came free in time
+        if isinstance(seen, KafkaConnectionError | KafkaTimeoutError | NodeNotReadyError):
+            return "Kafka"
+        if isinstance(seen, ConnectionError | TimeoutError):
+            return "a dependency"
+        if isinstance(seen, grpc.aio.AioRpcError) and seen.code() in _RETRYABLE_CALLS:
+            return "a service it calls"  # e.g. records asking consent while consent restarts
+        orig = getattr(seen, "orig", None)
+        seen = orig if isinstance(orig, BaseException) else seen.__cause__
+    return None

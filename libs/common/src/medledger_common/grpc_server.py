@@ -26,7 +26,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram
 
-from medledger_common.errors import MedledgerError
+from medledger_common.errors import MedledgerError, dependency_outage
 from medledger_common.telemetry import start_span
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,14 @@ def _wrap_unary(full_method: str, behavior: _Behavior) -> _Behavior:
                     # What a generated base servicer raises for an RPC not built yet.
                     count(grpc.StatusCode.UNIMPLEMENTED)
                     await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this RPC is not implemented yet")
-                except Exception:
+                except Exception as exc:
+                    outage = dependency_outage(exc)
+                    if outage is not None:
+                        # The effect did not commit: the client retries with the same request_id.
+                        count(grpc.StatusCode.UNAVAILABLE)
+                        span.set_status(Status(StatusCode.ERROR, "UNAVAILABLE"))
+                        log.warning("%s unavailable in %s", outage, full_method, extra={"error": type(exc).__name__})
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{outage} is unavailable; retry")
                     count(grpc.StatusCode.INTERNAL)
                     span.set_status(Status(StatusCode.ERROR, "INTERNAL"))
                     log.exception("unhandled error in %s", full_method)

@@ -22,7 +22,7 @@ from medledger.events.v1 import identity_events_pb2
 
 from medledger_common.auth import Access, AuthInterceptor, Caller, DeactivationSet, JwksFetcher, TokenVerifier
 from medledger_common.db import Database, Migration
-from medledger_common.errors import Unauthenticated
+from medledger_common.errors import Unauthenticated, dependency_outage
 from medledger_common.events import TOPICS, unpack
 from medledger_common.grpc_server import GrpcServer, TLSFiles
 from medledger_common.identity_link import TOKEN_ISSUER, IdentityLink
@@ -125,10 +125,15 @@ class ServiceRuntime:
         s = self.settings
         configure_tracing(self.name, s.trace_sampling_ratio, s.otlp_endpoint)
         self.metrics_port = start_metrics_server(s.grpc_host, s.metrics_port)
+        # The database may still be starting (or restarting): wait for it as for Kafka.
         if s.migrations == "check":
-            await check_migrated(self.db, self.name, self.migrations)
+            await _retry_until_up(
+                "database", lambda: check_migrated(self.db, self.name, self.migrations), only_outages=True
+            )
         else:
-            await apply_migrations(self.db, self.name, self.migrations)
+            await _retry_until_up(
+                "database", lambda: apply_migrations(self.db, self.name, self.migrations), only_outages=True
+            )
         await _retry_until_up("Kafka", self.producer.start)
         self.keys = await open_key_manager(s, self.name)
         parts = build(self)
@@ -153,7 +158,8 @@ class ServiceRuntime:
             await hook()
         self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
         for job in parts.background:
-            self._tasks.append(asyncio.create_task(job(), name=getattr(job, "__name__", "background")))
+            name = getattr(job, "__name__", "background")
+            self._tasks.append(asyncio.create_task(_restarted_on_outages(name, job), name=name))
         auth = await self._start_authentication(parts)
         tls = TLSFiles(s.tls_cert_file, s.tls_key_file, s.tls_ca_file) if s.tls_cert_file and s.tls_key_file else None
         self.server = GrpcServer(
@@ -349,13 +355,39 @@ async def open_key_manager(settings: ServiceSettings, service: str) -> KeyManage
 T = TypeVar("T")
 
 
-async def _retry_until_up(what: str, start: Callable[[], Awaitable[T]], attempts: int = 60) -> T:
+async def _restarted_on_outages(name: str, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a background job; when a dependency outage (database, broker) ends it, start it again
+    after a backoff, so that PostgreSQL restarting does not stop the service. Any other error
+    ends the job, and ``_task_done`` stops the service: that is a bug to see, not to loop on."""
+    delay = 0.2
+    while True:
+        try:
+            await job()
+            return
+        except Exception as exc:
+            outage = dependency_outage(exc)
+            if outage is None:
+                raise
+            log.warning(
+                "background task %s: %s unavailable, restarting it in %.1f s",
+                name,
+                outage,
+                delay,
+                extra={"task": name, "error": type(exc).__name__},
+            )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+async def _retry_until_up(
+    what: str, start: Callable[[], Awaitable[T]], attempts: int = 60, *, only_outages: bool = False
+) -> T:
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:
             return await start()
         except Exception as exc:
-            if attempt == attempts:
+            if attempt == attempts or (only_outages and dependency_outage(exc) is None):
                 raise
             log.warning(f"{what} not reachable yet, retrying", extra={"error": type(exc).__name__})
             await asyncio.sleep(delay)

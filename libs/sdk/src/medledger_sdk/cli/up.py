@@ -378,6 +378,11 @@ class Stack:
         }
         write_atomically(self.state.endpoints_file, (json.dumps(endpoints, indent=2) + "\n").encode())
 
+    def restart(self, name: str) -> localstack.ManagedProcess:
+        """Start a service again after it died (the chaos suite kills them); same settings."""
+        self._dead.discard(name)
+        return self._spawn_service(name)
+
     def _start_service(self, name: str) -> None:
         proc = self._spawn_service(name)
         print(f"starting {name} (pid {proc.pid}) on {HOST}:{self.ports.grpc(name)} ...")
