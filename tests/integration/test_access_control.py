@@ -4,11 +4,15 @@ audit and anchoring on PostgreSQL, Tansu and Anvil):
 - every service's README authorization table, parsed by one parser and held against its proto;
 - every RPC of every service x every principal kind and role x (own patient, other patient) where
   the request names one: the interceptor refuses exactly whom the table leaves out, and the API's
-  finer rules then tell the own patient from another;
+  finer rules then tell the own patient from another, and the own organization from another;
 - expired, other-audience, forged (another key, a flipped signature, alg none, HS256 keyed with
   the public key) and deactivated-principal tokens, on every service;
 - a consent revoked while its grantee reads: no read started after the revocation answered
-  succeeds.
+  succeeds; revoked by several callers at once, it is revoked once, and every one of them is
+  answered.
+
+A genuinely expired token is signed by identity's own signer (the service runs in this process;
+its key manager signs, the key never leaves it): identity has no token-lifetime setting.
 """
 
 from __future__ import annotations
@@ -692,6 +696,106 @@ async def test_listings_hold_only_what_the_caller_may_see(world: World) -> None:
     patient = world.stub("records", "patient")
     mine = await patient.ListRecords(rec_pb.ListRecordsRequest(patient_id=world.own.patient_id))
     assert {r.patient_id for r in mine.records} == {world.own.patient_id}
+
+
+async def test_finer_rules_keep_organization_roles_to_their_own_organization(world: World) -> None:
+    """Roles held within an organization (org-admin, privacy officer) and its practitioners act
+    for their own organization and are refused for another; the same roles held outside any
+    organization are refused for both, admins and auditors are not."""
+    stack = world.stack
+    admin = world.admin
+
+    def fhir() -> bytes:
+        return json.dumps(
+            {"resourceType": "Practitioner", "identifier": [{"system": "urn:npi", "value": uuid.uuid4().hex}]}
+        ).encode()
+
+    async def register(kind: int, organization_id: str = "", *roles: int) -> tuple[str, str]:
+        reply = await admin.RegisterPrincipal(
+            id_pb.RegisterPrincipalRequest(
+                request_id=rid(),
+                kind=kind,
+                organization_id=organization_id,
+                fhir_resource=fhir() if kind == Kind.PRINCIPAL_KIND_PRACTITIONER else b"",
+            )
+        )
+        for role in roles:
+            await admin.AssignRole(
+                id_pb.AssignRoleRequest(request_id=rid(), principal_id=reply.principal.principal_id, role=role)
+            )
+        return reply.principal.principal_id, reply.client_secret
+
+    other_org, _ = await register(Kind.PRINCIPAL_KIND_ORGANIZATION)
+    ours, theirs = world.org_id, other_org
+    colleague, _ = await register(Kind.PRINCIPAL_KIND_PRACTITIONER, ours)
+    stranger, _ = await register(Kind.PRINCIPAL_KIND_PRACTITIONER, theirs)
+    org_admin = stack.client(*await register(Kind.PRINCIPAL_KIND_PRACTITIONER, ours, Role.ROLE_ORG_ADMIN))
+    officer = stack.client(*await register(Kind.PRINCIPAL_KIND_PRACTITIONER, ours, Role.ROLE_PRIVACY_OFFICER))
+    as_ = {
+        "org-admin of the organization": org_admin,
+        "privacy officer of the organization": officer,
+        **{who: world.clients[who] for who in ("practitioner", "org-admin", "privacy-officer", "admin", "auditor")},
+    }
+
+    def stub(service: str, who: str) -> Any:
+        return STUBS[service](as_[who].channel(world.address(service), f"medledger.{service}"))
+
+    requests: dict[str, Callable[[str, str], tuple[str, pb_message.Message]]] = {
+        "ListPrincipals": lambda org, _: ("identity", id_pb.ListPrincipalsRequest(organization_id=org)),
+        "RegisterPrincipal": lambda org, _: (
+            "identity",
+            id_pb.RegisterPrincipalRequest(
+                request_id=rid(), kind=Kind.PRINCIPAL_KIND_PRACTITIONER, organization_id=org, fhir_resource=fhir()
+            ),
+        ),
+        "AssignRole": lambda _, member: (
+            "identity",
+            id_pb.AssignRoleRequest(request_id=rid(), principal_id=member, role=Role.ROLE_AUDITOR),
+        ),
+        "GetPrincipal": lambda _, member: (
+            "identity",
+            id_pb.GetPrincipalRequest(principal_id=member, include_fhir_resource=True),
+        ),
+        "SetBreakGlassPolicy": lambda org, _: (
+            "consent",
+            co_pb.SetBreakGlassPolicyRequest(
+                request_id=rid(), policy=co_pb.BreakGlassPolicy(organization_id=org, enabled=False)
+            ),
+        ),
+        "GetBreakGlassPolicy": lambda org, _: ("consent", co_pb.GetBreakGlassPolicyRequest(organization_id=org)),
+        "ListBreakGlassAccesses": lambda org, _: (
+            "consent",
+            co_pb.ListBreakGlassAccessesRequest(organization_id=org),
+        ),
+    }
+    # (rpc, caller): (status for their own organization, status for another).
+    expected = {
+        ("ListPrincipals", "org-admin of the organization"): (_OK, _PD),
+        ("ListPrincipals", "privacy-officer"): (_OK, _OK),
+        ("RegisterPrincipal", "org-admin of the organization"): (_OK, _PD),
+        ("RegisterPrincipal", "org-admin"): (_PD, _PD),
+        ("RegisterPrincipal", "admin"): (_OK, _OK),
+        ("AssignRole", "org-admin of the organization"): (_OK, _PD),
+        ("AssignRole", "org-admin"): (_PD, _PD),
+        ("GetPrincipal", "org-admin of the organization"): (_OK, _PD),
+        ("SetBreakGlassPolicy", "org-admin of the organization"): (_OK, _PD),
+        ("SetBreakGlassPolicy", "org-admin"): (_PD, _PD),
+        ("SetBreakGlassPolicy", "admin"): (_OK, _OK),
+        ("GetBreakGlassPolicy", "practitioner"): (_OK, _PD),
+        ("GetBreakGlassPolicy", "admin"): (_OK, _OK),
+        ("ListBreakGlassAccesses", "privacy officer of the organization"): (_OK, _PD),
+        ("ListBreakGlassAccesses", "privacy-officer"): (_PD, _PD),
+        ("ListBreakGlassAccesses", "auditor"): (_OK, _OK),
+    }
+    await stack.known_to_consent(other_org)
+    wrong = []
+    for (rpc, who), wanted in expected.items():
+        for side, org, member, want in (("own", ours, colleague, wanted[0]), ("other", theirs, stranger, wanted[1])):
+            service, request = requests[rpc](org, member)
+            got = await outcome(getattr(stub(service, who), rpc)(request, timeout=30))
+            if got.code != want or got.verdict != "passed":
+                wrong.append(f"{service}.{rpc} as {who} ({side}): {got.code.name} {got.details!r}, want {want.name}")
+    assert not wrong, "organization rules:\n" + "\n".join(wrong)
 
 
 # -- tokens -----------------------------------------------------------------------------------------
