@@ -27,6 +27,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram
 
 from medledger_common.errors import MedledgerError, dependency_outage
+from medledger_common.request_checks import check_request
 from medledger_common.telemetry import start_span
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ def _wrap_unary(full_method: str, behavior: _Behavior) -> _Behavior:
         try:
             with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
                 try:
+                    check_request(request)  # no NUL in strings, no out-of-range times: refused here
                     response = await behavior(request, context)
                 except MedledgerError as exc:
                     count(exc.code)

@@ -36,6 +36,9 @@ ACCESS: dict[str, Access] = {
 }
 DEFAULT_PAGE, MAX_PAGE = 20, 100
 MAX_PROOF_BYTES = 64 * 1024
+# Indexes are 64-bit signed integers in the databases; a uint64 above is no entry.
+MAX_ENTRY_INDEX = 2**63 - 2
+_PAGE_TOKEN = re.compile(r"[0-9]{1,18}")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -90,7 +93,8 @@ class AnchoringApi(pb_grpc.AnchoringServiceServicer):
         size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)
         below: int | None = None
         if request.page_token:
-            if not request.page_token.isdigit():
+            # ASCII digits only (str.isdigit takes "²", which int() refuses), few enough for BIGINT.
+            if not _PAGE_TOKEN.fullmatch(request.page_token):
                 raise InvalidArgument.field("page_token", "not a token this RPC returned")
             below = int(request.page_token)
         async with self.rt.db.read() as conn:
@@ -131,6 +135,8 @@ class AnchoringApi(pb_grpc.AnchoringServiceServicer):
             index, entry = found.entry.index, found.entry.entry
         elif target == "entry_index":
             index = request.entry_index
+            if index > MAX_ENTRY_INDEX:
+                raise InvalidArgument.field("entry_index", "beyond the largest index a log can have")
         else:
             raise InvalidArgument.field("target", "give a commitment or an entry index")
         async with self.rt.db.read() as conn:
@@ -165,6 +171,8 @@ class AnchoringApi(pb_grpc.AnchoringServiceServicer):
                 raise InvalidArgument.field(name, "too large")
         if bool(request.record) != bool(request.salt):
             raise InvalidArgument.field("salt", "give the record and its salt together")
+        if request.media_type and not request.record:
+            raise InvalidArgument.field("media_type", "give it with the record (a document's media type)")
         result = await anchored_proofs.verify_anchored_proof(
             self.policy,
             request.tlog_proof,

@@ -47,6 +47,9 @@ ACCESS: dict[str, Access] = {
     _SERVICE + "RedactEntry": Access.of(roles=["privacy-officer"]),
 }
 MAX_REASON = 500
+# Tree sizes are 64-bit signed integers in the database; a uint64 above is no size the log had.
+MAX_TREE_SIZE = 2**63 - 1
+_PAGE_TOKEN = re.compile(r"[0-9]{1,18}")
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
 MAX_EXPORT = 10_000
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -86,6 +89,8 @@ class AuditApi(pb_grpc.AuditServiceServicer):
     async def GetCheckpoint(
         self, request: pb.GetCheckpointRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetCheckpointResponse:
+        if request.tree_size > MAX_TREE_SIZE:
+            raise NotFound(f"no checkpoint was signed at tree size {request.tree_size}")
         async with self.rt.db.read() as conn:
             note = await storage.checkpoint_at(conn, self.checkpointer.origin, request.tree_size)
         if note is None:
@@ -132,6 +137,8 @@ class AuditApi(pb_grpc.AuditServiceServicer):
     async def GetTlogProof(
         self, request: pb.GetTlogProofRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetTlogProofResponse:
+        if request.tree_size > MAX_TREE_SIZE:
+            raise NotFound("no checkpoint was signed at that tree size")
         async with self.rt.db.read() as conn:
             if request.tree_size:
                 note = await storage.checkpoint_at(conn, self.checkpointer.origin, request.tree_size)
@@ -282,6 +289,7 @@ def _redaction_of(request: pb.RedactEntryRequest, caller: Caller, leaf: bytes) -
 def _page_position(token: str) -> int:
     if not token:
         return -1
-    if not token.isdigit():
+    # ASCII digits only (str.isdigit takes "²", which int() refuses), few enough for BIGINT.
+    if not _PAGE_TOKEN.fullmatch(token):
         raise InvalidArgument.field("page_token", "not a token this RPC returned")
     return int(token)

@@ -60,6 +60,8 @@ ACCESS: dict[str, Access] = {
 # Who sees any patient's consents.
 _OVERSEERS = ("admin", "privacy-officer", "auditor")
 MAX_PAGE_SIZE = 1000
+# Versions are stored as 32-bit integers: none is larger.
+MAX_VERSION = 2**31 - 1
 INDEX_REPAIRS = Counter(
     "medledger_consent_index_repairs_total",
     "Consent versions and break-glass accesses this replica's index got from the database, not from their event.",
@@ -265,6 +267,10 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
         self, request: pb.GetConsentRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetConsentResponse:
         caller = current_caller()
+        if request.version < 0:
+            raise InvalidArgument.field("version", "0 for the latest, or a version number")
+        if request.version > MAX_VERSION:
+            raise NotFound("no such consent version")
         async with self.rt.db.connect() as conn:
             found = await storage.get_version(conn, request.consent_id, request.version)
         if found is None:

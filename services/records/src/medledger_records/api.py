@@ -67,6 +67,8 @@ ACCESS: dict[str, Access] = {
 ROTATION_PAGE = 100
 MAX_PAGE_SIZE = 500
 MAX_RECORD_BYTES = 4 * 1024 * 1024
+# Versions are 32-bit integers in the database: none is larger.
+MAX_VERSION = 2**31 - 1
 READ, WRITE = vocabulary_pb2.Action.ACTION_READ, vocabulary_pb2.Action.ACTION_WRITE
 TREAT = vocabulary_pb2.PurposeOfUse.PURPOSE_OF_USE_TREAT
 PERMIT = co_pb.Decision.DECISION_PERMIT
@@ -231,6 +233,8 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
 
     async def GetRecord(self, request: pb.GetRecordRequest, context: grpc.aio.ServicerContext) -> pb.GetRecordResponse:
         caller = current_caller()
+        if request.version > MAX_VERSION:
+            raise NotFound("no such version")
         async with self.rt.db.read() as conn:
             found = await storage.get_record_and_version(conn, request.record_id, request.version)
         if found is None:
