@@ -59,6 +59,8 @@ TREAT, ETREAT, HRESCH = (
 READ, WRITE = vocab.Action.ACTION_READ, vocab.Action.ACTION_WRITE
 TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
+JUSTIFICATION = "Load test: an emergency read of the patient's vital signs."
+
 # Relative weights of the operations in the mix.
 MIX = {
     "put": 40,
@@ -147,6 +149,8 @@ class Load:
         self._records: list[tuple[str, str]] = []  # (patient id, record id) acknowledged
         self._second_grants: dict[str, str] = {}  # patient id -> active consent id for doctor B
         self._producer: AIOKafkaProducer | None = None
+        # What must never leave the encrypted stores, for the leak scan: name -> text.
+        self.secrets: dict[str, str] = {"break-glass justification": JUSTIFICATION}
 
     def client(self, principal_id: str | None = None, secret: str | None = None) -> Medledger:
         ml = Medledger(self.info.endpoints, principal_id=principal_id, client_secret=secret)
@@ -170,6 +174,7 @@ class Load:
             reply = await admin.identity.RegisterPrincipal(
                 identity_pb.RegisterPrincipalRequest(request_id=str(uuid.uuid4()), kind=kind, **fields)
             )
+            self.secrets[f"client secret of {reply.principal.principal_id}"] = reply.client_secret
             return reply.principal.principal_id, self.client(reply.principal.principal_id, reply.client_secret)
 
         self.hospital_id, _ = await register(Kind.PRINCIPAL_KIND_ORGANIZATION)
@@ -202,10 +207,14 @@ class Load:
         anonymous = self.client()
         self.patients: list[tuple[str, Medledger]] = []
         for _ in range(self.patients_wanted):
+            resource = patient_resource()
             reply = await anonymous.identity.RegisterPatient(
-                identity_pb.RegisterPatientRequest(request_id=str(uuid.uuid4()), fhir_patient=patient_resource())
+                identity_pb.RegisterPatientRequest(request_id=str(uuid.uuid4()), fhir_patient=resource)
             )
             pid = reply.principal.principal_id
+            fhir = json.loads(resource)
+            self.secrets[f"identifier of {pid}"] = fhir["identifier"][0]["value"]
+            self.secrets[f"client secret of {pid}"] = reply.client_secret
             patient = self.client(pid, reply.client_secret)
             self.patients.append((pid, patient))
             grant = self._grant(pid, self.doctor_a_id)
@@ -252,6 +261,8 @@ class Load:
             self._unacknowledged(put)
             raise
         r = reply.receipt
+        if len(self.ledger.puts) < 20:
+            self.secrets[f"salt of {r.record_id} v{r.version}"] = r.salt
         self.ledger.puts.append(
             AcknowledgedPut(put.request.request_id, put.request.patient_id, r.record_id, r.version, r.commitment,
                             put.first_sent, put.sends)
@@ -305,7 +316,7 @@ class Load:
                 request_id=str(uuid.uuid4()),
                 patient_id=patient_id,
                 reason=consent_pb.BreakGlassReason.BREAK_GLASS_REASON_LIFE_THREATENING,
-                justification="Load test: an emergency read of the patient's vital signs.",
+                justification=JUSTIFICATION,
             )
         )
         await emergency.records.GetRecord(records_pb.GetRecordRequest(record_id=record_id, purpose=ETREAT))

@@ -53,10 +53,11 @@ from medledger_common import commitments, localstack
 from medledger_common.anchored_proofs import TrustPolicy
 from medledger_sdk.calls import RpcError, pages
 from medledger_sdk.cli.state import ADMIN_PRINCIPAL, StateDir
-from medledger_sdk.cli.up import SERVICES, Stack
+from medledger_sdk.cli.up import HOST, SERVICES, Stack
 from medledger_sdk.client import Medledger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from leaks import scan  # tests/chaos/leaks.py, beside this file
 from load import Ledger, Load, StackInfo  # bench/load.py, the load generator
 
 TREAT = vocab.PurposeOfUse.PURPOSE_OF_USE_TREAT
@@ -144,7 +145,7 @@ class Chaos:
         fault.recovered_after = await self.until(a_put_since, 60)
         say(f"  {self.now():5.1f} s: puts are acknowledged again {_secs(fault.recovered_after)} after PostgreSQL")
 
-    async def stop_anvil(self, at: float, anchored: Callable[[], Awaitable[int]]) -> None:
+    async def stop_anvil(self, at: float, anchored: Callable[[], Awaitable[int | None]]) -> None:
         await asyncio.sleep(max(0.0, at - self.now()))
         assert self.stack.anvil is not None
         fault = Fault(f"EVM node stopped {ANVIL_STOP_SECONDS:.0f} s", self.now(), ANVIL_STOP_SECONDS)
@@ -153,14 +154,42 @@ class Chaos:
         self.stack.anvil.signal(signal.SIGSTOP)
         await asyncio.sleep(ANVIL_STOP_SECONDS)
         self.stack.anvil.signal(signal.SIGCONT)
+        resumed = time.monotonic()
         before = await anchored()
-        say(f"  {self.now():5.1f} s: Anvil continues (SIGCONT); anchored tree size {before:,}")
+        while before is None and time.monotonic() - resumed < 60:
+            await asyncio.sleep(0.5)
+            before = await anchored()
+        say(f"  {self.now():5.1f} s: Anvil continues (SIGCONT); anchored tree size {before or 0:,}")
 
         async def anchored_more() -> bool:
-            return await anchored() > before
+            now = await anchored()
+            return now is not None and now > (before or 0)
 
         fault.recovered_after = await self.until(anchored_more, 90, every=0.5)
         say(f"  {self.now():5.1f} s: a new anchor on chain {_secs(fault.recovered_after)} after Anvil continued")
+
+
+async def _reported(fault: Awaitable[None], report: Report) -> None:
+    """A fault that could not be carried out or watched is a problem of the run, not a crash."""
+    try:
+        await fault
+    except Exception as exc:
+        report.problems.append(f"a fault could not run to its end: {type(exc).__name__}: {exc}")
+
+
+def stack_secrets(state: StateDir) -> dict[str, str | bytes]:
+    """The stack's own secrets: client secrets, keyring master keys, the anchorer's key; and
+    the personal data and record content every patient of the load shares."""
+    found: dict[str, str | bytes] = {"a patient's name": "Rivera", "a patient's birth date": "1984-03-02"}
+    found["record content"] = "Systolic blood pressure"
+    for path in sorted((state.path / "secrets").rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            try:
+                found[f"secret file {path.name}"] = data.decode().strip()
+            except UnicodeDecodeError:
+                found[f"secret file {path.name}"] = data  # a keyring's master key: raw bytes
+    return found
 
 
 def _secs(value: float | None) -> str:
@@ -179,12 +208,15 @@ async def run_chaos(stack: Stack, pg: localstack.PostgresCluster, args: argparse
         auditor = await _auditor(admin, info)
         report = chaos.report
 
-        async def anchored() -> int:
+        async def anchored() -> int | None:
+            """The anchored tree size; None while anchoring itself is down (it is killed too)."""
             try:
                 reply = await admin.anchoring.GetLatestAnchor(anchoring_pb.GetLatestAnchorRequest())
             except RpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     return 0  # nothing anchored yet
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    return None
                 raise
             return int(reply.anchor.tree_size)
 
@@ -211,6 +243,7 @@ async def run_chaos(stack: Stack, pg: localstack.PostgresCluster, args: argparse
         watcher = asyncio.create_task(watch_puts())
         faults = [chaos.kill(s, t) for s, t in zip(order, kill_at, strict=True)]
         faults += [chaos.stop_postgres(pg_at, put_times), chaos.stop_anvil(anvil_at, anchored)]
+        faults = [_reported(f, report) for f in faults]
         ledger, *_ = await asyncio.gather(load.run(args.rate, d, progress=say), *faults)
         say("load stopped; sending the puts that got no answer again, with their request ids ...")
         await load.drain(within=60)
@@ -228,6 +261,42 @@ async def run_chaos(stack: Stack, pg: localstack.PostgresCluster, args: argparse
             await check_invariants(load, ledger, admin, auditor, info, stack, report)
         except RpcError as exc:
             report.problems.append(f"the checks could not finish: {exc}")
+        say("scanning logs, every Kafka topic, the chain's calldata and the metrics for leaks ...")
+        policy = TrustPolicy.read(stack.state.trust_policy_file)
+        secrets: dict[str, str | bytes] = {
+            "the control: a principal id": load.doctor_a_id,
+            "the control: a log message": "service started",
+            "the control: the log's origin": policy.origin,
+            "the control: a metric name": "grpc_server_handled_total",
+            **load.secrets,
+            **stack_secrets(stack.state),
+            "an access token": await load.doctor_a.token("records"),
+        }
+        try:
+            leaks = await scan(
+                secrets,
+                logs=stack.state.logs,
+                bootstrap=info.kafka,
+                rpc_url=stack.rpc_url,
+                metrics_urls=[f"http://{HOST}:{stack.ports.metrics(s)}/metrics" for s in SERVICES],
+            )
+        except Exception as exc:
+            leaks = [f"the scan could not finish: {type(exc).__name__}: {exc}"]
+        # Controls: texts each kind of place is meant to hold. A scan that cannot see them
+        # could not see a leak either.
+        controls = {
+            "Kafka topic": "the control: a principal id",
+            " in log ": "the control: a log message",
+            "chain calldata": "the control: the log's origin",
+            "metrics": "the control: a metric name",
+        }
+        for where, control in controls.items():
+            if not any(leak.startswith(control) and where in leak for leak in leaks):
+                problems_of_scan = f"the scan did not find {control[13:]} in any {where.strip()}: it sees nothing there"
+                report.problems.append(problems_of_scan)
+        leaks = [leak for leak in leaks if not leak.startswith("the control: ")]
+        report.figures["leak scan"] = f"{len(secrets) - len(controls)} secrets looked for, {len(leaks)} found"
+        report.problems += [f"leak: {leak}" for leak in leaks]
         return report
     finally:
         await admin.aclose()
@@ -389,6 +458,7 @@ def print_report(report: Report, seconds: float) -> None:
     say(f"audit log                 {f.get('log entries', 0):,} entries, anchored up to "
         f"{f.get('anchored tree size', 0):,}; settled {f.get('settled after', '?')} after the load")  # fmt: skip
     say(f"audit verify              {f.get('audit verify', '?')}")
+    say(f"leak scan                 {f.get('leak scan', '?')}")
     say("time to recover:")
     for fault in report.faults:
         say(f"  {fault.what:<32} at {fault.at:5.1f} s  recovered {_secs(fault.recovered_after)} after it ended")
