@@ -8,6 +8,11 @@ each poll (thousands of messages from any partitions) is drafted, appended in on
 and its offsets become committable once that transaction has committed. While one poll is being
 appended the next is fetched and drafted.
 
+A message that carries a sampled trace context (the `traceparent` its producer's request stored
+with the outbox row) is appended in a CONSUMER span `<topic> process` of that trace, as
+EventConsumer handles each message, so the request's trace reaches the audit entry it produced.
+Messages without one start no trace here.
+
 An append that fails is retried, never skipped: the log must not silently drop an event.
 """
 
@@ -21,6 +26,9 @@ from typing import Any
 
 import asyncpg
 from aiokafka import ConsumerRecord, TopicPartition
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from medledger_audit.entries import EntryDraft, draft_entry, unprocessable_entry
 from medledger_audit.sequencer import Sequencer
@@ -37,6 +45,19 @@ _TRANSIENT = (*TRANSIENT_ERRORS, asyncpg.PostgresConnectionError, asyncpg.Interf
 MAX_FAILED_APPENDS = 10
 
 Records = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+# (message, its entry, the trace context it carries): the messages appended in a span.
+Traced = list[tuple[ConsumerRecord[bytes, bytes], EntryDraft, Context]]
+_TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def sampled_trace(record: ConsumerRecord[bytes, bytes]) -> Context | None:
+    """The trace context in a message's headers when it is valid and sampled, else None."""
+    carrier = {k: v.decode("latin-1") for k, v in record.headers or () if k in _TRACE_HEADERS}
+    if "traceparent" not in carrier:
+        return None
+    context = propagate.extract(carrier, context=Context())
+    parent = trace.get_current_span(context).get_span_context()
+    return context if parent.is_valid and parent.trace_flags.sampled else None
 
 
 def draft_of(record: ConsumerRecord[bytes, bytes]) -> EntryDraft | None:
@@ -112,10 +133,17 @@ class LogConsumer(EventConsumer):
             while True:
                 polled = await self.consumer.getmany(timeout_ms=500, max_records=self.batch_max)
                 if polled:
-                    drafts = [d for records in polled.values() for r in records if (d := draft_of(r)) is not None]
+                    drafts: list[EntryDraft] = []
+                    traced: Traced = []
+                    for records in polled.values():
+                        for r in records:
+                            if (d := draft_of(r)) is not None:
+                                drafts.append(d)
+                                if r.headers and (context := sampled_trace(r)) is not None:
+                                    traced.append((r, d, context))
                     if in_flight is not None:
                         await in_flight  # appends stay in poll order
-                    in_flight = asyncio.create_task(self._append(polled, drafts))
+                    in_flight = asyncio.create_task(self._append(polled, drafts, traced))
                 elif in_flight is not None and in_flight.done():
                     await in_flight
                     in_flight = None
@@ -130,8 +158,39 @@ class LogConsumer(EventConsumer):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(self.commit_handled())
 
-    async def _append(self, polled: Records, drafts: Sequence[EntryDraft]) -> None:
-        """Append a poll's drafts, retrying until it commits; then its offsets may be committed."""
+    async def _append(self, polled: Records, drafts: Sequence[EntryDraft], traced: Traced | None = None) -> None:
+        """Append a poll's drafts, retrying until it commits; then its offsets may be committed.
+        Each traced message's span lasts until its entry is durable (or the append gave up)."""
+        spans = [self._span(r, d, context) for r, d, context in traced or ()]
+        try:
+            await self._append_with_retries(drafts)
+        except Exception as exc:
+            for span in spans:
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            raise
+        finally:
+            for span in spans:
+                span.end()
+        for tp, records in polled.items():
+            self._handled[tp] = records[-1].offset + 1
+            self._count(str(tp.topic), "handled", len(records))
+
+    def _span(self, record: ConsumerRecord[bytes, bytes], draft: EntryDraft, context: Context) -> trace.Span:
+        return trace.get_tracer(__name__).start_span(
+            f"{record.topic} process",
+            context,
+            SpanKind.CONSUMER,
+            {
+                "messaging.system": "kafka",
+                "messaging.destination.name": str(record.topic),
+                "messaging.operation.type": "process",
+                "messaging.consumer.group.name": self.name,
+                "messaging.kafka.offset": record.offset,
+                "messaging.message.id": draft.event_id,
+            },
+        )
+
+    async def _append_with_retries(self, drafts: Sequence[EntryDraft]) -> None:
         delay = self.retry_seconds
         failures = 0
         while True:
@@ -151,6 +210,3 @@ class LogConsumer(EventConsumer):
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_retry_seconds)
-        for tp, records in polled.items():
-            self._handled[tp] = records[-1].offset + 1
-            self._count(str(tp.topic), "handled", len(records))
