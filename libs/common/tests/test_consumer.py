@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 from aiokafka import TopicPartition
+from aiokafka.errors import IllegalStateError
 from medledger.events.v1 import identity_events_pb2
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanContext, SpanKind
@@ -123,3 +124,24 @@ async def test_a_cancelled_batch_commits_only_the_messages_whose_handler_returne
     finally:
         await consumer.stop()
         await producer.stop()
+
+
+async def test_offsets_of_revoked_partitions_are_dropped_not_fatal() -> None:
+    """A rebalance can take the partitions away between handling a batch and committing it;
+    aiokafka then raises IllegalStateError. That once stopped audit's consumer (and the service)
+    on a loaded machine; the batch is redelivered to whoever gets the partitions instead."""
+
+    class Revoked:
+        async def commit(self, offsets: object) -> None:
+            raise IllegalStateError("No partitions assigned")
+
+    async def handler(event: object) -> None:
+        return None
+
+    consumer = EventConsumer(
+        bootstrap_servers="127.0.0.1:1", group_id="g", handler=handler, producer=None, topics=["t"]
+    )
+    consumer.consumer = Revoked()
+    consumer._handled = {TopicPartition("t", 0): 5}
+    await consumer.commit_handled()  # no exception
+    assert consumer._handled == {}

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import IllegalStateError, KafkaError, TopicAlreadyExistsError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
@@ -231,6 +231,11 @@ class EventConsumer:
             offsets, self._handled = self._handled, {}
             try:
                 await self.consumer.commit(offsets)
+            except IllegalStateError:
+                # A rebalance took the partitions away between handling and committing: whoever
+                # gets them next redelivers from the last commit, and the inbox drops what was
+                # handled already. Not a reason to stop the consumer (it stopped audit's once).
+                log.info("partitions revoked before their offsets were committed; they will be redelivered")
             except BaseException:
                 # Not committed: keep them for the next attempt unless newer offsets arrived.
                 for tp, offset in offsets.items():
