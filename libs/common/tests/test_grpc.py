@@ -21,8 +21,9 @@ from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
 from prometheus_client import REGISTRY
 
 from medledger_common.errors import InvalidArgument, NotFound
-from medledger_common.grpc_client import make_channel
+from medledger_common.grpc_client import make_channel, service_channel
 from medledger_common.grpc_server import GrpcServer, TLSFiles
+from medledger_common.settings import ServiceSettings
 
 SERVICE = pb.DESCRIPTOR.services_by_name["IdentityService"]
 
@@ -202,6 +203,39 @@ async def test_mtls_round_trip_and_a_client_without_a_certificate_is_refused(pki
             )
             assert reply.principal.principal_id == "pat_1"
         async with make_channel(target, ca_file=pki["ca"], server_name_override="identity.medledger.test") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await pb_grpc.IdentityServiceStub(channel).RegisterPrincipal(
+                    pb.RegisterPrincipalRequest(request_id="r1"), timeout=5
+                )
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop(0)
+
+
+async def test_calls_between_services_use_the_services_own_tls_files(tmp_path: Path) -> None:
+    """`service_channel`: with MEDLEDGER_TLS_CA_FILE set, a service calls another over TLS and
+    presents its own certificate (the files its server uses), so servers that require client
+    certificates accept it; without the CA file the channel is plaintext, and refused by them."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "medledger mesh CA")])
+    (tmp_path / "ca.crt").write_bytes(
+        _cert("medledger mesh CA", ca_key, ca_name, ca_key, ca=True).public_bytes(serialization.Encoding.PEM)
+    )
+    identity_key, records_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    id_cert, id_key = _write(tmp_path / "identity", identity_key, _cert("identity", ca_key, ca_name, identity_key,
+                                                                         san="localhost"))  # fmt: skip
+    rec_cert, rec_key = _write(tmp_path / "records", records_key, _cert("records", ca_key, ca_name, records_key,
+                                                                        san="localhost"))  # fmt: skip
+    server = await _server(FakeIdentity(), tls=TLSFiles(id_cert, id_key, tmp_path / "ca.crt"))
+    records = ServiceSettings(tls_cert_file=rec_cert, tls_key_file=rec_key, tls_ca_file=tmp_path / "ca.crt")
+    plaintext = ServiceSettings()
+    try:
+        async with service_channel(records, f"localhost:{server.port}") as channel:
+            reply = await pb_grpc.IdentityServiceStub(channel).RegisterPrincipal(
+                pb.RegisterPrincipalRequest(request_id="r1"), timeout=10
+            )
+            assert reply.principal.principal_id == "pat_1"
+        async with service_channel(plaintext, f"localhost:{server.port}") as channel:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await pb_grpc.IdentityServiceStub(channel).RegisterPrincipal(
                     pb.RegisterPrincipalRequest(request_id="r1"), timeout=5

@@ -39,14 +39,20 @@ class IdentityLink:
         secret_file: Path | None = None,
         channel: grpc.aio.Channel | None = None,
         clock: Callable[[], float] = time.time,
+        tls: Mapping[str, Path | None] | None = None,
     ) -> None:
+        """``tls``: ``ca_file``, ``cert_file``, ``key_file`` for the channel to identity, as
+        ``make_channel`` takes them (see ``grpc_client.service_channel``)."""
+        tls = dict(tls or {})
         if (secret is None) == (secret_file is None):
             raise ValueError("give the client secret or the file that holds it, not both")
         self.principal_id = principal_id
         self._secret = secret
         self._secret_file = secret_file
         self._own_channel = channel is None
-        self.channel = channel or make_channel(identity_address)
+        self.channel = channel or make_channel(
+            identity_address, ca_file=tls.get("ca_file"), cert_file=tls.get("cert_file"), key_file=tls.get("key_file")
+        )
         self.stub = pb_grpc.IdentityServiceStub(self.channel)
         self._clock = clock
         self._tokens: dict[str, tuple[str, float]] = {}

@@ -208,10 +208,17 @@ class ServiceRuntime:
         if self._identity is None:
             if self.settings.client_secret_file is None:
                 raise ConfigError(f"{self.name} needs MEDLEDGER_CLIENT_SECRET_FILE: its credentials for identity")
+            s = self.settings
             self._identity = IdentityLink(
-                self.settings.identity_address,
+                s.identity_address,
                 service_principal_id(self.name),
-                secret_file=self.settings.client_secret_file,
+                secret_file=s.client_secret_file,
+                # As every call to another service: TLS (mTLS) when the service has a CA file.
+                tls={
+                    "ca_file": s.tls_ca_file,
+                    "cert_file": s.tls_cert_file if s.tls_ca_file else None,
+                    "key_file": s.tls_key_file if s.tls_ca_file else None,
+                },
             )
         return self._identity
 

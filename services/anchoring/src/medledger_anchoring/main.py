@@ -21,7 +21,7 @@ from medledger_anchoring.sender import Sender, load_account
 from medledger_anchoring.storage import MIGRATIONS
 from medledger_common import anchored_proofs, chain
 from medledger_common.events import TOPICS
-from medledger_common.grpc_client import make_channel
+from medledger_common.grpc_client import service_channel
 from medledger_common.identity_link import BearerTokenInterceptor
 from medledger_common.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
 from medledger_common.settings import ConfigError, load_settings_or_exit
@@ -46,9 +46,9 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     )
     # Public audit RPCs (checkpoints, proofs) and FindCommitment, which any authenticated caller
     # may use: anchoring calls it as itself.
-    audit_channel = make_channel(
+    audit_channel = service_channel(
+        settings,
         settings.audit_address,
-        max_message_bytes=settings.grpc_max_message_bytes,
         interceptors=[BearerTokenInterceptor(runtime.identity_link(), "medledger.audit")],
     )
     audit = AuditServiceStub(audit_channel)

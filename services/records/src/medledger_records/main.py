@@ -6,7 +6,7 @@ from medledger.consent.v1.consent_service_pb2_grpc import ConsentServiceStub
 from medledger.records.v1 import records_service_pb2, records_service_pb2_grpc
 
 from medledger_common.group_commit import OutboxGroupCommit
-from medledger_common.grpc_client import make_channel
+from medledger_common.grpc_client import service_channel
 from medledger_common.identity_link import BearerTokenInterceptor
 from medledger_common.keys import KeyManager, VaultKeyManager
 from medledger_common.service import ServiceParts, ServiceRuntime, run_service
@@ -22,9 +22,9 @@ NAME = "records"
 
 def build(runtime: ServiceRuntime) -> ServiceParts:
     settings: RecordsSettings = runtime.settings  # type: ignore[assignment]
-    consent_channel = make_channel(
+    consent_channel = service_channel(
+        settings,
         settings.consent_address,
-        max_message_bytes=settings.grpc_max_message_bytes,
         interceptors=[BearerTokenInterceptor(runtime.identity_link(), "medledger.consent")],
     )
     keys = runtime.require_keys()
