@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from prometheus_client import REGISTRY
 
 from medledger_common.errors import (
     AlreadyExists,
@@ -622,11 +623,19 @@ async def test_vault_forbidden_is_permission_denied(own_double: VaultTransitDoub
 
 async def test_vault_unreachable_is_unavailable() -> None:
     port = free_port()
+
+    def errors(op: str) -> float:
+        labels = {"backend": "vault", "operation": op, "code": "UNAVAILABLE"}
+        return REGISTRY.get_sample_value("medledger_key_manager_errors_total", labels) or 0.0
+
+    before = errors("decrypt")
     async with VaultKeyManager(f"http://127.0.0.1:{port}", token="hvs.secret-token", timeout=2) as km:
         for call in (km.ensure_key("k", KeyType.AES256_GCM96), km.decrypt("k", "vault:v1:AAAA"), km.check()):
             with pytest.raises(Unavailable, match="cannot reach Vault") as err:
                 await call
             assert f"127.0.0.1:{port}" in _clean(err.value, "hvs.secret-token")
+    # What the key-manager alert watches: each failed call counted by the status it maps to.
+    assert errors("decrypt") == before + 1
 
 
 async def test_vault_too_slow_is_unavailable(own_double: VaultTransitDouble) -> None:

@@ -68,6 +68,15 @@ INDEX_REPAIRS = Counter(
 )
 
 
+DECISIONS = Counter(
+    "medledger_consent_decisions_total",
+    "Consent decisions made (CheckConsent), by decision and reason code: permits, denials, no consent.",
+    ["decision", "reason_code"],
+)
+for _decision, _code in domain.DECISION_CODES:
+    DECISIONS.labels(_decision, _code)
+
+
 def to_proto(v: domain.ConsentVersion) -> pb.Consent:
     consent = pb.Consent(
         consent_id=v.consent_id,
@@ -384,6 +393,7 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
             },
             event,
         )
+        DECISIONS.labels(decision_name.removeprefix("DECISION_"), outcome.reason_code).inc()
         return pb.CheckConsentResponse(
             decision=outcome.decision,  # type: ignore[arg-type]
             decision_id=decision_id,

@@ -506,6 +506,16 @@ DEFAULT_ACCESS_SECONDS = 4 * 3600.0
 MAX_ACCESS_SECONDS = 24 * 3600.0
 DEFAULT_MAX_USES = 3
 DEFAULT_RATE_WINDOW_SECONDS = 24 * 3600.0
+# Every (decision, reason code) `decide` can give, for metrics created at zero.
+DECISION_CODES = (
+    *(("NO_CONSENT", code) for code, _ in _REASONS),
+    ("NO_CONSENT", "NO_CONSENT_FOR_PATIENT"),
+    ("DENY", "EXPLICIT_DENY"),
+    ("PERMIT", "PERMITTED"),
+    ("PERMIT", "BREAK_GLASS"),
+    ("PERMIT", "BREAK_GLASS_OVERRIDES_DENY"),
+)
+
 _REASONS_OF_BREAK_GLASS = {v.number: v.name for v in pb.BreakGlassReason.DESCRIPTOR.values if v.number}
 
 

@@ -34,6 +34,7 @@ import hvac.exceptions
 import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from prometheus_client import Counter
 
 from medledger_common.errors import (
     AlreadyExists,
@@ -76,6 +77,16 @@ DEFAULT_MAX_WORKERS = 8
 _MOUNT = re.compile(r"^[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*$")
 # Operations whose 400s (other than not-found / too-old / wrong type) mean the ciphertext is bad.
 _CIPHERTEXT_OPS = frozenset({"decrypt", "rewrap", "decrypt data key"})
+# Failures of calls to Vault, by the status each maps to: UNAVAILABLE (Vault unreachable or too
+# slow) is what an SRE alerts on; NOT_FOUND of an erased key is expected and counted too.
+KEY_MANAGER_ERRORS = Counter(
+    "medledger_key_manager_errors_total",
+    "Key-manager calls that failed, by backend, operation and the gRPC status the failure maps to.",
+    ["backend", "operation", "code"],
+)
+for _op in ("encrypt", "decrypt", "read", "create", "rotate", "verify", "delete"):
+    KEY_MANAGER_ERRORS.labels("vault", _op, "UNAVAILABLE")
+
 _MAX_DETAIL = 200
 
 
@@ -201,7 +212,15 @@ class VaultKeyManager(KeyManager):
         return self._client().secrets.transit
 
     async def _call(self, op: str, name: str | None, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(transit_api)`` in the pool under the timeout; map every failure."""
+        """Run ``fn(transit_api)`` in the pool under the timeout; map every failure, and count
+        it in ``medledger_key_manager_errors_total`` by the status it maps to."""
+        try:
+            return await self._call_mapped(op, name, fn)
+        except MedledgerError as exc:
+            KEY_MANAGER_ERRORS.labels("vault", op, exc.code.name).inc()
+            raise
+
+    async def _call_mapped(self, op: str, name: str | None, fn: Callable[[Any], T]) -> T:
         if self._closed:
             raise Unavailable("the Vault key manager is closed")
         what = f"{op} on key {name!r}" if name else op
