@@ -200,12 +200,18 @@ _SERVER_FAULTS = frozenset(
 )
 
 
+# Codes that are the server's fault, not the caller's: created at zero for every method too, so
+# that a healthy service's fault panels and ratios show 0 rather than no data.
+_FAULT_CODES = (*_SERVER_FAULTS, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 def init_method_metrics(service_descriptors: Iterable[Any]) -> None:
     """Create every method's counters at zero, so rate() works before the first call."""
     for desc in service_descriptors:
         for m in desc.methods:
             RPC_STARTED.labels(desc.full_name, m.name)
-            RPC_HANDLED.labels(desc.full_name, m.name, grpc.StatusCode.OK.name)
+            for code in (grpc.StatusCode.OK, *_FAULT_CODES):
+                RPC_HANDLED.labels(desc.full_name, m.name, code.name)
 
 
 class GrpcServer:

@@ -63,6 +63,10 @@ REFUSED = Counter(
     ["error"],
 )
 REORGS = Counter("medledger_anchoring_reorged_anchors_total", "Recorded anchors the chain no longer holds.")
+# The refusals an anchor can meet (AnchorRegistry's custom errors), created at zero.
+for _error in ("NotAnchorer", "UnknownOrigin", "BadSignature", "AlreadyAnchored", "Fork", "SizeBelowLatest",
+               "BadConsistencyProof", "EmptyTree", "ZeroRoot"):  # fmt: skip
+    REFUSED.labels(_error)
 
 
 class AuditLog:

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RPC_ERRORS = Counter("medledger_anchoring_rpc_errors_total", "Chain JSON-RPC calls that failed, by kind.", ["kind"])
+for _kind in ("unreachable", "nonce"):
+    RPC_ERRORS.labels(_kind)  # created at zero
 GAS_USED = Counter("medledger_anchoring_gas_used_total", "Gas used by the anchoring account's transactions.", ["call"])
 TRANSACTIONS = Counter(
     "medledger_anchoring_transactions_total", "Transactions sent, by call and outcome.", ["call", "outcome"]
