@@ -317,6 +317,16 @@ async def test_up_refuses_a_taken_port_and_starts_nothing(tmp_path: Path) -> Non
 # --- the story --------------------------------------------------------------------------------
 
 
+def _chaos_module(name: str) -> ModuleType:
+    """A module of tests/chaos (the leak scan)."""
+    path = Path(__file__).parents[1] / "chaos" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"chaos_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _independent_verifier() -> ModuleType:
     """helpers/independent_verifier.py: a verifier of the demo's evidence without medledger code."""
     path = Path(__file__).parent / "helpers" / "independent_verifier.py"
@@ -502,6 +512,32 @@ async def test_the_story_on_postgresql_through_the_sdk(tmp_path: Path, postgres:
         for text in ("Rivera", "1984-03-02", "Patient unconscious", "Blood pressure panel", result.salt):
             assert not [s for s, dump in dumps.items() if text in dump], text
             assert not [name for name, log in logs.items() if text in log], text
+
+        # The leak scan of the chaos suite after the story: every log, every Kafka topic (keys,
+        # headers, values), the chain's calldata and logs, and every service's metrics.
+        leaks = _chaos_module("leaks")
+        stack = json.loads((state_dir / "stack.json").read_text())
+        secrets_dir = state_dir / "secrets"
+        secrets: dict[str, str | bytes] = {
+            "the patient's name": "Rivera",
+            "the patient's birth date": "1984-03-02",
+            "the break-glass justification": "Patient unconscious on arrival",
+            "the record's content": "Blood pressure panel",
+            "the record's salt": result.salt,
+            "the auditor's client secret": secret,
+            **{f"secret file {p.name}": p.read_bytes().strip() for p in secrets_dir.rglob("*") if p.is_file()},
+        }
+        async with Medledger(config.endpoints, principal_id=auditor, client_secret=secret) as ml:
+            secrets["an access token"] = await ml.token("audit")
+        found = await leaks.scan(
+            {"the control: a record id": result.record_id, **secrets},
+            logs=state_dir / "logs",
+            bootstrap=stack["kafka_bootstrap_servers"],
+            rpc_url=stack["chain_rpc_url"],
+            metrics_urls=list(stack["metrics"].values()),
+        )
+        assert [f for f in found if f.startswith("the control")], "the scan must see the record id in events"
+        assert [f for f in found if not f.startswith("the control")] == []
 
         up.send_signal(signal.SIGTERM)
         rest, _ = await asyncio.wait_for(up.communicate(), 45)
