@@ -1206,6 +1206,14 @@ async def test_requests_that_once_ended_internal_are_refused_naming_the_field(wo
         bad,
         ["policy.organization_id"],
     )
+    # An id longer than its VARCHAR(64) column: the insert failed.
+    await refused(
+        officer_records.PlaceLegalHold(
+            rec_pb.PlaceLegalHoldRequest(request_id=rid(), patient_id="x" * 10_240, reason="%s%s%s%n%x")
+        ),
+        bad,
+        ["patient_id"],
+    )
     # An unauthenticated caller learns nothing more than that the request is malformed.
     public_identity = IdentityServiceStub(world.channel("public", "identity"))
     await refused(public_identity.GetPrincipal(id_pb.GetPrincipalRequest(principal_id="\x00")), bad)
@@ -1243,6 +1251,21 @@ async def test_requests_that_once_ended_internal_are_refused_naming_the_field(wo
     await refused(audit.GetTlogProof(au_pb.GetTlogProofRequest(index=0, tree_size=2**64 - 1)), CODE.NOT_FOUND)
     await refused(anchoring.GetAnchoredProof(an_pb.GetAnchoredProofRequest(entry_index=2**63)), bad, ["entry_index"])
     await refused(records.GetRecord(rec_pb.GetRecordRequest(record_id=ids["record"], version=2**31)), CODE.NOT_FOUND)
+    # Enum values consent does not know, passed on to it: its INVALID_ARGUMENT became INTERNAL.
+    doctor_records = RecordsServiceStub(world.channel("doctor", "records"))
+    await refused(
+        doctor_records.GetRecord(rec_pb.GetRecordRequest(record_id=ids["record"], purpose=99)), bad, ["purpose"]
+    )
+    await refused(
+        doctor_records.ListRecords(rec_pb.ListRecordsRequest(patient_id=ids["patient"], purpose=-1)), bad, ["purpose"]
+    )
+    await refused(
+        doctor_records.ListRecords(
+            rec_pb.ListRecordsRequest(patient_id=ids["patient"], purpose=TREAT, categories=[99])
+        ),
+        bad,
+        ["categories"],
+    )
     # Page tokens of digits that are not ASCII ("²" passes str.isdigit, not int()) or too many.
     public_anchoring = AnchoringServiceStub(world.channel("public", "anchoring"))
     for token in ("²", "٣", "9" * 30):

@@ -1,6 +1,7 @@
 """Every request is checked before its handler for what no medledger field may hold: NUL
 characters (PostgreSQL cannot store them; such ids ended INTERNAL deep in a query) and times
-outside the Timestamp and Duration ranges (converting them raised in the handler)."""
+outside the Timestamp and Duration ranges (converting them raised in the handler), and ids longer
+than the 64 characters their columns hold (an insert failed)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,9 @@ def test_ordinary_requests_pass_untouched() -> None:
     )
     check_request(request)
     check_request(b"raw bytes are not a message")
+
+
+def test_ids_longer_than_their_columns_are_refused_request_ids_are_left_to_idempotency() -> None:
+    hold = rec_pb.PlaceLegalHoldRequest(request_id="r" * 128, patient_id="x" * 65, reason="case")
+    assert fields(hold) == ["patient_id"]
+    assert fields(rec_pb.PlaceLegalHoldRequest(request_id="r" * 128, patient_id="p" * 64, reason="x" * 500)) == []

@@ -2,6 +2,9 @@
 
 - A string with a NUL character: PostgreSQL's text types cannot store one, so such an id or
   reason could only fail deep in a query (it did: INTERNAL). No medledger string needs one.
+- An id (a string field named `*_id`, but `request_id`, which idempotency limits to 128) longer
+  than 64 characters: every medledger id is shorter, and the columns that hold ids are
+  VARCHAR(64), so a longer one failed on insert (INTERNAL) where nothing looked it up first.
 - A `google.protobuf.Timestamp` or `Duration` outside its documented range (seconds within
   0001-01-01 to 9999-12-31, nanos within one second; durations within ±10,000 years, with
   seconds and nanos of one sign): converting one raised in the handler.
@@ -21,6 +24,7 @@ _MESSAGE = FieldDescriptor.TYPE_MESSAGE
 _TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)
 _DURATION_SECONDS = 315_576_000_000
 _NANOS = 999_999_999
+MAX_ID_CHARS = 64
 
 
 def _time_violation(message: Message) -> str | None:
@@ -46,6 +50,10 @@ def violations(message: Message, prefix: str = "") -> list[FieldViolation]:
             values = value if field.is_repeated else (value,)
             if any("\x00" in v for v in values):
                 found.append(FieldViolation(path, "must not contain NUL characters"))
+            elif (
+                field.name.endswith("_id") and field.name != "request_id" and any(len(v) > MAX_ID_CHARS for v in values)
+            ):
+                found.append(FieldViolation(path, f"an id: at most {MAX_ID_CHARS} characters"))
         elif (
             field.type == _MESSAGE and field.message_type is not None and not field.message_type.GetOptions().map_entry
         ):

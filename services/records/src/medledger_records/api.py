@@ -73,6 +73,7 @@ READ, WRITE = vocabulary_pb2.Action.ACTION_READ, vocabulary_pb2.Action.ACTION_WR
 TREAT = vocabulary_pb2.PurposeOfUse.PURPOSE_OF_USE_TREAT
 PERMIT = co_pb.Decision.DECISION_PERMIT
 _CATEGORIES = {v.number for v in vocabulary_pb2.DataCategory.DESCRIPTOR.values if v.number}
+_PURPOSES = {v.number for v in vocabulary_pb2.PurposeOfUse.DESCRIPTOR.values if v.number}
 TAMPERED = Counter(
     "medledger_records_tampered_total", "Stored record versions that failed to decrypt (altered data or key)."
 )
@@ -249,8 +250,8 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         elif caller.kind == "patient":
             raise NotFound("no such record")  # another patient's: the same answer as a missing one
         else:
-            if request.purpose == vocabulary_pb2.PurposeOfUse.PURPOSE_OF_USE_UNSPECIFIED:
-                raise InvalidArgument.field("purpose", "required: why the record is read")
+            if request.purpose not in _PURPOSES:
+                raise InvalidArgument.field("purpose", "required: a PurposeOfUse, why the record is read")
             answer = await self._ask(caller, record.patient_id, READ, record.category, request.purpose)
             if answer.decision != PERMIT:
                 await self._announce_denial(caller, record, request.purpose, answer)
@@ -315,8 +316,10 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         own = caller.principal_id == request.patient_id
         if not own and caller.kind == "patient":
             raise PermissionDenied("a patient lists their own records only")
-        if not own and request.purpose == vocabulary_pb2.PurposeOfUse.PURPOSE_OF_USE_UNSPECIFIED:
-            raise InvalidArgument.field("purpose", "required: why the records are listed")
+        if not own and request.purpose not in _PURPOSES:
+            raise InvalidArgument.field("purpose", "required: a PurposeOfUse, why the records are listed")
+        if any(c not in _CATEGORIES for c in request.categories):
+            raise InvalidArgument.field("categories", "DataCategory values only")
         if request.page_size < 0:
             raise InvalidArgument.field("page_size", "must not be negative")
         after = _page_position(request.page_token) if request.page_token else None
