@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from medledger.events.v1 import audit_events_pb2, consent_events_pb2
 
 from medledger_anchoring import storage
+from medledger_common import notes
 from medledger_common.db import Database
+from medledger_common.errors import InvalidArgument
 from medledger_common.events import unpack
 from medledger_common.kafka import ConsumedMessage
 from medledger_common.outbox import claim_inbox
@@ -27,10 +29,23 @@ _CONSENT_VERSION = consent_events_pb2.ConsentVersionRecorded.DESCRIPTOR.full_nam
 
 
 class CheckpointHandler:
-    """Keeps every checkpoint the log signed; the anchorer picks the newest."""
+    """Keeps every checkpoint the log signed; the anchorer picks the newest.
 
-    def __init__(self, db: Database, origin: str, on_new: Callable[[], None]) -> None:
+    With the log's verifier keys (from the trust policy) a checkpoint is kept only if its note
+    carries a valid signature of every key and states the event's size and root: anyone who can
+    write to the audit topic could otherwise plant a checkpoint the anchorer would pick as the
+    newest, and the contract's refusal of it would stall anchoring. Such an event is refused
+    (InvalidArgument), so the consumer sends it to the dead-letter topic."""
+
+    def __init__(
+        self,
+        db: Database,
+        origin: str,
+        on_new: Callable[[], None],
+        verifiers: Sequence[notes.NoteVerifier] = (),
+    ) -> None:
         self.db, self.origin, self.on_new = db, origin, on_new
+        self.verifiers = tuple(verifiers)
 
     async def __call__(self, message: ConsumedMessage) -> None:
         event = message.event
@@ -39,6 +54,15 @@ class CheckpointHandler:
         signed = unpack(event, audit_events_pb2.CheckpointSigned)
         if signed.origin != self.origin:  # type: ignore[attr-defined]
             return  # another log's checkpoints are another anchorer's
+        if self.verifiers:
+            checkpoint, _ = notes.open_checkpoint(
+                signed.note,  # type: ignore[attr-defined]
+                self.verifiers,
+                origin=self.origin,
+                require_all=True,
+            )
+            if (checkpoint.tree_size, checkpoint.root) != (signed.tree_size, signed.root):  # type: ignore[attr-defined]
+                raise InvalidArgument.field("note", "the signed note states another tree size or root")
         async with self.db.transaction() as conn:
             if not await claim_inbox(conn, CHECKPOINTS_CONSUMER, event.id):
                 return

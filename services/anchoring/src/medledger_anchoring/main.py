@@ -19,7 +19,7 @@ from medledger_anchoring.handlers import (
 )
 from medledger_anchoring.sender import Sender, load_account
 from medledger_anchoring.storage import MIGRATIONS
-from medledger_common import anchored_proofs, chain
+from medledger_common import anchored_proofs, chain, notes
 from medledger_common.events import TOPICS
 from medledger_common.grpc_client import service_channel
 from medledger_common.identity_link import BearerTokenInterceptor
@@ -71,7 +71,13 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     consumers = [
         ConsumerSpec(
             group_id=CHECKPOINTS_CONSUMER,
-            handler=CheckpointHandler(runtime.db, settings.log_origin, anchorer.wake),
+            handler=CheckpointHandler(
+                runtime.db,
+                settings.log_origin,
+                anchorer.wake,
+                # The log's keys as the trust policy publishes them: only checkpoints they signed.
+                [notes.NoteVerifier.parse(k) for k in policy.log_verifier_keys] if policy else (),
+            ),
             topics=[TOPICS["audit"]],
         )
     ]
