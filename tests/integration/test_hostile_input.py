@@ -1214,9 +1214,12 @@ async def test_requests_that_once_ended_internal_are_refused_naming_the_field(wo
         bad,
         ["patient_id"],
     )
-    # An unauthenticated caller learns nothing more than that the request is malformed.
+    # The checks run after authentication: a caller without a token learns nothing of the
+    # request's content (UNAUTHENTICATED), one with a token learns which field is malformed.
     public_identity = IdentityServiceStub(world.channel("public", "identity"))
-    await refused(public_identity.GetPrincipal(id_pb.GetPrincipalRequest(principal_id="\x00")), bad)
+    malformed = id_pb.GetPrincipalRequest(principal_id="\x00")
+    await refused(public_identity.GetPrincipal(malformed), grpc.StatusCode.UNAUTHENTICATED)
+    await refused(identity.GetPrincipal(malformed), bad, ["principal_id"])
 
     # Times outside the Timestamp and Duration ranges: converting them raised in the handler.
     await refused(audit.ListEntries(au_pb.ListEntriesRequest(time_from=Timestamp(nanos=2**31 - 1))), bad, ["time_from"])

@@ -20,9 +20,9 @@ from medledger.identity.v1 import identity_service_pb2 as pb
 from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
 from prometheus_client import REGISTRY
 
-from medledger_common.errors import InvalidArgument, NotFound
+from medledger_common.errors import InvalidArgument, NotFound, Unauthenticated
 from medledger_common.grpc_client import make_channel, service_channel
-from medledger_common.grpc_server import GrpcServer, TLSFiles
+from medledger_common.grpc_server import GrpcServer, TLSFiles, with_unary_behavior
 from medledger_common.settings import ServiceSettings
 
 SERVICE = pb.DESCRIPTOR.services_by_name["IdentityService"]
@@ -243,3 +243,42 @@ async def test_calls_between_services_use_the_services_own_tls_files(tmp_path: P
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await server.stop(0)
+
+
+class _Refusing(grpc.aio.ServerInterceptor):
+    """Stands in for the authentication interceptor: refuses every call as unauthenticated."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+
+        async def refuse(request, context):
+            raise Unauthenticated("this call needs an access token")
+
+        return with_unary_behavior(handler, refuse)
+
+
+async def test_request_checks_run_after_authentication_and_before_the_handler() -> None:
+    """A malformed request (a NUL in a string) is INVALID_ARGUMENT naming the field, but only for
+    a caller who got past authentication: without a token, UNAUTHENTICATED, telling nothing."""
+    malformed = pb.GetPrincipalRequest(principal_id="pat_\x00")
+    for interceptors, code in (
+        ([], grpc.StatusCode.INVALID_ARGUMENT),
+        ([_Refusing()], grpc.StatusCode.UNAUTHENTICATED),
+    ):
+        servicer = FakeIdentity()
+        server = GrpcServer(
+            host="127.0.0.1",
+            port=0,
+            max_message_bytes=64 * 1024,
+            service_descriptors=[SERVICE],
+            register=lambda s, servicer=servicer: pb_grpc.add_IdentityServiceServicer_to_server(servicer, s),
+            interceptors=interceptors,
+        )
+        await server.start()
+        try:
+            async with make_channel(f"127.0.0.1:{server.port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await pb_grpc.IdentityServiceStub(channel).GetPrincipal(malformed, timeout=5)
+                assert err.value.code() == code
+        finally:
+            await server.stop(0)

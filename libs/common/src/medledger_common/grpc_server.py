@@ -128,6 +128,27 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
         return wrapped
 
 
+class RequestChecksInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Every unary request through ``check_request`` (no NUL in strings, times in range, ids of
+    at most 64 characters) before its handler: INVALID_ARGUMENT naming the field otherwise."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        behavior = handler.unary_unary
+
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            check_request(request)
+            return await behavior(request, context)
+
+        return with_unary_behavior(handler, checked)
+
+
 def _wrap_unary(full_method: str, behavior: _Behavior) -> _Behavior:
     service, method = _split_method(full_method)
     started = RPC_STARTED.labels(service, method)
@@ -159,7 +180,6 @@ def _wrap_unary(full_method: str, behavior: _Behavior) -> _Behavior:
         try:
             with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
                 try:
-                    check_request(request)  # no NUL in strings, no out-of-range times: refused here
                     response = await behavior(request, context)
                 except MedledgerError as exc:
                     count(exc.code)
@@ -235,6 +255,10 @@ class GrpcServer:
         self._descriptors = list(service_descriptors)
         chain: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor()] if observability else []
         chain.extend(interceptors)
+        if observability:
+            # Innermost: after authentication, so a caller without a token learns nothing of
+            # what the checks refuse; before the handler, so nothing malformed reaches storage.
+            chain.append(RequestChecksInterceptor())
         self.server = grpc.aio.server(
             interceptors=chain,
             options=[
