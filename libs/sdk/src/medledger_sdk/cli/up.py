@@ -296,6 +296,7 @@ class Stack:
         self.services: dict[str, localstack.ManagedProcess] = {}
         self._signal: int | None = None
         self._dead: set[str] = set()
+        self._children_before: set[int] = set()
 
     # Signals -----------------------------------------------------------------------------
 
@@ -322,6 +323,9 @@ class Stack:
     # Start -------------------------------------------------------------------------------
 
     def start(self, timeout: float) -> None:
+        # Children of this process from before the stack (a test session's own broker or chain,
+        # when the stack runs inside pytest) are not the stack's to stop.
+        self._children_before = set(_own_children())
         self._record_pids()  # from here on `reset` sees this folder as in use
         print(f"state folder: {self.state.path}")
 
@@ -582,8 +586,9 @@ class Stack:
 
     def _stop_stray_children(self) -> None:
         """A child we lost track of: localstack's start_* functions raise on a start timeout
-        without stopping the process they spawned. It is still our child, so find it that way."""
-        for pid in _own_children():
+        without stopping the process they spawned. It is still our child, so find it that way —
+        among the children that appeared after the stack began, never one that was there before."""
+        for pid in set(_own_children()) - self._children_before:
             try:
                 command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             except OSError:
