@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,28 @@ _TRACE_HEADERS = ("traceparent", "tracestate")
 # The context key under which OpenTelemetry keeps the current span, found through its public API
 # once: a context holding only the span is then built directly, not by copying an empty one.
 _SPAN_KEY = next(iter(trace.set_span_in_context(trace.INVALID_SPAN, _EMPTY_CONTEXT)))
+
+
+def producer_trace_context(headers: Mapping[str, bytes]) -> otel_context.Context:
+    """The trace context a message's producer sent (W3C ``traceparent`` in its headers); an empty
+    context when it sent none, so that a span started in it begins a trace of its own."""
+    if "traceparent" not in headers:
+        return _EMPTY_CONTEXT
+    carrier = {k: v.decode("latin-1") for k, v in headers.items() if k in _TRACE_HEADERS}
+    return propagate.extract(carrier, context=_EMPTY_CONTEXT)
+
+
+def consumer_span_attributes(topic: str, group: str, offset: int, message_id: str) -> dict[str, Any]:
+    """The OpenTelemetry messaging attributes of the span that processes one message."""
+    return {
+        "messaging.system": "kafka",
+        "messaging.destination.name": topic,
+        "messaging.operation.type": "process",
+        "messaging.consumer.group.name": group,
+        "messaging.kafka.offset": offset,
+        "messaging.message.id": message_id,
+    }
+
 
 CONSUMED = Counter("medledger_kafka_consumed_total", "Messages handled by a consumer.", ["group", "topic", "outcome"])
 DEAD_LETTERS = Counter(
@@ -298,23 +320,11 @@ class EventConsumer:
                 raw_headers = record.headers
                 headers = dict(raw_headers) if raw_headers else {}
                 message = ConsumedMessage(record, event, malformed, headers)
-                # The producer's trace context, when the message has one; else the span starts a trace.
-                parent = _EMPTY_CONTEXT
-                if "traceparent" in headers:
-                    carrier = {k: v.decode("latin-1") for k, v in headers.items() if k in _TRACE_HEADERS}
-                    parent = propagate.extract(carrier, context=_EMPTY_CONTEXT)
-                span = start_span(span_tracer, span_name, parent, _CONSUMER)
+                span = start_span(span_tracer, span_name, producer_trace_context(headers), _CONSUMER)
                 if span.is_recording():
                     # Attributes only for sampled spans: building them costs as much as the span.
                     span.set_attributes(
-                        {
-                            "messaging.system": "kafka",
-                            "messaging.destination.name": topic,
-                            "messaging.operation.type": "process",
-                            "messaging.consumer.group.name": group,
-                            "messaging.kafka.offset": record.offset,
-                            "messaging.message.id": event.id if event else "",
-                        }
+                        consumer_span_attributes(topic, group, record.offset, event.id if event else "")
                     )
                 # attach/detach rather than trace.use_span: the context manager costs more than
                 # the rest of the per-message work together.

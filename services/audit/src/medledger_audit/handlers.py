@@ -26,14 +26,14 @@ from typing import Any
 
 import asyncpg
 from aiokafka import ConsumerRecord, TopicPartition
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from medledger_audit.entries import EntryDraft, draft_entry, unprocessable_entry
 from medledger_audit.sequencer import Sequencer
 from medledger_common.events import SERVICE_TOPIC_PATTERN, MalformedEvent, decode
-from medledger_common.kafka import TRANSIENT_ERRORS, EventConsumer
+from medledger_common.kafka import TRANSIENT_ERRORS, EventConsumer, consumer_span_attributes, producer_trace_context
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +47,11 @@ MAX_FAILED_APPENDS = 10
 Records = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 # (message, its entry, the trace context it carries): the messages appended in a span.
 Traced = list[tuple[ConsumerRecord[bytes, bytes], EntryDraft, Context]]
-_TRACE_HEADERS = ("traceparent", "tracestate")
 
 
 def sampled_trace(record: ConsumerRecord[bytes, bytes]) -> Context | None:
     """The trace context in a message's headers when it is valid and sampled, else None."""
-    carrier = {k: v.decode("latin-1") for k, v in record.headers or () if k in _TRACE_HEADERS}
-    if "traceparent" not in carrier:
-        return None
-    context = propagate.extract(carrier, context=Context())
+    context = producer_trace_context(dict(record.headers or ()))
     parent = trace.get_current_span(context).get_span_context()
     return context if parent.is_valid and parent.trace_flags.sampled else None
 
@@ -180,14 +176,7 @@ class LogConsumer(EventConsumer):
             f"{record.topic} process",
             context,
             SpanKind.CONSUMER,
-            {
-                "messaging.system": "kafka",
-                "messaging.destination.name": str(record.topic),
-                "messaging.operation.type": "process",
-                "messaging.consumer.group.name": self.name,
-                "messaging.kafka.offset": record.offset,
-                "messaging.message.id": draft.event_id,
-            },
+            consumer_span_attributes(str(record.topic), self.name, record.offset, draft.event_id),
         )
 
     async def _append_with_retries(self, drafts: Sequence[EntryDraft]) -> None:
