@@ -42,7 +42,7 @@ class IdentityLink:
         tls: Mapping[str, Path | None] | None = None,
     ) -> None:
         """``tls``: ``ca_file``, ``cert_file``, ``key_file`` for the channel to identity, as
-        ``make_channel`` takes them (see ``grpc_client.service_channel``)."""
+        ``make_channel`` takes them (a service passes ``grpc_client.client_tls_files``)."""
         tls = dict(tls or {})
         if (secret is None) == (secret_file is None):
             raise ValueError("give the client secret or the file that holds it, not both")

@@ -24,6 +24,7 @@ from medledger_common.auth import Access, AuthInterceptor, Caller, DeactivationS
 from medledger_common.db import Database, Migration
 from medledger_common.errors import Unauthenticated, dependency_outage
 from medledger_common.events import TOPICS, unpack
+from medledger_common.grpc_client import client_tls_files
 from medledger_common.grpc_server import GrpcServer, TLSFiles
 from medledger_common.identity_link import TOKEN_ISSUER, IdentityLink
 from medledger_common.kafka import ConsumedMessage, EventConsumer, Handler, make_producer
@@ -214,11 +215,7 @@ class ServiceRuntime:
                 service_principal_id(self.name),
                 secret_file=s.client_secret_file,
                 # As every call to another service: TLS (mTLS) when the service has a CA file.
-                tls={
-                    "ca_file": s.tls_ca_file,
-                    "cert_file": s.tls_cert_file if s.tls_ca_file else None,
-                    "key_file": s.tls_key_file if s.tls_ca_file else None,
-                },
+                tls=client_tls_files(s),
             )
         return self._identity
 
