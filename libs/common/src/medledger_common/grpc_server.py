@@ -130,13 +130,21 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
 
 class RequestChecksInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Every unary request through ``check_request`` (no NUL in strings, times in range, ids of
-    at most 64 characters) before its handler: INVALID_ARGUMENT naming the field otherwise."""
+    at most 64 characters) before its handler: INVALID_ARGUMENT naming the field otherwise.
+    Wrapped handlers are cached per method, as the other interceptors do."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is not None:
+            return cached
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
@@ -146,7 +154,9 @@ class RequestChecksInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
             check_request(request)
             return await behavior(request, context)
 
-        return with_unary_behavior(handler, checked)
+        wrapped = with_unary_behavior(handler, checked)
+        self._cache[method] = wrapped
+        return wrapped
 
 
 def _wrap_unary(full_method: str, behavior: _Behavior) -> _Behavior:

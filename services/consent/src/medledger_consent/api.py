@@ -73,8 +73,11 @@ DECISIONS = Counter(
     "Consent decisions made (CheckConsent), by decision and reason code: permits, denials, no consent.",
     ["decision", "reason_code"],
 )
-for _decision, _code in domain.DECISION_CODES:
-    DECISIONS.labels(_decision, _code)
+# Each (decision, reason code) counter looked up once, here: CheckConsent is the hot path.
+_DECISION_COUNTERS = {
+    (getattr(pb.Decision, f"DECISION_{decision}"), code): DECISIONS.labels(decision, code)
+    for decision, code in domain.DECISION_CODES
+}
 
 
 def to_proto(v: domain.ConsentVersion) -> pb.Consent:
@@ -393,7 +396,10 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
             },
             event,
         )
-        DECISIONS.labels(decision_name.removeprefix("DECISION_"), outcome.reason_code).inc()
+        counter = _DECISION_COUNTERS.get((outcome.decision, outcome.reason_code))
+        if counter is None:  # a pair DECISION_CODES lacks (the property test keeps this from happening)
+            counter = DECISIONS.labels(decision_name.removeprefix("DECISION_"), outcome.reason_code)
+        counter.inc()
         return pb.CheckConsentResponse(
             decision=outcome.decision,  # type: ignore[arg-type]
             decision_id=decision_id,
