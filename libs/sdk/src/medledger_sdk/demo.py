@@ -268,9 +268,6 @@ class Story:
         detail = f"{saying}: {got.name}" + (f" ({message})" if message else "")
         self.check(name, got == code, detail if got == code else f"{detail}; expected {code.name}")
 
-    async def until_known(self, call: Callable[[], Awaitable[_T]]) -> _T:
-        return await until_known(call)
-
     def name(self, principal_id: str) -> str:
         return self.result.cast.get(principal_id, principal_id)
 
@@ -360,7 +357,7 @@ class Story:
         self.say.say(f"the patient: {self.patient_id} (name and birth date kept encrypted in identity only)")
 
         # The hospital allows emergency access; its privacy officer reviews every use.
-        await self.until_known(
+        await until_known(
             lambda: admin.consent.SetBreakGlassPolicy(
                 consent_pb.SetBreakGlassPolicyRequest(
                     request_id=rid(),
@@ -384,7 +381,7 @@ class Story:
             period_start=_timestamp(now),
             period_end=_timestamp(now + CONSENT_DAYS * 86400),
         )
-        granted = await self.until_known(lambda: self.patient.consent.GrantConsent(request))
+        granted = await until_known(lambda: self.patient.consent.GrantConsent(request))
         self.consent_id = granted.consent.consent_id
         self.say.say(
             f"consent {self.consent_id} version {granted.consent.version}, commitment "
@@ -439,7 +436,7 @@ class Story:
             "before breaking the glass, Dr. Ross is denied",
         )
         access = (
-            await self.until_known(
+            await until_known(
                 lambda: self.emergency.consent.BreakGlass(
                     consent_pb.BreakGlassRequest(
                         request_id=rid(),
