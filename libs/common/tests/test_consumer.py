@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from aiokafka import TopicPartition
-from aiokafka.errors import IllegalStateError
+import pytest
+from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import IllegalStateError, MessageSizeTooLargeError, NotLeaderForPartitionError
 from medledger.events.v1 import identity_events_pb2
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanContext, SpanKind
@@ -145,3 +146,32 @@ async def test_offsets_of_revoked_partitions_are_dropped_not_fatal() -> None:
     consumer._handled = {TopicPartition("t", 0): 5}
     await consumer.commit_handled()  # no exception
     assert consumer._handled == {}
+
+
+async def test_a_dead_letter_waits_out_a_partition_without_its_leader() -> None:
+    """Sending to `<topic>.dlq` right after the broker made it can meet NotLeaderForPartition;
+    that once ended anchoring's consumer (and the service) in CI. It is retried now; an error
+    that retrying cannot fix still ends the attempt."""
+
+    class Flaky:
+        def __init__(self, failures: list[Exception]) -> None:
+            self.failures, self.sent = failures, 0
+
+        async def send_and_wait(self, topic: str, value: bytes, **kwargs: object) -> None:
+            if self.failures:
+                raise self.failures.pop(0)
+            self.sent += 1
+
+    async def handler(event: object) -> None:
+        return None
+
+    record = ConsumerRecord("t", 0, 7, 0, 0, None, b"junk", None, 4, 0, ())
+    producer = Flaky([NotLeaderForPartitionError(), NotLeaderForPartitionError()])
+    consumer = EventConsumer(bootstrap_servers="127.0.0.1:1", group_id="g", handler=handler, producer=producer,
+                             topics=["t"], backoff_seconds=0.01)  # fmt: skip
+    await consumer._dead_letter(record, "malformed envelope")
+    assert producer.sent == 1 and producer.failures == []
+
+    consumer.producer = Flaky([MessageSizeTooLargeError()])
+    with pytest.raises(MessageSizeTooLargeError):
+        await consumer._dead_letter(record, "malformed envelope")

@@ -12,6 +12,7 @@ import sqlite3
 import grpc
 import pytest
 import sqlalchemy
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, NotLeaderForPartitionError
 from medledger.identity.v1 import identity_service_pb2 as pb
 from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -55,6 +56,9 @@ async def test_what_counts_as_an_outage() -> None:
     assert dependency_outage(locked) == "the database"
     # A bug is not an outage, though SQLAlchemy raises OperationalError for it on SQLite.
     assert dependency_outage(await _missing_table_error()) is None
+    assert dependency_outage(NotLeaderForPartitionError()) == "Kafka"  # aiokafka marks it retriable
+    assert dependency_outage(KafkaTimeoutError()) == "Kafka"
+    assert dependency_outage(MessageSizeTooLargeError()) is None
     assert dependency_outage(ValueError("bad")) is None
     assert dependency_outage(sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("duplicate key"))) is None
 

@@ -92,7 +92,7 @@ def dependency_outage(exc: BaseException) -> str | None:
     """
     import sqlite3
 
-    from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError
+    from aiokafka.errors import KafkaError, KafkaTimeoutError
     from asyncpg.exceptions import CannotConnectNowError, ConnectionDoesNotExistError, InterfaceError
     from sqlalchemy import exc as sa
 
@@ -110,7 +110,9 @@ def dependency_outage(exc: BaseException) -> str | None:
             return "the database"
         if isinstance(seen, sa.TimeoutError | CannotConnectNowError | ConnectionDoesNotExistError | InterfaceError):
             return "the database"  # sa.TimeoutError: no pooled connection came free in time
-        if isinstance(seen, KafkaConnectionError | KafkaTimeoutError | NodeNotReadyError):
+        # aiokafka marks the errors worth retrying (no connection, a partition without its
+        # leader yet, ...); a timeout waiting for the broker is one too, though not marked.
+        if isinstance(seen, KafkaTimeoutError) or (isinstance(seen, KafkaError) and seen.retriable):
             return "Kafka"
         if isinstance(seen, ConnectionError | TimeoutError):
             return "a dependency"

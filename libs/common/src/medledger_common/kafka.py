@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Gauge
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from medledger_common.errors import Unavailable
+from medledger_common.errors import Unavailable, dependency_outage
 from medledger_common.events import TOPICS, Event, MalformedEvent, decode, dlq_topic
 from medledger_common.telemetry import start_span
 
@@ -415,7 +415,24 @@ class EventConsumer:
             ("dlq.source.offset", str(record.offset).encode()),
             ("dlq.consumer.group", self.name.encode()),
         ]
-        await self.producer.send_and_wait(dlq_topic(topic), record.value or b"", key=record.key, headers=headers)
+        # The message is neither handled nor dead-lettered until the broker takes it: a broker
+        # that is away, or a dead-letter topic whose partition has no leader yet, is waited out
+        # (it once ended the consumer, and so the service), never a reason to drop the message.
+        delay = self.backoff_seconds
+        while True:
+            try:
+                await self.producer.send_and_wait(
+                    dlq_topic(topic), record.value or b"", key=record.key, headers=headers
+                )
+                break
+            except Exception as exc:
+                if dependency_outage(exc) is None:
+                    raise
+                log.warning(
+                    "dead-letter topic not writable yet, retrying", extra={"topic": topic, "error": type(exc).__name__}
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff_seconds)
         DEAD_LETTERS.labels(self.name, topic).inc()
         log.warning(
             "message sent to the dead-letter topic", extra={"topic": topic, "offset": record.offset, "error": error}
