@@ -360,6 +360,19 @@ async def test_hmac_after_rotation_and_pinned_versions(
     assert await km.hmac(name, INDEX_INPUT, key_version=1) == v1
 
 
+async def test_hmac_many_is_hmac_of_each_in_order(km: KeyManager, new_name: Callable[[str], str]) -> None:
+    names = [new_name(f"many{n}") for n in range(3)]
+    for name in names:
+        await km.ensure_key(name, KeyType.HMAC)
+    await km.rotate(names[1])  # the latest version of each key
+    requests = [(names[0], b"a"), (names[1], b"a"), (names[2], b"b"), (names[0], b"b")]
+    assert await km.hmac_many(requests) == [await km.hmac(name, data) for name, data in requests]
+    assert (await km.hmac_many(requests))[1].startswith("vault:v2:")
+    assert await km.hmac_many([]) == []
+    with pytest.raises(NotFound):
+        await km.hmac_many([(names[0], b"a"), (new_name("missing"), b"a")])
+
+
 async def test_hmac_key_type_only_hmacs(km: KeyManager, new_name: Callable[[str], str]) -> None:
     name = new_name("blind")
     info = await km.ensure_key(name, "hmac")

@@ -3,6 +3,7 @@ in the clear, long lists hashed beside the log, nothing dropped."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime
 
@@ -176,13 +177,31 @@ def test_every_entry_type_encodes_to_the_bytes_of_rfc8785(type_name: str) -> Non
                 getattr(payload, field.name).extend([value, "x"])
             else:
                 setattr(payload, field.name, value)
+        elif field.type in (field.TYPE_INT64, field.TYPE_UINT64) and not field.is_repeated:
+            setattr(payload, field.name, 2**53 - 1)  # the largest integer RFC 8785 writes exactly
     draft = entries.draft_entry(event(payload))
     assert draft is not None
+    assert draft.json_safe, "a payload without float fields is known to be safe for the fast path"
     entry = {**draft.fields, "v": 1, "type": draft.type, "event_id": draft.event_id, "subject": "s"}
     assert entries._jcs_safe(entry), "entries take the fast path"
     assert entries.canonical_json(entry) == rfc8785.dumps(entry)
     data = entries.encode_entry(draft, "subject", NOW.timestamp())
     assert data == rfc8785.dumps(json.loads(data))
+
+
+def test_an_integer_rfc8785_cannot_write_exactly_makes_the_event_unprocessable() -> None:
+    from aiokafka import ConsumerRecord
+
+    from medledger_audit.handlers import draft_of
+
+    stored = records_events_pb2.RecordStored(record_id="rec_1", version=2**53, patient_id=PATIENT)
+    with pytest.raises(ValueError, match="RFC 8785"):
+        entries.draft_entry(event(stored))
+    raw = event(stored).SerializeToString()
+    record = ConsumerRecord("medledger.records.v1", 0, 7, 0, 0, None, raw, None, 0, len(raw), [])
+    draft = draft_of(record)  # kept by hash, never dropped, and never an append that cannot succeed
+    assert draft is not None and draft.type == entries.UNPROCESSABLE
+    assert draft.fields["raw_sha256"] == hashlib.sha256(raw).hexdigest()
 
 
 def test_canonical_json_matches_rfc8785_on_every_code_point_in_values_and_keys() -> None:

@@ -15,6 +15,7 @@ from opentelemetry.trace import SpanKind
 
 from medledger_audit.entries import EntryDraft
 from medledger_audit.handlers import LogConsumer
+from medledger_audit.sequencer import PreparedBatch
 from medledger_common.events import new_event
 from medledger_common.testing import span_exporter
 
@@ -25,8 +26,11 @@ class FakeSequencer:
     def __init__(self) -> None:
         self.appended: list[EntryDraft] = []
 
-    async def append(self, drafts: Sequence[EntryDraft]) -> None:
-        self.appended.extend(drafts)
+    async def prepare(self, drafts: Sequence[EntryDraft]) -> PreparedBatch:
+        return PreparedBatch([], list(drafts))
+
+    async def append_prepared(self, batch: PreparedBatch) -> None:
+        self.appended.extend(batch.later)
 
 
 class FakeKafkaConsumer:

@@ -25,7 +25,7 @@ from typing import Any
 
 import rfc8785
 from google.protobuf import message as pb_message
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from medledger.events.v1 import (
     anchoring_events_pb2,
     consent_events_pb2,
@@ -94,6 +94,9 @@ class EntryDraft:
     event_time: float
     fields: dict[str, Any]
     side_lists: dict[str, list[str]] = field(default_factory=dict)
+    # Known to be made only of what `canonical_json`'s fast path writes as RFC 8785 does (the
+    # fields of a payload without float fields, see `_fields_of`), so it need not be checked.
+    json_safe: bool = False
 
 
 def subject_key_name(patient_id: str) -> str:
@@ -152,7 +155,9 @@ def draft_entry(event: Event) -> EntryDraft | None:
         # subject, not by id.
         _replace_value(fields, patient_id, SUBJECT_ITSELF)
     side_lists = _hash_long_lists(fields)
-    return EntryDraft(event.id, entry_type, patient_id, event_time, fields, side_lists)
+    return EntryDraft(
+        event.id, entry_type, patient_id, event_time, fields, side_lists, json_safe=_float_free(payload.DESCRIPTOR)
+    )
 
 
 def unprocessable_entry(raw: bytes, topic: str, partition: int, offset: int) -> EntryDraft:
@@ -200,7 +205,7 @@ def encode_entry(draft: EntryDraft, subject: str | None, integrated_time: float)
         "integrated_time": rfc3339(integrated_time),
         "subject": subject,
     }
-    data = canonical_json(entry)
+    data = canonical_json(entry, known_safe=draft.json_safe)
     if len(data) > MAX_ENTRY_BYTES:
         # Cannot happen with ids and codes alone; if it ever does, the fields are kept by hash.
         common = {k: entry[k] for k in ("v", "type", "event_id", "event_time", "integrated_time", "subject")}
@@ -213,7 +218,7 @@ _MAX_SAFE_INT = 2**53 - 1
 _FAST_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def canonical_json(value: Any) -> bytes:
+def canonical_json(value: Any, *, known_safe: bool = False) -> bytes:
     r"""RFC 8785 (JCS) bytes of `value`.
 
     The rfc8785 package is pure Python and was most of an append's CPU. For the values entries
@@ -224,8 +229,9 @@ def canonical_json(value: Any) -> bytes:
     everything else, U+2028/U+2029 and characters above U+FFFF included, as UTF-8; a test
     compares the two over every code point). `_jcs_safe` proves those conditions for the value;
     anything else, and a string that is not valid UTF-8 (a lone surrogate), goes to rfc8785.
+    `known_safe` says the caller knows those conditions hold (it skips the walk through `value`).
     """
-    if _jcs_safe(value):
+    if known_safe or _jcs_safe(value):
         try:
             return _FAST_JSON.encode(value).encode("utf-8")
         except UnicodeEncodeError:
@@ -314,7 +320,49 @@ def _fields_of(message: pb_message.Message) -> dict[str, Any]:
 _PLANS: dict[FieldDescriptor, tuple[bool, Callable[[Any], Any] | None]] = {}
 
 
+_INT64_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+_FLOAT_TYPES = frozenset({FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT})
+
+
+def _safe_integer(value: int) -> int:
+    """A 64-bit integer field's value if RFC 8785 represents it exactly; otherwise the payload
+    cannot be an entry as it is (`draft_of` keeps it as `unprocessable`, by hash)."""
+    if -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
+        return value
+    raise ValueError(f"integer {value} is beyond what RFC 8785 represents exactly (2**53 - 1)")
+
+
+@functools.cache
+def _float_free(descriptor: Descriptor) -> bool:
+    """Whether a message type has no float fields, in itself or in the messages it holds: then
+    `_fields_of` makes only values that `canonical_json` may write on its fast path (proto3
+    strings are valid UTF-8, field names ASCII, integers range-checked)."""
+    seen: set[str] = set()
+    pending = [descriptor]
+    while pending:  # a loop, not recursion: message types may hold themselves
+        message = pending.pop()
+        if message.full_name in seen:
+            continue
+        seen.add(message.full_name)
+        for f in message.fields:
+            if f.type in _FLOAT_TYPES:
+                return False
+            if f.type == FieldDescriptor.TYPE_MESSAGE and f.message_type is not None:
+                pending.append(f.message_type)
+    return True
+
+
 def _converter(descriptor: FieldDescriptor) -> Callable[[Any], Any] | None:
+    if descriptor.type in _INT64_TYPES:
+        return _safe_integer
     if descriptor.type == FieldDescriptor.TYPE_ENUM and descriptor.enum_type is not None:
         names = {number: v.name for number, v in descriptor.enum_type.values_by_number.items()}
         return lambda value: names.get(value, int(value))

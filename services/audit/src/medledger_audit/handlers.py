@@ -4,9 +4,11 @@ It consumes like every other consumer (``EventConsumer``: group ``audit.log``, t
 pattern, malformed messages accepted, offsets committed only after the effect), but handles a
 whole poll at once instead of calling a handler per message: the effect here is an append, and
 appending messages one transaction each would cap the log at a few hundred entries a second. So
-each poll (thousands of messages from any partitions) is drafted, appended in one transaction,
-and its offsets become committable once that transaction has committed. While one poll is being
-appended the next is fetched and drafted.
+each poll (thousands of messages from any partitions) is drafted, prepared (made into entries,
+`Sequencer.prepare`), appended in one transaction, and its offsets become committable once that
+transaction has committed. While one poll is being appended the next is fetched, drafted and
+prepared, unless the one being appended holds an erasure: the next poll's subjects must then wait
+for the patient's key to be deleted.
 
 A message that carries a sampled trace context (the `traceparent` its producer's request stored
 with the outbox row) is appended in a CONSUMER span `<topic> process` of that trace, as
@@ -20,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import asyncpg
 from aiokafka import ConsumerRecord, TopicPartition
@@ -31,7 +34,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from medledger_audit.entries import EntryDraft, draft_entry, unprocessable_entry
-from medledger_audit.sequencer import Sequencer
+from medledger_audit.sequencer import PreparedBatch, Sequencer
 from medledger_common.events import SERVICE_TOPIC_PATTERN, MalformedEvent, decode
 from medledger_common.kafka import TRANSIENT_ERRORS, EventConsumer, consumer_span_attributes, producer_trace_context
 
@@ -43,10 +46,14 @@ _TRANSIENT = (*TRANSIENT_ERRORS, asyncpg.PostgresConnectionError, asyncpg.Interf
 # Failures that are not a dependency being down: after this many the service stops (loudly)
 # rather than skip an event or spin.
 MAX_FAILED_APPENDS = 10
+# Drafting a poll is thousands of messages of CPU work; it lets the loop run every this many, so
+# the append in flight (a dozen round trips to the database) is not held up behind it.
+YIELD_EVERY = 250
 
 Records = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 # (message, its entry, the trace context it carries): the messages appended in a span.
 Traced = list[tuple[ConsumerRecord[bytes, bytes], EntryDraft, Context]]
+T = TypeVar("T")
 
 
 def sampled_trace(record: ConsumerRecord[bytes, bytes]) -> Context | None:
@@ -121,25 +128,25 @@ class LogConsumer(EventConsumer):
                 await asyncio.shield(self.stop())
 
     async def run(self) -> None:
-        """Fetch, draft and append polls, one append in flight while the next poll is drafted."""
+        """Fetch, draft, prepare and append polls, one append in flight while the next poll is
+        drafted and prepared."""
         loop = asyncio.get_running_loop()
         next_commit = loop.time() + self.commit_interval_seconds
         in_flight: asyncio.Task[None] | None = None
+        in_flight_erases = False
         try:
             while True:
                 polled = await self.consumer.getmany(timeout_ms=500, max_records=self.batch_max)
                 if polled:
-                    drafts: list[EntryDraft] = []
-                    traced: Traced = []
-                    for records in polled.values():
-                        for r in records:
-                            if (d := draft_of(r)) is not None:
-                                drafts.append(d)
-                                if r.headers and (context := sampled_trace(r)) is not None:
-                                    traced.append((r, d, context))
+                    drafts, traced = await self._draft(polled)
+                    if in_flight is not None and in_flight_erases:
+                        await in_flight
+                        in_flight = None
+                    batch = await self._retrying(functools.partial(self.sequencer.prepare, drafts), len(drafts))
                     if in_flight is not None:
                         await in_flight  # appends stay in poll order
-                    in_flight = asyncio.create_task(self._append(polled, drafts, traced))
+                    in_flight = asyncio.create_task(self._append(polled, batch, traced))
+                    in_flight_erases = batch.erases
                 elif in_flight is not None and in_flight.done():
                     await in_flight
                     in_flight = None
@@ -154,12 +161,27 @@ class LogConsumer(EventConsumer):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(self.commit_handled())
 
-    async def _append(self, polled: Records, drafts: Sequence[EntryDraft], traced: Traced | None = None) -> None:
-        """Append a poll's drafts, retrying until it commits; then its offsets may be committed.
-        Each traced message's span lasts until its entry is durable (or the append gave up)."""
+    async def _draft(self, polled: Records) -> tuple[list[EntryDraft], Traced]:
+        """The drafts of a poll's messages, and those to be spanned with their trace context."""
+        drafts: list[EntryDraft] = []
+        traced: Traced = []
+        for records in polled.values():
+            for n, r in enumerate(records, 1):
+                if (d := draft_of(r)) is not None:
+                    drafts.append(d)
+                    if r.headers and (context := sampled_trace(r)) is not None:
+                        traced.append((r, d, context))
+                if n % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+        return drafts, traced
+
+    async def _append(self, polled: Records, batch: PreparedBatch, traced: Traced | None = None) -> None:
+        """Append a poll's prepared batch, retrying until it commits; then its offsets may be
+        committed. Each traced message's span lasts until its entry is durable (or the append
+        gave up)."""
         spans = [self._span(r, d, context) for r, d, context in traced or ()]
         try:
-            await self._append_with_retries(drafts)
+            await self._retrying(functools.partial(self.sequencer.append_prepared, batch), len(batch))
         except Exception as exc:
             for span in spans:
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
@@ -179,13 +201,13 @@ class LogConsumer(EventConsumer):
             consumer_span_attributes(str(record.topic), self.name, record.offset, draft.event_id),
         )
 
-    async def _append_with_retries(self, drafts: Sequence[EntryDraft]) -> None:
+    async def _retrying(self, step: Callable[[], Awaitable[T]], entries: int) -> T:
+        """Run a step of the append (prepare, append) until it succeeds: an event is never skipped."""
         delay = self.retry_seconds
         failures = 0
         while True:
             try:
-                await self.sequencer.append(drafts)
-                break
+                return await step()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -193,7 +215,7 @@ class LogConsumer(EventConsumer):
                 failures += 0 if transient else 1
                 log.warning(
                     "append failed, retrying",
-                    extra={"error": type(exc).__name__, "transient": transient, "entries": len(drafts)},
+                    extra={"error": type(exc).__name__, "transient": transient, "entries": entries},
                 )
                 if failures >= MAX_FAILED_APPENDS:
                     raise

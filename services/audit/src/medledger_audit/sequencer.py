@@ -1,14 +1,22 @@
 """The sequencer: the one writer that appends entries to the log.
 
-An append is one transaction: take the sequencer lock, read the tree's size, drop drafts whose
-event id the log already holds (the log is its own inbox), compute subjects, encode the entries,
-extend the tree with ``tlog.append`` over the stored tiles, and write entries, tiles, side lists
-and the new size and root. Nothing else writes entries or tiles, and the lock makes the appends
-of all replicas one sequence: PostgreSQL's ``pg_advisory_xact_lock`` waits, so a second replica
-waits for the first's transaction and then appends after it (and takes over when it is gone).
+An append has two steps. `prepare` makes drafts into entries: the subject of each (an HMAC under
+the patient's key), its JCS bytes with the integration time, its leaf hash; it needs no lock, so
+the log consumer prepares one poll while the previous one is being appended. `append_prepared`
+is one transaction per chunk: take the sequencer lock, read the tree's size, drop entries whose
+event id the log already holds (the log is its own inbox), extend the tree with ``tlog.append``
+over the stored tiles, and write entries, tiles, side lists and the new size and root. Nothing
+else writes entries or tiles, and the lock makes the appends of all replicas one sequence:
+PostgreSQL's ``pg_advisory_xact_lock`` waits, so a second replica waits for the first's
+transaction and then appends after it (and takes over when it is gone).
+
+An erasure deletes the patient's audit key once its entry is durable, and every entry after it
+must get its subject from the new key: so drafts after an erasure are prepared only once that
+erasure's chunk has committed and the key is gone (``PreparedBatch.later``).
 
 Built for throughput: thousands of drafts per transaction, each write one statement of arrays
-on PostgreSQL (asyncpg, see ``storage.PgAppend``).
+on PostgreSQL (asyncpg, see ``storage.PgAppend``), and no CPU work inside the locked transaction
+but the tree's hashes.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from medledger_common.keys import KeyManager, KeyType
 log = logging.getLogger(__name__)
 
 APPEND_LOCK = "audit-sequencer"
+YIELD_EVERY = 250
 ERASURE_TYPE = "erasure.completed"
 # Fields that name who acted, in the order they are looked for (for lookups by actor).
 _ACTOR_FIELDS = (
@@ -62,6 +71,37 @@ APPEND_SECONDS = Histogram(
 
 
 @dataclass(frozen=True)
+class PreparedEntry:
+    """A draft made into the entry the log will hold (its index is given at the append)."""
+
+    draft: EntryDraft
+    subject: str | None
+    entry: bytes
+    leaf_hash: bytes
+    integrated_time: float
+    # The record id, commitment and actor it is found by (`lookup_columns`).
+    lookup: tuple[str | None, str | None, str | None]
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """Drafts prepared for appending, in chunks of one transaction each; `later` holds the drafts
+    after the first erasure, prepared only once it is done (see the module)."""
+
+    chunks: list[list[PreparedEntry]]
+    later: list[EntryDraft]
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self.chunks) + len(self.later)
+
+    @property
+    def erases(self) -> bool:
+        """Whether appending this batch deletes a patient's key: a batch prepared after it must
+        wait for it (its subjects would come from the key about to be deleted)."""
+        return bool(self.chunks) and self.chunks[-1][-1].draft.type == ERASURE_TYPE
+
+
+@dataclass(frozen=True)
 class AppendOutcome:
     """The tree after an append, and what the append did with its drafts."""
 
@@ -85,7 +125,13 @@ class Subjects:
 
     async def of(self, patient_ids: Iterable[str]) -> dict[str, str]:
         ids = sorted(set(patient_ids))
-        values = await asyncio.gather(*(self._one(p) for p in ids))
+        new = [name for name in map(subject_key_name, ids) if name not in self._known]
+        await asyncio.gather(*(self.keys.ensure_key(name, KeyType.HMAC) for name in new))
+        self._known.update(new)
+        try:
+            values = await self.keys.hmac_many([(subject_key_name(p), p.encode()) for p in ids])
+        except NotFound:  # a key erased by another replica since: one by one, making it anew
+            values = await asyncio.gather(*(self._one(p) for p in ids))
         return dict(zip(ids, values, strict=True))
 
     async def _one(self, patient_id: str) -> str:
@@ -119,7 +165,7 @@ def lookup_columns(draft: EntryDraft) -> tuple[str | None, str | None, str | Non
     )
 
 
-def chunks(drafts: Sequence[EntryDraft], max_batch: int) -> list[list[EntryDraft]]:
+def chunks_of(drafts: Sequence[EntryDraft], max_batch: int) -> list[list[EntryDraft]]:
     """Batches of at most `max_batch` drafts, each ending at an erasure if it holds one: the
     patient's key is deleted once their erasure is durable, before any later entry is made."""
     out: list[list[EntryDraft]] = [[]]
@@ -158,19 +204,50 @@ class Sequencer:
     async def append(self, drafts: Sequence[EntryDraft]) -> AppendOutcome:
         """Append every draft whose event id the log does not hold yet; returns once they are
         durable. Drafts keep their order; a repeated event id within `drafts` counts once."""
+        return await self.append_prepared(await self.prepare(drafts))
+
+    async def prepare(self, drafts: Sequence[EntryDraft]) -> PreparedBatch:
+        """Make drafts into entries, up to and including the first erasure (see the module)."""
+        chunks: list[list[PreparedEntry]] = []
+        pending = chunks_of(drafts, self.max_batch)
+        while pending:
+            chunk = pending.pop(0)
+            subjects = await self.subjects.of(d.patient_id for d in chunk if d.patient_id)
+            integrated_time = time.time()
+            prepared = []
+            for n, draft in enumerate(chunk, 1):
+                if n % YIELD_EVERY == 0:  # the append in flight goes on meanwhile (see handlers)
+                    await asyncio.sleep(0)
+                subject = subjects[draft.patient_id] if draft.patient_id else None
+                entry = encode_entry(draft, subject, integrated_time)
+                prepared.append(
+                    PreparedEntry(draft, subject, entry, tlog.leaf_hash(entry), integrated_time, lookup_columns(draft))
+                )
+            chunks.append(prepared)
+            if chunk[-1].type == ERASURE_TYPE:
+                break
+        return PreparedBatch(chunks, [d for c in pending for d in c])
+
+    async def append_prepared(self, batch: PreparedBatch) -> AppendOutcome:
+        """Append a prepared batch (and its `later` drafts, prepared as their turn comes)."""
         async with self._serial:
             outcome: AppendOutcome | None = None
             appended = duplicates = unprocessable = 0
-            for chunk in chunks(drafts, self.max_batch):
-                outcome = await self._append_chunk(chunk)
-                appended += outcome.appended
-                duplicates += outcome.duplicates
-                unprocessable += outcome.unprocessable
-                for draft in chunk:
-                    # Also for a duplicate: a crash between the erasure's commit and the key's
-                    # deletion redelivers the event, and this is where the deletion is done.
-                    if draft.type == ERASURE_TYPE and draft.patient_id:
-                        await self.subjects.erase(draft.patient_id)
+            while True:
+                for chunk in batch.chunks:
+                    outcome = await self._append_chunk(chunk)
+                    appended += outcome.appended
+                    duplicates += outcome.duplicates
+                    unprocessable += outcome.unprocessable
+                    for prepared in chunk:
+                        draft = prepared.draft
+                        # Also for a duplicate: a crash between the erasure's commit and the
+                        # key's deletion redelivers the event, and this is where it is deleted.
+                        if draft.type == ERASURE_TYPE and draft.patient_id:
+                            await self.subjects.erase(draft.patient_id)
+                if not batch.later:
+                    break
+                batch = await self.prepare(batch.later)
             if outcome is None:
                 size, root = await self.state()
                 return AppendOutcome(size, root, 0, 0)
@@ -185,7 +262,7 @@ class Sequencer:
             driver, self._driver = self._driver, None
             await driver.close()
 
-    async def _append_chunk(self, drafts: list[EntryDraft]) -> AppendOutcome:
+    async def _append_chunk(self, drafts: list[PreparedEntry]) -> AppendOutcome:
         started = time.perf_counter()
         if self.use_driver:
             outcome = await self._append_pg(drafts)
@@ -200,7 +277,7 @@ class Sequencer:
             self.after_append(outcome.tree_size)
         return outcome
 
-    async def _append_pg(self, drafts: list[EntryDraft]) -> AppendOutcome:
+    async def _append_pg(self, drafts: list[PreparedEntry]) -> AppendOutcome:
         if self._driver is None:
             self._driver = await self.db.connect_driver()
         conn = self._driver
@@ -215,7 +292,7 @@ class Sequencer:
             conn.terminate()
             raise
 
-    async def _append_sql(self, drafts: list[EntryDraft]) -> AppendOutcome:
+    async def _append_sql(self, drafts: list[PreparedEntry]) -> AppendOutcome:
         while True:
             async with self.db.transaction() as conn:
                 if self.db.is_postgres:
@@ -226,42 +303,39 @@ class Sequencer:
                     return await self._append_in(storage.SqlAppend(conn), drafts)
             await asyncio.sleep(0.2)
 
-    async def _append_in(self, store: storage.PgAppend | storage.SqlAppend, drafts: list[EntryDraft]) -> AppendOutcome:
+    async def _append_in(
+        self, store: storage.PgAppend | storage.SqlAppend, prepared: list[PreparedEntry]
+    ) -> AppendOutcome:
         size, root = await store.state()
-        unique: dict[str, EntryDraft] = {}
-        for draft in drafts:
-            unique.setdefault(draft.event_id, draft)
+        unique: dict[str, PreparedEntry] = {}
+        for p in prepared:
+            unique.setdefault(p.draft.event_id, p)
         logged = await store.logged_event_ids(list(unique))
-        new = [d for d in unique.values() if d.event_id not in logged]
-        duplicates = len(drafts) - len(new)
+        new = [p for p in unique.values() if p.draft.event_id not in logged]
+        duplicates = len(prepared) - len(new)
         if not new:
             return AppendOutcome(size, root, 0, duplicates)
-        subjects = await self.subjects.of(d.patient_id for d in new if d.patient_id)
-        integrated_time = time.time()
         rows: list[storage.EntryRow] = []
-        leaves: list[bytes] = []
         lists: dict[str, list[str]] = {}
-        for offset, draft in enumerate(new):
-            subject = subjects[draft.patient_id] if draft.patient_id else None
-            entry = encode_entry(draft, subject, integrated_time)
-            record_id, commitment, actor = lookup_columns(draft)
+        for offset, p in enumerate(new):
+            draft = p.draft
+            record_id, commitment, actor = p.lookup
             rows.append(
                 storage.EntryRow(
                     size + offset,
                     draft.event_id,
-                    entry,
+                    p.entry,
                     draft.type,
-                    subject,
+                    p.subject,
                     record_id,
                     commitment,
                     actor,
                     draft.event_time,
-                    integrated_time,
+                    p.integrated_time,
                 )
             )
-            leaves.append(tlog.leaf_hash(entry))
             lists.update(draft.side_lists)
-        result = await tlog.append(store.tiles, size, leaves)
+        result = await tlog.append(store.tiles, size, [p.leaf_hash for p in new])
         await store.write(rows, result.tiles, lists, result.tree_size, result.root)
-        unprocessable = sum(1 for d in new if d.type == UNPROCESSABLE)
+        unprocessable = sum(1 for p in new if p.draft.type == UNPROCESSABLE)
         return AppendOutcome(result.tree_size, result.root, len(new), duplicates, unprocessable)

@@ -23,10 +23,11 @@ Errors (all from :mod:`medledger_common.errors`, messages never hold key materia
 from __future__ import annotations
 
 import abc
+import asyncio
 import base64
 import binascii
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -419,6 +420,12 @@ class KeyManager(abc.ABC):
         ``min_decryption_version`` (Vault archives those versions). Lowering the floor again gives
         the same HMACs as before.
         """
+
+    async def hmac_many(self, requests: Sequence[tuple[str, bytes]]) -> list[str]:
+        """:meth:`hmac` of each (key name, data) with the keys' latest versions, in order: many
+        keys at once (the audit log's subjects, one key per patient). Concurrent calls here; a key
+        manager that computes them in process does them in one go. NotFound for an unknown key."""
+        return list(await asyncio.gather(*(self.hmac(name, data) for name, data in requests)))
 
     # -- signing -------------------------------------------------------------------------------
 
