@@ -1,7 +1,11 @@
 """(b) EventConsumer (envelope parsing, a span per message, commit after the effect) around a
 no-op handler vs a raw aiokafka consume loop, on the same topic.
 
-Usage: python bench_consumer.py BOOTSTRAP TOPIC N MODE [SAMPLING]   MODE: produce | raw | consumer
+Usage: python bench_consumer.py BOOTSTRAP TOPIC N MODE [SAMPLING]   MODE: produce | raw | consumer | sdk-span
+
+`sdk-span` needs no broker: the OpenTelemetry SDK's own cost of one sampled consumer span (start
+with the messaging attributes, end), N times, in microseconds. At 100% sampling every message
+pays it, whatever the consumer around it does.
 """
 
 from __future__ import annotations
@@ -88,10 +92,28 @@ async def medledger_consumer(bootstrap: str, topic: str, n: int, sampling: float
     return n / elapsed
 
 
+def sdk_span_us(n: int) -> float:
+    from opentelemetry import trace
+    from opentelemetry.context import Context
+    from opentelemetry.trace import SpanKind
+
+    from medledger_common.kafka import consumer_span_attributes
+
+    configure_tracing("bench", 1.0)
+    tracer, empty = trace.get_tracer("bench"), Context()
+    t0 = time.perf_counter()
+    for i in range(n):
+        attributes = consumer_span_attributes("medledger.bench.v1", "bench", i, "id")
+        tracer.start_span("medledger.bench.v1 process", empty, SpanKind.CONSUMER, attributes).end()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
 async def main() -> None:
     bootstrap, topic, n, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     if mode == "produce":
         await produce(bootstrap, topic, n)
+    elif mode == "sdk-span":
+        print(json.dumps({"us": sdk_span_us(n)}))
     elif mode == "raw":
         print(json.dumps({"per_s": await raw(bootstrap, topic, n)}))
     else:

@@ -87,6 +87,16 @@ def bench_consumer(bootstrap: str, results: dict) -> None:
             f"   sampling {sampling:>4.0%}: median of {ROUNDS} rounds {ratio:.0%} of raw (target >= 25%)  "
             f"{verdict(ratio, 0.25)}"
         )
+    # What 100% sampling cannot go below: the SDK's own span per message, beside raw consumption.
+    span_us = run_json(str(HERE / "bench_consumer.py"), bootstrap, topic, "50000", "sdk-span")["us"]
+    raw_us = 1e6 / statistics.median(r["raw_per_s"] for r in results["consumer"]["rounds"])
+    ceiling = raw_us / (raw_us + span_us)
+    results["consumer"]["sdk_span"] = {"us": span_us, "raw_us": raw_us, "ceiling_at_100": ceiling}
+    print(
+        f"   the OpenTelemetry SDK's own span (start with the messaging attributes, end): {span_us:.1f} µs; raw "
+        f"consumption {raw_us:.2f} µs per message: at 100% sampling a consumer that did nothing else "
+        f"would reach {ceiling:.0%} of raw"
+    )
 
 
 def bench_grpc(results: dict, seconds: float = 5.0) -> None:
