@@ -144,8 +144,7 @@ async def database_stages(content: bytes, database_url: str, n: int) -> dict[str
         ids.append(record.record_id)
 
     async def read() -> None:
-        async with db.connect() as conn:
-            await storage.get_record_and_version(conn, ids[0], 0)
+        await storage.get_record_and_version(db, ids[0], 0)
 
     try:
         return {"database_write_us": await _per_op_async(write, n), "database_read_us": await _per_op_async(read, n)}

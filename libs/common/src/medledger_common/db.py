@@ -11,7 +11,7 @@ import fcntl
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +44,40 @@ def lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
+class DriverQuery:
+    """A SQLAlchemy Core query that runs through asyncpg itself on PostgreSQL.
+
+    For hot reads of one statement: through SQLAlchemy, a pooled connection in autocommit and
+    the statement cost about 200 µs of CPU here (pool and connection bookkeeping, the compiled
+    cache, parameter and result processing), several times what asyncpg alone costs, and on a
+    small machine that limits requests per second. The query is still written once, in
+    SQLAlchemy, and compiled for asyncpg once; on SQLite it runs through SQLAlchemy as before.
+    Rows are mappings by column label either way.
+    """
+
+    def __init__(self, statement: Any) -> None:
+        from sqlalchemy.dialects.postgresql import asyncpg as pg_asyncpg
+
+        self.statement = statement
+        compiled = statement.compile(dialect=pg_asyncpg.dialect())  # type: ignore[no-untyped-call]
+        self.sql: str = compiled.string
+        self._names: list[str] = list(compiled.positiontup or ())
+        self._fixed: dict[str, Any] = dict(compiled.params)  # literals the query holds as parameters
+
+    async def first(self, db: Database, params: dict[str, Any]) -> Mapping[str, Any] | None:
+        """The first row of the query with `params`, read on its own (autocommit)."""
+        if db.is_postgres:
+            pool = await db.driver_pool()
+            async with pool.acquire() as driver:
+                row: Mapping[str, Any] | None = await driver.fetchrow(
+                    self.sql, *[params[n] if n in params else self._fixed[n] for n in self._names]
+                )
+            return row
+        async with db.read() as conn:
+            found = (await conn.execute(self.statement, params)).first()
+        return None if found is None else dict(found._mapping)
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         parsed = make_url(url)
@@ -54,6 +88,9 @@ class Database:
         self._sqlite_path: Path | None = None
         self._file_locks: dict[str, int] = {}
         self._local_locks: dict[str, asyncio.Lock] = {}
+        self._pool_size = pool_size
+        self._driver_pool: Any = None  # asyncpg.Pool for DriverQuery, made at first use
+        self._driver_pool_lock = asyncio.Lock()
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 self._sqlite_path = Path(parsed.database)
@@ -180,7 +217,22 @@ class Database:
         async with self.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
+    async def driver_pool(self) -> Any:
+        """PostgreSQL: a pool of plain asyncpg connections (autocommit) beside SQLAlchemy's, for
+        `DriverQuery`; the same size as the engine's pool."""
+        if self._driver_pool is None:
+            import asyncpg
+
+            async with self._driver_pool_lock:
+                if self._driver_pool is None:
+                    url = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+                    self._driver_pool = await asyncpg.create_pool(url, min_size=1, max_size=self._pool_size)
+        return self._driver_pool
+
     async def close(self) -> None:
+        if self._driver_pool is not None:
+            pool, self._driver_pool = self._driver_pool, None
+            await pool.close()
         await self.engine.dispose()
         for fd in self._file_locks.values():
             os.close(fd)

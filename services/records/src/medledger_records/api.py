@@ -236,8 +236,7 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         caller = current_caller()
         if request.version > MAX_VERSION:
             raise NotFound("no such version")
-        async with self.rt.db.read() as conn:
-            found = await storage.get_record_and_version(conn, request.record_id, request.version)
+        found = await storage.get_record_and_version(self.rt.db, request.record_id, request.version)
         if found is None:
             raise NotFound("no such record")
         record, stored = found

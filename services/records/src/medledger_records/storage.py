@@ -3,7 +3,7 @@ stored, never content; the common outbox, inbox and idempotency tables are the r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common.db import Migration, create_tables, lock_key
+from medledger_common.db import Database, DriverQuery, Migration, create_tables, lock_key
 
 metadata = MetaData()
 # One row per record: whose it is, what it is, and its latest version.
@@ -174,19 +174,20 @@ async def get_record(conn: AsyncConnection, record_id: str, *, for_update: bool 
     if for_update and conn.dialect.name == "postgresql":
         query = query.with_for_update()
     r = (await conn.execute(query)).first()
-    return _record(r) if r else None
+    return _record_of(dict(r._mapping)) if r else None
 
 
-def _record(r: Any) -> Record:
+def _record_of(r: Mapping[str, Any]) -> Record:
+    """A Record from a row's mapping of `records` columns."""
     return Record(
-        r.record_id,
-        r.patient_id,
-        int(r.category),
-        r.media_type,
-        int(r.latest_version),
-        r.resource_type,
-        float(r.updated_at),
-        None if r.erased_at is None else float(r.erased_at),
+        r["record_id"],
+        r["patient_id"],
+        int(r["category"]),
+        r["media_type"],
+        int(r["latest_version"]),
+        r["resource_type"],
+        float(r["updated_at"]),
+        None if r["erased_at"] is None else float(r["erased_at"]),
     )
 
 
@@ -243,7 +244,7 @@ async def list_records(
     if after is not None:
         query = query.where(or_(c.updated_at < after[0], and_(c.updated_at == after[0], c.record_id < after[1])))
     rows = await conn.execute(query.order_by(c.updated_at.desc(), c.record_id.desc()).limit(limit))
-    return [_record(r) for r in rows]
+    return [_record_of(dict(r._mapping)) for r in rows]
 
 
 async def insert_version(
@@ -310,21 +311,21 @@ def _record_and_version_query() -> Any:
     )
 
 
-# Built once: it runs on every read, and building it costs more than running it.
-_RECORD_AND_VERSION = _record_and_version_query()
+# Built once and run through asyncpg itself on PostgreSQL: it runs on every read.
+_RECORD_AND_VERSION = DriverQuery(_record_and_version_query())
 
 
 async def get_record_and_version(
-    conn: AsyncConnection, record_id: str, version: int
+    db: Database, record_id: str, version: int
 ) -> tuple[Record, StoredVersion | None] | None:
     """A record and one of its versions (0: the latest) in one query; None: no such record."""
-    row = (await conn.execute(_RECORD_AND_VERSION, {"record_id": record_id, "version": version})).first()
+    row = await _RECORD_AND_VERSION.first(db, {"record_id": record_id, "version": version})
     if row is None:
         return None
     stored = None
-    if row.v_record_id is not None:
-        stored = _stored_version(row._mapping, prefix="v_")
-    return _record(row), stored
+    if row["v_record_id"] is not None:
+        stored = _stored_version(row, prefix="v_")
+    return _record_of(row), stored
 
 
 async def rotation_in_progress(conn: AsyncConnection, patient_id: str) -> tuple[int, str, int] | None:
