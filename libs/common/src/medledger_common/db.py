@@ -101,7 +101,7 @@ class Database:
             # No pre-ping: it costs a round trip per checkout, on every request. A connection that
             # died (a database restart) fails its statement once, and SQLAlchemy then drops the
             # whole pool, so one request per pool sees the error and retries.
-            self.engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
+            self.engine = create_async_engine(url, pool_size=pool_size, max_overflow=max(1, pool_size // 2))
 
     @property
     def is_postgres(self) -> bool:

@@ -93,7 +93,7 @@ class ServiceRuntime:
         self.name = name
         self.settings = settings
         self.migrations = migrations
-        self.db = Database(settings.database_url)
+        self.db = Database(settings.database_url, pool_size=settings.database_pool_size)
         self.producer: AIOKafkaProducer = make_producer(settings.kafka_bootstrap_servers)
         self.relay = OutboxRelay(
             self.db,
