@@ -4,7 +4,10 @@ bare grpc.aio server; server and client each in their own process, 16 calls in f
 With `auth`, the common server also runs the authentication interceptor (every call carries a
 token, verified once and then served from the verifier's cache, as repeated tokens are).
 
+`chain` is a bare server whose method makes one call to a bare server at DOWNSTREAM_PORT before
+answering: the gRPC alone of a request that asks another service (records asking consent).
 Usage: python bench_grpc.py server bare|common|auth PORT [TOKEN_FILE]   (serves until killed)
+       python bench_grpc.py server chain PORT DOWNSTREAM_PORT            (serves until killed)
        python bench_grpc.py client PORT SECONDS [TOKEN_FILE]            (prints one JSON line)
 """
 
@@ -31,6 +34,17 @@ class Empty(pb_grpc.IdentityServiceServicer):
         return pb.GetPrincipalResponse()
 
 
+class Chain(pb_grpc.IdentityServiceServicer):
+    """Answers once a call of its own to another server has returned."""
+
+    def __init__(self, downstream: pb_grpc.IdentityServiceStub) -> None:
+        self.downstream = downstream
+
+    async def GetPrincipal(self, request, context):  # type: ignore[no-untyped-def]
+        await self.downstream.GetPrincipal(pb.GetPrincipalRequest())
+        return pb.GetPrincipalResponse()
+
+
 async def auth_interceptor(token_file: Path) -> AuthInterceptor:
     """An interceptor that accepts one principal, whose token it writes to `token_file`."""
     from bench_auth import make_token, signing_keys
@@ -50,10 +64,14 @@ async def auth_interceptor(token_file: Path) -> AuthInterceptor:
     )
 
 
-async def serve(kind: str, port: int, token_file: Path | None = None) -> None:
-    if kind == "bare":
+async def serve(kind: str, port: int, token_file: Path | None = None, downstream: int = 0) -> None:
+    if kind in ("bare", "chain"):
         server = grpc.aio.server()
-        pb_grpc.add_IdentityServiceServicer_to_server(Empty(), server)
+        if kind == "chain":
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{downstream}")
+            pb_grpc.add_IdentityServiceServicer_to_server(Chain(pb_grpc.IdentityServiceStub(channel)), server)
+        else:
+            pb_grpc.add_IdentityServiceServicer_to_server(Empty(), server)
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         await server.wait_for_termination()
@@ -85,7 +103,9 @@ async def client(port: int, seconds: float, token_file: Path | None = None) -> N
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "server":
+    if sys.argv[1] == "server" and sys.argv[2] == "chain":
+        asyncio.run(serve("chain", int(sys.argv[3]), downstream=int(sys.argv[4])))
+    elif sys.argv[1] == "server":
         asyncio.run(serve(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]) if len(sys.argv) > 4 else None))
     else:
         asyncio.run(client(int(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4]) if len(sys.argv) > 4 else None))

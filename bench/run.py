@@ -220,6 +220,13 @@ def bench_records(bootstrap: str, pg: localstack.PostgresCluster, results: dict,
             f"    empty: {empty['calls_per_s']:,.0f} calls/s  "
             f"p50 {empty['p50_ms']:.2f} ms  p99 {empty['p99_ms']:.2f} ms"
         )
+        chained = _chained_call(seconds)
+        figures["chained_call"] = {**chained, "ratio": chained["calls_per_s"] / empty["calls_per_s"]}
+        print(
+            f"    an empty call that makes one empty call before answering (the gRPC alone of a put or get, "
+            f"which asks consent): {chained['calls_per_s']:,.0f} calls/s  p50 {chained['p50_ms']:.2f} ms  |  "
+            f"{figures['chained_call']['ratio']:.0%} of the empty call"
+        )
         # The target is for the local keyring; the Vault double (HTTP per key operation) is
         # reported beside it without one.
         for keys, target in (("local", 0.25), ("vault", None)):
@@ -374,6 +381,24 @@ def _empty_call(seconds: float) -> dict:
     finally:
         server.terminate()
         server.wait(10)
+
+
+def _chained_call(seconds: float) -> dict:
+    """A bare server whose method calls another bare server, each in its own process, from a
+    client in a third: what gRPC alone costs a request that asks another service."""
+    ports = localstack.free_port(), localstack.free_port()
+    servers = [subprocess.Popen([PY, str(HERE / "bench_grpc.py"), "server", "bare", str(ports[0])])]
+    try:
+        servers.append(
+            subprocess.Popen([PY, str(HERE / "bench_grpc.py"), "server", "chain", str(ports[1]), str(ports[0])])
+        )
+        for port, server in zip(ports, servers, strict=True):
+            localstack.wait_for_port(port, 30, server, "bare gRPC server")
+        return run_json(str(HERE / "bench_grpc.py"), "client", str(ports[1]), str(seconds))
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(10)
 
 
 def main() -> int:
