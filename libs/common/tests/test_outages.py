@@ -63,6 +63,32 @@ async def test_what_counts_as_an_outage() -> None:
     assert dependency_outage(sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("duplicate key"))) is None
 
 
+async def test_asyncpg_errors_met_unwrapped_count_as_the_database_being_away() -> None:
+    # Hot reads go through asyncpg itself (db.DriverQuery): its errors reach the error mapping
+    # without SQLAlchemy around them.
+    from asyncpg import exceptions as pg
+
+    from medledger_common.db import Database, DriverQuery
+
+    for error in (
+        pg.AdminShutdownError("terminating connection due to administrator command"),
+        pg.CannotConnectNowError("the database system is starting up"),
+        pg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        pg.TooManyConnectionsError("sorry, too many clients already"),
+        pg.InterfaceError("connection is closed"),
+    ):
+        assert dependency_outage(error) == "the database", error
+    assert dependency_outage(pg.UniqueViolationError("duplicate key")) is None
+    assert dependency_outage(pg.UndefinedTableError("relation does not exist")) is None
+    db = Database(f"postgresql+asyncpg://postgres@127.0.0.1:{localstack.free_port()}/x")
+    try:
+        with pytest.raises(Exception) as refused:
+            await DriverQuery(sqlalchemy.select(sqlalchemy.literal(1))).first(db, {})
+        assert dependency_outage(refused.value) is not None
+    finally:
+        await db.close()
+
+
 class Failing(pb_grpc.IdentityServiceServicer):
     """Fails the way a handler does when what it depends on is away, or with a bug."""
 

@@ -6,6 +6,7 @@ Domain code raises these; the error-mapping interceptor turns them into a gRPC s
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import grpc
@@ -81,6 +82,24 @@ class Unavailable(MedledgerError):
 _RETRYABLE_CALLS = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+@functools.cache
+def _asyncpg_outages() -> tuple[type[BaseException], ...]:
+    """asyncpg's errors that say PostgreSQL is out of reach or going away: a lost or refused
+    connection (class 08), a server shutting down or starting (57P01-57P03), no connection slot
+    free (53300), and the client's own "connection is closed". Met unwrapped where a hot path
+    uses asyncpg itself (db.DriverQuery), wrapped by SQLAlchemy elsewhere."""
+    from asyncpg import exceptions as pg
+
+    return (
+        pg.PostgresConnectionError,
+        pg.AdminShutdownError,
+        pg.CrashShutdownError,
+        pg.CannotConnectNowError,
+        pg.TooManyConnectionsError,
+        pg.InterfaceError,
+    )
+
+
 def dependency_outage(exc: BaseException) -> str | None:
     """The dependency an exception says is out of reach ("the database", "Kafka"), or None.
 
@@ -93,7 +112,6 @@ def dependency_outage(exc: BaseException) -> str | None:
     import sqlite3
 
     from aiokafka.errors import KafkaError, KafkaTimeoutError
-    from asyncpg.exceptions import CannotConnectNowError, ConnectionDoesNotExistError, InterfaceError
     from sqlalchemy import exc as sa
 
     # The driver's error is wrapped by SQLAlchemy's adapter, and that by SQLAlchemy: look down
@@ -108,7 +126,7 @@ def dependency_outage(exc: BaseException) -> str | None:
             if isinstance(seen.orig, sqlite3.OperationalError) and "locked" not in str(seen.orig):
                 return None  # SQLite says OperationalError for a missing table too: a bug, not an outage
             return "the database"
-        if isinstance(seen, sa.TimeoutError | CannotConnectNowError | ConnectionDoesNotExistError | InterfaceError):
+        if isinstance(seen, (sa.TimeoutError, *_asyncpg_outages())):
             return "the database"  # sa.TimeoutError: no pooled connection came free in time
         # aiokafka marks the errors worth retrying (no connection, a partition without its
         # leader yet, ...); a timeout waiting for the broker is one too, though not marked.
