@@ -81,7 +81,14 @@ def decode(raw: bytes | None) -> Event:
 
 
 def unpack(event: Event, cls: type[pb_message.Message]) -> pb_message.Message:
-    payload = cls()
-    if not event.data.Unpack(payload):
+    """The event's payload as a `cls`; MalformedEvent if it is another type (DecodeError if its
+    bytes are not one).
+
+    Any.Unpack's own check and parse, written out: Unpack looks the type name up anew on every
+    call, which cost more than parsing the payload (the audit log unpacks every event).
+    """
+    data = event.data
+    type_url = data.type_url
+    if "/" not in type_url or type_url[type_url.rindex("/") + 1 :] != cls.DESCRIPTOR.full_name:
         raise MalformedEvent(f"payload is not {cls.DESCRIPTOR.full_name}")
-    return payload
+    return cls.FromString(data.value)
