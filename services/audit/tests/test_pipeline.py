@@ -195,6 +195,64 @@ async def test_erasure_deletes_the_patients_subject_key(db: Database, sequencer:
     assert len(await entry_rows(db)) == 3
 
 
+async def test_the_poll_after_an_erasure_is_prepared_once_the_key_is_gone(
+    db: Database, sequencer: Sequencer, keys: LocalKeyring
+) -> None:
+    """The log consumer prepares a poll while the previous one is appended, except after a poll
+    holding an erasure: the patient's next entry must get its subject from a new key."""
+    from aiokafka import ConsumerRecord, TopicPartition
+
+    from medledger_audit.handlers import LogConsumer
+
+    erased = new_event(
+        source="medledger.records",
+        payload=records_events_pb2.PatientRecordsErased(
+            certificate=records_events_pb2.ErasureCertificate(erasure_id="era_2", patient_id="pat_7")
+        ),
+        aggregate_id="pat_7",
+        version=3,
+    )
+    polls = [[stored("pat_7", 1), erased], [stored("pat_7", 2), stored("pat_8", 3)]]
+    tp = TopicPartition("medledger.records.v1", 0)
+
+    class Kafka:
+        """Two polls, then nothing."""
+
+        def __init__(self) -> None:
+            self.offset = 0
+            self.polls = list(polls)
+
+        async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> object:
+            if not self.polls:
+                await asyncio.sleep(timeout_ms / 1000)
+                return {}
+            records = []
+            for event in self.polls.pop(0):
+                raw = event.SerializeToString()
+                records.append(ConsumerRecord(tp.topic, 0, self.offset, 0, 0, None, raw, None, 0, len(raw), []))
+                self.offset += 1
+            return {tp: records}
+
+        async def commit(self, offsets: object = None) -> None:
+            pass
+
+    consumer = LogConsumer(bootstrap_servers="127.0.0.1:1", sequencer=sequencer, producer=None)
+    consumer.consumer = Kafka()
+    task = asyncio.create_task(consumer.run())
+    try:
+        for _ in range(200):
+            if len(await entry_rows(db)) == 4:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    rows = await entry_rows(db)
+    assert [r.type for r in rows] == ["record.stored", "erasure.completed", "record.stored", "record.stored"]
+    assert rows[0].subject == rows[1].subject != rows[2].subject  # unlinkable to the erased patient
+    assert await keys.hmac(subject_key_name("pat_7"), b"pat_7") == rows[2].subject
+
+
 async def test_a_second_sequencer_waits_for_the_first(
     db: Database, keys: LocalKeyring, sequencer: Sequencer, postgres: Postgres
 ) -> None:
