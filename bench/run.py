@@ -100,28 +100,53 @@ def bench_consumer(bootstrap: str, results: dict) -> None:
 
 
 def bench_grpc(results: dict, seconds: float = 5.0) -> None:
-    print(f"-- (c) empty unary RPC, 16 in flight, {seconds:.0f} s each, server and client in their own processes")
-    figures = {}
+    print(
+        f"-- (c) empty unary RPC, 16 in flight, {seconds:.0f} s each, server and client in their own processes, "
+        f"{ROUNDS} rounds of bare, common, auth (all calls traced) and common-10 (10% traced) back to back",
+        flush=True,
+    )
+    # Like the Kafka benchmarks: one run of each swung by 10-15% from one minute to the next on
+    # this shared machine (the bare server's rate too), so the rounds' ratios are judged by
+    # their median.
+    rounds: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         token_file = Path(tmp) / "token"
-        for kind in ("bare", "common", "auth"):
-            port = localstack.free_port()
-            extra = [str(token_file)] if kind == "auth" else []
-            server = subprocess.Popen([PY, str(HERE / "bench_grpc.py"), "server", kind, str(port), *extra])
-            try:
-                localstack.wait_for_port(port, 30, server, f"{kind} gRPC server")
-                figures[kind] = run_json(str(HERE / "bench_grpc.py"), "client", str(port), str(seconds), *extra)
-            finally:
-                server.terminate()
-                server.wait(10)
-    bare = figures["bare"]
-    for kind, f in figures.items():
-        print(f"   {kind:>6}: {f['calls_per_s']:,.0f} calls/s  p50 {f['p50_ms']:.2f} ms  p99 {f['p99_ms']:.2f} ms")
+        for _ in range(ROUNDS):
+            figures = {}
+            for kind in ("bare", "common", "auth", "common-10"):
+                port = localstack.free_port()
+                extra = [str(token_file)] if kind == "auth" else []
+                server = subprocess.Popen([PY, str(HERE / "bench_grpc.py"), "server", kind, str(port), *extra])
+                try:
+                    localstack.wait_for_port(port, 30, server, f"{kind} gRPC server")
+                    figures[kind] = run_json(str(HERE / "bench_grpc.py"), "client", str(port), str(seconds), *extra)
+                finally:
+                    server.terminate()
+                    server.wait(10)
+            bare = figures["bare"]["calls_per_s"]
+            for kind in ("common", "auth", "common-10"):
+                figures[kind]["ratio"] = figures[kind]["calls_per_s"] / bare
+            rounds.append(figures)
+            print(
+                "   "
+                + "  |  ".join(
+                    f"{kind} {f['calls_per_s']:,.0f} calls/s p50 {f['p50_ms']:.2f} ms p99 {f['p99_ms']:.2f} ms"
+                    + (f" ({f['ratio']:.0%})" if "ratio" in f else "")
+                    for kind, f in figures.items()
+                ),
+                flush=True,
+            )
+    results["grpc"] = {"rounds": rounds, "target": 0.80}
     for kind, label in (("common", "all interceptors"), ("auth", "all interceptors and authentication")):
-        ratio = figures[kind]["calls_per_s"] / bare["calls_per_s"]
-        print(f"   common bootstrap with {label}: {ratio:.0%} of bare (target >= 80%)  {verdict(ratio, 0.80)}")
-        figures[kind]["ratio"] = ratio
-    results["grpc"] = {**figures, "target": 0.80}
+        ratio = statistics.median(r[kind]["ratio"] for r in rounds)
+        results["grpc"][f"{kind}_ratio"] = ratio
+        print(
+            f"   common bootstrap with {label}, every call traced: median of {ROUNDS} rounds {ratio:.0%} of bare "
+            f"(target >= 80%)  {verdict(ratio, 0.80)}"
+        )
+    ratio = statistics.median(r["common-10"]["ratio"] for r in rounds)
+    results["grpc"]["common-10_ratio"] = ratio
+    print(f"   common bootstrap with all interceptors, 10% of calls traced (the chart's default): {ratio:.0%} of bare")
 
 
 def bench_auth(bootstrap: str, results: dict) -> None:

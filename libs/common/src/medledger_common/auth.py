@@ -378,12 +378,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method: str = handler_call_details.method
-        handler = await continuation(handler_call_details)
-        if handler is None or self.is_public(method) or handler.unary_unary is None:
-            return handler
+        # Looked up first, as the other interceptors do: the continuation (the rest of the
+        # chain and the method lookup) ran on every call only to be replaced by this.
         cached = self._wrapped.get(method)
         if cached is not None:
             return cached
+        handler = await continuation(handler_call_details)
+        if handler is None or self.is_public(method) or handler.unary_unary is None:
+            return handler
         behavior = handler.unary_unary
 
         async def authenticated(request: Any, context: grpc.aio.ServicerContext) -> Any:
