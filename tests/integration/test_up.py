@@ -66,7 +66,9 @@ class Ports:
         self.kafka = _port_block(1, chosen)
         self.anvil = _port_block(1, chosen)
         self.grpc_base = _port_block(len(SERVICES), chosen)
-        self.metrics_base = _port_block(len(SERVICES), chosen)
+        # 15, not 5: `up` also serves identity's JWKS at metrics base + 10 and audit's log tiles at
+        # + 14 (a CI run once found the gRPC block there: "the port options overlap").
+        self.metrics_base = _port_block(15, chosen)
 
     def grpc(self, service: str) -> int:
         return self.grpc_base + SERVICES.index(service)
