@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jwt.exceptions import PyJWKError
 
 from medledger_common.errors import PermissionDenied, Unauthenticated
-from medledger_common.grpc_server import with_unary_behavior
+from medledger_common.grpc_server import UnaryBehavior, UnaryWrappingInterceptor
 
 LEEWAY_SECONDS = 30
 JWKS_REFETCH_SECONDS = 30
@@ -333,7 +333,7 @@ def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     return None
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(UnaryWrappingInterceptor):
     """Authenticates every non-public RPC and applies its coarse access rule."""
 
     def __init__(
@@ -348,7 +348,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.deactivated = deactivated
         self.public_methods = frozenset(public_methods)
         self.access = dict(access)
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        super().__init__()
 
     def is_public(self, method: str) -> bool:
         return (
@@ -372,21 +372,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             raise PermissionDenied("the caller's roles do not allow this call")
         return caller
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method
-        # Looked up first, as the other interceptors do: the continuation (the rest of the
-        # chain and the method lookup) ran on every call only to be replaced by this.
-        cached = self._wrapped.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None or self.is_public(method) or handler.unary_unary is None:
-            return handler
-        behavior = handler.unary_unary
+    def wrap(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior | None:
+        if self.is_public(method):
+            return None
 
         async def authenticated(request: Any, context: grpc.aio.ServicerContext) -> Any:
             caller = await self.authenticate(context.invocation_metadata(), method)
@@ -396,9 +384,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             finally:
                 _current.reset(token)
 
-        wrapped = with_unary_behavior(handler, authenticated)
-        self._wrapped[method] = wrapped
-        return wrapped
+        return authenticated
 
 
 def jwks_json(keys: Iterable[Mapping[str, Any]]) -> bytes:

@@ -86,10 +86,10 @@ def _split_method(full: str) -> tuple[str, str]:
     return service, method
 
 
-_Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-def with_unary_behavior(handler: grpc.RpcMethodHandler, behavior: _Behavior) -> grpc.RpcMethodHandler:
+def with_unary_behavior(handler: grpc.RpcMethodHandler, behavior: UnaryBehavior) -> grpc.RpcMethodHandler:
     """`handler` with its unary behaviour replaced, keeping its (de)serializers: how interceptors wrap."""
     return grpc.unary_unary_rpc_method_handler(
         behavior,
@@ -98,15 +98,17 @@ def with_unary_behavior(handler: grpc.RpcMethodHandler, behavior: _Behavior) -> 
     )
 
 
-class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """RED metrics, a server span and error mapping, applied in one wrapper per method.
-
-    They share one pass on purpose: each grpc.aio interceptor adds an awaited layer to every
-    call, and these three always go together. Wrapped handlers are cached per method.
-    """
+class UnaryWrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """An interceptor that wraps each unary method's behaviour once and caches the wrapped
+    handler per method: grpc.aio calls `intercept_service` on every call, so a cached method
+    skips the rest of the chain and the method lookup. A subclass says how in `wrap`."""
 
     def __init__(self) -> None:
         self._cache: dict[str, grpc.RpcMethodHandler] = {}
+
+    def wrap(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior | None:
+        """The behaviour to run for `method` instead of `behavior`; None leaves it as it is."""
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -118,48 +120,43 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
         if cached is not None:
             return cached
         handler = await continuation(handler_call_details)
-        if handler is None or method.startswith(("/grpc.health.", "/grpc.reflection.")):
+        # Streaming RPCs keep their own handlers; medledger's APIs are unary.
+        if handler is None or handler.unary_unary is None:
             return handler
-        if handler.unary_unary is None:
-            # Streaming RPCs keep their own handlers; medledger's APIs are unary.
+        behavior = self.wrap(method, handler.unary_unary)
+        if behavior is None:
             return handler
-        wrapped = with_unary_behavior(handler, _wrap_unary(method, handler.unary_unary))
+        wrapped = with_unary_behavior(handler, behavior)
         self._cache[method] = wrapped
         return wrapped
 
 
-class RequestChecksInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ObservabilityInterceptor(UnaryWrappingInterceptor):
+    """RED metrics, a server span and error mapping, applied in one wrapper per method.
+
+    They share one pass on purpose: each grpc.aio interceptor adds an awaited layer to every
+    call, and these three always go together.
+    """
+
+    def wrap(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior | None:
+        if method.startswith(("/grpc.health.", "/grpc.reflection.")):
+            return None
+        return _wrap_unary(method, behavior)
+
+
+class RequestChecksInterceptor(UnaryWrappingInterceptor):
     """Every unary request through ``check_request`` (no NUL in strings, times in range, ids of
-    at most 64 characters) before its handler: INVALID_ARGUMENT naming the field otherwise.
-    Wrapped handlers are cached per method, as the other interceptors do."""
+    at most 64 characters) before its handler: INVALID_ARGUMENT naming the field otherwise."""
 
-    def __init__(self) -> None:
-        self._cache: dict[str, grpc.RpcMethodHandler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method
-        cached = self._cache.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        behavior = handler.unary_unary
-
+    def wrap(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior | None:
         async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
             check_request(request)
             return await behavior(request, context)
 
-        wrapped = with_unary_behavior(handler, checked)
-        self._cache[method] = wrapped
-        return wrapped
+        return checked
 
 
-def _wrap_unary(full_method: str, behavior: _Behavior) -> _Behavior:
+def _wrap_unary(full_method: str, behavior: UnaryBehavior) -> UnaryBehavior:
     service, method = _split_method(full_method)
     started = RPC_STARTED.labels(service, method)
     seconds = RPC_SECONDS.labels(service, method)
