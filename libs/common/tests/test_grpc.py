@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import grpc
@@ -191,25 +192,36 @@ async def test_mtls_round_trip_and_a_client_without_a_certificate_is_refused(pki
     server = await _server(FakeIdentity(), tls=TLSFiles(pki["server_cert"], pki["server_key"], pki["ca"]))
     target = f"127.0.0.1:{server.port}"
     try:
-        async with make_channel(
-            target,
-            ca_file=pki["ca"],
-            cert_file=pki["client_cert"],
-            key_file=pki["client_key"],
-            server_name_override="identity.medledger.test",
-        ) as channel:
-            reply = await pb_grpc.IdentityServiceStub(channel).RegisterPrincipal(
-                pb.RegisterPrincipalRequest(request_id="r1"), timeout=10
-            )
-            assert reply.principal.principal_id == "pat_1"
-        async with make_channel(target, ca_file=pki["ca"], server_name_override="identity.medledger.test") as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await pb_grpc.IdentityServiceStub(channel).RegisterPrincipal(
-                    pb.RegisterPrincipalRequest(request_id="r1"), timeout=5
-                )
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        await _accepted_then_refused(
+            make_channel(
+                target,
+                ca_file=pki["ca"],
+                cert_file=pki["client_cert"],
+                key_file=pki["client_key"],
+                server_name_override="identity.medledger.test",
+            ),
+            make_channel(target, ca_file=pki["ca"], server_name_override="identity.medledger.test"),
+        )
     finally:
         await server.stop(0)
+
+
+async def _accepted_then_refused(
+    accepted: AbstractAsyncContextManager[grpc.aio.Channel], refused: AbstractAsyncContextManager[grpc.aio.Channel]
+) -> None:
+    """A call through the `accepted` channel succeeds; through `refused` the server turns the
+    connection down (UNAVAILABLE)."""
+    async with accepted as channel:
+        reply = await pb_grpc.IdentityServiceStub(channel).RegisterPrincipal(
+            pb.RegisterPrincipalRequest(request_id="r1"), timeout=10
+        )
+        assert reply.principal.principal_id == "pat_1"
+    async with refused as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await pb_grpc.IdentityServiceStub(channel).RegisterPrincipal(
+                pb.RegisterPrincipalRequest(request_id="r1"), timeout=5
+            )
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 async def test_calls_between_services_use_the_services_own_tls_files(tmp_path: Path) -> None:
@@ -230,17 +242,10 @@ async def test_calls_between_services_use_the_services_own_tls_files(tmp_path: P
     records = ServiceSettings(tls_cert_file=rec_cert, tls_key_file=rec_key, tls_ca_file=tmp_path / "ca.crt")
     plaintext = ServiceSettings()
     try:
-        async with service_channel(records, f"localhost:{server.port}") as channel:
-            reply = await pb_grpc.IdentityServiceStub(channel).RegisterPrincipal(
-                pb.RegisterPrincipalRequest(request_id="r1"), timeout=10
-            )
-            assert reply.principal.principal_id == "pat_1"
-        async with service_channel(plaintext, f"localhost:{server.port}") as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await pb_grpc.IdentityServiceStub(channel).RegisterPrincipal(
-                    pb.RegisterPrincipalRequest(request_id="r1"), timeout=5
-                )
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        await _accepted_then_refused(
+            service_channel(records, f"localhost:{server.port}"),
+            service_channel(plaintext, f"localhost:{server.port}"),
+        )
     finally:
         await server.stop(0)
 
