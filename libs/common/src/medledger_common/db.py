@@ -67,8 +67,7 @@ class DriverQuery:
     async def first(self, db: Database, params: dict[str, Any]) -> Mapping[str, Any] | None:
         """The first row of the query with `params`, read on its own (autocommit)."""
         if db.is_postgres:
-            pool = await db.driver_pool()
-            async with pool.acquire() as driver:
+            async with db.driver() as driver:
                 row: Mapping[str, Any] | None = await driver.fetchrow(
                     self.sql, *[params[n] if n in params else self._fixed[n] for n in self._names]
                 )
@@ -88,9 +87,6 @@ class Database:
         self._sqlite_path: Path | None = None
         self._file_locks: dict[str, int] = {}
         self._local_locks: dict[str, asyncio.Lock] = {}
-        self._pool_size = pool_size
-        self._driver_pool: Any = None  # asyncpg.Pool for DriverQuery, made at first use
-        self._driver_pool_lock = asyncio.Lock()
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 self._sqlite_path = Path(parsed.database)
@@ -127,6 +123,14 @@ class Database:
             if self.is_postgres:
                 await conn.execution_options(isolation_level="AUTOCOMMIT")
             yield conn
+
+    @asynccontextmanager
+    async def driver(self) -> AsyncIterator[Any]:
+        """PostgreSQL: a pooled connection's own asyncpg connection, for hot reads of one
+        statement (`DriverQuery`, audit's tiles). Nothing goes through SQLAlchemy on it, so no
+        transaction begins: each statement commits on its own."""
+        async with self.engine.connect() as conn:
+            yield (await conn.get_raw_connection()).driver_connection
 
     async def connect_driver(self) -> Any:
         """PostgreSQL: a plain asyncpg connection of its own, outside the pool, in autocommit.
@@ -217,22 +221,7 @@ class Database:
         async with self.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
-    async def driver_pool(self) -> Any:
-        """PostgreSQL: a pool of plain asyncpg connections (autocommit) beside SQLAlchemy's, for
-        `DriverQuery`; the same size as the engine's pool."""
-        if self._driver_pool is None:
-            import asyncpg
-
-            async with self._driver_pool_lock:
-                if self._driver_pool is None:
-                    url = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
-                    self._driver_pool = await asyncpg.create_pool(url, min_size=1, max_size=self._pool_size)
-        return self._driver_pool
-
     async def close(self) -> None:
-        if self._driver_pool is not None:
-            pool, self._driver_pool = self._driver_pool, None
-            await pool.close()
         await self.engine.dispose()
         for fd in self._file_locks.values():
             os.close(fd)

@@ -39,9 +39,8 @@ class ServiceSettings(BaseSettings):
     tls_ca_file: Path | None = None
 
     database_url: str = "sqlite+aiosqlite:///.medledger/service.db"
-    # PostgreSQL connections a replica keeps open (SQLAlchemy's pool, and as many again for the
-    # hot reads that bypass it), plus half that many more under bursts. Fewer than a replica's
-    # concurrent transactions makes it open and close connections per request.
+    # PostgreSQL connections a replica keeps open, plus half that many more under bursts. Fewer
+    # than a replica's concurrent transactions makes it open and close connections per request.
     database_pool_size: int = Field(default=20, ge=1, le=200)
     # Schema migrations: "start" applies them as the service starts (the embedded default);
     # "only" applies them and exits (a deployment's migration Job); "check" applies none and

@@ -181,11 +181,10 @@ class DatabaseTiles:
         if not wanted:
             return []
         if self.db.is_postgres:
-            # A pooled connection's asyncpg driver, one statement in autocommit: a proof is this
-            # one read, and through SQLAlchemy's statement building it cost more than the query.
-            async with self.db.engine.connect() as conn:
-                raw = await conn.get_raw_connection()
-                return await PgTiles(raw.driver_connection).read_tiles(wanted)
+            # One statement through asyncpg itself: a proof is this one read, and through
+            # SQLAlchemy's statement building it cost more than the query.
+            async with self.db.driver() as driver:
+                return await PgTiles(driver).read_tiles(wanted)
         async with self.db.read() as conn:
             return await ConnectionTiles(conn).read_tiles(wanted)
 
