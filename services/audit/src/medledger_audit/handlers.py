@@ -34,7 +34,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from medledger_audit.entries import EntryDraft, draft_entry, unprocessable_entry
-from medledger_audit.sequencer import PreparedBatch, Sequencer
+from medledger_audit.sequencer import YIELD_EVERY, PreparedBatch, Sequencer
 from medledger_common.events import SERVICE_TOPIC_PATTERN, MalformedEvent, decode
 from medledger_common.kafka import TRANSIENT_ERRORS, EventConsumer, consumer_span_attributes, producer_trace_context
 
@@ -46,9 +46,6 @@ _TRANSIENT = (*TRANSIENT_ERRORS, asyncpg.PostgresConnectionError, asyncpg.Interf
 # Failures that are not a dependency being down: after this many the service stops (loudly)
 # rather than skip an event or spin.
 MAX_FAILED_APPENDS = 10
-# Drafting a poll is thousands of messages of CPU work; it lets the loop run every this many, so
-# the append in flight (a dozen round trips to the database) is not held up behind it.
-YIELD_EVERY = 250
 
 Records = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 # (message, its entry, the trace context it carries): the messages appended in a span.

@@ -40,6 +40,9 @@ from medledger_common.keys import KeyManager, KeyType
 log = logging.getLogger(__name__)
 
 APPEND_LOCK = "audit-sequencer"
+# Drafting and preparing a poll are thousands of messages of CPU work; they let the event loop
+# run every this many, so the append in flight (a dozen round trips to the database) is not
+# held up behind them.
 YIELD_EVERY = 250
 ERASURE_TYPE = "erasure.completed"
 # Fields that name who acted, in the order they are looked for (for lookups by actor).
@@ -216,7 +219,7 @@ class Sequencer:
             integrated_time = time.time()
             prepared = []
             for n, draft in enumerate(chunk, 1):
-                if n % YIELD_EVERY == 0:  # the append in flight goes on meanwhile (see handlers)
+                if n % YIELD_EVERY == 0:
                     await asyncio.sleep(0)
                 subject = subjects[draft.patient_id] if draft.patient_id else None
                 entry = encode_entry(draft, subject, integrated_time)
