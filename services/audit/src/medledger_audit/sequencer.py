@@ -128,11 +128,12 @@ class Subjects:
 
     async def of(self, patient_ids: Iterable[str]) -> dict[str, str]:
         ids = sorted(set(patient_ids))
-        new = [name for name in map(subject_key_name, ids) if name not in self._known]
+        names = [subject_key_name(p) for p in ids]
+        new = [name for name in names if name not in self._known]
         await asyncio.gather(*(self.keys.ensure_key(name, KeyType.HMAC) for name in new))
         self._known.update(new)
         try:
-            values = await self.keys.hmac_many([(subject_key_name(p), p.encode()) for p in ids])
+            values = await self.keys.hmac_many([(name, p.encode()) for name, p in zip(names, ids, strict=True)])
         except NotFound:  # a key erased by another replica since: one by one, making it anew
             values = await asyncio.gather(*(self._one(p) for p in ids))
         return dict(zip(ids, values, strict=True))
