@@ -29,6 +29,7 @@ from medledger_common import chain, localstack, notes
 from medledger_common.anchored_proofs import TrustPolicy
 from medledger_common.testing import Postgres
 from medledger_sdk.cli import up as up_command
+from medledger_sdk.cli.demo import free_ports
 from medledger_sdk.cli.state import ADMIN_PRINCIPAL, RecordedProcess, StateDir, read_chain_key
 from medledger_sdk.client import Endpoints, Medledger
 from medledger_sdk.demo import OUT_FILES, Narrator, StoryConfig, run_story
@@ -37,38 +38,16 @@ GRPCURL = Path(sys.executable).parent / "grpcurl"
 SERVICES = ("identity", "consent", "records", "anchoring", "audit")
 
 
-def _port_block(size: int, avoid: set[int]) -> int:
-    """The first of `size` consecutive free ports, none of them in `avoid` (chosen already but
-    not yet bound, so the OS could hand them out again)."""
-    for _ in range(50):
-        base = localstack.free_port()
-        block = set(range(base, base + size))
-        if base + size > 65535 or block & avoid:
-            continue
-        if all(_bindable(p) for p in block):
-            avoid |= block
-            return base
-    raise RuntimeError(f"no {size} consecutive free ports found")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((localstack.HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 class Ports:
+    """A whole stack's ports, chosen as the demo chooses its own (`free_ports`): below the
+    kernel's ephemeral range, every port `up` serves checked free, the JWKS and tile ports of the
+    metrics block included. Ports the OS handed out had met both failures in CI: a gRPC block on
+    the tiles' port, and a service starting late whose port an outgoing connection had taken."""
+
     def __init__(self) -> None:
-        chosen: set[int] = set()
-        self.kafka = _port_block(1, chosen)
-        self.anvil = _port_block(1, chosen)
-        self.grpc_base = _port_block(len(SERVICES), chosen)
-        # 15, not 5: `up` also serves identity's JWKS at metrics base + 10 and audit's log tiles at
-        # + 14 (a CI run once found the gRPC block there: "the port options overlap").
-        self.metrics_base = _port_block(15, chosen)
+        chosen = free_ports()
+        self.kafka, self.anvil = chosen.kafka, chosen.anvil
+        self.grpc_base, self.metrics_base = chosen.grpc_base, chosen.metrics_base
 
     def grpc(self, service: str) -> int:
         return self.grpc_base + SERVICES.index(service)
