@@ -46,12 +46,12 @@ from medledger.records.v1 import records_service_pb2 as rec_pb
 from medledger.records.v1 import records_service_pb2_grpc as rec_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
+from medledger_common import synthetic
 from medledger_common.grpc_client import make_channel
 from medledger_common.testing import Anvil, Postgres
 from medledger_sdk.auth import TokenClient
 
 REPO = Path(__file__).resolve().parents[2]
-SYNTHEA = REPO.parent / "shared" / "data" / "synthea"
 CODE = grpc.StatusCode
 Kind = vocab.PrincipalKind
 Role = vocab.Role
@@ -243,11 +243,8 @@ class World:
 
 @functools.cache
 def observation() -> bytes:
-    for path in sorted(SYNTHEA.glob("*.json")):
-        for entry in json.loads(path.read_text()).get("entry", []):
-            if entry["resource"]["resourceType"] == "Observation":
-                return json.dumps(entry["resource"]).encode()
-    raise AssertionError("no Observation in the Synthea data")
+    """The first Observation of the seeded synthetic patients, as a put sends it."""
+    return json.dumps(synthetic.population().first("Observation")).encode()
 
 
 def _conftest_start_stack(config: pytest.Config) -> Callable[..., Any]:

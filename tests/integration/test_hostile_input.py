@@ -30,7 +30,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -57,6 +56,7 @@ from medledger.records.v1 import records_service_pb2 as rec_pb
 from medledger.types.v1 import vocabulary_pb2 as vocab
 from sqlalchemy import text
 
+from medledger_common import synthetic
 from medledger_common.events import TOPICS, Event, dlq_topic, new_event
 from medledger_common.grpc_client import make_channel
 from medledger_common.kafka import EventConsumer
@@ -72,7 +72,6 @@ FORBIDDEN = {CODE.INTERNAL, CODE.UNKNOWN, CODE.DATA_LOSS, CODE.DEADLINE_EXCEEDED
 # At most 50 per RPC (fewer with MEDLEDGER_HOSTILE_EXAMPLES, e.g. for a quick local run).
 EXAMPLES_PER_RPC = min(50, int(os.environ.get("MEDLEDGER_HOSTILE_EXAMPLES", "50")))
 CALL_TIMEOUT = 20.0
-SYNTHEA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "synthea"
 OBS = vocab.DataCategory.DATA_CATEGORY_OBSERVATIONS
 TREAT = vocab.PurposeOfUse.PURPOSE_OF_USE_TREAT
 READ, WRITE = vocab.Action.ACTION_READ, vocab.Action.ACTION_WRITE
@@ -176,11 +175,8 @@ BAD_BYTES = (
 
 
 def _observation() -> dict[str, Any]:
-    for path in sorted(SYNTHEA.glob("*.json")):
-        for entry in json.loads(path.read_text()).get("entry", []):
-            if entry["resource"]["resourceType"] == "Observation":
-                return dict(entry["resource"])
-    raise AssertionError("no Observation in the Synthea data")
+    """The first Observation of the seeded synthetic patients."""
+    return synthetic.population().first("Observation")
 
 
 def injected_observation(strings: tuple[str, ...] = INJECTIONS) -> dict[str, Any]:

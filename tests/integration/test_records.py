@@ -12,7 +12,6 @@ import hashlib
 import json
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,6 +27,7 @@ from medledger.records.v1 import records_service_pb2_grpc as pb_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
 from sqlalchemy import func, select, update
 
+from medledger_common import synthetic
 from medledger_common.errors import NotFound
 from medledger_common.events import decode, unpack
 from medledger_common.grpc_client import make_channel
@@ -42,7 +42,6 @@ OBS = vocab.DataCategory.DATA_CATEGORY_OBSERVATIONS
 DOCS = vocab.DataCategory.DATA_CATEGORY_DOCUMENTS
 TREAT = vocab.PurposeOfUse.PURPOSE_OF_USE_TREAT
 READ, WRITE = vocab.Action.ACTION_READ, vocab.Action.ACTION_WRITE
-SYNTHEA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "synthea"
 
 
 def rid() -> str:
@@ -50,11 +49,8 @@ def rid() -> str:
 
 
 def observation() -> dict[str, Any]:
-    for path in sorted(SYNTHEA.glob("*.json")):
-        for entry in json.loads(path.read_text()).get("entry", []):
-            if entry["resource"]["resourceType"] == "Observation":
-                return dict(entry["resource"])
-    raise AssertionError("no Observation in the Synthea data")
+    """The first Observation of the seeded synthetic patients."""
+    return synthetic.population().first("Observation")
 
 
 async def people(stack: Any) -> dict[str, Any]:
@@ -628,10 +624,11 @@ CATEGORY_OF = {
 }
 
 
-async def test_every_synthea_resource_round_trips_encrypted_on_postgresql(start_stack) -> None:
-    resources = [
-        entry["resource"] for path in sorted(SYNTHEA.glob("*.json")) for entry in json.loads(path.read_text())["entry"]
-    ]
+async def test_every_synthea_resource_round_trips_encrypted_on_postgresql(
+    start_stack, synthetic_patients: synthetic.Population
+) -> None:
+    # Every resource of the seeded generated set: three patients, some three thousand resources.
+    resources = synthetic_patients.resources()
     assert len(resources) > 500
     async with start_stack(records=True) as stack:
         p = await people(stack)
