@@ -17,6 +17,7 @@ test: setup
 	@bash tools/run_tests.sh
 
 lint: setup
+	uv run --frozen python tools/check_repo_paths.py
 	uv run --frozen ruff check .
 	uv run --frozen ruff format --check .
 	uv run --frozen mypy libs/common/src libs/sdk/src services/*/src
