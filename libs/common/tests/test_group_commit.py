@@ -75,6 +75,76 @@ async def test_concurrent_writes_share_commits_and_each_returns_durable(db: Data
     assert commits < 100, "concurrent writes should share commits"
 
 
+async def test_a_lone_write_commits_at_once_and_writes_during_a_commit_share_the_next(db: Database) -> None:
+    # An interval far longer than the test may take: a write that waited for it would time out.
+    writer = OutboxGroupCommit(db, table=notes, commit_interval=120.0)
+    batches: list[int] = []
+    in_flight, release = asyncio.Event(), asyncio.Event()
+    real_commit = writer._commit
+
+    async def counted(batch):  # type: ignore[no-untyped-def]
+        batches.append(len(batch))
+        if len(batches) == 6:  # hold the sixth commit in flight while more writes arrive
+            in_flight.set()
+            await release.wait()
+        await real_commit(batch)
+
+    writer._commit = counted  # type: ignore[method-assign]
+    runner = asyncio.create_task(writer.run())
+
+    def write(n: int) -> asyncio.Future[None]:
+        return asyncio.ensure_future(
+            writer.write("medledger.test", _event(n), None, {"note_id": f"n{n}", "n": n}),
+        )
+
+    try:
+        for n in range(5):  # one caller, one request at a time: each commits on its own, at once
+            await asyncio.wait_for(write(n), timeout=20)
+        assert batches == [1, 1, 1, 1, 1]
+        first = write(5)
+        await asyncio.wait_for(in_flight.wait(), timeout=20)
+        during = [write(n) for n in range(6, 26)]  # load: they queue behind the commit in flight
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.wait_for(first, timeout=20)
+        assert batches == [1, 1, 1, 1, 1, 1]
+        # The next commit waits out the interval for more company: still pending after a while.
+        await asyncio.sleep(0.2)
+        assert not any(f.done() for f in during)
+    finally:
+        runner.cancel()
+        for f in during:
+            f.cancel()
+        await writer.close()
+    assert await _count(db, notes) == 6
+
+
+async def test_under_load_commits_group_at_the_interval(db: Database) -> None:
+    writer = OutboxGroupCommit(db, table=notes, commit_interval=0.05)
+    batches: list[int] = []
+    real_commit = writer._commit
+
+    async def counted(batch):  # type: ignore[no-untyped-def]
+        batches.append(len(batch))
+        await real_commit(batch)
+
+    writer._commit = counted  # type: ignore[method-assign]
+    runner = asyncio.create_task(writer.run())
+    try:
+
+        async def caller(c: int) -> None:  # 16 callers, each one request after another
+            for i in range(10):
+                n = c * 100 + i
+                await writer.write("medledger.test", _event(n), None, {"note_id": f"n{n}", "n": n})
+
+        await asyncio.wait_for(asyncio.gather(*(caller(c) for c in range(16))), timeout=60)
+    finally:
+        runner.cancel()
+        await writer.close()
+    assert sum(batches) == 160 and await _count(db, notes) == 160
+    assert len(batches) < 40, f"16 callers at once should share commits: {batches}"
+
+
 async def test_a_failed_commit_fails_every_write_in_it_and_the_next_ones_work(db: Database) -> None:
     writer = OutboxGroupCommit(db, table=notes)
     runner = asyncio.create_task(writer.run())

@@ -4,11 +4,14 @@ is durable.
 
 Used where every request must leave a durable record before it is answered and requests are
 many: consent's decision log, records' disclosures. Requests queue their writes; one writer task
-commits everything queued so far in one statement, then releases the waiting requests. Commits
-start at most every `commit_interval` seconds (like PostgreSQL's `commit_delay`): alone, a
-request waits for one commit; under load a commit carries many requests' writes instead of one
+commits everything queued so far in one statement, then releases the waiting requests.
+
+A request that finds the writer idle is committed at once: a lone caller (a clinician's app
+asking one thing at a time) waits for its own commit and nothing else. Requests that arrive
+while a commit is in flight are load: the next commit starts at most every `commit_interval`
+seconds (like PostgreSQL's `commit_delay`), so it carries many requests' writes instead of one
 or two, which is what lets a small machine serve more of them (each commit costs the event loop
-more than its rows do), at the price of at most that interval of latency.
+more than its rows do), at the price of at most that interval of latency under load.
 """
 
 from __future__ import annotations
@@ -98,10 +101,12 @@ class OutboxGroupCommit:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            from_idle = True  # nothing in flight when these requests came: commit them at once
             while self._queue:
                 pause = last_start + self.commit_interval - time.monotonic()
-                if pause > 0 and len(self._queue) < self.max_batch:
+                if not from_idle and pause > 0 and len(self._queue) < self.max_batch:
                     await asyncio.sleep(pause)
+                from_idle = False
                 last_start = time.monotonic()
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
                 await self._commit(batch)
