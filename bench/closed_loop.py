@@ -5,11 +5,13 @@ that the baseline (an empty call) and every measured RPC are driven the same way
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-IN_FLIGHT = 16
+IN_FLIGHT = int(os.environ.get("IN_FLIGHT", "16"))
+"""Callers at once; ``IN_FLIGHT=1`` measures a lone caller (run.py's "lone" figures)."""
 
 
 async def measure(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -24,8 +25,11 @@ HERE = Path(__file__).resolve().parent
 PY = sys.executable
 
 
-def run_json(*args: str) -> dict[str, float]:
-    done = subprocess.run([PY, *args], capture_output=True, text=True, timeout=600)
+def run_json(*args: str, in_flight: int | None = None) -> dict[str, float]:
+    """Run a benchmark script; its last line is its figures. `in_flight` sets its callers at once
+    (closed_loop.IN_FLIGHT; 1 measures a lone caller)."""
+    env = None if in_flight is None else {**os.environ, "IN_FLIGHT": str(in_flight)}
+    done = subprocess.run([PY, *args], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0:
         sys.stderr.write(done.stderr[-3000:])
         raise RuntimeError(f"{Path(args[0]).name} {args[1] if len(args) > 1 else ''} failed (exit {done.returncode})")
@@ -186,15 +190,19 @@ def bench_consent(bootstrap: str, pg: localstack.PostgresCluster, results: dict,
         f"(target >= 50,000/s)  {verdict(d['decisions_per_s'], 50_000)}"
     )
     figures: dict = {}
+    lone: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         port = localstack.free_port()
         server = subprocess.Popen([PY, str(HERE / "bench_grpc.py"), "server", "bare", str(port)])
         try:
             localstack.wait_for_port(port, 30, server, "bare gRPC server")
             figures["empty"] = run_json(str(HERE / "bench_grpc.py"), "client", str(port), str(seconds))
+            lone["empty call"] = run_json(str(HERE / "bench_grpc.py"), "client", str(port), str(seconds), in_flight=1)
         finally:
             server.terminate()
             server.wait(10)
+        commits = pg.create_database(f"bench_commit_{uuid.uuid4().hex[:6]}")
+        lone["durable commit"] = run_json(str(HERE / "bench_commit.py"), commits, str(seconds), in_flight=1)
         config = Path(tmp) / "consent.json"
         url = pg.create_database(f"bench_consent_{uuid.uuid4().hex[:6]}")
         stack_folder = Path(tmp) / "stack"
@@ -208,6 +216,9 @@ def bench_consent(bootstrap: str, pg: localstack.PostgresCluster, results: dict,
                     raise RuntimeError("the consent benchmark server did not start")
                 time.sleep(0.2)
             figures["check"] = run_json(str(HERE / "bench_consent.py"), "client", str(config), str(seconds))
+            lone["CheckConsent"] = run_json(
+                str(HERE / "bench_consent.py"), "client", str(config), str(seconds), in_flight=1
+            )
         finally:
             server.terminate()
             server.wait(20)
@@ -222,11 +233,26 @@ def bench_consent(bootstrap: str, pg: localstack.PostgresCluster, results: dict,
         f"(target >= 50%)  {verdict(rate, 0.5)}; p99 {p99:.1f}x the empty call's (target <= 3x)  "
         f"{verdict(3 - p99, 0)}"
     )
+    print("   one caller, one call at a time (no load), on the same machine and database:")
+    for kind, f in lone.items():
+        print(f"   {kind:>16}: p50 {f['p50_ms']:.2f} ms  p99 {f['p99_ms']:.2f} ms  ({f['calls_per_s']:,.0f} calls/s)")
+    bound = lone["empty call"]["p50_ms"] + lone["durable commit"]["p50_ms"]
+    print(
+        f"   a lone CheckConsent: p50 {lone['CheckConsent']['p50_ms']:.2f} ms against a lone empty call plus one "
+        f"durable commit, {bound:.2f} ms (target: within)  {verdict(bound - lone['CheckConsent']['p50_ms'], 0)}"
+    )
     print(
         f"   revocation reaching a second replica, {p['rounds']} consents: p50 {p['p50_ms']:.0f} ms  "
         f"p99 {p['p99_ms']:.0f} ms (target p99 <= 1000 ms)  {verdict(1000 - p['p99_ms'], 0)}"
     )
-    results["consent"] = {"decide": d, **figures, "rate_ratio": rate, "p99_ratio": p99, "propagation": p}
+    results["consent"] = {
+        "decide": d,
+        **figures,
+        "lone": lone,
+        "rate_ratio": rate,
+        "p99_ratio": p99,
+        "propagation": p,
+    }
 
 
 def bench_records(bootstrap: str, pg: localstack.PostgresCluster, results: dict, seconds: float = 5.0) -> None:
