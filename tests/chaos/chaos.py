@@ -51,6 +51,7 @@ from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_common import commitments, localstack
 from medledger_common.anchored_proofs import TrustPolicy
+from medledger_common.errors import Unavailable
 from medledger_sdk.calls import RpcError, pages
 from medledger_sdk.cli.state import ADMIN_PRINCIPAL, StateDir
 from medledger_sdk.cli.up import HOST, SERVICES, Stack
@@ -104,7 +105,7 @@ class Chaos:
             try:
                 if await check():
                     return time.monotonic() - start
-            except (grpc.RpcError, OSError):
+            except (grpc.RpcError, OSError, Unavailable):
                 pass
             await asyncio.sleep(every)
         return None
@@ -218,6 +219,8 @@ async def run_chaos(stack: Stack, pg: localstack.PostgresCluster, args: argparse
                 if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     return None
                 raise
+            except Unavailable:
+                return None  # identity is down (it is killed too), so no token for the call
             return int(reply.anchor.tree_size)
 
         put_times: list[float] = []
