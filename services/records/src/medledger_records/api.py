@@ -90,11 +90,12 @@ def _denied(answer: co_pb.CheckConsentResponse) -> PermissionDenied:
 
 
 class RecordKeys(Protocol):
-    """What records does with its everyday key-manager credential: no deleting keys (only
-    approved erasures do that, through their own credential: erasure.KeyShredder)."""
+    """What records does with its everyday key-manager credential (through data_keys.DataKeyCache):
+    no deleting keys (only approved erasures do that, through their own credential:
+    erasure.KeyShredder)."""
 
     async def ensure_key(self, name: str, key_type: KeyType | str) -> KeyInfo: ...
-    async def generate_data_key(self, name: str) -> DataKey: ...
+    async def data_key_for(self, name: str, plaintext_bytes: int) -> DataKey: ...
     async def decrypt_data_key(self, name: str, wrapped: str) -> bytes: ...
     async def rotate(self, name: str) -> KeyInfo: ...
     async def rewrap(self, name: str, ciphertext: str) -> str: ...
@@ -184,7 +185,7 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
                 commitment = commitments.document_commitment(request.media_type, request.content, salt)
             key_name = patient_key_name(request.patient_id)
             await self.keys.ensure_key(key_name, KeyType.AES256_GCM96)
-            data_key = await self.keys.generate_data_key(key_name)
+            data_key = await self.keys.data_key_for(key_name, len(request.content))
             sealed = domain.seal(data_key.plaintext, request.content, record.record_id, version, request.patient_id)
             stored_key = ""
             if self.blobs is not None:

@@ -27,6 +27,12 @@ class RecordsSettings(ServiceSettings):
     # How long the key manager's backups are kept: a deleted key is gone from every backup this
     # long after its erasure (the certificate's `unrecoverable_after`).
     key_backup_retention_seconds: float = Field(default=30 * DAY, ge=0)
+    # The data-key cache (data_keys.py, KEYS.md "Data-key cache"): how long a data key is kept
+    # (0: no cache), how many versions and plaintext bytes one data key may seal. The erasure
+    # certificate's unrecoverable_after covers the age.
+    data_key_cache_max_age_seconds: float = Field(default=300.0, ge=0)
+    data_key_cache_max_uses: int = Field(default=10_000, ge=1)
+    data_key_cache_max_bytes: int = Field(default=1 << 30, ge=1)
     # Vault only: the token that may delete patient keys, used by approved erasures alone (the
     # service's everyday token has no delete right). See the README's Vault policies.
     erasure_vault_token_file: Path | None = None

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 from medledger.events.v1 import records_events_pb2 as ev
 from medledger.records.v1 import records_service_pb2 as pb
@@ -65,8 +66,9 @@ class KeyShredder:
     (Vault: a token whose policy may set `deletion_allowed` and delete `patient-*` keys, which
     the everyday token may not). Only :class:`ErasureDesk` holds one."""
 
-    def __init__(self, keys: KeyManager) -> None:
+    def __init__(self, keys: KeyManager, forget: Callable[[str], None] = lambda name: None) -> None:
         self._keys = keys
+        self._forget = forget  # the everyday credential's data-key cache
 
     async def key_versions(self, name: str) -> list[int]:
         try:
@@ -76,8 +78,11 @@ class KeyShredder:
         return list(range(1, info.latest_version + 1))
 
     async def shred(self, name: str) -> None:
-        """Delete every version of the key; done already is done."""
+        """Delete every version of the key; done already is done. This process's cached data
+        keys go before and after (a put racing the erasure is refused by the patient's lock)."""
+        self._forget(name)
         await self._keys.erase_key(name)
+        self._forget(name)
 
 
 def _state_name(state: int) -> str:

@@ -14,6 +14,7 @@ from medledger_common.settings import ConfigError, load_settings_or_exit
 from medledger_records.api import ACCESS, PUBLIC_METHODS, RecordsApi
 from medledger_records.blobs import FilesystemBlobStore
 from medledger_records.config import RecordsSettings
+from medledger_records.data_keys import CacheLimits, DataKeyCache
 from medledger_records.erasure import ErasureDesk, KeyShredder
 from medledger_records.storage import MIGRATIONS
 
@@ -27,23 +28,32 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         settings.consent_address,
         interceptors=[BearerTokenInterceptor(runtime.identity_link(), "medledger.consent")],
     )
-    keys = runtime.require_keys()
+    everyday_keys = runtime.require_keys()
+    keys = DataKeyCache(
+        everyday_keys,
+        CacheLimits(
+            max_age_seconds=settings.data_key_cache_max_age_seconds,
+            max_uses=settings.data_key_cache_max_uses,
+            max_bytes=settings.data_key_cache_max_bytes,
+        ),
+    )
     blobs = FilesystemBlobStore(settings.blob_dir) if settings.blob_store == "filesystem" else None
-    erasure_keys = _erasure_key_manager(settings, keys)
+    erasure_keys = _erasure_key_manager(settings, everyday_keys)
     erasures = ErasureDesk(
         runtime,
-        KeyShredder(erasure_keys),
+        KeyShredder(erasure_keys, forget=keys.purge),
         blobs,
         grace_seconds=settings.erasure_grace_seconds,
         check_interval=settings.erasure_check_interval_seconds,
-        backup_retention_seconds=settings.key_backup_retention_seconds,
+        # A data key cached in another records process outlives the erasure by at most its age.
+        backup_retention_seconds=max(settings.key_backup_retention_seconds, settings.data_key_cache_max_age_seconds),
     )
     disclosures = OutboxGroupCommit(runtime.db, what="the disclosure")
     disclosures.after_commit = runtime.relay.notify
     api = RecordsApi(runtime, keys, ConsentServiceStub(consent_channel), erasures, disclosures, blobs)
     runtime.extras["erasures"] = erasures
     on_stop = [consent_channel.close, disclosures.close]
-    if erasure_keys is not keys:
+    if erasure_keys is not everyday_keys:
         on_stop.append(erasure_keys.aclose)
     return ServiceParts(
         service_descriptors=[records_service_pb2.DESCRIPTOR.services_by_name["RecordsService"]],
