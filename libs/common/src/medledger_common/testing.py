@@ -1,5 +1,5 @@
 """Pytest fixtures that start the real components on free ports and stop them afterwards:
-Tansu (Kafka protocol), Anvil (EVM) and a PostgreSQL cluster of the tests' own.
+Tansu (Kafka protocol), Anvil (EVM), a PostgreSQL cluster and an OpenBao server of the tests' own.
 
 Registered for every test folder by the repository's root ``conftest.py``.
 """
@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from medledger_common import localstack
 from medledger_common.db import Migration
+from medledger_common.openbao import OpenBao
 from medledger_common.service import ServiceParts, ServiceRuntime
 from medledger_common.settings import ServiceSettings
 from medledger_common.telemetry import configure_tracing
@@ -35,6 +36,20 @@ class Anvil:
     rpc_url: str
     state_file: Path
     process: localstack.ManagedProcess
+
+
+@dataclass
+class OpenBaoServer:
+    """The tests' OpenBao: its address, the root token (for the contract suite and set-up) and
+    one token file per policy of ``deploy/vault/`` (``medledger-<file stem>``)."""
+
+    address: str
+    root_token: str
+    token_files: dict[str, Path]
+    server: OpenBao
+
+    def token_file(self, policy: str) -> Path:
+        return self.server.token_file(policy)
 
 
 class Postgres:
@@ -78,6 +93,20 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
         yield Postgres(cluster)
     finally:
         cluster.stop("immediate")
+
+
+@pytest.fixture(scope="session")
+def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBaoServer]:
+    """A real OpenBao server (raft storage, initialized and unsealed, transit mounted, the
+    repository's ``deploy/vault/*.hcl`` loaded) for the whole test session. Tests that seal or
+    stop a server start one of their own."""
+    folder = tmp_path_factory.mktemp("openbao")
+    server = OpenBao(folder / "state", folder / "secrets", localstack.repo_root() / "deploy" / "vault")
+    server.start()
+    try:
+        yield OpenBaoServer(server.address, server.root_token, server.token_files, server)
+    finally:
+        server.stop()
 
 
 @asynccontextmanager
