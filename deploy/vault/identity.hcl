@@ -9,7 +9,7 @@ path "transit/encrypt/identity-*"     { capabilities = ["update"] }             
 path "transit/decrypt/identity-*"     { capabilities = ["update"] }
 
 # Each principal's key pair (its did:key): created at registration, public key read back.
-path "transit/keys/principal-*"       { capabilities = ["create", "read"] }
+path "transit/keys/principal-*"       { capabilities = ["create", "read", "update"] }  # OpenBao: creating a transit key needs update
 
 # Patients' FHIR resources, under the patient's own key (shared with records and consent). After
 # an erasure identity marks the key deletable and deletes it if records has not (it has: identity

@@ -2,5 +2,5 @@
 # approved erasures (erasure.KeyShredder): read, allow deletion, delete; nothing that touches data.
 path "transit/keys/patient-*" {
   capabilities       = ["read", "update", "delete"]
-  allowed_parameters = { "deletion_allowed" = ["true"] }
+  allowed_parameters = { "deletion_allowed" = [true] }  # a bool: OpenBao refuses the string "true" for the JSON true hvac sends
 }

@@ -23,9 +23,10 @@ import grpc
 import pytest
 from medledger.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
 from medledger.identity.v1 import identity_service_pb2 as identity_pb
+from medledger.records.v1 import records_service_pb2 as records_pb
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
-from medledger_common import chain, localstack, notes
+from medledger_common import chain, commitments, localstack, notes
 from medledger_common.anchored_proofs import TrustPolicy
 from medledger_common.testing import Postgres
 from medledger_sdk.cli import up as up_command
@@ -48,6 +49,7 @@ class Ports:
         chosen = free_ports()
         self.kafka, self.anvil = chosen.kafka, chosen.anvil
         self.grpc_base, self.metrics_base = chosen.grpc_base, chosen.metrics_base
+        self.openbao = chosen.openbao
 
     def grpc(self, service: str) -> int:
         return self.grpc_base + SERVICES.index(service)
@@ -67,6 +69,8 @@ class Ports:
             str(self.grpc_base),
             "--metrics-port-base",
             str(self.metrics_base),
+            "--openbao-port",
+            str(self.openbao),
         ]
 
 
@@ -205,9 +209,11 @@ async def _check_reuse(state_dir: Path, recorded: dict[str, object], capsys: pyt
 async def test_up_serves_every_service_and_stops_everything_it_started(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """With --keys local (a keyring file per service): the story on PostgreSQL and the restart
+    test run on the default, OpenBao."""
     state_dir = tmp_path / "state"
     ports = Ports()
-    up = await _medledger("up", "--state-dir", str(state_dir), *ports.args())
+    up = await _medledger("up", "--state-dir", str(state_dir), *ports.args(), "--keys", "local")
     output: list[str] = []
     try:
         await _read_until(up, "ready", output, within=60)
@@ -507,6 +513,8 @@ async def test_the_story_on_postgresql_through_the_sdk(tmp_path: Path, postgres:
             "the record's salt": result.salt,
             "the auditor's client secret": secret,
             **{f"secret file {p.name}": p.read_bytes().strip() for p in secrets_dir.rglob("*") if p.is_file()},
+            # OpenBao's unseal key and root token: only `up` reads them.
+            **_openbao_init_secrets(state_dir),
         }
         async with Medledger(config.endpoints, principal_id=auditor, client_secret=secret) as ml:
             secrets["an access token"] = await ml.token("audit")
@@ -528,3 +536,107 @@ async def test_the_story_on_postgresql_through_the_sdk(tmp_path: Path, postgres:
             up.kill()
             await up.wait()
     assert up.returncode == 0, "".join(output)
+
+
+# --- keys in OpenBao ----------------------------------------------------------------------------
+
+
+def _openbao_init_secrets(state_dir: Path) -> dict[str, str | bytes]:
+    init = json.loads((state_dir / "openbao" / "openbao-init.json").read_text())
+    return {f"OpenBao's {k}": init[k] for k in ("unseal_key", "root_token")}
+
+
+def _load_module() -> ModuleType:
+    """bench/load.py, the load generator: registers a hospital, staff and patients, and puts."""
+    path = Path(__file__).parents[2] / "bench" / "load.py"
+    spec = importlib.util.spec_from_file_location("medledger_bench_load", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(300)
+async def test_a_second_up_finds_the_keys_in_openbao(tmp_path: Path) -> None:
+    """Records written before Ctrl-C read after the next `up`: OpenBao's raft storage kept the
+    keys (records' data keys, identity's token-signing key, the patients' resources), the
+    second start unsealed it rather than initializing it, and nothing of it outlived `up`."""
+    state_dir, ports = tmp_path / "state", Ports()
+    load_module = _load_module()
+
+    async def up_until_ready() -> tuple[asyncio.subprocess.Process, list[str]]:
+        up = await _medledger("up", "--state-dir", str(state_dir), *ports.args())
+        output: list[str] = []
+        await _read_until(up, "ready", output, within=90)
+        return up, output
+
+    async def interrupt(up: asyncio.subprocess.Process, output: list[str]) -> str:
+        up.send_signal(signal.SIGINT)
+        rest, _ = await asyncio.wait_for(up.communicate(), 45)
+        output.append(rest.decode())
+        log = "".join(output)
+        assert up.returncode == 0, log
+        return log
+
+    up, output = await up_until_ready()
+    try:
+        first = "".join(output)
+        assert "starting OpenBao" in first and "initializing it" in first, first
+        stack = json.loads((state_dir / "stack.json").read_text())
+        assert stack["key_manager"] == {"kind": "openbao", "address": f"http://{localstack.HOST}:{ports.openbao}"}
+        init = state_dir / "openbao" / "openbao-init.json"
+        assert init.stat().st_mode & 0o777 == 0o600
+        tokens = sorted((state_dir / "secrets" / "openbao").glob("*.token"))
+        assert tokens and all(t.stat().st_mode & 0o777 == 0o600 for t in tokens)
+        logs = "".join(p.read_text(errors="replace") for p in (state_dir / "logs").iterdir())
+        secrets = json.loads(init.read_text())
+        assert secrets["root_token"] not in logs and secrets["unseal_key"] not in logs
+        assert not [t.name for t in tokens if t.read_text().strip() in logs]
+
+        load = load_module.Load(load_module.StackInfo.read(state_dir), patients=2, seed=7)
+        await load.setup()
+        for _ in range(6):
+            await load.op_put()
+        puts = list(load.ledger.puts)
+        assert len(puts) == 6
+        log = await interrupt(up, output)
+    finally:
+        if up.returncode is None:
+            up.kill()
+            await up.wait()
+    assert "stopped openbao (pid" in log, log
+    assert not _processes_mentioning(*ports.traces(state_dir))
+
+    up, output = await up_until_ready()
+    try:
+        second = "".join(output)
+        assert "unsealing it" in second and "initializing it" not in second, second
+        for put in puts:
+            got = await load.doctor_a.records.GetRecord(
+                records_pb.GetRecordRequest(record_id=put.record_id, version=put.version, purpose=TREAT)
+            )
+            assert commitments.record_commitment(got.content, bytes.fromhex(got.receipt.salt)) == put.commitment
+        await load.close()
+        await interrupt(up, output)
+    finally:
+        if up.returncode is None:
+            up.kill()
+            await up.wait()
+
+
+@pytest.mark.timeout(60)
+async def test_up_keeps_a_state_folder_on_the_key_manager_it_began_with(tmp_path: Path) -> None:
+    state_dir, ports = tmp_path / "state", Ports()
+    state_dir.mkdir()
+    (state_dir / "MEDLEDGER_STATE").write_text("ours\n")
+    (state_dir / "keyrings").mkdir()
+    (state_dir / "keyrings" / "records.keyring").write_text("{}")  # a folder from before OpenBao
+    code, out = await _run("up", "--state-dir", str(state_dir), *ports.args())
+    assert code == 1, out
+    assert "keeps its keys in local keyring files" in out and "--keys local" in out, out
+    assert not localstack.port_in_use(ports.openbao) and not localstack.port_in_use(ports.kafka)
+    assert not (state_dir / "openbao").exists()
+
+
+TREAT = vocab.PurposeOfUse.PURPOSE_OF_USE_TREAT

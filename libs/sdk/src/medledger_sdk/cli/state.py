@@ -7,15 +7,19 @@ Layout::
       up.pid              JSON: the running ``up`` and the pids of the processes it started
       <service>.db        one SQLite database per service
       anvil-state.json    the chain state Anvil dumps every second and on SIGTERM
-      logs/<name>.log     one log per process (kafka, anvil, and each service)
-      secrets/            client secrets, keyring master keys, and anchorer.key: the anchoring
-                          service's chain account (hex private key, mode 0600)
+      logs/<name>.log     one log per process (kafka, openbao, anvil, and each service)
+      key-manager         where the keys are: "openbao" (the default) or "local" (keyrings/)
+      openbao/            OpenBao's raft storage and config; openbao-init.json holds the unseal
+                          key and root token (0600), used only by ``up``
+      secrets/            client secrets, openbao/<policy>.token (one token per service and
+                          role), keyring master keys (--keys local), and anchorer.key: the
+                          anchoring service's chain account (hex private key, mode 0600)
       chain.json          the deployed registries, their owner, the anchorer and the RPC URL
       trust-policy.json   what a verifier of anchored proofs trusts: publish this file
       stack.json          where the running stack answers: Kafka, the chain, each service's gRPC
                           and metrics (written once every service serves)
 
-Later commands keep their own files here too (keyrings).
+Later commands keep their own files here too (keyrings/, with --keys local).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ DEFAULT_STATE_DIR = ".medledger"
 ADMIN_PRINCIPAL = "svc_admin"
 MARKER = "MEDLEDGER_STATE"
 PID_FILE = "up.pid"
+KEY_MANAGER_FILE = "key-manager"
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,27 @@ class StateDir:
     def anchorer_key_file(self) -> Path:
         """The anchoring service's chain account: made once, reused by every later ``up``."""
         return self._secret(self.path / "secrets" / "anchorer.key", _write_new_chain_key)
+
+    @property
+    def openbao_dir(self) -> Path:
+        """OpenBao's raft storage, config and init file (unseal key and root token, 0600)."""
+        return self.path / "openbao"
+
+    @property
+    def openbao_secrets_dir(self) -> Path:
+        """One token file per policy (0600): the services' credentials for OpenBao."""
+        return self.path / "secrets" / "openbao"
+
+    def key_manager(self) -> str | None:
+        """Where this folder's keys are: "openbao" or "local"; None for a new folder. Folders
+        from before the choice existed have keyring files."""
+        try:
+            return (self.path / KEY_MANAGER_FILE).read_text().strip()
+        except FileNotFoundError:
+            return "local" if any((self.path / "keyrings").glob("*.keyring")) else None
+
+    def record_key_manager(self, kind: str) -> None:
+        (self.path / KEY_MANAGER_FILE).write_text(kind + "\n")
 
     @property
     def chain_file(self) -> Path:

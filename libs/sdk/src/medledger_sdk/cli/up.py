@@ -51,10 +51,11 @@ from medledger.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
 from web3.exceptions import ContractCustomError
 from web3.types import Wei
 
-from medledger_common import chain, localstack, notes
+from medledger_common import chain, localstack, notes, openbao
 from medledger_common.anchored_proofs import TrustPolicy
 from medledger_common.files import write_atomically
 from medledger_common.kafka import ensure_topics
+from medledger_common.settings import ConfigError
 from medledger_sdk.cli.errors import CommandError
 from medledger_sdk.cli.reset import reset_state
 from medledger_sdk.cli.state import (
@@ -76,6 +77,12 @@ DEFAULT_KAFKA_PORT = 9092
 DEFAULT_ANVIL_PORT = 8545
 DEFAULT_GRPC_PORT_BASE = 50051
 DEFAULT_METRICS_PORT_BASE = 9101
+# OpenBao's API; its cluster port (raft) is the next one.
+DEFAULT_OPENBAO_PORT = 8200
+# Where the service keys live: a real OpenBao server (the default: the key manager a deployment
+# uses, with policies that decide which service may do what), or each service's local keyring
+# file (for a machine without the bao binary).
+KEY_MANAGERS = ("openbao", "local")
 
 # Longer than a service's own shutdown grace (10 s by default) so a clean drain is not cut short.
 SERVICE_STOP_SECONDS = 15.0
@@ -98,6 +105,7 @@ class Ports:
     anvil: int
     grpc_base: int
     metrics_base: int
+    openbao: int = DEFAULT_OPENBAO_PORT
 
     def grpc(self, service: str) -> int:
         return self.grpc_base + SERVICES.index(service)
@@ -115,9 +123,15 @@ class Ports:
         """audit's transparency-log tiles over HTTP: 9115 with the default metrics ports."""
         return self.metrics_base + 14
 
-    def purposes(self) -> list[tuple[int, str]]:
+    @property
+    def openbao_cluster(self) -> int:
+        return self.openbao + 1
+
+    def purposes(self, keys: str = "openbao") -> list[tuple[int, str]]:
         """Every port the stack needs, with what it is for."""
         needed = [(self.kafka, "Kafka (Tansu)"), (self.anvil, "Anvil JSON-RPC")]
+        if keys == "openbao":
+            needed += [(self.openbao, "OpenBao API"), (self.openbao_cluster, "OpenBao cluster")]
         needed += [(self.grpc(s), f"{s} gRPC") for s in SERVICES]
         needed += [(self.metrics(s), f"{s} metrics") for s in SERVICES]
         needed.append((self.jwks, "identity JWKS over HTTP"))
@@ -141,6 +155,21 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--anvil-port", type=_port, default=DEFAULT_ANVIL_PORT, help="Anvil JSON-RPC port (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--openbao-port",
+        type=_port,
+        default=DEFAULT_OPENBAO_PORT,
+        help="OpenBao's API port; its cluster port is the next one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--keys",
+        choices=KEY_MANAGERS,
+        default="openbao",
+        help=(
+            "where the services keep their keys: a real OpenBao server with the policies of deploy/vault "
+            "(default), or a local keyring file per service (no OpenBao needed)"
+        ),
     )
     parser.add_argument(
         "--grpc-port-base",
@@ -204,12 +233,13 @@ def _origin(text: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     state = StateDir.at(args.state_dir)
-    ports = Ports(args.kafka_port, args.anvil_port, args.grpc_port_base, args.metrics_port_base)
-    preflight(state, ports)
+    ports = Ports(args.kafka_port, args.anvil_port, args.grpc_port_base, args.metrics_port_base, args.openbao_port)
+    preflight(state, ports, args.keys)
     if args.reset:
         reset_state(state)
     state.create()
-    stack = Stack(state, ports, args.log_origin, database_url=args.database_url)
+    check_key_manager(state, args.keys)
+    stack = Stack(state, ports, args.log_origin, database_url=args.database_url, keys=args.keys)
     with stack.handling_signals():
         try:
             stack.start(args.start_timeout)
@@ -223,10 +253,10 @@ def run(args: argparse.Namespace) -> int:
             stack.stop_all()
 
 
-def preflight(state: StateDir, ports: Ports) -> None:
+def preflight(state: StateDir, ports: Ports, keys: str = "openbao") -> None:
     """Everything that can be checked before starting a process; raises CommandError."""
     by_port: dict[int, list[str]] = {}
-    for port, what in ports.purposes():
+    for port, what in ports.purposes(keys):
         by_port.setdefault(port, []).append(what)
     clashes = [f"{port} ({' and '.join(whats)})" for port, whats in by_port.items() if len(whats) > 1]
     if clashes:
@@ -245,16 +275,35 @@ def preflight(state: StateDir, ports: Ports) -> None:
     try:
         localstack.tansu_bin()
         localstack.anvil_bin()
-    except (FileNotFoundError, ImportError) as exc:
-        raise CommandError(f"a tool the stack needs is missing: {exc}") from None
+        if keys == "openbao":
+            openbao.bao_bin()
+    except (FileNotFoundError, ImportError, ConfigError) as exc:
+        hint = " (or run with --keys local)" if keys == "openbao" else ""
+        raise CommandError(f"a tool the stack needs is missing: {exc}{hint}") from None
 
-    taken = [f"port {port} ({what})" for port, what in ports.purposes() if port_taken(port)]
+    taken = [f"port {port} ({what})" for port, what in ports.purposes(keys) if port_taken(port)]
     if taken:
         raise CommandError(
             f"cannot start: {', '.join(taken)} {'is' if len(taken) == 1 else 'are'} already in use on {HOST}. "
             f"Stop whatever uses {'it' if len(taken) == 1 else 'them'}, or choose other ports "
             "(see `medledger up --help`). Nothing was started."
         )
+
+
+def check_key_manager(state: StateDir, keys: str) -> None:
+    """A state folder keeps its keys where it first kept them: data encrypted under one key
+    manager cannot be read with the other's keys."""
+    recorded = state.key_manager()
+    if recorded is None:
+        state.record_key_manager(keys)
+    elif recorded != keys:
+        raise CommandError(
+            f"the state folder {state.path} keeps its keys in {_KEYS_IN[recorded]}, and its data is encrypted "
+            f"under them; run `medledger up --keys {recorded}`, or start afresh with --reset (deletes the folder)"
+        )
+
+
+_KEYS_IN = {"openbao": "OpenBao", "local": "local keyring files"}
 
 
 def port_taken(port: int) -> bool:
@@ -282,17 +331,24 @@ class Stack:
     """The processes of one ``up``, started in order and stopped in reverse."""
 
     def __init__(
-        self, state: StateDir, ports: Ports, origin: str = DEFAULT_LOG_ORIGIN, database_url: str | None = None
+        self,
+        state: StateDir,
+        ports: Ports,
+        origin: str = DEFAULT_LOG_ORIGIN,
+        database_url: str | None = None,
+        keys: str = "openbao",
     ) -> None:
         self.state = state
         self.ports = ports
         self.origin = origin
+        self.keys = keys
         # A template with {service}; None: the SQLite files of the state folder.
         self.database_url = database_url
         self.deployment: chain.Deployment | None = None
         self._serving: set[str] = set()
         self.kafka: localstack.ManagedProcess | None = None
         self.anvil: localstack.ManagedProcess | None = None
+        self.openbao: openbao.OpenBao | None = None
         self.services: dict[str, localstack.ManagedProcess] = {}
         self._signal: int | None = None
         self._dead: set[str] = set()
@@ -334,6 +390,10 @@ class Stack:
         self._record_pids()
         self._check_interrupted()
 
+        if self.keys == "openbao":
+            self._start_openbao()
+            self._check_interrupted()
+
         print("creating the topics and their dead-letter topics ...")
         created = asyncio.run(_create_topics(self.bootstrap_servers))
         print(f"  {len(created)} topics created" if created else "  topics already exist")
@@ -372,11 +432,57 @@ class Stack:
         self._wait_until_serving(list(SERVICES), started, timeout)
         self._write_endpoints()
 
+    def _start_openbao(self) -> None:
+        server = openbao.OpenBao(
+            self.state.openbao_dir,
+            self.state.openbao_secrets_dir,
+            localstack.repo_root() / "deploy" / "vault",
+            api_port=self.ports.openbao,
+            cluster_port=self.ports.openbao_cluster,
+            log_path=self.state.log("openbao"),
+        )
+        first = not server.init_path.exists()
+        print(
+            f"starting OpenBao on {HOST}:{self.ports.openbao} "
+            f"({'initializing it' if first else 'unsealing it'}; raft storage in {self.state.openbao_dir}) ..."
+        )
+        _write_log_header(server.log_path)
+        self.openbao = server
+        try:
+            server.start()
+        except ConfigError as exc:
+            self._print_log_tail("openbao", server.log_path)
+            raise CommandError(f"OpenBao did not start: {exc}") from None
+        finally:
+            self._record_pids()
+        print(f"  transit mounted, {len(server.policies)} policies loaded, a token per policy in {server.secrets_dir}")
+
+    def _key_manager_env(self, name: str) -> dict[str, str]:
+        """How a service reaches its keys: OpenBao with its own policy's token(s), else its keyring."""
+        if self.openbao is None:
+            return {
+                "MEDLEDGER_MASTER_KEY_FILE": str(self.state.master_key_file(name)),
+                "MEDLEDGER_KEYRING_FILE": str(self.state.keyring_file(name)),
+            }
+        everyday = self.openbao.token_file(name)
+        if not everyday.exists():
+            return {}  # a service without keys (anchoring): no token, no key manager
+        env = {
+            "MEDLEDGER_KEY_MANAGER": "vault",
+            "MEDLEDGER_VAULT_ADDR": self.openbao.address,
+            "MEDLEDGER_VAULT_TOKEN_FILE": str(everyday),
+        }
+        erasure = self.openbao.token_file(f"{name}-erasure")
+        if erasure.exists():
+            env["MEDLEDGER_ERASURE_VAULT_TOKEN_FILE"] = str(erasure)
+        return env
+
     def _write_endpoints(self) -> None:
         """``stack.json``: where everything answers, for `demo`, the load generator and chaos."""
         endpoints = {
             "kafka_bootstrap_servers": self.bootstrap_servers,
             "chain_rpc_url": self.rpc_url,
+            "key_manager": {"kind": "openbao", "address": self.openbao.address} if self.openbao else {"kind": "local"},
             "grpc": {s: f"{HOST}:{self.ports.grpc(s)}" for s in SERVICES},
             "metrics": {s: f"http://{HOST}:{self.ports.metrics(s)}/metrics" for s in SERVICES},
         }
@@ -414,8 +520,7 @@ class Stack:
             "MEDLEDGER_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap_servers,
             "MEDLEDGER_IDENTITY_ADDRESS": f"{HOST}:{self.ports.grpc('identity')}",
             "MEDLEDGER_CONSENT_ADDRESS": f"{HOST}:{self.ports.grpc('consent')}",  # records asks it
-            "MEDLEDGER_MASTER_KEY_FILE": str(self.state.master_key_file(name)),
-            "MEDLEDGER_KEYRING_FILE": str(self.state.keyring_file(name)),
+            **self._key_manager_env(name),
             "PYTHONUNBUFFERED": "1",  # so `tail -f` on the log shows lines as they happen
         }
         if name == "identity":
@@ -517,6 +622,13 @@ class Stack:
         assert self.kafka is not None and self.anvil is not None
         print(f"  Kafka bootstrap  {self.bootstrap_servers}  (pid {self.kafka.pid})")
         print(f"  Anvil RPC        {self.rpc_url}  (pid {self.anvil.pid})")
+        if self.openbao is not None and self.openbao.process is not None:
+            print(
+                f"  OpenBao          {self.openbao.address}  (pid {self.openbao.process.pid}; unseal key and "
+                f"root token in {self.openbao.init_path})"
+            )
+        else:
+            print(f"  keys             a local keyring per service in {self.state.path / 'keyrings'}")
         if self.deployment is not None:
             d = self.deployment
             print(f"  AnchorRegistry   {d.anchor_registry}  (chain id {d.chain_id}, owner {d.owner})")
@@ -542,8 +654,8 @@ class Stack:
                         f"{_describe_exit(proc.proc.returncode)}; the other processes keep running."
                     )
                     self._print_log_tail(name, proc.log_path)
-            for infra in (self.kafka, self.anvil):
-                if infra is not None and not infra.alive():
+            for infra in self._infra():
+                if not infra.alive():
                     self._print_log_tail(infra.name, infra.log_path)
                     print(
                         f"{infra.name} (pid {infra.pid}) exited unexpectedly with "
@@ -565,9 +677,8 @@ class Stack:
         deadline = time.monotonic() + SERVICE_STOP_SECONDS
         for name, proc in self.services.items():
             self._stop(proc, max(0.1, deadline - time.monotonic()), was_alive=name in alive)
-        for infra in (self.anvil, self.kafka):
-            if infra is not None:
-                self._stop(infra, INFRA_STOP_SECONDS, was_alive=infra.alive())
+        for infra in reversed(self._infra()):
+            self._stop(infra, INFRA_STOP_SECONDS, was_alive=infra.alive())
         self._stop_stray_children()
         self.state.clear_pids()
 
@@ -607,8 +718,13 @@ class Stack:
 
     # Helpers -----------------------------------------------------------------------------
 
+    def _infra(self) -> list[localstack.ManagedProcess]:
+        """What every service depends on, in the order started: Kafka, OpenBao, Anvil."""
+        bao = self.openbao.process if self.openbao is not None else None
+        return [p for p in (self.kafka, bao, self.anvil) if p is not None]
+
     def _record_pids(self) -> None:
-        started = [p for p in (self.kafka, self.anvil, *self.services.values()) if p is not None]
+        started = [*self._infra(), *self.services.values()]
         self.state.write_pids(
             RecordedProcess.of("medledger up", os.getpid()),
             [RecordedProcess.of(p.name, p.pid) for p in started],
