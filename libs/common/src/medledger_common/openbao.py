@@ -91,6 +91,9 @@ def _write_private(path: Path, text: str) -> None:
 class OpenBao:
     """One OpenBao server of our own: raft storage in ``state_dir``, tokens in ``secrets_dir``.
 
+    ``state_dir`` is OpenBao's own folder (made 0700: it holds the unseal key); its log defaults
+    to ``<state_dir>/openbao.log``.
+
     ``policies_dir`` holds the ``*.hcl`` policy files (the caller finds ``deploy/vault/`` in the
     repository); None loads no policies. Ports default to free ones, chosen once per object, so a
     stop and start of the same object keeps its address.
