@@ -5,12 +5,17 @@ stages:  the cost of each stage of a put and a get, per record of SIZE bytes: va
          its unwrapping), crypto (seal, unseal), events (building and serializing), and the
          database (a put's transaction, a get's read) on PostgreSQL at DATABASE_URL.
 server:  identity and consent in this process, records in a process of its own as deployed
-         (PostgreSQL; the local keyring, or Vault: a real OpenBao server started for the run); a
-         patient who let a doctor read and write observations for treatment, and a 1 KiB and a
-         64 KiB Observation stored; measures what one consent check costs records; writes what
-         a client needs to CONFIG, serves until SIGTERM.
-client:  PutRecord or GetRecord calls per second and latencies as the doctor, from its own
-         process, 16 in flight, every call with its consent check.
+         (PostgreSQL; the local keyring, or Vault: a real OpenBao server started for the run);
+         PATIENTS patients (env RECORDS_PATIENTS, default 1,000) who each let a doctor read and
+         write observations for treatment, and for each an Observation of 1 KiB (and for the
+         first fifth one of 64 KiB) written before the clients run: the contents are the seeded
+         synthetic patients' Observations (medledger_common.synthetic), padded to the size;
+         measures what one consent check costs records; writes what a client needs to CONFIG,
+         serves until SIGTERM.
+client:  PutRecord (to a random patient) or GetRecord (of a random record written earlier) calls
+         per second and latencies as the doctor, from its own process, 16 in flight, every call
+         with its consent check; after a warm-up, records' own metrics give the key-manager calls
+         per operation and the data-key cache's hit rate over the measured calls.
 
 Usage: python bench_records.py stages SIZE DATABASE_URL
        python bench_records.py server BOOTSTRAP CONSENT_DATABASE_URL,RECORDS_DATABASE_URL FOLDER CONFIG local|vault
@@ -23,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -44,6 +50,9 @@ from medledger_common.keys import KeyType, LocalKeyring, create_master_key_file
 from medledger_records import domain
 
 IN_FLIGHT = int(os.environ.get("IN_FLIGHT", "16"))
+PATIENTS = int(os.environ.get("RECORDS_PATIENTS", "1000"))
+LARGE = 65536
+WARM_UP_SECONDS = 2.0
 OBS = vocab.DataCategory.DATA_CATEGORY_OBSERVATIONS
 TREAT = vocab.PurposeOfUse.PURPOSE_OF_USE_TREAT
 READ, WRITE = vocab.Action.ACTION_READ, vocab.Action.ACTION_WRITE
@@ -62,6 +71,22 @@ def observation(size: int) -> bytes:
     pad = max(0, size - len(json.dumps(base)))
     base["note"][0]["text"] = "x" * pad  # type: ignore[index]
     return json.dumps(base).encode()
+
+
+def synthetic_observations(size: int, count: int = 64) -> list[bytes]:
+    """`count` of the synthetic patients' Observations, each padded (a note's text) to about
+    `size` bytes; the subject reference is dropped, as the bench files them under its own
+    patients."""
+    from medledger_common.synthetic import population
+
+    out = []
+    for resource in population().of_type("Observation")[:count]:
+        resource = {k: v for k, v in resource.items() if k != "subject"}
+        resource["note"] = [{"text": ""}]
+        pad = max(0, size - len(json.dumps(resource)))
+        resource["note"][0]["text"] = "x" * pad
+        out.append(json.dumps(resource).encode())
+    return out
 
 
 def _per_op(fn: Any, n: int) -> float:
@@ -157,15 +182,15 @@ def records_process(platform: Any, bootstrap: str, database_url: str, folder: Pa
     """records as it is deployed: a process of its own (`python -m medledger_records`), asking the
     consent in this process; with the local keyring, or with Vault: a real OpenBao server
     (medledger_common.openbao: raft storage, the repository's deploy/vault policies, records'
-    everyday and erasure tokens as deployed). Yields records' gRPC port."""
+    everyday and erasure tokens as deployed). Yields records' gRPC and metrics ports."""
     from medledger_common import localstack
     from medledger_common.openbao import OpenBao
 
-    port = localstack.free_port()
+    port, metrics_port = localstack.free_port(), localstack.free_port()
     env = {
         **os.environ,
         "MEDLEDGER_GRPC_PORT": str(port),
-        "MEDLEDGER_METRICS_PORT": str(localstack.free_port()),
+        "MEDLEDGER_METRICS_PORT": str(metrics_port),
         "MEDLEDGER_DATABASE_URL": database_url,
         "MEDLEDGER_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "MEDLEDGER_IDENTITY_ADDRESS": platform.identity_address,
@@ -193,7 +218,7 @@ def records_process(platform: Any, bootstrap: str, database_url: str, folder: Pa
                 "MEDLEDGER_KEYRING_FILE": str(folder / "keyrings" / "records.keyring"),
             }
         children.append(subprocess.Popen([sys.executable, "-m", "medledger_records"], env=env))
-        yield port
+        yield port, metrics_port
     finally:
         for child in reversed(children):
             child.terminate()
@@ -222,9 +247,53 @@ async def consent_check_us(platform: Any, folder: Path, patient_id: str, doctor:
     return sorted(times)[n // 2] * 1e6
 
 
-async def serve(bootstrap: str, database_urls: str, folder: Path, config: Path, key_manager: str) -> None:
+async def _patients_with_grants(platform: Any, doctor: str, count: int) -> list[str]:
+    """`count` registered patients who each let `doctor` read and write observations for
+    treatment, registered 16 at a time."""
     from bench_consent import patient_with_grant
     from medledger.consent.v1 import consent_service_pb2 as co_pb
+
+    gate = asyncio.Semaphore(16)
+
+    async def one() -> str:
+        async with gate:
+            patient_id, consent, _ = await patient_with_grant(platform, doctor)
+            await consent.GrantConsent(
+                co_pb.GrantConsentRequest(
+                    request_id=str(uuid.uuid4()),
+                    patient_id=patient_id,
+                    grantee_id=doctor,
+                    provision=co_pb.ProvisionType.PROVISION_TYPE_PERMIT,
+                    actions=[WRITE],
+                    categories=[OBS],
+                    purposes=[TREAT],
+                )
+            )
+            return patient_id
+
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+async def _seed(stub: Any, metadata: Any, patients: list[str], contents: list[bytes]) -> list[str]:
+    """One record per patient, 16 puts at a time, retried while records starts; the record ids."""
+    gate = asyncio.Semaphore(16)
+
+    async def one(i: int, patient_id: str) -> str:
+        request = _put(patient_id, contents[i % len(contents)])
+        deadline = time.monotonic() + 60
+        async with gate:
+            while True:  # records may still be starting
+                try:
+                    return str((await stub.PutRecord(request, metadata=metadata)).record_id)
+                except grpc.aio.AioRpcError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+
+    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(patients))))
+
+
+async def serve(bootstrap: str, database_urls: str, folder: Path, config: Path, key_manager: str) -> None:
     from running_stack import identity_and_consent
 
     consent_url, records_url = database_urls.split(",")
@@ -239,42 +308,32 @@ async def serve(bootstrap: str, database_urls: str, folder: Path, config: Path, 
             organization_id=org,
             fhir_resource=json.dumps(practitioner).encode(),
         )
-        patient_id, consent, _ = await patient_with_grant(platform, doctor)
-        await consent.GrantConsent(
-            co_pb.GrantConsentRequest(
-                request_id=str(uuid.uuid4()),
-                patient_id=patient_id,
-                grantee_id=doctor,
-                provision=co_pb.ProvisionType.PROVISION_TYPE_PERMIT,
-                actions=[WRITE],
-                categories=[OBS],
-                purposes=[TREAT],
-            )
-        )
+        started = time.monotonic()
+        patients = await _patients_with_grants(platform, doctor, PATIENTS)
+        took = time.monotonic() - started
+        print(f"     {len(patients):,} patients registered with their grants in {took:.0f} s", flush=True)
         token = await platform.client(doctor, doctor_secret).token("medledger.records")
         metadata = (("authorization", f"Bearer {token}"),)
-        with records_process(platform, bootstrap, records_url, folder, key_manager) as port:
-            stored: dict[str, str] = {}
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with records_process(platform, bootstrap, records_url, folder, key_manager) as (port, metrics_port):
+            started = time.monotonic()
+            stored: dict[str, list[str]] = {}
+            options = [("grpc.max_send_message_length", 8 << 20)]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
                 stub = pb_grpc.RecordsServiceStub(channel)
-                for size in (1024, 65536):
-                    deadline = time.monotonic() + 60
-                    while True:  # records is starting; consent must know the doctor first
-                        try:
-                            reply = await stub.PutRecord(_put(patient_id, size), metadata=metadata)
-                            break
-                        except grpc.aio.AioRpcError:
-                            if time.monotonic() > deadline:
-                                raise
-                            await asyncio.sleep(0.2)
-                    stored[str(size)] = reply.record_id
-            check_us = await consent_check_us(platform, folder, patient_id, doctor)
+                stored["1024"] = await _seed(stub, metadata, patients, synthetic_observations(1024))
+                fifth = patients[: max(1, len(patients) // 5)]
+                stored[str(LARGE)] = await _seed(stub, metadata, fifth, synthetic_observations(LARGE))
+            took = time.monotonic() - started
+            written = sum(map(len, stored.values()))
+            print(f"     {written:,} records written before measuring, in {took:.0f} s", flush=True)
+            check_us = await consent_check_us(platform, folder, patients[0], doctor)
             config.write_text(  # noqa: ASYNC240 - once, before serving
                 json.dumps(
                     {
                         "port": port,
+                        "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
                         "token": token,
-                        "patient_id": patient_id,
+                        "patients": patients,
                         "records": stored,
                         "consent_check_us": check_us,
                     }
@@ -285,31 +344,55 @@ async def serve(bootstrap: str, database_urls: str, folder: Path, config: Path, 
             await stop.wait()
 
 
-def _put(patient_id: str, size: int) -> pb.PutRecordRequest:
+def _put(patient_id: str, content: bytes) -> pb.PutRecordRequest:
     return pb.PutRecordRequest(
-        request_id=str(uuid.uuid4()),
-        patient_id=patient_id,
-        category=OBS,
-        content=observation(size),
-        media_type=FHIR_JSON,
+        request_id=str(uuid.uuid4()), patient_id=patient_id, category=OBS, content=content, media_type=FHIR_JSON
     )
+
+
+def records_metrics(url: str) -> dict[str, float]:
+    """records' key-manager calls and data-key cache lookups, from its Prometheus endpoint."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(url, timeout=10) as reply:  # noqa: S310 - our own loopback endpoint
+        text = reply.read().decode()
+    out = {"key_manager_calls": 0.0, "hit": 0.0, "miss": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "medledger_records_key_manager_calls_total":
+                out["key_manager_calls"] += sample.value
+            elif sample.name == "medledger_records_data_key_cache_lookups_total":
+                out[sample.labels["result"]] += sample.value
+    return out
 
 
 async def client(config_path: Path, seconds: float, op: str, size: int) -> dict[str, Any]:
     config = json.loads(config_path.read_text())  # noqa: ASYNC240 - once, before measuring
     metadata = (("authorization", f"Bearer {config['token']}"),)
-    get = pb.GetRecordRequest(record_id=config["records"][str(size)], purpose=TREAT)
+    rng = random.Random(size)
+    patients, written = config["patients"], config["records"][str(size)]
+    contents = synthetic_observations(size)
     options = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{config['port']}", options=options) as channel:
         stub = pb_grpc.RecordsServiceStub(channel)
 
         async def call() -> None:
             if op == "put":
-                await stub.PutRecord(_put(config["patient_id"], size), metadata=metadata)
+                await stub.PutRecord(_put(rng.choice(patients), rng.choice(contents)), metadata=metadata)
             else:
+                get = pb.GetRecordRequest(record_id=rng.choice(written), purpose=TREAT)
                 await stub.GetRecord(get, metadata=metadata)
 
-        return await measure(call, seconds, in_flight=IN_FLIGHT)
+        await measure(call, WARM_UP_SECONDS, in_flight=IN_FLIGHT)  # to the steady state, not counted
+        before = records_metrics(config["metrics_url"])
+        figures: dict[str, Any] = await measure(call, seconds, in_flight=IN_FLIGHT, warm_up=0)
+        after = records_metrics(config["metrics_url"])
+    hits, misses = after["hit"] - before["hit"], after["miss"] - before["miss"]
+    figures["key_manager_calls_per_op"] = (after["key_manager_calls"] - before["key_manager_calls"]) / figures["calls"]
+    figures["cache_hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
+    return figures
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ async def measure(
     elapsed = time.perf_counter() - t0
     latencies.sort()
     return {
+        "calls": len(latencies),
         "calls_per_s": len(latencies) / elapsed,
         "p50_ms": latencies[len(latencies) // 2] * 1000,
         "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
