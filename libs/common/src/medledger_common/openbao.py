@@ -29,7 +29,7 @@ import hvac
 import hvac.exceptions
 import requests
 
-from medledger_common.localstack import HOST, ManagedProcess, free_port, wait_for_port
+from medledger_common.localstack import HOST, ManagedProcess, free_port, port_in_use, wait_for_port
 from medledger_common.settings import ConfigError
 
 __all__ = ["POLICY_PREFIX", "OpenBao", "bao_bin", "bao_version"]
@@ -174,6 +174,10 @@ class OpenBao:
         binary = self._binary or bao_bin()
         if not binary.is_file():
             raise ConfigError(f"the OpenBao binary {binary} does not exist: run `make setup`")
+        for what, port in (("API", self.api_port), ("cluster", self.cluster_port)):
+            # Else we would talk to whatever listens there, not to the server we start.
+            if port_in_use(port):
+                raise ConfigError(f"OpenBao's {what} port {HOST}:{port} is already in use")
         self._write_config()
         self._process = ManagedProcess.spawn(
             "openbao",
