@@ -27,7 +27,8 @@ bench: setup
 	uv run --frozen python bench/run.py
 
 # Faults under load against the multi-process stack on a PostgreSQL cluster of its own: every
-# service SIGKILLed and restarted, PostgreSQL stopped 10 s, the chain stopped 30 s; then the
+# service SIGKILLed and restarted, PostgreSQL stopped 10 s, the chain stopped 30 s, OpenBao
+# stopped 10 s and sealed 5 s; then the
 # invariants (nothing lost, nothing duplicated, the log verifies, every entry anchored).
 chaos: setup
 	uv run --frozen python tests/chaos/chaos.py

@@ -4,9 +4,10 @@
 
 It makes a PostgreSQL cluster of its own (initdb in a temporary folder; the machine's server is
 never touched), starts the stack of `medledger up` on it (Tansu, Anvil and the five services, each
-its own process, on free ports), and runs the load generator (`bench/load.py`) for the duration.
-Meanwhile it kills each service once with SIGKILL at a random moment and starts it again, stops
-PostgreSQL for 10 s, and stops the EVM node for 30 s (SIGSTOP, then SIGCONT). The broker is not
+its own process, on free ports, keys in OpenBao), and runs the load generator (`bench/load.py`)
+for the duration. Meanwhile it kills each service once with SIGKILL at a random moment and starts
+it again, stops PostgreSQL for 10 s, stops the EVM node for 30 s (SIGSTOP, then SIGCONT), stops
+OpenBao for 10 s (then starts and unseals it, as `up` does) and seals it for 5 s. The broker is not
 killed: Tansu keeps its data in memory only; in production, Kafka's durability is Kafka's.
 
 Then, with the load stopped and the puts that never got an answer sent again with their request
@@ -64,6 +65,8 @@ from load import Ledger, Load, StackInfo  # bench/load.py, the load generator
 TREAT = vocab.PurposeOfUse.PURPOSE_OF_USE_TREAT
 PG_STOP_SECONDS = 10.0
 ANVIL_STOP_SECONDS = 30.0
+OPENBAO_STOP_SECONDS = 10.0
+OPENBAO_SEALED_SECONDS = 5.0
 SETTLE_SECONDS = 120.0
 
 
@@ -146,6 +149,44 @@ class Chaos:
         fault.recovered_after = await self.until(a_put_since, 60)
         say(f"  {self.now():5.1f} s: puts are acknowledged again {_secs(fault.recovered_after)} after PostgreSQL")
 
+    async def a_token_issued(self) -> bool:
+        """identity signs a new access token: a call that needs the key manager (the load's own
+        clients keep their tokens, and records' cached data keys keep its puts going)."""
+        fresh = Medledger(self.info.endpoints, principal_id=ADMIN_PRINCIPAL, client_secret=self.info.admin_secret)
+        try:
+            await fresh.token("records")
+        finally:
+            await fresh.aclose()
+        return True
+
+    async def stop_openbao(self, at: float) -> None:
+        await asyncio.sleep(max(0.0, at - self.now()))
+        bao = self.stack.openbao
+        assert bao is not None, "the chaos stack keeps its keys in OpenBao"
+        fault = Fault(f"OpenBao stopped {OPENBAO_STOP_SECONDS:.0f} s", self.now(), OPENBAO_STOP_SECONDS)
+        self.report.faults.append(fault)
+        say(f"  {fault.at:5.1f} s: stopping OpenBao for {OPENBAO_STOP_SECONDS:.0f} s")
+        await asyncio.to_thread(bao.stop)
+        await asyncio.sleep(OPENBAO_STOP_SECONDS)
+        await asyncio.to_thread(bao.start)  # unseals it, as `up` does
+        say(f"  {self.now():5.1f} s: OpenBao started again and unsealed")
+        fault.recovered_after = await self.until(self.a_token_issued, 60)
+        say(f"  {self.now():5.1f} s: identity signs tokens again {_secs(fault.recovered_after)} after OpenBao")
+
+    async def seal_openbao(self, at: float) -> None:
+        await asyncio.sleep(max(0.0, at - self.now()))
+        bao = self.stack.openbao
+        assert bao is not None, "the chaos stack keeps its keys in OpenBao"
+        fault = Fault(f"OpenBao sealed {OPENBAO_SEALED_SECONDS:.0f} s", self.now(), OPENBAO_SEALED_SECONDS)
+        self.report.faults.append(fault)
+        say(f"  {fault.at:5.1f} s: sealing OpenBao for {OPENBAO_SEALED_SECONDS:.0f} s")
+        await asyncio.to_thread(bao.seal)
+        await asyncio.sleep(OPENBAO_SEALED_SECONDS)
+        await asyncio.to_thread(bao.unseal)
+        say(f"  {self.now():5.1f} s: OpenBao unsealed")
+        fault.recovered_after = await self.until(self.a_token_issued, 60)
+        say(f"  {self.now():5.1f} s: identity signs tokens again {_secs(fault.recovered_after)} after the unseal")
+
     async def stop_anvil(self, at: float, anchored: Callable[[], Awaitable[int | None]]) -> None:
         await asyncio.sleep(max(0.0, at - self.now()))
         assert self.stack.anvil is not None
@@ -179,9 +220,14 @@ async def _reported(fault: Awaitable[None], report: Report) -> None:
 
 
 def stack_secrets(state: StateDir) -> dict[str, str | bytes]:
-    """The stack's own secrets: client secrets, keyring master keys, the anchorer's key; and
-    the personal data and record content every patient of the load shares."""
+    """The stack's own secrets: client secrets, OpenBao's tokens, unseal key and root token,
+    keyring master keys, the anchorer's key; and the personal data and record content every
+    patient of the load shares."""
     found: dict[str, str | bytes] = {"a patient's name": "Rivera", "a patient's birth date": "1984-03-02"}
+    init = state.openbao_dir / "openbao-init.json"
+    if init.exists():
+        secrets = json.loads(init.read_text())
+        found |= {f"OpenBao's {k}": str(secrets[k]) for k in ("unseal_key", "root_token")}
     found["record content"] = "Systolic blood pressure"
     for path in sorted((state.path / "secrets").rglob("*")):
         if path.is_file():
@@ -241,11 +287,15 @@ async def run_chaos(stack: Stack, pg: localstack.PostgresCluster, args: argparse
         rng.shuffle(order)
         pg_at = rng.uniform(0.2 * d, 0.5 * d)
         anvil_at = rng.uniform(0.15 * d, max(0.16 * d, d - ANVIL_STOP_SECONDS - 5))
+        # OpenBao stopped early and sealed late, never both at once (a stopped server cannot be sealed).
+        openbao_stop_at = rng.uniform(0.1 * d, 0.4 * d)
+        openbao_seal_at = rng.uniform(max(0.6 * d, openbao_stop_at + OPENBAO_STOP_SECONDS + 5), 0.85 * d)
         say(f"running the load at {args.rate:g} operations/s for {d:g} s, with the faults:")
         chaos.started = time.monotonic()
         watcher = asyncio.create_task(watch_puts())
         faults = [chaos.kill(s, t) for s, t in zip(order, kill_at, strict=True)]
         faults += [chaos.stop_postgres(pg_at, put_times), chaos.stop_anvil(anvil_at, anchored)]
+        faults += [chaos.stop_openbao(openbao_stop_at), chaos.seal_openbao(openbao_seal_at)]
         faults = [_reported(f, report) for f in faults]
         ledger, *_ = await asyncio.gather(load.run(args.rate, d, progress=say), *faults)
         say("load stopped; sending the puts that got no answer again, with their request ids ...")

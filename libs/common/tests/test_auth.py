@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from medledger_common import auth
 from medledger_common.auth import Access, AuthInterceptor, DeactivationSet, TokenVerifier
-from medledger_common.errors import PermissionDenied, Unauthenticated
+from medledger_common.errors import PermissionDenied, Unauthenticated, Unavailable
 
 NOW = 1_800_000_000
 METHOD = "/medledger.consent.v1.ConsentService/CheckConsent"
@@ -184,6 +185,46 @@ async def test_tokens_of_a_new_key_arriving_together_wait_for_one_fetch(issuer: 
     slow.set()
     callers = await asyncio.gather(*pending)
     assert all(c.principal_id == "rsr_1" for c in callers) and issuer.fetches == 1
+
+
+class FlakyIdentity:
+    """Identity's JWKS answer fails while `down`, as when identity or its key manager is out."""
+
+    def __init__(self, issuer: Issuer) -> None:
+        self.issuer, self.down, self.fetches = issuer, True, 0
+
+    async def fetch(self) -> dict[str, Any]:
+        self.fetches += 1
+        await asyncio.sleep(0.01)
+        if self.down:
+            raise Unavailable("identity could not be reached")
+        return await self.issuer.fetch()
+
+
+async def test_a_failed_fetch_makes_good_tokens_unavailable_not_refused(
+    issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth, "JWKS_RETRY_SECONDS", 0.2)
+    identity = FlakyIdentity(issuer)
+    v = TokenVerifier(
+        issuer="medledger.identity", audience="medledger.consent", fetch_jwks=identity.fetch, clock=lambda: NOW + 10
+    )
+    # Tokens arriving together wait for one fetch; when it fails, each is UNAVAILABLE.
+    pending = [asyncio.ensure_future(v.verify(issuer.token())) for _ in range(4)]
+    results = await asyncio.gather(*pending, return_exceptions=True)
+    assert all(isinstance(r, Unavailable) for r in results), results
+    # Right after the failure: not fetched again yet, and still UNAVAILABLE (it was UNAUTHENTICATED
+    # for 30 s: "signed by an unknown key", so clients gave up on good tokens).
+    with pytest.raises(Unavailable):
+        await v.verify(issuer.token())
+    assert identity.fetches == 1
+    identity.down = False
+    await asyncio.sleep(0.25)
+    assert (await v.verify(issuer.token())).principal_id == "rsr_1"
+    assert identity.fetches == 2
+    # Once the keys are known, a token of a key identity does not have is refused.
+    with pytest.raises(Unauthenticated):
+        await v.verify(issuer.token(kid="ed-2"))
 
 
 async def test_interceptor_refuses_deactivated_principals_and_applies_the_rule(issuer: Issuer) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,7 +20,7 @@ from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from medledger_common import localstack
-from medledger_common.errors import dependency_outage
+from medledger_common.errors import Unavailable, dependency_outage
 from medledger_common.grpc_client import make_channel
 from medledger_common.grpc_server import GrpcServer
 from medledger_common.service import _restarted_on_outages, _retry_until_up
@@ -60,6 +62,7 @@ async def test_what_counts_as_an_outage() -> None:
     assert dependency_outage(KafkaTimeoutError()) == "Kafka"
     assert dependency_outage(MessageSizeTooLargeError()) is None
     assert dependency_outage(ValueError("bad")) is None
+    assert dependency_outage(Unavailable("Vault is sealed")) is not None  # our own word for an outage
     assert dependency_outage(sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("duplicate key"))) is None
 
 
@@ -175,3 +178,26 @@ async def test_a_start_waits_for_the_database_but_not_for_a_bug() -> None:
     with pytest.raises(ValueError):
         await _retry_until_up("database", broken_migration, only_outages=True)
     assert tries == 1
+
+
+async def test_a_start_waits_for_a_sealed_key_manager(tmp_path: Path) -> None:
+    """A start-up step that makes its signing key (audit's checkpoint keys, identity's token key)
+    while OpenBao is sealed waits until it is unsealed, rather than ending the service: chaos
+    met a restarted audit exiting while OpenBao was stopped."""
+    from medledger_common.keys import KeyType, VaultKeyManager
+    from medledger_common.openbao import OpenBao
+
+    bao = OpenBao(tmp_path / "state", tmp_path / "secrets").start()
+    keys = VaultKeyManager(bao.address, token=bao.root_token, timeout=2.0)
+    try:
+        bao.seal()
+        loop = asyncio.get_running_loop()
+        unsealed = loop.run_in_executor(None, lambda: (time.sleep(1.0), bao.unseal()))
+        info = await _retry_until_up(
+            "a start-up step's dependency", lambda: keys.ensure_key("t-signing", KeyType.ED25519), only_outages=True
+        )
+        await unsealed
+        assert info.latest_version == 1
+    finally:
+        await keys.aclose()
+        bao.stop()

@@ -35,11 +35,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jwt.exceptions import PyJWKError
 
-from medledger_common.errors import PermissionDenied, Unauthenticated
+from medledger_common.errors import PermissionDenied, Unauthenticated, Unavailable
 from medledger_common.grpc_server import UnaryBehavior, UnaryWrappingInterceptor
 
 LEEWAY_SECONDS = 30
 JWKS_REFETCH_SECONDS = 30
+# After a failed fetch (identity down, or its key manager), the next token of an unknown key may
+# try again this soon: until a fetch succeeds such a token is UNAVAILABLE, not refused.
+JWKS_RETRY_SECONDS = 1.0
 MAX_TOKEN_BYTES = 8192
 # The algorithms medledger signs with; anything else (none, HS*, RS*) is refused outright.
 ALLOWED_ALGORITHMS = frozenset({"EdDSA", "ES256"})
@@ -124,7 +127,8 @@ class TokenVerifier:
         self._fetch_jwks = fetch_jwks
         self._clock = clock
         self._keys: dict[str, tuple[jwt.PyJWK, str]] = {}
-        self._last_fetch = -float("inf")
+        self._last_fetch = -float("inf")  # the last fetch that succeeded
+        self._last_failure: float | None = None  # since then, the last that failed
         self._fetch_lock = asyncio.Lock()
         self._cache: dict[str, Caller] = {}
         self._max_cached = max_cached
@@ -134,8 +138,11 @@ class TokenVerifier:
 
     async def refresh_keys(self) -> None:
         async with self._fetch_lock:
-            self._last_fetch = time.monotonic()
-            jwks = await self._fetch_jwks()
+            try:
+                jwks = await self._fetch_jwks()
+            except BaseException:
+                self._last_failure = time.monotonic()
+                raise
             keys: dict[str, tuple[jwt.PyJWK, str]] = {}
             for jwk in jwks.get("keys", []):
                 alg = jwk_algorithm(jwk)
@@ -147,6 +154,8 @@ class TokenVerifier:
                 except PyJWKError:
                     continue
             self._keys = keys
+            self._last_fetch = time.monotonic()
+            self._last_failure = None
 
     async def _key(self, kid: str) -> tuple[jwt.PyJWK, str] | None:
         found = self._keys.get(kid)
@@ -157,9 +166,20 @@ class TokenVerifier:
             # wait for it rather than refuse a good token that arrived a moment too early.
             async with self._fetch_lock:
                 pass
-        elif time.monotonic() - self._last_fetch >= JWKS_REFETCH_SECONDS:
+        elif self._fetch_due():
             await self.refresh_keys()
-        return self._keys.get(kid)
+        found = self._keys.get(kid)
+        if found is None and self._last_failure is not None:
+            # The keys could not be fetched: the token may well be good. Refusing it would make
+            # clients give up on a call they should retry.
+            raise Unavailable("the token-signing keys could not be fetched from identity; try again")
+        return found
+
+    def _fetch_due(self) -> bool:
+        now = time.monotonic()
+        if self._last_failure is not None:
+            return now - self._last_failure >= JWKS_RETRY_SECONDS
+        return now - self._last_fetch >= JWKS_REFETCH_SECONDS
 
     async def verify(self, token: str) -> Caller:
         now = self._clock()

@@ -134,6 +134,8 @@ def dependency_outage(exc: BaseException) -> str | None:
             return "Kafka"
         if isinstance(seen, ConnectionError | TimeoutError):
             return "a dependency"
+        if isinstance(seen, Unavailable):
+            return "a dependency"  # our own word for it: a key manager sealed or out of reach, say
         if isinstance(seen, grpc.aio.AioRpcError) and seen.code() in _RETRYABLE_CALLS:
             return "a service it calls"  # e.g. records asking consent while consent restarts
         orig = getattr(seen, "orig", None)

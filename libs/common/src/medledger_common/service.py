@@ -154,9 +154,11 @@ class ServiceRuntime:
             await _retry_until_up("Kafka consumer", consumer.start)
             self._consumers.append(consumer)
             self._tasks.append(asyncio.create_task(consumer.run(), name=f"consumer:{spec.group_id}"))
-        # After the consumers: a hook that loads a view in full then misses no event.
+        # After the consumers: a hook that loads a view in full then misses no event. A hook may
+        # need the key manager (signing keys made on first start), which may be sealed or
+        # restarting: wait for it as for the database, rather than exit.
         for hook in parts.on_start:
-            await hook()
+            await _retry_until_up("a start-up step's dependency", hook, only_outages=True)
         self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
         for job in parts.background:
             name = getattr(job, "__name__", "background")
