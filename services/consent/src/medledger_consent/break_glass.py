@@ -198,7 +198,7 @@ class BreakGlassDesk:
                 overrides_deny=policy.overrides_deny,
                 review=PENDING,
             )
-            key = patient_key_name(request.patient_id)
+            key = patient_key_name("consent", request.patient_id)
             await self.keys.ensure_key(key, KeyType.AES256_GCM96)
             # Bound to the access: a ciphertext moved to another row does not decrypt.
             ciphertext = await self.keys.encrypt(key, justification.encode(), associated_data=access.access_id.encode())
@@ -302,7 +302,7 @@ class BreakGlassDesk:
             raise NotFound("no such break-glass access")
         access, ciphertext = found
         justification = await self.keys.decrypt(
-            patient_key_name(access.patient_id), ciphertext, associated_data=access.access_id.encode()
+            patient_key_name("consent", access.patient_id), ciphertext, associated_data=access.access_id.encode()
         )
         return pb.GetBreakGlassAccessResponse(access=access_proto(access), justification=justification.decode())
 

@@ -83,7 +83,7 @@ def to_proto(row: storage.PrincipalRow) -> pb.Principal:
 
 def resource_key(principal_id: str, kind: int) -> str:
     """A patient's resource is under the patient's own key: deleting it erases the resource."""
-    return patient_key_name(principal_id) if kind == Kind.PRINCIPAL_KIND_PATIENT else RESOURCE_KEY
+    return patient_key_name("identity", principal_id) if kind == Kind.PRINCIPAL_KIND_PATIENT else RESOURCE_KEY
 
 
 class IdentityApi(pb_grpc.IdentityServiceServicer):

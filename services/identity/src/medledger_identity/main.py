@@ -92,7 +92,9 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         auth=AuthSources(fetch_jwks=signer.jwks, load_deactivated=api.deactivated_ids),
         consumers=[
             ConsumerSpec(
-                group_id=ERASURE_CONSUMER, handler=PatientErasedHandler(runtime.db, keys), topics=[TOPICS["records"]]
+                group_id=ERASURE_CONSUMER,
+                handler=PatientErasedHandler(runtime.db, runtime.key_shredder()),
+                topics=[TOPICS["records"]],
             )
         ],
         on_start=[api.start, provision, jwks_http.start],

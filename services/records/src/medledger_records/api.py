@@ -182,7 +182,7 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
                 commitment = commitments.record_commitment(request.content, salt)
             else:
                 commitment = commitments.document_commitment(request.media_type, request.content, salt)
-            key_name = patient_key_name(request.patient_id)
+            key_name = patient_key_name("records", request.patient_id)
             await self.keys.ensure_key(key_name, KeyType.AES256_GCM96)
             data_key = await self.keys.generate_data_key(key_name)
             sealed = domain.seal(data_key.plaintext, request.content, record.record_id, version, request.patient_id)
@@ -399,7 +399,7 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         pages loses nothing and a new call goes on from there."""
         if not request.patient_id:
             raise InvalidArgument.field("patient_id", "required")
-        name = patient_key_name(request.patient_id)
+        name = patient_key_name("records", request.patient_id)
         async with self.rt.db.transaction() as conn:
             in_progress = await storage.rotation_in_progress(conn, request.patient_id)
         if in_progress is None:

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from medledger_common.settings import ServiceSettings
 
@@ -27,13 +27,3 @@ class RecordsSettings(ServiceSettings):
     # How long the key manager's backups are kept: a deleted key is gone from every backup this
     # long after its erasure (the certificate's `unrecoverable_after`).
     key_backup_retention_seconds: float = Field(default=30 * DAY, ge=0)
-    # Vault only: the token that may delete patient keys, used by approved erasures alone (the
-    # service's everyday token has no delete right). See the README's Vault policies.
-    erasure_vault_token_file: Path | None = None
-
-    @field_validator("erasure_vault_token_file")
-    @classmethod
-    def _file_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"file {value} does not exist")
-        return value
