@@ -17,6 +17,7 @@ from medledger_identity.api import ACCESS, PUBLIC_METHODS, IdentityApi
 from medledger_identity.config import IdentitySettings
 from medledger_identity.credentials import SecretHasher
 from medledger_identity.handlers import ERASURE_CONSUMER, PatientErasedHandler
+from medledger_identity.key_owners import resource_migration
 from medledger_identity.storage import MIGRATIONS
 from medledger_identity.tokens import TokenSigner
 
@@ -98,6 +99,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
             )
         ],
         on_start=[api.start, provision, jwks_http.start],
+        background=[resource_migration(runtime.db, keys, runtime.legacy_keys).keep_running],
         on_stop=[jwks_http.stop],
     )
 

@@ -38,10 +38,11 @@ from medledger_common.errors import (
 from medledger_common.events import TOPICS, Event, new_event
 from medledger_common.group_commit import OutboxGroupCommit
 from medledger_common.idempotency import run_idempotent
-from medledger_common.keys import DataKey, KeyInfo, KeyType, patient_key_name
+from medledger_common.keys import LEGACY_PATIENT_KEY_PREFIX, DataKey, KeyInfo, KeyType, patient_key_name
 from medledger_common.keys.base import parse_versioned
 from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
+from medledger_common.settings import ConfigError
 from medledger_common.timestamps import seconds, timestamp
 from medledger_records import domain, storage
 from medledger_records.blobs import BlobStore, blob_key
@@ -412,7 +413,9 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         rewrapped = 0
         while True:
             async with self.rt.db.transaction() as conn:
-                page = await storage.versions_after(conn, request.patient_id, done_record, done_version, ROTATION_PAGE)
+                page = await storage.versions_after(
+                    conn, request.patient_id, done_record, done_version, ROTATION_PAGE, key_name=name
+                )
                 for record_id, version, wrapped in page:
                     if parse_versioned(wrapped, what="wrapped_key")[0] < target:
                         await storage.set_wrapped_key(conn, record_id, version, await self.keys.rewrap(name, wrapped))
@@ -428,10 +431,23 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         log.info("patient key rotated", extra={"key_version": target, "rewrapped": rewrapped})
         return pb.RotatePatientKeyResponse(key_version=target, rewrapped=rewrapped)
 
+    def _keys_of(self, key_name: str) -> RecordKeys:
+        """Records' own keys; a version the key-owner migration has not moved yet is under the old
+        shared key, read with the legacy credential."""
+        if not key_name.startswith(LEGACY_PATIENT_KEY_PREFIX):
+            return self.keys
+        try:
+            return self.rt.legacy_keys()
+        except ConfigError:
+            raise FailedPrecondition(
+                "this version's data key is still under the old shared patient key: the key-owner "
+                "migration needs MEDLEDGER_LEGACY_VAULT_TOKEN_FILE"
+            ) from None
+
     async def _open(self, record: storage.Record, stored: storage.StoredVersion) -> bytes:
         """A stored version's plaintext; DataLoss (counted and logged) when it was altered."""
         try:
-            data_key = await self.keys.decrypt_data_key(stored.key_name, stored.wrapped_key)
+            data_key = await self._keys_of(stored.key_name).decrypt_data_key(stored.key_name, stored.wrapped_key)
             sealed = await self.blobs.get(stored.blob_key) if stored.blob_key and self.blobs else stored.ciphertext
             return domain.unseal(data_key, sealed, record.record_id, stored.version, record.patient_id)
         except NotFound:

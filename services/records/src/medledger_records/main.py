@@ -14,6 +14,7 @@ from medledger_records.api import ACCESS, PUBLIC_METHODS, RecordsApi
 from medledger_records.blobs import FilesystemBlobStore
 from medledger_records.config import RecordsSettings
 from medledger_records.erasure import ErasureDesk
+from medledger_records.key_owners import data_key_migration
 from medledger_records.storage import MIGRATIONS
 
 NAME = "records"
@@ -46,7 +47,11 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         register=lambda server: records_service_pb2_grpc.add_RecordsServiceServicer_to_server(api, server),
         access=ACCESS,
         public_methods=PUBLIC_METHODS,
-        background=[erasures.run, disclosures.run],
+        background=[
+            erasures.run,
+            disclosures.run,
+            data_key_migration(runtime.db, keys, runtime.legacy_keys).keep_running,
+        ],
         on_stop=on_stop,
     )
 
