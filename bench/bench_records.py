@@ -5,7 +5,7 @@ stages:  the cost of each stage of a put and a get, per record of SIZE bytes: va
          its unwrapping), crypto (seal, unseal), events (building and serializing), and the
          database (a put's transaction, a get's read) on PostgreSQL at DATABASE_URL.
 server:  identity and consent in this process, records in a process of its own as deployed
-         (PostgreSQL; the local keyring, or Vault: the test double, in its own process too); a
+         (PostgreSQL; the local keyring, or Vault: a real OpenBao server started for the run); a
          patient who let a doctor read and write observations for treatment, and a 1 KiB and a
          64 KiB Observation stored; measures what one consent check costs records; writes what
          a client needs to CONFIG, serves until SIGTERM.
@@ -155,9 +155,11 @@ async def database_stages(content: bytes, database_url: str, n: int) -> dict[str
 @contextlib.contextmanager
 def records_process(platform: Any, bootstrap: str, database_url: str, folder: Path, key_manager: str) -> Any:
     """records as it is deployed: a process of its own (`python -m medledger_records`), asking the
-    consent in this process; with the local keyring, or with Vault (the test double, in a process
-    of its own too). Yields records' gRPC port."""
+    consent in this process; with the local keyring, or with Vault: a real OpenBao server
+    (medledger_common.openbao: raft storage, the repository's deploy/vault policies, records'
+    everyday and erasure tokens as deployed). Yields records' gRPC port."""
     from medledger_common import localstack
+    from medledger_common.openbao import OpenBao
 
     port = localstack.free_port()
     env = {
@@ -173,21 +175,17 @@ def records_process(platform: Any, bootstrap: str, database_url: str, folder: Pa
         "MEDLEDGER_LOG_LEVEL": "WARNING",
     }
     children: list[subprocess.Popen[bytes]] = []
+    bao: OpenBao | None = None
     try:
         if key_manager == "vault":
-            token_file = folder / "vault.token"
-            double = subprocess.Popen(
-                [sys.executable, "-m", "medledger_common.vault_double", str(token_file)], stdout=subprocess.PIPE
-            )
-            children.append(double)
-            assert double.stdout is not None
-            url = double.stdout.readline().decode().strip()
+            bao = OpenBao(
+                folder / "openbao", folder / "secrets" / "openbao", localstack.repo_root() / "deploy" / "vault"
+            ).start()
             env |= {
                 "MEDLEDGER_KEY_MANAGER": "vault",
-                "MEDLEDGER_VAULT_ADDR": url,
-                "MEDLEDGER_VAULT_TOKEN_FILE": str(token_file),
-                # The double has no policies: one token serves as both credentials.
-                "MEDLEDGER_ERASURE_VAULT_TOKEN_FILE": str(token_file),
+                "MEDLEDGER_VAULT_ADDR": bao.address,
+                "MEDLEDGER_VAULT_TOKEN_FILE": str(bao.token_file("records")),
+                "MEDLEDGER_ERASURE_VAULT_TOKEN_FILE": str(bao.token_file("records-erasure")),
             }
         else:
             env |= {
@@ -200,6 +198,8 @@ def records_process(platform: Any, bootstrap: str, database_url: str, folder: Pa
         for child in reversed(children):
             child.terminate()
             child.wait(20)
+        if bao is not None:
+            bao.stop()
 
 
 async def consent_check_us(platform: Any, folder: Path, patient_id: str, doctor: str, n: int = 300) -> float:

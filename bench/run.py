@@ -278,10 +278,10 @@ def bench_records(bootstrap: str, pg: localstack.PostgresCluster, results: dict,
             f"which asks consent): {chained['calls_per_s']:,.0f} calls/s  p50 {chained['p50_ms']:.2f} ms  |  "
             f"{figures['chained_call']['ratio']:.0%} of the empty call"
         )
-        # The target is for the local keyring; the Vault double (HTTP per key operation) is
-        # reported beside it without one.
+        # The target is for the local keyring; Vault (a real OpenBao server, HTTP per key
+        # operation) is reported beside it without one.
         for keys, target in (("local", 0.25), ("vault", None)):
-            print(f"   records with the {'local keyring' if keys == 'local' else 'Vault test double'}:", flush=True)
+            print(f"   records with the {'local keyring' if keys == 'local' else 'Vault (OpenBao)'}:", flush=True)
             config = Path(tmp) / f"records-{keys}.json"
             urls = ",".join(
                 pg.create_database(f"bench_{name}_{uuid.uuid4().hex[:6]}") for name in ("consent", "records")

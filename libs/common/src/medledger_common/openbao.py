@@ -29,7 +29,7 @@ import hvac
 import hvac.exceptions
 import requests
 
-from medledger_common.localstack import HOST, ManagedProcess, free_port, wait_for_port
+from medledger_common.localstack import HOST, ManagedProcess, free_port, port_in_use, wait_for_port
 from medledger_common.settings import ConfigError
 
 __all__ = ["POLICY_PREFIX", "OpenBao", "bao_bin", "bao_version"]
@@ -90,6 +90,9 @@ def _write_private(path: Path, text: str) -> None:
 
 class OpenBao:
     """One OpenBao server of our own: raft storage in ``state_dir``, tokens in ``secrets_dir``.
+
+    ``state_dir`` is OpenBao's own folder (made 0700: it holds the unseal key); its log defaults
+    to ``<state_dir>/openbao.log``.
 
     ``policies_dir`` holds the ``*.hcl`` policy files (the caller finds ``deploy/vault/`` in the
     repository); None loads no policies. Ports default to free ones, chosen once per object, so a
@@ -171,6 +174,10 @@ class OpenBao:
         binary = self._binary or bao_bin()
         if not binary.is_file():
             raise ConfigError(f"the OpenBao binary {binary} does not exist: run `make setup`")
+        for what, port in (("API", self.api_port), ("cluster", self.cluster_port)):
+            # Else we would talk to whatever listens there, not to the server we start.
+            if port_in_use(port):
+                raise ConfigError(f"OpenBao's {what} port {HOST}:{port} is already in use")
         self._write_config()
         self._process = ManagedProcess.spawn(
             "openbao",
@@ -246,7 +253,8 @@ class OpenBao:
         raft.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         self.config_path.write_text(
-            f'storage "raft" {{\n  path    = "{raft}"\n  node_id = "medledger-0"\n}}\n\n'
+            # performance_multiplier 1: the one node elects itself in about a second, not five.
+            f'storage "raft" {{\n  path    = "{raft}"\n  node_id = "medledger-0"\n  performance_multiplier = 1\n}}\n\n'
             f'listener "tcp" {{\n  address         = "{HOST}:{self.api_port}"\n'
             f'  cluster_address = "{HOST}:{self.cluster_port}"\n  tls_disable     = true\n}}\n\n'
             f'api_addr     = "http://{HOST}:{self.api_port}"\n'
@@ -288,7 +296,9 @@ class OpenBao:
                 f"{self.init_path} exists but OpenBao's storage in {self.state_dir / 'raft'} is not initialized: "
                 "the storage was removed; remove the key file too to start afresh"
             )
-        answer = client.sys.initialize(secret_shares=1, secret_threshold=1)
+        # Initializing bootstraps raft and elects the node: slower than any other call.
+        patient = hvac.Client(url=self.address, timeout=max(_SETUP_TIMEOUT, deadline - time.monotonic()))
+        answer = patient.sys.initialize(secret_shares=1, secret_threshold=1)
         state = {"unseal_key": answer["keys_base64"][0], "root_token": answer["root_token"]}
         _write_private(self.init_path, json.dumps(state) + "\n")
         log.info("OpenBao initialized; its unseal key and root token are in %s (0600)", self.init_path)
