@@ -13,4 +13,14 @@ path "transit/encrypt/records-patient-*"           { capabilities = ["update"] }
 path "transit/decrypt/records-patient-*"           { capabilities = ["update"] }
 path "transit/rewrap/records-patient-*"            { capabilities = ["update"] }
 path "transit/datakey/plaintext/records-patient-*" { capabilities = ["update"] }
-path "sys/seal-status"                             { capabilities = ["read"] }
+
+# The erasure certificates' signing key (a C2SP signed note): created once, its public key read,
+# notes signed and verified. The parameter list keeps it from being trimmed, exported or deleted.
+path "transit/keys/records-erasure-certificate" {
+  capabilities       = ["read", "update"]
+  allowed_parameters = { "type" = ["ed25519"] }
+}
+path "transit/sign/records-erasure-certificate"   { capabilities = ["update"] }
+path "transit/verify/records-erasure-certificate" { capabilities = ["update"] }
+
+path "sys/seal-status" { capabilities = ["read"] }

@@ -56,7 +56,7 @@ class Family:
     """A key family as the table names it: its keys (by use) and how to make a new one."""
 
     label: str
-    prefix: str  # a new key of the family is prefix + something
+    prefix: str  # a new key of the family is prefix + something; "" for a family of one key
     key_type: str
     keys: dict[str, str]  # use -> existing key name: "default", and "sign"/"hmac" where they differ
 
@@ -82,6 +82,12 @@ FAMILIES = [
     Family("`principal-<id>`", "principal-", "ed25519", {"default": f"principal-{PSEUDONYM}"}),
     Family("`consent-patient-<id>`", "consent-patient-", "aes256-gcm96", {"default": f"consent-patient-{PSEUDONYM}"}),
     Family("`records-patient-<id>`", "records-patient-", "aes256-gcm96", {"default": f"records-patient-{PSEUDONYM}"}),
+    Family(
+        "`records-erasure-certificate`",
+        "",
+        "ed25519",
+        {"default": "records-erasure-certificate"},
+    ),
     Family("`audit-checkpoint-*`", "audit-checkpoint-", "ed25519", {"default": "audit-checkpoint-ed25519"}),
     Family("`audit-subject-<id>`", "audit-subject-", "hmac", {"default": f"audit-subject-{PSEUDONYM}"}),
     Family("`patient-<id>` (old, shared)", "patient-", "aes256-gcm96", {"default": f"patient-{PSEUDONYM}"}),
@@ -164,6 +170,12 @@ def _make_keys(bao: OpenBao) -> Material:
     return Material(ciphertexts, signatures, backup)
 
 
+def _new_name(family: Family) -> str:
+    """A key of the family to create: a new one, or the family's only key (creating it again is
+    what ensure_key does)."""
+    return f"{family.prefix}mtx-{uuid.uuid4().hex[:8]}" if family.prefix else family.keys["default"]
+
+
 def _requests(family: Family, material: Material) -> dict[str, Callable[[str, str], requests.Response]]:
     """Each column's request, as KEYS.md describes it, for (address, token)."""
 
@@ -184,7 +196,7 @@ def _requests(family: Family, material: Material) -> dict[str, Callable[[str, st
     if family.key_type == "hmac":
         create_body["key_size"] = 32
     return {
-        "create": call("POST", f"keys/{family.prefix}mtx-{uuid.uuid4().hex[:8]}", create_body),
+        "create": call("POST", f"keys/{_new_name(family)}", create_body),
         "read": call("GET", f"keys/{key('read')}"),
         "encrypt": call("POST", f"encrypt/{key('encrypt')}", {"plaintext": _b64(b"y")}),
         "decrypt": call("POST", f"decrypt/{key('decrypt')}", {"ciphertext": ciphertext}),
@@ -200,7 +212,7 @@ def _requests(family: Family, material: Material) -> dict[str, Callable[[str, st
         "delete": call("DELETE", f"keys/{key('delete')}"),
         "export": call("GET", f"export/encryption-key/{key('export')}"),
         "backup": call("GET", f"backup/{key('backup')}"),
-        "restore": call("POST", f"restore/{family.prefix}mtx-{uuid.uuid4().hex[:8]}", {"backup": material.backup}),
+        "restore": call("POST", f"restore/{_new_name(family)}", {"backup": material.backup}),
     }
 
 
