@@ -2,7 +2,8 @@
 tokens: records' RotatePatientKey rotates records-patient-<id> alone, so the patient's resource in
 identity and break-glass justification in consent (made with associated data, which transit cannot
 rewrap) still decrypt; and a rotation the process died in, between rotating and raising the
-minimum decryption version, is finished by the next call."""
+minimum decryption version, is finished by the next run (records finishes unfinished rotations at
+start and every few minutes)."""
 
 from __future__ import annotations
 
@@ -135,19 +136,27 @@ async def test_rotating_records_key_leaves_every_services_ciphertexts_readable_a
         assert await status_of(admin_records.RotatePatientKey(rotate)) == grpc.StatusCode.INTERNAL
         await everything_decrypts()
 
-        # The next call finishes that rotation: no third version, every data key rewrapped.
+        # The next run finishes it, without anyone calling again: records finishes unfinished
+        # rotations at start (and every few minutes), one pass of which runs here.
         monkeypatch.setattr(records_keys, "set_min_decryption_version", real_floor)
-        done = await admin_records.RotatePatientKey(rotate)
-        assert done.key_version == 2
+        assert await stack.records.extras["records_api"].finish_unfinished_rotations() == 1
         await everything_decrypts()
-
         async with VaultKeyManager(openbao.address, token=openbao.root_token) as root:
             info = await root.key_info(patient_key_name("records", patient_id))
             assert (info.latest_version, info.min_decryption_version) == (2, 2)
-            # Records' rotation touched no other service's key.
-            for owner in ("identity", "consent"):
-                other = await root.key_info(patient_key_name(owner, patient_id))  # type: ignore[arg-type]
-                assert (other.latest_version, other.min_decryption_version) == (1, 1)
         async with stack.records.db.connect() as conn:
             wrapped = (await conn.execute(select(records_storage.record_versions.c.wrapped_key))).scalars().all()
         assert len(wrapped) == 2 and all(w.startswith("vault:v2:") for w in wrapped)
+        assert await stack.records.extras["records_api"].finish_unfinished_rotations() == 0
+
+        # A rotation that runs through: version 3, both data keys rewrapped, all still readable.
+        done = await admin_records.RotatePatientKey(rotate)
+        assert (done.key_version, done.rewrapped) == (3, 2)
+        await everything_decrypts()
+        async with VaultKeyManager(openbao.address, token=openbao.root_token) as root:
+            info = await root.key_info(patient_key_name("records", patient_id))
+            assert (info.latest_version, info.min_decryption_version) == (3, 3)
+            # Records' rotations touched no other service's key.
+            for owner in ("identity", "consent"):
+                other = await root.key_info(patient_key_name(owner, patient_id))  # type: ignore[arg-type]
+                assert (other.latest_version, other.min_decryption_version) == (1, 1)

@@ -8,6 +8,7 @@ idempotency record commit together.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -31,6 +32,7 @@ from medledger_common.errors import (
     DataLoss,
     FailedPrecondition,
     InvalidArgument,
+    MedledgerError,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -397,39 +399,70 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
     ) -> pb.RotatePatientKeyResponse:
         """Rotate, rewrap every data key, and only then raise the minimum decryption version.
         Each page of rewrapped keys commits with the rotation's position, so a crash between
-        pages loses nothing and a new call goes on from there."""
+        pages loses nothing and a new call goes on from there (as does :meth:`finish_rotations`,
+        at start). Only records' own key: the patient's keys in identity and consent are theirs."""
         if not request.patient_id:
             raise InvalidArgument.field("patient_id", "required")
-        name = patient_key_name("records", request.patient_id)
+        target, rewrapped = await self._rotate(request.patient_id)
+        return pb.RotatePatientKeyResponse(key_version=target, rewrapped=rewrapped)
+
+    async def finish_rotations(self, every: float = 600.0) -> None:
+        """Background: rotations a crash left unfinished (rotated, but not every data key
+        rewrapped or the floor not raised yet) are finished at start, and checked for again
+        every ``every`` seconds; one that cannot go on now (an erasure since, the key manager
+        away) is tried again then."""
+        while True:
+            await self.finish_unfinished_rotations()
+            await asyncio.sleep(every)
+
+    async def finish_unfinished_rotations(self) -> int:
+        """One pass of :meth:`finish_rotations`; how many it finished."""
+        async with self.rt.db.connect() as conn:
+            unfinished = await storage.rotations_in_progress(conn)
+        finished = 0
+        for patient_id in unfinished:
+            try:
+                target, rewrapped = await self._rotate(patient_id)
+            except MedledgerError as exc:
+                log.warning("an unfinished key rotation could not go on", extra={"error": type(exc).__name__})
+                continue
+            finished += 1
+            log.info("an unfinished key rotation finished", extra={"key_version": target, "rewrapped": rewrapped})
+        return finished
+
+    async def _rotate(self, patient_id: str) -> tuple[int, int]:
+        """(key version, data keys rewrapped by this call) of the patient's rotation."""
+        name = patient_key_name("records", patient_id)
         async with self.rt.db.transaction() as conn:
-            in_progress = await storage.rotation_in_progress(conn, request.patient_id)
+            in_progress = await storage.rotation_in_progress(conn, patient_id)
         if in_progress is None:
             info = await self.keys.rotate(name)  # NotFound when the patient has no key (no records)
             target, done_record, done_version = info.latest_version, "", 0
             async with self.rt.db.transaction() as conn:
-                await storage.start_rotation(conn, request.patient_id, target, time.time())
+                await storage.start_rotation(conn, patient_id, target, time.time())
         else:
             target, done_record, done_version = in_progress
         rewrapped = 0
         while True:
             async with self.rt.db.transaction() as conn:
                 page = await storage.versions_after(
-                    conn, request.patient_id, done_record, done_version, ROTATION_PAGE, key_name=name
+                    conn, patient_id, done_record, done_version, ROTATION_PAGE, key_name=name
                 )
                 for record_id, version, wrapped in page:
-                    if parse_versioned(wrapped, what="wrapped_key")[0] < target:
+                    # An erased version has no wrapped key left to rewrap.
+                    if wrapped and parse_versioned(wrapped, what="wrapped_key")[0] < target:
                         await storage.set_wrapped_key(conn, record_id, version, await self.keys.rewrap(name, wrapped))
                         rewrapped += 1
                 if page:
                     done_record, done_version = page[-1][0], page[-1][1]
-                    await storage.advance_rotation(conn, request.patient_id, done_record, done_version)
+                    await storage.advance_rotation(conn, patient_id, done_record, done_version)
             if len(page) < ROTATION_PAGE:
                 break
         await self.keys.set_min_decryption_version(name, target)
         async with self.rt.db.transaction() as conn:
-            await storage.finish_rotation(conn, request.patient_id)
+            await storage.finish_rotation(conn, patient_id)
         log.info("patient key rotated", extra={"key_version": target, "rewrapped": rewrapped})
-        return pb.RotatePatientKeyResponse(key_version=target, rewrapped=rewrapped)
+        return target, rewrapped
 
     def _keys_of(self, key_name: str) -> RecordKeys:
         """Records' own keys; a version the key-owner migration has not moved yet is under the old

@@ -41,6 +41,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     disclosures.after_commit = runtime.relay.notify
     api = RecordsApi(runtime, keys, ConsentServiceStub(consent_channel), erasures, disclosures, blobs)
     runtime.extras["erasures"] = erasures
+    runtime.extras["records_api"] = api
     on_stop = [consent_channel.close, disclosures.close]
     return ServiceParts(
         service_descriptors=[records_service_pb2.DESCRIPTOR.services_by_name["RecordsService"]],
@@ -50,6 +51,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         background=[
             erasures.run,
             disclosures.run,
+            api.finish_rotations,
             data_key_migration(runtime.db, keys, runtime.legacy_keys).keep_running,
         ],
         on_stop=on_stop,

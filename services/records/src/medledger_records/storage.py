@@ -334,6 +334,12 @@ async def rotation_in_progress(conn: AsyncConnection, patient_id: str) -> tuple[
     return (int(r.target_version), r.done_record_id, int(r.done_version)) if r else None
 
 
+async def rotations_in_progress(conn: AsyncConnection) -> list[str]:
+    """The patients whose key rotation has not finished."""
+    rows = await conn.execute(select(key_rotations.c.patient_id).order_by(key_rotations.c.patient_id))
+    return [str(r) for r in rows.scalars()]
+
+
 async def start_rotation(conn: AsyncConnection, patient_id: str, target_version: int, now: float) -> None:
     await conn.execute(
         insert(key_rotations).values(
