@@ -115,10 +115,11 @@ async def stages(size: int, database_url: str) -> dict[str, float]:
         keys = await LocalKeyring.open(
             Path(tmp) / "k" / "records.keyring", create_master_key_file(Path(tmp) / "master.key")
         )
-        await keys.ensure_key("patient-bench", KeyType.AES256_GCM96)
-        data_key = await keys.generate_data_key("patient-bench")
-        out["keys_us"] = await _per_op_async(lambda: keys.generate_data_key("patient-bench"), n)
-        out["key_unwrap_us"] = await _per_op_async(lambda: keys.decrypt_data_key("patient-bench", data_key.wrapped), n)
+        name = "records-patient-bench"
+        await keys.ensure_key(name, KeyType.AES256_GCM96)
+        data_key = await keys.generate_data_key(name)
+        out["keys_us"] = await _per_op_async(lambda: keys.generate_data_key(name), n)
+        out["key_unwrap_us"] = await _per_op_async(lambda: keys.decrypt_data_key(name, data_key.wrapped), n)
         await keys.aclose()
     sealed = domain.seal(data_key.plaintext, content, "rec_1", 1, "pat_1")
     out["seal_us"] = _per_op(lambda: domain.seal(data_key.plaintext, content, "rec_1", 1, "pat_1"), n)
@@ -154,7 +155,7 @@ async def database_stages(content: bytes, database_url: str, n: int) -> dict[str
     async def write() -> None:
         record = storage.Record(f"rec_{uuid.uuid4().hex}", "pat_bench", OBS, FHIR_JSON, 1, "Observation")
         version = storage.StoredVersion(
-            record.record_id, 1, "pat_bench", "patient-bench", "vault:v1:x", sealed, b"s" * 32, "0" * 64, "e"
+            record.record_id, 1, "pat_bench", "records-patient-bench", "vault:v1:x", sealed, b"s" * 32, "0" * 64, "e"
         )
         async with db.transaction() as conn:
             await storage.insert_record(conn, record, time.time())

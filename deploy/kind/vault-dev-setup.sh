@@ -12,17 +12,18 @@ vault secrets list -format=json | grep -q '"transit/"' || vault secrets enable t
 vault auth list -format=json | grep -q '"kubernetes/"' || vault auth enable kubernetes
 vault write auth/kubernetes/config kubernetes_host="https://kubernetes.default.svc" >/dev/null
 
-for policy in identity consent audit records records-erasure records-agent; do
-  vault policy write "medledger-$policy" - < "deploy/vault/$policy.hcl" >/dev/null
+for file in deploy/vault/*.hcl; do
+  policy=$(basename "$file" .hcl)
+  vault policy write "medledger-$policy" - < "$file" >/dev/null
 done
-for service in identity consent audit; do
+# Each key-keeping service: a Kubernetes role whose agent may only create the service's two child
+# tokens, the everyday one and the erasure one, each from a token role of exactly one policy.
+for service in identity consent audit records; do
   vault write "auth/kubernetes/role/medledger-$service" bound_service_account_names="$RELEASE-$service" \
-    bound_service_account_namespaces="$NS" policies="medledger-$service" ttl=1h >/dev/null
-done
-vault write auth/kubernetes/role/medledger-records bound_service_account_names="$RELEASE-records" \
-  bound_service_account_namespaces="$NS" policies=medledger-records-agent ttl=1h >/dev/null
-for role in records records-erasure; do
-  vault write "auth/token/roles/medledger-$role" allowed_policies="medledger-$role" \
-    disallowed_policies=default orphan=false renewable=true token_explicit_max_ttl=24h >/dev/null
+    bound_service_account_namespaces="$NS" policies="medledger-$service-agent" ttl=1h >/dev/null
+  for role in "$service" "$service-erasure"; do
+    vault write "auth/token/roles/medledger-$role" allowed_policies="medledger-$role" \
+      disallowed_policies=default orphan=false renewable=true token_explicit_max_ttl=24h >/dev/null
+  done
 done
 echo "vault: transit, kubernetes auth, policies and roles for $RELEASE in $NS"

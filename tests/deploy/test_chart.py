@@ -330,9 +330,14 @@ def test_vault_agent_writes_each_key_keeping_services_token(rendered: dict[str, 
         assert data["MEDLEDGER_KEY_MANAGER"] == "vault"
         assert data["MEDLEDGER_VAULT_TOKEN_FILE"] == "/vault/secrets/token"
         assert (DEPLOY / "vault" / f"{service}.hcl").is_file(), f"no Vault policy for {service}"
-    records = deployment(docs, "records")["spec"]["template"]["metadata"]["annotations"]
-    assert "medledger-records-erasure" in records["vault.hashicorp.com/agent-inject-template-erasure-token"]
-    assert configmap(docs, "records")["MEDLEDGER_ERASURE_VAULT_TOKEN_FILE"] == "/vault/secrets/erasure-token"
+    for service in ("identity", "consent", "records", "audit"):  # each its own erasure token
+        annotations = deployment(docs, service)["spec"]["template"]["metadata"]["annotations"]
+        template = annotations["vault.hashicorp.com/agent-inject-template-erasure-token"]
+        assert f"auth/token/create/medledger-{service}-erasure" in template
+        everyday = annotations["vault.hashicorp.com/agent-inject-template-token"]
+        assert f'auth/token/create/medledger-{service}"' in everyday
+        assert configmap(docs, service)["MEDLEDGER_ERASURE_VAULT_TOKEN_FILE"] == "/vault/secrets/erasure-token"
+        assert (DEPLOY / "vault" / f"{service}-agent.hcl").is_file()
 
 
 def hcl_rules(service: str) -> list[tuple[str, str]]:
@@ -346,13 +351,14 @@ def hcl_rules(service: str) -> list[tuple[str, str]]:
 def test_records_everyday_policy_cannot_delete_keys_and_the_erasure_policy_only_can() -> None:
     for path, body in hcl_rules("records"):
         assert '"delete"' not in body, path
-        if path.startswith("transit/keys/"):
-            assert "deletion_allowed" in body and "denied_parameters" in body, path
-    erasure = hcl_rules("records-erasure")
-    assert erasure and all(path.startswith("transit/keys/patient-") for path, _ in erasure)
-    assert any('"delete"' in body for _, body in erasure)
-    for service in ("identity", "consent"):
+        if path.startswith("transit/keys/"):  # a list of what it may send, deletion_allowed not in it
+            assert "allowed_parameters" in body and "deletion_allowed" not in body, path
+    for service in ("identity", "consent", "records", "audit"):
         assert all('"delete"' not in body for _, body in hcl_rules(service)), service
+        erasure = hcl_rules(f"{service}-erasure")
+        own = "audit-subject-" if service == "audit" else f"{service}-patient-"
+        assert erasure and all(path.startswith(("transit/keys/" + own, "transit/keys/patient-")) for path, _ in erasure)
+        assert all('"delete"' in body and "required_parameters" in body for _, body in erasure)
 
 
 def test_local_keyring_master_keys_are_mounted_read_only_for_the_owner(

@@ -30,7 +30,7 @@ from medledger_common import chain, localstack
 from medledger_common.anchored_proofs import TrustPolicy
 from medledger_common.keys import create_master_key_file
 from medledger_common.service import ServiceRuntime
-from medledger_common.testing import Kafka, Postgres, running_service
+from medledger_common.testing import Kafka, OpenBaoServer, Postgres, running_service
 from medledger_consent import main as consent_main
 from medledger_consent import storage as consent_storage
 from medledger_consent.config import ConsentSettings
@@ -158,7 +158,19 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
         anchoring: bool = False,
         chain_rpc_url: str | None = None,
         anchoring_settings: dict[str, Any] | None = None,
+        openbao: OpenBaoServer | None = None,
     ) -> AsyncIterator[Stack]:
+        def keys_of(service: str, **local: Any) -> dict[str, Any]:
+            """A service's key-manager settings: its local keyring, or its own tokens of OpenBao."""
+            if openbao is None:
+                return local
+            return {
+                "key_manager": "vault",
+                "vault_addr": openbao.address,
+                "vault_token_file": openbao.token_file(service),
+                "erasure_vault_token_file": openbao.token_file(f"{service}-erasure"),
+            }
+
         secrets_dir = tmp_path / "secrets"
         secrets_dir.mkdir(exist_ok=True)
         admin_secret = "mlsec_admin_" + secrets.token_urlsafe(24)
@@ -181,8 +193,7 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
                 kafka,
                 identity_db or postgres.new_database("identity"),
                 jwks_http_port=0,
-                master_key_file=master,
-                keyring_file=tmp_path / "keyrings" / "identity.keyring",
+                **keys_of("identity", master_key_file=master, keyring_file=tmp_path / "keyrings" / "identity.keyring"),
                 bootstrap_admin_secret_file=tmp_path / "admin.secret",
                 service_secrets_dir=secrets_dir,
             )
@@ -202,9 +213,12 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
                         consent_db,
                         identity_address=f"127.0.0.1:{identity.grpc_port}",
                         client_secret_file=secrets_dir / "consent.secret",
-                        master_key_file=consent_master,
                         # A local keyring belongs to one process: a keyring per replica.
-                        keyring_file=tmp_path / "keyrings" / f"consent-{replica}.keyring",
+                        **keys_of(
+                            "consent",
+                            master_key_file=consent_master,
+                            keyring_file=tmp_path / "keyrings" / f"consent-{replica}.keyring",
+                        ),
                     )
                     replicas.append(
                         await exits.enter_async_context(
@@ -227,8 +241,11 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
                             identity_address=f"127.0.0.1:{identity.grpc_port}",
                             consent_address=f"127.0.0.1:{replicas[0].grpc_port}",
                             client_secret_file=secrets_dir / "records.secret",
-                            master_key_file=master_records,
-                            keyring_file=tmp_path / "keyrings" / "records.keyring",
+                            **keys_of(
+                                "records",
+                                master_key_file=master_records,
+                                keyring_file=tmp_path / "keyrings" / "records.keyring",
+                            ),
                             **(records_settings or {}),
                         ),
                         records_storage.MIGRATIONS,

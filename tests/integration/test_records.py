@@ -352,7 +352,7 @@ async def test_key_rotation_rewraps_every_data_key_and_resumes_after_a_crash(sta
         monkeypatch.setattr(storage, "advance_rotation", crash_after_first_page)
         assert await status_of(admin.RotatePatientKey(rotate)) == CODE.INTERNAL
         keys = stack.records.keys
-        name = f"patient-{p['patient_id']}"
+        name = f"records-patient-{p['patient_id']}"
         assert (await keys.key_info(name)).min_decryption_version == 1
         for record_id in ids:
             assert (await p["patient"].GetRecord(pb.GetRecordRequest(record_id=record_id))).content == content
@@ -501,7 +501,7 @@ async def test_an_approved_erasure_shreds_keys_so_even_an_older_database_copy_is
         done = (await po.ApproveErasure(approve)).erasure
         assert done.state == ERASURE.ERASURE_STATE_COMPLETED
         certificate = done.certificate
-        assert certificate.key_name == f"patient-{p['patient_id']}" and list(certificate.key_versions) == [1]
+        assert certificate.key_name == f"records-patient-{p['patient_id']}" and list(certificate.key_versions) == [1]
         assert (certificate.records_erased, certificate.versions_erased) == (2, 2)
         assert certificate.authorized_by.startswith("privacy-officer ")
         assert certificate.unrecoverable_after.seconds - certificate.erased_at.seconds == 30 * 24 * 3600
@@ -540,8 +540,8 @@ async def test_an_approved_erasure_shreds_keys_so_even_an_older_database_copy_is
             await asyncio.sleep(0.1)
         else:
             raise AssertionError("identity kept the erased patient's FHIR resource")
-        with pytest.raises(NotFound):  # identity's copy of the patient's key went too
-            await stack.identity.keys.key_info(f"patient-{p['patient_id']}")
+        with pytest.raises(NotFound):  # identity's own key of the patient went too
+            await stack.identity.keys.key_info(f"identity-patient-{p['patient_id']}")
 
 
 async def test_an_erasure_runs_after_its_grace_period_unless_held_and_finishes_after_a_crash(

@@ -51,6 +51,7 @@ from medledger_common.keys import (
     Signature,
     VaultKeyManager,
     create_master_key_file,
+    legacy_patient_key_name,
     patient_key_name,
 )
 from medledger_common.keys import local as local_module
@@ -225,7 +226,8 @@ async def test_bad_key_name_is_invalid_argument(km: KeyManager) -> None:
     for bad in ["", "Upper", "has space", "-leading", "trailing-", "a/b", "x" * 129]:
         with pytest.raises(InvalidArgument, match="key_name"):
             await km.ensure_key(bad, KeyType.AES256_GCM96)
-    assert patient_key_name("3F2A9c") == "patient-3f2a9c"
+    assert patient_key_name("records", "3F2A9c") == "records-patient-3f2a9c"
+    assert legacy_patient_key_name("3F2A9c") == "patient-3f2a9c"
 
 
 async def test_data_key_round_trip(km: KeyManager, new_name: Callable[[str], str]) -> None:
@@ -900,7 +902,7 @@ def test_vault_manager_refuses_bad_configuration() -> None:
 async def test_keyring_file_holds_no_key_material(tmp_path: Path) -> None:
     master, path = _master_and_keyring(tmp_path)
     async with await LocalKeyring.open(path, master) as km:
-        names = [patient_key_name("a1b2c3d4"), "identity-jwt", "audit-checkpoint", "identity-blind-index"]
+        names = [patient_key_name("records", "a1b2c3d4"), "identity-jwt", "audit-checkpoint", "identity-blind-index"]
         for name, key_type in zip(names, KeyType, strict=True):
             await km.ensure_key(name, key_type)
             await km.rotate(name)

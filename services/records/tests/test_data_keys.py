@@ -11,9 +11,9 @@ import pytest
 from medledger_common.errors import DataLoss, FailedPrecondition, NotFound
 from medledger_common.keys import KeyManager, KeyType, LocalKeyring, create_master_key_file
 from medledger_common.keys.base import parse_versioned
+from medledger_common.keys.shredder import KeyShredder
 from medledger_records import domain
 from medledger_records.data_keys import CacheLimits, DataKeyCache
-from medledger_records.erasure import KeyShredder
 
 NAME = "records-patient-p1"
 
@@ -142,7 +142,9 @@ async def test_rotation_forgets_the_data_keys_of_older_versions(keyring: Counted
 async def test_an_erased_key_opens_nothing_from_the_cache(keyring: Counted) -> None:
     keys = cache(keyring)
     made = await keys.data_key_for(NAME, 10)
-    await KeyShredder(keyring.keys, forget=keys.purge).shred(NAME)
+    shredder = KeyShredder(keyring.keys)
+    shredder.also_forget(keys.purge)
+    await shredder.shred(NAME)
     with pytest.raises(NotFound):
         await keys.decrypt_data_key(NAME, made.wrapped)
     with pytest.raises(NotFound):

@@ -132,7 +132,8 @@ imagePullSecrets:
 {{/*
 Vault Agent Injector annotations: the agent logs in with the pod's ServiceAccount under the
 service's Vault role and keeps a token file that the key manager re-reads when it changes
-(MEDLEDGER_VAULT_TOKEN_FILE). records gets a second role and file for approved erasures only.
+(MEDLEDGER_VAULT_TOKEN_FILE), and a second one for the service's erasure path alone
+(MEDLEDGER_ERASURE_VAULT_TOKEN_FILE).
 */}}
 {{- define "medledger.vaultAnnotations" -}}
 {{- $v := .root.Values.keyManager.vault -}}
@@ -142,24 +143,17 @@ vault.hashicorp.com/auth-path: {{ $v.authPath | quote }}
 vault.hashicorp.com/agent-pre-populate: "true"
 vault.hashicorp.com/agent-run-as-user: "10001"
 vault.hashicorp.com/agent-run-as-group: "10001"
-{{- if eq .name "records" }}
-{{- /* records: two child tokens from Vault token roles, so that the everyday token (no key
-deletion) cannot mint the erasure token; the agent's own token can only create these two. */}}
-vault.hashicorp.com/agent-inject-secret-token: {{ printf "auth/token/create/%srecords" $v.rolePrefix | quote }}
+{{- /* two child tokens from Vault token roles, so that the everyday token (no key deletion)
+cannot mint the erasure token; the agent's own token (policy <service>-agent) can only create
+these two. */}}
+vault.hashicorp.com/agent-inject-secret-token: {{ printf "auth/token/create/%s%s" $v.rolePrefix .name | quote }}
 vault.hashicorp.com/agent-inject-template-token: |
-  {{ printf "{{- with secret \"auth/token/create/%srecords\" \"ttl=1h\" -}}{{ .Auth.ClientToken }}{{- end -}}" $v.rolePrefix }}
+  {{ printf "{{- with secret \"auth/token/create/%s%s\" \"ttl=1h\" -}}{{ .Auth.ClientToken }}{{- end -}}" $v.rolePrefix .name }}
 vault.hashicorp.com/agent-inject-perms-token: "0400"
-vault.hashicorp.com/agent-inject-secret-erasure-token: {{ printf "auth/token/create/%srecords-erasure" $v.rolePrefix | quote }}
+vault.hashicorp.com/agent-inject-secret-erasure-token: {{ printf "auth/token/create/%s%s-erasure" $v.rolePrefix .name | quote }}
 vault.hashicorp.com/agent-inject-template-erasure-token: |
-  {{ printf "{{- with secret \"auth/token/create/%srecords-erasure\" \"ttl=1h\" -}}{{ .Auth.ClientToken }}{{- end -}}" $v.rolePrefix }}
+  {{ printf "{{- with secret \"auth/token/create/%s%s-erasure\" \"ttl=1h\" -}}{{ .Auth.ClientToken }}{{- end -}}" $v.rolePrefix .name }}
 vault.hashicorp.com/agent-inject-perms-erasure-token: "0400"
-{{- else }}
-{{- /* the agent's own token, which the role's policy limits to this service's keys */}}
-vault.hashicorp.com/agent-inject-secret-token: "auth/token/lookup-self"
-vault.hashicorp.com/agent-inject-template-token: |
-  {{`{{- with secret "auth/token/lookup-self" -}}{{ .Data.id }}{{- end -}}`}}
-vault.hashicorp.com/agent-inject-perms-token: "0400"
-{{- end }}
 {{- with $v.caSecret }}
 vault.hashicorp.com/tls-secret: {{ . | quote }}
 vault.hashicorp.com/ca-cert: /vault/tls/ca.crt

@@ -14,7 +14,7 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 from aiokafka import AIOKafkaProducer
@@ -28,7 +28,7 @@ from medledger_common.grpc_client import client_tls_files
 from medledger_common.grpc_server import GrpcServer, TLSFiles
 from medledger_common.identity_link import TOKEN_ISSUER, IdentityLink
 from medledger_common.kafka import ConsumedMessage, EventConsumer, Handler, make_producer
-from medledger_common.keys import KeyManager, LocalKeyring, VaultKeyManager
+from medledger_common.keys import KeyManager, KeyShredder, LocalKeyring, VaultKeyManager
 from medledger_common.logs import configure_logging
 from medledger_common.outbox import COMMON_MIGRATIONS, OutboxRelay
 from medledger_common.settings import ConfigError, ServiceSettings
@@ -104,6 +104,9 @@ class ServiceRuntime:
             retention_seconds=settings.outbox_retention_seconds,
         )
         self.keys: KeyManager | None = None
+        self._shredder: KeyShredder | None = None
+        self._legacy_keys: KeyManager | None = None
+        self._side_keys: list[KeyManager] = []
         # Parts a service's build wants reachable from outside (tests, benchmarks), by name.
         self.extras: dict[str, Any] = {}
         # Principals whose tokens every call refuses; loaded before SERVING, kept current.
@@ -205,6 +208,28 @@ class ServiceRuntime:
                 "or MEDLEDGER_KEY_MANAGER=vault with MEDLEDGER_VAULT_ADDR and MEDLEDGER_VAULT_TOKEN_FILE"
             )
         return self.keys
+
+    def key_shredder(self) -> KeyShredder:
+        """The service's one way to destroy its keys, for its erasure path alone: a key manager
+        opened with the erasure token (Vault), closed when the service stops. The local keyring
+        is one file without access control, so there it is the everyday keyring."""
+        if self._shredder is None:
+            keys = self.require_keys()
+            erasure_keys = open_side_key_manager(self.settings, keys, "erasure")
+            if erasure_keys is not keys:
+                self._side_keys.append(erasure_keys)
+            self._shredder = KeyShredder(erasure_keys, reader=keys)
+        return self._shredder
+
+    def legacy_keys(self) -> KeyManager:
+        """The key manager that reads the old shared ``patient-<id>`` keys, for the key-owner
+        migration: the legacy token (Vault), else the everyday key manager (local keyring)."""
+        if self._legacy_keys is None:
+            keys = self.require_keys()
+            self._legacy_keys = open_side_key_manager(self.settings, keys, "legacy")
+            if self._legacy_keys is not keys:
+                self._side_keys.append(self._legacy_keys)
+        return self._legacy_keys
 
     def identity_link(self) -> IdentityLink:
         """This service's link to identity, with its own principal's credentials."""
@@ -309,6 +334,8 @@ class ServiceRuntime:
             await hook()
         if self._identity is not None:
             await self._identity.aclose()
+        for side in self._side_keys:
+            await side.aclose()
         if self.keys is not None:
             await self.keys.aclose()
         await self.producer.stop()
@@ -356,6 +383,22 @@ async def open_key_manager(settings: ServiceSettings, service: str) -> KeyManage
         return None
     path = settings.keyring_file or Path(".medledger") / "keyrings" / f"{service}.keyring"
     return await LocalKeyring.open(path, settings.master_key_file)
+
+
+def open_side_key_manager(
+    settings: ServiceSettings, keys: KeyManager, credential: Literal["erasure", "legacy"]
+) -> KeyManager:
+    """A second key manager with another Vault token: ``erasure`` (MEDLEDGER_ERASURE_VAULT_TOKEN_FILE,
+    the only one that may destroy keys) or ``legacy`` (MEDLEDGER_LEGACY_VAULT_TOKEN_FILE, reads
+    the old shared patient keys). The local keyring has no per-credential access control, so
+    there it is ``keys`` itself."""
+    if settings.key_manager != "vault":
+        return keys
+    token_file = settings.erasure_vault_token_file if credential == "erasure" else settings.legacy_vault_token_file
+    if token_file is None:
+        variable = f"MEDLEDGER_{credential.upper()}_VAULT_TOKEN_FILE"
+        raise ConfigError(f"MEDLEDGER_KEY_MANAGER=vault needs {variable} for the {credential} credential")
+    return VaultKeyManager(settings.vault_addr, token_file=token_file, mount_point=settings.vault_transit_mount)
 
 
 T = TypeVar("T")

@@ -66,6 +66,14 @@ class ServiceSettings(BaseSettings):
     vault_addr: str = ""
     vault_token_file: Path | None = None
     vault_transit_mount: str = "transit"
+    # Vault only: the token the service's erasure path destroys its own keys with (policy
+    # `<service>-erasure`); the everyday token cannot delete keys. Required with Vault for a
+    # service that keeps per-patient keys.
+    erasure_vault_token_file: Path | None = None
+    # Vault only, while the key-owner migration runs: a token that may decrypt under the old
+    # shared `patient-<id>` keys (policy `legacy-patient-keys`). Revoke it once every service
+    # reports the migration done.
+    legacy_vault_token_file: Path | None = None
 
     # Authentication: where identity is (JWKS, deactivated principals), and this service's own
     # client secret (a mounted file; its principal is svc_<service>).
@@ -73,7 +81,14 @@ class ServiceSettings(BaseSettings):
     client_secret_file: Path | None = None
 
     @field_validator(
-        "tls_cert_file", "tls_key_file", "tls_ca_file", "master_key_file", "vault_token_file", "client_secret_file"
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_ca_file",
+        "master_key_file",
+        "vault_token_file",
+        "erasure_vault_token_file",
+        "legacy_vault_token_file",
+        "client_secret_file",
     )
     @classmethod
     def _file_exists(cls, value: Path | None) -> Path | None:

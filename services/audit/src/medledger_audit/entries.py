@@ -35,6 +35,7 @@ from medledger.events.v1 import (
 )
 
 from medledger_common.events import Event, unpack
+from medledger_common.keys import patient_key_name
 from medledger_common.tlog import MAX_ENTRY_BYTES
 
 ENTRY_VERSION = 1
@@ -100,8 +101,10 @@ class EntryDraft:
 
 
 def subject_key_name(patient_id: str) -> str:
-    """The key-manager HMAC key an entry's `subject` is made with; erasure deletes it."""
-    return f"audit-subject-{patient_id}"
+    """The key-manager HMAC key an entry's `subject` is made with; erasure deletes it. Never
+    rotated (KEYS.md): a subject's HMAC uses the latest version, so lookups by subject rely on
+    there being one."""
+    return patient_key_name("audit", patient_id)
 
 
 def rfc3339(seconds: float) -> str:

@@ -21,7 +21,7 @@ NAME = "audit"
 def build(runtime: ServiceRuntime) -> ServiceParts:
     settings: AuditSettings = runtime.settings  # type: ignore[assignment]
     keys = runtime.require_keys()
-    sequencer = Sequencer(runtime.db, keys, max_batch=settings.append_batch_max)
+    sequencer = Sequencer(runtime.db, keys, max_batch=settings.append_batch_max, shredder=runtime.key_shredder())
     checkpointer = Checkpointer(
         runtime.db,
         keys,

@@ -35,7 +35,7 @@ from medledger_audit.entries import UNPROCESSABLE, EntryDraft, encode_entry, sub
 from medledger_common import tlog
 from medledger_common.db import Database, lock_key
 from medledger_common.errors import NotFound
-from medledger_common.keys import KeyManager, KeyType
+from medledger_common.keys import KeyManager, KeyShredder, KeyType
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,10 @@ class Subjects:
     another replica) no cached value can keep linking new entries to the erased patient.
     """
 
-    def __init__(self, keys: KeyManager) -> None:
+    def __init__(self, keys: KeyManager, shredder: KeyShredder | None = None) -> None:
         self.keys = keys
+        # Erasure destroys the key through the erasure credential (the everyday one cannot).
+        self.shredder = shredder or KeyShredder(keys)
         self._known: set[str] = set()
 
     async def of(self, patient_ids: Iterable[str]) -> dict[str, str]:
@@ -153,7 +155,7 @@ class Subjects:
         """Delete the patient's audit key: their entries' subjects can no longer be linked to them."""
         name = subject_key_name(patient_id)
         self._known.discard(name)
-        await self.keys.erase_key(name)  # a redelivered erasure finds it gone: done
+        await self.shredder.shred(name)  # a redelivered erasure finds it gone: done
 
 
 def lookup_columns(draft: EntryDraft) -> tuple[str | None, str | None, str | None]:
@@ -193,9 +195,10 @@ class Sequencer:
         max_batch: int = 5000,
         lock_name: str = APPEND_LOCK,
         use_driver: bool = True,
+        shredder: KeyShredder | None = None,
     ) -> None:
         self.db = db
-        self.subjects = Subjects(keys)
+        self.subjects = Subjects(keys, shredder)
         self.max_batch = max_batch
         self.lock_name = lock_name
         # PostgreSQL through asyncpg (the fast path) unless told otherwise (tests compare both).

@@ -30,6 +30,7 @@ from medledger_common.errors import (
     ResourceExhausted,
 )
 from medledger_common.events import TOPICS, new_event
+from medledger_common.key_owners import decrypt_owned
 from medledger_common.keys import KeyManager, KeyType, patient_key_name
 from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
@@ -198,7 +199,7 @@ class BreakGlassDesk:
                 overrides_deny=policy.overrides_deny,
                 review=PENDING,
             )
-            key = patient_key_name(request.patient_id)
+            key = patient_key_name("consent", request.patient_id)
             await self.keys.ensure_key(key, KeyType.AES256_GCM96)
             # Bound to the access: a ciphertext moved to another row does not decrypt.
             ciphertext = await self.keys.encrypt(key, justification.encode(), associated_data=access.access_id.encode())
@@ -301,8 +302,16 @@ class BreakGlassDesk:
             # The same answer either way: ids must not reveal whose records were opened.
             raise NotFound("no such break-glass access")
         access, ciphertext = found
-        justification = await self.keys.decrypt(
-            patient_key_name(access.patient_id), ciphertext, associated_data=access.access_id.encode()
+        if not ciphertext:  # the patient was erased: the justification went with their keys
+            return pb.GetBreakGlassAccessResponse(access=access_proto(access))
+        # Still under the old shared key until the key-owner migration moves it.
+        justification = await decrypt_owned(
+            self.keys,
+            self.rt.legacy_keys,
+            "consent",
+            access.patient_id,
+            ciphertext,
+            associated_data=access.access_id.encode(),
         )
         return pb.GetBreakGlassAccessResponse(access=access_proto(access), justification=justification.decode())
 

@@ -17,6 +17,11 @@ from medledger_consent.handlers import (
     ConsentIndexHandler,
     PrincipalDirectoryHandler,
 )
+from medledger_consent.key_owners import (
+    ERASURE_BACKFILL_CONSUMER,
+    ErasedJustificationsHandler,
+    justification_migration,
+)
 from medledger_consent.storage import MIGRATIONS, DecisionLog
 
 NAME = "consent"
@@ -30,7 +35,8 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         runtime.db, TOPICS["consent.decisions"], commit_interval=settings.decision_commit_interval_seconds
     )
     decisions.after_commit = runtime.relay.notify
-    desk = BreakGlassDesk(runtime, runtime.require_keys(), index)
+    keys = runtime.require_keys()
+    desk = BreakGlassDesk(runtime, keys, index)
     api = ConsentApi(runtime, index, decisions, desk)
     runtime.extras["consent_api"] = api
     return ServiceParts(
@@ -52,9 +58,20 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
                 topics=[TOPICS["consent"]],
                 fetch_max_wait_ms=50,
             ),
+            # Erasures that completed before consent took part in them (key_owners.py).
+            ConsumerSpec(
+                group_id=ERASURE_BACKFILL_CONSUMER,
+                handler=ErasedJustificationsHandler(runtime.db, runtime.key_shredder()),
+                topics=[TOPICS["records"]],
+            ),
         ],
         on_start=[api.load_index],
-        background=[decisions.run, api.reconcile_index, desk.watch_pending_reviews],
+        background=[
+            decisions.run,
+            api.reconcile_index,
+            desk.watch_pending_reviews,
+            justification_migration(runtime.db, keys, runtime.legacy_keys).keep_running,
+        ],
         on_stop=[decisions.close],
     )
 

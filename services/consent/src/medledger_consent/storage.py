@@ -16,6 +16,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    delete,
     func,
     insert,
     inspect,
@@ -154,6 +155,27 @@ async def _index_recorded_at(conn: AsyncConnection) -> None:
     await conn.execute(text("CREATE INDEX ix_consent_versions_recorded_at ON consent_versions (recorded_at)"))
 
 
+# Break-glass accesses whose justification is still under the old shared key `patient-<id>`
+# (the key-owner migration moves it to consent-patient-<id>, then drops the row). Filled once,
+# by migration 7, with every access there was: everything written since is under consent's key.
+key_owners_metadata = MetaData()
+justifications_under_old_keys = Table(
+    "justifications_under_old_keys",
+    key_owners_metadata,
+    Column("access_id", String(64), primary_key=True),
+)
+
+
+async def _list_justifications_under_old_keys(conn: AsyncConnection) -> None:
+    await conn.run_sync(key_owners_metadata.create_all)
+    await conn.execute(
+        text(
+            "INSERT INTO justifications_under_old_keys (access_id) SELECT access_id FROM break_glass_accesses "
+            "WHERE justification_ciphertext <> ''"
+        )
+    )
+
+
 MIGRATIONS = [
     Migration(1, "principal directory", create_tables(metadata)),
     Migration(2, "consent versions and decisions", create_tables(consents_metadata)),
@@ -161,6 +183,7 @@ MIGRATIONS = [
     Migration(4, "consent versions by recording time", _index_recorded_at),
     Migration(5, "break-glass policies and accesses", create_tables(break_glass_metadata)),
     Migration(6, "decisions name the break-glass access that permitted", _decisions_by_break_glass),
+    Migration(7, "justifications still under the old shared keys", _list_justifications_under_old_keys),
 ]
 
 
@@ -497,3 +520,56 @@ async def accesses_running_after(conn: AsyncConnection, since: float) -> list[Br
 async def pending_reviews(conn: AsyncConnection) -> int:
     t = break_glass_accesses.c
     return int((await conn.execute(select(func.count()).where(t.review == PENDING_REVIEW))).scalar_one())
+
+
+# The key-owner migration, and erasures that completed before consent took part in them.
+
+
+async def justifications_under_old_keys_after(conn: AsyncConnection, after: str, limit: int) -> list[str]:
+    """Accesses whose justification is still under the old shared key, after ``after``, locked."""
+    c = justifications_under_old_keys.c
+    rows = await conn.execute(
+        select(c.access_id)
+        .where(c.access_id > after)
+        .order_by(c.access_id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return [str(r) for r in rows.scalars()]
+
+
+async def justification_for_update(conn: AsyncConnection, access_id: str) -> tuple[str, str] | None:
+    """(patient id, justification ciphertext) of an access, locked."""
+    c = break_glass_accesses.c
+    row = (
+        await conn.execute(
+            select(c.patient_id, c.justification_ciphertext).where(c.access_id == access_id).with_for_update()
+        )
+    ).first()
+    return (row.patient_id, row.justification_ciphertext) if row else None
+
+
+async def move_justification(conn: AsyncConnection, access_id: str, ciphertext: str) -> None:
+    """Store the justification's ciphertext under consent's own key ('': it was unreadable
+    already) and take the access off the list. Not a change of the access: changed_at stays."""
+    c = break_glass_accesses.c
+    await conn.execute(
+        update(break_glass_accesses).where(c.access_id == access_id).values(justification_ciphertext=ciphertext)
+    )
+    await conn.execute(
+        delete(justifications_under_old_keys).where(justifications_under_old_keys.c.access_id == access_id)
+    )
+
+
+async def forget_justifications(conn: AsyncConnection, patient_id: str) -> int:
+    """Drop the justification ciphertexts of an erased patient's break-glass accesses (their key
+    is gone already); the accesses themselves stay, with the justification's hash."""
+    c = break_glass_accesses.c
+    ids = select(c.access_id).where(c.patient_id == patient_id).scalar_subquery()
+    await conn.execute(delete(justifications_under_old_keys).where(justifications_under_old_keys.c.access_id.in_(ids)))
+    result = await conn.execute(
+        update(break_glass_accesses)
+        .where(c.patient_id == patient_id, c.justification_ciphertext != "")
+        .values(justification_ciphertext="")
+    )
+    return int(result.rowcount or 0)

@@ -24,6 +24,7 @@ from medledger_common.auth import ANY_CALLER, Access, Caller, current_caller
 from medledger_common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from medledger_common.events import TOPICS, new_event
 from medledger_common.idempotency import run_idempotent
+from medledger_common.key_owners import decrypt_owned
 from medledger_common.keys import KeyManager, KeyType, patient_key_name
 from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
@@ -83,7 +84,7 @@ def to_proto(row: storage.PrincipalRow) -> pb.Principal:
 
 def resource_key(principal_id: str, kind: int) -> str:
     """A patient's resource is under the patient's own key: deleting it erases the resource."""
-    return patient_key_name(principal_id) if kind == Kind.PRINCIPAL_KIND_PATIENT else RESOURCE_KEY
+    return patient_key_name("identity", principal_id) if kind == Kind.PRINCIPAL_KIND_PATIENT else RESOURCE_KEY
 
 
 class IdentityApi(pb_grpc.IdentityServiceServicer):
@@ -102,6 +103,16 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
         self._dummy_hash = await self.hasher.hash(_DUMMY_SECRET)
 
     # -- helpers -------------------------------------------------------------------------------
+
+    async def _decrypt_resource(self, row: storage.PrincipalRow) -> bytes:
+        assert row.fhir_resource
+        principal = row.principal_id.encode()
+        if row.kind != Kind.PRINCIPAL_KIND_PATIENT:
+            return await self.keys.decrypt(RESOURCE_KEY, row.fhir_resource, associated_data=principal)
+        # A patient's may still be under the old shared key until the key-owner migration moves it.
+        return await decrypt_owned(
+            self.keys, self.rt.legacy_keys, "identity", row.principal_id, row.fhir_resource, associated_data=principal
+        )
 
     async def _blind_indexes(self, resource: domain.FhirResource) -> list[str]:
         return [
@@ -305,11 +316,7 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
                 # NotFound: the patient's key was deleted (their records were erased) and the
                 # ciphertext is about to go too: there is no resource any more.
                 with contextlib.suppress(NotFound):
-                    response.fhir_resource = await self.keys.decrypt(
-                        resource_key(row.principal_id, row.kind),
-                        row.fhir_resource,
-                        associated_data=row.principal_id.encode(),
-                    )
+                    response.fhir_resource = await self._decrypt_resource(row)
         return response
 
     async def ListPrincipals(
@@ -359,6 +366,7 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
             await storage.replace_identifiers(conn, row.principal_id, await self._blind_indexes(resource))
             key = resource_key(row.principal_id, row.kind)
             ciphertext = await self.keys.encrypt(key, resource.json, associated_data=row.principal_id.encode())
+            await storage.off_old_keys(conn, row.principal_id)  # under identity's own key now
             return storage.PrincipalRow(**{**row.__dict__, "fhir_resource": ciphertext})
 
         return await self._change(  # type: ignore[return-value]

@@ -10,7 +10,7 @@ from medledger.events.v1 import records_events_pb2
 from medledger_common.db import Database
 from medledger_common.events import unpack
 from medledger_common.kafka import ConsumedMessage
-from medledger_common.keys import KeyManager, patient_key_name
+from medledger_common.keys import KeyShredder, patient_key_name
 from medledger_common.outbox import claim_inbox
 from medledger_identity import storage
 
@@ -21,14 +21,13 @@ _ERASED = records_events_pb2.PatientRecordsErased.DESCRIPTOR.full_name
 
 class PatientErasedHandler:
     """On PatientRecordsErased: drop the patient's FHIR resource and identifier indexes, and the
-    patient's key in identity's own key manager (with the local keyring, identity's copy of the
-    patient's resource is under a key of the same name in identity's keyring; with Vault it is
-    the same key, which records already deleted). The principal itself stays: a pseudonym with a
-    kind and a status, which the audit trail refers to."""
+    patient's key identity owns (`identity-patient-<id>`, and the old shared name with it),
+    through identity's erasure credential. The principal itself stays: a pseudonym with a kind
+    and a status, which the audit trail refers to."""
 
-    def __init__(self, db: Database, keys: KeyManager) -> None:
+    def __init__(self, db: Database, shredder: KeyShredder) -> None:
         self.db = db
-        self.keys = keys
+        self.shredder = shredder
 
     async def __call__(self, message: ConsumedMessage) -> None:
         event = message.event
@@ -38,7 +37,7 @@ class PatientErasedHandler:
         patient_id: str = certificate.patient_id
         # The key first (repeatable), then the rows with the inbox entry: a crash in between
         # redelivers the event and both run again.
-        await self.keys.erase_key(patient_key_name(patient_id))
+        await self.shredder.shred(patient_key_name("identity", patient_id))
         async with self.db.transaction() as conn:
             if not await claim_inbox(conn, ERASURE_CONSUMER, event.id):
                 return

@@ -17,6 +17,7 @@ from medledger_identity.api import ACCESS, PUBLIC_METHODS, IdentityApi
 from medledger_identity.config import IdentitySettings
 from medledger_identity.credentials import SecretHasher
 from medledger_identity.handlers import ERASURE_CONSUMER, PatientErasedHandler
+from medledger_identity.key_owners import resource_migration
 from medledger_identity.storage import MIGRATIONS
 from medledger_identity.tokens import TokenSigner
 
@@ -92,10 +93,13 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         auth=AuthSources(fetch_jwks=signer.jwks, load_deactivated=api.deactivated_ids),
         consumers=[
             ConsumerSpec(
-                group_id=ERASURE_CONSUMER, handler=PatientErasedHandler(runtime.db, keys), topics=[TOPICS["records"]]
+                group_id=ERASURE_CONSUMER,
+                handler=PatientErasedHandler(runtime.db, runtime.key_shredder()),
+                topics=[TOPICS["records"]],
             )
         ],
         on_start=[api.start, provision, jwks_http.start],
+        background=[resource_migration(runtime.db, keys, runtime.legacy_keys).keep_running],
         on_stop=[jwks_http.stop],
     )
 

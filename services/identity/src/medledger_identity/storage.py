@@ -68,9 +68,33 @@ async def _add_principal_columns(conn: AsyncConnection) -> None:
     await conn.run_sync(roles_metadata.create_all)
 
 
+# Patients whose FHIR resource is still under the old shared key `patient-<id>` (the key-owner
+# migration moves it to identity-patient-<id>, then drops the row). Filled once, by migration 3,
+# with every patient who had a resource then: everything written since is under identity's key.
+key_owners_metadata = MetaData()
+resources_under_old_keys = Table(
+    "resources_under_old_keys",
+    key_owners_metadata,
+    Column("principal_id", String(64), primary_key=True),
+)
+_PATIENT_KIND = 1  # PrincipalKind.PRINCIPAL_KIND_PATIENT, fixed in the proto
+
+
+async def _list_resources_under_old_keys(conn: AsyncConnection) -> None:
+    await conn.run_sync(key_owners_metadata.create_all)
+    await conn.execute(
+        text(
+            "INSERT INTO resources_under_old_keys (principal_id) SELECT principal_id FROM principals "
+            "WHERE kind = :kind AND fhir_resource IS NOT NULL"
+        ),
+        {"kind": _PATIENT_KIND},
+    )
+
+
 MIGRATIONS = [
     Migration(1, "principals", create_tables(metadata)),
     Migration(2, "roles, identifiers, keys, resources and credentials", _add_principal_columns),
+    Migration(3, "patients' resources still under the old shared keys", _list_resources_under_old_keys),
 ]
 
 P = _principals_v2.c
@@ -230,3 +254,37 @@ async def forget_personal_data(conn: AsyncConnection, principal_id: str) -> bool
         update(_principals_v2).where(P.principal_id == principal_id).values(fhir_resource=None, updated_at=time.time())
     )
     return bool(result.rowcount)
+
+
+# The key-owner migration.
+
+
+async def resources_under_old_keys_after(conn: AsyncConnection, after: str, limit: int) -> list[str]:
+    """Patients whose resource is still under the old shared key, after ``after``, locked."""
+    c = resources_under_old_keys.c
+    rows = await conn.execute(
+        select(c.principal_id)
+        .where(c.principal_id > after)
+        .order_by(c.principal_id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return [str(r) for r in rows.scalars()]
+
+
+async def resource_for_update(conn: AsyncConnection, principal_id: str) -> str | None:
+    row = (await conn.execute(select(P.fhir_resource).where(P.principal_id == principal_id).with_for_update())).first()
+    return row.fhir_resource if row else None
+
+
+async def off_old_keys(conn: AsyncConnection, principal_id: str) -> None:
+    c = resources_under_old_keys.c
+    await conn.execute(delete(resources_under_old_keys).where(c.principal_id == principal_id))
+
+
+async def move_resource(conn: AsyncConnection, principal_id: str, ciphertext: str | None) -> None:
+    """Store the resource's ciphertext under identity's own key (None: it was unreadable already),
+    and take the patient off the list. Not a change of the principal: no new version."""
+    await conn.execute(update(_principals_v2).where(P.principal_id == principal_id).values(fhir_resource=ciphertext))
+    c = resources_under_old_keys.c
+    await conn.execute(delete(resources_under_old_keys).where(c.principal_id == principal_id))

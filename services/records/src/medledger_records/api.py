@@ -8,6 +8,7 @@ idempotency record commit together.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -31,6 +32,7 @@ from medledger_common.errors import (
     DataLoss,
     FailedPrecondition,
     InvalidArgument,
+    MedledgerError,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -38,10 +40,11 @@ from medledger_common.errors import (
 from medledger_common.events import TOPICS, Event, new_event
 from medledger_common.group_commit import OutboxGroupCommit
 from medledger_common.idempotency import run_idempotent
-from medledger_common.keys import DataKey, KeyInfo, KeyType, patient_key_name
+from medledger_common.keys import LEGACY_PATIENT_KEY_PREFIX, DataKey, KeyInfo, KeyManager, KeyType, patient_key_name
 from medledger_common.keys.base import parse_versioned
 from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
+from medledger_common.settings import ConfigError
 from medledger_common.timestamps import seconds, timestamp
 from medledger_records import domain, storage
 from medledger_records.blobs import BlobStore, blob_key
@@ -183,7 +186,7 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
                 commitment = commitments.record_commitment(request.content, salt)
             else:
                 commitment = commitments.document_commitment(request.media_type, request.content, salt)
-            key_name = patient_key_name(request.patient_id)
+            key_name = patient_key_name("records", request.patient_id)
             await self.keys.ensure_key(key_name, KeyType.AES256_GCM96)
             data_key = await self.keys.data_key_for(key_name, len(request.content))
             sealed = domain.seal(data_key.plaintext, request.content, record.record_id, version, request.patient_id)
@@ -397,42 +400,88 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
     ) -> pb.RotatePatientKeyResponse:
         """Rotate, rewrap every data key, and only then raise the minimum decryption version.
         Each page of rewrapped keys commits with the rotation's position, so a crash between
-        pages loses nothing and a new call goes on from there."""
+        pages loses nothing and a new call goes on from there (as does :meth:`finish_rotations`,
+        at start). Only records' own key: the patient's keys in identity and consent are theirs."""
         if not request.patient_id:
             raise InvalidArgument.field("patient_id", "required")
-        name = patient_key_name(request.patient_id)
+        target, rewrapped = await self._rotate(request.patient_id)
+        return pb.RotatePatientKeyResponse(key_version=target, rewrapped=rewrapped)
+
+    async def finish_rotations(self, every: float = 600.0) -> None:
+        """Background: rotations a crash left unfinished (rotated, but not every data key
+        rewrapped or the floor not raised yet) are finished at start, and checked for again
+        every ``every`` seconds; one that cannot go on now (an erasure since, the key manager
+        away) is tried again then."""
+        while True:
+            await self.finish_unfinished_rotations()
+            await asyncio.sleep(every)
+
+    async def finish_unfinished_rotations(self) -> int:
+        """One pass of :meth:`finish_rotations`; how many it finished."""
+        async with self.rt.db.connect() as conn:
+            unfinished = await storage.rotations_in_progress(conn)
+        finished = 0
+        for patient_id in unfinished:
+            try:
+                target, rewrapped = await self._rotate(patient_id)
+            except MedledgerError as exc:
+                log.warning("an unfinished key rotation could not go on", extra={"error": type(exc).__name__})
+                continue
+            finished += 1
+            log.info("an unfinished key rotation finished", extra={"key_version": target, "rewrapped": rewrapped})
+        return finished
+
+    async def _rotate(self, patient_id: str) -> tuple[int, int]:
+        """(key version, data keys rewrapped by this call) of the patient's rotation."""
+        name = patient_key_name("records", patient_id)
         async with self.rt.db.transaction() as conn:
-            in_progress = await storage.rotation_in_progress(conn, request.patient_id)
+            in_progress = await storage.rotation_in_progress(conn, patient_id)
         if in_progress is None:
             info = await self.keys.rotate(name)  # NotFound when the patient has no key (no records)
             target, done_record, done_version = info.latest_version, "", 0
             async with self.rt.db.transaction() as conn:
-                await storage.start_rotation(conn, request.patient_id, target, time.time())
+                await storage.start_rotation(conn, patient_id, target, time.time())
         else:
             target, done_record, done_version = in_progress
         rewrapped = 0
         while True:
             async with self.rt.db.transaction() as conn:
-                page = await storage.versions_after(conn, request.patient_id, done_record, done_version, ROTATION_PAGE)
+                page = await storage.versions_after(
+                    conn, patient_id, done_record, done_version, ROTATION_PAGE, key_name=name
+                )
                 for record_id, version, wrapped in page:
-                    if parse_versioned(wrapped, what="wrapped_key")[0] < target:
+                    # An erased version has no wrapped key left to rewrap.
+                    if wrapped and parse_versioned(wrapped, what="wrapped_key")[0] < target:
                         await storage.set_wrapped_key(conn, record_id, version, await self.keys.rewrap(name, wrapped))
                         rewrapped += 1
                 if page:
                     done_record, done_version = page[-1][0], page[-1][1]
-                    await storage.advance_rotation(conn, request.patient_id, done_record, done_version)
+                    await storage.advance_rotation(conn, patient_id, done_record, done_version)
             if len(page) < ROTATION_PAGE:
                 break
         await self.keys.set_min_decryption_version(name, target)
         async with self.rt.db.transaction() as conn:
-            await storage.finish_rotation(conn, request.patient_id)
+            await storage.finish_rotation(conn, patient_id)
         log.info("patient key rotated", extra={"key_version": target, "rewrapped": rewrapped})
-        return pb.RotatePatientKeyResponse(key_version=target, rewrapped=rewrapped)
+        return target, rewrapped
+
+    def _keys_of(self, key_name: str) -> RecordKeys | KeyManager:
+        """Records' own keys; a version the key-owner migration has not moved yet is under the old
+        shared key, read with the legacy credential."""
+        if not key_name.startswith(LEGACY_PATIENT_KEY_PREFIX):
+            return self.keys
+        try:
+            return self.rt.legacy_keys()
+        except ConfigError:
+            raise FailedPrecondition(
+                "this version's data key is still under the old shared patient key: the key-owner "
+                "migration needs MEDLEDGER_LEGACY_VAULT_TOKEN_FILE"
+            ) from None
 
     async def _open(self, record: storage.Record, stored: storage.StoredVersion) -> bytes:
         """A stored version's plaintext; DataLoss (counted and logged) when it was altered."""
         try:
-            data_key = await self.keys.decrypt_data_key(stored.key_name, stored.wrapped_key)
+            data_key = await self._keys_of(stored.key_name).decrypt_data_key(stored.key_name, stored.wrapped_key)
             sealed = await self.blobs.get(stored.blob_key) if stored.blob_key and self.blobs else stored.ciphertext
             return domain.unseal(data_key, sealed, record.record_id, stored.version, record.patient_id)
         except NotFound:

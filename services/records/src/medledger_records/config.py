@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from medledger_common.settings import ServiceSettings
 
@@ -33,13 +33,3 @@ class RecordsSettings(ServiceSettings):
     data_key_cache_max_age_seconds: float = Field(default=300.0, ge=0)
     data_key_cache_max_uses: int = Field(default=10_000, ge=1)
     data_key_cache_max_bytes: int = Field(default=1 << 30, ge=1)
-    # Vault only: the token that may delete patient keys, used by approved erasures alone (the
-    # service's everyday token has no delete right). See the README's Vault policies.
-    erasure_vault_token_file: Path | None = None
-
-    @field_validator("erasure_vault_token_file")
-    @classmethod
-    def _file_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"file {value} does not exist")
-        return value

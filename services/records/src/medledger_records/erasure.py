@@ -26,7 +26,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
 
 from medledger.events.v1 import records_events_pb2 as ev
 from medledger.records.v1 import records_service_pb2 as pb
@@ -44,7 +43,7 @@ from medledger_common.errors import (
 )
 from medledger_common.events import TOPICS, new_event
 from medledger_common.idempotency import run_idempotent
-from medledger_common.keys import KeyManager, patient_key_name
+from medledger_common.keys import KeyShredder, patient_key_name
 from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
 from medledger_common.timestamps import timestamp
@@ -59,30 +58,6 @@ CANCELLED = pb.ErasureState.ERASURE_STATE_CANCELLED
 MAX_REASON = 500
 GRACE_PERIOD = "grace-period"
 ERASURES = Counter("medledger_records_erasures_total", "Patients' records erased (crypto-shredded).")
-
-
-class KeyShredder:
-    """The only way records deletes a key: a key manager opened with the erasure credential
-    (Vault: a token whose policy may set `deletion_allowed` and delete `patient-*` keys, which
-    the everyday token may not). Only :class:`ErasureDesk` holds one."""
-
-    def __init__(self, keys: KeyManager, forget: Callable[[str], None] = lambda name: None) -> None:
-        self._keys = keys
-        self._forget = forget  # the everyday credential's data-key cache
-
-    async def key_versions(self, name: str) -> list[int]:
-        try:
-            info = await self._keys.key_info(name)
-        except NotFound:
-            return []  # never created (no records) or already deleted
-        return list(range(1, info.latest_version + 1))
-
-    async def shred(self, name: str) -> None:
-        """Delete every version of the key; done already is done. This process's cached data
-        keys go before and after (a put racing the erasure is refused by the patient's lock)."""
-        self._forget(name)
-        await self._keys.erase_key(name)
-        self._forget(name)
 
 
 def _state_name(state: int) -> str:
@@ -296,7 +271,7 @@ class ErasureDesk:
             row = await storage.get_erasure(conn, erasure_id)
         if row is None or row.state != RUNNING:
             return False
-        key_name = patient_key_name(row.patient_id)
+        key_name = patient_key_name("records", row.patient_id)
         versions = list(row.key_versions) or await self.shredder.key_versions(key_name)
         if not row.key_versions:
             async with self.rt.db.transaction() as conn:

@@ -8,14 +8,14 @@ from medledger.records.v1 import records_service_pb2, records_service_pb2_grpc
 from medledger_common.group_commit import OutboxGroupCommit
 from medledger_common.grpc_client import service_channel
 from medledger_common.identity_link import BearerTokenInterceptor
-from medledger_common.keys import KeyManager, VaultKeyManager
 from medledger_common.service import ServiceParts, ServiceRuntime, run_service
-from medledger_common.settings import ConfigError, load_settings_or_exit
+from medledger_common.settings import load_settings_or_exit
 from medledger_records.api import ACCESS, PUBLIC_METHODS, RecordsApi
 from medledger_records.blobs import FilesystemBlobStore
 from medledger_records.config import RecordsSettings
 from medledger_records.data_keys import CacheLimits, DataKeyCache
-from medledger_records.erasure import ErasureDesk, KeyShredder
+from medledger_records.erasure import ErasureDesk
+from medledger_records.key_owners import data_key_migration
 from medledger_records.storage import MIGRATIONS
 
 NAME = "records"
@@ -37,11 +37,12 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
             max_bytes=settings.data_key_cache_max_bytes,
         ),
     )
+    shredder = runtime.key_shredder()
+    shredder.also_forget(keys.purge)  # a shredded key's cached data keys go with it
     blobs = FilesystemBlobStore(settings.blob_dir) if settings.blob_store == "filesystem" else None
-    erasure_keys = _erasure_key_manager(settings, everyday_keys)
     erasures = ErasureDesk(
         runtime,
-        KeyShredder(erasure_keys, forget=keys.purge),
+        shredder,
         blobs,
         grace_seconds=settings.erasure_grace_seconds,
         check_interval=settings.erasure_check_interval_seconds,
@@ -52,29 +53,20 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     disclosures.after_commit = runtime.relay.notify
     api = RecordsApi(runtime, keys, ConsentServiceStub(consent_channel), erasures, disclosures, blobs)
     runtime.extras["erasures"] = erasures
+    runtime.extras["records_api"] = api
     on_stop = [consent_channel.close, disclosures.close]
-    if erasure_keys is not everyday_keys:
-        on_stop.append(erasure_keys.aclose)
     return ServiceParts(
         service_descriptors=[records_service_pb2.DESCRIPTOR.services_by_name["RecordsService"]],
         register=lambda server: records_service_pb2_grpc.add_RecordsServiceServicer_to_server(api, server),
         access=ACCESS,
         public_methods=PUBLIC_METHODS,
-        background=[erasures.run, disclosures.run],
+        background=[
+            erasures.run,
+            disclosures.run,
+            api.finish_rotations,
+            data_key_migration(runtime.db, everyday_keys, runtime.legacy_keys).keep_running,
+        ],
         on_stop=on_stop,
-    )
-
-
-def _erasure_key_manager(settings: RecordsSettings, keys: KeyManager) -> KeyManager:
-    """The credential approved erasures delete keys with. Vault: a token of its own (the
-    everyday token has no delete right). The local keyring is one file without access control,
-    so there it is the same keyring."""
-    if settings.key_manager != "vault":
-        return keys
-    if settings.erasure_vault_token_file is None:
-        raise ConfigError("records with MEDLEDGER_KEY_MANAGER=vault needs MEDLEDGER_ERASURE_VAULT_TOKEN_FILE")
-    return VaultKeyManager(
-        settings.vault_addr, token_file=settings.erasure_vault_token_file, mount_point=settings.vault_transit_mount
     )
 
 

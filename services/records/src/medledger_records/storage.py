@@ -334,6 +334,12 @@ async def rotation_in_progress(conn: AsyncConnection, patient_id: str) -> tuple[
     return (int(r.target_version), r.done_record_id, int(r.done_version)) if r else None
 
 
+async def rotations_in_progress(conn: AsyncConnection) -> list[str]:
+    """The patients whose key rotation has not finished."""
+    rows = await conn.execute(select(key_rotations.c.patient_id).order_by(key_rotations.c.patient_id))
+    return [str(r) for r in rows.scalars()]
+
+
 async def start_rotation(conn: AsyncConnection, patient_id: str, target_version: int, now: float) -> None:
     await conn.execute(
         insert(key_rotations).values(
@@ -343,17 +349,21 @@ async def start_rotation(conn: AsyncConnection, patient_id: str, target_version:
 
 
 async def versions_after(
-    conn: AsyncConnection, patient_id: str, record_id: str, version: int, limit: int
+    conn: AsyncConnection, patient_id: str, record_id: str, version: int, limit: int, *, key_name: str | None = None
 ) -> list[tuple[str, int, str]]:
-    """(record id, version, wrapped key) of a patient's versions after a position, in order."""
+    """(record id, version, wrapped key) of a patient's versions after a position, in order; with
+    ``key_name``, only those wrapped under that key."""
     c = record_versions.c
-    rows = await conn.execute(
+    query = (
         select(c.record_id, c.version, c.wrapped_key)
         .where(c.patient_id == patient_id)
         .where(or_(c.record_id > record_id, and_(c.record_id == record_id, c.version > version)))
         .order_by(c.record_id, c.version)
         .limit(limit)
     )
+    if key_name is not None:
+        query = query.where(c.key_name == key_name)
+    rows = await conn.execute(query)
     return [(r.record_id, int(r.version), r.wrapped_key) for r in rows]
 
 
@@ -566,3 +576,45 @@ async def erase_patient_data(conn: AsyncConnection, patient_id: str, now: float)
         .values(category=0, media_type="", resource_type="", created_at=now, updated_at=now, erased_at=now)
     )
     return int(erased.rowcount), int(versions.rowcount)
+
+
+# The key-owner migration: versions whose data key is wrapped under the old shared patient-<id>.
+
+
+async def versions_under_old_keys_after(
+    conn: AsyncConnection, record_id: str, version: int, limit: int
+) -> list[tuple[str, int]]:
+    """(record id, version) of versions still wrapped under an old shared key, after a position,
+    in order, locked (erased versions have no wrapped key any more)."""
+    c = record_versions.c
+    rows = await conn.execute(
+        select(c.record_id, c.version)
+        .where(c.key_name.like("patient-%"), c.wrapped_key != "")
+        .where(or_(c.record_id > record_id, and_(c.record_id == record_id, c.version > version)))
+        .order_by(c.record_id, c.version)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return [(r.record_id, int(r.version)) for r in rows]
+
+
+async def wrapped_key_for_update(conn: AsyncConnection, record_id: str, version: int) -> tuple[str, str, str] | None:
+    """(patient id, key name, wrapped key) of a version, locked."""
+    c = record_versions.c
+    row = (
+        await conn.execute(
+            select(c.patient_id, c.key_name, c.wrapped_key)
+            .where(c.record_id == record_id, c.version == version)
+            .with_for_update()
+        )
+    ).first()
+    return (row.patient_id, row.key_name, row.wrapped_key) if row else None
+
+
+async def rewrap_under(conn: AsyncConnection, record_id: str, version: int, key_name: str, wrapped_key: str) -> None:
+    c = record_versions.c
+    await conn.execute(
+        update(record_versions)
+        .where(c.record_id == record_id, c.version == version)
+        .values(key_name=key_name, wrapped_key=wrapped_key)
+    )

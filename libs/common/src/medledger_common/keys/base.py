@@ -43,16 +43,20 @@ from medledger_common.errors import DataLoss, InvalidArgument, NotFound
 __all__ = [
     "DATA_KEY_BYTES",
     "HMAC_KEY_BYTES",
+    "LEGACY_PATIENT_KEY_PREFIX",
+    "PATIENT_KEY_PREFIXES",
     "DataKey",
     "KeyInfo",
     "KeyManager",
     "KeyType",
     "Marshaling",
+    "PatientKeyOwner",
     "PublicKey",
     "PublicKeySet",
     "Signature",
     "der_to_raw_rs",
     "format_versioned",
+    "legacy_patient_key_name",
     "parse_versioned",
     "patient_key_name",
     "raw_rs_to_der",
@@ -111,13 +115,39 @@ def validate_key_name(name: str) -> str:
     return name
 
 
-def patient_key_name(pseudonym: str) -> str:
-    """The name of a patient's encryption key: ``patient-<pseudonym>``.
+PatientKeyOwner = Literal["identity", "consent", "records", "audit"]
+"""A service that keeps per-patient key material of its own (see KEYS.md, "One owner per key")."""
+
+# Each owner's prefix: a policy glob on it matches that owner's keys and no other's. Audit's HMAC
+# subject keys keep the name they have always had.
+PATIENT_KEY_PREFIXES: Mapping[str, str] = {
+    "identity": "identity-patient-",
+    "consent": "consent-patient-",
+    "records": "records-patient-",
+    "audit": "audit-subject-",
+}
+LEGACY_PATIENT_KEY_PREFIX = "patient-"
+"""The name every service once shared (``patient-<pseudonym>``): only the key-owner migration
+reads it, and erasures destroy it."""
+
+
+def patient_key_name(owner: PatientKeyOwner, pseudonym: str) -> str:
+    """The name of ``owner``'s per-patient key, e.g. ``records-patient-<pseudonym>``.
 
     ``pseudonym`` is the patient's stable pseudonym (never a name, MRN or other identifier that
-    is personal data): key names appear in Vault's audit log and in URLs.
+    is personal data): key names appear in Vault's audit log and in URLs. Each service's keys
+    are its own, so no other service's token can use them (deploy/vault/*.hcl).
     """
-    return validate_key_name(f"patient-{pseudonym.lower()}")
+    prefix = PATIENT_KEY_PREFIXES.get(owner)
+    if prefix is None:
+        raise ValueError(f"no per-patient keys for {owner!r}; owners: {', '.join(PATIENT_KEY_PREFIXES)}")
+    return validate_key_name(f"{prefix}{pseudonym.lower()}")
+
+
+def legacy_patient_key_name(pseudonym: str) -> str:
+    """``patient-<pseudonym>``: the key identity, consent and records shared before each owned its
+    own. Read by the key-owner migration only; destroyed by every service's erasure."""
+    return validate_key_name(f"{LEGACY_PATIENT_KEY_PREFIX}{pseudonym.lower()}")
 
 
 def format_versioned(version: int, payload: bytes, *, urlsafe: bool = False) -> str:
