@@ -35,6 +35,7 @@ from medledger.events.v1 import (
 )
 
 from medledger_common.events import Event, unpack
+from medledger_common.keys import audit_subject_key_name
 from medledger_common.tlog import MAX_ENTRY_BYTES
 
 ENTRY_VERSION = 1
@@ -69,6 +70,8 @@ _KNOWN: list[tuple[str, Any]] = [
     ("erasure.cancelled", records_events_pb2.ErasureCancelled),
     ("legal_hold.changed", records_events_pb2.LegalHoldChanged),
     ("erasure.completed", records_events_pb2.PatientRecordsErased),
+    ("erasure.keys_requested", records_events_pb2.PatientKeysErasureRequested),
+    ("erasure.keys_destroyed", records_events_pb2.PatientKeysDestroyed),
     ("notification.requested", notification_events_pb2.NotificationRequested),
     ("consent.commitment_on_chain", anchoring_events_pb2.ConsentCommitmentRecorded),
 ]
@@ -100,8 +103,9 @@ class EntryDraft:
 
 
 def subject_key_name(patient_id: str) -> str:
-    """The key-manager HMAC key an entry's `subject` is made with; erasure deletes it."""
-    return f"audit-subject-{patient_id}"
+    """The key-manager HMAC key an entry's `subject` is made with; erasure deletes it (named
+    in libs/common, where erasure certificates name it too)."""
+    return audit_subject_key_name(patient_id)
 
 
 def rfc3339(seconds: float) -> str:

@@ -30,7 +30,7 @@ from medledger_common.errors import (
     ResourceExhausted,
 )
 from medledger_common.events import TOPICS, new_event
-from medledger_common.keys import KeyManager, KeyType, patient_key_name
+from medledger_common.keys import KeyManager, KeyType
 from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
 from medledger_common.timestamps import duration, timestamp
@@ -198,7 +198,7 @@ class BreakGlassDesk:
                 overrides_deny=policy.overrides_deny,
                 review=PENDING,
             )
-            key = patient_key_name(request.patient_id)
+            key = domain.justification_key_name(request.patient_id)
             await self.keys.ensure_key(key, KeyType.AES256_GCM96)
             # Bound to the access: a ciphertext moved to another row does not decrypt.
             ciphertext = await self.keys.encrypt(key, justification.encode(), associated_data=access.access_id.encode())
@@ -301,9 +301,13 @@ class BreakGlassDesk:
             # The same answer either way: ids must not reveal whose records were opened.
             raise NotFound("no such break-glass access")
         access, ciphertext = found
-        justification = await self.keys.decrypt(
-            patient_key_name(access.patient_id), ciphertext, associated_data=access.access_id.encode()
-        )
+        try:
+            justification = await self.keys.decrypt(
+                domain.justification_key_name(access.patient_id), ciphertext, associated_data=access.access_id.encode()
+            )
+        except NotFound:
+            # The patient's erasure destroyed the key: the access stays reviewable, its text is gone.
+            return pb.GetBreakGlassAccessResponse(access=access_proto(access), justification="")
         return pb.GetBreakGlassAccessResponse(access=access_proto(access), justification=justification.decode())
 
     async def review(self, request: pb.ReviewBreakGlassAccessRequest) -> pb.ReviewBreakGlassAccessResponse:

@@ -13,8 +13,10 @@ from medledger_consent.config import ConsentSettings
 from medledger_consent.domain import ConsentIndex
 from medledger_consent.handlers import (
     DIRECTORY_CONSUMER,
+    ERASURE_CONSUMER,
     INDEX_CONSUMER,
     ConsentIndexHandler,
+    PatientErasureHandler,
     PrincipalDirectoryHandler,
 )
 from medledger_consent.storage import MIGRATIONS, DecisionLog
@@ -30,7 +32,8 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         runtime.db, TOPICS["consent.decisions"], commit_interval=settings.decision_commit_interval_seconds
     )
     decisions.after_commit = runtime.relay.notify
-    desk = BreakGlassDesk(runtime, runtime.require_keys(), index)
+    keys = runtime.require_keys()
+    desk = BreakGlassDesk(runtime, keys, index)
     api = ConsentApi(runtime, index, decisions, desk)
     runtime.extras["consent_api"] = api
     return ServiceParts(
@@ -51,6 +54,11 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
                 handler=ConsentIndexHandler(runtime.db, index),
                 topics=[TOPICS["consent"]],
                 fetch_max_wait_ms=50,
+            ),
+            ConsumerSpec(
+                group_id=ERASURE_CONSUMER,
+                handler=PatientErasureHandler(runtime.db, keys, runtime.source, runtime.relay.notify),
+                topics=[TOPICS["records"]],
             ),
         ],
         on_start=[api.load_index],

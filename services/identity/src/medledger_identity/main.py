@@ -16,7 +16,7 @@ from medledger_common.vocabulary import service_principal_id
 from medledger_identity.api import ACCESS, PUBLIC_METHODS, IdentityApi
 from medledger_identity.config import IdentitySettings
 from medledger_identity.credentials import SecretHasher
-from medledger_identity.handlers import ERASURE_CONSUMER, PatientErasedHandler
+from medledger_identity.handlers import ERASURE_CONSUMER, PatientErasureHandler
 from medledger_identity.storage import MIGRATIONS
 from medledger_identity.tokens import TokenSigner
 
@@ -92,7 +92,9 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         auth=AuthSources(fetch_jwks=signer.jwks, load_deactivated=api.deactivated_ids),
         consumers=[
             ConsumerSpec(
-                group_id=ERASURE_CONSUMER, handler=PatientErasedHandler(runtime.db, keys), topics=[TOPICS["records"]]
+                group_id=ERASURE_CONSUMER,
+                handler=PatientErasureHandler(runtime.db, keys, runtime.relay.notify),
+                topics=[TOPICS["records"]],
             )
         ],
         on_start=[api.start, provision, jwks_http.start],

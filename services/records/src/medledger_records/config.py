@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from medledger_common.erasure import PARTICIPANTS
 from medledger_common.settings import ServiceSettings
 
 DAY = 24 * 3600.0
@@ -27,9 +28,31 @@ class RecordsSettings(ServiceSettings):
     # How long the key manager's backups are kept: a deleted key is gone from every backup this
     # long after its erasure (the certificate's `unrecoverable_after`).
     key_backup_retention_seconds: float = Field(default=30 * DAY, ge=0)
+    # The longest any data-key cache keeps an unwrapped key (0: no cache). A certificate's
+    # `unrecoverable_after` is the erasure time plus the longer of this and the backup retention.
+    data_key_cache_max_age_seconds: float = Field(default=0.0, ge=0)
+    # The services of this deployment that hold patient material, comma-separated: each one
+    # destroys its keys in an erasure and the certificate waits for its confirmation (audit's
+    # key goes when it appends the certificate). The others are named absent in certificates.
+    erasure_participants: str = ",".join(PARTICIPANTS)
     # Vault only: the token that may delete patient keys, used by approved erasures alone (the
     # service's everyday token has no delete right). See the README's Vault policies.
     erasure_vault_token_file: Path | None = None
+
+    @field_validator("erasure_participants")
+    @classmethod
+    def _known_participants(cls, value: str) -> str:
+        names = [p.strip() for p in value.split(",") if p.strip()]
+        unknown = sorted(set(names) - set(PARTICIPANTS))
+        if unknown:
+            raise ValueError(f"unknown participant(s) {', '.join(unknown)}; known: {', '.join(PARTICIPANTS)}")
+        if "records" not in names:
+            raise ValueError("records coordinates erasures: it is always a participant")
+        return ",".join(p for p in PARTICIPANTS if p in names)
+
+    @property
+    def participants(self) -> tuple[str, ...]:
+        return tuple(self.erasure_participants.split(","))
 
     @field_validator("erasure_vault_token_file")
     @classmethod

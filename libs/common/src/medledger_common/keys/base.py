@@ -51,6 +51,7 @@ __all__ = [
     "PublicKey",
     "PublicKeySet",
     "Signature",
+    "audit_subject_key_name",
     "der_to_raw_rs",
     "format_versioned",
     "parse_versioned",
@@ -118,6 +119,12 @@ def patient_key_name(pseudonym: str) -> str:
     is personal data): key names appear in Vault's audit log and in URLs.
     """
     return validate_key_name(f"patient-{pseudonym.lower()}")
+
+
+def audit_subject_key_name(pseudonym: str) -> str:
+    """The audit log's HMAC key for a patient's entries' `subject`: ``audit-subject-<pseudonym>``
+    (audit erases it when it appends the patient's erasure certificate, which names it)."""
+    return f"audit-subject-{pseudonym}"
 
 
 def format_versioned(version: int, payload: bytes, *, urlsafe: bool = False) -> str:
