@@ -32,11 +32,13 @@ The certificate's note text, one fact per line (keys in the order the participan
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from medledger.events.v1 import records_events_pb2 as ev
 
+from medledger_common import notes
 from medledger_common.errors import InvalidArgument, NotFound
 from medledger_common.events import Event, new_event
 from medledger_common.keys import KeyManager
@@ -163,7 +165,7 @@ class Certificate:
             if p.outcome == "absent":
                 out.append(f"  {p.name}: absent from this deployment (holds no patient material)")
                 continue
-            when = "destroys when it appends this certificate" if p.outcome == "destroyed-at-append" else "destroyed"
+            at_append = p.outcome == "destroyed-at-append"
             for k in p.keys:
                 if k.versions == "all":
                     what = "every version"
@@ -171,9 +173,12 @@ class Certificate:
                     what = "already gone when asked"
                 else:
                     what = f"version(s) {k.versions}"
-                out.append(f"  {p.name}: {when} key {k.name} ({what})")
+                if at_append:
+                    out.append(f"  {p.name}: destroys key {k.name} ({what}) when it appends this certificate")
+                else:
+                    out.append(f"  {p.name}: destroyed key {k.name} ({what})")
             if not p.keys:
-                out.append(f"  {p.name}: {when} (no key)")
+                out.append(f"  {p.name}: {p.outcome} (no key)")
         return out
 
 
@@ -225,3 +230,12 @@ def parse_certificate(text: str) -> Certificate:
     if not participants:
         raise bad("names no participant")
     return Certificate(facts, tuple(participants))
+
+
+def open_certificate(data: str | bytes, verifier_keys: Sequence[str]) -> Certificate:
+    """Verify a signed certificate against the trusted verifier keys (C2SP note verifier form)
+    and parse it; InvalidArgument when it is forged, altered, unsigned by those keys or malformed."""
+    verifiers = [notes.NoteVerifier.parse(k) for k in verifier_keys]
+    if not verifiers:
+        raise InvalidArgument.field("trust_policy", "no erasure-certificate key to verify with")
+    return parse_certificate(notes.open_note(data, verifiers).text)

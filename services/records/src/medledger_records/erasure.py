@@ -145,17 +145,24 @@ class ErasureDesk:
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
-        """Make the certificate signing key (once) and load its signer."""
-        await self.signing_keys.ensure_key(CERTIFICATE_KEY, KeyType.ED25519)
-        self._signer = await notes.key_manager_signer(self.signing_keys, CERTIFICATE_KEY, CERTIFICATE_SIGNER_NAME)
+        """Make the certificate signing key (once) and load its signer. If the key manager
+        refuses now, records serves anyway: erasures wait, RUNNING, until a certificate can be
+        signed (the next run tries again)."""
+        try:
+            await self._load_signer()
+        except MedledgerError as exc:
+            log.error("the erasure certificate key is unavailable: erasures cannot complete", extra={"error": str(exc)})
         await self.refresh_awaited()
+
+    async def _load_signer(self) -> notes.NoteSigner:
+        if self._signer is None:
+            await self.signing_keys.ensure_key(CERTIFICATE_KEY, KeyType.ED25519)
+            self._signer = await notes.key_manager_signer(self.signing_keys, CERTIFICATE_KEY, CERTIFICATE_SIGNER_NAME)
+        return self._signer
 
     async def verifier_key(self) -> str:
         """The C2SP verifier key of erasure certificates (for the trust policy)."""
-        if self._signer is None:
-            await self.start()
-        assert self._signer is not None
-        return self._signer.verifier.text()
+        return (await self._load_signer()).verifier.text()
 
     # The RPCs.
 
@@ -423,7 +430,12 @@ class ErasureDesk:
                 "erasure participant confirmed",
                 extra={"erasure_id": row.erasure_id, "participant": confirmation.participant},
             )
-        await self.complete_if_confirmed(row.erasure_id)
+        try:
+            await self.complete_if_confirmed(row.erasure_id)
+        except MedledgerError as exc:
+            # The confirmation is stored: the runner completes the erasure when it can.
+            log.warning("erasure not completed now; trying again", extra={"error": str(exc)})
+            self._wake.set()
         await self.refresh_awaited()
         return stored
 
@@ -438,10 +450,7 @@ class ErasureDesk:
             return False
         now = time.time()
         certificate = self._certificate(row, confirmed, now)
-        if self._signer is None:
-            await self.start()
-        assert self._signer is not None
-        note = await notes.sign_note(certificate_text(certificate), [self._signer])
+        note = await notes.sign_note(certificate_text(certificate), [await self._load_signer()])
         async with self.rt.db.transaction() as conn:
             completed = await storage.set_erasure_state(
                 conn,
