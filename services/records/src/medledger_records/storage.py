@@ -152,7 +152,6 @@ Index(
 # Migration 2 created the erasures table without the columns migration 3 adds.
 _metadata_v2 = MetaData()
 _erasures_v2 = Table("erasures", _metadata_v2, *(c._copy() for c in erasures.columns if c.name not in _ADDED_IN_3))
-_erasures_v2.c.patient_id.index = True
 
 
 async def _erasure_and_blobs(conn: AsyncConnection) -> None:
