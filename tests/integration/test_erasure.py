@@ -377,7 +377,9 @@ async def test_an_erasure_waits_visibly_for_a_missing_participant_and_redeliveri
             stored = await records_storage.confirmations_of(conn, pending.erasure_id)
         assert set(stored) == {"identity", "records"}
         async with stack.identity.db.connect() as conn:
-            identity_events = [decode(bytes(v)) for v in (await conn.execute(select(outbox.c.value))).scalars()]
+            identity_events = [
+                decode(bytes(v)) for v in (await conn.execute(select(outbox.c.value).order_by(outbox.c.id))).scalars()
+            ]
         (confirmation,) = [e for e in identity_events if e.type == ev.PatientKeysDestroyed.DESCRIPTOR.full_name]
         producer = make_producer(stack.identity.settings.kafka_bootstrap_servers)
         await producer.start()
@@ -409,7 +411,9 @@ async def test_an_erasure_waits_visibly_for_a_missing_participant_and_redeliveri
         # A redelivered request re-confirms (the key already gone counts as destroyed) and the
         # completed erasure and its certificate stay as they are.
         async with stack.records.db.connect() as conn:
-            records_events = [decode(bytes(v)) for v in (await conn.execute(select(outbox.c.value))).scalars()]
+            records_events = [
+                decode(bytes(v)) for v in (await conn.execute(select(outbox.c.value).order_by(outbox.c.id))).scalars()
+            ]
         (request,) = [e for e in records_events if e.type == ev.PatientKeysErasureRequested.DESCRIPTOR.full_name]
         producer = make_producer(stack.identity.settings.kafka_bootstrap_servers)
         await producer.start()
@@ -420,7 +424,10 @@ async def test_an_erasure_waits_visibly_for_a_missing_participant_and_redeliveri
 
         async def reconfirmed() -> list[ev.PatientKeysDestroyed] | None:
             async with stack.identity.db.connect() as conn:
-                events = [decode(bytes(v)) for v in (await conn.execute(select(outbox.c.value))).scalars()]
+                events = [
+                    decode(bytes(v))
+                    for v in (await conn.execute(select(outbox.c.value).order_by(outbox.c.id))).scalars()
+                ]
             found = [
                 unpack(e, ev.PatientKeysDestroyed)
                 for e in events

@@ -281,13 +281,20 @@ def _take_patient(fields: dict[str, Any]) -> str | None:
 
 
 def _replace_value(fields: dict[str, Any], old: str, new: str) -> None:
+    """Put `new` for `old` wherever it stands, also within a longer string (a key name such as
+    `patient-<id>` in an erasure's events) and within lists of messages."""
     for name, value in fields.items():
-        if value == old:
-            fields[name] = new
-        elif isinstance(value, dict):
-            _replace_value(value, old, new)
-        elif isinstance(value, list):
-            fields[name] = [new if v == old else v for v in value]
+        fields[name] = _replaced(value, old, new)
+
+
+def _replaced(value: Any, old: str, new: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(old, new) if old in value else value
+    if isinstance(value, dict):
+        _replace_value(value, old, new)
+    elif isinstance(value, list):
+        return [_replaced(v, old, new) for v in value]
+    return value
 
 
 def _hash_long_lists(fields: dict[str, Any]) -> dict[str, list[str]]:
