@@ -21,8 +21,10 @@ from deploylib import (
     SERVICES,
     SINGLE_WRITERS,
     component,
+    documents,
     helm,
     of_kind,
+    render,
     scenario_values,
     validate_builtin,
 )
@@ -477,3 +479,21 @@ def test_the_trust_policy_reaches_anchoring_as_a_file(rendered: dict[str, list[d
     assert (
         configmap(docs, "anchoring")["MEDLEDGER_TRUST_POLICY_FILE"] == "/etc/medledger/trust-policy/trust-policy.json"
     )
+
+
+def test_records_names_the_enabled_components_as_erasure_participants(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """A component disabled in the chart is no erasure participant: its certificates name it absent."""
+    from medledger_records.config import RecordsSettings
+
+    assert (
+        configmap(rendered["default"], "records")["MEDLEDGER_ERASURE_PARTICIPANTS"] == "records,identity,consent,audit"
+    )
+    values = scenario_values("default")
+    values.setdefault("components", {}).setdefault("audit", {})["enabled"] = False
+    docs = documents(render(values))
+    participants = configmap(docs, "records")["MEDLEDGER_ERASURE_PARTICIPANTS"]
+    assert participants == "records,identity,consent"
+    # records reads it as it is: audit absent.
+    assert RecordsSettings(erasure_participants=participants).participants == ("identity", "consent", "records")

@@ -461,6 +461,7 @@ def _requests(w: World, s: Side) -> dict[str, dict[str, pb_message.Message]]:
             "GetErasure": rec_pb.GetErasureRequest(erasure_id=s.erasure_id),
             "PlaceLegalHold": rec_pb.PlaceLegalHoldRequest(request_id=rid(), patient_id=s.patient_id, reason="test"),
             "ReleaseLegalHold": rec_pb.ReleaseLegalHoldRequest(hold_id="hold_" + "0" * 32),
+            "GetErasureVerifierKey": rec_pb.GetErasureVerifierKeyRequest(),
         },
         "audit": {
             "GetLatestCheckpoint": au_pb.GetLatestCheckpointRequest(),

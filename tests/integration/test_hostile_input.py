@@ -877,16 +877,20 @@ async def test_oversize_messages_are_refused_and_store_nothing(world: World) -> 
 # --- malformed Kafka messages ---------------------------------------------------------------------
 
 UNDECODABLE = b"\x0a\xff\xff\xff\x0f"  # field 1, length-delimited, a length far past the end
-# The payload type each topic's consumers act on, sent with a payload that does not parse.
-GARBAGE_TYPES = {
-    TOPICS["identity"]: identity_events_pb2.PrincipalDeactivated,
-    TOPICS["consent"]: consent_events_pb2.ConsentVersionRecorded,
-    TOPICS["consent.decisions"]: consent_events_pb2.ConsentDecisionRecorded,
-    TOPICS["notifications"]: notification_events_pb2.NotificationRequested,
-    TOPICS["records"]: records_events_pb2.PatientRecordsErased,
-    TOPICS["audit"]: audit_events_pb2.CheckpointSigned,
-    TOPICS["anchoring"]: anchoring_events_pb2.ConsentCommitmentRecorded,
+# The payload types each topic's consumers act on, each sent with a payload that does not parse.
+GARBAGE_TYPES: dict[str, tuple[Any, ...]] = {
+    TOPICS["identity"]: (identity_events_pb2.PrincipalDeactivated, records_events_pb2.PatientKeysDestroyed),
+    TOPICS["consent"]: (consent_events_pb2.ConsentVersionRecorded, records_events_pb2.PatientKeysDestroyed),
+    TOPICS["consent.decisions"]: (consent_events_pb2.ConsentDecisionRecorded,),
+    TOPICS["notifications"]: (notification_events_pb2.NotificationRequested,),
+    TOPICS["records"]: (records_events_pb2.PatientKeysErasureRequested,),
+    TOPICS["audit"]: (audit_events_pb2.CheckpointSigned,),
+    TOPICS["anchoring"]: (anchoring_events_pb2.ConsentCommitmentRecorded,),
 }
+# A topic's first garbage type is acted on by every consumer of the topic that dead-letters but
+# those that act on a later type alone (records' erasure confirmations, on the participants'
+# topics); a later type only by those.
+ONLY_BY = {records_events_pb2.PatientKeysDestroyed.DESCRIPTOR.full_name: {"records.erasure-confirmations"}}
 
 
 @dataclass(frozen=True)
@@ -920,7 +924,14 @@ def poisons(topic: str) -> list[Poison]:
     mismatched.CopyFrom(valid)
     mismatched.type = identity_events_pb2.PrincipalDeactivated.DESCRIPTOR.full_name
     unknown = "medledger.events.v1.NoSuchEvent'; DROP TABLE entries; --"
-    garbage = GARBAGE_TYPES[topic].DESCRIPTOR.full_name
+    garbage = [
+        Poison(
+            topic,
+            "garbage payload",
+            _envelope(t.DESCRIPTOR.full_name, UNDECODABLE, f"garbage-{uuid.uuid4()}").SerializeToString(),
+        )
+        for t in GARBAGE_TYPES[topic]
+    ]
     return [
         Poison(topic, "random bytes", b"\xff\xff\xff\xff" + bytes(_rng.getrandbits(8) for _ in range(60))),
         Poison(topic, "empty", b""),
@@ -932,9 +943,7 @@ def poisons(topic: str) -> list[Poison]:
             _envelope(unknown, b"\x0a\x03abc", f"<script>{uuid.uuid4()}").SerializeToString(),
             event_id=None,
         ),
-        Poison(
-            topic, "garbage payload", _envelope(garbage, UNDECODABLE, f"garbage-{uuid.uuid4()}").SerializeToString()
-        ),
+        *garbage,
     ]
 
 
@@ -1021,17 +1030,26 @@ async def test_malformed_kafka_messages_are_dead_lettered_and_logged_as_unproces
     for poison in sent:
         consumers = consumers_of(world, poison.topic)
         dead_letterers = {n for n, c in consumers.items() if not c.accept_malformed}
-        if poison.kind == "garbage payload" or poison.kind != "unknown type":
+        if poison.kind == "garbage payload":
+            garbage_type = Event.FromString(poison.raw).type
+            if garbage_type in ONLY_BY:
+                dead_letterers &= ONLY_BY[garbage_type]
+            else:
+                dead_letterers -= set().union(*ONLY_BY.values())
+        if poison.kind != "unknown type":
             expected |= {(poison.topic, poison.offset, n) for n in dead_letterers}
 
     # Every kind of consumer is among them: each service's deactivation listener, consent's
-    # directory and index, identity's erasures, anchoring's checkpoints and consents.
+    # directory and index, identity's and consent's erasures, records' erasure confirmations,
+    # anchoring's checkpoints and consents.
     groups = {g for _, _, g in expected}
     assert {
         *(f"{n}.deactivations" for n in SERVICE_NAMES),
         "consent.principal-directory",
         "consent.index",
         "identity.erasures",
+        "consent.erasures",
+        "records.erasure-confirmations",
         "anchoring.checkpoints",
         "anchoring.consents",
     } <= groups, groups

@@ -23,6 +23,7 @@ import grpc
 import pytest
 from medledger.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
 from medledger.identity.v1 import identity_service_pb2 as identity_pb
+from medledger.records.v1 import records_service_pb2, records_service_pb2_grpc
 from medledger.records.v1 import records_service_pb2 as records_pb
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
@@ -165,9 +166,18 @@ async def _check_chain_side(state_dir: Path, ports: Ports, printed: str) -> dict
     (p256,) = [
         v for v in map(notes.NoteVerifier.parse, served.verifier_keys) if v.signature_type == notes.SIGNATURE_ECDSA
     ]
+    async with grpc.aio.insecure_channel(f"{localstack.HOST}:{ports.grpc('records')}") as channel:
+        certificate_key = await records_service_pb2_grpc.RecordsServiceStub(channel).GetErasureVerifierKey(
+            records_service_pb2.GetErasureVerifierKeyRequest(), timeout=10
+        )
     policy = TrustPolicy.read(state_dir / "trust-policy.json")
     assert policy == TrustPolicy(
-        ORIGIN, tuple(served.verifier_keys), deployment.chain_id, deployment.anchor_registry, 1
+        ORIGIN,
+        tuple(served.verifier_keys),
+        deployment.chain_id,
+        deployment.anchor_registry,
+        1,
+        erasure_certificate_keys=(certificate_key.verifier_key,),
     )
 
     w3 = chain.connect(recorded["rpc_url"])
@@ -351,6 +361,16 @@ async def _check_demo(state_dir: Path, ports: Ports, out: Path) -> None:
     salt = (out / "record.salt").read_text().strip()
     assert len(salt) == 64 and salt == salt.lower()
 
+    # The erasure certificate verifies offline against the trust policy; an altered one does not.
+    code, said = await _run("verify", "certificate", str(out / "erasure-certificate.note"), "--trust",
+                            str(out / "trust.json"))  # fmt: skip
+    assert code == 0 and "VERIFIED: the erasure certificate is authentic" in said, said
+    altered = _tampered(out, out.parent / "altered-certificate", "erasure-certificate.note", b"\nrecords-erased ",
+                        b"\nrecords-erased 9")  # fmt: skip
+    code, said = await _run("verify", "certificate", str(altered / "erasure-certificate.note"), "--trust",
+                            str(out / "trust.json"))  # fmt: skip
+    assert code == 1 and "NOT VERIFIED" in said, said
+
     trust, record = ["--trust", str(out / "trust.json"), "--rpc", rpc_url], str(out / "record.json")
     code, said = await _run("verify", str(out / "record.tlog-proof"), *trust, "--record", record, "--salt", salt)
     assert code == 0 and "VERIFIED" in said, said
@@ -461,6 +481,8 @@ async def test_the_story_on_postgresql_through_the_sdk(tmp_path: Path, postgres:
             "disclosure proof verifies",
             "latest checkpoint anchored",
             "erasure completed",
+            "erasure certificate verified",
+            "break-glass justification erased",
             "erased record unreadable",
             "proof verifies after erasure",
         ], story

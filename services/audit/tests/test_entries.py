@@ -88,6 +88,27 @@ def test_the_erasure_certificate_names_no_patient_either() -> None:
     assert entry["certificate"]["key_versions"] == [1, 2] and "patient_id" not in entry["certificate"]
 
 
+def test_the_erasure_protocols_key_names_do_not_name_the_patient_in_the_log() -> None:
+    """Key names hold the patient id (`patient-<id>`): the log keeps them with the subject
+    standing in for it, or the erased patient's entries would stay linkable to them."""
+    key = records_events_pb2.DestroyedKey(key_name=f"patient-{PATIENT}", versions=[1])
+    certificate = records_events_pb2.ErasureCertificate(
+        erasure_id="era_1",
+        patient_id=PATIENT,
+        key_name=f"patient-{PATIENT}",
+        participants=[records_events_pb2.ErasureParticipant(participant="identity", outcome=1, keys=[key])],
+    )
+    confirmed = records_events_pb2.PatientKeysDestroyed(
+        erasure_id="era_1", patient_id=PATIENT, participant="identity", keys=[key]
+    )
+    for payload in (records_events_pb2.PatientRecordsErased(certificate=certificate), confirmed):
+        draft = entries.draft_entry(event(payload))
+        assert draft is not None and draft.patient_id == PATIENT
+        encoded = entries.encode_entry(draft, None, NOW.timestamp())
+        assert PATIENT.encode() not in encoded
+        assert f"patient-{entries.SUBJECT_ITSELF}".encode() in encoded
+
+
 def test_long_id_lists_are_hashed_and_kept_beside_the_log() -> None:
     ids = [f"rec_{n:032d}" for n in range(100)]
     draft = entries.draft_entry(

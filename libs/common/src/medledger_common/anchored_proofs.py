@@ -64,6 +64,9 @@ class TrustPolicy:
     anchor_registry: str
     min_confirmations: int = 1
     version: int = POLICY_VERSION
+    # C2SP note verifier keys that sign erasure certificates (records'); absent from policies
+    # written before certificates were signed, which still load (and verify no certificate).
+    erasure_certificate_keys: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return (
@@ -75,6 +78,7 @@ class TrustPolicy:
                     "chain_id": self.chain_id,
                     "anchor_registry": self.anchor_registry,
                     "min_confirmations": self.min_confirmations,
+                    "erasure_certificate_keys": list(self.erasure_certificate_keys),
                 },
                 indent=2,
             )
@@ -92,6 +96,7 @@ class TrustPolicy:
                 anchor_registry=str(obj["anchor_registry"]),
                 min_confirmations=int(obj.get("min_confirmations", 1)),
                 version=int(obj.get("version", POLICY_VERSION)),
+                erasure_certificate_keys=tuple(str(k) for k in obj.get("erasure_certificate_keys", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgument.field("trust_policy", f"missing or malformed field: {exc}") from None

@@ -36,6 +36,8 @@ from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_common import chain, commitments, notes
 from medledger_common.anchored_proofs import TrustPolicy, Verification, verify_anchored_proof
+from medledger_common.erasure import open_certificate
+from medledger_common.errors import InvalidArgument
 from medledger_common.files import write_atomically
 from medledger_sdk.calls import RpcError, pages
 from medledger_sdk.client import Endpoints, Medledger
@@ -67,6 +69,7 @@ OUT_FILES = (
     "access-anchor.json",
     "log.vkey",
     "trust.json",
+    "erasure-certificate.note",
 )
 
 
@@ -101,6 +104,8 @@ class StoryResult:
     salt: str = ""
     record_proof: anchoring_pb.GetAnchoredProofResponse | None = None
     access_proof: anchoring_pb.GetAnchoredProofResponse | None = None
+    # The erasure certificate, a C2SP signed note.
+    erasure_certificate: str = ""
     written: list[Path] = field(default_factory=list)
 
     @property
@@ -249,6 +254,7 @@ class Story:
         self.say = narrator
         self.result = StoryResult()
         self._clients: list[Medledger] = []
+        self.break_glass_access_id = ""
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -447,6 +453,7 @@ class Story:
                 )
             )
         ).access
+        self.break_glass_access_id = access.access_id
         self.say.say(
             f"break-glass access {access.access_id}: read only, for emergency treatment, until "
             f"{access.expires_at.ToDatetime():%H:%M} UTC; the patient and the privacy officers are notified"
@@ -632,14 +639,48 @@ class Story:
         approved = (
             await self.officer.records.ApproveErasure(records_pb.ApproveErasureRequest(erasure_id=requested.erasure_id))
         ).erasure
-        cert = approved.certificate
+        self.say.say(
+            "approved: every service holding the patient's material destroys its keys and confirms"
+            + (f" (awaiting {', '.join(approved.awaiting)})" if approved.awaiting else "")
+        )
+
+        async def completed() -> records_pb.Erasure | None:
+            reply = await self.officer.records.GetErasure(records_pb.GetErasureRequest(erasure_id=requested.erasure_id))
+            return reply.erasure if reply.erasure.state == records_pb.ErasureState.ERASURE_STATE_COMPLETED else None
+
+        done = await _eventually(
+            completed, "every participant's confirmation of the erasure", self.config.anchor_wait_seconds, self.say
+        )
+        cert = done.certificate
         self.check(
             "erasure completed",
-            approved.state == records_pb.ErasureState.ERASURE_STATE_COMPLETED,
-            f"erasure {records_pb.ErasureState.Name(approved.state)}: the patient's key deleted (crypto-shredding); "
-            f"{cert.records_erased} record(s), {cert.versions_erased} version(s); no backup can restore the key after "
-            f"{cert.unrecoverable_after.ToDatetime():%Y-%m-%d}",
+            bool(cert.participants) and all(p.outcome for p in cert.participants),
+            f"the patient's keys destroyed in {len([p for p in cert.participants if p.keys])} services "
+            f"(crypto-shredding); {cert.records_erased} record(s), {cert.versions_erased} version(s); no backup "
+            f"can restore a key after {cert.unrecoverable_after.ToDatetime():%Y-%m-%d}",
         )
+        self.result.erasure_certificate = done.signed_certificate
+        try:
+            certified = open_certificate(done.signed_certificate, self.config.trust_policy.erasure_certificate_keys)
+        except InvalidArgument as exc:
+            self.check("erasure certificate verified", False, f"refused: {exc.message}")
+        else:
+            self.check(
+                "erasure certificate verified",
+                certified.facts["erasure"] == requested.erasure_id,
+                "the certificate is a signed note that verifies offline against the trust policy; it says:",
+            )
+            for line in certified.describe():
+                self.say.say(line.strip())
+        if self.break_glass_access_id:
+            reply = await self.officer.consent.GetBreakGlassAccess(
+                consent_pb.GetBreakGlassAccessRequest(access_id=self.break_glass_access_id)
+            )
+            self.check(
+                "break-glass justification erased",
+                reply.justification == "",
+                "consent destroyed its key: the emergency's justification no longer decrypts; the access stays",
+            )
         await self.expect(
             "erased record unreadable",
             self.patient.records.GetRecord(records_pb.GetRecordRequest(record_id=self.record_id, purpose=TREAT)),
@@ -681,6 +722,8 @@ class Story:
             "log.vkey": "".join(k + "\n" for k in ed25519).encode(),
             "trust.json": policy.to_json().encode(),
         }
+        if self.result.erasure_certificate:
+            files["erasure-certificate.note"] = self.result.erasure_certificate.encode()
         for name, data in files.items():
             write_atomically(out / name, data)
             self.result.written.append(out / name)

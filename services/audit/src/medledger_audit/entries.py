@@ -35,7 +35,7 @@ from medledger.events.v1 import (
 )
 
 from medledger_common.events import Event, unpack
-from medledger_common.keys import patient_key_name
+from medledger_common.keys import audit_subject_key_name
 from medledger_common.tlog import MAX_ENTRY_BYTES
 
 ENTRY_VERSION = 1
@@ -70,6 +70,8 @@ _KNOWN: list[tuple[str, Any]] = [
     ("erasure.cancelled", records_events_pb2.ErasureCancelled),
     ("legal_hold.changed", records_events_pb2.LegalHoldChanged),
     ("erasure.completed", records_events_pb2.PatientRecordsErased),
+    ("erasure.keys_requested", records_events_pb2.PatientKeysErasureRequested),
+    ("erasure.keys_destroyed", records_events_pb2.PatientKeysDestroyed),
     ("notification.requested", notification_events_pb2.NotificationRequested),
     ("consent.commitment_on_chain", anchoring_events_pb2.ConsentCommitmentRecorded),
 ]
@@ -104,7 +106,7 @@ def subject_key_name(patient_id: str) -> str:
     """The key-manager HMAC key an entry's `subject` is made with; erasure deletes it. Never
     rotated (KEYS.md): a subject's HMAC uses the latest version, so lookups by subject rely on
     there being one."""
-    return patient_key_name("audit", patient_id)
+    return audit_subject_key_name(patient_id)
 
 
 def rfc3339(seconds: float) -> str:
@@ -280,13 +282,20 @@ def _take_patient(fields: dict[str, Any]) -> str | None:
 
 
 def _replace_value(fields: dict[str, Any], old: str, new: str) -> None:
+    """Put `new` for `old` wherever it stands, also within a longer string (a key name such as
+    `patient-<id>` in an erasure's events) and within lists of messages."""
     for name, value in fields.items():
-        if value == old:
-            fields[name] = new
-        elif isinstance(value, dict):
-            _replace_value(value, old, new)
-        elif isinstance(value, list):
-            fields[name] = [new if v == old else v for v in value]
+        fields[name] = _replaced(value, old, new)
+
+
+def _replaced(value: Any, old: str, new: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(old, new) if old in value else value
+    if isinstance(value, dict):
+        _replace_value(value, old, new)
+    elif isinstance(value, list):
+        return [_replaced(v, old, new) for v in value]
+    return value
 
 
 def _hash_long_lists(fields: dict[str, Any]) -> dict[str, list[str]]:

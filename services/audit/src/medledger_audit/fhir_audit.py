@@ -40,6 +40,8 @@ _KINDS: dict[str, tuple[tuple[str, str], str]] = {
     "erasure.requested": (_PATIENT_RECORD, "E"),
     "erasure.cancelled": (_PATIENT_RECORD, "E"),
     "erasure.completed": (_PATIENT_RECORD, "D"),
+    "erasure.keys_requested": (_PATIENT_RECORD, "E"),
+    "erasure.keys_destroyed": (_PATIENT_RECORD, "D"),
     "legal_hold.changed": (_PATIENT_RECORD, "U"),
     "consent.version_recorded": (_PATIENT_RECORD, "U"),
     "consent.decision": (_QUERY, "E"),

@@ -31,7 +31,7 @@ from medledger_common.errors import (
 )
 from medledger_common.events import TOPICS, new_event
 from medledger_common.key_owners import decrypt_owned
-from medledger_common.keys import KeyManager, KeyType, patient_key_name
+from medledger_common.keys import KeyManager, KeyType
 from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
 from medledger_common.timestamps import duration, timestamp
@@ -199,7 +199,7 @@ class BreakGlassDesk:
                 overrides_deny=policy.overrides_deny,
                 review=PENDING,
             )
-            key = patient_key_name("consent", request.patient_id)
+            key = domain.justification_key_name(request.patient_id)
             await self.keys.ensure_key(key, KeyType.AES256_GCM96)
             # Bound to the access: a ciphertext moved to another row does not decrypt.
             ciphertext = await self.keys.encrypt(key, justification.encode(), associated_data=access.access_id.encode())
@@ -304,15 +304,19 @@ class BreakGlassDesk:
         access, ciphertext = found
         if not ciphertext:  # the patient was erased: the justification went with their keys
             return pb.GetBreakGlassAccessResponse(access=access_proto(access))
-        # Still under the old shared key until the key-owner migration moves it.
-        justification = await decrypt_owned(
-            self.keys,
-            self.rt.legacy_keys,
-            "consent",
-            access.patient_id,
-            ciphertext,
-            associated_data=access.access_id.encode(),
-        )
+        try:
+            # Still under the old shared key until the key-owner migration moves it.
+            justification = await decrypt_owned(
+                self.keys,
+                self.rt.legacy_keys,
+                "consent",
+                access.patient_id,
+                ciphertext,
+                associated_data=access.access_id.encode(),
+            )
+        except NotFound:
+            # The patient's erasure destroyed the key: the access stays reviewable, its text is gone.
+            return pb.GetBreakGlassAccessResponse(access=access_proto(access), justification="")
         return pb.GetBreakGlassAccessResponse(access=access_proto(access), justification=justification.decode())
 
     async def review(self, request: pb.ReviewBreakGlassAccessRequest) -> pb.ReviewBreakGlassAccessResponse:

@@ -40,6 +40,7 @@ from medledger.types.v1 import vocabulary_pb2
 from pydantic import ValidationError
 
 from medledger_common.errors import FieldViolation, InvalidArgument
+from medledger_common.keys import patient_key_name
 from medledger_common.timestamps import seconds
 
 RULE_VERSION = "medledger-consent-rules/2"
@@ -313,6 +314,12 @@ def check_question(request: pb.CheckConsentRequest) -> None:
             violations.append(FieldViolation(field, "required: one of " + ", ".join(known.values())))
     if violations:
         raise InvalidArgument("invalid consent check", violations=tuple(violations))
+
+
+def justification_key_name(patient_id: str) -> str:
+    """The key-manager key break-glass justifications of a patient are encrypted under (consent's
+    own; its erasure handler destroys it)."""
+    return patient_key_name("consent", patient_id)
 
 
 def new_consent_id() -> str:

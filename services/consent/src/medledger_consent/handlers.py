@@ -1,17 +1,25 @@
-"""Consent's event handlers: identity events keep the principal directory current."""
+"""Consent's event handlers: identity events keep the principal directory current; an
+erasure's request destroys the patient's key."""
 
 from __future__ import annotations
 
-from medledger.events.v1 import consent_events_pb2, identity_events_pb2
+import logging
+from collections.abc import Callable
+
+from medledger.events.v1 import consent_events_pb2, identity_events_pb2, records_events_pb2
 from medledger.types.v1 import vocabulary_pb2
 
 from medledger_common.db import Database
+from medledger_common.erasure import destroy_keys, keys_destroyed_event
 from medledger_common.errors import Unavailable
-from medledger_common.events import unpack
+from medledger_common.events import TOPICS, unpack
 from medledger_common.kafka import ConsumedMessage
-from medledger_common.outbox import claim_inbox
+from medledger_common.keys import KeyShredder
+from medledger_common.outbox import claim_inbox, enqueue
 from medledger_consent import storage
-from medledger_consent.domain import ConsentIndex
+from medledger_consent.domain import ConsentIndex, justification_key_name
+
+log = logging.getLogger(__name__)
 
 DIRECTORY_CONSUMER = "consent.principal-directory"
 _REGISTERED = identity_events_pb2.PrincipalRegistered.DESCRIPTOR.full_name
@@ -89,3 +97,39 @@ class ConsentIndexHandler:
         if found is None:
             raise Unavailable("a break-glass access announced by its event is not in the database yet")
         self.index.put_break_glass(found[0])
+
+
+ERASURE_CONSUMER = "consent.erasures"
+ERASURE_PARTICIPANT = "consent"
+_ERASURE_ASKED = records_events_pb2.PatientKeysErasureRequested.DESCRIPTOR.full_name
+
+
+class PatientErasureHandler:
+    """On PatientKeysErasureRequested: destroy the patient's key in consent's key manager (the
+    patient's break-glass justifications are encrypted under it: none decrypts afterwards) and
+    confirm with PatientKeysDestroyed. On every delivery: a redelivered request re-confirms and
+    a key already gone counts as destroyed. Consents and decisions stay: they hold ids and
+    codes, not personal data, and the accountability trail needs them."""
+
+    def __init__(
+        self, db: Database, shredder: KeyShredder, source: str, after_commit: Callable[[], None] = lambda: None
+    ) -> None:
+        self.db = db
+        self.shredder = shredder  # consent's erasure credential
+        self.source = source
+        self.after_commit = after_commit  # the outbox relay's wake-up
+
+    async def __call__(self, message: ConsumedMessage) -> None:
+        event = message.event
+        if event is None or event.type != _ERASURE_ASKED:
+            return
+        request = unpack(event, records_events_pb2.PatientKeysErasureRequested)
+        assert isinstance(request, records_events_pb2.PatientKeysErasureRequested)
+        if ERASURE_PARTICIPANT not in request.participants:
+            return
+        destroyed = await destroy_keys(self.shredder, [justification_key_name(request.patient_id)])
+        async with self.db.transaction() as conn:
+            confirmation = keys_destroyed_event(self.source, ERASURE_PARTICIPANT, request, destroyed)
+            await enqueue(conn, TOPICS["consent"], confirmation, key=request.patient_id.encode())
+        self.after_commit()
+        log.info("patient's key destroyed for an erasure", extra={"erasure_id": request.erasure_id})

@@ -13,8 +13,10 @@ from medledger_consent.config import ConsentSettings
 from medledger_consent.domain import ConsentIndex
 from medledger_consent.handlers import (
     DIRECTORY_CONSUMER,
+    ERASURE_CONSUMER,
     INDEX_CONSUMER,
     ConsentIndexHandler,
+    PatientErasureHandler,
     PrincipalDirectoryHandler,
 )
 from medledger_consent.key_owners import (
@@ -57,6 +59,11 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
                 handler=ConsentIndexHandler(runtime.db, index),
                 topics=[TOPICS["consent"]],
                 fetch_max_wait_ms=50,
+            ),
+            ConsumerSpec(
+                group_id=ERASURE_CONSUMER,
+                handler=PatientErasureHandler(runtime.db, runtime.key_shredder(), runtime.source, runtime.relay.notify),
+                topics=[TOPICS["records"]],
             ),
             # Erasures that completed before consent took part in them (key_owners.py).
             ConsumerSpec(

@@ -1,45 +1,60 @@
-"""Identity's event handlers: a patient whose records were erased loses their personal data here
-too."""
+"""Identity's event handlers: a patient whose erasure runs loses their personal data here too."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from medledger.events.v1 import records_events_pb2
+from medledger.types.v1 import vocabulary_pb2
 
 from medledger_common.db import Database
-from medledger_common.events import unpack
+from medledger_common.erasure import destroy_keys, keys_destroyed_event
+from medledger_common.events import TOPICS, unpack
 from medledger_common.kafka import ConsumedMessage
-from medledger_common.keys import KeyShredder, patient_key_name
-from medledger_common.outbox import claim_inbox
+from medledger_common.keys import KeyShredder
+from medledger_common.outbox import enqueue
 from medledger_identity import storage
+from medledger_identity.api import resource_key
 
 log = logging.getLogger(__name__)
 ERASURE_CONSUMER = "identity.erasures"
-_ERASED = records_events_pb2.PatientRecordsErased.DESCRIPTOR.full_name
+PARTICIPANT = "identity"
+SOURCE = "medledger.identity"
+_ASKED = records_events_pb2.PatientKeysErasureRequested.DESCRIPTOR.full_name
+_PATIENT = vocabulary_pb2.PrincipalKind.PRINCIPAL_KIND_PATIENT
 
 
-class PatientErasedHandler:
-    """On PatientRecordsErased: drop the patient's FHIR resource and identifier indexes, and the
-    patient's key identity owns (`identity-patient-<id>`, and the old shared name with it),
-    through identity's erasure credential. The principal itself stays: a pseudonym with a kind
-    and a status, which the audit trail refers to."""
+class PatientErasureHandler:
+    """On PatientKeysErasureRequested: destroy the patient's key identity owns
+    (`identity-patient-<id>`, under which the patient's FHIR resource is, and the old shared name
+    with it) through identity's erasure credential, drop the resource and identifier indexes, and confirm
+    with PatientKeysDestroyed. On every delivery: a redelivered request re-confirms (records
+    keeps the first confirmation). The principal itself stays: a pseudonym with a kind and a
+    status, which the audit trail refers to."""
 
-    def __init__(self, db: Database, shredder: KeyShredder) -> None:
+    def __init__(self, db: Database, shredder: KeyShredder, after_commit: Callable[[], None] = lambda: None) -> None:
         self.db = db
         self.shredder = shredder
+        self.after_commit = after_commit  # the outbox relay's wake-up
 
     async def __call__(self, message: ConsumedMessage) -> None:
         event = message.event
-        if event is None or event.type != _ERASED:
+        if event is None or event.type != _ASKED:
             return
-        certificate = unpack(event, records_events_pb2.PatientRecordsErased).certificate  # type: ignore[attr-defined]
-        patient_id: str = certificate.patient_id
-        # The key first (repeatable), then the rows with the inbox entry: a crash in between
-        # redelivers the event and both run again.
-        await self.shredder.shred(patient_key_name("identity", patient_id))
+        request = unpack(event, records_events_pb2.PatientKeysErasureRequested)
+        assert isinstance(request, records_events_pb2.PatientKeysErasureRequested)
+        if PARTICIPANT not in request.participants:
+            return
+        # The key first (repeatable), then the rows and the confirmation in one transaction: a
+        # crash in between redelivers the request and both run again.
+        destroyed = await destroy_keys(self.shredder, [resource_key(request.patient_id, _PATIENT)])
         async with self.db.transaction() as conn:
-            if not await claim_inbox(conn, ERASURE_CONSUMER, event.id):
-                return
-            forgotten = await storage.forget_personal_data(conn, patient_id)
-        log.info("patient's personal data dropped after erasure", extra={"forgotten": forgotten})
+            forgotten = await storage.forget_personal_data(conn, request.patient_id)
+            confirmation = keys_destroyed_event(SOURCE, PARTICIPANT, request, destroyed)
+            await enqueue(conn, TOPICS["identity"], confirmation, key=request.patient_id.encode())
+        self.after_commit()
+        log.info(
+            "patient's key destroyed and personal data dropped for an erasure",
+            extra={"erasure_id": request.erasure_id, "forgotten": forgotten},
+        )

@@ -16,7 +16,7 @@ from medledger_common.vocabulary import service_principal_id
 from medledger_identity.api import ACCESS, PUBLIC_METHODS, IdentityApi
 from medledger_identity.config import IdentitySettings
 from medledger_identity.credentials import SecretHasher
-from medledger_identity.handlers import ERASURE_CONSUMER, PatientErasedHandler
+from medledger_identity.handlers import ERASURE_CONSUMER, PatientErasureHandler
 from medledger_identity.key_owners import resource_migration
 from medledger_identity.storage import MIGRATIONS
 from medledger_identity.tokens import TokenSigner
@@ -94,7 +94,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         consumers=[
             ConsumerSpec(
                 group_id=ERASURE_CONSUMER,
-                handler=PatientErasedHandler(runtime.db, runtime.key_shredder()),
+                handler=PatientErasureHandler(runtime.db, runtime.key_shredder(), runtime.relay.notify),
                 topics=[TOPICS["records"]],
             )
         ],

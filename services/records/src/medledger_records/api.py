@@ -52,7 +52,8 @@ from medledger_records.erasure import COMPLETED, RUNNING, ErasureDesk
 
 log = logging.getLogger(__name__)
 _SERVICE = "/medledger.records.v1.RecordsService/"
-PUBLIC_METHODS: tuple[str, ...] = ()
+# The erasure certificates' verifier key is public: anyone may verify a certificate.
+PUBLIC_METHODS: tuple[str, ...] = (_SERVICE + "GetErasureVerifierKey",)
 # The coarse table; keep it equal to services/records/README.md (a test compares them).
 ACCESS: dict[str, Access] = {
     _SERVICE + "PutRecord": Access.of(kinds=["practitioner", "patient"]),
@@ -556,6 +557,11 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         self, request: pb.ReleaseLegalHoldRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseLegalHoldResponse:
         return await self.erasures.release_hold(current_caller(), request.hold_id)
+
+    async def GetErasureVerifierKey(
+        self, request: pb.GetErasureVerifierKeyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetErasureVerifierKeyResponse:
+        return pb.GetErasureVerifierKeyResponse(verifier_key=await self.erasures.verifier_key())
 
 
 def _provenance(record: storage.Record, stored: storage.StoredVersion) -> dict[str, Any]:

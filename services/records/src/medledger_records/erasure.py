@@ -1,22 +1,30 @@
-"""Erasure: crypto-shredding a patient's records, on request, approved, held or cancelled.
+"""Erasure: crypto-shredding a patient's material in every service, on request, approved, held
+or cancelled.
 
 A patient (or an admin) asks. The erasure is pending until a privacy officer other than the
 requester approves it, or until its grace period passes; it never starts while a legal hold is
 in force, and the patient, an admin or a privacy officer may cancel it while it is pending.
 
-Running it, each step repeatable so that a crash anywhere is finished by the next run (the
-runner takes RUNNING erasures up again):
+records coordinates the one erasure protocol (``medledger_common.erasure``). Running it, each
+step repeatable so that a crash anywhere is finished by the next run (the runner takes RUNNING
+erasures up again):
 
-1. PENDING -> RUNNING under the patient's exclusive lock. Every put takes that lock shared and
+1. PENDING -> RUNNING under the patient's exclusive lock, and in the same transaction
+   PatientKeysErasureRequested goes to the outbox, naming the participants asked (the
+   deployment's, from the setting; kept with the erasure). Every put takes that lock shared and
    refuses a patient with a running or completed erasure, so no version is written after this.
-2. The patient key's versions are read and kept with the erasure (for the certificate).
-3. The key is deleted through the :class:`KeyShredder`, the one key-manager credential that may
-   delete keys, used nowhere else (the service's everyday credential cannot).
-4. Blob-store ciphertexts are deleted.
-5. One transaction: ciphertexts, wrapped keys, salts and every metadata beyond ids, versions and
-   commitments go; the certificate is kept; RUNNING -> COMPLETED; PatientRecordsErased, carrying
-   the certificate for the audit log, goes to the outbox (identity drops the patient's personal
-   attributes on it).
+2. records' own part: the patient key's versions are read and kept; the key is deleted through
+   the :class:`KeyShredder` (the one credential that may delete keys); blob-store ciphertexts are
+   deleted; then one transaction drops ciphertexts, wrapped keys, salts and every metadata beyond
+   ids, versions and commitments, and stores records' own confirmation.
+3. Each other participant (identity, consent) destroys its keys and confirms with
+   PatientKeysDestroyed; :meth:`ErasureDesk.confirm` stores the first confirmation of each.
+4. Once every present participant but audit has confirmed, the certificate is assembled (each
+   participant, key and version; audit's key is destroyed when it appends the certificate;
+   absent participants named), signed as a C2SP note, kept, RUNNING -> COMPLETED, and
+   PatientRecordsErased carrying it goes to the outbox for the audit log.
+
+Until then `GetErasure` names the participants awaited, and so does a gauge.
 """
 
 from __future__ import annotations
@@ -29,10 +37,18 @@ import uuid
 
 from medledger.events.v1 import records_events_pb2 as ev
 from medledger.records.v1 import records_service_pb2 as pb
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from medledger_common import notes
 from medledger_common.auth import Caller
+from medledger_common.erasure import (
+    AT_APPEND,
+    CERTIFICATE_KEY,
+    CERTIFICATE_SIGNER_NAME,
+    PARTICIPANTS,
+    certificate_text,
+)
 from medledger_common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -43,7 +59,7 @@ from medledger_common.errors import (
 )
 from medledger_common.events import TOPICS, new_event
 from medledger_common.idempotency import run_idempotent
-from medledger_common.keys import KeyShredder, patient_key_name
+from medledger_common.keys import KeyManager, KeyShredder, KeyType, audit_subject_key_name, patient_key_name
 from medledger_common.outbox import enqueue
 from medledger_common.service import ServiceRuntime
 from medledger_common.timestamps import timestamp
@@ -58,6 +74,15 @@ CANCELLED = pb.ErasureState.ERASURE_STATE_CANCELLED
 MAX_REASON = 500
 GRACE_PERIOD = "grace-period"
 ERASURES = Counter("medledger_records_erasures_total", "Patients' records erased (crypto-shredded).")
+AWAITED = Gauge(
+    "medledger_records_erasure_participants_awaited",
+    "Running erasures still waiting for a participant's confirmation that it destroyed its keys.",
+    ["participant"],
+)
+for _participant in PARTICIPANTS:
+    if _participant not in AT_APPEND:
+        AWAITED.labels(_participant)
+Outcome = ev.ErasureOutcome
 
 
 def _state_name(state: int) -> str:
@@ -82,6 +107,9 @@ class ErasureDesk:
         grace_seconds: float,
         check_interval: float,
         backup_retention_seconds: float,
+        participants: tuple[str, ...] = PARTICIPANTS,
+        cache_max_age_seconds: float = 0.0,
+        signing_keys: KeyManager | None = None,
     ) -> None:
         self.rt = runtime
         self.shredder = shredder
@@ -89,7 +117,32 @@ class ErasureDesk:
         self.grace_seconds = grace_seconds
         self.check_interval = check_interval
         self.backup_retention_seconds = backup_retention_seconds
+        self.cache_max_age_seconds = cache_max_age_seconds
+        self.participants = participants
+        # The everyday key manager: it holds the certificate's signing key.
+        self.signing_keys = signing_keys if signing_keys is not None else runtime.require_keys()
+        self._signer: notes.NoteSigner | None = None
         self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        """Make the certificate signing key (once) and load its signer. If the key manager
+        refuses now, records serves anyway: erasures wait, RUNNING, until a certificate can be
+        signed (the next run tries again)."""
+        try:
+            await self._load_signer()
+        except MedledgerError as exc:
+            log.error("the erasure certificate key is unavailable: erasures cannot complete", extra={"error": str(exc)})
+        await self.refresh_awaited()
+
+    async def _load_signer(self) -> notes.NoteSigner:
+        if self._signer is None:
+            await self.signing_keys.ensure_key(CERTIFICATE_KEY, KeyType.ED25519)
+            self._signer = await notes.key_manager_signer(self.signing_keys, CERTIFICATE_KEY, CERTIFICATE_SIGNER_NAME)
+        return self._signer
+
+    async def verifier_key(self) -> str:
+        """The C2SP verifier key of erasure certificates (for the trust policy)."""
+        return (await self._load_signer()).verifier.text()
 
     # The RPCs.
 
@@ -163,6 +216,8 @@ class ErasureDesk:
             await storage.set_erasure_state(
                 conn, erasure_id, PENDING, state=RUNNING, approved_by=caller.principal_id, approved_at=time.time()
             )
+            await self._ask(conn, row)
+        self.rt.relay.notify()
         log.info("erasure approved", extra={"erasure_id": erasure_id})
         with contextlib.suppress(MedledgerError):
             # Approved is approved: if the key manager is away, the runner finishes it later.
@@ -190,7 +245,11 @@ class ErasureDesk:
         async with self.rt.db.connect() as conn:
             row = await self._find(conn, erasure_id, caller)
             holds = await storage.holds_in_force(conn, row.patient_id) if row.state == PENDING else []
-        return pb.GetErasureResponse(erasure=self._message(row, holds=len(holds)))
+            confirmed = await storage.confirmations_of(conn, erasure_id) if row.state == RUNNING else {}
+        message = self._message(row, holds=len(holds))
+        if row.state == RUNNING:
+            message.awaiting.extend(_awaiting(row, confirmed))
+        return pb.GetErasureResponse(erasure=message)
 
     async def place_hold(self, caller: Caller, request: pb.PlaceLegalHoldRequest) -> pb.PlaceLegalHoldResponse:
         if not request.patient_id:
@@ -242,6 +301,8 @@ class ErasureDesk:
                 log.warning("erasures could not run now; trying again", extra={"error": str(exc)})
             except Exception:
                 log.exception("running erasures failed; trying again")
+            with contextlib.suppress(MedledgerError):
+                await self.refresh_awaited()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.check_interval)
             self._wake.clear()
@@ -263,19 +324,46 @@ class ErasureDesk:
             await storage.lock_patient(conn, row.patient_id, exclusive=True)
             if await storage.holds_in_force(conn, row.patient_id):
                 return False
-            return await storage.set_erasure_state(conn, row.erasure_id, PENDING, state=RUNNING)
+            if not await storage.set_erasure_state(conn, row.erasure_id, PENDING, state=RUNNING):
+                return False
+            await self._ask(conn, row)
+        self.rt.relay.notify()
+        return True
+
+    async def _ask(self, conn: AsyncConnection, row: storage.ErasureRow) -> None:
+        """Step 1's event: ask every present participant that confirms by event to destroy its
+        keys of the patient (records does its own part itself; audit acts on the certificate)."""
+        await storage.set_erasure_state(conn, row.erasure_id, RUNNING, participants=self.participants)
+        asked = [p for p in self.participants if p != "records" and p not in AT_APPEND]
+        payload = ev.PatientKeysErasureRequested(
+            erasure_id=row.erasure_id, patient_id=row.patient_id, participants=asked
+        )
+        await self._enqueue(conn, row.patient_id, row.erasure_id, payload)
 
     async def execute(self, erasure_id: str) -> bool:
-        """Steps 2-5 of a RUNNING erasure (see the module's doc); True when this call completed it."""
+        """Steps 1-2 of a RUNNING erasure (see the module's doc), then step 4 if every participant
+        has confirmed; True when this call completed it."""
         async with self.rt.db.connect() as conn:
             row = await storage.get_erasure(conn, erasure_id)
         if row is None or row.state != RUNNING:
             return False
+        if not row.participants:  # started before participants were asked (an older release)
+            async with self.rt.db.transaction() as conn:
+                await self._ask(conn, row)
+            self.rt.relay.notify()
+        if row.records_erased is None:
+            await self._erase_own(row)
+        completed = await self.complete_if_confirmed(erasure_id)
+        await self.refresh_awaited()
+        return completed
+
+    async def _erase_own(self, row: storage.ErasureRow) -> None:
+        """records' own part: its key, blobs and data, then its confirmation."""
         key_name = patient_key_name("records", row.patient_id)
         versions = list(row.key_versions) or await self.shredder.key_versions(key_name)
         if not row.key_versions:
             async with self.rt.db.transaction() as conn:
-                await storage.set_erasure_state(conn, erasure_id, RUNNING, key_versions=versions)
+                await storage.set_erasure_state(conn, row.erasure_id, RUNNING, key_versions=versions)
         await self.shredder.shred(key_name)
         if self.blobs is not None:
             async with self.rt.db.connect() as conn:
@@ -285,32 +373,133 @@ class ErasureDesk:
         now = time.time()
         async with self.rt.db.transaction() as conn:
             records_erased, versions_erased = await storage.erase_patient_data(conn, row.patient_id, now)
-            certificate = ev.ErasureCertificate(
-                erasure_id=erasure_id,
+            own = ev.PatientKeysDestroyed(
+                erasure_id=row.erasure_id,
                 patient_id=row.patient_id,
-                requested_by=row.requested_by,
-                requested_at=timestamp(row.requested_at),
-                authorized_by=f"privacy-officer {row.approved_by}" if row.approved_by else GRACE_PERIOD,
-                erased_at=timestamp(now),
-                key_name=key_name,
-                key_versions=versions,
-                records_erased=records_erased,
-                versions_erased=versions_erased,
-                unrecoverable_after=timestamp(now + self.backup_retention_seconds),
+                participant="records",
+                keys=[ev.DestroyedKey(key_name=key_name, versions=versions, already_gone=not versions)],
             )
+            if await storage.set_erasure_state(
+                conn, row.erasure_id, RUNNING, records_erased=records_erased, versions_erased=versions_erased
+            ):
+                await storage.add_confirmation(conn, row.erasure_id, "records", own.SerializeToString(), now)
+        log.info(
+            "patient records erased; waiting for the other participants",
+            extra={"erasure_id": row.erasure_id, "records": records_erased, "versions": versions_erased},
+        )
+
+    async def confirm(self, confirmation: ev.PatientKeysDestroyed) -> bool:
+        """Step 3: store a participant's first confirmation (a later one, redelivered or
+        re-sent, changes nothing), then complete the erasure if it was the last awaited. True
+        when this confirmation was stored."""
+        async with self.rt.db.transaction() as conn:
+            row = await storage.get_erasure(conn, confirmation.erasure_id)
+            if (
+                row is None
+                or row.state != RUNNING
+                or row.patient_id != confirmation.patient_id
+                or confirmation.participant not in row.participants
+                or confirmation.participant == "records"
+            ):
+                return False
+            stored = await storage.add_confirmation(
+                conn, row.erasure_id, confirmation.participant, confirmation.SerializeToString(), time.time()
+            )
+        if stored:
+            log.info(
+                "erasure participant confirmed",
+                extra={"erasure_id": row.erasure_id, "participant": confirmation.participant},
+            )
+        try:
+            await self.complete_if_confirmed(row.erasure_id)
+        except MedledgerError as exc:
+            # The confirmation is stored: the runner completes the erasure when it can.
+            log.warning("erasure not completed now; trying again", extra={"error": str(exc)})
+            self._wake.set()
+        await self.refresh_awaited()
+        return stored
+
+    async def complete_if_confirmed(self, erasure_id: str) -> bool:
+        """Step 4 (see the module); True when this call completed the erasure."""
+        async with self.rt.db.connect() as conn:
+            row = await storage.get_erasure(conn, erasure_id)
+            if row is None or row.state != RUNNING or row.records_erased is None:
+                return False
+            confirmed = await storage.confirmations_of(conn, erasure_id)
+        if _awaiting(row, confirmed):
+            return False
+        now = time.time()
+        certificate = self._certificate(row, confirmed, now)
+        note = await notes.sign_note(certificate_text(certificate), [await self._load_signer()])
+        async with self.rt.db.transaction() as conn:
             completed = await storage.set_erasure_state(
-                conn, erasure_id, RUNNING, state=COMPLETED, certificate=certificate.SerializeToString()
+                conn,
+                erasure_id,
+                RUNNING,
+                state=COMPLETED,
+                certificate=certificate.SerializeToString(),
+                signed_certificate=note.format(),
             )
             if completed:
                 await self._enqueue(conn, row.patient_id, erasure_id, ev.PatientRecordsErased(certificate=certificate))
         if completed:
             self.rt.relay.notify()
             ERASURES.inc()
-            log.info(
-                "patient records erased",
-                extra={"erasure_id": erasure_id, "records": records_erased, "versions": versions_erased},
-            )
+            log.info("erasure completed: certificate issued", extra={"erasure_id": erasure_id})
         return completed
+
+    def _certificate(
+        self, row: storage.ErasureRow, confirmed: dict[str, tuple[bytes, float]], now: float
+    ) -> ev.ErasureCertificate:
+        participants = []
+        for name in [*PARTICIPANTS, *(p for p in row.participants if p not in PARTICIPANTS)]:
+            if name not in row.participants:
+                participants.append(ev.ErasureParticipant(participant=name, outcome=Outcome.ERASURE_OUTCOME_ABSENT))
+            elif name in AT_APPEND:
+                participants.append(
+                    ev.ErasureParticipant(
+                        participant=name,
+                        outcome=Outcome.ERASURE_OUTCOME_DESTROYED_AT_APPEND,
+                        keys=[ev.DestroyedKey(key_name=audit_subject_key_name(row.patient_id))],
+                    )
+                )
+            else:
+                data, at = confirmed[name]
+                destroyed = ev.PatientKeysDestroyed.FromString(data)
+                participants.append(
+                    ev.ErasureParticipant(
+                        participant=name,
+                        outcome=Outcome.ERASURE_OUTCOME_DESTROYED,
+                        keys=destroyed.keys,
+                        confirmed_at=timestamp(at),
+                    )
+                )
+        # No backup of the key manager, and no data-key cache, holds any key after this.
+        unrecoverable = now + max(self.backup_retention_seconds, self.cache_max_age_seconds)
+        return ev.ErasureCertificate(
+            erasure_id=row.erasure_id,
+            patient_id=row.patient_id,
+            requested_by=row.requested_by,
+            requested_at=timestamp(row.requested_at),
+            authorized_by=f"privacy-officer {row.approved_by}" if row.approved_by else GRACE_PERIOD,
+            erased_at=timestamp(now),
+            key_name=patient_key_name("records", row.patient_id),
+            key_versions=row.key_versions,
+            records_erased=row.records_erased or 0,
+            versions_erased=row.versions_erased or 0,
+            unrecoverable_after=timestamp(unrecoverable),
+            participants=participants,
+        )
+
+    async def refresh_awaited(self) -> None:
+        """The gauge of participants awaited, from the database (every replica sees the same)."""
+        counts = dict.fromkeys((p for p in PARTICIPANTS if p not in AT_APPEND), 0)
+        async with self.rt.db.connect() as conn:
+            for row in await storage.running_erasures(conn, RUNNING):
+                for name in _awaiting(row, await storage.confirmations_of(conn, row.erasure_id)):
+                    counts[name] = counts.get(name, 0) + 1
+        for name, count in counts.items():
+            AWAITED.labels(name).set(count)
 
     # Helpers.
 
@@ -330,7 +519,11 @@ class ErasureDesk:
         conn: AsyncConnection,
         patient_id: str,
         aggregate_id: str,
-        payload: ev.ErasureRequested | ev.ErasureCancelled | ev.LegalHoldChanged | ev.PatientRecordsErased,
+        payload: ev.ErasureRequested
+        | ev.ErasureCancelled
+        | ev.LegalHoldChanged
+        | ev.PatientRecordsErased
+        | ev.PatientKeysErasureRequested,
     ) -> None:
         event = new_event(
             source=self.rt.source, payload=payload, aggregate_id=aggregate_id, version=0, subject=patient_id
@@ -361,7 +554,16 @@ class ErasureDesk:
             message.approved_at.CopyFrom(timestamp(row.approved_at))
         if row.certificate is not None:
             message.certificate.ParseFromString(row.certificate)
+        if row.signed_certificate is not None:
+            message.signed_certificate = row.signed_certificate
         return message
+
+
+def _awaiting(row: storage.ErasureRow, confirmed: dict[str, tuple[bytes, float]]) -> list[str]:
+    """The present participants whose confirmation a running erasure still waits for (records
+    included until its own part is done; an erasure not yet asked waits for every one)."""
+    present = row.participants or PARTICIPANTS
+    return [p for p in present if p not in AT_APPEND and p not in confirmed]
 
 
 def _hold_message(hold: storage.LegalHoldRow) -> pb.LegalHold:

@@ -5,16 +5,18 @@ from __future__ import annotations
 from medledger.consent.v1.consent_service_pb2_grpc import ConsentServiceStub
 from medledger.records.v1 import records_service_pb2, records_service_pb2_grpc
 
+from medledger_common.events import TOPICS
 from medledger_common.group_commit import OutboxGroupCommit
 from medledger_common.grpc_client import service_channel
 from medledger_common.identity_link import BearerTokenInterceptor
-from medledger_common.service import ServiceParts, ServiceRuntime, run_service
+from medledger_common.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
 from medledger_common.settings import load_settings_or_exit
 from medledger_records.api import ACCESS, PUBLIC_METHODS, RecordsApi
 from medledger_records.blobs import FilesystemBlobStore
 from medledger_records.config import RecordsSettings
 from medledger_records.data_keys import CacheLimits, DataKeyCache
 from medledger_records.erasure import ErasureDesk
+from medledger_records.handlers import CONFIRMATION_CONSUMER, ErasureConfirmationHandler
 from medledger_records.key_owners import data_key_migration
 from medledger_records.storage import MIGRATIONS
 
@@ -46,8 +48,11 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         blobs,
         grace_seconds=settings.erasure_grace_seconds,
         check_interval=settings.erasure_check_interval_seconds,
+        backup_retention_seconds=settings.key_backup_retention_seconds,
+        participants=settings.participants,
         # A data key cached in another records process outlives the erasure by at most its age.
-        backup_retention_seconds=max(settings.key_backup_retention_seconds, settings.data_key_cache_max_age_seconds),
+        cache_max_age_seconds=settings.data_key_cache_max_age_seconds,
+        signing_keys=everyday_keys,
     )
     disclosures = OutboxGroupCommit(runtime.db, what="the disclosure")
     disclosures.after_commit = runtime.relay.notify
@@ -60,6 +65,15 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         register=lambda server: records_service_pb2_grpc.add_RecordsServiceServicer_to_server(api, server),
         access=ACCESS,
         public_methods=PUBLIC_METHODS,
+        # The participants that confirm by event emit on their own topics.
+        consumers=[
+            ConsumerSpec(
+                group_id=CONFIRMATION_CONSUMER,
+                handler=ErasureConfirmationHandler(erasures),
+                topics=[TOPICS["identity"], TOPICS["consent"]],
+            )
+        ],
+        on_start=[erasures.start],
         background=[
             erasures.run,
             disclosures.run,

@@ -27,6 +27,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_common.db import Database, DriverQuery, Migration, create_tables, lock_key
@@ -99,7 +100,27 @@ erasures = Table(
     Column("key_versions", Text, nullable=False),
     # The serialized ErasureCertificate, once completed.
     Column("certificate", LargeBinary, nullable=True),
+    # The participants asked to destroy their keys (comma-separated), set when it starts
+    # running: a later change of the setting does not change a running erasure.
+    Column("participants", Text, nullable=False, server_default=""),
+    # What records' own part erased, once done (its confirmation is then stored).
+    Column("records_erased", Integer, nullable=True),
+    Column("versions_erased", Integer, nullable=True),
+    # The certificate as a C2SP signed note, once completed.
+    Column("signed_certificate", Text, nullable=True),
 )
+# Each participant's confirmation of an erasure, the first one kept (later ones are
+# redeliveries or re-confirmations and change nothing).
+erasure_confirmations = Table(
+    "erasure_confirmations",
+    metadata,
+    Column("erasure_id", String(64), primary_key=True),
+    Column("participant", String(32), primary_key=True),
+    # The serialized PatientKeysDestroyed.
+    Column("confirmation", LargeBinary, nullable=False),
+    Column("confirmed_at", Float, nullable=False),
+)
+_ADDED_IN_3 = ("participants", "records_erased", "versions_erased", "signed_certificate")
 legal_holds = Table(
     "legal_holds",
     metadata,
@@ -128,15 +149,30 @@ Index(
 )
 
 
+# Migration 2 created the erasures table without the columns migration 3 adds.
+_metadata_v2 = MetaData()
+_erasures_v2 = Table("erasures", _metadata_v2, *(c._copy() for c in erasures.columns if c.name not in _ADDED_IN_3))
+
+
 async def _erasure_and_blobs(conn: AsyncConnection) -> None:
     await conn.execute(text("ALTER TABLE records ADD COLUMN erased_at DOUBLE PRECISION"))
     await conn.execute(text("ALTER TABLE record_versions ADD COLUMN blob_key VARCHAR(255) NOT NULL DEFAULT ''"))
-    await conn.run_sync(lambda sync: metadata.create_all(sync, tables=[erasures, legal_holds]))
+    await conn.run_sync(lambda sync: _metadata_v2.create_all(sync, tables=[_erasures_v2]))
+    await conn.run_sync(lambda sync: metadata.create_all(sync, tables=[legal_holds]))
+
+
+async def _erasure_participants(conn: AsyncConnection) -> None:
+    await conn.execute(text("ALTER TABLE erasures ADD COLUMN participants TEXT NOT NULL DEFAULT ''"))
+    await conn.execute(text("ALTER TABLE erasures ADD COLUMN records_erased INTEGER"))
+    await conn.execute(text("ALTER TABLE erasures ADD COLUMN versions_erased INTEGER"))
+    await conn.execute(text("ALTER TABLE erasures ADD COLUMN signed_certificate TEXT"))
+    await conn.run_sync(lambda sync: metadata.create_all(sync, tables=[erasure_confirmations]))
 
 
 MIGRATIONS = [
     Migration(1, "records and their versions", create_tables(_metadata_v1)),
     Migration(2, "erasures, legal holds and blob-store keys", _erasure_and_blobs),
+    Migration(3, "erasure participants, their confirmations and signed certificates", _erasure_participants),
 ]
 
 
@@ -402,6 +438,10 @@ class ErasureRow:
     approved_at: float | None = None
     key_versions: tuple[int, ...] = ()
     certificate: bytes | None = None
+    participants: tuple[str, ...] = ()
+    records_erased: int | None = None
+    versions_erased: int | None = None
+    signed_certificate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -440,6 +480,10 @@ def _erasure(r: Any) -> ErasureRow:
         None if r.approved_at is None else float(r.approved_at),
         tuple(int(v) for v in r.key_versions.split(",") if v),
         None if r.certificate is None else bytes(r.certificate),
+        tuple(p for p in r.participants.split(",") if p),
+        r.records_erased,
+        r.versions_erased,
+        r.signed_certificate,
     )
 
 
@@ -481,6 +525,8 @@ async def set_erasure_state(conn: AsyncConnection, erasure_id: str, from_state: 
     c = erasures.c
     if "key_versions" in values:
         values["key_versions"] = ",".join(str(v) for v in values["key_versions"])
+    if "participants" in values:
+        values["participants"] = ",".join(values["participants"])
     result = await conn.execute(
         update(erasures).where(c.erasure_id == erasure_id, c.state == from_state).values(**values)
     )
@@ -496,6 +542,28 @@ async def erasures_to_run(conn: AsyncConnection, pending: int, running: int, now
         .order_by(c.requested_at)
     )
     return [_erasure(r) for r in rows]
+
+
+async def running_erasures(conn: AsyncConnection, running: int) -> list[ErasureRow]:
+    rows = await conn.execute(select(erasures).where(erasures.c.state == running))
+    return [_erasure(r) for r in rows]
+
+
+async def add_confirmation(
+    conn: AsyncConnection, erasure_id: str, participant: str, confirmation: bytes, now: float
+) -> bool:
+    """Store a participant's confirmation unless one is stored; True if this one was."""
+    values = {"erasure_id": erasure_id, "participant": participant, "confirmation": confirmation, "confirmed_at": now}
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    result = await conn.execute(dialect.insert(erasure_confirmations).values(**values).on_conflict_do_nothing())
+    return bool(result.rowcount)
+
+
+async def confirmations_of(conn: AsyncConnection, erasure_id: str) -> dict[str, tuple[bytes, float]]:
+    """Each confirmed participant's confirmation (a serialized PatientKeysDestroyed) and when."""
+    c = erasure_confirmations.c
+    rows = await conn.execute(select(erasure_confirmations).where(c.erasure_id == erasure_id))
+    return {r.participant: (bytes(r.confirmation), float(r.confirmed_at)) for r in rows}
 
 
 def _hold(r: Any) -> LegalHoldRow:

@@ -54,6 +54,7 @@ __all__ = [
     "PublicKey",
     "PublicKeySet",
     "Signature",
+    "audit_subject_key_name",
     "der_to_raw_rs",
     "format_versioned",
     "legacy_patient_key_name",
@@ -148,6 +149,12 @@ def legacy_patient_key_name(pseudonym: str) -> str:
     """``patient-<pseudonym>``: the key identity, consent and records shared before each owned its
     own. Read by the key-owner migration only; destroyed by every service's erasure."""
     return validate_key_name(f"{LEGACY_PATIENT_KEY_PREFIX}{pseudonym.lower()}")
+
+
+def audit_subject_key_name(pseudonym: str) -> str:
+    """The audit log's HMAC key for a patient's entries' `subject`: ``audit-subject-<pseudonym>``
+    (audit erases it when it appends the patient's erasure certificate, which names it)."""
+    return patient_key_name("audit", pseudonym)
 
 
 def format_versioned(version: int, payload: bytes, *, urlsafe: bool = False) -> str:

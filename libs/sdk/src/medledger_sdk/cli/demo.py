@@ -8,7 +8,8 @@ tells the story, prints the table of every verification and exits 0 only if all 
 
 With ``--out DIR`` it writes the evidence a third party needs (see ``demo.OUT_FILES``): the
 record and its salt, the record's and the first disclosure's tlog-proofs with their entries and
-anchors, the log's Ed25519 verifier key and the trust policy.
+anchors, the log's Ed25519 verifier key, the trust policy and the erasure certificate (a signed
+note: ``medledger verify certificate DIR/erasure-certificate.note --trust DIR/trust.json``).
 """
 
 from __future__ import annotations
@@ -202,6 +203,11 @@ def _summarize(result: StoryResult, seconds: float, out: Path | None, rpc_url: s
             print(
                 f"check them yourself: medledger verify {out / 'record.tlog-proof'} --trust {out / 'trust.json'} "
                 f"--rpc {rpc_url} --record {out / 'record.json'} --salt $(cat {out / 'record.salt'})"
+            )
+        if (out / "erasure-certificate.note") in result.written:
+            print(
+                f"and the erasure certificate, offline: medledger verify certificate "
+                f"{out / 'erasure-certificate.note'} --trust {out / 'trust.json'}"
             )
     failed = [o for o in result.outcomes if not o.passed]
     if failed or not result.outcomes:

@@ -48,6 +48,7 @@ from eth_account import Account
 from eth_utils.address import to_checksum_address
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from medledger.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
+from medledger.records.v1 import records_service_pb2, records_service_pb2_grpc
 from web3.exceptions import ContractCustomError
 from web3.types import Wei
 
@@ -420,11 +421,19 @@ class Stack:
         self.deployment = _chain_step("deploying the contracts", set_up_contracts(self.state, self.rpc_url))
         self._check_interrupted()
 
-        self._wait_until_serving(["audit"], started, timeout)
+        # records too: the trust policy names its erasure-certificate key.
+        self._wait_until_serving(["audit", "records"], started, timeout)
         print(f"registering the audit log {self.origin!r} on AnchorRegistry ...")
         _chain_step(
             "registering the audit log",
-            publish_log(self.state, self.rpc_url, self.deployment, self.origin, f"{HOST}:{self.ports.grpc('audit')}"),
+            publish_log(
+                self.state,
+                self.rpc_url,
+                self.deployment,
+                self.origin,
+                f"{HOST}:{self.ports.grpc('audit')}",
+                f"{HOST}:{self.ports.grpc('records')}",
+            ),
         )
         self._check_interrupted()
 
@@ -831,12 +840,27 @@ async def audit_verifier_keys(address: str) -> tuple[str, list[str]]:
     return reply.origin, list(reply.verifier_keys)
 
 
+async def erasure_certificate_key(address: str) -> str:
+    """The verifier key of erasure certificates, from records' public ``GetErasureVerifierKey``."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = records_service_pb2_grpc.RecordsServiceStub(channel)
+        reply = await stub.GetErasureVerifierKey(records_service_pb2.GetErasureVerifierKeyRequest(), timeout=10.0)
+    return str(reply.verifier_key)
+
+
 async def publish_log(
-    state: StateDir, rpc_url: str, deployment: chain.Deployment, origin: str, audit_address: str
+    state: StateDir,
+    rpc_url: str,
+    deployment: chain.Deployment,
+    origin: str,
+    audit_address: str,
+    records_address: str | None = None,
 ) -> TrustPolicy:
     """Register the log's origin and P-256 checkpoint key on AnchorRegistry (rotating the key if
-    the registry holds another, as after a reset of audit alone) and write ``trust-policy.json``."""
+    the registry holds another, as after a reset of audit alone) and write ``trust-policy.json``,
+    with records' erasure-certificate key when records answers at ``records_address``."""
     served_origin, keys = await audit_verifier_keys(audit_address)
+    certificate_keys = (await erasure_certificate_key(records_address),) if records_address else ()
     if served_origin != origin:
         raise CommandError(f"audit signs checkpoints as {served_origin!r}, not {origin!r}")
     p256 = [v for v in map(notes.NoteVerifier.parse, keys) if v.signature_type == notes.SIGNATURE_ECDSA]
@@ -869,6 +893,7 @@ async def publish_log(
         chain_id=deployment.chain_id,
         anchor_registry=deployment.anchor_registry,
         min_confirmations=MIN_CONFIRMATIONS,
+        erasure_certificate_keys=certificate_keys,
     )
     write_atomically(state.trust_policy_file, policy.to_json().encode())
     state.trust_policy_file.chmod(0o644)  # public: meant to be published
@@ -876,6 +901,7 @@ async def publish_log(
         f"  wrote the trust policy to {state.trust_policy_file}: log {origin!r} with {len(keys)} verifier "
         f"key{'s' if len(keys) != 1 else ''}, AnchorRegistry {deployment.anchor_registry} on chain "
         f"{deployment.chain_id}, {MIN_CONFIRMATIONS} confirmation{'s' if MIN_CONFIRMATIONS != 1 else ''}"
+        + (f", erasure certificates signed by {certificate_keys[0]}" if certificate_keys else "")
     )
     return policy
 

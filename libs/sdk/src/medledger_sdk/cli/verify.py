@@ -1,5 +1,7 @@
 """``medledger verify``: check an anchored proof as a third party, trusting only a trust policy
-and a chain RPC endpoint (``medledger_common.anchored_proofs.verify_anchored_proof``).
+and a chain RPC endpoint (``medledger_common.anchored_proofs.verify_anchored_proof``); and
+``medledger verify certificate FILE``: check an erasure certificate's signature against the trust
+policy's certificate keys, offline, and say what it certifies.
 
 Exit codes: 0 verified, 1 not verified, 2 a usage error or a file that cannot be read.
 """
@@ -12,8 +14,9 @@ import string
 from pathlib import Path
 from typing import Any
 
-from medledger_common import chain
+from medledger_common import chain, notes
 from medledger_common.anchored_proofs import TrustPolicy, Verification, verify_anchored_proof
+from medledger_common.erasure import open_certificate
 from medledger_common.errors import InvalidArgument
 from medledger_sdk.cli.errors import CommandError
 
@@ -29,12 +32,18 @@ def register(subparsers: Any) -> None:
         description=(
             "Verify that an entry of the transparency log (and, given the record and its salt, the record "
             "it commits to) is in a checkpoint signed by the log's keys and anchored on chain. Trusts only "
-            "the trust policy and the chain behind --rpc. Exit 0 verified, 1 not verified, 2 usage error."
+            "the trust policy and the chain behind --rpc. `verify certificate FILE --trust POLICY` checks an "
+            "erasure certificate offline. Exit 0 verified, 1 not verified, 2 usage error."
         ),
     )
-    parser.add_argument("proof", metavar="PROOF", help="the proof, <stem>.tlog-proof")
+    parser.add_argument(
+        "proof", metavar="PROOF", help="the proof, <stem>.tlog-proof; or the word 'certificate' followed by FILE"
+    )
+    parser.add_argument(
+        "certificate", metavar="FILE", nargs="?", help="with 'certificate': an erasure certificate (signed note)"
+    )
     parser.add_argument("--trust", required=True, metavar="POLICY", help="the trust policy (JSON)")
-    parser.add_argument("--rpc", required=True, metavar="URL", help="a JSON-RPC URL of the chain")
+    parser.add_argument("--rpc", metavar="URL", help="a JSON-RPC URL of the chain (proofs only)")
     parser.add_argument("--entry", metavar="FILE", help="the entry's bytes (default: <stem>.entry)")
     parser.add_argument("--anchor", metavar="FILE", help="the anchor (default: <stem>-anchor.json)")
     parser.add_argument("--record", metavar="FILE", help="the record as returned by GetRecord (needs --salt)")
@@ -50,7 +59,51 @@ def _read(path: Path, what: str) -> bytes:
         raise CommandError(f"cannot read the {what} {path}: {exc.strerror or exc}", USAGE) from None
 
 
+def _policy(path: str) -> TrustPolicy:
+    try:
+        return TrustPolicy.parse(_read(Path(path), "trust policy"))
+    except InvalidArgument as exc:
+        raise CommandError(f"the trust policy {path} is not usable: {exc.message}", USAGE) from None
+
+
+def run_certificate(args: argparse.Namespace) -> int:
+    """Verify an erasure certificate offline; 0 verified, 1 refused (forged, altered, unknown key)."""
+    policy = _policy(args.trust)
+    if not policy.erasure_certificate_keys:
+        raise CommandError(
+            f"the trust policy {args.trust} names no erasure-certificate key (written before certificates were "
+            "signed): take the one `medledger up` writes now",
+            USAGE,
+        )
+    try:
+        verifiers = [notes.NoteVerifier.parse(k) for k in policy.erasure_certificate_keys]
+    except InvalidArgument as exc:
+        raise CommandError(f"the trust policy {args.trust} is not usable: {exc.message}", USAGE) from None
+    data = _read(Path(args.certificate), "certificate")
+    print(f"verifying the erasure certificate {args.certificate}")
+    print(f"trusting the certificate key(s) {', '.join(v.name + '+' + v.key_id.hex() for v in verifiers)}")
+    try:
+        certificate = open_certificate(data, policy.erasure_certificate_keys)
+    except InvalidArgument as exc:
+        print(f"  ✗ NOT VERIFIED: {exc.message}")
+        print("This certificate is not one the trusted key signed (forged or altered): do not rely on it.")
+        return 1
+    print("  ✓ signed by a certificate key of the trust policy")
+    for line in certificate.describe():
+        print(line)
+    print("VERIFIED: the erasure certificate is authentic.")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.proof == "certificate":
+        if args.certificate is None:
+            raise CommandError("usage: medledger verify certificate FILE --trust POLICY", USAGE)
+        return run_certificate(args)
+    if args.certificate is not None:
+        raise CommandError(f"one PROOF only, not {args.certificate}", USAGE)
+    if args.rpc is None:
+        raise CommandError("verifying a proof needs --rpc URL (the chain)", USAGE)
     proof_path = Path(args.proof)
     if not proof_path.name.endswith(PROOF_SUFFIX):
         raise CommandError(f"PROOF is a <stem>{PROOF_SUFFIX} file, not {proof_path}", USAGE)
@@ -64,10 +117,7 @@ def run(args: argparse.Namespace) -> int:
     salt = args.salt.removeprefix("0x") if args.salt is not None else None
     if salt is not None and (len(salt) != 64 or any(c not in string.hexdigits for c in salt)):
         raise CommandError("--salt is the 32-byte salt as 64 hex digits", USAGE)
-    try:
-        policy = TrustPolicy.parse(_read(Path(args.trust), "trust policy"))
-    except InvalidArgument as exc:
-        raise CommandError(f"the trust policy {args.trust} is not usable: {exc.message}", USAGE) from None
+    policy = _policy(args.trust)
     proof = _read(proof_path, "proof")
     entry = _read(entry_path, "entry")
     anchor = _read(anchor_path, "anchor")

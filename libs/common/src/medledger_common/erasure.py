@@ -1,0 +1,240 @@
+"""The one erasure protocol, the parts every participant and every verifier share (no I/O but
+the participant's key manager).
+
+records coordinates: when an erasure starts RUNNING it emits `PatientKeysErasureRequested`;
+each participant that holds patient material destroys its own keys of the patient
+(:func:`destroy_keys`) and answers with `PatientKeysDestroyed` on its own topic
+(:func:`keys_destroyed_event`), on every delivery (a redelivered request re-confirms; a key
+already gone counts as destroyed). records assembles the certificate once every present
+participant has confirmed, signs it as a C2SP signed note (:func:`certificate_text`), and the
+audit log appends it, destroying the patient's subject key as it does.
+
+The certificate's note text, one fact per line (keys in the order the participants gave them)::
+
+    medledger erasure certificate v1
+    erasure era_…
+    patient pat_…
+    requested-by pat_…
+    requested-at 2026-12-06T15:00:00Z
+    authorized-by privacy-officer prn_…
+    erased-at 2026-12-06T15:00:02Z
+    unrecoverable-after 2027-01-05T15:00:02Z
+    records-erased 2
+    versions-erased 2
+    participant audit destroyed-at-append
+    key audit audit-subject-pat_… all
+    participant consent destroyed
+    key consent patient-pat_… 1
+    participant identity absent
+    participant records destroyed
+    key records patient-pat_… 1,2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from medledger.events.v1 import records_events_pb2 as ev
+
+from medledger_common import notes
+from medledger_common.errors import InvalidArgument
+from medledger_common.events import Event, new_event
+from medledger_common.keys import KeyShredder
+from medledger_common.timestamps import seconds
+
+# Every service that can hold patient material. Which of them a deployment runs is records'
+# setting; the others are named absent in each certificate.
+PARTICIPANTS = ("identity", "consent", "records", "audit")
+# The audit log destroys its key when it appends the certificate, so it is never waited for.
+AT_APPEND = frozenset({"audit"})
+CERTIFICATE_HEADER = "medledger erasure certificate v1"
+# The records key-manager key (ed25519) that signs certificates, and the name it signs as.
+CERTIFICATE_KEY = "records-erasure-certificate"
+CERTIFICATE_SIGNER_NAME = "medledger-erasure-certificate"
+
+_OUTCOME_WORDS = {
+    ev.ErasureOutcome.ERASURE_OUTCOME_DESTROYED: "destroyed",
+    ev.ErasureOutcome.ERASURE_OUTCOME_ABSENT: "absent",
+    ev.ErasureOutcome.ERASURE_OUTCOME_DESTROYED_AT_APPEND: "destroyed-at-append",
+}
+_OUTCOMES = {word: outcome for outcome, word in _OUTCOME_WORDS.items()}
+
+
+async def destroy_keys(shredder: KeyShredder, names: list[str]) -> list[ev.DestroyedKey]:
+    """Destroy each key (crypto-shredding) through the service's erasure credential, naming the
+    versions it had; a key already gone is destroyed (`already_gone`, its versions unknown now)."""
+    out = []
+    for name in names:
+        versions = await shredder.key_versions(name)
+        await shredder.shred(name)  # also when gone: its legacy twin may not be
+        if versions:
+            out.append(ev.DestroyedKey(key_name=name, versions=versions))
+        else:
+            out.append(ev.DestroyedKey(key_name=name, already_gone=True))
+    return out
+
+
+def keys_destroyed_event(
+    source: str, participant: str, request: ev.PatientKeysErasureRequested, keys: list[ev.DestroyedKey]
+) -> Event:
+    """A participant's confirmation, keyed like the request (by erasure)."""
+    payload = ev.PatientKeysDestroyed(
+        erasure_id=request.erasure_id, patient_id=request.patient_id, participant=participant, keys=keys
+    )
+    return new_event(
+        source=source, payload=payload, aggregate_id=request.erasure_id, version=0, subject=request.patient_id
+    )
+
+
+# --- the certificate as a note ---------------------------------------------------------------
+
+
+def _time(ts: object) -> str:
+    return datetime.fromtimestamp(seconds(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")  # type: ignore[arg-type]
+
+
+def _versions(key: ev.DestroyedKey, outcome: int) -> str:
+    if outcome == ev.ErasureOutcome.ERASURE_OUTCOME_DESTROYED_AT_APPEND:
+        return "all"
+    if key.already_gone or not key.versions:
+        return "already-gone"
+    return ",".join(str(v) for v in key.versions)
+
+
+def _token(value: str, what: str) -> str:
+    if not value or any(c.isspace() for c in value):
+        raise InvalidArgument.field(what, "a certificate field is non-empty, without spaces")
+    return value
+
+
+def certificate_text(c: ev.ErasureCertificate) -> str:
+    """The note text of a certificate (see the module)."""
+    lines = [
+        CERTIFICATE_HEADER,
+        f"erasure {_token(c.erasure_id, 'erasure_id')}",
+        f"patient {_token(c.patient_id, 'patient_id')}",
+        f"requested-by {_token(c.requested_by, 'requested_by')}",
+        f"requested-at {_time(c.requested_at)}",
+        f"authorized-by {c.authorized_by}",
+        f"erased-at {_time(c.erased_at)}",
+        f"unrecoverable-after {_time(c.unrecoverable_after)}",
+        f"records-erased {c.records_erased}",
+        f"versions-erased {c.versions_erased}",
+    ]
+    for p in sorted(c.participants, key=lambda p: p.participant):
+        lines.append(f"participant {_token(p.participant, 'participant')} {_OUTCOME_WORDS[p.outcome]}")
+        lines.extend(f"key {p.participant} {_token(k.key_name, 'key_name')} {_versions(k, p.outcome)}" for k in p.keys)
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class CertifiedKey:
+    name: str
+    # Version numbers, or "all" (destroyed at append) or "already-gone".
+    versions: str
+
+
+@dataclass(frozen=True)
+class CertifiedParticipant:
+    name: str
+    outcome: str
+    keys: tuple[CertifiedKey, ...]
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """What a certificate's note text says (parsed strictly: anything else is refused)."""
+
+    facts: dict[str, str]
+    participants: tuple[CertifiedParticipant, ...]
+
+    def describe(self) -> list[str]:
+        """The certificate in words."""
+        f = self.facts
+        out = [
+            f"Erasure {f['erasure']} of patient {f['patient']}:",
+            f"  requested by {f['requested-by']} at {f['requested-at']}, authorized by {f['authorized-by']};",
+            f"  erased at {f['erased-at']}: {f['records-erased']} record(s), {f['versions-erased']} version(s);",
+            f"  no copy of the patient's data can be decrypted after {f['unrecoverable-after']} "
+            "(every key-manager backup and data-key cache holding the keys has expired by then).",
+        ]
+        for p in self.participants:
+            if p.outcome == "absent":
+                out.append(f"  {p.name}: absent from this deployment (holds no patient material)")
+                continue
+            at_append = p.outcome == "destroyed-at-append"
+            for k in p.keys:
+                if k.versions == "all":
+                    what = "every version"
+                elif k.versions == "already-gone":
+                    what = "already gone when asked"
+                else:
+                    what = f"version(s) {k.versions}"
+                if at_append:
+                    out.append(f"  {p.name}: destroys key {k.name} ({what}) when it appends this certificate")
+                else:
+                    out.append(f"  {p.name}: destroyed key {k.name} ({what})")
+            if not p.keys:
+                out.append(f"  {p.name}: {p.outcome} (no key)")
+        return out
+
+
+_FACTS = (
+    "erasure",
+    "patient",
+    "requested-by",
+    "requested-at",
+    "authorized-by",
+    "erased-at",
+    "unrecoverable-after",
+    "records-erased",
+    "versions-erased",
+)
+
+
+def parse_certificate(text: str) -> Certificate:
+    """Parse a certificate's note text; InvalidArgument naming what is wrong."""
+
+    def bad(why: str) -> InvalidArgument:
+        return InvalidArgument.field("certificate", why)
+
+    lines = text.removesuffix("\n").split("\n")
+    if not lines or lines[0] != CERTIFICATE_HEADER:
+        raise bad(f"not an erasure certificate (its first line is not {CERTIFICATE_HEADER!r})")
+    facts: dict[str, str] = {}
+    for name, line in zip(_FACTS, lines[1 : 1 + len(_FACTS)], strict=False):
+        label, _, value = line.partition(" ")
+        if label != name or not value:
+            raise bad(f"line {name!r} missing or out of place")
+        facts[name] = value
+    if len(facts) != len(_FACTS):
+        raise bad("truncated")
+    participants: list[CertifiedParticipant] = []
+    keys: list[CertifiedKey] = []
+    current: tuple[str, str] | None = None
+    for line in lines[1 + len(_FACTS) :]:
+        parts = line.split(" ")
+        if parts[0] == "participant" and len(parts) == 3 and parts[2] in _OUTCOMES:
+            if current is not None:
+                participants.append(CertifiedParticipant(*current, tuple(keys)))
+            current, keys = (parts[1], parts[2]), []
+        elif parts[0] == "key" and len(parts) == 4 and current is not None and parts[1] == current[0]:
+            keys.append(CertifiedKey(parts[2], parts[3]))
+        else:
+            raise bad(f"unexpected line {line[:80]!r}")
+    if current is not None:
+        participants.append(CertifiedParticipant(*current, tuple(keys)))
+    if not participants:
+        raise bad("names no participant")
+    return Certificate(facts, tuple(participants))
+
+
+def open_certificate(data: str | bytes, verifier_keys: Sequence[str]) -> Certificate:
+    """Verify a signed certificate against the trusted verifier keys (C2SP note verifier form)
+    and parse it; InvalidArgument when it is forged, altered, unsigned by those keys or malformed."""
+    verifiers = [notes.NoteVerifier.parse(k) for k in verifier_keys]
+    if not verifiers:
+        raise InvalidArgument.field("trust_policy", "no erasure-certificate key to verify with")
+    return parse_certificate(notes.open_note(data, verifiers).text)
