@@ -29,6 +29,7 @@ from medledger.identity.v1 import identity_service_pb2_grpc as id_grpc
 from medledger.records.v1 import records_service_pb2 as pb
 from medledger.records.v1 import records_service_pb2_grpc as pb_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
+from prometheus_client import REGISTRY
 from sqlalchemy import and_, func, select
 
 from medledger_common import synthetic
@@ -181,6 +182,19 @@ async def refused_for(fault: Fault, call: Awaitable[object]) -> None:
         assert fault.says in (error.details() or ""), error.details()
         return
     raise AssertionError(f"the call succeeded while OpenBao was {fault.name}")
+
+
+def key_manager_errors(code: grpc.StatusCode) -> float:
+    """medledger_key_manager_errors_total of the Vault backend with `code`, over every operation
+    (the services run in this process: their counters are this registry's)."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "medledger_key_manager_errors"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+        and (sample.labels.get("backend"), sample.labels.get("code")) == ("vault", code.name)
+    )
 
 
 async def in_thread(fn: Callable[[OpenBao], None], bao: OpenBao) -> None:
@@ -432,6 +446,7 @@ async def test_under_load_every_acknowledged_write_exists_once_and_every_refusal
                     assert (got.version, got.content) == (answer.version, request.content)
                 await asyncio.sleep(0.01)
 
+        counted_before = {code: key_manager_errors(code) for code in (CODE.UNAVAILABLE, CODE.PERMISSION_DENIED)}
         load = [asyncio.create_task(client(n)) for n in range(workers)]
         try:
             # Every client has written before the first fault (so each then writes a new version).
@@ -466,6 +481,9 @@ async def test_under_load_every_acknowledged_write_exists_once_and_every_refusal
                 assert o.code in met, o
         for fault in FAULTS:
             assert any(o.began == fault.name and o.code == fault.code for o in outcomes), fault.name
+        # And the failures were counted where the MedledgerKeyManagerErrors alert looks.
+        for code, before in counted_before.items():
+            assert key_manager_errors(code) > before, code
         print(f"{len(outcomes)} calls: {Counter(o.code.name for o in outcomes)}")
 
         # Every acknowledged write exists once: one version per request, numbered without gaps,
