@@ -102,6 +102,8 @@ FAULTS = (
     Fault("stopped", CODE.UNAVAILABLE, "cannot reach", lambda b: b.stop(), lambda b: b.start()),
     Fault("forbidden", CODE.PERMISSION_DENIED, "denied", _forbid, _restore_policies),
 )
+# Under load, a crash too: requests in flight lose their connection rather than meet a sealing server.
+LOAD_FAULTS = (*FAULTS, Fault("killed", CODE.UNAVAILABLE, "cannot reach", OpenBao.kill, lambda b: b.start()))
 
 
 @pytest.fixture(scope="module")
@@ -404,8 +406,8 @@ async def test_under_load_every_acknowledged_write_exists_once_and_every_refusal
     start_stack, healthy_bao: OpenBao
 ) -> None:
     """Records with its data-key cache off (every put and get asks OpenBao): 16 clients keep
-    writing new versions of their records and reading them back through a seal, a stop and a
-    403, each refused request retried with its request_id until it lands."""
+    writing new versions of their records and reading them back through a seal, a stop, a 403 and
+    a crash (SIGKILL), each refused request retried with its request_id until it lands."""
     bao = healthy_bao
     async with start_stack(**stack_on_vault(bao, data_key_cache_max_age_seconds=0)) as stack:
         assert stack.records is not None
@@ -454,7 +456,7 @@ async def test_under_load_every_acknowledged_write_exists_once_and_every_refusal
             while len({a.record_id for _, _, a, _ in acks}) < workers:
                 assert time.monotonic() < deadline, f"only {len(acks)} writes landed before the faults"
                 await asyncio.sleep(0.05)
-            for fault in FAULTS:
+            for fault in LOAD_FAULTS:
                 phase = fault.name  # before the fault begins: a call that began earlier and ends after it met it
                 await in_thread(fault.begin, bao)
                 # A read of a record whose data key cannot be unwrapped now: refused, never DATA_LOSS.
@@ -474,12 +476,12 @@ async def test_under_load_every_acknowledged_write_exists_once_and_every_refusal
         for task in load:
             assert task.exception() is None, repr(task.exception())
         # Refused only while a fault lasted, and with its code; every fault met by the load.
-        faults = {f.name: f.code for f in FAULTS}
+        faults = {f.name: f.code for f in LOAD_FAULTS}
         for o in outcomes:
             if o.code != CODE.OK:
                 met = {faults.get(o.began), faults.get(o.ended)}
                 assert o.code in met, o
-        for fault in FAULTS:
+        for fault in LOAD_FAULTS:
             assert any(o.began == fault.name and o.code == fault.code for o in outcomes), fault.name
         # And the failures were counted where the MedledgerKeyManagerErrors alert looks.
         for code, before in counted_before.items():
