@@ -289,8 +289,9 @@ async def test_each_fault_refuses_what_needs_a_key_leaves_nothing_and_the_retry_
     start_stack, healthy_bao: OpenBao
 ) -> None:
     """Records with its data-key cache on (the default): per fault, a patient whose keys are
-    cached goes on writing and reading; a new patient's first put, a registration, a token and
-    a break-glass are refused and leave nothing; after the fault each retry lands once."""
+    cached goes on writing and reading; a new patient's first put, a registration, a token, a
+    break-glass and a read of a patient's resource are refused and leave nothing; after the
+    fault each retry lands once."""
     bao = healthy_bao
     async with start_stack(**stack_on_vault(bao)) as stack:
         assert stack.records is not None and stack.consent is not None
@@ -309,6 +310,7 @@ async def test_each_fault_refuses_what_needs_a_key_leaves_nothing_and_the_retry_
                 reason=LIFE_THREATENING,
                 justification=f"Unresponsive on arrival ({fault.name}); need medication history",
             )
+            reading = id_pb.GetPrincipalRequest(principal_id=cached.patient_id, include_fhir_resource=True)
             principals_before = await count(stack.identity.db, identity_storage.principals)
             identifiers_before = await count(stack.identity.db, identity_storage.principal_identifiers)
             registered_before = len(await events_of(stack.identity.db, identity_events_pb2.PrincipalRegistered))
@@ -328,6 +330,9 @@ async def test_each_fault_refuses_what_needs_a_key_leaves_nothing_and_the_retry_
                 )
                 await refused_for(fault, ppl.public.IssueToken(credentials))
                 await refused_for(fault, ppl.doctor.BreakGlass(breaking))
+                # A read of a patient's resource too: refused, not answered without the resource
+                # (which is how identity answers once the patient's key is erased).
+                await refused_for(fault, ppl.admin.GetPrincipal(reading))
 
                 # Nothing half-written, and no idempotency record that would replay the refusal.
                 rdb, idb, cdb = stack.records.db, stack.identity.db, stack.consent.db
@@ -383,6 +388,7 @@ async def test_each_fault_refuses_what_needs_a_key_leaves_nothing_and_the_retry_
                 )
             )
             assert token.access_token
+            assert json.loads((await ppl.admin.GetPrincipal(reading)).fhir_resource)["resourceType"] == "Patient"
 
             access = (await ppl.doctor.BreakGlass(breaking)).access
             assert (await ppl.doctor.BreakGlass(breaking)).access == access
