@@ -1,12 +1,13 @@
 """identity, consent and records on PostgreSQL and Kafka, with their keys in an OpenBao of this
-module's own, while that OpenBao is sealed, stopped (its process gone) or answering 403 (the
-services' policies emptied): a request that needs the key manager is refused with UNAVAILABLE
-(PERMISSION_DENIED for the 403), never INTERNAL or DATA_LOSS; it leaves nothing behind (no row,
-no event, no idempotency record that would replay the failure); and once OpenBao is back the
-client's retry with the same request_id takes effect exactly once. Records' data-key cache keeps
-a patient whose keys it holds going through the fault (libs/common/KEYS.md, "Data-key cache");
-with the cache off, reads need OpenBao too. Under a load of 16 requests in flight, every
-acknowledged write exists once and every refusal is UNAVAILABLE or PERMISSION_DENIED."""
+module's own, while that OpenBao is sealed, stopped (its process gone; under load also killed)
+or answering 403 (the services' policies emptied): a request that needs the key manager is
+refused with UNAVAILABLE (PERMISSION_DENIED for the 403), never INTERNAL or DATA_LOSS; it leaves
+nothing behind (no row, no event, no idempotency record that would replay the failure); and once
+OpenBao is back the client's retry with the same request_id takes effect exactly once. Records'
+data-key cache keeps a patient whose keys it holds going through the fault (libs/common/KEYS.md,
+"Data-key cache"); with the cache off, reads need OpenBao too. Under a load of 16 requests in
+flight, every acknowledged write exists once and every refusal is UNAVAILABLE or
+PERMISSION_DENIED."""
 
 from __future__ import annotations
 
@@ -139,8 +140,8 @@ def on_vault(bao: OpenBao, service: str) -> dict[str, Any]:
         "vault_addr": bao.address,
         "vault_token_file": bao.token_file(service),
     }
-    if service == "records":
-        settings["erasure_vault_token_file"] = bao.token_file("records-erasure")
+    if POLICY_PREFIX + f"{service}-erasure" in bao.policies:  # the erasure credential, where it has one
+        settings["erasure_vault_token_file"] = bao.token_file(f"{service}-erasure")
     return settings
 
 
