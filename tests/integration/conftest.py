@@ -149,7 +149,9 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
         *,
         consent: bool = True,
         identity_db: str | None = None,
+        identity_settings: dict[str, Any] | None = None,
         consent_replicas: int = 1,
+        consent_settings: dict[str, Any] | None = None,
         kafka: Kafka | None = None,
         records: bool = False,
         records_db: str | None = None,
@@ -196,6 +198,7 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
                 **keys_of("identity", master_key_file=master, keyring_file=tmp_path / "keyrings" / "identity.keyring"),
                 bootstrap_admin_secret_file=tmp_path / "admin.secret",
                 service_secrets_dir=secrets_dir,
+                **(identity_settings or {}),
             )
             identity = await exits.enter_async_context(
                 running_service("identity", id_settings, identity_storage.MIGRATIONS, identity_main.build)
@@ -219,6 +222,7 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
                             master_key_file=consent_master,
                             keyring_file=tmp_path / "keyrings" / f"consent-{replica}.keyring",
                         ),
+                        **(consent_settings or {}),
                     )
                     replicas.append(
                         await exits.enter_async_context(

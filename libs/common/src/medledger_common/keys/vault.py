@@ -266,7 +266,11 @@ class VaultKeyManager(KeyManager):
             if "no handler for route" in low:
                 return Unavailable(f"Vault at {self.url} has no transit engine mounted at {self.mount_point!r}")
             return NotFound(f"key {name!r} not found")
-        if isinstance(exc, hvac.exceptions.InvalidRequest | hvac.exceptions.InternalServerError):
+        if isinstance(exc, hvac.exceptions.InternalServerError):
+            # Vault's own failure, never the caller's: while a node restarts it answers 500 "local
+            # node not active but active cluster node not found", which is no missing key.
+            return Unavailable(f"Vault at {self.url} failed {what} (500)")
+        if isinstance(exc, hvac.exceptions.InvalidRequest):
             if op == "hmac" and "no such key version" in low:
                 # Vault archives versions below min_decryption_version: hmac cannot find them.
                 return FailedPrecondition(
@@ -289,8 +293,6 @@ class VaultKeyManager(KeyManager):
                 return FailedPrecondition(f"{what}: {detail}")
             if "not supported for key type" in low or "does not support" in low:
                 return FailedPrecondition(f"{what}: the key's type does not support it ({detail})")
-            if isinstance(exc, hvac.exceptions.InternalServerError):
-                return Unavailable(f"Vault at {self.url} failed {what} (500)")
             if op in _CIPHERTEXT_OPS:
                 return DataLoss(f"ciphertext under key {name!r} failed its integrity check")
             return InvalidArgument(f"Vault refused {what}: {detail or 'bad request'}")
