@@ -23,6 +23,7 @@ from deploylib import (
     component,
     documents,
     helm,
+    merge,
     of_kind,
     render,
     scenario_values,
@@ -340,6 +341,33 @@ def test_vault_agent_writes_each_key_keeping_services_token(rendered: dict[str, 
         assert f'auth/token/create/medledger-{service}"' in everyday
         assert configmap(docs, service)["MEDLEDGER_ERASURE_VAULT_TOKEN_FILE"] == "/vault/secrets/erasure-token"
         assert (DEPLOY / "vault" / f"{service}-agent.hcl").is_file()
+
+
+def test_openbao_injector_takes_the_same_annotations_under_its_own_prefix(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """keyManager.vault.injector=openbao: OpenBao's injector (openbao-k8s) reads
+    openbao.openbao.org/* and writes to /openbao/secrets; everything else is as for Vault."""
+    values = merge(scenario_values("production"), {"keyManager": {"vault": {"injector": "openbao", "caSecret": "ca"}}})
+    docs = documents(render(values))
+    vault_docs = rendered["production"]
+    for service in ("identity", "consent", "records", "audit"):
+        annotations = deployment(docs, service)["spec"]["template"]["metadata"]["annotations"]
+        ours = {k: v for k, v in annotations.items() if k.startswith("openbao.openbao.org/")}
+        assert not [k for k in annotations if k.startswith("vault.hashicorp.com/")]
+        on_vault = deployment(vault_docs, service)["spec"]["template"]["metadata"]["annotations"]
+        expected = {
+            k.replace("vault.hashicorp.com/", "openbao.openbao.org/"): v
+            for k, v in on_vault.items()
+            if k.startswith("vault.hashicorp.com/")
+        }
+        expected |= {"openbao.openbao.org/tls-secret": "ca", "openbao.openbao.org/ca-cert": "/openbao/tls/ca.crt"}
+        assert ours == expected
+        data = configmap(docs, service)
+        assert data["MEDLEDGER_VAULT_TOKEN_FILE"] == "/openbao/secrets/token"
+        assert data["MEDLEDGER_ERASURE_VAULT_TOKEN_FILE"] == "/openbao/secrets/erasure-token"
+    with pytest.raises(Exception, match="injector"):
+        render(merge(scenario_values("production"), {"keyManager": {"vault": {"injector": "bank-vault"}}}))
 
 
 def hcl_rules(service: str) -> list[tuple[str, str]]:

@@ -130,33 +130,45 @@ imagePullSecrets:
 {{- end -}}
 
 {{/*
-Vault Agent Injector annotations: the agent logs in with the pod's ServiceAccount under the
-service's Vault role and keeps a token file that the key manager re-reads when it changes
+The agent injector's annotation prefix and the folder its agent writes secrets to: HashiCorp
+Vault's injector (vault-k8s) or OpenBao's (openbao-k8s), keyManager.vault.injector.
+*/}}
+{{- define "medledger.vaultPrefix" -}}
+{{- if eq .Values.keyManager.vault.injector "openbao" }}openbao.openbao.org{{ else }}vault.hashicorp.com{{ end -}}
+{{- end -}}
+{{- define "medledger.vaultSecretsDir" -}}
+{{- if eq .Values.keyManager.vault.injector "openbao" }}/openbao/secrets{{ else }}/vault/secrets{{ end -}}
+{{- end -}}
+
+{{/*
+Agent injector annotations: the agent logs in with the pod's ServiceAccount under the service's
+role and keeps a token file that the key manager re-reads when it changes
 (MEDLEDGER_VAULT_TOKEN_FILE), and a second one for the service's erasure path alone
-(MEDLEDGER_ERASURE_VAULT_TOKEN_FILE).
+(MEDLEDGER_ERASURE_VAULT_TOKEN_FILE). The same annotations for Vault and OpenBao, under each
+injector's prefix.
 */}}
 {{- define "medledger.vaultAnnotations" -}}
 {{- $v := .root.Values.keyManager.vault -}}
-vault.hashicorp.com/agent-inject: "true"
-vault.hashicorp.com/role: {{ printf "%s%s" $v.rolePrefix .name | quote }}
-vault.hashicorp.com/auth-path: {{ $v.authPath | quote }}
-vault.hashicorp.com/agent-pre-populate: "true"
-vault.hashicorp.com/agent-run-as-user: "10001"
-vault.hashicorp.com/agent-run-as-group: "10001"
-{{- /* two child tokens from Vault token roles, so that the everyday token (no key deletion)
-cannot mint the erasure token; the agent's own token (policy <service>-agent) can only create
-these two. */}}
-vault.hashicorp.com/agent-inject-secret-token: {{ printf "auth/token/create/%s%s" $v.rolePrefix .name | quote }}
-vault.hashicorp.com/agent-inject-template-token: |
+{{- $p := include "medledger.vaultPrefix" .root -}}
+{{ $p }}/agent-inject: "true"
+{{ $p }}/role: {{ printf "%s%s" $v.rolePrefix .name | quote }}
+{{ $p }}/auth-path: {{ $v.authPath | quote }}
+{{ $p }}/agent-pre-populate: "true"
+{{ $p }}/agent-run-as-user: "10001"
+{{ $p }}/agent-run-as-group: "10001"
+{{- /* two child tokens from token roles, so that the everyday token (no key deletion) cannot
+mint the erasure token; the agent's own token (policy <service>-agent) can only create these two. */}}
+{{ $p }}/agent-inject-secret-token: {{ printf "auth/token/create/%s%s" $v.rolePrefix .name | quote }}
+{{ $p }}/agent-inject-template-token: |
   {{ printf "{{- with secret \"auth/token/create/%s%s\" \"ttl=1h\" -}}{{ .Auth.ClientToken }}{{- end -}}" $v.rolePrefix .name }}
-vault.hashicorp.com/agent-inject-perms-token: "0400"
-vault.hashicorp.com/agent-inject-secret-erasure-token: {{ printf "auth/token/create/%s%s-erasure" $v.rolePrefix .name | quote }}
-vault.hashicorp.com/agent-inject-template-erasure-token: |
+{{ $p }}/agent-inject-perms-token: "0400"
+{{ $p }}/agent-inject-secret-erasure-token: {{ printf "auth/token/create/%s%s-erasure" $v.rolePrefix .name | quote }}
+{{ $p }}/agent-inject-template-erasure-token: |
   {{ printf "{{- with secret \"auth/token/create/%s%s-erasure\" \"ttl=1h\" -}}{{ .Auth.ClientToken }}{{- end -}}" $v.rolePrefix .name }}
-vault.hashicorp.com/agent-inject-perms-erasure-token: "0400"
+{{ $p }}/agent-inject-perms-erasure-token: "0400"
 {{- with $v.caSecret }}
-vault.hashicorp.com/tls-secret: {{ . | quote }}
-vault.hashicorp.com/ca-cert: /vault/tls/ca.crt
+{{ $p }}/tls-secret: {{ . | quote }}
+{{ $p }}/ca-cert: {{ printf "/%s/tls/ca.crt" (ternary "openbao" "vault" (eq $v.injector "openbao")) }}
 {{- end }}
 {{- with $v.extraAnnotations }}
 {{ toYaml . }}
