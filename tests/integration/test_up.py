@@ -640,7 +640,12 @@ async def test_a_second_up_finds_the_keys_in_openbao(tmp_path: Path) -> None:
             )
             assert commitments.record_commitment(got.content, bytes.fromhex(got.receipt.salt)) == put.commitment
         await load.close()
-        await interrupt(up, output)
+        # This time `medledger down` from another terminal: it asks the running `up` to stop.
+        code, out = await _run("down", "--state-dir", str(state_dir), within=90)
+        assert code == 0 and "asking `medledger up`" in out and "nothing runs from" in out, out
+        rest, _ = await asyncio.wait_for(up.communicate(), 10)
+        assert up.returncode == 0, "".join(output) + rest.decode()
+        assert "received SIGTERM; stopping" in rest.decode() and "stopped openbao (pid" in rest.decode()
     finally:
         if up.returncode is None:
             up.kill()
@@ -662,3 +667,35 @@ async def test_up_keeps_a_state_folder_on_the_key_manager_it_began_with(tmp_path
 
 
 TREAT = vocab.PurposeOfUse.PURPOSE_OF_USE_TREAT
+
+
+@pytest.mark.timeout(300)
+async def test_down_stops_what_a_killed_up_left_running(tmp_path: Path) -> None:
+    """`up` killed with SIGKILL leaves Kafka, OpenBao, Anvil and the services running, and the
+    next `up` refuses; `medledger down` stops every one of them from the pid file."""
+    state_dir, ports = tmp_path / "state", Ports()
+    up = await _medledger("up", "--state-dir", str(state_dir), *ports.args())
+    output: list[str] = []
+    try:
+        await _read_until(up, "ready", output, within=90)
+        children = [RecordedProcess(**p) for p in json.loads((state_dir / "up.pid").read_text())["processes"]]
+        assert sorted(p.name for p in children) == sorted(["kafka", "openbao", "anvil", *SERVICES])
+    finally:
+        up.kill()  # SIGKILL: no chance to stop its children
+        await up.wait()
+    assert all(p.alive() for p in children), "a killed `up` leaves its children running"
+
+    code, out = await _run("up", "--state-dir", str(state_dir), *ports.args())
+    assert code == 1 and "already running" in out and "medledger down" in out, out
+
+    code, out = await _run("down", "--state-dir", str(state_dir), within=120)
+    assert code == 0, out
+    for p in children:
+        assert f"stopped {p.name} (pid {p.pid})" in out or f"killed {p.name} (pid {p.pid})" in out, out
+    assert "nothing runs from" in out
+    assert not [p for p in children if p.alive()]
+    assert not _processes_mentioning(*ports.traces(state_dir))
+    assert not (state_dir / "up.pid").exists()
+
+    code, out = await _run("down", "--state-dir", str(state_dir))
+    assert code == 0 and "nothing runs from" in out, out

@@ -42,7 +42,7 @@ def reset_state(state: StateDir) -> None:
     if running:
         raise CommandError(
             f"medledger is still running from {state.path}: {describe_running(running)}. "
-            "Stop it first (Ctrl-C in the terminal running `medledger up`, or `kill` the pids)."
+            "Stop it first (Ctrl-C in the terminal running `medledger up`, or `medledger down`)."
         )
     removed = state.remove()
     for line in removed:

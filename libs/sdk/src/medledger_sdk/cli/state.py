@@ -57,8 +57,8 @@ class RecordedProcess:
         return cls(name, pid, process_start_ticks(pid))
 
     def alive(self) -> bool:
-        if not pid_exists(self.pid):
-            return False
+        if not pid_exists(self.pid) or is_zombie(self.pid):
+            return False  # a zombie has exited; only its parent's wait is missing
         if self.start_ticks is None:
             return True
         return process_start_ticks(self.pid) == self.start_ticks
@@ -239,6 +239,15 @@ def pid_exists(pid: int) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return True
+
+
+def is_zombie(pid: int) -> bool:
+    """The process has exited and waits for its parent to reap it (Linux /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def process_start_ticks(pid: int) -> int | None:

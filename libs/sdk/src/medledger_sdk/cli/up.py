@@ -267,7 +267,7 @@ def preflight(state: StateDir, ports: Ports, keys: str = "openbao") -> None:
     if running:
         raise CommandError(
             f"medledger is already running from {state.path}: {describe_running(running)}. "
-            "Stop it first, or use another --state-dir."
+            f"Stop it first (`medledger down --state-dir {state.path}`), or use another --state-dir."
         )
 
     for module in (f"medledger_{s}" for s in SERVICES):
