@@ -883,14 +883,18 @@ GARBAGE_TYPES: dict[str, tuple[Any, ...]] = {
     TOPICS["consent"]: (consent_events_pb2.ConsentVersionRecorded, records_events_pb2.PatientKeysDestroyed),
     TOPICS["consent.decisions"]: (consent_events_pb2.ConsentDecisionRecorded,),
     TOPICS["notifications"]: (notification_events_pb2.NotificationRequested,),
-    TOPICS["records"]: (records_events_pb2.PatientKeysErasureRequested,),
+    TOPICS["records"]: (records_events_pb2.PatientKeysErasureRequested, records_events_pb2.PatientRecordsErased),
     TOPICS["audit"]: (audit_events_pb2.CheckpointSigned,),
     TOPICS["anchoring"]: (anchoring_events_pb2.ConsentCommitmentRecorded,),
 }
 # A topic's first garbage type is acted on by every consumer of the topic that dead-letters but
 # those that act on a later type alone (records' erasure confirmations, on the participants'
-# topics); a later type only by those.
-ONLY_BY = {records_events_pb2.PatientKeysDestroyed.DESCRIPTOR.full_name: {"records.erasure-confirmations"}}
+# topics; consent's backfill of erasures completed before it took part, on records'); a later
+# type only by those.
+ONLY_BY = {
+    records_events_pb2.PatientKeysDestroyed.DESCRIPTOR.full_name: {"records.erasure-confirmations"},
+    records_events_pb2.PatientRecordsErased.DESCRIPTOR.full_name: {"consent.erasure-backfill"},
+}
 
 
 @dataclass(frozen=True)
@@ -1041,7 +1045,7 @@ async def test_malformed_kafka_messages_are_dead_lettered_and_logged_as_unproces
 
     # Every kind of consumer is among them: each service's deactivation listener, consent's
     # directory and index, identity's and consent's erasures, records' erasure confirmations,
-    # anchoring's checkpoints and consents.
+    # consent's erasure backfill, anchoring's checkpoints and consents.
     groups = {g for _, _, g in expected}
     assert {
         *(f"{n}.deactivations" for n in SERVICE_NAMES),
@@ -1050,6 +1054,7 @@ async def test_malformed_kafka_messages_are_dead_lettered_and_logged_as_unproces
         "identity.erasures",
         "consent.erasures",
         "records.erasure-confirmations",
+        "consent.erasure-backfill",
         "anchoring.checkpoints",
         "anchoring.consents",
     } <= groups, groups
