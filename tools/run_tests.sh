@@ -9,7 +9,8 @@ for suite in "${suites[@]}"; do
   [ -d "$suite" ] || continue
   start=$(date +%s)
   printf '\n==> suite %s\n' "$suite"
-  uv run --frozen pytest -q "$suite" "$@"
+  # The ten slowest tests of each suite, so the CI budget can be watched.
+  uv run --frozen pytest -q --durations=10 --durations-min=5 "$suite" "$@"
   code=$?
   # pytest exits 5 when a folder holds no tests yet: not a failure of the suite.
   if [ $code -ne 0 ] && [ $code -ne 5 ]; then failed+=("$suite"); fi
