@@ -40,7 +40,7 @@ from medledger.events.v1 import records_events_pb2 as ev
 
 from medledger_common import notes
 from medledger_common.errors import InvalidArgument
-from medledger_common.events import Event, new_event
+from medledger_common.events import Event, new_event, unpack
 from medledger_common.keys import KeyShredder
 from medledger_common.timestamps import seconds
 
@@ -60,6 +60,19 @@ _OUTCOME_WORDS = {
     ev.ErasureOutcome.ERASURE_OUTCOME_DESTROYED_AT_APPEND: "destroyed-at-append",
 }
 _OUTCOMES = {word: outcome for outcome, word in _OUTCOME_WORDS.items()}
+
+
+_ASKED = ev.PatientKeysErasureRequested.DESCRIPTOR.full_name
+
+
+def erasure_asked_of(event: Event | None, participant: str) -> ev.PatientKeysErasureRequested | None:
+    """The erasure request `event` carries when it asks `participant`, else None (another type,
+    or an erasure that names it absent)."""
+    if event is None or event.type != _ASKED:
+        return None
+    request = unpack(event, ev.PatientKeysErasureRequested)
+    assert isinstance(request, ev.PatientKeysErasureRequested)
+    return request if participant in request.participants else None
 
 
 async def destroy_keys(shredder: KeyShredder, names: list[str]) -> list[ev.DestroyedKey]:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from medledger.events.v1 import consent_events_pb2, identity_events_pb2, records_events_pb2
+from medledger.events.v1 import consent_events_pb2, identity_events_pb2
 from medledger.types.v1 import vocabulary_pb2
 
 from medledger_common.db import Database
-from medledger_common.erasure import destroy_keys, keys_destroyed_event
+from medledger_common.erasure import destroy_keys, erasure_asked_of, keys_destroyed_event
 from medledger_common.errors import Unavailable
 from medledger_common.events import TOPICS, unpack
 from medledger_common.kafka import ConsumedMessage
@@ -101,7 +101,6 @@ class ConsentIndexHandler:
 
 ERASURE_CONSUMER = "consent.erasures"
 ERASURE_PARTICIPANT = "consent"
-_ERASURE_ASKED = records_events_pb2.PatientKeysErasureRequested.DESCRIPTOR.full_name
 
 
 class PatientErasureHandler:
@@ -120,12 +119,8 @@ class PatientErasureHandler:
         self.after_commit = after_commit  # the outbox relay's wake-up
 
     async def __call__(self, message: ConsumedMessage) -> None:
-        event = message.event
-        if event is None or event.type != _ERASURE_ASKED:
-            return
-        request = unpack(event, records_events_pb2.PatientKeysErasureRequested)
-        assert isinstance(request, records_events_pb2.PatientKeysErasureRequested)
-        if ERASURE_PARTICIPANT not in request.participants:
+        request = erasure_asked_of(message.event, ERASURE_PARTICIPANT)
+        if request is None:
             return
         destroyed = await destroy_keys(self.shredder, [justification_key_name(request.patient_id)])
         async with self.db.transaction() as conn:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from medledger.events.v1 import records_events_pb2
 from medledger.types.v1 import vocabulary_pb2
 
 from medledger_common.db import Database
-from medledger_common.erasure import destroy_keys, keys_destroyed_event
-from medledger_common.events import TOPICS, unpack
+from medledger_common.erasure import destroy_keys, erasure_asked_of, keys_destroyed_event
+from medledger_common.events import TOPICS
 from medledger_common.kafka import ConsumedMessage
 from medledger_common.keys import KeyShredder
 from medledger_common.outbox import enqueue
@@ -21,7 +20,6 @@ log = logging.getLogger(__name__)
 ERASURE_CONSUMER = "identity.erasures"
 PARTICIPANT = "identity"
 SOURCE = "medledger.identity"
-_ASKED = records_events_pb2.PatientKeysErasureRequested.DESCRIPTOR.full_name
 _PATIENT = vocabulary_pb2.PrincipalKind.PRINCIPAL_KIND_PATIENT
 
 
@@ -39,12 +37,8 @@ class PatientErasureHandler:
         self.after_commit = after_commit  # the outbox relay's wake-up
 
     async def __call__(self, message: ConsumedMessage) -> None:
-        event = message.event
-        if event is None or event.type != _ASKED:
-            return
-        request = unpack(event, records_events_pb2.PatientKeysErasureRequested)
-        assert isinstance(request, records_events_pb2.PatientKeysErasureRequested)
-        if PARTICIPANT not in request.participants:
+        request = erasure_asked_of(message.event, PARTICIPANT)
+        if request is None:
             return
         # The key first (repeatable), then the rows and the confirmation in one transaction: a
         # crash in between redelivers the request and both run again.
