@@ -236,6 +236,15 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+async def locked_page_after(conn: AsyncConnection, column: Column[str], after: str, limit: int) -> list[str]:
+    """Up to `limit` values of a work list's key `column` after `after`, in order, each row
+    locked; rows another worker holds are skipped (a page each, for jobs run by every replica)."""
+    rows = await conn.execute(
+        select(column).where(column > after).order_by(column).limit(limit).with_for_update(skip_locked=True)
+    )
+    return [str(r) for r in rows.scalars()]
+
+
 def create_tables(metadata: MetaData) -> Callable[[AsyncConnection], Awaitable[None]]:
     """A migration step that creates `metadata`'s tables (dialect-portable DDL)."""
 

@@ -28,7 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import Executable
 
-from medledger_common.db import Database, Migration, create_tables
+from medledger_common.db import Database, Migration, create_tables, locked_page_after
 from medledger_common.events import Event
 from medledger_common.group_commit import OutboxGroupCommit
 from medledger_consent.domain import BreakGlassAccess, BreakGlassPolicy, ConsentVersion
@@ -527,15 +527,7 @@ async def pending_reviews(conn: AsyncConnection) -> int:
 
 async def justifications_under_old_keys_after(conn: AsyncConnection, after: str, limit: int) -> list[str]:
     """Accesses whose justification is still under the old shared key, after ``after``, locked."""
-    c = justifications_under_old_keys.c
-    rows = await conn.execute(
-        select(c.access_id)
-        .where(c.access_id > after)
-        .order_by(c.access_id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    return [str(r) for r in rows.scalars()]
+    return await locked_page_after(conn, justifications_under_old_keys.c.access_id, after, limit)
 
 
 async def justification_for_update(conn: AsyncConnection, access_id: str) -> tuple[str, str] | None:

@@ -14,7 +14,7 @@ from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, an
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common.db import Migration, create_tables
+from medledger_common.db import Migration, create_tables, locked_page_after
 from medledger_common.errors import Aborted, AlreadyExists
 
 metadata = MetaData()
@@ -261,15 +261,7 @@ async def forget_personal_data(conn: AsyncConnection, principal_id: str) -> bool
 
 async def resources_under_old_keys_after(conn: AsyncConnection, after: str, limit: int) -> list[str]:
     """Patients whose resource is still under the old shared key, after ``after``, locked."""
-    c = resources_under_old_keys.c
-    rows = await conn.execute(
-        select(c.principal_id)
-        .where(c.principal_id > after)
-        .order_by(c.principal_id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    return [str(r) for r in rows.scalars()]
+    return await locked_page_after(conn, resources_under_old_keys.c.principal_id, after, limit)
 
 
 async def resource_for_update(conn: AsyncConnection, principal_id: str) -> str | None:
