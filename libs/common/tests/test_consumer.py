@@ -14,6 +14,7 @@ from opentelemetry.trace import SpanContext, SpanKind
 
 from medledger_common import events
 from medledger_common.kafka import ConsumedMessage, EventConsumer, ensure_topics, make_producer
+from medledger_common.retry import Backoff
 from medledger_common.testing import Kafka, span_exporter
 
 
@@ -168,10 +169,10 @@ async def test_a_dead_letter_waits_out_a_partition_without_its_leader() -> None:
     record = ConsumerRecord("t", 0, 7, 0, 0, None, b"junk", None, 4, 0, ())
     producer = Flaky([NotLeaderForPartitionError(), NotLeaderForPartitionError()])
     consumer = EventConsumer(bootstrap_servers="127.0.0.1:1", group_id="g", handler=handler, producer=producer,
-                             topics=["t"], backoff_seconds=0.01)  # fmt: skip
-    await consumer._dead_letter(record, "malformed envelope")
+                             topics=["t"], backoff=Backoff(first_seconds=0.01))  # fmt: skip
+    await consumer._dead_letter(record, "malformed envelope", "MalformedEvent")
     assert producer.sent == 1 and producer.failures == []
 
     consumer.producer = Flaky([MessageSizeTooLargeError()])
     with pytest.raises(MessageSizeTooLargeError):
-        await consumer._dead_letter(record, "malformed envelope")
+        await consumer._dead_letter(record, "malformed envelope", "MalformedEvent")

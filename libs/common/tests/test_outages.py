@@ -23,7 +23,7 @@ from medledger_common import localstack
 from medledger_common.errors import Unavailable, dependency_outage
 from medledger_common.grpc_client import make_channel
 from medledger_common.grpc_server import GrpcServer
-from medledger_common.service import _restarted_on_outages, _retry_until_up
+from medledger_common.service import _retry_until_up
 
 SERVICE = pb.DESCRIPTOR.services_by_name["IdentityService"]
 
@@ -135,25 +135,6 @@ async def test_outages_are_unavailable_to_the_caller_and_bugs_internal() -> None
                 assert raised.value.code() == code, cause
     finally:
         await server.stop(0)
-
-
-async def test_a_background_job_is_restarted_after_an_outage_but_not_after_a_bug() -> None:
-    runs = 0
-
-    async def reconcile() -> None:
-        nonlocal runs
-        runs += 1
-        if runs < 3:
-            raise ConnectionRefusedError(111, "Connect call failed")
-
-    await asyncio.wait_for(_restarted_on_outages("reconcile", reconcile), 10)
-    assert runs == 3
-
-    async def buggy() -> None:
-        raise KeyError("a bug")
-
-    with pytest.raises(KeyError):
-        await _restarted_on_outages("buggy", buggy)
 
 
 async def test_a_start_waits_for_the_database_but_not_for_a_bug() -> None:

@@ -6,7 +6,7 @@ Domain code raises these; the error-mapping interceptor turns them into a gRPC s
 
 from __future__ import annotations
 
-import functools
+import socket
 from dataclasses import dataclass
 
 import grpc
@@ -81,37 +81,58 @@ class Unavailable(MedledgerError):
 
 _RETRYABLE_CALLS = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
+# What PostgreSQL says about a statement that failed through no fault of its own, by SQLSTATE
+# (appendix A of its manual): the connection (class 08), a server shutting down or starting
+# (57P01-57P03), no connection slot free (53300), a statement or lock timeout (57014, 55P03),
+# and the two it asks clients to retry, a serialization failure and a deadlock (40001, 40P01).
+# A constraint violation (class 23), a bad query (42) or bad data (22) is none of these.
+_OUTAGE_SQLSTATES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03", "53300", "57014", "55P03"})
 
-@functools.cache
-def _asyncpg_outages() -> tuple[type[BaseException], ...]:
-    """asyncpg's errors that say PostgreSQL is out of reach or going away: a lost or refused
-    connection (class 08), a server shutting down or starting (57P01-57P03), no connection slot
-    free (53300), and the client's own "connection is closed". Met unwrapped where a hot path
-    uses asyncpg itself (db.DriverQuery), wrapped by SQLAlchemy elsewhere."""
-    from asyncpg import exceptions as pg
-
-    return (
-        pg.PostgresConnectionError,
-        pg.AdminShutdownError,
-        pg.CrashShutdownError,
-        pg.CannotConnectNowError,
-        pg.TooManyConnectionsError,
-        pg.InterfaceError,
-    )
+# The dependencies an outage can concern: the label of `medledger_retries_total` and the words
+# of a log line or an UNAVAILABLE answer.
+DEPENDENCY_WORDS = {
+    "database": "the database",
+    "kafka": "Kafka",
+    "service": "a service it calls",
+    "network": "a dependency",
+    "dependency": "a dependency",
+}
 
 
-def dependency_outage(exc: BaseException) -> str | None:
-    """The dependency an exception says is out of reach ("the database", "Kafka"), or None.
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE PostgreSQL gave the error, looking through SQLAlchemy's wrapping; None when
+    it is not PostgreSQL's error (or says none)."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            return None
+        code = getattr(seen, "sqlstate", None)
+        if isinstance(code, str) and code:
+            return code
+        orig = getattr(seen, "orig", None)
+        seen = orig if isinstance(orig, BaseException) else seen.__cause__
+    return None
 
-    What a request or a background job meets while PostgreSQL restarts or the broker is away:
-    the work may succeed when tried again, so it is UNAVAILABLE to a caller (who retries with
-    the same request_id) and a reason to retry for a job, never INTERNAL or a reason to stop.
-    A call to another service that could not be made (UNAVAILABLE, DEADLINE_EXCEEDED) is one too.
-    A constraint violation or a bad query is not an outage, though SQLAlchemy wraps both alike.
+
+def _is_outage_sqlstate(code: str) -> bool:
+    return code.startswith("08") or code in _OUTAGE_SQLSTATES
+
+
+def outage_dependency(exc: BaseException) -> str | None:
+    """The one classification of failures: the dependency whose outage `exc` is (a key of
+    DEPENDENCY_WORDS), or None when it is not an outage.
+
+    An outage says nothing about the work: it may succeed when tried again, so it is UNAVAILABLE
+    to a caller (who retries with the same request_id) and a reason for a job or a consumer to
+    wait and retry, never INTERNAL, a dead letter or a reason to stop. Anything else (a
+    constraint violation, a bad query, a bug) is tried a bounded number of times at most.
+    PostgreSQL's errors are decided by their SQLSTATE, not by class: SQLAlchemy wraps a unique
+    violation and a lost connection alike in DBAPIError.
     """
     import sqlite3
 
     from aiokafka.errors import KafkaError, KafkaTimeoutError
+    from asyncpg import exceptions as asyncpg_errors
     from sqlalchemy import exc as sa
 
     # The driver's error is wrapped by SQLAlchemy's adapter, and that by SQLAlchemy: look down
@@ -120,24 +141,54 @@ def dependency_outage(exc: BaseException) -> str | None:
     for _ in range(6):
         if seen is None:
             return None
-        if isinstance(seen, sa.DBAPIError) and (
-            seen.connection_invalidated or isinstance(seen, sa.OperationalError | sa.InterfaceError)
-        ):
-            if isinstance(seen.orig, sqlite3.OperationalError) and "locked" not in str(seen.orig):
-                return None  # SQLite says OperationalError for a missing table too: a bug, not an outage
-            return "the database"
-        if isinstance(seen, (sa.TimeoutError, *_asyncpg_outages())):
-            return "the database"  # sa.TimeoutError: no pooled connection came free in time
+        code = getattr(seen, "sqlstate", None)
+        if isinstance(code, str) and code:
+            return "database" if _is_outage_sqlstate(code) else None
+        if isinstance(seen, sa.DBAPIError):
+            if seen.connection_invalidated:
+                return "database"
+            if isinstance(seen.orig, sqlite3.OperationalError):
+                # SQLite says OperationalError for a missing table too: a bug, not an outage.
+                return "database" if "locked" in str(seen.orig) or "busy" in str(seen.orig) else None
+        if isinstance(seen, sa.TimeoutError | asyncpg_errors.InterfaceError):
+            # No pooled connection came free in time; asyncpg's own "connection is closed".
+            return "database"
         # aiokafka marks the errors worth retrying (no connection, a partition without its
         # leader yet, ...); a timeout waiting for the broker is one too, though not marked.
         if isinstance(seen, KafkaTimeoutError) or (isinstance(seen, KafkaError) and seen.retriable):
-            return "Kafka"
-        if isinstance(seen, ConnectionError | TimeoutError):
-            return "a dependency"
+            return "kafka"
+        if isinstance(seen, ConnectionError | TimeoutError | socket.gaierror):
+            return "network"
+        if _http_outage(seen):
+            return "network"
         if isinstance(seen, Unavailable):
-            return "a dependency"  # our own word for it: a key manager sealed or out of reach, say
+            return "dependency"  # our own word for it: a key manager sealed or out of reach, say
         if isinstance(seen, grpc.aio.AioRpcError) and seen.code() in _RETRYABLE_CALLS:
-            return "a service it calls"  # e.g. records asking consent while consent restarts
+            return "service"  # e.g. records asking consent while consent restarts
         orig = getattr(seen, "orig", None)
         seen = orig if isinstance(orig, BaseException) else seen.__cause__
     return None
+
+
+def _http_outage(exc: BaseException) -> bool:
+    """An HTTP endpoint (the chain node's JSON-RPC) out of reach, or answering that it is
+    overloaded or failing (429, 5xx); a 4xx is the request's fault."""
+    import aiohttp
+
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return exc.status == 429 or exc.status >= 500
+    return isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError)
+
+
+def dependency_outage(exc: BaseException) -> str | None:
+    """In words, the dependency an exception says is out of reach ("the database", "Kafka"), or
+    None when it is not an outage; see :func:`outage_dependency`."""
+    dependency = outage_dependency(exc)
+    return None if dependency is None else DEPENDENCY_WORDS[dependency]
+
+
+def describe(exc: BaseException) -> str:
+    """An error in words safe to log and to put in a dead letter: its class and, for PostgreSQL,
+    its SQLSTATE, never its message (a constraint violation's names the values it met)."""
+    code = sqlstate_of(exc)
+    return f"{type(exc).__name__} (SQLSTATE {code})" if code else type(exc).__name__

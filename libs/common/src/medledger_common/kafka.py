@@ -19,15 +19,15 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import IllegalStateError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, TopicAlreadyExistsError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Gauge
-from sqlalchemy.exc import DBAPIError, OperationalError
 
-from medledger_common.errors import Unavailable, dependency_outage
+from medledger_common.errors import Unavailable, describe
 from medledger_common.events import TOPICS, Event, MalformedEvent, decode, dlq_topic
+from medledger_common.retry import Attempts, Backoff, retry
 from medledger_common.telemetry import start_span
 
 log = logging.getLogger(__name__)
@@ -64,20 +64,12 @@ def consumer_span_attributes(topic: str, group: str, offset: int, message_id: st
 
 CONSUMED = Counter("medledger_kafka_consumed_total", "Messages handled by a consumer.", ["group", "topic", "outcome"])
 DEAD_LETTERS = Counter(
-    "medledger_kafka_dead_letters_total", "Messages sent to a dead-letter topic.", ["group", "topic"]
+    "medledger_kafka_dead_letters_total",
+    "Messages sent to a dead-letter topic, by the class of the error that sent them there.",
+    ["group", "topic", "error"],
 )
 CONSUMER_LAG = Gauge(
     "medledger_kafka_consumer_lag", "Messages behind the partition end, per topic.", ["group", "topic"]
-)
-
-# Failures that say nothing about the message: retry until they pass, never dead-letter.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    OperationalError,
-    DBAPIError,
-    KafkaError,
-    Unavailable,
 )
 
 
@@ -156,8 +148,7 @@ class EventConsumer:
         pattern: str | None = None,
         accept_malformed: bool = False,
         max_attempts: int = 5,
-        backoff_seconds: float = 0.05,
-        max_backoff_seconds: float = 5.0,
+        backoff: Backoff = Backoff(first_seconds=0.05, max_seconds=5.0),  # noqa: B008 frozen
         batch_max: int = 2000,
         commit_interval_seconds: float = 0.2,
         auto_offset_reset: str = "earliest",
@@ -179,8 +170,7 @@ class EventConsumer:
         self.pattern = pattern
         self.accept_malformed = accept_malformed
         self.max_attempts = max_attempts
-        self.backoff_seconds = backoff_seconds
-        self.max_backoff_seconds = max_backoff_seconds
+        self.backoff = backoff
         self.batch_max = batch_max
         self.commit_interval_seconds = commit_interval_seconds
         self._consumer_options: dict[str, Any] = {
@@ -194,6 +184,7 @@ class EventConsumer:
             "fetch_max_wait_ms": fetch_max_wait_ms,
         }
         self.consumer = AIOKafkaConsumer(**self._consumer_options)
+        self._stopped = False
         self._counters: dict[tuple[str, str], Any] = {}
         self._span_names: dict[str, str] = {}
         self._tracer: trace.Tracer = tracer
@@ -203,6 +194,9 @@ class EventConsumer:
     async def start(self) -> None:
         """Connect and take partitions. After a failure, start() may be called again: an
         aiokafka consumer starts once only, so a failed attempt leaves a fresh one behind."""
+        if self._stopped:
+            # aiokafka's consumer starts once only: after stop(), a supervisor's new start needs a new one.
+            self.consumer, self._stopped = AIOKafkaConsumer(**self._consumer_options), False
         try:
             await self.consumer.start()
             if self.group_id is None:
@@ -223,6 +217,7 @@ class EventConsumer:
     async def stop(self) -> None:
         with contextlib.suppress(KafkaError):
             await self.commit_handled()
+        self._stopped = True
         await self.consumer.stop()
 
     async def _assign_all_from_end(self) -> None:
@@ -253,7 +248,7 @@ class EventConsumer:
             offsets, self._handled = self._handled, {}
             try:
                 await self.consumer.commit(offsets)
-            except IllegalStateError:
+            except (IllegalStateError, CommitFailedError):
                 # A rebalance took the partitions away between handling and committing: whoever
                 # gets them next redelivers from the last commit, and the inbox drops what was
                 # handled already. Not a reason to stop the consumer (it stopped audit's once).
@@ -312,7 +307,7 @@ class EventConsumer:
                     malformed = None
                 except MalformedEvent as exc:
                     if not accept_malformed:
-                        await self._dead_letter(record, f"malformed envelope: {exc}")
+                        await self._dead_letter(record, f"malformed envelope: {exc}", type(exc).__name__)
                         dead_lettered += 1
                         next_offset = record.offset + 1
                         continue
@@ -363,39 +358,22 @@ class EventConsumer:
         return name
 
     async def _call_with_retries(self, message: ConsumedMessage, first_error: BaseException) -> bool:
-        """The handler failed once with `first_error`: retry with backoff or dead-letter."""
-        attempt = 1
-        delay = self.backoff_seconds
-        error: BaseException | None = first_error
+        """The handler failed once with `first_error`: try again (an outage for as long as it
+        lasts, anything else up to `max_attempts` in all) or dead-letter the message with the
+        reason, so that the partition moves on. False when it was dead-lettered."""
+        tries = Attempts(f"consume {message.topic}", attempts=self.max_attempts, backoff=self.backoff)
+        error: BaseException = first_error
         while True:
-            if error is not None:
-                if isinstance(error, PoisonMessage):
-                    await self._dead_letter(message.record, f"{type(error).__name__}: {error}")
-                    return False
-                if isinstance(error, TRANSIENT_ERRORS):
-                    # The message is fine; a dependency is not. Keep it until the dependency is back.
-                    log.warning(
-                        "handler hit a transient error, retrying",
-                        extra={"group": self.name, "topic": message.topic, "error": type(error).__name__},
-                    )
-                elif not isinstance(error, Exception):
-                    raise error
-                elif attempt >= self.max_attempts:
-                    await self._dead_letter(message.record, f"{type(error).__name__} after {attempt} attempts")
-                    return False
-                else:
-                    log.warning(
-                        "handler failed, retrying",
-                        extra={
-                            "group": self.name,
-                            "topic": message.topic,
-                            "attempt": attempt,
-                            "error": type(error).__name__,
-                        },
-                    )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.max_backoff_seconds)
-            attempt += 1
+            if not isinstance(error, Exception):
+                raise error
+            if isinstance(error, PoisonMessage):
+                await self._dead_letter(message.record, f"{type(error).__name__}: {error}", type(error).__name__)
+                return False
+            if not await tries.wait_after(error):
+                await self._dead_letter(
+                    message.record, f"{describe(error)} after {tries.faults} attempts", type(error).__name__
+                )
+                return False
             try:
                 await self.handler(message)
                 return True
@@ -404,8 +382,9 @@ class EventConsumer:
             except BaseException as exc:
                 error = exc
 
-    async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], error: str) -> None:
-        """Send the original message to `<topic>.dlq` with the error; wait for the broker's ack."""
+    async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], error: str, error_class: str) -> None:
+        """Send the original message to `<topic>.dlq` with the reason (`error`, no payload data);
+        wait for the broker's ack."""
         topic = str(record.topic)
         headers = [(k, v) for k, v in (record.headers or ()) if k in ("traceparent", "tracestate", "content-type")]
         headers += [
@@ -418,22 +397,13 @@ class EventConsumer:
         # The message is neither handled nor dead-lettered until the broker takes it: a broker
         # that is away, or a dead-letter topic whose partition has no leader yet, is waited out
         # (it once ended the consumer, and so the service), never a reason to drop the message.
-        delay = self.backoff_seconds
-        while True:
-            try:
-                await self.producer.send_and_wait(
-                    dlq_topic(topic), record.value or b"", key=record.key, headers=headers
-                )
-                break
-            except Exception as exc:
-                if dependency_outage(exc) is None:
-                    raise
-                log.warning(
-                    "dead-letter topic not writable yet, retrying", extra={"topic": topic, "error": type(exc).__name__}
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.max_backoff_seconds)
-        DEAD_LETTERS.labels(self.name, topic).inc()
+        await retry(
+            lambda: self.producer.send_and_wait(dlq_topic(topic), record.value or b"", key=record.key, headers=headers),
+            f"dead-letter to {dlq_topic(topic)}",
+            backoff=self.backoff,
+            only_outages=True,
+        )
+        DEAD_LETTERS.labels(self.name, topic, error_class).inc()
         log.warning(
             "message sent to the dead-letter topic", extra={"topic": topic, "offset": record.offset, "error": error}
         )

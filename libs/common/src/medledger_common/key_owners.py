@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_common.db import Database
-from medledger_common.errors import DataLoss, NotFound, PermissionDenied, Unavailable
+from medledger_common.errors import DataLoss, NotFound, PermissionDenied
 from medledger_common.keys import KeyManager, KeyType, PatientKeyOwner, legacy_patient_key_name, patient_key_name
+from medledger_common.retry import retry
 from medledger_common.settings import ConfigError
 
 log = logging.getLogger(__name__)
@@ -132,14 +133,8 @@ class KeyOwnerMigration:
     async def keep_running(self, every: float = 3600.0) -> None:
         """The background job: :meth:`run` at start and then every ``every`` seconds (a replica of
         the previous version, during a rolling update, may still write under the old keys), never
-        ending, as the runtime expects of a background job. Unavailable waits and tries again."""
+        ending, as the runtime expects of a background job. An outage (a key manager sealed, the
+        database restarting) is waited out."""
         while True:
-            try:
-                await self.run()
-            except Unavailable:
-                log.warning(
-                    "key-owner migration: the key manager is unavailable, trying again", extra={"service": self.service}
-                )
-                await asyncio.sleep(5.0)
-                continue
+            await retry(self.run, f"key-owner migration ({self.service})", only_outages=True)
             await asyncio.sleep(every)

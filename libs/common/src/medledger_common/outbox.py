@@ -44,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_common.db import Database, Migration, create_tables
 from medledger_common.events import CONTENT_TYPE, Event
+from medledger_common.retry import Attempts
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,10 @@ class OutboxRelay:
         self._wake.set()
 
     async def run(self) -> None:
-        backoff = 0.1
+        """Publish until cancelled. A failed cycle is tried again (see medledger_common.retry):
+        an outage of the database or the broker for as long as it lasts, anything else a few
+        times in a row before the error ends the relay for its supervisor to judge."""
+        tries = Attempts(f"outbox relay ({self.service})")
         next_check = time.monotonic() + self.watermark_check_seconds
         next_purge = time.monotonic()
         last_cycle = 0.0
@@ -308,14 +312,11 @@ class OutboxRelay:
                 if time.monotonic() >= next_purge:
                     await self.purge_expired()
                     next_purge = time.monotonic() + 60
-                backoff = 0.1
-            except asyncio.CancelledError:
-                raise
+                tries.succeeded()
             except Exception as exc:
                 OUTBOX_ERRORS.labels(self.service).inc()
-                log.warning("outbox relay batch failed, retrying", extra={"error": type(exc).__name__})
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                if not await tries.wait_after(exc):
+                    raise
                 continue
             if sent >= self.batch_size:
                 last_cycle = 0.0  # a backlog: go on at once

@@ -22,7 +22,7 @@ from medledger.events.v1 import identity_events_pb2
 
 from medledger_common.auth import Access, AuthInterceptor, Caller, DeactivationSet, JwksFetcher, TokenVerifier
 from medledger_common.db import Database, Migration
-from medledger_common.errors import Unauthenticated, dependency_outage
+from medledger_common.errors import Unauthenticated
 from medledger_common.events import TOPICS, unpack
 from medledger_common.grpc_client import client_tls_files
 from medledger_common.grpc_server import GrpcServer, TLSFiles
@@ -31,6 +31,7 @@ from medledger_common.kafka import ConsumedMessage, EventConsumer, Handler, make
 from medledger_common.keys import KeyManager, KeyShredder, LocalKeyring, VaultKeyManager
 from medledger_common.logs import configure_logging
 from medledger_common.outbox import COMMON_MIGRATIONS, OutboxRelay
+from medledger_common.retry import retry, supervised
 from medledger_common.settings import ConfigError, ServiceSettings
 from medledger_common.telemetry import configure_tracing, start_metrics_server
 from medledger_common.vocabulary import service_principal_id
@@ -156,16 +157,17 @@ class ServiceRuntime:
             )
             await _retry_until_up("Kafka consumer", consumer.start)
             self._consumers.append(consumer)
-            self._tasks.append(asyncio.create_task(consumer.run(), name=f"consumer:{spec.group_id}"))
+            task_name = f"consumer:{consumer.name}"
+            self._tasks.append(asyncio.create_task(supervised(task_name, consumer.run), name=task_name))
         # After the consumers: a hook that loads a view in full then misses no event. A hook may
         # need the key manager (signing keys made on first start), which may be sealed or
         # restarting: wait for it as for the database, rather than exit.
         for hook in parts.on_start:
             await _retry_until_up("a start-up step's dependency", hook, only_outages=True)
-        self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
+        self._tasks.append(asyncio.create_task(supervised("outbox-relay", self.relay.run), name="outbox-relay"))
         for job in parts.background:
             name = getattr(job, "__name__", "background")
-            self._tasks.append(asyncio.create_task(_restarted_on_outages(name, job), name=name))
+            self._tasks.append(asyncio.create_task(supervised(name, job), name=name))
         auth = await self._start_authentication(parts)
         tls = TLSFiles(s.tls_cert_file, s.tls_key_file, s.tls_ca_file) if s.tls_cert_file and s.tls_key_file else None
         self.server = GrpcServer(
@@ -267,7 +269,9 @@ class ServiceRuntime:
         )
         await _retry_until_up("Kafka consumer", listener.start)
         self._consumers.append(listener)
-        self._tasks.append(asyncio.create_task(listener.run(), name="consumer:deactivations"))
+        self._tasks.append(
+            asyncio.create_task(supervised("consumer:deactivations", listener.run), name="consumer:deactivations")
+        )
         for principal_id in await _retry_until_up("identity", sources.load_deactivated):
             self.deactivated.add(principal_id)
         self.deactivated.loaded = True
@@ -404,44 +408,11 @@ def open_side_key_manager(
 T = TypeVar("T")
 
 
-async def _restarted_on_outages(name: str, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run a background job; when a dependency outage (database, broker) ends it, start it again
-    after a backoff, so that PostgreSQL restarting does not stop the service. Any other error
-    ends the job, and ``_task_done`` stops the service: that is a bug to see, not to loop on."""
-    delay = 0.2
-    while True:
-        try:
-            await job()
-            return
-        except Exception as exc:
-            outage = dependency_outage(exc)
-            if outage is None:
-                raise
-            log.warning(
-                "background task %s: %s unavailable, restarting it in %.1f s",
-                name,
-                outage,
-                delay,
-                extra={"task": name, "error": type(exc).__name__},
-            )
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 5.0)
-
-
-async def _retry_until_up(
-    what: str, start: Callable[[], Awaitable[T]], attempts: int = 60, *, only_outages: bool = False
-) -> T:
-    delay = 0.2
-    for attempt in range(1, attempts + 1):
-        try:
-            return await start()
-        except Exception as exc:
-            if attempt == attempts or (only_outages and dependency_outage(exc) is None):
-                raise
-            log.warning(f"{what} not reachable yet, retrying", extra={"error": type(exc).__name__})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-    raise AssertionError("unreachable")
+async def _retry_until_up(what: str, start: Callable[[], Awaitable[T]], *, only_outages: bool = False) -> T:
+    """A start-up step, waiting for its dependencies: outages for up to two minutes (then the
+    process exits and its supervisor starts it again), other errors a few times, or not at all
+    with `only_outages` (a broken migration is not worth a second try)."""
+    return await retry(start, f"start: {what}", outages_for_seconds=120.0, only_outages=only_outages)
 
 
 def run_service(

@@ -40,13 +40,17 @@ from medledger_anchoring.consents import ConsentWriter
 from medledger_anchoring.sender import Dropped, Reverted, Sender, with_backoff
 from medledger_common import chain, notes
 from medledger_common.db import Database
+from medledger_common.errors import outage_dependency
 from medledger_common.events import TOPICS, new_event
 from medledger_common.outbox import enqueue
+from medledger_common.retry import Attempts, Backoff
 from medledger_common.timestamps import timestamp
 
 log = logging.getLogger(__name__)
 
 LEADER_LOCK = "anchoring-sender"
+# After a failed round: 1 s doubling to 30 s, so a node that is down is not asked every poll.
+ROUND_BACKOFF = Backoff(first_seconds=1.0, max_seconds=30.0)
 
 ENTRIES_WAITING = Gauge("medledger_anchoring_entries_waiting", "Signed entries not yet covered by an anchor.")
 ANCHORED_SIZE = Gauge("medledger_anchoring_anchored_tree_size", "The tree size of the latest anchored checkpoint.")
@@ -116,18 +120,22 @@ class Anchorer:
         self._wake.set()
 
     async def run(self) -> None:
-        delay = self.poll_seconds
+        # Each round starts afresh from the chain's and the log's state, so a failed round is
+        # not an item to give up on: the next one is its retry, however often it fails (each
+        # failure logged and counted by medledger_common.retry, an error that is not an outage
+        # with its traceback too).
+        tries = Attempts("anchoring round", attempts=None, backoff=ROUND_BACKOFF)
         while True:
             try:
                 await self.round()
+                tries.succeeded()
                 delay = self.poll_seconds
-            except asyncio.CancelledError:
-                raise
-            except Exception:
+            except Exception as exc:
                 # Reconnect discipline: read the nonce and the contract afresh next time.
-                log.exception("anchoring round failed; retrying in %.0f s", delay)
                 self.sender.forget_nonce()
-                delay = min(max(delay * 2, 1.0), 30.0)
+                if outage_dependency(exc) is None:
+                    log.exception("anchoring round failed")
+                delay = max(self.poll_seconds, tries.next_delay(exc) or 0.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
             self._wake.clear()

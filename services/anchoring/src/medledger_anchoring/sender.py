@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aiohttp import ClientError
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from prometheus_client import Counter, Gauge, Histogram
 from web3.exceptions import ContractCustomError, ContractLogicError, TransactionNotFound, Web3RPCError
 
 from medledger_common import chain
+from medledger_common.errors import outage_dependency
+from medledger_common.retry import Backoff, retry
 from medledger_common.settings import read_secret_file
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ CONFIRM_SECONDS = Histogram(
     buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
 )
 
-# Errors that mean the endpoint is unreachable or overloaded: retried with backoff.
-TRANSIENT = (ClientError, ConnectionError, OSError, asyncio.TimeoutError)
+# The node out of reach: waits from 0.5 s doubling to 10 s, so a restarting node is not hammered.
+CHAIN_BACKOFF = Backoff(first_seconds=0.5, max_seconds=10.0)
 
 
 class Reverted(Exception):
@@ -89,19 +90,21 @@ def load_account(path: Path) -> LocalAccount:
 
 
 async def with_backoff(what: str, call: Callable[[], Awaitable[T]], *, give_up_after: float = 300.0) -> T:
-    """Retry ``call`` while the endpoint is unreachable: 0.5 s doubling to 10 s; it re-raises
-    after ``give_up_after`` seconds so the caller's loop can report and start over."""
-    delay, deadline = 0.5, time.monotonic() + give_up_after
-    while True:
+    """``call`` retried while the node is out of reach (medledger_common.retry); re-raised after
+    ``give_up_after`` seconds so the caller's loop can report and start over. Any other error
+    (a revert, a refused nonce) is raised at once: the caller knows what it means."""
+
+    async def counted() -> T:
         try:
             return await call()
-        except TRANSIENT as exc:
-            RPC_ERRORS.labels("unreachable").inc()
-            if time.monotonic() > deadline:
-                raise
-            log.warning("chain RPC %s failed (%s); retrying in %.1f s", what, type(exc).__name__, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+        except Exception as exc:
+            if outage_dependency(exc) is not None:
+                RPC_ERRORS.labels("unreachable").inc()
+            raise
+
+    return await retry(
+        counted, f"chain RPC {what}", only_outages=True, outages_for_seconds=give_up_after, backoff=CHAIN_BACKOFF
+    )
 
 
 class Sender:
@@ -249,8 +252,10 @@ class Sender:
                                 int(receipt["gasUsed"]),
                                 list(receipt["logs"]),
                             )
-            except TRANSIENT:
-                RPC_ERRORS.labels("unreachable").inc()
+            except Exception as exc:
+                if outage_dependency(exc) is None:
+                    raise
+                RPC_ERRORS.labels("unreachable").inc()  # polled again until the deadline
             if time.monotonic() > deadline:
                 # Never mined, or mined and then dropped: the nonce may be free again.
                 self._nonce = None

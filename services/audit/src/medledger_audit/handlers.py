@@ -27,7 +27,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import asyncpg
 from aiokafka import ConsumerRecord, TopicPartition
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -36,15 +35,14 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from medledger_audit.entries import EntryDraft, draft_entry, unprocessable_entry
 from medledger_audit.sequencer import YIELD_EVERY, PreparedBatch, Sequencer
 from medledger_common.events import SERVICE_TOPIC_PATTERN, MalformedEvent, decode
-from medledger_common.kafka import TRANSIENT_ERRORS, EventConsumer, consumer_span_attributes, producer_trace_context
+from medledger_common.kafka import EventConsumer, consumer_span_attributes, producer_trace_context
+from medledger_common.retry import Attempts, Backoff, retry
 
 log = logging.getLogger(__name__)
 
 LOG_CONSUMER = "audit.log"
-# A dependency down, not a problem of the appended events: retried for as long as it lasts.
-_TRANSIENT = (*TRANSIENT_ERRORS, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
-# Failures that are not a dependency being down: after this many the service stops (loudly)
-# rather than skip an event or spin.
+# Failures that are not a dependency's outage: after this many in a row the consumer ends
+# (loudly) rather than skip an event or spin.
 MAX_FAILED_APPENDS = 10
 
 Records = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
@@ -100,8 +98,7 @@ class LogConsumer(EventConsumer):
             fetch_max_wait_ms=fetch_max_wait_ms,
         )
         self.sequencer = sequencer
-        self.retry_seconds = retry_seconds
-        self.max_retry_seconds = max_retry_seconds
+        self.backoff = Backoff(first_seconds=retry_seconds, max_seconds=max_retry_seconds)
 
     async def _never_called(self, _message: Any) -> None:  # the log appends whole polls instead
         raise AssertionError("LogConsumer handles polls, not messages")
@@ -109,15 +106,7 @@ class LogConsumer(EventConsumer):
     async def run_until_cancelled(self) -> None:
         """Start (retrying until Kafka is up), consume until cancelled, then stop: the body of
         the service's background task."""
-        delay = 0.2
-        while True:
-            try:
-                await self.start()
-                break
-            except Exception as exc:
-                log.warning("Kafka consumer not reachable yet, retrying", extra={"error": type(exc).__name__})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        await retry(self.start, "start: audit log consumer")
         try:
             await self.run()
         finally:
@@ -199,22 +188,13 @@ class LogConsumer(EventConsumer):
         )
 
     async def _retrying(self, step: Callable[[], Awaitable[T]], entries: int) -> T:
-        """Run a step of the append (prepare, append) until it succeeds: an event is never skipped."""
-        delay = self.retry_seconds
-        failures = 0
+        """Run a step of the append (prepare, append) until it succeeds: an event is never
+        skipped. An outage is waited out; after MAX_FAILED_APPENDS other failures in a row the
+        error ends the consumer, and its supervisor decides, rather than skip an event or spin."""
+        tries = Attempts("audit log append", attempts=MAX_FAILED_APPENDS, backoff=self.backoff)
         while True:
             try:
                 return await step()
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
-                transient = isinstance(exc, _TRANSIENT)
-                failures += 0 if transient else 1
-                log.warning(
-                    "append failed, retrying",
-                    extra={"error": type(exc).__name__, "transient": transient, "entries": entries},
-                )
-                if failures >= MAX_FAILED_APPENDS:
+                if not await tries.wait_after(exc):
                     raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.max_retry_seconds)
