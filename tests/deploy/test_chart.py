@@ -222,7 +222,8 @@ def test_more_than_one_pod_without_a_shared_database_is_refused(scaled: str, dat
 
 def test_a_second_single_writer_pod_needs_a_database_and_for_audit_vault() -> None:
     """audit and anchoring have no autoscaler: one value to set, replicas."""
-    (problem,) = refusal(with_default({"components": {"anchoring": {"replicas": 2, "database": {"existingSecret": ""}}}}))
+    second_on_sqlite = {"components": {"anchoring": {"replicas": 2, "database": {"existingSecret": ""}}}}
+    (problem,) = refusal(with_default(second_on_sqlite))
     assert problem.startswith("components.anchoring.replicas is 2 but anchoring has no database"), problem
     assert problem.endswith("set a database, or components.anchoring.replicas: 1"), problem
     local = LOCAL_KEYRING_ONE_POD

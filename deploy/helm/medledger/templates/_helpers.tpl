@@ -215,7 +215,7 @@ broke which keyword but not why, nor name the other value that would fix it.
 {{- if and $scaled (eq $.Values.keyManager.type "local") (include "medledger.keepsKeys" (dict "name" $name)) -}}
 {{- $problems = append $problems (printf "%s but keyManager.type is local: each pod would keep its own keyring on its own volume (its own signing and patients' keys); set keyManager.type: vault, or %s" $how $single) -}}
 {{- end -}}
-{{- if and $scaled (eq $name "records") (eq (dig "MEDLEDGER_BLOB_STORE" "database" $c.settings) "filesystem") -}}
+{{- if and $scaled (eq $name "records") (eq (dig "MEDLEDGER_BLOB_STORE" "database" (default dict $c.settings)) "filesystem") -}}
 {{- $problems = append $problems (printf "%s but %s.settings.MEDLEDGER_BLOB_STORE is filesystem: each pod would keep its own blobs on its own volume; set it to database, or %s" $how $at $single) -}}
 {{- end -}}
 {{- end -}}
