@@ -32,8 +32,17 @@ FULL = {
     },
     "dashboards": {"enabled": True},
 }
+# The chart's defaults with only what they leave to the installer (values.yaml, "Required"): Kafka,
+# the AnchorRegistry, a PostgreSQL database per service, and Vault, without which identity, consent
+# and records may not run their default two replicas and autoscalers. The bare defaults are refused.
+REQUIRED = {
+    "kafka": {"bootstrapServers": "kafka-0.kafka:9092,kafka-1.kafka:9092"},
+    "chain": {"anchorRegistryAddress": "0x5FbDB2315678afecb367f032d93F642f64180aa3"},
+    "components": {s: {"database": {"existingSecret": f"medledger-db-{s}"}} for s in SERVICES},
+    "keyManager": {"type": "vault"},
+}
 SCENARIOS: dict[str, tuple[list[str], dict[str, Any]]] = {
-    "default": ([], {}),
+    "default": ([], REQUIRED),
     "production": (["values-production.yaml"], {}),
     "minimal": (["values-minimal.yaml"], {}),
     "dev": (["values-dev.yaml"], {}),

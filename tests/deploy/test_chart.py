@@ -17,6 +17,7 @@ from deploylib import (
     DEPLOY,
     KUBERNETES_VERSION,
     NAMESPACE,
+    REQUIRED,
     SCENARIOS,
     SERVICES,
     SINGLE_WRITERS,
@@ -101,6 +102,186 @@ def test_values_schema_accepts_every_example() -> None:
     with helm().Chart.load(str(CHART)) as chart:
         for scenario in SCENARIOS:
             chart.validate_schema(scenario_values(scenario))
+
+
+# --- what a working installation needs, and no state kept per pod ---------------------------------
+
+
+def refusal(values: dict[str, Any]) -> list[str]:
+    """The problems the chart names when it refuses values (templates/checks.yaml), one a line."""
+    with pytest.raises(Exception) as refused:
+        render(values)
+    text = str(refused.value)
+    assert "medledger cannot work with these values:" in text, text
+    return [line.removeprefix("- ") for line in text.splitlines() if line.startswith("- ")]
+
+
+def with_default(over: dict[str, Any]) -> dict[str, Any]:
+    """The default scenario (the chart's defaults and what they require) with `over` on top."""
+    return merge(scenario_values("default"), over)
+
+
+def test_the_bare_defaults_are_refused_naming_every_value_they_need() -> None:
+    problems = refusal({})
+    text = "\n".join(problems)
+    assert any(p.startswith("kafka.bootstrapServers is empty") for p in problems), text
+    assert any(p.startswith("chain.anchorRegistryAddress is empty") for p in problems), text
+    for service in SINGLE_WRITERS:  # one replica: no database is the only problem
+        assert any(
+            p.startswith(f"{service} has no database: set components.{service}.database.existingSecret")
+            and f"components.{service}.database.embedded: true" in p
+            for p in problems
+        ), text
+    for service in ("identity", "consent", "records"):  # two replicas and an autoscaler by default
+        scaled = f"components.{service}.autoscaling.enabled is true but"
+        assert any(p.startswith(f"{scaled} {service} has no database") for p in problems), text
+        assert any(p.startswith(f"{scaled} keyManager.type is local") for p in problems), text
+    assert len(problems) == 2 + len(SINGLE_WRITERS) + 2 * 3, text
+
+
+def test_every_shipped_values_file_renders() -> None:
+    files = sorted(p.name for p in (DEPLOY / "helm").glob("values-*.yaml"))
+    assert {f for files, _ in SCENARIOS.values() for f in files} == set(files), "a scenario per values file"
+    for name in files:
+        values = yaml.safe_load((DEPLOY / "helm" / name).read_text())
+        assert of_kind(documents(render(values)), "Deployment"), name
+
+
+@pytest.mark.parametrize(
+    ("missing", "named"),
+    [
+        ({"kafka": {"bootstrapServers": ""}}, "kafka.bootstrapServers is empty: set it to your Kafka cluster's"),
+        ({"chain": {"anchorRegistryAddress": ""}}, "chain.anchorRegistryAddress is empty: anchoring refuses to start"),
+        (
+            {"components": {"audit": {"database": {"existingSecret": ""}}}},
+            "audit has no database: set components.audit.database.existingSecret",
+        ),
+        (
+            {"components": {"anchoring": {"database": {"existingSecret": ""}}}},
+            "anchoring has no database: set components.anchoring.database.existingSecret",
+        ),
+    ],
+)
+def test_a_missing_required_value_is_refused_by_name(missing: dict[str, Any], named: str) -> None:
+    (problem,) = refusal(with_default(missing))
+    assert problem.startswith(named), problem
+
+
+@pytest.mark.parametrize(
+    "instead",
+    [
+        {"kafka": {"bootstrapServers": "", "strimzi": {"enabled": True}}},
+        {"chain": {"anchorRegistryAddress": ""}, "components": {"anchoring": {"enabled": False}}},
+        {"components": {"audit": {"database": {"existingSecret": "", "url": "postgresql+asyncpg://u:p@pg/audit"}}}},
+        {"components": {"audit": {"database": {"existingSecret": "", "embedded": True}}}},
+    ],
+)
+def test_what_stands_in_for_a_required_value_renders(instead: dict[str, Any]) -> None:
+    assert of_kind(documents(render(with_default(instead))), "Deployment")
+
+
+SCALED = {
+    "replicas 2": ({"replicas": 2, "autoscaling": {"enabled": False}}, "components.consent.replicas is 2 but"),
+    "autoscaler": (
+        {"replicas": 1, "autoscaling": {"enabled": True, "minReplicas": 1}},
+        "components.consent.autoscaling.enabled is true but",
+    ),
+}
+ONE_CONSENT_POD = "components.consent.replicas: 1 and components.consent.autoscaling.enabled: false"
+# The local keyring, and one pod of each service that would otherwise scale out.
+LOCAL_KEYRING_ONE_POD = {
+    "keyManager": {"type": "local"},
+    "components": {s: {"replicas": 1, "autoscaling": {"enabled": False}} for s in ("identity", "consent", "records")},
+}
+
+
+@pytest.mark.parametrize("scaled", SCALED)
+def test_more_than_one_pod_with_the_local_keyring_is_refused(scaled: str) -> None:
+    consent, how = SCALED[scaled]
+    (problem,) = refusal(with_default(merge(LOCAL_KEYRING_ONE_POD, {"components": {"consent": consent}})))
+    assert problem.startswith(f"{how} keyManager.type is local: each pod would keep its own keyring"), problem
+    assert problem.endswith(f"set keyManager.type: vault, or {ONE_CONSENT_POD}"), problem
+
+
+@pytest.mark.parametrize("scaled", SCALED)
+@pytest.mark.parametrize(
+    "database",
+    [
+        {"existingSecret": ""},
+        {"existingSecret": "", "embedded": True},
+        {"existingSecret": "", "url": "sqlite+aiosqlite:////var/lib/medledger/consent.db"},
+    ],
+)
+def test_more_than_one_pod_without_a_shared_database_is_refused(scaled: str, database: dict[str, Any]) -> None:
+    consent, how = SCALED[scaled]
+    (problem,) = refusal(with_default({"components": {"consent": {**consent, "database": database}}}))
+    assert problem.startswith(f"{how} consent has no database (components.consent.database.existingSecret or .url")
+    assert "each pod would keep its own SQLite file" in problem
+    assert problem.endswith(f"set a database, or {ONE_CONSENT_POD}"), problem
+
+
+def test_a_second_single_writer_pod_needs_a_database_and_for_audit_vault() -> None:
+    """audit and anchoring have no autoscaler: one value to set, replicas."""
+    second_on_sqlite = {"components": {"anchoring": {"replicas": 2, "database": {"existingSecret": ""}}}}
+    (problem,) = refusal(with_default(second_on_sqlite))
+    assert problem.startswith("components.anchoring.replicas is 2 but anchoring has no database"), problem
+    assert problem.endswith("set a database, or components.anchoring.replicas: 1"), problem
+    local = LOCAL_KEYRING_ONE_POD
+    (problem,) = refusal(with_default(merge(local, {"components": {"audit": {"replicas": 2}}})))
+    assert problem == (
+        "components.audit.replicas is 2 but keyManager.type is local: each pod would keep its own keyring on its"
+        " own volume (its own signing and patients' keys); set keyManager.type: vault, or components.audit.replicas: 1"
+    )
+    # anchoring keeps no key in the key manager (its one key is the anchorer's Secret): a standby is fine.
+    docs = documents(render(with_default(merge(local, {"components": {"anchoring": {"replicas": 2}}}))))
+    assert deployment(docs, "anchoring")["spec"]["replicas"] == 2
+
+
+def test_records_blobs_on_the_pods_volume_keep_records_to_one_pod() -> None:
+    filesystem = {"components": {"records": {"settings": {"MEDLEDGER_BLOB_STORE": "filesystem"}}}}
+    (problem,) = refusal(with_default(filesystem))
+    assert problem.startswith(
+        "components.records.autoscaling.enabled is true but components.records.settings.MEDLEDGER_BLOB_STORE"
+        " is filesystem: each pod would keep its own blobs"
+    ), problem
+    one = {"components": {"records": {"replicas": 1, "autoscaling": {"enabled": False}}}}
+    assert configmap(documents(render(with_default(merge(filesystem, one)))), "records")["MEDLEDGER_BLOB_STORE"] == (
+        "filesystem"
+    )
+
+
+def test_one_pod_of_each_service_on_sqlite_and_the_local_keyring_renders() -> None:
+    """What the refusals point to works: replicas 1 and no autoscaler, for every service at once."""
+    one = {"replicas": 1, "autoscaling": {"enabled": False}, "database": {"existingSecret": "", "embedded": True}}
+    values = with_default(
+        {
+            "keyManager": {"type": "local"},
+            "components": {
+                **{s: one for s in ("identity", "consent", "records")},
+                **{s: {"database": {"existingSecret": "", "embedded": True}} for s in SINGLE_WRITERS},
+            },
+        }
+    )
+    docs = documents(render(values))
+    assert not of_kind(docs, "HorizontalPodAutoscaler")
+    for service in SERVICES:
+        assert deployment(docs, service)["spec"]["replicas"] == 1
+        assert configmap(docs, service)["MEDLEDGER_MIGRATIONS"] == "start", "its own SQLite file"
+    assert configmap(docs, "consent")["MEDLEDGER_KEY_MANAGER"] == "local"
+
+
+def test_notes_say_what_the_installation_needs_and_what_these_values_give(notes: Any) -> None:
+    default = notes("default")
+    assert "kafka.bootstrapServers" in default and REQUIRED["kafka"]["bootstrapServers"] in default
+    assert "components.<service>.database" in default
+    for service in SERVICES:
+        assert f"{service:<10} Secret medledger-db-{service}, key database-url" in default
+    assert "chain.anchorRegistryAddress" in default and REQUIRED["chain"]["anchorRegistryAddress"] in default
+    assert "keyManager.type" in default and "Vault transit at https://vault.vault.svc:8200" in default
+    minimal = notes("minimal")
+    for service in SERVICES:
+        assert f"{service:<10} embedded SQLite file on the pod's volume (.embedded), lost with the pod" in minimal
+    assert "medledger-kafka-kafka-bootstrap:9092   (the Strimzi cluster this chart makes)" in notes("dev")
 
 
 # --- schemas ----------------------------------------------------------------------------------------
@@ -394,7 +575,7 @@ def test_records_everyday_policy_cannot_delete_keys_and_the_erasure_policy_only_
 def test_local_keyring_master_keys_are_mounted_read_only_for_the_owner(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
-    docs = rendered["default"]
+    docs = rendered["minimal"]  # the local keyring: one replica each
     for service in ("identity", "consent", "records", "audit"):
         spec = deployment(docs, service)["spec"]["template"]["spec"]
         (volume,) = [v for v in spec["volumes"] if v["name"] == "keyring"]
@@ -495,7 +676,7 @@ def test_notes_say_how_to_reach_the_services_and_what_the_trust_policy_is(notes:
     for service in SERVICES:
         assert f"medledger-{service}:{PORTS[service]['grpc']}" in default
     assert "trust policy" in default.lower()
-    assert "anchorRegistryAddress is empty" in default and "keyManager.type=local" in default
+    assert "keyManager.type=local" not in default and "keyManager.type=local" in notes("minimal")
     production = notes("production")
     assert "WARNING" not in production and "configmap medledger-trust-policy" in production
 

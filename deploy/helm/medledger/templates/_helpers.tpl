@@ -92,7 +92,8 @@ imagePullSecrets:
 {{- if .Values.kafka.strimzi.enabled -}}
 {{- printf "%s-kafka-bootstrap:9092" (include "medledger.kafka.clusterName" .) -}}
 {{- else -}}
-{{- required "kafka.bootstrapServers is required (or kafka.strimzi.enabled)" .Values.kafka.bootstrapServers -}}
+{{- /* medledger.checks refuses an empty one, naming the value. */ -}}
+{{- .Values.kafka.bootstrapServers -}}
 {{- end -}}
 {{- end -}}
 
@@ -179,4 +180,47 @@ mint the erasure token; the agent's own token (policy <service>-agent) can only 
 {{- define "medledger.pick" -}}
 {{- $own := index .c .key -}}
 {{- if $own -}}{{ toYaml $own }}{{- else -}}{{ toYaml (index .root.Values.default .key) }}{{- end -}}
+{{- end -}}
+
+
+{{/*
+What a working installation needs, checked before anything is installed (templates/checks.yaml
+includes this): every problem is listed at once, each naming the value(s) to set. The values
+schema cannot do this: these rules join values across the tree (keyManager with each component's
+replicas, kafka.strimzi with kafka.bootstrapServers), and a schema's error can say which value
+broke which keyword but not why, nor name the other value that would fix it.
+*/}}
+{{- define "medledger.checks" -}}
+{{- $problems := list -}}
+{{- if not (or .Values.kafka.strimzi.enabled .Values.kafka.bootstrapServers) -}}
+{{- $problems = append $problems "kafka.bootstrapServers is empty: set it to your Kafka cluster's host:port[,host:port...], or kafka.strimzi.enabled: true for a cluster run by the Strimzi operator" -}}
+{{- end -}}
+{{- if and .Values.components.anchoring.enabled (not .Values.chain.anchorRegistryAddress) -}}
+{{- $problems = append $problems "chain.anchorRegistryAddress is empty: anchoring refuses to start without it; set it to your AnchorRegistry contract's address (deploy/README.md, \"The chain\")" -}}
+{{- end -}}
+{{- range $name, $c := .Values.components -}}
+{{- if $c.enabled -}}
+{{- $at := printf "components.%s" $name -}}
+{{- $autoscaled := dig "autoscaling" "enabled" false $c -}}
+{{- $scaled := or $autoscaled (gt (int $c.replicas) 1) -}}
+{{- $how := ternary (printf "%s.autoscaling.enabled is true" $at) (printf "%s.replicas is %v" $at $c.replicas) $autoscaled -}}
+{{- $single := ternary (printf "%s.replicas: 1 and %s.autoscaling.enabled: false" $at $at) (printf "%s.replicas: 1" $at) (hasKey $c "autoscaling") -}}
+{{- /* A sqlite+aiosqlite:// URL is a file on the pod's own volume as much as the embedded one. */ -}}
+{{- $shared := or $c.database.existingSecret (and $c.database.url (not (hasPrefix "sqlite" $c.database.url))) -}}
+{{- if and $scaled (not $shared) -}}
+{{- $problems = append $problems (printf "%s but %s has no database (%s.database.existingSecret or .url, a postgresql+asyncpg:// URL): each pod would keep its own SQLite file; set a database, or %s" $how $name $at $single) -}}
+{{- else if not (or $c.database.existingSecret $c.database.url $c.database.embedded) -}}
+{{- $problems = append $problems (printf "%s has no database: set %s.database.existingSecret (a Secret with its postgresql+asyncpg:// URL under .secretKey) or .url, or %s.database.embedded: true for a SQLite file on the pod's volume (one replica, lost with the pod)" $name $at $at) -}}
+{{- end -}}
+{{- if and $scaled (eq $.Values.keyManager.type "local") (include "medledger.keepsKeys" (dict "name" $name)) -}}
+{{- $problems = append $problems (printf "%s but keyManager.type is local: each pod would keep its own keyring on its own volume (its own signing and patients' keys); set keyManager.type: vault, or %s" $how $single) -}}
+{{- end -}}
+{{- if and $scaled (eq $name "records") (eq (dig "MEDLEDGER_BLOB_STORE" "database" (default dict $c.settings)) "filesystem") -}}
+{{- $problems = append $problems (printf "%s but %s.settings.MEDLEDGER_BLOB_STORE is filesystem: each pod would keep its own blobs on its own volume; set it to database, or %s" $how $at $single) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if $problems -}}
+{{- fail (printf "\nmedledger cannot work with these values:\n- %s" (join "\n- " $problems)) -}}
+{{- end -}}
 {{- end -}}
