@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy
-from aiokafka import AIOKafkaConsumer
 from medledger.events.v1 import identity_events_pb2
 from prometheus_client import REGISTRY
 from sqlalchemy import Column, MetaData, String, Table
@@ -24,7 +23,7 @@ from medledger_common.errors import dependency_outage, outage_dependency
 from medledger_common.kafka import ConsumedMessage, EventConsumer, ensure_topics, make_producer
 from medledger_common.outbox import COMMON_MIGRATIONS, OutboxRelay, enqueue
 from medledger_common.retry import Backoff, supervised
-from medledger_common.testing import Kafka, Postgres
+from medledger_common.testing import Kafka, Postgres, read_topic
 
 QUICK = Backoff(first_seconds=0.01, max_seconds=0.2)
 _meta = MetaData()
@@ -57,20 +56,6 @@ async def _raise_sqlstate(db: Database, sqlstate: str) -> None:
         await conn.execute(
             sqlalchemy.text(f"DO $$ BEGIN RAISE EXCEPTION 'for the test' USING ERRCODE = '{sqlstate}'; END $$")
         )
-
-
-async def _read_topic(bootstrap: str, topic: str, want: int, within: float = 20.0) -> list:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    out: list = []
-    try:
-        deadline = asyncio.get_running_loop().time() + within
-        while len(out) < want and asyncio.get_running_loop().time() < deadline:
-            for records in (await consumer.getmany(timeout_ms=200)).values():
-                out.extend(records)
-    finally:
-        await consumer.stop()
-    return out
 
 
 async def _eventually(check: Callable[[], bool], within: float, what: str) -> None:
@@ -134,7 +119,7 @@ async def test_an_event_whose_handler_violates_a_constraint_is_dead_lettered_and
     try:
         for e in (first, clash, after):
             await producer.send_and_wait(topic, e.SerializeToString())
-        dead = await _read_topic(kafka.bootstrap_servers, events.dlq_topic(topic), 1)
+        dead = await read_topic(kafka.bootstrap_servers, events.dlq_topic(topic), 1, within=20)
         await _eventually(lambda: after.id in attempts, 20, "the message after the dead letter handled")
     finally:
         task.cancel()
@@ -191,7 +176,7 @@ async def test_a_serialization_failure_is_retried_until_it_passes_whatever_the_a
         await producer.send_and_wait(topic, _event("x").SerializeToString())
         await asyncio.wait_for(handled.wait(), 20)
         assert calls == 6
-        assert await _read_topic(kafka.bootstrap_servers, events.dlq_topic(topic), 1, within=2) == []
+        assert await read_topic(kafka.bootstrap_servers, events.dlq_topic(topic), 1, within=2) == []
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -328,7 +313,7 @@ async def test_the_relay_and_consumers_resume_after_the_database_restarted(kafka
             assert asyncio.get_running_loop().time() < deadline, f"missing {len(wanted - got)} after the restart"
             await asyncio.sleep(0.2)
         assert not any(t.done() for t in tasks), "a task ended: it should have waited the restart out"
-        assert await _read_topic(kafka.bootstrap_servers, events.dlq_topic(topic), 1, within=2) == []
+        assert await read_topic(kafka.bootstrap_servers, events.dlq_topic(topic), 1, within=2) == []
     finally:
         if stop is not None:
             await stop()

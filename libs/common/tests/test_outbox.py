@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from aiokafka import AIOKafkaConsumer
 from medledger.events.v1 import identity_events_pb2
 from sqlalchemy import select
 
@@ -13,7 +12,7 @@ from medledger_common import events, localstack
 from medledger_common.db import Database
 from medledger_common.kafka import ConsumedMessage, EventConsumer, PoisonMessage, ensure_topics, make_producer
 from medledger_common.outbox import COMMON_MIGRATIONS, OutboxRelay, enqueue, outbox
-from medledger_common.testing import Kafka, Postgres
+from medledger_common.testing import Kafka, Postgres, read_topic
 
 
 def _event(n: int = 0) -> events.Event:
@@ -23,20 +22,6 @@ def _event(n: int = 0) -> events.Event:
         aggregate_id=f"pat_{n}",
         version=1,
     )
-
-
-async def _read_topic(bootstrap: str, topic: str, want: int, within: float = 15.0) -> list:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    out: list = []
-    try:
-        deadline = asyncio.get_running_loop().time() + within
-        while len(out) < want and asyncio.get_running_loop().time() < deadline:
-            for records in (await consumer.getmany(timeout_ms=200)).values():
-                out.extend(records)
-    finally:
-        await consumer.stop()
-    return out
 
 
 async def _migrated(url: str) -> Database:
@@ -70,7 +55,7 @@ async def test_rows_committed_out_of_id_order_are_all_published(kafka: Kafka, po
         assert all(r.published_at is not None for r in rows)
         early_id = next(r.id for r in rows if r.event_id == early.id)
         assert early_id < next(r.id for r in rows if r.event_id == late.id)
-        got = await _read_topic(kafka.bootstrap_servers, topic, 2)
+        got = await read_topic(kafka.bootstrap_servers, topic, 2)
         assert [events.decode(r.value).id for r in got] == [late.id, early.id]
     finally:
         await producer.stop()
@@ -118,7 +103,7 @@ async def test_retained_rows_are_republished_when_the_broker_lost_them(postgres:
         await ensure_topics(bootstrap, [topic])
         assert await relay.republish_if_broker_lost_data() == 3
         assert await relay.publish_once() == 3
-        assert len(await _read_topic(bootstrap, topic, 3)) == 3
+        assert len(await read_topic(bootstrap, topic, 3)) == 3
         assert await relay.republish_if_broker_lost_data() == 0
     finally:
         await producer.stop()
@@ -156,7 +141,7 @@ async def test_poison_message_goes_to_the_dead_letter_topic_and_the_consumer_goe
         await producer.send_and_wait(topic, b"\x00not a protobuf envelope\xff")
         await producer.send_and_wait(topic, refused.SerializeToString())
         await producer.send_and_wait(topic, good.SerializeToString())
-        dead = await _read_topic(kafka.bootstrap_servers, events.dlq_topic(topic), 2, within=20)
+        dead = await read_topic(kafka.bootstrap_servers, events.dlq_topic(topic), 2, within=20)
         assert len(dead) == 2
         errors = [dict(r.headers)["dlq.error"].decode() for r in dead]
         assert errors[0].startswith("malformed envelope")

@@ -1,12 +1,15 @@
-"""Domain errors and the gRPC status each maps to.
+"""Domain errors and the gRPC status each maps to, and the one classification of failures.
 
 Domain code raises these; the error-mapping interceptor turns them into a gRPC status with
 ``google.rpc`` details, so a client can read which field was wrong from BadRequest details.
+:func:`outage_dependency` says whether any error is a dependency's outage (worth waiting out)
+or not; ``medledger_common.retry`` and the error mapping both ask it.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -99,18 +102,25 @@ DEPENDENCY_WORDS = {
 }
 
 
-def sqlstate_of(exc: BaseException) -> str | None:
-    """The SQLSTATE PostgreSQL gave the error, looking through SQLAlchemy's wrapping; None when
-    it is not PostgreSQL's error (or says none)."""
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The error and what it wraps, a few links down: SQLAlchemy's error, its driver adapter's,
+    the driver's own (``orig`` where a wrapper keeps it, else ``__cause__``)."""
     seen: BaseException | None = exc
     for _ in range(6):
         if seen is None:
-            return None
+            return
+        yield seen
+        orig = getattr(seen, "orig", None)
+        seen = orig if isinstance(orig, BaseException) else seen.__cause__
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE PostgreSQL gave the error, looking through SQLAlchemy's wrapping; None when
+    it is not PostgreSQL's error (or says none)."""
+    for seen in _causes(exc):
         code = getattr(seen, "sqlstate", None)
         if isinstance(code, str) and code:
             return code
-        orig = getattr(seen, "orig", None)
-        seen = orig if isinstance(orig, BaseException) else seen.__cause__
     return None
 
 
@@ -136,11 +146,8 @@ def outage_dependency(exc: BaseException) -> str | None:
     from sqlalchemy import exc as sa
 
     # The driver's error is wrapped by SQLAlchemy's adapter, and that by SQLAlchemy: look down
-    # the chain of causes (a few links) for what actually happened.
-    seen: BaseException | None = exc
-    for _ in range(6):
-        if seen is None:
-            return None
+    # the chain of causes for what actually happened.
+    for seen in _causes(exc):
         code = getattr(seen, "sqlstate", None)
         if isinstance(code, str) and code:
             return "database" if _is_outage_sqlstate(code) else None
@@ -165,8 +172,6 @@ def outage_dependency(exc: BaseException) -> str | None:
             return "dependency"  # our own word for it: a key manager sealed or out of reach, say
         if isinstance(seen, grpc.aio.AioRpcError) and seen.code() in _RETRYABLE_CALLS:
             return "service"  # e.g. records asking consent while consent restarts
-        orig = getattr(seen, "orig", None)
-        seen = orig if isinstance(orig, BaseException) else seen.__cause__
     return None
 
 

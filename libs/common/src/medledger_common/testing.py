@@ -6,11 +6,13 @@ Registered for every test folder by the repository's root ``conftest.py``.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -160,3 +162,21 @@ def span_exporter() -> InMemorySpanExporter:
         _memory_exporter = InMemorySpanExporter()
         provider.add_span_processor(SimpleSpanProcessor(_memory_exporter))
     return _memory_exporter
+
+
+async def read_topic(bootstrap_servers: str, topic: str, want: int, within: float = 15.0) -> list[Any]:
+    """The records of `topic` from its start, once `want` have arrived or `within` seconds passed."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap_servers, auto_offset_reset="earliest")
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while len(out) < want and loop.time() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                out.extend(records)
+    finally:
+        await consumer.stop()
+    return out
