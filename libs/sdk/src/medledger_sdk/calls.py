@@ -13,7 +13,6 @@ the write happens once.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
+
+from medledger_common.retry import Backoff
 
 DEFAULT_DEADLINE_SECONDS = 10.0
 DEFAULT_ATTEMPTS = 4
@@ -90,7 +91,9 @@ class CallPolicy(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     ) -> None:
         if attempts < 1 or deadline_seconds <= 0:
             raise ValueError("attempts >= 1 and a positive deadline")
-        self.deadline_seconds, self.attempts, self.first_backoff = deadline_seconds, attempts, first_backoff_seconds
+        self.deadline_seconds, self.attempts = deadline_seconds, attempts
+        # The runtime's waits (exponential, jittered so a client's replicas spread out, capped).
+        self.backoff = Backoff(first_seconds=first_backoff_seconds, max_seconds=max(first_backoff_seconds, 2.0))
 
     async def intercept_unary_unary(
         self,
@@ -101,7 +104,6 @@ class CallPolicy(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         timeout = client_call_details.timeout or self.deadline_seconds
         deadline = loop.time() + timeout
-        backoff = self.first_backoff
         for attempt in range(1, self.attempts + 1):
             remaining = deadline - loop.time()
             details = grpc.aio.ClientCallDetails(
@@ -114,7 +116,7 @@ class CallPolicy(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
             try:
                 return await (await continuation(details, request))
             except grpc.aio.AioRpcError as exc:
-                pause = backoff * (0.5 + random.random())  # jitter: replicas of a client spread out
+                pause = self.backoff.delay(attempt)
                 retry = (
                     exc.code() == grpc.StatusCode.UNAVAILABLE
                     and attempt < self.attempts
@@ -123,7 +125,6 @@ class CallPolicy(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
                 if not retry:
                     raise RpcError(exc, attempt) from None
                 await asyncio.sleep(pause)
-                backoff *= 2
         raise AssertionError("unreachable")
 
 
