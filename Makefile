@@ -21,6 +21,7 @@ lint: setup
 	uv run --frozen ruff check .
 	uv run --frozen ruff format --check .
 	uv run --frozen mypy libs/common/src libs/sdk/src services/*/src
+	uv run --frozen lint-imports --no-cache
 	cd protos && ../tools/npm/node_modules/.bin/buf lint
 
 bench: setup
