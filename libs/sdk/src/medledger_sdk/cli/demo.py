@@ -38,10 +38,10 @@ from medledger_sdk.cli.up import (
     DEFAULT_GRPC_PORT_BASE,
     HOST,
     SERVICES,
+    Interrupted,
     Ports,
     Stack,
-    _Interrupted,
-    _port,
+    port_number,
     port_taken,
 )
 from medledger_sdk.client import Endpoints
@@ -68,7 +68,7 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_STATE_DIR,
         help=f"the state folder of the running `medledger up` (default: ./{DEFAULT_STATE_DIR})",
     )
-    parser.add_argument("--grpc-port-base", type=_port, default=DEFAULT_GRPC_PORT_BASE, help="as given to `up`")
+    parser.add_argument("--grpc-port-base", type=port_number, default=DEFAULT_GRPC_PORT_BASE, help="as given to `up`")
     parser.add_argument(
         "--own-stack",
         action="store_true",
@@ -141,7 +141,7 @@ def _tell_on_own_stack(out: Path | None) -> StoryResult:
         with stack.handling_signals():
             try:
                 stack.start(START_TIMEOUT_SECONDS)
-            except _Interrupted as exc:
+            except Interrupted as exc:
                 raise CommandError(f"received {exc.signal_name} while starting; stopped what was started") from None
         print(f"the stack is up (state in {folder}); now the story")
         config = StoryConfig(

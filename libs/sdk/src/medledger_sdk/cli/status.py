@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from medledger_sdk.cli.up import DEFAULT_GRPC_PORT_BASE, DEFAULT_METRICS_PORT_BASE, HOST, SERVICES, Ports, _port
+from medledger_sdk.cli.up import DEFAULT_GRPC_PORT_BASE, DEFAULT_METRICS_PORT_BASE, HOST, SERVICES, Ports, port_number
 
 TIMEOUT_SECONDS = 3.0
 
@@ -29,8 +29,10 @@ def register(subparsers: Any) -> None:
         help="the health, lag, backlog and anchoring of a running stack",
         description="Ask every service of a running `medledger up` how it is; exit 0 only if all serve.",
     )
-    parser.add_argument("--grpc-port-base", type=_port, default=DEFAULT_GRPC_PORT_BASE, help="as given to `up`")
-    parser.add_argument("--metrics-port-base", type=_port, default=DEFAULT_METRICS_PORT_BASE, help="as given to `up`")
+    parser.add_argument("--grpc-port-base", type=port_number, default=DEFAULT_GRPC_PORT_BASE, help="as given to `up`")
+    parser.add_argument(
+        "--metrics-port-base", type=port_number, default=DEFAULT_METRICS_PORT_BASE, help="as given to `up`"
+    )
     parser.set_defaults(func=run)
 
 

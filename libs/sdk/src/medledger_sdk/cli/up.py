@@ -152,14 +152,14 @@ def register(subparsers: Any) -> None:
         help=f"where databases, chain state and logs go (default: ./{DEFAULT_STATE_DIR})",
     )
     parser.add_argument(
-        "--kafka-port", type=_port, default=DEFAULT_KAFKA_PORT, help="Kafka (Tansu) port (default: %(default)s)"
+        "--kafka-port", type=port_number, default=DEFAULT_KAFKA_PORT, help="Kafka (Tansu) port (default: %(default)s)"
     )
     parser.add_argument(
-        "--anvil-port", type=_port, default=DEFAULT_ANVIL_PORT, help="Anvil JSON-RPC port (default: %(default)s)"
+        "--anvil-port", type=port_number, default=DEFAULT_ANVIL_PORT, help="Anvil JSON-RPC port (default: %(default)s)"
     )
     parser.add_argument(
         "--openbao-port",
-        type=_port,
+        type=port_number,
         default=DEFAULT_OPENBAO_PORT,
         help="OpenBao's API port; its cluster port is the next one (default: %(default)s)",
     )
@@ -174,13 +174,13 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--grpc-port-base",
-        type=_port,
+        type=port_number,
         default=DEFAULT_GRPC_PORT_BASE,
         help="gRPC port of identity; consent, records, anchoring, audit get the next four (default: %(default)s)",
     )
     parser.add_argument(
         "--metrics-port-base",
-        type=_port,
+        type=port_number,
         default=DEFAULT_METRICS_PORT_BASE,
         help="metrics port of identity; the other services get the next four (default: %(default)s)",
     )
@@ -210,7 +210,7 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _port(text: str) -> int:
+def port_number(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
             stack.print_endpoints()
             print("ready: medledger is up; press Ctrl-C to stop it")
             return stack.watch()
-        except _Interrupted as exc:
+        except Interrupted as exc:
             print(f"received {exc.signal_name} while starting; stopping what was started")
             return 128 + exc.signum
         finally:
@@ -321,7 +321,9 @@ def port_taken(port: int) -> bool:
     return False
 
 
-class _Interrupted(Exception):
+class Interrupted(Exception):
+    """A signal (Ctrl-C, SIGTERM) asked a command that runs a stack to stop."""
+
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
@@ -375,7 +377,7 @@ class Stack:
 
     def _check_interrupted(self) -> None:
         if self._signal is not None:
-            raise _Interrupted(self._signal)
+            raise Interrupted(self._signal)
 
     # Start -------------------------------------------------------------------------------
 
