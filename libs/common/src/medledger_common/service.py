@@ -31,7 +31,7 @@ from medledger_common.kafka import ConsumedMessage, EventConsumer, Handler, make
 from medledger_common.keys import KeyManager, KeyShredder, LocalKeyring, VaultKeyManager
 from medledger_common.logs import configure_logging
 from medledger_common.outbox import COMMON_MIGRATIONS, OutboxRelay
-from medledger_common.retry import retry, supervised
+from medledger_common.retry import Attempts, retry, supervised
 from medledger_common.settings import ConfigError, ServiceSettings
 from medledger_common.telemetry import configure_tracing, start_metrics_server
 from medledger_common.vocabulary import service_principal_id
@@ -283,13 +283,17 @@ class ServiceRuntime:
     async def _reload_deactivated(self, sources: AuthSources, every_seconds: float = 30.0) -> None:
         """Load the deactivated principals again now and then: the events bring them within
         milliseconds, and this makes sure a lost event costs at most `every_seconds`."""
+        # Every round is a new attempt, whatever the last one met (identity unreachable for a
+        # while: the events still flow); each failure is logged and counted as a retry.
+        tries = Attempts("reload deactivated principals", attempts=None)
         while True:
             await asyncio.sleep(every_seconds)
             try:
                 for principal_id in await sources.load_deactivated():
                     self.deactivated.add(principal_id)
-            except Exception as exc:  # identity unreachable for a while: the events still flow
-                log.warning("could not reload the deactivated principals", extra={"error": type(exc).__name__})
+                tries.succeeded()
+            except Exception as exc:
+                tries.next_delay(exc)
 
     async def _on_identity_event(self, message: ConsumedMessage) -> None:
         event = message.event
