@@ -228,7 +228,9 @@ class TokenIssuer:
         base.update(changes)
         return {k: v for k, v in base.items() if v is not None}
 
-    def token(self, alg: str = "EdDSA", kid: str | None = None, header: dict | None = None, **changes: Any) -> str:
+    def token(
+        self, alg: str = "EdDSA", kid: str | None = None, header: dict[str, Any] | None = None, **changes: Any
+    ) -> str:
         head = header or {"alg": alg, "typ": "JWT", "kid": kid or ("ed-1" if alg == "EdDSA" else "es-1")}
         signing_input = f"{b64u(json.dumps(head).encode())}.{b64u(json.dumps(self.claims(**changes)).encode())}"
         if alg == "EdDSA":
