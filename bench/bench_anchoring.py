@@ -211,7 +211,7 @@ async def server(bootstrap: str, rpc_url: str, audit_url: str, anchoring_url: st
                 IdentitySettings(
                     **common,
                     database_url=f"sqlite+aiosqlite:///{folder / 'identity.db'}",
-                    jwks_http_port=0,
+                    http_port=0,
                     master_key_file=create_master_key_file(folder / "master.key"),
                     keyring_file=folder / "keyrings" / "identity.keyring",
                     bootstrap_admin_secret_file=folder / "admin.secret",
@@ -233,7 +233,7 @@ async def server(bootstrap: str, rpc_url: str, audit_url: str, anchoring_url: st
                     master_key_file=create_master_key_file(folder / "master-audit.key"),
                     keyring_file=folder / "keyrings" / "audit.keyring",
                     last_checkpoint_file=folder / "audit" / "last-checkpoint",
-                    tiles_http_port=0,
+                    http_port=0,
                 ),
                 audit_storage.MIGRATIONS,
                 audit_main.build,

@@ -94,7 +94,7 @@ async def identity_and_consent(
     id_settings = IdentitySettings(
         **common,
         database_url=f"sqlite+aiosqlite:///{folder / 'identity.db'}",
-        jwks_http_port=0,
+        http_port=0,
         master_key_file=create_master_key_file(folder / "master.key"),
         keyring_file=folder / "keyrings" / "identity.keyring",
         bootstrap_admin_secret_file=folder / "admin.secret",

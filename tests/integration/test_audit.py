@@ -235,7 +235,7 @@ async def test_the_log_is_served_as_c2sp_tiles_and_bundles_are_for_auditors(star
         latest = await eventually(signed, "a checkpoint")
         keys = await public.GetVerifierKeys(pb.GetVerifierKeysRequest())
         verifiers = [notes.NoteVerifier.parse(k) for k in keys.verifier_keys]
-        base = f"http://127.0.0.1:{stack.audit.extras['audit_http'].port}"
+        base = f"http://127.0.0.1:{stack.audit.http_port}"
         auditor_token = await stack.client(reply.principal.principal_id, reply.client_secret).token("medledger.audit")
         patient_token = await stack.client(patient.principal.principal_id, patient.client_secret).token(
             "medledger.audit"

@@ -540,7 +540,7 @@ async def test_rotation_keeps_older_tokens_valid_until_they_expire(start_stack) 
         assert await consent_answer(stack, before) == PASSED_AUTH
         kids = [k["kid"] for k in json.loads((await p.public.GetJwks(pb.GetJwksRequest())).jwks_json)["keys"]]
         assert kids == ["identity-token-signing.v1", "identity-token-signing.v2"]
-        port = stack.identity.extras["jwks_http"].port
+        port = stack.identity.http_port
         async with (
             aiohttp.ClientSession() as http,
             http.get(f"http://127.0.0.1:{port}/.well-known/jwks.json") as response,

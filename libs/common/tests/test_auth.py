@@ -4,70 +4,27 @@ and the acceptance that makes the refusals mean something."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
-import uuid
 from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from medledger_common import auth
 from medledger_common.auth import Access, AuthInterceptor, DeactivationSet, TokenVerifier
 from medledger_common.errors import PermissionDenied, Unauthenticated, Unavailable
+from medledger_common.testing import TokenIssuer, b64u
 
 NOW = 1_800_000_000
 METHOD = "/medledger.consent.v1.ConsentService/CheckConsent"
 
 
-def b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-class Issuer:
-    """Signs tokens the way identity does, with keys of its own."""
+class Issuer(TokenIssuer):
+    """Signs tokens the way identity does, with keys of its own, issued at NOW."""
 
     def __init__(self) -> None:
-        self.ed = ed25519.Ed25519PrivateKey.generate()
-        self.p256 = ec.generate_private_key(ec.SECP256R1())
-        n = self.p256.public_key().public_numbers()
-        ed_x = b64u(self.ed.public_key().public_bytes_raw())
-        self.jwks: dict[str, Any] = {
-            "keys": [
-                {"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "kid": "ed-1", "x": ed_x},
-                {
-                    "kty": "EC", "crv": "P-256", "alg": "ES256", "kid": "es-1",
-                    "x": b64u(n.x.to_bytes(32, "big")), "y": b64u(n.y.to_bytes(32, "big")),
-                },
-            ]
-        }  # fmt: skip
-        self.fetches = 0
-
-    async def fetch(self) -> dict[str, Any]:
-        self.fetches += 1
-        return self.jwks
-
-    def claims(self, **changes: Any) -> dict[str, Any]:
-        base = {
-            "iss": "medledger.identity", "aud": "medledger.consent", "sub": "rsr_1", "jti": uuid.uuid4().hex,
-            "iat": NOW, "nbf": NOW, "exp": NOW + 900, "kind": "researcher", "roles": ["pdp-client"], "org": "",
-        }  # fmt: skip
-        base.update(changes)
-        return {k: v for k, v in base.items() if v is not None}
-
-    def token(self, alg: str = "EdDSA", kid: str | None = None, header: dict | None = None, **changes: Any) -> str:
-        head = header or {"alg": alg, "typ": "JWT", "kid": kid or ("ed-1" if alg == "EdDSA" else "es-1")}
-        signing_input = f"{b64u(json.dumps(head).encode())}.{b64u(json.dumps(self.claims(**changes)).encode())}"
-        if alg == "EdDSA":
-            signature = self.ed.sign(signing_input.encode())
-        else:
-            r, s = decode_dss_signature(self.p256.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256())))
-            signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
-        return f"{signing_input}.{b64u(signature)}"
+        super().__init__(now=NOW)
 
 
 @pytest.fixture

@@ -22,6 +22,8 @@ def test_defaults_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         ("MEDLEDGER_GRPC_PORT", "not-a-port"),
         ("MEDLEDGER_GRPC_PORT", "70000"),
+        ("MEDLEDGER_HTTP_PORT", "70000"),
+        ("MEDLEDGER_HTTP_MAX_BODY_BYTES", "10"),
         ("MEDLEDGER_TRACE_SAMPLING_RATIO", "1.5"),
         ("MEDLEDGER_LOG_LEVEL", "CHATTY"),
         ("MEDLEDGER_TLS_CERT_FILE", "/nonexistent/cert.pem"),
@@ -32,6 +34,17 @@ def test_bad_value_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ConfigError) as err:
         load_settings(ServiceSettings)
     assert variable in str(err.value)
+
+
+@pytest.mark.parametrize("old", ["MEDLEDGER_JWKS_HTTP_PORT", "MEDLEDGER_TILES_HTTP_PORT"])
+def test_a_renamed_variable_is_refused_naming_its_new_name(monkeypatch: pytest.MonkeyPatch, old: str) -> None:
+    monkeypatch.setenv(old, "9111")
+    with pytest.raises(ConfigError) as err:
+        load_settings(ServiceSettings)
+    assert f"{old} is now MEDLEDGER_HTTP_PORT" in str(err.value)
+    monkeypatch.delenv(old)
+    monkeypatch.setenv("MEDLEDGER_HTTP_PORT", "9115")
+    assert load_settings(ServiceSettings).http_port == 9115
 
 
 def test_service_refuses_to_start_with_a_bad_setting() -> None:

@@ -70,7 +70,7 @@ async def audit(own_kafka: Kafka, postgres: Postgres, tmp_path: Path) -> AsyncIt
         log_origin=ORIGIN,
         last_checkpoint_file=tmp_path / "audit" / "last-checkpoint",
         checkpoint_interval_seconds=0.3,
-        tiles_http_port=0,
+        http_port=0,
     )
     async with running_service("audit", settings, storage.MIGRATIONS, build_without_identity) as runtime:
         yield runtime

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import contextvars
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,11 +87,21 @@ _current: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("medled
 
 
 def current_caller() -> Caller:
-    """The caller of the RPC being handled; only valid behind the AuthInterceptor."""
+    """The caller of the RPC or HTTP request being handled; only valid once authenticated."""
     caller = _current.get()
     if caller is None:
         raise Unauthenticated("no authenticated caller")
     return caller
+
+
+@contextlib.contextmanager
+def acting_as(caller: Caller) -> Iterator[None]:
+    """Make `caller` the ``current_caller()`` within: for transports other than gRPC (HTTP)."""
+    token = _current.set(caller)
+    try:
+        yield
+    finally:
+        _current.reset(token)
 
 
 def jwk_algorithm(jwk: Mapping[str, Any]) -> str | None:
@@ -340,6 +351,20 @@ class DeactivationSet:
 
     def __len__(self) -> int:
         return len(self._ids)
+
+
+async def authenticate_bearer(
+    authorization: str | None, verifier: TokenVerifier, deactivated: DeactivationSet
+) -> Caller:
+    """The caller behind an HTTP `Authorization: Bearer` header, checked as the interceptor
+    checks calls (signature, audience, expiry, deactivation); Unauthenticated otherwise."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("this request needs an access token (Authorization: Bearer …)")
+    caller = await verifier.verify(token.strip())
+    if caller.principal_id in deactivated:
+        raise Unauthenticated("the principal is deactivated")
+    return caller
 
 
 def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:

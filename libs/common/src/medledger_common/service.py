@@ -1,9 +1,10 @@
 """The runtime that wires a service together: the same shape for all five services.
 
-A service's ``main`` builds a ``ServiceRuntime`` with its settings, migrations, gRPC servicers
-and event handlers; the runtime starts logging, telemetry, the database, Kafka, the outbox
-relay, the consumers and the gRPC server, reports SERVING, and on SIGTERM or SIGINT reports
-NOT_SERVING, drains calls, and stops everything in reverse order.
+A service's ``main`` builds a ``ServiceRuntime`` with its settings, migrations, gRPC servicers,
+HTTP routes and event handlers; the runtime starts logging, telemetry, the database, Kafka, the
+outbox relay, the consumers, the HTTP server (when the service has routes) and the gRPC server,
+reports SERVING, and on SIGTERM or SIGINT reports NOT_SERVING, drains calls and requests, and
+stops everything in reverse order.
 """
 
 from __future__ import annotations
@@ -20,12 +21,21 @@ import grpc
 from aiokafka import AIOKafkaProducer
 from medledger.events.v1 import identity_events_pb2
 
-from medledger_common.auth import Access, AuthInterceptor, Caller, DeactivationSet, JwksFetcher, TokenVerifier
+from medledger_common.auth import (
+    Access,
+    AuthInterceptor,
+    Caller,
+    DeactivationSet,
+    JwksFetcher,
+    TokenVerifier,
+    authenticate_bearer,
+)
 from medledger_common.db import Database, Migration
 from medledger_common.errors import Unauthenticated
 from medledger_common.events import TOPICS, unpack
 from medledger_common.grpc_client import client_tls_files
 from medledger_common.grpc_server import GrpcServer, TLSFiles
+from medledger_common.http_server import HttpRoute, HttpServer
 from medledger_common.identity_link import TOKEN_ISSUER, IdentityLink
 from medledger_common.kafka import ConsumedMessage, EventConsumer, Handler, make_producer
 from medledger_common.keys import KeyManager, KeyShredder, LocalKeyring, VaultKeyManager
@@ -73,6 +83,8 @@ class ServiceParts:
 
     `access` is the service's authorization table (RPC full name → who may call it) and
     `public_methods` the RPCs callable without a token; health and reflection always are.
+    `http_routes` are the service's HTTP endpoints, served on MEDLEDGER_HTTP_PORT with the same
+    authentication (each route says whether it is public and whom it allows).
     """
 
     service_descriptors: Sequence[Any]
@@ -82,6 +94,7 @@ class ServiceParts:
     auth: AuthSources | None = None
     consumers: Sequence[ConsumerSpec] = ()
     interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    http_routes: Sequence[HttpRoute] = ()
     background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()
     # Run in order once the consumers have started, before anything serves (keys, provisioning,
     # loading in-memory views).
@@ -116,6 +129,9 @@ class ServiceRuntime:
         self._verifier: TokenVerifier | None = None
         self.server: GrpcServer | None = None
         self.grpc_port = 0
+        self.http: HttpServer | None = None
+        # 0 while the service has no HTTP routes (then it listens on no HTTP port).
+        self.http_port = 0
         self.metrics_port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._consumers: list[EventConsumer] = []
@@ -179,13 +195,29 @@ class ServiceRuntime:
             interceptors=[auth, *parts.interceptors],
             tls=tls,
         )
+        if parts.http_routes:
+            # Before gRPC reports SERVING: a client that sees the service up finds its HTTP too.
+            self.http = HttpServer(
+                parts.http_routes,
+                host=s.grpc_host,
+                port=s.http_port,
+                authenticate=self.authenticate_bearer,
+                max_body_bytes=s.http_max_body_bytes,
+                shutdown_grace_seconds=s.shutdown_grace_seconds,
+            )
+            self.http_port = await self.http.start()
         self.grpc_port = await self.server.start()
         await self.server.set_serving(True)
         for t in self._tasks:
             t.add_done_callback(self._task_done)
         log.info(
             "service started",
-            extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port, "tls": tls is not None},
+            extra={
+                "grpc_port": self.grpc_port,
+                "http_port": self.http_port,
+                "metrics_port": self.metrics_port,
+                "tls": tls is not None,
+            },
         )
 
     async def authenticate_bearer(self, authorization: str | None) -> Caller:
@@ -194,13 +226,7 @@ class ServiceRuntime:
         service's HTTP endpoints. Unauthenticated otherwise."""
         if self._verifier is None:
             raise Unauthenticated("this service does not authenticate callers yet")
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("this request needs an access token (Authorization: Bearer …)")
-        caller = await self._verifier.verify(token.strip())
-        if caller.principal_id in self.deactivated:
-            raise Unauthenticated("the principal is deactivated")
-        return caller
+        return await authenticate_bearer(authorization, self._verifier, self.deactivated)
 
     def require_keys(self) -> KeyManager:
         """The key manager, for services that keep keys; a ConfigError names what is missing."""
@@ -331,8 +357,13 @@ class ServiceRuntime:
 
     async def stop(self) -> None:
         self._stopping.set()
+        # Both drain at once, each within the grace period.
+        draining = []
         if self.server is not None:
-            await self.server.stop(self.settings.shutdown_grace_seconds)
+            draining.append(self.server.stop(self.settings.shutdown_grace_seconds))
+        if self.http is not None:
+            draining.append(self.http.stop())
+        await asyncio.gather(*draining)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

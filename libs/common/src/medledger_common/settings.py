@@ -7,6 +7,7 @@ Secrets are never values in the environment: a variable names a file and the sec
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -29,6 +30,11 @@ class ServiceSettings(BaseSettings):
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     metrics_port: int = Field(default=9101, ge=0, le=65535)
+    # The service's HTTP routes (identity's JWKS, audit's tiles), all on this port; 0 picks a
+    # free one. A service that declares no route listens on none.
+    http_port: int = Field(default=9111, ge=0, le=65535)
+    # Largest HTTP request body read, in bytes; a larger one is refused with 413.
+    http_max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     # Upper bound for one gRPC message in either direction, in bytes.
     grpc_max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     # Seconds a SIGTERM waits for in-flight calls before cancelling them.
@@ -99,9 +105,19 @@ class ServiceSettings(BaseSettings):
 
 S = TypeVar("S", bound=ServiceSettings)
 
+# Variables that were renamed: refused by name rather than ignored, so a deployment that set
+# one does not quietly move to the default.
+RENAMED = {
+    "MEDLEDGER_JWKS_HTTP_PORT": "MEDLEDGER_HTTP_PORT",
+    "MEDLEDGER_TILES_HTTP_PORT": "MEDLEDGER_HTTP_PORT",
+}
+
 
 def load_settings(cls: type[S]) -> S:
     """Read settings from the environment, or raise ConfigError naming each bad variable."""
+    renamed = [f"{old} is now {new}" for old, new in RENAMED.items() if old in os.environ]
+    if renamed:
+        raise ConfigError("invalid configuration: " + "; ".join(renamed))
     try:
         return cls()
     except ValidationError as exc:

@@ -7,6 +7,8 @@ Registered for every test folder by the repository's root ``conftest.py``.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -16,6 +18,9 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -180,3 +185,57 @@ async def read_topic(bootstrap_servers: str, topic: str, want: int, within: floa
     finally:
         await consumer.stop()
     return out
+
+
+def b64u(data: bytes) -> str:
+    """Unpadded base64url, as JWS segments are encoded."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenIssuer:
+    """Signs access tokens the way identity does (EdDSA key ``ed-1``, ES256 key ``es-1``), with
+    keys of its own; `fetch` is its JWKS for a ``TokenVerifier``. Tokens are issued at `now`,
+    valid for 900 s, for `audience`."""
+
+    def __init__(self, *, now: float, audience: str = "medledger.consent") -> None:
+        self.now = now
+        self.audience = audience
+        self.ed = ed25519.Ed25519PrivateKey.generate()
+        self.p256 = ec.generate_private_key(ec.SECP256R1())
+        n = self.p256.public_key().public_numbers()
+        ed_x = b64u(self.ed.public_key().public_bytes_raw())
+        self.jwks: dict[str, Any] = {
+            "keys": [
+                {"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "kid": "ed-1", "x": ed_x},
+                {
+                    "kty": "EC", "crv": "P-256", "alg": "ES256", "kid": "es-1",
+                    "x": b64u(n.x.to_bytes(32, "big")), "y": b64u(n.y.to_bytes(32, "big")),
+                },
+            ]
+        }  # fmt: skip
+        self.fetches = 0
+
+    async def fetch(self) -> dict[str, Any]:
+        self.fetches += 1
+        return self.jwks
+
+    def claims(self, **changes: Any) -> dict[str, Any]:
+        now = self.now
+        base = {
+            "iss": "medledger.identity", "aud": self.audience, "sub": "rsr_1", "jti": uuid.uuid4().hex,
+            "iat": now, "nbf": now, "exp": now + 900, "kind": "researcher", "roles": ["pdp-client"], "org": "",
+        }  # fmt: skip
+        base.update(changes)
+        return {k: v for k, v in base.items() if v is not None}
+
+    def token(
+        self, alg: str = "EdDSA", kid: str | None = None, header: dict[str, Any] | None = None, **changes: Any
+    ) -> str:
+        head = header or {"alg": alg, "typ": "JWT", "kid": kid or ("ed-1" if alg == "EdDSA" else "es-1")}
+        signing_input = f"{b64u(json.dumps(head).encode())}.{b64u(json.dumps(self.claims(**changes)).encode())}"
+        if alg == "EdDSA":
+            signature = self.ed.sign(signing_input.encode())
+        else:
+            r, s = decode_dss_signature(self.p256.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256())))
+            signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        return f"{signing_input}.{b64u(signature)}"

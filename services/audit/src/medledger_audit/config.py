@@ -14,8 +14,8 @@ class AuditSettings(ServiceSettings):
     database_url: str = "sqlite+aiosqlite:///.medledger/audit.db"
     # How often the service checks its newest entries and latest checkpoint against storage.
     verify_interval_seconds: float = Field(default=300.0, gt=0)
-    # The C2SP tlog-tiles HTTP endpoint (/checkpoint, /tile/...); 0: a free port.
-    tiles_http_port: int = Field(default=9115, ge=0, le=65535)
+    # The HTTP port: the log in the C2SP tlog-tiles layout (/checkpoint, /tile/...).
+    http_port: int = Field(default=9115, ge=0, le=65535)
 
     # The log's name: the first line of its checkpoints and the name of its note keys. A log
     # whose database was rolled back continues under a new origin.

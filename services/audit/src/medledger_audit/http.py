@@ -12,44 +12,33 @@ the log grows. A tile the tree has not reached yet is 404.
 
 from __future__ import annotations
 
-import logging
-
 from aiohttp import web
 
 from medledger_audit import storage
 from medledger_audit.checkpoints import Checkpointer
 from medledger_common import tlog
-from medledger_common.errors import DataLoss, InvalidArgument, Unauthenticated
+from medledger_common.errors import DataLoss, InvalidArgument
+from medledger_common.http_server import HttpRoute, authenticate
 from medledger_common.service import ServiceRuntime
 
-log = logging.getLogger(__name__)
 _IMMUTABLE = "public, max-age=31536000, immutable"
 _FRESH = "no-cache"
 
 
 class TilesHttp:
-    def __init__(self, runtime: ServiceRuntime, checkpointer: Checkpointer, host: str, port: int) -> None:
+    """The handlers of the log's HTTP routes; the runtime serves them (see `routes`)."""
+
+    def __init__(self, runtime: ServiceRuntime, checkpointer: Checkpointer) -> None:
         self.rt = runtime
         self.checkpointer = checkpointer
         self.tiles = storage.DatabaseTiles(runtime.db)
-        self.host = host
-        self.port = port
-        self._runner: web.AppRunner | None = None
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/checkpoint", self._checkpoint)
-        app.router.add_get("/tile/{path:.+}", self._tile)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        log.info("log tiles served over HTTP", extra={"port": self.port})
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+    def routes(self) -> list[HttpRoute]:
+        # Public: entry bundles ask for an auditor's token themselves, once the tile exists.
+        return [
+            HttpRoute.get("/checkpoint", self._checkpoint, public=True),
+            HttpRoute.get("/tile/{path:.+}", self._tile, public=True),
+        ]
 
     async def _checkpoint(self, request: web.Request) -> web.Response:
         latest = await self.checkpointer.latest()
@@ -82,10 +71,8 @@ class TilesHttp:
         return web.Response(body=body, content_type="application/octet-stream", headers={"Cache-Control": cache})
 
     async def _auditor_only(self, request: web.Request) -> web.Response | None:
-        try:
-            caller = await self.rt.authenticate_bearer(request.headers.get("Authorization"))
-        except Unauthenticated as exc:
-            return web.Response(status=401, text=f"{exc}\n", headers={"WWW-Authenticate": "Bearer"})
+        # Without a valid token: Unauthenticated, which the runtime answers 401.
+        caller = await authenticate(request)
         if not caller.has_role("auditor"):
             return web.Response(status=403, text="entry bundles are for auditors\n")
         return None

@@ -43,8 +43,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     )
     runtime.extras.update(audit_sequencer=sequencer, audit_checkpointer=checkpointer, audit_consumer=consumer)
     api = AuditApi(runtime, checkpointer)
-    tiles_http = TilesHttp(runtime, checkpointer, settings.grpc_host, settings.tiles_http_port)
-    runtime.extras["audit_http"] = tiles_http
+    tiles_http = TilesHttp(runtime, checkpointer)
     verifier = IncrementalVerifier(
         runtime.db, checkpointer, interval=settings.verify_interval_seconds, origin=settings.log_origin
     )
@@ -54,10 +53,11 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         register=lambda server: audit_service_pb2_grpc.add_AuditServiceServicer_to_server(api, server),
         access=ACCESS,
         public_methods=PUBLIC_METHODS,
+        http_routes=tiles_http.routes(),
         # The signing keys and the last signed checkpoint, before anything is appended or served.
-        on_start=[checkpointer.start, tiles_http.start],
+        on_start=[checkpointer.start],
         background=[consumer.run_until_cancelled, checkpointer.run, verifier.run],
-        on_stop=[tiles_http.stop, sequencer.close],
+        on_stop=[sequencer.close],
     )
 
 

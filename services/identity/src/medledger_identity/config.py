@@ -11,8 +11,8 @@ class IdentitySettings(ServiceSettings):
     grpc_port: int = 50051
     metrics_port: int = 9101
     database_url: str = "sqlite+aiosqlite:///.medledger/identity.db"
-    # The JWKS over HTTP at /.well-known/jwks.json, for verifiers outside medledger; 0 picks one.
-    jwks_http_port: int = Field(default=9111, ge=0, le=65535)
+    # The HTTP port: the JWKS at /.well-known/jwks.json, for verifiers outside medledger.
+    http_port: int = Field(default=9111, ge=0, le=65535)
     # The bootstrap admin's client secret (principal svc_admin); unset: no bootstrap admin.
     bootstrap_admin_secret_file: Path | None = None
     # A folder of <service>.secret files: each makes (or updates) principal svc_<service>.

@@ -3,13 +3,12 @@ platform principals (services and the bootstrap admin) provisioned from secret f
 
 from __future__ import annotations
 
-import logging
-
 from aiohttp import web
 from medledger.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
 from medledger.types.v1 import vocabulary_pb2
 
 from medledger_common.events import SERVICES, TOPICS
+from medledger_common.http_server import HttpRoute
 from medledger_common.service import AuthSources, ConsumerSpec, ServiceParts, ServiceRuntime, run_service
 from medledger_common.settings import ConfigError, load_settings_or_exit, read_secret_file
 from medledger_common.vocabulary import service_principal_id
@@ -27,38 +26,18 @@ Role = vocabulary_pb2.Role
 # Roles the platform's own services hold: records asks consent for decisions.
 SERVICE_ROLES: dict[str, tuple[int, ...]] = {"records": (Role.ROLE_PDP_CLIENT,)}
 
-log = logging.getLogger(__name__)
 
+def jwks_route(signer: TokenSigner) -> HttpRoute:
+    """GET /.well-known/jwks.json (public): the token-verification keys for HTTP clients."""
 
-class JwksHttp:
-    """GET /.well-known/jwks.json: the token-verification keys for HTTP clients."""
-
-    def __init__(self, signer: TokenSigner, host: str, port: int) -> None:
-        self.signer = signer
-        self.host = host
-        self.port = port
-        self._runner: web.AppRunner | None = None
-
-    async def _jwks(self, request: web.Request) -> web.Response:
+    async def jwks(request: web.Request) -> web.Response:
         return web.Response(
-            text=await self.signer.jwks_json(),
+            text=await signer.jwks_json(),
             content_type="application/jwk-set+json",
             headers={"Cache-Control": "public, max-age=60"},
         )
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/.well-known/jwks.json", self._jwks)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        log.info("JWKS served over HTTP", extra={"port": self.port})
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+    return HttpRoute.get("/.well-known/jwks.json", jwks, public=True)
 
 
 def build(runtime: ServiceRuntime) -> ServiceParts:
@@ -67,9 +46,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     keys = runtime.require_keys()
     signer = TokenSigner(keys)
     api = IdentityApi(runtime, keys, signer, SecretHasher(settings.max_concurrent_hashing))
-    jwks_http = JwksHttp(signer, settings.grpc_host, settings.jwks_http_port)
     runtime.extras["identity_api"] = api
-    runtime.extras["jwks_http"] = jwks_http
 
     async def provision() -> None:
         if settings.bootstrap_admin_secret_file is not None:
@@ -98,9 +75,9 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
                 topics=[TOPICS["records"]],
             )
         ],
-        on_start=[api.start, provision, jwks_http.start],
+        http_routes=[jwks_route(signer)],
+        on_start=[api.start, provision],
         background=[resource_migration(runtime.db, keys, runtime.legacy_keys).keep_running],
-        on_stop=[jwks_http.stop],
     )
 
 

@@ -116,12 +116,12 @@ class Ports:
 
     @property
     def jwks(self) -> int:
-        """identity's JWKS over HTTP: 9111 with the default metrics ports."""
+        """identity's HTTP port, where the JWKS is: 9111 with the default metrics ports."""
         return self.metrics_base + 10
 
     @property
     def tiles(self) -> int:
-        """audit's transparency-log tiles over HTTP: 9115 with the default metrics ports."""
+        """audit's HTTP port, where the log's tiles are: 9115 with the default metrics ports."""
         return self.metrics_base + 14
 
     @property
@@ -540,11 +540,11 @@ class Stack:
                 self.state.service_secret_file(other)
             env["MEDLEDGER_SERVICE_SECRETS_DIR"] = str(self.state.service_secrets_dir())
             env["MEDLEDGER_BOOTSTRAP_ADMIN_SECRET_FILE"] = str(self.state.admin_secret_file())
-            env["MEDLEDGER_JWKS_HTTP_PORT"] = str(self.ports.jwks)
+            env["MEDLEDGER_HTTP_PORT"] = str(self.ports.jwks)
         else:
             env["MEDLEDGER_CLIENT_SECRET_FILE"] = str(self.state.service_secret_file(name))
         if name == "audit":
-            env["MEDLEDGER_TILES_HTTP_PORT"] = str(self.ports.tiles)
+            env["MEDLEDGER_HTTP_PORT"] = str(self.ports.tiles)
             env["MEDLEDGER_LAST_CHECKPOINT_FILE"] = str(self.state.path / "audit" / "last-checkpoint")
             env["MEDLEDGER_LOG_ORIGIN"] = self.origin
         if name == "anchoring":
