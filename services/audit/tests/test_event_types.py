@@ -362,3 +362,29 @@ def test_a_message_without_the_entry_option_stays_unprocessable() -> None:
     draft = entries.draft_entry(event)
     assert draft is not None and draft.type == entries.UNPROCESSABLE and draft.patient_id is None
     assert draft.fields["event_type"] == "medledger.events.v1.ErasureCertificate"
+
+
+def test_a_message_taking_another_types_entry_type_is_refused() -> None:
+    """Two messages with one entry type would make the log's entries ambiguous: the second is an
+    error, not a silent replacement."""
+    pool = descriptor_pool.Default()
+    name = "medledger/testing/v1/duplicate_events.proto"
+    try:
+        pool.FindFileByName(name)
+    except KeyError:
+        file = descriptor_pb2.FileDescriptorProto(
+            name=name,
+            package="medledger.testing.v1",
+            syntax="proto3",
+            dependency=["medledger/options/v1/options.proto"],
+        )
+        message = file.message_type.add(name="RecordStoredAgain")
+        declared = message.options.Extensions[options_pb2.audit_entry]
+        declared.type = "record.stored"
+        declared.audit_event.type_code = "110110"
+        declared.audit_event.action = "C"
+        pool.AddSerializedFile(file.SerializeToString())
+    with pytest.raises(ValueError, match=r"record\.stored"):
+        event_types.by_event_type("medledger.testing.v1.RecordStoredAgain")
+    known = event_types.by_entry_type("record.stored")
+    assert known is not None and known.full_name == "medledger.events.v1.RecordStored"

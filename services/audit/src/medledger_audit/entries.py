@@ -125,7 +125,7 @@ def draft_entry(event: Event) -> EntryDraft | None:
             event.id, event_time, reason="undecodable payload", raw=event.SerializeToString(), where={}
         )
     fields = _fields_of(payload)
-    patient_id = _take_patient(fields, event_types.personal_fields(payload.DESCRIPTOR))
+    patient_id = _take_patient(fields, known.personal)
     if patient_id:
         # The patient acting on their own data (writing their record, reading it): named as the
         # subject, not by id.

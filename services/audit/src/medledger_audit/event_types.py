@@ -51,6 +51,20 @@ class AuditEventCoding:
 
 
 @dataclass(frozen=True)
+class PersonalFields:
+    """The fields of a message type that name the patient, and its message fields that hold such
+    fields in turn (singular ones: lists are not looked into)."""
+
+    patient_ids: tuple[str, ...]
+    # Named only when they name a patient (`pat_…`): other principals' ids stay.
+    principal_ids: tuple[str, ...]
+    nested: tuple[tuple[str, Descriptor], ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.patient_ids or self.principal_ids or self.nested)
+
+
+@dataclass(frozen=True)
 class EventType:
     """What the log knows of one event message type."""
 
@@ -64,20 +78,9 @@ class EventType:
     # The fields the log finds an entry by as its actor, in order of preference: who did it, then
     # the grantee.
     actor_fields: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class PersonalFields:
-    """The fields of a message type that name the patient, and its message fields that hold such
-    fields in turn (singular ones: lists are not looked into)."""
-
-    patient_ids: tuple[str, ...]
-    # Named only when they name a patient (`pat_…`): other principals' ids stay.
-    principal_ids: tuple[str, ...]
-    nested: tuple[tuple[str, Descriptor], ...]
-
-    def __bool__(self) -> bool:
-        return bool(self.patient_ids or self.principal_ids or self.nested)
+    # Its fields naming the patient (`personal_fields` of its message), kept here because every
+    # event drafted needs them.
+    personal: PersonalFields
 
 
 _BY_EVENT: dict[str, EventType] = {}
@@ -161,6 +164,7 @@ def _register(descriptor: Descriptor) -> EventType | None:
         audit_event=AuditEventCoding(coding.type_code, coding.type_display, coding.action, coding.outcome or "0"),
         agent_fields=(*acting, *roles.get(options_pb2.ACTOR_ACTED_UPON, [])),
         actor_fields=(*acting, *roles.get(options_pb2.ACTOR_GRANTEE, [])),
+        personal=personal_fields(descriptor),
     )
     _BY_EVENT[event_type.full_name] = event_type
     _BY_ENTRY[event_type.entry_type] = event_type
