@@ -1,8 +1,9 @@
 """What the log holds: one entry per event, a JCS (RFC 8785) JSON object per entry, without I/O.
 
 Every entry has `v` (1), `type`, `event_id`, `event_time`, `integrated_time`, `source` and
-`subject`, then the fields of its type (the schema of each type is in the README, generated from
-`ENTRY_TYPES`). The patient an entry is about never appears in it: `subject` is the HMAC-SHA-256
+`subject`, then the fields of its type. An event's payload message names its own entry type and
+which of its fields name the patient (its options, read by `event_types`); the schema of each type
+is in the README, generated from them. The patient an entry is about never appears in it: `subject` is the HMAC-SHA-256
 of the patient id under a key of that patient's own (`subject_key_name`), which erasure deletes,
 so the patient's entries become unlinkable while every hash of the log stays. Ids of other
 principals (the actor who read, the grantee) stay: they are who did what.
@@ -26,14 +27,9 @@ from typing import Any
 import rfc8785
 from google.protobuf import message as pb_message
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from medledger.events.v1 import (
-    anchoring_events_pb2,
-    consent_events_pb2,
-    identity_events_pb2,
-    notification_events_pb2,
-    records_events_pb2,
-)
+from medledger.events.v1 import anchoring_events_pb2
 
+from medledger_audit import event_types
 from medledger_common.events import Event, unpack
 from medledger_common.keys import audit_subject_key_name
 from medledger_common.tlog import MAX_ENTRY_BYTES
@@ -48,34 +44,12 @@ UNPROCESSABLE = "unprocessable"
 # wrote their own record).
 SUBJECT_ITSELF = "@subject"
 
-# The entry type of each event payload the log knows. An event of another payload type is an
-# `unprocessable` entry (with the SHA-256 of its bytes), never dropped.
-_KNOWN: list[tuple[str, Any]] = [
-    ("principal.registered", identity_events_pb2.PrincipalRegistered),
-    ("principal.updated", identity_events_pb2.PrincipalUpdated),
-    ("principal.deactivated", identity_events_pb2.PrincipalDeactivated),
-    ("principal.role_changed", identity_events_pb2.PrincipalRoleChanged),
-    ("identity.signing_key_rotated", identity_events_pb2.SigningKeyRotated),
-    ("consent.version_recorded", consent_events_pb2.ConsentVersionRecorded),
-    ("consent.decision", consent_events_pb2.ConsentDecisionRecorded),
-    ("consent.guardianship_changed", consent_events_pb2.GuardianshipChanged),
-    ("break_glass.started", consent_events_pb2.BreakGlassAccessStarted),
-    ("break_glass.reviewed", consent_events_pb2.BreakGlassAccessReviewed),
-    ("break_glass.policy_changed", consent_events_pb2.BreakGlassPolicyChanged),
-    ("record.stored", records_events_pb2.RecordStored),
-    ("record.disclosed", records_events_pb2.RecordDisclosed),
-    ("record.access_denied", records_events_pb2.RecordAccessDenied),
-    ("records.listed", records_events_pb2.RecordsListed),
-    ("erasure.requested", records_events_pb2.ErasureRequested),
-    ("erasure.cancelled", records_events_pb2.ErasureCancelled),
-    ("legal_hold.changed", records_events_pb2.LegalHoldChanged),
-    ("erasure.completed", records_events_pb2.PatientRecordsErased),
-    ("erasure.keys_requested", records_events_pb2.PatientKeysErasureRequested),
-    ("erasure.keys_destroyed", records_events_pb2.PatientKeysDestroyed),
-    ("notification.requested", notification_events_pb2.NotificationRequested),
-    ("consent.commitment_on_chain", anchoring_events_pb2.ConsentCommitmentRecorded),
-]
-ENTRY_TYPES: dict[str, tuple[str, type[pb_message.Message]]] = {m.DESCRIPTOR.full_name: (n, m) for n, m in _KNOWN}
+# The entry type of each event payload the log knows so far, from the payload's own options
+# (`event_types`). An event of another payload type is an `unprocessable` entry (with the SHA-256
+# of its bytes), never dropped.
+ENTRY_TYPES: dict[str, tuple[str, type[pb_message.Message]]] = {
+    t.full_name: (t.entry_type, t.message_class) for t in event_types.known()
+}
 # The audit service's own events (its checkpoints) are not appended: the log would grow by
 # signing that it grew.
 OWN_EVENT_SOURCE = "medledger.audit"
@@ -83,8 +57,6 @@ OWN_EVENT_SOURCE = "medledger.audit"
 # checkpoint would be anchored in turn, one transaction every interval with no traffic at all.
 # The chain is their record (and anchoring's API serves them).
 NOT_APPENDED_TYPES = frozenset({anchoring_events_pb2.CheckpointAnchored.DESCRIPTOR.full_name})
-# Fields that name the patient an entry is about, in the order they are looked for.
-_PATIENT_FIELDS = ("patient_id", "principal_id", "recipient_id")
 
 
 @dataclass(frozen=True)
@@ -137,7 +109,7 @@ def draft_entry(event: Event) -> EntryDraft | None:
     if event.source == OWN_EVENT_SOURCE or event.type in NOT_APPENDED_TYPES:
         return None
     event_time = event.time.seconds + event.time.nanos / 1e9
-    known = ENTRY_TYPES.get(event.type)
+    known = event_types.by_event_type(event.type)
     if known is None:
         return _unprocessable(
             event.id or f"sha256:{sha256_hex(event.SerializeToString())}",
@@ -146,22 +118,27 @@ def draft_entry(event: Event) -> EntryDraft | None:
             raw=event.SerializeToString(),
             where={"event_type": event.type[:200]},
         )
-    entry_type, message_class = known
     try:
-        payload = unpack(event, message_class)
+        payload = unpack(event, known.message_class)
     except Exception:
         return _unprocessable(
             event.id, event_time, reason="undecodable payload", raw=event.SerializeToString(), where={}
         )
     fields = _fields_of(payload)
-    patient_id = _take_patient(fields)
+    patient_id = _take_patient(fields, known.personal)
     if patient_id:
         # The patient acting on their own data (writing their record, reading it): named as the
         # subject, not by id.
         _replace_value(fields, patient_id, SUBJECT_ITSELF)
     side_lists = _hash_long_lists(fields)
     return EntryDraft(
-        event.id, entry_type, patient_id, event_time, fields, side_lists, json_safe=_float_free(payload.DESCRIPTOR)
+        event.id,
+        known.entry_type,
+        patient_id,
+        event_time,
+        fields,
+        side_lists,
+        json_safe=_float_free(payload.DESCRIPTOR),
     )
 
 
@@ -264,19 +241,25 @@ def _jcs_safe(value: Any) -> bool:
     return False
 
 
-def _take_patient(fields: dict[str, Any]) -> str | None:
-    """Remove the patient id from an entry's fields (it becomes `subject`), wherever it is: a
-    `patient_id`, a patient principal's `principal_id` or `recipient_id`, or within a nested
-    message such as the erasure certificate."""
+def _take_patient(fields: dict[str, Any], personal: event_types.PersonalFields) -> str | None:
+    """Remove the patient id from an entry's fields (it becomes `subject`), wherever the payload's
+    type marks it as personal data: a patient id field, a principal id field holding a patient's
+    id, or such a field within a message the payload holds (the erasure certificate)."""
     found: str | None = None
-    for name in _PATIENT_FIELDS:
+    for name in personal.patient_ids:
         value = fields.get(name)
-        if isinstance(value, str) and value and (name == "patient_id" or value.startswith(PATIENT_PREFIX)):
+        if isinstance(value, str) and value:
             found = found or value
             del fields[name]
-    for value in fields.values():
+    for name in personal.principal_ids:
+        value = fields.get(name)
+        if isinstance(value, str) and value.startswith(PATIENT_PREFIX):
+            found = found or value
+            del fields[name]
+    for name, inner in personal.nested:
+        value = fields.get(name)
         if isinstance(value, dict):
-            nested = _take_patient(value)
+            nested = _take_patient(value, event_types.personal_fields(inner))
             found = found or nested
     return found
 
@@ -402,11 +385,12 @@ _JSON_TYPES = {
 def schema_markdown() -> str:
     """The README's table of entry types and their fields (a test keeps the two equal)."""
     lines = ["| type | event | fields besides the common ones |", "|---|---|---|"]
-    for full_name, (entry_type, message_class) in sorted(ENTRY_TYPES.items(), key=lambda kv: kv[1][0]):
+    for known in event_types.known():
         described = []
-        for f in message_class.DESCRIPTOR.fields:
-            if f.name == "patient_id":
-                described.append("(`patient_id` → `subject`)")
+        patient_ids = event_types.personal_fields(known.message_class.DESCRIPTOR).patient_ids
+        for f in known.message_class.DESCRIPTOR.fields:
+            if f.name in patient_ids:
+                described.append(f"(`{f.name}` → `subject`)")
                 continue
             if f.type == FieldDescriptor.TYPE_MESSAGE:
                 timestamp = f.message_type is not None and f.message_type.full_name == "google.protobuf.Timestamp"
@@ -416,7 +400,7 @@ def schema_markdown() -> str:
             if f.is_repeated:
                 kind = f"array of {kind}; over {MAX_LISTED_IDS}: `{f.name}_sha256`, `{f.name}_count`"
             described.append(f"`{f.name}` {kind}")
-        lines.append(f"| `{entry_type}` | `{full_name.rsplit('.', 1)[1]}` | {', '.join(described)} |")
+        lines.append(f"| `{known.entry_type}` | `{known.full_name.rsplit('.', 1)[1]}` | {', '.join(described)} |")
     lines.append(
         "| `entry.redacted` | (`RedactEntry`) | `redacted_index` integer, `redacted_leaf_hash` string (hex), "
         "`reason` string, `redacted_by` string |"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from medledger_audit import event_types
+
 _DCM = "http://dicom.nema.org/resources/ontology/DCM"
 _PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 _ENTRY_TYPE_SYSTEM = "urn:medledger:audit-entry-type"
@@ -21,55 +23,17 @@ _PRINCIPAL_SYSTEM = "urn:medledger:principal"
 _SUBJECT_SYSTEM = "urn:medledger:audit-subject"
 _LOG_SYSTEM = "urn:medledger:audit-log-entry"
 
-# DICOM (DCM) audit event types: what kind of thing happened.
-_PATIENT_RECORD = ("110110", "Patient Record")
-_QUERY = ("110112", "Query")
-_EXPORT = ("110106", "Export")
+# DICOM (DCM) audit event types of the log's own entries; an event's entry type has its coding
+# from its payload message's options (`event_types`).
 _SECURITY_ALERT = ("110113", "Security Alert")
-_USER_SECURITY = ("110114", "User Authentication")
-_EMERGENCY_STARTED = ("110127", "Emergency Override Started")
-_EMERGENCY_STOPPED = ("110128", "Emergency Override Stopped")
 _APPLICATION_ACTIVITY = ("110100", "Application Activity")
-
-# entry type -> (DICOM type, action)
-_KINDS: dict[str, tuple[tuple[str, str], str]] = {
-    "record.stored": (_PATIENT_RECORD, "C"),
-    "record.disclosed": (_PATIENT_RECORD, "R"),
-    "record.access_denied": (_PATIENT_RECORD, "R"),
-    "records.listed": (_QUERY, "R"),
-    "erasure.requested": (_PATIENT_RECORD, "E"),
-    "erasure.cancelled": (_PATIENT_RECORD, "E"),
-    "erasure.completed": (_PATIENT_RECORD, "D"),
-    "erasure.keys_requested": (_PATIENT_RECORD, "E"),
-    "erasure.keys_destroyed": (_PATIENT_RECORD, "D"),
-    "legal_hold.changed": (_PATIENT_RECORD, "U"),
-    "consent.version_recorded": (_PATIENT_RECORD, "U"),
-    "consent.decision": (_QUERY, "E"),
-    "consent.guardianship_changed": (_USER_SECURITY, "U"),
-    "break_glass.started": (_EMERGENCY_STARTED, "E"),
-    "break_glass.reviewed": (_EMERGENCY_STOPPED, "E"),
-    "break_glass.policy_changed": (_APPLICATION_ACTIVITY, "U"),
-    "principal.registered": (_USER_SECURITY, "C"),
-    "principal.updated": (_USER_SECURITY, "U"),
-    "principal.deactivated": (_USER_SECURITY, "U"),
-    "principal.role_changed": (_USER_SECURITY, "U"),
-    "identity.signing_key_rotated": (_APPLICATION_ACTIVITY, "U"),
-    "notification.requested": (_APPLICATION_ACTIVITY, "E"),
-    "unprocessable": (_SECURITY_ALERT, "E"),
-    "entry.redacted": (_APPLICATION_ACTIVITY, "D"),
+# The log's own entry types: (DICOM type, action, fields naming who acted).
+_OWN: dict[str, tuple[tuple[str, str], str, tuple[str, ...]]] = {
+    "unprocessable": (_SECURITY_ALERT, "E", ()),
+    "entry.redacted": (_APPLICATION_ACTIVITY, "D", ("redacted_by",)),
 }
-# Fields naming who acted, in order of preference.
-_ACTOR_FIELDS = (
-    "actor_id",
-    "written_by",
-    "practitioner_id",
-    "requested_by",
-    "reviewed_by",
-    "changed_by",
-    "cancelled_by",
-    "principal_id",
-    "redacted_by",
-)
+# An entry type known neither way.
+_OTHER: tuple[tuple[str, str], str, tuple[str, ...]] = (_APPLICATION_ACTIVITY, "E", ())
 # Fields naming what was concerned: (field, identifier system).
 _WHAT_FIELDS = (
     ("record_id", "urn:medledger:record"),
@@ -91,8 +55,15 @@ def _coding(system: str, code: str, display: str | None = None) -> dict[str, str
 def audit_event(entry: dict[str, Any], *, index: int, leaf_hash_hex: str, source: str = "") -> dict[str, Any]:
     """The AuditEvent of one log entry (parsed JSON), at `index` in the log."""
     entry_type = str(entry.get("type", "unprocessable"))
-    (code, display), action = _KINDS.get(entry_type, (_APPLICATION_ACTIVITY, "E"))
-    actor = next((entry[f] for f in _ACTOR_FIELDS if isinstance(entry.get(f), str) and entry[f]), None)
+    event_type = event_types.by_entry_type(entry_type)
+    if event_type is not None:
+        coding = event_type.audit_event
+        code, display, action, outcome = coding.type_code, coding.type_display, coding.action, coding.outcome
+        agent_fields = event_type.agent_fields
+    else:
+        (code, display), action, agent_fields = _OWN.get(entry_type, _OTHER)
+        outcome = "0"
+    actor = next((entry[f] for f in agent_fields if isinstance(entry.get(f), str) and entry[f]), None)
     agent: dict[str, Any] = {"requestor": True}
     if actor:
         agent["who"] = {"identifier": {"system": _PRINCIPAL_SYSTEM, "value": actor}}
@@ -124,7 +95,7 @@ def audit_event(entry: dict[str, Any], *, index: int, leaf_hash_hex: str, source
         "subtype": [_coding(_ENTRY_TYPE_SYSTEM, entry_type)],
         "action": action,
         "recorded": entry.get("integrated_time") or "1970-01-01T00:00:00.000Z",
-        "outcome": "4" if entry_type == "record.access_denied" else "0",
+        "outcome": outcome,
         "agent": [agent],
         "source": {"observer": {"display": source or "medledger.audit"}},
         "entity": entities,

@@ -30,7 +30,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from medledger_audit import storage
+from medledger_audit import event_types, storage
 from medledger_audit.entries import UNPROCESSABLE, EntryDraft, encode_entry, subject_key_name
 from medledger_common import tlog
 from medledger_common.db import Database, lock_key
@@ -45,18 +45,6 @@ APPEND_LOCK = "audit-sequencer"
 # held up behind them.
 YIELD_EVERY = 250
 ERASURE_TYPE = "erasure.completed"
-# Fields that name who acted, in the order they are looked for (for lookups by actor).
-_ACTOR_FIELDS = (
-    "actor_id",
-    "written_by",
-    "practitioner_id",
-    "requested_by",
-    "reviewed_by",
-    "changed_by",
-    "cancelled_by",
-    "grantee_id",
-)
-
 ENTRIES_APPENDED = Counter("medledger_audit_entries_appended_total", "Entries appended to the log.")
 DUPLICATES_SKIPPED = Counter(
     "medledger_audit_duplicates_skipped_total", "Events not appended because the log already held their id."
@@ -163,7 +151,10 @@ def lookup_columns(draft: EntryDraft) -> tuple[str | None, str | None, str | Non
     fields = draft.fields
     record_id = fields.get("record_id")
     commitment = fields.get("commitment")
-    actor = next((fields[f] for f in _ACTOR_FIELDS if isinstance(fields.get(f), str) and fields[f]), None)
+    # Which fields name the actor, the entry's event type says (the log's own entries have none).
+    event_type = event_types.by_entry_type(draft.type)
+    actor_fields = event_type.actor_fields if event_type is not None else ()
+    actor = next((fields[f] for f in actor_fields if isinstance(fields.get(f), str) and fields[f]), None)
     return (
         record_id[:200] if isinstance(record_id, str) and record_id else None,
         commitment[:200] if isinstance(commitment, str) and commitment else None,
