@@ -5,6 +5,7 @@ fails every request in it with UNAVAILABLE."""
 from __future__ import annotations
 
 import asyncio
+import random
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,9 @@ async def test_concurrent_writes_share_commits_and_each_returns_durable(db: Data
     assert commits < 100, "concurrent writes should share commits"
 
 
-async def test_a_lone_write_commits_at_once_and_writes_during_a_commit_share_the_next(db: Database) -> None:
+async def test_a_lone_write_commits_at_once_and_a_commit_waits_only_for_the_company_it_expects(
+    db: Database,
+) -> None:
     # An interval far longer than the test may take: a write that waited for it would time out.
     writer = OutboxGroupCommit(db, table=notes, commit_interval=120.0)
     batches: list[int] = []
@@ -97,6 +100,7 @@ async def test_a_lone_write_commits_at_once_and_writes_during_a_commit_share_the
             writer.write("medledger.test", _event(n), None, {"note_id": f"n{n}", "n": n}),
         )
 
+    fewer: list[asyncio.Future[None]] = []
     try:
         for n in range(5):  # one caller, one request at a time: each commits on its own, at once
             await asyncio.wait_for(write(n), timeout=20)
@@ -105,18 +109,56 @@ async def test_a_lone_write_commits_at_once_and_writes_during_a_commit_share_the
         await asyncio.wait_for(in_flight.wait(), timeout=20)
         during = [write(n) for n in range(6, 26)]  # load: they queue behind the commit in flight
         await asyncio.sleep(0.05)
+        assert not any(f.done() for f in during)
         release.set()
         await asyncio.wait_for(first, timeout=20)
-        assert batches == [1, 1, 1, 1, 1, 1]
-        # The next commit waits out the interval for more company: still pending after a while.
+        # More wait than the previous commit carried: the next commit takes them all, at once.
+        await asyncio.wait_for(asyncio.gather(*during), timeout=20)
+        assert batches == [1, 1, 1, 1, 1, 1, 20]
+        # Fewer than the previous commit carried: the writer waits for more company (up to the
+        # interval): still pending after a while.
+        fewer = [write(n) for n in range(26, 31)]
         await asyncio.sleep(0.2)
-        assert not any(f.done() for f in during)
+        assert not any(f.done() for f in fewer)
+        assert batches == [1, 1, 1, 1, 1, 1, 20]
     finally:
         runner.cancel()
-        for f in during:
+        for f in fewer:
             f.cancel()
         await writer.close()
-    assert await _count(db, notes) == 6
+    assert await _count(db, notes) == 26
+
+
+async def test_callers_coming_back_after_a_round_trip_fill_one_commit_each_round(db: Database) -> None:
+    # 16 callers, each writing again a moment (a network round trip) after its write returned.
+    # The first to come back must not get a commit of its own with the other fifteen waiting
+    # for the next: every round is one commit, started once all 16 are in (long before the
+    # interval, which only bounds the wait when fewer come).
+    writer = OutboxGroupCommit(db, table=notes, commit_interval=0.2)
+    batches: list[int] = []
+    real_commit = writer._commit
+
+    async def counted(batch):  # type: ignore[no-untyped-def]
+        batches.append(len(batch))
+        await real_commit(batch)
+
+    writer._commit = counted  # type: ignore[method-assign]
+    runner = asyncio.create_task(writer.run())
+    rng = random.Random(7)
+    try:
+
+        async def caller(c: int) -> None:
+            for i in range(10):
+                n = c * 100 + i
+                await writer.write("medledger.test", _event(n), None, {"note_id": f"n{n}", "n": n})
+                await asyncio.sleep(rng.uniform(0.0005, 0.003))
+
+        await asyncio.wait_for(asyncio.gather(*(caller(c) for c in range(16))), timeout=60)
+    finally:
+        runner.cancel()
+        await writer.close()
+    assert sum(batches) == 160 and await _count(db, notes) == 160
+    assert len(batches) <= 13, f"each round of 16 callers should share one commit: {batches}"
 
 
 async def test_under_load_commits_group_at_the_interval(db: Database) -> None:

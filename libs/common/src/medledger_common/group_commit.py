@@ -6,17 +6,22 @@ Used where every request must leave a durable record before it is answered and r
 many: consent's decision log, records' disclosures. Requests queue their writes; one writer task
 commits everything queued so far in one statement, then releases the waiting requests.
 
-A request that finds the writer idle is committed at once: a lone caller (a clinician's app
-asking one thing at a time) waits for its own commit and nothing else. Requests that arrive
-while a commit is in flight are load: the next commit starts at most every `commit_interval`
-seconds (like PostgreSQL's `commit_delay`), so it carries many requests' writes instead of one
+A commit waits for company only as long as company is coming. Once as many requests wait as the
+previous commit carried, the next commit starts: a lone caller (a clinician's app asking one
+thing at a time), whose previous commit carried only its own request, waits for its own commit
+and nothing else; under load, the callers the previous commit answered come back and fill the
+next one, which starts as soon as they are in, however often that is. With fewer waiting, the
+writer waits for more, but no longer than `commit_interval` after the previous commit began
+(like PostgreSQL's `commit_delay`), so that commits carry many requests' writes instead of one
 or two, which is what lets a small machine serve more of them (each commit costs the event loop
-more than its rows do), at the price of at most that interval of latency under load.
+more than its rows do). (Waiting out the interval whenever a commit was in flight capped the
+rate at the callers in flight per interval: 16 callers every 8 ms, 2,000 requests/s at best.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +81,9 @@ class OutboxGroupCommit:
         self._columns = [c.name for c in table.columns] if table is not None else []
         self._queue: list[_Pending] = []
         self._wake = asyncio.Event()
+        # As many requests as the previous commit carried: once that many wait, the next commit
+        # need not wait for more (a lone caller's previous commit carried one: its own).
+        self._enough = 1
         # Called after commits, at most every `notify_seconds`: the relay then publishes in
         # batches of that many milliseconds, not one relay transaction per commit.
         self.after_commit: Callable[[], None] | None = None
@@ -91,7 +99,8 @@ class OutboxGroupCommit:
         propagate.inject(carrier)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(topic, event, key, row, carrier.get("traceparent"), done))
-        self._wake.set()
+        if len(self._queue) == 1 or len(self._queue) >= self._enough:
+            self._wake.set()
         await done
 
     async def run(self) -> None:
@@ -99,17 +108,22 @@ class OutboxGroupCommit:
         one waits for its fsync. (Two at a time measured slower: the work is CPU, not waiting.)"""
         last_start = 0.0
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            from_idle = True  # nothing in flight when these requests came: commit them at once
-            while self._queue:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()  # the first request to queue
+            if len(self._queue) < self._enough:
+                # Fewer wait than the previous commit carried: company is coming (the callers it
+                # answered, under load), so wait for as many, but no longer than the interval
+                # since the previous commit began.
                 pause = last_start + self.commit_interval - time.monotonic()
-                if not from_idle and pause > 0 and len(self._queue) < self.max_batch:
-                    await asyncio.sleep(pause)
-                from_idle = False
-                last_start = time.monotonic()
-                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-                await self._commit(batch)
+                if pause > 0:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), pause)
+            last_start = time.monotonic()
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            self._enough = len(batch)
+            await self._commit(batch)
 
     async def close(self) -> None:
         if self._driver is not None:
