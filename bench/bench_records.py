@@ -38,6 +38,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import chart_defaults
 import grpc
 from closed_loop import measure
 from medledger.events.v1 import records_events_pb2
@@ -199,6 +200,7 @@ def records_process(platform: Any, bootstrap: str, database_url: str, folder: Pa
         "MEDLEDGER_CLIENT_SECRET_FILE": str(folder / "secrets" / "records.secret"),
         "MEDLEDGER_OUTBOX_POLL_SECONDS": "0.5",
         "MEDLEDGER_LOG_LEVEL": "WARNING",
+        "MEDLEDGER_TRACE_SAMPLING_RATIO": str(chart_defaults.TRACE_SAMPLING),  # as the chart runs it
     }
     children: list[subprocess.Popen[bytes]] = []
     bao: OpenBao | None = None

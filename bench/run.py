@@ -19,6 +19,8 @@ import time
 import uuid
 from pathlib import Path
 
+import chart_defaults
+
 from medledger_common import localstack
 
 HERE = Path(__file__).resolve().parent
@@ -45,9 +47,9 @@ def verdict(ratio: float, target: float) -> str:
 # baseline and ours back to back, and judge the median of the rounds' ratios.
 ROUNDS = 3
 
-# The Helm chart's default trace sampling (deploy/helm/medledger/values.yaml,
-# tracing.samplingRatio): the consumer and the interceptors are judged where the platform runs.
-CHART_SAMPLING = 0.1
+# The Helm chart's default trace sampling: the consumer, the interceptors and the services the
+# consent and records sections run are judged where the platform runs.
+CHART_SAMPLING = chart_defaults.TRACE_SAMPLING
 
 
 def bench_relay(bootstrap: str, pg: localstack.PostgresCluster, results: dict) -> None:

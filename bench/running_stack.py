@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import chart_defaults
 from medledger.identity.v1 import identity_service_pb2 as id_pb
 from medledger.identity.v1 import identity_service_pb2_grpc as id_grpc
 from medledger.types.v1 import vocabulary_pb2
@@ -90,6 +91,8 @@ async def identity_and_consent(
         "kafka_bootstrap_servers": bootstrap,
         "outbox_poll_seconds": 0.5,
         "log_level": "WARNING",
+        # As the chart runs them: a fraction of calls traced (every call was, before; see bench/README).
+        "trace_sampling_ratio": chart_defaults.TRACE_SAMPLING,
     }
     id_settings = IdentitySettings(
         **common,
