@@ -1,5 +1,6 @@
 """Records' domain, free of I/O: FHIR validation, canonical JSON, commitments and the envelope
-encryption of one record version.
+encryption of one record version; what a put, get, list or export may carry; and who may do
+what without asking consent (the use cases in ``records.py`` ask consent for the rest).
 
 The commitment formulas (also in the README, so anyone can recompute them) and the RFC 8785
 parsing they need are in ``medledger_common.commitments``, shared with `medledger verify`; they
@@ -8,6 +9,8 @@ are re-exported here. Each version has a random 32-byte salt.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +18,10 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fhir.resources.R4B import get_fhir_model_class
+from medledger.types.v1 import vocabulary_pb2
 from pydantic import ValidationError
+
+from medledger_common.auth import Caller
 
 # The commitment formulas live in medledger_common.commitments (the verifier recomputes them);
 # re-exported here for the tests and benchmarks that have always found them here.
@@ -28,7 +34,14 @@ from medledger_common.commitments import (  # noqa: F401
     parse_json,
     record_commitment,
 )
-from medledger_common.errors import DataLoss, FieldViolation, InvalidArgument
+from medledger_common.errors import (
+    DataLoss,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 
 SEAL_DOMAIN = b"medledger:record-seal:v1"
 NONCE_BYTES = 12
@@ -37,6 +50,15 @@ FHIR_JSON = "application/fhir+json"
 RECORD_SYSTEM = "urn:medledger:record"
 PRINCIPAL_SYSTEM = "urn:medledger:principal"
 ORGANIZATION_SYSTEM = "urn:medledger:organization"
+MAX_RECORD_BYTES = 4 * 1024 * 1024
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+# Versions are 32-bit integers in the database: none is larger.
+MAX_VERSION = 2**31 - 1
+READ, WRITE = vocabulary_pb2.Action.ACTION_READ, vocabulary_pb2.Action.ACTION_WRITE
+TREAT = vocabulary_pb2.PurposeOfUse.PURPOSE_OF_USE_TREAT
+CATEGORIES = frozenset(v.number for v in vocabulary_pb2.DataCategory.DESCRIPTOR.values if v.number)
+PURPOSES = frozenset(v.number for v in vocabulary_pb2.PurposeOfUse.DESCRIPTOR.values if v.number)
 
 
 def validate_fhir(resource: Any) -> str:
@@ -124,4 +146,115 @@ def provenance(
         "target": [{"identifier": {"system": RECORD_SYSTEM, "value": f"{record_id}/_history/{version}"}}],
         "recorded": recorded,
         "agent": [author],
+    }
+
+
+# What a request may carry.
+
+
+def check_put(patient_id: str, category: int, media_type: str, content: bytes) -> str:
+    """A put's fields, checked in this order; returns the FHIR resource type ("" for a document)."""
+    if len(content) > MAX_RECORD_BYTES:
+        raise ResourceExhausted(f"a record is at most {MAX_RECORD_BYTES} bytes")
+    if not patient_id:
+        raise InvalidArgument.field("patient_id", "required")
+    if category not in CATEGORIES:
+        raise InvalidArgument.field("category", "required: a DataCategory")
+    if not media_type:
+        raise InvalidArgument.field("media_type", "required: application/fhir+json or a document's media type")
+    if media_type == FHIR_JSON:
+        return validate_fhir(parse_json(content))
+    return ""
+
+
+def check_new_version(record_category: int, record_media_type: str, category: int, media_type: str) -> None:
+    if (record_category, record_media_type) != (category, media_type):
+        raise InvalidArgument.field("category", "a new version keeps its record's category and media type")
+
+
+def commitment(media_type: str, content: bytes, salt: bytes) -> str:
+    """A FHIR resource commits to its canonical JSON, a document to its media type and bytes."""
+    if media_type == FHIR_JSON:
+        return record_commitment(content, salt)
+    return document_commitment(media_type, content, salt)
+
+
+def check_list(categories: tuple[int, ...], page_size: int) -> None:
+    if any(c not in CATEGORIES for c in categories):
+        raise InvalidArgument.field("categories", "DataCategory values only")
+    if page_size < 0:
+        raise InvalidArgument.field("page_size", "must not be negative")
+
+
+def page_size(asked: int) -> int:
+    return min(asked or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def page_token(updated_at: float, record_id: str) -> str:
+    """Where the next page starts: after this record, in (updated_at, record_id) order."""
+    return f"{updated_at!r}/{record_id}"
+
+
+def page_position(token: str) -> tuple[float, str]:
+    updated, _, record_id = token.partition("/")
+    try:
+        position = float(updated)
+    except ValueError:
+        raise InvalidArgument.field("page_token", "not a token this RPC returned") from None
+    if not record_id.startswith("rec_"):
+        raise InvalidArgument.field("page_token", "not a token this RPC returned")
+    return position, record_id
+
+
+# Who may do what without asking consent. Each returns whether consent must be asked, or refuses.
+
+
+def write_needs_consent(caller: Caller, patient_id: str) -> bool:
+    """A patient writes their own records (no consent asked); anyone else writing asks consent."""
+    if caller.principal_id == patient_id:
+        return False
+    if caller.kind == "patient":
+        raise PermissionDenied("a patient writes their own records only")
+    return True
+
+
+def read_needs_consent(caller: Caller, patient_id: str, purpose: int) -> bool:
+    """A patient reads their own records; another patient's are as missing ones (NotFound);
+    anyone else names a purpose and asks consent."""
+    if caller.principal_id == patient_id:
+        return False
+    if caller.kind == "patient":
+        raise NotFound("no such record")  # another patient's: the same answer as a missing one
+    if purpose not in PURPOSES:
+        raise InvalidArgument.field("purpose", "required: a PurposeOfUse, why the record is read")
+    return True
+
+
+def list_needs_consent(caller: Caller, patient_id: str, purpose: int) -> bool:
+    """A patient lists their own records; anyone else but a patient names a purpose and asks
+    consent (one question per category)."""
+    if caller.principal_id == patient_id:
+        return False
+    if caller.kind == "patient":
+        raise PermissionDenied("a patient lists their own records only")
+    if purpose not in PURPOSES:
+        raise InvalidArgument.field("purpose", "required: a PurposeOfUse, why the records are listed")
+    return True
+
+
+def check_export(caller: Caller, patient_id: str) -> None:
+    """Only the patient exports their records: no consent covers an export."""
+    if caller.principal_id != patient_id:
+        raise PermissionDenied("a patient exports their own records only")
+
+
+def export_resource(media_type: str, content: bytes) -> dict[str, Any]:
+    """A version as a Bundle entry's resource: the FHIR resource itself, or a document as a Binary."""
+    if media_type == FHIR_JSON:
+        resource: dict[str, Any] = json.loads(content)
+        return resource
+    return {
+        "resourceType": "Binary",
+        "contentType": media_type,
+        "data": base64.b64encode(content).decode("ascii"),
     }

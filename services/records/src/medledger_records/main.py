@@ -1,4 +1,5 @@
-"""Wires records: settings, storage and the gRPC API."""
+"""Wires records: settings, storage, the use cases (records.RecordDesk, erasure.ErasureDesk) and
+the gRPC API, each given its dependencies through its constructor."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from medledger_common.grpc_client import service_channel
 from medledger_common.identity_link import BearerTokenInterceptor
 from medledger_common.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
 from medledger_common.settings import load_settings_or_exit
-from medledger_records.api import ACCESS, PUBLIC_METHODS, RecordsApi
+from medledger_records.api import ACCESS, PUBLIC_METHODS, ConsentClient, RecordsApi
 from medledger_records.blobs import FilesystemBlobStore
 from medledger_records.config import RecordsSettings
 from medledger_records.data_keys import CacheLimits, DataKeyCache
 from medledger_records.erasure import ErasureDesk
 from medledger_records.handlers import CONFIRMATION_CONSUMER, ErasureConfirmationHandler
 from medledger_records.key_owners import data_key_migration
+from medledger_records.records import RecordDesk
 from medledger_records.storage import MIGRATIONS
 
 NAME = "records"
@@ -56,8 +58,19 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     )
     disclosures = OutboxGroupCommit(runtime.db, what="the disclosure")
     disclosures.after_commit = runtime.relay.notify
-    api = RecordsApi(runtime, keys, ConsentServiceStub(consent_channel), erasures, disclosures, blobs)
+    records = RecordDesk(
+        runtime.db,
+        keys,
+        ConsentClient(ConsentServiceStub(consent_channel)),
+        disclosures,
+        blobs,
+        runtime.relay.notify,
+        source=runtime.source,
+        legacy_keys=runtime.legacy_keys,
+    )
+    api = RecordsApi(runtime, keys, records, erasures)
     runtime.extras["erasures"] = erasures
+    runtime.extras["records"] = records
     runtime.extras["records_api"] = api
     on_stop = [consent_channel.close, disclosures.close]
     return ServiceParts(

@@ -1,0 +1,497 @@
+"""Records' use cases: a caller puts a version of a record, gets one, lists a patient's records or
+exports them, apart from any transport (the gRPC API in ``api.py`` is one caller of these).
+
+Each takes the caller and a command of plain values and returns plain results or raises the
+errors of ``medledger_common.errors``. Every read and every practitioner's write asks consent
+first (through :class:`ConsentService`) and carries the decision id into its event. Each
+version is sealed under a fresh data key from the key manager, wrapped under the patient's key;
+the row and its event commit together. The rules without I/O are in ``domain.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from medledger.events.v1 import records_events_pb2 as ev
+from prometheus_client import Counter
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from medledger_common.auth import Caller
+from medledger_common.db import Database
+from medledger_common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from medledger_common.events import TOPICS, Event, new_event
+from medledger_common.group_commit import OutboxGroupCommit
+from medledger_common.keys import LEGACY_PATIENT_KEY_PREFIX, DataKey, KeyInfo, KeyManager, KeyType, patient_key_name
+from medledger_common.outbox import enqueue
+from medledger_common.settings import ConfigError
+from medledger_records import domain, storage
+from medledger_records.blobs import BlobStore, blob_key
+from medledger_records.erasure import COMPLETED, RUNNING
+
+log = logging.getLogger(__name__)
+TAMPERED = Counter(
+    "medledger_records_tampered_total", "Stored record versions that failed to decrypt (altered data or key)."
+)
+
+
+class RecordKeys(Protocol):
+    """What records does with its everyday key-manager credential (through data_keys.DataKeyCache):
+    no deleting keys (only approved erasures do that, through their own credential:
+    erasure.KeyShredder)."""
+
+    async def ensure_key(self, name: str, key_type: KeyType | str) -> KeyInfo: ...
+    async def data_key_for(self, name: str, plaintext_bytes: int) -> DataKey: ...
+    async def decrypt_data_key(self, name: str, wrapped: str) -> bytes: ...
+    async def rotate(self, name: str) -> KeyInfo: ...
+    async def rewrap(self, name: str, ciphertext: str) -> str: ...
+    async def set_min_decryption_version(self, name: str, version: int) -> KeyInfo: ...
+
+
+@dataclass(frozen=True)
+class ConsentAnswer:
+    """Consent's decision on one question."""
+
+    permit: bool
+    decision_id: str
+    reason_code: str = ""
+    reason: str = ""
+
+
+class ConsentService(Protocol):
+    """The consent service, asked whether `caller` may do `action` on the patient's records of
+    `category` for `purpose` (values of medledger.types.v1 Action, DataCategory, PurposeOfUse)."""
+
+    async def check(
+        self, caller: Caller, patient_id: str, action: int, category: int, purpose: int
+    ) -> ConsentAnswer: ...
+
+
+def _denied(answer: ConsentAnswer) -> PermissionDenied:
+    return PermissionDenied(f"consent {answer.reason_code}: {answer.reason} (decision {answer.decision_id})")
+
+
+# Commands.
+
+
+@dataclass(frozen=True)
+class PutRecord:
+    """A new record (no record_id) or a new version of the patient's record `record_id`."""
+
+    patient_id: str
+    category: int
+    media_type: str
+    content: bytes
+    record_id: str = ""
+
+
+@dataclass(frozen=True)
+class GetRecord:
+    """One version of a record (0: the latest), read for `purpose` (required unless one's own)."""
+
+    record_id: str
+    version: int = 0
+    purpose: int = 0
+
+
+@dataclass(frozen=True)
+class ListRecords:
+    patient_id: str
+    purpose: int = 0
+    categories: tuple[int, ...] = ()  # none: every category
+    resource_type: str = ""
+    updated_from: float | None = None
+    updated_before: float | None = None
+    page_size: int = 0
+    page_token: str = ""
+
+
+@dataclass(frozen=True)
+class ExportRecords:
+    patient_id: str
+
+
+# Results.
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a version commits to, and the event that announced it."""
+
+    record_id: str
+    version: int
+    commitment: str
+    salt: bytes
+    event_id: str
+
+
+@dataclass(frozen=True)
+class Written:
+    record_id: str
+    version: int
+    receipt: Receipt
+
+
+@dataclass(frozen=True)
+class Disclosed:
+    """A version as read, with the consent decision that allowed it ("" for one's own)."""
+
+    content: bytes
+    media_type: str
+    version: int
+    receipt: Receipt
+    decision_id: str
+    patient_id: str
+    category: int
+    provenance: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Listing:
+    records: list[storage.Record]
+    next_page_token: str
+    decision_ids: list[str]
+
+
+@dataclass(frozen=True)
+class Export:
+    """A FHIR Bundle (a collection): each record's latest version, then its Provenance."""
+
+    bundle: dict[str, Any]
+    records: int
+
+
+Write = Callable[[AsyncConnection], Awaitable[Written]]
+# Runs a put's write in a transaction and returns what was written: by default a plain
+# transaction; the gRPC API runs it once per request id (see RecordDesk.put).
+Transaction = Callable[[Write], Awaitable[Written]]
+
+
+def receipt(v: storage.StoredVersion) -> Receipt:
+    return Receipt(v.record_id, v.version, v.commitment, v.salt, v.event_id)
+
+
+def provenance(record: storage.Record, stored: storage.StoredVersion) -> dict[str, Any]:
+    return domain.provenance(
+        record_id=record.record_id,
+        version=stored.version,
+        patient_id=record.patient_id,
+        written_by=stored.written_by,
+        organization_id=stored.organization_id,
+        written_at=stored.written_at,
+    )
+
+
+class RecordDesk:
+    """Records' use cases; its dependencies come through the constructor."""
+
+    def __init__(
+        self,
+        db: Database,
+        keys: RecordKeys,
+        consent: ConsentService,
+        disclosures: OutboxGroupCommit,
+        blobs: BlobStore | None,
+        notify: Callable[[], None],
+        *,
+        source: str = "medledger.records",
+        legacy_keys: Callable[[], KeyManager] | None = None,
+    ) -> None:
+        self.db = db
+        self.keys = keys
+        self.consent = consent
+        # Disclosures' events are as many as reads: they are group-committed.
+        self.disclosures = disclosures
+        self.blobs = blobs
+        # Wakes the outbox relay after a put's transaction commits.
+        self.notify = notify
+        self.source = source
+        self.legacy_keys = legacy_keys
+
+    async def put(self, caller: Caller, command: PutRecord, transaction: Transaction | None = None) -> Written:
+        """Write a version. Checked and authorized (consent asked) before any transaction; then,
+        in one transaction run by `transaction` (default: the database's, then the relay is
+        woken), the version, its row and RecordStored. The gRPC API passes a transaction that runs
+        once per request id and replays the first answer: what it stores is the wire response."""
+        resource_type = domain.check_put(command.patient_id, command.category, command.media_type, command.content)
+        if domain.write_needs_consent(caller, command.patient_id):
+            answer = await self.consent.check(caller, command.patient_id, domain.WRITE, command.category, domain.TREAT)
+            if not answer.permit:
+                raise _denied(answer)
+
+        async def write(conn: AsyncConnection) -> Written:
+            return await self._write(conn, caller, command, resource_type)
+
+        return await (transaction or self._transaction)(write)
+
+    async def _transaction(self, write: Write) -> Written:
+        async with self.db.transaction() as conn:
+            written = await write(conn)
+        self.notify()
+        return written
+
+    async def _write(self, conn: AsyncConnection, caller: Caller, command: PutRecord, resource_type: str) -> Written:
+        patient_id = command.patient_id
+        # Shared with other writes, exclusive with the start of an erasure: once an erasure
+        # runs, no version is added (and no key re-created) for this patient.
+        await storage.lock_patient(conn, patient_id, exclusive=False)
+        for erasure in await storage.erasures_of(conn, patient_id, [RUNNING, COMPLETED]):
+            raise FailedPrecondition(f"this patient's records were erased ({erasure.erasure_id})")
+        now = time.time()
+        if command.record_id:
+            record = await storage.get_record(conn, command.record_id, for_update=True)
+            if record is None or record.patient_id != patient_id:
+                raise NotFound("no such record of this patient")
+            domain.check_new_version(record.category, record.media_type, command.category, command.media_type)
+            version = record.latest_version + 1
+            await storage.set_latest_version(conn, record.record_id, version, now)
+        else:
+            record = storage.Record(
+                f"rec_{uuid.uuid4().hex}", patient_id, command.category, command.media_type, 1, resource_type
+            )
+            version = 1
+            await storage.insert_record(conn, record, now)
+        salt = domain.new_salt()
+        commitment = domain.commitment(command.media_type, command.content, salt)
+        key_name = patient_key_name("records", patient_id)
+        await self.keys.ensure_key(key_name, KeyType.AES256_GCM96)
+        data_key = await self.keys.data_key_for(key_name, len(command.content))
+        sealed = domain.seal(data_key.plaintext, command.content, record.record_id, version, patient_id)
+        stored_key = ""
+        if self.blobs is not None:
+            stored_key = blob_key(record.record_id, version)
+            await self.blobs.put(stored_key, sealed)
+        event = new_event(
+            source=self.source,
+            payload=ev.RecordStored(
+                record_id=record.record_id,
+                version=version,
+                patient_id=patient_id,
+                category=command.category,  # type: ignore[arg-type]
+                commitment=commitment,
+                written_by=caller.principal_id,
+            ),
+            aggregate_id=record.record_id,
+            version=version,
+            subject=patient_id,
+        )
+        stored = storage.StoredVersion(
+            record.record_id,
+            version,
+            patient_id,
+            key_name,
+            data_key.wrapped,
+            b"" if stored_key else sealed,
+            salt,
+            commitment,
+            event.id,
+            stored_key,
+        )
+        await storage.insert_version(
+            conn, stored, written_by=caller.principal_id, organization_id=caller.organization_id, now=now
+        )
+        await enqueue(conn, TOPICS["records"], event, key=patient_id.encode())
+        return Written(record.record_id, version, receipt(stored))
+
+    async def get(self, caller: Caller, command: GetRecord) -> Disclosed:
+        """One version, once consent permits (unless it is the caller's own) and RecordDisclosed
+        is durable; a denial is announced (RecordAccessDenied) before PermissionDenied."""
+        if command.version > domain.MAX_VERSION:
+            raise NotFound("no such version")
+        found = await storage.get_record_and_version(self.db, command.record_id, command.version)
+        if found is None:
+            raise NotFound("no such record")
+        record, stored = found
+        version = command.version or record.latest_version
+        if record.erased_at is not None:
+            raise FailedPrecondition("this patient's records were erased")
+        decision_id = ""
+        if domain.read_needs_consent(caller, record.patient_id, command.purpose):
+            answer = await self.consent.check(caller, record.patient_id, domain.READ, record.category, command.purpose)
+            if not answer.permit:
+                await self._announce_denial(caller, record, command.purpose, answer)
+                raise _denied(answer)
+            decision_id = answer.decision_id
+        if stored is None:
+            raise NotFound("no such version")
+        content = await self._open(record, stored)
+        event = new_event(
+            source=self.source,
+            payload=ev.RecordDisclosed(
+                record_id=record.record_id,
+                version=version,
+                patient_id=record.patient_id,
+                actor_id=caller.principal_id,
+                purpose=command.purpose,  # type: ignore[arg-type]
+                decision_id=decision_id,
+            ),
+            aggregate_id=record.record_id,
+            version=version,
+            subject=record.patient_id,
+        )
+        # No disclosure without a durable record of it: the event commits before the answer.
+        await self._publish(event, record.patient_id)
+        return Disclosed(
+            content=content,
+            media_type=record.media_type,
+            version=version,
+            receipt=receipt(stored),
+            decision_id=decision_id,
+            patient_id=record.patient_id,
+            category=record.category,
+            provenance=provenance(record, stored),
+        )
+
+    async def list(self, caller: Caller, command: ListRecords) -> Listing:
+        """A page of the patient's records; someone else than the patient sees only the
+        categories consent permits (one decision each). RecordsListed is durable first."""
+        if not command.patient_id:
+            raise InvalidArgument.field("patient_id", "required")
+        ask = domain.list_needs_consent(caller, command.patient_id, command.purpose)
+        domain.check_list(command.categories, command.page_size)
+        after = domain.page_position(command.page_token) if command.page_token else None
+        size = domain.page_size(command.page_size)
+        categories: list[int] = [int(c) for c in command.categories] or sorted(domain.CATEGORIES)
+        decision_ids: list[str] = []
+        if ask:
+            permitted = []
+            for category in categories:
+                answer = await self.consent.check(caller, command.patient_id, domain.READ, category, command.purpose)
+                if answer.permit:
+                    permitted.append(category)
+                    decision_ids.append(answer.decision_id)
+            categories = permitted
+        found: list[storage.Record] = []
+        if categories:
+            async with self.db.read() as conn:
+                found = await storage.list_records(
+                    conn,
+                    command.patient_id,
+                    categories=categories,
+                    resource_type=command.resource_type,
+                    updated_from=command.updated_from,
+                    updated_before=command.updated_before,
+                    after=after,
+                    limit=size + 1,
+                )
+        more = len(found) > size
+        found = found[:size]
+        await self._announce_listing(caller, command.patient_id, found, decision_ids, command.purpose, "list")
+        return Listing(
+            records=found,
+            next_page_token=domain.page_token(found[-1].updated_at, found[-1].record_id) if more else "",
+            decision_ids=decision_ids,
+        )
+
+    async def export(self, caller: Caller, command: ExportRecords) -> Export:
+        """The patient's own records, each latest version and its Provenance, in one Bundle."""
+        domain.check_export(caller, command.patient_id)
+        async with self.db.connect() as conn:
+            found = await storage.list_records(conn, command.patient_id, limit=1_000_000)
+            versions = [await storage.get_version(conn, r.record_id, r.latest_version) for r in found]
+        entries = []
+        for record, stored in zip(found, versions, strict=True):
+            if stored is None:
+                continue
+            content = await self._open(record, stored)
+            entries.append(
+                {
+                    "fullUrl": f"urn:medledger:record:{record.record_id}:{stored.version}",
+                    "resource": domain.export_resource(record.media_type, content),
+                }
+            )
+            entries.append(
+                {
+                    "fullUrl": f"urn:medledger:provenance:{record.record_id}:{stored.version}",
+                    "resource": provenance(record, stored),
+                }
+            )
+        bundle = {"resourceType": "Bundle", "type": "collection", "entry": entries}
+        await self._announce_listing(caller, command.patient_id, found, [], 0, "export")
+        return Export(bundle=bundle, records=len(entries) // 2)
+
+    def _keys_of(self, key_name: str) -> RecordKeys | KeyManager:
+        """Records' own keys; a version the key-owner migration has not moved yet is under the old
+        shared key, read with the legacy credential."""
+        if not key_name.startswith(LEGACY_PATIENT_KEY_PREFIX):
+            return self.keys
+        try:
+            if self.legacy_keys is None:
+                raise ConfigError("no legacy key manager")
+            return self.legacy_keys()
+        except ConfigError:
+            raise FailedPrecondition(
+                "this version's data key is still under the old shared patient key: the key-owner "
+                "migration needs MEDLEDGER_LEGACY_VAULT_TOKEN_FILE"
+            ) from None
+
+    async def _open(self, record: storage.Record, stored: storage.StoredVersion) -> bytes:
+        """A stored version's plaintext; DataLoss (counted and logged) when it was altered."""
+        try:
+            data_key = await self._keys_of(stored.key_name).decrypt_data_key(stored.key_name, stored.wrapped_key)
+            sealed = await self.blobs.get(stored.blob_key) if stored.blob_key and self.blobs else stored.ciphertext
+            return domain.unseal(data_key, sealed, record.record_id, stored.version, record.patient_id)
+        except NotFound:
+            # The key went between reading the row and opening it: an erasure ran just then.
+            raise FailedPrecondition("this patient's records were erased") from None
+        except DataLoss:
+            TAMPERED.inc()
+            log.error(
+                "a stored record version failed to decrypt",
+                extra={"record_id": record.record_id, "version": stored.version},
+            )
+            raise
+
+    async def _announce_denial(
+        self, caller: Caller, record: storage.Record, purpose: int, answer: ConsentAnswer
+    ) -> None:
+        event = new_event(
+            source=self.source,
+            payload=ev.RecordAccessDenied(
+                record_id=record.record_id,
+                patient_id=record.patient_id,
+                actor_id=caller.principal_id,
+                action=domain.READ,
+                purpose=purpose,  # type: ignore[arg-type]
+                decision_id=answer.decision_id,
+                reason_code=answer.reason_code,
+            ),
+            aggregate_id=record.record_id,
+            version=0,
+            subject=record.patient_id,
+        )
+        await self._publish(event, record.patient_id)
+
+    async def _announce_listing(
+        self,
+        caller: Caller,
+        patient_id: str,
+        found: Sequence[storage.Record],
+        decision_ids: Sequence[str],
+        purpose: int,
+        operation: str,
+    ) -> None:
+        event = new_event(
+            source=self.source,
+            payload=ev.RecordsListed(
+                patient_id=patient_id,
+                actor_id=caller.principal_id,
+                record_ids=[r.record_id for r in found],
+                decision_ids=decision_ids,
+                purpose=purpose,  # type: ignore[arg-type]
+                operation=operation,
+            ),
+            aggregate_id=patient_id,
+            version=0,
+            subject=patient_id,
+        )
+        await self._publish(event, patient_id)
+
+    async def _publish(self, event: Event, patient_id: str) -> None:
+        """Write one event through the outbox, durably, before answering (group-committed with
+        other requests' events: disclosures are as many as reads)."""
+        await self.disclosures.write(TOPICS["records"], event, patient_id.encode())
