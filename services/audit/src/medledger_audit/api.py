@@ -18,6 +18,7 @@ from medledger.audit.v1 import audit_service_pb2_grpc as pb_grpc
 from medledger_audit import fhir_audit, storage
 from medledger_audit.checkpoints import Checkpointer
 from medledger_audit.entries import REDACTION, EntryDraft, redaction_entry, subject_key_name
+from medledger_audit.sequencer import Sequencer
 from medledger_common import notes, tlog
 from medledger_common.auth import Access, Caller, current_caller
 from medledger_common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
@@ -65,9 +66,10 @@ def _log_entry(row: Any, redacted_leaf: bytes = b"") -> pb.LogEntry:
 
 
 class AuditApi(pb_grpc.AuditServiceServicer):
-    def __init__(self, runtime: ServiceRuntime, checkpointer: Checkpointer) -> None:
+    def __init__(self, runtime: ServiceRuntime, checkpointer: Checkpointer, sequencer: Sequencer) -> None:
         self.rt = runtime
         self.checkpointer = checkpointer
+        self.sequencer = sequencer
         self.tiles = storage.DatabaseTiles(runtime.db)
 
     async def _tree_size(self) -> int:
@@ -255,8 +257,7 @@ class AuditApi(pb_grpc.AuditServiceServicer):
         if row.entry is None and not retried:
             raise FailedPrecondition(f"entry {request.index} is redacted already")
         leaf = (await tlog.leaf_hashes(self.tiles, request.index, request.index + 1, size))[0]
-        sequencer = self.rt.extras["audit_sequencer"]
-        await sequencer.append([_redaction_of(request, caller, leaf)])
+        await self.sequencer.append([_redaction_of(request, caller, leaf)])
         async with self.rt.db.transaction() as conn:
             await storage.redact_entry(conn, request.index)
             redaction_index = await storage.entry_index_of(conn, draft_id)

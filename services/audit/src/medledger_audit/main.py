@@ -42,7 +42,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         batch_max=settings.append_batch_max,
     )
     runtime.extras.update(audit_sequencer=sequencer, audit_checkpointer=checkpointer, audit_consumer=consumer)
-    api = AuditApi(runtime, checkpointer)
+    api = AuditApi(runtime, checkpointer, sequencer)
     tiles_http = TilesHttp(runtime, checkpointer)
     verifier = IncrementalVerifier(
         runtime.db, checkpointer, interval=settings.verify_interval_seconds, origin=settings.log_origin
