@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from aiohttp import web
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -29,17 +30,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram
 
 from medledger_common.auth import ANY_CALLER, Access, Caller, acting_as
-from medledger_common.errors import (
-    DataLoss,
-    InvalidArgument,
-    MedledgerError,
-    NotFound,
-    PermissionDenied,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-    dependency_outage,
-)
+from medledger_common.errors import MedledgerError, PermissionDenied, dependency_outage
 from medledger_common.telemetry import start_span
 
 log = logging.getLogger(__name__)
@@ -66,14 +57,14 @@ UNMATCHED = "unmatched"
 # Statuses that are the server's fault: created at zero for every route, as gRPC's fault codes.
 _FAULT_STATUSES = ("500", "503")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-_ERROR_STATUS: dict[type[MedledgerError], int] = {
-    InvalidArgument: 400,
-    Unauthenticated: 401,
-    PermissionDenied: 403,
-    NotFound: 404,
-    ResourceExhausted: 429,
-    Unavailable: 503,
-    DataLoss: 500,
+# A domain error's HTTP status, from the gRPC status it already carries; any other is 500.
+_HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
 }
 
 
@@ -107,14 +98,6 @@ async def authenticate(request: web.Request) -> Caller:
     """The caller behind the request's ``Authorization: Bearer`` header, checked as on every
     authenticated route; Unauthenticated (answered 401) otherwise."""
     return await request.app[_AUTHENTICATOR](request.headers.get("Authorization"))
-
-
-def _status_of(error: MedledgerError) -> int:
-    for kind in type(error).__mro__:
-        status = _ERROR_STATUS.get(kind)
-        if status is not None:
-            return status
-    return 500
 
 
 class HttpServer:
@@ -213,7 +196,7 @@ class HttpServer:
             with acting_as(caller):
                 return await handler(request)
         except MedledgerError as exc:
-            status = _status_of(exc)
+            status = _HTTP_STATUS.get(exc.code, 500)
             if status >= 500:
                 log.error("%s in %s %s", type(exc).__name__, request.method, declared.path)
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None

@@ -242,22 +242,24 @@ class ServiceRuntime:
         opened with the erasure token (Vault), closed when the service stops. The local keyring
         is one file without access control, so there it is the everyday keyring."""
         if self._shredder is None:
-            keys = self.require_keys()
-            erasure_keys = open_side_key_manager(self.settings, keys, "erasure")
-            if erasure_keys is not keys:
-                self._side_keys.append(erasure_keys)
-            self._shredder = KeyShredder(erasure_keys, reader=keys)
+            self._shredder = KeyShredder(self._side_key_manager("erasure"), reader=self.require_keys())
         return self._shredder
 
     def legacy_keys(self) -> KeyManager:
         """The key manager that reads the old shared ``patient-<id>`` keys, for the key-owner
         migration: the legacy token (Vault), else the everyday key manager (local keyring)."""
         if self._legacy_keys is None:
-            keys = self.require_keys()
-            self._legacy_keys = open_side_key_manager(self.settings, keys, "legacy")
-            if self._legacy_keys is not keys:
-                self._side_keys.append(self._legacy_keys)
+            self._legacy_keys = self._side_key_manager("legacy")
         return self._legacy_keys
+
+    def _side_key_manager(self, credential: Literal["erasure", "legacy"]) -> KeyManager:
+        """A key manager with the named credential, closed when the service stops (unless it is
+        the everyday one: the local keyring)."""
+        keys = self.require_keys()
+        side = open_side_key_manager(self.settings, keys, credential)
+        if side is not keys:
+            self._side_keys.append(side)
+        return side
 
     def identity_link(self) -> IdentityLink:
         """This service's link to identity, with its own principal's credentials."""

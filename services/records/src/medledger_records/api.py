@@ -97,15 +97,6 @@ def _put_response(w: Written) -> pb.PutRecordResponse:
     return pb.PutRecordResponse(record_id=w.record_id, version=w.version, receipt=_receipt(w.receipt))
 
 
-def _written(response: pb.PutRecordResponse) -> Written:
-    r = response.receipt
-    return Written(
-        response.record_id,
-        response.version,
-        Receipt(r.record_id, r.version, r.commitment, bytes.fromhex(r.salt), r.event_id),
-    )
-
-
 def _summary(r: storage.Record) -> pb.RecordSummary:
     return pb.RecordSummary(
         record_id=r.record_id,
@@ -138,11 +129,11 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
             record_id=request.record_id,
         )
 
-        async def once(write: Write) -> Written:
+        async def once(write: Write) -> pb.PutRecordResponse:
             async def work(conn: AsyncConnection) -> pb.PutRecordResponse:
                 return _put_response(await write(conn))
 
-            response = await run_idempotent(
+            return await run_idempotent(
                 self.rt.db,
                 scope="records.PutRecord",
                 request_id=request.request_id,
@@ -151,9 +142,8 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
                 work=work,
                 after_commit=self.rt.relay.notify,
             )
-            return _written(response)
 
-        return _put_response(await self.records.put(current_caller(), command, once))
+        return await self.records.put(current_caller(), command, once)
 
     async def GetRecord(self, request: pb.GetRecordRequest, context: grpc.aio.ServicerContext) -> pb.GetRecordResponse:
         command = GetRecord(record_id=request.record_id, version=request.version, purpose=request.purpose)

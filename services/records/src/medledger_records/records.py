@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, overload
 
 from medledger.events.v1 import records_events_pb2 as ev
 from prometheus_client import Counter
@@ -166,9 +166,7 @@ class Export:
 
 
 Write = Callable[[AsyncConnection], Awaitable[Written]]
-# Runs a put's write in a transaction and returns what was written: by default a plain
-# transaction; the gRPC API runs it once per request id (see RecordDesk.put).
-Transaction = Callable[[Write], Awaitable[Written]]
+T = TypeVar("T")
 
 
 def receipt(v: storage.StoredVersion) -> Receipt:
@@ -212,11 +210,20 @@ class RecordDesk:
         self.source = source
         self.legacy_keys = legacy_keys
 
-    async def put(self, caller: Caller, command: PutRecord, transaction: Transaction | None = None) -> Written:
+    @overload
+    async def put(self, caller: Caller, command: PutRecord) -> Written: ...
+
+    @overload
+    async def put(self, caller: Caller, command: PutRecord, transaction: Callable[[Write], Awaitable[T]]) -> T: ...
+
+    async def put(
+        self, caller: Caller, command: PutRecord, transaction: Callable[[Write], Awaitable[Any]] | None = None
+    ) -> Any:
         """Write a version. Checked and authorized (consent asked) before any transaction; then,
         in one transaction run by `transaction` (default: the database's, then the relay is
-        woken), the version, its row and RecordStored. The gRPC API passes a transaction that runs
-        once per request id and replays the first answer: what it stores is the wire response."""
+        woken), the version, its row and RecordStored; returns what the transaction returns
+        (by default what was written). The gRPC API passes a transaction that runs once per
+        request id and answers with the wire response it stored, first time or replayed."""
         resource_type = domain.check_put(command.patient_id, command.category, command.media_type, command.content)
         if domain.write_needs_consent(caller, command.patient_id):
             answer = await self.consent.check(caller, command.patient_id, domain.WRITE, command.category, domain.TREAT)
