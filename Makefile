@@ -20,7 +20,7 @@ lint: setup
 	uv run --frozen python tools/check_repo_paths.py
 	uv run --frozen ruff check .
 	uv run --frozen ruff format --check .
-	uv run --frozen mypy libs/common/src libs/sdk/src services/*/src
+	uv run --frozen mypy libs/verifier/src libs/runtime/src libs/sdk/src libs/devstack/src services/*/src
 	uv run --frozen lint-imports --no-cache
 	cd protos && ../tools/npm/node_modules/.bin/buf lint
 

@@ -3,9 +3,9 @@ synthetic patients every test that needs FHIR data reads."""
 
 import pytest
 
-from medledger_common import synthetic
+from medledger_devstack import synthetic
 
-pytest_plugins = ["medledger_common.testing"]
+pytest_plugins = ["medledger_devstack.testing"]
 
 
 @pytest.fixture(scope="session")

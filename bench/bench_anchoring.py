@@ -50,16 +50,17 @@ from medledger_anchoring.config import AnchoringSettings
 from medledger_audit import main as audit_main
 from medledger_audit import storage as audit_storage
 from medledger_audit.config import AuditSettings
-from medledger_common import chain, localstack, notes, tlog
-from medledger_common.anchored_proofs import TrustPolicy
-from medledger_common.events import TOPICS, new_event
-from medledger_common.kafka import make_producer
-from medledger_common.keys import create_master_key_file, der_to_raw_rs
-from medledger_common.testing import running_service
+from medledger_devstack import contracts, localstack
+from medledger_devstack.testing import running_service
 from medledger_identity import main as identity_main
 from medledger_identity import storage as identity_storage
 from medledger_identity.config import IdentitySettings
+from medledger_runtime.events import TOPICS, new_event
+from medledger_runtime.kafka import make_producer
+from medledger_runtime.keys import create_master_key_file, der_to_raw_rs
 from medledger_sdk.auth import TokenClient
+from medledger_verifier import chain, notes, tlog
+from medledger_verifier.anchored_proofs import TrustPolicy
 
 TREE_SIZE = 1_000_000
 COVERED = (100, 1_000, 10_000)
@@ -82,7 +83,7 @@ async def _signed_checkpoint(origin: str, size: int, root: bytes, key: ec.Ellipt
 
 
 async def _send(w3: chain.Web3, call: Any, sender: str) -> int:
-    receipt = await chain.transact_and_wait(w3, call, sender)
+    receipt = await contracts.transact_and_wait(w3, call, sender)
     return int(receipt["gasUsed"])
 
 
@@ -100,12 +101,12 @@ def gas(rpc_url: str) -> dict[str, Any]:
     async def measure() -> dict[str, Any]:
         w3 = chain.connect(rpc_url)
         owner, anchorer = (await w3.eth.accounts)[:2]
-        deployment = await chain.deploy_registries(w3, owner, anchorer, fund_wei=0)
+        deployment = await contracts.deploy_registries(w3, owner, anchorer, fund_wei=0)
         registry = chain.contract(w3, chain.ANCHOR_REGISTRY, deployment.anchor_registry)
         figures: dict[str, Any] = {}
         for covered in COVERED:
             origin = f"medledger.bench/gas-{covered}"
-            await chain.register_log(w3, deployment.anchor_registry, owner, origin, der)
+            await contracts.register_log(w3, deployment.anchor_registry, owner, origin, der)
             old = TREE_SIZE - covered
             sig_old = await _signed_checkpoint(origin, old, roots[old], key)
             await _send(w3, registry.functions.anchor(origin, old, roots[old], sig_old, []), anchorer)
@@ -246,7 +247,7 @@ async def server(bootstrap: str, rpc_url: str, audit_url: str, anchoring_url: st
         key_file = folder / "anchorer.key"
         key_file.write_text(account.key.hex())
         w3 = chain.connect(rpc_url)
-        deployment = await chain.deploy_for_log(
+        deployment = await contracts.deploy_for_log(
             w3, (await w3.eth.accounts)[0], account.address, keys.origin, list(keys.verifier_keys)
         )
         policy_file = folder / "trust-policy.json"

@@ -36,11 +36,12 @@ from medledger_audit import storage
 from medledger_audit.entries import subject_key_name
 from medledger_audit.handlers import LogConsumer
 from medledger_audit.sequencer import Sequencer
-from medledger_common import events, tlog
-from medledger_common.db import Database
-from medledger_common.kafka import ensure_topics, make_producer
-from medledger_common.keys import KeyType, LocalKeyring, create_master_key_file
-from medledger_common.outbox import COMMON_MIGRATIONS
+from medledger_runtime import events
+from medledger_runtime.db import Database
+from medledger_runtime.kafka import ensure_topics, make_producer
+from medledger_runtime.keys import KeyType, LocalKeyring, create_master_key_file
+from medledger_runtime.outbox import COMMON_MIGRATIONS
+from medledger_verifier import tlog
 
 PATIENTS = 3000
 PRACTITIONERS = 200
@@ -135,7 +136,7 @@ async def keyring_with_patients(folder: Path) -> LocalKeyring:
     by one, each new key rewrites the whole sealed file, and 3,000 of them take minutes. What a
     new patient's first entry costs is measured apart (`new_patient_key_ms`).
     """
-    from medledger_common.keys import local
+    from medledger_runtime.keys import local
 
     master = create_master_key_file(folder / "master.key")
     keys = await LocalKeyring.open(folder / "keyrings" / "audit.keyring", master)

@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
-from medledger_common.auth import Access, AuthInterceptor, DeactivationSet, TokenVerifier
-from medledger_common.testing import status_of
+from medledger_devstack.testing import status_of
+from medledger_runtime.auth import Access, AuthInterceptor, DeactivationSet, TokenVerifier
 
 METHOD = "/medledger.consent.v1.ConsentService/CheckConsent"
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
@@ -137,7 +137,7 @@ async def bench_platform(bootstrap: str, folder: Path) -> dict[str, Any]:
     from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
     from running_stack import identity_and_consent
 
-    from medledger_common.grpc_client import make_channel
+    from medledger_sdk.channels import make_channel
 
     async with identity_and_consent(bootstrap, folder) as platform:
         principals = [await platform.researcher_with_pdp_role() for _ in range(20)]

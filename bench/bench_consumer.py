@@ -19,9 +19,9 @@ import uuid
 from aiokafka import AIOKafkaConsumer
 from medledger.events.v1 import identity_events_pb2
 
-from medledger_common import events
-from medledger_common.kafka import ConsumedMessage, EventConsumer, make_producer
-from medledger_common.telemetry import configure_tracing
+from medledger_runtime import events
+from medledger_runtime.kafka import ConsumedMessage, EventConsumer, make_producer
+from medledger_runtime.telemetry import configure_tracing
 
 
 async def produce(bootstrap: str, topic: str, n: int) -> None:
@@ -97,7 +97,7 @@ def sdk_span_us(n: int) -> float:
     from opentelemetry.context import Context
     from opentelemetry.trace import SpanKind
 
-    from medledger_common.kafka import consumer_span_attributes
+    from medledger_runtime.kafka import consumer_span_attributes
 
     configure_tracing("bench", 1.0)
     tracer, empty = trace.get_tracer("bench"), Context()

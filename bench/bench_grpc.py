@@ -25,9 +25,9 @@ from closed_loop import measure
 from medledger.identity.v1 import identity_service_pb2 as pb
 from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
-from medledger_common.auth import Access, AuthInterceptor, DeactivationSet, TokenVerifier
-from medledger_common.grpc_server import GrpcServer
-from medledger_common.telemetry import configure_tracing
+from medledger_runtime.auth import Access, AuthInterceptor, DeactivationSet, TokenVerifier
+from medledger_runtime.grpc_server import GrpcServer
+from medledger_runtime.telemetry import configure_tracing
 
 
 class Empty(pb_grpc.IdentityServiceServicer):

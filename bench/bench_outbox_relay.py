@@ -14,10 +14,10 @@ import uuid
 from medledger.events.v1 import identity_events_pb2
 from sqlalchemy import insert
 
-from medledger_common import events
-from medledger_common.db import Database
-from medledger_common.kafka import make_producer
-from medledger_common.outbox import COMMON_MIGRATIONS, OutboxRelay, outbox
+from medledger_runtime import events
+from medledger_runtime.db import Database
+from medledger_runtime.kafka import make_producer
+from medledger_runtime.outbox import COMMON_MIGRATIONS, OutboxRelay, outbox
 
 
 def envelope(n: int) -> bytes:

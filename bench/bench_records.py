@@ -9,7 +9,7 @@ server:  identity and consent in this process, records in a process of its own a
          PATIENTS patients (env RECORDS_PATIENTS, default 1,000) who each let a doctor read and
          write observations for treatment, and for each an Observation of 1 KiB (and for the
          first fifth one of 64 KiB) written before the clients run: the contents are the seeded
-         synthetic patients' Observations (medledger_common.synthetic), padded to the size;
+         synthetic patients' Observations (medledger_devstack.synthetic), padded to the size;
          measures what one consent check costs records; writes what a client needs to CONFIG,
          serves until SIGTERM.
 client:  PutRecord (to a random patient) or GetRecord (of a random record written earlier) calls
@@ -46,9 +46,9 @@ from medledger.records.v1 import records_service_pb2 as pb
 from medledger.records.v1 import records_service_pb2_grpc as pb_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
-from medledger_common.events import new_event
-from medledger_common.keys import KeyType, LocalKeyring, create_master_key_file
 from medledger_records import domain
+from medledger_runtime.events import new_event
+from medledger_runtime.keys import KeyType, LocalKeyring, create_master_key_file
 
 IN_FLIGHT = int(os.environ.get("IN_FLIGHT", "16"))
 PATIENTS = int(os.environ.get("RECORDS_PATIENTS", "1000"))
@@ -78,7 +78,7 @@ def synthetic_observations(size: int, count: int = 64) -> list[bytes]:
     """`count` of the synthetic patients' Observations, each padded (a note's text) to about
     `size` bytes; the subject reference is dropped, as the bench files them under its own
     patients."""
-    from medledger_common.synthetic import population
+    from medledger_devstack.synthetic import population
 
     out = []
     for resource in population().of_type("Observation")[:count]:
@@ -143,9 +143,9 @@ async def stages(size: int, database_url: str) -> dict[str, float]:
 async def database_stages(content: bytes, database_url: str, n: int) -> dict[str, float]:
     """A put's transaction (record, version, outbox row) and a get's read, one at a time, on
     records' tables in PostgreSQL."""
-    from medledger_common.db import Database
-    from medledger_common.outbox import COMMON_MIGRATIONS, enqueue
     from medledger_records import storage
+    from medledger_runtime.db import Database
+    from medledger_runtime.outbox import COMMON_MIGRATIONS, enqueue
 
     db = Database(database_url)
     await db.migrate("common", COMMON_MIGRATIONS)
@@ -183,10 +183,10 @@ async def database_stages(content: bytes, database_url: str, n: int) -> dict[str
 def records_process(platform: Any, bootstrap: str, database_url: str, folder: Path, key_manager: str) -> Any:
     """records as it is deployed: a process of its own (`python -m medledger_records`), asking the
     consent in this process; with the local keyring, or with Vault: a real OpenBao server
-    (medledger_common.openbao: raft storage, the repository's deploy/vault policies, records'
+    (medledger_devstack.openbao: raft storage, the repository's deploy/vault policies, records'
     everyday and erasure tokens as deployed). Yields records' gRPC and metrics ports."""
-    from medledger_common import localstack
-    from medledger_common.openbao import OpenBao
+    from medledger_devstack import localstack
+    from medledger_devstack.openbao import OpenBao
 
     port, metrics_port = localstack.free_port(), localstack.free_port()
     env = {

@@ -43,11 +43,11 @@ from medledger.identity.v1 import identity_service_pb2 as identity_pb
 from medledger.records.v1 import records_service_pb2 as records_pb
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
-from medledger_common.events import TOPICS
+from medledger_devstack.cli.state import ADMIN_PRINCIPAL, StateDir
+from medledger_devstack.demo import blood_pressure, patient_resource, practitioner_resource, until_known
+from medledger_runtime.events import TOPICS
 from medledger_sdk.calls import RpcError
-from medledger_sdk.cli.state import ADMIN_PRINCIPAL, StateDir
 from medledger_sdk.client import Endpoints, Medledger
-from medledger_sdk.demo import blood_pressure, patient_resource, practitioner_resource, until_known
 
 Kind = vocab.PrincipalKind
 OBSERVATIONS = vocab.DataCategory.DATA_CATEGORY_OBSERVATIONS

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import chart_defaults
 
-from medledger_common import localstack
+from medledger_devstack import localstack
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable

@@ -17,18 +17,18 @@ from medledger.identity.v1 import identity_service_pb2 as id_pb
 from medledger.identity.v1 import identity_service_pb2_grpc as id_grpc
 from medledger.types.v1 import vocabulary_pb2
 
-from medledger_common.keys import create_master_key_file
-from medledger_common.service import ServiceRuntime
-from medledger_common.testing import running_service
 from medledger_consent import main as consent_main
 from medledger_consent import storage as consent_storage
 from medledger_consent.config import ConsentSettings
+from medledger_devstack.testing import running_service
 from medledger_identity import main as identity_main
 from medledger_identity import storage as identity_storage
 from medledger_identity.config import IdentitySettings
 from medledger_records import main as records_main
 from medledger_records import storage as records_storage
 from medledger_records.config import RecordsSettings
+from medledger_runtime.keys import create_master_key_file
+from medledger_runtime.service import ServiceRuntime
 from medledger_sdk.auth import TokenClient
 
 

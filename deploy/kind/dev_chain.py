@@ -20,7 +20,8 @@ from eth_account import Account
 from medledger.audit.v1 import audit_service_pb2 as audit_pb
 from medledger.audit.v1.audit_service_pb2_grpc import AuditServiceStub
 
-from medledger_common import chain, notes
+from medledger_devstack import contracts
+from medledger_verifier import chain, notes
 
 ROOT = Path(__file__).resolve().parents[2]
 RPC = "http://127.0.0.1:8545"
@@ -64,14 +65,14 @@ async def main() -> int:
     owner = (await w3.eth.accounts)[0]
     anchorer = Account.from_key(ANCHORER_KEY).address
     if await w3.eth.get_code(wanted["anchorRegistryAddress"]) in (b"", b"\x00"):
-        deployment = await chain.deploy_registries(w3, owner, anchorer)
+        deployment = await contracts.deploy_registries(w3, owner, anchorer)
         if deployment.anchor_registry.lower() != wanted["anchorRegistryAddress"].lower():
             print(f"AnchorRegistry landed at {deployment.anchor_registry}, not where values-dev.yaml says")
             return 1
     store_anchorer_secret()
     origin, keys = await verifier_keys()
     p256 = [k for k in keys if notes.NoteVerifier.parse(k).signature_type == notes.SIGNATURE_ECDSA]
-    await chain.register_log(
+    await contracts.register_log(
         w3, wanted["anchorRegistryAddress"], owner, origin, notes.NoteVerifier.parse(p256[0]).public_key
     )
     policy = {

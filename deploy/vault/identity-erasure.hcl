@@ -1,5 +1,5 @@
 # medledger-identity-erasure: identity's erasure token (MEDLEDGER_ERASURE_VAULT_TOKEN_FILE), held only by identity's
-# erasure path (medledger_common.keys.KeyShredder). It may mark its own per-patient keys
+# erasure path (medledger_runtime.keys.KeyShredder). It may mark its own per-patient keys
 # deletable and delete them: nothing that reads or writes data, no rotation, config or trim
 # ("deletion_allowed = true" is required on every write), no export, backup or restore.
 path "transit/keys/identity-patient-*" {

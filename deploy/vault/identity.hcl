@@ -5,7 +5,7 @@
 # keeps trim (min_available_version), deletion_allowed, exportable and allow_plaintext_backup out
 # of every write under transit/keys/ (the glob also covers .../rotate, .../config and .../trim),
 # and there is no "delete", no export, backup or restore. Keys are destroyed only through
-# identity-erasure.hcl. See libs/common/KEYS.md, "Who may do what".
+# identity-erasure.hcl. See libs/runtime/KEYS.md, "Who may do what".
 path "transit/keys/identity-*" {
   capabilities       = ["read", "update"]   # ensure (POST is "update" on transit keys), info, rotate
   allowed_parameters = { "type" = ["ed25519", "hmac", "aes256-gcm96"], "key_size" = [] }

@@ -4,7 +4,7 @@
 # and .../trim: the parameter list admits key creation and min_decryption_version (rotation) and
 # nothing else, so no trim (min_available_version), deletion_allowed, exportable or
 # allow_plaintext_backup; no "delete", export, backup or restore. Keys are destroyed only through
-# records-erasure.hcl. See libs/common/KEYS.md.
+# records-erasure.hcl. See libs/runtime/KEYS.md.
 path "transit/keys/records-patient-*" {
   capabilities       = ["read", "update"]   # ensure, info, rotate, min_decryption_version
   allowed_parameters = { "type" = ["aes256-gcm96"], "min_decryption_version" = [] }

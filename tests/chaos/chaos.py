@@ -50,13 +50,14 @@ from medledger.identity.v1 import identity_service_pb2 as identity_pb
 from medledger.records.v1 import records_service_pb2 as records_pb
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
-from medledger_common import commitments, localstack
-from medledger_common.anchored_proofs import TrustPolicy
-from medledger_common.errors import Unavailable
+from medledger_devstack import localstack
+from medledger_devstack.cli.state import ADMIN_PRINCIPAL, StateDir
+from medledger_devstack.cli.up import HOST, SERVICES, Stack
+from medledger_runtime.errors import Unavailable
 from medledger_sdk.calls import RpcError, pages
-from medledger_sdk.cli.state import ADMIN_PRINCIPAL, StateDir
-from medledger_sdk.cli.up import HOST, SERVICES, Stack
 from medledger_sdk.client import Medledger
+from medledger_verifier import commitments
+from medledger_verifier.anchored_proofs import TrustPolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from leaks import scan  # tests/chaos/leaks.py, beside this file
@@ -545,7 +546,7 @@ def main() -> int:
     prefix = f"chaos_{uuid.uuid4().hex[:6]}_"
     for service in SERVICES:
         pg.create_database(prefix + service)
-    from medledger_sdk.cli.demo import free_ports
+    from medledger_devstack.cli.demo import free_ports
 
     state = StateDir.at(folder / "state")
     state.create()

@@ -1,6 +1,6 @@
 """AnchorRegistry on a real Anvil node (its default hardfork has EIP-7951's P256VERIFY; py-evm has
 not, so these tests do not run there). Checkpoints, signed notes and consistency proofs come from
-the audit log's own code (medledger_common.tlog and .notes) and a real P-256 key; the contract must
+the audit log's own code (medledger_verifier.tlog and .notes) and a real P-256 key; the contract must
 accept exactly what that code accepts."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from web3 import Web3
 from web3.exceptions import ContractCustomError
 
-from medledger_common import notes, tlog
-from medledger_common.keys import der_to_raw_rs, raw_rs_to_der
-from medledger_common.testing import Anvil
+from medledger_devstack.testing import Anvil
+from medledger_runtime.keys import der_to_raw_rs, raw_rs_to_der
+from medledger_verifier import notes, tlog
 
 BUILD = Path(__file__).resolve().parents[2] / "contracts" / "build" / "AnchorRegistry.json"
 P256VERIFY = "0x0000000000000000000000000000000000000100"
@@ -52,7 +52,7 @@ class Log:
 
 
 def sign_checkpoint(origin: str, size: int, root: bytes, key: ec.EllipticCurvePrivateKey) -> tuple[bytes, bytes]:
-    """Sign through medledger_common.notes (type 0x02: DER ECDSA over SHA-256 of the note text),
+    """Sign through medledger_verifier.notes (type 0x02: DER ECDSA over SHA-256 of the note text),
     check the note opens with the verifier key, and hand back the signature as raw r||s."""
 
     async def sign(message: bytes) -> bytes:

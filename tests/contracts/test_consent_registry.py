@@ -15,8 +15,8 @@ from eth_tester.exceptions import TransactionFailed
 from web3 import EthereumTesterProvider, Web3
 from web3.exceptions import ContractCustomError
 
-from medledger_common.testing import Anvil
 from medledger_consent import domain
+from medledger_devstack.testing import Anvil
 
 BUILD = Path(__file__).resolve().parents[2] / "contracts" / "build" / "ConsentRegistry.json"
 ACTIVE, REVOKED, UNKNOWN = 1, 2, 0

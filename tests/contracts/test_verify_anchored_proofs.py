@@ -21,10 +21,11 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from medledger_common import chain, commitments, notes, tlog
-from medledger_common.anchored_proofs import Anchor, TrustPolicy, Verification, verify_anchored_proof
-from medledger_common.keys import der_to_raw_rs
-from medledger_common.testing import Anvil
+from medledger_devstack import contracts
+from medledger_devstack.testing import Anvil
+from medledger_runtime.keys import der_to_raw_rs
+from medledger_verifier import chain, commitments, notes, tlog
+from medledger_verifier.anchored_proofs import Anchor, TrustPolicy, Verification, verify_anchored_proof
 
 RECORD = json.dumps(
     {"resourceType": "Patient", "id": "p1", "name": [{"family": "Doe", "given": ["Jane"]}], "gender": "female"},
@@ -119,11 +120,11 @@ async def build(rpc_url: str) -> World:
     w3 = chain.connect(rpc_url)
     try:
         accounts = await w3.eth.accounts
-        deployment = await chain.deploy_registries(w3, accounts[0], accounts[1])
+        deployment = await contracts.deploy_registries(w3, accounts[0], accounts[1])
         origin = f"medledger.test/verify-{uuid.uuid4().hex[:8]}"
         signers = Signers(origin)
         spki = signers.p256_verifier.public_key
-        await chain.register_log(w3, deployment.anchor_registry, deployment.owner, origin, spki)
+        await contracts.register_log(w3, deployment.anchor_registry, deployment.owner, origin, spki)
         registry = chain.contract(w3, chain.ANCHOR_REGISTRY, deployment.anchor_registry)
 
         entries = [entry(i) for i in range(LATER_SIZE)]
@@ -333,7 +334,7 @@ def test_another_contract_or_chain_fails_the_chain_check(world: World) -> None:
 
 
 def test_an_unreachable_chain_is_a_failed_chain_check(world: World) -> None:
-    from medledger_common import localstack
+    from medledger_devstack import localstack
 
     fails_at(verify(world, rpc_url=f"http://127.0.0.1:{localstack.free_port()}"), "chain", "could not ask the chain")
 

@@ -607,7 +607,7 @@ def test_tls_gives_every_service_a_certificate_and_mutual_tls(rendered: dict[str
 
 
 def test_strimzi_topics_are_the_codes_topics_and_their_dead_letters(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    from medledger_common.events import TOPICS, dlq_topic
+    from medledger_runtime.events import TOPICS, dlq_topic
 
     docs = rendered["full"]
     topics = {t["spec"]["topicName"] for t in of_kind(docs, "KafkaTopic")}

@@ -43,13 +43,13 @@ from medledger.identity.v1 import identity_service_pb2 as identity_pb
 from medledger.identity.v1.identity_service_pb2_grpc import IdentityServiceStub
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
-from medledger_common import localstack
-from medledger_common.events import TOPICS
+from medledger_devstack import localstack
+from medledger_devstack.cli.demo import free_ports
+from medledger_devstack.cli.state import ADMIN_PRINCIPAL, StateDir
+from medledger_devstack.cli.up import Stack
+from medledger_devstack.demo import patient_resource, practitioner_resource
+from medledger_runtime.events import TOPICS
 from medledger_sdk.calls import RpcError
-from medledger_sdk.cli.demo import free_ports
-from medledger_sdk.cli.state import ADMIN_PRINCIPAL, StateDir
-from medledger_sdk.cli.up import Stack
-from medledger_sdk.demo import patient_resource, practitioner_resource
 
 sys.path.insert(0, str(ROOT / "bench"))
 from load import Load, StackInfo  # bench/load.py, the load generator

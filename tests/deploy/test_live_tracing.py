@@ -35,12 +35,12 @@ from medledger.types.v1 import vocabulary_pb2 as vocab
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from medledger_common.events import TOPICS
+from medledger_devstack.cli.demo import free_ports
+from medledger_devstack.cli.state import StateDir
+from medledger_devstack.cli.up import Stack
+from medledger_devstack.demo import blood_pressure
+from medledger_runtime.events import TOPICS
 from medledger_sdk.calls import RpcError
-from medledger_sdk.cli.demo import free_ports
-from medledger_sdk.cli.state import StateDir
-from medledger_sdk.cli.up import Stack
-from medledger_sdk.demo import blood_pressure
 
 sys.path.insert(0, str(ROOT / "bench"))
 from load import Load, StackInfo  # bench/load.py: its set-up makes a hospital, a doctor with consent

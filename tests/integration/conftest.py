@@ -26,21 +26,22 @@ from medledger_anchoring.config import AnchoringSettings
 from medledger_audit import main as audit_main
 from medledger_audit import storage as audit_storage
 from medledger_audit.config import AuditSettings
-from medledger_common import chain, localstack
-from medledger_common.anchored_proofs import TrustPolicy
-from medledger_common.keys import create_master_key_file
-from medledger_common.service import ServiceRuntime
-from medledger_common.testing import Kafka, OpenBaoServer, Postgres, running_service
 from medledger_consent import main as consent_main
 from medledger_consent import storage as consent_storage
 from medledger_consent.config import ConsentSettings
+from medledger_devstack import contracts, localstack
+from medledger_devstack.testing import Kafka, OpenBaoServer, Postgres, running_service
 from medledger_identity import main as identity_main
 from medledger_identity import storage as identity_storage
 from medledger_identity.config import IdentitySettings
 from medledger_records import main as records_main
 from medledger_records import storage as records_storage
 from medledger_records.config import RecordsSettings
+from medledger_runtime.keys import create_master_key_file
+from medledger_runtime.service import ServiceRuntime
 from medledger_sdk.auth import TokenClient
+from medledger_verifier import chain
+from medledger_verifier.anchored_proofs import TrustPolicy
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Stack:
     audit: ServiceRuntime | None = None
     anchoring: ServiceRuntime | None = None
     # The registries anchoring writes to, when it runs.
-    deployment: chain.Deployment | None = None
+    deployment: contracts.Deployment | None = None
     _clients: list[TokenClient] = field(default_factory=list)
 
     @property
@@ -93,7 +94,9 @@ class Stack:
             await c.aclose()
 
 
-async def deploy_chain(tmp_path: Path, rpc_url: str, audit: ServiceRuntime) -> tuple[chain.Deployment, dict[str, Any]]:
+async def deploy_chain(
+    tmp_path: Path, rpc_url: str, audit: ServiceRuntime
+) -> tuple[contracts.Deployment, dict[str, Any]]:
     """What `medledger up` does for anchoring, on a fresh pair of registries: an anchorer key,
     the contracts, the audit log's P-256 key registered, a trust policy; returns the deployment
     and anchoring's chain settings."""
@@ -103,7 +106,7 @@ async def deploy_chain(tmp_path: Path, rpc_url: str, audit: ServiceRuntime) -> t
     w3 = chain.connect(rpc_url)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{audit.grpc_port}") as channel:
         keys = await AuditServiceStub(channel).GetVerifierKeys(audit_pb.GetVerifierKeysRequest())
-    deployment = await chain.deploy_for_log(
+    deployment = await contracts.deploy_for_log(
         w3, (await w3.eth.accounts)[0], account.address, keys.origin, list(keys.verifier_keys)
     )
     policy_file = tmp_path / f"trust-policy-{deployment.anchor_registry}.json"

@@ -46,10 +46,10 @@ from medledger.records.v1 import records_service_pb2 as rec_pb
 from medledger.records.v1 import records_service_pb2_grpc as rec_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
-from medledger_common import synthetic
-from medledger_common.grpc_client import make_channel
-from medledger_common.testing import Anvil, Postgres
+from medledger_devstack import synthetic
+from medledger_devstack.testing import Anvil, Postgres
 from medledger_sdk.auth import TokenClient
+from medledger_sdk.channels import make_channel
 
 REPO = Path(__file__).resolve().parents[2]
 CODE = grpc.StatusCode
@@ -66,7 +66,7 @@ ROLES = ("admin", "org-admin", "privacy-officer", "auditor", "guardian", "pdp-cl
 KINDS = ("patient", "practitioner", "organization", "researcher", "service")
 COLUMNS = {"RPC", "public", "any caller", "finer rule", *ROLES, *KINDS}
 
-# How the interceptor (medledger_common.auth.AuthInterceptor) words its PERMISSION_DENIED; the
+# How the interceptor (medledger_runtime.auth.AuthInterceptor) words its PERMISSION_DENIED; the
 # API's finer rules word theirs otherwise, so a refusal tells which of the two made it.
 INTERCEPTOR_DENIALS = frozenset({"the caller's roles do not allow this call", "no access rule for this call"})
 NO_TOKEN = "this call needs an access token (authorization: Bearer …)"

@@ -31,13 +31,14 @@ from medledger.identity.v1 import identity_service_pb2 as id_pb
 from medledger.identity.v1 import identity_service_pb2_grpc as id_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
-from medledger_common import chain, commitments, localstack
-from medledger_common.anchored_proofs import Anchor, TrustPolicy, verify_anchored_proof
-from medledger_common.events import TOPICS, new_event
-from medledger_common.grpc_client import make_channel
-from medledger_common.kafka import make_producer
-from medledger_common.testing import Anvil, status_of
+from medledger_devstack import contracts, localstack
+from medledger_devstack.testing import Anvil, status_of
+from medledger_runtime.events import TOPICS, new_event
+from medledger_runtime.kafka import make_producer
+from medledger_sdk.channels import make_channel
 from medledger_sdk.cli import main as medledger
+from medledger_verifier import chain, commitments
+from medledger_verifier.anchored_proofs import Anchor, TrustPolicy, verify_anchored_proof
 
 CODE = grpc.StatusCode
 PATIENTS = 20
@@ -111,7 +112,7 @@ async def eventually(check: Any, what: str, within: float = 120.0, every: float 
 class Chain:
     """What a test reads from the chain: the registry's anchors and the anchorer's transactions."""
 
-    def __init__(self, rpc_url: str, deployment: chain.Deployment) -> None:
+    def __init__(self, rpc_url: str, deployment: contracts.Deployment) -> None:
         self.w3 = chain.connect(rpc_url, timeout=5)
         self.deployment = deployment
         self.registry = chain.contract(self.w3, chain.ANCHOR_REGISTRY, deployment.anchor_registry)

@@ -22,9 +22,9 @@ from medledger.records.v1 import records_service_pb2 as rec_pb
 from medledger.records.v1 import records_service_pb2_grpc as rec_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
-from medledger_common import notes, tlog
-from medledger_common.grpc_client import make_channel
-from medledger_common.testing import status_of
+from medledger_devstack.testing import status_of
+from medledger_sdk.channels import make_channel
+from medledger_verifier import notes, tlog
 
 CODE = grpc.StatusCode
 

@@ -22,10 +22,10 @@ from medledger.identity.v1 import identity_service_pb2_grpc as id_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
 from sqlalchemy import func, select
 
-from medledger_common.grpc_client import make_channel
-from medledger_common.outbox import outbox
-from medledger_common.testing import bad_request_fields, status_of
 from medledger_consent import storage
+from medledger_devstack.testing import bad_request_fields, status_of
+from medledger_runtime.outbox import outbox
+from medledger_sdk.channels import make_channel
 
 Kind = vocab.PrincipalKind
 READ, WRITE = vocab.Action.ACTION_READ, vocab.Action.ACTION_WRITE
@@ -321,7 +321,7 @@ async def test_break_glass_from_policy_to_review(start_stack, caplog) -> None:
     from medledger.events.v1 import consent_events_pb2, notification_events_pb2
     from prometheus_client import REGISTRY
 
-    from medledger_common.events import decode, unpack
+    from medledger_runtime.events import decode, unpack
 
     async with start_stack() as stack:
         w = await World().build(stack)

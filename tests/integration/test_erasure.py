@@ -28,16 +28,16 @@ from medledger.types.v1 import vocabulary_pb2 as vocab
 from prometheus_client import REGISTRY
 from sqlalchemy import MetaData, select
 
-from medledger_common.erasure import open_certificate
-from medledger_common.errors import InvalidArgument, MedledgerError, Unavailable
-from medledger_common.events import TOPICS, decode, unpack
-from medledger_common.grpc_client import make_channel
-from medledger_common.kafka import make_producer
-from medledger_common.keys import KeyManager, VaultKeyManager, audit_subject_key_name, patient_key_name
-from medledger_common.outbox import outbox
-from medledger_common.service import ServiceRuntime
 from medledger_identity.api import RESOURCE_KEY
 from medledger_records import storage as records_storage
+from medledger_runtime.errors import InvalidArgument, MedledgerError, Unavailable
+from medledger_runtime.events import TOPICS, decode, unpack
+from medledger_runtime.kafka import make_producer
+from medledger_runtime.keys import KeyManager, VaultKeyManager, audit_subject_key_name, patient_key_name
+from medledger_runtime.outbox import outbox
+from medledger_runtime.service import ServiceRuntime
+from medledger_sdk.channels import make_channel
+from medledger_verifier.erasure_certificates import open_certificate
 
 Kind = vocab.PrincipalKind
 ERASURE = pb.ErasureState

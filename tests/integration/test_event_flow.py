@@ -23,19 +23,19 @@ from medledger.types.v1 import vocabulary_pb2
 from opentelemetry import trace
 from sqlalchemy import func, select
 
-from medledger_common import events
-from medledger_common.grpc_client import make_channel
-from medledger_common.keys import create_master_key_file
-from medledger_common.outbox import COMMON_MIGRATIONS, inbox, outbox
-from medledger_common.service import ServiceRuntime, open_key_manager
-from medledger_common.testing import Kafka, Postgres, span_exporter
 from medledger_consent import storage as consent_storage
 from medledger_consent.handlers import DIRECTORY_CONSUMER
+from medledger_devstack.testing import Kafka, Postgres, span_exporter
 from medledger_identity import storage as identity_storage
 from medledger_identity.api import IdentityApi
 from medledger_identity.config import IdentitySettings
 from medledger_identity.credentials import SecretHasher
 from medledger_identity.tokens import TokenSigner
+from medledger_runtime import events
+from medledger_runtime.keys import create_master_key_file
+from medledger_runtime.outbox import COMMON_MIGRATIONS, inbox, outbox
+from medledger_runtime.service import ServiceRuntime, open_key_manager
+from medledger_sdk.channels import make_channel
 
 PATIENT = vocabulary_pb2.PrincipalKind.PRINCIPAL_KIND_PATIENT
 HELPERS = Path(__file__).parent / "helpers"

@@ -56,12 +56,12 @@ from medledger.records.v1 import records_service_pb2 as rec_pb
 from medledger.types.v1 import vocabulary_pb2 as vocab
 from sqlalchemy import text
 
-from medledger_common import synthetic
-from medledger_common.events import TOPICS, Event, dlq_topic, new_event
-from medledger_common.grpc_client import make_channel
-from medledger_common.kafka import EventConsumer
-from medledger_common.service import ServiceRuntime
-from medledger_common.testing import Anvil, Postgres
+from medledger_devstack import synthetic
+from medledger_devstack.testing import Anvil, Postgres
+from medledger_runtime.events import TOPICS, Event, dlq_topic, new_event
+from medledger_runtime.kafka import EventConsumer
+from medledger_runtime.service import ServiceRuntime
+from medledger_sdk.channels import make_channel
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -717,7 +717,7 @@ async def snapshot(runtime: ServiceRuntime) -> Snapshot:
 
 
 async def new_event_types(runtime: ServiceRuntime, after: int) -> list[str]:
-    from medledger_common.events import decode
+    from medledger_runtime.events import decode
 
     async with runtime.db.connect() as conn:
         rows = await conn.execute(text("SELECT value FROM outbox WHERE id > :after ORDER BY id"), {"after": after})
@@ -1184,7 +1184,7 @@ async def test_requests_that_once_ended_internal_are_refused_naming_the_field(wo
     from medledger.identity.v1.identity_service_pb2_grpc import IdentityServiceStub
     from medledger.records.v1.records_service_pb2_grpc import RecordsServiceStub
 
-    from medledger_common.testing import bad_request_fields
+    from medledger_devstack.testing import bad_request_fields
 
     async def refused(call: Any, code: grpc.StatusCode, fields: list[str] | None = None) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as error:

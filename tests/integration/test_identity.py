@@ -34,17 +34,17 @@ from sqlalchemy import func, select
 
 from medledger_anchoring import api as anchoring_api
 from medledger_audit import api as audit_api
-from medledger_common import events
-from medledger_common.auth import Access
-from medledger_common.grpc_client import make_channel
-from medledger_common.logs import JsonFormatter
-from medledger_common.outbox import outbox
-from medledger_common.testing import bad_request_fields, status_of
 from medledger_consent import api as consent_api
+from medledger_devstack.testing import bad_request_fields, status_of
 from medledger_identity import api as identity_api
 from medledger_identity import domain
 from medledger_identity import storage as identity_storage
 from medledger_records import api as records_api
+from medledger_runtime import events
+from medledger_runtime.auth import Access
+from medledger_runtime.logs import JsonFormatter
+from medledger_runtime.outbox import outbox
+from medledger_sdk.channels import make_channel
 
 Kind = vocabulary_pb2.PrincipalKind
 Role = vocabulary_pb2.Role

@@ -4,7 +4,7 @@ or answering 403 (the services' policies emptied): a request that needs the key 
 refused with UNAVAILABLE (PERMISSION_DENIED for the 403), never INTERNAL or DATA_LOSS; it leaves
 nothing behind (no row, no event, no idempotency record that would replay the failure); and once
 OpenBao is back the client's retry with the same request_id takes effect exactly once. Records'
-data-key cache keeps a patient whose keys it holds going through the fault (libs/common/KEYS.md,
+data-key cache keeps a patient whose keys it holds going through the fault (libs/runtime/KEYS.md,
 "Data-key cache"); with the cache off, reads need OpenBao too. Under a load of 16 requests in
 flight, every acknowledged write exists once and every refusal is UNAVAILABLE or
 PERMISSION_DENIED."""
@@ -33,16 +33,16 @@ from medledger.types.v1 import vocabulary_pb2 as vocab
 from prometheus_client import REGISTRY
 from sqlalchemy import and_, func, select
 
-from medledger_common import synthetic
-from medledger_common.db import Database
-from medledger_common.events import decode, unpack
-from medledger_common.grpc_client import make_channel
-from medledger_common.localstack import repo_root
-from medledger_common.openbao import POLICY_PREFIX, OpenBao
-from medledger_common.outbox import idempotency_keys, outbox
 from medledger_consent import storage as consent_storage
+from medledger_devstack import synthetic
+from medledger_devstack.localstack import repo_root
+from medledger_devstack.openbao import POLICY_PREFIX, OpenBao
 from medledger_identity import storage as identity_storage
 from medledger_records import storage as records_storage
+from medledger_runtime.db import Database
+from medledger_runtime.events import decode, unpack
+from medledger_runtime.outbox import idempotency_keys, outbox
+from medledger_sdk.channels import make_channel
 
 Kind = vocab.PrincipalKind
 CODE = grpc.StatusCode

@@ -22,12 +22,21 @@ from aiokafka.structs import ConsumerRecord
 from medledger.events.v1 import records_events_pb2
 from sqlalchemy import func, select
 
-from medledger_common.db import Database
-from medledger_common.errors import NotFound, PermissionDenied
-from medledger_common.events import new_event
-from medledger_common.kafka import ConsumedMessage
-from medledger_common.key_owners import KeyOwnerMigration, decrypt_owned
-from medledger_common.keys import (
+from medledger_consent import domain as consent_domain
+from medledger_consent import key_owners as consent_owners
+from medledger_consent import storage as consent_storage
+from medledger_devstack.testing import OpenBaoServer, Postgres
+from medledger_identity import key_owners as identity_owners
+from medledger_identity import storage as identity_storage
+from medledger_records import domain as records_domain
+from medledger_records import key_owners as records_owners
+from medledger_records import storage as records_storage
+from medledger_runtime.db import Database
+from medledger_runtime.errors import NotFound, PermissionDenied
+from medledger_runtime.events import new_event
+from medledger_runtime.kafka import ConsumedMessage
+from medledger_runtime.key_owners import KeyOwnerMigration, decrypt_owned
+from medledger_runtime.keys import (
     KeyManager,
     KeyShredder,
     KeyType,
@@ -37,16 +46,7 @@ from medledger_common.keys import (
     legacy_patient_key_name,
     patient_key_name,
 )
-from medledger_common.outbox import COMMON_MIGRATIONS
-from medledger_common.testing import OpenBaoServer, Postgres
-from medledger_consent import domain as consent_domain
-from medledger_consent import key_owners as consent_owners
-from medledger_consent import storage as consent_storage
-from medledger_identity import key_owners as identity_owners
-from medledger_identity import storage as identity_storage
-from medledger_records import domain as records_domain
-from medledger_records import key_owners as records_owners
-from medledger_records import storage as records_storage
+from medledger_runtime.outbox import COMMON_MIGRATIONS
 
 PATIENT_KIND = 1
 

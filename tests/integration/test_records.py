@@ -27,14 +27,14 @@ from medledger.records.v1 import records_service_pb2_grpc as pb_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
 from sqlalchemy import func, select, update
 
-from medledger_common import synthetic
-from medledger_common.errors import NotFound
-from medledger_common.events import decode, unpack
-from medledger_common.grpc_client import make_channel
-from medledger_common.outbox import outbox
-from medledger_common.testing import bad_request_fields, status_of
-from medledger_common.timestamps import timestamp
+from medledger_devstack import synthetic
+from medledger_devstack.testing import bad_request_fields, status_of
 from medledger_records import storage
+from medledger_runtime.errors import NotFound
+from medledger_runtime.events import decode, unpack
+from medledger_runtime.outbox import outbox
+from medledger_runtime.timestamps import timestamp
+from medledger_sdk.channels import make_channel
 
 Kind = vocab.PrincipalKind
 CODE = grpc.StatusCode

@@ -22,11 +22,11 @@ from medledger.records.v1 import records_service_pb2_grpc as pb_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
 from sqlalchemy import select
 
-from medledger_common.grpc_client import make_channel
-from medledger_common.keys import KeyManager, VaultKeyManager, patient_key_name
-from medledger_common.testing import OpenBaoServer, status_of
 from medledger_consent import storage as consent_storage
+from medledger_devstack.testing import OpenBaoServer, status_of
 from medledger_records import storage as records_storage
+from medledger_runtime.keys import KeyManager, VaultKeyManager, patient_key_name
+from medledger_sdk.channels import make_channel
 
 Kind = vocab.PrincipalKind
 JUSTIFICATION = "Unconscious on arrival after a road accident; need allergy and medication history now"

@@ -27,14 +27,15 @@ from medledger.records.v1 import records_service_pb2, records_service_pb2_grpc
 from medledger.records.v1 import records_service_pb2 as records_pb
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
-from medledger_common import chain, commitments, localstack, notes
-from medledger_common.anchored_proofs import TrustPolicy
-from medledger_common.testing import Postgres
-from medledger_sdk.cli import up as up_command
-from medledger_sdk.cli.demo import free_ports
-from medledger_sdk.cli.state import ADMIN_PRINCIPAL, RecordedProcess, StateDir, read_chain_key
+from medledger_devstack import contracts, localstack
+from medledger_devstack.cli import up as up_command
+from medledger_devstack.cli.demo import free_ports
+from medledger_devstack.cli.state import ADMIN_PRINCIPAL, RecordedProcess, StateDir, read_chain_key
+from medledger_devstack.demo import OUT_FILES, Narrator, StoryConfig, run_story
+from medledger_devstack.testing import Postgres
 from medledger_sdk.client import Endpoints, Medledger
-from medledger_sdk.demo import OUT_FILES, Narrator, StoryConfig, run_story
+from medledger_verifier import chain, commitments, notes
+from medledger_verifier.anchored_proofs import TrustPolicy
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 SERVICES = ("identity", "consent", "records", "anchoring", "audit")
@@ -151,7 +152,7 @@ async def _check_chain_side(state_dir: Path, ports: Ports, printed: str) -> dict
     from eth_account import Account
 
     recorded = json.loads((state_dir / "chain.json").read_text())
-    deployment = chain.Deployment.from_json(recorded)
+    deployment = contracts.Deployment.from_json(recorded)
     assert recorded["rpc_url"] == f"http://{localstack.HOST}:{ports.anvil}"
     key_file = state_dir / "secrets" / "anchorer.key"
     assert key_file.stat().st_mode & 0o777 == 0o600
@@ -188,7 +189,7 @@ async def _check_chain_side(state_dir: Path, ports: Ports, printed: str) -> dict
         assert await w3.eth.get_code(deployment.consent_registry)
         anchors = chain.contract(w3, chain.ANCHOR_REGISTRY, deployment.anchor_registry)
         consents = chain.contract(w3, chain.CONSENT_REGISTRY, deployment.consent_registry)
-        assert tuple(await anchors.functions.logKey(ORIGIN).call()) == chain.p256_xy(p256.public_key)
+        assert tuple(await anchors.functions.logKey(ORIGIN).call()) == contracts.p256_xy(p256.public_key)
         assert await anchors.functions.isAnchorer(deployment.anchorer).call()
         assert not await anchors.functions.isAnchorer(deployment.owner).call()
         assert await consents.functions.isWriter(deployment.anchorer).call()

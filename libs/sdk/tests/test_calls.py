@@ -14,10 +14,10 @@ import pytest
 from medledger.identity.v1 import identity_service_pb2 as pb
 from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
-from medledger_common.errors import InvalidArgument
-from medledger_common.grpc_client import make_channel
-from medledger_common.grpc_server import GrpcServer
+from medledger_runtime.errors import InvalidArgument
+from medledger_runtime.grpc_server import GrpcServer
 from medledger_sdk.calls import CallPolicy, RpcError, pages
+from medledger_sdk.channels import make_channel
 
 SERVICE = pb.DESCRIPTOR.services_by_name["IdentityService"]
 PRINCIPALS = [f"prn_{i:032x}" for i in range(25)]

@@ -10,12 +10,14 @@ from pathlib import Path
 
 from medledger.events.v1 import records_events_pb2 as ev
 
-from medledger_common import notes
-from medledger_common.anchored_proofs import TrustPolicy
-from medledger_common.erasure import CERTIFICATE_KEY, CERTIFICATE_SIGNER_NAME, certificate_text, parse_certificate
-from medledger_common.keys import KeyType, LocalKeyring, create_master_key_file
-from medledger_common.timestamps import timestamp
+from medledger_runtime.erasure import CERTIFICATE_KEY, CERTIFICATE_SIGNER_NAME, certificate_text
+from medledger_runtime.keys import KeyType, LocalKeyring, create_master_key_file
+from medledger_runtime.keys.note_signer import key_manager_signer
+from medledger_runtime.timestamps import timestamp
 from medledger_sdk.cli import main as medledger
+from medledger_verifier import notes
+from medledger_verifier.anchored_proofs import TrustPolicy
+from medledger_verifier.erasure_certificates import parse_certificate
 
 Outcome = ev.ErasureOutcome
 T0 = 1_780_000_000.0
@@ -62,7 +64,7 @@ async def signed(tmp_path: Path, key_name: str = CERTIFICATE_KEY) -> tuple[str, 
         create_master_key_file(master)
     async with await LocalKeyring.open(tmp_path / "data" / f"{key_name}.keyring", master) as keys:
         await keys.ensure_key(key_name, KeyType.ED25519)
-        signer = await notes.key_manager_signer(keys, key_name, CERTIFICATE_SIGNER_NAME)
+        signer = await key_manager_signer(keys, key_name, CERTIFICATE_SIGNER_NAME)
         note = await notes.sign_note(certificate_text(certificate()), [signer])
     return note.format(), signer.verifier.text()
 

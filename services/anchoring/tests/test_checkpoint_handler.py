@@ -14,12 +14,12 @@ from medledger.events.v1 import audit_events_pb2
 
 from medledger_anchoring import storage
 from medledger_anchoring.handlers import CheckpointHandler
-from medledger_common import notes, tlog
-from medledger_common.db import Database
-from medledger_common.errors import InvalidArgument
-from medledger_common.events import new_event
-from medledger_common.kafka import ConsumedMessage
-from medledger_common.outbox import COMMON_MIGRATIONS
+from medledger_runtime.db import Database
+from medledger_runtime.errors import InvalidArgument
+from medledger_runtime.events import new_event
+from medledger_runtime.kafka import ConsumedMessage
+from medledger_runtime.outbox import COMMON_MIGRATIONS
+from medledger_verifier import notes, tlog
 
 ORIGIN = "medledger.test/audit"
 

@@ -13,7 +13,7 @@ from medledger.events.v1 import anchoring_events_pb2, identity_events_pb2, recor
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_audit import entries
-from medledger_common.events import new_event
+from medledger_runtime.events import new_event
 
 PATIENT = "pat_" + "1" * 32
 NOW = datetime(2026, 11, 25, 9, 30, tzinfo=UTC)

@@ -19,7 +19,7 @@ from medledger.options.v1 import options_pb2
 
 from medledger_audit import entries, event_types, fhir_audit
 from medledger_audit.sequencer import lookup_columns
-from medledger_common.events import new_event
+from medledger_runtime.events import new_event
 
 PATIENT = "pat_" + "3" * 32
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)

@@ -11,8 +11,8 @@ from fhir.resources.R4B.auditevent import AuditEvent
 from fhir.resources.R4B.bundle import Bundle
 
 from medledger_audit import entries, fhir_audit
-from medledger_common import tlog
-from medledger_common.events import new_event
+from medledger_runtime.events import new_event
+from medledger_verifier import tlog
 
 PATIENT = "pat_" + "2" * 32
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)

@@ -16,8 +16,8 @@ from opentelemetry.trace import SpanKind
 from medledger_audit.entries import EntryDraft
 from medledger_audit.handlers import LogConsumer
 from medledger_audit.sequencer import PreparedBatch
-from medledger_common.events import new_event
-from medledger_common.testing import span_exporter
+from medledger_devstack.testing import span_exporter
+from medledger_runtime.events import new_event
 
 TOPIC = "medledger.identity.v1"
 

@@ -19,13 +19,13 @@ from medledger_audit import storage
 from medledger_audit.checkpoints import Checkpointer
 from medledger_audit.entries import EntryDraft, draft_entry, subject_key_name, unprocessable_entry
 from medledger_audit.sequencer import APPEND_LOCK, Sequencer
-from medledger_common import notes, tlog
-from medledger_common.db import Database, lock_key
-from medledger_common.errors import NotFound
-from medledger_common.events import TOPICS, Event, new_event
-from medledger_common.keys import LocalKeyring, create_master_key_file
-from medledger_common.outbox import COMMON_MIGRATIONS, outbox
-from medledger_common.testing import Postgres
+from medledger_devstack.testing import Postgres
+from medledger_runtime.db import Database, lock_key
+from medledger_runtime.errors import NotFound
+from medledger_runtime.events import TOPICS, Event, new_event
+from medledger_runtime.keys import LocalKeyring, create_master_key_file
+from medledger_runtime.outbox import COMMON_MIGRATIONS, outbox
+from medledger_verifier import notes, tlog
 
 ORIGIN = "test.medledger.local/audit"
 

@@ -23,12 +23,13 @@ from medledger_audit import storage
 from medledger_audit.checkpoints import Checkpointer
 from medledger_audit.config import AuditSettings
 from medledger_audit.handlers import LogConsumer
-from medledger_common import localstack, notes, tlog
-from medledger_common.events import TOPICS, Event, new_event
-from medledger_common.kafka import make_producer
-from medledger_common.keys import create_master_key_file
-from medledger_common.service import AuthSources, ServiceParts, ServiceRuntime
-from medledger_common.testing import Kafka, Postgres, running_service
+from medledger_devstack import localstack
+from medledger_devstack.testing import Kafka, Postgres, running_service
+from medledger_runtime.events import TOPICS, Event, new_event
+from medledger_runtime.kafka import make_producer
+from medledger_runtime.keys import create_master_key_file
+from medledger_runtime.service import AuthSources, ServiceParts, ServiceRuntime
+from medledger_verifier import notes, tlog
 
 ORIGIN = "service-test.medledger.local/audit"
 

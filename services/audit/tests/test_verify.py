@@ -16,12 +16,12 @@ from medledger_audit.checkpoints import Checkpointer
 from medledger_audit.entries import draft_entry
 from medledger_audit.sequencer import Sequencer
 from medledger_audit.verify import verify_log, verify_recent
-from medledger_common import tlog
-from medledger_common.db import Database
-from medledger_common.events import new_event
-from medledger_common.keys import LocalKeyring, create_master_key_file
-from medledger_common.outbox import COMMON_MIGRATIONS
-from medledger_common.testing import Postgres
+from medledger_devstack.testing import Postgres
+from medledger_runtime.db import Database
+from medledger_runtime.events import new_event
+from medledger_runtime.keys import LocalKeyring, create_master_key_file
+from medledger_runtime.outbox import COMMON_MIGRATIONS
+from medledger_verifier import tlog
 
 ORIGIN = "verify-test.medledger.local/audit"
 N = 600  # more than two level-0 tiles

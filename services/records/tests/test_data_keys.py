@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from medledger_common.errors import DataLoss, FailedPrecondition, NotFound
-from medledger_common.keys import KeyManager, KeyType, LocalKeyring, create_master_key_file
-from medledger_common.keys.base import parse_versioned
-from medledger_common.keys.shredder import KeyShredder
 from medledger_records import domain
 from medledger_records.data_keys import CacheLimits, DataKeyCache
+from medledger_runtime.errors import DataLoss, FailedPrecondition, NotFound
+from medledger_runtime.keys import KeyManager, KeyType, LocalKeyring, create_master_key_file
+from medledger_runtime.keys.base import parse_versioned
+from medledger_runtime.keys.shredder import KeyShredder
 
 NAME = "records-patient-p1"
 

@@ -11,9 +11,9 @@ import os
 import pytest
 import rfc8785
 
-from medledger_common.errors import DataLoss, InvalidArgument
-from medledger_common.synthetic import Population
+from medledger_devstack.synthetic import Population
 from medledger_records import domain
+from medledger_runtime.errors import DataLoss, InvalidArgument
 
 
 def test_every_synthea_resource_validates_and_its_commitment_recomputes(synthetic_patients: Population) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert
 
-from medledger_common.db import Database
-from medledger_common.testing import Postgres
+from medledger_devstack.testing import Postgres
 from medledger_records import storage
+from medledger_runtime.db import Database
 
 RUNNING = 2
 

@@ -16,14 +16,6 @@ from medledger.events.v1 import records_events_pb2 as ev
 from medledger.types.v1 import vocabulary_pb2 as v
 from sqlalchemy import select
 
-from medledger_common import commitments
-from medledger_common.auth import Caller
-from medledger_common.db import Database
-from medledger_common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from medledger_common.events import decode, unpack
-from medledger_common.group_commit import OutboxGroupCommit
-from medledger_common.keys import LocalKeyring, create_master_key_file
-from medledger_common.outbox import COMMON_MIGRATIONS, outbox
 from medledger_records import storage
 from medledger_records.data_keys import DataKeyCache
 from medledger_records.erasure import COMPLETED, RUNNING
@@ -36,6 +28,14 @@ from medledger_records.records import (
     RecordDesk,
     Written,
 )
+from medledger_runtime.auth import Caller
+from medledger_runtime.db import Database
+from medledger_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from medledger_runtime.events import decode, unpack
+from medledger_runtime.group_commit import OutboxGroupCommit
+from medledger_runtime.keys import LocalKeyring, create_master_key_file
+from medledger_runtime.outbox import COMMON_MIGRATIONS, outbox
+from medledger_verifier import commitments
 
 OBS = v.DataCategory.DATA_CATEGORY_OBSERVATIONS
 MEDS = v.DataCategory.DATA_CATEGORY_MEDICATIONS

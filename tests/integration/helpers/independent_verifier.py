@@ -5,7 +5,7 @@ C2SP signed-note, tlog-checkpoint and tlog-proof (text formats, Ed25519 signatur
 RFC 8785 (JSON canonicalization, via the `rfc8785` package), the record commitment formula of the
 README, and plain Ethereum JSON-RPC over HTTP (``eth_chainId``, ``eth_getTransactionReceipt``,
 ``eth_call``) — so that a third party can see that the evidence stands on those alone. It shares
-nothing with ``medledger_common``: a bug there cannot hide a bug here.
+nothing with ``medledger_runtime``: a bug there cannot hide a bug here.
 
 ``verify_folder(folder, rpc_url)`` returns the list of problems found (empty: verified).
 """

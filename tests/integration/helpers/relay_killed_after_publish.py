@@ -9,9 +9,9 @@ import os
 import signal
 import sys
 
-from medledger_common.db import Database
-from medledger_common.kafka import make_producer
-from medledger_common.outbox import OutboxRelay
+from medledger_runtime.db import Database
+from medledger_runtime.kafka import make_producer
+from medledger_runtime.outbox import OutboxRelay
 
 
 class RelayKilledBeforeMarking(OutboxRelay):

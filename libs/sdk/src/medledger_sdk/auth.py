@@ -12,8 +12,8 @@ from typing import Any
 
 import grpc
 
-from medledger_common.grpc_client import make_channel
-from medledger_common.identity_link import BearerTokenInterceptor, IdentityLink
+from medledger_sdk.channels import make_channel
+from medledger_sdk.identity_link import BearerTokenInterceptor, IdentityLink
 
 
 class TokenClient:

@@ -21,7 +21,7 @@ import grpc
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from medledger_common.retry import Backoff
+from medledger_sdk.backoff import Backoff
 
 DEFAULT_DEADLINE_SECONDS = 10.0
 DEFAULT_ATTEMPTS = 4

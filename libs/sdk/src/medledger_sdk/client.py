@@ -26,9 +26,9 @@ from medledger.consent.v1.consent_service_pb2_grpc import ConsentServiceStub
 from medledger.identity.v1.identity_service_pb2_grpc import IdentityServiceStub
 from medledger.records.v1.records_service_pb2_grpc import RecordsServiceStub
 
-from medledger_common.grpc_client import make_channel
-from medledger_common.identity_link import BearerTokenInterceptor, IdentityLink
 from medledger_sdk.calls import DEFAULT_ATTEMPTS, DEFAULT_DEADLINE_SECONDS, CallPolicy
+from medledger_sdk.channels import make_channel
+from medledger_sdk.identity_link import BearerTokenInterceptor, IdentityLink
 
 HOST = "127.0.0.1"
 

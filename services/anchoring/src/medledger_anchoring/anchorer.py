@@ -38,13 +38,13 @@ from web3.exceptions import ContractCustomError
 from medledger_anchoring import domain, storage
 from medledger_anchoring.consents import ConsentWriter
 from medledger_anchoring.sender import Dropped, Reverted, Sender, with_backoff
-from medledger_common import chain, notes
-from medledger_common.db import Database
-from medledger_common.errors import outage_dependency
-from medledger_common.events import TOPICS, new_event
-from medledger_common.outbox import enqueue
-from medledger_common.retry import Attempts, Backoff
-from medledger_common.timestamps import timestamp
+from medledger_runtime.db import Database
+from medledger_runtime.errors import outage_dependency
+from medledger_runtime.events import TOPICS, new_event
+from medledger_runtime.outbox import enqueue
+from medledger_runtime.retry import Attempts, Backoff
+from medledger_runtime.timestamps import timestamp
+from medledger_verifier import chain, notes
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class Anchorer:
     async def run(self) -> None:
         # Each round starts afresh from the chain's and the log's state, so a failed round is
         # not an item to give up on: the next one is its retry, however often it fails (each
-        # failure logged and counted by medledger_common.retry, an error that is not an outage
+        # failure logged and counted by medledger_runtime.retry, an error that is not an outage
         # with its traceback too).
         tries = Attempts("anchoring round", attempts=None, backoff=ROUND_BACKOFF)
         while True:

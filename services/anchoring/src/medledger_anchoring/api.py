@@ -18,11 +18,11 @@ from medledger.audit.v1 import audit_service_pb2_grpc as audit_grpc
 
 from medledger_anchoring import storage
 from medledger_anchoring.anchorer import Anchorer
-from medledger_common import anchored_proofs
-from medledger_common.auth import Access
-from medledger_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from medledger_common.service import ServiceRuntime
-from medledger_common.timestamps import timestamp
+from medledger_runtime.auth import Access
+from medledger_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from medledger_runtime.service import ServiceRuntime
+from medledger_runtime.timestamps import timestamp
+from medledger_verifier import anchored_proofs
 
 _SERVICE = "/medledger.anchoring.v1.AnchoringService/"
 # Anyone may look up and verify anchors: that is what a witness is for.

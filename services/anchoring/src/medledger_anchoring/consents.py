@@ -17,10 +17,10 @@ from prometheus_client import Counter
 
 from medledger_anchoring import domain, storage
 from medledger_anchoring.sender import Reverted, Sender
-from medledger_common import chain
-from medledger_common.db import Database
-from medledger_common.events import TOPICS, new_event
-from medledger_common.outbox import enqueue
+from medledger_runtime.db import Database
+from medledger_runtime.events import TOPICS, new_event
+from medledger_runtime.outbox import enqueue
+from medledger_verifier import chain
 
 log = logging.getLogger(__name__)
 

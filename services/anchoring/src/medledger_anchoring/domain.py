@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medledger_common import notes
-from medledger_common.keys import der_to_raw_rs
+from medledger_runtime.keys import der_to_raw_rs
+from medledger_verifier import notes
 
 
 @dataclass(frozen=True)

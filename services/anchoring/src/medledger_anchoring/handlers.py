@@ -12,13 +12,13 @@ from collections.abc import Callable, Sequence
 from medledger.events.v1 import audit_events_pb2, consent_events_pb2
 
 from medledger_anchoring import storage
-from medledger_common import notes
-from medledger_common.db import Database
-from medledger_common.errors import InvalidArgument
-from medledger_common.events import unpack
-from medledger_common.kafka import ConsumedMessage
-from medledger_common.outbox import claim_inbox
-from medledger_common.timestamps import seconds
+from medledger_runtime.db import Database
+from medledger_runtime.errors import InvalidArgument
+from medledger_runtime.events import unpack
+from medledger_runtime.kafka import ConsumedMessage
+from medledger_runtime.outbox import claim_inbox
+from medledger_runtime.timestamps import seconds
+from medledger_verifier import notes
 
 log = logging.getLogger(__name__)
 

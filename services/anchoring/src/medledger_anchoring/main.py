@@ -19,12 +19,12 @@ from medledger_anchoring.handlers import (
 )
 from medledger_anchoring.sender import Sender, load_account
 from medledger_anchoring.storage import MIGRATIONS
-from medledger_common import anchored_proofs, chain, notes
-from medledger_common.events import TOPICS
-from medledger_common.grpc_client import service_channel
-from medledger_common.identity_link import BearerTokenInterceptor
-from medledger_common.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
-from medledger_common.settings import ConfigError, load_settings_or_exit
+from medledger_runtime.events import TOPICS
+from medledger_runtime.grpc_client import service_channel
+from medledger_runtime.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
+from medledger_runtime.settings import ConfigError, load_settings_or_exit
+from medledger_sdk.identity_link import BearerTokenInterceptor
+from medledger_verifier import anchored_proofs, chain, notes
 
 NAME = "anchoring"
 

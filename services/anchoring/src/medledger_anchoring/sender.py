@@ -30,10 +30,10 @@ from eth_account.signers.local import LocalAccount
 from prometheus_client import Counter, Gauge, Histogram
 from web3.exceptions import ContractCustomError, ContractLogicError, TransactionNotFound, Web3RPCError
 
-from medledger_common import chain
-from medledger_common.errors import outage_dependency
-from medledger_common.retry import Backoff, retry
-from medledger_common.settings import read_secret_file
+from medledger_runtime.errors import outage_dependency
+from medledger_runtime.retry import Backoff, retry
+from medledger_runtime.settings import read_secret_file
+from medledger_verifier import chain
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,7 +90,7 @@ def load_account(path: Path) -> LocalAccount:
 
 
 async def with_backoff(what: str, call: Callable[[], Awaitable[T]], *, give_up_after: float = 300.0) -> T:
-    """``call`` retried while the node is out of reach (medledger_common.retry); re-raised after
+    """``call`` retried while the node is out of reach (medledger_runtime.retry); re-raised after
     ``give_up_after`` seconds so the caller's loop can report and start over. Any other error
     (a revert, a refused nonce) is raised at once: the caller knows what it means."""
 

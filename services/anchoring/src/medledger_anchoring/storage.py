@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common.db import Migration, create_tables
+from medledger_runtime.db import Migration, create_tables
 
 metadata = MetaData()
 

@@ -19,12 +19,12 @@ from medledger_audit import fhir_audit, storage
 from medledger_audit.checkpoints import Checkpointer
 from medledger_audit.entries import REDACTION, EntryDraft, redaction_entry, subject_key_name
 from medledger_audit.sequencer import Sequencer
-from medledger_common import notes, tlog
-from medledger_common.auth import Access, Caller, current_caller
-from medledger_common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from medledger_common.idempotency import check_request_id
-from medledger_common.service import ServiceRuntime
-from medledger_common.timestamps import seconds
+from medledger_runtime.auth import Access, Caller, current_caller
+from medledger_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from medledger_runtime.idempotency import check_request_id
+from medledger_runtime.service import ServiceRuntime
+from medledger_runtime.timestamps import seconds
+from medledger_verifier import notes, tlog
 
 _SERVICE = "/medledger.audit.v1.AuditService/"
 # Transparency data (checkpoints, proofs) is public: anyone may verify the log.

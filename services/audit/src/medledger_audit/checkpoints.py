@@ -27,12 +27,14 @@ from medledger.events.v1 import audit_events_pb2
 from prometheus_client import Counter, Gauge
 
 from medledger_audit import storage
-from medledger_common import files, notes, tlog
-from medledger_common.db import Database
-from medledger_common.errors import DataLoss, FailedPrecondition, InvalidArgument
-from medledger_common.events import TOPICS, new_event
-from medledger_common.keys import KeyManager, KeyType
-from medledger_common.outbox import enqueue
+from medledger_runtime import files
+from medledger_runtime.db import Database
+from medledger_runtime.errors import DataLoss, FailedPrecondition, InvalidArgument
+from medledger_runtime.events import TOPICS, new_event
+from medledger_runtime.keys import KeyManager, KeyType
+from medledger_runtime.keys.note_signer import key_manager_signer
+from medledger_runtime.outbox import enqueue
+from medledger_verifier import notes, tlog
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class SignedCheckpoint:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text` whole (see medledger_common.files)."""
+    """Replace `path` with `text` whole (see medledger_runtime.files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     files.write_atomically(path, text.encode("utf-8"))
 
@@ -110,8 +112,8 @@ class Checkpointer:
         await self.keys.ensure_key(ED25519_KEY, KeyType.ED25519)
         await self.keys.ensure_key(P256_KEY, KeyType.ECDSA_P256)
         self.signers = [
-            await notes.key_manager_signer(self.keys, ED25519_KEY, self.origin),
-            await notes.key_manager_signer(self.keys, P256_KEY, self.origin),
+            await key_manager_signer(self.keys, ED25519_KEY, self.origin),
+            await key_manager_signer(self.keys, P256_KEY, self.origin),
         ]
         self.last = await self._load_last()
         if self.last is not None:

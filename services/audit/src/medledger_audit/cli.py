@@ -21,10 +21,10 @@ from medledger.audit.v1 import audit_service_pb2 as pb
 from medledger.audit.v1 import audit_service_pb2_grpc as pb_grpc
 
 from medledger_audit.verify import verify_log
-from medledger_common import notes
-from medledger_common.db import Database
-from medledger_common.errors import MedledgerError
-from medledger_common.grpc_client import make_channel
+from medledger_runtime.db import Database
+from medledger_runtime.errors import MedledgerError
+from medledger_sdk.channels import make_channel
+from medledger_verifier import notes
 
 DEFAULT_DATABASE = "sqlite+aiosqlite:///.medledger/audit.db"
 

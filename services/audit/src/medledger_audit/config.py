@@ -4,8 +4,8 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from medledger_common.notes import valid_key_name
-from medledger_common.settings import ServiceSettings
+from medledger_runtime.settings import ServiceSettings
+from medledger_verifier.notes import valid_key_name
 
 
 class AuditSettings(ServiceSettings):

@@ -30,9 +30,9 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from medledger.events.v1 import anchoring_events_pb2
 
 from medledger_audit import event_types
-from medledger_common.events import Event, unpack
-from medledger_common.keys import audit_subject_key_name
-from medledger_common.tlog import MAX_ENTRY_BYTES
+from medledger_runtime.events import Event, unpack
+from medledger_runtime.keys import audit_subject_key_name
+from medledger_verifier.tlog import MAX_ENTRY_BYTES
 
 ENTRY_VERSION = 1
 __all__ = ["MAX_ENTRY_BYTES", "EntryDraft", "draft_entry", "encode_entry", "subject_key_name", "unprocessable_entry"]

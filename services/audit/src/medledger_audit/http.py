@@ -16,10 +16,10 @@ from aiohttp import web
 
 from medledger_audit import storage
 from medledger_audit.checkpoints import Checkpointer
-from medledger_common import tlog
-from medledger_common.errors import DataLoss, InvalidArgument
-from medledger_common.http_server import HttpRoute, authenticate
-from medledger_common.service import ServiceRuntime
+from medledger_runtime.errors import DataLoss, InvalidArgument
+from medledger_runtime.http_server import HttpRoute, authenticate
+from medledger_runtime.service import ServiceRuntime
+from medledger_verifier import tlog
 
 _IMMUTABLE = "public, max-age=31536000, immutable"
 _FRESH = "no-cache"

@@ -32,10 +32,10 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from medledger_audit import event_types, storage
 from medledger_audit.entries import UNPROCESSABLE, EntryDraft, encode_entry, subject_key_name
-from medledger_common import tlog
-from medledger_common.db import Database, lock_key
-from medledger_common.errors import NotFound
-from medledger_common.keys import KeyManager, KeyShredder, KeyType
+from medledger_runtime.db import Database, lock_key
+from medledger_runtime.errors import NotFound
+from medledger_runtime.keys import KeyManager, KeyShredder, KeyType
+from medledger_verifier import tlog
 
 log = logging.getLogger(__name__)
 

@@ -44,9 +44,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common import tlog
-from medledger_common.db import Database, Migration
-from medledger_common.errors import DataLoss
+from medledger_runtime.db import Database, Migration
+from medledger_runtime.errors import DataLoss
+from medledger_verifier import tlog
 
 metadata = MetaData()
 

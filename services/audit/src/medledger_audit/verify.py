@@ -27,8 +27,8 @@ from prometheus_client import Counter, Gauge
 
 from medledger_audit import storage
 from medledger_audit.checkpoints import Checkpointer
-from medledger_common import notes, tlog
-from medledger_common.db import Database
+from medledger_runtime.db import Database
+from medledger_verifier import notes, tlog
 
 log = logging.getLogger(__name__)
 

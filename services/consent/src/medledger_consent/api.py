@@ -19,16 +19,16 @@ from medledger.types.v1 import vocabulary_pb2
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common.auth import ANY_CALLER, Access, Caller, current_caller
-from medledger_common.errors import InvalidArgument, NotFound, PermissionDenied
-from medledger_common.events import TOPICS, new_event
-from medledger_common.idempotency import run_idempotent
-from medledger_common.outbox import enqueue
-from medledger_common.service import ServiceRuntime
-from medledger_common.timestamps import timestamp
 from medledger_consent import domain, storage
 from medledger_consent.break_glass import BreakGlassDesk
 from medledger_consent.writes import write_once
+from medledger_runtime.auth import ANY_CALLER, Access, Caller, current_caller
+from medledger_runtime.errors import InvalidArgument, NotFound, PermissionDenied
+from medledger_runtime.events import TOPICS, new_event
+from medledger_runtime.idempotency import run_idempotent
+from medledger_runtime.outbox import enqueue
+from medledger_runtime.service import ServiceRuntime
+from medledger_runtime.timestamps import timestamp
 
 Kind = vocabulary_pb2.PrincipalKind
 PRINCIPAL_ACTIVE = vocabulary_pb2.PrincipalStatus.PRINCIPAL_STATUS_ACTIVE

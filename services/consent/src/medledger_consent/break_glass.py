@@ -21,22 +21,22 @@ from medledger.types.v1 import vocabulary_pb2
 from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common.auth import Caller, current_caller
-from medledger_common.errors import (
+from medledger_consent import domain, storage
+from medledger_consent.writes import write_once
+from medledger_runtime.auth import Caller, current_caller
+from medledger_runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
 )
-from medledger_common.events import TOPICS, new_event
-from medledger_common.key_owners import decrypt_owned
-from medledger_common.keys import KeyManager, KeyType
-from medledger_common.outbox import enqueue
-from medledger_common.service import ServiceRuntime
-from medledger_common.timestamps import duration, timestamp
-from medledger_consent import domain, storage
-from medledger_consent.writes import write_once
+from medledger_runtime.events import TOPICS, new_event
+from medledger_runtime.key_owners import decrypt_owned
+from medledger_runtime.keys import KeyManager, KeyType
+from medledger_runtime.outbox import enqueue
+from medledger_runtime.service import ServiceRuntime
+from medledger_runtime.timestamps import duration, timestamp
 
 log = logging.getLogger(__name__)
 

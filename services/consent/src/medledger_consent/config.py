@@ -2,7 +2,7 @@
 
 from pydantic import Field
 
-from medledger_common.settings import ServiceSettings
+from medledger_runtime.settings import ServiceSettings
 
 
 class ConsentSettings(ServiceSettings):

@@ -39,9 +39,9 @@ from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.types.v1 import vocabulary_pb2
 from pydantic import ValidationError
 
-from medledger_common.errors import FieldViolation, InvalidArgument
-from medledger_common.keys import patient_key_name
-from medledger_common.timestamps import seconds
+from medledger_runtime.errors import FieldViolation, InvalidArgument
+from medledger_runtime.keys import patient_key_name
+from medledger_runtime.timestamps import seconds
 
 RULE_VERSION = "medledger-consent-rules/2"
 COMMITMENT_DOMAIN = b"medledger:consent:v1\n"

@@ -9,15 +9,15 @@ from collections.abc import Callable
 from medledger.events.v1 import consent_events_pb2, identity_events_pb2
 from medledger.types.v1 import vocabulary_pb2
 
-from medledger_common.db import Database
-from medledger_common.erasure import destroy_keys, erasure_asked_of, keys_destroyed_event
-from medledger_common.errors import Unavailable
-from medledger_common.events import TOPICS, unpack
-from medledger_common.kafka import ConsumedMessage
-from medledger_common.keys import KeyShredder
-from medledger_common.outbox import claim_inbox, enqueue
 from medledger_consent import storage
 from medledger_consent.domain import ConsentIndex, justification_key_name
+from medledger_runtime.db import Database
+from medledger_runtime.erasure import destroy_keys, erasure_asked_of, keys_destroyed_event
+from medledger_runtime.errors import Unavailable
+from medledger_runtime.events import TOPICS, unpack
+from medledger_runtime.kafka import ConsumedMessage
+from medledger_runtime.keys import KeyShredder
+from medledger_runtime.outbox import claim_inbox, enqueue
 
 log = logging.getLogger(__name__)
 

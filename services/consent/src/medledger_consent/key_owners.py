@@ -1,7 +1,7 @@
 """Consent's part of the key-owner migration, and the backfill of erasures that completed before
 consent took part in them.
 
-- The migration (medledger_common.key_owners): each break-glass justification moves from the old
+- The migration (medledger_runtime.key_owners): each break-glass justification moves from the old
   shared key `patient-<id>` to consent's own `consent-patient-<id>`, with the same associated
   data (the access id). A background job at start; progress is the `justifications_under_old_keys`
   table, so a crash loses at most the page in flight.
@@ -22,14 +22,14 @@ from collections.abc import Callable
 from medledger.events.v1 import records_events_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common.db import Database
-from medledger_common.errors import NotFound
-from medledger_common.events import unpack
-from medledger_common.kafka import ConsumedMessage
-from medledger_common.key_owners import KeyOwnerMigration, reencrypt
-from medledger_common.keys import KeyManager, KeyShredder, patient_key_name
-from medledger_common.outbox import claim_inbox
 from medledger_consent import storage
+from medledger_runtime.db import Database
+from medledger_runtime.errors import NotFound
+from medledger_runtime.events import unpack
+from medledger_runtime.kafka import ConsumedMessage
+from medledger_runtime.key_owners import KeyOwnerMigration, reencrypt
+from medledger_runtime.keys import KeyManager, KeyShredder, patient_key_name
+from medledger_runtime.outbox import claim_inbox
 
 log = logging.getLogger(__name__)
 ERASURE_BACKFILL_CONSUMER = "consent.erasure-backfill"

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from medledger.consent.v1 import consent_service_pb2, consent_service_pb2_grpc
 
-from medledger_common.events import TOPICS
-from medledger_common.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
-from medledger_common.settings import load_settings_or_exit
 from medledger_consent.api import ACCESS, PUBLIC_METHODS, ConsentApi
 from medledger_consent.break_glass import BreakGlassDesk
 from medledger_consent.config import ConsentSettings
@@ -25,6 +22,9 @@ from medledger_consent.key_owners import (
     justification_migration,
 )
 from medledger_consent.storage import MIGRATIONS, DecisionLog
+from medledger_runtime.events import TOPICS
+from medledger_runtime.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
+from medledger_runtime.settings import load_settings_or_exit
 
 NAME = "consent"
 

@@ -28,10 +28,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import Executable
 
-from medledger_common.db import Database, Migration, create_tables, locked_page_after
-from medledger_common.events import Event
-from medledger_common.group_commit import OutboxGroupCommit
 from medledger_consent.domain import BreakGlassAccess, BreakGlassPolicy, ConsentVersion
+from medledger_runtime.db import Database, Migration, create_tables, locked_page_after
+from medledger_runtime.events import Event
+from medledger_runtime.group_commit import OutboxGroupCommit
 
 PENDING_REVIEW = pb.BreakGlassReview.BREAK_GLASS_REVIEW_PENDING
 metadata = MetaData()
@@ -343,7 +343,7 @@ async def latest_versions(
 
 class DecisionLog(OutboxGroupCommit):
     """Writes decision records and their events durably before the checks answer, group
-    committed (see medledger_common.group_commit)."""
+    committed (see medledger_runtime.group_commit)."""
 
     def __init__(self, db: Database, topic: str, *, commit_interval: float = 0.008) -> None:
         super().__init__(db, table=consent_decisions, commit_interval=commit_interval, what="the decision")

@@ -9,9 +9,9 @@ from typing import TypeVar
 from google.protobuf import message as pb_message
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common.idempotency import run_idempotent
-from medledger_common.service import ServiceRuntime
 from medledger_consent import domain
+from medledger_runtime.idempotency import run_idempotent
+from medledger_runtime.service import ServiceRuntime
 
 R = TypeVar("R", bound=pb_message.Message)
 Item = TypeVar("Item", domain.ConsentVersion, domain.BreakGlassAccess)

@@ -20,18 +20,18 @@ from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
 from medledger.types.v1 import vocabulary_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common.auth import ANY_CALLER, Access, Caller, current_caller
-from medledger_common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
-from medledger_common.events import TOPICS, new_event
-from medledger_common.idempotency import run_idempotent
-from medledger_common.key_owners import decrypt_owned
-from medledger_common.keys import KeyManager, KeyType, patient_key_name
-from medledger_common.outbox import enqueue
-from medledger_common.service import ServiceRuntime
-from medledger_common.timestamps import timestamp
 from medledger_identity import domain, storage
 from medledger_identity.credentials import SecretHasher
 from medledger_identity.tokens import TokenSigner
+from medledger_runtime.auth import ANY_CALLER, Access, Caller, current_caller
+from medledger_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from medledger_runtime.events import TOPICS, new_event
+from medledger_runtime.idempotency import run_idempotent
+from medledger_runtime.key_owners import decrypt_owned
+from medledger_runtime.keys import KeyManager, KeyType, patient_key_name
+from medledger_runtime.outbox import enqueue
+from medledger_runtime.service import ServiceRuntime
+from medledger_runtime.timestamps import timestamp
 
 Kind = vocabulary_pb2.PrincipalKind
 ACTIVE = vocabulary_pb2.PrincipalStatus.PRINCIPAL_STATUS_ACTIVE

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from medledger_common.settings import ServiceSettings
+from medledger_runtime.settings import ServiceSettings
 
 
 class IdentitySettings(ServiceSettings):

@@ -17,11 +17,11 @@ from fhir.resources.R4B.practitioner import Practitioner
 from medledger.types.v1 import vocabulary_pb2
 from pydantic import ValidationError
 
-from medledger_common.auth import Caller
-from medledger_common.errors import FieldViolation, InvalidArgument, PermissionDenied
-from medledger_common.events import SERVICES
-from medledger_common.identity_link import TOKEN_ISSUER
-from medledger_common.vocabulary import KIND_NAMES, ROLE_NAMES
+from medledger_runtime.auth import Caller
+from medledger_runtime.errors import FieldViolation, InvalidArgument, PermissionDenied
+from medledger_runtime.events import SERVICES
+from medledger_runtime.vocabulary import KIND_NAMES, ROLE_NAMES
+from medledger_sdk.identity_link import TOKEN_ISSUER
 
 PrincipalKind = vocabulary_pb2.PrincipalKind
 Role = vocabulary_pb2.Role

@@ -7,14 +7,14 @@ from collections.abc import Callable
 
 from medledger.types.v1 import vocabulary_pb2
 
-from medledger_common.db import Database
-from medledger_common.erasure import destroy_keys, erasure_asked_of, keys_destroyed_event
-from medledger_common.events import TOPICS
-from medledger_common.kafka import ConsumedMessage
-from medledger_common.keys import KeyShredder
-from medledger_common.outbox import enqueue
 from medledger_identity import storage
 from medledger_identity.api import resource_key
+from medledger_runtime.db import Database
+from medledger_runtime.erasure import destroy_keys, erasure_asked_of, keys_destroyed_event
+from medledger_runtime.events import TOPICS
+from medledger_runtime.kafka import ConsumedMessage
+from medledger_runtime.keys import KeyShredder
+from medledger_runtime.outbox import enqueue
 
 log = logging.getLogger(__name__)
 ERASURE_CONSUMER = "identity.erasures"

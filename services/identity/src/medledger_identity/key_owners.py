@@ -1,4 +1,4 @@
-"""Identity's part of the key-owner migration (medledger_common.key_owners): each patient's FHIR
+"""Identity's part of the key-owner migration (medledger_runtime.key_owners): each patient's FHIR
 resource moves from the old shared key `patient-<id>` to identity's own `identity-patient-<id>`,
 with the same associated data (the principal id)."""
 
@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common.db import Database
-from medledger_common.errors import NotFound
-from medledger_common.key_owners import KeyOwnerMigration, reencrypt
-from medledger_common.keys import KeyManager
 from medledger_identity import storage
+from medledger_runtime.db import Database
+from medledger_runtime.errors import NotFound
+from medledger_runtime.key_owners import KeyOwnerMigration, reencrypt
+from medledger_runtime.keys import KeyManager
 
 
 def resource_migration(db: Database, keys: KeyManager, legacy: Callable[[], KeyManager]) -> KeyOwnerMigration:

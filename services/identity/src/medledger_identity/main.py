@@ -7,11 +7,6 @@ from aiohttp import web
 from medledger.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
 from medledger.types.v1 import vocabulary_pb2
 
-from medledger_common.events import SERVICES, TOPICS
-from medledger_common.http_server import HttpRoute
-from medledger_common.service import AuthSources, ConsumerSpec, ServiceParts, ServiceRuntime, run_service
-from medledger_common.settings import ConfigError, load_settings_or_exit, read_secret_file
-from medledger_common.vocabulary import service_principal_id
 from medledger_identity.api import ACCESS, PUBLIC_METHODS, IdentityApi
 from medledger_identity.config import IdentitySettings
 from medledger_identity.credentials import SecretHasher
@@ -19,6 +14,11 @@ from medledger_identity.handlers import ERASURE_CONSUMER, PatientErasureHandler
 from medledger_identity.key_owners import resource_migration
 from medledger_identity.storage import MIGRATIONS
 from medledger_identity.tokens import TokenSigner
+from medledger_runtime.events import SERVICES, TOPICS
+from medledger_runtime.http_server import HttpRoute
+from medledger_runtime.service import AuthSources, ConsumerSpec, ServiceParts, ServiceRuntime, run_service
+from medledger_runtime.settings import ConfigError, load_settings_or_exit, read_secret_file
+from medledger_runtime.vocabulary import service_principal_id
 
 NAME = "identity"
 BOOTSTRAP_ADMIN = "svc_admin"

@@ -14,8 +14,8 @@ from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, an
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common.db import Migration, create_tables, locked_page_after
-from medledger_common.errors import Aborted, AlreadyExists
+from medledger_runtime.db import Migration, create_tables, locked_page_after
+from medledger_runtime.errors import Aborted, AlreadyExists
 
 metadata = MetaData()
 principals = Table(

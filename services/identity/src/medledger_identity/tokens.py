@@ -13,9 +13,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from medledger_common.errors import Unavailable
-from medledger_common.keys import KeyManager, KeyType
 from medledger_identity.domain import jws_compact, jws_signing_input, signing_kid
+from medledger_runtime.errors import Unavailable
+from medledger_runtime.keys import KeyManager, KeyType
 
 SIGNING_KEY = "identity-token-signing"
 # How long a replica trusts its idea of the latest key version; another replica may rotate.

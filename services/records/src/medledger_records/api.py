@@ -20,13 +20,6 @@ from medledger.records.v1 import records_service_pb2 as pb
 from medledger.records.v1 import records_service_pb2_grpc as pb_grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common.auth import Access, Caller, current_caller
-from medledger_common.errors import InvalidArgument, MedledgerError
-from medledger_common.idempotency import run_idempotent
-from medledger_common.keys import patient_key_name
-from medledger_common.keys.base import parse_versioned
-from medledger_common.service import ServiceRuntime
-from medledger_common.timestamps import seconds, timestamp
 from medledger_records import storage
 from medledger_records.erasure import ErasureDesk
 from medledger_records.records import (
@@ -41,6 +34,13 @@ from medledger_records.records import (
     Write,
     Written,
 )
+from medledger_runtime.auth import Access, Caller, current_caller
+from medledger_runtime.errors import InvalidArgument, MedledgerError
+from medledger_runtime.idempotency import run_idempotent
+from medledger_runtime.keys import patient_key_name
+from medledger_runtime.keys.base import parse_versioned
+from medledger_runtime.service import ServiceRuntime
+from medledger_runtime.timestamps import seconds, timestamp
 
 log = logging.getLogger(__name__)
 _SERVICE = "/medledger.records.v1.RecordsService/"

@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 from typing import Protocol
 
-from medledger_common.errors import DataLoss
-from medledger_common.files import write_atomically
+from medledger_runtime.errors import DataLoss
+from medledger_runtime.files import write_atomically
 
 _KEY = re.compile(r"^rec_[0-9a-f]{32}/[1-9][0-9]{0,9}$")
 
@@ -35,7 +35,7 @@ class BlobStore(Protocol):
 
 class FilesystemBlobStore:
     """One file per record version under `root`: `<record id>/<version>`, written atomically
-    (medledger_common.files), so a crash leaves the old state or the new one. A put whose
+    (medledger_runtime.files), so a crash leaves the old state or the new one. A put whose
     database transaction then fails leaves an orphan file: sealed under a data key that was never
     stored, it can never be decrypted."""
 

@@ -5,8 +5,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from medledger_common.erasure import PARTICIPANTS
-from medledger_common.settings import ServiceSettings
+from medledger_runtime.erasure import PARTICIPANTS
+from medledger_runtime.settings import ServiceSettings
 
 DAY = 24 * 3600.0
 

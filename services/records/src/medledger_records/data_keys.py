@@ -9,7 +9,7 @@ what one key protects and how long it lives outside the key manager), and gets r
 unwrapped before, under the same age bound. Each version still has its own nonce and its own
 associated data (record id, version, patient), so sharing a data key changes nothing about what
 a ciphertext can be opened as. Why this is safe, and what it means for erasure and a sealed
-Vault, is in libs/common/KEYS.md ("Data-key cache").
+Vault, is in libs/runtime/KEYS.md ("Data-key cache").
 
 The cache forgets a patient's keys on rotation and on erasure (`purge`). Other processes'
 caches cannot be told; the erasure certificate's `unrecoverable_after` covers `max_age_seconds`.
@@ -25,7 +25,7 @@ from typing import TypeVar
 
 from prometheus_client import Counter
 
-from medledger_common.keys import DataKey, KeyInfo, KeyManager, KeyType
+from medledger_runtime.keys import DataKey, KeyInfo, KeyManager, KeyType
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")

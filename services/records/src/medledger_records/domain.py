@@ -3,7 +3,7 @@ encryption of one record version; what a put, get, list or export may carry; and
 what without asking consent (the use cases in ``records.py`` ask consent for the rest).
 
 The commitment formulas (also in the README, so anyone can recompute them) and the RFC 8785
-parsing they need are in ``medledger_common.commitments``, shared with `medledger verify`; they
+parsing they need are in ``medledger_verifier.commitments``, shared with `medledger verify`; they
 are re-exported here. Each version has a random 32-byte salt.
 """
 
@@ -21,11 +21,19 @@ from fhir.resources.R4B import get_fhir_model_class
 from medledger.types.v1 import vocabulary_pb2
 from pydantic import ValidationError
 
-from medledger_common.auth import Caller
+from medledger_runtime.auth import Caller
+from medledger_runtime.errors import (
+    DataLoss,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 
-# The commitment formulas live in medledger_common.commitments (the verifier recomputes them);
+# The commitment formulas live in medledger_verifier.commitments (the verifier recomputes them);
 # re-exported here for the tests and benchmarks that have always found them here.
-from medledger_common.commitments import (  # noqa: F401
+from medledger_verifier.commitments import (  # noqa: F401
     DOCUMENT_DOMAIN,
     RECORD_DOMAIN,
     SALT_BYTES,
@@ -33,14 +41,6 @@ from medledger_common.commitments import (  # noqa: F401
     document_commitment,
     parse_json,
     record_commitment,
-)
-from medledger_common.errors import (
-    DataLoss,
-    FieldViolation,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    ResourceExhausted,
 )
 
 SEAL_DOMAIN = b"medledger:record-seal:v1"

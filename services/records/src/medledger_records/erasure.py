@@ -5,7 +5,7 @@ A patient (or an admin) asks. The erasure is pending until a privacy officer oth
 requester approves it, or until its grace period passes; it never starts while a legal hold is
 in force, and the patient, an admin or a privacy officer may cancel it while it is pending.
 
-records coordinates the one erasure protocol (``medledger_common.erasure``). Running it, each
+records coordinates the one erasure protocol (``medledger_runtime.erasure``). Running it, each
 step repeatable so that a crash anywhere is finished by the next run (the runner takes RUNNING
 erasures up again):
 
@@ -40,16 +40,17 @@ from medledger.records.v1 import records_service_pb2 as pb
 from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common import notes
-from medledger_common.auth import Caller
-from medledger_common.erasure import (
+from medledger_records import storage
+from medledger_records.blobs import BlobStore
+from medledger_runtime.auth import Caller
+from medledger_runtime.erasure import (
     AT_APPEND,
     CERTIFICATE_KEY,
     CERTIFICATE_SIGNER_NAME,
     PARTICIPANTS,
     certificate_text,
 )
-from medledger_common.errors import (
+from medledger_runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -57,14 +58,14 @@ from medledger_common.errors import (
     NotFound,
     PermissionDenied,
 )
-from medledger_common.events import TOPICS, new_event
-from medledger_common.idempotency import run_idempotent
-from medledger_common.keys import KeyManager, KeyShredder, KeyType, audit_subject_key_name, patient_key_name
-from medledger_common.outbox import enqueue
-from medledger_common.service import ServiceRuntime
-from medledger_common.timestamps import timestamp
-from medledger_records import storage
-from medledger_records.blobs import BlobStore
+from medledger_runtime.events import TOPICS, new_event
+from medledger_runtime.idempotency import run_idempotent
+from medledger_runtime.keys import KeyManager, KeyShredder, KeyType, audit_subject_key_name, patient_key_name
+from medledger_runtime.keys.note_signer import key_manager_signer
+from medledger_runtime.outbox import enqueue
+from medledger_runtime.service import ServiceRuntime
+from medledger_runtime.timestamps import timestamp
+from medledger_verifier import notes
 
 log = logging.getLogger(__name__)
 PENDING = pb.ErasureState.ERASURE_STATE_PENDING
@@ -137,7 +138,7 @@ class ErasureDesk:
     async def _load_signer(self) -> notes.NoteSigner:
         if self._signer is None:
             await self.signing_keys.ensure_key(CERTIFICATE_KEY, KeyType.ED25519)
-            self._signer = await notes.key_manager_signer(self.signing_keys, CERTIFICATE_KEY, CERTIFICATE_SIGNER_NAME)
+            self._signer = await key_manager_signer(self.signing_keys, CERTIFICATE_KEY, CERTIFICATE_SIGNER_NAME)
         return self._signer
 
     async def verifier_key(self) -> str:

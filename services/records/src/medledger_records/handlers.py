@@ -6,9 +6,9 @@ import logging
 
 from medledger.events.v1 import records_events_pb2
 
-from medledger_common.events import unpack
-from medledger_common.kafka import ConsumedMessage
 from medledger_records.erasure import ErasureDesk
+from medledger_runtime.events import unpack
+from medledger_runtime.kafka import ConsumedMessage
 
 log = logging.getLogger(__name__)
 CONFIRMATION_CONSUMER = "records.erasure-confirmations"

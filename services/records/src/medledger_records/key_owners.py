@@ -1,4 +1,4 @@
-"""Records' part of the key-owner migration (medledger_common.key_owners): each version's data
+"""Records' part of the key-owner migration (medledger_runtime.key_owners): each version's data
 key moves from the old shared key `patient-<id>` to records' own `records-patient-<id>`. Rewrap
 cannot cross keys, so the data key is unwrapped under the old name (legacy credential) and
 wrapped again by encrypting it under the new one; the version's ciphertext does not change.
@@ -10,11 +10,11 @@ from collections.abc import Callable
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common.db import Database
-from medledger_common.errors import NotFound
-from medledger_common.key_owners import KeyOwnerMigration
-from medledger_common.keys import LEGACY_PATIENT_KEY_PREFIX, KeyManager, KeyType, patient_key_name
 from medledger_records import storage
+from medledger_runtime.db import Database
+from medledger_runtime.errors import NotFound
+from medledger_runtime.key_owners import KeyOwnerMigration
+from medledger_runtime.keys import LEGACY_PATIENT_KEY_PREFIX, KeyManager, KeyType, patient_key_name
 
 
 def _position(row_id: str) -> tuple[str, int]:

@@ -6,12 +6,6 @@ from __future__ import annotations
 from medledger.consent.v1.consent_service_pb2_grpc import ConsentServiceStub
 from medledger.records.v1 import records_service_pb2, records_service_pb2_grpc
 
-from medledger_common.events import TOPICS
-from medledger_common.group_commit import OutboxGroupCommit
-from medledger_common.grpc_client import service_channel
-from medledger_common.identity_link import BearerTokenInterceptor
-from medledger_common.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
-from medledger_common.settings import load_settings_or_exit
 from medledger_records.api import ACCESS, PUBLIC_METHODS, ConsentClient, RecordsApi
 from medledger_records.blobs import FilesystemBlobStore
 from medledger_records.config import RecordsSettings
@@ -21,6 +15,12 @@ from medledger_records.handlers import CONFIRMATION_CONSUMER, ErasureConfirmatio
 from medledger_records.key_owners import data_key_migration
 from medledger_records.records import RecordDesk
 from medledger_records.storage import MIGRATIONS
+from medledger_runtime.events import TOPICS
+from medledger_runtime.group_commit import OutboxGroupCommit
+from medledger_runtime.grpc_client import service_channel
+from medledger_runtime.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
+from medledger_runtime.settings import load_settings_or_exit
+from medledger_sdk.identity_link import BearerTokenInterceptor
 
 NAME = "records"
 

@@ -2,7 +2,7 @@
 exports them, apart from any transport (the gRPC API in ``api.py`` is one caller of these).
 
 Each takes the caller and a command of plain values and returns plain results or raises the
-errors of ``medledger_common.errors``. Every read and every practitioner's write asks consent
+errors of ``medledger_runtime.errors``. Every read and every practitioner's write asks consent
 first (through :class:`ConsentService`) and carries the decision id into its event. Each
 version is sealed under a fresh data key from the key manager, wrapped under the patient's key;
 the row and its event commit together. The rules without I/O are in ``domain.py``.
@@ -21,17 +21,17 @@ from medledger.events.v1 import records_events_pb2 as ev
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common.auth import Caller
-from medledger_common.db import Database
-from medledger_common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from medledger_common.events import TOPICS, Event, new_event
-from medledger_common.group_commit import OutboxGroupCommit
-from medledger_common.keys import LEGACY_PATIENT_KEY_PREFIX, DataKey, KeyInfo, KeyManager, KeyType, patient_key_name
-from medledger_common.outbox import enqueue
-from medledger_common.settings import ConfigError
 from medledger_records import domain, storage
 from medledger_records.blobs import BlobStore, blob_key
 from medledger_records.erasure import COMPLETED, RUNNING
+from medledger_runtime.auth import Caller
+from medledger_runtime.db import Database
+from medledger_runtime.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from medledger_runtime.events import TOPICS, Event, new_event
+from medledger_runtime.group_commit import OutboxGroupCommit
+from medledger_runtime.keys import LEGACY_PATIENT_KEY_PREFIX, DataKey, KeyInfo, KeyManager, KeyType, patient_key_name
+from medledger_runtime.outbox import enqueue
+from medledger_runtime.settings import ConfigError
 
 log = logging.getLogger(__name__)
 TAMPERED = Counter(

@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_common.db import Database, DriverQuery, Migration, create_tables, lock_key
+from medledger_runtime.db import Database, DriverQuery, Migration, create_tables, lock_key
 
 metadata = MetaData()
 # One row per record: whose it is, what it is, and its latest version.

@@ -1,5 +1,5 @@
 """``medledger verify``: check an anchored proof as a third party, trusting only a trust policy
-and a chain RPC endpoint (``medledger_common.anchored_proofs.verify_anchored_proof``); and
+and a chain RPC endpoint (``medledger_verifier.anchored_proofs.verify_anchored_proof``); and
 ``medledger verify certificate FILE``: check an erasure certificate's signature against the trust
 policy's certificate keys, offline, and say what it certifies.
 
@@ -14,11 +14,11 @@ import string
 from pathlib import Path
 from typing import Any
 
-from medledger_common import chain, notes
-from medledger_common.anchored_proofs import TrustPolicy, Verification, verify_anchored_proof
-from medledger_common.erasure import open_certificate
-from medledger_common.errors import InvalidArgument
 from medledger_sdk.cli.errors import CommandError
+from medledger_verifier import chain, notes
+from medledger_verifier.anchored_proofs import TrustPolicy, Verification, verify_anchored_proof
+from medledger_verifier.erasure_certificates import open_certificate
+from medledger_verifier.errors import InvalidArgument
 
 PROOF_SUFFIX = ".tlog-proof"
 RPC_TIMEOUT_SECONDS = 15.0

@@ -1,0 +1,478 @@
+"""The runtime that wires a service together: the same shape for all five services.
+
+A service's ``main`` builds a ``ServiceRuntime`` with its settings, migrations, gRPC servicers,
+HTTP routes and event handlers; the runtime starts logging, telemetry, the database, Kafka, the
+outbox relay, the consumers, the HTTP server (when the service has routes) and the gRPC server,
+reports SERVING, and on SIGTERM or SIGINT reports NOT_SERVING, drains calls and requests, and
+stops everything in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import grpc
+from aiokafka import AIOKafkaProducer
+from medledger.events.v1 import identity_events_pb2
+
+from medledger_runtime.auth import (
+    Access,
+    AuthInterceptor,
+    Caller,
+    DeactivationSet,
+    JwksFetcher,
+    TokenVerifier,
+    authenticate_bearer,
+)
+from medledger_runtime.db import Database, Migration
+from medledger_runtime.errors import Unauthenticated
+from medledger_runtime.events import TOPICS, unpack
+from medledger_runtime.grpc_client import client_tls_files
+from medledger_runtime.grpc_server import GrpcServer, TLSFiles
+from medledger_runtime.http_server import HttpRoute, HttpServer
+from medledger_runtime.kafka import ConsumedMessage, EventConsumer, Handler, make_producer
+from medledger_runtime.keys import KeyManager, KeyShredder, LocalKeyring, VaultKeyManager
+from medledger_runtime.logs import configure_logging
+from medledger_runtime.outbox import COMMON_MIGRATIONS, OutboxRelay
+from medledger_runtime.retry import Attempts, retry, supervised
+from medledger_runtime.settings import ConfigError, ServiceSettings
+from medledger_runtime.telemetry import configure_tracing, start_metrics_server
+from medledger_runtime.vocabulary import service_principal_id
+from medledger_sdk.identity_link import TOKEN_ISSUER, IdentityLink
+
+log = logging.getLogger(__name__)
+_DEACTIVATED = identity_events_pb2.PrincipalDeactivated.DESCRIPTOR.full_name
+_KEY_ROTATED = identity_events_pb2.SigningKeyRotated.DESCRIPTOR.full_name
+
+
+@dataclass
+class ConsumerSpec:
+    """An event handler and what it listens to.
+
+    `group_id` None: a consumer of this replica alone, reading every partition from the end as
+    of start (for in-memory views that `on_start` hooks then load in full); it needs a `name`.
+    """
+
+    group_id: str | None
+    handler: Handler
+    topics: Sequence[str] = ()
+    pattern: str | None = None
+    accept_malformed: bool = False
+    name: str = ""
+    fetch_max_wait_ms: int = 500
+
+
+@dataclass
+class AuthSources:
+    """Where a service's authentication gets the token-signing keys and the deactivated
+    principals. Every service but identity asks identity (the default); identity asks itself."""
+
+    fetch_jwks: JwksFetcher
+    load_deactivated: Callable[[], Awaitable[Iterable[str]]]
+
+
+@dataclass
+class ServiceParts:
+    """What a service contributes to the runtime; built by its ``wiring`` from the runtime.
+
+    `access` is the service's authorization table (RPC full name → who may call it) and
+    `public_methods` the RPCs callable without a token; health and reflection always are.
+    `http_routes` are the service's HTTP endpoints, served on MEDLEDGER_HTTP_PORT with the same
+    authentication (each route says whether it is public and whom it allows).
+    """
+
+    service_descriptors: Sequence[Any]
+    register: Callable[[grpc.aio.Server], None]
+    access: Mapping[str, Access]
+    public_methods: Sequence[str] = ()
+    auth: AuthSources | None = None
+    consumers: Sequence[ConsumerSpec] = ()
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    http_routes: Sequence[HttpRoute] = ()
+    background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()
+    # Run in order once the consumers have started, before anything serves (keys, provisioning,
+    # loading in-memory views).
+    on_start: Sequence[Callable[[], Awaitable[None]]] = ()
+    on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+class ServiceRuntime:
+    def __init__(self, name: str, settings: ServiceSettings, migrations: Sequence[Migration]) -> None:
+        self.name = name
+        self.settings = settings
+        self.migrations = migrations
+        self.db = Database(settings.database_url, pool_size=settings.database_pool_size)
+        self.producer: AIOKafkaProducer = make_producer(settings.kafka_bootstrap_servers)
+        self.relay = OutboxRelay(
+            self.db,
+            self.producer,
+            service=name,
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            poll_seconds=settings.outbox_poll_seconds,
+            retention_seconds=settings.outbox_retention_seconds,
+        )
+        self.keys: KeyManager | None = None
+        self._shredder: KeyShredder | None = None
+        self._legacy_keys: KeyManager | None = None
+        self._side_keys: list[KeyManager] = []
+        # Parts a service's build wants reachable from outside (tests, benchmarks), by name.
+        self.extras: dict[str, Any] = {}
+        # Principals whose tokens every call refuses; loaded before SERVING, kept current.
+        self.deactivated = DeactivationSet()
+        self._identity: IdentityLink | None = None
+        self._verifier: TokenVerifier | None = None
+        self.server: GrpcServer | None = None
+        self.grpc_port = 0
+        self.http: HttpServer | None = None
+        # 0 while the service has no HTTP routes (then it listens on no HTTP port).
+        self.http_port = 0
+        self.metrics_port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._consumers: list[EventConsumer] = []
+        self._stopping = asyncio.Event()
+
+    @property
+    def source(self) -> str:
+        """The CloudEvents source of this service's events."""
+        return f"medledger.{self.name}"
+
+    async def start(self, build: Callable[[ServiceRuntime], ServiceParts]) -> None:
+        s = self.settings
+        configure_tracing(self.name, s.trace_sampling_ratio, s.otlp_endpoint)
+        self.metrics_port = start_metrics_server(s.grpc_host, s.metrics_port)
+        # The database may still be starting (or restarting): wait for it as for Kafka.
+        if s.migrations == "check":
+            await _retry_until_up(
+                "database", lambda: check_migrated(self.db, self.name, self.migrations), only_outages=True
+            )
+        else:
+            await _retry_until_up(
+                "database", lambda: apply_migrations(self.db, self.name, self.migrations), only_outages=True
+            )
+        await _retry_until_up("Kafka", self.producer.start)
+        self.keys = await open_key_manager(s, self.name)
+        parts = build(self)
+        self._on_stop = list(parts.on_stop)
+        for spec in parts.consumers:
+            consumer = EventConsumer(
+                bootstrap_servers=s.kafka_bootstrap_servers,
+                group_id=spec.group_id,
+                handler=spec.handler,
+                producer=self.producer,
+                topics=spec.topics,
+                pattern=spec.pattern,
+                accept_malformed=spec.accept_malformed,
+                name=spec.name,
+                fetch_max_wait_ms=spec.fetch_max_wait_ms,
+            )
+            await _retry_until_up("Kafka consumer", consumer.start)
+            self._consumers.append(consumer)
+            task_name = f"consumer:{consumer.name}"
+            self._tasks.append(asyncio.create_task(supervised(task_name, consumer.run), name=task_name))
+        # After the consumers: a hook that loads a view in full then misses no event. A hook may
+        # need the key manager (signing keys made on first start), which may be sealed or
+        # restarting: wait for it as for the database, rather than exit.
+        for hook in parts.on_start:
+            await _retry_until_up("a start-up step's dependency", hook, only_outages=True)
+        self._tasks.append(asyncio.create_task(supervised("outbox-relay", self.relay.run), name="outbox-relay"))
+        for job in parts.background:
+            name = getattr(job, "__name__", "background")
+            self._tasks.append(asyncio.create_task(supervised(name, job), name=name))
+        auth = await self._start_authentication(parts)
+        tls = TLSFiles(s.tls_cert_file, s.tls_key_file, s.tls_ca_file) if s.tls_cert_file and s.tls_key_file else None
+        self.server = GrpcServer(
+            host=s.grpc_host,
+            port=s.grpc_port,
+            max_message_bytes=s.grpc_max_message_bytes,
+            service_descriptors=parts.service_descriptors,
+            register=parts.register,
+            interceptors=[auth, *parts.interceptors],
+            tls=tls,
+        )
+        if parts.http_routes:
+            # Before gRPC reports SERVING: a client that sees the service up finds its HTTP too.
+            self.http = HttpServer(
+                parts.http_routes,
+                host=s.grpc_host,
+                port=s.http_port,
+                authenticate=self.authenticate_bearer,
+                max_body_bytes=s.http_max_body_bytes,
+                shutdown_grace_seconds=s.shutdown_grace_seconds,
+            )
+            self.http_port = await self.http.start()
+        self.grpc_port = await self.server.start()
+        await self.server.set_serving(True)
+        for t in self._tasks:
+            t.add_done_callback(self._task_done)
+        log.info(
+            "service started",
+            extra={
+                "grpc_port": self.grpc_port,
+                "http_port": self.http_port,
+                "metrics_port": self.metrics_port,
+                "tls": tls is not None,
+            },
+        )
+
+    async def authenticate_bearer(self, authorization: str | None) -> Caller:
+        """The caller behind an HTTP request's `Authorization: Bearer` header, checked as the
+        gRPC interceptor checks calls (signature, audience, expiry, deactivation); for a
+        service's HTTP endpoints. Unauthenticated otherwise."""
+        if self._verifier is None:
+            raise Unauthenticated("this service does not authenticate callers yet")
+        return await authenticate_bearer(authorization, self._verifier, self.deactivated)
+
+    def require_keys(self) -> KeyManager:
+        """The key manager, for services that keep keys; a ConfigError names what is missing."""
+        if self.keys is None:
+            raise ConfigError(
+                f"{self.name} needs a key manager: set MEDLEDGER_MASTER_KEY_FILE (local keyring) "
+                "or MEDLEDGER_KEY_MANAGER=vault with MEDLEDGER_VAULT_ADDR and MEDLEDGER_VAULT_TOKEN_FILE"
+            )
+        return self.keys
+
+    def key_shredder(self) -> KeyShredder:
+        """The service's one way to destroy its keys, for its erasure path alone: a key manager
+        opened with the erasure token (Vault), closed when the service stops. The local keyring
+        is one file without access control, so there it is the everyday keyring."""
+        if self._shredder is None:
+            self._shredder = KeyShredder(self._side_key_manager("erasure"), reader=self.require_keys())
+        return self._shredder
+
+    def legacy_keys(self) -> KeyManager:
+        """The key manager that reads the old shared ``patient-<id>`` keys, for the key-owner
+        migration: the legacy token (Vault), else the everyday key manager (local keyring)."""
+        if self._legacy_keys is None:
+            self._legacy_keys = self._side_key_manager("legacy")
+        return self._legacy_keys
+
+    def _side_key_manager(self, credential: Literal["erasure", "legacy"]) -> KeyManager:
+        """A key manager with the named credential, closed when the service stops (unless it is
+        the everyday one: the local keyring)."""
+        keys = self.require_keys()
+        side = open_side_key_manager(self.settings, keys, credential)
+        if side is not keys:
+            self._side_keys.append(side)
+        return side
+
+    def identity_link(self) -> IdentityLink:
+        """This service's link to identity, with its own principal's credentials."""
+        if self._identity is None:
+            if self.settings.client_secret_file is None:
+                raise ConfigError(f"{self.name} needs MEDLEDGER_CLIENT_SECRET_FILE: its credentials for identity")
+            s = self.settings
+            self._identity = IdentityLink(
+                s.identity_address,
+                service_principal_id(self.name),
+                secret_file=s.client_secret_file,
+                # As every call to another service: TLS (mTLS) when the service has a CA file.
+                tls=client_tls_files(s),
+            )
+        return self._identity
+
+    async def _start_authentication(self, parts: ServiceParts) -> AuthInterceptor:
+        """Follow deactivations from now on, then load those made before, then authenticate.
+
+        In that order, so that no deactivation falls between the load and the event stream.
+        """
+        sources = parts.auth
+        if sources is None:
+            link = self.identity_link()
+            sources = AuthSources(fetch_jwks=link.fetch_jwks, load_deactivated=link.deactivated_principals)
+        listener = EventConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            group_id=None,
+            name=f"{self.name}.deactivations",
+            # A deactivation must stop the principal's calls within a second, on every replica.
+            fetch_max_wait_ms=50,
+            handler=self._on_identity_event,
+            producer=self.producer,
+            topics=[TOPICS["identity"]],
+        )
+        await _retry_until_up("Kafka consumer", listener.start)
+        self._consumers.append(listener)
+        self._tasks.append(
+            asyncio.create_task(supervised("consumer:deactivations", listener.run), name="consumer:deactivations")
+        )
+        for principal_id in await _retry_until_up("identity", sources.load_deactivated):
+            self.deactivated.add(principal_id)
+        self.deactivated.loaded = True
+        self._tasks.append(asyncio.create_task(self._reload_deactivated(sources), name="deactivations-reload"))
+        verifier = TokenVerifier(issuer=TOKEN_ISSUER, audience=self.source, fetch_jwks=sources.fetch_jwks)
+        self._verifier = verifier
+        return AuthInterceptor(verifier, self.deactivated, public_methods=parts.public_methods, access=parts.access)
+
+    async def _reload_deactivated(self, sources: AuthSources, every_seconds: float = 30.0) -> None:
+        """Load the deactivated principals again now and then: the events bring them within
+        milliseconds, and this makes sure a lost event costs at most `every_seconds`."""
+        # Every round is a new attempt, whatever the last one met (identity unreachable for a
+        # while: the events still flow); each failure is logged and counted as a retry.
+        tries = Attempts("reload deactivated principals", attempts=None)
+        while True:
+            await asyncio.sleep(every_seconds)
+            try:
+                for principal_id in await sources.load_deactivated():
+                    self.deactivated.add(principal_id)
+                tries.succeeded()
+            except Exception as exc:
+                tries.next_delay(exc)
+
+    async def _on_identity_event(self, message: ConsumedMessage) -> None:
+        event = message.event
+        if event is None:
+            return
+        if event.type == _DEACTIVATED:
+            self.deactivated.add(unpack(event, identity_events_pb2.PrincipalDeactivated).principal_id)  # type: ignore[attr-defined]
+        elif event.type == _KEY_ROTATED:
+            await self.token_keys_changed()
+
+    async def token_keys_changed(self) -> None:
+        """Fetch the JWKS again now: tokens of a new signing key arrive at once, and without
+        this the verifier would wait out its 30 s refetch limit before accepting them."""
+        if self._verifier is not None:
+            await self._verifier.refresh_keys()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._stopping.is_set():
+            return
+        exc = task.exception()
+        log.error(
+            "background task %s stopped (%s), shutting down",
+            task.get_name(),
+            type(exc).__name__ if exc else "returned",
+            exc_info=exc,
+            extra={"task": task.get_name(), "error": repr(exc)},
+        )
+        self._stopping.set()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait(self) -> None:
+        await self._stopping.wait()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        # Both drain at once, each within the grace period.
+        draining = []
+        if self.server is not None:
+            draining.append(self.server.stop(self.settings.shutdown_grace_seconds))
+        if self.http is not None:
+            draining.append(self.http.stop())
+        await asyncio.gather(*draining)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for c in self._consumers:
+            await c.stop()
+        for hook in getattr(self, "_on_stop", []):
+            await hook()
+        if self._identity is not None:
+            await self._identity.aclose()
+        for side in self._side_keys:
+            await side.aclose()
+        if self.keys is not None:
+            await self.keys.aclose()
+        await self.producer.stop()
+        await self.db.close()
+        log.info("service stopped")
+
+
+async def apply_migrations(db: Database, name: str, migrations: Sequence[Migration]) -> None:
+    """Apply the common migrations, then the service's (each step once, under a lock)."""
+    for step in await db.migrate("common", COMMON_MIGRATIONS):
+        log.info("migration applied", extra={"migration": step})
+    for step in await db.migrate(name, migrations):
+        log.info("migration applied", extra={"migration": step})
+
+
+async def check_migrated(db: Database, name: str, migrations: Sequence[Migration]) -> None:
+    """For MEDLEDGER_MIGRATIONS=check: refuse to start while a migration is missing."""
+    missing = await db.pending("common", COMMON_MIGRATIONS) + await db.pending(name, migrations)
+    if missing:
+        raise ConfigError(
+            f"MEDLEDGER_MIGRATIONS=check: the database lacks migrations {', '.join(missing)}; "
+            f"apply them first (MEDLEDGER_MIGRATIONS=only python -m medledger_{name})"
+        )
+
+
+async def migrate_only(name: str, settings: ServiceSettings, migrations: Sequence[Migration]) -> None:
+    """For MEDLEDGER_MIGRATIONS=only: apply the migrations, then stop (a deployment's Job)."""
+    db = Database(settings.database_url)
+    try:
+        await apply_migrations(db, name, migrations)
+    finally:
+        await db.close()
+    log.info("migrations applied, exiting (MEDLEDGER_MIGRATIONS=only)")
+
+
+async def open_key_manager(settings: ServiceSettings, service: str) -> KeyManager | None:
+    """The key manager the settings name; None for a local keyring without a master key."""
+    if settings.key_manager == "vault":
+        if not settings.vault_addr or settings.vault_token_file is None:
+            raise ConfigError("MEDLEDGER_KEY_MANAGER=vault needs MEDLEDGER_VAULT_ADDR and MEDLEDGER_VAULT_TOKEN_FILE")
+        return VaultKeyManager(
+            settings.vault_addr, token_file=settings.vault_token_file, mount_point=settings.vault_transit_mount
+        )
+    if settings.master_key_file is None:
+        return None
+    path = settings.keyring_file or Path(".medledger") / "keyrings" / f"{service}.keyring"
+    return await LocalKeyring.open(path, settings.master_key_file)
+
+
+def open_side_key_manager(
+    settings: ServiceSettings, keys: KeyManager, credential: Literal["erasure", "legacy"]
+) -> KeyManager:
+    """A second key manager with another Vault token: ``erasure`` (MEDLEDGER_ERASURE_VAULT_TOKEN_FILE,
+    the only one that may destroy keys) or ``legacy`` (MEDLEDGER_LEGACY_VAULT_TOKEN_FILE, reads
+    the old shared patient keys). The local keyring has no per-credential access control, so
+    there it is ``keys`` itself."""
+    if settings.key_manager != "vault":
+        return keys
+    token_file = settings.erasure_vault_token_file if credential == "erasure" else settings.legacy_vault_token_file
+    if token_file is None:
+        variable = f"MEDLEDGER_{credential.upper()}_VAULT_TOKEN_FILE"
+        raise ConfigError(f"MEDLEDGER_KEY_MANAGER=vault needs {variable} for the {credential} credential")
+    return VaultKeyManager(settings.vault_addr, token_file=token_file, mount_point=settings.vault_transit_mount)
+
+
+T = TypeVar("T")
+
+
+async def _retry_until_up(what: str, start: Callable[[], Awaitable[T]], *, only_outages: bool = False) -> T:
+    """A start-up step, waiting for its dependencies: outages for up to two minutes (then the
+    process exits and its supervisor starts it again), other errors a few times, or not at all
+    with `only_outages` (a broken migration is not worth a second try)."""
+    return await retry(start, f"start: {what}", outages_for_seconds=120.0, only_outages=only_outages)
+
+
+def run_service(
+    name: str,
+    settings: ServiceSettings,
+    migrations: Sequence[Migration],
+    build: Callable[[ServiceRuntime], ServiceParts],
+) -> None:
+    """Run a service until SIGTERM or SIGINT; the body of every service's ``main``."""
+    configure_logging(name, settings.log_level)
+    if settings.migrations == "only":
+        asyncio.run(migrate_only(name, settings, migrations))
+        return
+
+    async def _main() -> None:
+        runtime = ServiceRuntime(name, settings, migrations)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, runtime.request_stop)
+        try:
+            await runtime.start(build)
+            await runtime.wait()
+        finally:
+            await runtime.stop()
+
+    asyncio.run(_main())

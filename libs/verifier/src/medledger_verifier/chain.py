@@ -1,0 +1,98 @@
+"""The chain side that anchoring and `medledger verify` share: the compiled contracts, a web3.py
+connection to any EVM JSON-RPC endpoint (the verifier's ``chain`` extra), and the names of the
+contracts' custom errors (a revert says *why*, e.g. ``AlreadyAnchored``). Deploying the contracts
+is the dev stack's (``medledger_devstack.contracts``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from eth_abi.abi import decode as abi_decode
+from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
+from web3 import AsyncHTTPProvider, AsyncWeb3
+
+# web3's AsyncWeb3 is generic in its provider.
+Web3 = AsyncWeb3[AsyncHTTPProvider]
+
+# Where `make setup` compiles the contracts (tools/compile_contracts.js); an image sets this.
+BUILD_DIR_VARIABLE = "MEDLEDGER_CONTRACTS_BUILD_DIR"
+ANCHOR_REGISTRY = "AnchorRegistry"
+CONSENT_REGISTRY = "ConsentRegistry"
+
+
+def build_dir() -> Path:
+    configured = os.environ.get(BUILD_DIR_VARIABLE)
+    if configured:
+        return Path(configured)
+    # The workspace is installed editable: walk up from this file to the repository's contracts.
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "contracts" / "build"
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"no contracts/build folder found: run `make setup`, or set {BUILD_DIR_VARIABLE}")
+
+
+@cache
+def artifact(name: str) -> dict[str, Any]:
+    """The solc artifact of contract ``name``: ``abi``, ``bytecode``, ``deployedBytecode``."""
+    path = build_dir() / f"{name}.json"
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def abi(name: str) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = artifact(name)["abi"]
+    return result
+
+
+def connect(rpc_url: str, *, timeout: float = 30.0) -> Web3:
+    """An async web3 for ``rpc_url`` (HTTP JSON-RPC)."""
+    return AsyncWeb3(AsyncHTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
+
+
+def contract(w3: Web3, name: str, address: str) -> Any:
+    return w3.eth.contract(address=to_checksum_address(address), abi=abi(name))
+
+
+@dataclass(frozen=True)
+class CustomError:
+    """A decoded Solidity custom error: its name and arguments."""
+
+    name: str
+    args: tuple[Any, ...]
+
+    def __str__(self) -> str:
+        return f"{self.name}({', '.join(_show(a) for a in self.args)})"
+
+
+def _show(value: Any) -> str:
+    return "0x" + value.hex() if isinstance(value, bytes) else str(value)
+
+
+@cache
+def _errors(name: str) -> dict[bytes, tuple[str, tuple[str, ...]]]:
+    found: dict[bytes, tuple[str, tuple[str, ...]]] = {}
+    for item in abi(name):
+        if item.get("type") == "error":
+            types = tuple(str(i["type"]) for i in item["inputs"])
+            selector = keccak(text=f"{item['name']}({','.join(types)})")[:4]
+            found[selector] = (str(item["name"]), types)
+    return found
+
+
+def decode_error(name: str, data: bytes | str | None) -> CustomError | None:
+    """The custom error of contract ``name`` that revert ``data`` encodes, or None."""
+    if data is None:
+        return None
+    raw = bytes.fromhex(data.removeprefix("0x")) if isinstance(data, str) else data
+    known = _errors(name).get(raw[:4])
+    if known is None:
+        return None
+    error_name, types = known
+    return CustomError(error_name, tuple(abi_decode(list(types), raw[4:])))
