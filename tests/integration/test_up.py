@@ -94,6 +94,16 @@ async def _run(*args: str, within: float = 30) -> tuple[int, str]:
     return proc.returncode, out.decode()
 
 
+async def _run_sdk_only(medledger: Path, *args: str, within: float = 30) -> tuple[int, str]:
+    """``medledger`` of the environment that holds only the SDK's wheel (``sdk_only``)."""
+    proc = await asyncio.create_subprocess_exec(
+        str(medledger), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), within)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
 async def _read_until(proc: asyncio.subprocess.Process, marker: str, output: list[str], within: float) -> None:
     """Collect output lines until one starts with `marker`; fail with the output so far."""
     assert proc.stdout is not None
@@ -327,8 +337,12 @@ def _chaos_module(name: str) -> ModuleType:
 
 def _independent_verifier() -> ModuleType:
     """helpers/independent_verifier.py: a verifier of the demo's evidence without medledger code."""
-    path = Path(__file__).parent / "helpers" / "independent_verifier.py"
-    spec = importlib.util.spec_from_file_location("independent_verifier", path)
+    return _helper("independent_verifier")
+
+
+def _helper(name: str) -> ModuleType:
+    path = Path(__file__).parent / "helpers" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -362,20 +376,31 @@ async def _check_demo(state_dir: Path, ports: Ports, out: Path) -> None:
     salt = (out / "record.salt").read_text().strip()
     assert len(salt) == 64 and salt == salt.lower()
 
+    # The evidence is checked with `medledger verify` from an environment holding only the SDK's
+    # wheel and what it declares: none of the services' runtime, no dev stack.
+    sdk_only = _helper("sdk_only")
+    sdk_medledger = await asyncio.to_thread(sdk_only.build, out.parent / "sdk-only")
+    assert sdk_only.importable(sdk_medledger, sdk_only.NOT_INSTALLED) == []
+    code, said = await _run_sdk_only(sdk_medledger, "--help")
+    assert code == 0 and "verify" in said and " up " not in said, said
+
+    async def verify(*args: str) -> tuple[int, str]:
+        return await _run_sdk_only(sdk_medledger, "verify", *args)
+
     # The erasure certificate verifies offline against the trust policy; an altered one does not.
-    code, said = await _run("verify", "certificate", str(out / "erasure-certificate.note"), "--trust",
+    code, said = await verify("certificate", str(out / "erasure-certificate.note"), "--trust",
                             str(out / "trust.json"))  # fmt: skip
     assert code == 0 and "VERIFIED: the erasure certificate is authentic" in said, said
     altered = _tampered(out, out.parent / "altered-certificate", "erasure-certificate.note", b"\nrecords-erased ",
                         b"\nrecords-erased 9")  # fmt: skip
-    code, said = await _run("verify", "certificate", str(altered / "erasure-certificate.note"), "--trust",
+    code, said = await verify("certificate", str(altered / "erasure-certificate.note"), "--trust",
                             str(out / "trust.json"))  # fmt: skip
     assert code == 1 and "NOT VERIFIED" in said, said
 
     trust, record = ["--trust", str(out / "trust.json"), "--rpc", rpc_url], str(out / "record.json")
-    code, said = await _run("verify", str(out / "record.tlog-proof"), *trust, "--record", record, "--salt", salt)
+    code, said = await verify(str(out / "record.tlog-proof"), *trust, "--record", record, "--salt", salt)
     assert code == 0 and "VERIFIED" in said, said
-    code, said = await _run("verify", str(out / "access.tlog-proof"), *trust)
+    code, said = await verify(str(out / "access.tlog-proof"), *trust)
     assert code == 0 and "VERIFIED" in said, said
 
     verifier = _independent_verifier()
@@ -410,7 +435,7 @@ async def _check_demo(state_dir: Path, ports: Ports, out: Path) -> None:
         problems = verifier.verify_folder(copy, rpc_url)
         assert any(p.startswith(expected) for p in problems), (what, problems)
     copy = _tampered(out, out.parent / "tampered-medledger-verify", "record.json", b"128", b"129")
-    code, said = await _run("verify", str(copy / "record.tlog-proof"), *trust, "--record", str(copy / "record.json"),
+    code, said = await verify(str(copy / "record.tlog-proof"), *trust, "--record", str(copy / "record.json"),
                             "--salt", salt)  # fmt: skip
     assert code == 1 and "record-commitment" in said, said
 

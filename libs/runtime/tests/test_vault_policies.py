@@ -27,7 +27,7 @@ from medledger_runtime.keys import (
 )
 
 POLICIES = repo_root() / "deploy" / "vault"
-KEYS_MD = repo_root() / "libs" / "common" / "KEYS.md"
+KEYS_MD = repo_root() / "libs" / "runtime" / "KEYS.md"
 TICK = "✓"
 OPERATIONS = (
     "create",

@@ -292,7 +292,7 @@ class _Verifier:
         self.anchored_at: datetime | None = None
 
     def _registry(self) -> Any:
-        return chain.contract(self.w3, chain.ANCHOR_REGISTRY, self.policy.anchor_registry)
+        return chain.anchor_registry_reader(self.w3, self.policy.anchor_registry)
 
     async def proof_format(self) -> str:
         try:

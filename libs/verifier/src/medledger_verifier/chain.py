@@ -60,6 +60,39 @@ def contract(w3: Web3, name: str, address: str) -> Any:
     return w3.eth.contract(address=to_checksum_address(address), abi=abi(name))
 
 
+# The parts of AnchorRegistry's ABI a verifier reads, written out here so that checking a proof
+# needs no compiled contracts (libs/verifier/tests checks them against the compiled ABI).
+ANCHOR_REGISTRY_READS: list[dict[str, Any]] = [
+    {
+        "inputs": [
+            {"internalType": "string", "name": "origin", "type": "string"},
+            {"internalType": "uint64", "name": "size", "type": "uint64"},
+        ],
+        "name": "rootAt",
+        "outputs": [{"internalType": "bytes32", "name": "", "type": "bytes32"}],
+        "stateMutability": "view",
+        "type": "function",
+    },
+    {
+        "anonymous": False,
+        "inputs": [
+            {"indexed": True, "internalType": "bytes32", "name": "originHash", "type": "bytes32"},
+            {"indexed": False, "internalType": "uint64", "name": "size", "type": "uint64"},
+            {"indexed": False, "internalType": "bytes32", "name": "root", "type": "bytes32"},
+            {"indexed": False, "internalType": "uint64", "name": "previousSize", "type": "uint64"},
+        ],
+        "name": "CheckpointAnchored",
+        "type": "event",
+    },
+]
+
+
+def anchor_registry_reader(w3: Web3, address: str) -> Any:
+    """The anchor registry at ``address``, with only what a verifier reads (``rootAt`` and the
+    ``CheckpointAnchored`` event)."""
+    return w3.eth.contract(address=to_checksum_address(address), abi=ANCHOR_REGISTRY_READS)
+
+
 @dataclass(frozen=True)
 class CustomError:
     """A decoded Solidity custom error: its name and arguments."""

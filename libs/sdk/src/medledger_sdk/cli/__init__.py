@@ -2,9 +2,9 @@
 
 Subcommands come from the Python entry point group ``medledger.commands``: each entry point is a
 callable ``register(subparsers)`` that adds its subparser and sets ``func`` (taking the parsed
-``argparse.Namespace`` and returning an exit code). The SDK registers ``up`` and ``reset`` there
-itself, so packages installed later (audit, anchoring) add ``verify``, ``status``, ``demo`` the same
-way without this module knowing about them.
+``argparse.Namespace`` and returning an exit code). The SDK registers ``verify`` there itself; the
+dev stack adds ``up``, ``down``, ``demo``, ``status`` and ``reset``, and audit adds ``audit``, the
+same way, without this module knowing about them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ Register = Callable[[Any], None]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medledger",
-        description="Run and inspect a local medledger stack.",
+        description="Verify medledger's evidence; with the dev stack installed, run and inspect a local stack.",
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     seen: set[str] = set()
