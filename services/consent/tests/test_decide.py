@@ -272,23 +272,21 @@ def test_a_consent_that_permits_decides_before_break_glass() -> None:
 )
 def test_break_glass_requests_name_the_bad_field(field: str, request_fields: dict) -> None:
     base = {
-        "request_id": "r",
         "patient_id": PATIENT,
         "reason": pb.BreakGlassReason.BREAK_GLASS_REASON_LIFE_THREATENING,
         "justification": "unconscious on arrival; allergy history needed",
     }
     with pytest.raises(domain.InvalidArgument) as err:
-        domain.check_break_glass(pb.BreakGlassRequest(**{**base, **request_fields}))
+        domain.check_break_glass(**{**base, **request_fields})
     assert [violation.field for violation in err.value.violations] == [field]
 
 
 def test_policies_default_to_four_hours_and_three_uses_a_day_and_refuse_bad_durations() -> None:
-    policy = domain.check_policy(pb.BreakGlassPolicy(organization_id=ORG, enabled=True))
+    unset = {"overrides_deny": False, "access_seconds": None, "max_uses": 0, "rate_window_seconds": None}
+    policy = domain.check_policy(ORG, enabled=True, **unset)  # type: ignore[arg-type]
     assert (policy.access_seconds, policy.max_uses, policy.rate_window_seconds) == (4 * HOUR, 3, 24 * HOUR)
-    too_long = pb.BreakGlassPolicy(organization_id=ORG)
-    too_long.access_duration.FromSeconds(25 * 3600)
     with pytest.raises(domain.InvalidArgument):
-        domain.check_policy(too_long)
+        domain.check_policy(ORG, enabled=False, **{**unset, "access_seconds": 25 * 3600.0})  # type: ignore[arg-type]
 
 
 # -- the index decides as the rule does -----------------------------------------------------------

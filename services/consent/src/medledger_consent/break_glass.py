@@ -6,6 +6,11 @@ access for purpose ETREAT (`domain.decide`, rule 4), rate-limited per practition
 justification is stored encrypted under the patient's key; events carry only its hash and the
 reason code. The patient and the organization's privacy officers are notified by events, a
 counter rises for alerting, and the access stays pending until a privacy officer reviews it.
+
+These are break-glass's use cases, apart from any transport (the gRPC API in ``api.py`` is one
+caller): each takes the caller and a command of plain values and returns plain results or
+raises the errors of ``medledger_runtime.errors``; writes run in the caller's `transaction`
+(``writes.py``) and their accesses join this replica's index as soon as they commit.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, overload
 
 from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.events.v1 import consent_events_pb2, notification_events_pb2
@@ -22,8 +29,9 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_consent import domain, storage
-from medledger_consent.writes import write_once
-from medledger_runtime.auth import Caller, current_caller
+from medledger_consent.writes import RunWrite, T, Transaction, Write
+from medledger_runtime.auth import Caller
+from medledger_runtime.db import Database
 from medledger_runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -35,13 +43,11 @@ from medledger_runtime.events import TOPICS, new_event
 from medledger_runtime.key_owners import decrypt_owned
 from medledger_runtime.keys import KeyManager, KeyType
 from medledger_runtime.outbox import enqueue
-from medledger_runtime.service import ServiceRuntime
-from medledger_runtime.timestamps import duration, timestamp
+from medledger_runtime.timestamps import timestamp
 
 log = logging.getLogger(__name__)
 
 Kind = vocabulary_pb2.PrincipalKind
-ACTIVE_PRINCIPAL = vocabulary_pb2.PrincipalStatus.PRINCIPAL_STATUS_ACTIVE
 PENDING = pb.BreakGlassReview.BREAK_GLASS_REVIEW_PENDING
 JUSTIFIED = pb.BreakGlassReview.BREAK_GLASS_REVIEW_JUSTIFIED
 UNJUSTIFIED = pb.BreakGlassReview.BREAK_GLASS_REVIEW_UNJUSTIFIED
@@ -64,40 +70,61 @@ PENDING_REVIEWS = Gauge(
 )
 
 
-def policy_proto(p: domain.BreakGlassPolicy) -> pb.BreakGlassPolicy:
-    out = pb.BreakGlassPolicy(
-        organization_id=p.organization_id,
-        enabled=p.enabled,
-        overrides_deny=p.overrides_deny,
-        access_duration=duration(p.access_seconds),
-        max_uses=p.max_uses,
-        rate_window=duration(p.rate_window_seconds),
-        changed_by=p.changed_by,
-    )
-    if p.changed_at:
-        out.changed_at.CopyFrom(timestamp(p.changed_at))
-    return out
+# Commands.
 
 
-def access_proto(a: domain.BreakGlassAccess) -> pb.BreakGlassAccess:
-    out = pb.BreakGlassAccess(
-        access_id=a.access_id,
-        patient_id=a.patient_id,
-        practitioner_id=a.practitioner_id,
-        organization_id=a.organization_id,
-        reason=a.reason,  # type: ignore[arg-type]
-        justification_sha256=a.justification_sha256,
-        started_at=timestamp(a.started_at),
-        expires_at=timestamp(a.expires_at),
-        overrides_deny=a.overrides_deny,
-        review=a.review,  # type: ignore[arg-type]
-        reviewed_by=a.reviewed_by,
-    )
-    if a.ended_at is not None:
-        out.ended_at.CopyFrom(timestamp(a.ended_at))
-    if a.reviewed_at is not None:
-        out.reviewed_at.CopyFrom(timestamp(a.reviewed_at))
-    return out
+@dataclass(frozen=True)
+class SetBreakGlassPolicy:
+    """An organization's policy; unset durations (None) and count (0) take the defaults."""
+
+    organization_id: str
+    enabled: bool = False
+    overrides_deny: bool = False
+    access_seconds: float | None = None
+    max_uses: int = 0
+    rate_window_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class BreakGlass:
+    """The caller (a practitioner) breaks the glass for the patient (reason: a BreakGlassReason)."""
+
+    patient_id: str
+    reason: int
+    justification: str
+
+
+@dataclass(frozen=True)
+class ListBreakGlassAccesses:
+    organization_id: str
+    pending_only: bool = False
+    page_size: int = 0
+    page_token: str = ""
+
+
+@dataclass(frozen=True)
+class ReviewBreakGlassAccess:
+    """review: JUSTIFIED or UNJUSTIFIED (a BreakGlassReview)."""
+
+    access_id: str
+    review: int
+
+
+# Results.
+
+
+@dataclass(frozen=True)
+class AccessPage:
+    accesses: list[domain.BreakGlassAccess]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class AccessRead:
+    """An access with its justification ("" once the patient's erasure destroyed its key)."""
+
+    access: domain.BreakGlassAccess
+    justification: str = ""
 
 
 def _is_officer_of(caller: Caller, organization_id: str) -> bool:
@@ -105,29 +132,71 @@ def _is_officer_of(caller: Caller, organization_id: str) -> bool:
 
 
 class BreakGlassDesk:
-    """The break-glass RPCs of ConsentService; accesses join `index` as soon as they commit."""
+    """Break-glass's use cases: policies, breaking the glass, and the review of its uses."""
 
-    def __init__(self, runtime: ServiceRuntime, keys: KeyManager, index: domain.ConsentIndex) -> None:
-        self.rt = runtime
+    def __init__(
+        self,
+        db: Database,
+        keys: KeyManager,
+        index: domain.ConsentIndex,
+        notify: Callable[[], None],
+        *,
+        legacy_keys: Callable[[], KeyManager],
+        source: str = "medledger.consent",
+    ) -> None:
+        self.db = db
         self.keys = keys
         self.index = index
+        # Reads justifications still under the old shared key (key_owners.py).
+        self.legacy_keys = legacy_keys
+        self.source = source
+        # Writes without a transaction of the caller's: committed, then the relay woken.
+        self.transaction = Transaction(db, notify)
+
+    async def _write(
+        self, write: Write[Any], transaction: RunWrite[Any, Any] | None, accesses: list[domain.BreakGlassAccess]
+    ) -> Any:
+        result = await (transaction or self.transaction)(write)
+        for a in accesses:  # none when the transaction replayed an earlier response
+            self.index.put_break_glass(a)
+        return result
 
     # -- policy ---------------------------------------------------------------------------------
 
-    async def set_policy(self, request: pb.SetBreakGlassPolicyRequest) -> pb.SetBreakGlassPolicyResponse:
-        caller = current_caller()
-        policy = domain.check_policy(request.policy)
+    @overload
+    async def set_policy(self, caller: Caller, command: SetBreakGlassPolicy) -> domain.BreakGlassPolicy: ...
+
+    @overload
+    async def set_policy(
+        self, caller: Caller, command: SetBreakGlassPolicy, transaction: RunWrite[domain.BreakGlassPolicy, T]
+    ) -> T: ...
+
+    async def set_policy(
+        self,
+        caller: Caller,
+        command: SetBreakGlassPolicy,
+        transaction: RunWrite[domain.BreakGlassPolicy, Any] | None = None,
+    ) -> Any:
+        """Set an organization's policy; returns it as stored."""
+        policy = domain.check_policy(
+            command.organization_id,
+            enabled=command.enabled,
+            overrides_deny=command.overrides_deny,
+            access_seconds=command.access_seconds,
+            max_uses=command.max_uses,
+            rate_window_seconds=command.rate_window_seconds,
+        )
         if not (caller.has_role("admin") or caller.organization_id == policy.organization_id):
             raise PermissionDenied("an org-admin sets their own organization's policy; admins any")
 
-        async def work(conn: AsyncConnection, _: list[domain.BreakGlassAccess]) -> pb.SetBreakGlassPolicyResponse:
+        async def write(conn: AsyncConnection) -> domain.BreakGlassPolicy:
             organization = await storage.get_principal(conn, policy.organization_id)
             if organization is None or organization.kind != Kind.PRINCIPAL_KIND_ORGANIZATION:
                 raise InvalidArgument.field("policy.organization_id", "not a registered organization")
             stored = replace(policy, changed_by=caller.principal_id, changed_at=time.time())
             await storage.set_policy(conn, stored)
             event = new_event(
-                source=self.rt.source,
+                source=self.source,
                 payload=consent_events_pb2.BreakGlassPolicyChanged(
                     organization_id=stored.organization_id,
                     enabled=stored.enabled,
@@ -139,39 +208,41 @@ class BreakGlassDesk:
                 subject=stored.organization_id,
             )
             await enqueue(conn, TOPICS["consent"], event, key=stored.organization_id.encode())
-            return pb.SetBreakGlassPolicyResponse(policy=policy_proto(stored))
+            return stored
 
-        response, _ = await write_once(
-            self.rt,
-            self.index,
-            scope="consent.SetBreakGlassPolicy",
-            request=request,
-            response_cls=pb.SetBreakGlassPolicyResponse,
-            work=work,
-        )
-        return response
+        return await self._write(write, transaction, [])
 
-    async def get_policy(self, request: pb.GetBreakGlassPolicyRequest) -> pb.GetBreakGlassPolicyResponse:
-        caller = current_caller()
-        if not request.organization_id:
+    async def get_policy(self, caller: Caller, organization_id: str) -> domain.BreakGlassPolicy:
+        """The organization's policy (a disabled one when it never set any)."""
+        if not organization_id:
             raise InvalidArgument.field("organization_id", "required")
-        if not (caller.has_role("admin") or caller.organization_id == request.organization_id):
+        if not (caller.has_role("admin") or caller.organization_id == organization_id):
             raise PermissionDenied("principals of the organization read its policy; admins any")
-        async with self.rt.db.connect() as conn:
-            policy = await storage.get_policy(conn, request.organization_id)
-        return pb.GetBreakGlassPolicyResponse(policy=policy_proto(policy))
+        async with self.db.connect() as conn:
+            return await storage.get_policy(conn, organization_id)
 
     # -- breaking the glass ---------------------------------------------------------------------
 
-    async def break_glass(self, request: pb.BreakGlassRequest) -> pb.BreakGlassResponse:
-        caller = current_caller()
-        justification = domain.check_break_glass(request)
+    @overload
+    async def break_glass(self, caller: Caller, command: BreakGlass) -> domain.BreakGlassAccess: ...
 
-        async def work(conn: AsyncConnection, started: list[domain.BreakGlassAccess]) -> pb.BreakGlassResponse:
+    @overload
+    async def break_glass(
+        self, caller: Caller, command: BreakGlass, transaction: RunWrite[domain.BreakGlassAccess, T]
+    ) -> T: ...
+
+    async def break_glass(
+        self, caller: Caller, command: BreakGlass, transaction: RunWrite[domain.BreakGlassAccess, Any] | None = None
+    ) -> Any:
+        """Start an access of the caller to the patient, under their organization's policy."""
+        justification = domain.check_break_glass(command.patient_id, command.reason, command.justification)
+        started: list[domain.BreakGlassAccess] = []
+
+        async def write(conn: AsyncConnection) -> domain.BreakGlassAccess:
             practitioner = await storage.get_principal(conn, caller.principal_id)
             if practitioner is None or practitioner.kind != Kind.PRINCIPAL_KIND_PRACTITIONER:
                 raise PermissionDenied("only practitioners break the glass")
-            patient = await storage.get_principal(conn, request.patient_id)
+            patient = await storage.get_principal(conn, command.patient_id)
             if patient is None or patient.kind != Kind.PRINCIPAL_KIND_PATIENT:
                 raise InvalidArgument.field("patient_id", "not a registered patient")
             policy = await storage.get_policy(conn, practitioner.organization_id)
@@ -189,33 +260,26 @@ class BreakGlassDesk:
                 )
             access = domain.BreakGlassAccess(
                 access_id=domain.new_break_glass_id(),
-                patient_id=request.patient_id,
+                patient_id=command.patient_id,
                 practitioner_id=caller.principal_id,
                 organization_id=practitioner.organization_id,
-                reason=request.reason,
+                reason=command.reason,
                 justification_sha256=domain.justification_sha256(justification),
                 started_at=now,
                 expires_at=now + policy.access_seconds,
                 overrides_deny=policy.overrides_deny,
                 review=PENDING,
             )
-            key = domain.justification_key_name(request.patient_id)
+            key = domain.justification_key_name(command.patient_id)
             await self.keys.ensure_key(key, KeyType.AES256_GCM96)
             # Bound to the access: a ciphertext moved to another row does not decrypt.
             ciphertext = await self.keys.encrypt(key, justification.encode(), associated_data=access.access_id.encode())
             await storage.insert_access(conn, access, ciphertext)
             await self._announce_start(conn, access)
             started.append(access)
-            return pb.BreakGlassResponse(access=access_proto(access))
+            return access
 
-        response, started = await write_once(
-            self.rt,
-            self.index,
-            scope="consent.BreakGlass",
-            request=request,
-            response_cls=pb.BreakGlassResponse,
-            work=work,
-        )
+        result = await self._write(write, transaction, started)
         for a in started:  # not for a replayed response
             USES.labels(domain.reason_code(a.reason)).inc()
             log.warning(
@@ -226,12 +290,12 @@ class BreakGlassDesk:
                     "reason_code": domain.reason_code(a.reason),
                 },
             )
-        return response
+        return result
 
     async def _announce_start(self, conn: AsyncConnection, a: domain.BreakGlassAccess) -> None:
         code = domain.reason_code(a.reason)
         started = new_event(
-            source=self.rt.source,
+            source=self.source,
             payload=consent_events_pb2.BreakGlassAccessStarted(
                 access_id=a.access_id,
                 patient_id=a.patient_id,
@@ -258,7 +322,7 @@ class BreakGlassDesk:
             recipient.subject_id = a.access_id
             recipient.reason_code = code
             note = new_event(
-                source=self.rt.source,
+                source=self.source,
                 payload=recipient,
                 aggregate_id=f"{a.access_id}/{recipient.recipient_id or recipient.recipient_role}",
                 version=1,
@@ -268,47 +332,46 @@ class BreakGlassDesk:
 
     # -- review ---------------------------------------------------------------------------------
 
-    async def list_accesses(self, request: pb.ListBreakGlassAccessesRequest) -> pb.ListBreakGlassAccessesResponse:
-        caller = current_caller()
-        if not request.organization_id:
+    async def list_accesses(self, caller: Caller, command: ListBreakGlassAccesses) -> AccessPage:
+        """An organization's accesses, newest first."""
+        organization_id = command.organization_id
+        if not organization_id:
             raise InvalidArgument.field("organization_id", "required")
-        if not (
-            caller.has_role("admin") or caller.has_role("auditor") or _is_officer_of(caller, request.organization_id)
-        ):
+        if not (caller.has_role("admin") or caller.has_role("auditor") or _is_officer_of(caller, organization_id)):
             raise PermissionDenied("privacy officers list their own organization's uses; admins and auditors any")
-        if request.page_size < 0:
+        if command.page_size < 0:
             raise InvalidArgument.field("page_size", "must not be negative")
-        if request.page_token and not _valid_page_token(request.page_token):
+        if command.page_token and not _valid_page_token(command.page_token):
             raise InvalidArgument.field("page_token", "not a token this RPC returned")
-        size = min(request.page_size or 100, MAX_PAGE_SIZE)
-        async with self.rt.db.connect() as conn:
+        size = min(command.page_size or 100, MAX_PAGE_SIZE)
+        async with self.db.connect() as conn:
             accesses = await storage.list_accesses(
                 conn,
-                request.organization_id,
-                pending_only=request.pending_only,
-                before=request.page_token,
+                organization_id,
+                pending_only=command.pending_only,
+                before=command.page_token,
                 limit=size + 1,
             )
         more = len(accesses) > size
         accesses = accesses[:size]
         token = f"{accesses[-1].started_at!r}/{accesses[-1].access_id}" if more else ""
-        return pb.ListBreakGlassAccessesResponse(accesses=[access_proto(a) for a in accesses], next_page_token=token)
+        return AccessPage(accesses, token)
 
-    async def get_access(self, request: pb.GetBreakGlassAccessRequest) -> pb.GetBreakGlassAccessResponse:
-        caller = current_caller()
-        async with self.rt.db.connect() as conn:
-            found = await storage.get_access(conn, request.access_id)
+    async def get_access(self, caller: Caller, access_id: str) -> AccessRead:
+        """An access with its justification, decrypted."""
+        async with self.db.connect() as conn:
+            found = await storage.get_access(conn, access_id)
         if found is None or not (caller.has_role("admin") or _is_officer_of(caller, found[0].organization_id)):
             # The same answer either way: ids must not reveal whose records were opened.
             raise NotFound("no such break-glass access")
         access, ciphertext = found
         if not ciphertext:  # the patient was erased: the justification went with their keys
-            return pb.GetBreakGlassAccessResponse(access=access_proto(access))
+            return AccessRead(access)
         try:
             # Still under the old shared key until the key-owner migration moves it.
             justification = await decrypt_owned(
                 self.keys,
-                self.rt.legacy_keys,
+                self.legacy_keys,
                 "consent",
                 access.patient_id,
                 ciphertext,
@@ -316,18 +379,30 @@ class BreakGlassDesk:
             )
         except NotFound:
             # The patient's erasure destroyed the key: the access stays reviewable, its text is gone.
-            return pb.GetBreakGlassAccessResponse(access=access_proto(access), justification="")
-        return pb.GetBreakGlassAccessResponse(access=access_proto(access), justification=justification.decode())
+            return AccessRead(access)
+        return AccessRead(access, justification.decode())
 
-    async def review(self, request: pb.ReviewBreakGlassAccessRequest) -> pb.ReviewBreakGlassAccessResponse:
-        caller = current_caller()
-        if request.review not in (JUSTIFIED, UNJUSTIFIED):
+    @overload
+    async def review(self, caller: Caller, command: ReviewBreakGlassAccess) -> domain.BreakGlassAccess: ...
+
+    @overload
+    async def review(
+        self, caller: Caller, command: ReviewBreakGlassAccess, transaction: RunWrite[domain.BreakGlassAccess, T]
+    ) -> T: ...
+
+    async def review(
+        self,
+        caller: Caller,
+        command: ReviewBreakGlassAccess,
+        transaction: RunWrite[domain.BreakGlassAccess, Any] | None = None,
+    ) -> Any:
+        """A privacy officer's review of a use; UNJUSTIFIED also ends a running access at once."""
+        if command.review not in (JUSTIFIED, UNJUSTIFIED):
             raise InvalidArgument.field("review", "BREAK_GLASS_REVIEW_JUSTIFIED or BREAK_GLASS_REVIEW_UNJUSTIFIED")
+        reviewed: list[domain.BreakGlassAccess] = []
 
-        async def work(
-            conn: AsyncConnection, reviewed: list[domain.BreakGlassAccess]
-        ) -> pb.ReviewBreakGlassAccessResponse:
-            found = await storage.get_access(conn, request.access_id, for_update=True)
+        async def write(conn: AsyncConnection) -> domain.BreakGlassAccess:
+            found = await storage.get_access(conn, command.access_id, for_update=True)
             if found is None or not _is_officer_of(caller, found[0].organization_id):
                 raise NotFound("no such break-glass access among your organization's")
             access = found[0]
@@ -336,9 +411,9 @@ class BreakGlassDesk:
             if access.review != PENDING:
                 raise FailedPrecondition("this break-glass access was reviewed already")
             now = time.time()
-            ended = now if request.review == UNJUSTIFIED and access.running(now) else None
+            ended = now if command.review == UNJUSTIFIED and access.running(now) else None
             access = replace(
-                access, review=request.review, reviewed_by=caller.principal_id, reviewed_at=now, ended_at=ended
+                access, review=command.review, reviewed_by=caller.principal_id, reviewed_at=now, ended_at=ended
             )
             await storage.record_review(conn, access)
             event = consent_events_pb2.BreakGlassAccessReviewed(
@@ -354,7 +429,7 @@ class BreakGlassDesk:
                 conn,
                 TOPICS["consent"],
                 new_event(
-                    source=self.rt.source,
+                    source=self.source,
                     payload=event,
                     aggregate_id=access.access_id,
                     version=2,
@@ -363,22 +438,14 @@ class BreakGlassDesk:
                 key=access.patient_id.encode(),
             )
             reviewed.append(access)
-            return pb.ReviewBreakGlassAccessResponse(access=access_proto(access))
+            return access
 
-        response, _ = await write_once(
-            self.rt,
-            self.index,
-            scope="consent.ReviewBreakGlassAccess",
-            request=request,
-            response_cls=pb.ReviewBreakGlassAccessResponse,
-            work=work,
-        )
-        return response
+        return await self._write(write, transaction, reviewed)
 
     async def watch_pending_reviews(self, every_seconds: float = 15.0) -> None:
         """Keep the pending-review gauge current (every replica reports the same count)."""
         while True:
-            async with self.rt.db.connect() as conn:
+            async with self.db.connect() as conn:
                 PENDING_REVIEWS.set(await storage.pending_reviews(conn))
             await asyncio.sleep(every_seconds)
 

@@ -39,9 +39,9 @@ from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.types.v1 import vocabulary_pb2
 from pydantic import ValidationError
 
+from medledger_runtime.auth import Caller
 from medledger_runtime.errors import FieldViolation, InvalidArgument
 from medledger_runtime.keys import patient_key_name
-from medledger_runtime.timestamps import seconds
 
 RULE_VERSION = "medledger-consent-rules/2"
 COMMITMENT_DOMAIN = b"medledger:consent:v1\n"
@@ -271,6 +271,11 @@ _PURPOSE_NAMES = {n: _name(_PURPOSES, n) for n in _PURPOSES}
 # -- grants ---------------------------------------------------------------------------------------
 
 
+def may_manage(caller: Caller, patient_id: str) -> bool:
+    """The patient, or an admin acting for them (guardians: see consents.acts_for)."""
+    return caller.principal_id == patient_id or caller.has_role("admin")
+
+
 def check_codes(field: str, values: Iterable[int], known: Mapping[int, str]) -> frozenset[int]:
     out = frozenset(values)
     for value in out:
@@ -279,36 +284,47 @@ def check_codes(field: str, values: Iterable[int], known: Mapping[int, str]) -> 
     return out
 
 
-def check_grant(request: pb.GrantConsentRequest, now: float) -> tuple[float, float | None]:
-    """Field checks of a grant that need no lookups; returns its period (start, end)."""
-    if not request.patient_id:
+def check_grant(
+    patient_id: str,
+    grantee_id: str,
+    provision: int,
+    actions: Iterable[int],
+    categories: Iterable[int],
+    purposes: Iterable[int],
+    period_start: float | None,
+    period_end: float | None,
+    now: float,
+) -> tuple[float, float | None]:
+    """Field checks of a grant that need no lookups; returns its period (start, end), starting
+    `now` when no start is given."""
+    if not patient_id:
         raise InvalidArgument.field("patient_id", "required")
-    if not request.grantee_id:
+    if not grantee_id:
         raise InvalidArgument.field("grantee_id", "required")
-    if request.grantee_id == request.patient_id:
+    if grantee_id == patient_id:
         raise InvalidArgument.field("grantee_id", "a patient needs no consent for their own data")
-    if request.provision not in (PERMIT, DENY):
+    if provision not in (PERMIT, DENY):
         raise InvalidArgument.field("provision", "PERMIT or DENY")
-    check_codes("actions", request.actions, _ACTIONS)
-    check_codes("categories", request.categories, _CATEGORIES)
-    check_codes("purposes", request.purposes, _PURPOSES)
-    start = seconds(request.period_start) if request.HasField("period_start") else now
-    end = seconds(request.period_end) if request.HasField("period_end") else None
+    check_codes("actions", actions, _ACTIONS)
+    check_codes("categories", categories, _CATEGORIES)
+    check_codes("purposes", purposes, _PURPOSES)
+    start = now if period_start is None else period_start
+    end = period_end
     if end is not None and end <= start:
         raise InvalidArgument.field("period_end", "must be after period_start")
     return start, end
 
 
-def check_question(request: pb.CheckConsentRequest) -> None:
+def check_question(patient_id: str, actor_id: str, action: int, category: int, purpose: int) -> None:
     violations = []
-    if not request.patient_id:
+    if not patient_id:
         violations.append(FieldViolation("patient_id", "required"))
-    if not request.actor_id:
+    if not actor_id:
         violations.append(FieldViolation("actor_id", "required"))
     for field, value, known in (
-        ("action", request.action, _ACTIONS),
-        ("category", request.category, _CATEGORIES),
-        ("purpose", request.purpose, _PURPOSES),
+        ("action", action, _ACTIONS),
+        ("category", category, _CATEGORIES),
+        ("purpose", purpose, _PURPOSES),
     ):
         if value not in known:
             violations.append(FieldViolation(field, "required: one of " + ", ".join(known.values())))
@@ -538,35 +554,43 @@ class BreakGlassPolicy:
     changed_at: float = 0.0
 
 
-def check_policy(p: pb.BreakGlassPolicy) -> BreakGlassPolicy:
-    """A policy from its proto, with defaults for unset durations and counts."""
-    if not p.organization_id:
+def check_policy(
+    organization_id: str,
+    *,
+    enabled: bool,
+    overrides_deny: bool,
+    access_seconds: float | None,
+    max_uses: int,
+    rate_window_seconds: float | None,
+) -> BreakGlassPolicy:
+    """A policy with defaults for unset durations (None) and counts (0)."""
+    if not organization_id:
         raise InvalidArgument.field("policy.organization_id", "required")
-    access = seconds(p.access_duration) if p.HasField("access_duration") else DEFAULT_ACCESS_SECONDS
+    access = DEFAULT_ACCESS_SECONDS if access_seconds is None else access_seconds
     if not 0 < access <= MAX_ACCESS_SECONDS:
         raise InvalidArgument.field("policy.access_duration", "more than 0 and at most 24 hours")
-    window = seconds(p.rate_window) if p.HasField("rate_window") else DEFAULT_RATE_WINDOW_SECONDS
+    window = DEFAULT_RATE_WINDOW_SECONDS if rate_window_seconds is None else rate_window_seconds
     if window <= 0:
         raise InvalidArgument.field("policy.rate_window", "must be positive")
-    if p.max_uses < 0:
+    if max_uses < 0:
         raise InvalidArgument.field("policy.max_uses", "must not be negative (0: the default, 3)")
     return BreakGlassPolicy(
-        organization_id=p.organization_id,
-        enabled=p.enabled,
-        overrides_deny=p.overrides_deny,
+        organization_id=organization_id,
+        enabled=enabled,
+        overrides_deny=overrides_deny,
         access_seconds=access,
-        max_uses=p.max_uses or DEFAULT_MAX_USES,
+        max_uses=max_uses or DEFAULT_MAX_USES,
         rate_window_seconds=window,
     )
 
 
-def check_break_glass(request: pb.BreakGlassRequest) -> str:
+def check_break_glass(patient_id: str, reason: int, justification: str) -> str:
     """Field checks of a break-glass request; returns the justification, stripped."""
-    if not request.patient_id:
+    if not patient_id:
         raise InvalidArgument.field("patient_id", "required")
-    if request.reason not in _REASONS_OF_BREAK_GLASS:
+    if reason not in _REASONS_OF_BREAK_GLASS:
         raise InvalidArgument.field("reason", "required: one of " + ", ".join(_REASONS_OF_BREAK_GLASS.values()))
-    justification = request.justification.strip()
+    justification = justification.strip()
     if not JUSTIFICATION_MIN_CHARS <= len(justification) <= JUSTIFICATION_MAX_CHARS:
         raise InvalidArgument.field(
             "justification",

@@ -6,7 +6,9 @@ from medledger.consent.v1 import consent_service_pb2, consent_service_pb2_grpc
 
 from medledger_consent.api import ACCESS, PUBLIC_METHODS, ConsentApi
 from medledger_consent.break_glass import BreakGlassDesk
+from medledger_consent.checks import ConsentChecks
 from medledger_consent.config import ConsentSettings
+from medledger_consent.consents import ConsentDesk
 from medledger_consent.domain import ConsentIndex
 from medledger_consent.handlers import (
     DIRECTORY_CONSUMER,
@@ -38,8 +40,11 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     )
     decisions.after_commit = runtime.relay.notify
     keys = runtime.require_keys()
-    desk = BreakGlassDesk(runtime, keys, index)
-    api = ConsentApi(runtime, index, decisions, desk)
+    notify = runtime.relay.notify
+    consents = ConsentDesk(runtime.db, index, notify, source=runtime.source)
+    checks = ConsentChecks(runtime.db, index, decisions, source=runtime.source)
+    desk = BreakGlassDesk(runtime.db, keys, index, notify, legacy_keys=runtime.legacy_keys, source=runtime.source)
+    api = ConsentApi(runtime, consents, checks, desk)
     runtime.extras["consent_api"] = api
     return ServiceParts(
         service_descriptors=[consent_service_pb2.DESCRIPTOR.services_by_name["ConsentService"]],
@@ -72,10 +77,10 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
                 topics=[TOPICS["records"]],
             ),
         ],
-        on_start=[api.load_index],
+        on_start=[checks.load_index],
         background=[
             decisions.run,
-            api.reconcile_index,
+            checks.reconcile_index,
             desk.watch_pending_reviews,
             justification_migration(runtime.db, keys, runtime.legacy_keys).keep_running,
         ],

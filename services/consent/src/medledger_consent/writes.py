@@ -1,46 +1,37 @@
-"""Idempotent writes whose results join this replica's consent index as soon as they commit
-(other replicas add them from their events): consent versions and break-glass accesses."""
+"""The transaction a use case's write runs in.
+
+A write is a function of a connection; a transaction runs it and returns what it makes of the
+write's result. By default (:class:`Transaction`) that is the result itself, committed, then the
+outbox relay is woken. The gRPC API passes one that runs the write once per request id and
+returns the wire response it stored, first time or replayed (idempotency keys and keeps the
+wire's request and response, so it stays at the transport).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from google.protobuf import message as pb_message
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_consent import domain
-from medledger_runtime.idempotency import run_idempotent
-from medledger_runtime.service import ServiceRuntime
+from medledger_runtime.db import Database
 
-R = TypeVar("R", bound=pb_message.Message)
-Item = TypeVar("Item", domain.ConsentVersion, domain.BreakGlassAccess)
+R = TypeVar("R")
+T = TypeVar("T")
+Write = Callable[[AsyncConnection], Awaitable[R]]
+# Runs a write (of result R) and returns T.
+RunWrite = Callable[[Write[R]], Awaitable[T]]
 
 
-async def write_once(
-    runtime: ServiceRuntime,
-    index: domain.ConsentIndex,
-    *,
-    scope: str,
-    request: pb_message.Message,
-    response_cls: type[R],
-    work: Callable[[AsyncConnection, list[Item]], Awaitable[R]],
-) -> tuple[R, list[Item]]:
-    """Run `work` once per request id (`request.request_id`); returns the response and what
-    `work` recorded, none when the response is a replay, after adding it to `index`."""
-    recorded: list[Item] = []
-    response = await run_idempotent(
-        runtime.db,
-        scope=scope,
-        request_id=request.request_id,  # type: ignore[attr-defined]
-        request=request,
-        response_cls=response_cls,
-        work=lambda conn: work(conn, recorded),
-        after_commit=runtime.relay.notify,
-    )
-    for item in recorded:
-        if isinstance(item, domain.ConsentVersion):
-            index.add(item)
-        else:
-            index.put_break_glass(item)
-    return response, recorded
+class Transaction:
+    """The default: one database transaction, then the relay's wake-up."""
+
+    def __init__(self, db: Database, notify: Callable[[], None]) -> None:
+        self.db = db
+        self.notify = notify
+
+    async def __call__(self, write: Write[R]) -> R:
+        async with self.db.transaction() as conn:
+            result = await write(conn)
+        self.notify()
+        return result
