@@ -7,7 +7,7 @@ token, verified once and then served from the verifier's cache, as repeated toke
 `chain` is a bare server whose method makes one call to a bare server at DOWNSTREAM_PORT before
 answering: the gRPC alone of a request that asks another service (records asking consent).
 `common-10` is `common` sampling 10% of traces (the Helm chart's default) instead of all.
-Usage: python bench_grpc.py server bare|common|common-10|auth PORT [TOKEN_FILE]   (serves until killed)
+Usage: python bench_grpc.py server bare|common|common-10|auth|auth-10 PORT [TOKEN_FILE]   (serves until killed)
        python bench_grpc.py server chain PORT DOWNSTREAM_PORT            (serves until killed)
        python bench_grpc.py client PORT SECONDS [TOKEN_FILE]            (prints one JSON line)
 """
@@ -77,15 +77,16 @@ async def serve(kind: str, port: int, token_file: Path | None = None, downstream
         await server.start()
         await server.wait_for_termination()
         return
-    # Every call traced, as the services' own default; `common-10` at the Helm chart's default.
-    configure_tracing("bench", 0.1 if kind == "common-10" else 1.0)
+    # Every call traced, as the services' own default; `common-10` and `auth-10` at the Helm
+    # chart's default.
+    configure_tracing("bench", 0.1 if kind.endswith("-10") else 1.0)
     common = GrpcServer(
         host="127.0.0.1",
         port=port,
         max_message_bytes=8 * 1024 * 1024,
         service_descriptors=[pb.DESCRIPTOR.services_by_name["IdentityService"]],
         register=lambda s: pb_grpc.add_IdentityServiceServicer_to_server(Empty(), s),
-        interceptors=[await auth_interceptor(token_file)] if kind == "auth" and token_file else [],
+        interceptors=[await auth_interceptor(token_file)] if kind.startswith("auth") and token_file else [],
     )
     await common.start()
     await common.set_serving(True)

@@ -222,6 +222,19 @@ def bench_consent(bootstrap: str, pg: localstack.PostgresCluster, results: dict,
         finally:
             server.terminate()
             server.wait(10)
+        # The floor of any call to a medledger service: an empty call through the platform's own
+        # server (every interceptor, authentication, the chart's sampling), printed beside the
+        # bare one; the target stays judged against the bare call.
+        port, token_file = localstack.free_port(), Path(tmp) / "token"
+        server = subprocess.Popen([PY, str(HERE / "bench_grpc.py"), "server", "auth-10", str(port), str(token_file)])
+        try:
+            localstack.wait_for_port(port, 30, server, "platform gRPC server")
+            lone["empty call, platform server"] = run_json(
+                str(HERE / "bench_grpc.py"), "client", str(port), str(seconds), str(token_file), in_flight=1
+            )
+        finally:
+            server.terminate()
+            server.wait(10)
         commits = pg.create_database(f"bench_commit_{uuid.uuid4().hex[:6]}")
         lone["durable commit"] = run_json(str(HERE / "bench_commit.py"), commits, str(seconds), in_flight=1)
         config = Path(tmp) / "consent.json"
