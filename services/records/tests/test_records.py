@@ -26,7 +26,7 @@ from medledger_common.keys import LocalKeyring, create_master_key_file
 from medledger_common.outbox import COMMON_MIGRATIONS, outbox
 from medledger_records import storage
 from medledger_records.data_keys import DataKeyCache
-from medledger_records.erasure import COMPLETED, RUNNING
+from medledger_records.erasure_runner import COMPLETED, RUNNING
 from medledger_records.records import (
     ConsentAnswer,
     ExportRecords,

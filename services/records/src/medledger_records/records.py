@@ -31,7 +31,7 @@ from medledger_common.outbox import enqueue
 from medledger_common.settings import ConfigError
 from medledger_records import domain, storage
 from medledger_records.blobs import BlobStore, blob_key
-from medledger_records.erasure import COMPLETED, RUNNING
+from medledger_records.erasure_runner import COMPLETED, RUNNING
 
 log = logging.getLogger(__name__)
 TAMPERED = Counter(
