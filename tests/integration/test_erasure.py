@@ -36,7 +36,7 @@ from medledger_common.kafka import make_producer
 from medledger_common.keys import KeyManager, VaultKeyManager, audit_subject_key_name, patient_key_name
 from medledger_common.outbox import outbox
 from medledger_common.service import ServiceRuntime
-from medledger_identity.principals import RESOURCE_KEY
+from medledger_identity.resources import RESOURCE_KEY
 from medledger_records import storage as records_storage
 
 Kind = vocab.PrincipalKind

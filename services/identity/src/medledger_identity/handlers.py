@@ -14,7 +14,7 @@ from medledger_common.kafka import ConsumedMessage
 from medledger_common.keys import KeyShredder
 from medledger_common.outbox import enqueue
 from medledger_identity import storage
-from medledger_identity.principals import resource_key
+from medledger_identity.resources import resource_key
 
 log = logging.getLogger(__name__)
 ERASURE_CONSUMER = "identity.erasures"

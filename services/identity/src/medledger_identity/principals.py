@@ -11,7 +11,6 @@ decided in ``domain.py``; tokens are in ``tokens.py``.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
@@ -27,29 +26,20 @@ from medledger_common.auth import Caller
 from medledger_common.db import Database
 from medledger_common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from medledger_common.events import TOPICS, new_event
-from medledger_common.key_owners import decrypt_owned
-from medledger_common.keys import KeyManager, KeyType, patient_key_name
+from medledger_common.keys import KeyManager, KeyType
 from medledger_common.outbox import enqueue
 from medledger_identity import domain, storage
 from medledger_identity.credentials import SecretHasher
+from medledger_identity.resources import Resources
 
 Kind = vocabulary_pb2.PrincipalKind
 ACTIVE = vocabulary_pb2.PrincipalStatus.PRINCIPAL_STATUS_ACTIVE
 DEACTIVATED = vocabulary_pb2.PrincipalStatus.PRINCIPAL_STATUS_DEACTIVATED
 
-# Key-manager keys identity keeps (see README): blind indexes, practitioners' resources, and
-# client secrets of responses kept for retries. Patients' resources use each patient's own key.
-BLIND_INDEX_KEY = "identity-blind-index"
-# The blind index must not change when its key rotates: always this version.
-BLIND_INDEX_VERSION = 1
-RESOURCE_KEY = "identity-resources"
+# Client secrets of registration responses kept for retries are encrypted under this key (the
+# resources' and blind indexes' keys are in resources.py).
 REPLAY_KEY = "identity-secret-replay"
 MAX_PAGE_SIZE = 1000
-
-
-def resource_key(principal_id: str, kind: int) -> str:
-    """A patient's resource is under the patient's own key: deleting it erases the resource."""
-    return patient_key_name("identity", principal_id) if kind == Kind.PRINCIPAL_KIND_PATIENT else RESOURCE_KEY
 
 
 # Commands.
@@ -145,17 +135,16 @@ class Directory:
     ) -> None:
         self.db = db
         self.keys = keys
+        self.resources = Resources(keys, legacy_keys)
         self.hasher = hasher
         # Wakes the outbox relay after a change's transaction commits.
         self.notify = notify
         self.source = source
-        self.legacy_keys = legacy_keys
         # Told of each deactivation at once: this replica refuses the principal's tokens then.
         self.deactivated = deactivated
 
     async def start(self) -> None:
-        await self.keys.ensure_key(BLIND_INDEX_KEY, KeyType.HMAC)
-        await self.keys.ensure_key(RESOURCE_KEY, KeyType.AES256_GCM96)
+        await self.resources.start()
         await self.keys.ensure_key(REPLAY_KEY, KeyType.AES256_GCM96)
 
     # -- registration --------------------------------------------------------------------------
@@ -240,8 +229,13 @@ class Directory:
                 # NotFound: the patient's key was deleted (their records were erased) and the
                 # ciphertext is about to go too: there is no resource any more.
                 with contextlib.suppress(NotFound):
-                    resource = await self._decrypt_resource(row)
+                    resource = await self.resources.decrypt(row)
         return Found(row, resource)
+
+    # Before `list`, whose name would shadow the builtin in this annotation.
+    async def deactivated_ids(self) -> list[str]:
+        async with self.db.connect() as conn:
+            return await storage.deactivated_ids(conn, DEACTIVATED)
 
     async def list(self, caller: Caller, command: ListPrincipals) -> PrincipalPage:
         organization_id = command.organization_id
@@ -263,10 +257,6 @@ class Directory:
         rows = rows[:size]
         return PrincipalPage(rows, rows[-1].principal_id if more else "")
 
-    async def deactivated_ids(self) -> builtins.list[str]:
-        async with self.db.connect() as conn:
-            return await storage.deactivated_ids(conn, DEACTIVATED)
-
     # -- changes -------------------------------------------------------------------------------
 
     async def update_resource(
@@ -282,9 +272,8 @@ class Directory:
             resource = domain.validate_fhir(row.kind, command.fhir_resource, "fhir_resource")
             if resource is None:
                 raise FailedPrecondition("this principal's kind carries no FHIR resource")
-            await storage.replace_identifiers(conn, row.principal_id, await self._blind_indexes(resource))
-            key = resource_key(row.principal_id, row.kind)
-            ciphertext = await self.keys.encrypt(key, resource.json, associated_data=row.principal_id.encode())
+            await storage.replace_identifiers(conn, row.principal_id, await self.resources.blind_indexes(resource))
+            ciphertext = await self.resources.encrypt(row.principal_id, row.kind, resource)
             await storage.off_old_keys(conn, row.principal_id)  # under identity's own key now
             return storage.PrincipalRow(**{**row.__dict__, "fhir_resource": ciphertext})
 
@@ -379,29 +368,6 @@ class Directory:
 
         return await (transaction or self._transaction)(write)
 
-    async def _decrypt_resource(self, row: storage.PrincipalRow) -> bytes:
-        assert row.fhir_resource
-        principal = row.principal_id.encode()
-        if row.kind != Kind.PRINCIPAL_KIND_PATIENT:
-            return await self.keys.decrypt(RESOURCE_KEY, row.fhir_resource, associated_data=principal)
-        # A patient's may still be under the old shared key until the key-owner migration moves it.
-        return await decrypt_owned(
-            self.keys, self._legacy_keys, "identity", row.principal_id, row.fhir_resource, associated_data=principal
-        )
-
-    def _legacy_keys(self) -> KeyManager:
-        if self.legacy_keys is None:
-            return self.keys
-        return self.legacy_keys()
-
-    async def _blind_indexes(self, resource: domain.FhirResource) -> builtins.list[str]:
-        return [
-            await self.keys.hmac(
-                BLIND_INDEX_KEY, domain.identifier_index_input(system, value), key_version=BLIND_INDEX_VERSION
-            )
-            for system, value in resource.identifiers
-        ]
-
     async def _emit(self, conn: AsyncConnection, row: storage.PrincipalRow, payload: pb_message.Message) -> None:
         event = new_event(
             source=self.source,
@@ -430,10 +396,8 @@ class Directory:
         public = await self.keys.public_key(key_name)
         ciphertext = None
         if resource is not None:
-            await storage.claim_identifiers(conn, principal_id, await self._blind_indexes(resource))
-            key = resource_key(principal_id, kind)
-            await self.keys.ensure_key(key, KeyType.AES256_GCM96)
-            ciphertext = await self.keys.encrypt(key, resource.json, associated_data=principal_id.encode())
+            await storage.claim_identifiers(conn, principal_id, await self.resources.blind_indexes(resource))
+            ciphertext = await self.resources.encrypt(principal_id, kind, resource, new=True)
         secret = client_secret or domain.new_client_secret()
         row = storage.PrincipalRow(
             principal_id=principal_id,
