@@ -60,7 +60,7 @@ class AuditProofs:
 
     async def find_commitment(self, commitment: str) -> tuple[int, bytes]:
         try:
-            found = await self.stub.FindCommitment(
+            found: audit_pb.FindCommitmentResponse = await self.stub.FindCommitment(
                 audit_pb.FindCommitmentRequest(commitment=commitment), timeout=self.timeout
             )
         except grpc.aio.AioRpcError as exc:
@@ -69,7 +69,7 @@ class AuditProofs:
 
     async def tlog_proof(self, index: int, tree_size: int) -> str:
         try:
-            proof = await self.stub.GetTlogProof(
+            proof: audit_pb.GetTlogProofResponse = await self.stub.GetTlogProof(
                 audit_pb.GetTlogProofRequest(index=index, tree_size=tree_size), timeout=self.timeout
             )
         except grpc.aio.AioRpcError as exc:
