@@ -28,7 +28,7 @@ from medledger.types.v1 import vocabulary_pb2 as vocab
 from prometheus_client import REGISTRY
 from sqlalchemy import MetaData, select
 
-from medledger_identity.api import RESOURCE_KEY
+from medledger_identity.resources import RESOURCE_KEY
 from medledger_records import storage as records_storage
 from medledger_runtime.errors import InvalidArgument, MedledgerError, Unavailable
 from medledger_runtime.events import TOPICS, decode, unpack

@@ -30,7 +30,8 @@ from medledger_identity import storage as identity_storage
 from medledger_identity.api import IdentityApi
 from medledger_identity.config import IdentitySettings
 from medledger_identity.credentials import SecretHasher
-from medledger_identity.tokens import TokenSigner
+from medledger_identity.principals import Directory
+from medledger_identity.tokens import TokenDesk, TokenSigner
 from medledger_runtime import events
 from medledger_runtime.keys import create_master_key_file
 from medledger_runtime.outbox import COMMON_MIGRATIONS, inbox, outbox
@@ -139,8 +140,12 @@ async def test_relay_killed_between_publish_and_mark_duplicate_dropped_by_inbox(
     try:
         await writer.db.migrate("common", COMMON_MIGRATIONS)
         await writer.db.migrate("identity", identity_storage.MIGRATIONS)
-        api = IdentityApi(writer, keys, TokenSigner(keys), SecretHasher())
-        await api.start()
+        hasher = SecretHasher()
+        principals = Directory(writer.db, keys, hasher, writer.relay.notify, source=writer.source)
+        tokens = TokenDesk(writer.db, TokenSigner(keys), hasher, writer.relay.notify, source=writer.source)
+        api = IdentityApi(writer, principals, tokens)
+        await principals.start()
+        await tokens.start()
         reply = await api.RegisterPatient(_register_patient(), None)
         async with writer.db.connect() as conn:
             event_id = (await conn.execute(select(outbox.c.event_id))).scalar_one()

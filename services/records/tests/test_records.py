@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from medledger_records import storage
 from medledger_records.data_keys import DataKeyCache
-from medledger_records.erasure import COMPLETED, RUNNING
+from medledger_records.erasure_runner import COMPLETED, RUNNING
 from medledger_records.records import (
     ConsentAnswer,
     ExportRecords,

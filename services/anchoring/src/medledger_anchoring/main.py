@@ -1,5 +1,5 @@
 """Wires anchoring: settings, storage, the chain account and sender, the anchorer and consent
-writer, the event handlers, and the gRPC API."""
+writer, the event handlers, the queries (witness.Witness) and the gRPC API."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from medledger.audit.v1.audit_service_pb2_grpc import AuditServiceStub
 
 from medledger_anchoring import domain
 from medledger_anchoring.anchorer import Anchorer, AuditLog
-from medledger_anchoring.api import ACCESS, PUBLIC_METHODS, AnchoringApi
+from medledger_anchoring.api import ACCESS, PUBLIC_METHODS, AnchoringApi, AuditProofs
 from medledger_anchoring.config import AnchoringSettings
 from medledger_anchoring.consents import ConsentWriter
 from medledger_anchoring.handlers import (
@@ -19,6 +19,7 @@ from medledger_anchoring.handlers import (
 )
 from medledger_anchoring.sender import Sender, load_account
 from medledger_anchoring.storage import MIGRATIONS
+from medledger_anchoring.witness import Witness
 from medledger_runtime.events import TOPICS
 from medledger_runtime.grpc_client import service_channel
 from medledger_runtime.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
@@ -66,7 +67,8 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         anchorer.consents = ConsentWriter(runtime.db, sender, settings.consent_registry_address, source=runtime.source)
         anchorer.consents.after_commit = runtime.relay.notify
     policy = anchored_proofs.TrustPolicy.read(settings.trust_policy_file) if settings.trust_policy_file else None
-    api = AnchoringApi(runtime, anchorer, audit, policy)
+    witness = Witness(runtime.db, settings.log_origin, AuditProofs(audit), sender.w3, policy)
+    api = AnchoringApi(witness)
     runtime.extras.update(anchorer=anchorer, anchoring_api=api)
     consumers = [
         ConsumerSpec(

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from medledger.types.v1 import vocabulary_pb2
 
 from medledger_identity import storage
-from medledger_identity.api import resource_key
+from medledger_identity.resources import resource_key
 from medledger_runtime.db import Database
 from medledger_runtime.erasure import destroy_keys, erasure_asked_of, keys_destroyed_event
 from medledger_runtime.events import TOPICS

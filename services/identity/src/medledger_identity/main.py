@@ -1,5 +1,6 @@
-"""Wires identity: settings, key manager, storage, the gRPC API, the JWKS over HTTP, and the
-platform principals (services and the bootstrap admin) provisioned from secret files."""
+"""Wires identity: settings, key manager, storage, the use cases (principals.Directory,
+tokens.TokenDesk), the gRPC API, the JWKS over HTTP, and the platform principals (services and
+the bootstrap admin) provisioned from secret files."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from medledger_identity.config import IdentitySettings
 from medledger_identity.credentials import SecretHasher
 from medledger_identity.handlers import ERASURE_CONSUMER, PatientErasureHandler
 from medledger_identity.key_owners import resource_migration
+from medledger_identity.principals import Directory
 from medledger_identity.storage import MIGRATIONS
-from medledger_identity.tokens import TokenSigner
+from medledger_identity.tokens import TokenDesk, TokenSigner
 from medledger_runtime.events import SERVICES, TOPICS
 from medledger_runtime.http_server import HttpRoute
 from medledger_runtime.service import AuthSources, ConsumerSpec, ServiceParts, ServiceRuntime, run_service
@@ -45,20 +47,33 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     assert isinstance(settings, IdentitySettings)
     keys = runtime.require_keys()
     signer = TokenSigner(keys)
-    api = IdentityApi(runtime, keys, signer, SecretHasher(settings.max_concurrent_hashing))
+    hasher = SecretHasher(settings.max_concurrent_hashing)
+    principals = Directory(
+        runtime.db,
+        keys,
+        hasher,
+        runtime.relay.notify,
+        source=runtime.source,
+        legacy_keys=runtime.legacy_keys,
+        deactivated=runtime.deactivated.add,
+    )
+    tokens = TokenDesk(
+        runtime.db, signer, hasher, runtime.relay.notify, source=runtime.source, keys_changed=runtime.token_keys_changed
+    )
+    api = IdentityApi(runtime, principals, tokens)
     runtime.extras["identity_api"] = api
 
     async def provision() -> None:
         if settings.bootstrap_admin_secret_file is not None:
             secret = read_secret_file(settings.bootstrap_admin_secret_file).decode()
-            await api.ensure_platform_principal(BOOTSTRAP_ADMIN, secret, (Role.ROLE_ADMIN,))
+            await principals.ensure_platform_principal(BOOTSTRAP_ADMIN, secret, (Role.ROLE_ADMIN,))
         if settings.service_secrets_dir is not None:
             for path in sorted(settings.service_secrets_dir.glob("*.secret")):
                 service = path.stem
                 if service not in SERVICES:
                     raise ConfigError(f"{path}: {service} is not a medledger service")
                 secret = read_secret_file(path).decode()
-                await api.ensure_platform_principal(
+                await principals.ensure_platform_principal(
                     service_principal_id(service), secret, SERVICE_ROLES.get(service, ())
                 )
 
@@ -67,7 +82,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         register=lambda server: identity_service_pb2_grpc.add_IdentityServiceServicer_to_server(api, server),
         access=ACCESS,
         public_methods=PUBLIC_METHODS,
-        auth=AuthSources(fetch_jwks=signer.jwks, load_deactivated=api.deactivated_ids),
+        auth=AuthSources(fetch_jwks=signer.jwks, load_deactivated=principals.deactivated_ids),
         consumers=[
             ConsumerSpec(
                 group_id=ERASURE_CONSUMER,
@@ -76,7 +91,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
             )
         ],
         http_routes=[jwks_route(signer)],
-        on_start=[api.start, provision],
+        on_start=[principals.start, tokens.start, provision],
         background=[resource_migration(runtime.db, keys, runtime.legacy_keys).keep_running],
     )
 

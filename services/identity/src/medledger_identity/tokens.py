@@ -4,18 +4,31 @@ The signing key (Ed25519, ``identity-token-signing``) never leaves the key manag
 builds the JWS signing input and asks the key manager to sign it. Each key version has its own
 ``kid``; rotation adds a version, and the JWKS keeps every usable version so that tokens signed
 before a rotation stay verifiable until they expire.
+
+:class:`TokenDesk` holds the use cases apart from any transport (the gRPC API in ``api.py`` is
+one caller): issuing a token for a principal's client secret, the JWKS, rotating the key.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from medledger.events.v1 import identity_events_pb2
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from medledger_identity import domain, storage
+from medledger_identity.credentials import SecretHasher
 from medledger_identity.domain import jws_compact, jws_signing_input, signing_kid
-from medledger_runtime.errors import Unavailable
+from medledger_identity.principals import ACTIVE
+from medledger_runtime.db import Database
+from medledger_runtime.errors import Unauthenticated, Unavailable
+from medledger_runtime.events import TOPICS, new_event
 from medledger_runtime.keys import KeyManager, KeyType
+from medledger_runtime.outbox import enqueue
 
 SIGNING_KEY = "identity-token-signing"
 # How long a replica trusts its idea of the latest key version; another replica may rotate.
@@ -77,3 +90,109 @@ class TokenSigner:
 
     async def jwks_json(self) -> str:
         return json.dumps(await self.jwks(), separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class IssueToken:
+    """A principal's client secret exchanged for a token for one service (`audience`)."""
+
+    principal_id: str
+    client_secret: str
+    audience: str
+
+
+@dataclass(frozen=True)
+class Issued:
+    access_token: str
+    expires_at: int  # seconds since the epoch
+
+
+Rotation = Callable[[AsyncConnection], Awaitable[str]]
+# A well-formed hash of a random secret: unknown principals cost the same time as known ones.
+_DUMMY_SECRET = domain.new_client_secret()
+
+
+class TokenDesk:
+    """Identity's token use cases; its dependencies come through the constructor."""
+
+    def __init__(
+        self,
+        db: Database,
+        signer: TokenSigner,
+        hasher: SecretHasher,
+        notify: Callable[[], None],
+        *,
+        source: str = "medledger.identity",
+        keys_changed: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.db = db
+        self.signer = signer
+        self.hasher = hasher
+        # Wakes the outbox relay after a rotation's transaction commits.
+        self.notify = notify
+        self.source = source
+        # Told of a rotation at once: this replica verifies the new key's tokens then.
+        self.keys_changed = keys_changed
+        self._dummy_hash = ""
+
+    async def start(self) -> None:
+        await self.signer.start()
+        self._dummy_hash = await self.hasher.hash(_DUMMY_SECRET)
+
+    async def issue(self, command: IssueToken) -> Issued:
+        """Unauthenticated, the same for an unknown principal and a wrong secret; a deactivated
+        principal gets none."""
+        domain.check_audience(command.audience)
+        if not command.principal_id or not command.client_secret or len(command.client_secret) > 256:
+            raise Unauthenticated("invalid credentials")
+        async with self.db.connect() as conn:
+            row = await storage.get_principal(conn, command.principal_id)
+            stored = await storage.get_secret_hash(conn, command.principal_id) if row else None
+        # The same work, and the same answer, for an unknown principal and a wrong secret.
+        ok = await self.hasher.verify(stored or self._dummy_hash, command.client_secret)
+        if row is None or stored is None or not ok:
+            raise Unauthenticated("invalid credentials")
+        if row.status != ACTIVE:
+            raise Unauthenticated("the principal is deactivated")
+        if self.hasher.needs_rehash(stored):
+            async with self.db.transaction() as conn:
+                await storage.set_secret_hash(conn, row.principal_id, await self.hasher.hash(command.client_secret))
+        claims = domain.token_claims(
+            principal_id=row.principal_id,
+            kind=row.kind,
+            roles=row.roles,
+            organization_id=row.organization_id,
+            audience=command.audience,
+            now=int(time.time()),
+        )
+        return Issued(await self.signer.sign(claims), claims["exp"])
+
+    async def jwks_json(self) -> str:
+        return await self.signer.jwks_json()
+
+    async def rotate(self, transaction: Callable[[Rotation], Awaitable[Any]] | None = None) -> Any:
+        """A new version of the signing key, and SigningKeyRotated; returns what the transaction
+        returns (by default the new kid)."""
+
+        async def write(conn: AsyncConnection) -> str:
+            kid = await self.signer.rotate()
+            event = new_event(
+                source=self.source,
+                payload=identity_events_pb2.SigningKeyRotated(kid=kid),
+                aggregate_id=self.signer.key_name,
+                version=int(kid.rsplit(".v", 1)[1]),
+            )
+            await enqueue(conn, TOPICS["identity"], event, key=self.signer.key_name.encode())
+            return kid
+
+        result = await (transaction or self._transaction)(write)
+        # This replica verifies the new key's tokens at once; the others on the event.
+        if self.keys_changed is not None:
+            await self.keys_changed()
+        return result
+
+    async def _transaction(self, write: Rotation) -> str:
+        async with self.db.transaction() as conn:
+            kid = await write(conn)
+        self.notify()
+        return kid

@@ -2,7 +2,8 @@
 
 Each RPC parses its request into a command of ``records.py`` (or ``erasure.py``), calls the use
 case with the caller, and maps the result to its response; the use cases hold the rules.
-Idempotency stays here (see :meth:`RecordsApi.PutRecord`). Consent is asked through
+Idempotency stays here (see :meth:`RecordsApi.PutRecord`; erasure requests and legal holds
+likewise). Consent is asked through
 :class:`ConsentClient`, consent's gRPC API as the use cases' consent port.
 """
 
@@ -12,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 from medledger.consent.v1 import consent_service_pb2 as co_pb
@@ -21,7 +23,7 @@ from medledger.records.v1 import records_service_pb2_grpc as pb_grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_records import storage
-from medledger_records.erasure import ErasureDesk
+from medledger_records.erasure import ErasureDesk, ErasureView, PlaceLegalHold, RequestErasure
 from medledger_records.records import (
     ConsentAnswer,
     ExportRecords,
@@ -61,6 +63,8 @@ ACCESS: dict[str, Access] = {
     _SERVICE + "ReleaseLegalHold": Access.of(roles=["admin", "privacy-officer"]),
 }
 ROTATION_PAGE = 100
+ErasureWrite = Callable[[AsyncConnection], Awaitable[storage.ErasureRow]]
+HoldWrite = Callable[[AsyncConnection], Awaitable[storage.LegalHoldRow]]
 PERMIT = co_pb.Decision.DECISION_PERMIT
 
 
@@ -107,6 +111,43 @@ def _summary(r: storage.Record) -> pb.RecordSummary:
         latest_version=r.latest_version,
         updated_at=timestamp(r.updated_at),
     )
+
+
+def _erasure(view: ErasureView) -> pb.Erasure:
+    row = view.erasure
+    message = pb.Erasure(
+        erasure_id=row.erasure_id,
+        patient_id=row.patient_id,
+        state=row.state,  # type: ignore[arg-type]
+        requested_by=row.requested_by,
+        requested_at=timestamp(row.requested_at),
+        reason=row.reason,
+        runs_after=timestamp(row.runs_after),
+        approved_by=row.approved_by,
+        blocked_by=f"{view.holds} legal hold(s) in force" if view.holds else "",
+    )
+    if row.approved_at is not None:
+        message.approved_at.CopyFrom(timestamp(row.approved_at))
+    if row.certificate is not None:
+        message.certificate.ParseFromString(row.certificate)
+    if row.signed_certificate is not None:
+        message.signed_certificate = row.signed_certificate
+    message.awaiting.extend(view.awaiting)
+    return message
+
+
+def _hold(hold: storage.LegalHoldRow) -> pb.LegalHold:
+    message = pb.LegalHold(
+        hold_id=hold.hold_id,
+        patient_id=hold.patient_id,
+        reason=hold.reason,
+        placed_by=hold.placed_by,
+        placed_at=timestamp(hold.placed_at),
+        released_by=hold.released_by,
+    )
+    if hold.released_at is not None:
+        message.released_at.CopyFrom(timestamp(hold.released_at))
+    return message
 
 
 class RecordsApi(pb_grpc.RecordsServiceServicer):
@@ -260,32 +301,74 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
     async def RequestErasure(
         self, request: pb.RequestErasureRequest, context: grpc.aio.ServicerContext
     ) -> pb.RequestErasureResponse:
-        return await self.erasures.request(current_caller(), request)
+        command = RequestErasure(patient_id=request.patient_id, reason=request.reason)
+
+        async def once(write: ErasureWrite) -> pb.RequestErasureResponse:
+            async def work(conn: AsyncConnection) -> pb.RequestErasureResponse:
+                return pb.RequestErasureResponse(erasure=_erasure(ErasureView(await write(conn))))
+
+            return await run_idempotent(
+                self.rt.db,
+                scope="records.RequestErasure",
+                request_id=request.request_id,
+                request=request,
+                response_cls=pb.RequestErasureResponse,
+                work=work,
+                after_commit=self.erasures.after_request,
+            )
+
+        response: pb.RequestErasureResponse = await self.erasures.request(current_caller(), command, once)
+        # Logged for a retry too, with the erasure it answers with.
+        log.info("erasure requested", extra={"erasure_id": response.erasure.erasure_id})
+        return response
 
     async def ApproveErasure(
         self, request: pb.ApproveErasureRequest, context: grpc.aio.ServicerContext
     ) -> pb.ApproveErasureResponse:
-        return await self.erasures.approve(current_caller(), request.erasure_id)
+        view = await self.erasures.approve(current_caller(), request.erasure_id)
+        return pb.ApproveErasureResponse(erasure=_erasure(view))
 
     async def CancelErasure(
         self, request: pb.CancelErasureRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelErasureResponse:
-        return await self.erasures.cancel(current_caller(), request.erasure_id)
+        view = await self.erasures.cancel(current_caller(), request.erasure_id)
+        return pb.CancelErasureResponse(erasure=_erasure(view))
 
     async def GetErasure(
         self, request: pb.GetErasureRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetErasureResponse:
-        return await self.erasures.get(current_caller(), request.erasure_id)
+        view = await self.erasures.get(current_caller(), request.erasure_id)
+        return pb.GetErasureResponse(erasure=_erasure(view))
 
     async def PlaceLegalHold(
         self, request: pb.PlaceLegalHoldRequest, context: grpc.aio.ServicerContext
     ) -> pb.PlaceLegalHoldResponse:
-        return await self.erasures.place_hold(current_caller(), request)
+        command = PlaceLegalHold(patient_id=request.patient_id, reason=request.reason)
+
+        async def once(
+            write: Callable[[AsyncConnection], Awaitable[storage.LegalHoldRow]],
+        ) -> pb.PlaceLegalHoldResponse:
+            async def work(conn: AsyncConnection) -> pb.PlaceLegalHoldResponse:
+                return pb.PlaceLegalHoldResponse(legal_hold=_hold(await write(conn)))
+
+            return await run_idempotent(
+                self.rt.db,
+                scope="records.PlaceLegalHold",
+                request_id=request.request_id,
+                request=request,
+                response_cls=pb.PlaceLegalHoldResponse,
+                work=work,
+                after_commit=self.rt.relay.notify,
+            )
+
+        response: pb.PlaceLegalHoldResponse = await self.erasures.place_hold(current_caller(), command, once)
+        return response
 
     async def ReleaseLegalHold(
         self, request: pb.ReleaseLegalHoldRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseLegalHoldResponse:
-        return await self.erasures.release_hold(current_caller(), request.hold_id)
+        hold = await self.erasures.release_hold(current_caller(), request.hold_id)
+        return pb.ReleaseLegalHoldResponse(legal_hold=_hold(hold))
 
     async def GetErasureVerifierKey(
         self, request: pb.GetErasureVerifierKeyRequest, context: grpc.aio.ServicerContext

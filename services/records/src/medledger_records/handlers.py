@@ -1,4 +1,4 @@
-"""Records' event handlers: the erasure participants' confirmations (see erasure.py)."""
+"""Records' event handlers: the erasure participants' confirmations (see erasure_runner.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 from medledger.events.v1 import records_events_pb2
 
-from medledger_records.erasure import ErasureDesk
+from medledger_records.erasure_runner import ErasureRunner
 from medledger_runtime.events import unpack
 from medledger_runtime.kafka import ConsumedMessage
 
@@ -19,8 +19,8 @@ class ErasureConfirmationHandler:
     """Stores each participant's PatientKeysDestroyed (the first; redeliveries change nothing)
     and completes the erasure once every present participant has confirmed."""
 
-    def __init__(self, desk: ErasureDesk) -> None:
-        self.desk = desk
+    def __init__(self, runner: ErasureRunner) -> None:
+        self.runner = runner
 
     async def __call__(self, message: ConsumedMessage) -> None:
         event = message.event
@@ -35,4 +35,4 @@ class ErasureConfirmationHandler:
                 extra={"erasure_id": confirmation.erasure_id, "source": event.source[:100]},
             )
             return
-        await self.desk.confirm(confirmation)
+        await self.runner.confirm(confirmation)

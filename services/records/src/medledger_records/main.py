@@ -1,5 +1,6 @@
-"""Wires records: settings, storage, the use cases (records.RecordDesk, erasure.ErasureDesk) and
-the gRPC API, each given its dependencies through its constructor."""
+"""Wires records: settings, storage, the use cases (records.RecordDesk, erasure.ErasureDesk), the
+erasure runner (erasure_runner.ErasureRunner) and the gRPC API, each given its dependencies
+through its constructor."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from medledger_records.blobs import FilesystemBlobStore
 from medledger_records.config import RecordsSettings
 from medledger_records.data_keys import CacheLimits, DataKeyCache
 from medledger_records.erasure import ErasureDesk
+from medledger_records.erasure_certificates import Certifier
+from medledger_records.erasure_runner import ErasureRunner
 from medledger_records.handlers import CONFIRMATION_CONSUMER, ErasureConfirmationHandler
 from medledger_records.key_owners import data_key_migration
 from medledger_records.records import RecordDesk
@@ -44,17 +47,25 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     shredder = runtime.key_shredder()
     shredder.also_forget(keys.purge)  # a shredded key's cached data keys go with it
     blobs = FilesystemBlobStore(settings.blob_dir) if settings.blob_store == "filesystem" else None
-    erasures = ErasureDesk(
-        runtime,
-        shredder,
-        blobs,
-        grace_seconds=settings.erasure_grace_seconds,
-        check_interval=settings.erasure_check_interval_seconds,
+    certifier = Certifier(
+        # The everyday key manager holds the certificate's signing key.
+        everyday_keys,
         backup_retention_seconds=settings.key_backup_retention_seconds,
-        participants=settings.participants,
         # A data key cached in another records process outlives the erasure by at most its age.
         cache_max_age_seconds=settings.data_key_cache_max_age_seconds,
-        signing_keys=everyday_keys,
+    )
+    runner = ErasureRunner(
+        runtime.db,
+        shredder,
+        blobs,
+        certifier,
+        runtime.relay.notify,
+        check_interval=settings.erasure_check_interval_seconds,
+        participants=settings.participants,
+        source=runtime.source,
+    )
+    erasures = ErasureDesk(
+        runtime.db, runner, runtime.relay.notify, grace_seconds=settings.erasure_grace_seconds, source=runtime.source
     )
     disclosures = OutboxGroupCommit(runtime.db, what="the disclosure")
     disclosures.after_commit = runtime.relay.notify
@@ -69,7 +80,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         legacy_keys=runtime.legacy_keys,
     )
     api = RecordsApi(runtime, keys, records, erasures)
-    runtime.extras["erasures"] = erasures
+    runtime.extras["erasures"] = runner
     runtime.extras["records"] = records
     runtime.extras["records_api"] = api
     on_stop = [consent_channel.close, disclosures.close]
@@ -82,13 +93,13 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         consumers=[
             ConsumerSpec(
                 group_id=CONFIRMATION_CONSUMER,
-                handler=ErasureConfirmationHandler(erasures),
+                handler=ErasureConfirmationHandler(runner),
                 topics=[TOPICS["identity"], TOPICS["consent"]],
             )
         ],
-        on_start=[erasures.start],
+        on_start=[runner.start],
         background=[
-            erasures.run,
+            runner.run,
             disclosures.run,
             api.finish_rotations,
             data_key_migration(runtime.db, everyday_keys, runtime.legacy_keys).keep_running,

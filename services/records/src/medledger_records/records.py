@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_records import domain, storage
 from medledger_records.blobs import BlobStore, blob_key
-from medledger_records.erasure import COMPLETED, RUNNING
+from medledger_records.erasure_runner import COMPLETED, RUNNING
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
 from medledger_runtime.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
