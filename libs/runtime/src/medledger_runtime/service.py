@@ -5,6 +5,9 @@ HTTP routes and event handlers; the runtime starts logging, telemetry, the datab
 outbox relay, the consumers, the HTTP server (when the service has routes) and the gRPC server,
 reports SERVING, and on SIGTERM or SIGINT reports NOT_SERVING, drains calls and requests, and
 stops everything in reverse order.
+
+Migrations and opening the key managers, which come before a service builds its parts, are in
+``startup``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import grpc
@@ -37,11 +39,18 @@ from medledger_runtime.grpc_client import client_tls_files
 from medledger_runtime.grpc_server import GrpcServer, TLSFiles
 from medledger_runtime.http_server import HttpRoute, HttpServer
 from medledger_runtime.kafka import ConsumedMessage, EventConsumer, Handler, make_producer
-from medledger_runtime.keys import KeyManager, KeyShredder, LocalKeyring, VaultKeyManager
+from medledger_runtime.keys import KeyManager, KeyShredder
 from medledger_runtime.logs import configure_logging
-from medledger_runtime.outbox import COMMON_MIGRATIONS, OutboxRelay
+from medledger_runtime.outbox import OutboxRelay
 from medledger_runtime.retry import Attempts, retry, supervised
 from medledger_runtime.settings import ConfigError, ServiceSettings
+from medledger_runtime.startup import (
+    apply_migrations,
+    check_migrated,
+    migrate_only,
+    open_key_manager,
+    open_side_key_manager,
+)
 from medledger_runtime.telemetry import configure_tracing, start_metrics_server
 from medledger_runtime.vocabulary import service_principal_id
 from medledger_sdk.identity_link import TOKEN_ISSUER, IdentityLink
@@ -382,64 +391,6 @@ class ServiceRuntime:
         await self.producer.stop()
         await self.db.close()
         log.info("service stopped")
-
-
-async def apply_migrations(db: Database, name: str, migrations: Sequence[Migration]) -> None:
-    """Apply the common migrations, then the service's (each step once, under a lock)."""
-    for step in await db.migrate("common", COMMON_MIGRATIONS):
-        log.info("migration applied", extra={"migration": step})
-    for step in await db.migrate(name, migrations):
-        log.info("migration applied", extra={"migration": step})
-
-
-async def check_migrated(db: Database, name: str, migrations: Sequence[Migration]) -> None:
-    """For MEDLEDGER_MIGRATIONS=check: refuse to start while a migration is missing."""
-    missing = await db.pending("common", COMMON_MIGRATIONS) + await db.pending(name, migrations)
-    if missing:
-        raise ConfigError(
-            f"MEDLEDGER_MIGRATIONS=check: the database lacks migrations {', '.join(missing)}; "
-            f"apply them first (MEDLEDGER_MIGRATIONS=only python -m medledger_{name})"
-        )
-
-
-async def migrate_only(name: str, settings: ServiceSettings, migrations: Sequence[Migration]) -> None:
-    """For MEDLEDGER_MIGRATIONS=only: apply the migrations, then stop (a deployment's Job)."""
-    db = Database(settings.database_url)
-    try:
-        await apply_migrations(db, name, migrations)
-    finally:
-        await db.close()
-    log.info("migrations applied, exiting (MEDLEDGER_MIGRATIONS=only)")
-
-
-async def open_key_manager(settings: ServiceSettings, service: str) -> KeyManager | None:
-    """The key manager the settings name; None for a local keyring without a master key."""
-    if settings.key_manager == "vault":
-        if not settings.vault_addr or settings.vault_token_file is None:
-            raise ConfigError("MEDLEDGER_KEY_MANAGER=vault needs MEDLEDGER_VAULT_ADDR and MEDLEDGER_VAULT_TOKEN_FILE")
-        return VaultKeyManager(
-            settings.vault_addr, token_file=settings.vault_token_file, mount_point=settings.vault_transit_mount
-        )
-    if settings.master_key_file is None:
-        return None
-    path = settings.keyring_file or Path(".medledger") / "keyrings" / f"{service}.keyring"
-    return await LocalKeyring.open(path, settings.master_key_file)
-
-
-def open_side_key_manager(
-    settings: ServiceSettings, keys: KeyManager, credential: Literal["erasure", "legacy"]
-) -> KeyManager:
-    """A second key manager with another Vault token: ``erasure`` (MEDLEDGER_ERASURE_VAULT_TOKEN_FILE,
-    the only one that may destroy keys) or ``legacy`` (MEDLEDGER_LEGACY_VAULT_TOKEN_FILE, reads
-    the old shared patient keys). The local keyring has no per-credential access control, so
-    there it is ``keys`` itself."""
-    if settings.key_manager != "vault":
-        return keys
-    token_file = settings.erasure_vault_token_file if credential == "erasure" else settings.legacy_vault_token_file
-    if token_file is None:
-        variable = f"MEDLEDGER_{credential.upper()}_VAULT_TOKEN_FILE"
-        raise ConfigError(f"MEDLEDGER_KEY_MANAGER=vault needs {variable} for the {credential} credential")
-    return VaultKeyManager(settings.vault_addr, token_file=token_file, mount_point=settings.vault_transit_mount)
 
 
 T = TypeVar("T")
