@@ -21,7 +21,8 @@ from medledger_devstack.testing import Kafka, TokenIssuer, b64u, span_exporter
 from medledger_runtime.auth import Access, DeactivationSet, TokenVerifier, authenticate_bearer, current_caller
 from medledger_runtime.errors import Unavailable
 from medledger_runtime.http_server import HttpRoute, HttpServer, authenticate
-from medledger_runtime.service import AuthSources, ServiceParts, ServiceRuntime
+from medledger_runtime.parts import AuthSources, ServiceParts
+from medledger_runtime.service import ServiceRuntime
 from medledger_runtime.settings import ServiceSettings
 
 NOW = 1_800_000_000

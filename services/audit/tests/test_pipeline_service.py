@@ -28,7 +28,8 @@ from medledger_devstack.testing import Kafka, Postgres, running_service
 from medledger_runtime.events import TOPICS, Event, new_event
 from medledger_runtime.kafka import make_producer
 from medledger_runtime.keys import create_master_key_file
-from medledger_runtime.service import AuthSources, ServiceParts, ServiceRuntime
+from medledger_runtime.parts import AuthSources, ServiceParts
+from medledger_runtime.service import ServiceRuntime
 from medledger_verifier import notes, tlog
 
 ORIGIN = "service-test.medledger.local/audit"

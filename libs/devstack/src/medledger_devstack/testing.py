@@ -27,7 +27,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from medledger_devstack import localstack
 from medledger_devstack.openbao import OpenBao
 from medledger_runtime.db import Migration
-from medledger_runtime.service import ServiceParts, ServiceRuntime
+from medledger_runtime.parts import ServiceParts
+from medledger_runtime.service import ServiceRuntime
 from medledger_runtime.settings import ServiceSettings
 from medledger_runtime.telemetry import configure_tracing
 

@@ -6,8 +6,8 @@ outbox relay, the consumers, the HTTP server (when the service has routes) and t
 reports SERVING, and on SIGTERM or SIGINT reports NOT_SERVING, drains calls and requests, and
 stops everything in reverse order.
 
-Migrations and opening the key managers, which come before a service builds its parts, are in
-``startup``.
+What a service hands the runtime is ``parts.ServiceParts``. Migrations and opening the key
+managers, which come before a service builds its parts, are in ``startup``.
 """
 
 from __future__ import annotations
@@ -15,33 +15,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar
 
-import grpc
 from aiokafka import AIOKafkaProducer
 from medledger.events.v1 import identity_events_pb2
 
-from medledger_runtime.auth import (
-    Access,
-    AuthInterceptor,
-    Caller,
-    DeactivationSet,
-    JwksFetcher,
-    TokenVerifier,
-    authenticate_bearer,
-)
+from medledger_runtime.auth import AuthInterceptor, Caller, DeactivationSet, TokenVerifier, authenticate_bearer
 from medledger_runtime.db import Database, Migration
 from medledger_runtime.errors import Unauthenticated
 from medledger_runtime.events import TOPICS, unpack
 from medledger_runtime.grpc_client import client_tls_files
 from medledger_runtime.grpc_server import GrpcServer, TLSFiles
-from medledger_runtime.http_server import HttpRoute, HttpServer
-from medledger_runtime.kafka import ConsumedMessage, EventConsumer, Handler, make_producer
+from medledger_runtime.http_server import HttpServer
+from medledger_runtime.kafka import ConsumedMessage, EventConsumer, make_producer
 from medledger_runtime.keys import KeyManager, KeyShredder
 from medledger_runtime.logs import configure_logging
 from medledger_runtime.outbox import OutboxRelay
+from medledger_runtime.parts import AuthSources, ServiceParts
 from medledger_runtime.retry import Attempts, retry, supervised
 from medledger_runtime.settings import ConfigError, ServiceSettings
 from medledger_runtime.startup import (
@@ -58,57 +49,6 @@ from medledger_sdk.identity_link import TOKEN_ISSUER, IdentityLink
 log = logging.getLogger(__name__)
 _DEACTIVATED = identity_events_pb2.PrincipalDeactivated.DESCRIPTOR.full_name
 _KEY_ROTATED = identity_events_pb2.SigningKeyRotated.DESCRIPTOR.full_name
-
-
-@dataclass
-class ConsumerSpec:
-    """An event handler and what it listens to.
-
-    `group_id` None: a consumer of this replica alone, reading every partition from the end as
-    of start (for in-memory views that `on_start` hooks then load in full); it needs a `name`.
-    """
-
-    group_id: str | None
-    handler: Handler
-    topics: Sequence[str] = ()
-    pattern: str | None = None
-    accept_malformed: bool = False
-    name: str = ""
-    fetch_max_wait_ms: int = 500
-
-
-@dataclass
-class AuthSources:
-    """Where a service's authentication gets the token-signing keys and the deactivated
-    principals. Every service but identity asks identity (the default); identity asks itself."""
-
-    fetch_jwks: JwksFetcher
-    load_deactivated: Callable[[], Awaitable[Iterable[str]]]
-
-
-@dataclass
-class ServiceParts:
-    """What a service contributes to the runtime; built by its ``wiring`` from the runtime.
-
-    `access` is the service's authorization table (RPC full name → who may call it) and
-    `public_methods` the RPCs callable without a token; health and reflection always are.
-    `http_routes` are the service's HTTP endpoints, served on MEDLEDGER_HTTP_PORT with the same
-    authentication (each route says whether it is public and whom it allows).
-    """
-
-    service_descriptors: Sequence[Any]
-    register: Callable[[grpc.aio.Server], None]
-    access: Mapping[str, Access]
-    public_methods: Sequence[str] = ()
-    auth: AuthSources | None = None
-    consumers: Sequence[ConsumerSpec] = ()
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
-    http_routes: Sequence[HttpRoute] = ()
-    background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()
-    # Run in order once the consumers have started, before anything serves (keys, provisioning,
-    # loading in-memory views).
-    on_start: Sequence[Callable[[], Awaitable[None]]] = ()
-    on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
 class ServiceRuntime:

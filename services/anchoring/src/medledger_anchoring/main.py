@@ -22,7 +22,8 @@ from medledger_anchoring.storage import MIGRATIONS
 from medledger_anchoring.witness import Witness
 from medledger_runtime.events import TOPICS
 from medledger_runtime.grpc_client import service_channel
-from medledger_runtime.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
+from medledger_runtime.parts import ConsumerSpec, ServiceParts
+from medledger_runtime.service import ServiceRuntime, run_service
 from medledger_runtime.settings import ConfigError, load_settings_or_exit
 from medledger_sdk.identity_link import BearerTokenInterceptor
 from medledger_verifier import anchored_proofs, chain, notes

@@ -12,7 +12,8 @@ from medledger_audit.http import TilesHttp
 from medledger_audit.sequencer import Sequencer
 from medledger_audit.storage import MIGRATIONS
 from medledger_audit.verify import IncrementalVerifier
-from medledger_runtime.service import ServiceParts, ServiceRuntime, run_service
+from medledger_runtime.parts import ServiceParts
+from medledger_runtime.service import ServiceRuntime, run_service
 from medledger_runtime.settings import load_settings_or_exit
 
 NAME = "audit"

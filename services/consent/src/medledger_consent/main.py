@@ -25,7 +25,8 @@ from medledger_consent.key_owners import (
 )
 from medledger_consent.storage import MIGRATIONS, DecisionLog
 from medledger_runtime.events import TOPICS
-from medledger_runtime.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
+from medledger_runtime.parts import ConsumerSpec, ServiceParts
+from medledger_runtime.service import ServiceRuntime, run_service
 from medledger_runtime.settings import load_settings_or_exit
 
 NAME = "consent"

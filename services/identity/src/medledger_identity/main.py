@@ -18,7 +18,8 @@ from medledger_identity.storage import MIGRATIONS
 from medledger_identity.tokens import TokenDesk, TokenSigner
 from medledger_runtime.events import SERVICES, TOPICS
 from medledger_runtime.http_server import HttpRoute
-from medledger_runtime.service import AuthSources, ConsumerSpec, ServiceParts, ServiceRuntime, run_service
+from medledger_runtime.parts import AuthSources, ConsumerSpec, ServiceParts
+from medledger_runtime.service import ServiceRuntime, run_service
 from medledger_runtime.settings import ConfigError, load_settings_or_exit, read_secret_file
 from medledger_runtime.vocabulary import service_principal_id
 

@@ -21,7 +21,8 @@ from medledger_records.storage import MIGRATIONS
 from medledger_runtime.events import TOPICS
 from medledger_runtime.group_commit import OutboxGroupCommit
 from medledger_runtime.grpc_client import service_channel
-from medledger_runtime.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
+from medledger_runtime.parts import ConsumerSpec, ServiceParts
+from medledger_runtime.service import ServiceRuntime, run_service
 from medledger_runtime.settings import load_settings_or_exit
 from medledger_sdk.identity_link import BearerTokenInterceptor
 
