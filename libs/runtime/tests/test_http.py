@@ -298,11 +298,12 @@ async def test_the_runtime_serves_the_routes_its_parts_declare_and_drains_them_o
     async def nobody() -> list[str]:
         return []
 
-    def build(runtime: ServiceRuntime) -> ServiceParts:
+    def build(runtime: ServiceRuntime[None]) -> ServiceParts[None]:
         return ServiceParts(
             service_descriptors=[],
             register=lambda server: None,
             access={},
+            handle=None,
             auth=AuthSources(fetch_jwks=issuer.fetch, load_deactivated=nobody),
             http_routes=[HttpRoute.get("/hello/{name}", hello, public=True), HttpRoute.get("/slow", slow)],
         )
@@ -315,7 +316,7 @@ async def test_the_runtime_serves_the_routes_its_parts_declare_and_drains_them_o
         kafka_bootstrap_servers=kafka.bootstrap_servers,
         shutdown_grace_seconds=10,
     )
-    runtime = ServiceRuntime("consent", settings, [])
+    runtime: ServiceRuntime[None] = ServiceRuntime("consent", settings, [])
     stopping: asyncio.Task[None] | None = None
     try:
         await runtime.start(build)

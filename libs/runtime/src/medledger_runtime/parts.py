@@ -1,18 +1,23 @@
 """What a service hands the runtime: its gRPC API and authorization table, its consumers,
-HTTP routes, background jobs, start and stop hooks; built by its main's ``build``, started by
-``service.ServiceRuntime``."""
+HTTP routes, background jobs, start and stop hooks, and its typed handle (its own objects, for
+tests and benchmarks); built by its main's ``build``, started by ``service.ServiceRuntime``."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic
 
 import grpc
+from typing_extensions import TypeVar
 
 from medledger_runtime.auth import Access, JwksFetcher
 from medledger_runtime.http_server import HttpRoute
 from medledger_runtime.kafka import Handler
+
+# A service's handle: its own objects, as its main's frozen dataclass (RecordsParts, ...). Code
+# that needs no handle (a servicer given the runtime) writes a bare ServiceRuntime: Any.
+H = TypeVar("H", default=Any)
 
 
 @dataclass
@@ -42,8 +47,11 @@ class AuthSources:
 
 
 @dataclass
-class ServiceParts:
-    """What a service contributes to the runtime; built by its ``wiring`` from the runtime.
+class ServiceParts(Generic[H]):
+    """What a service contributes to the runtime; built by its main's ``build`` from the runtime.
+
+    `handle` is the service's own objects, typed, kept by the runtime as ``runtime.handle`` for
+    tests and benchmarks; the runtime itself never looks inside.
 
     `access` is the service's authorization table (RPC full name → who may call it) and
     `public_methods` the RPCs callable without a token; health and reflection always are.
@@ -54,6 +62,7 @@ class ServiceParts:
     service_descriptors: Sequence[Any]
     register: Callable[[grpc.aio.Server], None]
     access: Mapping[str, Access]
+    handle: H
     public_methods: Sequence[str] = ()
     auth: AuthSources | None = None
     consumers: Sequence[ConsumerSpec] = ()

@@ -6,8 +6,10 @@ outbox relay, the consumers, the HTTP server (when the service has routes) and t
 reports SERVING, and on SIGTERM or SIGINT reports NOT_SERVING, drains calls and requests, and
 stops everything in reverse order.
 
-What a service hands the runtime is ``parts.ServiceParts``. Migrations and opening the key
-managers, which come before a service builds its parts, are in ``startup``.
+What a service hands the runtime is ``parts.ServiceParts``; its ``handle`` (the service's own
+objects, a frozen dataclass of its main) the runtime, a ``ServiceRuntime[H]``, keeps as
+``runtime.handle`` for tests and benchmarks. Migrations and opening the key managers, which come
+before a service builds its parts, are in ``startup``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from medledger.events.v1 import identity_events_pb2
@@ -32,7 +34,7 @@ from medledger_runtime.kafka import ConsumedMessage, EventConsumer, make_produce
 from medledger_runtime.keys import KeyManager, KeyShredder
 from medledger_runtime.logs import configure_logging
 from medledger_runtime.outbox import OutboxRelay
-from medledger_runtime.parts import AuthSources, ServiceParts
+from medledger_runtime.parts import AuthSources, H, ServiceParts
 from medledger_runtime.retry import Attempts, retry, supervised
 from medledger_runtime.settings import ConfigError, ServiceSettings
 from medledger_runtime.startup import (
@@ -51,7 +53,7 @@ _DEACTIVATED = identity_events_pb2.PrincipalDeactivated.DESCRIPTOR.full_name
 _KEY_ROTATED = identity_events_pb2.SigningKeyRotated.DESCRIPTOR.full_name
 
 
-class ServiceRuntime:
+class ServiceRuntime(Generic[H]):
     def __init__(self, name: str, settings: ServiceSettings, migrations: Sequence[Migration]) -> None:
         self.name = name
         self.settings = settings
@@ -70,8 +72,8 @@ class ServiceRuntime:
         self._shredder: KeyShredder | None = None
         self._legacy_keys: KeyManager | None = None
         self._side_keys: list[KeyManager] = []
-        # Parts a service's build wants reachable from outside (tests, benchmarks), by name.
-        self.extras: dict[str, Any] = {}
+        # What the service's build returned, once started.
+        self._parts: ServiceParts[H] | None = None
         # Principals whose tokens every call refuses; loaded before SERVING, kept current.
         self.deactivated = DeactivationSet()
         self._identity: IdentityLink | None = None
@@ -91,7 +93,14 @@ class ServiceRuntime:
         """The CloudEvents source of this service's events."""
         return f"medledger.{self.name}"
 
-    async def start(self, build: Callable[[ServiceRuntime], ServiceParts]) -> None:
+    @property
+    def handle(self) -> H:
+        """The service's own objects as its build made them (its main's ``<Name>Parts``)."""
+        if self._parts is None:
+            raise RuntimeError(f"{self.name} has not started: its parts are built at start")
+        return self._parts.handle
+
+    async def start(self, build: Callable[[ServiceRuntime[H]], ServiceParts[H]]) -> None:
         s = self.settings
         configure_tracing(self.name, s.trace_sampling_ratio, s.otlp_endpoint)
         self.metrics_port = start_metrics_server(s.grpc_host, s.metrics_port)
@@ -107,7 +116,7 @@ class ServiceRuntime:
         await _retry_until_up("Kafka", self.producer.start)
         self.keys = await open_key_manager(s, self.name)
         parts = build(self)
-        self._on_stop = list(parts.on_stop)
+        self._parts = parts
         for spec in parts.consumers:
             consumer = EventConsumer(
                 bootstrap_servers=s.kafka_bootstrap_servers,
@@ -225,7 +234,7 @@ class ServiceRuntime:
             )
         return self._identity
 
-    async def _start_authentication(self, parts: ServiceParts) -> AuthInterceptor:
+    async def _start_authentication(self, parts: ServiceParts[H]) -> AuthInterceptor:
         """Follow deactivations from now on, then load those made before, then authenticate.
 
         In that order, so that no deactivation falls between the load and the event stream.
@@ -320,7 +329,7 @@ class ServiceRuntime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for c in self._consumers:
             await c.stop()
-        for hook in getattr(self, "_on_stop", []):
+        for hook in self._parts.on_stop if self._parts is not None else ():
             await hook()
         if self._identity is not None:
             await self._identity.aclose()
@@ -347,7 +356,7 @@ def run_service(
     name: str,
     settings: ServiceSettings,
     migrations: Sequence[Migration],
-    build: Callable[[ServiceRuntime], ServiceParts],
+    build: Callable[[ServiceRuntime[H]], ServiceParts[H]],
 ) -> None:
     """Run a service until SIGTERM or SIGINT; the body of every service's ``main``."""
     configure_logging(name, settings.log_level)
@@ -356,7 +365,7 @@ def run_service(
         return
 
     async def _main() -> None:
-        runtime = ServiceRuntime(name, settings, migrations)
+        runtime: ServiceRuntime[H] = ServiceRuntime(name, settings, migrations)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runtime.request_stop)
