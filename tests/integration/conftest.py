@@ -48,15 +48,15 @@ from medledger_verifier.anchored_proofs import TrustPolicy
 class Stack:
     """identity (always) and consent (when asked), with the credentials to call them."""
 
-    identity: ServiceRuntime
-    consent: ServiceRuntime | None
+    identity: ServiceRuntime[identity_main.IdentityParts]
+    consent: ServiceRuntime[consent_main.ConsentParts] | None
     admin_secret: str
     secrets_dir: Path
     # Every consent replica, `consent` first; they share one database.
-    consent_replicas: list[ServiceRuntime] = field(default_factory=list)
-    records: ServiceRuntime | None = None
-    audit: ServiceRuntime | None = None
-    anchoring: ServiceRuntime | None = None
+    consent_replicas: list[ServiceRuntime[consent_main.ConsentParts]] = field(default_factory=list)
+    records: ServiceRuntime[records_main.RecordsParts] | None = None
+    audit: ServiceRuntime[audit_main.AuditParts] | None = None
+    anchoring: ServiceRuntime[anchoring_main.AnchoringParts] | None = None
     # The registries anchoring writes to, when it runs.
     deployment: contracts.Deployment | None = None
     _clients: list[TokenClient] = field(default_factory=list)
@@ -206,7 +206,7 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
             identity = await exits.enter_async_context(
                 running_service("identity", id_settings, identity_storage.MIGRATIONS, identity_main.build)
             )
-            replicas: list[ServiceRuntime] = []
+            replicas: list[ServiceRuntime[consent_main.ConsentParts]] = []
             if consent:
                 consent_db = postgres.new_database("consent")
                 consent_master = tmp_path / "master-consent.key"

@@ -828,7 +828,7 @@ async def _with_token(world: World, service: str, token: str) -> Outcome:
 
 
 async def test_expired_foreign_and_forged_tokens_are_unauthenticated_by_every_service(world: World) -> None:
-    signer = world.stack.identity.extras["identity_api"].tokens.signer
+    signer = world.stack.identity.handle.tokens.signer
     client = world.clients["patient"]
     own_key = ed25519.Ed25519PrivateKey.generate()
     for service in SERVICES:

@@ -123,7 +123,7 @@ async def test_a_record_is_proven_in_the_log_and_entries_are_read_by_whom_they_c
         consistency = await public.GetConsistencyProof(
             pb.GetConsistencyProofRequest(old_size=1, new_size=checkpoint.tree_size)
         )
-        first_root = await tlog.tree_root(stack.audit.extras["audit_checkpointer"].tiles, 1)
+        first_root = await tlog.tree_root(stack.audit.handle.checkpointer.tiles, 1)
         assert tlog.verify_consistency(1, checkpoint.tree_size, first_root, checkpoint.root, consistency.hashes)
         assert (
             await status_of(public.GetInclusionProof(pb.GetInclusionProofRequest(index=0, tree_size=10**9)))
@@ -200,7 +200,7 @@ async def test_a_record_is_proven_in_the_log_and_entries_are_read_by_whom_they_c
         assert record_of_it["type"] == "entry.redacted" and record_of_it["redacted_index"] == entry.index
         from medledger_audit.verify import verify_log
 
-        checkpointer = stack.audit.extras["audit_checkpointer"]
+        checkpointer = stack.audit.handle.checkpointer
         assert (await verify_log(stack.audit.db, checkpointer.verifiers, checkpointer.origin)).ok
 
 

@@ -359,7 +359,7 @@ async def test_an_erasure_waits_visibly_for_a_missing_participant_and_redeliveri
     async with start_stack(records=True, records_settings=settings) as stack:
         c = await cast(stack)
         patient_id = c["patient_id"]
-        desk = stack.records.extras["erasures"]
+        desk = stack.records.handle.erasure_runner
 
         # consent's key manager is unreachable: its erasure handler retries, unconfirmed.
         real_erase = stack.consent.keys.erase_key

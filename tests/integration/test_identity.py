@@ -287,7 +287,7 @@ async def test_tokens_round_trip_and_bad_tokens_are_unauthenticated_in_another_s
             bare = co_grpc.ConsentServiceStub(channel)
             assert await status_of(bare.CheckConsent(co_pb.CheckConsentRequest())) == CODE.UNAUTHENTICATED
 
-        signer = stack.identity.extras["identity_api"].tokens.signer
+        signer = stack.identity.handle.tokens.signer
         now = int(time.time())
         good = {**claims, "iat": now, "nbf": now, "exp": now + 600, "jti": uuid.uuid4().hex}
         public_jwk = (await signer.jwks())["keys"][-1]

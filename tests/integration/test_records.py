@@ -491,7 +491,7 @@ async def test_an_approved_erasure_shreds_keys_so_even_an_older_database_copy_is
         assert await status_of(p["patient"].RequestErasure(another)) == CODE.ALREADY_EXISTS
 
         # Unapproved, within its grace period: nothing happens.
-        assert await stack.records.extras["erasures"].run_due() == []
+        assert await stack.records.handle.erasure_runner.run_due() == []
         assert (await p["patient"].GetRecord(pb.GetRecordRequest(record_id=ids[1]))).content == b"%PDF-1.7 scan"
 
         # Held: approval is refused and nothing changes.
@@ -564,7 +564,7 @@ async def test_an_erasure_runs_after_its_grace_period_unless_held_and_finishes_a
         p = await people(stack)
         po = await officer(stack)
         ids = await put_two(p)
-        desk = stack.records.extras["erasures"]
+        desk = stack.records.handle.erasure_runner
         await po.PlaceLegalHold(
             pb.PlaceLegalHoldRequest(request_id=rid(), patient_id=p["patient_id"], reason="case 2026-115")
         )

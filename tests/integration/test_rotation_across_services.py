@@ -139,7 +139,7 @@ async def test_rotating_records_key_leaves_every_services_ciphertexts_readable_a
         # The next run finishes it, without anyone calling again: records finishes unfinished
         # rotations at start (and every few minutes), one pass of which runs here.
         monkeypatch.setattr(records_keys, "set_min_decryption_version", real_floor)
-        assert await stack.records.extras["records_api"].finish_unfinished_rotations() == 1
+        assert await stack.records.handle.api.finish_unfinished_rotations() == 1
         await everything_decrypts()
         async with VaultKeyManager(openbao.address, token=openbao.root_token) as root:
             info = await root.key_info(patient_key_name("records", patient_id))
@@ -147,7 +147,7 @@ async def test_rotating_records_key_leaves_every_services_ciphertexts_readable_a
         async with stack.records.db.connect() as conn:
             wrapped = (await conn.execute(select(records_storage.record_versions.c.wrapped_key))).scalars().all()
         assert len(wrapped) == 2 and all(w.startswith("vault:v2:") for w in wrapped)
-        assert await stack.records.extras["records_api"].finish_unfinished_rotations() == 0
+        assert await stack.records.handle.api.finish_unfinished_rotations() == 0
 
         # A rotation that runs through: version 3, both data keys rewrapped, all still readable.
         done = await admin_records.RotatePatientKey(rotate)

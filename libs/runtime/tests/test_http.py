@@ -21,7 +21,8 @@ from medledger_devstack.testing import Kafka, TokenIssuer, b64u, span_exporter
 from medledger_runtime.auth import Access, DeactivationSet, TokenVerifier, authenticate_bearer, current_caller
 from medledger_runtime.errors import Unavailable
 from medledger_runtime.http_server import HttpRoute, HttpServer, authenticate
-from medledger_runtime.service import AuthSources, ServiceParts, ServiceRuntime
+from medledger_runtime.parts import AuthSources, ServiceParts
+from medledger_runtime.service import ServiceRuntime
 from medledger_runtime.settings import ServiceSettings
 
 NOW = 1_800_000_000
@@ -297,11 +298,12 @@ async def test_the_runtime_serves_the_routes_its_parts_declare_and_drains_them_o
     async def nobody() -> list[str]:
         return []
 
-    def build(runtime: ServiceRuntime) -> ServiceParts:
+    def build(runtime: ServiceRuntime[None]) -> ServiceParts[None]:
         return ServiceParts(
             service_descriptors=[],
             register=lambda server: None,
             access={},
+            handle=None,
             auth=AuthSources(fetch_jwks=issuer.fetch, load_deactivated=nobody),
             http_routes=[HttpRoute.get("/hello/{name}", hello, public=True), HttpRoute.get("/slow", slow)],
         )
@@ -314,7 +316,7 @@ async def test_the_runtime_serves_the_routes_its_parts_declare_and_drains_them_o
         kafka_bootstrap_servers=kafka.bootstrap_servers,
         shutdown_grace_seconds=10,
     )
-    runtime = ServiceRuntime("consent", settings, [])
+    runtime: ServiceRuntime[None] = ServiceRuntime("consent", settings, [])
     stopping: asyncio.Task[None] | None = None
     try:
         await runtime.start(build)

@@ -20,15 +20,14 @@ from sqlalchemy import func, select
 
 from medledger_audit import main as audit_main
 from medledger_audit import storage
-from medledger_audit.checkpoints import Checkpointer
 from medledger_audit.config import AuditSettings
-from medledger_audit.handlers import LogConsumer
 from medledger_devstack import localstack
 from medledger_devstack.testing import Kafka, Postgres, running_service
 from medledger_runtime.events import TOPICS, Event, new_event
 from medledger_runtime.kafka import make_producer
 from medledger_runtime.keys import create_master_key_file
-from medledger_runtime.service import AuthSources, ServiceParts, ServiceRuntime
+from medledger_runtime.parts import AuthSources, ServiceParts
+from medledger_runtime.service import ServiceRuntime
 from medledger_verifier import notes, tlog
 
 ORIGIN = "service-test.medledger.local/audit"
@@ -46,7 +45,7 @@ def own_kafka(tmp_path: Path) -> Iterator[Kafka]:
         broker.stop()
 
 
-def build_without_identity(runtime: ServiceRuntime) -> ServiceParts:
+def build_without_identity(runtime: ServiceRuntime[audit_main.AuditParts]) -> ServiceParts[audit_main.AuditParts]:
     """main.build, authenticating against nobody: these tests call no RPC."""
 
     async def no_keys() -> Mapping[str, Any]:
@@ -59,7 +58,9 @@ def build_without_identity(runtime: ServiceRuntime) -> ServiceParts:
 
 
 @pytest.fixture
-async def audit(own_kafka: Kafka, postgres: Postgres, tmp_path: Path) -> AsyncIterator[ServiceRuntime]:
+async def audit(
+    own_kafka: Kafka, postgres: Postgres, tmp_path: Path
+) -> AsyncIterator[ServiceRuntime[audit_main.AuditParts]]:
     settings = AuditSettings(
         grpc_port=0,
         metrics_port=0,
@@ -137,9 +138,11 @@ def events() -> list[tuple[str, Event]]:
     return out
 
 
-async def test_service_topics_become_entries_and_checkpoints(audit: ServiceRuntime, own_kafka: Kafka) -> None:
-    checkpointer: Checkpointer = audit.extras["audit_checkpointer"]
-    consumer: LogConsumer = audit.extras["audit_consumer"]
+async def test_service_topics_become_entries_and_checkpoints(
+    audit: ServiceRuntime[audit_main.AuditParts], own_kafka: Kafka
+) -> None:
+    checkpointer = audit.handle.checkpointer
+    consumer = audit.handle.consumer
     # Nothing happens: nothing is signed, over several checkpoint intervals.
     await asyncio.sleep(1.0)
     assert await checkpointer.latest() is None

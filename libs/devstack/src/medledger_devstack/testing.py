@@ -27,7 +27,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from medledger_devstack import localstack
 from medledger_devstack.openbao import OpenBao
 from medledger_runtime.db import Migration
-from medledger_runtime.service import ServiceParts, ServiceRuntime
+from medledger_runtime.parts import H, ServiceParts
+from medledger_runtime.service import ServiceRuntime
 from medledger_runtime.settings import ServiceSettings
 from medledger_runtime.telemetry import configure_tracing
 
@@ -121,10 +122,11 @@ async def running_service(
     name: str,
     settings: ServiceSettings,
     migrations: Sequence[Migration],
-    build: Callable[[ServiceRuntime], ServiceParts],
-) -> AsyncIterator[ServiceRuntime]:
-    """Run a service in the test's event loop, exactly as its ``main`` wires it."""
-    runtime = ServiceRuntime(name, settings, migrations)
+    build: Callable[[ServiceRuntime[H]], ServiceParts[H]],
+) -> AsyncIterator[ServiceRuntime[H]]:
+    """Run a service in the test's event loop, exactly as its ``main`` wires it; its own objects
+    are ``runtime.handle``, typed by its build."""
+    runtime: ServiceRuntime[H] = ServiceRuntime(name, settings, migrations)
     try:
         await runtime.start(build)
         yield runtime

@@ -5,6 +5,11 @@ HTTP routes and event handlers; the runtime starts logging, telemetry, the datab
 outbox relay, the consumers, the HTTP server (when the service has routes) and the gRPC server,
 reports SERVING, and on SIGTERM or SIGINT reports NOT_SERVING, drains calls and requests, and
 stops everything in reverse order.
+
+What a service hands the runtime is ``parts.ServiceParts``; its ``handle`` (the service's own
+objects, a frozen dataclass of its main) the runtime, a ``ServiceRuntime[H]``, keeps as
+``runtime.handle`` for tests and benchmarks. Migrations and opening the key managers, which come
+before a service builds its parts, are in ``startup``.
 """
 
 from __future__ import annotations
@@ -12,36 +17,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, Literal, TypeVar
 
-import grpc
 from aiokafka import AIOKafkaProducer
 from medledger.events.v1 import identity_events_pb2
 
-from medledger_runtime.auth import (
-    Access,
-    AuthInterceptor,
-    Caller,
-    DeactivationSet,
-    JwksFetcher,
-    TokenVerifier,
-    authenticate_bearer,
-)
+from medledger_runtime.auth import AuthInterceptor, Caller, DeactivationSet, TokenVerifier, authenticate_bearer
 from medledger_runtime.db import Database, Migration
 from medledger_runtime.errors import Unauthenticated
 from medledger_runtime.events import TOPICS, unpack
 from medledger_runtime.grpc_client import client_tls_files
 from medledger_runtime.grpc_server import GrpcServer, TLSFiles
-from medledger_runtime.http_server import HttpRoute, HttpServer
-from medledger_runtime.kafka import ConsumedMessage, EventConsumer, Handler, make_producer
-from medledger_runtime.keys import KeyManager, KeyShredder, LocalKeyring, VaultKeyManager
+from medledger_runtime.http_server import HttpServer
+from medledger_runtime.kafka import ConsumedMessage, EventConsumer, make_producer
+from medledger_runtime.keys import KeyManager, KeyShredder
 from medledger_runtime.logs import configure_logging
-from medledger_runtime.outbox import COMMON_MIGRATIONS, OutboxRelay
+from medledger_runtime.outbox import OutboxRelay
+from medledger_runtime.parts import AuthSources, H, ServiceParts
 from medledger_runtime.retry import Attempts, retry, supervised
 from medledger_runtime.settings import ConfigError, ServiceSettings
+from medledger_runtime.startup import (
+    apply_migrations,
+    check_migrated,
+    migrate_only,
+    open_key_manager,
+    open_side_key_manager,
+)
 from medledger_runtime.telemetry import configure_tracing, start_metrics_server
 from medledger_runtime.vocabulary import service_principal_id
 from medledger_sdk.identity_link import TOKEN_ISSUER, IdentityLink
@@ -51,58 +53,7 @@ _DEACTIVATED = identity_events_pb2.PrincipalDeactivated.DESCRIPTOR.full_name
 _KEY_ROTATED = identity_events_pb2.SigningKeyRotated.DESCRIPTOR.full_name
 
 
-@dataclass
-class ConsumerSpec:
-    """An event handler and what it listens to.
-
-    `group_id` None: a consumer of this replica alone, reading every partition from the end as
-    of start (for in-memory views that `on_start` hooks then load in full); it needs a `name`.
-    """
-
-    group_id: str | None
-    handler: Handler
-    topics: Sequence[str] = ()
-    pattern: str | None = None
-    accept_malformed: bool = False
-    name: str = ""
-    fetch_max_wait_ms: int = 500
-
-
-@dataclass
-class AuthSources:
-    """Where a service's authentication gets the token-signing keys and the deactivated
-    principals. Every service but identity asks identity (the default); identity asks itself."""
-
-    fetch_jwks: JwksFetcher
-    load_deactivated: Callable[[], Awaitable[Iterable[str]]]
-
-
-@dataclass
-class ServiceParts:
-    """What a service contributes to the runtime; built by its ``wiring`` from the runtime.
-
-    `access` is the service's authorization table (RPC full name → who may call it) and
-    `public_methods` the RPCs callable without a token; health and reflection always are.
-    `http_routes` are the service's HTTP endpoints, served on MEDLEDGER_HTTP_PORT with the same
-    authentication (each route says whether it is public and whom it allows).
-    """
-
-    service_descriptors: Sequence[Any]
-    register: Callable[[grpc.aio.Server], None]
-    access: Mapping[str, Access]
-    public_methods: Sequence[str] = ()
-    auth: AuthSources | None = None
-    consumers: Sequence[ConsumerSpec] = ()
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
-    http_routes: Sequence[HttpRoute] = ()
-    background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()
-    # Run in order once the consumers have started, before anything serves (keys, provisioning,
-    # loading in-memory views).
-    on_start: Sequence[Callable[[], Awaitable[None]]] = ()
-    on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
-
-
-class ServiceRuntime:
+class ServiceRuntime(Generic[H]):
     def __init__(self, name: str, settings: ServiceSettings, migrations: Sequence[Migration]) -> None:
         self.name = name
         self.settings = settings
@@ -121,8 +72,8 @@ class ServiceRuntime:
         self._shredder: KeyShredder | None = None
         self._legacy_keys: KeyManager | None = None
         self._side_keys: list[KeyManager] = []
-        # Parts a service's build wants reachable from outside (tests, benchmarks), by name.
-        self.extras: dict[str, Any] = {}
+        # What the service's build returned, once started.
+        self._parts: ServiceParts[H] | None = None
         # Principals whose tokens every call refuses; loaded before SERVING, kept current.
         self.deactivated = DeactivationSet()
         self._identity: IdentityLink | None = None
@@ -142,7 +93,14 @@ class ServiceRuntime:
         """The CloudEvents source of this service's events."""
         return f"medledger.{self.name}"
 
-    async def start(self, build: Callable[[ServiceRuntime], ServiceParts]) -> None:
+    @property
+    def handle(self) -> H:
+        """The service's own objects as its build made them (its main's ``<Name>Parts``)."""
+        if self._parts is None:
+            raise RuntimeError(f"{self.name} has not started: its parts are built at start")
+        return self._parts.handle
+
+    async def start(self, build: Callable[[ServiceRuntime[H]], ServiceParts[H]]) -> None:
         s = self.settings
         configure_tracing(self.name, s.trace_sampling_ratio, s.otlp_endpoint)
         self.metrics_port = start_metrics_server(s.grpc_host, s.metrics_port)
@@ -158,7 +116,7 @@ class ServiceRuntime:
         await _retry_until_up("Kafka", self.producer.start)
         self.keys = await open_key_manager(s, self.name)
         parts = build(self)
-        self._on_stop = list(parts.on_stop)
+        self._parts = parts
         for spec in parts.consumers:
             consumer = EventConsumer(
                 bootstrap_servers=s.kafka_bootstrap_servers,
@@ -276,7 +234,7 @@ class ServiceRuntime:
             )
         return self._identity
 
-    async def _start_authentication(self, parts: ServiceParts) -> AuthInterceptor:
+    async def _start_authentication(self, parts: ServiceParts[H]) -> AuthInterceptor:
         """Follow deactivations from now on, then load those made before, then authenticate.
 
         In that order, so that no deactivation falls between the load and the event stream.
@@ -371,7 +329,7 @@ class ServiceRuntime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for c in self._consumers:
             await c.stop()
-        for hook in getattr(self, "_on_stop", []):
+        for hook in self._parts.on_stop if self._parts is not None else ():
             await hook()
         if self._identity is not None:
             await self._identity.aclose()
@@ -382,64 +340,6 @@ class ServiceRuntime:
         await self.producer.stop()
         await self.db.close()
         log.info("service stopped")
-
-
-async def apply_migrations(db: Database, name: str, migrations: Sequence[Migration]) -> None:
-    """Apply the common migrations, then the service's (each step once, under a lock)."""
-    for step in await db.migrate("common", COMMON_MIGRATIONS):
-        log.info("migration applied", extra={"migration": step})
-    for step in await db.migrate(name, migrations):
-        log.info("migration applied", extra={"migration": step})
-
-
-async def check_migrated(db: Database, name: str, migrations: Sequence[Migration]) -> None:
-    """For MEDLEDGER_MIGRATIONS=check: refuse to start while a migration is missing."""
-    missing = await db.pending("common", COMMON_MIGRATIONS) + await db.pending(name, migrations)
-    if missing:
-        raise ConfigError(
-            f"MEDLEDGER_MIGRATIONS=check: the database lacks migrations {', '.join(missing)}; "
-            f"apply them first (MEDLEDGER_MIGRATIONS=only python -m medledger_{name})"
-        )
-
-
-async def migrate_only(name: str, settings: ServiceSettings, migrations: Sequence[Migration]) -> None:
-    """For MEDLEDGER_MIGRATIONS=only: apply the migrations, then stop (a deployment's Job)."""
-    db = Database(settings.database_url)
-    try:
-        await apply_migrations(db, name, migrations)
-    finally:
-        await db.close()
-    log.info("migrations applied, exiting (MEDLEDGER_MIGRATIONS=only)")
-
-
-async def open_key_manager(settings: ServiceSettings, service: str) -> KeyManager | None:
-    """The key manager the settings name; None for a local keyring without a master key."""
-    if settings.key_manager == "vault":
-        if not settings.vault_addr or settings.vault_token_file is None:
-            raise ConfigError("MEDLEDGER_KEY_MANAGER=vault needs MEDLEDGER_VAULT_ADDR and MEDLEDGER_VAULT_TOKEN_FILE")
-        return VaultKeyManager(
-            settings.vault_addr, token_file=settings.vault_token_file, mount_point=settings.vault_transit_mount
-        )
-    if settings.master_key_file is None:
-        return None
-    path = settings.keyring_file or Path(".medledger") / "keyrings" / f"{service}.keyring"
-    return await LocalKeyring.open(path, settings.master_key_file)
-
-
-def open_side_key_manager(
-    settings: ServiceSettings, keys: KeyManager, credential: Literal["erasure", "legacy"]
-) -> KeyManager:
-    """A second key manager with another Vault token: ``erasure`` (MEDLEDGER_ERASURE_VAULT_TOKEN_FILE,
-    the only one that may destroy keys) or ``legacy`` (MEDLEDGER_LEGACY_VAULT_TOKEN_FILE, reads
-    the old shared patient keys). The local keyring has no per-credential access control, so
-    there it is ``keys`` itself."""
-    if settings.key_manager != "vault":
-        return keys
-    token_file = settings.erasure_vault_token_file if credential == "erasure" else settings.legacy_vault_token_file
-    if token_file is None:
-        variable = f"MEDLEDGER_{credential.upper()}_VAULT_TOKEN_FILE"
-        raise ConfigError(f"MEDLEDGER_KEY_MANAGER=vault needs {variable} for the {credential} credential")
-    return VaultKeyManager(settings.vault_addr, token_file=token_file, mount_point=settings.vault_transit_mount)
 
 
 T = TypeVar("T")
@@ -456,7 +356,7 @@ def run_service(
     name: str,
     settings: ServiceSettings,
     migrations: Sequence[Migration],
-    build: Callable[[ServiceRuntime], ServiceParts],
+    build: Callable[[ServiceRuntime[H]], ServiceParts[H]],
 ) -> None:
     """Run a service until SIGTERM or SIGINT; the body of every service's ``main``."""
     configure_logging(name, settings.log_level)
@@ -465,7 +365,7 @@ def run_service(
         return
 
     async def _main() -> None:
-        runtime = ServiceRuntime(name, settings, migrations)
+        runtime: ServiceRuntime[H] = ServiceRuntime(name, settings, migrations)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runtime.request_stop)

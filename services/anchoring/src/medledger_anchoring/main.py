@@ -3,6 +3,8 @@ writer, the event handlers, the queries (witness.Witness) and the gRPC API."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from medledger.anchoring.v1 import anchoring_service_pb2, anchoring_service_pb2_grpc
 from medledger.audit.v1.audit_service_pb2_grpc import AuditServiceStub
 
@@ -22,7 +24,8 @@ from medledger_anchoring.storage import MIGRATIONS
 from medledger_anchoring.witness import Witness
 from medledger_runtime.events import TOPICS
 from medledger_runtime.grpc_client import service_channel
-from medledger_runtime.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
+from medledger_runtime.parts import ConsumerSpec, ServiceParts
+from medledger_runtime.service import ServiceRuntime, run_service
 from medledger_runtime.settings import ConfigError, load_settings_or_exit
 from medledger_sdk.identity_link import BearerTokenInterceptor
 from medledger_verifier import anchored_proofs, chain, notes
@@ -30,7 +33,16 @@ from medledger_verifier import anchored_proofs, chain, notes
 NAME = "anchoring"
 
 
-def build(runtime: ServiceRuntime) -> ServiceParts:
+@dataclass(frozen=True)
+class AnchoringParts:
+    """anchoring's own objects, reachable from tests and benchmarks as ``runtime.handle``."""
+
+    api: AnchoringApi
+    anchorer: Anchorer
+    witness: Witness
+
+
+def build(runtime: ServiceRuntime[AnchoringParts]) -> ServiceParts[AnchoringParts]:
     settings: AnchoringSettings = runtime.settings  # type: ignore[assignment]
     if settings.anchorer_key_file is None or not settings.anchor_registry_address:
         raise ConfigError(
@@ -69,7 +81,6 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     policy = anchored_proofs.TrustPolicy.read(settings.trust_policy_file) if settings.trust_policy_file else None
     witness = Witness(runtime.db, settings.log_origin, AuditProofs(audit), sender.w3, policy)
     api = AnchoringApi(witness)
-    runtime.extras.update(anchorer=anchorer, anchoring_api=api)
     consumers = [
         ConsumerSpec(
             group_id=CHECKPOINTS_CONSUMER,
@@ -95,6 +106,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         service_descriptors=[anchoring_service_pb2.DESCRIPTOR.services_by_name["AnchoringService"]],
         register=lambda server: anchoring_service_pb2_grpc.add_AnchoringServiceServicer_to_server(api, server),
         access=ACCESS,
+        handle=AnchoringParts(api=api, anchorer=anchorer, witness=witness),
         public_methods=PUBLIC_METHODS,
         consumers=consumers,
         on_start=[sender.check_chain],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from medledger.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
 
 from medledger_audit.api import ACCESS, PUBLIC_METHODS, AuditApi
@@ -12,13 +14,25 @@ from medledger_audit.http import TilesHttp
 from medledger_audit.sequencer import Sequencer
 from medledger_audit.storage import MIGRATIONS
 from medledger_audit.verify import IncrementalVerifier
-from medledger_runtime.service import ServiceParts, ServiceRuntime, run_service
+from medledger_runtime.parts import ServiceParts
+from medledger_runtime.service import ServiceRuntime, run_service
 from medledger_runtime.settings import load_settings_or_exit
 
 NAME = "audit"
 
 
-def build(runtime: ServiceRuntime) -> ServiceParts:
+@dataclass(frozen=True)
+class AuditParts:
+    """audit's own objects, reachable from tests and benchmarks as ``runtime.handle``."""
+
+    api: AuditApi
+    sequencer: Sequencer
+    checkpointer: Checkpointer
+    consumer: LogConsumer
+    verifier: IncrementalVerifier
+
+
+def build(runtime: ServiceRuntime[AuditParts]) -> ServiceParts[AuditParts]:
     settings: AuditSettings = runtime.settings  # type: ignore[assignment]
     keys = runtime.require_keys()
     sequencer = Sequencer(runtime.db, keys, max_batch=settings.append_batch_max, shredder=runtime.key_shredder())
@@ -41,17 +55,18 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         producer=runtime.producer,
         batch_max=settings.append_batch_max,
     )
-    runtime.extras.update(audit_sequencer=sequencer, audit_checkpointer=checkpointer, audit_consumer=consumer)
     api = AuditApi(runtime, checkpointer, sequencer)
     tiles_http = TilesHttp(runtime, checkpointer)
     verifier = IncrementalVerifier(
         runtime.db, checkpointer, interval=settings.verify_interval_seconds, origin=settings.log_origin
     )
-    runtime.extras["audit_verifier"] = verifier
     return ServiceParts(
         service_descriptors=[audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"]],
         register=lambda server: audit_service_pb2_grpc.add_AuditServiceServicer_to_server(api, server),
         access=ACCESS,
+        handle=AuditParts(
+            api=api, sequencer=sequencer, checkpointer=checkpointer, consumer=consumer, verifier=verifier
+        ),
         public_methods=PUBLIC_METHODS,
         http_routes=tiles_http.routes(),
         # The signing keys and the last signed checkpoint, before anything is appended or served.

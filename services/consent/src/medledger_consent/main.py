@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from medledger.consent.v1 import consent_service_pb2, consent_service_pb2_grpc
 
 from medledger_consent.api import ACCESS, PUBLIC_METHODS, ConsentApi
@@ -25,13 +27,24 @@ from medledger_consent.key_owners import (
 )
 from medledger_consent.storage import MIGRATIONS, DecisionLog
 from medledger_runtime.events import TOPICS
-from medledger_runtime.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
+from medledger_runtime.parts import ConsumerSpec, ServiceParts
+from medledger_runtime.service import ServiceRuntime, run_service
 from medledger_runtime.settings import load_settings_or_exit
 
 NAME = "consent"
 
 
-def build(runtime: ServiceRuntime) -> ServiceParts:
+@dataclass(frozen=True)
+class ConsentParts:
+    """consent's own objects, reachable from tests and benchmarks as ``runtime.handle``."""
+
+    api: ConsentApi
+    consents: ConsentDesk
+    checks: ConsentChecks
+    break_glass: BreakGlassDesk
+
+
+def build(runtime: ServiceRuntime[ConsentParts]) -> ServiceParts[ConsentParts]:
     # RPCs not built yet answer UNIMPLEMENTED (the generated base servicer) until their issue lands.
     index = ConsentIndex()
     settings: ConsentSettings = runtime.settings  # type: ignore[assignment]
@@ -45,11 +58,11 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     checks = ConsentChecks(runtime.db, index, decisions, source=runtime.source)
     desk = BreakGlassDesk(runtime.db, keys, index, notify, legacy_keys=runtime.legacy_keys, source=runtime.source)
     api = ConsentApi(runtime, consents, checks, desk)
-    runtime.extras["consent_api"] = api
     return ServiceParts(
         service_descriptors=[consent_service_pb2.DESCRIPTOR.services_by_name["ConsentService"]],
         register=lambda server: consent_service_pb2_grpc.add_ConsentServiceServicer_to_server(api, server),
         access=ACCESS,
+        handle=ConsentParts(api=api, consents=consents, checks=checks, break_glass=desk),
         public_methods=PUBLIC_METHODS,
         consumers=[
             ConsumerSpec(

@@ -4,6 +4,8 @@ the bootstrap admin) provisioned from secret files."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from aiohttp import web
 from medledger.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
 from medledger.types.v1 import vocabulary_pb2
@@ -18,7 +20,8 @@ from medledger_identity.storage import MIGRATIONS
 from medledger_identity.tokens import TokenDesk, TokenSigner
 from medledger_runtime.events import SERVICES, TOPICS
 from medledger_runtime.http_server import HttpRoute
-from medledger_runtime.service import AuthSources, ConsumerSpec, ServiceParts, ServiceRuntime, run_service
+from medledger_runtime.parts import AuthSources, ConsumerSpec, ServiceParts
+from medledger_runtime.service import ServiceRuntime, run_service
 from medledger_runtime.settings import ConfigError, load_settings_or_exit, read_secret_file
 from medledger_runtime.vocabulary import service_principal_id
 
@@ -42,7 +45,16 @@ def jwks_route(signer: TokenSigner) -> HttpRoute:
     return HttpRoute.get("/.well-known/jwks.json", jwks, public=True)
 
 
-def build(runtime: ServiceRuntime) -> ServiceParts:
+@dataclass(frozen=True)
+class IdentityParts:
+    """identity's own objects, reachable from tests and benchmarks as ``runtime.handle``."""
+
+    api: IdentityApi
+    principals: Directory
+    tokens: TokenDesk
+
+
+def build(runtime: ServiceRuntime[IdentityParts]) -> ServiceParts[IdentityParts]:
     settings = runtime.settings
     assert isinstance(settings, IdentitySettings)
     keys = runtime.require_keys()
@@ -61,7 +73,6 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         runtime.db, signer, hasher, runtime.relay.notify, source=runtime.source, keys_changed=runtime.token_keys_changed
     )
     api = IdentityApi(runtime, principals, tokens)
-    runtime.extras["identity_api"] = api
 
     async def provision() -> None:
         if settings.bootstrap_admin_secret_file is not None:
@@ -81,6 +92,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         service_descriptors=[identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"]],
         register=lambda server: identity_service_pb2_grpc.add_IdentityServiceServicer_to_server(api, server),
         access=ACCESS,
+        handle=IdentityParts(api=api, principals=principals, tokens=tokens),
         public_methods=PUBLIC_METHODS,
         auth=AuthSources(fetch_jwks=signer.jwks, load_deactivated=principals.deactivated_ids),
         consumers=[

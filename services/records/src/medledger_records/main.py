@@ -4,6 +4,8 @@ through its constructor."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from medledger.consent.v1.consent_service_pb2_grpc import ConsentServiceStub
 from medledger.records.v1 import records_service_pb2, records_service_pb2_grpc
 
@@ -21,14 +23,25 @@ from medledger_records.storage import MIGRATIONS
 from medledger_runtime.events import TOPICS
 from medledger_runtime.group_commit import OutboxGroupCommit
 from medledger_runtime.grpc_client import service_channel
-from medledger_runtime.service import ConsumerSpec, ServiceParts, ServiceRuntime, run_service
+from medledger_runtime.parts import ConsumerSpec, ServiceParts
+from medledger_runtime.service import ServiceRuntime, run_service
 from medledger_runtime.settings import load_settings_or_exit
 from medledger_sdk.identity_link import BearerTokenInterceptor
 
 NAME = "records"
 
 
-def build(runtime: ServiceRuntime) -> ServiceParts:
+@dataclass(frozen=True)
+class RecordsParts:
+    """records' own objects, reachable from tests and benchmarks as ``runtime.handle``."""
+
+    api: RecordsApi
+    records: RecordDesk
+    erasures: ErasureDesk
+    erasure_runner: ErasureRunner
+
+
+def build(runtime: ServiceRuntime[RecordsParts]) -> ServiceParts[RecordsParts]:
     settings: RecordsSettings = runtime.settings  # type: ignore[assignment]
     consent_channel = service_channel(
         settings,
@@ -80,14 +93,12 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         legacy_keys=runtime.legacy_keys,
     )
     api = RecordsApi(runtime, keys, records, erasures)
-    runtime.extras["erasures"] = runner
-    runtime.extras["records"] = records
-    runtime.extras["records_api"] = api
     on_stop = [consent_channel.close, disclosures.close]
     return ServiceParts(
         service_descriptors=[records_service_pb2.DESCRIPTOR.services_by_name["RecordsService"]],
         register=lambda server: records_service_pb2_grpc.add_RecordsServiceServicer_to_server(api, server),
         access=ACCESS,
+        handle=RecordsParts(api=api, records=records, erasures=erasures, erasure_runner=runner),
         public_methods=PUBLIC_METHODS,
         # The participants that confirm by event emit on their own topics.
         consumers=[
