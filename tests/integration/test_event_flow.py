@@ -35,7 +35,8 @@ from medledger_identity.tokens import TokenDesk, TokenSigner
 from medledger_runtime import events
 from medledger_runtime.keys import create_master_key_file
 from medledger_runtime.outbox import COMMON_MIGRATIONS, inbox, outbox
-from medledger_runtime.service import ServiceRuntime, open_key_manager
+from medledger_runtime.service import ServiceRuntime
+from medledger_runtime.startup import open_key_manager
 from medledger_sdk.channels import make_channel
 
 PATIENT = vocabulary_pb2.PrincipalKind.PRINCIPAL_KIND_PATIENT

@@ -11,8 +11,8 @@ from sqlalchemy import Column, Integer, MetaData, Table, text
 
 from medledger_runtime.db import Database, Migration, create_tables
 from medledger_runtime.outbox import COMMON_MIGRATIONS
-from medledger_runtime.service import apply_migrations, check_migrated
 from medledger_runtime.settings import ConfigError, ServiceSettings, load_settings
+from medledger_runtime.startup import apply_migrations, check_migrated
 
 _meta = MetaData()
 Table("widgets", _meta, Column("id", Integer, primary_key=True))
