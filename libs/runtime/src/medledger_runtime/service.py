@@ -6,6 +6,12 @@ outbox relay, the consumers, the HTTP server (when the service has routes) and t
 reports SERVING, and on SIGTERM or SIGINT reports NOT_SERVING, drains calls and requests, and
 stops everything in reverse order.
 
+A stateless component (``stateless=True``: a gateway that only calls the services) gets the same
+gRPC and HTTP serving, authentication, telemetry and graceful stop without a database, an outbox
+or Kafka: it has no migrations, consumers or events of its own, and it follows deactivated
+principals by reloading them from identity every ``STATELESS_DEACTIVATION_RELOAD_SECONDS`` (the
+services it calls check each token against identity's events within a second anyway).
+
 What a service hands the runtime is ``parts.ServiceParts``; its ``handle`` (the service's own
 objects, a frozen dataclass of its main) the runtime, a ``ServiceRuntime[H]``, keeps as
 ``runtime.handle`` for tests and benchmarks. Migrations and opening the key managers, which come
@@ -51,23 +57,33 @@ from medledger_sdk.identity_link import TOKEN_ISSUER, IdentityLink
 log = logging.getLogger(__name__)
 _DEACTIVATED = identity_events_pb2.PrincipalDeactivated.DESCRIPTOR.full_name
 _KEY_ROTATED = identity_events_pb2.SigningKeyRotated.DESCRIPTOR.full_name
+STATELESS_DEACTIVATION_RELOAD_SECONDS = 5.0
 
 
 class ServiceRuntime(Generic[H]):
-    def __init__(self, name: str, settings: ServiceSettings, migrations: Sequence[Migration]) -> None:
+    def __init__(
+        self, name: str, settings: ServiceSettings, migrations: Sequence[Migration], *, stateless: bool = False
+    ) -> None:
         self.name = name
         self.settings = settings
         self.migrations = migrations
-        self.db = Database(settings.database_url, pool_size=settings.database_pool_size)
-        self.producer: AIOKafkaProducer = make_producer(settings.kafka_bootstrap_servers)
-        self.relay = OutboxRelay(
-            self.db,
-            self.producer,
-            service=name,
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            poll_seconds=settings.outbox_poll_seconds,
-            retention_seconds=settings.outbox_retention_seconds,
-        )
+        self.stateless = stateless
+        if stateless and migrations:
+            raise ConfigError(f"{name} is stateless: it has no database to migrate")
+        self._db: Database | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._relay: OutboxRelay | None = None
+        if not stateless:
+            self._db = Database(settings.database_url, pool_size=settings.database_pool_size)
+            self._producer = make_producer(settings.kafka_bootstrap_servers)
+            self._relay = OutboxRelay(
+                self._db,
+                self._producer,
+                service=name,
+                bootstrap_servers=settings.kafka_bootstrap_servers,
+                poll_seconds=settings.outbox_poll_seconds,
+                retention_seconds=settings.outbox_retention_seconds,
+            )
         self.keys: KeyManager | None = None
         self._shredder: KeyShredder | None = None
         self._legacy_keys: KeyManager | None = None
@@ -89,6 +105,24 @@ class ServiceRuntime(Generic[H]):
         self._stopping = asyncio.Event()
 
     @property
+    def db(self) -> Database:
+        if self._db is None:
+            raise ConfigError(f"{self.name} is stateless: it has no database")
+        return self._db
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise ConfigError(f"{self.name} is stateless: it sends no events")
+        return self._producer
+
+    @property
+    def relay(self) -> OutboxRelay:
+        if self._relay is None:
+            raise ConfigError(f"{self.name} is stateless: it has no outbox")
+        return self._relay
+
+    @property
     def source(self) -> str:
         """The CloudEvents source of this service's events."""
         return f"medledger.{self.name}"
@@ -104,19 +138,22 @@ class ServiceRuntime(Generic[H]):
         s = self.settings
         configure_tracing(self.name, s.trace_sampling_ratio, s.otlp_endpoint)
         self.metrics_port = start_metrics_server(s.grpc_host, s.metrics_port)
-        # The database may still be starting (or restarting): wait for it as for Kafka.
-        if s.migrations == "check":
-            await _retry_until_up(
-                "database", lambda: check_migrated(self.db, self.name, self.migrations), only_outages=True
-            )
-        else:
-            await _retry_until_up(
-                "database", lambda: apply_migrations(self.db, self.name, self.migrations), only_outages=True
-            )
-        await _retry_until_up("Kafka", self.producer.start)
+        if not self.stateless:
+            # The database may still be starting (or restarting): wait for it as for Kafka.
+            if s.migrations == "check":
+                await _retry_until_up(
+                    "database", lambda: check_migrated(self.db, self.name, self.migrations), only_outages=True
+                )
+            else:
+                await _retry_until_up(
+                    "database", lambda: apply_migrations(self.db, self.name, self.migrations), only_outages=True
+                )
+            await _retry_until_up("Kafka", self.producer.start)
         self.keys = await open_key_manager(s, self.name)
         parts = build(self)
         self._parts = parts
+        if self.stateless and parts.consumers:
+            raise ConfigError(f"{self.name} is stateless: it consumes no events")
         for spec in parts.consumers:
             consumer = EventConsumer(
                 bootstrap_servers=s.kafka_bootstrap_servers,
@@ -138,7 +175,8 @@ class ServiceRuntime(Generic[H]):
         # restarting: wait for it as for the database, rather than exit.
         for hook in parts.on_start:
             await _retry_until_up("a start-up step's dependency", hook, only_outages=True)
-        self._tasks.append(asyncio.create_task(supervised("outbox-relay", self.relay.run), name="outbox-relay"))
+        if self._relay is not None:
+            self._tasks.append(asyncio.create_task(supervised("outbox-relay", self._relay.run), name="outbox-relay"))
         for job in parts.background:
             name = getattr(job, "__name__", "background")
             self._tasks.append(asyncio.create_task(supervised(name, job), name=name))
@@ -243,25 +281,30 @@ class ServiceRuntime(Generic[H]):
         if sources is None:
             link = self.identity_link()
             sources = AuthSources(fetch_jwks=link.fetch_jwks, load_deactivated=link.deactivated_principals)
-        listener = EventConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers,
-            group_id=None,
-            name=f"{self.name}.deactivations",
-            # A deactivation must stop the principal's calls within a second, on every replica.
-            fetch_max_wait_ms=50,
-            handler=self._on_identity_event,
-            producer=self.producer,
-            topics=[TOPICS["identity"]],
-        )
-        await _retry_until_up("Kafka consumer", listener.start)
-        self._consumers.append(listener)
-        self._tasks.append(
-            asyncio.create_task(supervised("consumer:deactivations", listener.run), name="consumer:deactivations")
-        )
+        reload_seconds = STATELESS_DEACTIVATION_RELOAD_SECONDS
+        if not self.stateless:
+            reload_seconds = 30.0
+            listener = EventConsumer(
+                bootstrap_servers=self.settings.kafka_bootstrap_servers,
+                group_id=None,
+                name=f"{self.name}.deactivations",
+                # A deactivation must stop the principal's calls within a second, on every replica.
+                fetch_max_wait_ms=50,
+                handler=self._on_identity_event,
+                producer=self.producer,
+                topics=[TOPICS["identity"]],
+            )
+            await _retry_until_up("Kafka consumer", listener.start)
+            self._consumers.append(listener)
+            self._tasks.append(
+                asyncio.create_task(supervised("consumer:deactivations", listener.run), name="consumer:deactivations")
+            )
         for principal_id in await _retry_until_up("identity", sources.load_deactivated):
             self.deactivated.add(principal_id)
         self.deactivated.loaded = True
-        self._tasks.append(asyncio.create_task(self._reload_deactivated(sources), name="deactivations-reload"))
+        self._tasks.append(
+            asyncio.create_task(self._reload_deactivated(sources, reload_seconds), name="deactivations-reload")
+        )
         verifier = TokenVerifier(issuer=TOKEN_ISSUER, audience=self.source, fetch_jwks=sources.fetch_jwks)
         self._verifier = verifier
         return AuthInterceptor(verifier, self.deactivated, public_methods=parts.public_methods, access=parts.access)
@@ -337,8 +380,10 @@ class ServiceRuntime(Generic[H]):
             await side.aclose()
         if self.keys is not None:
             await self.keys.aclose()
-        await self.producer.stop()
-        await self.db.close()
+        if self._producer is not None:
+            await self._producer.stop()
+        if self._db is not None:
+            await self._db.close()
         log.info("service stopped")
 
 
@@ -357,15 +402,19 @@ def run_service(
     settings: ServiceSettings,
     migrations: Sequence[Migration],
     build: Callable[[ServiceRuntime[H]], ServiceParts[H]],
+    *,
+    stateless: bool = False,
 ) -> None:
-    """Run a service until SIGTERM or SIGINT; the body of every service's ``main``."""
+    """Run a service until SIGTERM or SIGINT; the body of every service's ``main`` (a stateless
+    component's too: no migrations, then)."""
     configure_logging(name, settings.log_level)
     if settings.migrations == "only":
-        asyncio.run(migrate_only(name, settings, migrations))
+        if not stateless:
+            asyncio.run(migrate_only(name, settings, migrations))
         return
 
     async def _main() -> None:
-        runtime: ServiceRuntime[H] = ServiceRuntime(name, settings, migrations)
+        runtime: ServiceRuntime[H] = ServiceRuntime(name, settings, migrations, stateless=stateless)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runtime.request_stop)
