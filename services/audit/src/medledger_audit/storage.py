@@ -41,10 +41,9 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_runtime.db import Database, Migration
+from medledger_runtime.db import Database, Migration, dialect_insert
 from medledger_runtime.errors import DataLoss
 from medledger_verifier import tlog
 
@@ -222,7 +221,7 @@ class SqlAppend:
             await conn.execute(insert(entries), [r._asdict() for r in rows])
         tile_rows = [{"level": t.level, "tile_index": t.index, "hashes": d} for t, d in written_tiles.items()]
         if tile_rows:
-            upsert: Any = (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(tiles)
+            upsert = dialect_insert(conn, tiles)
             await conn.execute(
                 upsert.on_conflict_do_update(
                     index_elements=["level", "tile_index"], set_={"hashes": upsert.excluded.hashes}
@@ -230,9 +229,9 @@ class SqlAppend:
                 tile_rows,
             )
         if lists:
-            ins: Any = (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(side_lists)
             await conn.execute(
-                ins.on_conflict_do_nothing(), [{"hash": h, "ids": json.dumps(ids)} for h, ids in lists.items()]
+                dialect_insert(conn, side_lists).on_conflict_do_nothing(),
+                [{"hash": h, "ids": json.dumps(ids)} for h, ids in lists.items()],
             )
         await conn.execute(update(log_state).where(log_state.c.id == 1).values(tree_size=tree_size, root=root))
 

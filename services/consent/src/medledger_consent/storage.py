@@ -24,12 +24,11 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import Executable
 
 from medledger_consent.domain import BreakGlassAccess, BreakGlassPolicy, ConsentVersion
-from medledger_runtime.db import Database, Migration, create_tables, locked_page_after
+from medledger_runtime.db import Database, Migration, create_tables, dialect_insert, locked_page_after
 from medledger_runtime.events import Event
 from medledger_runtime.group_commit import OutboxGroupCommit
 
@@ -201,10 +200,14 @@ def _upsert(
 ) -> Executable:
     """INSERT ... ON CONFLICT (keys) DO UPDATE the other columns [WHERE where], in the dialect's
     own form (PostgreSQL's and SQLite's share the syntax, not the SQLAlchemy construct)."""
-    ins = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
-    return ins.values(**values).on_conflict_do_update(
-        index_elements=keys, set_={k: v for k, v in values.items() if k not in keys}, where=where
+    upsert: Executable = (
+        dialect_insert(conn, table)
+        .values(**values)
+        .on_conflict_do_update(
+            index_elements=keys, set_={k: v for k, v in values.items() if k not in keys}, where=where
+        )
     )
+    return upsert
 
 
 async def upsert_principal(conn: AsyncConnection, p: KnownPrincipal) -> bool:

@@ -27,10 +27,9 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_runtime.db import Database, DriverQuery, Migration, create_tables, lock_key
+from medledger_runtime.db import Database, DriverQuery, Migration, create_tables, dialect_insert, lock_key
 
 metadata = MetaData()
 # One row per record: whose it is, what it is, and its latest version.
@@ -554,8 +553,7 @@ async def add_confirmation(
 ) -> bool:
     """Store a participant's confirmation unless one is stored; True if this one was."""
     values = {"erasure_id": erasure_id, "participant": participant, "confirmation": confirmation, "confirmed_at": now}
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    result = await conn.execute(dialect.insert(erasure_confirmations).values(**values).on_conflict_do_nothing())
+    result = await conn.execute(dialect_insert(conn, erasure_confirmations).values(**values).on_conflict_do_nothing())
     return bool(result.rowcount)
 
 
