@@ -22,7 +22,7 @@ from medledger.records.v1 import records_service_pb2 as pb
 from medledger.records.v1 import records_service_pb2_grpc as pb_grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_records import storage
+from medledger_records import erasure_storage, key_storage, storage
 from medledger_records.erasure import ErasureDesk, ErasureView, PlaceLegalHold, RequestErasure
 from medledger_records.records import (
     ConsentAnswer,
@@ -63,8 +63,8 @@ ACCESS: dict[str, Access] = {
     _SERVICE + "ReleaseLegalHold": Access.of(roles=["admin", "privacy-officer"]),
 }
 ROTATION_PAGE = 100
-ErasureWrite = Callable[[AsyncConnection], Awaitable[storage.ErasureRow]]
-HoldWrite = Callable[[AsyncConnection], Awaitable[storage.LegalHoldRow]]
+ErasureWrite = Callable[[AsyncConnection], Awaitable[erasure_storage.ErasureRow]]
+HoldWrite = Callable[[AsyncConnection], Awaitable[erasure_storage.LegalHoldRow]]
 PERMIT = co_pb.Decision.DECISION_PERMIT
 
 
@@ -136,7 +136,7 @@ def _erasure(view: ErasureView) -> pb.Erasure:
     return message
 
 
-def _hold(hold: storage.LegalHoldRow) -> pb.LegalHold:
+def _hold(hold: erasure_storage.LegalHoldRow) -> pb.LegalHold:
     message = pb.LegalHold(
         hold_id=hold.hold_id,
         patient_id=hold.patient_id,
@@ -250,7 +250,7 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
     async def finish_unfinished_rotations(self) -> int:
         """One pass of :meth:`finish_rotations`; how many it finished."""
         async with self.rt.db.connect() as conn:
-            unfinished = await storage.rotations_in_progress(conn)
+            unfinished = await key_storage.rotations_in_progress(conn)
         finished = 0
         for patient_id in unfinished:
             try:
@@ -266,33 +266,35 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         """(key version, data keys rewrapped by this call) of the patient's rotation."""
         name = patient_key_name("records", patient_id)
         async with self.rt.db.transaction() as conn:
-            in_progress = await storage.rotation_in_progress(conn, patient_id)
+            in_progress = await key_storage.rotation_in_progress(conn, patient_id)
         if in_progress is None:
             info = await self.keys.rotate(name)  # NotFound when the patient has no key (no records)
             target, done_record, done_version = info.latest_version, "", 0
             async with self.rt.db.transaction() as conn:
-                await storage.start_rotation(conn, patient_id, target, time.time())
+                await key_storage.start_rotation(conn, patient_id, target, time.time())
         else:
             target, done_record, done_version = in_progress
         rewrapped = 0
         while True:
             async with self.rt.db.transaction() as conn:
-                page = await storage.versions_after(
+                page = await key_storage.versions_after(
                     conn, patient_id, done_record, done_version, ROTATION_PAGE, key_name=name
                 )
                 for record_id, version, wrapped in page:
                     # An erased version has no wrapped key left to rewrap.
                     if wrapped and parse_versioned(wrapped, what="wrapped_key")[0] < target:
-                        await storage.set_wrapped_key(conn, record_id, version, await self.keys.rewrap(name, wrapped))
+                        await key_storage.set_wrapped_key(
+                            conn, record_id, version, await self.keys.rewrap(name, wrapped)
+                        )
                         rewrapped += 1
                 if page:
                     done_record, done_version = page[-1][0], page[-1][1]
-                    await storage.advance_rotation(conn, patient_id, done_record, done_version)
+                    await key_storage.advance_rotation(conn, patient_id, done_record, done_version)
             if len(page) < ROTATION_PAGE:
                 break
         await self.keys.set_min_decryption_version(name, target)
         async with self.rt.db.transaction() as conn:
-            await storage.finish_rotation(conn, patient_id)
+            await key_storage.finish_rotation(conn, patient_id)
         log.info("patient key rotated", extra={"key_version": target, "rewrapped": rewrapped})
         return target, rewrapped
 
@@ -346,7 +348,7 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         command = PlaceLegalHold(patient_id=request.patient_id, reason=request.reason)
 
         async def once(
-            write: Callable[[AsyncConnection], Awaitable[storage.LegalHoldRow]],
+            write: Callable[[AsyncConnection], Awaitable[erasure_storage.LegalHoldRow]],
         ) -> pb.PlaceLegalHoldResponse:
             async def work(conn: AsyncConnection) -> pb.PlaceLegalHoldResponse:
                 return pb.PlaceLegalHoldResponse(legal_hold=_hold(await write(conn)))

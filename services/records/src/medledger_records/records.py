@@ -21,7 +21,7 @@ from medledger.events.v1 import records_events_pb2 as ev
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_records import domain, storage
+from medledger_records import domain, erasure_storage, storage
 from medledger_records.blobs import BlobStore, blob_key
 from medledger_records.erasure_runner import COMPLETED, RUNNING
 from medledger_runtime.auth import Caller
@@ -246,7 +246,7 @@ class RecordDesk:
         # Shared with other writes, exclusive with the start of an erasure: once an erasure
         # runs, no version is added (and no key re-created) for this patient.
         await storage.lock_patient(conn, patient_id, exclusive=False)
-        for erasure in await storage.erasures_of(conn, patient_id, [RUNNING, COMPLETED]):
+        for erasure in await erasure_storage.erasures_of(conn, patient_id, [RUNNING, COMPLETED]):
             raise FailedPrecondition(f"this patient's records were erased ({erasure.erasure_id})")
         now = time.time()
         if command.record_id:
