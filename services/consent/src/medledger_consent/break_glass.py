@@ -28,7 +28,7 @@ from medledger.types.v1 import vocabulary_pb2
 from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_consent import domain, storage
+from medledger_consent import break_glass_storage, domain, storage
 from medledger_consent.writes import RunWrite, T, Transaction, Write
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
@@ -194,7 +194,7 @@ class BreakGlassDesk:
             if organization is None or organization.kind != Kind.PRINCIPAL_KIND_ORGANIZATION:
                 raise InvalidArgument.field("policy.organization_id", "not a registered organization")
             stored = replace(policy, changed_by=caller.principal_id, changed_at=time.time())
-            await storage.set_policy(conn, stored)
+            await break_glass_storage.set_policy(conn, stored)
             event = new_event(
                 source=self.source,
                 payload=consent_events_pb2.BreakGlassPolicyChanged(
@@ -219,7 +219,7 @@ class BreakGlassDesk:
         if not (caller.has_role("admin") or caller.organization_id == organization_id):
             raise PermissionDenied("principals of the organization read its policy; admins any")
         async with self.db.connect() as conn:
-            return await storage.get_policy(conn, organization_id)
+            return await break_glass_storage.get_policy(conn, organization_id)
 
     # -- breaking the glass ---------------------------------------------------------------------
 
@@ -245,14 +245,17 @@ class BreakGlassDesk:
             patient = await storage.get_principal(conn, command.patient_id)
             if patient is None or patient.kind != Kind.PRINCIPAL_KIND_PATIENT:
                 raise InvalidArgument.field("patient_id", "not a registered patient")
-            policy = await storage.get_policy(conn, practitioner.organization_id)
+            policy = await break_glass_storage.get_policy(conn, practitioner.organization_id)
             if not policy.enabled:
                 REFUSALS.labels("policy").inc()
                 raise PermissionDenied("your organization has not enabled break-glass access")
             now = time.time()
             # One practitioner's requests one at a time, so two at once cannot both pass the limit.
-            await storage.lock_principal(conn, caller.principal_id)
-            if await storage.uses_since(conn, caller.principal_id, now - policy.rate_window_seconds) >= policy.max_uses:
+            await break_glass_storage.lock_principal(conn, caller.principal_id)
+            if (
+                await break_glass_storage.uses_since(conn, caller.principal_id, now - policy.rate_window_seconds)
+                >= policy.max_uses
+            ):
                 REFUSALS.labels("rate").inc()
                 raise ResourceExhausted(
                     f"break-glass limit reached: {policy.max_uses} uses per "
@@ -274,7 +277,7 @@ class BreakGlassDesk:
             await self.keys.ensure_key(key, KeyType.AES256_GCM96)
             # Bound to the access: a ciphertext moved to another row does not decrypt.
             ciphertext = await self.keys.encrypt(key, justification.encode(), associated_data=access.access_id.encode())
-            await storage.insert_access(conn, access, ciphertext)
+            await break_glass_storage.insert_access(conn, access, ciphertext)
             await self._announce_start(conn, access)
             started.append(access)
             return access
@@ -345,7 +348,7 @@ class BreakGlassDesk:
             raise InvalidArgument.field("page_token", "not a token this RPC returned")
         size = min(command.page_size or 100, MAX_PAGE_SIZE)
         async with self.db.connect() as conn:
-            accesses = await storage.list_accesses(
+            accesses = await break_glass_storage.list_accesses(
                 conn,
                 organization_id,
                 pending_only=command.pending_only,
@@ -360,7 +363,7 @@ class BreakGlassDesk:
     async def get_access(self, caller: Caller, access_id: str) -> AccessRead:
         """An access with its justification, decrypted."""
         async with self.db.connect() as conn:
-            found = await storage.get_access(conn, access_id)
+            found = await break_glass_storage.get_access(conn, access_id)
         if found is None or not (caller.has_role("admin") or _is_officer_of(caller, found[0].organization_id)):
             # The same answer either way: ids must not reveal whose records were opened.
             raise NotFound("no such break-glass access")
@@ -402,7 +405,7 @@ class BreakGlassDesk:
         reviewed: list[domain.BreakGlassAccess] = []
 
         async def write(conn: AsyncConnection) -> domain.BreakGlassAccess:
-            found = await storage.get_access(conn, command.access_id, for_update=True)
+            found = await break_glass_storage.get_access(conn, command.access_id, for_update=True)
             if found is None or not _is_officer_of(caller, found[0].organization_id):
                 raise NotFound("no such break-glass access among your organization's")
             access = found[0]
@@ -415,7 +418,7 @@ class BreakGlassDesk:
             access = replace(
                 access, review=command.review, reviewed_by=caller.principal_id, reviewed_at=now, ended_at=ended
             )
-            await storage.record_review(conn, access)
+            await break_glass_storage.record_review(conn, access)
             event = consent_events_pb2.BreakGlassAccessReviewed(
                 access_id=access.access_id,
                 patient_id=access.patient_id,
@@ -446,7 +449,7 @@ class BreakGlassDesk:
         """Keep the pending-review gauge current (every replica reports the same count)."""
         while True:
             async with self.db.connect() as conn:
-                PENDING_REVIEWS.set(await storage.pending_reviews(conn))
+                PENDING_REVIEWS.set(await break_glass_storage.pending_reviews(conn))
             await asyncio.sleep(every_seconds)
 
 
