@@ -28,7 +28,7 @@ from medledger.types.v1 import vocabulary_pb2
 from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_consent import break_glass_storage, domain, storage
+from medledger_consent import break_glass_rules, break_glass_storage, domain, storage
 from medledger_consent.writes import RunWrite, T, Transaction, Write
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
@@ -164,21 +164,21 @@ class BreakGlassDesk:
     # -- policy ---------------------------------------------------------------------------------
 
     @overload
-    async def set_policy(self, caller: Caller, command: SetBreakGlassPolicy) -> domain.BreakGlassPolicy: ...
+    async def set_policy(self, caller: Caller, command: SetBreakGlassPolicy) -> break_glass_rules.BreakGlassPolicy: ...
 
     @overload
     async def set_policy(
-        self, caller: Caller, command: SetBreakGlassPolicy, transaction: RunWrite[domain.BreakGlassPolicy, T]
+        self, caller: Caller, command: SetBreakGlassPolicy, transaction: RunWrite[break_glass_rules.BreakGlassPolicy, T]
     ) -> T: ...
 
     async def set_policy(
         self,
         caller: Caller,
         command: SetBreakGlassPolicy,
-        transaction: RunWrite[domain.BreakGlassPolicy, Any] | None = None,
+        transaction: RunWrite[break_glass_rules.BreakGlassPolicy, Any] | None = None,
     ) -> Any:
         """Set an organization's policy; returns it as stored."""
-        policy = domain.check_policy(
+        policy = break_glass_rules.check_policy(
             command.organization_id,
             enabled=command.enabled,
             overrides_deny=command.overrides_deny,
@@ -189,7 +189,7 @@ class BreakGlassDesk:
         if not (caller.has_role("admin") or caller.organization_id == policy.organization_id):
             raise PermissionDenied("an org-admin sets their own organization's policy; admins any")
 
-        async def write(conn: AsyncConnection) -> domain.BreakGlassPolicy:
+        async def write(conn: AsyncConnection) -> break_glass_rules.BreakGlassPolicy:
             organization = await storage.get_principal(conn, policy.organization_id)
             if organization is None or organization.kind != Kind.PRINCIPAL_KIND_ORGANIZATION:
                 raise InvalidArgument.field("policy.organization_id", "not a registered organization")
@@ -212,7 +212,7 @@ class BreakGlassDesk:
 
         return await self._write(write, transaction, [])
 
-    async def get_policy(self, caller: Caller, organization_id: str) -> domain.BreakGlassPolicy:
+    async def get_policy(self, caller: Caller, organization_id: str) -> break_glass_rules.BreakGlassPolicy:
         """The organization's policy (a disabled one when it never set any)."""
         if not organization_id:
             raise InvalidArgument.field("organization_id", "required")
@@ -235,7 +235,7 @@ class BreakGlassDesk:
         self, caller: Caller, command: BreakGlass, transaction: RunWrite[domain.BreakGlassAccess, Any] | None = None
     ) -> Any:
         """Start an access of the caller to the patient, under their organization's policy."""
-        justification = domain.check_break_glass(command.patient_id, command.reason, command.justification)
+        justification = break_glass_rules.check_break_glass(command.patient_id, command.reason, command.justification)
         started: list[domain.BreakGlassAccess] = []
 
         async def write(conn: AsyncConnection) -> domain.BreakGlassAccess:
@@ -262,12 +262,12 @@ class BreakGlassDesk:
                     f"{policy.rate_window_seconds / 3600:g} hours; ask a privacy officer"
                 )
             access = domain.BreakGlassAccess(
-                access_id=domain.new_break_glass_id(),
+                access_id=break_glass_rules.new_break_glass_id(),
                 patient_id=command.patient_id,
                 practitioner_id=caller.principal_id,
                 organization_id=practitioner.organization_id,
                 reason=command.reason,
-                justification_sha256=domain.justification_sha256(justification),
+                justification_sha256=break_glass_rules.justification_sha256(justification),
                 started_at=now,
                 expires_at=now + policy.access_seconds,
                 overrides_deny=policy.overrides_deny,
@@ -284,19 +284,19 @@ class BreakGlassDesk:
 
         result = await self._write(write, transaction, started)
         for a in started:  # not for a replayed response
-            USES.labels(domain.reason_code(a.reason)).inc()
+            USES.labels(break_glass_rules.reason_code(a.reason)).inc()
             log.warning(
                 "break-glass access started",
                 extra={
                     "access_id": a.access_id,
                     "organization_id": a.organization_id,
-                    "reason_code": domain.reason_code(a.reason),
+                    "reason_code": break_glass_rules.reason_code(a.reason),
                 },
             )
         return result
 
     async def _announce_start(self, conn: AsyncConnection, a: domain.BreakGlassAccess) -> None:
-        code = domain.reason_code(a.reason)
+        code = break_glass_rules.reason_code(a.reason)
         started = new_event(
             source=self.source,
             payload=consent_events_pb2.BreakGlassAccessStarted(

@@ -7,7 +7,8 @@ from medledger.consent.v1 import consent_service_pb2 as pb
 from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_consent.domain import BreakGlassAccess, BreakGlassPolicy
+from medledger_consent.break_glass_rules import BreakGlassPolicy
+from medledger_consent.domain import BreakGlassAccess
 from medledger_consent.storage import (
     break_glass_accesses,
     break_glass_policies,
