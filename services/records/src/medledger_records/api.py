@@ -14,8 +14,10 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
+from google.protobuf import message as pb_message
 from medledger.consent.v1 import consent_service_pb2 as co_pb
 from medledger.consent.v1 import consent_service_pb2_grpc as co_grpc
 from medledger.records.v1 import records_service_pb2 as pb
@@ -33,7 +35,6 @@ from medledger_records.records import (
     Receipt,
     RecordDesk,
     RecordKeys,
-    Write,
     Written,
 )
 from medledger_runtime.auth import Access, Caller, current_caller
@@ -63,8 +64,8 @@ ACCESS: dict[str, Access] = {
     _SERVICE + "ReleaseLegalHold": Access.of(roles=["admin", "privacy-officer"]),
 }
 ROTATION_PAGE = 100
-ErasureWrite = Callable[[AsyncConnection], Awaitable[erasure_storage.ErasureRow]]
-HoldWrite = Callable[[AsyncConnection], Awaitable[erasure_storage.LegalHoldRow]]
+T = TypeVar("T")
+R = TypeVar("R", bound=pb_message.Message)
 PERMIT = co_pb.Decision.DECISION_PERMIT
 
 
@@ -150,12 +151,47 @@ def _hold(hold: erasure_storage.LegalHoldRow) -> pb.LegalHold:
     return message
 
 
+def _erasure_requested(row: erasure_storage.ErasureRow) -> pb.RequestErasureResponse:
+    return pb.RequestErasureResponse(erasure=_erasure(ErasureView(row)))
+
+
+def _hold_placed(row: erasure_storage.LegalHoldRow) -> pb.PlaceLegalHoldResponse:
+    return pb.PlaceLegalHoldResponse(legal_hold=_hold(row))
+
+
 class RecordsApi(pb_grpc.RecordsServiceServicer):
     def __init__(self, runtime: ServiceRuntime, keys: RecordKeys, records: RecordDesk, erasures: ErasureDesk) -> None:
         self.rt = runtime
         self.keys = keys  # for key rotation
         self.records = records
         self.erasures = erasures
+
+    def _once(
+        self,
+        scope: str,
+        request: pb_message.Message,
+        response_cls: type[R],
+        respond: Callable[[T], R],
+        after_commit: Callable[[], None],
+    ) -> Callable[[Callable[[AsyncConnection], Awaitable[T]]], Awaitable[R]]:
+        """The transaction of a mutating RPC's write: once per request id, answering a retry with
+        the response first stored (the request's fingerprint is its protobuf bytes)."""
+
+        async def once(write: Callable[[AsyncConnection], Awaitable[T]]) -> R:
+            async def work(conn: AsyncConnection) -> R:
+                return respond(await write(conn))
+
+            return await run_idempotent(
+                self.rt.db,
+                scope=scope,
+                request_id=request.request_id,  # type: ignore[attr-defined]
+                request=request,
+                response_cls=response_cls,
+                work=work,
+                after_commit=after_commit,
+            )
+
+        return once
 
     async def PutRecord(self, request: pb.PutRecordRequest, context: grpc.aio.ServicerContext) -> pb.PutRecordResponse:
         """Idempotency is kept here, around the use case's transaction, because what it keys and
@@ -170,20 +206,7 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
             record_id=request.record_id,
         )
 
-        async def once(write: Write) -> pb.PutRecordResponse:
-            async def work(conn: AsyncConnection) -> pb.PutRecordResponse:
-                return _put_response(await write(conn))
-
-            return await run_idempotent(
-                self.rt.db,
-                scope="records.PutRecord",
-                request_id=request.request_id,
-                request=request,
-                response_cls=pb.PutRecordResponse,
-                work=work,
-                after_commit=self.rt.relay.notify,
-            )
-
+        once = self._once("records.PutRecord", request, pb.PutRecordResponse, _put_response, self.rt.relay.notify)
         return await self.records.put(current_caller(), command, once)
 
     async def GetRecord(self, request: pb.GetRecordRequest, context: grpc.aio.ServicerContext) -> pb.GetRecordResponse:
@@ -305,20 +328,13 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
     ) -> pb.RequestErasureResponse:
         command = RequestErasure(patient_id=request.patient_id, reason=request.reason)
 
-        async def once(write: ErasureWrite) -> pb.RequestErasureResponse:
-            async def work(conn: AsyncConnection) -> pb.RequestErasureResponse:
-                return pb.RequestErasureResponse(erasure=_erasure(ErasureView(await write(conn))))
-
-            return await run_idempotent(
-                self.rt.db,
-                scope="records.RequestErasure",
-                request_id=request.request_id,
-                request=request,
-                response_cls=pb.RequestErasureResponse,
-                work=work,
-                after_commit=self.erasures.after_request,
-            )
-
+        once = self._once(
+            "records.RequestErasure",
+            request,
+            pb.RequestErasureResponse,
+            _erasure_requested,
+            self.erasures.after_request,
+        )
         response: pb.RequestErasureResponse = await self.erasures.request(current_caller(), command, once)
         # Logged for a retry too, with the erasure it answers with.
         log.info("erasure requested", extra={"erasure_id": response.erasure.erasure_id})
@@ -347,22 +363,13 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
     ) -> pb.PlaceLegalHoldResponse:
         command = PlaceLegalHold(patient_id=request.patient_id, reason=request.reason)
 
-        async def once(
-            write: Callable[[AsyncConnection], Awaitable[erasure_storage.LegalHoldRow]],
-        ) -> pb.PlaceLegalHoldResponse:
-            async def work(conn: AsyncConnection) -> pb.PlaceLegalHoldResponse:
-                return pb.PlaceLegalHoldResponse(legal_hold=_hold(await write(conn)))
-
-            return await run_idempotent(
-                self.rt.db,
-                scope="records.PlaceLegalHold",
-                request_id=request.request_id,
-                request=request,
-                response_cls=pb.PlaceLegalHoldResponse,
-                work=work,
-                after_commit=self.rt.relay.notify,
-            )
-
+        once = self._once(
+            "records.PlaceLegalHold",
+            request,
+            pb.PlaceLegalHoldResponse,
+            _hold_placed,
+            self.rt.relay.notify,
+        )
         response: pb.PlaceLegalHoldResponse = await self.erasures.place_hold(current_caller(), command, once)
         return response
 
