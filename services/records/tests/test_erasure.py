@@ -23,7 +23,8 @@ from medledger_records.data_keys import DataKeyCache
 from medledger_records.erasure import ErasureDesk, PlaceLegalHold, RequestErasure
 from medledger_records.erasure_certificates import Certifier
 from medledger_records.erasure_runner import CANCELLED, COMPLETED, PENDING, RUNNING, ErasureRunner
-from medledger_records.records import ConsentAnswer, GetRecord, PutRecord, RecordDesk
+from medledger_records.record_commands import ConsentAnswer, GetRecord, PutRecord
+from medledger_records.records import RecordDesk
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
 from medledger_runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied

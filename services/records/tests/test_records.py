@@ -19,15 +19,8 @@ from sqlalchemy import select
 from medledger_records import erasure_storage, storage
 from medledger_records.data_keys import DataKeyCache
 from medledger_records.erasure_runner import COMPLETED, RUNNING
-from medledger_records.records import (
-    ConsentAnswer,
-    ExportRecords,
-    GetRecord,
-    ListRecords,
-    PutRecord,
-    RecordDesk,
-    Written,
-)
+from medledger_records.record_commands import ConsentAnswer, ExportRecords, GetRecord, ListRecords, PutRecord, Written
+from medledger_records.records import RecordDesk
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
 from medledger_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied

@@ -26,17 +26,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_records import erasure_storage, key_storage, storage
 from medledger_records.erasure import ErasureDesk, ErasureView, PlaceLegalHold, RequestErasure
-from medledger_records.records import (
+from medledger_records.record_commands import (
     ConsentAnswer,
     ExportRecords,
     GetRecord,
     ListRecords,
     PutRecord,
     Receipt,
-    RecordDesk,
     RecordKeys,
     Written,
 )
+from medledger_records.records import RecordDesk
 from medledger_runtime.auth import Access, Caller, current_caller
 from medledger_runtime.errors import InvalidArgument, MedledgerError
 from medledger_runtime.idempotency import run_idempotent
