@@ -29,7 +29,7 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_consent import break_glass_rules, break_glass_storage, domain, storage
-from medledger_consent.writes import RunWrite, T, Transaction, Write
+from medledger_consent.writes import RunWrite, T, Transaction, Write, write_then_index
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
 from medledger_runtime.errors import (
@@ -156,10 +156,7 @@ class BreakGlassDesk:
     async def _write(
         self, write: Write[Any], transaction: RunWrite[Any, Any] | None, accesses: list[domain.BreakGlassAccess]
     ) -> Any:
-        result = await (transaction or self.transaction)(write)
-        for a in accesses:  # none when the transaction replayed an earlier response
-            self.index.put_break_glass(a)
-        return result
+        return await write_then_index(transaction or self.transaction, write, accesses, self.index.put_break_glass)
 
     # -- policy ---------------------------------------------------------------------------------
 

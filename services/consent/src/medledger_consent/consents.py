@@ -20,7 +20,7 @@ from medledger.types.v1 import vocabulary_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_consent import domain, fhir, storage
-from medledger_consent.writes import RunWrite, T, Transaction, Write
+from medledger_consent.writes import RunWrite, T, Transaction, Write, write_then_index
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
 from medledger_runtime.errors import InvalidArgument, NotFound, PermissionDenied
@@ -160,10 +160,7 @@ class ConsentDesk:
     async def _write_versions(
         self, write: Write[Recorded], transaction: RunWrite[Recorded, Any] | None, recorded: list[domain.ConsentVersion]
     ) -> Any:
-        result = await (transaction or self.transaction)(write)
-        for v in recorded:  # none when the transaction replayed an earlier response
-            self.index.add(v)
-        return result
+        return await write_then_index(transaction or self.transaction, write, recorded, self.index.add)
 
     async def _record_version(self, conn: AsyncConnection, v: domain.ConsentVersion) -> Recorded:
         salt = domain.new_salt()
