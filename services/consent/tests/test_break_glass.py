@@ -12,7 +12,7 @@ from medledger.events.v1 import consent_events_pb2 as ev
 from medledger.types.v1 import vocabulary_pb2 as v
 
 from medledger_consent import break_glass_rules
-from medledger_consent.break_glass import (
+from medledger_consent.break_glass_commands import (
     BreakGlass,
     ListBreakGlassAccesses,
     ReviewBreakGlassAccess,

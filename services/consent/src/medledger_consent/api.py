@@ -19,9 +19,9 @@ from medledger.consent.v1 import consent_service_pb2_grpc as pb_grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_consent import break_glass_rules, domain
-from medledger_consent.break_glass import (
+from medledger_consent.break_glass import BreakGlassDesk
+from medledger_consent.break_glass_commands import (
     BreakGlass,
-    BreakGlassDesk,
     ListBreakGlassAccesses,
     ReviewBreakGlassAccess,
     SetBreakGlassPolicy,

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, overload
 
 from medledger.consent.v1 import consent_service_pb2 as pb
@@ -29,6 +29,14 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_consent import break_glass_rules, break_glass_storage, domain, storage
+from medledger_consent.break_glass_commands import (
+    AccessPage,
+    AccessRead,
+    BreakGlass,
+    ListBreakGlassAccesses,
+    ReviewBreakGlassAccess,
+    SetBreakGlassPolicy,
+)
 from medledger_consent.writes import RunWrite, T, Transaction, Write, write_then_index
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
@@ -68,63 +76,6 @@ PENDING_REVIEWS = Gauge(
     "medledger_consent_break_glass_pending_reviews",
     "Break-glass accesses no privacy officer has reviewed yet (read from the database).",
 )
-
-
-# Commands.
-
-
-@dataclass(frozen=True)
-class SetBreakGlassPolicy:
-    """An organization's policy; unset durations (None) and count (0) take the defaults."""
-
-    organization_id: str
-    enabled: bool = False
-    overrides_deny: bool = False
-    access_seconds: float | None = None
-    max_uses: int = 0
-    rate_window_seconds: float | None = None
-
-
-@dataclass(frozen=True)
-class BreakGlass:
-    """The caller (a practitioner) breaks the glass for the patient (reason: a BreakGlassReason)."""
-
-    patient_id: str
-    reason: int
-    justification: str
-
-
-@dataclass(frozen=True)
-class ListBreakGlassAccesses:
-    organization_id: str
-    pending_only: bool = False
-    page_size: int = 0
-    page_token: str = ""
-
-
-@dataclass(frozen=True)
-class ReviewBreakGlassAccess:
-    """review: JUSTIFIED or UNJUSTIFIED (a BreakGlassReview)."""
-
-    access_id: str
-    review: int
-
-
-# Results.
-
-
-@dataclass(frozen=True)
-class AccessPage:
-    accesses: list[domain.BreakGlassAccess]
-    next_page_token: str
-
-
-@dataclass(frozen=True)
-class AccessRead:
-    """An access with its justification ("" once the patient's erasure destroyed its key)."""
-
-    access: domain.BreakGlassAccess
-    justification: str = ""
 
 
 def _is_officer_of(caller: Caller, organization_id: str) -> bool:
