@@ -33,22 +33,33 @@ def answer_tiles(wanted: Sequence[tlog.Tile], stored: Mapping[tuple[int, int], b
 # --- SQLAlchemy (SQLite, and reads on either database) ----------------------------------------
 
 
-class ConnectionTiles:
-    """A TileReader on an open SQLAlchemy connection (inside a transaction when appending)."""
+class _OneQueryTiles:
+    """A TileReader that reads every wanted tile in one query, by (level, index)."""
 
-    def __init__(self, conn: AsyncConnection) -> None:
+    def __init__(self, conn: Any) -> None:
         self.conn = conn
 
     async def read_tiles(self, wanted: Sequence[tlog.Tile]) -> list[bytes]:
         if not wanted:
             return []
-        keys = sorted({(t.level, t.index) for t in wanted})
+        return answer_tiles(wanted, await self._stored(sorted({(t.level, t.index) for t in wanted})))
+
+    async def _stored(self, keys: list[tuple[int, int]]) -> Mapping[tuple[int, int], bytes]:
+        raise NotImplementedError
+
+
+class ConnectionTiles(_OneQueryTiles):
+    """A TileReader on an open SQLAlchemy connection (inside a transaction when appending)."""
+
+    conn: AsyncConnection
+
+    async def _stored(self, keys: list[tuple[int, int]]) -> Mapping[tuple[int, int], bytes]:
         rows = await self.conn.execute(
             select(tiles.c.level, tiles.c.tile_index, tiles.c.hashes).where(
                 tuple_(tiles.c.level, tiles.c.tile_index).in_(keys)
             )
         )
-        return answer_tiles(wanted, {(r.level, r.tile_index): r.hashes for r in rows})
+        return {(r.level, r.tile_index): r.hashes for r in rows}
 
 
 class DatabaseTiles:
@@ -128,18 +139,12 @@ _PG_INSERT_LISTS = (
 )
 
 
-class PgTiles:
+class PgTiles(_OneQueryTiles):
     """A TileReader on an asyncpg connection."""
 
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-
-    async def read_tiles(self, wanted: Sequence[tlog.Tile]) -> list[bytes]:
-        if not wanted:
-            return []
-        keys = sorted({(t.level, t.index) for t in wanted})
+    async def _stored(self, keys: list[tuple[int, int]]) -> Mapping[tuple[int, int], bytes]:
         rows = await self.conn.fetch(_PG_READ_TILES, [k[0] for k in keys], [k[1] for k in keys])
-        return answer_tiles(wanted, {(r["level"], r["tile_index"]): r["hashes"] for r in rows})
+        return {(r["level"], r["tile_index"]): r["hashes"] for r in rows}
 
 
 class PgAppend:
