@@ -10,7 +10,9 @@ counter rises for alerting, and the access stays pending until a privacy officer
 These are break-glass's use cases, apart from any transport (the gRPC API in ``api.py`` is one
 caller): each takes the caller and a command of plain values and returns plain results or
 raises the errors of ``medledger_runtime.errors``; writes run in the caller's `transaction`
-(``writes.py``) and their accesses join this replica's index as soon as they commit.
+(``writes.py``) and their accesses join this replica's index as soon as they commit. The
+commands and results are in ``break_glass_commands``, the policy rules in ``break_glass_rules``,
+the queries in ``break_glass_storage``; what stays, about 400 lines, is the one desk.
 """
 
 from __future__ import annotations
