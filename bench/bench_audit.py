@@ -32,7 +32,7 @@ from aiokafka import AIOKafkaConsumer
 from medledger.events.v1 import consent_events_pb2, records_events_pb2
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
-from medledger_audit import storage
+from medledger_audit import storage, tile_store
 from medledger_audit.entries import subject_key_name
 from medledger_audit.handlers import LogConsumer
 from medledger_audit.sequencer import Sequencer
@@ -245,7 +245,7 @@ async def proofs(url: str, size: int, samples: int) -> dict[str, float]:
     finally:
         await conn.close()
     loaded = time.perf_counter() - started - computed
-    reader = storage.DatabaseTiles(db)
+    reader = tile_store.DatabaseTiles(db)
     if await tlog.tree_root(reader, size) != root:
         raise RuntimeError("the stored tiles do not give the computed root")
     rng = random.Random(9)

@@ -15,7 +15,7 @@ from eth_tester.exceptions import TransactionFailed
 from web3 import EthereumTesterProvider, Web3
 from web3.exceptions import ContractCustomError
 
-from medledger_consent import domain
+from medledger_consent import domain, fhir
 from medledger_devstack.testing import Anvil
 
 BUILD = Path(__file__).resolve().parents[2] / "contracts" / "build" / "ConsentRegistry.json"
@@ -156,12 +156,12 @@ def test_anyone_with_the_document_and_its_salt_can_check_the_status(w3: Web3) ->
         recorded_by="pat_chain",
         recorded_at=now,
     )
-    document, salt = domain.fhir_consent(version), domain.new_salt()
-    commitment = bytes.fromhex(domain.commitment(document, salt))
+    document, salt = fhir.fhir_consent(version), domain.new_salt()
+    commitment = bytes.fromhex(fhir.commitment(document, salt))
     send(w3, registry.functions.grant(commitment, int(now), int(now) + 3600), writer)
     # The patient recomputes the commitment from what they hold; the chain knows nothing else.
-    recomputed = bytes.fromhex(domain.commitment(json.loads(json.dumps(document)), salt))
+    recomputed = bytes.fromhex(fhir.commitment(json.loads(json.dumps(document)), salt))
     assert registry.functions.isInForce(recomputed, int(now) + 60).call({"from": patient})
     # A guess without the salt finds nothing.
-    guess = bytes.fromhex(domain.commitment(document, bytes(32)))
+    guess = bytes.fromhex(fhir.commitment(document, bytes(32)))
     assert registry.functions.statusOf(guess).call()[0] == UNKNOWN

@@ -29,7 +29,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import MetaData, select
 
 from medledger_identity.resources import RESOURCE_KEY
-from medledger_records import storage as records_storage
+from medledger_records import erasure_storage as records_erasure_storage
 from medledger_runtime.errors import InvalidArgument, MedledgerError, Unavailable
 from medledger_runtime.events import TOPICS, decode, unpack
 from medledger_runtime.kafka import make_producer
@@ -388,7 +388,7 @@ async def test_an_erasure_waits_visibly_for_a_missing_participant_and_redeliveri
         # A redelivered confirmation changes nothing: identity's own, sent again through Kafka,
         # and one naming other keys, handed to records directly.
         async with stack.records.db.connect() as conn:
-            stored = await records_storage.confirmations_of(conn, pending.erasure_id)
+            stored = await records_erasure_storage.confirmations_of(conn, pending.erasure_id)
         assert set(stored) == {"identity", "records"}
         async with stack.identity.db.connect() as conn:
             identity_events = [
@@ -407,7 +407,7 @@ async def test_an_erasure_waits_visibly_for_a_missing_participant_and_redeliveri
         assert await desk.confirm(other) is False
         await asyncio.sleep(1.0)
         async with stack.records.db.connect() as conn:
-            assert await records_storage.confirmations_of(conn, pending.erasure_id) == stored
+            assert await records_erasure_storage.confirmations_of(conn, pending.erasure_id) == stored
 
         # The key manager is back: consent's retry destroys its key and confirms; the certificate
         # follows, naming audit absent.

@@ -22,6 +22,7 @@ from aiokafka.structs import ConsumerRecord
 from medledger.events.v1 import records_events_pb2
 from sqlalchemy import func, select
 
+from medledger_consent import break_glass_storage as consent_break_glass_storage
 from medledger_consent import domain as consent_domain
 from medledger_consent import key_owners as consent_owners
 from medledger_consent import storage as consent_storage
@@ -229,7 +230,7 @@ async def test_consent_moves_each_justification_to_its_own_key_and_resumes_after
             access = _access(patient)
             text = f"unconscious, no record of allergies ({i})".encode()
             ciphertext = await keys.old_world.encrypt(old, text, associated_data=access.access_id.encode())
-            await consent_storage.insert_access(conn, access, ciphertext)
+            await consent_break_glass_storage.insert_access(conn, access, ciphertext)
             justifications[access.access_id] = text
     await db.migrate("consent", consent_storage.MIGRATIONS)
     pending = consent_storage.justifications_under_old_keys
@@ -243,7 +244,7 @@ async def test_consent_moves_each_justification_to_its_own_key_and_resumes_after
     owned = patient_key_name("consent", patient)
     async with db.connect() as conn:
         for access_id, text in justifications.items():
-            found = await consent_storage.get_access(conn, access_id)
+            found = await consent_break_glass_storage.get_access(conn, access_id)
             assert found is not None
             assert await keys.everyday.decrypt(owned, found[1], associated_data=access_id.encode()) == text
     await db.close()
@@ -330,27 +331,27 @@ async def test_the_backfill_destroys_what_an_earlier_erasure_left_in_consent_and
             writer = keys.everyday if moved else keys.old_world
             await writer.ensure_key(name, KeyType.AES256_GCM96)
             ciphertext = await writer.encrypt(name, b"why", associated_data=access.access_id.encode())
-            await consent_storage.insert_access(conn, access, ciphertext)
+            await consent_break_glass_storage.insert_access(conn, access, ciphertext)
             copies[access.access_id] = (patient, ciphertext)
     handler = consent_owners.ErasedJustificationsHandler(db, KeyShredder(keys.erasure, reader=keys.everyday))
     message = _erased(erased)
 
     # The process dies after destroying the keys, before the rows: the event comes again.
-    real = consent_storage.forget_justifications
+    real = consent_break_glass_storage.forget_justifications
 
     async def killed(*args: Any) -> int:
         raise RuntimeError("killed mid-backfill")
 
-    monkeypatch.setattr(consent_storage, "forget_justifications", killed)
+    monkeypatch.setattr(consent_break_glass_storage, "forget_justifications", killed)
     with pytest.raises(RuntimeError, match="killed"):
         await handler(message)
-    monkeypatch.setattr(consent_storage, "forget_justifications", real)
+    monkeypatch.setattr(consent_break_glass_storage, "forget_justifications", real)
     await handler(message)
     await handler(message)  # a duplicate: done is done
 
     async with db.connect() as conn:
         for access_id, (patient, ciphertext) in copies.items():
-            found = await consent_storage.get_access(conn, access_id)
+            found = await consent_break_glass_storage.get_access(conn, access_id)
             assert found is not None
             if patient == erased:
                 assert found[1] == ""

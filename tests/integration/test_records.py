@@ -29,7 +29,7 @@ from sqlalchemy import func, select, update
 
 from medledger_devstack import synthetic
 from medledger_devstack.testing import bad_request_fields, status_of
-from medledger_records import storage
+from medledger_records import erasure_storage, key_storage, storage
 from medledger_runtime.errors import NotFound
 from medledger_runtime.events import decode, unpack
 from medledger_runtime.outbox import outbox
@@ -339,7 +339,7 @@ async def test_key_rotation_rewraps_every_data_key_and_resumes_after_a_crash(sta
 
         # The service dies after the first page of one version: nothing is refused yet.
         monkeypatch.setattr(records_api, "ROTATION_PAGE", 1)
-        real_advance = storage.advance_rotation
+        real_advance = key_storage.advance_rotation
         calls = 0
 
         async def crash_after_first_page(*args: Any) -> None:
@@ -349,7 +349,7 @@ async def test_key_rotation_rewraps_every_data_key_and_resumes_after_a_crash(sta
                 raise RuntimeError("killed mid-rotation")
             await real_advance(*args)
 
-        monkeypatch.setattr(storage, "advance_rotation", crash_after_first_page)
+        monkeypatch.setattr(key_storage, "advance_rotation", crash_after_first_page)
         assert await status_of(admin.RotatePatientKey(rotate)) == CODE.INTERNAL
         keys = stack.records.keys
         name = f"records-patient-{p['patient_id']}"
@@ -358,7 +358,7 @@ async def test_key_rotation_rewraps_every_data_key_and_resumes_after_a_crash(sta
             assert (await p["patient"].GetRecord(pb.GetRecordRequest(record_id=record_id))).content == content
 
         # Called again, it finishes the same rotation (no third key version).
-        monkeypatch.setattr(storage, "advance_rotation", real_advance)
+        monkeypatch.setattr(key_storage, "advance_rotation", real_advance)
         done = await admin.RotatePatientKey(rotate)
         assert done.key_version == 2 and done.rewrapped == 2
         info = await keys.key_info(name)
@@ -575,7 +575,7 @@ async def test_an_erasure_runs_after_its_grace_period_unless_held_and_finishes_a
         # Held after it is asked: the grace period passes and nothing happens.
         hold_ids = []
         async with stack.records.db.transaction() as conn:
-            hold_ids = [h.hold_id for h in await storage.holds_in_force(conn, p["patient_id"])]
+            hold_ids = [h.hold_id for h in await erasure_storage.holds_in_force(conn, p["patient_id"])]
         await po.ReleaseLegalHold(pb.ReleaseLegalHoldRequest(hold_id=hold_ids[0]))
         # From here only the test runs erasures: the runner sleeps an hour on an event no one sets.
         monkeypatch.setattr(desk, "check_interval", 3600.0)
@@ -589,21 +589,21 @@ async def test_an_erasure_runs_after_its_grace_period_unless_held_and_finishes_a
         assert await desk.run_due() == []
         assert (await p["patient"].GetRecord(pb.GetRecordRequest(record_id=ids[1]))).content == b"%PDF-1.7 scan"
         async with stack.records.db.transaction() as conn:
-            hold_ids = [h.hold_id for h in await storage.holds_in_force(conn, p["patient_id"])]
+            hold_ids = [h.hold_id for h in await erasure_storage.holds_in_force(conn, p["patient_id"])]
 
         # Released, it runs; killed after deleting the key, the next run finishes it.
-        real_erase = storage.erase_patient_data
+        real_erase = erasure_storage.erase_patient_data
 
         async def killed(*args: Any) -> Any:
             raise RuntimeError("killed mid-erasure")
 
-        monkeypatch.setattr(storage, "erase_patient_data", killed)
+        monkeypatch.setattr(erasure_storage, "erase_patient_data", killed)
         await po.ReleaseLegalHold(pb.ReleaseLegalHoldRequest(hold_id=hold_ids[0]))
         with contextlib.suppress(RuntimeError):
             await desk.run_due()
         state = (await p["patient"].GetErasure(pb.GetErasureRequest(erasure_id=pending.erasure_id))).erasure
         assert state.state == ERASURE.ERASURE_STATE_RUNNING
-        monkeypatch.setattr(storage, "erase_patient_data", real_erase)
+        monkeypatch.setattr(erasure_storage, "erase_patient_data", real_erase)
         await desk.run_due()
         done = await until_completed(p["patient"], pending.erasure_id)
         assert done.certificate.authorized_by == "grace-period"

@@ -22,7 +22,7 @@ from medledger.records.v1 import records_service_pb2_grpc as pb_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
 from sqlalchemy import select
 
-from medledger_consent import storage as consent_storage
+from medledger_consent import break_glass_storage as consent_break_glass_storage
 from medledger_devstack.testing import OpenBaoServer, status_of
 from medledger_records import storage as records_storage
 from medledger_runtime.keys import KeyManager, VaultKeyManager, patient_key_name
@@ -117,7 +117,7 @@ async def test_rotating_records_key_leaves_every_services_ciphertexts_readable_a
         await everything_decrypts()
         # Each service's ciphertext is under its own key, in the database.
         async with stack.consent.db.connect() as conn:
-            stored = await consent_storage.get_access(conn, access.access_id)
+            stored = await consent_break_glass_storage.get_access(conn, access.access_id)
         assert stored is not None
         async with stack.records.db.connect() as conn:
             names = set((await conn.execute(select(records_storage.record_versions.c.key_name))).scalars())

@@ -12,7 +12,7 @@ from medledger.events.v1 import identity_events_pb2
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanContext, SpanKind
 
-from medledger_devstack.testing import Kafka, span_exporter
+from medledger_devstack.testing import Kafka, consuming, span_exporter
 from medledger_runtime import events
 from medledger_runtime.kafka import ConsumedMessage, EventConsumer, ensure_topics, make_producer
 from medledger_runtime.retry import Backoff
@@ -59,15 +59,8 @@ async def test_each_message_is_handled_in_a_consumer_span_that_continues_the_pro
     consumer = EventConsumer(
         bootstrap_servers=kafka.bootstrap_servers, group_id=group, handler=handler, producer=producer, topics=[topic]
     )
-    await consumer.start()
-    task = asyncio.create_task(consumer.run())
-    try:
+    async with consuming(consumer, producer):
         await asyncio.wait_for(done.wait(), 30)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await consumer.stop()
-        await producer.stop()
 
     spans = {s.context.span_id: s for s in exporter.get_finished_spans() if s.name == f"{topic} process"}
     for e, producer_span in zip(traced, producer_spans, strict=True):
@@ -115,17 +108,12 @@ async def test_a_cancelled_batch_commits_only_the_messages_whose_handler_returne
         topics=[topic],
         commit_interval_seconds=3600,
     )
-    await consumer.start()
-    task = asyncio.create_task(consumer.run())
-    try:
+    async with consuming(consumer, producer) as task:
         await asyncio.wait_for(stuck.wait(), 30)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert handled == [batch[0].id, batch[1].id]
         assert await consumer.consumer.committed(TopicPartition(topic, 0)) == 2
-    finally:
-        await consumer.stop()
-        await producer.stop()
 
 
 async def test_offsets_of_revoked_partitions_are_dropped_not_fatal() -> None:

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import Column, MetaData, String, Table
 
 from medledger_devstack import localstack
-from medledger_devstack.testing import Kafka, Postgres, read_topic
+from medledger_devstack.testing import Kafka, Postgres, consuming, read_topic
 from medledger_runtime import events
 from medledger_runtime.db import Database
 from medledger_runtime.errors import dependency_outage, outage_dependency
@@ -115,18 +115,11 @@ async def test_an_event_whose_handler_violates_a_constraint_is_dead_lettered_and
     before = REGISTRY.get_sample_value(
         "medledger_kafka_dead_letters_total", {"group": group, "topic": topic, "error": "IntegrityError"}
     )
-    await consumer.start()
-    task = asyncio.create_task(consumer.run())
-    try:
+    async with consuming(consumer, producer):
         for e in (first, clash, after):
             await producer.send_and_wait(topic, e.SerializeToString())
         dead = await read_topic(kafka.bootstrap_servers, events.dlq_topic(topic), 1, within=20)
         await _eventually(lambda: after.id in attempts, 20, "the message after the dead letter handled")
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await consumer.stop()
-        await producer.stop()
     try:
         assert [events.decode(r.value).id for r in dead] == [clash.id]
         reason = dict(dead[0].headers)["dlq.error"].decode()
@@ -171,18 +164,13 @@ async def test_a_serialization_failure_is_retried_until_it_passes_whatever_the_a
         max_attempts=2,
         backoff=QUICK,
     )
-    await consumer.start()
-    task = asyncio.create_task(consumer.run())
     try:
-        await producer.send_and_wait(topic, _event("x").SerializeToString())
-        await asyncio.wait_for(handled.wait(), 20)
-        assert calls == 6
-        assert await read_topic(kafka.bootstrap_servers, events.dlq_topic(topic), 1, within=2) == []
+        async with consuming(consumer, producer):
+            await producer.send_and_wait(topic, _event("x").SerializeToString())
+            await asyncio.wait_for(handled.wait(), 20)
+            assert calls == 6
+            assert await read_topic(kafka.bootstrap_servers, events.dlq_topic(topic), 1, within=2) == []
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await consumer.stop()
-        await producer.stop()
         await db.close()
 
 

@@ -9,7 +9,7 @@ from medledger.events.v1 import identity_events_pb2
 from sqlalchemy import select
 
 from medledger_devstack import localstack
-from medledger_devstack.testing import Kafka, Postgres, read_topic
+from medledger_devstack.testing import Kafka, Postgres, consuming, read_topic
 from medledger_runtime import events
 from medledger_runtime.db import Database
 from medledger_runtime.kafka import ConsumedMessage, EventConsumer, PoisonMessage, ensure_topics, make_producer
@@ -132,9 +132,7 @@ async def test_poison_message_goes_to_the_dead_letter_topic_and_the_consumer_goe
         producer=producer,
         topics=[topic],
     )
-    await consumer.start()
-    task = asyncio.create_task(consumer.run())
-    try:
+    async with consuming(consumer, producer):
         good = _event(1)
         refused = events.new_event(
             source="t", payload=identity_events_pb2.PrincipalRegistered(), aggregate_id="a", version=1, subject="refuse"
@@ -153,11 +151,6 @@ async def test_poison_message_goes_to_the_dead_letter_topic_and_the_consumer_goe
                 break
             await asyncio.sleep(0.1)
         assert handled == [good.id]
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await consumer.stop()
-        await producer.stop()
 
 
 async def test_consumer_commits_what_it_handled_when_stopped_between_commit_intervals(kafka: Kafka) -> None:
@@ -187,14 +180,8 @@ async def test_consumer_commits_what_it_handled_when_stopped_between_commit_inte
             topics=[topic],
             commit_interval_seconds=3600,
         )
-        await consumer.start()
-        task = asyncio.create_task(consumer.run())
-        try:
+        async with consuming(consumer):
             await asyncio.wait_for(enough.wait(), 30)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await consumer.stop()
         return seen
 
     try:

@@ -15,7 +15,7 @@ from medledger.events.v1 import audit_events_pb2, identity_events_pb2, records_e
 from prometheus_client import REGISTRY
 from sqlalchemy import delete, func, select, update
 
-from medledger_audit import storage
+from medledger_audit import storage, tile_store
 from medledger_audit.checkpoints import Checkpointer
 from medledger_audit.entries import EntryDraft, draft_entry, subject_key_name, unprocessable_entry
 from medledger_audit.sequencer import APPEND_LOCK, Sequencer
@@ -128,7 +128,7 @@ async def test_entries_and_tiles_give_tlogs_tree(db: Database, sequencer: Sequen
     assert [r.event_id for r in rows] == [e.id for e in events]
     reference = await reference_root([bytes(r.entry) for r in rows])
     assert outcome.root == reference
-    tiles = storage.DatabaseTiles(db)
+    tiles = tile_store.DatabaseTiles(db)
     assert await tlog.tree_root(tiles, 750) == reference
     # Proofs at older sizes come from prefixes of the stored tiles.
     for size in (1, 255, 256, 257, 700):
@@ -350,7 +350,7 @@ async def test_checkpoints_every_n_entries_or_after_the_interval(
     first, second = 100, 101
     async with db.connect() as conn:
         old = notes.Checkpoint.parse(notes.parse_note(await storage.checkpoint_at(conn, ORIGIN, first) or "").text)
-    proof = await tlog.consistency_proof(storage.DatabaseTiles(db), first, second)
+    proof = await tlog.consistency_proof(tile_store.DatabaseTiles(db), first, second)
     notes.check_extends(old, signed.checkpoint, proof)
 
 

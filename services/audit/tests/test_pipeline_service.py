@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from medledger_audit import main as audit_main
-from medledger_audit import storage
+from medledger_audit import storage, tile_store
 from medledger_audit.config import AuditSettings
 from medledger_devstack import localstack
 from medledger_devstack.testing import Kafka, Postgres, running_service
@@ -177,7 +177,7 @@ async def test_service_topics_become_entries_and_checkpoints(
     # The stored tiles give tlog's tree of the same entries.
     memory = tlog.MemoryTiles()
     reference = await tlog.append(memory, 0, [tlog.leaf_hash(bytes(r.entry)) for r in rows])
-    assert await tlog.tree_root(storage.DatabaseTiles(audit.db), expected) == reference.root
+    assert await tlog.tree_root(tile_store.DatabaseTiles(audit.db), expected) == reference.root
 
     # A checkpoint of the grown tree, signed with both keys.
     async def signed() -> bool:

@@ -11,8 +11,8 @@ from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.events.v1 import consent_events_pb2 as ev
 from medledger.types.v1 import vocabulary_pb2 as v
 
-from medledger_consent import domain
-from medledger_consent.break_glass import (
+from medledger_consent import break_glass_rules
+from medledger_consent.break_glass_commands import (
     BreakGlass,
     ListBreakGlassAccesses,
     ReviewBreakGlassAccess,
@@ -69,7 +69,7 @@ async def test_breaking_the_glass_under_a_policy_records_an_access_that_permits_
     assert (policy.enabled, policy.max_uses, policy.access_seconds, policy.changed_by) == (
         True,
         2,
-        domain.DEFAULT_ACCESS_SECONDS,
+        break_glass_rules.DEFAULT_ACCESS_SECONDS,
         "prn_admin",
     )
     assert await w.break_glass.get_policy(DOCTOR, "org_1") == policy
@@ -81,7 +81,7 @@ async def test_breaking_the_glass_under_a_policy_records_an_access_that_permits_
         "org_1",
         PENDING,
     )
-    assert access.justification_sha256 == domain.justification_sha256(JUSTIFICATION)
+    assert access.justification_sha256 == break_glass_rules.justification_sha256(JUSTIFICATION)
     events = [(topic, kind) for topic, kind, _ in await w.events()]
     assert events == [
         (TOPICS["consent"], "BreakGlassPolicyChanged"),

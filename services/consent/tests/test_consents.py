@@ -12,7 +12,7 @@ from medledger.events.v1 import consent_events_pb2 as ev
 from medledger.types.v1 import vocabulary_pb2 as v
 from sqlalchemy import select
 
-from medledger_consent import domain, storage
+from medledger_consent import domain, fhir, storage
 from medledger_consent.consents import ChangeGuardian, GetConsent, GrantConsent, ListConsents, RevokeConsent
 from medledger_runtime.auth import Caller
 from medledger_runtime.errors import InvalidArgument, NotFound, PermissionDenied
@@ -67,7 +67,7 @@ async def test_a_grant_then_a_check_permits_and_the_decision_is_recorded(registe
 
     granted = await w.consents.grant(PATIENT, grant_to())
     assert (granted.version.version, granted.version.status, granted.version.recorded_by) == (1, domain.ACTIVE, "pat_1")
-    assert granted.version.commitment == domain.commitment(domain.fhir_consent(granted.version), granted.salt)
+    assert granted.version.commitment == fhir.commitment(fhir.fhir_consent(granted.version), granted.salt)
     assert w.notified == [1]  # the relay is woken once the grant commits
 
     outcome, decision_id, decided_at = await w.checks.check(RECORDS, "pat_1", "prn_1", READ, OBS, TREAT)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.types.v1 import vocabulary_pb2 as v
 
-from medledger_consent import domain
+from medledger_consent import break_glass_rules, domain, fhir
 from medledger_consent.domain import ConsentIndex, ConsentVersion, Question
 
 T0 = 1_800_000_000.0
@@ -170,16 +170,16 @@ def test_adding_a_version_twice_changes_nothing() -> None:
 
 def test_the_fhir_form_validates_and_the_commitment_is_what_the_readme_says() -> None:
     for version in (consent(), consent(provision=domain.DENY, grantee=ORG, period_end=None)):
-        document = domain.fhir_consent(version)
+        document = fhir.fhir_consent(version)
         FhirConsent.model_validate(document)
         assert document["provision"]["type"] in ("permit", "deny")
         salt = bytes(range(32))
         expected = hashlib.sha256(b"medledger:consent:v1\n" + salt + rfc8785.dumps(document)).hexdigest()
-        assert domain.commitment(document, salt) == expected
-        assert domain.commitment(document, bytes(32)) != expected
+        assert fhir.commitment(document, salt) == expected
+        assert fhir.commitment(document, bytes(32)) != expected
         # JCS: key order and whitespace do not change the commitment.
         reordered = json.loads(json.dumps(document, sort_keys=True))
-        assert domain.commitment(reordered, salt) == expected
+        assert fhir.commitment(reordered, salt) == expected
 
 
 # -- break-glass (rule 4) -------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def broken_glass(access_id: str = "bgl_1", **changes: object) -> domain.BreakGla
         practitioner_id=DOCTOR,
         organization_id=ORG,
         reason=pb.BreakGlassReason.BREAK_GLASS_REASON_LIFE_THREATENING,
-        justification_sha256=domain.justification_sha256("unconscious, allergy history needed"),
+        justification_sha256=break_glass_rules.justification_sha256("unconscious, allergy history needed"),
         started_at=T0 + DAY - HOUR,
         expires_at=T0 + DAY + 3 * HOUR,
         overrides_deny=False,
@@ -277,16 +277,16 @@ def test_break_glass_requests_name_the_bad_field(field: str, request_fields: dic
         "justification": "unconscious on arrival; allergy history needed",
     }
     with pytest.raises(domain.InvalidArgument) as err:
-        domain.check_break_glass(**{**base, **request_fields})
+        break_glass_rules.check_break_glass(**{**base, **request_fields})
     assert [violation.field for violation in err.value.violations] == [field]
 
 
 def test_policies_default_to_four_hours_and_three_uses_a_day_and_refuse_bad_durations() -> None:
     unset = {"overrides_deny": False, "access_seconds": None, "max_uses": 0, "rate_window_seconds": None}
-    policy = domain.check_policy(ORG, enabled=True, **unset)  # type: ignore[arg-type]
+    policy = break_glass_rules.check_policy(ORG, enabled=True, **unset)  # type: ignore[arg-type]
     assert (policy.access_seconds, policy.max_uses, policy.rate_window_seconds) == (4 * HOUR, 3, 24 * HOUR)
     with pytest.raises(domain.InvalidArgument):
-        domain.check_policy(ORG, enabled=False, **{**unset, "access_seconds": 25 * 3600.0})  # type: ignore[arg-type]
+        break_glass_rules.check_policy(ORG, enabled=False, **{**unset, "access_seconds": 25 * 3600.0})  # type: ignore[arg-type]
 
 
 # -- the index decides as the rule does -----------------------------------------------------------

@@ -18,12 +18,9 @@ from sqlalchemy import func, select
 
 from medledger_identity import storage
 from medledger_identity.credentials import SecretHasher
-from medledger_identity.principals import (
-    ACTIVE,
-    DEACTIVATED,
+from medledger_identity.principal_commands import (
     ChangeRole,
     DeactivatePrincipal,
-    Directory,
     GetPrincipal,
     ListPrincipals,
     Registered,
@@ -31,6 +28,7 @@ from medledger_identity.principals import (
     RegisterPrincipal,
     UpdatePrincipalResource,
 )
+from medledger_identity.principals import ACTIVE, DEACTIVATED, Directory
 from medledger_identity.tokens import IssueToken, TokenDesk, TokenSigner
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database

@@ -18,12 +18,13 @@ from medledger.events.v1 import records_events_pb2 as ev
 from medledger.types.v1 import vocabulary_pb2 as v
 from sqlalchemy import func, select
 
-from medledger_records import storage
+from medledger_records import erasure_storage, storage
 from medledger_records.data_keys import DataKeyCache
 from medledger_records.erasure import ErasureDesk, PlaceLegalHold, RequestErasure
 from medledger_records.erasure_certificates import Certifier
 from medledger_records.erasure_runner import CANCELLED, COMPLETED, PENDING, RUNNING, ErasureRunner
-from medledger_records.records import ConsentAnswer, GetRecord, PutRecord, RecordDesk
+from medledger_records.record_commands import ConsentAnswer, GetRecord, PutRecord
+from medledger_records.records import RecordDesk
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
 from medledger_runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
@@ -126,7 +127,7 @@ async def test_an_approved_erasure_shreds_the_key_so_the_records_read_as_erased(
     assert (await desk.keyring.key_info(key_name)).latest_version == 1
 
     notified = len(desk.notified)
-    pending: storage.ErasureRow = await desk.erasures.request(PATIENT, RequestErasure("pat_1", "leaving"))
+    pending: erasure_storage.ErasureRow = await desk.erasures.request(PATIENT, RequestErasure("pat_1", "leaving"))
     assert len(desk.notified) == notified + 1  # the relay is woken once the request commits
     assert (pending.state, pending.requested_by, pending.reason) == (PENDING, "pat_1", "leaving")
     assert pending.runs_after == pytest.approx(pending.requested_at + 3600.0)
@@ -182,7 +183,7 @@ async def test_unauthorized_callers_are_refused_and_nothing_is_erased(desk: Desk
             await desk.erasures.request(stranger, RequestErasure("pat_1"))
     assert await desk.erasure_rows() == 0
 
-    pending: storage.ErasureRow = await desk.erasures.request(PATIENT, RequestErasure("pat_1"))
+    pending: erasure_storage.ErasureRow = await desk.erasures.request(PATIENT, RequestErasure("pat_1"))
     # The requester cannot approve their own; to a stranger someone else's erasure looks missing.
     with pytest.raises(NotFound):
         await desk.erasures.approve(OTHER_PATIENT, pending.erasure_id)
@@ -190,7 +191,7 @@ async def test_unauthorized_callers_are_refused_and_nothing_is_erased(desk: Desk
         await desk.erasures.get(DOCTOR, pending.erasure_id)
     with pytest.raises(PermissionDenied):
         await desk.erasures.approve(PATIENT, pending.erasure_id)
-    admin_asked: storage.ErasureRow = await desk.erasures.request(ADMIN, RequestErasure("pat_3"))
+    admin_asked: erasure_storage.ErasureRow = await desk.erasures.request(ADMIN, RequestErasure("pat_3"))
     assert (await desk.erasures.get(PATIENT, pending.erasure_id)).erasure.state == PENDING
     assert (await desk.erasures.get(ADMIN, admin_asked.erasure_id)).erasure.requested_by == "svc_admin"
     assert (await desk.records.get(PATIENT, GetRecord(record_id))).content == OBSERVATION
@@ -219,13 +220,15 @@ async def test_a_bad_request_is_invalid_argument_and_changes_nothing(
 
 async def test_a_legal_hold_blocks_the_erasure_until_released(desk: Desk) -> None:
     record_id = await desk.put()
-    hold: storage.LegalHoldRow = await desk.erasures.place_hold(OFFICER, PlaceLegalHold("pat_1", "case 2026-115"))
+    hold: erasure_storage.LegalHoldRow = await desk.erasures.place_hold(
+        OFFICER, PlaceLegalHold("pat_1", "case 2026-115")
+    )
     with pytest.raises(FailedPrecondition, match="legal hold"):
         await desk.erasures.request(PATIENT, RequestErasure("pat_1"))
 
     released = await desk.erasures.release_hold(OFFICER, hold.hold_id)
     assert released.released_by == "prn_po" and released.released_at is not None
-    pending: storage.ErasureRow = await desk.erasures.request(PATIENT, RequestErasure("pat_1"))
+    pending: erasure_storage.ErasureRow = await desk.erasures.request(PATIENT, RequestErasure("pat_1"))
     with pytest.raises(AlreadyExists):
         await desk.erasures.request(PATIENT, RequestErasure("pat_1"))
     await desk.erasures.place_hold(OFFICER, PlaceLegalHold("pat_1", "case 2026-116"))
@@ -238,7 +241,7 @@ async def test_a_legal_hold_blocks_the_erasure_until_released(desk: Desk) -> Non
 async def test_a_running_erasure_waits_for_every_participants_confirmation(desk: Desk) -> None:
     desk.runner.participants = ("identity", "consent", "records", "audit")
     await desk.put()
-    pending: storage.ErasureRow = await desk.erasures.request(PATIENT, RequestErasure("pat_1"))
+    pending: erasure_storage.ErasureRow = await desk.erasures.request(PATIENT, RequestErasure("pat_1"))
     running = await desk.erasures.approve(OFFICER, pending.erasure_id)
     assert running.erasure.state == RUNNING
     assert (await desk.erasures.get(PATIENT, pending.erasure_id)).awaiting == ("identity", "consent")

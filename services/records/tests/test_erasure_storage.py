@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import insert
 
 from medledger_devstack.testing import Postgres
-from medledger_records import storage
+from medledger_records import erasure_storage, storage
 from medledger_runtime.db import Database
 
 RUNNING = 2
@@ -47,17 +47,19 @@ async def test_migration_3_upgrades_erasures_of_an_earlier_release(database_url:
             "records 3 erasure participants, their confirmations and signed certificates"
         ]
         async with db.transaction() as conn:
-            old = await storage.get_erasure(conn, "era_old")
+            old = await erasure_storage.get_erasure(conn, "era_old")
             assert old is not None
             assert (old.state, old.key_versions, old.approved_by) == (RUNNING, (1, 2), "prn_po")
             # Not asked yet: the runner asks the participants of the deployment when it takes it up.
             assert (old.participants, old.records_erased, old.signed_certificate) == ((), None, None)
-            assert await storage.set_erasure_state(conn, "era_old", RUNNING, participants=("identity", "records"))
-            assert await storage.add_confirmation(conn, "era_old", "identity", b"first", 3.0)
-            assert not await storage.add_confirmation(conn, "era_old", "identity", b"second", 4.0)
+            assert await erasure_storage.set_erasure_state(
+                conn, "era_old", RUNNING, participants=("identity", "records")
+            )
+            assert await erasure_storage.add_confirmation(conn, "era_old", "identity", b"first", 3.0)
+            assert not await erasure_storage.add_confirmation(conn, "era_old", "identity", b"second", 4.0)
         async with db.connect() as conn:
-            row = await storage.get_erasure(conn, "era_old")
+            row = await erasure_storage.get_erasure(conn, "era_old")
             assert row is not None and row.participants == ("identity", "records")
-            assert await storage.confirmations_of(conn, "era_old") == {"identity": (b"first", 3.0)}
+            assert await erasure_storage.confirmations_of(conn, "era_old") == {"identity": (b"first", 3.0)}
     finally:
         await db.close()

@@ -16,18 +16,11 @@ from medledger.events.v1 import records_events_pb2 as ev
 from medledger.types.v1 import vocabulary_pb2 as v
 from sqlalchemy import select
 
-from medledger_records import storage
+from medledger_records import erasure_storage, storage
 from medledger_records.data_keys import DataKeyCache
 from medledger_records.erasure_runner import COMPLETED, RUNNING
-from medledger_records.records import (
-    ConsentAnswer,
-    ExportRecords,
-    GetRecord,
-    ListRecords,
-    PutRecord,
-    RecordDesk,
-    Written,
-)
+from medledger_records.record_commands import ConsentAnswer, ExportRecords, GetRecord, ListRecords, PutRecord, Written
+from medledger_records.records import RecordDesk
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
 from medledger_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
@@ -216,8 +209,9 @@ async def test_a_write_after_an_erasure_started_is_failed_precondition(desk: Des
         patient = f"pat_e{n}"
         first = await desk.records.put(Caller(patient, "patient", frozenset(), "", "t", 0.0), put(patient))
         async with desk.db.transaction() as conn:
-            await storage.insert_erasure(
-                conn, storage.ErasureRow(f"era_{n}", patient, state, patient, 1.0, "", 2.0, approved_by="prn_po")
+            await erasure_storage.insert_erasure(
+                conn,
+                erasure_storage.ErasureRow(f"era_{n}", patient, state, patient, 1.0, "", 2.0, approved_by="prn_po"),
             )
         caller = Caller(patient, "patient", frozenset(), "", "t", 0.0)
         with pytest.raises(FailedPrecondition, match=f"this patient's records were erased \\(era_{n}\\)"):

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from aiokafka import AIOKafkaProducer
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -27,6 +28,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from medledger_devstack import localstack
 from medledger_devstack.openbao import OpenBao
 from medledger_runtime.db import Migration
+from medledger_runtime.kafka import EventConsumer
 from medledger_runtime.parts import H, ServiceParts
 from medledger_runtime.service import ServiceRuntime
 from medledger_runtime.settings import ServiceSettings
@@ -132,6 +134,25 @@ async def running_service(
         yield runtime
     finally:
         await runtime.stop()
+
+
+@asynccontextmanager
+async def consuming(
+    consumer: EventConsumer, producer: AIOKafkaProducer | None = None
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Start `consumer` and run it in a task for the block, which gets the task; afterwards, even
+    when the block failed, cancel the task, stop the consumer and then `producer` (the test's own,
+    already started: the one the consumer dead-letters through)."""
+    await consumer.start()
+    task = asyncio.create_task(consumer.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
+        if producer is not None:
+            await producer.stop()
 
 
 async def status_of(call: Awaitable[object]) -> grpc.StatusCode:

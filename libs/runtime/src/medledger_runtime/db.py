@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Column, Float, Integer, MetaData, String, Table, event, inspect, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -243,6 +244,12 @@ async def locked_page_after(conn: AsyncConnection, column: Column[str], after: s
         select(column).where(column > after).order_by(column).limit(limit).with_for_update(skip_locked=True)
     )
     return [str(r) for r in rows.scalars()]
+
+
+def dialect_insert(conn: AsyncConnection, table: Table) -> Any:
+    """`table`'s INSERT in the connection's own dialect, for ON CONFLICT clauses: PostgreSQL's
+    and SQLite's share the SQL syntax, not the SQLAlchemy construct."""
+    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)
 
 
 def create_tables(metadata: MetaData) -> Callable[[AsyncConnection], Awaitable[None]]:

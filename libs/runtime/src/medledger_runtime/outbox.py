@@ -42,7 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_runtime.db import Database, Migration, create_tables
+from medledger_runtime.db import Database, Migration, create_tables, dialect_insert
 from medledger_runtime.events import CONTENT_TYPE, Event
 from medledger_runtime.retry import Attempts
 
@@ -210,13 +210,7 @@ async def claim_inbox(conn: AsyncConnection, consumer: str, event_id: str) -> bo
     Returns False when it was handled before: the caller then skips its effect.
     """
     values = {"consumer": consumer, "event_id": event_id, "received_at": time.time()}
-    dialect = conn.dialect.name
-    stmt: Any
-    if dialect == "postgresql":
-        stmt = postgresql.insert(inbox).values(**values).on_conflict_do_nothing()
-    else:
-        stmt = sqlite.insert(inbox).values(**values).on_conflict_do_nothing()
-    result = await conn.execute(stmt)
+    result = await conn.execute(dialect_insert(conn, inbox).values(**values).on_conflict_do_nothing())
     return bool(result.rowcount)
 
 

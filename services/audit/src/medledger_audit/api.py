@@ -15,7 +15,7 @@ import grpc
 from medledger.audit.v1 import audit_service_pb2 as pb
 from medledger.audit.v1 import audit_service_pb2_grpc as pb_grpc
 
-from medledger_audit import fhir_audit, storage
+from medledger_audit import fhir_audit, storage, tile_store
 from medledger_audit.checkpoints import Checkpointer
 from medledger_audit.entries import REDACTION, EntryDraft, redaction_entry, subject_key_name
 from medledger_audit.sequencer import Sequencer
@@ -70,7 +70,7 @@ class AuditApi(pb_grpc.AuditServiceServicer):
         self.rt = runtime
         self.checkpointer = checkpointer
         self.sequencer = sequencer
-        self.tiles = storage.DatabaseTiles(runtime.db)
+        self.tiles = tile_store.DatabaseTiles(runtime.db)
 
     async def _tree_size(self) -> int:
         async with self.rt.db.read() as conn:

@@ -26,7 +26,7 @@ from pathlib import Path
 from medledger.events.v1 import audit_events_pb2
 from prometheus_client import Counter, Gauge
 
-from medledger_audit import storage
+from medledger_audit import storage, tile_store
 from medledger_runtime import files
 from medledger_runtime.db import Database
 from medledger_runtime.errors import DataLoss, FailedPrecondition, InvalidArgument
@@ -88,7 +88,7 @@ class Checkpointer:
         # How often the tree size is read (other replicas append too); this replica's own
         # appends wake the checkpointer at once through `tree_grew`.
         self.poll_seconds = min(poll_seconds, interval_seconds)
-        self.tiles = storage.DatabaseTiles(db)
+        self.tiles = tile_store.DatabaseTiles(db)
         self.signers: list[notes.NoteSigner] = []
         self.last: SignedCheckpoint | None = None
         self.refused: str | None = None

@@ -11,6 +11,10 @@ principals (the actor who read, the grantee) stay: they are who did what.
 Long id lists are not written into an entry: it holds their count and the SHA-256 of their JCS
 form, and the list is kept beside the log (`EntryDraft.side_lists`), so an entry stays small and
 a verifier can still check a list it is shown. An entry is at most `MAX_ENTRY_BYTES`.
+
+One module, a little over 400 lines, because it is one format: how an event's fields become
+JSON, which stand for the patient, and the README schema generated from the same rules (a test
+keeps the two equal) are read and changed together.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from medledger_audit import storage
+from medledger_audit import storage, tile_store
 from medledger_audit.checkpoints import Checkpointer
 from medledger_runtime.errors import DataLoss, InvalidArgument
 from medledger_runtime.http_server import HttpRoute, authenticate
@@ -31,7 +31,7 @@ class TilesHttp:
     def __init__(self, runtime: ServiceRuntime, checkpointer: Checkpointer) -> None:
         self.rt = runtime
         self.checkpointer = checkpointer
-        self.tiles = storage.DatabaseTiles(runtime.db)
+        self.tiles = tile_store.DatabaseTiles(runtime.db)
 
     def routes(self) -> list[HttpRoute]:
         # Public: entry bundles ask for an auditor's token themselves, once the tile exists.

@@ -15,7 +15,7 @@ must get its subject from the new key: so drafts after an erasure are prepared o
 erasure's chunk has committed and the key is gone (``PreparedBatch.later``).
 
 Built for throughput: thousands of drafts per transaction, each write one statement of arrays
-on PostgreSQL (asyncpg, see ``storage.PgAppend``), and no CPU work inside the locked transaction
+on PostgreSQL (asyncpg, see ``tile_store.PgAppend``), and no CPU work inside the locked transaction
 but the tree's hashes.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from medledger_audit import event_types, storage
+from medledger_audit import event_types, storage, tile_store
 from medledger_audit.entries import UNPROCESSABLE, EntryDraft, encode_entry, subject_key_name
 from medledger_runtime.db import Database, lock_key
 from medledger_runtime.errors import NotFound
@@ -280,10 +280,10 @@ class Sequencer:
             self._driver = await self.db.connect_driver()
         conn = self._driver
         try:
-            async with storage.pg_transaction(conn):
+            async with tile_store.pg_transaction(conn):
                 # Waits for another replica's append to commit: appends form one sequence.
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(self.lock_name))
-                return await self._append_in(storage.PgAppend(conn), drafts)
+                return await self._append_in(tile_store.PgAppend(conn), drafts)
         except BaseException:
             # The connection's state is unknown (e.g. cancelled mid-statement): a new one next time.
             self._driver = None
@@ -295,14 +295,14 @@ class Sequencer:
             async with self.db.transaction() as conn:
                 if self.db.is_postgres:
                     await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({lock_key(self.lock_name)})")
-                    return await self._append_in(storage.SqlAppend(conn), drafts)
+                    return await self._append_in(tile_store.SqlAppend(conn), drafts)
                 # SQLite: one process on the host holds the sequencer's file lock; others wait.
                 if await self.db.try_xact_lock(conn, self.lock_name):
-                    return await self._append_in(storage.SqlAppend(conn), drafts)
+                    return await self._append_in(tile_store.SqlAppend(conn), drafts)
             await asyncio.sleep(0.2)
 
     async def _append_in(
-        self, store: storage.PgAppend | storage.SqlAppend, prepared: list[PreparedEntry]
+        self, store: tile_store.PgAppend | tile_store.SqlAppend, prepared: list[PreparedEntry]
     ) -> AppendOutcome:
         size, root = await store.state()
         unique: dict[str, PreparedEntry] = {}

@@ -1,4 +1,4 @@
-"""Audit's tables, the tile reader over them, and the writes of one append.
+"""Audit's tables, their migrations, and the reads of the API, verify and the checkpointer.
 
 The log is kept as:
 
@@ -12,17 +12,15 @@ The log is kept as:
 - ``checkpoints``: every signed note, verbatim, by origin and tree size.
 - ``log_state``: one row, the tree's size and root as of the last append.
 
-Two ways in: SQLAlchemy (SQLite, and reads on either database) and asyncpg (the sequencer's
-append on PostgreSQL: entries by COPY, the rest as one statement of arrays each; building
-SQLAlchemy statements for thousands of rows cost more CPU than the database did).
-Both answer a tile read in ONE query.
+The tile readers and the reads and writes of one append are in ``tile_store``: two ways in,
+SQLAlchemy (SQLite, and reads on either database) and asyncpg (the sequencer's append on
+PostgreSQL: entries by COPY, the rest as one statement of arrays each; building SQLAlchemy
+statements for thousands of rows cost more CPU than the database did).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -38,13 +36,11 @@ from sqlalchemy import (
     Text,
     insert,
     select,
-    tuple_,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_runtime.db import Database, Migration
+from medledger_runtime.db import Migration
 from medledger_runtime.errors import DataLoss
 from medledger_verifier import tlog
 
@@ -138,171 +134,10 @@ ENTRY_COLUMNS = [c.name for c in entries.columns]
 assert list(EntryRow._fields) == ENTRY_COLUMNS, "EntryRow's fields are the entries columns, in order"
 
 
-def answer_tiles(wanted: Sequence[tlog.Tile], stored: Mapping[tuple[int, int], bytes]) -> list[bytes]:
-    """Each wanted tile as the prefix of its stored (widest) version; DataLoss if missing or short."""
-    out = []
-    for tile in wanted:
-        data = stored.get((tile.level, tile.index))
-        if data is None or len(data) < tile.byte_length:
-            raise DataLoss(f"tile {tile.path()} is missing from storage")
-        out.append(bytes(data[: tile.byte_length]))
-    return out
-
-
-# --- SQLAlchemy (SQLite, and reads on either database) ----------------------------------------
-
-
-class ConnectionTiles:
-    """A TileReader on an open SQLAlchemy connection (inside a transaction when appending)."""
-
-    def __init__(self, conn: AsyncConnection) -> None:
-        self.conn = conn
-
-    async def read_tiles(self, wanted: Sequence[tlog.Tile]) -> list[bytes]:
-        if not wanted:
-            return []
-        keys = sorted({(t.level, t.index) for t in wanted})
-        rows = await self.conn.execute(
-            select(tiles.c.level, tiles.c.tile_index, tiles.c.hashes).where(
-                tuple_(tiles.c.level, tiles.c.tile_index).in_(keys)
-            )
-        )
-        return answer_tiles(wanted, {(r.level, r.tile_index): r.hashes for r in rows})
-
-
-class DatabaseTiles:
-    """A TileReader over the database: one autocommit read per call. For proofs and roots at
-    any size up to the current one (tiles only grow, so no snapshot is needed)."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    async def read_tiles(self, wanted: Sequence[tlog.Tile]) -> list[bytes]:
-        if not wanted:
-            return []
-        if self.db.is_postgres:
-            # One statement through asyncpg itself: a proof is this one read, and through
-            # SQLAlchemy's statement building it cost more than the query.
-            async with self.db.driver() as driver:
-                return await PgTiles(driver).read_tiles(wanted)
-        async with self.db.read() as conn:
-            return await ConnectionTiles(conn).read_tiles(wanted)
-
-
 async def read_state(conn: AsyncConnection) -> tuple[int, bytes]:
     """The tree's size and root as of the last committed append."""
     row = (await conn.execute(select(log_state.c.tree_size, log_state.c.root).where(log_state.c.id == 1))).one()
     return int(row.tree_size), bytes(row.root)
-
-
-class SqlAppend:
-    """The reads and writes of one append, on a SQLAlchemy connection in a transaction."""
-
-    def __init__(self, conn: AsyncConnection) -> None:
-        self.conn = conn
-        self.tiles = ConnectionTiles(conn)
-
-    async def state(self) -> tuple[int, bytes]:
-        return await read_state(self.conn)
-
-    async def logged_event_ids(self, event_ids: Sequence[str]) -> set[str]:
-        rows = await self.conn.execute(select(entries.c.event_id).where(entries.c.event_id.in_(event_ids)))
-        return {r.event_id for r in rows}
-
-    async def write(
-        self,
-        rows: Sequence[EntryRow],
-        written_tiles: Mapping[tlog.Tile, bytes],
-        lists: Mapping[str, list[str]],
-        tree_size: int,
-        root: bytes,
-    ) -> None:
-        conn = self.conn
-        if rows:
-            await conn.execute(insert(entries), [r._asdict() for r in rows])
-        tile_rows = [{"level": t.level, "tile_index": t.index, "hashes": d} for t, d in written_tiles.items()]
-        if tile_rows:
-            upsert: Any = (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(tiles)
-            await conn.execute(
-                upsert.on_conflict_do_update(
-                    index_elements=["level", "tile_index"], set_={"hashes": upsert.excluded.hashes}
-                ),
-                tile_rows,
-            )
-        if lists:
-            ins: Any = (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(side_lists)
-            await conn.execute(
-                ins.on_conflict_do_nothing(), [{"hash": h, "ids": json.dumps(ids)} for h, ids in lists.items()]
-            )
-        await conn.execute(update(log_state).where(log_state.c.id == 1).values(tree_size=tree_size, root=root))
-
-
-# --- asyncpg (the append on PostgreSQL) --------------------------------------------------------
-
-_PG_READ_TILES = (
-    "SELECT t.level, t.tile_index, t.hashes FROM tiles t "
-    "JOIN unnest($1::int[], $2::bigint[]) AS w(level, tile_index) "
-    "ON t.level = w.level AND t.tile_index = w.tile_index"
-)
-_PG_UPSERT_TILES = (
-    "INSERT INTO tiles (level, tile_index, hashes) SELECT * FROM unnest($1::int[], $2::bigint[], $3::bytea[]) "
-    "ON CONFLICT (level, tile_index) DO UPDATE SET hashes = EXCLUDED.hashes"
-)
-_PG_INSERT_LISTS = (
-    "INSERT INTO side_lists (hash, ids) SELECT * FROM unnest($1::varchar[], $2::text[]) ON CONFLICT DO NOTHING"
-)
-
-
-class PgTiles:
-    """A TileReader on an asyncpg connection."""
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-
-    async def read_tiles(self, wanted: Sequence[tlog.Tile]) -> list[bytes]:
-        if not wanted:
-            return []
-        keys = sorted({(t.level, t.index) for t in wanted})
-        rows = await self.conn.fetch(_PG_READ_TILES, [k[0] for k in keys], [k[1] for k in keys])
-        return answer_tiles(wanted, {(r["level"], r["tile_index"]): r["hashes"] for r in rows})
-
-
-class PgAppend:
-    """The reads and writes of one append, on an asyncpg connection in a transaction: entries
-    by COPY, every other write one statement of arrays, whatever the batch's size."""
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-        self.tiles = PgTiles(conn)
-
-    async def state(self) -> tuple[int, bytes]:
-        row = await self.conn.fetchrow("SELECT tree_size, root FROM log_state WHERE id = 1")
-        return int(row["tree_size"]), bytes(row["root"])
-
-    async def logged_event_ids(self, event_ids: Sequence[str]) -> set[str]:
-        rows = await self.conn.fetch("SELECT event_id FROM entries WHERE event_id = ANY($1::varchar[])", event_ids)
-        return {r["event_id"] for r in rows}
-
-    async def write(
-        self,
-        rows: Sequence[EntryRow],
-        written_tiles: Mapping[tlog.Tile, bytes],
-        lists: Mapping[str, list[str]],
-        tree_size: int,
-        root: bytes,
-    ) -> None:
-        conn = self.conn
-        if rows:
-            # COPY: for thousands of rows, cheaper for the server than INSERT ... unnest.
-            await conn.copy_records_to_table("entries", records=rows, columns=ENTRY_COLUMNS)
-        if written_tiles:
-            items = list(written_tiles.items())
-            await conn.execute(
-                _PG_UPSERT_TILES, [t.level for t, _ in items], [t.index for t, _ in items], [d for _, d in items]
-            )
-        if lists:
-            await conn.execute(_PG_INSERT_LISTS, list(lists), [json.dumps(ids) for ids in lists.values()])
-        await conn.execute("UPDATE log_state SET tree_size = $1, root = $2 WHERE id = 1", tree_size, root)
 
 
 # --- reads for the API, verify and the checkpointer --------------------------------------------
@@ -355,13 +190,6 @@ async def latest_checkpoint(conn: AsyncConnection, origin: str) -> tuple[str, in
 
 async def store_checkpoint(conn: AsyncConnection, origin: str, tree_size: int, note: str, signed_at: float) -> None:
     await conn.execute(insert(checkpoints).values(origin=origin, tree_size=tree_size, note=note, signed_at=signed_at))
-
-
-@asynccontextmanager
-async def pg_transaction(conn: Any) -> AsyncIterator[Any]:
-    """An asyncpg transaction (typed here so callers need not import asyncpg)."""
-    async with conn.transaction():
-        yield conn
 
 
 # --- reads for the API --------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
 
-from medledger_audit import storage
+from medledger_audit import storage, tile_store
 from medledger_audit.checkpoints import Checkpointer
 from medledger_runtime.db import Database
 from medledger_verifier import notes, tlog
@@ -93,7 +93,7 @@ async def verify_log(
     """The full check of the module's doc. `progress(done, total)` is called after each chunk."""
     async with db.read() as conn:
         tree_size, _ = await storage.read_state(conn)
-    stored = storage.DatabaseTiles(db)
+    stored = tile_store.DatabaseTiles(db)
     recomputed = tlog.MemoryTiles()
     size = 0
     while size < tree_size:
@@ -155,7 +155,7 @@ async def verify_recent(
     async with db.read() as conn:
         tree_size, _ = await storage.read_state(conn)
         latest = await storage.latest_checkpoint(conn, origin)
-    stored = storage.DatabaseTiles(db)
+    stored = tile_store.DatabaseTiles(db)
     start = since
     while start < tree_size:
         end = min(tree_size, start + CHUNK)

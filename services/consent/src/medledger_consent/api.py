@@ -18,10 +18,10 @@ from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.consent.v1 import consent_service_pb2_grpc as pb_grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_consent import domain
-from medledger_consent.break_glass import (
+from medledger_consent import break_glass_rules, domain
+from medledger_consent.break_glass import BreakGlassDesk
+from medledger_consent.break_glass_commands import (
     BreakGlass,
-    BreakGlassDesk,
     ListBreakGlassAccesses,
     ReviewBreakGlassAccess,
     SetBreakGlassPolicy,
@@ -86,7 +86,7 @@ def to_proto(v: domain.ConsentVersion) -> pb.Consent:
     return consent
 
 
-def policy_proto(p: domain.BreakGlassPolicy) -> pb.BreakGlassPolicy:
+def policy_proto(p: break_glass_rules.BreakGlassPolicy) -> pb.BreakGlassPolicy:
     out = pb.BreakGlassPolicy(
         organization_id=p.organization_id,
         enabled=p.enabled,
@@ -277,7 +277,7 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
             rate_window_seconds=seconds(p.rate_window) if p.HasField("rate_window") else None,
         )
 
-        def respond(stored: domain.BreakGlassPolicy) -> pb.SetBreakGlassPolicyResponse:
+        def respond(stored: break_glass_rules.BreakGlassPolicy) -> pb.SetBreakGlassPolicyResponse:
             return pb.SetBreakGlassPolicyResponse(policy=policy_proto(stored))
 
         once = self._once("consent.SetBreakGlassPolicy", request, pb.SetBreakGlassPolicyResponse, respond)

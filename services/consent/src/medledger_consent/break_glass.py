@@ -10,7 +10,9 @@ counter rises for alerting, and the access stays pending until a privacy officer
 These are break-glass's use cases, apart from any transport (the gRPC API in ``api.py`` is one
 caller): each takes the caller and a command of plain values and returns plain results or
 raises the errors of ``medledger_runtime.errors``; writes run in the caller's `transaction`
-(``writes.py``) and their accesses join this replica's index as soon as they commit.
+(``writes.py``) and their accesses join this replica's index as soon as they commit. The
+commands and results are in ``break_glass_commands``, the policy rules in ``break_glass_rules``,
+the queries in ``break_glass_storage``; what stays, about 400 lines, is the one desk.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, overload
 
 from medledger.consent.v1 import consent_service_pb2 as pb
@@ -28,8 +30,16 @@ from medledger.types.v1 import vocabulary_pb2
 from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_consent import domain, storage
-from medledger_consent.writes import RunWrite, T, Transaction, Write
+from medledger_consent import break_glass_rules, break_glass_storage, domain, storage
+from medledger_consent.break_glass_commands import (
+    AccessPage,
+    AccessRead,
+    BreakGlass,
+    ListBreakGlassAccesses,
+    ReviewBreakGlassAccess,
+    SetBreakGlassPolicy,
+)
+from medledger_consent.writes import RunWrite, T, Transaction, Write, write_then_index
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
 from medledger_runtime.errors import (
@@ -70,63 +80,6 @@ PENDING_REVIEWS = Gauge(
 )
 
 
-# Commands.
-
-
-@dataclass(frozen=True)
-class SetBreakGlassPolicy:
-    """An organization's policy; unset durations (None) and count (0) take the defaults."""
-
-    organization_id: str
-    enabled: bool = False
-    overrides_deny: bool = False
-    access_seconds: float | None = None
-    max_uses: int = 0
-    rate_window_seconds: float | None = None
-
-
-@dataclass(frozen=True)
-class BreakGlass:
-    """The caller (a practitioner) breaks the glass for the patient (reason: a BreakGlassReason)."""
-
-    patient_id: str
-    reason: int
-    justification: str
-
-
-@dataclass(frozen=True)
-class ListBreakGlassAccesses:
-    organization_id: str
-    pending_only: bool = False
-    page_size: int = 0
-    page_token: str = ""
-
-
-@dataclass(frozen=True)
-class ReviewBreakGlassAccess:
-    """review: JUSTIFIED or UNJUSTIFIED (a BreakGlassReview)."""
-
-    access_id: str
-    review: int
-
-
-# Results.
-
-
-@dataclass(frozen=True)
-class AccessPage:
-    accesses: list[domain.BreakGlassAccess]
-    next_page_token: str
-
-
-@dataclass(frozen=True)
-class AccessRead:
-    """An access with its justification ("" once the patient's erasure destroyed its key)."""
-
-    access: domain.BreakGlassAccess
-    justification: str = ""
-
-
 def _is_officer_of(caller: Caller, organization_id: str) -> bool:
     return caller.has_role("privacy-officer") and caller.organization_id == organization_id
 
@@ -156,29 +109,26 @@ class BreakGlassDesk:
     async def _write(
         self, write: Write[Any], transaction: RunWrite[Any, Any] | None, accesses: list[domain.BreakGlassAccess]
     ) -> Any:
-        result = await (transaction or self.transaction)(write)
-        for a in accesses:  # none when the transaction replayed an earlier response
-            self.index.put_break_glass(a)
-        return result
+        return await write_then_index(transaction or self.transaction, write, accesses, self.index.put_break_glass)
 
     # -- policy ---------------------------------------------------------------------------------
 
     @overload
-    async def set_policy(self, caller: Caller, command: SetBreakGlassPolicy) -> domain.BreakGlassPolicy: ...
+    async def set_policy(self, caller: Caller, command: SetBreakGlassPolicy) -> break_glass_rules.BreakGlassPolicy: ...
 
     @overload
     async def set_policy(
-        self, caller: Caller, command: SetBreakGlassPolicy, transaction: RunWrite[domain.BreakGlassPolicy, T]
+        self, caller: Caller, command: SetBreakGlassPolicy, transaction: RunWrite[break_glass_rules.BreakGlassPolicy, T]
     ) -> T: ...
 
     async def set_policy(
         self,
         caller: Caller,
         command: SetBreakGlassPolicy,
-        transaction: RunWrite[domain.BreakGlassPolicy, Any] | None = None,
+        transaction: RunWrite[break_glass_rules.BreakGlassPolicy, Any] | None = None,
     ) -> Any:
         """Set an organization's policy; returns it as stored."""
-        policy = domain.check_policy(
+        policy = break_glass_rules.check_policy(
             command.organization_id,
             enabled=command.enabled,
             overrides_deny=command.overrides_deny,
@@ -189,12 +139,12 @@ class BreakGlassDesk:
         if not (caller.has_role("admin") or caller.organization_id == policy.organization_id):
             raise PermissionDenied("an org-admin sets their own organization's policy; admins any")
 
-        async def write(conn: AsyncConnection) -> domain.BreakGlassPolicy:
+        async def write(conn: AsyncConnection) -> break_glass_rules.BreakGlassPolicy:
             organization = await storage.get_principal(conn, policy.organization_id)
             if organization is None or organization.kind != Kind.PRINCIPAL_KIND_ORGANIZATION:
                 raise InvalidArgument.field("policy.organization_id", "not a registered organization")
             stored = replace(policy, changed_by=caller.principal_id, changed_at=time.time())
-            await storage.set_policy(conn, stored)
+            await break_glass_storage.set_policy(conn, stored)
             event = new_event(
                 source=self.source,
                 payload=consent_events_pb2.BreakGlassPolicyChanged(
@@ -212,14 +162,14 @@ class BreakGlassDesk:
 
         return await self._write(write, transaction, [])
 
-    async def get_policy(self, caller: Caller, organization_id: str) -> domain.BreakGlassPolicy:
+    async def get_policy(self, caller: Caller, organization_id: str) -> break_glass_rules.BreakGlassPolicy:
         """The organization's policy (a disabled one when it never set any)."""
         if not organization_id:
             raise InvalidArgument.field("organization_id", "required")
         if not (caller.has_role("admin") or caller.organization_id == organization_id):
             raise PermissionDenied("principals of the organization read its policy; admins any")
         async with self.db.connect() as conn:
-            return await storage.get_policy(conn, organization_id)
+            return await break_glass_storage.get_policy(conn, organization_id)
 
     # -- breaking the glass ---------------------------------------------------------------------
 
@@ -235,7 +185,7 @@ class BreakGlassDesk:
         self, caller: Caller, command: BreakGlass, transaction: RunWrite[domain.BreakGlassAccess, Any] | None = None
     ) -> Any:
         """Start an access of the caller to the patient, under their organization's policy."""
-        justification = domain.check_break_glass(command.patient_id, command.reason, command.justification)
+        justification = break_glass_rules.check_break_glass(command.patient_id, command.reason, command.justification)
         started: list[domain.BreakGlassAccess] = []
 
         async def write(conn: AsyncConnection) -> domain.BreakGlassAccess:
@@ -245,26 +195,29 @@ class BreakGlassDesk:
             patient = await storage.get_principal(conn, command.patient_id)
             if patient is None or patient.kind != Kind.PRINCIPAL_KIND_PATIENT:
                 raise InvalidArgument.field("patient_id", "not a registered patient")
-            policy = await storage.get_policy(conn, practitioner.organization_id)
+            policy = await break_glass_storage.get_policy(conn, practitioner.organization_id)
             if not policy.enabled:
                 REFUSALS.labels("policy").inc()
                 raise PermissionDenied("your organization has not enabled break-glass access")
             now = time.time()
             # One practitioner's requests one at a time, so two at once cannot both pass the limit.
-            await storage.lock_principal(conn, caller.principal_id)
-            if await storage.uses_since(conn, caller.principal_id, now - policy.rate_window_seconds) >= policy.max_uses:
+            await break_glass_storage.lock_principal(conn, caller.principal_id)
+            if (
+                await break_glass_storage.uses_since(conn, caller.principal_id, now - policy.rate_window_seconds)
+                >= policy.max_uses
+            ):
                 REFUSALS.labels("rate").inc()
                 raise ResourceExhausted(
                     f"break-glass limit reached: {policy.max_uses} uses per "
                     f"{policy.rate_window_seconds / 3600:g} hours; ask a privacy officer"
                 )
             access = domain.BreakGlassAccess(
-                access_id=domain.new_break_glass_id(),
+                access_id=break_glass_rules.new_break_glass_id(),
                 patient_id=command.patient_id,
                 practitioner_id=caller.principal_id,
                 organization_id=practitioner.organization_id,
                 reason=command.reason,
-                justification_sha256=domain.justification_sha256(justification),
+                justification_sha256=break_glass_rules.justification_sha256(justification),
                 started_at=now,
                 expires_at=now + policy.access_seconds,
                 overrides_deny=policy.overrides_deny,
@@ -274,26 +227,26 @@ class BreakGlassDesk:
             await self.keys.ensure_key(key, KeyType.AES256_GCM96)
             # Bound to the access: a ciphertext moved to another row does not decrypt.
             ciphertext = await self.keys.encrypt(key, justification.encode(), associated_data=access.access_id.encode())
-            await storage.insert_access(conn, access, ciphertext)
+            await break_glass_storage.insert_access(conn, access, ciphertext)
             await self._announce_start(conn, access)
             started.append(access)
             return access
 
         result = await self._write(write, transaction, started)
         for a in started:  # not for a replayed response
-            USES.labels(domain.reason_code(a.reason)).inc()
+            USES.labels(break_glass_rules.reason_code(a.reason)).inc()
             log.warning(
                 "break-glass access started",
                 extra={
                     "access_id": a.access_id,
                     "organization_id": a.organization_id,
-                    "reason_code": domain.reason_code(a.reason),
+                    "reason_code": break_glass_rules.reason_code(a.reason),
                 },
             )
         return result
 
     async def _announce_start(self, conn: AsyncConnection, a: domain.BreakGlassAccess) -> None:
-        code = domain.reason_code(a.reason)
+        code = break_glass_rules.reason_code(a.reason)
         started = new_event(
             source=self.source,
             payload=consent_events_pb2.BreakGlassAccessStarted(
@@ -345,7 +298,7 @@ class BreakGlassDesk:
             raise InvalidArgument.field("page_token", "not a token this RPC returned")
         size = min(command.page_size or 100, MAX_PAGE_SIZE)
         async with self.db.connect() as conn:
-            accesses = await storage.list_accesses(
+            accesses = await break_glass_storage.list_accesses(
                 conn,
                 organization_id,
                 pending_only=command.pending_only,
@@ -360,7 +313,7 @@ class BreakGlassDesk:
     async def get_access(self, caller: Caller, access_id: str) -> AccessRead:
         """An access with its justification, decrypted."""
         async with self.db.connect() as conn:
-            found = await storage.get_access(conn, access_id)
+            found = await break_glass_storage.get_access(conn, access_id)
         if found is None or not (caller.has_role("admin") or _is_officer_of(caller, found[0].organization_id)):
             # The same answer either way: ids must not reveal whose records were opened.
             raise NotFound("no such break-glass access")
@@ -402,7 +355,7 @@ class BreakGlassDesk:
         reviewed: list[domain.BreakGlassAccess] = []
 
         async def write(conn: AsyncConnection) -> domain.BreakGlassAccess:
-            found = await storage.get_access(conn, command.access_id, for_update=True)
+            found = await break_glass_storage.get_access(conn, command.access_id, for_update=True)
             if found is None or not _is_officer_of(caller, found[0].organization_id):
                 raise NotFound("no such break-glass access among your organization's")
             access = found[0]
@@ -415,7 +368,7 @@ class BreakGlassDesk:
             access = replace(
                 access, review=command.review, reviewed_by=caller.principal_id, reviewed_at=now, ended_at=ended
             )
-            await storage.record_review(conn, access)
+            await break_glass_storage.record_review(conn, access)
             event = consent_events_pb2.BreakGlassAccessReviewed(
                 access_id=access.access_id,
                 patient_id=access.patient_id,
@@ -446,7 +399,7 @@ class BreakGlassDesk:
         """Keep the pending-review gauge current (every replica reports the same count)."""
         while True:
             async with self.db.connect() as conn:
-                PENDING_REVIEWS.set(await storage.pending_reviews(conn))
+                PENDING_REVIEWS.set(await break_glass_storage.pending_reviews(conn))
             await asyncio.sleep(every_seconds)
 
 

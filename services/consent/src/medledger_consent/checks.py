@@ -17,7 +17,7 @@ from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.events.v1 import consent_events_pb2
 from prometheus_client import Counter
 
-from medledger_consent import domain, storage
+from medledger_consent import break_glass_storage, domain, storage
 from medledger_consent.consents import acts_for
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
@@ -67,7 +67,7 @@ class ConsentChecks:
         async with self.db.connect() as conn:
             for v in await storage.all_versions(conn):
                 self.index.add(v)
-            for a in await storage.accesses_running_after(conn, started - 60):
+            for a in await break_glass_storage.accesses_running_after(conn, started - 60):
                 self.index.put_break_glass(a)
         self._loaded_until = started
 
@@ -83,7 +83,7 @@ class ConsentChecks:
                 for v in await storage.versions_recorded_since(conn, since):
                     if self.index.add(v):
                         INDEX_REPAIRS.inc()
-                for a in await storage.accesses_changed_since(conn, since):
+                for a in await break_glass_storage.accesses_changed_since(conn, since):
                     if self.index.put_break_glass(a):
                         INDEX_REPAIRS.inc()
             self._loaded_until = started

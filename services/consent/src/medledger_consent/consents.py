@@ -19,8 +19,8 @@ from medledger.events.v1 import consent_events_pb2
 from medledger.types.v1 import vocabulary_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_consent import domain, storage
-from medledger_consent.writes import RunWrite, T, Transaction, Write
+from medledger_consent import domain, fhir, storage
+from medledger_consent.writes import RunWrite, T, Transaction, Write, write_then_index
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
 from medledger_runtime.errors import InvalidArgument, NotFound, PermissionDenied
@@ -160,15 +160,12 @@ class ConsentDesk:
     async def _write_versions(
         self, write: Write[Recorded], transaction: RunWrite[Recorded, Any] | None, recorded: list[domain.ConsentVersion]
     ) -> Any:
-        result = await (transaction or self.transaction)(write)
-        for v in recorded:  # none when the transaction replayed an earlier response
-            self.index.add(v)
-        return result
+        return await write_then_index(transaction or self.transaction, write, recorded, self.index.add)
 
     async def _record_version(self, conn: AsyncConnection, v: domain.ConsentVersion) -> Recorded:
         salt = domain.new_salt()
-        document = domain.fhir_consent(v)
-        v = replace(v, commitment=domain.commitment(document, salt))
+        document = fhir.fhir_consent(v)
+        v = replace(v, commitment=fhir.commitment(document, salt))
         await storage.insert_version(conn, v, salt)
         event = new_event(
             source=self.source,
@@ -187,7 +184,7 @@ class ConsentDesk:
             subject=v.patient_id,
         )
         await enqueue(conn, TOPICS["consent"], event, key=v.patient_id.encode())
-        return Recorded(v, salt, domain.fhir_json(document))
+        return Recorded(v, salt, fhir.fhir_json(document))
 
     # -- grant and revoke -----------------------------------------------------------------------
 
@@ -271,7 +268,7 @@ class ConsentDesk:
             if not await acts_for(self.db, caller, latest.patient_id, conn):
                 raise PermissionDenied("only the patient, their guardian or an admin revokes their consent")
             if latest.status == domain.INACTIVE:
-                return Recorded(latest, salt, domain.fhir_json(domain.fhir_consent(latest)))
+                return Recorded(latest, salt, fhir.fhir_json(fhir.fhir_consent(latest)))
             revoked = replace(
                 latest,
                 version=latest.version + 1,
@@ -302,7 +299,7 @@ class ConsentDesk:
         if not (overseer or caller.principal_id in (v.patient_id, v.grantee_id)):
             # The same answer as a missing consent: ids must not reveal whom a patient sees.
             raise NotFound("no such consent version")
-        document = domain.fhir_json(domain.fhir_consent(v))
+        document = fhir.fhir_json(fhir.fhir_consent(v))
         return ConsentRead(v, document, salt if domain.may_manage(caller, v.patient_id) else b"")
 
     async def list(self, caller: Caller, command: ListConsents) -> ConsentPage:

@@ -1,5 +1,7 @@
-"""Consent's domain, free of I/O: consent versions, the decision rule, grant validation, the
-FHIR Consent form and the salted commitment.
+"""Consent's domain, free of I/O: consent versions, the decision rule, grant validation and
+the index the rule reads. (The FHIR form and the commitment are in ``fhir``; break-glass's
+policy rules in ``break_glass_rules``.) A little over 400 lines because the rule, its reasons
+and the index it runs on are read together: splitting them would scatter one algorithm.
 
 The decision rule (RULE_VERSION) is a pure function of the patient's consent versions, the
 actor (and their organization), the action, the data category, the purpose and `now`:
@@ -24,27 +26,19 @@ in the order above, so a single wrong input gets its own reason.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from typing import Any
 
-import rfc8785
-from fhir.resources.R4B.consent import Consent as FhirConsent
 from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.types.v1 import vocabulary_pb2
-from pydantic import ValidationError
 
 from medledger_runtime.auth import Caller
 from medledger_runtime.errors import FieldViolation, InvalidArgument
 from medledger_runtime.keys import patient_key_name
 
 RULE_VERSION = "medledger-consent-rules/2"
-COMMITMENT_DOMAIN = b"medledger:consent:v1\n"
 SALT_BYTES = 32
 
 PERMIT = pb.ProvisionType.PROVISION_TYPE_PERMIT
@@ -350,105 +344,6 @@ def new_salt() -> bytes:
     return os.urandom(SALT_BYTES)
 
 
-# -- FHIR form and commitment ----------------------------------------------------------------
-
-_ACTION_CODES: dict[int, str] = {
-    vocabulary_pb2.Action.ACTION_READ: "access",
-    vocabulary_pb2.Action.ACTION_WRITE: "correct",
-}
-_CATEGORY_SYSTEM = "https://medledger.dev/fhir/CodeSystem/data-category"
-_PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
-
-
-def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-_PRINCIPAL_TYPES = {"pat": "Patient", "prn": "Practitioner", "org": "Organization"}
-
-
-def _principal_reference(principal_id: str) -> dict[str, Any]:
-    reference: dict[str, Any] = {"identifier": {"system": "https://medledger.dev/principal", "value": principal_id}}
-    resource_type = _PRINCIPAL_TYPES.get(principal_id.split("_", 1)[0])
-    if resource_type:
-        reference["type"] = resource_type
-    return reference
-
-
-def fhir_consent(v: ConsentVersion) -> dict[str, Any]:
-    """The FHIR R4 Consent of a version (a plain dict, validated with fhir.resources.R4B)."""
-    period: dict[str, str] = {"start": _iso(v.period_start)}
-    if v.period_end is not None:
-        period["end"] = _iso(v.period_end)
-    provision: dict[str, Any] = {
-        "type": "permit" if v.provision == PERMIT else "deny",
-        "period": period,
-        "actor": [
-            {
-                "role": {
-                    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]
-                },
-                # Logical references: medledger ids are not FHIR ids (they contain "_").
-                "reference": _principal_reference(v.grantee_id),
-            }
-        ],
-    }
-    if v.actions:
-        provision["action"] = [
-            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": _ACTION_CODES[a]}]}
-            for a in sorted(v.actions)
-        ]
-    if v.purposes:
-        provision["purpose"] = [
-            {"system": _PURPOSE_SYSTEM, "code": _PURPOSES[p].removeprefix("PURPOSE_OF_USE_")}
-            for p in sorted(v.purposes)
-        ]
-    if v.categories:
-        provision["class"] = [
-            {"system": _CATEGORY_SYSTEM, "code": _CATEGORIES[c].removeprefix("DATA_CATEGORY_").lower()}
-            for c in sorted(v.categories)
-        ]
-    document = {
-        "resourceType": "Consent",
-        "id": f"{v.consent_id.replace('_', '-')}-v{v.version}",
-        "meta": {"versionId": str(v.version)},
-        "identifier": [{"system": "https://medledger.dev/consent", "value": v.consent_id}],
-        "status": "active" if v.status == ACTIVE else "inactive",
-        "scope": {
-            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]
-        },
-        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": _principal_reference(v.patient_id),
-        "dateTime": _iso(v.recorded_at),
-        "performer": [_principal_reference(v.recorded_by)],
-        "policyRule": {
-            "coding": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
-                    "code": "OPTIN" if v.provision == PERMIT else "OPTOUT",
-                }
-            ]
-        },
-        "provision": provision,
-    }
-    try:
-        FhirConsent.model_validate(document)
-    except ValidationError as exc:  # a bug here, never the caller's
-        raise AssertionError(f"consent export does not validate: {exc}") from exc
-    return document
-
-
-def fhir_json(document: Mapping[str, Any]) -> str:
-    return json.dumps(document, separators=(",", ":"), sort_keys=True)
-
-
-def commitment(document: Mapping[str, Any], salt: bytes) -> str:
-    """SHA-256 over the domain tag, the salt and the RFC 8785 (JCS) form of the FHIR Consent."""
-    if len(salt) != SALT_BYTES:
-        raise ValueError("the salt is 32 bytes")
-    return hashlib.sha256(COMMITMENT_DOMAIN + salt + rfc8785.dumps(dict(document))).hexdigest()
-
-
 class ConsentIndex:
     """Every consent version, by patient and consent, in memory: what checks decide on.
 
@@ -520,15 +415,6 @@ class _PatientConsents:
         self.first_recorded_at = float("inf")
 
 
-# -- break-glass --------------------------------------------------------------------------------
-
-JUSTIFICATION_DOMAIN = b"medledger:break-glass-justification:v1\n"
-JUSTIFICATION_MIN_CHARS = 10
-JUSTIFICATION_MAX_CHARS = 2000
-DEFAULT_ACCESS_SECONDS = 4 * 3600.0
-MAX_ACCESS_SECONDS = 24 * 3600.0
-DEFAULT_MAX_USES = 3
-DEFAULT_RATE_WINDOW_SECONDS = 24 * 3600.0
 # Every (decision, reason code) `decide` can give, for metrics created at zero.
 DECISION_CODES = (
     *(("NO_CONSENT", code) for code, _ in _REASONS),
@@ -538,74 +424,3 @@ DECISION_CODES = (
     ("PERMIT", "BREAK_GLASS"),
     ("PERMIT", "BREAK_GLASS_OVERRIDES_DENY"),
 )
-
-_REASONS_OF_BREAK_GLASS = {v.number: v.name for v in pb.BreakGlassReason.DESCRIPTOR.values if v.number}
-
-
-@dataclass(frozen=True)
-class BreakGlassPolicy:
-    organization_id: str
-    enabled: bool = False
-    overrides_deny: bool = False
-    access_seconds: float = DEFAULT_ACCESS_SECONDS
-    max_uses: int = DEFAULT_MAX_USES
-    rate_window_seconds: float = DEFAULT_RATE_WINDOW_SECONDS
-    changed_by: str = ""
-    changed_at: float = 0.0
-
-
-def check_policy(
-    organization_id: str,
-    *,
-    enabled: bool,
-    overrides_deny: bool,
-    access_seconds: float | None,
-    max_uses: int,
-    rate_window_seconds: float | None,
-) -> BreakGlassPolicy:
-    """A policy with defaults for unset durations (None) and counts (0)."""
-    if not organization_id:
-        raise InvalidArgument.field("policy.organization_id", "required")
-    access = DEFAULT_ACCESS_SECONDS if access_seconds is None else access_seconds
-    if not 0 < access <= MAX_ACCESS_SECONDS:
-        raise InvalidArgument.field("policy.access_duration", "more than 0 and at most 24 hours")
-    window = DEFAULT_RATE_WINDOW_SECONDS if rate_window_seconds is None else rate_window_seconds
-    if window <= 0:
-        raise InvalidArgument.field("policy.rate_window", "must be positive")
-    if max_uses < 0:
-        raise InvalidArgument.field("policy.max_uses", "must not be negative (0: the default, 3)")
-    return BreakGlassPolicy(
-        organization_id=organization_id,
-        enabled=enabled,
-        overrides_deny=overrides_deny,
-        access_seconds=access,
-        max_uses=max_uses or DEFAULT_MAX_USES,
-        rate_window_seconds=window,
-    )
-
-
-def check_break_glass(patient_id: str, reason: int, justification: str) -> str:
-    """Field checks of a break-glass request; returns the justification, stripped."""
-    if not patient_id:
-        raise InvalidArgument.field("patient_id", "required")
-    if reason not in _REASONS_OF_BREAK_GLASS:
-        raise InvalidArgument.field("reason", "required: one of " + ", ".join(_REASONS_OF_BREAK_GLASS.values()))
-    justification = justification.strip()
-    if not JUSTIFICATION_MIN_CHARS <= len(justification) <= JUSTIFICATION_MAX_CHARS:
-        raise InvalidArgument.field(
-            "justification",
-            f"{JUSTIFICATION_MIN_CHARS} to {JUSTIFICATION_MAX_CHARS} characters explaining the emergency",
-        )
-    return justification
-
-
-def justification_sha256(justification: str) -> str:
-    return hashlib.sha256(JUSTIFICATION_DOMAIN + justification.encode()).hexdigest()
-
-
-def reason_code(reason: int) -> str:
-    return _REASONS_OF_BREAK_GLASS.get(reason, "BREAK_GLASS_REASON_UNSPECIFIED")
-
-
-def new_break_glass_id() -> str:
-    return f"bgl_{uuid.uuid4().hex}"

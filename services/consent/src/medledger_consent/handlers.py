@@ -9,7 +9,7 @@ from collections.abc import Callable
 from medledger.events.v1 import consent_events_pb2, identity_events_pb2
 from medledger.types.v1 import vocabulary_pb2
 
-from medledger_consent import storage
+from medledger_consent import break_glass_storage, storage
 from medledger_consent.domain import ConsentIndex, justification_key_name
 from medledger_runtime.db import Database
 from medledger_runtime.erasure import destroy_keys, erasure_asked_of, keys_destroyed_event
@@ -93,7 +93,7 @@ class ConsentIndexHandler:
 
     async def _break_glass_changed(self, access_id: str) -> None:
         async with self.db.connect() as conn:
-            found = await storage.get_access(conn, access_id)
+            found = await break_glass_storage.get_access(conn, access_id)
         if found is None:
             raise Unavailable("a break-glass access announced by its event is not in the database yet")
         self.index.put_break_glass(found[0])

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from medledger.events.v1 import records_events_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_consent import storage
+from medledger_consent import break_glass_storage
 from medledger_runtime.db import Database
 from medledger_runtime.errors import NotFound
 from medledger_runtime.events import unpack
@@ -40,7 +40,7 @@ def justification_migration(db: Database, keys: KeyManager, legacy: Callable[[],
     """``legacy`` gives the key manager that reads the old shared keys (``ServiceRuntime.legacy_keys``)."""
 
     async def move(conn: AsyncConnection, old: KeyManager, access_id: str) -> bool:
-        found = await storage.justification_for_update(conn, access_id)
+        found = await break_glass_storage.justification_for_update(conn, access_id)
         if found is None:
             return False
         patient_id, ciphertext = found
@@ -52,10 +52,10 @@ def justification_migration(db: Database, keys: KeyManager, legacy: Callable[[],
                 )
             except NotFound:
                 moved = ""  # the old key is gone (the patient was erased): unreadable already
-        await storage.move_justification(conn, access_id, moved)
+        await break_glass_storage.move_justification(conn, access_id, moved)
         return bool(moved)
 
-    return KeyOwnerMigration("consent", db, legacy, storage.justifications_under_old_keys_after, move)
+    return KeyOwnerMigration("consent", db, legacy, break_glass_storage.justifications_under_old_keys_after, move)
 
 
 class ErasedJustificationsHandler:
@@ -76,5 +76,5 @@ class ErasedJustificationsHandler:
         async with self.db.transaction() as conn:
             if not await claim_inbox(conn, ERASURE_BACKFILL_CONSUMER, event.id):
                 return
-            dropped = await storage.forget_justifications(conn, patient_id)
+            dropped = await break_glass_storage.forget_justifications(conn, patient_id)
         log.info("an erased patient's break-glass justifications dropped", extra={"justifications": dropped})

@@ -10,7 +10,7 @@ wire's request and response, so it stays at the transport).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -18,6 +18,7 @@ from medledger_runtime.db import Database
 
 R = TypeVar("R")
 T = TypeVar("T")
+X = TypeVar("X")
 Write = Callable[[AsyncConnection], Awaitable[R]]
 # Runs a write (of result R) and returns T.
 RunWrite = Callable[[Write[R]], Awaitable[T]]
@@ -35,3 +36,15 @@ class Transaction:
             result = await write(conn)
         self.notify()
         return result
+
+
+async def write_then_index(
+    run: RunWrite[Any, T], write: Write[Any], written: list[X], index: Callable[[X], object]
+) -> T:
+    """Run `write` through `run`, then hand what it wrote to `index` (the in-memory index the
+    checks read): only once committed, and nothing when `run` replayed an earlier response
+    (`write` then never ran, and `written` stayed empty)."""
+    result = await run(write)
+    for item in written:
+        index(item)
+    return result

@@ -20,10 +20,9 @@ from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_identity import storage
-from medledger_identity.principals import (
+from medledger_identity.principal_commands import (
     ChangeRole,
     DeactivatePrincipal,
-    Directory,
     GetPrincipal,
     ListPrincipals,
     Registered,
@@ -31,6 +30,7 @@ from medledger_identity.principals import (
     RegisterPrincipal,
     UpdatePrincipalResource,
 )
+from medledger_identity.principals import Directory
 from medledger_identity.tokens import IssueToken, TokenDesk
 from medledger_runtime.auth import ANY_CALLER, Access, current_caller
 from medledger_runtime.idempotency import run_idempotent

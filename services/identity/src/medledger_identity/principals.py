@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import message as pb_message
@@ -24,6 +23,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_identity import domain, storage
 from medledger_identity.credentials import SecretHasher
+from medledger_identity.principal_commands import (
+    ChangeRole,
+    DeactivatePrincipal,
+    Found,
+    GetPrincipal,
+    ListPrincipals,
+    PrincipalPage,
+    Registered,
+    RegisterPatient,
+    RegisterPrincipal,
+    UpdatePrincipalResource,
+)
 from medledger_identity.resources import Resources
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
@@ -40,78 +51,6 @@ DEACTIVATED = vocabulary_pb2.PrincipalStatus.PRINCIPAL_STATUS_DEACTIVATED
 # resources' and blind indexes' keys are in resources.py).
 REPLAY_KEY = "identity-secret-replay"
 MAX_PAGE_SIZE = 1000
-
-
-# Commands.
-
-
-@dataclass(frozen=True)
-class RegisterPatient:
-    fhir_patient: bytes
-
-
-@dataclass(frozen=True)
-class RegisterPrincipal:
-    kind: int
-    organization_id: str
-    fhir_resource: bytes
-
-
-@dataclass(frozen=True)
-class GetPrincipal:
-    principal_id: str
-    include_fhir_resource: bool = False
-
-
-@dataclass(frozen=True)
-class ListPrincipals:
-    kind: int = 0  # 0: every kind
-    organization_id: str = ""
-    page_size: int = 0
-    page_token: str = ""
-
-
-@dataclass(frozen=True)
-class UpdatePrincipalResource:
-    principal_id: str
-    fhir_resource: bytes
-
-
-@dataclass(frozen=True)
-class DeactivatePrincipal:
-    principal_id: str
-
-
-@dataclass(frozen=True)
-class ChangeRole:
-    """Assign (`grant`) or revoke `role` (a medledger.types.v1 Role)."""
-
-    principal_id: str
-    role: int
-    grant: bool
-
-
-# Results.
-
-
-@dataclass(frozen=True)
-class Registered:
-    """A new principal and its client secret, shown this once."""
-
-    principal: storage.PrincipalRow
-    client_secret: str
-
-
-@dataclass(frozen=True)
-class Found:
-    principal: storage.PrincipalRow
-    fhir_resource: bytes = b""  # only when asked for, allowed, and not erased
-
-
-@dataclass(frozen=True)
-class PrincipalPage:
-    principals: list[storage.PrincipalRow]
-    next_page_token: str
 
 
 Registration = Callable[[AsyncConnection], Awaitable[Registered]]

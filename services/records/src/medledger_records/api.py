@@ -14,28 +14,29 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
+from google.protobuf import message as pb_message
 from medledger.consent.v1 import consent_service_pb2 as co_pb
 from medledger.consent.v1 import consent_service_pb2_grpc as co_grpc
 from medledger.records.v1 import records_service_pb2 as pb
 from medledger.records.v1 import records_service_pb2_grpc as pb_grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_records import storage
+from medledger_records import erasure_storage, key_storage, storage
 from medledger_records.erasure import ErasureDesk, ErasureView, PlaceLegalHold, RequestErasure
-from medledger_records.records import (
+from medledger_records.record_commands import (
     ConsentAnswer,
     ExportRecords,
     GetRecord,
     ListRecords,
     PutRecord,
     Receipt,
-    RecordDesk,
     RecordKeys,
-    Write,
     Written,
 )
+from medledger_records.records import RecordDesk
 from medledger_runtime.auth import Access, Caller, current_caller
 from medledger_runtime.errors import InvalidArgument, MedledgerError
 from medledger_runtime.idempotency import run_idempotent
@@ -63,8 +64,8 @@ ACCESS: dict[str, Access] = {
     _SERVICE + "ReleaseLegalHold": Access.of(roles=["admin", "privacy-officer"]),
 }
 ROTATION_PAGE = 100
-ErasureWrite = Callable[[AsyncConnection], Awaitable[storage.ErasureRow]]
-HoldWrite = Callable[[AsyncConnection], Awaitable[storage.LegalHoldRow]]
+T = TypeVar("T")
+R = TypeVar("R", bound=pb_message.Message)
 PERMIT = co_pb.Decision.DECISION_PERMIT
 
 
@@ -136,7 +137,7 @@ def _erasure(view: ErasureView) -> pb.Erasure:
     return message
 
 
-def _hold(hold: storage.LegalHoldRow) -> pb.LegalHold:
+def _hold(hold: erasure_storage.LegalHoldRow) -> pb.LegalHold:
     message = pb.LegalHold(
         hold_id=hold.hold_id,
         patient_id=hold.patient_id,
@@ -150,12 +151,47 @@ def _hold(hold: storage.LegalHoldRow) -> pb.LegalHold:
     return message
 
 
+def _erasure_requested(row: erasure_storage.ErasureRow) -> pb.RequestErasureResponse:
+    return pb.RequestErasureResponse(erasure=_erasure(ErasureView(row)))
+
+
+def _hold_placed(row: erasure_storage.LegalHoldRow) -> pb.PlaceLegalHoldResponse:
+    return pb.PlaceLegalHoldResponse(legal_hold=_hold(row))
+
+
 class RecordsApi(pb_grpc.RecordsServiceServicer):
     def __init__(self, runtime: ServiceRuntime, keys: RecordKeys, records: RecordDesk, erasures: ErasureDesk) -> None:
         self.rt = runtime
         self.keys = keys  # for key rotation
         self.records = records
         self.erasures = erasures
+
+    def _once(
+        self,
+        scope: str,
+        request: pb_message.Message,
+        response_cls: type[R],
+        respond: Callable[[T], R],
+        after_commit: Callable[[], None],
+    ) -> Callable[[Callable[[AsyncConnection], Awaitable[T]]], Awaitable[R]]:
+        """The transaction of a mutating RPC's write: once per request id, answering a retry with
+        the response first stored (the request's fingerprint is its protobuf bytes)."""
+
+        async def once(write: Callable[[AsyncConnection], Awaitable[T]]) -> R:
+            async def work(conn: AsyncConnection) -> R:
+                return respond(await write(conn))
+
+            return await run_idempotent(
+                self.rt.db,
+                scope=scope,
+                request_id=request.request_id,  # type: ignore[attr-defined]
+                request=request,
+                response_cls=response_cls,
+                work=work,
+                after_commit=after_commit,
+            )
+
+        return once
 
     async def PutRecord(self, request: pb.PutRecordRequest, context: grpc.aio.ServicerContext) -> pb.PutRecordResponse:
         """Idempotency is kept here, around the use case's transaction, because what it keys and
@@ -170,20 +206,7 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
             record_id=request.record_id,
         )
 
-        async def once(write: Write) -> pb.PutRecordResponse:
-            async def work(conn: AsyncConnection) -> pb.PutRecordResponse:
-                return _put_response(await write(conn))
-
-            return await run_idempotent(
-                self.rt.db,
-                scope="records.PutRecord",
-                request_id=request.request_id,
-                request=request,
-                response_cls=pb.PutRecordResponse,
-                work=work,
-                after_commit=self.rt.relay.notify,
-            )
-
+        once = self._once("records.PutRecord", request, pb.PutRecordResponse, _put_response, self.rt.relay.notify)
         return await self.records.put(current_caller(), command, once)
 
     async def GetRecord(self, request: pb.GetRecordRequest, context: grpc.aio.ServicerContext) -> pb.GetRecordResponse:
@@ -250,7 +273,7 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
     async def finish_unfinished_rotations(self) -> int:
         """One pass of :meth:`finish_rotations`; how many it finished."""
         async with self.rt.db.connect() as conn:
-            unfinished = await storage.rotations_in_progress(conn)
+            unfinished = await key_storage.rotations_in_progress(conn)
         finished = 0
         for patient_id in unfinished:
             try:
@@ -266,33 +289,35 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         """(key version, data keys rewrapped by this call) of the patient's rotation."""
         name = patient_key_name("records", patient_id)
         async with self.rt.db.transaction() as conn:
-            in_progress = await storage.rotation_in_progress(conn, patient_id)
+            in_progress = await key_storage.rotation_in_progress(conn, patient_id)
         if in_progress is None:
             info = await self.keys.rotate(name)  # NotFound when the patient has no key (no records)
             target, done_record, done_version = info.latest_version, "", 0
             async with self.rt.db.transaction() as conn:
-                await storage.start_rotation(conn, patient_id, target, time.time())
+                await key_storage.start_rotation(conn, patient_id, target, time.time())
         else:
             target, done_record, done_version = in_progress
         rewrapped = 0
         while True:
             async with self.rt.db.transaction() as conn:
-                page = await storage.versions_after(
+                page = await key_storage.versions_after(
                     conn, patient_id, done_record, done_version, ROTATION_PAGE, key_name=name
                 )
                 for record_id, version, wrapped in page:
                     # An erased version has no wrapped key left to rewrap.
                     if wrapped and parse_versioned(wrapped, what="wrapped_key")[0] < target:
-                        await storage.set_wrapped_key(conn, record_id, version, await self.keys.rewrap(name, wrapped))
+                        await key_storage.set_wrapped_key(
+                            conn, record_id, version, await self.keys.rewrap(name, wrapped)
+                        )
                         rewrapped += 1
                 if page:
                     done_record, done_version = page[-1][0], page[-1][1]
-                    await storage.advance_rotation(conn, patient_id, done_record, done_version)
+                    await key_storage.advance_rotation(conn, patient_id, done_record, done_version)
             if len(page) < ROTATION_PAGE:
                 break
         await self.keys.set_min_decryption_version(name, target)
         async with self.rt.db.transaction() as conn:
-            await storage.finish_rotation(conn, patient_id)
+            await key_storage.finish_rotation(conn, patient_id)
         log.info("patient key rotated", extra={"key_version": target, "rewrapped": rewrapped})
         return target, rewrapped
 
@@ -303,20 +328,13 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
     ) -> pb.RequestErasureResponse:
         command = RequestErasure(patient_id=request.patient_id, reason=request.reason)
 
-        async def once(write: ErasureWrite) -> pb.RequestErasureResponse:
-            async def work(conn: AsyncConnection) -> pb.RequestErasureResponse:
-                return pb.RequestErasureResponse(erasure=_erasure(ErasureView(await write(conn))))
-
-            return await run_idempotent(
-                self.rt.db,
-                scope="records.RequestErasure",
-                request_id=request.request_id,
-                request=request,
-                response_cls=pb.RequestErasureResponse,
-                work=work,
-                after_commit=self.erasures.after_request,
-            )
-
+        once = self._once(
+            "records.RequestErasure",
+            request,
+            pb.RequestErasureResponse,
+            _erasure_requested,
+            self.erasures.after_request,
+        )
         response: pb.RequestErasureResponse = await self.erasures.request(current_caller(), command, once)
         # Logged for a retry too, with the erasure it answers with.
         log.info("erasure requested", extra={"erasure_id": response.erasure.erasure_id})
@@ -345,22 +363,13 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
     ) -> pb.PlaceLegalHoldResponse:
         command = PlaceLegalHold(patient_id=request.patient_id, reason=request.reason)
 
-        async def once(
-            write: Callable[[AsyncConnection], Awaitable[storage.LegalHoldRow]],
-        ) -> pb.PlaceLegalHoldResponse:
-            async def work(conn: AsyncConnection) -> pb.PlaceLegalHoldResponse:
-                return pb.PlaceLegalHoldResponse(legal_hold=_hold(await write(conn)))
-
-            return await run_idempotent(
-                self.rt.db,
-                scope="records.PlaceLegalHold",
-                request_id=request.request_id,
-                request=request,
-                response_cls=pb.PlaceLegalHoldResponse,
-                work=work,
-                after_commit=self.rt.relay.notify,
-            )
-
+        once = self._once(
+            "records.PlaceLegalHold",
+            request,
+            pb.PlaceLegalHoldResponse,
+            _hold_placed,
+            self.rt.relay.notify,
+        )
         response: pb.PlaceLegalHoldResponse = await self.erasures.place_hold(current_caller(), command, once)
         return response
 

@@ -26,7 +26,7 @@ from typing import Any
 from medledger.events.v1 import records_events_pb2 as ev
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_records import storage
+from medledger_records import erasure_storage, storage
 from medledger_records.erasure_runner import (
     CANCELLED,
     COMPLETED,
@@ -84,7 +84,7 @@ class ErasureView:
     """An erasure as its reader sees it: with the legal holds in force on a pending one, and the
     participants a running one still awaits."""
 
-    erasure: storage.ErasureRow
+    erasure: erasure_storage.ErasureRow
     holds: int = 0
     awaiting: tuple[str, ...] = ()
 
@@ -134,19 +134,19 @@ class ErasureDesk:
         if caller.principal_id != command.patient_id and not _is_admin(caller):
             raise PermissionDenied("a patient asks to erase their own records only")
 
-        async def write(conn: AsyncConnection) -> storage.ErasureRow:
+        async def write(conn: AsyncConnection) -> erasure_storage.ErasureRow:
             await storage.lock_patient(conn, command.patient_id, exclusive=True)
-            holds = await storage.holds_in_force(conn, command.patient_id)
+            holds = await erasure_storage.holds_in_force(conn, command.patient_id)
             if holds:
                 raise FailedPrecondition(
                     f"a legal hold is in force on this patient's records ({', '.join(h.hold_id for h in holds)})"
                 )
-            for other in await storage.erasures_of(conn, command.patient_id, [PENDING, RUNNING, COMPLETED]):
+            for other in await erasure_storage.erasures_of(conn, command.patient_id, [PENDING, RUNNING, COMPLETED]):
                 if other.state == COMPLETED:
                     raise FailedPrecondition(f"this patient's records were erased ({other.erasure_id})")
                 raise AlreadyExists(f"an erasure of this patient's records is {state_name(other.state)}")
             now = time.time()
-            row = storage.ErasureRow(
+            row = erasure_storage.ErasureRow(
                 f"era_{uuid.uuid4().hex}",
                 command.patient_id,
                 PENDING,
@@ -155,7 +155,7 @@ class ErasureDesk:
                 command.reason,
                 now + self.grace_seconds,
             )
-            await storage.insert_erasure(conn, row)
+            await erasure_storage.insert_erasure(conn, row)
             payload = ev.ErasureRequested(
                 erasure_id=row.erasure_id,
                 patient_id=row.patient_id,
@@ -180,12 +180,12 @@ class ErasureDesk:
                 raise FailedPrecondition(f"the erasure is {state_name(row.state)}, not pending")
             if row.requested_by == caller.principal_id:
                 raise PermissionDenied("an erasure is approved by someone other than who requested it")
-            holds = await storage.holds_in_force(conn, row.patient_id)
+            holds = await erasure_storage.holds_in_force(conn, row.patient_id)
             if holds:
                 raise FailedPrecondition(
                     f"a legal hold is in force on this patient's records ({', '.join(h.hold_id for h in holds)})"
                 )
-            await storage.set_erasure_state(
+            await erasure_storage.set_erasure_state(
                 conn, erasure_id, PENDING, state=RUNNING, approved_by=caller.principal_id, approved_at=time.time()
             )
             await self.runner.ask(conn, row)
@@ -204,7 +204,7 @@ class ErasureDesk:
             row = await self._find(conn, erasure_id, caller)
             if row.state == CANCELLED:
                 return ErasureView(row)
-            if not await storage.set_erasure_state(conn, erasure_id, PENDING, state=CANCELLED):
+            if not await erasure_storage.set_erasure_state(conn, erasure_id, PENDING, state=CANCELLED):
                 raise FailedPrecondition(f"the erasure is {state_name(row.state)}, not pending")
             payload = ev.ErasureCancelled(
                 erasure_id=erasure_id, patient_id=row.patient_id, cancelled_by=caller.principal_id
@@ -218,8 +218,8 @@ class ErasureDesk:
     async def get(self, caller: Caller, erasure_id: str) -> ErasureView:
         async with self.db.connect() as conn:
             row = await self._find(conn, erasure_id, caller)
-            holds = await storage.holds_in_force(conn, row.patient_id) if row.state == PENDING else []
-            confirmed = await storage.confirmations_of(conn, erasure_id) if row.state == RUNNING else {}
+            holds = await erasure_storage.holds_in_force(conn, row.patient_id) if row.state == PENDING else []
+            confirmed = await erasure_storage.confirmations_of(conn, erasure_id) if row.state == RUNNING else {}
         waiting = tuple(awaiting(row, confirmed)) if row.state == RUNNING else ()
         return ErasureView(row, holds=len(holds), awaiting=waiting)
 
@@ -233,28 +233,28 @@ class ErasureDesk:
         if not command.reason or len(command.reason) > MAX_REASON:
             raise InvalidArgument.field("reason", f"required: the matter, at most {MAX_REASON} characters")
 
-        async def write(conn: AsyncConnection) -> storage.LegalHoldRow:
+        async def write(conn: AsyncConnection) -> erasure_storage.LegalHoldRow:
             await storage.lock_patient(conn, command.patient_id, exclusive=True)
-            for erasure in await storage.erasures_of(conn, command.patient_id, [RUNNING, COMPLETED]):
+            for erasure in await erasure_storage.erasures_of(conn, command.patient_id, [RUNNING, COMPLETED]):
                 raise FailedPrecondition(f"this patient's records are already {state_name(erasure.state)} erasure")
-            hold = storage.LegalHoldRow(
+            hold = erasure_storage.LegalHoldRow(
                 f"hold_{uuid.uuid4().hex}", command.patient_id, command.reason, caller.principal_id, time.time()
             )
-            await storage.insert_hold(conn, hold)
+            await erasure_storage.insert_hold(conn, hold)
             await self._hold_changed(conn, hold, "placed", caller)
             return hold
 
         return await (transaction or self._transaction(self.notify))(write)
 
-    async def release_hold(self, caller: Caller, hold_id: str) -> storage.LegalHoldRow:
+    async def release_hold(self, caller: Caller, hold_id: str) -> erasure_storage.LegalHoldRow:
         """Release a legal hold (releasing it again changes nothing), and LegalHoldChanged."""
         async with self.db.transaction() as conn:
-            hold = await storage.get_hold(conn, hold_id)
+            hold = await erasure_storage.get_hold(conn, hold_id)
             if hold is None:
                 raise NotFound("no such legal hold")
-            if await storage.release_hold(conn, hold_id, caller.principal_id, time.time()):
+            if await erasure_storage.release_hold(conn, hold_id, caller.principal_id, time.time()):
                 await self._hold_changed(conn, hold, "released", caller)
-            hold = await storage.get_hold(conn, hold_id)
+            hold = await erasure_storage.get_hold(conn, hold_id)
         assert hold is not None
         self.after_request()  # a pending erasure past its grace period may run now
         return hold
@@ -270,15 +270,15 @@ class ErasureDesk:
 
         return transaction
 
-    async def _find(self, conn: AsyncConnection, erasure_id: str, caller: Caller) -> storage.ErasureRow:
-        row = await storage.get_erasure(conn, erasure_id)
+    async def _find(self, conn: AsyncConnection, erasure_id: str, caller: Caller) -> erasure_storage.ErasureRow:
+        row = await erasure_storage.get_erasure(conn, erasure_id)
         # Someone else's erasure looks like a missing one to a patient.
         if row is None or not (caller.principal_id == row.patient_id or _is_admin(caller) or _is_officer(caller)):
             raise NotFound("no such erasure")
         return row
 
     async def _hold_changed(
-        self, conn: AsyncConnection, hold: storage.LegalHoldRow, change: str, caller: Caller
+        self, conn: AsyncConnection, hold: erasure_storage.LegalHoldRow, change: str, caller: Caller
     ) -> None:
         payload = ev.LegalHoldChanged(
             hold_id=hold.hold_id, patient_id=hold.patient_id, change=change, changed_by=caller.principal_id

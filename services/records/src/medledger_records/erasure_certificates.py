@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from medledger.events.v1 import records_events_pb2 as ev
 
-from medledger_records import storage
+from medledger_records import erasure_storage
 from medledger_runtime.erasure import (
     AT_APPEND,
     CERTIFICATE_KEY,
@@ -25,7 +25,11 @@ Outcome = ev.ErasureOutcome
 
 
 def certificate(
-    row: storage.ErasureRow, confirmed: dict[str, tuple[bytes, float]], now: float, *, unrecoverable_after: float
+    row: erasure_storage.ErasureRow,
+    confirmed: dict[str, tuple[bytes, float]],
+    now: float,
+    *,
+    unrecoverable_after: float,
 ) -> ev.ErasureCertificate:
     """The certificate of a running erasure every present participant but audit has confirmed
     (`confirmed`: participant -> (its PatientKeysDestroyed, when it was stored))."""
@@ -91,7 +95,7 @@ class Certifier:
         return (await self.signer()).verifier.text()
 
     async def certify(
-        self, row: storage.ErasureRow, confirmed: dict[str, tuple[bytes, float]], now: float
+        self, row: erasure_storage.ErasureRow, confirmed: dict[str, tuple[bytes, float]], now: float
     ) -> tuple[ev.ErasureCertificate, str]:
         """The certificate and its signed note."""
         # No backup of the key manager, and no data-key cache, holds any key after this.

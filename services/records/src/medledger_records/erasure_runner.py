@@ -33,7 +33,7 @@ from medledger.records.v1 import records_service_pb2 as pb
 from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_records import storage
+from medledger_records import erasure_storage, storage
 from medledger_records.blobs import BlobStore
 from medledger_records.erasure_certificates import Certifier
 from medledger_runtime.db import Database
@@ -70,7 +70,7 @@ def state_name(state: int) -> str:
     return pb.ErasureState.Name(state).removeprefix("ERASURE_STATE_").lower()  # type: ignore[arg-type]
 
 
-def awaiting(row: storage.ErasureRow, confirmed: dict[str, tuple[bytes, float]]) -> list[str]:
+def awaiting(row: erasure_storage.ErasureRow, confirmed: dict[str, tuple[bytes, float]]) -> list[str]:
     """The present participants whose confirmation a running erasure still waits for (records
     included until its own part is done; an erasure not yet asked waits for every one)."""
     present = row.participants or PARTICIPANTS
@@ -141,7 +141,7 @@ class ErasureRunner:
     async def run_due(self) -> list[str]:
         """Run what is due now; returns the erasures completed."""
         async with self.db.connect() as conn:
-            due = await storage.erasures_to_run(conn, PENDING, RUNNING, time.time())
+            due = await erasure_storage.erasures_to_run(conn, PENDING, RUNNING, time.time())
         done = []
         for row in due:
             if row.state == PENDING and not await self._start_after_grace(row):
@@ -150,21 +150,21 @@ class ErasureRunner:
                 done.append(row.erasure_id)
         return done
 
-    async def _start_after_grace(self, row: storage.ErasureRow) -> bool:
+    async def _start_after_grace(self, row: erasure_storage.ErasureRow) -> bool:
         async with self.db.transaction() as conn:
             await storage.lock_patient(conn, row.patient_id, exclusive=True)
-            if await storage.holds_in_force(conn, row.patient_id):
+            if await erasure_storage.holds_in_force(conn, row.patient_id):
                 return False
-            if not await storage.set_erasure_state(conn, row.erasure_id, PENDING, state=RUNNING):
+            if not await erasure_storage.set_erasure_state(conn, row.erasure_id, PENDING, state=RUNNING):
                 return False
             await self.ask(conn, row)
         self.notify()
         return True
 
-    async def ask(self, conn: AsyncConnection, row: storage.ErasureRow) -> None:
+    async def ask(self, conn: AsyncConnection, row: erasure_storage.ErasureRow) -> None:
         """Step 1's event: ask every present participant that confirms by event to destroy its
         keys of the patient (records does its own part itself; audit acts on the certificate)."""
-        await storage.set_erasure_state(conn, row.erasure_id, RUNNING, participants=self.participants)
+        await erasure_storage.set_erasure_state(conn, row.erasure_id, RUNNING, participants=self.participants)
         asked = [p for p in self.participants if p != "records" and p not in AT_APPEND]
         payload = ev.PatientKeysErasureRequested(
             erasure_id=row.erasure_id, patient_id=row.patient_id, participants=asked
@@ -175,7 +175,7 @@ class ErasureRunner:
         """Steps 1-2 of a RUNNING erasure (see the module's doc), then step 4 if every participant
         has confirmed; True when this call completed it."""
         async with self.db.connect() as conn:
-            row = await storage.get_erasure(conn, erasure_id)
+            row = await erasure_storage.get_erasure(conn, erasure_id)
         if row is None or row.state != RUNNING:
             return False
         if not row.participants:  # started before participants were asked (an older release)
@@ -188,32 +188,32 @@ class ErasureRunner:
         await self.refresh_awaited()
         return completed
 
-    async def _erase_own(self, row: storage.ErasureRow) -> None:
+    async def _erase_own(self, row: erasure_storage.ErasureRow) -> None:
         """records' own part: its key, blobs and data, then its confirmation."""
         key_name = patient_key_name("records", row.patient_id)
         versions = list(row.key_versions) or await self.shredder.key_versions(key_name)
         if not row.key_versions:
             async with self.db.transaction() as conn:
-                await storage.set_erasure_state(conn, row.erasure_id, RUNNING, key_versions=versions)
+                await erasure_storage.set_erasure_state(conn, row.erasure_id, RUNNING, key_versions=versions)
         await self.shredder.shred(key_name)
         if self.blobs is not None:
             async with self.db.connect() as conn:
-                blob_keys = await storage.blob_keys_of(conn, row.patient_id)
+                blob_keys = await erasure_storage.blob_keys_of(conn, row.patient_id)
             for key in blob_keys:
                 await self.blobs.delete(key)
         now = time.time()
         async with self.db.transaction() as conn:
-            records_erased, versions_erased = await storage.erase_patient_data(conn, row.patient_id, now)
+            records_erased, versions_erased = await erasure_storage.erase_patient_data(conn, row.patient_id, now)
             own = ev.PatientKeysDestroyed(
                 erasure_id=row.erasure_id,
                 patient_id=row.patient_id,
                 participant="records",
                 keys=[ev.DestroyedKey(key_name=key_name, versions=versions, already_gone=not versions)],
             )
-            if await storage.set_erasure_state(
+            if await erasure_storage.set_erasure_state(
                 conn, row.erasure_id, RUNNING, records_erased=records_erased, versions_erased=versions_erased
             ):
-                await storage.add_confirmation(conn, row.erasure_id, "records", own.SerializeToString(), now)
+                await erasure_storage.add_confirmation(conn, row.erasure_id, "records", own.SerializeToString(), now)
         log.info(
             "patient records erased; waiting for the other participants",
             extra={"erasure_id": row.erasure_id, "records": records_erased, "versions": versions_erased},
@@ -224,7 +224,7 @@ class ErasureRunner:
         re-sent, changes nothing), then complete the erasure if it was the last awaited. True
         when this confirmation was stored."""
         async with self.db.transaction() as conn:
-            row = await storage.get_erasure(conn, confirmation.erasure_id)
+            row = await erasure_storage.get_erasure(conn, confirmation.erasure_id)
             if (
                 row is None
                 or row.state != RUNNING
@@ -233,7 +233,7 @@ class ErasureRunner:
                 or confirmation.participant == "records"
             ):
                 return False
-            stored = await storage.add_confirmation(
+            stored = await erasure_storage.add_confirmation(
                 conn, row.erasure_id, confirmation.participant, confirmation.SerializeToString(), time.time()
             )
         if stored:
@@ -253,15 +253,15 @@ class ErasureRunner:
     async def complete_if_confirmed(self, erasure_id: str) -> bool:
         """Step 4 (see the module); True when this call completed the erasure."""
         async with self.db.connect() as conn:
-            row = await storage.get_erasure(conn, erasure_id)
+            row = await erasure_storage.get_erasure(conn, erasure_id)
             if row is None or row.state != RUNNING or row.records_erased is None:
                 return False
-            confirmed = await storage.confirmations_of(conn, erasure_id)
+            confirmed = await erasure_storage.confirmations_of(conn, erasure_id)
         if awaiting(row, confirmed):
             return False
         certificate, signed = await self.certifier.certify(row, confirmed, time.time())
         async with self.db.transaction() as conn:
-            completed = await storage.set_erasure_state(
+            completed = await erasure_storage.set_erasure_state(
                 conn,
                 erasure_id,
                 RUNNING,
@@ -282,8 +282,8 @@ class ErasureRunner:
         """The gauge of participants awaited, from the database (every replica sees the same)."""
         counts = dict.fromkeys((p for p in PARTICIPANTS if p not in AT_APPEND), 0)
         async with self.db.connect() as conn:
-            for row in await storage.running_erasures(conn, RUNNING):
-                for name in awaiting(row, await storage.confirmations_of(conn, row.erasure_id)):
+            for row in await erasure_storage.running_erasures(conn, RUNNING):
+                for name in awaiting(row, await erasure_storage.confirmations_of(conn, row.erasure_id)):
                     counts[name] = counts.get(name, 0) + 1
         for name, count in counts.items():
             AWAITED.labels(name).set(count)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_records import storage
+from medledger_records import key_storage
 from medledger_runtime.db import Database
 from medledger_runtime.errors import NotFound
 from medledger_runtime.key_owners import KeyOwnerMigration
@@ -27,12 +27,12 @@ def data_key_migration(db: Database, keys: KeyManager, legacy: Callable[[], KeyM
 
     async def next_page(conn: AsyncConnection, after: str, limit: int) -> list[str]:
         record_id, version = _position(after)
-        page = await storage.versions_under_old_keys_after(conn, record_id, version, limit)
+        page = await key_storage.versions_under_old_keys_after(conn, record_id, version, limit)
         return [f"{r}/{v}" for r, v in page]
 
     async def move(conn: AsyncConnection, old: KeyManager, row_id: str) -> bool:
         record_id, version = _position(row_id)
-        found = await storage.wrapped_key_for_update(conn, record_id, version)
+        found = await key_storage.wrapped_key_for_update(conn, record_id, version)
         if found is None:
             return False
         patient_id, key_name, wrapped = found
@@ -44,7 +44,7 @@ def data_key_migration(db: Database, keys: KeyManager, legacy: Callable[[], KeyM
             return False  # the old key is gone: an erasure, which also empties the row
         name = patient_key_name("records", patient_id)
         await keys.ensure_key(name, KeyType.AES256_GCM96)
-        await storage.rewrap_under(conn, record_id, version, name, await keys.encrypt(name, data_key))
+        await key_storage.rewrap_under(conn, record_id, version, name, await keys.encrypt(name, data_key))
         return True
 
     return KeyOwnerMigration("records", db, legacy, next_page, move)

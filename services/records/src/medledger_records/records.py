@@ -14,22 +14,35 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 from medledger.events.v1 import records_events_pb2 as ev
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_records import domain, storage
+from medledger_records import domain, erasure_storage, storage
 from medledger_records.blobs import BlobStore, blob_key
 from medledger_records.erasure_runner import COMPLETED, RUNNING
+from medledger_records.record_commands import (
+    ConsentAnswer,
+    ConsentService,
+    Disclosed,
+    Export,
+    ExportRecords,
+    GetRecord,
+    Listing,
+    ListRecords,
+    PutRecord,
+    Receipt,
+    RecordKeys,
+    Written,
+)
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
 from medledger_runtime.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from medledger_runtime.events import TOPICS, Event, new_event
 from medledger_runtime.group_commit import OutboxGroupCommit
-from medledger_runtime.keys import LEGACY_PATIENT_KEY_PREFIX, DataKey, KeyInfo, KeyManager, KeyType, patient_key_name
+from medledger_runtime.keys import LEGACY_PATIENT_KEY_PREFIX, KeyManager, KeyType, patient_key_name
 from medledger_runtime.outbox import enqueue
 from medledger_runtime.settings import ConfigError
 
@@ -39,130 +52,8 @@ TAMPERED = Counter(
 )
 
 
-class RecordKeys(Protocol):
-    """What records does with its everyday key-manager credential (through data_keys.DataKeyCache):
-    no deleting keys (only approved erasures do that, through their own credential:
-    erasure.KeyShredder)."""
-
-    async def ensure_key(self, name: str, key_type: KeyType | str) -> KeyInfo: ...
-    async def data_key_for(self, name: str, plaintext_bytes: int) -> DataKey: ...
-    async def decrypt_data_key(self, name: str, wrapped: str) -> bytes: ...
-    async def rotate(self, name: str) -> KeyInfo: ...
-    async def rewrap(self, name: str, ciphertext: str) -> str: ...
-    async def set_min_decryption_version(self, name: str, version: int) -> KeyInfo: ...
-
-
-@dataclass(frozen=True)
-class ConsentAnswer:
-    """Consent's decision on one question."""
-
-    permit: bool
-    decision_id: str
-    reason_code: str = ""
-    reason: str = ""
-
-
-class ConsentService(Protocol):
-    """The consent service, asked whether `caller` may do `action` on the patient's records of
-    `category` for `purpose` (values of medledger.types.v1 Action, DataCategory, PurposeOfUse)."""
-
-    async def check(
-        self, caller: Caller, patient_id: str, action: int, category: int, purpose: int
-    ) -> ConsentAnswer: ...
-
-
 def _denied(answer: ConsentAnswer) -> PermissionDenied:
     return PermissionDenied(f"consent {answer.reason_code}: {answer.reason} (decision {answer.decision_id})")
-
-
-# Commands.
-
-
-@dataclass(frozen=True)
-class PutRecord:
-    """A new record (no record_id) or a new version of the patient's record `record_id`."""
-
-    patient_id: str
-    category: int
-    media_type: str
-    content: bytes
-    record_id: str = ""
-
-
-@dataclass(frozen=True)
-class GetRecord:
-    """One version of a record (0: the latest), read for `purpose` (required unless one's own)."""
-
-    record_id: str
-    version: int = 0
-    purpose: int = 0
-
-
-@dataclass(frozen=True)
-class ListRecords:
-    patient_id: str
-    purpose: int = 0
-    categories: tuple[int, ...] = ()  # none: every category
-    resource_type: str = ""
-    updated_from: float | None = None
-    updated_before: float | None = None
-    page_size: int = 0
-    page_token: str = ""
-
-
-@dataclass(frozen=True)
-class ExportRecords:
-    patient_id: str
-
-
-# Results.
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """What a version commits to, and the event that announced it."""
-
-    record_id: str
-    version: int
-    commitment: str
-    salt: bytes
-    event_id: str
-
-
-@dataclass(frozen=True)
-class Written:
-    record_id: str
-    version: int
-    receipt: Receipt
-
-
-@dataclass(frozen=True)
-class Disclosed:
-    """A version as read, with the consent decision that allowed it ("" for one's own)."""
-
-    content: bytes
-    media_type: str
-    version: int
-    receipt: Receipt
-    decision_id: str
-    patient_id: str
-    category: int
-    provenance: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Listing:
-    records: list[storage.Record]
-    next_page_token: str
-    decision_ids: list[str]
-
-
-@dataclass(frozen=True)
-class Export:
-    """A FHIR Bundle (a collection): each record's latest version, then its Provenance."""
-
-    bundle: dict[str, Any]
-    records: int
 
 
 Write = Callable[[AsyncConnection], Awaitable[Written]]
@@ -246,7 +137,7 @@ class RecordDesk:
         # Shared with other writes, exclusive with the start of an erasure: once an erasure
         # runs, no version is added (and no key re-created) for this patient.
         await storage.lock_patient(conn, patient_id, exclusive=False)
-        for erasure in await storage.erasures_of(conn, patient_id, [RUNNING, COMPLETED]):
+        for erasure in await erasure_storage.erasures_of(conn, patient_id, [RUNNING, COMPLETED]):
             raise FailedPrecondition(f"this patient's records were erased ({erasure.erasure_id})")
         now = time.time()
         if command.record_id:
