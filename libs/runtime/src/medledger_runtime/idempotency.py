@@ -21,6 +21,7 @@ from medledger_runtime.errors import InvalidArgument
 from medledger_runtime.outbox import idempotency_keys
 
 R = TypeVar("R", bound=pb_message.Message)
+T = TypeVar("T")
 MAX_REQUEST_ID = 128
 
 
@@ -117,3 +118,41 @@ async def run_idempotent(
     if after_commit is not None:
         after_commit()
     return response
+
+
+def once_per_request(
+    db: Database,
+    *,
+    scope: str,
+    request: pb_message.Message,
+    response_cls: type[R],
+    respond: Callable[[T], R],
+    request_id: str | None = None,
+    after_commit: Callable[[], None] | None = None,
+    seal: Callable[[R], Awaitable[R]] | None = None,
+    unseal: Callable[[R], Awaitable[R]] | None = None,
+) -> Callable[[Callable[[AsyncConnection], Awaitable[T]]], Awaitable[R]]:
+    """The transaction a mutating RPC gives its use case: the use case's write (a function of a
+    connection) runs once per request id (``request.request_id`` unless given), its result
+    mapped by `respond` to the wire response that is stored and replayed to a retry (see
+    :func:`run_idempotent`). Idempotency stays at the transport because what it keys and keeps
+    is the wire's: the request's protobuf bytes and the response first sent."""
+    rid: str = request.request_id if request_id is None else request_id  # type: ignore[attr-defined]
+
+    async def transaction(write: Callable[[AsyncConnection], Awaitable[T]]) -> R:
+        async def work(conn: AsyncConnection) -> R:
+            return respond(await write(conn))
+
+        return await run_idempotent(
+            db,
+            scope=scope,
+            request_id=rid,
+            request=request,
+            response_cls=response_cls,
+            work=work,
+            after_commit=after_commit,
+            seal=seal,
+            unseal=unseal,
+        )
+
+    return transaction

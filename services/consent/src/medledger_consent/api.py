@@ -16,7 +16,6 @@ import grpc
 from google.protobuf import message as pb_message
 from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.consent.v1 import consent_service_pb2_grpc as pb_grpc
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_consent import break_glass_rules, domain
 from medledger_consent.break_glass import BreakGlassDesk
@@ -37,9 +36,9 @@ from medledger_consent.consents import (
     Recorded,
     RevokeConsent,
 )
-from medledger_consent.writes import RunWrite, Write
+from medledger_consent.writes import RunWrite
 from medledger_runtime.auth import ANY_CALLER, Access, current_caller
-from medledger_runtime.idempotency import run_idempotent
+from medledger_runtime.idempotency import once_per_request
 from medledger_runtime.service import ServiceRuntime
 from medledger_runtime.timestamps import duration, seconds, timestamp
 
@@ -148,24 +147,16 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
         response_cls: type[Response],
         respond: Callable[[R], Response],
     ) -> RunWrite[R, Response]:
-        """The transaction of a mutating RPC's write: once per request id, answering a retry with
-        the response first stored (the request's fingerprint is its protobuf bytes)."""
-
-        async def once(write: Write[R]) -> Response:
-            async def work(conn: AsyncConnection) -> Response:
-                return respond(await write(conn))
-
-            return await run_idempotent(
-                self.rt.db,
-                scope=scope,
-                request_id=request.request_id,  # type: ignore[attr-defined]
-                request=request,
-                response_cls=response_cls,
-                work=work,
-                after_commit=self.rt.relay.notify,
-            )
-
-        return once
+        """The transaction of a mutating RPC's write: once per request id (see
+        ``idempotency.once_per_request``)."""
+        return once_per_request(
+            self.rt.db,
+            scope=scope,
+            request=request,
+            response_cls=response_cls,
+            respond=respond,
+            after_commit=self.rt.relay.notify,
+        )
 
     # -- consents ---------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from medledger_identity.principal_commands import (
 from medledger_identity.principals import Directory
 from medledger_identity.tokens import IssueToken, TokenDesk
 from medledger_runtime.auth import ANY_CALLER, Access, current_caller
-from medledger_runtime.idempotency import run_idempotent
+from medledger_runtime.idempotency import once_per_request
 from medledger_runtime.service import ServiceRuntime
 from medledger_runtime.timestamps import timestamp
 
@@ -100,26 +100,19 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
         seal: Callable[[R], Awaitable[R]] | None = None,
         unseal: Callable[[R], Awaitable[R]] | None = None,
     ) -> Callable[[Callable[[AsyncConnection], Awaitable[T]]], Awaitable[R]]:
-        """The transaction a use case's write runs in: once per request id, answering a retry
-        with the response first stored."""
-
-        async def transaction(write: Callable[[AsyncConnection], Awaitable[T]]) -> R:
-            async def work(conn: AsyncConnection) -> R:
-                return respond(await write(conn))
-
-            return await run_idempotent(
-                self.rt.db,
-                scope=scope,
-                request_id=request_id,
-                request=request,
-                response_cls=response_cls,
-                work=work,
-                after_commit=self.rt.relay.notify,
-                seal=seal,
-                unseal=unseal,
-            )
-
-        return transaction
+        """The transaction a use case's write runs in: once per request id (see
+        ``idempotency.once_per_request``)."""
+        return once_per_request(
+            self.rt.db,
+            scope=scope,
+            request=request,
+            request_id=request_id,
+            response_cls=response_cls,
+            respond=respond,
+            after_commit=self.rt.relay.notify,
+            seal=seal,
+            unseal=unseal,
+        )
 
     def _registration(
         self,

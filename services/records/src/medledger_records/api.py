@@ -39,7 +39,7 @@ from medledger_records.record_commands import (
 from medledger_records.records import RecordDesk
 from medledger_runtime.auth import Access, Caller, current_caller
 from medledger_runtime.errors import InvalidArgument, MedledgerError
-from medledger_runtime.idempotency import run_idempotent
+from medledger_runtime.idempotency import once_per_request
 from medledger_runtime.keys import patient_key_name
 from medledger_runtime.keys.base import parse_versioned
 from medledger_runtime.service import ServiceRuntime
@@ -174,24 +174,16 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
         respond: Callable[[T], R],
         after_commit: Callable[[], None],
     ) -> Callable[[Callable[[AsyncConnection], Awaitable[T]]], Awaitable[R]]:
-        """The transaction of a mutating RPC's write: once per request id, answering a retry with
-        the response first stored (the request's fingerprint is its protobuf bytes)."""
-
-        async def once(write: Callable[[AsyncConnection], Awaitable[T]]) -> R:
-            async def work(conn: AsyncConnection) -> R:
-                return respond(await write(conn))
-
-            return await run_idempotent(
-                self.rt.db,
-                scope=scope,
-                request_id=request.request_id,  # type: ignore[attr-defined]
-                request=request,
-                response_cls=response_cls,
-                work=work,
-                after_commit=after_commit,
-            )
-
-        return once
+        """The transaction of a mutating RPC's write: once per request id (see
+        ``idempotency.once_per_request``)."""
+        return once_per_request(
+            self.rt.db,
+            scope=scope,
+            request=request,
+            response_cls=response_cls,
+            respond=respond,
+            after_commit=after_commit,
+        )
 
     async def PutRecord(self, request: pb.PutRecordRequest, context: grpc.aio.ServicerContext) -> pb.PutRecordResponse:
         """Idempotency is kept here, around the use case's transaction, because what it keys and
