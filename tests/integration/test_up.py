@@ -30,7 +30,9 @@ from medledger.types.v1 import vocabulary_pb2 as vocab
 from medledger_devstack import contracts, localstack
 from medledger_devstack.cli.demo import free_ports
 from medledger_devstack.cli.state import ADMIN_PRINCIPAL, RecordedProcess, StateDir, read_chain_key
-from medledger_devstack.demo import OUT_FILES, Narrator, StoryConfig, run_story
+from medledger_devstack.demo.evidence import OUT_FILES
+from medledger_devstack.demo.narrator import Narrator
+from medledger_devstack.demo.story import StoryConfig, run_story
 from medledger_devstack.stack import chain_side
 from medledger_devstack.testing import Postgres
 from medledger_sdk.client import Endpoints, Medledger
