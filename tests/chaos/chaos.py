@@ -58,7 +58,7 @@ from medledger_runtime.errors import Unavailable
 from medledger_sdk.calls import RpcError, pages
 from medledger_sdk.client import Medledger
 from medledger_verifier import commitments
-from medledger_verifier.anchored_proofs import TrustPolicy
+from medledger_verifier.proof_files import TrustPolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from leaks import scan  # tests/chaos/leaks.py, beside this file

@@ -37,7 +37,7 @@ from medledger_devstack.stack import chain_side
 from medledger_devstack.testing import Postgres
 from medledger_sdk.client import Endpoints, Medledger
 from medledger_verifier import chain, commitments, notes
-from medledger_verifier.anchored_proofs import TrustPolicy
+from medledger_verifier.proof_files import TrustPolicy
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 SERVICES = ("identity", "consent", "records", "anchoring", "audit")

@@ -39,7 +39,7 @@ from medledger_devstack.stack.layout import DEFAULT_GRPC_PORT_BASE, HOST, SERVIC
 from medledger_devstack.stack.supervisor import Interrupted, Stack
 from medledger_sdk.cli.errors import CommandError
 from medledger_sdk.client import Endpoints
-from medledger_verifier.anchored_proofs import TrustPolicy
+from medledger_verifier.proof_files import TrustPolicy
 
 START_TIMEOUT_SECONDS = 120.0
 

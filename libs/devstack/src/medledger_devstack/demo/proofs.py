@@ -15,7 +15,9 @@ from medledger.audit.v1 import audit_service_pb2 as audit_pb
 from medledger_devstack.demo.waiting import LEARN_WAIT_SECONDS, eventually
 from medledger_sdk.calls import RpcError, pages
 from medledger_verifier import chain
-from medledger_verifier.anchored_proofs import TrustPolicy, Verification, verify_anchored_proof
+from medledger_verifier.anchored_proofs import verify_anchored_proof
+from medledger_verifier.proof_checks import Verification
+from medledger_verifier.proof_files import TrustPolicy
 
 if TYPE_CHECKING:
     from medledger_devstack.demo.story import Story

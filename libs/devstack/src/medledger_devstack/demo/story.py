@@ -16,7 +16,7 @@ from medledger_devstack.demo.narrator import Narrator, Outcome, StoryResult
 from medledger_devstack.demo.waiting import ANCHOR_WAIT_SECONDS, code_of
 from medledger_sdk.calls import RpcError
 from medledger_sdk.client import Endpoints, Medledger
-from medledger_verifier.anchored_proofs import TrustPolicy
+from medledger_verifier.proof_files import TrustPolicy
 
 
 @dataclass

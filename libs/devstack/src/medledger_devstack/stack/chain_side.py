@@ -22,7 +22,7 @@ from medledger_devstack.cli.state import StateDir, read_chain_key
 from medledger_runtime.files import write_atomically
 from medledger_sdk.cli.errors import CommandError
 from medledger_verifier import chain, notes
-from medledger_verifier.anchored_proofs import TrustPolicy
+from medledger_verifier.proof_files import TrustPolicy
 
 _T = TypeVar("_T")
 
