@@ -20,7 +20,7 @@ or rejected.
 
 One module on purpose, though over 400 lines: the checkpoint and the tlog-proof are defined by the
 signed-note grammar they embed, and keeping the three specs' strict parsers side by side is how
-they stay consistent (as in Go's golang.org/x/mod/sumdb/note and tlog).
+they stay consistent.
 """
 
 from __future__ import annotations

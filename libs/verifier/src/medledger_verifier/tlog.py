@@ -20,7 +20,7 @@ by truncation.
 
 One module on purpose, though over 500 lines: hashing, tile addressing, proofs and append are one
 algorithm over one geometry (which subtree lives in which tile), and RFC 9162's proof
-definitions read best next to the tile plan that serves them, as in transparency-dev/merkle.
+definitions read best next to the tile plan that serves them.
 """
 
 from __future__ import annotations
