@@ -60,7 +60,7 @@ from medledger_runtime.kafka import make_producer
 from medledger_runtime.keys import create_master_key_file, der_to_raw_rs
 from medledger_sdk.auth import TokenClient
 from medledger_verifier import chain, notes, tlog
-from medledger_verifier.anchored_proofs import TrustPolicy
+from medledger_verifier.proof_files import TrustPolicy
 
 TREE_SIZE = 1_000_000
 COVERED = (100, 1_000, 10_000)

@@ -20,7 +20,8 @@ from aiokafka import AIOKafkaConsumer
 from medledger.events.v1 import identity_events_pb2
 
 from medledger_runtime import events
-from medledger_runtime.kafka import ConsumedMessage, EventConsumer, make_producer
+from medledger_runtime.kafka import ConsumedMessage, make_producer
+from medledger_runtime.kafka_consumer import EventConsumer
 from medledger_runtime.telemetry import configure_tracing
 
 

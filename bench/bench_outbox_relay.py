@@ -17,7 +17,8 @@ from sqlalchemy import insert
 from medledger_runtime import events
 from medledger_runtime.db import Database
 from medledger_runtime.kafka import make_producer
-from medledger_runtime.outbox import COMMON_MIGRATIONS, OutboxRelay, outbox
+from medledger_runtime.outbox import COMMON_MIGRATIONS, outbox
+from medledger_runtime.outbox_relay import OutboxRelay
 
 
 def envelope(n: int) -> bytes:

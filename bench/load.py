@@ -44,7 +44,8 @@ from medledger.records.v1 import records_service_pb2 as records_pb
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_devstack.cli.state import ADMIN_PRINCIPAL, StateDir
-from medledger_devstack.demo import blood_pressure, patient_resource, practitioner_resource, until_known
+from medledger_devstack.demo.fhir import blood_pressure, patient_resource, practitioner_resource
+from medledger_devstack.demo.waiting import until_known
 from medledger_runtime.events import TOPICS
 from medledger_sdk.calls import RpcError
 from medledger_sdk.client import Endpoints, Medledger

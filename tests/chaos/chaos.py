@@ -52,12 +52,13 @@ from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_devstack import localstack
 from medledger_devstack.cli.state import ADMIN_PRINCIPAL, StateDir
-from medledger_devstack.cli.up import HOST, SERVICES, Stack
+from medledger_devstack.stack.layout import HOST, SERVICES
+from medledger_devstack.stack.supervisor import Stack
 from medledger_runtime.errors import Unavailable
 from medledger_sdk.calls import RpcError, pages
 from medledger_sdk.client import Medledger
 from medledger_verifier import commitments
-from medledger_verifier.anchored_proofs import TrustPolicy
+from medledger_verifier.proof_files import TrustPolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from leaks import scan  # tests/chaos/leaks.py, beside this file

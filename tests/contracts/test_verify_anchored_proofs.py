@@ -25,7 +25,9 @@ from medledger_devstack import contracts
 from medledger_devstack.testing import Anvil
 from medledger_runtime.keys import der_to_raw_rs
 from medledger_verifier import chain, commitments, notes, tlog
-from medledger_verifier.anchored_proofs import Anchor, TrustPolicy, Verification, verify_anchored_proof
+from medledger_verifier.anchored_proofs import verify_anchored_proof
+from medledger_verifier.proof_checks import Verification
+from medledger_verifier.proof_files import Anchor, TrustPolicy
 
 RECORD = json.dumps(
     {"resourceType": "Patient", "id": "p1", "name": [{"family": "Doe", "given": ["Jane"]}], "gender": "female"},

@@ -46,8 +46,8 @@ from medledger.types.v1 import vocabulary_pb2 as vocab
 from medledger_devstack import localstack
 from medledger_devstack.cli.demo import free_ports
 from medledger_devstack.cli.state import ADMIN_PRINCIPAL, StateDir
-from medledger_devstack.cli.up import Stack
-from medledger_devstack.demo import patient_resource, practitioner_resource
+from medledger_devstack.demo.fhir import patient_resource, practitioner_resource
+from medledger_devstack.stack.supervisor import Stack
 from medledger_runtime.events import TOPICS
 from medledger_sdk.calls import RpcError
 

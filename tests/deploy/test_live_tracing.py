@@ -37,8 +37,8 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from medledger_devstack.cli.demo import free_ports
 from medledger_devstack.cli.state import StateDir
-from medledger_devstack.cli.up import Stack
-from medledger_devstack.demo import blood_pressure
+from medledger_devstack.demo.fhir import blood_pressure
+from medledger_devstack.stack.supervisor import Stack
 from medledger_runtime.events import TOPICS
 from medledger_sdk.calls import RpcError
 

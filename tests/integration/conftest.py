@@ -41,7 +41,7 @@ from medledger_runtime.keys import create_master_key_file
 from medledger_runtime.service import ServiceRuntime
 from medledger_sdk.auth import TokenClient
 from medledger_verifier import chain
-from medledger_verifier.anchored_proofs import TrustPolicy
+from medledger_verifier.proof_files import TrustPolicy
 
 
 @dataclass

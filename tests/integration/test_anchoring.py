@@ -38,7 +38,8 @@ from medledger_runtime.kafka import make_producer
 from medledger_sdk.channels import make_channel
 from medledger_sdk.cli import main as medledger
 from medledger_verifier import chain, commitments
-from medledger_verifier.anchored_proofs import Anchor, TrustPolicy, verify_anchored_proof
+from medledger_verifier.anchored_proofs import verify_anchored_proof
+from medledger_verifier.proof_files import Anchor, TrustPolicy
 
 CODE = grpc.StatusCode
 PATIENTS = 20

@@ -59,7 +59,7 @@ from sqlalchemy import text
 from medledger_devstack import synthetic
 from medledger_devstack.testing import Anvil, Postgres
 from medledger_runtime.events import TOPICS, Event, dlq_topic, new_event
-from medledger_runtime.kafka import EventConsumer
+from medledger_runtime.kafka_consumer import EventConsumer
 from medledger_runtime.service import ServiceRuntime
 from medledger_sdk.channels import make_channel
 

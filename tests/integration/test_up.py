@@ -28,14 +28,16 @@ from medledger.records.v1 import records_service_pb2 as records_pb
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_devstack import contracts, localstack
-from medledger_devstack.cli import up as up_command
 from medledger_devstack.cli.demo import free_ports
 from medledger_devstack.cli.state import ADMIN_PRINCIPAL, RecordedProcess, StateDir, read_chain_key
-from medledger_devstack.demo import OUT_FILES, Narrator, StoryConfig, run_story
+from medledger_devstack.demo.evidence import OUT_FILES
+from medledger_devstack.demo.narrator import Narrator
+from medledger_devstack.demo.story import StoryConfig, run_story
+from medledger_devstack.stack import chain_side
 from medledger_devstack.testing import Postgres
 from medledger_sdk.client import Endpoints, Medledger
 from medledger_verifier import chain, commitments, notes
-from medledger_verifier.anchored_proofs import TrustPolicy
+from medledger_verifier.proof_files import TrustPolicy
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 SERVICES = ("identity", "consent", "records", "anchoring", "audit")
@@ -203,7 +205,7 @@ async def _check_chain_side(state_dir: Path, ports: Ports, printed: str) -> dict
         assert await anchors.functions.isAnchorer(deployment.anchorer).call()
         assert not await anchors.functions.isAnchorer(deployment.owner).call()
         assert await consents.functions.isWriter(deployment.anchorer).call()
-        assert await w3.eth.get_balance(deployment.anchorer) >= up_command.ANCHORER_LOW_WEI
+        assert await w3.eth.get_balance(deployment.anchorer) >= chain_side.ANCHORER_LOW_WEI
     finally:
         await w3.provider.disconnect()
     return dict(recorded)
@@ -216,7 +218,7 @@ async def _check_reuse(state_dir: Path, recorded: dict[str, object], capsys: pyt
     anvil = localstack.start_anvil(port, state_dir / "anvil-state.json", state_dir / "logs" / "anvil-reuse.log")
     try:
         capsys.readouterr()
-        again = await up_command.set_up_contracts(StateDir.at(state_dir), f"http://{localstack.HOST}:{port}")
+        again = await chain_side.set_up_contracts(StateDir.at(state_dir), f"http://{localstack.HOST}:{port}")
         said = capsys.readouterr().out
     finally:
         anvil.stop()

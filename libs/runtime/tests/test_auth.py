@@ -12,8 +12,7 @@ import jwt
 import pytest
 
 from medledger_devstack.testing import TokenIssuer, b64u
-from medledger_runtime import auth
-from medledger_runtime.auth import Access, AuthInterceptor, DeactivationSet, TokenVerifier
+from medledger_runtime.auth import Access, AuthInterceptor, DeactivationSet, TokenVerifier, tokens
 from medledger_runtime.errors import PermissionDenied, Unauthenticated, Unavailable
 
 NOW = 1_800_000_000
@@ -161,7 +160,7 @@ class FlakyIdentity:
 async def test_a_failed_fetch_makes_good_tokens_unavailable_not_refused(
     issuer: Issuer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(auth, "JWKS_RETRY_SECONDS", 0.2)
+    monkeypatch.setattr(tokens, "JWKS_RETRY_SECONDS", 0.2)
     identity = FlakyIdentity(issuer)
     v = TokenVerifier(
         issuer="medledger.identity", audience="medledger.consent", fetch_jwks=identity.fetch, clock=lambda: NOW + 10

@@ -14,7 +14,8 @@ from opentelemetry.trace import SpanContext, SpanKind
 
 from medledger_devstack.testing import Kafka, consuming, span_exporter
 from medledger_runtime import events
-from medledger_runtime.kafka import ConsumedMessage, EventConsumer, ensure_topics, make_producer
+from medledger_runtime.kafka import ConsumedMessage, ensure_topics, make_producer
+from medledger_runtime.kafka_consumer import EventConsumer
 from medledger_runtime.retry import Backoff
 
 

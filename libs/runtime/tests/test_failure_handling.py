@@ -22,8 +22,10 @@ from medledger_devstack.testing import Kafka, Postgres, consuming, read_topic
 from medledger_runtime import events
 from medledger_runtime.db import Database
 from medledger_runtime.errors import dependency_outage, outage_dependency
-from medledger_runtime.kafka import ConsumedMessage, EventConsumer, ensure_topics, make_producer
-from medledger_runtime.outbox import COMMON_MIGRATIONS, OutboxRelay, enqueue
+from medledger_runtime.kafka import ConsumedMessage, ensure_topics, make_producer
+from medledger_runtime.kafka_consumer import EventConsumer
+from medledger_runtime.outbox import COMMON_MIGRATIONS, enqueue
+from medledger_runtime.outbox_relay import OutboxRelay
 from medledger_runtime.retry import Backoff, supervised
 
 QUICK = Backoff(first_seconds=0.01, max_seconds=0.2)

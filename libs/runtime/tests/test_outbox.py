@@ -12,8 +12,10 @@ from medledger_devstack import localstack
 from medledger_devstack.testing import Kafka, Postgres, consuming, read_topic
 from medledger_runtime import events
 from medledger_runtime.db import Database
-from medledger_runtime.kafka import ConsumedMessage, EventConsumer, PoisonMessage, ensure_topics, make_producer
-from medledger_runtime.outbox import COMMON_MIGRATIONS, OutboxRelay, enqueue, outbox
+from medledger_runtime.kafka import ConsumedMessage, PoisonMessage, ensure_topics, make_producer
+from medledger_runtime.kafka_consumer import EventConsumer
+from medledger_runtime.outbox import COMMON_MIGRATIONS, enqueue, outbox
+from medledger_runtime.outbox_relay import OutboxRelay
 
 
 def _event(n: int = 0) -> events.Event:

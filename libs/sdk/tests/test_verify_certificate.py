@@ -16,8 +16,8 @@ from medledger_runtime.keys.note_signer import key_manager_signer
 from medledger_runtime.timestamps import timestamp
 from medledger_sdk.cli import main as medledger
 from medledger_verifier import notes
-from medledger_verifier.anchored_proofs import TrustPolicy
 from medledger_verifier.erasure_certificates import parse_certificate
+from medledger_verifier.proof_files import TrustPolicy
 
 Outcome = ev.ErasureOutcome
 T0 = 1_780_000_000.0

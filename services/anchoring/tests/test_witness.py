@@ -25,11 +25,11 @@ from medledger_anchoring.witness import (
 from medledger_runtime.db import Database
 from medledger_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from medledger_runtime.outbox import COMMON_MIGRATIONS
-from medledger_verifier import anchored_proofs
+from medledger_verifier import proof_files
 
 ORIGIN = "medledger.test/audit"
 COMMITMENT = "ab" * 32
-POLICY = anchored_proofs.TrustPolicy(
+POLICY = proof_files.TrustPolicy(
     origin=ORIGIN,
     log_verifier_keys=("medledger.test/audit+00000000+AAAA",),
     chain_id=31337,
@@ -148,7 +148,7 @@ async def test_a_commitments_proof_is_at_the_smallest_anchor_holding_its_entry(d
     assert proof.entry == b'{"commitment":"' + COMMITMENT.encode() + b'"}'
     assert proof.tlog_proof == "c2sp.org/tlog-proof@v1\nindex 4\nsize 10\n"
     assert desk.audit.asked == [("find", COMMITMENT), ("proof", 4, 10)]
-    anchor = anchored_proofs.Anchor.parse(proof.anchor_json)
+    anchor = proof_files.Anchor.parse(proof.anchor_json)
     assert (anchor.tree_size, anchor.tx_hash, anchor.origin) == (10, "0x" + "0a" * 32, ORIGIN)
 
 

@@ -11,7 +11,7 @@ import sys
 
 from medledger_runtime.db import Database
 from medledger_runtime.kafka import make_producer
-from medledger_runtime.outbox import OutboxRelay
+from medledger_runtime.outbox_relay import OutboxRelay
 
 
 class RelayKilledBeforeMarking(OutboxRelay):

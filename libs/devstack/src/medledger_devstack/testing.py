@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from medledger_devstack import localstack
 from medledger_devstack.openbao import OpenBao
 from medledger_runtime.db import Migration
-from medledger_runtime.kafka import EventConsumer
+from medledger_runtime.kafka_consumer import EventConsumer
 from medledger_runtime.parts import H, ServiceParts
 from medledger_runtime.service import ServiceRuntime
 from medledger_runtime.settings import ServiceSettings

@@ -36,10 +36,11 @@ from medledger_runtime.events import TOPICS, unpack
 from medledger_runtime.grpc_client import client_tls_files
 from medledger_runtime.grpc_server import GrpcServer, TLSFiles
 from medledger_runtime.http_server import HttpServer
-from medledger_runtime.kafka import ConsumedMessage, EventConsumer, make_producer
+from medledger_runtime.kafka import ConsumedMessage, make_producer
+from medledger_runtime.kafka_consumer import EventConsumer
 from medledger_runtime.keys import KeyManager, KeyShredder
 from medledger_runtime.logs import configure_logging
-from medledger_runtime.outbox import OutboxRelay
+from medledger_runtime.outbox_relay import OutboxRelay
 from medledger_runtime.parts import AuthSources, H, ServiceParts
 from medledger_runtime.retry import Attempts, retry, supervised
 from medledger_runtime.settings import ConfigError, ServiceSettings

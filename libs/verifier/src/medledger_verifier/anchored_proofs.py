@@ -1,18 +1,15 @@
-"""Anchored proofs and the trust policy they are verified against.
+"""Verifying anchored proofs against a trust policy and the chain.
 
 An anchored proof is three files with one stem (what `medledger demo --out` writes):
 
 - ``<stem>.tlog-proof``: a C2SP tlog-proof of the entry, against a signed checkpoint that the
   chain holds;
 - ``<stem>.entry``: the entry's bytes (JCS JSON, services/audit/README.md);
-- ``<stem>-anchor.json``: where the checkpoint was anchored (``Anchor``).
+- ``<stem>-anchor.json``: where the checkpoint was anchored (``proof_files.Anchor``).
 
-The trust policy (``TrustPolicy``) is what a verifier trusts instead of the proof: the log's
-origin and verifier keys, the chain id, the registry's address and the confirmations it wants.
-`medledger up` writes it; an operator publishes it.
-
-``verify_anchored_proof`` checks an anchored proof against a policy and a chain, in the order of
-``CHECKS``, stopping at the first failure (what `medledger verify` runs).
+``verify_anchored_proof`` checks an anchored proof against a policy (``proof_files.TrustPolicy``)
+and a chain, in the order of ``proof_checks.CHECKS``, stopping at the first failure (what
+`medledger verify` runs).
 """
 
 from __future__ import annotations
@@ -20,9 +17,7 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, cast
 
 from eth_utils.crypto import keccak
@@ -30,218 +25,8 @@ from web3.exceptions import TransactionNotFound
 
 from medledger_verifier import chain, commitments, notes, tlog
 from medledger_verifier.errors import InvalidArgument, MedledgerError
-
-POLICY_VERSION = 1
-
-
-def _hex32(value: Any, name: str) -> bytes:
-    if not isinstance(value, str) or not value.startswith("0x") or len(value) != 66:
-        raise InvalidArgument.field(name, "32 bytes as 0x-prefixed hex")
-    try:
-        return bytes.fromhex(value[2:])
-    except ValueError:
-        raise InvalidArgument.field(name, "32 bytes as 0x-prefixed hex") from None
-
-
-def _object(data: bytes | str, what: str) -> dict[str, Any]:
-    try:
-        parsed = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument.field(what, "not JSON") from None
-    if not isinstance(parsed, dict):
-        raise InvalidArgument.field(what, "not a JSON object")
-    return parsed
-
-
-@dataclass(frozen=True)
-class TrustPolicy:
-    """What a verifier trusts: everything in a proof is compared with this, never trusted."""
-
-    origin: str
-    # C2SP note verifier keys (`<name>+<hex id>+<base64>`); every one must have signed.
-    log_verifier_keys: tuple[str, ...]
-    chain_id: int
-    anchor_registry: str
-    min_confirmations: int = 1
-    version: int = POLICY_VERSION
-    # C2SP note verifier keys that sign erasure certificates (records'); absent from policies
-    # written before certificates were signed, which still load (and verify no certificate).
-    erasure_certificate_keys: tuple[str, ...] = ()
-
-    def to_json(self) -> str:
-        return (
-            json.dumps(
-                {
-                    "version": self.version,
-                    "origin": self.origin,
-                    "log_verifier_keys": list(self.log_verifier_keys),
-                    "chain_id": self.chain_id,
-                    "anchor_registry": self.anchor_registry,
-                    "min_confirmations": self.min_confirmations,
-                    "erasure_certificate_keys": list(self.erasure_certificate_keys),
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-
-    @classmethod
-    def parse(cls, data: bytes | str) -> TrustPolicy:
-        obj = _object(data, "trust_policy")
-        try:
-            policy = cls(
-                origin=str(obj["origin"]),
-                log_verifier_keys=tuple(str(k) for k in obj["log_verifier_keys"]),
-                chain_id=int(obj["chain_id"]),
-                anchor_registry=str(obj["anchor_registry"]),
-                min_confirmations=int(obj.get("min_confirmations", 1)),
-                version=int(obj.get("version", POLICY_VERSION)),
-                erasure_certificate_keys=tuple(str(k) for k in obj.get("erasure_certificate_keys", ())),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidArgument.field("trust_policy", f"missing or malformed field: {exc}") from None
-        if policy.version != POLICY_VERSION:
-            raise InvalidArgument.field("trust_policy", f"unknown version {policy.version}")
-        if not policy.log_verifier_keys or policy.min_confirmations < 1:
-            raise InvalidArgument.field("trust_policy", "needs verifier keys and at least one confirmation")
-        return policy
-
-    @classmethod
-    def read(cls, path: Path) -> TrustPolicy:
-        return cls.parse(path.read_bytes())
-
-
-@dataclass(frozen=True)
-class Anchor:
-    """Where a checkpoint was anchored (``<stem>-anchor.json``). ``consistency_proof`` is given
-    only when the anchored tree is larger than the proof's checkpoint: it proves that tree
-    extends the checkpoint (RFC 9162 §2.1.4)."""
-
-    chain_id: int
-    contract_address: str
-    tx_hash: str
-    block_number: int
-    origin: str
-    tree_size: int
-    root: bytes
-    consistency_proof: tuple[bytes, ...] = field(default=())
-
-    def to_json(self) -> str:
-        data: dict[str, Any] = {
-            "chain_id": self.chain_id,
-            "contract_address": self.contract_address,
-            "tx_hash": self.tx_hash,
-            "block_number": self.block_number,
-            "origin": self.origin,
-            "tree_size": self.tree_size,
-            "root": "0x" + self.root.hex(),
-        }
-        if self.consistency_proof:
-            data["consistency_proof"] = ["0x" + h.hex() for h in self.consistency_proof]
-        return json.dumps(data, indent=2) + "\n"
-
-    @classmethod
-    def parse(cls, data: bytes | str) -> Anchor:
-        obj = _object(data, "anchor")
-        try:
-            return cls(
-                chain_id=int(obj["chain_id"]),
-                contract_address=str(obj["contract_address"]),
-                tx_hash=str(obj["tx_hash"]),
-                block_number=int(obj["block_number"]),
-                origin=str(obj["origin"]),
-                tree_size=int(obj["tree_size"]),
-                root=_hex32(obj["root"], "anchor.root"),
-                consistency_proof=tuple(
-                    _hex32(h, "anchor.consistency_proof") for h in obj.get("consistency_proof", [])
-                ),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidArgument.field("anchor", f"missing or malformed field: {exc}") from None
-
-
-# --- verification -----------------------------------------------------------------------------
-
-# The checks of `verify_anchored_proof`, in the order they run; `record-commitment` only when a
-# record and its salt are given.
-CHECKS = (
-    "proof-format",
-    "origin",
-    "checkpoint-signature",
-    "entry-inclusion",
-    "chain",
-    "anchored",
-    "anchor-transaction",
-    "record-commitment",
-)
-
-# What each check establishes, in words a person reads.
-CHECK_TITLES = {
-    "proof-format": "the proof and anchor files are well formed",
-    "origin": "the proof and the anchor are of the trusted log",
-    "checkpoint-signature": "the checkpoint is signed by every key of the trust policy",
-    "entry-inclusion": "the entry is in the signed checkpoint's tree",
-    "chain": "the chain and registry are the trusted ones",
-    "anchored": "the registry on chain holds the checkpoint's tree",
-    "anchor-transaction": "the anchoring transaction is on chain and confirmed",
-    "record-commitment": "the record and salt give the entry's commitment",
-}
-
-
-@dataclass(frozen=True)
-class Check:
-    """One named check: ``passed`` is True or False once run, None when an earlier check failed
-    and this one was not run; ``detail`` says what was found."""
-
-    name: str
-    passed: bool | None
-    detail: str
-
-    @property
-    def title(self) -> str:
-        return CHECK_TITLES.get(self.name, self.name)
-
-
-@dataclass(frozen=True)
-class Verification:
-    """The result of ``verify_anchored_proof``: every check in order, and, when verified, the
-    time of the block that anchored the checkpoint (UTC) — an upper bound on when the entry
-    (and the record) existed."""
-
-    checks: tuple[Check, ...]
-    anchored_at: datetime | None = None
-    origin: str = ""
-    index: int | None = None
-    checkpoint_size: int | None = None
-    anchor_size: int | None = None
-    block_number: int | None = None
-    chain_id: int | None = None
-    record_checked: bool = False
-
-    @property
-    def verified(self) -> bool:
-        return bool(self.checks) and all(c.passed is True for c in self.checks)
-
-    @property
-    def failed(self) -> Check | None:
-        """The first failed check, if any."""
-        return next((c for c in self.checks if c.passed is False), None)
-
-    def verdict(self) -> str:
-        failed = self.failed
-        if failed is not None or not self.verified:
-            if failed is None:
-                return "NOT VERIFIED: no check ran"
-            return f"NOT VERIFIED: {failed.name}: {failed.detail}"
-        when = self.anchored_at.strftime("%Y-%m-%d %H:%M:%S UTC") if self.anchored_at else "an unknown time"
-        what = "the entry and the record it commits to" if self.record_checked else "the entry"
-        return (
-            f"VERIFIED: entry {self.index} of the log {self.origin} is in its signed checkpoint of size "
-            f"{self.checkpoint_size}, which chain {self.chain_id} anchored (tree size {self.anchor_size}) in block "
-            f"{self.block_number} at {when}. So {what} existed, unchanged, no later than {when}: the block "
-            f"time is an upper bound on when it existed, not the time it was written."
-        )
-
+from medledger_verifier.proof_checks import Check, Verification
+from medledger_verifier.proof_files import Anchor, TrustPolicy
 
 _CHECKPOINT_ANCHORED_TOPIC = keccak(text="CheckpointAnchored(bytes32,uint64,bytes32,uint64)")
 

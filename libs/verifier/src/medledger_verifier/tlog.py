@@ -17,6 +17,10 @@ Tiles only ever grow by appending hashes (a hash of a complete subtree never cha
 narrower partial tile is always a prefix of every wider version of the same tile. Storage may
 therefore keep one row per (level, index), the widest version, and serve any requested width
 by truncation.
+
+One module on purpose, though over 500 lines: hashing, tile addressing, proofs and append are one
+algorithm over one geometry (which subtree lives in which tile), and RFC 9162's proof
+definitions read best next to the tile plan that serves them.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from medledger_runtime.parts import ConsumerSpec, ServiceParts
 from medledger_runtime.service import ServiceRuntime, run_service
 from medledger_runtime.settings import ConfigError, load_settings_or_exit
 from medledger_sdk.identity_link import BearerTokenInterceptor
-from medledger_verifier import anchored_proofs, chain, notes
+from medledger_verifier import chain, notes, proof_files
 
 NAME = "anchoring"
 
@@ -78,7 +78,7 @@ def build(runtime: ServiceRuntime[AnchoringParts]) -> ServiceParts[AnchoringPart
     if settings.consent_registry_address:
         anchorer.consents = ConsentWriter(runtime.db, sender, settings.consent_registry_address, source=runtime.source)
         anchorer.consents.after_commit = runtime.relay.notify
-    policy = anchored_proofs.TrustPolicy.read(settings.trust_policy_file) if settings.trust_policy_file else None
+    policy = proof_files.TrustPolicy.read(settings.trust_policy_file) if settings.trust_policy_file else None
     witness = Witness(runtime.db, settings.log_origin, AuditProofs(audit), sender.w3, policy)
     api = AnchoringApi(witness)
     consumers = [

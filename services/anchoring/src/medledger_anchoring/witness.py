@@ -18,7 +18,7 @@ from typing import Protocol
 from medledger_anchoring import storage
 from medledger_runtime.db import Database
 from medledger_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
-from medledger_verifier import anchored_proofs, chain
+from medledger_verifier import anchored_proofs, chain, proof_checks, proof_files
 
 DEFAULT_PAGE, MAX_PAGE = 20, 100
 MAX_PROOF_BYTES = 64 * 1024
@@ -99,8 +99,8 @@ class AnchoredProof:
         return anchor_file(self.anchor).to_json().encode()
 
 
-def anchor_file(row: storage.AnchorRow) -> anchored_proofs.Anchor:
-    return anchored_proofs.Anchor(
+def anchor_file(row: storage.AnchorRow) -> proof_files.Anchor:
+    return proof_files.Anchor(
         chain_id=row.chain_id,
         contract_address=row.contract_address,
         tx_hash=row.transaction_hash,
@@ -121,7 +121,7 @@ class Witness:
         origin: str,
         proofs: EntryProofs,
         w3: chain.Web3,
-        policy: anchored_proofs.TrustPolicy | None,
+        policy: proof_files.TrustPolicy | None,
     ) -> None:
         self.db, self.origin, self.proofs, self.w3, self.policy = db, origin, proofs, w3, policy
 
@@ -174,7 +174,7 @@ class Witness:
         proof = await self.proofs.tlog_proof(index, row.tree_size)
         return AnchoredProof(tlog_proof=proof, entry=entry, anchor=row, entry_index=index)
 
-    async def verify(self, command: VerifyProof) -> anchored_proofs.Verification:
+    async def verify(self, command: VerifyProof) -> proof_checks.Verification:
         """The checks of ``medledger verify`` against this deployment's trust policy; a bad proof
         is a failed check, not an error."""
         if self.policy is None:

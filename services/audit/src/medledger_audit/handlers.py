@@ -35,7 +35,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from medledger_audit.entries import EntryDraft, draft_entry, unprocessable_entry
 from medledger_audit.sequencer import YIELD_EVERY, PreparedBatch, Sequencer
 from medledger_runtime.events import SERVICE_TOPIC_PATTERN, MalformedEvent, decode
-from medledger_runtime.kafka import EventConsumer, consumer_span_attributes, producer_trace_context
+from medledger_runtime.kafka import consumer_span_attributes, producer_trace_context
+from medledger_runtime.kafka_consumer import EventConsumer
 from medledger_runtime.retry import Attempts, Backoff, retry
 
 log = logging.getLogger(__name__)

@@ -32,20 +32,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from medledger_devstack.cli.state import ADMIN_PRINCIPAL, DEFAULT_STATE_DIR, StateDir
-from medledger_devstack.cli.up import (
-    DEFAULT_GRPC_PORT_BASE,
-    HOST,
-    SERVICES,
-    Interrupted,
-    Ports,
-    Stack,
-    port_number,
-    port_taken,
-)
-from medledger_devstack.demo import Narrator, StoryConfig, StoryResult, run_story
+from medledger_devstack.cli.up import port_number, port_taken
+from medledger_devstack.demo.narrator import Narrator, StoryResult
+from medledger_devstack.demo.story import StoryConfig, run_story
+from medledger_devstack.stack.layout import DEFAULT_GRPC_PORT_BASE, HOST, SERVICES, Ports
+from medledger_devstack.stack.supervisor import Interrupted, Stack
 from medledger_sdk.cli.errors import CommandError
 from medledger_sdk.client import Endpoints
-from medledger_verifier.anchored_proofs import TrustPolicy
+from medledger_verifier.proof_files import TrustPolicy
 
 START_TIMEOUT_SECONDS = 120.0
 

@@ -18,14 +18,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from medledger_devstack.cli.up import (
-    DEFAULT_GRPC_PORT_BASE,
-    DEFAULT_METRICS_PORT_BASE,
-    HOST,
-    SERVICES,
-    Ports,
-    port_number,
-)
+from medledger_devstack.cli.up import port_number
+from medledger_devstack.stack.layout import DEFAULT_GRPC_PORT_BASE, DEFAULT_METRICS_PORT_BASE, HOST, SERVICES, Ports
 
 TIMEOUT_SECONDS = 3.0
 

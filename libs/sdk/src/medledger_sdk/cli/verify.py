@@ -16,9 +16,11 @@ from typing import Any
 
 from medledger_sdk.cli.errors import CommandError
 from medledger_verifier import chain, notes
-from medledger_verifier.anchored_proofs import TrustPolicy, Verification, verify_anchored_proof
+from medledger_verifier.anchored_proofs import verify_anchored_proof
 from medledger_verifier.erasure_certificates import open_certificate
 from medledger_verifier.errors import InvalidArgument
+from medledger_verifier.proof_checks import Verification
+from medledger_verifier.proof_files import TrustPolicy
 
 PROOF_SUFFIX = ".tlog-proof"
 RPC_TIMEOUT_SECONDS = 15.0

@@ -1,34 +1,16 @@
-"""Authentication and coarse authorization for every service's gRPC server.
-
-Callers send ``authorization: Bearer <JWT>`` metadata. Tokens are issued by identity, signed by
-a key-manager key (EdDSA or ES256) named by ``kid``, and published as a JWKS. The interceptor:
-
-- pins the algorithm to the JWK's own (so ``none``, HS* and algorithm confusion are refused);
-- checks ``iss``, ``aud`` (this service), ``exp`` and ``nbf`` with 30 s of leeway;
-- fetches the JWKS again on an unknown ``kid``, at most once per 30 s;
-- caches verified tokens until they expire, so a repeated token costs a dict lookup;
-- refuses tokens of deactivated principals on every call;
-- lets the service's public RPCs through, answers UNAUTHENTICATED without a valid token and
-  PERMISSION_DENIED when the caller's roles and kind are not in the RPC's access rule.
-
-Finer rules (a patient about themselves, an org-admin within their organization) belong to the
-service's API layer, which reads the caller from ``current_caller()``.
-"""
+"""Verifying medledger access tokens: JWTs signed by identity's key-manager keys (EdDSA or
+ES256), checked against identity's JWKS with the algorithm pinned to each key's own."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import contextvars
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-import grpc
 import jwt
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -36,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jwt.exceptions import PyJWKError
 
-from medledger_runtime.errors import PermissionDenied, Unauthenticated, Unavailable
-from medledger_runtime.grpc_server import UnaryBehavior, UnaryWrappingInterceptor
+from medledger_runtime.auth.callers import Caller
+from medledger_runtime.errors import Unauthenticated, Unavailable
 
 LEEWAY_SECONDS = 30
 JWKS_REFETCH_SECONDS = 30
@@ -47,61 +29,6 @@ JWKS_RETRY_SECONDS = 1.0
 MAX_TOKEN_BYTES = 8192
 # The algorithms medledger signs with; anything else (none, HS*, RS*) is refused outright.
 ALLOWED_ALGORITHMS = frozenset({"EdDSA", "ES256"})
-
-
-@dataclass(frozen=True)
-class Caller:
-    """The authenticated principal behind a call."""
-
-    principal_id: str
-    kind: str
-    roles: frozenset[str]
-    organization_id: str
-    token_id: str
-    expires_at: float
-
-    def has_role(self, role: str) -> bool:
-        return role in self.roles
-
-
-@dataclass(frozen=True)
-class Access:
-    """Who may call an RPC: any of these roles or principal kinds. Empty means any caller."""
-
-    roles: frozenset[str] = frozenset()
-    kinds: frozenset[str] = frozenset()
-
-    @classmethod
-    def of(cls, *, roles: Iterable[str] = (), kinds: Iterable[str] = ()) -> Access:
-        return cls(frozenset(roles), frozenset(kinds))
-
-    def allows(self, caller: Caller) -> bool:
-        if not self.roles and not self.kinds:
-            return True
-        return caller.kind in self.kinds or not self.roles.isdisjoint(caller.roles)
-
-
-ANY_CALLER = Access()
-
-_current: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("medledger_caller", default=None)
-
-
-def current_caller() -> Caller:
-    """The caller of the RPC or HTTP request being handled; only valid once authenticated."""
-    caller = _current.get()
-    if caller is None:
-        raise Unauthenticated("no authenticated caller")
-    return caller
-
-
-@contextlib.contextmanager
-def acting_as(caller: Caller) -> Iterator[None]:
-    """Make `caller` the ``current_caller()`` within: for transports other than gRPC (HTTP)."""
-    token = _current.set(caller)
-    try:
-        yield
-    finally:
-        _current.reset(token)
 
 
 def jwk_algorithm(jwk: Mapping[str, Any]) -> str | None:
@@ -327,109 +254,6 @@ def _signature_valid(key: Any, alg: str, signing_input: bytes, signature: bytes)
         return True
     except InvalidSignature:
         return False
-
-
-class DeactivationSet:
-    """Principals whose tokens are refused. Loaded before SERVING, kept current from events."""
-
-    def __init__(self) -> None:
-        self._ids: set[str] = set()
-        self.loaded = False
-
-    def replace(self, ids: Iterable[str]) -> None:
-        self._ids = set(ids)
-        self.loaded = True
-
-    def add(self, principal_id: str) -> None:
-        self._ids.add(principal_id)
-
-    def discard(self, principal_id: str) -> None:
-        self._ids.discard(principal_id)
-
-    def __contains__(self, principal_id: object) -> bool:
-        return principal_id in self._ids
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-
-async def authenticate_bearer(
-    authorization: str | None, verifier: TokenVerifier, deactivated: DeactivationSet
-) -> Caller:
-    """The caller behind an HTTP `Authorization: Bearer` header, checked as the interceptor
-    checks calls (signature, audience, expiry, deactivation); Unauthenticated otherwise."""
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated("this request needs an access token (Authorization: Bearer …)")
-    caller = await verifier.verify(token.strip())
-    if caller.principal_id in deactivated:
-        raise Unauthenticated("the principal is deactivated")
-    return caller
-
-
-def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
-    for key, value in metadata or ():
-        if key == "authorization":
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            scheme, _, token = text.partition(" ")
-            if scheme.lower() == "bearer" and token:
-                return token.strip()
-            return None
-    return None
-
-
-class AuthInterceptor(UnaryWrappingInterceptor):
-    """Authenticates every non-public RPC and applies its coarse access rule."""
-
-    def __init__(
-        self,
-        verifier: TokenVerifier,
-        deactivated: DeactivationSet,
-        *,
-        public_methods: Iterable[str],
-        access: Mapping[str, Access],
-    ) -> None:
-        self.verifier = verifier
-        self.deactivated = deactivated
-        self.public_methods = frozenset(public_methods)
-        self.access = dict(access)
-        super().__init__()
-
-    def is_public(self, method: str) -> bool:
-        return (
-            method in self.public_methods
-            or method.startswith("/grpc.health.v1.Health/")
-            or method.startswith("/grpc.reflection.")
-        )
-
-    async def authenticate(self, metadata: Iterable[tuple[str, Any]] | None, method: str) -> Caller:
-        token = bearer_token(metadata)
-        if token is None:
-            raise Unauthenticated("this call needs an access token (authorization: Bearer …)")
-        caller = await self.verifier.verify(token)
-        if caller.principal_id in self.deactivated:
-            raise Unauthenticated("the principal is deactivated")
-        rule = self.access.get(method)
-        if rule is None:
-            # An RPC without a rule is a mistake in the service's table: refuse, never allow.
-            raise PermissionDenied("no access rule for this call")
-        if not rule.allows(caller):
-            raise PermissionDenied("the caller's roles do not allow this call")
-        return caller
-
-    def wrap(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior | None:
-        if self.is_public(method):
-            return None
-
-        async def authenticated(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            caller = await self.authenticate(context.invocation_metadata(), method)
-            token = _current.set(caller)
-            try:
-                return await behavior(request, context)
-            finally:
-                _current.reset(token)
-
-        return authenticated
 
 
 def jwks_json(keys: Iterable[Mapping[str, Any]]) -> bytes:

@@ -1,0 +1,68 @@
+"""Who is calling, and the coarse access rules of RPCs: the caller of the request being handled
+(a context variable the interceptor and the HTTP server set) and ``Access``, the roles or
+principal kinds an RPC allows."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from medledger_runtime.errors import Unauthenticated
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated principal behind a call."""
+
+    principal_id: str
+    kind: str
+    roles: frozenset[str]
+    organization_id: str
+    token_id: str
+    expires_at: float
+
+    def has_role(self, role: str) -> bool:
+        return role in self.roles
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may call an RPC: any of these roles or principal kinds. Empty means any caller."""
+
+    roles: frozenset[str] = frozenset()
+    kinds: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, *, roles: Iterable[str] = (), kinds: Iterable[str] = ()) -> Access:
+        return cls(frozenset(roles), frozenset(kinds))
+
+    def allows(self, caller: Caller) -> bool:
+        if not self.roles and not self.kinds:
+            return True
+        return caller.kind in self.kinds or not self.roles.isdisjoint(caller.roles)
+
+
+ANY_CALLER = Access()
+
+# The caller of the request being handled: set by the gRPC interceptor, and by `acting_as` for HTTP.
+current_caller_var: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("medledger_caller", default=None)
+
+
+def current_caller() -> Caller:
+    """The caller of the RPC or HTTP request being handled; only valid once authenticated."""
+    caller = current_caller_var.get()
+    if caller is None:
+        raise Unauthenticated("no authenticated caller")
+    return caller
+
+
+@contextlib.contextmanager
+def acting_as(caller: Caller) -> Iterator[None]:
+    """Make `caller` the ``current_caller()`` within: for transports other than gRPC (HTTP)."""
+    token = current_caller_var.set(caller)
+    try:
+        yield
+    finally:
+        current_caller_var.reset(token)
