@@ -12,8 +12,10 @@ from medledger_records import domain
 from medledger_records.data_keys import CacheLimits, DataKeyCache
 from medledger_runtime.errors import DataLoss, FailedPrecondition, NotFound
 from medledger_runtime.keys import KeyManager, KeyType, LocalKeyring, create_master_key_file
-from medledger_runtime.keys.base import parse_versioned
 from medledger_runtime.keys.shredder import KeyShredder
+from medledger_runtime.keys.wire import (
+    parse_versioned,
+)
 
 NAME = "records-patient-p1"
 

@@ -41,7 +41,9 @@ from medledger_runtime.auth import Access, Caller, current_caller
 from medledger_runtime.errors import InvalidArgument, MedledgerError
 from medledger_runtime.idempotency import once_per_request
 from medledger_runtime.keys import patient_key_name
-from medledger_runtime.keys.base import parse_versioned
+from medledger_runtime.keys.wire import (
+    parse_versioned,
+)
 from medledger_runtime.service import ServiceRuntime
 from medledger_runtime.timestamps import seconds, timestamp
 

@@ -11,27 +11,31 @@ the contract tests against a real Vault.
 from medledger_runtime.keys.base import (
     DATA_KEY_BYTES,
     HMAC_KEY_BYTES,
-    LEGACY_PATIENT_KEY_PREFIX,
-    PATIENT_KEY_PREFIXES,
     DataKey,
     KeyInfo,
     KeyManager,
     KeyType,
     Marshaling,
-    PatientKeyOwner,
     PublicKey,
     PublicKeySet,
     Signature,
-    audit_subject_key_name,
-    der_to_raw_rs,
-    legacy_patient_key_name,
-    patient_key_name,
-    raw_rs_to_der,
-    validate_key_name,
 )
 from medledger_runtime.keys.local import LocalKeyring, create_master_key_file
+from medledger_runtime.keys.names import (
+    LEGACY_PATIENT_KEY_PREFIX,
+    PATIENT_KEY_PREFIXES,
+    PatientKeyOwner,
+    audit_subject_key_name,
+    legacy_patient_key_name,
+    patient_key_name,
+    validate_key_name,
+)
 from medledger_runtime.keys.shredder import KeyShredder, legacy_twin
 from medledger_runtime.keys.vault import VaultKeyManager
+from medledger_runtime.keys.wire import (
+    der_to_raw_rs,
+    raw_rs_to_der,
+)
 
 __all__ = [
     "DATA_KEY_BYTES",

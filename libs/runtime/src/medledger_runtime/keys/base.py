@@ -25,8 +25,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import base64
-import binascii
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,46 +34,21 @@ from typing import Any, Literal, NamedTuple, Self
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from medledger_runtime.errors import DataLoss, InvalidArgument, NotFound
-
-__all__ = [
-    "DATA_KEY_BYTES",
-    "HMAC_KEY_BYTES",
-    "LEGACY_PATIENT_KEY_PREFIX",
-    "PATIENT_KEY_PREFIXES",
-    "DataKey",
-    "KeyInfo",
-    "KeyManager",
-    "KeyType",
-    "Marshaling",
-    "PatientKeyOwner",
-    "PublicKey",
-    "PublicKeySet",
-    "Signature",
-    "audit_subject_key_name",
-    "der_to_raw_rs",
-    "format_versioned",
-    "legacy_patient_key_name",
-    "parse_versioned",
-    "patient_key_name",
-    "raw_rs_to_der",
-    "validate_key_name",
-]
+from medledger_runtime.keys.wire import (
+    P256_COORDINATE_BYTES,
+    b64decode_strict,
+    der_to_raw_rs,
+    parse_versioned,
+    raw_rs_to_der,
+)
 
 DATA_KEY_BYTES = 32
 """Length of a generated data key: AES-256."""
 
 HMAC_KEY_BYTES = 32
 """Length of a key of type ``hmac`` (Vault's ``key_size``) and of every key's HMAC material."""
-
-P256_COORDINATE_BYTES = 32
-
-# Lower-case letters, digits and ``.``, ``_``, ``-`` inside; starts and ends with a letter or digit.
-# A subset of the names Vault's transit engine accepts, safe in URLs, file names and metrics.
-_KEY_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,126}[a-z0-9])?$")
-_VERSIONED = re.compile(r"^vault:v([1-9][0-9]{0,9}):(.*)$", re.DOTALL)
 
 
 class KeyType(StrEnum):
@@ -104,119 +77,6 @@ Marshaling = Literal["asn1", "jws"]
 ECDSA signatures in DER and encodes with standard base64; ``jws`` puts them as raw ``r||s``
 (64 bytes for P-256, the JWS/ES256 form) and encodes with unpadded URL-safe base64. Ed25519
 signatures are the same 64 bytes either way; only the base64 alphabet changes."""
-
-
-def validate_key_name(name: str) -> str:
-    """Return ``name`` if it is a valid key name, else raise InvalidArgument naming the rule."""
-    if not isinstance(name, str) or not _KEY_NAME.fullmatch(name):
-        raise InvalidArgument.field(
-            "key_name",
-            "must be 1-128 characters of a-z, 0-9, '.', '_', '-', starting and ending with a letter or digit",
-        )
-    return name
-
-
-PatientKeyOwner = Literal["identity", "consent", "records", "audit"]
-"""A service that keeps per-patient key material of its own (see KEYS.md, "One owner per key")."""
-
-# Each owner's prefix: a policy glob on it matches that owner's keys and no other's. Audit's HMAC
-# subject keys keep the name they have always had.
-PATIENT_KEY_PREFIXES: Mapping[str, str] = {
-    "identity": "identity-patient-",
-    "consent": "consent-patient-",
-    "records": "records-patient-",
-    "audit": "audit-subject-",
-}
-LEGACY_PATIENT_KEY_PREFIX = "patient-"
-"""The name every service once shared (``patient-<pseudonym>``): only the key-owner migration
-reads it, and erasures destroy it."""
-
-
-def patient_key_name(owner: PatientKeyOwner, pseudonym: str) -> str:
-    """The name of ``owner``'s per-patient key, e.g. ``records-patient-<pseudonym>``.
-
-    ``pseudonym`` is the patient's stable pseudonym (never a name, MRN or other identifier that
-    is personal data): key names appear in Vault's audit log and in URLs. Each service's keys
-    are its own, so no other service's token can use them (deploy/vault/*.hcl).
-    """
-    prefix = PATIENT_KEY_PREFIXES.get(owner)
-    if prefix is None:
-        raise ValueError(f"no per-patient keys for {owner!r}; owners: {', '.join(PATIENT_KEY_PREFIXES)}")
-    return validate_key_name(f"{prefix}{pseudonym.lower()}")
-
-
-def legacy_patient_key_name(pseudonym: str) -> str:
-    """``patient-<pseudonym>``: the key identity, consent and records shared before each owned its
-    own. Read by the key-owner migration only; destroyed by every service's erasure."""
-    return validate_key_name(f"{LEGACY_PATIENT_KEY_PREFIX}{pseudonym.lower()}")
-
-
-def audit_subject_key_name(pseudonym: str) -> str:
-    """The audit log's HMAC key for a patient's entries' `subject`: ``audit-subject-<pseudonym>``
-    (audit erases it when it appends the patient's erasure certificate, which names it)."""
-    return patient_key_name("audit", pseudonym)
-
-
-def format_versioned(version: int, payload: bytes, *, urlsafe: bool = False) -> str:
-    """``vault:v<version>:<base64(payload)>``; ``urlsafe`` uses unpadded URL-safe base64 (JWS)."""
-    if urlsafe:
-        body = base64.urlsafe_b64encode(payload).rstrip(b"=").decode("ascii")
-    else:
-        body = base64.b64encode(payload).decode("ascii")
-    return f"vault:v{version}:{body}"
-
-
-def parse_versioned(value: str, *, what: str = "ciphertext") -> tuple[int, str]:
-    """Split ``vault:v<N>:<body>`` into (N, body); InvalidArgument when it is not of that form."""
-    if not isinstance(value, str):
-        raise InvalidArgument.field(what, "must be a string of the form vault:v<N>:<base64>")
-    match = _VERSIONED.fullmatch(value)
-    if match is None:
-        raise InvalidArgument.field(what, "must be of the form vault:v<N>:<base64>")
-    return int(match.group(1)), match.group(2)
-
-
-def b64decode_strict(body: str, *, urlsafe: bool = False) -> bytes:
-    """Decode standard (padded) or, with ``urlsafe``, unpadded URL-safe base64; ValueError if bad."""
-    try:
-        if urlsafe:
-            if "=" in body or not re.fullmatch(r"[A-Za-z0-9_-]*", body):
-                raise ValueError("not unpadded URL-safe base64")
-            return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-        return base64.b64decode(body, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError("invalid base64") from exc
-
-
-def decode_ciphertext(value: str) -> tuple[int, bytes]:
-    """Parse a ciphertext or wrapped key: (version, nonce||ciphertext||tag).
-
-    InvalidArgument when it is not of the form ``vault:v<N>:...``; DataLoss when the body cannot
-    be an AES-GCM output (bad base64, too short): such data was damaged or tampered with.
-    """
-    version, body = parse_versioned(value)
-    try:
-        raw = b64decode_strict(body)
-    except ValueError:
-        raise DataLoss("ciphertext failed its integrity check: invalid base64 body") from None
-    if len(raw) < 12 + 16:
-        raise DataLoss("ciphertext failed its integrity check: too short")
-    return version, raw
-
-
-def der_to_raw_rs(der: bytes, coordinate_bytes: int = P256_COORDINATE_BYTES) -> bytes:
-    """An ECDSA signature in DER to the raw ``r||s`` form of JWS (64 bytes for P-256)."""
-    r, s = decode_dss_signature(der)
-    return r.to_bytes(coordinate_bytes, "big") + s.to_bytes(coordinate_bytes, "big")
-
-
-def raw_rs_to_der(raw: bytes, coordinate_bytes: int = P256_COORDINATE_BYTES) -> bytes:
-    """The raw ``r||s`` form of JWS back to DER."""
-    if len(raw) != 2 * coordinate_bytes:
-        raise ValueError(f"a raw ECDSA signature must be {2 * coordinate_bytes} bytes")
-    r = int.from_bytes(raw[:coordinate_bytes], "big")
-    s = int.from_bytes(raw[coordinate_bytes:], "big")
-    return encode_dss_signature(r, s)
 
 
 class DataKey(NamedTuple):

@@ -10,6 +10,9 @@ fsync, rename over the keyring, fsync of the folder. The keyring is kept in memo
 serialized by an asyncio lock and done in a thread, crypto runs on the event loop (it is fast).
 
 One process per keyring file: two processes writing the same file would lose each other's keys.
+
+One module, though long: it is every operation of the ``KeyManager`` interface against one
+backend, read side by side with its twin ``vault.py`` and checked by the same contract tests.
 Key material is never logged and never appears in an error message.
 """
 
@@ -55,17 +58,21 @@ from medledger_runtime.keys.base import (
     PublicKey,
     PublicKeySet,
     Signature,
-    b64decode_strict,
     check_key_version,
     check_marshaling,
     coerce_key_type,
     coerce_marshaling,
+)
+from medledger_runtime.keys.names import (
+    validate_key_name,
+)
+from medledger_runtime.keys.wire import (
+    b64decode_strict,
     decode_ciphertext,
     der_to_raw_rs,
     format_versioned,
     parse_versioned,
     raw_rs_to_der,
-    validate_key_name,
 )
 from medledger_runtime.settings import ConfigError
 

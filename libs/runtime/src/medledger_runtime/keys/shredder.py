@@ -8,9 +8,11 @@ from collections.abc import Callable
 
 from medledger_runtime.errors import NotFound
 from medledger_runtime.keys.base import (
+    KeyManager,
+)
+from medledger_runtime.keys.names import (
     LEGACY_PATIENT_KEY_PREFIX,
     PATIENT_KEY_PREFIXES,
-    KeyManager,
     validate_key_name,
 )
 

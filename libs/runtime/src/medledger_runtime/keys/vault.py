@@ -1,5 +1,8 @@
 """The key manager over HashiCorp Vault's transit secrets engine, through hvac.
 
+One module, though long: it is every operation of the ``KeyManager`` interface against one
+backend, read side by side with its twin ``local.py`` and checked by the same contract tests.
+
 hvac is synchronous: every call runs in a bounded thread pool (one hvac client per worker thread,
 so no ``requests.Session`` is shared between threads) under a per-call timeout. The token comes
 from a value or from a file that is re-read whenever it changes (Vault Agent writes and renews it
@@ -61,8 +64,12 @@ from medledger_runtime.keys.base import (
     check_marshaling,
     coerce_key_type,
     coerce_marshaling,
-    parse_versioned,
+)
+from medledger_runtime.keys.names import (
     validate_key_name,
+)
+from medledger_runtime.keys.wire import (
+    parse_versioned,
 )
 
 __all__ = ["VaultKeyManager"]
