@@ -106,6 +106,15 @@ async def _run_sdk_only(medledger: Path, *args: str, within: float = 30) -> tupl
     return proc.returncode, out.decode()
 
 
+async def _kill_if_running(up: asyncio.subprocess.Process, state_dir: Path) -> None:
+    """After a failed test: kill `up`, then `medledger down` stops what it left running, so that
+    no stack outlives its test (and loads the machine for the ones after)."""
+    if up.returncode is None:
+        up.kill()
+        await up.wait()
+        await _run("down", "--state-dir", str(state_dir), within=60)
+
+
 async def _read_until(proc: asyncio.subprocess.Process, marker: str, output: list[str], within: float) -> None:
     """Collect output lines until one starts with `marker`; fail with the output so far."""
     assert proc.stdout is not None
@@ -282,9 +291,7 @@ async def test_up_serves_every_service_and_stops_everything_it_started(
         rest, _ = await asyncio.wait_for(up.communicate(), 45)
         output.append(rest.decode())
     finally:
-        if up.returncode is None:
-            up.kill()
-            await up.wait()
+        await _kill_if_running(up, state_dir)
 
     log = "".join(output)
     assert up.returncode == 0, log
@@ -582,9 +589,7 @@ async def test_the_story_on_postgresql_through_the_sdk(tmp_path: Path, postgres:
         rest, _ = await asyncio.wait_for(up.communicate(), 45)
         output.append(rest.decode())
     finally:
-        if up.returncode is None:
-            up.kill()
-            await up.wait()
+        await _kill_if_running(up, state_dir)
     assert up.returncode == 0, "".join(output)
 
 
@@ -652,9 +657,7 @@ async def test_a_second_up_finds_the_keys_in_openbao(tmp_path: Path) -> None:
         assert len(puts) == 6
         log = await interrupt(up, output)
     finally:
-        if up.returncode is None:
-            up.kill()
-            await up.wait()
+        await _kill_if_running(up, state_dir)
     assert "stopped openbao (pid" in log, log
     assert not _processes_mentioning(*ports.traces(state_dir))
 
@@ -675,9 +678,7 @@ async def test_a_second_up_finds_the_keys_in_openbao(tmp_path: Path) -> None:
         assert up.returncode == 0, "".join(output) + rest.decode()
         assert "received SIGTERM; stopping" in rest.decode() and "stopped openbao (pid" in rest.decode()
     finally:
-        if up.returncode is None:
-            up.kill()
-            await up.wait()
+        await _kill_if_running(up, state_dir)
 
 
 @pytest.mark.timeout(60)
