@@ -1,4 +1,5 @@
-"""Records benchmarks.
+"""Records benchmarks. (One script, though long: its modes share the fixtures of one records
+service on PostgreSQL.)
 
 stages:  the cost of each stage of a put and a get, per record of SIZE bytes: validation,
          canonicalization (with the commitment), keys (a data key from the local keyring, and

@@ -1,5 +1,6 @@
 """Load generator: a steady mix of what the platform does, through the SDK, against a running
-stack (`medledger up`), at a given rate for a given time.
+stack (`medledger up`), at a given rate for a given time. (One script, though long: the mix is one
+list of operations, each a short coroutine, and the ledger that chaos reads back.)
 
     uv run python bench/load.py --rate 20 --duration 60 [--state-dir .medledger] [--ledger FILE]
 

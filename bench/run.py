@@ -3,6 +3,9 @@ folder) and stopping it afterwards. Each figure is printed beside a baseline mea
 run, with the ratio and the target. Exit code 0 unless a benchmark errors: a missed target is
 printed as MISS, never hidden.
 
+One script, though long: one function per section, each starting its baseline and its subject and
+printing them side by side; the sections share the runner's start-up and its verdicts.
+
 Usage: python bench/run.py [relay] [consumer] [grpc] [auth] [consent] [records] [audit] [anchoring] [--json FILE]
 """
 

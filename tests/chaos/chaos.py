@@ -1,4 +1,5 @@
-"""`make chaos`: faults under load against the multi-process stack, then the invariants.
+"""`make chaos`: faults under load against the multi-process stack, then the invariants. (One
+script, though long: the fault schedule and the invariants it checks read best in one place.)
 
     uv run python tests/chaos/chaos.py [--duration 60] [--rate 15] [--seed N]
 
