@@ -116,8 +116,10 @@ async def patient_with_grant(platform: Any, grantee_id: str) -> tuple[str, Any, 
     consent = pb_grpc.ConsentServiceStub(
         client.channel(f"127.0.0.1:{platform.consents[0].grpc_port}", "medledger.consent")
     )
-    deadline = time.monotonic() + 20
-    while True:  # consent learns principals from identity's events
+    # Consent learns principals from identity's events: at a stack's start its consumer group may
+    # still be joining (Tansu's rebalance took over 20 s on this machine), so wait up to a minute.
+    deadline = time.monotonic() + 60
+    while True:
         try:
             granted = await consent.GrantConsent(
                 pb.GrantConsentRequest(
