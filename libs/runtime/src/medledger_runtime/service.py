@@ -283,9 +283,9 @@ class ServiceRuntime(Generic[H]):
         if sources is None:
             link = self.identity_link()
             sources = AuthSources(fetch_jwks=link.fetch_jwks, load_deactivated=link.deactivated_principals)
-        reload_seconds = STATELESS_DEACTIVATION_RELOAD_SECONDS
+        # Without Kafka the reload is all a stateless component has: more often, then.
+        reload_seconds = STATELESS_DEACTIVATION_RELOAD_SECONDS if self.stateless else 30.0
         if not self.stateless:
-            reload_seconds = 30.0
             listener = EventConsumer(
                 bootstrap_servers=self.settings.kafka_bootstrap_servers,
                 group_id=None,
