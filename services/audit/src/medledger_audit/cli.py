@@ -241,10 +241,10 @@ async def _verify(args: argparse.Namespace, pinned: _Pinned, remembered: Remembe
     try:
         report = await verify_log(db, verifiers, origin, progress=progress, remembered=remembered, chain=witness)
     except NotAnAuditLog as exc:
-        raise CommandError(f"{args.database_url}: {exc}", USAGE) from None
+        raise CommandError(f"{_shown(args.database_url)}: {exc}", USAGE) from None
     except (OSError, SQLAlchemyError) as exc:
         problem = f"{type(exc).__name__}: {exc}"
-        raise CommandError(f"cannot read the database {args.database_url}: {problem}", USAGE) from None
+        raise CommandError(f"cannot read the database {_shown(args.database_url)}: {problem}", USAGE) from None
     finally:
         await db.close()
     _print_report(report, origin)
@@ -268,11 +268,16 @@ async def _verify(args: argparse.Namespace, pinned: _Pinned, remembered: Remembe
     return 1
 
 
+def _shown(url: str) -> str:
+    """The database URL without its password, for messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def _check_database_url(url: str) -> None:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise CommandError(f"--database-url {url!r} is not a database URL", USAGE) from None
+        raise CommandError("--database-url is not a database URL", USAGE) from None
     if parsed.get_backend_name() not in ("postgresql", "sqlite"):
         raise CommandError(f"--database-url: unsupported database {parsed.get_backend_name()!r}", USAGE)
     # Opening a SQLite file that is not there would create an empty one: say so instead.

@@ -121,7 +121,7 @@ async def _check_entries(
         stored_leaves = await tlog.leaf_hashes(stored, start, end, tree_size)
     except DataLoss as exc:
         problem = f"{exc.message}: the leaf hashes of entries {start} to {end - 1} cannot be read"
-        return [], Divergence(start, problem, "missing-tile")
+        return [], Divergence(None, problem, "missing-tile")
     leaves: list[bytes] = []
     by_index = {int(r.entry_index): r for r in rows}
     for offset, stored_leaf in enumerate(stored_leaves):
@@ -226,7 +226,7 @@ async def verify_log(
         end = min(tree_size, size + CHUNK)
         leaves, divergence = await _check_entries(db, stored, size, end, tree_size, scan)
         if divergence is not None:
-            report.entries_checked = divergence.index or 0
+            report.entries_checked = size if divergence.index is None else divergence.index
             report.divergences += [divergence, *scan.rows]
             return report
         result = await tlog.append(recomputed, size, leaves)
