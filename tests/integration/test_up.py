@@ -526,13 +526,21 @@ async def test_the_story_on_postgresql_through_the_sdk(tmp_path: Path, postgres:
 
         # The services ran on PostgreSQL and kept no SQLite file of their own.
         assert not list(state_dir.glob("*.db"))
-        # The log on PostgreSQL verifies from its rows, pinned to the keys of the trust policy.
+        # The log on PostgreSQL verifies from its rows, pinned to the keys of the trust policy; its
+        # last-checkpoint file and the chain's latest anchor agree with it.
         keys = [a for k in config.trust_policy.log_verifier_keys for a in ("--verifier-key", k)]
         code, out = await _run(
             "audit", "verify", "--database-url", postgres.cluster.url(databases["audit"]),
             "--origin", config.trust_policy.origin, *keys, within=60,
         )  # fmt: skip
         assert code == 0, out
+        code, out = await _run(
+            "audit", "verify", "--database-url", postgres.cluster.url(databases["audit"]),
+            "--trust", str(state_dir / "trust-policy.json"), "--rpc", config.rpc_url,
+            "--last-checkpoint-file", str(state_dir / "audit" / "last-checkpoint"), within=60,
+        )  # fmt: skip
+        assert code == 0 and "✓ last checkpoint: the checkpoint of size" in out and "✓ chain: " in out, out
+        assert "anchored size" in out and "DIVERGES" not in out, out
 
         # `medledger audit entries`, as an auditor: the record's whole trail; a researcher is refused.
         auditor, secret = await _auditor(config)

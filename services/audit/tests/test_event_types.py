@@ -17,7 +17,7 @@ from google.protobuf import message as pb_message
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from medledger.options.v1 import options_pb2
 
-from medledger_audit import entries, event_types, fhir_audit
+from medledger_audit import columns, entries, event_types, fhir_audit
 from medledger_audit.sequencer import lookup_columns
 from medledger_runtime.events import new_event
 
@@ -264,6 +264,8 @@ def test_each_event_type_drafts_the_same_entry_as_the_old_tables_did(
     assert lookup_columns(draft)[2] == old_actor(draft.fields, OLD_LOOKUP_ACTOR_FIELDS)
 
     entry = json.loads(entries.encode_entry(draft, "vault:v1:aGFzaA==", NOW.timestamp()))
+    # `audit verify` takes the lookup columns again from the entry's bytes: the same ones.
+    assert columns.lookup_columns(entry["type"], entry) == lookup_columns(draft)
     resource = fhir_audit.audit_event(entry, index=3, leaf_hash_hex="ab")
     (code, display), action = OLD_FHIR_KINDS.get(entry_type, OLD_FHIR_DEFAULT)
     assert resource["type"]["code"] == code and resource["type"]["display"] == display

@@ -84,13 +84,56 @@ ANCHOR_REGISTRY_READS: list[dict[str, Any]] = [
         "name": "CheckpointAnchored",
         "type": "event",
     },
+    {
+        "inputs": [{"internalType": "string", "name": "origin", "type": "string"}],
+        "name": "latest",
+        "outputs": [
+            {"internalType": "uint64", "name": "size", "type": "uint64"},
+            {"internalType": "bytes32", "name": "root", "type": "bytes32"},
+            {"internalType": "uint64", "name": "blockNumber", "type": "uint64"},
+            {"internalType": "uint64", "name": "timestamp", "type": "uint64"},
+        ],
+        "stateMutability": "view",
+        "type": "function",
+    },
+    {
+        "inputs": [{"internalType": "bytes32", "name": "originHash", "type": "bytes32"}],
+        "name": "UnknownOrigin",
+        "type": "error",
+    },
 ]
 
 
 def anchor_registry_reader(w3: Web3, address: str) -> Any:
-    """The anchor registry at ``address``, with only what a verifier reads (``rootAt`` and the
-    ``CheckpointAnchored`` event)."""
+    """The anchor registry at ``address``, with only what a verifier reads (``rootAt``,
+    ``latest`` and the ``CheckpointAnchored`` event)."""
     return w3.eth.contract(address=to_checksum_address(address), abi=ANCHOR_REGISTRY_READS)
+
+
+_UNKNOWN_ORIGIN = keccak(text="UnknownOrigin(bytes32)")[:4]
+
+
+@dataclass(frozen=True)
+class LatestAnchor:
+    """The registry's latest accepted checkpoint of an origin (tree size 0: none yet)."""
+
+    tree_size: int
+    root: bytes
+    block_number: int
+    timestamp: int
+
+
+async def latest_anchor(w3: Web3, address: str, origin: str) -> LatestAnchor | None:
+    """What the registry at ``address`` last accepted for ``origin``; None if it has no log of
+    that origin registered. Other failures of the call (RPC, no contract there) propagate."""
+    try:
+        size, root, block, when = await anchor_registry_reader(w3, address).functions.latest(origin).call()
+    except Exception as exc:
+        data = getattr(exc, "data", None)
+        if isinstance(data, str) and data.removeprefix("0x")[:8].lower() == _UNKNOWN_ORIGIN.hex():
+            return None
+        raise
+    return LatestAnchor(int(size), bytes(root), int(block), int(when))
 
 
 @dataclass(frozen=True)

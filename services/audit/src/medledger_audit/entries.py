@@ -99,6 +99,11 @@ def rfc3339(seconds: float) -> str:
     return f"{_whole_second(int(whole))}.{micros // 1000:03d}Z"
 
 
+def entry_time(seconds: float) -> str | None:
+    """An entry's `event_time`: None for 0 (a message with no event time)."""
+    return rfc3339(seconds) if seconds else None
+
+
 @functools.lru_cache(maxsize=4096)
 def _whole_second(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").removesuffix("+00:00")
@@ -187,7 +192,7 @@ def encode_entry(draft: EntryDraft, subject: str | None, integrated_time: float)
         "v": ENTRY_VERSION,
         "type": draft.type,
         "event_id": draft.event_id,
-        "event_time": rfc3339(draft.event_time) if draft.event_time else None,
+        "event_time": entry_time(draft.event_time),
         "integrated_time": rfc3339(integrated_time),
         "subject": subject,
     }

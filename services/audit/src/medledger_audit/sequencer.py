@@ -30,7 +30,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from medledger_audit import event_types, storage, tile_store
+from medledger_audit import columns, storage, tile_store
 from medledger_audit.entries import UNPROCESSABLE, EntryDraft, encode_entry, subject_key_name
 from medledger_runtime.db import Database, lock_key
 from medledger_runtime.errors import NotFound
@@ -147,19 +147,8 @@ class Subjects:
 
 
 def lookup_columns(draft: EntryDraft) -> tuple[str | None, str | None, str | None]:
-    """The record id, commitment and actor an entry is found by."""
-    fields = draft.fields
-    record_id = fields.get("record_id")
-    commitment = fields.get("commitment")
-    # Which fields name the actor, the entry's event type says (the log's own entries have none).
-    event_type = event_types.by_entry_type(draft.type)
-    actor_fields = event_type.actor_fields if event_type is not None else ()
-    actor = next((fields[f] for f in actor_fields if isinstance(fields.get(f), str) and fields[f]), None)
-    return (
-        record_id[:200] if isinstance(record_id, str) and record_id else None,
-        commitment[:200] if isinstance(commitment, str) and commitment else None,
-        actor[:200] if actor else None,
-    )
+    """The record id, commitment and actor an entry is found by (`columns`, which verify uses too)."""
+    return columns.lookup_columns(draft.type, draft.fields)
 
 
 def chunks_of(drafts: Sequence[EntryDraft], max_batch: int) -> list[list[EntryDraft]]:

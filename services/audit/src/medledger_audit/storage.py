@@ -34,6 +34,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    func,
     insert,
     select,
     update,
@@ -138,6 +139,17 @@ async def read_state(conn: AsyncConnection) -> tuple[int, bytes]:
     """The tree's size and root as of the last committed append."""
     row = (await conn.execute(select(log_state.c.tree_size, log_state.c.root).where(log_state.c.id == 1))).one()
     return int(row.tree_size), bytes(row.root)
+
+
+async def find_state(conn: AsyncConnection) -> tuple[int, bytes] | None:
+    """`read_state`, or None when the state row is gone (verify names that, it does not fail on it)."""
+    row = (await conn.execute(select(log_state.c.tree_size, log_state.c.root).where(log_state.c.id == 1))).first()
+    return None if row is None else (int(row.tree_size), bytes(row.root))
+
+
+async def highest_entry_index(conn: AsyncConnection) -> int | None:
+    found = await conn.scalar(select(func.max(entries.c.entry_index)))
+    return None if found is None else int(found)
 
 
 # --- reads for the API, verify and the checkpointer --------------------------------------------
