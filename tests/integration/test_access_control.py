@@ -205,6 +205,7 @@ class Side:
     consent_id: str = ""  # the consent the practitioner reads by (own); a consent of theirs (other)
     spare_consent_id: str = ""  # a consent any test may revoke
     erasure_id: str = ""
+    decision_id: str = ""  # a decision about the patient, with the practitioner as the actor
 
 
 @dataclass
@@ -383,6 +384,13 @@ async def _populate(stack: Any) -> World:
         await world.stub("records", "privacy-officer").PlaceLegalHold(
             rec_pb.PlaceLegalHoldRequest(request_id=rid(), patient_id=patient, reason="access-control test")
         )
+    for side, patient in (("own", own), ("other", other)):
+        decided = await world.stub("consent", "pdp-client").CheckConsent(
+            co_pb.CheckConsentRequest(
+                patient_id=patient, actor_id=practitioner, action=READ, category=OBS, purpose=TREAT
+            )
+        )
+        getattr(world, side).decision_id = decided.decision_id
     return world
 
 
@@ -430,6 +438,7 @@ def _requests(w: World, s: Side) -> dict[str, dict[str, pb_message.Message]]:
             "CheckConsent": co_pb.CheckConsentRequest(
                 patient_id=s.patient_id, actor_id=practitioner, action=READ, category=OBS, purpose=TREAT
             ),
+            "GetDecision": co_pb.GetDecisionRequest(decision_id=s.decision_id),
             "AppointGuardian": co_pb.AppointGuardianRequest(
                 request_id=rid(), patient_id=s.patient_id, guardian_id=UNKNOWN_RESEARCHER
             ),
@@ -494,6 +503,7 @@ NAMES_A_PATIENT = {
         "GetConsent",
         "ListConsents",
         "CheckConsent",
+        "GetDecision",
         "AppointGuardian",
         "RemoveGuardian",
         "BreakGlass",
@@ -631,6 +641,15 @@ FINER: dict[tuple[str, str, str], tuple[grpc.StatusCode, grpc.StatusCode]] = {
     ("consent", "CheckConsent", "guardian of the patient"): (_OK, _PD),
     ("consent", "CheckConsent", "guardian"): (_PD, _PD),
     ("consent", "CheckConsent", "pdp-client"): (_OK, _OK),
+    # A decision: the patient's side, the actor it was about (the practitioner, in both), overseers.
+    ("consent", "GetDecision", "patient"): (_OK, _NF),
+    ("consent", "GetDecision", "guardian of the patient"): (_OK, _NF),
+    ("consent", "GetDecision", "practitioner"): (_OK, _OK),
+    ("consent", "GetDecision", "privacy-officer"): (_OK, _OK),
+    ("consent", "GetDecision", "auditor"): (_OK, _OK),
+    ("consent", "GetDecision", "admin"): (_OK, _OK),
+    ("consent", "GetDecision", "researcher"): (_NF, _NF),
+    ("consent", "GetDecision", "guardian"): (_NF, _NF),
     ("consent", "AppointGuardian", "patient"): (_IA, _PD),  # past the rule, the unknown guardian is refused
     ("consent", "AppointGuardian", "admin"): (_IA, _IA),
     ("consent", "AppointGuardian", "guardian of the patient"): (_PD, _PD),

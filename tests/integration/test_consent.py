@@ -176,6 +176,21 @@ async def test_grant_check_and_the_decision_record_written_before_the_answer(sta
         denied = await w.pdp.CheckConsent(w.question(actor_id=w.colleague_id))
         assert denied.decision == pb.Decision.DECISION_DENY and denied.reason_code == "EXPLICIT_DENY"
         assert [r.consent_id for r in denied.deciding] == [deny.consent.consent_id]
+
+        # The patient reads the decision back with what it was decided on: the colleague's
+        # organization, and every version of the patient's consents recorded by then.
+        recorded = (await w.patient.GetDecision(pb.GetDecisionRequest(decision_id=denied.decision_id))).decision
+        listed_now = await w.patient.ListConsents(pb.ListConsentsRequest(patient_id=w.patient_id))
+        assert sorted(recorded.considered) == sorted(c.commitment for c in listed_now.consents)
+        assert (recorded.actor_id, recorded.actor_organization_id) == (w.colleague_id, w.org_id)
+        assert (recorded.decision, recorded.reason_code) == (denied.decision, "EXPLICIT_DENY")
+        assert [r.consent_id for r in recorded.deciding] == [deny.consent.consent_id]
+        assert (recorded.decided_at, recorded.rule_version) == (denied.decided_at, denied.rule_version)
+        assert (recorded.action, recorded.category, recorded.purpose) == (READ, OBS, TREAT)
+        assert (
+            await status_of(w.other_patient.GetDecision(pb.GetDecisionRequest(decision_id=denied.decision_id)))
+            == CODE.NOT_FOUND
+        )
         assert (await w.pdp.CheckConsent(w.question())).decision == pb.Decision.DECISION_PERMIT
 
         # Revocation is a new version; the old one still answers GetConsent by number.

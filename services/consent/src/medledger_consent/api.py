@@ -51,6 +51,8 @@ ACCESS: dict[str, Access] = {
     _SERVICE + "GetConsent": ANY_CALLER,
     _SERVICE + "ListConsents": ANY_CALLER,
     _SERVICE + "CheckConsent": Access.of(roles=["pdp-client", "guardian"], kinds=["patient"]),
+    # Who may read which decision is the use case's: the patient's side, the actor, overseers.
+    _SERVICE + "GetDecision": ANY_CALLER,
     _SERVICE + "AppointGuardian": ANY_CALLER,
     _SERVICE + "RemoveGuardian": ANY_CALLER,
     _SERVICE + "SetBreakGlassPolicy": Access.of(roles=["admin", "org-admin"]),
@@ -229,6 +231,29 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
             rule_version=domain.RULE_VERSION,
             decided_at=timestamp(decided_at),
             break_glass_access_id=outcome.break_glass_access_id,
+        )
+
+    async def GetDecision(
+        self, request: pb.GetDecisionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetDecisionResponse:
+        d = await self.checks.decision(current_caller(), request.decision_id)
+        return pb.GetDecisionResponse(
+            decision=pb.ConsentDecision(
+                decision_id=d.decision_id,
+                patient_id=d.patient_id,
+                actor_id=d.actor_id,
+                actor_organization_id=d.actor_organization_id,
+                action=d.action,  # type: ignore[arg-type]
+                category=d.category,  # type: ignore[arg-type]
+                purpose=d.purpose,  # type: ignore[arg-type]
+                decided_at=timestamp(d.decided_at),
+                decision=d.decision,  # type: ignore[arg-type]
+                reason_code=d.reason_code,
+                deciding=[pb.ConsentRef(consent_id=c, version=v) for c, v in d.deciding],
+                rule_version=d.rule_version,
+                break_glass_access_id=d.break_glass_access_id,
+                considered=d.considered,
+            )
         )
 
     # -- guardians --------------------------------------------------------------------------------

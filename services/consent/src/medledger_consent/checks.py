@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.events.v1 import consent_events_pb2
@@ -21,7 +22,7 @@ from medledger_consent import break_glass_storage, domain, storage
 from medledger_consent.consents import acts_for
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
-from medledger_runtime.errors import PermissionDenied
+from medledger_runtime.errors import InvalidArgument, NotFound, PermissionDenied
 from medledger_runtime.events import new_event
 from medledger_runtime.timestamps import timestamp
 
@@ -41,6 +42,28 @@ _DECISION_COUNTERS = {
 }
 # (outcome, decision id, decided at): what a check answers.
 Decided = tuple[domain.Outcome, str, float]
+# Who reads any decision record besides the patient's side and the actor it was about.
+_DECISION_READERS = ("privacy-officer", "auditor")
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """A decision as recorded: the question, the inputs the rule was given, the outcome."""
+
+    decision_id: str
+    decided_at: float
+    patient_id: str
+    actor_id: str
+    actor_organization_id: str
+    action: int
+    category: int
+    purpose: int
+    decision: int
+    reason_code: str
+    deciding: tuple[tuple[str, int], ...]
+    rule_version: str
+    break_glass_access_id: str
+    considered: tuple[str, ...]
 
 
 class ConsentChecks:
@@ -118,6 +141,7 @@ class ConsentChecks:
             now=time.time(),
         )
         outcome = self.index.decide(question)
+        considered = self.index.considered(patient_id, question.now)
         decision_id = domain.new_decision_id()
         deciding = [f"{cid}@{ver}" for cid, ver in outcome.deciding]
         decision_name = pb.Decision.Name(outcome.decision)  # type: ignore[arg-type]
@@ -136,6 +160,8 @@ class ConsentChecks:
                 deciding=deciding,
                 rule_version=domain.RULE_VERSION,
                 break_glass_access_id=outcome.break_glass_access_id,
+                actor_organization_id=question.actor_organization_id,
+                considered=considered,
             ),
             aggregate_id=decision_id,
             version=1,
@@ -155,6 +181,8 @@ class ConsentChecks:
                 "deciding": " ".join(deciding),
                 "break_glass_access_id": outcome.break_glass_access_id,
                 "rule_version": domain.RULE_VERSION,
+                "actor_organization_id": question.actor_organization_id,
+                "considered": " ".join(considered),
             },
             event,
         )
@@ -163,3 +191,41 @@ class ConsentChecks:
             counter = DECISIONS.labels(decision_name.removeprefix("DECISION_"), outcome.reason_code)
         counter.inc()
         return outcome, decision_id, question.now
+
+    async def decision(self, caller: Caller, decision_id: str) -> DecisionRecord:
+        """The decision record, to the patient concerned (their guardian, an admin), the actor it
+        was about, privacy officers and auditors; to anyone else it is as a missing one."""
+        if not domain.DECISION_ID.fullmatch(decision_id):
+            raise InvalidArgument.field("decision_id", "not a decision id")
+        async with self.db.connect() as conn:
+            row = await storage.get_decision(conn, decision_id)
+        if row is None:
+            raise NotFound("no such decision")
+        allowed = (
+            caller.principal_id == row.actor_id
+            or any(caller.has_role(r) for r in _DECISION_READERS)
+            or await acts_for(self.db, caller, row.patient_id)
+        )
+        if not allowed:
+            raise NotFound("no such decision")  # ids must not reveal whom a patient's data went to
+        return DecisionRecord(
+            decision_id=row.decision_id,
+            decided_at=float(row.decided_at),
+            patient_id=row.patient_id,
+            actor_id=row.actor_id,
+            actor_organization_id=row.actor_organization_id,
+            action=int(row.action),
+            category=int(row.category),
+            purpose=int(row.purpose),
+            decision=int(row.decision),
+            reason_code=row.reason_code,
+            deciding=tuple(_consent_ref(ref) for ref in row.deciding.split()),
+            rule_version=row.rule_version,
+            break_glass_access_id=row.break_glass_access_id,
+            considered=tuple(row.considered.split()),
+        )
+
+
+def _consent_ref(text: str) -> tuple[str, int]:
+    consent_id, _, version = text.rpartition("@")
+    return consent_id, int(version)

@@ -27,6 +27,7 @@ in the order above, so a single wrong input gets its own reason.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -340,6 +341,9 @@ def new_decision_id() -> str:
     return f"dec_{uuid.uuid4().hex}"
 
 
+DECISION_ID = re.compile(r"dec_[0-9a-f]{32}")
+
+
 def new_salt() -> bytes:
     return os.urandom(SALT_BYTES)
 
@@ -372,6 +376,16 @@ class ConsentIndex:
         patient.first_recorded_at = min(patient.first_recorded_at, v.recorded_at)
         self.size += 1
         return True
+
+    def considered(self, patient_id: str, now: float) -> list[str]:
+        """The commitments of the patient's versions recorded at or before `now`, sorted: what
+        `decide` is given for a question about the patient at `now`, which a decision records."""
+        patient = self._by_patient.get(patient_id)
+        if patient is None:
+            return []
+        return sorted(
+            v.commitment for versions in patient.by_consent.values() for v in versions if v.recorded_at <= now
+        )
 
     def of_patient(self, patient_id: str) -> list[list[ConsentVersion]]:
         patient = self._by_patient.get(patient_id)

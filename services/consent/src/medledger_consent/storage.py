@@ -84,16 +84,30 @@ consent_decisions = Table(
     Column("rule_version", String(64), nullable=False),
     # The break-glass access that permitted (migration 6); empty for consent decisions.
     Column("break_glass_access_id", String(64), nullable=False, server_default=""),
+    # The actor's organization as matched, and the space-separated commitments of the consent
+    # versions the rule was given (migration 8).
+    Column("actor_organization_id", String(64), nullable=False, server_default=""),
+    Column("considered", Text, nullable=False, server_default=""),
 )
 
 
+async def _add_decision_columns(conn: AsyncConnection, columns: dict[str, str]) -> None:
+    """Add `columns` (name: SQL type and default) to consent_decisions where missing: databases
+    that ran migration 2 before a column was in the table above lack it, newer ones have it."""
+    present = await conn.run_sync(lambda sync: {c["name"] for c in inspect(sync).get_columns("consent_decisions")})
+    for name, definition in columns.items():
+        if name not in present:
+            await conn.execute(text(f"ALTER TABLE consent_decisions ADD COLUMN {name} {definition}"))
+
+
 async def _decisions_by_break_glass(conn: AsyncConnection) -> None:
-    # Databases that ran migration 2 before the column was in the table above lack it.
-    columns = await conn.run_sync(lambda sync: {c["name"] for c in inspect(sync).get_columns("consent_decisions")})
-    if "break_glass_access_id" not in columns:
-        await conn.execute(
-            text("ALTER TABLE consent_decisions ADD COLUMN break_glass_access_id VARCHAR(64) NOT NULL DEFAULT ''")
-        )
+    await _add_decision_columns(conn, {"break_glass_access_id": "VARCHAR(64) NOT NULL DEFAULT ''"})
+
+
+async def _decisions_with_their_inputs(conn: AsyncConnection) -> None:
+    await _add_decision_columns(
+        conn, {"actor_organization_id": "VARCHAR(64) NOT NULL DEFAULT ''", "considered": "TEXT NOT NULL DEFAULT ''"}
+    )
 
 
 guardians_metadata = MetaData()
@@ -180,6 +194,9 @@ MIGRATIONS = [
     Migration(5, "break-glass policies and accesses", create_tables(break_glass_metadata)),
     Migration(6, "decisions name the break-glass access that permitted", _decisions_by_break_glass),
     Migration(7, "justifications still under the old shared keys", _list_justifications_under_old_keys),
+    Migration(
+        8, "decisions name the actor's organization and the consent versions considered", _decisions_with_their_inputs
+    ),
 ]
 
 
@@ -351,6 +368,12 @@ class DecisionLog(OutboxGroupCommit):
 
     async def record(self, row: dict[str, object], event: Event) -> None:
         await self.write(self.topic, event, str(row["patient_id"]).encode(), row)
+
+
+async def get_decision(conn: AsyncConnection, decision_id: str) -> Any | None:
+    """The decision record's row, or None."""
+    d = consent_decisions.c
+    return (await conn.execute(select(consent_decisions).where(d.decision_id == decision_id))).first()
 
 
 async def set_guardianship(
