@@ -100,9 +100,22 @@ contract ConsentRegistry {
         return entries[commitment];
     }
 
-    /// @notice Whether the consent version was granted, is not revoked, and `when` is in its window.
+    /// @notice Whether the chain witnessed the consent version in force at `when` (seconds): it
+    /// was granted, `validFrom <= when < validUntil` (no end when 0), it was not revoked at or
+    /// before `when`, and it was recorded here at or before `when`. So it answers for the past:
+    /// a later revocation does not undo the time before it.
+    /// @dev `recordedAt <= when`: the chain attests only to what it held at `when`. A grant
+    /// recorded late with a window reaching back would otherwise prove consent for reads that
+    /// happened before anyone could see it; and since the anchoring service revokes a version
+    /// before it grants its successor, at most one version of a consent is in force at any time.
+    /// The price is the anchoring lag: between consent recording a version and the chain
+    /// recording it, the chain does not yet call it in force (`medledger verify consent` states
+    /// the lag).
     function isInForce(bytes32 commitment, uint64 when) external view returns (bool) {
         Entry storage entry = entries[commitment];
-        return entry.status == Status.Active && entry.validFrom <= when && (entry.validUntil == 0 || when < entry.validUntil);
+        if (entry.status == Status.Unknown) return false;
+        if (when < entry.recordedAt || when < entry.validFrom) return false;
+        if (entry.validUntil != 0 && when >= entry.validUntil) return false;
+        return entry.status != Status.Revoked || when < entry.revokedAt;
     }
 }

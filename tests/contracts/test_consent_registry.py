@@ -94,24 +94,27 @@ def test_grant_and_revoke_emit_events_and_set_the_status(w3: Web3) -> None:
     registry = deploy(w3, owner)
     send(w3, registry.functions.setWriter(writer, True), owner)
     c, revocation = commitment_of(10), commitment_of(11)
-    receipt = send(w3, registry.functions.grant(c, 1_000, 2_000), writer)
+    # A window after the grant's block: isInForce also asks that the chain held the grant.
+    start = w3.eth.get_block("latest").timestamp + 1_000
+    receipt = send(w3, registry.functions.grant(c, start, start + 1_000), writer)
     granted = registry.events.ConsentGranted().process_receipt(receipt)[0].args
-    assert (granted.commitment, granted.validFrom, granted.validUntil) == (c, 1_000, 2_000)
+    assert (granted.commitment, granted.validFrom, granted.validUntil) == (c, start, start + 1_000)
     entry = registry.functions.statusOf(c).call()
-    assert (entry[0] == ACTIVE and entry[1:3] == [1_000, 2_000]) or tuple(entry[1:3]) == (1_000, 2_000)
+    assert entry[0] == ACTIVE and tuple(entry[1:3]) == (start, start + 1_000)
     block_time = w3.eth.get_block(receipt.blockNumber).timestamp
     assert entry[3] == block_time
-    assert registry.functions.isInForce(c, 1_000).call()
-    assert registry.functions.isInForce(c, 1_999).call()
-    assert not registry.functions.isInForce(c, 999).call()
-    assert not registry.functions.isInForce(c, 2_000).call()  # the end is exclusive
+    assert registry.functions.isInForce(c, start).call()
+    assert registry.functions.isInForce(c, start + 999).call()
+    assert not registry.functions.isInForce(c, start - 1).call()
+    assert not registry.functions.isInForce(c, start + 1_000).call()  # the end is exclusive
 
     receipt = send(w3, registry.functions.revoke(c, revocation), writer)
     revoked = registry.events.ConsentRevoked().process_receipt(receipt)[0].args
     assert (revoked.commitment, revoked.revokedBy) == (c, revocation)
     entry = registry.functions.statusOf(c).call()
     assert entry[0] == REVOKED and entry[5] == revocation
-    assert not registry.functions.isInForce(c, 1_500).call()
+    assert entry[4] == w3.eth.get_block(receipt.blockNumber).timestamp
+    assert not registry.functions.isInForce(c, start + 500).call()
 
 
 def test_edge_cases_revert_with_their_own_errors(w3: Web3) -> None:
@@ -165,3 +168,68 @@ def test_anyone_with_the_document_and_its_salt_can_check_the_status(w3: Web3) ->
     # A guess without the salt finds nothing.
     guess = bytes.fromhex(fhir.commitment(document, bytes(32)))
     assert registry.functions.statusOf(guess).call()[0] == UNKNOWN
+
+
+def latest_time(w3: Web3) -> int:
+    return int(w3.eth.get_block("latest").timestamp)
+
+
+def test_is_in_force_answers_for_the_past(w3: Web3) -> None:
+    """In force at `when` iff recorded on chain by then, validFrom <= when < validUntil, and not
+    revoked at or before `when`: a revocation ends a version from its block on, never before."""
+    owner, writer = w3.eth.accounts[:2]
+    registry = deploy(w3, owner)
+    send(w3, registry.functions.setWriter(writer, True), owner)
+    in_force = registry.functions.isInForce
+    c, successor = commitment_of(30), commitment_of(31)
+    # The window reaches back before the grant is recorded, and ends well after it.
+    now = latest_time(w3)
+    valid_from, valid_until = now - 100, now + 10_000
+    send(w3, registry.functions.grant(c, valid_from, valid_until), writer)
+    recorded_at = registry.functions.statusOf(c).call()[3]
+    assert valid_from < recorded_at < valid_until
+    # Before the grant: in the window, but the chain did not hold it yet.
+    assert not in_force(c, valid_from - 1).call()
+    assert not in_force(c, valid_from).call()
+    assert not in_force(c, recorded_at - 1).call()
+    # In the window once recorded.
+    assert in_force(c, recorded_at).call()
+    assert in_force(c, valid_until - 1).call()
+
+    send(w3, registry.functions.revoke(c, successor), writer)
+    revoked_at = registry.functions.statusOf(c).call()[4]
+    assert revoked_at > recorded_at  # a later block
+    # Before the revocation it still was in force: the past stays as it was.
+    assert in_force(c, recorded_at).call()
+    assert in_force(c, revoked_at - 1).call()
+    # From the revocation's block on, it is not.
+    assert not in_force(c, revoked_at).call()
+    assert not in_force(c, valid_until - 1).call()
+    assert not in_force(c, valid_until).call()
+
+
+def test_is_in_force_ends_at_valid_until_and_starts_at_valid_from(w3: Web3) -> None:
+    owner, writer = w3.eth.accounts[:2]
+    registry = deploy(w3, owner)
+    send(w3, registry.functions.setWriter(writer, True), owner)
+    in_force = registry.functions.isInForce
+    ending, later, open_ended = commitment_of(40), commitment_of(41), commitment_of(42)
+    now = latest_time(w3)
+    send(w3, registry.functions.grant(ending, now - 50, now + 5_000), writer)
+    send(w3, registry.functions.grant(later, now + 2_000, now + 3_000), writer)
+    send(w3, registry.functions.grant(open_ended, now - 50, 0), writer)
+    recorded_at = registry.functions.statusOf(open_ended).call()[3]
+    # After validUntil (exclusive), never revoked: not in force.
+    assert in_force(ending, now + 4_999).call()
+    assert not in_force(ending, now + 5_000).call()
+    assert not in_force(ending, 2**64 - 1).call()
+    # Before validFrom, although recorded: not in force.
+    assert not in_force(later, now + 1_999).call()
+    assert in_force(later, now + 2_000).call()
+    assert not in_force(later, now + 3_000).call()
+    # No end: in force from its recording on, at any later time.
+    assert not in_force(open_ended, recorded_at - 1).call()
+    assert in_force(open_ended, recorded_at).call()
+    assert in_force(open_ended, 2**64 - 1).call()
+    # Unknown commitments never are.
+    assert not in_force(commitment_of(43), now).call()

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -200,6 +201,7 @@ async def _check_chain_side(state_dir: Path, ports: Ports, printed: str) -> dict
         deployment.anchor_registry,
         1,
         erasure_certificate_keys=(certificate_key.verifier_key,),
+        consent_registry=deployment.consent_registry,
     )
 
     w3 = chain.connect(recorded["rpc_url"])
@@ -414,6 +416,7 @@ async def _check_demo(state_dir: Path, ports: Ports, out: Path) -> None:
 
     verifier = _independent_verifier()
     assert verifier.verify_folder(out, rpc_url) == []
+    await _check_consent_evidence(out, rpc_url, verify, verifier)
     entry = (out / "access.entry").read_bytes()
     other_tx = "0x" + "ab" * 32
     proof_lines = (out / "record.tlog-proof").read_text().split("\n")
@@ -447,6 +450,35 @@ async def _check_demo(state_dir: Path, ports: Ports, out: Path) -> None:
     code, said = await verify(str(copy / "record.tlog-proof"), *trust, "--record", str(copy / "record.json"),
                             "--salt", salt)  # fmt: skip
     assert code == 1 and "record-commitment" in said, said
+
+
+async def _check_consent_evidence(
+    out: Path, rpc_url: str, verify: Callable[..., Awaitable[tuple[int, str]]], verifier: ModuleType
+) -> None:
+    """The patient's consent and its revocation, as the demo wrote them: `medledger verify consent`
+    (SDK only) and plain hashlib, RFC 8785 and eth_call agree on the commitments, the statuses and
+    which version was in force when; a changed document is unknown to the chain."""
+    registry = json.loads((out / "trust.json").read_text())["consent_registry"]
+    grant, revocation = (
+        verifier.consent_on_chain(rpc_url, registry, (out / f"{s}.json").read_bytes(), (out / f"{s}.salt").read_text())
+        for s in ("consent", "consent-revocation")
+    )
+    assert grant["status"] == "revoked" and grant["revoked_by"] == revocation["commitment"]
+    assert revocation["status"] == "unknown"  # a revocation grants nothing; it is the grant's revokedBy
+    before = grant["revoked_at"] - 1
+    assert verifier.in_force(grant, before) and not verifier.in_force(grant, grant["revoked_at"])
+
+    documents = [str(out / "consent.json"), str(out / "consent-revocation.json")]
+    trust = ["--trust", str(out / "trust.json"), "--rpc", rpc_url]
+    code, said = await verify("consent", *documents, *trust, "--at", str(before))
+    assert code == 0 and "IN FORCE: version 1 of consent" in said, said
+    assert f"commitment {grant['commitment']}" in said and f"commitment {revocation['commitment']}" in said, said
+    assert "anchoring lag" in said and "recorded on chain as the revocation of version 1" in said, said
+    code, said = await verify("consent", *documents, *trust)
+    assert code == 1 and "NOT IN FORCE" in said and "by version 2" in said, said
+    changed = _tampered(out, out.parent / "tampered-consent", "consent.json", b'"permit"', b'"deny"')
+    code, said = await verify("consent", str(changed / "consent.json"), *trust, "--at", str(before))
+    assert code == 1 and "the registry has no record of this commitment" in said, said
 
 
 async def _auditor(config: StoryConfig) -> tuple[str, str]:
@@ -515,6 +547,8 @@ async def test_the_story_on_postgresql_through_the_sdk(tmp_path: Path, postgres:
             "record proof verifies",
             "disclosure proof verifies",
             "latest checkpoint anchored",
+            "consent in force until revoked",
+            "consent revoked on chain",
             "erasure completed",
             "erasure certificate verified",
             "break-glass justification erased",

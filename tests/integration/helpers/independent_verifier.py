@@ -2,12 +2,15 @@
 
 Written from the specifications only — RFC 6962/9162 (Merkle tree hashing and inclusion proofs),
 C2SP signed-note, tlog-checkpoint and tlog-proof (text formats, Ed25519 signature type 0x01),
-RFC 8785 (JSON canonicalization, via the `rfc8785` package), the record commitment formula of the
-README, and plain Ethereum JSON-RPC over HTTP (``eth_chainId``, ``eth_getTransactionReceipt``,
-``eth_call``) — so that a third party can see that the evidence stands on those alone. It shares
+RFC 8785 (JSON canonicalization, via the `rfc8785` package), the record and consent commitment
+formulas of the README, and plain Ethereum JSON-RPC over HTTP (``eth_chainId``,
+``eth_getTransactionReceipt``, ``eth_call``) — so that a third party can see that the evidence
+stands on those alone. It shares
 nothing with ``medledger_runtime``: a bug there cannot hide a bug here.
 
-``verify_folder(folder, rpc_url)`` returns the list of problems found (empty: verified).
+``verify_folder(folder, rpc_url)`` returns the list of problems found (empty: verified);
+``consent_on_chain(rpc_url, registry, document, salt_hex)`` recomputes a consent version's
+commitment and reads its ConsentRegistry entry; ``in_force(entry, when)`` is the registry's rule.
 """
 
 from __future__ import annotations
@@ -151,6 +154,41 @@ def call_root_at(url: str, registry: str, origin: str, size: int) -> bytes:
     data = selector + _word(64) + _word(size) + _word(len(name)) + padded
     result = rpc(url, "eth_call", {"to": registry, "data": "0x" + data.hex()}, "latest")
     return bytes.fromhex(result[2:])
+
+
+CONSENT_STATUSES = ("unknown", "granted", "revoked")
+
+
+def consent_on_chain(url: str, registry: str, document: bytes, salt_hex: str) -> dict[str, Any]:
+    """The README's consent commitment, SHA-256("medledger:consent:v1\\n" || salt || JCS(Consent)),
+    and ``statusOf(bytes32)`` of ConsentRegistry for it by eth_call, decoded by hand (a static
+    tuple: six 32-byte words)."""
+    salt = bytes.fromhex(salt_hex.strip())
+    commitment = hashlib.sha256(b"medledger:consent:v1\n" + salt + rfc8785.dumps(json.loads(document))).digest()
+    data = _keccak(b"statusOf(bytes32)")[:4] + commitment
+    raw = bytes.fromhex(rpc(url, "eth_call", {"to": registry, "data": "0x" + data.hex()}, "latest")[2:])
+    if len(raw) != 6 * 32:
+        raise Refused(f"statusOf returned {len(raw)} bytes, not six words")
+    words = [int.from_bytes(raw[i : i + 32], "big") for i in range(0, len(raw), 32)]
+    return {
+        "commitment": commitment.hex(),
+        "status": CONSENT_STATUSES[words[0]],
+        "valid_from": words[1],
+        "valid_until": words[2],
+        "recorded_at": words[3],
+        "revoked_at": words[4],
+        "revoked_by": raw[160:192].hex(),
+    }
+
+
+def in_force(entry: dict[str, Any], when: int) -> bool:
+    """In force at ``when``: granted, recorded on chain by then, in its window (no end when 0),
+    and not revoked at or before ``when``."""
+    if entry["status"] == "unknown" or when < entry["recorded_at"] or when < entry["valid_from"]:
+        return False
+    if entry["valid_until"] and when >= entry["valid_until"]:
+        return False
+    return entry["status"] != "revoked" or when < entry["revoked_at"]
 
 
 # --- the whole check --------------------------------------------------------------------------

@@ -136,6 +136,38 @@ async def latest_anchor(w3: Web3, address: str, origin: str) -> LatestAnchor | N
     return LatestAnchor(int(size), bytes(root), int(block), int(when))
 
 
+# The part of ConsentRegistry's ABI a verifier reads (`medledger verify consent`), written out for
+# the same reason and checked the same way.
+CONSENT_REGISTRY_READS: list[dict[str, Any]] = [
+    {
+        "inputs": [{"internalType": "bytes32", "name": "commitment", "type": "bytes32"}],
+        "name": "statusOf",
+        "outputs": [
+            {
+                "components": [
+                    {"internalType": "enum ConsentRegistry.Status", "name": "status", "type": "uint8"},
+                    {"internalType": "uint64", "name": "validFrom", "type": "uint64"},
+                    {"internalType": "uint64", "name": "validUntil", "type": "uint64"},
+                    {"internalType": "uint64", "name": "recordedAt", "type": "uint64"},
+                    {"internalType": "uint64", "name": "revokedAt", "type": "uint64"},
+                    {"internalType": "bytes32", "name": "revokedBy", "type": "bytes32"},
+                ],
+                "internalType": "struct ConsentRegistry.Entry",
+                "name": "",
+                "type": "tuple",
+            }
+        ],
+        "stateMutability": "view",
+        "type": "function",
+    },
+]
+
+
+def consent_registry_reader(w3: Web3, address: str) -> Any:
+    """The consent registry at ``address``, with only what a verifier reads (``statusOf``)."""
+    return w3.eth.contract(address=to_checksum_address(address), abi=CONSENT_REGISTRY_READS)
+
+
 @dataclass(frozen=True)
 class CustomError:
     """A decoded Solidity custom error: its name and arguments."""

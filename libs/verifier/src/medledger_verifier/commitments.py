@@ -1,10 +1,13 @@
-"""The salted commitments of record versions, pure: what the records service computes when it
+"""The salted commitments of record and consent versions, pure: what the records service computes when it
 stores a version and what anyone holding the record and its salt recomputes (`medledger verify`).
 
 - a FHIR record version whose `get` returns the bytes B:
   ``SHA-256("medledger:record:v1\\n" || salt || JCS(parse(B)))``, JCS being RFC 8785;
 - a document of media type M with bytes B:
   ``SHA-256("medledger:document:v1\\n" || salt || SHA-256(M) || B)``;
+- a consent version, its FHIR Consent C: ``SHA-256("medledger:consent:v1\\n" || salt || JCS(C))``
+  (what consent computes when it records a version, ConsentRegistry holds, and the patient,
+  holding the document and its salt, recomputes: `medledger verify consent`);
 
 with a random 32-byte salt per version. JSON that RFC 8785 cannot represent exactly (duplicate
 keys, numbers that are not exactly an IEEE 754 double, integers beyond ±(2^53 - 1), NaN or
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -24,6 +28,7 @@ from medledger_verifier.errors import InvalidArgument
 
 RECORD_DOMAIN = b"medledger:record:v1\n"
 DOCUMENT_DOMAIN = b"medledger:document:v1\n"
+CONSENT_DOMAIN = b"medledger:consent:v1\n"
 SALT_BYTES = 32
 # Beyond this an integer is not exactly an IEEE 754 double; RFC 8785 (I-JSON) refuses it.
 _MAX_SAFE_INTEGER = 2**53 - 1
@@ -106,3 +111,9 @@ def document_commitment(media_type: str, data: bytes, salt: bytes) -> str:
     """The commitment of a document version of `media_type` (hex)."""
     _check_salt(salt)
     return hashlib.sha256(DOCUMENT_DOMAIN + salt + hashlib.sha256(media_type.encode()).digest() + data).hexdigest()
+
+
+def consent_commitment(document: Mapping[str, Any], salt: bytes) -> str:
+    """The commitment of a consent version whose FHIR Consent is ``document`` (hex)."""
+    _check_salt(salt)
+    return hashlib.sha256(CONSENT_DOMAIN + salt + canonical_json(dict(document))).hexdigest()

@@ -2,7 +2,7 @@
 anchor file, which says where a checkpoint was anchored (``Anchor``).
 
 The trust policy is what a verifier trusts instead of the proof: the log's origin and verifier
-keys, the chain id, the registry's address and the confirmations it wants. `medledger up` writes
+keys, the chain id, the registries' addresses and the confirmations it wants. `medledger up` writes
 it; an operator publishes it.
 """
 
@@ -51,6 +51,9 @@ class TrustPolicy:
     # C2SP note verifier keys that sign erasure certificates (records'); absent from policies
     # written before certificates were signed, which still load (and verify no certificate).
     erasure_certificate_keys: tuple[str, ...] = ()
+    # The ConsentRegistry on the same chain (`medledger verify consent`); empty in policies written
+    # before consents were verified, which still load.
+    consent_registry: str = ""
 
     def to_json(self) -> str:
         return (
@@ -63,6 +66,7 @@ class TrustPolicy:
                     "anchor_registry": self.anchor_registry,
                     "min_confirmations": self.min_confirmations,
                     "erasure_certificate_keys": list(self.erasure_certificate_keys),
+                    **({"consent_registry": self.consent_registry} if self.consent_registry else {}),
                 },
                 indent=2,
             )
@@ -81,6 +85,7 @@ class TrustPolicy:
                 min_confirmations=int(obj.get("min_confirmations", 1)),
                 version=int(obj.get("version", POLICY_VERSION)),
                 erasure_certificate_keys=tuple(str(k) for k in obj.get("erasure_certificate_keys", ())),
+                consent_registry=str(obj.get("consent_registry", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgument.field("trust_policy", f"missing or malformed field: {exc}") from None

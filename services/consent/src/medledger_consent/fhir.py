@@ -3,20 +3,18 @@ grantor can check a version against)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import rfc8785
 from fhir.resources.R4B.consent import Consent as FhirConsent
 from medledger.types.v1 import vocabulary_pb2
 from pydantic import ValidationError
 
 from medledger_consent import domain
+from medledger_verifier import commitments
 
-COMMITMENT_DOMAIN = b"medledger:consent:v1\n"
 _PURPOSE_CODES = {
     v.number: v.name.removeprefix("PURPOSE_OF_USE_") for v in vocabulary_pb2.PurposeOfUse.DESCRIPTOR.values if v.number
 }
@@ -110,7 +108,6 @@ def fhir_json(document: Mapping[str, Any]) -> str:
 
 
 def commitment(document: Mapping[str, Any], salt: bytes) -> str:
-    """SHA-256 over the domain tag, the salt and the RFC 8785 (JCS) form of the FHIR Consent."""
-    if len(salt) != domain.SALT_BYTES:
-        raise ValueError("the salt is 32 bytes")
-    return hashlib.sha256(COMMITMENT_DOMAIN + salt + rfc8785.dumps(dict(document))).hexdigest()
+    """SHA-256 over the domain tag, the salt and the RFC 8785 (JCS) form of the FHIR Consent: the
+    verifier's, so that the patient's check recomputes exactly what was recorded."""
+    return commitments.consent_commitment(document, salt)

@@ -8,8 +8,10 @@ tells the story, prints the table of every verification and exits 0 only if all 
 
 With ``--out DIR`` it writes the evidence a third party needs (see ``demo.OUT_FILES``): the
 record and its salt, the record's and the first disclosure's tlog-proofs with their entries and
-anchors, the log's Ed25519 verifier key, the trust policy and the erasure certificate (a signed
-note: ``medledger verify certificate DIR/erasure-certificate.note --trust DIR/trust.json``).
+anchors, the log's Ed25519 verifier key, the trust policy, the erasure certificate (a signed
+note: ``medledger verify certificate DIR/erasure-certificate.note --trust DIR/trust.json``) and
+the consent's grant and revocation with their salts (``medledger verify consent DIR/consent.json
+DIR/consent-revocation.json --trust DIR/trust.json --rpc URL --at TIME``).
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ OUT_FILES = (
     "log.vkey",
     "trust.json",
     "erasure-certificate.note",
+    "consent.json",
+    "consent.salt",
+    "consent-revocation.json",
+    "consent-revocation.salt",
 )
 
 
@@ -50,6 +54,9 @@ async def write_files(story: Story) -> None:
         "log.vkey": "".join(k + "\n" for k in ed25519).encode(),
         "trust.json": policy.to_json().encode(),
     }
+    for stem, document, salt in story.result.consent_documents:
+        files[f"{stem}.json"] = document
+        files[f"{stem}.salt"] = (salt + "\n").encode()
     if story.result.erasure_certificate:
         files["erasure-certificate.note"] = story.result.erasure_certificate.encode()
     for name, data in files.items():

@@ -30,6 +30,8 @@ class StoryResult:
     salt: str = ""
     record_proof: anchoring_pb.GetAnchoredProofResponse | None = None
     access_proof: anchoring_pb.GetAnchoredProofResponse | None = None
+    # The consent versions the patient holds: (file stem, FHIR Consent JSON, salt in hex).
+    consent_documents: list[tuple[str, bytes, str]] = field(default_factory=list)
     # The erasure certificate, a C2SP signed note.
     erasure_certificate: str = ""
     written: list[Path] = field(default_factory=list)

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from medledger.records.v1 import records_service_pb2 as records_pb
 
-from medledger_devstack.demo import care, erasure, evidence, proofs
+from medledger_devstack.demo import care, consent_proof, erasure, evidence, proofs
 from medledger_devstack.demo.narrator import Narrator, Outcome, StoryResult
 from medledger_devstack.demo.waiting import ANCHOR_WAIT_SECONDS, code_of
 from medledger_sdk.calls import RpcError
@@ -99,6 +99,7 @@ class Story:
             proofs.list_who_saw,
             proofs.prove_the_record,
             proofs.show_the_latest_anchor,
+            consent_proof.verify_the_consent,
             erasure.erase,
             evidence.write_files,
         )

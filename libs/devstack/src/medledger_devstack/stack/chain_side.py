@@ -178,12 +178,14 @@ async def publish_log(
         anchor_registry=deployment.anchor_registry,
         min_confirmations=MIN_CONFIRMATIONS,
         erasure_certificate_keys=certificate_keys,
+        consent_registry=deployment.consent_registry,
     )
     write_atomically(state.trust_policy_file, policy.to_json().encode())
     state.trust_policy_file.chmod(0o644)  # public: meant to be published
     print(
         f"  wrote the trust policy to {state.trust_policy_file}: log {origin!r} with {len(keys)} verifier "
-        f"key{'s' if len(keys) != 1 else ''}, AnchorRegistry {deployment.anchor_registry} on chain "
+        f"key{'s' if len(keys) != 1 else ''}, AnchorRegistry {deployment.anchor_registry} and ConsentRegistry "
+        f"{deployment.consent_registry} on chain "
         f"{deployment.chain_id}, {MIN_CONFIRMATIONS} confirmation{'s' if MIN_CONFIRMATIONS != 1 else ''}"
         + (f", erasure certificates signed by {certificate_keys[0]}" if certificate_keys else "")
     )

@@ -1,7 +1,9 @@
 """``medledger verify``: check an anchored proof as a third party, trusting only a trust policy
 and a chain RPC endpoint (``medledger_verifier.anchored_proofs.verify_anchored_proof``); and
 ``medledger verify certificate FILE``: check an erasure certificate's signature against the trust
-policy's certificate keys, offline, and say what it certifies.
+policy's certificate keys, offline, and say what it certifies; and ``medledger verify consent
+DOCUMENT...``: which version of a consent was in force at a time, from ConsentRegistry
+(``verify_consent``).
 
 Exit codes: 0 verified, 1 not verified, 2 a usage error or a file that cannot be read.
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medledger_sdk.cli.errors import CommandError
+from medledger_sdk.cli.verify_consent import run_consent
 from medledger_verifier import chain, notes
 from medledger_verifier.anchored_proofs import verify_anchored_proof
 from medledger_verifier.erasure_certificates import open_certificate
@@ -35,22 +38,45 @@ def register(subparsers: Any) -> None:
             "Verify that an entry of the transparency log (and, given the record and its salt, the record "
             "it commits to) is in a checkpoint signed by the log's keys and anchored on chain. Trusts only "
             "the trust policy and the chain behind --rpc. `verify certificate FILE --trust POLICY` checks an "
-            "erasure certificate offline. Exit 0 verified, 1 not verified, 2 usage error."
+            "erasure certificate offline. `verify consent DOCUMENT... --trust POLICY --rpc URL [--at TIME]` says "
+            "which of the consent versions given (FHIR Consent JSON, each with its salt) was in force at the time, "
+            "from ConsentRegistry. Exit 0 verified (in force), 1 not verified, 2 usage error."
         ),
     )
     parser.add_argument(
-        "proof", metavar="PROOF", help="the proof, <stem>.tlog-proof; or the word 'certificate' followed by FILE"
+        "proof",
+        metavar="PROOF",
+        help="the proof, <stem>.tlog-proof; or the word 'certificate' followed by FILE, or 'consent' followed by "
+        "DOCUMENT...",
     )
     parser.add_argument(
-        "certificate", metavar="FILE", nargs="?", help="with 'certificate': an erasure certificate (signed note)"
+        "files",
+        metavar="FILE",
+        nargs="*",
+        help="with 'certificate': an erasure certificate (signed note); with 'consent': the consent version "
+        "documents, as GetConsent returned them",
     )
     parser.add_argument("--trust", required=True, metavar="POLICY", help="the trust policy (JSON)")
     parser.add_argument("--rpc", metavar="URL", help="a JSON-RPC URL of the chain (proofs only)")
     parser.add_argument("--entry", metavar="FILE", help="the entry's bytes (default: <stem>.entry)")
     parser.add_argument("--anchor", metavar="FILE", help="the anchor (default: <stem>-anchor.json)")
     parser.add_argument("--record", metavar="FILE", help="the record as returned by GetRecord (needs --salt)")
-    parser.add_argument("--salt", metavar="HEX", help="the record version's salt, 64 hex digits (from its receipt)")
+    parser.add_argument(
+        "--salt",
+        metavar="HEX",
+        action="append",
+        help="the record version's salt, 64 hex digits (from its receipt); with 'consent', one per document in "
+        "order (default: <document stem>.salt beside each)",
+    )
     parser.add_argument("--media-type", metavar="TYPE", help="the record is a document of this media type")
+    parser.add_argument(
+        "--at", metavar="TIME", help="with 'consent': the time asked, RFC 3339 with its zone or Unix seconds (now)"
+    )
+    parser.add_argument(
+        "--consent-registry",
+        metavar="ADDRESS",
+        help="with 'consent': the ConsentRegistry (default: the trust policy's)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -99,11 +125,16 @@ def run_certificate(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.proof == "certificate":
-        if args.certificate is None:
+        if len(args.files) != 1:
             raise CommandError("usage: medledger verify certificate FILE --trust POLICY", USAGE)
+        args.certificate = args.files[0]
         return run_certificate(args)
-    if args.certificate is not None:
-        raise CommandError(f"one PROOF only, not {args.certificate}", USAGE)
+    if args.proof == "consent":
+        return run_consent(args, _policy(args.trust), args.files)
+    if args.files:
+        raise CommandError(f"one PROOF only, not {' '.join(args.files)}", USAGE)
+    if args.at is not None or args.consent_registry is not None:
+        raise CommandError("--at and --consent-registry go with 'consent'", USAGE)
     if args.rpc is None:
         raise CommandError("verifying a proof needs --rpc URL (the chain)", USAGE)
     proof_path = Path(args.proof)
@@ -116,7 +147,9 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--record and --salt go together", USAGE)
     if args.media_type is not None and args.record is None:
         raise CommandError("--media-type needs --record and --salt", USAGE)
-    salt = args.salt.removeprefix("0x") if args.salt is not None else None
+    if args.salt is not None and len(args.salt) != 1:
+        raise CommandError("one --salt with a record", USAGE)
+    salt = args.salt[0].removeprefix("0x") if args.salt is not None else None
     if salt is not None and (len(salt) != 64 or any(c not in string.hexdigits for c in salt)):
         raise CommandError("--salt is the 32-byte salt as 64 hex digits", USAGE)
     policy = _policy(args.trust)
