@@ -190,3 +190,27 @@ async def test_invalid_checks_and_guardianships_change_nothing(registered: World
     with pytest.raises(InvalidArgument):
         await w.consents.list(PATIENT, ListConsents(patient_id="pat_1", page_size=-1))
     assert await w.state() == before
+
+
+async def test_a_version_event_carries_what_the_rule_reads_of_the_version(registered: World) -> None:
+    """So that a decision can be replayed from the audit log alone: provision, coverage, period
+    and recording time are in the event (codes and times, no personal data beyond the subject)."""
+    w = registered
+    granted = await w.consents.grant(
+        PATIENT, grant_to(provision=domain.DENY, actions=(READ,), categories=(OBS,), purposes=())
+    )
+    revoked = await w.consents.revoke(PATIENT, RevokeConsent(granted.version.consent_id))
+    recorded = [p for _, kind, p in await w.events() if kind == "ConsentVersionRecorded"]
+    assert len(recorded) == 2
+    for event, version in zip(recorded, (granted.version, revoked.version), strict=True):
+        assert isinstance(event, ev.ConsentVersionRecorded)
+        assert (event.consent_id, event.version, event.commitment) == (
+            version.consent_id,
+            version.version,
+            version.commitment,
+        )
+        assert event.provision == "PROVISION_TYPE_DENY"
+        assert (list(event.actions), list(event.categories), list(event.purposes)) == ([READ], [OBS], [])
+        assert event.recorded_at.ToNanoseconds() / 1e9 == pytest.approx(version.recorded_at, abs=1e-6)
+        assert event.period_start.ToNanoseconds() / 1e9 == pytest.approx(version.period_start, abs=1e-6)
+    assert (recorded[0].revoked, recorded[1].revoked) == (False, True)

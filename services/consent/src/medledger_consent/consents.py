@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, overload
 
+from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.events.v1 import consent_events_pb2
 from medledger.types.v1 import vocabulary_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -178,6 +179,11 @@ class ConsentDesk:
                 commitment=v.commitment,
                 period_start=timestamp(v.period_start),
                 period_end=timestamp(v.period_end) if v.period_end is not None else None,
+                provision=pb.ProvisionType.Name(v.provision),  # type: ignore[arg-type]
+                actions=sorted(v.actions),  # type: ignore[arg-type]
+                categories=sorted(v.categories),  # type: ignore[arg-type]
+                purposes=sorted(v.purposes),  # type: ignore[arg-type]
+                recorded_at=timestamp(v.recorded_at),
             ),
             aggregate_id=v.consent_id,
             version=v.version,
