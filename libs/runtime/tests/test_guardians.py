@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from aiokafka import ConsumerRecord
 from google.protobuf import message as pb_message
+from google.protobuf.message import DecodeError
 from medledger.events.v1 import consent_events_pb2, identity_events_pb2
 from medledger.types.v1 import vocabulary_pb2
 
@@ -124,3 +125,14 @@ async def test_events_from_another_source_are_not_taken_for_consents_or_identity
 
 async def test_the_patient_is_not_their_own_guardian(db: Database) -> None:
     assert not await Guardians(db).acts_for(caller(PATIENT, "guardian"), PATIENT)
+
+
+async def test_a_payload_that_does_not_parse_is_raised_to_be_dead_lettered_whoever_claims_to_send_it(
+    db: Database,
+) -> None:
+    garbage = appointment(True, 1000, source="medledger.hostile")
+    assert garbage.event is not None
+    garbage.event.data.value = b"\x0a\xff\xff\xff\x0f"  # a length far past the end
+    with pytest.raises(DecodeError):
+        await GuardianshipProjection(db, "test")(garbage)
+    assert not await Guardians(db).acts_for(caller(GUARDIAN, "guardian"), PATIENT)

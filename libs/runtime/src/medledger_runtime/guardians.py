@@ -94,9 +94,13 @@ class GuardianshipProjection:
         event = message.event
         if event is None:
             return
-        if event.type == _CHANGED and event.source == "medledger.consent":
+        # Unpacked before the source is looked at: a payload that does not parse is dead-lettered
+        # (raised), whoever claims to have sent it.
+        if event.type == _CHANGED:
             changed = unpack(event, consent_events_pb2.GuardianshipChanged)
             assert isinstance(changed, consent_events_pb2.GuardianshipChanged)
+            if not self._from(event.source, "medledger.consent"):
+                return
             async with self.db.transaction() as conn:
                 await _upsert(
                     conn,
@@ -104,10 +108,10 @@ class GuardianshipProjection:
                     {"patient_id": changed.patient_id, "guardian_id": changed.guardian_id},
                     {"active": changed.active, "version": int(event.version)},
                 )
-        elif event.type == _ROLE_CHANGED and event.source == "medledger.identity":
+        elif event.type == _ROLE_CHANGED:
             role = unpack(event, identity_events_pb2.PrincipalRoleChanged)
             assert isinstance(role, identity_events_pb2.PrincipalRoleChanged)
-            if role.role != vocabulary_pb2.Role.ROLE_GUARDIAN:
+            if role.role != vocabulary_pb2.Role.ROLE_GUARDIAN or not self._from(event.source, "medledger.identity"):
                 return
             async with self.db.transaction() as conn:
                 await _upsert(
@@ -116,6 +120,13 @@ class GuardianshipProjection:
                     {"principal_id": role.principal_id},
                     {"held": role.granted, "version": int(event.version)},
                 )
+
+    def _from(self, source: str, owner: str) -> bool:
+        """Only the service that owns the fact is believed about it."""
+        if source == owner:
+            return True
+        log.warning("guardianship event ignored: not from its owner", extra={"source": source[:100]})
+        return False
 
 
 _g, _r = guardianships.c, guardian_roles.c
