@@ -35,6 +35,8 @@ ON_BEHALF_OF = "http://hl7.org/fhir/StructureDefinition/auditevent-OnBehalfOf"
 # The deactivation bound a removal is held to (README: p99 <= 1 s); polled up to POLL_LIMIT.
 BOUND_SECONDS = 1.0
 POLL_LIMIT = 5.0
+# Removals measured (each after a fresh appointment): the slowest of them is held to the bound.
+REMOVALS = 10
 OBSERVATION = json.dumps(
     {"resourceType": "Observation", "status": "final", "code": {"text": "heart rate"}, "valueQuantity": {"value": 72}}
 ).encode()
@@ -240,12 +242,19 @@ async def test_a_guardian_acts_for_the_patient_in_records_and_audit_until_remove
             acts[0]["subject"]
         }
 
-        # Removed: refused by records and audit once the event arrives, within the bound.
-        await as_patient["consent"].RemoveGuardian(
-            co_pb.RemoveGuardianRequest(request_id=rid(), patient_id=patient_id, guardian_id=guardian_id)
-        )
-        removal = await seconds_until_refused({"records": export, "audit": trail})
-        print(f"removal refused after: records {removal['records']:.3f} s, audit {removal['audit']:.3f} s")
+        # Removed: refused by records and audit once the event arrives, within the bound; measured
+        # over REMOVALS appointments and removals.
+        removals: dict[str, list[float]] = {"records": [], "audit": []}
+        for n in range(REMOVALS):
+            if n:
+                await appoint()
+            await as_patient["consent"].RemoveGuardian(
+                co_pb.RemoveGuardianRequest(request_id=rid(), patient_id=patient_id, guardian_id=guardian_id)
+            )
+            for service, took in (await seconds_until_refused({"records": export, "audit": trail})).items():
+                removals[service].append(took)
+        for service, times in removals.items():
+            print(f"removal refused by {service} after (s): {' '.join(f'{t:.3f}' for t in sorted(times))}")
 
         # Appointed again, then the role revoked: the token still carries the role, but the
         # revocation's event ends the guardianship in both services.
@@ -255,13 +264,14 @@ async def test_a_guardian_acts_for_the_patient_in_records_and_audit_until_remove
         )
         revocation = await seconds_until_refused({"records": export, "audit": trail})
         print(
-            f"role revocation refused after: records {revocation['records']:.3f} s, audit {revocation['audit']:.3f} s"
+            f"role revocation refused after (s): records {revocation['records']:.3f}, audit {revocation['audit']:.3f}"
         )
 
         slow = {
-            f"{what} {svc}": t
-            for what, d in (("removal", removal), ("revocation", revocation))
-            for svc, t in d.items()
+            f"{what} by {service}": round(t, 3)
+            for what, measured in (("removal", removals), ("revocation", {k: [v] for k, v in revocation.items()}))
+            for service, times in measured.items()
+            for t in times
             if t > BOUND_SECONDS
         }
         assert not slow, f"refused later than the {BOUND_SECONDS} s bound: {slow}"
