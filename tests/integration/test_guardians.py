@@ -191,6 +191,8 @@ async def test_a_guardian_acts_for_the_patient_in_records_and_audit_until_remove
         assert (
             await code_of(g_audit.ListEntries(au_pb.ListEntriesRequest(patient_id=other_id))) == CODE.PERMISSION_DENIED
         )
+        # A guardian who is not a patient names the patient they act for.
+        assert await code_of(g_audit.ListEntries(au_pb.ListEntriesRequest())) == CODE.INVALID_ARGUMENT
 
         # Erasure: requested and cancelled by the guardian for the patient.
         erasure = await g_records.RequestErasure(

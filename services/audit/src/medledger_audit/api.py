@@ -220,6 +220,8 @@ class AuditApi(pb_grpc.AuditServiceServicer):
             if patient_id and patient_id != caller.principal_id:
                 if not await self.guardians.acts_for(caller, patient_id):
                     raise PermissionDenied("a patient (or their guardian) reads their own entries only")
+            elif caller.kind != "patient":
+                raise InvalidArgument.field("patient_id", "required: the patient the guardian acts for")
             else:
                 patient_id = caller.principal_id
         actor_id = getattr(request, "actor_id", "")
