@@ -391,7 +391,26 @@ async def _populate(stack: Any) -> World:
             )
         )
         getattr(world, side).decision_id = decided.decision_id
+    await _guardian_known(world)
     return world
+
+
+async def _guardian_known(world: World) -> None:
+    """Records and audit learn the appointment from consent's event: wait until both serve the
+    guardian for the patient."""
+    records = world.stub("records", "guardian of the patient")
+    audit = world.stub("audit", "guardian of the patient")
+    patient = world.own.patient_id
+    deadline = time.monotonic() + 30
+    while True:
+        served = [
+            await outcome(records.ExportRecords(rec_pb.ExportRecordsRequest(patient_id=patient), timeout=10)),
+            await outcome(audit.ListEntries(au_pb.ListEntriesRequest(patient_id=patient, page_size=1), timeout=10)),
+        ]
+        if all(o.code == CODE.OK for o in served):
+            return
+        assert time.monotonic() < deadline, f"records and audit did not learn the guardian: {served}"
+        await asyncio.sleep(0.1)
 
 
 # -- requests ---------------------------------------------------------------------------------------
@@ -660,18 +679,32 @@ FINER: dict[tuple[str, str, str], tuple[grpc.StatusCode, grpc.StatusCode]] = {
     ("records", "GetRecord", "patient"): (_OK, _NF),  # another's record looks missing
     ("records", "GetRecord", "practitioner"): (_OK, _PD),
     ("records", "GetRecord", "researcher"): (_PD, _PD),  # consent is for research, not treatment
+    # A guardian acts for the patient who appointed them (no consent asked); for another patient
+    # they are whoever they are (here a researcher without that patient's consent).
+    ("records", "GetRecord", "guardian of the patient"): (_OK, _PD),
     ("records", "ListRecords", "patient"): (_OK, _PD),
+    ("records", "ListRecords", "guardian of the patient"): (_OK, _OK),  # the other's: an empty list
     ("records", "ExportRecords", "patient"): (_OK, _PD),
+    ("records", "ExportRecords", "guardian of the patient"): (_OK, _PD),
+    ("records", "ExportRecords", "guardian"): (_PD, _PD),  # the role, but nobody's guardian
     ("records", "RequestErasure", "patient"): (_FP, _PD),  # past the rule, the legal hold refuses
+    ("records", "RequestErasure", "guardian of the patient"): (_FP, _PD),
+    ("records", "RequestErasure", "guardian"): (_PD, _PD),
     ("records", "RequestErasure", "admin"): (_FP, _FP),
     ("records", "GetErasure", "patient"): (_OK, _NF),
+    ("records", "GetErasure", "guardian of the patient"): (_OK, _NF),
+    ("records", "GetErasure", "guardian"): (_NF, _NF),
     ("records", "GetErasure", "privacy-officer"): (_OK, _OK),
     ("records", "CancelErasure", "patient"): (_OK, _NF),
+    ("records", "CancelErasure", "guardian of the patient"): (_OK, _NF),  # cancelled already: as it is
     ("records", "ApproveErasure", "privacy-officer"): (_FP, _FP),  # held
     # audit: a patient their own entries; auditors all.
     ("audit", "ListEntries", "patient"): (_OK, _PD),
+    ("audit", "ListEntries", "guardian of the patient"): (_OK, _PD),
+    ("audit", "ListEntries", "guardian"): (_PD, _PD),
     ("audit", "ListEntries", "auditor"): (_OK, _OK),
     ("audit", "ExportAuditEvents", "patient"): (_OK, _PD),
+    ("audit", "ExportAuditEvents", "guardian of the patient"): (_OK, _PD),
     ("audit", "ExportAuditEvents", "auditor"): (_OK, _OK),
 }
 
@@ -713,6 +746,13 @@ async def test_listings_hold_only_what_the_caller_may_see(world: World) -> None:
     patient = world.stub("records", "patient")
     mine = await patient.ListRecords(rec_pb.ListRecordsRequest(patient_id=world.own.patient_id))
     assert {r.patient_id for r in mine.records} == {world.own.patient_id}
+    # The patient's guardian lists what the patient does, without a purpose or consent; for the
+    # other patient, only what consent lets them (nothing).
+    guardian = world.stub("records", "guardian of the patient")
+    theirs = await guardian.ListRecords(rec_pb.ListRecordsRequest(patient_id=world.own.patient_id))
+    assert {r.record_id for r in theirs.records} == {r.record_id for r in mine.records} and not theirs.decision_ids
+    other = await guardian.ListRecords(rec_pb.ListRecordsRequest(patient_id=world.other.patient_id, purpose=TREAT))
+    assert list(other.records) == []
 
 
 async def test_finer_rules_keep_organization_roles_to_their_own_organization(world: World) -> None:

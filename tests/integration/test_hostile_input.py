@@ -879,8 +879,16 @@ async def test_oversize_messages_are_refused_and_store_nothing(world: World) -> 
 UNDECODABLE = b"\x0a\xff\xff\xff\x0f"  # field 1, length-delimited, a length far past the end
 # The payload types each topic's consumers act on, each sent with a payload that does not parse.
 GARBAGE_TYPES: dict[str, tuple[Any, ...]] = {
-    TOPICS["identity"]: (identity_events_pb2.PrincipalDeactivated, records_events_pb2.PatientKeysDestroyed),
-    TOPICS["consent"]: (consent_events_pb2.ConsentVersionRecorded, records_events_pb2.PatientKeysDestroyed),
+    TOPICS["identity"]: (
+        identity_events_pb2.PrincipalDeactivated,
+        records_events_pb2.PatientKeysDestroyed,
+        identity_events_pb2.PrincipalRoleChanged,
+    ),
+    TOPICS["consent"]: (
+        consent_events_pb2.ConsentVersionRecorded,
+        records_events_pb2.PatientKeysDestroyed,
+        consent_events_pb2.GuardianshipChanged,
+    ),
     TOPICS["consent.decisions"]: (consent_events_pb2.ConsentDecisionRecorded,),
     TOPICS["notifications"]: (notification_events_pb2.NotificationRequested,),
     TOPICS["records"]: (records_events_pb2.PatientKeysErasureRequested, records_events_pb2.PatientRecordsErased),
@@ -889,11 +897,14 @@ GARBAGE_TYPES: dict[str, tuple[Any, ...]] = {
 }
 # A topic's first garbage type is acted on by every consumer of the topic that dead-letters but
 # those that act on a later type alone (records' erasure confirmations, on the participants'
-# topics; consent's backfill of erasures completed before it took part, on records'); a later
-# type only by those.
+# topics; consent's backfill of erasures completed before it took part, on records'; records' and
+# audit's guardianships, on consent's and identity's); a later type only by those.
+GUARDIANSHIPS = {"records.guardianships", "audit.guardianships"}
 ONLY_BY = {
     records_events_pb2.PatientKeysDestroyed.DESCRIPTOR.full_name: {"records.erasure-confirmations"},
     records_events_pb2.PatientRecordsErased.DESCRIPTOR.full_name: {"consent.erasure-backfill"},
+    consent_events_pb2.GuardianshipChanged.DESCRIPTOR.full_name: GUARDIANSHIPS,
+    identity_events_pb2.PrincipalRoleChanged.DESCRIPTOR.full_name: GUARDIANSHIPS,
 }
 
 
@@ -1045,7 +1056,8 @@ async def test_malformed_kafka_messages_are_dead_lettered_and_logged_as_unproces
 
     # Every kind of consumer is among them: each service's deactivation listener, consent's
     # directory and index, identity's and consent's erasures, records' erasure confirmations,
-    # consent's erasure backfill, anchoring's checkpoints and consents.
+    # consent's erasure backfill, anchoring's checkpoints and consents, records' and audit's
+    # guardianships.
     groups = {g for _, _, g in expected}
     assert {
         *(f"{n}.deactivations" for n in SERVICE_NAMES),
@@ -1057,6 +1069,7 @@ async def test_malformed_kafka_messages_are_dead_lettered_and_logged_as_unproces
         "consent.erasure-backfill",
         "anchoring.checkpoints",
         "anchoring.consents",
+        *GUARDIANSHIPS,
     } <= groups, groups
 
     async def dead_lettered() -> set[tuple[str, int, str]]:

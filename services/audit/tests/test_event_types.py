@@ -390,3 +390,13 @@ def test_a_message_taking_another_types_entry_type_is_refused() -> None:
         event_types.by_event_type("medledger.testing.v1.RecordStoredAgain")
     known = event_types.by_entry_type("record.stored")
     assert known is not None and known.full_name == "medledger.events.v1.RecordStored"
+
+
+def test_the_acts_a_guardian_does_for_the_patient_name_the_patient_on_behalf_of_and_nothing_else_does() -> None:
+    """A guardian's reads, listings, exports and erasure requests carry the patient they acted for
+    in a field of kind ACTOR_ON_BEHALF_OF: neither the agent nor a field the log finds actors by."""
+    guardian_acts = {"record.disclosed", "records.listed", "erasure.requested", "erasure.cancelled"}
+    for known in event_types.known():
+        expected = ("on_behalf_of",) if known.entry_type in guardian_acts else ()
+        assert known.on_behalf_of_fields == expected, known.entry_type
+        assert "on_behalf_of" not in known.agent_fields + known.actor_fields

@@ -64,3 +64,24 @@ def test_a_bundle_of_audit_events_validates() -> None:
     ]
     bundle = Bundle.model_validate(fhir_audit.audit_event_bundle(events))
     assert len(bundle.entry) == len(entries.ENTRY_TYPES)
+
+
+def test_a_guardians_act_names_the_guardian_as_agent_on_behalf_of_the_patient_by_subject() -> None:
+    entry, data = entry_of(
+        "medledger.events.v1.RecordDisclosed", actor_id="prn_guardian", record_id="rec_1", on_behalf_of=PATIENT
+    )
+    assert entry["on_behalf_of"] == "@subject" and PATIENT.encode() not in data
+    resource = fhir_audit.audit_event(entry, index=3, leaf_hash_hex=tlog.leaf_hash(data).hex())
+    parsed = AuditEvent.model_validate(resource)
+    (agent,) = parsed.agent
+    assert agent.who.identifier.value == "prn_guardian"
+    (on_behalf_of,) = agent.extension
+    assert on_behalf_of.url == "http://hl7.org/fhir/StructureDefinition/auditevent-OnBehalfOf"
+    assert on_behalf_of.valueReference.identifier.value == "vault:v1:aGFzaA==" == entry["subject"]
+    assert PATIENT not in json.dumps(resource)
+    # The type and coding stay those of every disclosure.
+    assert (parsed.type.code, parsed.action, parsed.subtype[0].code) == ("110110", "R", "record.disclosed")
+    # Without a guardian, no onBehalfOf.
+    own, _ = entry_of("medledger.events.v1.RecordDisclosed", actor_id="prn_7", record_id="rec_1")
+    assert "on_behalf_of" not in own
+    assert "extension" not in fhir_audit.audit_event(own, index=4, leaf_hash_hex="00")["agent"][0]

@@ -43,7 +43,8 @@ async def test_migration_3_upgrades_erasures_of_an_earlier_release(database_url:
                     key_versions="1,2",
                 )
             )
-        assert await db.migrate("records", storage.MIGRATIONS) == [
+        # Up to migration 3, the step under test (later steps add tables of their own).
+        assert await db.migrate("records", storage.MIGRATIONS[:3]) == [
             "records 3 erasure participants, their confirmations and signed certificates"
         ]
         async with db.transaction() as conn:

@@ -2,7 +2,8 @@
 
 Checkpoints, verifier keys and proofs are public: anyone may verify the log. Entries are read by
 the patient they are about (found through their `subject`, the HMAC under the patient's audit
-key) and by auditors. Proofs are computed from the stored tiles (one read per proof).
+key), by a guardian the patient appointed (holding the role) for them, and by auditors. Proofs
+are computed from the stored tiles (one read per proof).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from medledger_audit.entries import REDACTION, EntryDraft, redaction_entry, subj
 from medledger_audit.sequencer import Sequencer
 from medledger_runtime.auth import Access, Caller, current_caller
 from medledger_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from medledger_runtime.guardians import Guardians
 from medledger_runtime.idempotency import check_request_id
 from medledger_runtime.service import ServiceRuntime
 from medledger_runtime.timestamps import seconds
@@ -43,8 +45,8 @@ PUBLIC_METHODS: tuple[str, ...] = tuple(
 ACCESS: dict[str, Access] = {
     # Whoever holds a receipt's commitment finds its entry.
     _SERVICE + "FindCommitment": Access(),
-    _SERVICE + "ListEntries": Access.of(kinds=["patient"], roles=["auditor"]),
-    _SERVICE + "ExportAuditEvents": Access.of(kinds=["patient"], roles=["auditor"]),
+    _SERVICE + "ListEntries": Access.of(kinds=["patient"], roles=["auditor", "guardian"]),
+    _SERVICE + "ExportAuditEvents": Access.of(kinds=["patient"], roles=["auditor", "guardian"]),
     _SERVICE + "RedactEntry": Access.of(roles=["privacy-officer"]),
 }
 MAX_REASON = 500
@@ -66,8 +68,11 @@ def _log_entry(row: Any, redacted_leaf: bytes = b"") -> pb.LogEntry:
 
 
 class AuditApi(pb_grpc.AuditServiceServicer):
-    def __init__(self, runtime: ServiceRuntime, checkpointer: Checkpointer, sequencer: Sequencer) -> None:
+    def __init__(
+        self, runtime: ServiceRuntime, checkpointer: Checkpointer, sequencer: Sequencer, guardians: Guardians
+    ) -> None:
         self.rt = runtime
+        self.guardians = guardians
         self.checkpointer = checkpointer
         self.sequencer = sequencer
         self.tiles = tile_store.DatabaseTiles(runtime.db)
@@ -210,10 +215,15 @@ class AuditApi(pb_grpc.AuditServiceServicer):
         auditor = caller.has_role("auditor")
         patient_id = request.patient_id
         if not auditor:
-            # A patient reads the entries about themselves, and only those.
+            # A patient reads the entries about themselves, and only those; their guardian reads
+            # them for the patient, naming the patient.
             if patient_id and patient_id != caller.principal_id:
-                raise PermissionDenied("a patient reads their own entries only")
-            patient_id = caller.principal_id
+                if not await self.guardians.acts_for(caller, patient_id):
+                    raise PermissionDenied("a patient (or their guardian) reads their own entries only")
+            elif caller.kind != "patient":
+                raise InvalidArgument.field("patient_id", "required: the patient the guardian acts for")
+            else:
+                patient_id = caller.principal_id
         actor_id = getattr(request, "actor_id", "")
         record_id = getattr(request, "record_id", "")
         if sum(bool(x) for x in (request.patient_id, actor_id, record_id)) > 1:

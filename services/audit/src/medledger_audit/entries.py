@@ -401,6 +401,9 @@ def schema_markdown() -> str:
             if f.name in patient_ids:
                 described.append(f"(`{f.name}` → `subject`)")
                 continue
+            if f.name in known.on_behalf_of_fields:
+                described.append(f'`{f.name}` "{SUBJECT_ITSELF}" when a guardian acted for the patient')
+                continue
             if f.type == FieldDescriptor.TYPE_MESSAGE:
                 timestamp = f.message_type is not None and f.message_type.full_name == "google.protobuf.Timestamp"
                 kind = "string (RFC 3339)" if timestamp else "object"

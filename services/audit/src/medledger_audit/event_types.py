@@ -78,6 +78,10 @@ class EventType:
     # The fields the log finds an entry by as its actor, in order of preference: who did it, then
     # the grantee.
     actor_fields: tuple[str, ...]
+    # The fields naming the patient for whom the actor acted (a guardian's patient): the
+    # AuditEvent agent's onBehalfOf (extension). In an entry they read "@subject", as the patient's id does
+    # wherever it stands.
+    on_behalf_of_fields: tuple[str, ...]
     # Its fields naming the patient (`personal_fields` of its message), kept here because every
     # event drafted needs them.
     personal: PersonalFields
@@ -164,6 +168,7 @@ def _register(descriptor: Descriptor) -> EventType | None:
         audit_event=AuditEventCoding(coding.type_code, coding.type_display, coding.action, coding.outcome or "0"),
         agent_fields=(*acting, *roles.get(options_pb2.ACTOR_ACTED_UPON, [])),
         actor_fields=(*acting, *roles.get(options_pb2.ACTOR_GRANTEE, [])),
+        on_behalf_of_fields=tuple(roles.get(options_pb2.ACTOR_ON_BEHALF_OF, [])),
         personal=personal_fields(descriptor),
     )
     _BY_EVENT[event_type.full_name] = event_type

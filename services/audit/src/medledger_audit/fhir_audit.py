@@ -4,10 +4,12 @@ Each entry maps to one AuditEvent: `type` is the DICOM audit event type closest 
 and `subtype` the entry type itself (system `urn:medledger:audit-entry-type`); `action`
 C/R/U/D/E; `recorded` is the entry's integrated time; `outcome` 0 (success) or 4 (minor failure:
 an access denied); `purposeOfEvent` the HL7 v3 purpose of use; `agent` the principal who acted,
-by medledger id; `source.observer` the service that emitted the event; `entity` the records,
-consents, accesses and erasures concerned, and the entry's `subject` (the HMAC standing for the
-patient, never the patient id). The entry's index in the log and its leaf hash go in an entity
-too, so each AuditEvent points back to what proves it.
+by medledger id, and when a guardian acted for the patient, the patient as the agent's
+onBehalfOf (HL7's `auditevent-OnBehalfOf` extension; by the entry's `subject`, as in the
+entity); `source.observer` the service that emitted the event; `entity` the records, consents,
+accesses and erasures concerned, and the entry's `subject` (the HMAC standing for the patient,
+never the patient id). The entry's index in the log and its leaf hash go in an entity too, so
+each AuditEvent points back to what proves it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from medledger_audit import event_types
+from medledger_audit.entries import SUBJECT_ITSELF
 
 _DCM = "http://dicom.nema.org/resources/ontology/DCM"
 _PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
@@ -22,6 +25,7 @@ _ENTRY_TYPE_SYSTEM = "urn:medledger:audit-entry-type"
 _PRINCIPAL_SYSTEM = "urn:medledger:principal"
 _SUBJECT_SYSTEM = "urn:medledger:audit-subject"
 _LOG_SYSTEM = "urn:medledger:audit-log-entry"
+_ON_BEHALF_OF_EXTENSION = "http://hl7.org/fhir/StructureDefinition/auditevent-OnBehalfOf"
 
 # DICOM (DCM) audit event types of the log's own entries; an event's entry type has its coding
 # from its payload message's options (`event_types`).
@@ -60,7 +64,9 @@ def audit_event(entry: dict[str, Any], *, index: int, leaf_hash_hex: str, source
         coding = event_type.audit_event
         code, display, action, outcome = coding.type_code, coding.type_display, coding.action, coding.outcome
         agent_fields = event_type.agent_fields
+        on_behalf_of_fields = event_type.on_behalf_of_fields
     else:
+        on_behalf_of_fields = ()
         (code, display), action, agent_fields = _OWN.get(entry_type, _OTHER)
         outcome = "0"
     actor = next((entry[f] for f in agent_fields if isinstance(entry.get(f), str) and entry[f]), None)
@@ -69,6 +75,11 @@ def audit_event(entry: dict[str, Any], *, index: int, leaf_hash_hex: str, source
         agent["who"] = {"identifier": {"system": _PRINCIPAL_SYSTEM, "value": actor}}
     else:
         agent["who"] = {"display": "medledger"}
+    # The entry names the patient acted for only as "@subject": its keyed hash stands for them.
+    # R4's agent has no onBehalfOf element: HL7's extension for it carries the reference.
+    if entry.get("subject") and any(entry.get(f) == SUBJECT_ITSELF for f in on_behalf_of_fields):
+        patient = {"type": "Patient", "identifier": {"system": _SUBJECT_SYSTEM, "value": str(entry["subject"])}}
+        agent["extension"] = [{"url": _ON_BEHALF_OF_EXTENSION, "valueReference": patient}]
     purpose = entry.get("purpose")
     if isinstance(purpose, str) and purpose.startswith("PURPOSE_OF_USE_"):
         agent["purposeOfUse"] = [{"coding": [_coding(_PURPOSE_SYSTEM, purpose.removeprefix("PURPOSE_OF_USE_"))]}]

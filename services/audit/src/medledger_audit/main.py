@@ -14,11 +14,13 @@ from medledger_audit.http import TilesHttp
 from medledger_audit.sequencer import Sequencer
 from medledger_audit.storage import MIGRATIONS
 from medledger_audit.verify import IncrementalVerifier
+from medledger_runtime.guardians import Guardians, GuardianshipProjection
 from medledger_runtime.parts import ServiceParts
 from medledger_runtime.service import ServiceRuntime, run_service
 from medledger_runtime.settings import load_settings_or_exit
 
 NAME = "audit"
+GUARDIANSHIP_CONSUMER = "audit.guardianships"
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,8 @@ def build(runtime: ServiceRuntime[AuditParts]) -> ServiceParts[AuditParts]:
         producer=runtime.producer,
         batch_max=settings.append_batch_max,
     )
-    api = AuditApi(runtime, checkpointer, sequencer)
+    # Guardians read the patient's trail: consent's guardianships, kept here by their events.
+    api = AuditApi(runtime, checkpointer, sequencer, Guardians(runtime.db))
     tiles_http = TilesHttp(runtime, checkpointer)
     verifier = IncrementalVerifier(
         runtime.db, checkpointer, interval=settings.verify_interval_seconds, origin=settings.log_origin
@@ -69,6 +72,7 @@ def build(runtime: ServiceRuntime[AuditParts]) -> ServiceParts[AuditParts]:
         ),
         public_methods=PUBLIC_METHODS,
         http_routes=tiles_http.routes(),
+        consumers=[GuardianshipProjection(runtime.db, GUARDIANSHIP_CONSUMER).consumer()],
         # The signing keys and the last signed checkpoint, before anything is appended or served.
         on_start=[checkpointer.start],
         background=[consumer.run_until_cancelled, checkpointer.run, verifier.run],

@@ -41,6 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from medledger_runtime import guardians
 from medledger_runtime.db import Migration
 from medledger_runtime.errors import DataLoss
 from medledger_verifier import tlog
@@ -112,6 +113,7 @@ async def _create_log_tables(conn: AsyncConnection) -> None:
 
 MIGRATIONS: list[Migration] = [
     Migration(1, "entries, tiles, side lists, checkpoints and the log's state", _create_log_tables),
+    guardians.migration(2),
 ]
 
 

@@ -54,14 +54,16 @@ PUBLIC_METHODS: tuple[str, ...] = (_SERVICE + "GetErasureVerifierKey",)
 # The coarse table; keep it equal to services/records/README.md (a test compares them).
 ACCESS: dict[str, Access] = {
     _SERVICE + "PutRecord": Access.of(kinds=["practitioner", "patient"]),
-    _SERVICE + "GetRecord": Access.of(kinds=["practitioner", "patient", "researcher"]),
-    _SERVICE + "ListRecords": Access.of(kinds=["practitioner", "patient", "researcher"]),
-    _SERVICE + "ExportRecords": Access.of(kinds=["patient"]),
+    # A guardian (holding the role) acts for the patients who appointed them: the finer rules
+    # ask the guardianships records keeps from consent's events.
+    _SERVICE + "GetRecord": Access.of(kinds=["practitioner", "patient", "researcher"], roles=["guardian"]),
+    _SERVICE + "ListRecords": Access.of(kinds=["practitioner", "patient", "researcher"], roles=["guardian"]),
+    _SERVICE + "ExportRecords": Access.of(kinds=["patient"], roles=["guardian"]),
     _SERVICE + "RotatePatientKey": Access.of(roles=["admin"]),
-    _SERVICE + "RequestErasure": Access.of(kinds=["patient"], roles=["admin"]),
+    _SERVICE + "RequestErasure": Access.of(kinds=["patient"], roles=["admin", "guardian"]),
     _SERVICE + "ApproveErasure": Access.of(roles=["privacy-officer"]),
-    _SERVICE + "CancelErasure": Access.of(kinds=["patient"], roles=["admin", "privacy-officer"]),
-    _SERVICE + "GetErasure": Access.of(kinds=["patient"], roles=["admin", "privacy-officer"]),
+    _SERVICE + "CancelErasure": Access.of(kinds=["patient"], roles=["admin", "privacy-officer", "guardian"]),
+    _SERVICE + "GetErasure": Access.of(kinds=["patient"], roles=["admin", "privacy-officer", "guardian"]),
     _SERVICE + "PlaceLegalHold": Access.of(roles=["admin", "privacy-officer"]),
     _SERVICE + "ReleaseLegalHold": Access.of(roles=["admin", "privacy-officer"]),
 }

@@ -207,6 +207,8 @@ def page_position(token: str) -> tuple[float, str]:
 
 
 # Who may do what without asking consent. Each returns whether consent must be asked, or refuses.
+# `guardian` says the caller is a guardian the patient appointed, holding the role: they act for
+# the patient, so they read, list and export as the patient would (no consent asked).
 
 
 def write_needs_consent(caller: Caller, patient_id: str) -> bool:
@@ -218,10 +220,10 @@ def write_needs_consent(caller: Caller, patient_id: str) -> bool:
     return True
 
 
-def read_needs_consent(caller: Caller, patient_id: str, purpose: int) -> bool:
-    """A patient reads their own records; another patient's are as missing ones (NotFound);
-    anyone else names a purpose and asks consent."""
-    if caller.principal_id == patient_id:
+def read_needs_consent(caller: Caller, patient_id: str, purpose: int, *, guardian: bool = False) -> bool:
+    """A patient (or their guardian) reads their own records; another patient's are as missing
+    ones (NotFound); anyone else names a purpose and asks consent."""
+    if caller.principal_id == patient_id or guardian:
         return False
     if caller.kind == "patient":
         raise NotFound("no such record")  # another patient's: the same answer as a missing one
@@ -230,10 +232,10 @@ def read_needs_consent(caller: Caller, patient_id: str, purpose: int) -> bool:
     return True
 
 
-def list_needs_consent(caller: Caller, patient_id: str, purpose: int) -> bool:
-    """A patient lists their own records; anyone else but a patient names a purpose and asks
-    consent (one question per category)."""
-    if caller.principal_id == patient_id:
+def list_needs_consent(caller: Caller, patient_id: str, purpose: int, *, guardian: bool = False) -> bool:
+    """A patient (or their guardian) lists their own records; anyone else but a patient names a
+    purpose and asks consent (one question per category)."""
+    if caller.principal_id == patient_id or guardian:
         return False
     if caller.kind == "patient":
         raise PermissionDenied("a patient lists their own records only")
@@ -242,10 +244,17 @@ def list_needs_consent(caller: Caller, patient_id: str, purpose: int) -> bool:
     return True
 
 
-def check_export(caller: Caller, patient_id: str) -> None:
-    """Only the patient exports their records: no consent covers an export."""
-    if caller.principal_id != patient_id:
-        raise PermissionDenied("a patient exports their own records only")
+def check_export(caller: Caller, patient_id: str, *, guardian: bool = False) -> None:
+    """Only the patient (or their guardian, for them) exports their records: no consent covers an
+    export."""
+    if caller.principal_id != patient_id and not guardian:
+        raise PermissionDenied("a patient (or their guardian) exports their own records only")
+
+
+def on_behalf_of(caller: Caller, patient_id: str, guardian: bool) -> str:
+    """What an event names as the patient a guardian acted for: the patient when the caller acted
+    as their guardian, else nothing."""
+    return patient_id if guardian and caller.principal_id != patient_id else ""
 
 
 def export_resource(media_type: str, content: bytes) -> dict[str, Any]:

@@ -1,16 +1,18 @@
 """Erasure's use cases, apart from any transport (the gRPC API in ``api.py`` is one caller of
 these): a patient's records erased on request, approved, held or cancelled.
 
-A patient (or an admin) asks. The erasure is pending until a privacy officer other than the
-requester approves it, or until its grace period passes; it never starts while a legal hold is
-in force, and the patient, an admin or a privacy officer may cancel it while it is pending.
-Running it, crypto-shredding the patient's keys in every participant and issuing the signed
-certificate, is :class:`erasure_runner.ErasureRunner`'s (the protocol's steps are described
-there); the certificate is built in ``erasure_certificates.py``.
+A patient, their guardian (for them) or an admin asks. The erasure is pending until a privacy
+officer other than the requester approves it, or until its grace period passes; it never starts
+while a legal hold is in force, and the patient, an admin or a privacy officer may cancel it
+while it is pending. Running it, crypto-shredding the patient's keys in every participant and
+issuing the signed certificate, is :class:`erasure_runner.ErasureRunner`'s (the protocol's steps
+are described there); the certificate is built in ``erasure_certificates.py``.
 
 Each use case takes the caller and a command of plain values and returns plain results or
 raises the errors of ``medledger_runtime.errors``. Someone else's erasure looks like a missing
-one to a patient (NotFound).
+one to a patient (NotFound). A guardian the patient appointed (holding the role) requests,
+follows and cancels the patient's erasure as the patient would; its events name the guardian as
+who acted and the patient in `on_behalf_of`.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from medledger_runtime.errors import (
     NotFound,
     PermissionDenied,
 )
+from medledger_runtime.guardians import Guardians
 from medledger_runtime.timestamps import timestamp
 
 log = logging.getLogger(__name__)
@@ -103,6 +106,7 @@ class ErasureDesk:
         *,
         grace_seconds: float,
         source: str = "medledger.records",
+        guardians: Guardians | None = None,
     ) -> None:
         self.db = db
         self.runner = runner
@@ -110,6 +114,11 @@ class ErasureDesk:
         self.notify = notify
         self.grace_seconds = grace_seconds
         self.source = source
+        # Who acts for a patient (consent's guardianships, projected); None: nobody does.
+        self.guardians = guardians
+
+    async def _guardian_of(self, caller: Caller, patient_id: str) -> bool:
+        return self.guardians is not None and await self.guardians.acts_for(caller, patient_id)
 
     async def verifier_key(self) -> str:
         """The C2SP verifier key of erasure certificates (public: for the trust policy)."""
@@ -131,8 +140,9 @@ class ErasureDesk:
             raise InvalidArgument.field("patient_id", "required")
         if len(command.reason) > MAX_REASON:
             raise InvalidArgument.field("reason", f"at most {MAX_REASON} characters")
-        if caller.principal_id != command.patient_id and not _is_admin(caller):
-            raise PermissionDenied("a patient asks to erase their own records only")
+        guardian = await self._guardian_of(caller, command.patient_id)
+        if caller.principal_id != command.patient_id and not guardian and not _is_admin(caller):
+            raise PermissionDenied("a patient (or their guardian) asks to erase their own records only")
 
         async def write(conn: AsyncConnection) -> erasure_storage.ErasureRow:
             await storage.lock_patient(conn, command.patient_id, exclusive=True)
@@ -161,6 +171,7 @@ class ErasureDesk:
                 patient_id=row.patient_id,
                 requested_by=row.requested_by,
                 runs_after=timestamp(row.runs_after),
+                on_behalf_of=row.patient_id if guardian and caller.principal_id != row.patient_id else "",
             )
             await emit(conn, self.source, row.patient_id, row.erasure_id, payload)
             return row
@@ -206,8 +217,12 @@ class ErasureDesk:
                 return ErasureView(row)
             if not await erasure_storage.set_erasure_state(conn, erasure_id, PENDING, state=CANCELLED):
                 raise FailedPrecondition(f"the erasure is {state_name(row.state)}, not pending")
+            guardian = await self._guardian_of(caller, row.patient_id)
             payload = ev.ErasureCancelled(
-                erasure_id=erasure_id, patient_id=row.patient_id, cancelled_by=caller.principal_id
+                erasure_id=erasure_id,
+                patient_id=row.patient_id,
+                cancelled_by=caller.principal_id,
+                on_behalf_of=row.patient_id if guardian else "",
             )
             await emit(conn, self.source, row.patient_id, erasure_id, payload)
             row = await self._find(conn, erasure_id, caller)
@@ -273,7 +288,12 @@ class ErasureDesk:
     async def _find(self, conn: AsyncConnection, erasure_id: str, caller: Caller) -> erasure_storage.ErasureRow:
         row = await erasure_storage.get_erasure(conn, erasure_id)
         # Someone else's erasure looks like a missing one to a patient.
-        if row is None or not (caller.principal_id == row.patient_id or _is_admin(caller) or _is_officer(caller)):
+        if row is None or not (
+            caller.principal_id == row.patient_id
+            or _is_admin(caller)
+            or _is_officer(caller)
+            or await self._guardian_of(caller, row.patient_id)
+        ):
             raise NotFound("no such erasure")
         return row
 

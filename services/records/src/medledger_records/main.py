@@ -23,12 +23,14 @@ from medledger_records.storage import MIGRATIONS
 from medledger_runtime.events import TOPICS
 from medledger_runtime.group_commit import OutboxGroupCommit
 from medledger_runtime.grpc_client import service_channel
+from medledger_runtime.guardians import Guardians, GuardianshipProjection
 from medledger_runtime.parts import ConsumerSpec, ServiceParts
 from medledger_runtime.service import ServiceRuntime, run_service
 from medledger_runtime.settings import load_settings_or_exit
 from medledger_sdk.identity_link import BearerTokenInterceptor
 
 NAME = "records"
+GUARDIANSHIP_CONSUMER = "records.guardianships"
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,15 @@ def build(runtime: ServiceRuntime[RecordsParts]) -> ServiceParts[RecordsParts]:
         participants=settings.participants,
         source=runtime.source,
     )
+    # Guardians act for the patient: consent's guardianships, kept here by their events.
+    guardians = Guardians(runtime.db)
     erasures = ErasureDesk(
-        runtime.db, runner, runtime.relay.notify, grace_seconds=settings.erasure_grace_seconds, source=runtime.source
+        runtime.db,
+        runner,
+        runtime.relay.notify,
+        grace_seconds=settings.erasure_grace_seconds,
+        source=runtime.source,
+        guardians=guardians,
     )
     disclosures = OutboxGroupCommit(runtime.db, what="the disclosure")
     disclosures.after_commit = runtime.relay.notify
@@ -91,6 +100,7 @@ def build(runtime: ServiceRuntime[RecordsParts]) -> ServiceParts[RecordsParts]:
         runtime.relay.notify,
         source=runtime.source,
         legacy_keys=runtime.legacy_keys,
+        guardians=guardians,
     )
     api = RecordsApi(runtime, keys, records, erasures)
     on_stop = [consent_channel.close, disclosures.close]
@@ -106,7 +116,8 @@ def build(runtime: ServiceRuntime[RecordsParts]) -> ServiceParts[RecordsParts]:
                 group_id=CONFIRMATION_CONSUMER,
                 handler=ErasureConfirmationHandler(runner),
                 topics=[TOPICS["identity"], TOPICS["consent"]],
-            )
+            ),
+            GuardianshipProjection(runtime.db, GUARDIANSHIP_CONSUMER).consumer(),
         ],
         on_start=[runner.start],
         background=[

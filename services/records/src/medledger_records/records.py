@@ -42,6 +42,7 @@ from medledger_runtime.db import Database
 from medledger_runtime.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from medledger_runtime.events import TOPICS, Event, new_event
 from medledger_runtime.group_commit import OutboxGroupCommit
+from medledger_runtime.guardians import Guardians
 from medledger_runtime.keys import LEGACY_PATIENT_KEY_PREFIX, KeyManager, KeyType, patient_key_name
 from medledger_runtime.outbox import enqueue
 from medledger_runtime.settings import ConfigError
@@ -89,6 +90,7 @@ class RecordDesk:
         *,
         source: str = "medledger.records",
         legacy_keys: Callable[[], KeyManager] | None = None,
+        guardians: Guardians | None = None,
     ) -> None:
         self.db = db
         self.keys = keys
@@ -100,6 +102,11 @@ class RecordDesk:
         self.notify = notify
         self.source = source
         self.legacy_keys = legacy_keys
+        # Who acts for a patient (consent's guardianships, projected); None: nobody does.
+        self.guardians = guardians
+
+    async def _is_guardian(self, caller: Caller, patient_id: str) -> bool:
+        return self.guardians is not None and await self.guardians.acts_for(caller, patient_id)
 
     @overload
     async def put(self, caller: Caller, command: PutRecord) -> Written: ...
@@ -208,7 +215,8 @@ class RecordDesk:
         if record.erased_at is not None:
             raise FailedPrecondition("this patient's records were erased")
         decision_id = ""
-        if domain.read_needs_consent(caller, record.patient_id, command.purpose):
+        guardian = await self._is_guardian(caller, record.patient_id)
+        if domain.read_needs_consent(caller, record.patient_id, command.purpose, guardian=guardian):
             answer = await self.consent.check(caller, record.patient_id, domain.READ, record.category, command.purpose)
             if not answer.permit:
                 await self._announce_denial(caller, record, command.purpose, answer)
@@ -226,6 +234,7 @@ class RecordDesk:
                 actor_id=caller.principal_id,
                 purpose=command.purpose,  # type: ignore[arg-type]
                 decision_id=decision_id,
+                on_behalf_of=domain.on_behalf_of(caller, record.patient_id, guardian),
             ),
             aggregate_id=record.record_id,
             version=version,
@@ -249,7 +258,8 @@ class RecordDesk:
         categories consent permits (one decision each). RecordsListed is durable first."""
         if not command.patient_id:
             raise InvalidArgument.field("patient_id", "required")
-        ask = domain.list_needs_consent(caller, command.patient_id, command.purpose)
+        guardian = await self._is_guardian(caller, command.patient_id)
+        ask = domain.list_needs_consent(caller, command.patient_id, command.purpose, guardian=guardian)
         domain.check_list(command.categories, command.page_size)
         after = domain.page_position(command.page_token) if command.page_token else None
         size = domain.page_size(command.page_size)
@@ -278,7 +288,9 @@ class RecordDesk:
                 )
         more = len(found) > size
         found = found[:size]
-        await self._announce_listing(caller, command.patient_id, found, decision_ids, command.purpose, "list")
+        await self._announce_listing(
+            caller, command.patient_id, found, decision_ids, command.purpose, "list", guardian=guardian
+        )
         return Listing(
             records=found,
             next_page_token=domain.page_token(found[-1].updated_at, found[-1].record_id) if more else "",
@@ -287,7 +299,8 @@ class RecordDesk:
 
     async def export(self, caller: Caller, command: ExportRecords) -> Export:
         """The patient's own records, each latest version and its Provenance, in one Bundle."""
-        domain.check_export(caller, command.patient_id)
+        guardian = await self._is_guardian(caller, command.patient_id)
+        domain.check_export(caller, command.patient_id, guardian=guardian)
         async with self.db.connect() as conn:
             found = await storage.list_records(conn, command.patient_id, limit=1_000_000)
             versions = [await storage.get_version(conn, r.record_id, r.latest_version) for r in found]
@@ -309,7 +322,7 @@ class RecordDesk:
                 }
             )
         bundle = {"resourceType": "Bundle", "type": "collection", "entry": entries}
-        await self._announce_listing(caller, command.patient_id, found, [], 0, "export")
+        await self._announce_listing(caller, command.patient_id, found, [], 0, "export", guardian=guardian)
         return Export(bundle=bundle, records=len(entries) // 2)
 
     def _keys_of(self, key_name: str) -> RecordKeys | KeyManager:
@@ -372,6 +385,8 @@ class RecordDesk:
         decision_ids: Sequence[str],
         purpose: int,
         operation: str,
+        *,
+        guardian: bool,
     ) -> None:
         event = new_event(
             source=self.source,
@@ -382,6 +397,7 @@ class RecordDesk:
                 decision_ids=decision_ids,
                 purpose=purpose,  # type: ignore[arg-type]
                 operation=operation,
+                on_behalf_of=domain.on_behalf_of(caller, patient_id, guardian),
             ),
             aggregate_id=patient_id,
             version=0,

@@ -30,6 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from medledger_runtime import guardians
 from medledger_runtime.db import Database, DriverQuery, Migration, create_tables, lock_key
 
 metadata = MetaData()
@@ -173,6 +174,7 @@ MIGRATIONS = [
     Migration(1, "records and their versions", create_tables(_metadata_v1)),
     Migration(2, "erasures, legal holds and blob-store keys", _erasure_and_blobs),
     Migration(3, "erasure participants, their confirmations and signed certificates", _erasure_participants),
+    guardians.migration(4),
 ]
 
 
