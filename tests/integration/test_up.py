@@ -544,6 +544,8 @@ async def test_the_story_on_postgresql_through_the_sdk(tmp_path: Path, postgres:
             "break-glass reviewed",
             "revoked consent denies",
             "who saw my data",
+            "decision replayed",
+            "tampered decision fails replay",
             "record proof verifies",
             "disclosure proof verifies",
             "latest checkpoint anchored",
