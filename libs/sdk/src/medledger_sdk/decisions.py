@@ -39,6 +39,8 @@ class DecisionEvidence:
     used: tuple[au_pb.LogEntry, ...]
     # The signed checkpoint every entry is proven in.
     tree_size: int
+    # Each entry's C2SP tlog-proof text, by index.
+    proofs: Mapping[int, str]
 
     @property
     def logged(self) -> dict[str, Any]:
@@ -53,6 +55,15 @@ class DecisionEvidence:
             side_lists={str(logged.get("considered_sha256", "")): list(self.record.considered)},
             window_seconds=window_seconds,
         )
+
+    def to_json(self) -> str:
+        """The evidence as a file a third party checks offline: the decision's entry and the
+        entries used, each as its exact bytes (UTF-8 JSON text) with its tlog-proof."""
+
+        def item(e: au_pb.LogEntry) -> dict[str, str]:
+            return {"entry": bytes(e.entry).decode(), "tlog_proof": self.proofs[e.index]}
+
+        return json.dumps({"decision": item(self.entry), "entries": [item(e) for e in self.used]}, indent=2) + "\n"
 
     def record_differences(self) -> list[str]:
         """Where consent's record and the log's entry disagree (the replay trusts the log)."""
@@ -75,8 +86,8 @@ async def fetch_decision_evidence(
         if loop.time() >= deadline:
             raise NotFound(f"the log holds no entry of decision {decision_id} (after {wait_seconds:g} s)")
         await asyncio.sleep(0.5)
-    tree_size = await _prove(ml, policy, verifiers, [entry, *used], deadline=deadline)
-    return DecisionEvidence(record, entry, tuple(used), tree_size)
+    tree_size, proofs = await _prove(ml, policy, verifiers, [entry, *used], deadline=deadline)
+    return DecisionEvidence(record, entry, tuple(used), tree_size, proofs)
 
 
 async def _entries(ml: Medledger, record: co_pb.ConsentDecision) -> tuple[au_pb.LogEntry | None, list[au_pb.LogEntry]]:
@@ -101,8 +112,9 @@ async def _prove(
     entries: Sequence[au_pb.LogEntry],
     *,
     deadline: float,
-) -> int:
-    """Every entry's inclusion in the latest signed checkpoint, once one covers them all; its size."""
+) -> tuple[int, dict[int, str]]:
+    """Every entry's inclusion in the latest signed checkpoint, once one covers them all; its size
+    and the proofs."""
     highest = max(e.index for e in entries)
     loop = asyncio.get_running_loop()
     while True:
@@ -113,13 +125,16 @@ async def _prove(
         if loop.time() >= deadline:
             raise NotFound(f"the log signed no checkpoint covering entry {highest} in time")
         await asyncio.sleep(0.5)
+    proofs = {}
     for entry in entries:
         request = au_pb.GetTlogProofRequest(index=entry.index, tree_size=checkpoint.tree_size)
-        proof = notes.TlogProof.parse((await ml.audit.GetTlogProof(request)).tlog_proof)
+        text = (await ml.audit.GetTlogProof(request)).tlog_proof
+        proof = notes.TlogProof.parse(text)
         if proof.index != entry.index:
             raise InvalidArgument.field("tlog_proof", f"a proof of entry {proof.index}, not of entry {entry.index}")
         notes.verify_tlog_proof(proof, leaf_hash(bytes(entry.entry)), verifiers, origin=policy.origin)
-    return int(checkpoint.tree_size)
+        proofs[entry.index] = text
+    return int(checkpoint.tree_size), proofs
 
 
 def record_differences(record: co_pb.ConsentDecision, logged: Mapping[str, Any]) -> list[str]:

@@ -27,6 +27,7 @@ async def replay_the_read(story: Story) -> None:
         f"{len(evidence.used)} consent and break-glass entries, proven in the checkpoint of size "
         f"{evidence.tree_size} signed by the log's keys"
     )
+    story.result.decision_evidence = evidence.to_json().encode()
     report = evidence.replay(window_seconds=DEFAULT_WINDOW_SECONDS)
     differences = evidence.record_differences()
     failures = [f"{f.code}: {f.message}" for f in report.failures] + differences
