@@ -698,11 +698,13 @@ FINER: dict[tuple[str, str, str], tuple[grpc.StatusCode, grpc.StatusCode]] = {
     ("records", "CancelErasure", "patient"): (_OK, _NF),
     ("records", "CancelErasure", "guardian of the patient"): (_OK, _NF),  # cancelled already: as it is
     ("records", "ApproveErasure", "privacy-officer"): (_FP, _FP),  # held
-    # audit: a patient their own entries; auditors all.
+    # audit: a patient their own entries; privacy officers one patient's; auditors all.
     ("audit", "ListEntries", "patient"): (_OK, _PD),
     ("audit", "ListEntries", "guardian of the patient"): (_OK, _PD),
     ("audit", "ListEntries", "guardian"): (_PD, _PD),
     ("audit", "ListEntries", "auditor"): (_OK, _OK),
+    # A privacy officer lists any one patient's entries (to replay a decision); see the test below.
+    ("audit", "ListEntries", "privacy-officer"): (_OK, _OK),
     ("audit", "ExportAuditEvents", "patient"): (_OK, _PD),
     ("audit", "ExportAuditEvents", "guardian of the patient"): (_OK, _PD),
     ("audit", "ExportAuditEvents", "auditor"): (_OK, _OK),
@@ -753,6 +755,27 @@ async def test_listings_hold_only_what_the_caller_may_see(world: World) -> None:
     assert {r.record_id for r in theirs.records} == {r.record_id for r in mine.records} and not theirs.decision_ids
     other = await guardian.ListRecords(rec_pb.ListRecordsRequest(patient_id=world.other.patient_id, purpose=TREAT))
     assert list(other.records) == []
+
+
+async def test_a_privacy_officer_lists_one_patients_entries_never_the_whole_log(world: World) -> None:
+    """A privacy officer replaying a decision reads the patient's entries; the log at large, or
+    entries by actor or record, stay the auditors'."""
+    officer = world.stub("audit", "privacy-officer")
+    wanted = {"consent.version_recorded", "consent.decision"}
+    types: set[str] = set()
+    deadline = time.monotonic() + 30
+    while not wanted <= types and time.monotonic() < deadline:  # the log takes events in shortly after
+        own = await officer.ListEntries(au_pb.ListEntriesRequest(patient_id=world.own.patient_id, page_size=1000))
+        types = {json.loads(e.entry)["type"] for e in own.entries if e.entry}
+        await asyncio.sleep(0.5)
+    assert wanted <= types, types
+    for request in (
+        au_pb.ListEntriesRequest(page_size=1),
+        au_pb.ListEntriesRequest(actor_id=world.own.patient_id, page_size=1),
+        au_pb.ListEntriesRequest(patient_id=world.own.patient_id, actor_id=world.own.patient_id, page_size=1),
+    ):
+        got = await outcome(officer.ListEntries(request, timeout=30))
+        assert got.code == grpc.StatusCode.INVALID_ARGUMENT and "patient_id" in got.details, got
 
 
 async def test_finer_rules_keep_organization_roles_to_their_own_organization(world: World) -> None:

@@ -417,6 +417,7 @@ async def _check_demo(state_dir: Path, ports: Ports, out: Path) -> None:
     verifier = _independent_verifier()
     assert verifier.verify_folder(out, rpc_url) == []
     await _check_consent_evidence(out, rpc_url, verify, verifier)
+    _check_decision_evidence(out, verifier)
     entry = (out / "access.entry").read_bytes()
     other_tx = "0x" + "ab" * 32
     proof_lines = (out / "record.tlog-proof").read_text().split("\n")
@@ -450,6 +451,30 @@ async def _check_demo(state_dir: Path, ports: Ports, out: Path) -> None:
     code, said = await verify(str(copy / "record.tlog-proof"), *trust, "--record", str(copy / "record.json"),
                             "--salt", salt)  # fmt: skip
     assert code == 1 and "record-commitment" in said, said
+
+
+def _check_decision_evidence(out: Path, verifier: ModuleType) -> None:
+    """The decision that let the doctor read, replayed from decision.json with RFC 9162, C2SP and
+    the README's rule alone; with a version taken out of what it considered, the entry is no longer
+    the logged one; with the log's version entry left out, the version considered is unknown."""
+    assert verifier.verify_decision(out) == []
+    evidence = json.loads((out / "decision.json").read_text())
+    decision = json.loads(evidence["decision"]["entry"])
+    (grant,) = decision["considered"]
+    removed = {**evidence, "decision": {**evidence["decision"], "entry": json.dumps(
+        {**decision, "considered": []}, separators=(",", ":"), sort_keys=True)}}  # fmt: skip
+    copy = out.parent / "decision-version-removed"
+    shutil.copytree(out, copy)
+    (copy / "decision.json").write_text(json.dumps(removed))
+    problems = verifier.verify_decision(copy)
+    assert "decision: entry 0: the entry is not in the checkpoint's tree" in problems, problems
+    assert any(p.startswith("decision: the rule gives ('DECISION_NO_CONSENT'") for p in problems), problems
+    unlisted = {**evidence, "entries": [e for e in evidence["entries"] if grant not in e["entry"]]}
+    copy = out.parent / "decision-version-unlisted"
+    shutil.copytree(out, copy)
+    (copy / "decision.json").write_text(json.dumps(unlisted))
+    problems = verifier.verify_decision(copy)
+    assert f"decision: considered version {grant[:16]} is not a logged version up to the decision" in problems
 
 
 async def _check_consent_evidence(
@@ -544,6 +569,8 @@ async def test_the_story_on_postgresql_through_the_sdk(tmp_path: Path, postgres:
             "break-glass reviewed",
             "revoked consent denies",
             "who saw my data",
+            "decision replayed",
+            "tampered decision fails replay",
             "record proof verifies",
             "disclosure proof verifies",
             "latest checkpoint anchored",

@@ -10,7 +10,9 @@ nothing with ``medledger_runtime``: a bug there cannot hide a bug here.
 
 ``verify_folder(folder, rpc_url)`` returns the list of problems found (empty: verified);
 ``consent_on_chain(rpc_url, registry, document, salt_hex)`` recomputes a consent version's
-commitment and reads its ConsentRegistry entry; ``in_force(entry, when)`` is the registry's rule.
+commitment and reads its ConsentRegistry entry; ``in_force(entry, when)`` is the registry's rule;
+``verify_decision(folder)`` replays ``decision.json`` (the README's decision rule, written again
+from its words).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import base64
 import hashlib
 import json
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -254,4 +257,119 @@ def verify_folder(folder: Path, rpc_url: str) -> list[str]:
     access = verify_proof(folder, "access", rpc_url, problems)
     if access is not None and access.get("type") != "record.disclosed":
         problems.append("access: the entry is not a disclosure")
+    return problems
+
+
+# --- a decision, replayed -------------------------------------------------------------------
+
+# The README's propagation window: versions younger than this may be missing from a decision.
+WINDOW_SECONDS = 3.0
+_TESTS = ("NO_MATCHING_GRANTEE", "REVOKED", "NOT_IN_PERIOD", "ACTION_NOT_COVERED", "CATEGORY_NOT_COVERED",
+          "PURPOSE_NOT_COVERED")  # fmt: skip
+
+
+def _seconds(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def _rule(decision: dict[str, Any], versions: list[dict[str, Any]], accesses: list[dict[str, Any]]) -> tuple:
+    """medledger-consent-rules/2 as the README words it, over entries: (decision, reason code,
+    deciding "consent@version" list, break-glass access id)."""
+    now = _seconds(decision["decided_at"])
+    latest: dict[str, dict[str, Any]] = {}
+    for v in versions:
+        if _seconds(v["recorded_at"]) <= now and v["version"] > latest.get(v["consent_id"], {"version": 0})["version"]:
+            latest[v["consent_id"]] = v
+    actor = {decision["actor_id"], decision.get("actor_organization_id", "")} - {""}
+    outcome: tuple[str, str, list[str], str]
+    if not latest:
+        outcome = ("DECISION_NO_CONSENT", "NO_CONSENT_FOR_PATIENT", [], "")
+    else:
+        applicable, furthest = [], 0
+        for v in (v for v in latest.values() if v["grantee_id"] in actor):
+            end = v.get("period_end")
+            passed = [
+                not v.get("revoked", False),
+                _seconds(v["period_start"]) <= now and (end is None or now < _seconds(end)),
+                not v.get("actions") or decision["action"] in v["actions"],
+                not v.get("categories") or decision["category"] in v["categories"],
+                not v.get("purposes") or decision["purpose"] in v["purposes"],
+            ]
+            reached = next((i + 1 for i, ok in enumerate(passed) if not ok), 6)
+            if reached == 6:
+                applicable.append(v)
+            furthest = max(furthest, reached if reached < 6 else 0)
+        refs = {p: sorted(f"{v['consent_id']}@{v['version']}" for v in applicable if v["provision"] == p)
+                for p in ("PROVISION_TYPE_DENY", "PROVISION_TYPE_PERMIT")}  # fmt: skip
+        if refs["PROVISION_TYPE_DENY"]:
+            outcome = ("DECISION_DENY", "EXPLICIT_DENY", refs["PROVISION_TYPE_DENY"], "")
+        elif refs["PROVISION_TYPE_PERMIT"]:
+            return ("DECISION_PERMIT", "PERMITTED", refs["PROVISION_TYPE_PERMIT"], "")
+        else:
+            outcome = ("DECISION_NO_CONSENT", _TESTS[furthest], [], "")
+    if (decision["action"], decision["purpose"]) != ("ACTION_READ", "PURPOSE_OF_USE_ETREAT"):
+        return outcome
+    running = sorted(
+        (a for a in accesses if a["practitioner_id"] == decision["actor_id"] and a["start"] <= now < a["end"]),
+        key=lambda a: a["access_id"],
+    )
+    if running and outcome[0] == "DECISION_NO_CONSENT":
+        return ("DECISION_PERMIT", "BREAK_GLASS", [], running[0]["access_id"])
+    overriding = [a for a in running if a.get("overrides_deny")]
+    if overriding and outcome[0] == "DECISION_DENY":
+        return ("DECISION_PERMIT", "BREAK_GLASS_OVERRIDES_DENY", outcome[2], overriding[0]["access_id"])
+    return outcome
+
+
+def verify_decision(folder: Path) -> list[str]:
+    """``decision.json``: every entry in a checkpoint signed by log.vkey (RFC 9162, C2SP); the
+    versions the decision considered are the patient's logged versions up to it (all those
+    older than the window); the rule re-run over them gives the logged outcome."""
+    trust = json.loads((folder / "trust.json").read_text())
+    name, key_id, public_key = parse_vkey((folder / "log.vkey").read_text())
+    evidence = json.loads((folder / "decision.json").read_text())
+    problems: list[str] = []
+    parsed = []
+    for i, item in enumerate([evidence["decision"], *evidence["entries"]]):
+        entry = item["entry"].encode()
+        try:
+            index, path, note = parse_tlog_proof(item["tlog_proof"])
+            origin, size, root = open_checkpoint(note, name, key_id, public_key)
+            if origin != trust["origin"] or root_from_inclusion(index, size, leaf_hash(entry), path) != root:
+                raise Refused("the entry is not in the checkpoint's tree")
+        except (Refused, ValueError) as exc:
+            problems.append(f"decision: entry {i}: {exc}")
+        parsed.append(json.loads(entry))
+    decision, others = parsed[0], [e for e in parsed[1:] if e.get("subject") == parsed[0].get("subject")]
+    if decision.get("type") != "consent.decision" or "considered" not in decision:
+        return [*problems, "decision: not a decision entry with its considered versions listed"]
+    versions = {v["commitment"]: v for v in others if v["type"] == "consent.version_recorded"}
+    decided = _seconds(decision["decided_at"])
+    considered = set(decision["considered"])
+    for c in sorted(considered):
+        if c not in versions or _seconds(versions[c]["recorded_at"]) > decided:
+            problems.append(f"decision: considered version {c[:16]} is not a logged version up to the decision")
+    for c, v in sorted(versions.items()):
+        if c not in considered and _seconds(v["recorded_at"]) < decided - WINDOW_SECONDS:
+            problems.append(f"decision: {v['consent_id']}@{v['version']} was logged before it and not considered")
+    ends = {
+        e["access_id"]: _seconds(e["ended_at"])
+        for e in others
+        if e["type"] == "break_glass.reviewed" and "ended_at" in e
+    }
+    accesses = [
+        {**e, "start": _seconds(e["started_at"]), "end": min(_seconds(e["expires_at"]), ends.get(e["access_id"], 1e18))}
+        for e in others
+        if e["type"] == "break_glass.started"
+    ]
+    given = [v for c, v in versions.items() if c in considered]
+    got = _rule(decision, given, accesses)
+    logged = (
+        decision["decision"],
+        decision["reason_code"],
+        decision.get("deciding", []),
+        decision.get("break_glass_access_id", ""),
+    )
+    if decision.get("rule_version") != "medledger-consent-rules/2" or got != logged:
+        problems.append(f"decision: the rule gives {got}, the log says {logged}")
     return problems

@@ -45,7 +45,7 @@ PUBLIC_METHODS: tuple[str, ...] = tuple(
 ACCESS: dict[str, Access] = {
     # Whoever holds a receipt's commitment finds its entry.
     _SERVICE + "FindCommitment": Access(),
-    _SERVICE + "ListEntries": Access.of(kinds=["patient"], roles=["auditor", "guardian"]),
+    _SERVICE + "ListEntries": Access.of(kinds=["patient"], roles=["auditor", "guardian", "privacy-officer"]),
     _SERVICE + "ExportAuditEvents": Access.of(kinds=["patient"], roles=["auditor", "guardian"]),
     _SERVICE + "RedactEntry": Access.of(roles=["privacy-officer"]),
 }
@@ -214,7 +214,12 @@ class AuditApi(pb_grpc.AuditServiceServicer):
     ) -> list[Any]:
         auditor = caller.has_role("auditor")
         patient_id = request.patient_id
-        if not auditor:
+        if not auditor and caller.has_role("privacy-officer") and isinstance(request, pb.ListEntriesRequest):
+            # A privacy officer reviews what was decided about one patient (a decision's replay
+            # needs the patient's consent versions), never the whole log.
+            if not patient_id:
+                raise InvalidArgument.field("patient_id", "a privacy officer lists the entries of one patient")
+        elif not auditor:
             # A patient reads the entries about themselves, and only those; their guardian reads
             # them for the patient, naming the patient.
             if patient_id and patient_id != caller.principal_id:

@@ -143,6 +143,7 @@ async def store_and_read(story: Story) -> None:
     story.say.step("Dr. Grey reads it for treatment")
     got = await story.doctor.records.GetRecord(records_pb.GetRecordRequest(record_id=story.record_id, purpose=TREAT))
     story.result.record, story.result.salt = got.content, got.receipt.salt
+    story.read_decision_id = got.decision_id
     story.say.say(f"permitted (decision {got.decision_id}); {len(got.content)} bytes returned")
     recomputed = commitments.record_commitment(got.content, bytes.fromhex(got.receipt.salt))
     story.check(

@@ -28,6 +28,7 @@ OUT_FILES = (
     "consent.salt",
     "consent-revocation.json",
     "consent-revocation.salt",
+    "decision.json",
 )
 
 
@@ -57,6 +58,8 @@ async def write_files(story: Story) -> None:
     for stem, document, salt in story.result.consent_documents:
         files[f"{stem}.json"] = document
         files[f"{stem}.salt"] = (salt + "\n").encode()
+    if story.result.decision_evidence:
+        files["decision.json"] = story.result.decision_evidence
     if story.result.erasure_certificate:
         files["erasure-certificate.note"] = story.result.erasure_certificate.encode()
     for name, data in files.items():

@@ -32,6 +32,9 @@ class StoryResult:
     access_proof: anchoring_pb.GetAnchoredProofResponse | None = None
     # The consent versions the patient holds: (file stem, FHIR Consent JSON, salt in hex).
     consent_documents: list[tuple[str, bytes, str]] = field(default_factory=list)
+    # The decision that let the doctor read, with the log entries its replay used and their
+    # tlog-proofs (``medledger_sdk.decisions.DecisionEvidence.to_json``).
+    decision_evidence: bytes = b""
     # The erasure certificate, a C2SP signed note.
     erasure_certificate: str = ""
     written: list[Path] = field(default_factory=list)

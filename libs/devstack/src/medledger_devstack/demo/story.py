@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from medledger.records.v1 import records_service_pb2 as records_pb
 
-from medledger_devstack.demo import care, consent_proof, erasure, evidence, proofs
+from medledger_devstack.demo import care, consent_proof, decision_replay, erasure, evidence, proofs
 from medledger_devstack.demo.narrator import Narrator, Outcome, StoryResult
 from medledger_devstack.demo.waiting import ANCHOR_WAIT_SECONDS, code_of
 from medledger_sdk.calls import RpcError
@@ -50,6 +50,8 @@ class Story:
     consent_id: str
     record_id: str
     receipt: records_pb.Receipt
+    # The decision that let the doctor read (``care.store_and_read``).
+    read_decision_id: str
     # Set by ``proofs.list_who_saw``: the patient's first disclosure, as the log holds it.
     access_index: int
     access_bytes: bytes
@@ -97,6 +99,7 @@ class Story:
             care.break_the_glass,
             care.revoke,
             proofs.list_who_saw,
+            decision_replay.replay_the_read,
             proofs.prove_the_record,
             proofs.show_the_latest_anchor,
             consent_proof.verify_the_consent,
