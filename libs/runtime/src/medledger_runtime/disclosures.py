@@ -123,8 +123,10 @@ def disclosure_events(
     *, source: str, method: str, actor_id: str, request: Message, response: Message
 ) -> list[tuple[str, Any]]:
     """The events a disclosure writes, with their Kafka keys: one per patient named by the answer
-    (or, when it names none, the request), or one naming no patient."""
-    patients = patients_named(response) or patients_named(request) or [""]
+    (or, when it names none, the request; or, when neither does, the caller if a patient: a
+    patient asking without naming anyone reads their own), or one naming no patient."""
+    caller_patient = [actor_id] if actor_id.startswith(PATIENT_PREFIX) else []
+    patients = patients_named(response) or patients_named(request) or caller_patient or [""]
     resources = resources_asked(request)
     out = []
     for patient_id in patients:
