@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import grpc
 from google.protobuf import message as pb_message
 from medledger.anchoring.v1 import anchoring_service_pb2
@@ -59,6 +60,17 @@ STUBS = {
     "consent": co_grpc.ConsentServiceStub,
     "records": rec_grpc.RecordsServiceStub,
     "audit": au_grpc.AuditServiceStub,
+}
+
+
+# HTTP routes have no proto options: each is decided here, and a new route fails the test until
+# it is. None is a disclosure (services/audit/README.md, "Reading entries is a disclosure; fetching
+# tiles is not").
+HTTP_ROUTES_NOT_DISCLOSURES = {
+    ("identity", "/.well-known/jwks.json"): "public keys",
+    ("audit", "/checkpoint"): "the signed checkpoint: public",
+    ("audit", "/tile/{path:.+}"): "hash tiles (public) and entry bundles (auditors): pseudonymous "
+    "subjects only, the whole log unselected; logging a monitor's fetches would feed back into itself",
 }
 
 
@@ -265,6 +277,22 @@ async def test_every_rpc_answering_with_personal_data_logs_its_disclosure_before
                     assert s.payload.method == method and s.payload.patient_id == s.patient
                     # The patient's id only as the subject, never among the resources.
                     assert all(not r.startswith("pat_") for r in s.payload.resource_ids)
+
+        # The HTTP routes: each decided, and an auditor's entry bundle leaves nothing to log (a
+        # monitor fetching the log does not grow it).
+        served = {
+            (name, route.path)
+            for name in ("identity", "consent", "records", "audit")
+            if getattr(stack, name).http is not None
+            for route in getattr(stack, name).http._declared.values()
+        }
+        assert served == set(HTTP_ROUTES_NOT_DISCLOSURES)
+        before = await last_row(stack.audit.db)
+        token = await stack.client(*secrets["auditor"]).token("medledger.audit")
+        url = f"http://127.0.0.1:{stack.audit.http_port}/tile/entries/000.p/1"
+        async with aiohttp.ClientSession() as http, http.get(url, headers={"Authorization": f"Bearer {token}"}) as got:
+            assert got.status == 200 and await got.read()
+        assert not await reads_since(stack.audit.db, before)
 
         # An answer without personal data is no disclosure: the principal without its resource.
         db = stack.identity.db
