@@ -74,6 +74,10 @@ HTTP_ROUTES_NOT_DISCLOSURES = {
 }
 
 
+BIRTH_DATE = "1970-01-01"
+JUSTIFICATION = "Unconscious on arrival; need the medication history now"
+
+
 def rid() -> str:
     return uuid.uuid4().hex
 
@@ -161,7 +165,7 @@ async def test_every_rpc_answering_with_personal_data_logs_its_disclosure_before
             identifier = [{"system": "urn:oid:1.2.3", "value": rid()}]
             if kind == Kind.PRINCIPAL_KIND_PATIENT:
                 patient = {"resourceType": "Patient", "identifier": identifier, "name": [{"family": "Example"}]}
-                fhir = json.dumps({**patient, "birthDate": "1970-01-01"}).encode()
+                fhir = json.dumps({**patient, "birthDate": BIRTH_DATE}).encode()
             elif kind == Kind.PRINCIPAL_KIND_PRACTITIONER:
                 fhir = json.dumps({"resourceType": "Practitioner", "identifier": identifier}).encode()
             reply = await admin_ids.RegisterPrincipal(
@@ -214,7 +218,7 @@ async def test_every_rpc_answering_with_personal_data_logs_its_disclosure_before
                 request_id=rid(),
                 patient_id=other,
                 reason=co_pb.BreakGlassReason.BREAK_GLASS_REASON_LIFE_THREATENING,
-                justification="Unconscious on arrival; need the medication history now",
+                justification=JUSTIFICATION,
             )
         )
 
@@ -277,6 +281,12 @@ async def test_every_rpc_answering_with_personal_data_logs_its_disclosure_before
                     assert s.payload.method == method and s.payload.patient_id == s.patient
                     # The patient's id only as the subject, never among the resources.
                     assert all(not r.startswith("pat_") for r in s.payload.resource_ids)
+
+        # What was disclosed is in no event: ids only.
+        for name in ("identity", "consent", "records", "audit"):
+            async with getattr(stack, name).db.connect() as conn:
+                values = b"".join(bytes(v) for v in (await conn.execute(select(outbox.c.value))).scalars())
+            assert BIRTH_DATE.encode() not in values and JUSTIFICATION.encode() not in values, name
 
         # The HTTP routes: each decided, and an auditor's entry bundle leaves nothing to log (a
         # monitor fetching the log does not grow it).
