@@ -9,7 +9,13 @@ from datetime import UTC, datetime
 
 import pytest
 import rfc8785
-from medledger.events.v1 import anchoring_events_pb2, identity_events_pb2, records_events_pb2
+from medledger.events.v1 import (
+    anchoring_events_pb2,
+    audit_events_pb2,
+    disclosure_events_pb2,
+    identity_events_pb2,
+    records_events_pb2,
+)
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_audit import entries
@@ -137,7 +143,22 @@ def test_what_cannot_be_read_is_kept_by_hash_never_dropped() -> None:
 
 
 def test_the_audit_services_own_checkpoint_events_are_not_appended() -> None:
-    assert entries.draft_entry(event(records_events_pb2.RecordStored(), source="medledger.audit")) is None
+    signed = audit_events_pb2.CheckpointSigned(origin="medledger.local/audit", tree_size=10, root=bytes(32))
+    assert entries.draft_entry(event(signed, source="medledger.audit")) is None
+
+
+def test_the_audit_services_own_disclosures_are_appended_with_the_patient_as_subject() -> None:
+    # An auditor's reading of a patient's entries: the patient's own entries must show it.
+    read = disclosure_events_pb2.PersonalDataDisclosed(
+        actor_id="aud_1",
+        patient_id=PATIENT,
+        method="/medledger.audit.v1.AuditService/ListEntries",
+        resource_ids=["prc_9"],
+    )
+    draft = entries.draft_entry(event(read, source="medledger.audit"))
+    assert draft is not None and draft.type == "personal_data.disclosed"
+    assert draft.patient_id == PATIENT and PATIENT not in json.dumps(draft.fields)
+    assert draft.fields["actor_id"] == "aud_1" and draft.fields["method"].endswith("/ListEntries")
 
 
 def test_anchors_are_not_appended_but_consent_commitments_on_chain_are() -> None:

@@ -50,6 +50,8 @@ OLD_KNOWN = {
     "erasure.keys_destroyed": "medledger.events.v1.PatientKeysDestroyed",
     "notification.requested": "medledger.events.v1.NotificationRequested",
     "consent.commitment_on_chain": "medledger.events.v1.ConsentCommitmentRecorded",
+    # Shipped after the tables: written out here so that its options never change either.
+    "personal_data.disclosed": "medledger.events.v1.PersonalDataDisclosed",
 }
 # fhir_audit: DICOM types, `_KINDS` (entry type -> (DICOM type, action)), its default for a type
 # not in `_KINDS`, the outcome rule and `_ACTOR_FIELDS`.
@@ -65,6 +67,7 @@ OLD_FHIR_KINDS = {
     "record.disclosed": (_PATIENT_RECORD, "R"),
     "record.access_denied": (_PATIENT_RECORD, "R"),
     "records.listed": (_QUERY, "R"),
+    "personal_data.disclosed": (_PATIENT_RECORD, "R"),
     "erasure.requested": (_PATIENT_RECORD, "E"),
     "erasure.cancelled": (_PATIENT_RECORD, "E"),
     "erasure.completed": (_PATIENT_RECORD, "D"),

@@ -68,6 +68,9 @@ class ServiceParts(Generic[H]):
     consumers: Sequence[ConsumerSpec] = ()
     interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
     http_routes: Sequence[HttpRoute] = ()
+    # RPCs answering with personal data whose use case writes its own disclosure event (records'
+    # RecordDisclosed); the runtime logs every other such RPC (medledger_runtime.disclosures).
+    discloses_itself: Sequence[str] = ()
     background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()
     # Run in order once the consumers have started, before anything serves (keys, provisioning,
     # loading in-memory views).

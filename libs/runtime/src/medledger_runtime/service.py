@@ -32,8 +32,10 @@ from medledger.events.v1 import identity_events_pb2
 
 from medledger_runtime.auth import AuthInterceptor, Caller, DeactivationSet, TokenVerifier, authenticate_bearer
 from medledger_runtime.db import Database, Migration
+from medledger_runtime.disclosures import DisclosureInterceptor, disclosing_methods
 from medledger_runtime.errors import Unauthenticated
 from medledger_runtime.events import TOPICS, unpack
+from medledger_runtime.group_commit import OutboxGroupCommit
 from medledger_runtime.grpc_client import client_tls_files
 from medledger_runtime.grpc_server import GrpcServer, TLSFiles
 from medledger_runtime.http_server import HttpServer
@@ -105,6 +107,7 @@ class ServiceRuntime(Generic[H]):
         self._tasks: list[asyncio.Task[None]] = []
         self._consumers: list[EventConsumer] = []
         self._stopping = asyncio.Event()
+        self._disclosure_commit: OutboxGroupCommit | None = None
 
     @property
     def db(self) -> Database:
@@ -183,6 +186,7 @@ class ServiceRuntime(Generic[H]):
             name = getattr(job, "__name__", "background")
             self._tasks.append(asyncio.create_task(supervised(name, job), name=name))
         auth = await self._start_authentication(parts)
+        disclosures = self._disclosure_interceptors(parts)
         tls = TLSFiles(s.tls_cert_file, s.tls_key_file, s.tls_ca_file) if s.tls_cert_file and s.tls_key_file else None
         self.server = GrpcServer(
             host=s.grpc_host,
@@ -190,7 +194,7 @@ class ServiceRuntime(Generic[H]):
             max_message_bytes=s.grpc_max_message_bytes,
             service_descriptors=parts.service_descriptors,
             register=parts.register,
-            interceptors=[auth, *parts.interceptors],
+            interceptors=[auth, *parts.interceptors, *disclosures],
             tls=tls,
         )
         if parts.http_routes:
@@ -273,6 +277,22 @@ class ServiceRuntime(Generic[H]):
                 tls=client_tls_files(s),
             )
         return self._identity
+
+    def _disclosure_interceptors(self, parts: ServiceParts[H]) -> list[DisclosureInterceptor]:
+        """The interceptor that logs the service's disclosures of personal data (none if its
+        responses carry none), with the group commit that writes them."""
+        methods = sorted(set(disclosing_methods(parts.service_descriptors)) - set(parts.discloses_itself))
+        if not methods:
+            return []
+        public = set(parts.public_methods) & set(methods)
+        if public or self.stateless:
+            # A disclosure names who saw the data: an anonymous or unlogged one is a mistake.
+            raise ConfigError(f"{self.name}: RPCs answering with personal data need a token and an outbox")
+        commit = OutboxGroupCommit(self.db, what="the disclosure")
+        commit.after_commit = self.relay.notify
+        self._disclosure_commit = commit
+        self._tasks.append(asyncio.create_task(supervised("disclosures", commit.run), name="disclosures"))
+        return [DisclosureInterceptor(commit, source=self.source, topic=TOPICS[self.name], methods=methods)]
 
     async def _start_authentication(self, parts: ServiceParts[H]) -> AuthInterceptor:
         """Follow deactivations from now on, then load those made before, then authenticate.
@@ -376,6 +396,8 @@ class ServiceRuntime(Generic[H]):
             await c.stop()
         for hook in self._parts.on_stop if self._parts is not None else ():
             await hook()
+        if self._disclosure_commit is not None:
+            await self._disclosure_commit.close()
         if self._identity is not None:
             await self._identity.aclose()
         for side in self._side_keys:

@@ -31,7 +31,7 @@ from typing import Any
 import rfc8785
 from google.protobuf import message as pb_message
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from medledger.events.v1 import anchoring_events_pb2
+from medledger.events.v1 import anchoring_events_pb2, audit_events_pb2
 
 from medledger_audit import event_types
 from medledger_runtime.events import Event, unpack
@@ -56,9 +56,11 @@ SUBJECT_ITSELF = "@subject"
 ENTRY_TYPES: dict[str, tuple[str, type[pb_message.Message]]] = {
     t.full_name: (t.entry_type, t.message_class) for t in event_types.known()
 }
-# The audit service's own events (its checkpoints) are not appended: the log would grow by
-# signing that it grew.
+# The audit service's own checkpoints are not appended: the log would grow by signing that it
+# grew. Its other events are: an auditor's reading of entries (PersonalDataDisclosed) is a
+# disclosure like any other, and the patient's entries must show it (who audited whom).
 OWN_EVENT_SOURCE = "medledger.audit"
+OWN_NOT_APPENDED_TYPES = frozenset({audit_events_pb2.CheckpointSigned.DESCRIPTOR.full_name})
 # Nor are the anchors of those checkpoints: each would grow the log by one entry, whose
 # checkpoint would be anchored in turn, one transaction every interval with no traffic at all.
 # The chain is their record (and anchoring's API serves them).
@@ -116,8 +118,8 @@ def sha256_hex(data: bytes) -> str:
 
 
 def draft_entry(event: Event) -> EntryDraft | None:
-    """The entry an event becomes; None for the audit service's own events and for anchors."""
-    if event.source == OWN_EVENT_SOURCE or event.type in NOT_APPENDED_TYPES:
+    """The entry an event becomes; None for the audit service's own checkpoints and for anchors."""
+    if (event.source == OWN_EVENT_SOURCE and event.type in OWN_NOT_APPENDED_TYPES) or event.type in NOT_APPENDED_TYPES:
         return None
     event_time = event.time.seconds + event.time.nanos / 1e9
     known = event_types.by_event_type(event.type)

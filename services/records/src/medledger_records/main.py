@@ -31,6 +31,7 @@ from medledger_sdk.identity_link import BearerTokenInterceptor
 
 NAME = "records"
 GUARDIANSHIP_CONSUMER = "records.guardianships"
+_SERVICE = records_service_pb2.DESCRIPTOR.services_by_name["RecordsService"].full_name
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ def build(runtime: ServiceRuntime[RecordsParts]) -> ServiceParts[RecordsParts]:
         access=ACCESS,
         handle=RecordsParts(api=api, records=records, erasures=erasures, erasure_runner=runner),
         public_methods=PUBLIC_METHODS,
+        # Their use cases write RecordDisclosed and RecordsListed themselves, before answering.
+        discloses_itself=[f"/{_SERVICE}/GetRecord", f"/{_SERVICE}/ExportRecords"],
         # The participants that confirm by event emit on their own topics.
         consumers=[
             ConsumerSpec(
