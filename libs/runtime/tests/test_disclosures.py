@@ -47,14 +47,16 @@ def test_the_rpcs_answering_with_personal_data_are_read_from_the_protos() -> Non
         GET_CONSENT,
         "/medledger.consent.v1.ConsentService/ListConsents",
         "/medledger.consent.v1.ConsentService/GetBreakGlassAccess",
+        "/medledger.consent.v1.ConsentService/GetDecision",
         "/medledger.records.v1.RecordsService/GetRecord",
         "/medledger.records.v1.RecordsService/ExportRecords",
         "/medledger.audit.v1.AuditService/ListEntries",
         "/medledger.audit.v1.AuditService/ExportAuditEvents",
     }
-    # Pseudonymous ids alone are not content: a principal without its resource, a decision.
+    # Pseudonymous ids alone are not content: a principal without its resource. A decision is,
+    # as a consent's terms are: whose data, which category, for whom and why.
     assert not disclosures.carries_content(id_pb.ListPrincipalsResponse.DESCRIPTOR)
-    assert not disclosures.carries_content(co_pb.GetDecisionResponse.DESCRIPTOR)
+    assert disclosures.carries_content(co_pb.GetDecisionResponse.DESCRIPTOR)
 
 
 def test_an_answer_is_a_disclosure_only_when_it_holds_personal_data() -> None:
@@ -86,6 +88,27 @@ def test_the_patients_are_those_the_answer_names_then_the_request_then_a_patient
     assert [e.patient_id for e in events("aud_1", au_pb.ListEntriesRequest(), entries)] == [""]
     two = events(DOCTOR, co_pb.ListConsentsRequest(grantee_id=DOCTOR), listing)
     assert [e.patient_id for e in two] == [PATIENT, OTHER] and all(e.actor_id == DOCTOR for e in two)
+
+
+def test_a_guardians_read_for_the_patient_names_the_patient_as_on_whose_behalf() -> None:
+    listing = co_pb.ListConsentsResponse(
+        consents=[co_pb.Consent(consent_id="c1", patient_id=PATIENT), co_pb.Consent(consent_id="c2", patient_id=OTHER)]
+    )
+    made = disclosures.disclosure_events(
+        source="medledger.test",
+        method="/m",
+        actor_id="prn_guardian",
+        request=co_pb.ListConsentsRequest(),
+        response=listing,
+        guardian_of=PATIENT,
+    )
+    read = [unpack(e, PersonalDataDisclosed) for _, e in made]  # type: ignore[misc]
+    # Only for the patient the guardian acted for: another patient's data in the answer is not.
+    assert [(e.patient_id, e.on_behalf_of) for e in read] == [(PATIENT, PATIENT), (OTHER, "")]
+    plain = disclosures.disclosure_events(
+        source="medledger.test", method="/m", actor_id=DOCTOR, request=co_pb.ListConsentsRequest(), response=listing
+    )
+    assert all(not unpack(e, PersonalDataDisclosed).on_behalf_of for _, e in plain)  # type: ignore[attr-defined]
 
 
 def test_a_patients_id_is_never_a_resource_id() -> None:

@@ -397,8 +397,16 @@ def test_a_message_taking_another_types_entry_type_is_refused() -> None:
 
 def test_the_acts_a_guardian_does_for_the_patient_name_the_patient_on_behalf_of_and_nothing_else_does() -> None:
     """A guardian's reads, listings, exports and erasure requests carry the patient they acted for
-    in a field of kind ACTOR_ON_BEHALF_OF: neither the agent nor a field the log finds actors by."""
-    guardian_acts = {"record.disclosed", "records.listed", "erasure.requested", "erasure.cancelled"}
+    in a field of kind ACTOR_ON_BEHALF_OF: neither the agent nor a field the log finds actors by.
+    (A guardian's read of other personal data, such as the patient's audit trail, is a
+    `personal_data.disclosed` that says so the same way.)"""
+    guardian_acts = {
+        "record.disclosed",
+        "records.listed",
+        "erasure.requested",
+        "erasure.cancelled",
+        "personal_data.disclosed",
+    }
     for known in event_types.known():
         expected = ("on_behalf_of",) if known.entry_type in guardian_acts else ()
         assert known.on_behalf_of_fields == expected, known.entry_type

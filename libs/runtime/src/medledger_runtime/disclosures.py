@@ -28,7 +28,7 @@ from google.protobuf.message import Message
 from medledger.events.v1.disclosure_events_pb2 import PersonalDataDisclosed
 from medledger.options.v1 import options_pb2
 
-from medledger_runtime.auth.callers import current_caller
+from medledger_runtime.auth.callers import acting_for, current_caller
 from medledger_runtime.events import new_event
 from medledger_runtime.group_commit import OutboxGroupCommit
 from medledger_runtime.grpc_server import UnaryBehavior, UnaryWrappingInterceptor
@@ -120,17 +120,24 @@ def resources_asked(request: Message) -> list[str]:
 
 
 def disclosure_events(
-    *, source: str, method: str, actor_id: str, request: Message, response: Message
+    *, source: str, method: str, actor_id: str, request: Message, response: Message, guardian_of: str = ""
 ) -> list[tuple[str, Any]]:
     """The events a disclosure writes, with their Kafka keys: one per patient named by the answer
     (or, when it names none, the request; or, when neither does, the caller if a patient: a
-    patient asking without naming anyone reads their own), or one naming no patient."""
+    patient asking without naming anyone reads their own), or one naming no patient. A read
+    for `guardian_of` (the patient the caller acted for as guardian) says so."""
     caller_patient = [actor_id] if actor_id.startswith(PATIENT_PREFIX) else []
     patients = patients_named(response) or patients_named(request) or caller_patient or [""]
     resources = resources_asked(request)
     out = []
     for patient_id in patients:
-        payload = PersonalDataDisclosed(actor_id=actor_id, patient_id=patient_id, method=method, resource_ids=resources)
+        payload = PersonalDataDisclosed(
+            actor_id=actor_id,
+            patient_id=patient_id,
+            method=method,
+            resource_ids=resources,
+            on_behalf_of=patient_id if guardian_of and guardian_of == patient_id else "",
+        )
         event = new_event(source=source, payload=payload, aggregate_id=actor_id, version=0, subject=patient_id)
         out.append((patient_id, event))
     return out
@@ -164,7 +171,12 @@ class DisclosureInterceptor(UnaryWrappingInterceptor):
     async def record(self, method: str, request: Message, response: Message) -> None:
         actor_id = current_caller().principal_id
         events = disclosure_events(
-            source=self.source, method=method, actor_id=actor_id, request=request, response=response
+            source=self.source,
+            method=method,
+            actor_id=actor_id,
+            request=request,
+            response=response,
+            guardian_of=acting_for.get(),
         )
         await asyncio.gather(
             *(self.commit.write(self.topic, event, patient_id.encode() or None) for patient_id, event in events)

@@ -26,6 +26,7 @@ from sqlalchemy import BigInteger, Boolean, Column, MetaData, String, Table, and
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_runtime.auth import Caller
+from medledger_runtime.auth.callers import acting_for
 from medledger_runtime.db import Database, DriverQuery, Migration, create_tables, dialect_insert
 from medledger_runtime.events import TOPICS, unpack
 from medledger_runtime.kafka import ConsumedMessage
@@ -155,4 +156,7 @@ class Guardians:
             return False
         # No role event seen (the role was granted before this service kept the table, or its
         # event is still on its way): the token's role stands.
-        return row["role_held"] is None or bool(row["role_held"])
+        if row["role_held"] is None or bool(row["role_held"]):
+            acting_for.set(patient_id)
+            return True
+        return False

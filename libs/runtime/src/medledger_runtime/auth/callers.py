@@ -50,6 +50,12 @@ ANY_CALLER = Access()
 current_caller_var: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("medledger_caller", default=None)
 
 
+# The patient the current request's caller was allowed to act for as their guardian ("" when
+# not): set by `guardians.Guardians.acts_for`, read by the disclosure log to say on whose behalf
+# a guardian read. Each RPC runs in a task of its own, so it never outlives its request.
+acting_for: contextvars.ContextVar[str] = contextvars.ContextVar("medledger_acting_for", default="")
+
+
 def current_caller() -> Caller:
     """The caller of the RPC or HTTP request being handled; only valid once authenticated."""
     caller = current_caller_var.get()
