@@ -210,6 +210,8 @@ async def test_a_guardian_acts_for_the_patient_in_records_and_audit_until_remove
             ("records.listed", "actor_id"),
             ("erasure.requested", "requested_by"),
             ("erasure.cancelled", "cancelled_by"),
+            # The guardian's reads of the trail itself (appended a moment after each read).
+            ("personal_data.disclosed", "actor_id"),
         }
 
         async def guardian_entries() -> list[dict[str, Any]]:
