@@ -32,7 +32,7 @@ from medledger.identity.v1 import identity_service_pb2_grpc as id_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_devstack import contracts, localstack
-from medledger_devstack.testing import Anvil, status_of
+from medledger_devstack.testing import Anvil, eventually, status_of
 from medledger_runtime.events import TOPICS, new_event
 from medledger_runtime.kafka import make_producer
 from medledger_sdk.channels import make_channel
@@ -99,17 +99,6 @@ async def produce(bootstrap: str, messages: list[bytes], *, topic: str = TOPICS[
         await producer.stop()
 
 
-async def eventually(check: Any, what: str, within: float = 120.0, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within:.0f} s waiting for {what}")
-        await asyncio.sleep(every)
-
-
 class Chain:
     """What a test reads from the chain: the registry's anchors and the anchorer's transactions."""
 
@@ -172,7 +161,9 @@ async def recorded_anchor(stub: pb_grpc.AnchoringServiceStub, tree_size: int) ->
             raise
         return reply if reply.anchor.tree_size == tree_size else None
 
-    result: pb.GetLatestAnchorResponse = await eventually(latest, f"the anchor of size {tree_size} recorded")
+    result: pb.GetLatestAnchorResponse = await eventually(
+        latest, f"the anchor of size {tree_size} recorded", within=120, every=0.5
+    )
     return result
 
 
@@ -456,7 +447,7 @@ async def test_a_checkpoint_a_reorg_dropped_is_anchored_again(start_stack: Any, 
                 reply = await recorded_anchor(stub, size)
                 return reply if reply.anchor.transaction_hash == "0x" + bytes(second["transactionHash"]).hex() else None
 
-            latest = await eventually(re_recorded, "the new anchor recorded")
+            latest = await eventually(re_recorded, "the new anchor recorded", within=120, every=0.5)
             assert latest.anchor.transaction_hash == "0x" + bytes(second["transactionHash"]).hex()
             reply = await stub.GetAnchoredProof(pb.GetAnchoredProofRequest(commitment=records[5].commitment))
             assert Anchor.parse(reply.anchor_json).tx_hash == latest.anchor.transaction_hash

@@ -6,9 +6,7 @@ AuditEvent export validates."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 import uuid
 from typing import Any
 
@@ -22,7 +20,7 @@ from medledger.records.v1 import records_service_pb2 as rec_pb
 from medledger.records.v1 import records_service_pb2_grpc as rec_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
-from medledger_devstack.testing import status_of
+from medledger_devstack.testing import eventually, status_of
 from medledger_sdk.channels import make_channel
 from medledger_verifier import notes, tlog
 
@@ -31,17 +29,6 @@ CODE = grpc.StatusCode
 
 def rid() -> str:
     return str(uuid.uuid4())
-
-
-async def eventually(check: Any, what: str, within: float = 60.0) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 async def test_a_record_is_proven_in_the_log_and_entries_are_read_by_whom_they_concern(start_stack) -> None:

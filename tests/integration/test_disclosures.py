@@ -11,11 +11,8 @@ patient's own entries show who saw their data, the auditor's reading of them inc
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +34,7 @@ from sqlalchemy import func, select
 
 from medledger_audit import event_types
 from medledger_devstack import synthetic
-from medledger_devstack.testing import status_of
+from medledger_devstack.testing import eventually, status_of
 from medledger_identity import main as identity_main
 from medledger_runtime.disclosures import disclosing_methods
 from medledger_runtime.events import decode, unpack
@@ -127,16 +124,6 @@ async def reads_since(db: Any, after: int) -> list[Seen]:
         actor = next((getattr(payload, f) for f in known.actor_fields if getattr(payload, f)), None)
         seen.append(Seen(row_id, event.type, actor, event.subject, payload))
     return seen
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str, within: float = 60.0) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.2)
 
 
 async def test_every_rpc_answering_with_personal_data_logs_its_disclosure_before_the_answer(start_stack: Any) -> None:

@@ -27,6 +27,7 @@ from medledger.records.v1 import records_service_pb2 as rec_pb
 from medledger.records.v1 import records_service_pb2_grpc as rec_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
+from medledger_devstack.testing import eventually
 from medledger_sdk.channels import make_channel
 
 CODE = grpc.StatusCode
@@ -52,16 +53,6 @@ async def code_of(call: Awaitable[Any]) -> grpc.StatusCode:
     except grpc.aio.AioRpcError as exc:
         return exc.code()
     return CODE.OK
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str, within: float = 30.0) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 async def seconds_until_refused(calls: dict[str, Callable[[], Awaitable[Any]]]) -> dict[str, float]:
@@ -170,7 +161,7 @@ async def test_a_guardian_acts_for_the_patient_in_records_and_audit_until_remove
             async def served() -> bool:
                 return await code_of(export()) == CODE.OK and await code_of(trail()) == CODE.OK
 
-            await eventually(served, "records and audit to learn the appointment")
+            await eventually(served, "records and audit to learn the appointment", within=30, every=0.1)
 
         await appoint()
 
@@ -221,7 +212,7 @@ async def test_a_guardian_acts_for_the_patient_in_records_and_audit_until_remove
             have = {(e["type"], f) for e in acts for f in ("actor_id", "requested_by", "cancelled_by") if f in e}
             return acts if wanted <= have else []
 
-        on_behalf = await eventually(guardian_entries, "the guardian's acts in the log")
+        on_behalf = await eventually(guardian_entries, "the guardian's acts in the log", within=30, every=0.1)
         # The guardian's own reads of the trail are disclosures too, on the patient's behalf.
         reads = [e for e in on_behalf if e["type"] == "personal_data.disclosed"]
         assert reads and {e["method"] for e in reads} <= {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -153,6 +154,20 @@ async def consuming(
         await consumer.stop()
         if producer is not None:
             await producer.stop()
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], what: str, within: float = 60.0, every: float = 0.2) -> Any:
+    """``check()`` again every `every` seconds until it returns something truthy, which is
+    returned; an AssertionError naming `what` after `within` seconds. For what a test waits on
+    across an event's trip (a consumer, the log, the chain)."""
+    deadline = time.monotonic() + within
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within:g} s waiting for {what}")
+        await asyncio.sleep(every)
 
 
 async def status_of(call: Awaitable[object]) -> grpc.StatusCode:
