@@ -16,6 +16,12 @@ from collections.abc import Iterator
 import grpc
 
 from medledger_verifier.errors import (
+    ERASED as ERASED,
+)
+from medledger_verifier.errors import (
+    VERSION_CONFLICT as VERSION_CONFLICT,
+)
+from medledger_verifier.errors import (
     Aborted as Aborted,
 )
 from medledger_verifier.errors import (

@@ -66,8 +66,13 @@ class TLSFiles:
 
 
 def status_for(error: MedledgerError) -> grpc.Status:
-    """A gRPC status with google.rpc details: BadRequest field violations where there are any."""
+    """A gRPC status with google.rpc details: BadRequest field violations where there are any,
+    ErrorInfo when the error has a reason."""
     details = []
+    if error.reason:
+        info = any_pb2.Any()
+        info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain="medledger.dev"))
+        details.append(info)
     if error.violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[

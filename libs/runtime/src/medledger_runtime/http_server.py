@@ -39,6 +39,9 @@ _EMPTY_CONTEXT = otel_context.Context()
 HttpHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The caller behind an `Authorization` header value (None: no header); Unauthenticated otherwise.
 Authenticator = Callable[[str | None], Awaitable[Caller]]
+# The body of an error answer: (HTTP status, message) → response. The default is the message as
+# text; the FHIR gateway answers an OperationOutcome instead.
+ErrorRenderer = Callable[[int, str], web.Response]
 
 # Named as OpenTelemetry's HTTP server metrics are when exported to Prometheus.
 HTTP_REQUESTS = Counter(
@@ -112,8 +115,10 @@ class HttpServer:
         authenticate: Authenticator,
         max_body_bytes: int,
         shutdown_grace_seconds: float,
+        render_error: ErrorRenderer | None = None,
     ) -> None:
         self._host = host
+        self._render_error = render_error or _text_error
         self._port = port
         self._max_body_bytes = max_body_bytes
         self.port = 0
@@ -181,12 +186,17 @@ class HttpServer:
         self, request: web.Request, handler: HttpHandler, declared: HttpRoute | None
     ) -> web.StreamResponse:
         if declared is None:  # aiohttp's own 404 or 405
-            return await handler(request)
+            try:
+                return await handler(request)
+            except web.HTTPException as exc:
+                if self._render_error is _text_error:
+                    raise
+                return self._with_headers(self._render_error(exc.status, exc.reason), exc)
         length = request.content_length
         if length is not None and length > self._max_body_bytes:
             # Refused before anything reads it; a body without a length is bounded by aiohttp's
             # client_max_size as it is read, with the same answer.
-            raise web.HTTPRequestEntityTooLarge(max_size=self._max_body_bytes, actual_size=length)
+            return self._render_error(413, f"the request body is larger than {self._max_body_bytes} bytes")
         try:
             if declared.public:
                 return await handler(request)
@@ -199,8 +209,13 @@ class HttpServer:
             status = _HTTP_STATUS.get(grpc_code(exc), 500)
             if status >= 500:
                 log.error("%s in %s %s", type(exc).__name__, request.method, declared.path)
-            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-            return web.Response(status=status, text=f"{exc.message}\n", headers=headers)
+            response = self._render_error(status, exc.message)
+            if status == 401:
+                response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        except web.HTTPRequestEntityTooLarge:
+            # A body without a length, grown past client_max_size as it was read.
+            return self._render_error(413, f"the request body is larger than {self._max_body_bytes} bytes")
         except web.HTTPException:
             raise
         except Exception as exc:
@@ -213,6 +228,19 @@ class HttpServer:
                     declared.path,
                     extra={"error": type(exc).__name__},
                 )
-                return web.Response(status=503, text=f"{outage} is unavailable; retry\n")
+                response = self._render_error(503, f"{outage} is unavailable; retry")
+                response.headers["Retry-After"] = "1"
+                return response
             log.exception("unhandled error in %s %s", request.method, declared.path)
-            return web.Response(status=500, text="internal error\n")
+            return self._render_error(500, "internal error")
+
+    @staticmethod
+    def _with_headers(response: web.Response, exc: web.HTTPException) -> web.Response:
+        # aiohttp's 405 says which methods the route allows.
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+
+
+def _text_error(status: int, message: str) -> web.Response:
+    return web.Response(status=status, text=f"{message}\n")

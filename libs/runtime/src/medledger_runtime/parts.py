@@ -12,7 +12,7 @@ import grpc
 from typing_extensions import TypeVar
 
 from medledger_runtime.auth import Access, JwksFetcher
-from medledger_runtime.http_server import HttpRoute
+from medledger_runtime.http_server import ErrorRenderer, HttpRoute
 from medledger_runtime.kafka import Handler
 
 # A service's handle: its own objects, as its main's frozen dataclass (RecordsParts, ...). Code
@@ -68,6 +68,8 @@ class ServiceParts(Generic[H]):
     consumers: Sequence[ConsumerSpec] = ()
     interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
     http_routes: Sequence[HttpRoute] = ()
+    # How the routes' errors are answered (the FHIR gateway: OperationOutcome); default plain text.
+    http_error_renderer: ErrorRenderer | None = None
     # RPCs answering with personal data whose use case writes its own disclosure event (records'
     # RecordDisclosed); the runtime logs every other such RPC (medledger_runtime.disclosures).
     discloses_itself: Sequence[str] = ()

@@ -206,6 +206,7 @@ class ServiceRuntime(Generic[H]):
                 authenticate=self.authenticate_bearer,
                 max_body_bytes=s.http_max_body_bytes,
                 shutdown_grace_seconds=s.shutdown_grace_seconds,
+                render_error=parts.http_error_renderer,
             )
             self.http_port = await self.http.start()
         self.grpc_port = await self.server.start()

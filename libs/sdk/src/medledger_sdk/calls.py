@@ -37,7 +37,8 @@ class FieldViolation:
 class RpcError(grpc.aio.AioRpcError):  # type: ignore[misc]
     """A failed call: ``code()``, ``details()`` (the message) as on any grpc.aio error, and the
     server's ``google.rpc.Status`` details decoded: ``field_violations`` names the fields a
-    request got wrong."""
+    request got wrong, ``reason`` (ErrorInfo) tells apart errors of one status ("ERASED",
+    "VERSION_CONFLICT", a consent reason code), empty when the server gave none."""
 
     def __init__(self, error: grpc.aio.AioRpcError, attempts: int = 1) -> None:
         super().__init__(
@@ -50,10 +51,14 @@ class RpcError(grpc.aio.AioRpcError):  # type: ignore[misc]
         self.attempts = attempts
         self.status = _status_of(error)
         violations: list[FieldViolation] = []
+        self.reason = ""
         for detail in self.status.details if self.status else ():
             bad = error_details_pb2.BadRequest()
+            info = error_details_pb2.ErrorInfo()
             if detail.Unpack(bad):
                 violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
+            elif detail.Unpack(info):
+                self.reason = info.reason
         self.field_violations = tuple(violations)
 
     @property

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Reasons (MedledgerError.reason) that clients act on.
+ERASED = "ERASED"  # the patient's records were erased (crypto-shredded)
+VERSION_CONFLICT = "VERSION_CONFLICT"  # an expected version is no longer the latest
+
 
 @dataclass(frozen=True)
 class FieldViolation:
@@ -19,14 +23,18 @@ class FieldViolation:
 
 class MedledgerError(Exception):
     """Base of every error a client may see. The message must hold no personal data. ``status``
-    is the name of its google.rpc code (the runtime answers a gRPC call with that status)."""
+    is the name of its google.rpc code (the runtime answers a gRPC call with that status).
+    ``reason``, when set, tells apart errors of one status for programs (google.rpc ErrorInfo's
+    reason, UPPER_SNAKE_CASE): a record ``ERASED`` or a ``VERSION_CONFLICT``, both
+    FAILED_PRECONDITION, are 410 and 412 to a FHIR client; a denial carries consent's reason code."""
 
     status = "INTERNAL"
 
-    def __init__(self, message: str, *, violations: tuple[FieldViolation, ...] = ()) -> None:
+    def __init__(self, message: str, *, violations: tuple[FieldViolation, ...] = (), reason: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.violations = violations
+        self.reason = reason
 
 
 class InvalidArgument(MedledgerError):

@@ -42,6 +42,7 @@ from medledger_records.erasure_runner import (
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
 from medledger_runtime.errors import (
+    ERASED,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -153,7 +154,7 @@ class ErasureDesk:
                 )
             for other in await erasure_storage.erasures_of(conn, command.patient_id, [PENDING, RUNNING, COMPLETED]):
                 if other.state == COMPLETED:
-                    raise FailedPrecondition(f"this patient's records were erased ({other.erasure_id})")
+                    raise FailedPrecondition(f"this patient's records were erased ({other.erasure_id})", reason=ERASED)
                 raise AlreadyExists(f"an erasure of this patient's records is {state_name(other.state)}")
             now = time.time()
             row = erasure_storage.ErasureRow(

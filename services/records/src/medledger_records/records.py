@@ -39,7 +39,7 @@ from medledger_records.record_commands import (
 )
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
-from medledger_runtime.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from medledger_runtime.errors import ERASED, DataLoss, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from medledger_runtime.events import TOPICS, Event, new_event
 from medledger_runtime.group_commit import OutboxGroupCommit
 from medledger_runtime.guardians import Guardians
@@ -54,7 +54,9 @@ TAMPERED = Counter(
 
 
 def _denied(answer: ConsentAnswer) -> PermissionDenied:
-    return PermissionDenied(f"consent {answer.reason_code}: {answer.reason} (decision {answer.decision_id})")
+    return PermissionDenied(
+        f"consent {answer.reason_code}: {answer.reason} (decision {answer.decision_id})", reason=answer.reason_code
+    )
 
 
 Write = Callable[[AsyncConnection], Awaitable[Written]]
@@ -145,7 +147,7 @@ class RecordDesk:
         # runs, no version is added (and no key re-created) for this patient.
         await storage.lock_patient(conn, patient_id, exclusive=False)
         for erasure in await erasure_storage.erasures_of(conn, patient_id, [RUNNING, COMPLETED]):
-            raise FailedPrecondition(f"this patient's records were erased ({erasure.erasure_id})")
+            raise FailedPrecondition(f"this patient's records were erased ({erasure.erasure_id})", reason=ERASED)
         now = time.time()
         if command.record_id:
             record = await storage.get_record(conn, command.record_id, for_update=True)
@@ -213,7 +215,7 @@ class RecordDesk:
         record, stored = found
         version = command.version or record.latest_version
         if record.erased_at is not None:
-            raise FailedPrecondition("this patient's records were erased")
+            raise FailedPrecondition("this patient's records were erased", reason=ERASED)
         decision_id = ""
         guardian = await self._is_guardian(caller, record.patient_id)
         if domain.read_needs_consent(caller, record.patient_id, command.purpose, guardian=guardian):
@@ -348,7 +350,7 @@ class RecordDesk:
             return domain.unseal(data_key, sealed, record.record_id, stored.version, record.patient_id)
         except NotFound:
             # The key went between reading the row and opening it: an erasure ran just then.
-            raise FailedPrecondition("this patient's records were erased") from None
+            raise FailedPrecondition("this patient's records were erased", reason=ERASED) from None
         except DataLoss:
             TAMPERED.inc()
             log.error(

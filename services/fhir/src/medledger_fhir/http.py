@@ -1,0 +1,68 @@
+"""FHIR over HTTP: the base URL, JSON bodies in and out, ETags and the headers FHIR asks for."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from medledger_fhir.outcomes import FHIR_JSON, FhirError
+
+BASE_PATH = "/fhir/R4"
+# Media types a FHIR JSON body may come as (http.html#mime): the FHIR one, plain JSON too.
+_JSON_TYPES = frozenset({FHIR_JSON, "application/json", "application/json+fhir"})
+
+
+def base_url(request: web.Request, configured: str) -> str:
+    """[base] as the client reaches it: the configured public URL, else this request's host."""
+    if configured:
+        return configured.rstrip("/")
+    return f"{request.scheme}://{request.host}{BASE_PATH}"
+
+
+def fhir_response(
+    resource: dict[str, Any], *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(status=status, text=json.dumps(resource), content_type=FHIR_JSON, headers=headers)
+
+
+def raw_fhir_response(body: bytes, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """Bytes as committed (a record's content), not re-serialized: the bytes a receipt proves."""
+    return web.Response(status=status, body=body, content_type=FHIR_JSON, headers=headers)
+
+
+async def read_resource(request: web.Request) -> dict[str, Any]:
+    """The request's body as a JSON object: 415 for another media type, 400 when it is not JSON
+    or not an object (a FHIR resource). Its validity as FHIR is for records (422)."""
+    if request.content_type not in _JSON_TYPES:
+        raise FhirError(415, f"send {FHIR_JSON}")
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise FhirError(400, "the body is not JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
+        raise FhirError(400, "the body is not a FHIR resource (a JSON object with resourceType)")
+    return body
+
+
+def etag(version: int) -> str:
+    return f'W/"{version}"'
+
+
+def version_from_etag(value: str, header: str) -> int:
+    """The version in `W/"3"` (or `"3"`, or `3`); 400 otherwise."""
+    text = value.strip()
+    if text.startswith("W/"):
+        text = text[2:]
+    text = text.strip('"')
+    if not text.isdigit() or not 0 < int(text) < 2**31:
+        raise FhirError(400, f'{header} must be a version ETag such as W/"1"')
+    return int(text)
+
+
+def http_date(seconds: float) -> str:
+    """An HTTP date (RFC 9110), for Last-Modified."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")

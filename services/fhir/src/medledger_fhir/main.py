@@ -1,0 +1,55 @@
+"""Wires the FHIR gateway: settings, the channels to the services, and the FHIR routes of each
+route module, on the runtime in its stateless mode (no database, no Kafka, no keys)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medledger_fhir import capability
+from medledger_fhir.backends import Backends
+from medledger_fhir.capability import Capabilities
+from medledger_fhir.config import FhirSettings
+from medledger_fhir.outcomes import outcome_response
+from medledger_runtime.http_server import HttpRoute
+from medledger_runtime.parts import ServiceParts
+from medledger_runtime.service import ServiceRuntime, run_service
+from medledger_runtime.settings import load_settings_or_exit
+
+NAME = "fhir"
+
+
+@dataclass(frozen=True)
+class FhirParts:
+    """The gateway's own objects, reachable from tests as ``runtime.handle``."""
+
+    backends: Backends
+    capabilities: Capabilities
+
+
+def build(runtime: ServiceRuntime[FhirParts]) -> ServiceParts[FhirParts]:
+    settings = runtime.settings
+    assert isinstance(settings, FhirSettings)
+    backends = Backends.connect(settings)
+    capabilities = Capabilities()
+    routes: list[HttpRoute] = []
+    # Each route module declares its capabilities beside its handlers; metadata lists them all.
+    routes += capability.routes(
+        capabilities, public_base_url=settings.public_base_url, token_endpoint=settings.token_endpoint_url
+    )
+    return ServiceParts(
+        service_descriptors=[],
+        register=lambda server: None,
+        access={},
+        handle=FhirParts(backends=backends, capabilities=capabilities),
+        http_routes=routes,
+        http_error_renderer=outcome_response,
+        on_stop=[backends.close],
+    )
+
+
+def main() -> None:
+    run_service(NAME, load_settings_or_exit(FhirSettings), (), build, stateless=True)
+
+
+if __name__ == "__main__":
+    main()
