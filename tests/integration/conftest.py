@@ -31,6 +31,8 @@ from medledger_consent import storage as consent_storage
 from medledger_consent.config import ConsentSettings
 from medledger_devstack import contracts, localstack
 from medledger_devstack.testing import Kafka, OpenBaoServer, Postgres, running_service
+from medledger_fhir import main as fhir_main
+from medledger_fhir.config import FhirSettings
 from medledger_identity import main as identity_main
 from medledger_identity import storage as identity_storage
 from medledger_identity.config import IdentitySettings
@@ -57,6 +59,8 @@ class Stack:
     records: ServiceRuntime[records_main.RecordsParts] | None = None
     audit: ServiceRuntime[audit_main.AuditParts] | None = None
     anchoring: ServiceRuntime[anchoring_main.AnchoringParts] | None = None
+    # The FHIR gateway, when asked: [base] is `fhir_base`.
+    fhir: ServiceRuntime[fhir_main.FhirParts] | None = None
     # The registries anchoring writes to, when it runs.
     deployment: contracts.Deployment | None = None
     _clients: list[TokenClient] = field(default_factory=list)
@@ -69,6 +73,11 @@ class Stack:
     def consent_address(self) -> str:
         assert self.consent is not None
         return f"127.0.0.1:{self.consent.grpc_port}"
+
+    @property
+    def fhir_base(self) -> str:
+        assert self.fhir is not None, "start the stack with fhir=True"
+        return f"http://127.0.0.1:{self.fhir.http_port}/fhir/R4"
 
     def client(self, principal_id: str, secret: str) -> TokenClient:
         c = TokenClient(self.identity_address, principal_id, client_secret=secret)
@@ -164,6 +173,7 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
         chain_rpc_url: str | None = None,
         anchoring_settings: dict[str, Any] | None = None,
         openbao: OpenBaoServer | None = None,
+        fhir: bool = False,
     ) -> AsyncIterator[Stack]:
         def keys_of(service: str, **local: Any) -> dict[str, Any]:
             """A service's key-manager settings: its local keyring, or its own tokens of OpenBao."""
@@ -184,6 +194,7 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
         (secrets_dir / "records.secret").write_text("mlsec_records_" + secrets.token_urlsafe(24))
         (secrets_dir / "audit.secret").write_text("mlsec_audit_" + secrets.token_urlsafe(24))
         (secrets_dir / "anchoring.secret").write_text("mlsec_anchoring_" + secrets.token_urlsafe(24))
+        (secrets_dir / "fhir.secret").write_text("mlsec_fhir_" + secrets.token_urlsafe(24))
         master = tmp_path / "master-identity.key"
         if not master.exists():
             create_master_key_file(master)
@@ -303,7 +314,30 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
                         anchoring_main.build,
                     )
                 )
+            fhir_runtime = None
+            if fhir:
+                assert records_runtime is not None and audit_runtime is not None, "the gateway calls records and audit"
+                fhir_runtime = await exits.enter_async_context(
+                    running_service(
+                        "fhir",
+                        FhirSettings(
+                            grpc_port=0,
+                            metrics_port=0,
+                            http_port=0,
+                            identity_address=f"127.0.0.1:{identity.grpc_port}",
+                            consent_address=f"127.0.0.1:{replicas[0].grpc_port}",
+                            records_address=f"127.0.0.1:{records_runtime.grpc_port}",
+                            audit_address=f"127.0.0.1:{audit_runtime.grpc_port}",
+                            client_secret_file=secrets_dir / "fhir.secret",
+                            token_endpoint_url=f"http://127.0.0.1:{identity.http_port}/oauth2/token",
+                        ),
+                        (),
+                        fhir_main.build,
+                        stateless=True,
+                    )
+                )
             stack = Stack(identity, replicas[0] if replicas else None, admin_secret, secrets_dir, replicas)
+            stack.fhir = fhir_runtime
             stack.records = records_runtime
             stack.audit = audit_runtime
             stack.anchoring = anchoring_runtime

@@ -126,10 +126,12 @@ async def running_service(
     settings: ServiceSettings,
     migrations: Sequence[Migration],
     build: Callable[[ServiceRuntime[H]], ServiceParts[H]],
+    *,
+    stateless: bool = False,
 ) -> AsyncIterator[ServiceRuntime[H]]:
     """Run a service in the test's event loop, exactly as its ``main`` wires it; its own objects
-    are ``runtime.handle``, typed by its build."""
-    runtime: ServiceRuntime[H] = ServiceRuntime(name, settings, migrations)
+    are ``runtime.handle``, typed by its build. `stateless`: the FHIR gateway's mode."""
+    runtime: ServiceRuntime[H] = ServiceRuntime(name, settings, migrations, stateless=stateless)
     try:
         await runtime.start(build)
         yield runtime

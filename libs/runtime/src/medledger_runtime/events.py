@@ -17,6 +17,8 @@ from medledger.events.v1 import envelope_pb2
 Event = envelope_pb2.Event
 
 SERVICES = ("identity", "consent", "records", "audit", "anchoring")
+# Components with a principal of their own but no topic: the stateless FHIR gateway.
+STATELESS_COMPONENTS = ("fhir",)
 TOPICS = {name: f"medledger.{name}.v1" for name in SERVICES}
 # Consent decisions, one per record access, apart from consent's own changes: the consumers of
 # changes (every consent replica) need not read through the decisions.

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from medledger_runtime.auth import Caller
 from medledger_runtime.errors import FieldViolation, InvalidArgument, PermissionDenied
-from medledger_runtime.events import SERVICES
+from medledger_runtime.events import SERVICES, STATELESS_COMPONENTS
 from medledger_runtime.vocabulary import KIND_NAMES, ROLE_NAMES
 from medledger_sdk.identity_link import TOKEN_ISSUER
 
@@ -27,7 +27,11 @@ PrincipalKind = vocabulary_pb2.PrincipalKind
 Role = vocabulary_pb2.Role
 
 ISSUER = TOKEN_ISSUER
-AUDIENCES = frozenset(f"medledger.{name}" for name in SERVICES)
+AUDIENCES = frozenset(f"medledger.{name}" for name in (*SERVICES, *STATELESS_COMPONENTS))
+FHIR_AUDIENCE = "medledger.fhir"
+# A token for the FHIR gateway is sent on by it, unchanged, to the services it calls: those
+# accept it too (the caller's own token, so each service decides and logs as for a gRPC call).
+_FHIR_AUDIENCES = [FHIR_AUDIENCE, "medledger.identity", "medledger.consent", "medledger.records", "medledger.audit"]
 # RFC 8725 suggests short-lived tokens; deactivation also reaches every service within a second.
 TOKEN_TTL_SECONDS = 15 * 60
 MAX_FHIR_BYTES = 64 * 1024
@@ -207,7 +211,7 @@ def token_claims(
     """RFC 7519 claims of a medledger access token, plus kind, roles and organization."""
     return {
         "iss": ISSUER,
-        "aud": audience,
+        "aud": _FHIR_AUDIENCES if audience == FHIR_AUDIENCE else audience,
         "sub": principal_id,
         "jti": uuid.uuid4().hex,
         "iat": now,

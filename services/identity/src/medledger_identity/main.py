@@ -18,7 +18,7 @@ from medledger_identity.key_owners import resource_migration
 from medledger_identity.principals import Directory
 from medledger_identity.storage import MIGRATIONS
 from medledger_identity.tokens import TokenDesk, TokenSigner
-from medledger_runtime.events import SERVICES, TOPICS
+from medledger_runtime.events import SERVICES, STATELESS_COMPONENTS, TOPICS
 from medledger_runtime.http_server import HttpRoute
 from medledger_runtime.parts import AuthSources, ConsumerSpec, ServiceParts
 from medledger_runtime.service import ServiceRuntime, run_service
@@ -81,7 +81,7 @@ def build(runtime: ServiceRuntime[IdentityParts]) -> ServiceParts[IdentityParts]
         if settings.service_secrets_dir is not None:
             for path in sorted(settings.service_secrets_dir.glob("*.secret")):
                 service = path.stem
-                if service not in SERVICES:
+                if service not in SERVICES and service not in STATELESS_COMPONENTS:
                     raise ConfigError(f"{path}: {service} is not a medledger service")
                 secret = read_secret_file(path).decode()
                 await principals.ensure_platform_principal(
