@@ -6,7 +6,8 @@ printed as MISS, never hidden.
 One script, though long: one function per section, each starting its baseline and its subject and
 printing them side by side; the sections share the runner's start-up and its verdicts.
 
-Usage: python bench/run.py [relay] [consumer] [grpc] [auth] [consent] [records] [audit] [anchoring] [--json FILE]
+Usage: python bench/run.py [relay] [consumer] [grpc] [auth] [consent] [records] [audit] [anchoring] [fhir]
+                          [--json FILE]
 """
 
 from __future__ import annotations
@@ -524,6 +525,73 @@ def bench_anchoring(
     }
 
 
+def bench_fhir(bootstrap: str, pg: localstack.PostgresCluster, results: dict, seconds: float = 8.0) -> None:
+    """(j) The FHIR gateway beside the gRPC path: bundles loaded (against the floor of their
+    validation, commitment and audit entry), reads against GetRecord, a patient's Observation
+    search, and a mixed load of 16 clients."""
+    print("-- (j) FHIR gateway: bundles, reads beside GetRecord, search, a mixed load", flush=True)
+    figures: dict = {"floor": run_json(str(HERE / "bench_fhir.py"), "floor")}
+    fl = figures["floor"]
+    print(
+        f"   floor, per resource over {fl['resources']:,.0f} synthetic resources: validation "
+        f"{fl['validation_us']:,.0f} µs, canonical JSON and commitment {fl['canonical_commitment_us']:,.0f} µs, "
+        f"audit entry {fl['audit_entry_us']:,.0f} µs: at most {fl['floor_resources_per_s']:,.0f} resources/s "
+        "on one core",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "fhir.json"
+        urls = ",".join(
+            pg.create_database(f"bench_{n}_{uuid.uuid4().hex[:6]}") for n in ("consent", "records", "audit")
+        )
+        server = subprocess.Popen(
+            [PY, str(HERE / "bench_fhir.py"), "server", bootstrap, urls, str(Path(tmp) / "stack"), str(config)]
+        )
+        try:
+            deadline = time.monotonic() + 600
+            while not config.exists():
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the FHIR benchmark server did not start")
+                time.sleep(0.2)
+
+            def client(mode: str) -> dict:
+                return run_json(str(HERE / "bench_fhir.py"), "client", str(config), str(seconds), mode)
+
+            b = figures["bundle"] = client("bundle")
+            ratio = b["resources_per_s"] / fl["floor_resources_per_s"]
+            print(
+                f"   transaction bundles: {b['bundles']} bundles, {b['resources']:,} resources "
+                f"in {b['seconds']:.1f} s: "
+                f"{b['resources_per_s']:,.0f} resources/s ({ratio:.0%} of the one-core floor; "
+                f"target >= 1,000/s)  {verdict(b['resources_per_s'], 1000)}",
+                flush=True,
+            )
+            r = figures["read"] = client("read")
+            print(
+                f"   reads: FHIR GET {r['fhir']['calls_per_s']:,.0f}/s p50 {r['fhir']['p50_ms']:.1f} ms "
+                f"p99 {r['fhir']['p99_ms']:.1f} ms  |  gRPC GetRecord {r['grpc']['calls_per_s']:,.0f}/s "
+                f"p50 {r['grpc']['p50_ms']:.1f} ms  |  {r['ratio']:.0%} (target >= 75%)  {verdict(r['ratio'], 0.75)}",
+                flush=True,
+            )
+            q = figures["search"] = client("search")
+            print(
+                f"   a patient's Observation search by code: {q['calls_per_s']:,.0f}/s "
+                f"p50 {q['p50_ms']:.1f} ms p99 {q['p99_ms']:.1f} ms",
+                flush=True,
+            )
+            m = figures["mixed"] = client("mixed")
+            ops = "; ".join(f"{op} p50 {f['p50_ms']:.1f} / p99 {f['p99_ms']:.1f} ms" for op, f in m["per_op"].items())
+            print(
+                f"   mixed (70% read, 20% search, 10% create), 16 clients: {m['calls_per_s']:,.0f} calls/s "
+                f"p50 {m['p50_ms']:.1f} ms p99 {m['p99_ms']:.1f} ms ({ops})",
+                flush=True,
+            )
+        finally:
+            server.terminate()
+            server.wait(60)
+    results["fhir"] = figures
+
+
 def _empty_call(seconds: float, in_flight: int | None = None) -> dict:
     """The baseline: an empty unary call to a bare grpc.aio server, from another process."""
     port = localstack.free_port()
@@ -559,23 +627,23 @@ def main() -> int:
     parser.add_argument(
         "only",
         nargs="*",
-        choices=["relay", "consumer", "grpc", "auth", "consent", "records", "audit", "anchoring", []],
+        choices=["relay", "consumer", "grpc", "auth", "consent", "records", "audit", "anchoring", "fhir", []],
         default=[],
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
-    wanted = set(args.only) or {"relay", "consumer", "grpc", "auth", "consent", "records", "audit", "anchoring"}
+    wanted = set(args.only) or {"relay", "consumer", "grpc", "auth", "consent", "records", "audit", "anchoring", "fhir"}
     results: dict = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="medledger-bench-") as tmp:
         broker = pg = None
         try:
-            if wanted & {"relay", "consumer", "auth", "consent", "records", "audit", "anchoring"}:
+            if wanted & {"relay", "consumer", "auth", "consent", "records", "audit", "anchoring", "fhir"}:
                 print("starting Tansu", flush=True)
                 port = localstack.free_port()
                 broker = localstack.start_tansu(port, Path(tmp) / "tansu.log")
                 bootstrap = f"127.0.0.1:{port}"
-            if wanted & {"relay", "consent", "records", "audit", "anchoring"}:
+            if wanted & {"relay", "consent", "records", "audit", "anchoring", "fhir"}:
                 print("starting a PostgreSQL cluster of our own", flush=True)
                 pg = localstack.PostgresCluster(Path(tmp) / "pg", localstack.free_port())
                 pg.init()
@@ -596,6 +664,8 @@ def main() -> int:
                 bench_audit(bootstrap, pg, results)
             if "anchoring" in wanted:
                 bench_anchoring(bootstrap, pg, Path(tmp), results)
+            if "fhir" in wanted:
+                bench_fhir(bootstrap, pg, results)
         finally:
             if pg is not None:
                 pg.stop("immediate")

@@ -83,8 +83,9 @@ async def identity_and_consent(
     secrets_dir.mkdir(parents=True, exist_ok=True)
     admin_secret = "mlsec_" + secrets.token_urlsafe(24)
     (folder / "admin.secret").write_text(admin_secret)
-    (secrets_dir / "consent.secret").write_text("mlsec_" + secrets.token_urlsafe(24))
-    (secrets_dir / "records.secret").write_text("mlsec_" + secrets.token_urlsafe(24))
+    # Every component's secret, as `make up` writes them (a benchmark may run any of them).
+    for name in ("consent", "records", "audit", "fhir"):
+        (secrets_dir / f"{name}.secret").write_text("mlsec_" + secrets.token_urlsafe(24))
     common: dict[str, Any] = {
         "grpc_port": 0,
         "metrics_port": 0,
