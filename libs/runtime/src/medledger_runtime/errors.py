@@ -19,6 +19,9 @@ from medledger_verifier.errors import (
     ERASED as ERASED,
 )
 from medledger_verifier.errors import (
+    TOO_LARGE as TOO_LARGE,
+)
+from medledger_verifier.errors import (
     VERSION_CONFLICT as VERSION_CONFLICT,
 )
 from medledger_verifier.errors import (

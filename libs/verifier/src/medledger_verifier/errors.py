@@ -13,6 +13,7 @@ from dataclasses import dataclass
 # Reasons (MedledgerError.reason) that clients act on.
 ERASED = "ERASED"  # the patient's records were erased (crypto-shredded)
 VERSION_CONFLICT = "VERSION_CONFLICT"  # an expected version is no longer the latest
+TOO_LARGE = "TOO_LARGE"  # RESOURCE_EXHAUSTED by the size of the request, not by a rate
 
 
 @dataclass(frozen=True)

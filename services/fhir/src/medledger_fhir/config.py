@@ -14,6 +14,8 @@ class FhirSettings(ServiceSettings):
     http_port: int = Field(default=8080, ge=0, le=65535)
     # A FHIR bundle of a few thousand resources fits; a larger body is refused with 413.
     http_max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    # Requests in the gateway at once; more are answered 429 with Retry-After.
+    max_in_flight: int = Field(default=512, ge=1, le=100_000)
     consent_address: str = "127.0.0.1:50052"
     records_address: str = "127.0.0.1:50053"
     audit_address: str = "127.0.0.1:50055"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from medledger_fhir import capability
+from medledger_fhir.admission import Admission
 from medledger_fhir.backends import Backends
 from medledger_fhir.capability import Capabilities
 from medledger_fhir.config import FhirSettings
@@ -36,12 +37,13 @@ def build(runtime: ServiceRuntime[FhirParts]) -> ServiceParts[FhirParts]:
     routes += capability.routes(
         capabilities, public_base_url=settings.public_base_url, token_endpoint=settings.token_endpoint_url
     )
+    admission = Admission(settings.max_in_flight)
     return ServiceParts(
         service_descriptors=[],
         register=lambda server: None,
         access={},
         handle=FhirParts(backends=backends, capabilities=capabilities),
-        http_routes=routes,
+        http_routes=[admission.wrap(route) for route in routes],
         http_error_renderer=outcome_response,
         on_stop=[backends.close],
     )

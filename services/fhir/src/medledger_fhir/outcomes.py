@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from medledger_runtime.errors import ERASED, VERSION_CONFLICT
+from medledger_runtime.errors import ERASED, TOO_LARGE, VERSION_CONFLICT
 from medledger_sdk.calls import RpcError
 
 FHIR_JSON = "application/fhir+json"
@@ -51,7 +51,7 @@ _HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 503,
 }
-_BY_REASON = {ERASED: 410, VERSION_CONFLICT: 412}
+_BY_REASON = {ERASED: 410, VERSION_CONFLICT: 412, TOO_LARGE: 413}
 
 
 class FhirError(Exception):

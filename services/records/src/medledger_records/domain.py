@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from medledger_runtime.auth import Caller
 from medledger_runtime.errors import (
+    TOO_LARGE,
     DataLoss,
     FieldViolation,
     InvalidArgument,
@@ -155,7 +156,7 @@ def provenance(
 def check_put(patient_id: str, category: int, media_type: str, content: bytes) -> str:
     """A put's fields, checked in this order; returns the FHIR resource type ("" for a document)."""
     if len(content) > MAX_RECORD_BYTES:
-        raise ResourceExhausted(f"a record is at most {MAX_RECORD_BYTES} bytes")
+        raise ResourceExhausted(f"a record is at most {MAX_RECORD_BYTES} bytes", reason=TOO_LARGE)
     if not patient_id:
         raise InvalidArgument.field("patient_id", "required")
     if category not in CATEGORIES:
