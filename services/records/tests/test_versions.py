@@ -340,7 +340,7 @@ async def test_history_pages_newest_first_and_is_decided_as_a_read(desk: Desk) -
     with acting_as(DOCTOR):
         answer = await desk.api.ListRecordVersions(
             pb.ListRecordVersionsRequest(record_id=first.record_id, purpose=TREAT),
-            None,  # type: ignore[arg-type]
+            None,
         )
     assert [x.version for x in answer.versions] == [3, 2, 1] and answer.decision_id == "dec_2"
     assert answer.record.record_id == first.record_id and answer.record.resource_type == "Observation"
@@ -442,16 +442,16 @@ async def test_put_records_through_the_servicer_is_idempotent_by_request_id(desk
         request_id=str(uuid.uuid4()),
         patient_id="pat_1",
         records=[
-            pb.RecordWrite(category=w.category, content=w.content, media_type=w.media_type, full_url=w.full_url)
+            pb.RecordWrite(category=w.category, content=w.content, media_type=w.media_type, full_url=w.full_url)  # type: ignore[arg-type]
             for w in transaction_writes()
         ],
         references={"urn:uuid:patient": "Patient/pat_1"},
         assign_fhir_identity=True,
     )
     with acting_as(PATIENT):
-        first = await desk.api.PutRecords(request, None)  # type: ignore[arg-type]
+        first = await desk.api.PutRecords(request, None)
         counts = await desk.counts()
-        retry = await desk.api.PutRecords(request, None)  # type: ignore[arg-type]
+        retry = await desk.api.PutRecords(request, None)
     assert [r.record_id for r in retry.records] == [r.record_id for r in first.records]
     assert retry == first and len(first.records) == 4 and counts[:2] == (4, 4)
     assert await desk.counts() == counts  # nothing written again, no event again
@@ -459,7 +459,7 @@ async def test_put_records_through_the_servicer_is_idempotent_by_request_id(desk
         changed = pb.PutRecordsRequest()
         changed.CopyFrom(request)
         changed.assign_fhir_identity = False
-        await desk.api.PutRecords(changed, None)  # type: ignore[arg-type]
+        await desk.api.PutRecords(changed, None)
     # PutRecord carries its expected version and stamping from the wire too.
     with acting_as(PATIENT):
         target = first.records[1].record_id
@@ -475,7 +475,7 @@ async def test_put_records_through_the_servicer_is_idempotent_by_request_id(desk
                 expected_version=1,
                 assign_fhir_identity=True,
             ),
-            None,  # type: ignore[arg-type]
+            None,
         )
     assert again.version == 2
     read = json.loads((await desk.records.get(PATIENT, GetRecord(record_id=target))).content)
