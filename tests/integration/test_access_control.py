@@ -479,7 +479,13 @@ def _requests(w: World, s: Side) -> dict[str, dict[str, pb_message.Message]]:
                 content=observation(),
                 media_type="application/fhir+json",
             ),
+            "PutRecords": rec_pb.PutRecordsRequest(
+                request_id=rid(),
+                patient_id=s.patient_id,
+                records=[rec_pb.RecordWrite(category=OBS, content=observation(), media_type="application/fhir+json")],
+            ),
             "GetRecord": rec_pb.GetRecordRequest(record_id=s.record_id, purpose=TREAT),
+            "ListRecordVersions": rec_pb.ListRecordVersionsRequest(record_id=s.record_id, purpose=TREAT),
             "ListRecords": rec_pb.ListRecordsRequest(patient_id=s.patient_id, purpose=TREAT),
             "ExportRecords": rec_pb.ExportRecordsRequest(patient_id=s.patient_id),
             "RotatePatientKey": rec_pb.RotatePatientKeyRequest(patient_id=s.patient_id),
@@ -529,7 +535,9 @@ NAMES_A_PATIENT = {
     },
     "records": {
         "PutRecord",
+        "PutRecords",
         "GetRecord",
+        "ListRecordVersions",
         "ListRecords",
         "ExportRecords",
         "RotatePatientKey",
@@ -682,6 +690,13 @@ FINER: dict[tuple[str, str, str], tuple[grpc.StatusCode, grpc.StatusCode]] = {
     # A guardian acts for the patient who appointed them (no consent asked); for another patient
     # they are whoever they are (here a researcher without that patient's consent).
     ("records", "GetRecord", "guardian of the patient"): (_OK, _PD),
+    ("records", "PutRecords", "patient"): (_OK, _PD),
+    ("records", "PutRecords", "practitioner"): (_OK, _PD),
+    # A record's history is decided as a read of it.
+    ("records", "ListRecordVersions", "patient"): (_OK, _NF),
+    ("records", "ListRecordVersions", "practitioner"): (_OK, _PD),
+    ("records", "ListRecordVersions", "researcher"): (_PD, _PD),
+    ("records", "ListRecordVersions", "guardian of the patient"): (_OK, _PD),
     ("records", "ListRecords", "patient"): (_OK, _PD),
     ("records", "ListRecords", "guardian of the patient"): (_OK, _OK),  # the other's: an empty list
     ("records", "ExportRecords", "patient"): (_OK, _PD),

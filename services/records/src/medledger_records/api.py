@@ -31,9 +31,13 @@ from medledger_records.record_commands import (
     ExportRecords,
     GetRecord,
     ListRecords,
+    ListRecordVersions,
     PutRecord,
+    PutRecords,
     Receipt,
     RecordKeys,
+    RecordWrite,
+    VersionListing,
     Written,
 )
 from medledger_records.records import RecordDesk
@@ -54,9 +58,12 @@ PUBLIC_METHODS: tuple[str, ...] = (_SERVICE + "GetErasureVerifierKey",)
 # The coarse table; keep it equal to services/records/README.md (a test compares them).
 ACCESS: dict[str, Access] = {
     _SERVICE + "PutRecord": Access.of(kinds=["practitioner", "patient"]),
+    _SERVICE + "PutRecords": Access.of(kinds=["practitioner", "patient"]),
     # A guardian (holding the role) acts for the patients who appointed them: the finer rules
     # ask the guardianships records keeps from consent's events.
     _SERVICE + "GetRecord": Access.of(kinds=["practitioner", "patient", "researcher"], roles=["guardian"]),
+    # A record's history is decided as a read of it.
+    _SERVICE + "ListRecordVersions": Access.of(kinds=["practitioner", "patient", "researcher"], roles=["guardian"]),
     _SERVICE + "ListRecords": Access.of(kinds=["practitioner", "patient", "researcher"], roles=["guardian"]),
     _SERVICE + "ExportRecords": Access.of(kinds=["patient"], roles=["guardian"]),
     _SERVICE + "RotatePatientKey": Access.of(roles=["admin"]),
@@ -106,6 +113,10 @@ def _put_response(w: Written) -> pb.PutRecordResponse:
     return pb.PutRecordResponse(record_id=w.record_id, version=w.version, receipt=_receipt(w.receipt))
 
 
+def _put_records_response(written: list[Written]) -> pb.PutRecordsResponse:
+    return pb.PutRecordsResponse(records=[_put_response(w) for w in written])
+
+
 def _summary(r: storage.Record) -> pb.RecordSummary:
     return pb.RecordSummary(
         record_id=r.record_id,
@@ -115,6 +126,18 @@ def _summary(r: storage.Record) -> pb.RecordSummary:
         resource_type=r.resource_type,
         latest_version=r.latest_version,
         updated_at=timestamp(r.updated_at),
+    )
+
+
+def _versions_response(listing: VersionListing) -> pb.ListRecordVersionsResponse:
+    return pb.ListRecordVersionsResponse(
+        record=_summary(listing.record),
+        versions=[
+            pb.RecordVersion(version=v.version, written_at=timestamp(v.written_at), receipt=_receipt(v.receipt))
+            for v in listing.versions
+        ],
+        next_page_token=listing.next_page_token,
+        decision_id=listing.decision_id,
     )
 
 
@@ -200,10 +223,39 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
             media_type=request.media_type,
             content=request.content,
             record_id=request.record_id,
+            expected_version=request.expected_version,
+            assign_fhir_identity=request.assign_fhir_identity,
         )
 
         once = self._once("records.PutRecord", request, pb.PutRecordResponse, _put_response, self.rt.relay.notify)
         return await self.records.put(current_caller(), command, once)
+
+    async def PutRecords(
+        self, request: pb.PutRecordsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PutRecordsResponse:
+        """All or nothing, idempotent as PutRecord: every record's write runs in the one
+        transaction that keeps the request id and the response."""
+        command = PutRecords(
+            patient_id=request.patient_id,
+            records=tuple(
+                RecordWrite(
+                    category=r.category,
+                    media_type=r.media_type,
+                    content=r.content,
+                    record_id=r.record_id,
+                    expected_version=r.expected_version,
+                    full_url=r.full_url,
+                )
+                for r in request.records
+            ),
+            references=dict(request.references),
+            assign_fhir_identity=request.assign_fhir_identity,
+        )
+        once = self._once(
+            "records.PutRecords", request, pb.PutRecordsResponse, _put_records_response, self.rt.relay.notify
+        )
+        response: pb.PutRecordsResponse = await self.records.put_records(current_caller(), command, once)
+        return response
 
     async def GetRecord(self, request: pb.GetRecordRequest, context: grpc.aio.ServicerContext) -> pb.GetRecordResponse:
         command = GetRecord(record_id=request.record_id, version=request.version, purpose=request.purpose)
@@ -218,6 +270,17 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
             category=d.category,  # type: ignore[arg-type]
             provenance_fhir_json=json.dumps(d.provenance).encode(),
         )
+
+    async def ListRecordVersions(
+        self, request: pb.ListRecordVersionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRecordVersionsResponse:
+        command = ListRecordVersions(
+            record_id=request.record_id,
+            purpose=request.purpose,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return _versions_response(await self.records.versions(current_caller(), command))
 
     async def ListRecords(
         self, request: pb.ListRecordsRequest, context: grpc.aio.ServicerContext

@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,8 +27,10 @@ from medledger_runtime.auth import Caller
 from medledger_runtime.errors import (
     TOO_LARGE,
     DataLoss,
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
+    MedledgerError,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -56,6 +60,10 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 # Versions are 32-bit integers in the database: none is larger.
 MAX_VERSION = 2**31 - 1
+# A PutRecords holds at most this many records (and fits the gRPC receive limit, which the server
+# enforces before any of this runs).
+MAX_RECORDS_PER_REQUEST = 1000
+URN_UUID = "urn:uuid:"
 READ, WRITE = vocabulary_pb2.Action.ACTION_READ, vocabulary_pb2.Action.ACTION_WRITE
 TREAT = vocabulary_pb2.PurposeOfUse.PURPOSE_OF_USE_TREAT
 CATEGORIES = frozenset(v.number for v in vocabulary_pb2.DataCategory.DESCRIPTOR.values if v.number)
@@ -119,6 +127,11 @@ def unseal(data_key: bytes, sealed: bytes, record_id: str, version: int, patient
         raise DataLoss("a stored record version does not decrypt: altered ciphertext or data key") from None
 
 
+def fhir_instant(at: float) -> str:
+    """A FHIR `instant`: UTC, milliseconds, "Z"."""
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def provenance(
     *, record_id: str, version: int, patient_id: str, written_by: str, organization_id: str, written_at: float
 ) -> dict[str, Any]:
@@ -141,7 +154,7 @@ def provenance(
             "type": "Organization",
             "identifier": {"system": ORGANIZATION_SYSTEM, "value": organization_id},
         }
-    recorded = datetime.fromtimestamp(written_at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    recorded = fhir_instant(written_at)
     return {
         "resourceType": "Provenance",
         "target": [{"identifier": {"system": RECORD_SYSTEM, "value": f"{record_id}/_history/{version}"}}],
@@ -155,6 +168,13 @@ def provenance(
 
 def check_put(patient_id: str, category: int, media_type: str, content: bytes) -> str:
     """A put's fields, checked in this order; returns the FHIR resource type ("" for a document)."""
+    _check_put_fields(patient_id, category, media_type, content)
+    if media_type == FHIR_JSON:
+        return validate_fhir(parse_json(content))
+    return ""
+
+
+def _check_put_fields(patient_id: str, category: int, media_type: str, content: bytes) -> None:
     if len(content) > MAX_RECORD_BYTES:
         raise ResourceExhausted(f"a record is at most {MAX_RECORD_BYTES} bytes", reason=TOO_LARGE)
     if not patient_id:
@@ -163,14 +183,170 @@ def check_put(patient_id: str, category: int, media_type: str, content: bytes) -
         raise InvalidArgument.field("category", "required: a DataCategory")
     if not media_type:
         raise InvalidArgument.field("media_type", "required: application/fhir+json or a document's media type")
-    if media_type == FHIR_JSON:
-        return validate_fhir(parse_json(content))
-    return ""
 
 
 def check_new_version(record_category: int, record_media_type: str, category: int, media_type: str) -> None:
     if (record_category, record_media_type) != (category, media_type):
         raise InvalidArgument.field("category", "a new version keeps its record's category and media type")
+
+
+def check_expected_version(latest_version: int, expected_version: int) -> None:
+    """FHIR `If-Match`: a write based on another version than the latest is refused (another
+    writer got there first). 0 expects nothing. The version numbers are no personal data."""
+    if expected_version and expected_version != latest_version:
+        raise FailedPrecondition(f"the record is at version {latest_version}, not {expected_version}")
+
+
+def check_put_options(record_id: str, expected_version: int, media_type: str, assign_identity: bool) -> None:
+    """What a PutRecord asks besides its content: an expected version names an existing record;
+    FHIR identity is a FHIR resource's."""
+    if expected_version and not record_id:
+        raise InvalidArgument.field("expected_version", "only with record_id: a new record has no version yet")
+    if expected_version > MAX_VERSION:
+        raise InvalidArgument.field("expected_version", "no record has that many versions")
+    if assign_identity and media_type != FHIR_JSON:
+        raise InvalidArgument.field("assign_fhir_identity", f"for FHIR resources ({FHIR_JSON}) only")
+
+
+# FHIR identity: what a FHIR server sets in a resource it stores.
+
+
+def fhir_id(record_id: str) -> str:
+    """A record's FHIR `id`: the record id with `_` written `-`. A FHIR id holds only letters,
+    digits, `-` and `.`, and record ids are `rec_` and hex, so this is one to one
+    (:func:`record_id_of` is the way back)."""
+    return record_id.replace("_", "-")
+
+
+def record_id_of(resource_id: str) -> str:
+    """The record id of a FHIR `id` that :func:`fhir_id` gave."""
+    return resource_id.replace("-", "_")
+
+
+def assign_fhir_identity(content: bytes, record_id: str, version: int, written_at: float, *, update: bool) -> bytes:
+    """The FHIR resource `content` as a FHIR server stores it: `id` the record's FHIR id,
+    `meta.versionId` the version, `meta.lastUpdated` the write time, other meta fields kept.
+    A new record's resource may carry any id (a create assigns its own, as FHIR's does); an
+    update's that names another resource is refused. These are the bytes committed and stored,
+    so what a read returns is what the commitment is of."""
+    resource = parse_json(content)
+    if not isinstance(resource, dict):
+        raise InvalidArgument.field("content", "a FHIR resource is a JSON object")
+    own = fhir_id(record_id)
+    given = resource.get("id")
+    if update and given is not None and given != own:
+        raise InvalidArgument.field("content.id", f"another resource than this record's ({own})")
+    meta = resource.get("meta", {})
+    if not isinstance(meta, dict):
+        raise InvalidArgument.field("content.meta", "a FHIR Meta is a JSON object")
+    stamped: dict[str, Any] = {
+        "resourceType": resource.get("resourceType"),
+        "id": own,
+        "meta": {**meta, "versionId": str(version), "lastUpdated": fhir_instant(written_at)},
+    }
+    for key, value in resource.items():
+        stamped.setdefault(key, value)
+    return json.dumps(stamped, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def rewrite_references(value: Any, targets: Mapping[str, str]) -> tuple[Any, int]:
+    """`value` (parsed JSON) with every FHIR reference string (a `reference` member) that is a key
+    of `targets` replaced by its target, and how many were replaced. `value` is left as it was."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        count = 0
+        for key, member in value.items():
+            if key == "reference" and isinstance(member, str) and member in targets:
+                out[key] = targets[member]
+                count += 1
+            else:
+                out[key], n = rewrite_references(member, targets)
+                count += n
+        return out, count
+    if isinstance(value, list):
+        items = [rewrite_references(item, targets) for item in value]
+        return [item for item, _ in items], sum(n for _, n in items)
+    return value, 0
+
+
+# PutRecords: several records of one patient, all or nothing.
+
+
+def check_put_records(patient_id: str, writes: Sequence[tuple[str, int, str]], references: Mapping[str, str]) -> None:
+    """A PutRecords' shape, before its entries' contents: the patient, how many records, each
+    entry's (record_id, expected_version, full_url) and the references resolved outside it.
+    Problems are named by the entry's index (`records[3].full_url`)."""
+    if not patient_id:
+        raise InvalidArgument.field("patient_id", "required")
+    if not writes:
+        raise InvalidArgument.field("records", "at least one record")
+    if len(writes) > MAX_RECORDS_PER_REQUEST:
+        raise ResourceExhausted(f"a PutRecords holds at most {MAX_RECORDS_PER_REQUEST} records")
+    record_ids: set[str] = set()
+    full_urls: set[str] = set()
+    for index, (record_id, expected_version, full_url) in enumerate(writes):
+        with in_entry(index):
+            check_put_options(record_id, expected_version, FHIR_JSON, False)
+            if record_id:
+                if record_id in record_ids:
+                    raise InvalidArgument.field("record_id", "another entry writes this record too")
+                record_ids.add(record_id)
+            if full_url:
+                if not full_url.startswith(URN_UUID) or len(full_url) == len(URN_UUID) or len(full_url) > 100:
+                    raise InvalidArgument.field("full_url", "a urn:uuid: URI")
+                if full_url in full_urls or full_url in references:
+                    raise InvalidArgument.field("full_url", "another entry (or a reference) has this fullUrl too")
+                full_urls.add(full_url)
+    for source, target in references.items():
+        if not source or not target:
+            raise InvalidArgument.field("references", "each maps a non-empty reference to a non-empty target")
+
+
+def reference_target(resource_type: str, record_id: str) -> str:
+    """What a reference to a record of the request becomes: `{resourceType}/{FHIR id}`."""
+    return f"{resource_type}/{fhir_id(record_id)}"
+
+
+def with_references(content: bytes, resource: Any, targets: Mapping[str, str]) -> bytes:
+    """A FHIR entry's content with its references to `targets` rewritten and the result validated
+    again; the very bytes sent when none was."""
+    rewritten, count = rewrite_references(resource, targets)
+    if not count:
+        return content
+    validate_fhir(rewritten)
+    return json.dumps(rewritten, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def check_record_write(patient_id: str, category: int, media_type: str, content: bytes) -> tuple[str, Any]:
+    """A PutRecords entry's fields, as :func:`check_put`: (resource type, the parsed and validated
+    resource), ("", None) for a document."""
+    _check_put_fields(patient_id, category, media_type, content)
+    if media_type != FHIR_JSON:
+        return "", None
+    resource = parse_json(content)
+    return validate_fhir(resource), resource
+
+
+@contextmanager
+def in_entry(index: int) -> Iterator[None]:
+    """Errors raised within are about entry `index` of a PutRecords: they say so, and their
+    fields are that entry's (`records[3].content`)."""
+    try:
+        yield
+    except MedledgerError as error:
+        raise entry_error(index, error) from None
+
+
+def entry_error(index: int, error: MedledgerError) -> MedledgerError:
+    prefix = f"records[{index}]"
+    violations = tuple(FieldViolation(f"{prefix}.{v.field}", v.description) for v in error.violations)
+    message = error.message
+    message = (
+        f"{prefix}.{message}"
+        if violations and message.startswith(error.violations[0].field)
+        else f"{prefix}: {message}"
+    )
+    return type(error)(message, violations=violations)
 
 
 def commitment(media_type: str, content: bytes, salt: bytes) -> str:
@@ -189,6 +365,18 @@ def check_list(categories: tuple[int, ...], page_size: int) -> None:
 
 def page_size(asked: int) -> int:
     return min(asked or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def version_page_token(version: int) -> str:
+    """Where the next page of a record's versions starts: below this version."""
+    return f"v{version}"
+
+
+def version_page_position(token: str) -> int:
+    number = token[1:] if token.startswith("v") else ""
+    if not (number.isascii() and number.isdigit()) or not 1 <= int(number) <= MAX_VERSION:
+        raise InvalidArgument.field("page_token", "not a token this RPC returned")
+    return int(number)
 
 
 def page_token(updated_at: float, record_id: str) -> str:

@@ -3,7 +3,8 @@ the ports they ask through: the key manager and consent. The use cases are ``rec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from medledger_records import storage
@@ -55,6 +56,34 @@ class PutRecord:
     media_type: str
     content: bytes
     record_id: str = ""
+    # With record_id: store only if the record's latest version is this one (0: any).
+    expected_version: int = 0
+    # FHIR resources: stamp `id`, `meta.versionId`, `meta.lastUpdated` before committing.
+    assign_fhir_identity: bool = False
+
+
+@dataclass(frozen=True)
+class RecordWrite:
+    """One record of a PutRecords: as a PutRecord's, and the entry's `urn:uuid:` fullUrl that
+    references in the request's resources may name it by."""
+
+    category: int
+    media_type: str
+    content: bytes
+    record_id: str = ""
+    expected_version: int = 0
+    full_url: str = ""
+
+
+@dataclass(frozen=True)
+class PutRecords:
+    """Several records of one patient, all or nothing (a FHIR transaction). `references` maps
+    references resolved outside the request to their targets."""
+
+    patient_id: str
+    records: tuple[RecordWrite, ...]
+    references: Mapping[str, str] = field(default_factory=dict)
+    assign_fhir_identity: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +93,16 @@ class GetRecord:
     record_id: str
     version: int = 0
     purpose: int = 0
+
+
+@dataclass(frozen=True)
+class ListRecordVersions:
+    """A record's versions, newest first (FHIR instance history), read for `purpose`."""
+
+    record_id: str
+    purpose: int = 0
+    page_size: int = 0
+    page_token: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,3 +170,23 @@ class Export:
 
     bundle: dict[str, Any]
     records: int
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    """A version without its content: when it was written and what it commits to."""
+
+    version: int
+    written_at: float
+    receipt: Receipt
+
+
+@dataclass(frozen=True)
+class VersionListing:
+    """A page of a record's versions, newest first, with the consent decision that allowed it
+    ("" for one's own)."""
+
+    record: storage.Record
+    versions: list[VersionEntry]
+    next_page_token: str
+    decision_id: str

@@ -10,11 +10,12 @@ the row and its event commit together. The rules without I/O are in ``domain.py`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar, overload
+from typing import Any, Protocol, TypeVar, overload
 
 from medledger.events.v1 import records_events_pb2 as ev
 from prometheus_client import Counter
@@ -32,9 +33,13 @@ from medledger_records.record_commands import (
     GetRecord,
     Listing,
     ListRecords,
+    ListRecordVersions,
     PutRecord,
+    PutRecords,
     Receipt,
     RecordKeys,
+    VersionEntry,
+    VersionListing,
     Written,
 )
 from medledger_runtime.auth import Caller
@@ -43,7 +48,7 @@ from medledger_runtime.errors import ERASED, DataLoss, FailedPrecondition, Inval
 from medledger_runtime.events import TOPICS, Event, new_event
 from medledger_runtime.group_commit import OutboxGroupCommit
 from medledger_runtime.guardians import Guardians
-from medledger_runtime.keys import LEGACY_PATIENT_KEY_PREFIX, KeyManager, KeyType, patient_key_name
+from medledger_runtime.keys import LEGACY_PATIENT_KEY_PREFIX, DataKey, KeyInfo, KeyManager, KeyType, patient_key_name
 from medledger_runtime.outbox import enqueue
 from medledger_runtime.settings import ConfigError
 
@@ -60,7 +65,41 @@ def _denied(answer: ConsentAnswer) -> PermissionDenied:
 
 
 Write = Callable[[AsyncConnection], Awaitable[Written]]
+WriteMany = Callable[[AsyncConnection], Awaitable[list[Written]]]
 T = TypeVar("T")
+
+
+def _new_record_id() -> str:
+    return f"rec_{uuid.uuid4().hex}"
+
+
+class _SealingKeys(Protocol):
+    """What a write needs of the key manager: the patient's key, and a data key under it."""
+
+    async def ensure_key(self, name: str, key_type: KeyType | str) -> KeyInfo: ...
+    async def data_key_for(self, name: str, plaintext_bytes: int) -> DataKey: ...
+
+
+class _OneDataKey:
+    """One data key for every record of a PutRecords, asked for by its first write (after the
+    erasure check, so that no key is re-created for an erased patient). Each version still has
+    its own nonce and associated data (record id, version, patient)."""
+
+    def __init__(self, keys: RecordKeys, plaintext_bytes: int) -> None:
+        self._keys = keys
+        self._bytes = plaintext_bytes
+        self._info: KeyInfo | None = None
+        self._key: DataKey | None = None
+
+    async def ensure_key(self, name: str, key_type: KeyType | str) -> KeyInfo:
+        if self._info is None:
+            self._info = await self._keys.ensure_key(name, key_type)
+        return self._info
+
+    async def data_key_for(self, name: str, plaintext_bytes: int) -> DataKey:
+        if self._key is None:
+            self._key = await self._keys.data_key_for(name, self._bytes)
+        return self._key
 
 
 def receipt(v: storage.StoredVersion) -> Receipt:
@@ -125,6 +164,9 @@ class RecordDesk:
         (by default what was written). The gRPC API passes a transaction that runs once per
         request id and answers with the wire response it stored, first time or replayed."""
         resource_type = domain.check_put(command.patient_id, command.category, command.media_type, command.content)
+        domain.check_put_options(
+            command.record_id, command.expected_version, command.media_type, command.assign_fhir_identity
+        )
         if domain.write_needs_consent(caller, command.patient_id):
             answer = await self.consent.check(caller, command.patient_id, domain.WRITE, command.category, domain.TREAT)
             if not answer.permit:
@@ -135,13 +177,90 @@ class RecordDesk:
 
         return await (transaction or self._transaction)(write)
 
-    async def _transaction(self, write: Write) -> Written:
+    @overload
+    async def put_records(self, caller: Caller, command: PutRecords) -> list[Written]: ...
+
+    @overload
+    async def put_records(
+        self, caller: Caller, command: PutRecords, transaction: Callable[[WriteMany], Awaitable[T]]
+    ) -> T: ...
+
+    async def put_records(
+        self, caller: Caller, command: PutRecords, transaction: Callable[[WriteMany], Awaitable[Any]] | None = None
+    ) -> Any:
+        """Write several records of one patient, all or nothing (a FHIR transaction). Before any
+        transaction: every entry checked (a problem names its index), consent asked once per
+        category, the new records' ids assigned and every reference to an entry's fullUrl (or
+        to a key of `references`) rewritten to its target in every resource, which is then
+        validated again. Then one transaction (run by `transaction`, as for :meth:`put`) writes
+        every version and its RecordStored under one data key; the first error rolls it all back."""
+        patient_id = command.patient_id
+        writes = command.records
+        domain.check_put_records(
+            patient_id, [(w.record_id, w.expected_version, w.full_url) for w in writes], command.references
+        )
+        checked: list[tuple[str, Any]] = []
+        for index, w in enumerate(writes):
+            with domain.in_entry(index):
+                checked.append(domain.check_record_write(patient_id, w.category, w.media_type, w.content))
+        if domain.write_needs_consent(caller, patient_id):
+            for category in sorted({w.category for w in writes}):
+                answer = await self.consent.check(caller, patient_id, domain.WRITE, category, domain.TREAT)
+                if not answer.permit:
+                    raise _denied(answer)
+        record_ids = [w.record_id or _new_record_id() for w in writes]
+        targets = dict(command.references)
+        for w, (resource_type, _), record_id in zip(writes, checked, record_ids, strict=True):
+            if w.full_url:
+                targets[w.full_url] = domain.reference_target(resource_type or "Binary", record_id)
+        puts: list[tuple[PutRecord, str, str]] = []
+        for index, (w, (resource_type, resource), record_id) in enumerate(
+            zip(writes, checked, record_ids, strict=True)
+        ):
+            content = w.content
+            if resource is not None:
+                with domain.in_entry(index):
+                    content = domain.with_references(w.content, resource, targets)
+            put = PutRecord(
+                patient_id=patient_id,
+                category=w.category,
+                media_type=w.media_type,
+                content=content,
+                record_id=w.record_id,
+                expected_version=w.expected_version,
+                assign_fhir_identity=command.assign_fhir_identity and resource is not None,
+            )
+            puts.append((put, resource_type, record_id))
+        sealed_bytes = sum(len(put.content) for put, _, _ in puts)
+
+        async def write(conn: AsyncConnection) -> list[Written]:
+            keys = _OneDataKey(self.keys, sealed_bytes)
+            written = []
+            for index, (put, resource_type, record_id) in enumerate(puts):
+                with domain.in_entry(index):
+                    written.append(
+                        await self._write(conn, caller, put, resource_type, new_record_id=record_id, keys=keys)
+                    )
+            return written
+
+        return await (transaction or self._transaction)(write)
+
+    async def _transaction(self, write: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         async with self.db.transaction() as conn:
             written = await write(conn)
         self.notify()
         return written
 
-    async def _write(self, conn: AsyncConnection, caller: Caller, command: PutRecord, resource_type: str) -> Written:
+    async def _write(
+        self,
+        conn: AsyncConnection,
+        caller: Caller,
+        command: PutRecord,
+        resource_type: str,
+        *,
+        new_record_id: str = "",
+        keys: _SealingKeys | None = None,
+    ) -> Written:
         patient_id = command.patient_id
         # Shared with other writes, exclusive with the start of an erasure: once an erasure
         # runs, no version is added (and no key re-created) for this patient.
@@ -154,19 +273,27 @@ class RecordDesk:
             if record is None or record.patient_id != patient_id:
                 raise NotFound("no such record of this patient")
             domain.check_new_version(record.category, record.media_type, command.category, command.media_type)
+            # Under the row lock: of two writes expecting the same version, the second finds it gone.
+            domain.check_expected_version(record.latest_version, command.expected_version)
             version = record.latest_version + 1
             await storage.set_latest_version(conn, record.record_id, version, now)
         else:
             record = storage.Record(
-                f"rec_{uuid.uuid4().hex}", patient_id, command.category, command.media_type, 1, resource_type
+                new_record_id or _new_record_id(), patient_id, command.category, command.media_type, 1, resource_type
             )
             version = 1
             await storage.insert_record(conn, record, now)
+        if command.assign_fhir_identity:
+            # Stamped before the commitment: the bytes committed, sealed and read back are these.
+            stamped = domain.assign_fhir_identity(
+                command.content, record.record_id, version, now, update=bool(command.record_id)
+            )
+            command = dataclasses.replace(command, content=stamped)
         salt = domain.new_salt()
         commitment = domain.commitment(command.media_type, command.content, salt)
         key_name = patient_key_name("records", patient_id)
-        await self.keys.ensure_key(key_name, KeyType.AES256_GCM96)
-        data_key = await self.keys.data_key_for(key_name, len(command.content))
+        await (keys or self.keys).ensure_key(key_name, KeyType.AES256_GCM96)
+        data_key = await (keys or self.keys).data_key_for(key_name, len(command.content))
         sealed = domain.seal(data_key.plaintext, command.content, record.record_id, version, patient_id)
         stored_key = ""
         if self.blobs is not None:
@@ -253,6 +380,52 @@ class RecordDesk:
             patient_id=record.patient_id,
             category=record.category,
             provenance=provenance(record, stored),
+        )
+
+    async def versions(self, caller: Caller, command: ListRecordVersions) -> VersionListing:
+        """A page of a record's versions, newest first, without content (FHIR instance history),
+        after the same decision as a read: a denial is announced (RecordAccessDenied) before
+        PermissionDenied; the listing (RecordsListed, "history") is durable before the answer."""
+        if not command.record_id:
+            raise InvalidArgument.field("record_id", "required")
+        domain.check_list((), command.page_size)
+        below = domain.version_page_position(command.page_token) if command.page_token else None
+        size = domain.page_size(command.page_size)
+        async with self.db.read() as conn:
+            record = await storage.get_record(conn, command.record_id)
+        if record is None:
+            raise NotFound("no such record")
+        if record.erased_at is not None:
+            raise FailedPrecondition("this patient's records were erased")
+        decision_id = ""
+        guardian = await self._is_guardian(caller, record.patient_id)
+        if domain.read_needs_consent(caller, record.patient_id, command.purpose, guardian=guardian):
+            answer = await self.consent.check(caller, record.patient_id, domain.READ, record.category, command.purpose)
+            if not answer.permit:
+                await self._announce_denial(caller, record, command.purpose, answer)
+                raise _denied(answer)
+            decision_id = answer.decision_id
+        async with self.db.read() as conn:
+            found = await storage.list_versions(conn, record.record_id, below=below, limit=size + 1)
+        more = len(found) > size
+        found = found[:size]
+        await self._announce_listing(
+            caller,
+            record.patient_id,
+            [record],
+            [decision_id] if decision_id else [],
+            command.purpose,
+            "history",
+            guardian=guardian,
+        )
+        return VersionListing(
+            record=record,
+            versions=[
+                VersionEntry(v.version, v.written_at, Receipt(v.record_id, v.version, v.commitment, v.salt, v.event_id))
+                for v in found
+            ],
+            next_page_token=domain.version_page_token(found[-1].version) if more else "",
+            decision_id=decision_id,
         )
 
     async def list(self, caller: Caller, command: ListRecords) -> Listing:

@@ -339,6 +339,34 @@ async def get_version(conn: AsyncConnection, record_id: str, version: int) -> St
     return _stored_version(r._mapping)
 
 
+@dataclass(frozen=True)
+class VersionMeta:
+    """A version without its ciphertext or key: what a history lists."""
+
+    record_id: str
+    version: int
+    salt: bytes
+    commitment: str
+    event_id: str
+    written_at: float
+
+
+async def list_versions(conn: AsyncConnection, record_id: str, *, below: int | None, limit: int) -> list[VersionMeta]:
+    """A record's versions, newest first, below version `below` when given (the ciphertexts are
+    not read)."""
+    c = record_versions.c
+    query = select(c.record_id, c.version, c.salt, c.commitment, c.event_id, c.written_at).where(
+        c.record_id == record_id
+    )
+    if below is not None:
+        query = query.where(c.version < below)
+    rows = await conn.execute(query.order_by(c.version.desc()).limit(limit))
+    return [
+        VersionMeta(r.record_id, int(r.version), bytes(r.salt), r.commitment, r.event_id, float(r.written_at))
+        for r in rows
+    ]
+
+
 def _record_and_version_query() -> Any:
     r, v = records.c, record_versions.c
     wanted = v.version == func.coalesce(func.nullif(bindparam("version", type_=Integer), 0), r.latest_version)
