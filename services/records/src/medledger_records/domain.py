@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from medledger_runtime.auth import Caller
 from medledger_runtime.errors import (
     TOO_LARGE,
+    VERSION_CONFLICT,
     DataLoss,
     FailedPrecondition,
     FieldViolation,
@@ -62,7 +63,7 @@ MAX_PAGE_SIZE = 500
 MAX_VERSION = 2**31 - 1
 # A PutRecords holds at most this many records (and fits the gRPC receive limit, which the server
 # enforces before any of this runs).
-MAX_RECORDS_PER_REQUEST = 1000
+MAX_RECORDS_PER_REQUEST = 5000
 URN_UUID = "urn:uuid:"
 READ, WRITE = vocabulary_pb2.Action.ACTION_READ, vocabulary_pb2.Action.ACTION_WRITE
 TREAT = vocabulary_pb2.PurposeOfUse.PURPOSE_OF_USE_TREAT
@@ -194,7 +195,9 @@ def check_expected_version(latest_version: int, expected_version: int) -> None:
     """FHIR `If-Match`: a write based on another version than the latest is refused (another
     writer got there first). 0 expects nothing. The version numbers are no personal data."""
     if expected_version and expected_version != latest_version:
-        raise FailedPrecondition(f"the record is at version {latest_version}, not {expected_version}")
+        raise FailedPrecondition(
+            f"the record is at version {latest_version}, not {expected_version}", reason=VERSION_CONFLICT
+        )
 
 
 def check_put_options(record_id: str, expected_version: int, media_type: str, assign_identity: bool) -> None:
@@ -281,7 +284,7 @@ def check_put_records(patient_id: str, writes: Sequence[tuple[str, int, str]], r
     if not writes:
         raise InvalidArgument.field("records", "at least one record")
     if len(writes) > MAX_RECORDS_PER_REQUEST:
-        raise ResourceExhausted(f"a PutRecords holds at most {MAX_RECORDS_PER_REQUEST} records")
+        raise ResourceExhausted(f"a PutRecords holds at most {MAX_RECORDS_PER_REQUEST} records", reason=TOO_LARGE)
     record_ids: set[str] = set()
     full_urls: set[str] = set()
     for index, (record_id, expected_version, full_url) in enumerate(writes):
@@ -346,7 +349,7 @@ def entry_error(index: int, error: MedledgerError) -> MedledgerError:
         if violations and message.startswith(error.violations[0].field)
         else f"{prefix}: {message}"
     )
-    return type(error)(message, violations=violations)
+    return type(error)(message, violations=violations, reason=error.reason)
 
 
 def commitment(media_type: str, content: bytes, salt: bytes) -> str:
