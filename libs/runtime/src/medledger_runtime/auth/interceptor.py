@@ -64,6 +64,9 @@ def check_scopes(caller: Caller, need: ScopeNeed | None, request: Any) -> None:
         raise PermissionDenied("this token's scopes do not allow this call")
     if need.checked_in_use_case:
         return
+    if need.check is not None:
+        need.check(caller, request)
+        return
     caller.require_scope(need.resource_type_of(request), need.interaction, need.patient_of(request))
 
 

@@ -21,7 +21,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from medledger_runtime.auth.callers import Caller
 
 INTERACTIONS = "cruds"
 INTERACTION_NAMES = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
@@ -105,6 +108,9 @@ def _check_interaction(interaction: str) -> None:
 
 
 RequestValue = Callable[[Any], str]
+# Checks a scoped caller against a request whose needs are more than one (type, interaction):
+# raises PermissionDenied (through ``Caller.require_scope``) when the scopes fall short.
+RequestCheck = Callable[["Caller", Any], None]
 
 
 @dataclass(frozen=True)
@@ -114,16 +120,18 @@ class ScopeNeed:
     compartment of the patient `patient` reads from the request when the RPC names one.
 
     ``ScopeNeed.in_use_case()``: the resource type is known only once the use case has read the
-    record or its content; the use case then checks with ``Caller.require_scope``.
+    record; the use case then checks with ``Caller.require_scope``. ``ScopeNeed.by(check)``: the
+    request needs several (a batch of writes): `check` calls ``Caller.require_scope`` for each.
     """
 
     resource_type: str | RequestValue = ""
     interaction: str = ""
     patient: RequestValue | None = None
     checked_in_use_case: bool = False
+    check: RequestCheck | None = None
 
     def __post_init__(self) -> None:
-        if not self.checked_in_use_case:
+        if not self.checked_in_use_case and self.check is None:
             _check_interaction(self.interaction)
             if not self.resource_type:
                 raise ValueError("a ScopeNeed names its resource type")
@@ -131,6 +139,10 @@ class ScopeNeed:
     @classmethod
     def in_use_case(cls) -> ScopeNeed:
         return cls(checked_in_use_case=True)
+
+    @classmethod
+    def by(cls, check: RequestCheck) -> ScopeNeed:
+        return cls(check=check)
 
     def resource_type_of(self, request: Any) -> str:
         rt = self.resource_type
