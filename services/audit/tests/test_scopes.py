@@ -3,6 +3,7 @@ and the entry-bundle tiles, with tokens signed as identity signs them."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -66,3 +67,15 @@ async def test_entry_bundles_refuse_scoped_auditor_tokens() -> None:
     assert await TilesHttp._auditor_only(None, request()) is None  # type: ignore[arg-type]
     refused = await TilesHttp._auditor_only(None, request(scope="system/AuditEvent.rs"))  # type: ignore[arg-type]
     assert refused is not None and refused.status == 403
+
+
+def readme_scope_rpcs() -> set[str]:
+    """The RPCs the README's "SMART scopes" table lists."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("\n## SMART scopes\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("|")]
+    return {r for r in rows if r != "RPC" and set(r) != {"-"}}
+
+
+def test_the_readme_lists_exactly_the_rpcs_open_to_scoped_tokens() -> None:
+    assert readme_scope_rpcs() == {m.rsplit("/", 1)[1] for m in SCOPES}

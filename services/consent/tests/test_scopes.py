@@ -3,6 +3,7 @@ SCOPES) with tokens signed as identity signs them."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,3 +68,15 @@ async def test_the_decision_point_and_break_glass_refuse_scoped_tokens(method: s
     with pytest.raises(PermissionDenied, match="scopes do not allow this call"):
         await call(method, request_, **claims, scope="system/*.cruds")
     assert await call(method, request_, **claims)
+
+
+def readme_scope_rpcs() -> set[str]:
+    """The RPCs the README's "SMART scopes" table lists."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("\n## SMART scopes\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("|")]
+    return {r for r in rows if r != "RPC" and set(r) != {"-"}}
+
+
+def test_the_readme_lists_exactly_the_rpcs_open_to_scoped_tokens() -> None:
+    assert readme_scope_rpcs() == {m.rsplit("/", 1)[1] for m in SCOPES}

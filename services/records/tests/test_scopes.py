@@ -174,3 +174,15 @@ async def test_documents_are_binary_and_lists_need_their_type(records: RecordDes
     assert await as_caller(issuer, "ExportRecords", patient_token(issuer, "patient/*.rs"), export)
     # Unscoped: the roles alone decide, as before.
     assert await as_caller(issuer, "RequestErasure", issuer.token(sub="pat_1", kind="patient", roles=[]), None)
+
+
+def readme_scope_rpcs() -> set[str]:
+    """The RPCs the README's "SMART scopes" table lists."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("\n## SMART scopes\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("|")]
+    return {r for r in rows if r != "RPC" and set(r) != {"-"}}
+
+
+def test_the_readme_lists_exactly_the_rpcs_open_to_scoped_tokens() -> None:
+    assert readme_scope_rpcs() == {m.rsplit("/", 1)[1] for m in SCOPES}
