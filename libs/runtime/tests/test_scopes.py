@@ -230,6 +230,17 @@ async def test_the_interceptor_applies_the_declared_need_to_the_request(issuer: 
         await i.authenticate(md(practitioner), LIST, own_observations)
 
 
+def test_a_refusal_says_whether_the_type_or_the_compartment_was_missing() -> None:
+    caller = Caller("prn_1", "practitioner", frozenset(), "", "tok", 0.0, ScopeSet.of("patient/Observation.r"), "pat_1")
+    caller.require_scope("Observation", "r", "pat_1")
+    with pytest.raises(PermissionDenied, match="read of Observation outside the patient in context"):
+        caller.require_scope("Observation", "r", "pat_2")
+    with pytest.raises(PermissionDenied, match=r"read of Condition$"):
+        caller.require_scope("Condition", "r", "pat_1")
+    with pytest.raises(PermissionDenied, match=r"search of every resource type$"):
+        caller.require_scope("*", "s")
+
+
 def test_a_caller_built_without_scopes_is_unscoped() -> None:
     caller = Caller("pat_1", "patient", frozenset(), "", "tok", 0.0)
     assert caller.scopes is None and caller.patient_context == ""

@@ -43,7 +43,9 @@ class Caller:
             allowed = self.scopes.permits_for_patient(resource_type, interaction, patient_id, self.patient_context)
         if not allowed:
             what = "every resource type" if resource_type == "*" else resource_type
-            where = " of this patient" if patient_id is not None and patient_id != self.patient_context else ""
+            # Allowed by type, refused by compartment: say so, or the refusal reads as a bug.
+            outside = patient_id is not None and self.scopes.permits(resource_type, interaction)
+            where = " outside the patient in context" if outside else ""
             raise PermissionDenied(
                 f"this token's scopes do not allow {INTERACTION_NAMES[interaction]} of {what}{where}"
             )
