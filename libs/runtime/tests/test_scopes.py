@@ -3,13 +3,17 @@ interceptor and HTTP routes refusing scoped tokens what their scopes do not allo
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import pytest
 from aiohttp import ClientSession, web
 from hypothesis import given
 from hypothesis import strategies as st
+from medledger.identity.v1 import identity_service_pb2 as id_pb
+from medledger.identity.v1 import identity_service_pb2_grpc as id_grpc
 
 from medledger_devstack.testing import TokenIssuer
 from medledger_runtime.auth import (
@@ -26,7 +30,9 @@ from medledger_runtime.auth import (
     patient_id_field,
 )
 from medledger_runtime.errors import PermissionDenied, Unauthenticated
+from medledger_runtime.grpc_server import GrpcServer
 from medledger_runtime.http_server import HttpRoute, HttpServer
+from medledger_sdk.channels import make_channel
 
 NOW = 1_800_000_000
 _SERVICE = "/medledger.records.v1.RecordsService/"
@@ -305,3 +311,55 @@ async def test_http_routes_apply_the_same_rule(issuer: TokenIssuer) -> None:
                     assert (who, path, response.status) == (who, path, status)
     finally:
         await server.stop()
+
+
+# --- over gRPC -----------------------------------------------------------------------------
+
+
+class _Identity(id_grpc.IdentityServiceServicer):
+    async def GetPrincipal(self, request: Any, context: Any) -> id_pb.GetPrincipalResponse:
+        return id_pb.GetPrincipalResponse(principal=id_pb.Principal(principal_id=current_caller().principal_id))
+
+    async def ListPrincipals(self, request: Any, context: Any) -> id_pb.ListPrincipalsResponse:
+        return id_pb.ListPrincipalsResponse()
+
+
+async def test_over_grpc_the_need_reads_the_request_before_the_servicer_runs() -> None:
+    issuer = TokenIssuer(now=time.time(), audience="medledger.identity")
+    service = "/medledger.identity.v1.IdentityService/"
+    verifier = TokenVerifier(issuer="medledger.identity", audience="medledger.identity", fetch_jwks=issuer.fetch)
+    auth = AuthInterceptor(
+        verifier,
+        DeactivationSet(),
+        public_methods=(),
+        access={service + "GetPrincipal": Access(), service + "ListPrincipals": Access()},
+        scopes={service + "GetPrincipal": ScopeNeed("Patient", "r", patient=lambda r: r.principal_id)},
+    )
+    server = GrpcServer(
+        host="127.0.0.1",
+        port=0,
+        max_message_bytes=64 * 1024,
+        service_descriptors=[id_pb.DESCRIPTOR.services_by_name["IdentityService"]],
+        register=lambda s: id_grpc.add_IdentityServiceServicer_to_server(_Identity(), s),
+        interceptors=[auth],
+    )
+    await server.start()
+    token = issuer.token(sub="pat_1", kind="patient", scope="patient/Patient.r", patient="pat_1")
+    metadata = (("authorization", f"Bearer {token}"),)
+    try:
+        async with make_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = id_grpc.IdentityServiceStub(channel)
+            own = await stub.GetPrincipal(id_pb.GetPrincipalRequest(principal_id="pat_1"), metadata=metadata)
+            assert own.principal.principal_id == "pat_1"
+            for call in (
+                stub.GetPrincipal(id_pb.GetPrincipalRequest(principal_id="pat_2"), metadata=metadata),
+                stub.ListPrincipals(id_pb.ListPrincipalsRequest(), metadata=metadata),  # undeclared
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert "this token's scopes do not allow" in (err.value.details() or "")
+            unscoped = (("authorization", f"Bearer {issuer.token()}"),)
+            assert await stub.ListPrincipals(id_pb.ListPrincipalsRequest(), metadata=unscoped) is not None
+    finally:
+        await server.stop(0)
