@@ -29,7 +29,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram
 
-from medledger_runtime.auth import ANY_CALLER, Access, Caller, acting_as
+from medledger_runtime.auth import ANY_CALLER, Access, Caller, ScopeNeed, acting_as, check_scopes
 from medledger_runtime.errors import MedledgerError, PermissionDenied, dependency_outage, grpc_code
 from medledger_runtime.telemetry import start_span
 
@@ -80,7 +80,9 @@ class HttpRoute:
     `public`, and then a caller that `access` allows (roles or principal kinds, as in a gRPC
     access table); the handler reads that caller with ``auth.current_caller()``. A public route
     that opens only some of its answers to callers (audit's entry bundles) calls
-    ``authenticate(request)`` itself.
+    ``authenticate(request)`` itself. A token with SMART scopes needs what `scope` declares (a
+    ``ScopeNeed``, its functions given the ``web.Request``); a route declaring none answers such
+    a token 403, as an RPC does.
     """
 
     method: str
@@ -88,10 +90,19 @@ class HttpRoute:
     handler: HttpHandler
     public: bool = False
     access: Access = ANY_CALLER
+    scope: ScopeNeed | None = None
 
     @classmethod
-    def get(cls, path: str, handler: HttpHandler, *, public: bool = False, access: Access = ANY_CALLER) -> HttpRoute:
-        return cls("GET", path, handler, public=public, access=access)
+    def get(
+        cls,
+        path: str,
+        handler: HttpHandler,
+        *,
+        public: bool = False,
+        access: Access = ANY_CALLER,
+        scope: ScopeNeed | None = None,
+    ) -> HttpRoute:
+        return cls("GET", path, handler, public=public, access=access, scope=scope)
 
 
 _AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
@@ -203,6 +214,7 @@ class HttpServer:
             caller = await authenticate(request)
             if not declared.access.allows(caller):
                 raise PermissionDenied("the caller's roles do not allow this request")
+            check_scopes(caller, declared.scope, request)
             with acting_as(caller):
                 return await handler(request)
         except MedledgerError as exc:

@@ -11,7 +11,7 @@ from typing import Any, Generic
 import grpc
 from typing_extensions import TypeVar
 
-from medledger_runtime.auth import Access, JwksFetcher
+from medledger_runtime.auth import Access, JwksFetcher, ScopeNeed
 from medledger_runtime.http_server import ErrorRenderer, HttpRoute
 from medledger_runtime.kafka import Handler
 
@@ -55,6 +55,8 @@ class ServiceParts(Generic[H]):
 
     `access` is the service's authorization table (RPC full name → who may call it) and
     `public_methods` the RPCs callable without a token; health and reflection always are.
+    `scopes` says what a token with SMART scopes needs to call each RPC (RPC full name →
+    ``ScopeNeed``); an RPC not in it refuses scoped tokens (PERMISSION_DENIED).
     `http_routes` are the service's HTTP endpoints, served on MEDLEDGER_HTTP_PORT with the same
     authentication (each route says whether it is public and whom it allows).
     """
@@ -64,6 +66,7 @@ class ServiceParts(Generic[H]):
     access: Mapping[str, Access]
     handle: H
     public_methods: Sequence[str] = ()
+    scopes: Mapping[str, ScopeNeed] = field(default_factory=dict)
     auth: AuthSources | None = None
     consumers: Sequence[ConsumerSpec] = ()
     interceptors: Sequence[grpc.aio.ServerInterceptor] = ()

@@ -330,7 +330,9 @@ class ServiceRuntime(Generic[H]):
         )
         verifier = TokenVerifier(issuer=TOKEN_ISSUER, audience=self.source, fetch_jwks=sources.fetch_jwks)
         self._verifier = verifier
-        return AuthInterceptor(verifier, self.deactivated, public_methods=parts.public_methods, access=parts.access)
+        return AuthInterceptor(
+            verifier, self.deactivated, public_methods=parts.public_methods, access=parts.access, scopes=parts.scopes
+        )
 
     async def _reload_deactivated(self, sources: AuthSources, every_seconds: float = 30.0) -> None:
         """Load the deactivated principals again now and then: the events bring them within

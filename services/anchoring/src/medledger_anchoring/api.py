@@ -15,7 +15,7 @@ from medledger.audit.v1 import audit_service_pb2_grpc as audit_grpc
 
 from medledger_anchoring import storage
 from medledger_anchoring.witness import GetAnchoredProof, ListAnchoredCheckpoints, VerifyProof, Witness
-from medledger_runtime.auth import Access
+from medledger_runtime.auth import Access, ScopeNeed
 from medledger_runtime.errors import InvalidArgument, NotFound, Unavailable
 from medledger_runtime.timestamps import timestamp
 
@@ -29,6 +29,10 @@ ACCESS: dict[str, Access] = {
     # Whoever holds a receipt's commitment (or an entry's index) gets its proof.
     _SERVICE + "GetAnchoredProof": Access(),
 }
+# SMART scopes grant FHIR interactions, and proofs are no FHIR resource: a scoped token is refused
+# every RPC that needs a token (medledger_runtime.auth.scopes), while anyone, token or not, still
+# verifies through the public RPCs. Keep it equal to the README.
+SCOPES: dict[str, ScopeNeed] = {}
 
 
 def anchored_checkpoint(row: storage.AnchorRow) -> pb.AnchoredCheckpoint:

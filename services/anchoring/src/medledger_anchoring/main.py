@@ -10,7 +10,7 @@ from medledger.audit.v1.audit_service_pb2_grpc import AuditServiceStub
 
 from medledger_anchoring import domain
 from medledger_anchoring.anchorer import Anchorer, AuditLog
-from medledger_anchoring.api import ACCESS, PUBLIC_METHODS, AnchoringApi, AuditProofs
+from medledger_anchoring.api import ACCESS, PUBLIC_METHODS, SCOPES, AnchoringApi, AuditProofs
 from medledger_anchoring.config import AnchoringSettings
 from medledger_anchoring.consents import ConsentWriter
 from medledger_anchoring.handlers import (
@@ -108,6 +108,7 @@ def build(runtime: ServiceRuntime[AnchoringParts]) -> ServiceParts[AnchoringPart
         access=ACCESS,
         handle=AnchoringParts(api=api, anchorer=anchorer, witness=witness),
         public_methods=PUBLIC_METHODS,
+        scopes=SCOPES,
         consumers=consumers,
         on_start=[sender.check_chain],
         background=[anchorer.run],

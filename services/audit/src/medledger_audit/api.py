@@ -20,7 +20,7 @@ from medledger_audit import fhir_audit, storage, tile_store
 from medledger_audit.checkpoints import Checkpointer
 from medledger_audit.entries import REDACTION, EntryDraft, redaction_entry, subject_key_name
 from medledger_audit.sequencer import Sequencer
-from medledger_runtime.auth import Access, Caller, current_caller
+from medledger_runtime.auth import Access, Caller, ScopeNeed, current_caller, patient_id_field
 from medledger_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from medledger_runtime.guardians import Guardians
 from medledger_runtime.idempotency import check_request_id
@@ -48,6 +48,14 @@ ACCESS: dict[str, Access] = {
     _SERVICE + "ListEntries": Access.of(kinds=["patient"], roles=["auditor", "guardian", "privacy-officer"]),
     _SERVICE + "ExportAuditEvents": Access.of(kinds=["patient"], roles=["auditor", "guardian"]),
     _SERVICE + "RedactEntry": Access.of(roles=["privacy-officer"]),
+}
+# What a token with SMART scopes needs (medledger_runtime.auth.scopes); any RPC not here refuses
+# such a token: commitments, proofs and redaction are the log's, not FHIR AuditEvents (the proofs
+# are public RPCs anyway). Keep it equal to the README's scopes table.
+SCOPES: dict[str, ScopeNeed] = {
+    _SERVICE + "ListEntries": ScopeNeed("AuditEvent", "s", patient=patient_id_field),
+    # The patient's AuditEvents in bulk, as ExportRecords is their records': a read.
+    _SERVICE + "ExportAuditEvents": ScopeNeed("AuditEvent", "r", patient=patient_id_field),
 }
 MAX_REASON = 500
 # Tree sizes are 64-bit signed integers in the database; a uint64 above is no size the log had.

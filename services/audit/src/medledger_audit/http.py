@@ -75,4 +75,7 @@ class TilesHttp:
         caller = await authenticate(request)
         if not caller.has_role("auditor"):
             return web.Response(status=403, text="entry bundles are for auditors\n")
+        if caller.scopes is not None:
+            # A SMART-scoped token reaches FHIR resources only, and raw log entries are none.
+            return web.Response(status=403, text="this token's scopes do not allow entry bundles\n")
         return None

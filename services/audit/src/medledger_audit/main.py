@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from medledger.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
 
-from medledger_audit.api import ACCESS, PUBLIC_METHODS, AuditApi
+from medledger_audit.api import ACCESS, PUBLIC_METHODS, SCOPES, AuditApi
 from medledger_audit.checkpoints import Checkpointer
 from medledger_audit.config import AuditSettings
 from medledger_audit.handlers import LogConsumer
@@ -71,6 +71,7 @@ def build(runtime: ServiceRuntime[AuditParts]) -> ServiceParts[AuditParts]:
             api=api, sequencer=sequencer, checkpointer=checkpointer, consumer=consumer, verifier=verifier
         ),
         public_methods=PUBLIC_METHODS,
+        scopes=SCOPES,
         http_routes=tiles_http.routes(),
         consumers=[GuardianshipProjection(runtime.db, GUARDIANSHIP_CONSUMER).consumer()],
         # The signing keys and the last signed checkpoint, before anything is appended or served.

@@ -37,7 +37,7 @@ from medledger_consent.consents import (
     RevokeConsent,
 )
 from medledger_consent.writes import RunWrite
-from medledger_runtime.auth import ANY_CALLER, Access, current_caller
+from medledger_runtime.auth import ANY_CALLER, Access, ScopeNeed, current_caller, patient_id_field
 from medledger_runtime.idempotency import once_per_request
 from medledger_runtime.service import ServiceRuntime
 from medledger_runtime.timestamps import duration, seconds, timestamp
@@ -64,6 +64,17 @@ ACCESS: dict[str, Access] = {
 }
 R = TypeVar("R")
 Response = TypeVar("Response", bound=pb_message.Message)
+# What a token with SMART scopes needs (medledger_runtime.auth.scopes); any RPC not here refuses
+# such a token. The decision point (CheckConsent, GetDecision) serves services with unscoped
+# tokens; guardianship and break-glass are not FHIR Consent interactions. Revoke and Get name no
+# patient: the use cases' own rules (the patient's side, the grantee) bound them.
+# Keep it equal to the README's scopes table.
+SCOPES: dict[str, ScopeNeed] = {
+    _SERVICE + "GrantConsent": ScopeNeed("Consent", "c", patient=patient_id_field),
+    _SERVICE + "RevokeConsent": ScopeNeed("Consent", "u"),
+    _SERVICE + "GetConsent": ScopeNeed("Consent", "r"),
+    _SERVICE + "ListConsents": ScopeNeed("Consent", "s", patient=patient_id_field),
+}
 
 
 def to_proto(v: domain.ConsentVersion) -> pb.Consent:

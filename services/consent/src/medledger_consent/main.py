@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from medledger.consent.v1 import consent_service_pb2, consent_service_pb2_grpc
 
-from medledger_consent.api import ACCESS, PUBLIC_METHODS, ConsentApi
+from medledger_consent.api import ACCESS, PUBLIC_METHODS, SCOPES, ConsentApi
 from medledger_consent.break_glass import BreakGlassDesk
 from medledger_consent.checks import ConsentChecks
 from medledger_consent.config import ConsentSettings
@@ -64,6 +64,7 @@ def build(runtime: ServiceRuntime[ConsentParts]) -> ServiceParts[ConsentParts]:
         access=ACCESS,
         handle=ConsentParts(api=api, consents=consents, checks=checks, break_glass=desk),
         public_methods=PUBLIC_METHODS,
+        scopes=SCOPES,
         consumers=[
             ConsumerSpec(
                 group_id=DIRECTORY_CONSUMER,

@@ -17,6 +17,7 @@ import grpc
 from google.protobuf import message as pb_message
 from medledger.identity.v1 import identity_service_pb2 as pb
 from medledger.identity.v1 import identity_service_pb2_grpc as pb_grpc
+from medledger.types.v1.vocabulary_pb2 import PrincipalKind
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_identity import storage
@@ -32,7 +33,7 @@ from medledger_identity.principal_commands import (
 )
 from medledger_identity.principals import Directory
 from medledger_identity.tokens import IssueToken, TokenDesk
-from medledger_runtime.auth import ANY_CALLER, Access, current_caller
+from medledger_runtime.auth import ANY_CALLER, Access, Caller, ScopeNeed, current_caller
 from medledger_runtime.idempotency import once_per_request
 from medledger_runtime.service import ServiceRuntime
 from medledger_runtime.timestamps import timestamp
@@ -66,6 +67,49 @@ _WithPrincipal = TypeVar(
 )
 R = TypeVar("R", bound=pb_message.Message)
 T = TypeVar("T")
+
+# The FHIR resource type a principal is, for SMART scopes: by its kind, or by its id's prefix
+# (domain's pseudonymous prefixes). Researchers and services are no FHIR resource here: only a
+# `*` scope reaches them.
+_FHIR_TYPE_OF_KIND: dict[int, str] = {
+    PrincipalKind.PRINCIPAL_KIND_PATIENT: "Patient",
+    PrincipalKind.PRINCIPAL_KIND_PRACTITIONER: "Practitioner",
+    PrincipalKind.PRINCIPAL_KIND_ORGANIZATION: "Organization",
+}
+_FHIR_TYPE_OF_PREFIX = {"pat": "Patient", "prn": "Practitioner", "org": "Organization"}
+
+
+def _principal_scope(interaction: str) -> Callable[[Caller, object], None]:
+    """A scoped caller's check for an RPC about one principal (`principal_id`): `interaction` on
+    its FHIR type, a patient's within its own compartment."""
+
+    def check(caller: Caller, request: object) -> None:
+        principal_id = str(getattr(request, "principal_id", ""))
+        resource_type = _FHIR_TYPE_OF_PREFIX.get(principal_id.partition("_")[0], "*")
+        caller.require_scope(resource_type, interaction, principal_id if resource_type == "Patient" else None)
+
+    return check
+
+
+def _kind_scope(interaction: str) -> Callable[[Caller, object], None]:
+    """A scoped caller's check for an RPC about principals of one `kind`."""
+
+    def check(caller: Caller, request: object) -> None:
+        caller.require_scope(_FHIR_TYPE_OF_KIND.get(int(getattr(request, "kind", 0)), "*"), interaction)
+
+    return check
+
+
+# What a token with SMART scopes needs (medledger_runtime.auth.scopes); any RPC not here refuses
+# such a token: roles, deactivation, listings and keys are administration, not FHIR. IssueToken,
+# GetJwks and RegisterPatient are public. Keep it equal to the README's scopes table.
+SCOPES: dict[str, ScopeNeed] = {
+    _SERVICE + "GetPrincipal": ScopeNeed.by(_principal_scope("r")),
+    _SERVICE + "UpdatePrincipalResource": ScopeNeed.by(_principal_scope("u")),
+    _SERVICE + "FindPrincipals": ScopeNeed.by(_kind_scope("s")),
+    # An integration engine registering the practitioners and organizations of its bundles.
+    _SERVICE + "RegisterPrincipal": ScopeNeed.by(_kind_scope("c")),
+}
 
 
 def to_proto(row: storage.PrincipalRow) -> pb.Principal:

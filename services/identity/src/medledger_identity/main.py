@@ -10,7 +10,7 @@ from aiohttp import web
 from medledger.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
 from medledger.types.v1 import vocabulary_pb2
 
-from medledger_identity.api import ACCESS, PUBLIC_METHODS, IdentityApi
+from medledger_identity.api import ACCESS, PUBLIC_METHODS, SCOPES, IdentityApi
 from medledger_identity.config import IdentitySettings
 from medledger_identity.credentials import SecretHasher
 from medledger_identity.handlers import ERASURE_CONSUMER, PatientErasureHandler
@@ -94,6 +94,7 @@ def build(runtime: ServiceRuntime[IdentityParts]) -> ServiceParts[IdentityParts]
         access=ACCESS,
         handle=IdentityParts(api=api, principals=principals, tokens=tokens),
         public_methods=PUBLIC_METHODS,
+        scopes=SCOPES,
         auth=AuthSources(fetch_jwks=signer.jwks, load_deactivated=principals.deactivated_ids),
         consumers=[
             ConsumerSpec(

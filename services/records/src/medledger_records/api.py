@@ -24,7 +24,7 @@ from medledger.records.v1 import records_service_pb2 as pb
 from medledger.records.v1 import records_service_pb2_grpc as pb_grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_records import erasure_storage, key_storage, storage
+from medledger_records import domain, erasure_storage, key_storage, storage
 from medledger_records.erasure import ErasureDesk, ErasureView, PlaceLegalHold, RequestErasure
 from medledger_records.record_commands import (
     ConsentAnswer,
@@ -41,7 +41,7 @@ from medledger_records.record_commands import (
     Written,
 )
 from medledger_records.records import RecordDesk
-from medledger_runtime.auth import Access, Caller, current_caller
+from medledger_runtime.auth import Access, Caller, ScopeNeed, current_caller, patient_id_field
 from medledger_runtime.errors import InvalidArgument, MedledgerError
 from medledger_runtime.idempotency import once_per_request
 from medledger_runtime.keys import patient_key_name
@@ -73,6 +73,37 @@ ACCESS: dict[str, Access] = {
     _SERVICE + "GetErasure": Access.of(kinds=["patient"], roles=["admin", "privacy-officer", "guardian"]),
     _SERVICE + "PlaceLegalHold": Access.of(roles=["admin", "privacy-officer"]),
     _SERVICE + "ReleaseLegalHold": Access.of(roles=["admin", "privacy-officer"]),
+}
+
+
+def _put_scopes(caller: Caller, request: pb.PutRecordRequest) -> None:
+    """Create for a new record, update for a new version, of the type the content claims (the
+    use case checks the stored record's own type on an update)."""
+    resource_type = domain.content_scope_type(request.media_type, request.content)
+    caller.require_scope(resource_type, "u" if request.record_id else "c", request.patient_id)
+
+
+def _put_many_scopes(caller: Caller, request: pb.PutRecordsRequest) -> None:
+    for write in request.records:
+        resource_type = domain.content_scope_type(write.media_type, write.content)
+        caller.require_scope(resource_type, "u" if write.record_id else "c", request.patient_id)
+
+
+# What a token with SMART scopes needs (medledger_runtime.auth.scopes); any RPC not here refuses
+# such a token (erasure, legal holds, key rotation are not FHIR interactions). Documents are
+# FHIR Binary resources. Keep it equal to the README's scopes table.
+SCOPES: dict[str, ScopeNeed] = {
+    _SERVICE + "PutRecord": ScopeNeed.by(_put_scopes),
+    _SERVICE + "PutRecords": ScopeNeed.by(_put_many_scopes),
+    # The record's type is known once the use case has read it.
+    _SERVICE + "GetRecord": ScopeNeed.in_use_case(),
+    # Instance history reads one record, of a type the request does not name: until its use case
+    # checks that type, only a token that reads every type may ask.
+    _SERVICE + "ListRecordVersions": ScopeNeed("*", "r"),
+    # No resource type asked: every type, which needs a `*` scope.
+    _SERVICE + "ListRecords": ScopeNeed(lambda r: r.resource_type, "s", patient=patient_id_field),
+    _SERVICE + "SearchRecords": ScopeNeed(lambda r: r.resource_type, "s", patient=patient_id_field),
+    _SERVICE + "ExportRecords": ScopeNeed("*", "r", patient=patient_id_field),
 }
 ROTATION_PAGE = 100
 T = TypeVar("T")

@@ -459,3 +459,27 @@ def export_resource(media_type: str, content: bytes) -> dict[str, Any]:
         "contentType": media_type,
         "data": base64.b64encode(content).decode("ascii"),
     }
+
+
+# SMART scopes name FHIR resource types; a document is served as a FHIR Binary (as ExportRecords
+# renders it), so its scopes are Binary's.
+DOCUMENT_SCOPE_TYPE = "Binary"
+
+
+def scope_type(resource_type: str) -> str:
+    """The resource type a stored record's SMART scopes name (its own; Binary for a document)."""
+    return resource_type or DOCUMENT_SCOPE_TYPE
+
+
+def content_scope_type(media_type: str, content: bytes) -> str:
+    """The resource type a put's content claims, for its scope check before anything else is
+    checked: a document's is Binary; content that names no type needs a ``*`` scope (the put then
+    refuses it as invalid anyway)."""
+    if media_type != FHIR_JSON:
+        return DOCUMENT_SCOPE_TYPE
+    try:
+        resource = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return "*"
+    name = resource.get("resourceType") if isinstance(resource, dict) else None
+    return name if isinstance(name, str) and name else "*"

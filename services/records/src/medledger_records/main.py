@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from medledger.consent.v1.consent_service_pb2_grpc import ConsentServiceStub
 from medledger.records.v1 import records_service_pb2, records_service_pb2_grpc
 
-from medledger_records.api import ACCESS, PUBLIC_METHODS, ConsentClient, RecordsApi
+from medledger_records.api import ACCESS, PUBLIC_METHODS, SCOPES, ConsentClient, RecordsApi
 from medledger_records.blobs import FilesystemBlobStore
 from medledger_records.config import RecordsSettings
 from medledger_records.data_keys import CacheLimits, DataKeyCache
@@ -111,6 +111,7 @@ def build(runtime: ServiceRuntime[RecordsParts]) -> ServiceParts[RecordsParts]:
         access=ACCESS,
         handle=RecordsParts(api=api, records=records, erasures=erasures, erasure_runner=runner),
         public_methods=PUBLIC_METHODS,
+        scopes=SCOPES,
         # Their use cases write RecordDisclosed and RecordsListed themselves, before answering.
         discloses_itself=[f"/{_SERVICE}/GetRecord", f"/{_SERVICE}/ExportRecords"],
         # The participants that confirm by event emit on their own topics.

@@ -272,6 +272,7 @@ class RecordDesk:
             record = await storage.get_record(conn, command.record_id, for_update=True)
             if record is None or record.patient_id != patient_id:
                 raise NotFound("no such record of this patient")
+            caller.require_scope(domain.scope_type(record.resource_type), "u", patient_id)
             domain.check_new_version(record.category, record.media_type, command.category, command.media_type)
             # Under the row lock: of two writes expecting the same version, the second finds it gone.
             domain.check_expected_version(record.latest_version, command.expected_version)
@@ -345,7 +346,9 @@ class RecordDesk:
             raise FailedPrecondition("this patient's records were erased", reason=ERASED)
         decision_id = ""
         guardian = await self._is_guardian(caller, record.patient_id)
-        if domain.read_needs_consent(caller, record.patient_id, command.purpose, guardian=guardian):
+        needs_consent = domain.read_needs_consent(caller, record.patient_id, command.purpose, guardian=guardian)
+        caller.require_scope(domain.scope_type(record.resource_type), "r", record.patient_id)
+        if needs_consent:
             answer = await self.consent.check(caller, record.patient_id, domain.READ, record.category, command.purpose)
             if not answer.permit:
                 await self._announce_denial(caller, record, command.purpose, answer)

@@ -9,7 +9,8 @@ import contextvars
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from medledger_runtime.errors import Unauthenticated
+from medledger_runtime.auth.scopes import INTERACTION_NAMES, ScopeSet
+from medledger_runtime.errors import PermissionDenied, Unauthenticated
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,32 @@ class Caller:
     organization_id: str
     token_id: str
     expires_at: float
+    # SMART v2 scopes of the token (None: unscoped, the roles alone decide) and the patient in
+    # context (SMART `patient`; "" none), whose compartment alone `patient/` scopes reach.
+    scopes: ScopeSet | None = None
+    patient_context: str = ""
 
     def has_role(self, role: str) -> bool:
         return role in self.roles
+
+    def require_scope(self, resource_type: str, interaction: str, patient_id: str | None = None) -> None:
+        """PermissionDenied unless the token's scopes allow `interaction` (c r u d s) on
+        `resource_type` ("*": every type), within `patient_id`'s compartment when given (then a
+        ``patient/`` scope counts only for the patient in context). Unscoped tokens pass."""
+        if self.scopes is None:
+            return
+        if patient_id is None:
+            allowed = self.scopes.permits(resource_type, interaction)
+        else:
+            allowed = self.scopes.permits_for_patient(resource_type, interaction, patient_id, self.patient_context)
+        if not allowed:
+            what = "every resource type" if resource_type == "*" else resource_type
+            # Allowed by type, refused by compartment: say so, or the refusal reads as a bug.
+            outside = patient_id is not None and self.scopes.permits(resource_type, interaction)
+            where = " outside the patient in context" if outside else ""
+            raise PermissionDenied(
+                f"this token's scopes do not allow {INTERACTION_NAMES[interaction]} of {what}{where}"
+            )
 
 
 @dataclass(frozen=True)

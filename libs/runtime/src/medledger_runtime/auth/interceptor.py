@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from medledger_runtime.auth.callers import Access, Caller, current_caller_var
+from medledger_runtime.auth.scopes import ScopeNeed
 from medledger_runtime.auth.tokens import TokenVerifier
 from medledger_runtime.errors import PermissionDenied, Unauthenticated
 from medledger_runtime.grpc_server import UnaryBehavior, UnaryWrappingInterceptor
@@ -53,6 +54,22 @@ async def authenticate_bearer(
     return caller
 
 
+def check_scopes(caller: Caller, need: ScopeNeed | None, request: Any) -> None:
+    """A scoped caller's token must allow what the RPC or route needs (`need`, None: nothing is
+    declared, so a scoped token may not call it); unscoped callers pass. RPCs whose resource type
+    only the use case knows are checked there (``Caller.require_scope``)."""
+    if caller.scopes is None:
+        return
+    if need is None:
+        raise PermissionDenied("this token's scopes do not allow this call")
+    if need.checked_in_use_case:
+        return
+    if need.check is not None:
+        need.check(caller, request)
+        return
+    caller.require_scope(need.resource_type_of(request), need.interaction, need.patient_of(request))
+
+
 def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     for key, value in metadata or ():
         if key == "authorization":
@@ -65,7 +82,8 @@ def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
 
 
 class AuthInterceptor(UnaryWrappingInterceptor):
-    """Authenticates every non-public RPC and applies its coarse access rule."""
+    """Authenticates every non-public RPC and applies its coarse access rule, then, for a scoped
+    token, what the RPC needs of its scopes (before the servicer runs)."""
 
     def __init__(
         self,
@@ -74,11 +92,14 @@ class AuthInterceptor(UnaryWrappingInterceptor):
         *,
         public_methods: Iterable[str],
         access: Mapping[str, Access],
+        scopes: Mapping[str, ScopeNeed] | None = None,
     ) -> None:
         self.verifier = verifier
         self.deactivated = deactivated
         self.public_methods = frozenset(public_methods)
         self.access = dict(access)
+        # RPC → what a scoped token needs to call it; an RPC not here refuses scoped tokens.
+        self.scopes = dict(scopes or {})
         super().__init__()
 
     def is_public(self, method: str) -> bool:
@@ -88,7 +109,9 @@ class AuthInterceptor(UnaryWrappingInterceptor):
             or method.startswith("/grpc.reflection.")
         )
 
-    async def authenticate(self, metadata: Iterable[tuple[str, Any]] | None, method: str) -> Caller:
+    async def authenticate(
+        self, metadata: Iterable[tuple[str, Any]] | None, method: str, request: Any = None
+    ) -> Caller:
         token = bearer_token(metadata)
         if token is None:
             raise Unauthenticated("this call needs an access token (authorization: Bearer …)")
@@ -101,6 +124,7 @@ class AuthInterceptor(UnaryWrappingInterceptor):
             raise PermissionDenied("no access rule for this call")
         if not rule.allows(caller):
             raise PermissionDenied("the caller's roles do not allow this call")
+        check_scopes(caller, self.scopes.get(method), request)
         return caller
 
     def wrap(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior | None:
@@ -108,7 +132,7 @@ class AuthInterceptor(UnaryWrappingInterceptor):
             return None
 
         async def authenticated(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            caller = await self.authenticate(context.invocation_metadata(), method)
+            caller = await self.authenticate(context.invocation_metadata(), method, request)
             token = current_caller_var.set(caller)
             try:
                 return await behavior(request, context)

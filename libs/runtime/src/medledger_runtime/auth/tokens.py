@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jwt.exceptions import PyJWKError
 
 from medledger_runtime.auth.callers import Caller
+from medledger_runtime.auth.scopes import InvalidScope, ScopeSet
 from medledger_runtime.errors import Unauthenticated, Unavailable
 
 LEEWAY_SECONDS = 30
@@ -155,6 +156,8 @@ class TokenVerifier:
             organization_id=str(claims.get("org", "")),
             token_id=str(claims["jti"]),
             expires_at=float(claims["exp"]),
+            scopes=_scopes(claims),
+            patient_context=claims.get("patient", ""),
         )
         if len(self._cache) >= self._max_cached:
             self._evict_expired(now)
@@ -201,6 +204,9 @@ class TokenVerifier:
         roles = claims.get("roles", [])
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise Unauthenticated("invalid token")
+        for name in ("scope", "patient"):
+            if name in claims and not isinstance(claims[name], str):
+                raise Unauthenticated(f"token claim {name!r} is not a string")
 
     def _evict_expired(self, now: float) -> None:
         for token, caller in list(self._cache.items()):
@@ -208,6 +214,18 @@ class TokenVerifier:
                 del self._cache[token]
         if len(self._cache) >= self._max_cached:
             self._cache.clear()
+
+
+def _scopes(claims: dict[str, Any]) -> ScopeSet | None:
+    """The token's SMART scopes; None when it has no ``scope`` claim (unscoped). A claim that is
+    there but empty is a token scoped to nothing, not an unscoped one: never widen."""
+    if "scope" not in claims:
+        return None
+    try:
+        return ScopeSet.parse(claims["scope"])
+    except InvalidScope as exc:
+        # Identity writes this claim: a scope not understood is a bug or a forgery.
+        raise Unauthenticated(f"token has a scope this service does not understand ({exc})") from None
 
 
 _REQUIRED_CLAIMS = ("exp", "iat", "sub", "jti", "iss", "aud")
