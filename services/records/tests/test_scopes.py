@@ -20,7 +20,7 @@ from medledger_devstack.testing import TokenIssuer
 from medledger_records import storage
 from medledger_records.api import ACCESS, SCOPES
 from medledger_records.data_keys import DataKeyCache
-from medledger_records.record_commands import ConsentAnswer, GetRecord, PutRecord
+from medledger_records.record_commands import ConsentAnswer, GetRecord, ListRecordVersions, PutRecord
 from medledger_records.records import RecordDesk
 from medledger_runtime.auth import ANY_CALLER, AuthInterceptor, Caller, DeactivationSet, TokenVerifier
 from medledger_runtime.db import Database
@@ -165,11 +165,16 @@ async def test_documents_are_binary_and_lists_need_their_type(records: RecordDes
         ("ListRecords", pb.ListRecordsRequest(patient_id="pat_2", resource_type="Observation")),
         ("SearchRecords", pb.SearchRecordsRequest(patient_id="pat_1", resource_type="Condition")),
         ("ExportRecords", pb.ExportRecordsRequest(patient_id="pat_1")),
-        ("ListRecordVersions", pb.ListRecordVersionsRequest(record_id=document.record_id)),
         ("RequestErasure", pb.RequestErasureRequest(patient_id="pat_1")),  # not a FHIR interaction
     ]:
         with pytest.raises(PermissionDenied, match="scopes"):
             await as_caller(issuer, method, token, request)
+    # A history is a read of the record's own type, checked once the record is known: a document
+    # (Binary) is beyond an Observation-only token, within a Binary one.
+    observations_only = await as_caller(issuer, "ListRecordVersions", token, None)
+    with pytest.raises(PermissionDenied, match="scopes"):
+        await records.versions(observations_only, ListRecordVersions(document.record_id))
+    assert (await records.versions(binary, ListRecordVersions(document.record_id))).versions
     export = pb.ExportRecordsRequest(patient_id="pat_1")
     assert await as_caller(issuer, "ExportRecords", patient_token(issuer, "patient/*.rs"), export)
     # Unscoped: the roles alone decide, as before.

@@ -3,7 +3,7 @@ route module, on the runtime in its stateless mode (no database, no Kafka, no ke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from medledger_fhir import capability
 from medledger_fhir.admission import Admission
@@ -11,6 +11,7 @@ from medledger_fhir.backends import Backends
 from medledger_fhir.capability import Capabilities
 from medledger_fhir.config import FhirSettings
 from medledger_fhir.outcomes import outcome_response
+from medledger_runtime.auth import ScopeNeed
 from medledger_runtime.http_server import HttpRoute
 from medledger_runtime.parts import ServiceParts
 from medledger_runtime.service import ServiceRuntime, run_service
@@ -25,6 +26,14 @@ class FhirParts:
 
     backends: Backends
     capabilities: Capabilities
+
+
+def scoped(route: HttpRoute) -> HttpRoute:
+    """A FHIR route is reachable by any scoped token: the services it calls with that token check
+    its scopes against the resources themselves (a token can do no more here than over gRPC)."""
+    if route.public or route.scope is not None:
+        return route
+    return replace(route, scope=ScopeNeed.in_use_case())
 
 
 def build(runtime: ServiceRuntime[FhirParts]) -> ServiceParts[FhirParts]:
@@ -43,7 +52,7 @@ def build(runtime: ServiceRuntime[FhirParts]) -> ServiceParts[FhirParts]:
         register=lambda server: None,
         access={},
         handle=FhirParts(backends=backends, capabilities=capabilities),
-        http_routes=[admission.wrap(route) for route in routes],
+        http_routes=[admission.wrap(scoped(route)) for route in routes],
         http_error_renderer=outcome_response,
         on_stop=[backends.close],
     )

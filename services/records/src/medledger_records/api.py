@@ -99,7 +99,7 @@ SCOPES: dict[str, ScopeNeed] = {
     _SERVICE + "GetRecord": ScopeNeed.in_use_case(),
     # Instance history reads one record, of a type the request does not name: until its use case
     # checks that type, only a token that reads every type may ask.
-    _SERVICE + "ListRecordVersions": ScopeNeed("*", "r"),
+    _SERVICE + "ListRecordVersions": ScopeNeed.in_use_case(),
     # No resource type asked: every type, which needs a `*` scope.
     _SERVICE + "ListRecords": ScopeNeed(lambda r: r.resource_type, "s", patient=patient_id_field),
     _SERVICE + "SearchRecords": ScopeNeed(lambda r: r.resource_type, "s", patient=patient_id_field),

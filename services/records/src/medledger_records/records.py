@@ -399,7 +399,9 @@ class RecordDesk:
         if record is None:
             raise NotFound("no such record")
         if record.erased_at is not None:
-            raise FailedPrecondition("this patient's records were erased")
+            raise FailedPrecondition("this patient's records were erased", reason=ERASED)
+        # A history is a read of the record's own type (a scoped token's `.r` of that type).
+        caller.require_scope(domain.scope_type(record.resource_type), "r", record.patient_id)
         decision_id = ""
         guardian = await self._is_guardian(caller, record.patient_id)
         if domain.read_needs_consent(caller, record.patient_id, command.purpose, guardian=guardian):
