@@ -155,6 +155,13 @@ async def test_a_record_is_proven_in_the_log_and_entries_are_read_by_whom_they_c
         bundle = Bundle.model_validate_json(exported.fhir_bundle_json)
         assert exported.entries == len(own.entries) == len(bundle.entry)
         assert patient_id not in exported.fhir_bundle_json.decode()
+        # Paged: one AuditEvent a page, `entry-<index>` each, the pages in log order.
+        first = await audit_as_patient.ExportAuditEvents(pb.ExportAuditEventsRequest(page_size=1))
+        rest = await audit_as_patient.ExportAuditEvents(pb.ExportAuditEventsRequest(page_token=first.next_page_token))
+        paged = [e["resource"]["id"] for b in (first, rest) for e in json.loads(b.fhir_bundle_json)["entry"]]
+        assert first.entries == 1 and first.next_page_token and not rest.next_page_token
+        # (Reading is itself logged, so later pages may hold more than the listing had.)
+        assert paged[: len(own.entries)] == [f"entry-{e.index}" for e in own.entries]
 
         # Redaction for retention: the payload goes, the leaf stays, every proof still verifies.
         redact = pb.RedactEntryRequest(request_id=rid(), index=entry.index, reason="retention rule R-7")

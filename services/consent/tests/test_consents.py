@@ -149,6 +149,8 @@ async def test_a_stranger_cannot_read_someones_consents(registered: World) -> No
     # The patient and the grantee read it; only the patient gets the salt.
     own = await w.consents.list(PATIENT, ListConsents(patient_id="pat_1"))
     assert [c.consent_id for c in own.versions] == [granted.version.consent_id]
+    # Each listed version with its FHIR form, as GetConsent gives it.
+    assert own.fhir_consent_json == [granted.fhir_consent_json]
     assert (await w.consents.get(PATIENT, GetConsent(granted.version.consent_id))).salt == granted.salt
     assert (await w.consents.get(caller("prn_1", "practitioner"), GetConsent(granted.version.consent_id))).salt == b""
 

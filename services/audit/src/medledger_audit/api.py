@@ -203,7 +203,10 @@ class AuditApi(pb_grpc.AuditServiceServicer):
         if request.page_size < 0:
             raise InvalidArgument.field("page_size", "must not be negative")
         size = min(request.page_size or MAX_EXPORT, MAX_EXPORT)
-        rows = await self._select(current_caller(), request, after=-1, limit=size)
+        after = _page_position(request.page_token)
+        rows = await self._select(current_caller(), request, after=after, limit=size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
         events = []
         for row in rows:
             if row.entry is None:
@@ -215,7 +218,11 @@ class AuditApi(pb_grpc.AuditServiceServicer):
                 )
             )
         bundle = fhir_audit.audit_event_bundle(events)
-        return pb.ExportAuditEventsResponse(fhir_bundle_json=json.dumps(bundle).encode(), entries=len(events))
+        return pb.ExportAuditEventsResponse(
+            fhir_bundle_json=json.dumps(bundle).encode(),
+            entries=len(events),
+            next_page_token=str(int(rows[-1].entry_index)) if more else "",
+        )
 
     async def _select(
         self, caller: Caller, request: pb.ListEntriesRequest | pb.ExportAuditEventsRequest, *, after: int, limit: int

@@ -9,7 +9,7 @@ onBehalfOf (HL7's `auditevent-OnBehalfOf` extension; by the entry's `subject`, a
 entity); `source.observer` the service that emitted the event; `entity` the records, consents,
 accesses and erasures concerned, and the entry's `subject` (the HMAC standing for the patient,
 never the patient id). The entry's index in the log and its leaf hash go in an entity too, so
-each AuditEvent points back to what proves it.
+each AuditEvent points back to what proves it; its `id` is `entry-<index>`.
 """
 
 from __future__ import annotations
@@ -102,6 +102,8 @@ def audit_event(entry: dict[str, Any], *, index: int, leaf_hash_hex: str, source
         )
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
+        # The entry's place in the log: stable, and a FHIR id (a search answer needs one).
+        "id": f"entry-{index}",
         "type": _coding(_DCM, code, display),
         "subtype": [_coding(_ENTRY_TYPE_SYSTEM, entry_type)],
         "action": action,

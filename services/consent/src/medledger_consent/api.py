@@ -224,7 +224,9 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
         )
         page = await self.consents.list(current_caller(), command)
         return pb.ListConsentsResponse(
-            consents=[to_proto(v) for v in page.versions], next_page_token=page.next_page_token
+            consents=[to_proto(v) for v in page.versions],
+            next_page_token=page.next_page_token,
+            fhir_consent_json=page.fhir_consent_json,
         )
 
     async def CheckConsent(

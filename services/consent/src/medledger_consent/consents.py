@@ -117,6 +117,8 @@ class ConsentRead:
 class ConsentPage:
     versions: list[domain.ConsentVersion]
     next_page_token: str
+    # Each version's FHIR Consent, in order: what GetConsent gives for it.
+    fhir_consent_json: list[str]
 
 
 @dataclass(frozen=True)
@@ -329,7 +331,8 @@ class ConsentDesk:
             )
         more = len(versions) > size
         versions = versions[:size]
-        return ConsentPage(versions, versions[-1].consent_id if more else "")
+        documents = [fhir.fhir_json(fhir.fhir_consent(v)) for v in versions]
+        return ConsentPage(versions, versions[-1].consent_id if more else "", documents)
 
     # -- guardians ------------------------------------------------------------------------------
 
