@@ -42,6 +42,8 @@ class TypeSupport:
     versioning: str = "versioned"
     conditional_create: bool = False
     read_history: bool = False
+    # What a client needs to know beyond the interactions (CapabilityStatement.rest.resource.documentation).
+    documentation: str = ""
 
 
 @dataclass
@@ -73,6 +75,8 @@ class Capabilities:
                 "updateCreate": False,
                 "conditionalCreate": s.conditional_create,
             }
+            if s.documentation:
+                resource["documentation"] = s.documentation
             if s.search_params:
                 resource["searchParam"] = [
                     {"name": p.name, "type": p.type, **({"documentation": p.documentation} if p.documentation else {})}
