@@ -309,8 +309,9 @@ def searchset(base: str, documents: list[str], *, total: int, self_url: str, nex
 
 def _count(query: Mapping[str, str]) -> int:
     text = query.get("_count", str(DEFAULT_COUNT))
-    if not text.isascii() or not text.isdigit() or not 0 < int(text) <= MAX_COUNT:
-        raise FhirError(400, f"_count is 1 to {MAX_COUNT}")
+    # 0: the total only (FHIR's way to count, as fhirpy's count() asks).
+    if not text.isascii() or not text.isdigit() or int(text) > MAX_COUNT:
+        raise FhirError(400, f"_count is 0 to {MAX_COUNT}")
     return int(text)
 
 
@@ -397,7 +398,7 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
         def url(at: int) -> str:
             return f"{base}/Consent?" + urlencode({**used, "_count": count, "_offset": at})
 
-        more = offset + count < len(documents)
+        more = count > 0 and offset + count < len(documents)
         bundle = searchset(
             base,
             documents[offset : offset + count],
