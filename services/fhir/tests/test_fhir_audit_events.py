@@ -62,6 +62,7 @@ def test_a_search_is_an_export_request() -> None:
         [("patient", "Practitioner/prn-" + "b" * 32)],
         [("_count", "0")],
         [("_count", "1001")],
+        [("_count", "9" * 5000)],  # more digits than int() takes: still a 400
         [("date", "ge2026-12-02"), ("date", "lt2026-12-01")],
     ):
         with pytest.raises(FhirError) as caught:

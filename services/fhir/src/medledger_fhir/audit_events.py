@@ -156,7 +156,7 @@ def export_request(query: Mapping[str, str], getall: Any) -> audit_pb.ExportAudi
         if not patient_id:
             raise FhirError(400, "patient is a Patient reference, Patient/pat-…")
     text = query.get("_count", str(DEFAULT_COUNT))
-    if not text.isascii() or not text.isdigit() or not 0 < int(text) <= MAX_COUNT:
+    if not re.fullmatch(r"[0-9]{1,9}", text) or not 0 < int(text) <= MAX_COUNT:
         raise FhirError(400, f"_count is 1 to {MAX_COUNT}")
     span = date_range([*getall("date", []), *getall("_lastUpdated", [])])
     request = audit_pb.ExportAuditEventsRequest(

@@ -79,6 +79,8 @@ _GRANTEE_KINDS = ("prn", "org", "rsr", "svc")
 
 # `cns-<hex>` (the consent, its latest version) or `cns-<hex>-v<n>` (one version).
 _CONSENT_ID = re.compile(r"cns-([0-9a-f]{32})(?:-v([1-9][0-9]{0,8}))?")
+# A small count, offset or version: ASCII digits, few enough that int() is cheap and bounded.
+_DIGITS = re.compile(r"[0-9]{1,9}")
 _STATUSES = {"active": consent_pb.CONSENT_STATUS_ACTIVE, "inactive": consent_pb.CONSENT_STATUS_INACTIVE}
 DEFAULT_COUNT, MAX_COUNT = 50, 1000
 # A search reads the patient's (or actor's) consents whole, to filter by status and count them
@@ -310,14 +312,14 @@ def searchset(base: str, documents: list[str], *, total: int, self_url: str, nex
 def _count(query: Mapping[str, str]) -> int:
     text = query.get("_count", str(DEFAULT_COUNT))
     # 0: the total only (FHIR's way to count, as fhirpy's count() asks).
-    if not text.isascii() or not text.isdigit() or int(text) > MAX_COUNT:
+    if not _DIGITS.fullmatch(text) or int(text) > MAX_COUNT:
         raise FhirError(400, f"_count is 0 to {MAX_COUNT}")
     return int(text)
 
 
 def _offset(query: Mapping[str, str]) -> int:
     text = query.get("_offset", "0")
-    if not text.isascii() or not text.isdigit() or int(text) > MAX_CONSENTS:
+    if not _DIGITS.fullmatch(text) or int(text) > MAX_CONSENTS:
         raise FhirError(400, "_offset is a position this search gave")
     return int(text)
 
@@ -344,7 +346,7 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
     async def vread(request: web.Request) -> web.StreamResponse:
         consent_id, version = consent_ref(request.match_info["id"])
         wanted = request.match_info["vid"]
-        if not wanted.isascii() or not wanted.isdigit() or version not in (0, int(wanted)) or int(wanted) > 10**9:
+        if not _DIGITS.fullmatch(wanted) or version not in (0, int(wanted)):
             raise FhirError(404, "no such Consent version")
         found = await get_version(request, consent_id, int(wanted))
         return raw_fhir_response(found.fhir_consent_json.encode(), headers=_version_headers(found.consent))
@@ -393,10 +395,10 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
             if len(documents) >= MAX_CONSENTS:
                 raise FhirError(422, f"more than {MAX_CONSENTS} consents: narrow the search", code="too-costly")
         base = base_url(request, public_base_url)
-        used = {k: v for k, v in query.items() if k in _SEARCH_PARAMS and k not in ("_count", "_offset")}
+        used = [(k, v) for k, v in query.items() if k in _SEARCH_PARAMS and k not in ("_count", "_offset")]
 
         def url(at: int) -> str:
-            return f"{base}/Consent?" + urlencode({**used, "_count": count, "_offset": at})
+            return f"{base}/Consent?" + urlencode([*used, ("_count", str(count)), ("_offset", str(at))])
 
         more = count > 0 and offset + count < len(documents)
         bundle = searchset(
@@ -426,7 +428,9 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
         body = await read_resource(request)
         if body.get("resourceType") != "Consent":
             raise FhirError(400, "the body is not a Consent")
-        if not isinstance(body.get("id"), str) or consent_ref(body["id"])[0] != consent_id:
+        if not isinstance(body.get("id"), str) or _CONSENT_ID.fullmatch(body["id"]) is None:
+            raise FhirError(400, "the body's id is the URL's")
+        if consent_ref(body["id"])[0] != consent_id:
             raise FhirError(400, "the body's id is the URL's")
         latest = await get_version(request, consent_id, 0)
         if "If-Match" in request.headers:
