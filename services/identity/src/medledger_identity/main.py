@@ -15,6 +15,8 @@ from medledger_identity.config import IdentitySettings
 from medledger_identity.credentials import SecretHasher
 from medledger_identity.handlers import ERASURE_CONSUMER, PatientErasureHandler
 from medledger_identity.key_owners import resource_migration
+from medledger_identity.oauth import PATH as TOKEN_PATH
+from medledger_identity.oauth import ClientCredentials, token_route
 from medledger_identity.principals import Directory
 from medledger_identity.storage import MIGRATIONS
 from medledger_identity.tokens import TokenDesk, TokenSigner
@@ -73,6 +75,11 @@ def build(runtime: ServiceRuntime[IdentityParts]) -> ServiceParts[IdentityParts]
         runtime.db, signer, hasher, runtime.relay.notify, source=runtime.source, keys_changed=runtime.token_keys_changed
     )
     api = IdentityApi(runtime, principals, tokens)
+    client_credentials = ClientCredentials(
+        runtime.db,
+        tokens,
+        lambda: settings.token_endpoint_url or f"http://127.0.0.1:{runtime.http_port}{TOKEN_PATH}",
+    )
 
     async def provision() -> None:
         if settings.bootstrap_admin_secret_file is not None:
@@ -103,7 +110,7 @@ def build(runtime: ServiceRuntime[IdentityParts]) -> ServiceParts[IdentityParts]
                 topics=[TOPICS["records"]],
             )
         ],
-        http_routes=[jwks_route(signer)],
+        http_routes=[jwks_route(signer), token_route(client_credentials)],
         on_start=[principals.start, tokens.start, provision],
         background=[resource_migration(runtime.db, keys, runtime.legacy_keys).keep_running],
     )

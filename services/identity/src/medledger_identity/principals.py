@@ -21,11 +21,12 @@ from medledger.events.v1 import identity_events_pb2
 from medledger.types.v1 import vocabulary_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_identity import domain, storage
+from medledger_identity import domain, scopes, storage
 from medledger_identity.credentials import SecretHasher
 from medledger_identity.principal_commands import (
     ChangeRole,
     DeactivatePrincipal,
+    FindPrincipals,
     Found,
     GetPrincipal,
     ListPrincipals,
@@ -33,6 +34,7 @@ from medledger_identity.principal_commands import (
     Registered,
     RegisterPatient,
     RegisterPrincipal,
+    RegisterSmartClient,
     UpdatePrincipalResource,
 )
 from medledger_identity.resources import Resources
@@ -117,17 +119,55 @@ class Directory:
 
         async def write(conn: AsyncConnection) -> Registered:
             if command.organization_id:
-                org = await storage.get_principal(conn, command.organization_id)
-                if org is None or org.kind != Kind.PRINCIPAL_KIND_ORGANIZATION:
-                    raise InvalidArgument.field("organization_id", "not a registered organization")
-                if org.status != ACTIVE:
-                    raise FailedPrecondition("the organization is deactivated")
+                await self._check_organization(conn, command.organization_id)
             row, secret = await self._create(
                 conn, kind=command.kind, organization_id=command.organization_id, resource=resource
             )
             return Registered(row, secret)
 
         return await (transaction or self._transaction)(write)
+
+    async def register_smart_client(
+        self,
+        caller: Caller,
+        command: RegisterSmartClient,
+        transaction: Callable[[Change], Awaitable[Any]] | None = None,
+    ) -> Any:
+        """An admin, or an org-admin for their organization, registers a SMART Backend Services
+        client: a principal of kind smart-client of the organization, with no secret, its public
+        JWKS and its allowed system/ scopes. Returns what the transaction returns (by default the
+        principal's row)."""
+        domain.check_may_register_client(caller, command.organization_id)
+        if not command.organization_id:
+            raise InvalidArgument.field("organization_id", "required: the organization the client acts for")
+        jwks_json = domain.validate_client_jwks(command.jwks_json)
+        allowed = scopes.parse_scopes(" ".join(command.allowed_scopes), "allowed_scopes")
+        if not allowed:
+            raise InvalidArgument.field("allowed_scopes", "at least one system/ scope")
+        scopes.check_context(allowed, "system", "allowed_scopes")
+
+        async def write(conn: AsyncConnection) -> storage.PrincipalRow:
+            await self._check_organization(conn, command.organization_id)
+            row, _ = await self._create(
+                conn,
+                kind=Kind.PRINCIPAL_KIND_SMART_CLIENT,
+                organization_id=command.organization_id,
+                resource=None,
+                with_secret=False,
+            )
+            await storage.insert_smart_client(
+                conn, storage.SmartClientRow(row.principal_id, jwks_json, scopes.scope_string(allowed))
+            )
+            return row
+
+        return await (transaction or self._transaction)(write)
+
+    async def _check_organization(self, conn: AsyncConnection, organization_id: str) -> None:
+        org = await storage.get_principal(conn, organization_id)
+        if org is None or org.kind != Kind.PRINCIPAL_KIND_ORGANIZATION:
+            raise InvalidArgument.field("organization_id", "not a registered organization")
+        if org.status != ACTIVE:
+            raise FailedPrecondition("the organization is deactivated")
 
     async def ensure_platform_principal(
         self, principal_id: str, secret: str, roles: tuple[int, ...], kind: int = Kind.PRINCIPAL_KIND_SERVICE
@@ -170,6 +210,15 @@ class Directory:
                 with contextlib.suppress(NotFound):
                     resource = await self.resources.decrypt(row)
         return Found(row, resource)
+
+    async def find(self, caller: Caller, command: FindPrincipals) -> tuple[storage.PrincipalRow, ...]:
+        """Principals of a kind by FHIR identifier, through the identifiers' blind index (the
+        identifier itself is never stored). Who may: ``domain.check_may_find``."""
+        domain.check_may_find(caller, command.kind)
+        system, value = domain.parse_identifier(command.identifier)
+        index = await self.resources.blind_index(system, value)
+        async with self.db.connect() as conn:
+            return tuple(await storage.principals_by_blind_index(conn, index, command.kind))
 
     # Before `list`, whose name would shadow the builtin in this annotation.
     async def deactivated_ids(self) -> list[str]:
@@ -327,8 +376,10 @@ class Directory:
         roles: tuple[int, ...] = (),
         principal_id: str | None = None,
         client_secret: str | None = None,
+        with_secret: bool = True,
     ) -> tuple[storage.PrincipalRow, str]:
-        """Insert a principal with its key pair, encrypted resource, identifiers and secret."""
+        """Insert a principal with its key pair, encrypted resource, identifiers and secret (none
+        `with_secret` False: a SMART client authenticates with its keys)."""
         principal_id = principal_id or domain.new_principal_id(kind)
         key_name = f"principal-{principal_id}"
         await self.keys.ensure_key(key_name, KeyType.ED25519)
@@ -337,7 +388,7 @@ class Directory:
         if resource is not None:
             await storage.claim_identifiers(conn, principal_id, await self.resources.blind_indexes(resource))
             ciphertext = await self.resources.encrypt(principal_id, kind, resource, new=True)
-        secret = client_secret or domain.new_client_secret()
+        secret = (client_secret or domain.new_client_secret()) if with_secret else ""
         row = storage.PrincipalRow(
             principal_id=principal_id,
             kind=kind,
@@ -349,7 +400,7 @@ class Directory:
             created_at=time.time(),
             fhir_resource=ciphertext,
         )
-        await storage.insert_principal(conn, row, secret_hash=await self.hasher.hash(secret))
+        await storage.insert_principal(conn, row, secret_hash=await self.hasher.hash(secret) if secret else None)
         await self._emit(
             conn,
             row,
