@@ -23,11 +23,13 @@ from medledger.types.v1 import vocabulary_pb2 as v
 from sqlalchemy import func, select
 
 from medledger_identity import domain, storage
+from medledger_identity.consent_client import ConsentAnswer
 from medledger_identity.credentials import SecretHasher
 from medledger_identity.oauth import JWT_BEARER, PATH, ClientCredentials, token_route
 from medledger_identity.principal_commands import (
     DeactivatePrincipal,
     FindPrincipals,
+    GetPrincipal,
     Registered,
     RegisterPatient,
     RegisterPrincipal,
@@ -35,7 +37,7 @@ from medledger_identity.principal_commands import (
 )
 from medledger_identity.principals import Directory
 from medledger_identity.scopes import Scope, narrow, parse_scope, parse_scopes, scope_string
-from medledger_identity.tokens import IssueToken, TokenDesk, TokenSigner
+from medledger_identity.tokens import IssueToken, OwnTokens, TokenDesk, TokenSigner
 from medledger_runtime.auth import Caller, TokenVerifier
 from medledger_runtime.db import Database
 from medledger_runtime.errors import InvalidArgument, PermissionDenied, Unauthenticated
@@ -278,9 +280,13 @@ async def test_a_smart_client_is_registered_with_its_public_keys_and_system_scop
 
 
 def _rsa(bits: int) -> dict[str, Any]:
-    # Made with cryptography: joserfc warns about (rightly) short keys.
-    private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    return {**jwk.RSAKey.import_key(private.public_key()).as_dict(private=False), "kid": f"rsa{bits}"}
+    # Made with cryptography and written out by hand: joserfc warns (rightly) about short keys.
+    numbers = rsa.generate_private_key(public_exponent=65537, key_size=bits).public_key().public_numbers()
+
+    def b64(value: int) -> str:
+        return base64.urlsafe_b64encode(value.to_bytes((value.bit_length() + 7) // 8, "big")).rstrip(b"=").decode()
+
+    return {"kty": "RSA", "n": b64(numbers.n), "e": b64(numbers.e), "kid": f"rsa{bits}"}
 
 
 @pytest.mark.parametrize(
@@ -500,3 +506,83 @@ async def test_principals_are_found_by_identifier_through_the_blind_index(desk: 
     for identifier in ("no-bar", "|value", "system|"):
         with pytest.raises(InvalidArgument):
             await desk.principals.find(ADMIN, FindPrincipals(Kind.PRINCIPAL_KIND_PRACTITIONER, identifier))
+
+
+# -- GetPrincipal: a patient's resource to a consented reader ----------------------------------------
+
+
+@dataclass
+class FakeConsent:
+    """Consent's answers, as records' tests fake them: permit for the listed actors."""
+
+    permitted: set[str]
+    asked: list[tuple[str, str, int, int, int]]
+
+    async def check(self, caller: Caller, patient_id: str, action: int, category: int, purpose: int) -> ConsentAnswer:
+        self.asked.append((caller.principal_id, patient_id, action, category, purpose))
+        permit = caller.principal_id in self.permitted
+        return ConsentAnswer(permit, "dec_1", "" if permit else "NO_CONSENT", "" if permit else "no consent covers it")
+
+
+async def test_a_patients_resource_goes_to_another_reader_only_as_consent_decides(desk: Desk) -> None:
+    consent = FakeConsent({"prn_permitted"}, [])
+    principals = Directory(desk.db, desk.keys, SecretHasher(), lambda: None, consent=consent)
+    await principals.start()
+    patient = (await a_patient(desk)).principal
+    treat = v.PurposeOfUse.PURPOSE_OF_USE_TREAT
+    permitted = Caller("prn_permitted", "practitioner", frozenset(), "org_1", "tok", 0.0)
+    refused = Caller("prn_refused", "practitioner", frozenset(), "org_1", "tok", 0.0)
+
+    found = await principals.get(
+        permitted, GetPrincipal(patient.principal_id, include_fhir_resource=True, purpose=treat)
+    )
+    assert json.loads(found.fhir_resource)["identifier"] == [{"system": SSN, "value": "123-45-6789"}]
+    assert consent.asked == [
+        ("prn_permitted", patient.principal_id, v.Action.ACTION_READ, v.DataCategory.DATA_CATEGORY_DEMOGRAPHICS, treat)
+    ]
+    with pytest.raises(PermissionDenied, match="no consent covers it"):
+        await principals.get(refused, GetPrincipal(patient.principal_id, include_fhir_resource=True, purpose=treat))
+    with pytest.raises(InvalidArgument) as raised:
+        await principals.get(permitted, GetPrincipal(patient.principal_id, include_fhir_resource=True))
+    assert raised.value.violations[0].field == "purpose"
+    # The patient and admins are not asked about; nor is anyone who does not ask for the resource.
+    await principals.get(as_patient(patient), GetPrincipal(patient.principal_id, include_fhir_resource=True))
+    await principals.get(ADMIN, GetPrincipal(patient.principal_id, include_fhir_resource=True))
+    await principals.get(refused, GetPrincipal(patient.principal_id))
+    assert len(consent.asked) == 2
+
+    # A practitioner's resource is not consent's to give.
+    org = (await register(desk, Kind.PRINCIPAL_KIND_ORGANIZATION)).principal
+    doctor = (
+        await register(desk, Kind.PRINCIPAL_KIND_PRACTITIONER, org.principal_id, resource("Practitioner", NPI, "5"))
+    ).principal
+    with pytest.raises(PermissionDenied, match="only the principal"):
+        await principals.get(permitted, GetPrincipal(doctor.principal_id, include_fhir_resource=True, purpose=treat))
+    assert len(consent.asked) == 2
+
+
+def as_patient(row: storage.PrincipalRow) -> Caller:
+    return Caller(row.principal_id, "patient", frozenset(), "", "tok", 0.0)
+
+
+async def test_identitys_own_principal_holds_pdp_client_and_signs_its_own_tokens(desk: Desk) -> None:
+    pdp = v.Role.ROLE_PDP_CLIENT
+    await desk.principals.ensure_own_principal("svc_identity", (pdp,))
+    own = OwnTokens(desk.db, desk.tokens, "svc_identity")
+    token = await own.token("medledger.consent")
+    caller = await desk.verifier("medledger.consent").verify(token)
+    assert (caller.principal_id, caller.kind, caller.roles) == ("svc_identity", "service", frozenset({"pdp-client"}))
+    assert await own.token("medledger.consent") == token  # cached
+    own.forget("medledger.consent")
+    assert await own.token("medledger.consent") != token
+
+    # Made earlier without the role (from a secret file, say): granted once, with its event.
+    async with desk.db.transaction() as conn:
+        await conn.execute(storage.principal_roles.delete())
+    await desk.principals.ensure_own_principal("svc_identity", (pdp,))
+    await desk.principals.ensure_own_principal("svc_identity", (pdp,))
+    assert (await desk.principals.get(ADMIN, GetPrincipal("svc_identity"))).principal.roles == (pdp,)
+    assert await desk.event_names() == ["PrincipalRegistered", "PrincipalRoleChanged"]
+    # A secret file for identity later sets a secret on it rather than registering it again.
+    await desk.principals.ensure_platform_principal("svc_identity", "mlsec_" + "x" * 40, (pdp,))
+    assert (await desk.tokens.issue(IssueToken("svc_identity", "mlsec_" + "x" * 40, "medledger.audit"))).access_token

@@ -22,6 +22,7 @@ from medledger.types.v1 import vocabulary_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_identity import domain, scopes, storage
+from medledger_identity.consent_client import ConsentService
 from medledger_identity.credentials import SecretHasher
 from medledger_identity.principal_commands import (
     ChangeRole,
@@ -73,6 +74,7 @@ class Directory:
         source: str = "medledger.identity",
         legacy_keys: Callable[[], KeyManager] | None = None,
         deactivated: Callable[[str], None] = lambda principal_id: None,
+        consent: ConsentService | None = None,
     ) -> None:
         self.db = db
         self.keys = keys
@@ -83,6 +85,8 @@ class Directory:
         self.source = source
         # Told of each deactivation at once: this replica refuses the principal's tokens then.
         self.deactivated = deactivated
+        # Asked before a patient's resource goes to another reader; None: nobody else gets it.
+        self.consent = consent
 
     async def start(self) -> None:
         await self.resources.start()
@@ -174,14 +178,41 @@ class Directory:
     ) -> None:
         """Create a service or the bootstrap admin at start, or update its secret to the file's."""
         async with self.db.transaction() as conn:
+            exists = await storage.get_principal(conn, principal_id) is not None
             stored = await storage.get_secret_hash(conn, principal_id)
-            if stored is None:
+            if not exists:
                 await self._create(
                     conn, kind=kind, organization_id="", resource=None, roles=roles,
                     principal_id=principal_id, client_secret=secret,
                 )  # fmt: skip
-            elif not await self.hasher.verify(stored, secret):
+            elif stored is None or not await self.hasher.verify(stored, secret):
                 await storage.set_secret_hash(conn, principal_id, await self.hasher.hash(secret))
+        self.notify()
+
+    async def ensure_own_principal(self, principal_id: str, roles: tuple[int, ...]) -> None:
+        """identity's own service principal, which signs its own tokens (no secret needed), with
+        at least `roles`: created at start if missing, granted a missing role (with its event)."""
+        async with self.db.transaction() as conn:
+            row = await storage.get_principal(conn, principal_id, for_update=True)
+            if row is None:
+                await self._create(
+                    conn, kind=Kind.PRINCIPAL_KIND_SERVICE, organization_id="", resource=None, roles=roles,
+                    principal_id=principal_id, with_secret=False,
+                )  # fmt: skip
+            else:
+                for role in sorted(set(roles) - set(row.roles)):
+                    granted = storage.PrincipalRow(**{**row.__dict__, "roles": tuple(sorted({*row.roles, role}))})
+                    row = await storage.save_changes(conn, row, granted)
+                    await self._emit(
+                        conn,
+                        row,
+                        identity_events_pb2.PrincipalRoleChanged(
+                            principal_id=principal_id,
+                            role=role,  # type: ignore[arg-type]
+                            granted=True,
+                            changed_by=principal_id,
+                        ),
+                    )
         self.notify()
 
     async def seal_secret(self, secret: str) -> str:
@@ -194,8 +225,9 @@ class Directory:
     # -- reading -------------------------------------------------------------------------------
 
     async def get(self, caller: Caller, command: GetPrincipal) -> Found:
-        """Anyone signed in reads a principal; its FHIR resource only the principal, admins and its
-        org-admins."""
+        """Anyone signed in reads a principal; its FHIR resource the principal, admins and its
+        org-admins, and a patient's a reader whom consent permits the demographics for
+        `command.purpose` (PERMISSION_DENIED with consent's reason otherwise)."""
         async with self.db.connect() as conn:
             row = await storage.get_principal(conn, command.principal_id)
         if row is None:
@@ -203,13 +235,29 @@ class Directory:
         resource = b""
         if command.include_fhir_resource:
             if not domain.may_read_resource(caller, row.principal_id, row.organization_id):
-                raise PermissionDenied("only the principal, admins and its org-admins may read its resource")
+                await self._ask_consent(caller, row, command.purpose)
             if row.fhir_resource:
                 # NotFound: the patient's key was deleted (their records were erased) and the
                 # ciphertext is about to go too: there is no resource any more.
                 with contextlib.suppress(NotFound):
                     resource = await self.resources.decrypt(row)
         return Found(row, resource)
+
+    async def _ask_consent(self, caller: Caller, row: storage.PrincipalRow, purpose: int) -> None:
+        """A patient's resource to another reader: as consent decides, as records asks it."""
+        if row.kind != Kind.PRINCIPAL_KIND_PATIENT or self.consent is None:
+            raise PermissionDenied("only the principal, admins and its org-admins may read its resource")
+        if purpose == vocabulary_pb2.PurposeOfUse.PURPOSE_OF_USE_UNSPECIFIED:
+            raise InvalidArgument.field("purpose", "required to read a patient's resource: consent decides by it")
+        answer = await self.consent.check(
+            caller,
+            row.principal_id,
+            vocabulary_pb2.Action.ACTION_READ,
+            vocabulary_pb2.DataCategory.DATA_CATEGORY_DEMOGRAPHICS,
+            purpose,
+        )
+        if not answer.permit:
+            raise PermissionDenied(f"consent denies it: {answer.reason or answer.reason_code}")
 
     async def find(self, caller: Caller, command: FindPrincipals) -> tuple[storage.PrincipalRow, ...]:
         """Principals of a kind by FHIR identifier, through the identifiers' blind index (the

@@ -215,3 +215,34 @@ class TokenDesk:
             kid = await write(conn)
         self.notify()
         return kid
+
+
+# A cached own token is replaced this long before it expires.
+_OWN_TOKEN_MARGIN_SECONDS = 60
+
+
+class OwnTokens:
+    """Tokens of identity's own service principal (``svc_identity``) for calling other services:
+    signed here, as the issuer, from the principal's stored row (so its roles are the ones
+    identity records for it); cached per audience until a minute before they expire."""
+
+    def __init__(self, db: Database, desk: TokenDesk, principal_id: str) -> None:
+        self.db = db
+        self.desk = desk
+        self.principal_id = principal_id
+        self._cache: dict[str, Issued] = {}
+
+    async def token(self, audience: str) -> str:
+        cached = self._cache.get(audience)
+        if cached is not None and cached.expires_at - _OWN_TOKEN_MARGIN_SECONDS > time.time():
+            return cached.access_token
+        async with self.db.connect() as conn:
+            row = await storage.get_principal(conn, self.principal_id)
+        if row is None or row.status != ACTIVE:
+            raise Unavailable(f"identity's own principal {self.principal_id} is missing or deactivated")
+        issued = await self.desk.sign_for(row, audience, "")
+        self._cache[audience] = issued
+        return issued.access_token
+
+    def forget(self, audience: str) -> None:
+        self._cache.pop(audience, None)
