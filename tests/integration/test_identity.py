@@ -381,7 +381,11 @@ def readme_table(service: str) -> tuple[dict[str, Access], set[str]]:
         if "public" in marked:
             public.add(rpc)
             continue
-        kinds = {m for m in marked if m in ("service", "practitioner", "patient", "researcher", "organization")}
+        kinds = {
+            m
+            for m in marked
+            if m in ("service", "practitioner", "patient", "researcher", "organization", "smart-client")
+        }
         roles = marked - kinds - {"any caller"}
         access[rpc] = Access() if "any caller" in marked else Access.of(roles=roles, kinds=kinds)
     return access, public
@@ -410,12 +414,16 @@ def _requests(target: str) -> dict[str, Any]:
     return {
         "RegisterPrincipal": pb.RegisterPrincipalRequest(request_id=rid(), kind=Kind.PRINCIPAL_KIND_RESEARCHER),
         "GetPrincipal": pb.GetPrincipalRequest(principal_id=target),
+        "FindPrincipals": pb.FindPrincipalsRequest(
+            kind=Kind.PRINCIPAL_KIND_PRACTITIONER, identifier="http://hl7.org/fhir/sid/us-npi|0"
+        ),
         "ListPrincipals": pb.ListPrincipalsRequest(),
         "UpdatePrincipalResource": pb.UpdatePrincipalResourceRequest(request_id=rid(), principal_id=target),
         "DeactivatePrincipal": pb.DeactivatePrincipalRequest(request_id=rid(), principal_id="rsr_" + "0" * 32),
         "ListDeactivatedPrincipals": pb.ListDeactivatedPrincipalsRequest(),
         "AssignRole": pb.AssignRoleRequest(request_id=rid(), principal_id=target, role=Role.ROLE_GUARDIAN),
         "RevokeRole": pb.RevokeRoleRequest(request_id=rid(), principal_id=target, role=Role.ROLE_GUARDIAN),
+        "RegisterSmartClient": pb.RegisterSmartClientRequest(request_id=rid()),
         "RotateSigningKey": pb.RotateSigningKeyRequest(request_id=rid()),
     }
 

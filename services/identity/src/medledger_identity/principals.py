@@ -248,7 +248,11 @@ class Directory:
         if row.kind != Kind.PRINCIPAL_KIND_PATIENT or self.consent is None:
             raise PermissionDenied("only the principal, admins and its org-admins may read its resource")
         if purpose == vocabulary_pb2.PurposeOfUse.PURPOSE_OF_USE_UNSPECIFIED:
-            raise InvalidArgument.field("purpose", "required to read a patient's resource: consent decides by it")
+            # No purpose, nothing for consent to permit: refused as before consent was asked.
+            raise PermissionDenied(
+                "only the principal, admins and its org-admins may read its resource, or a reader consent "
+                "permits for a purpose (give purpose)"
+            )
         answer = await self.consent.check(
             caller,
             row.principal_id,
