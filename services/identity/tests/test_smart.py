@@ -232,7 +232,15 @@ async def test_a_token_for_the_fhir_gateway_is_accepted_by_the_services_it_calls
     issued = await desk.tokens.issue(IssueToken(pid, registered.client_secret, "medledger.fhir", "patient/*.rs"))
     assert claims_of(issued.access_token)["aud"] == list(domain.FHIR_TOKEN_AUDIENCES)
     for audience in domain.FHIR_TOKEN_AUDIENCES:
-        assert (await desk.verifier(audience).verify(issued.access_token)).principal_id == pid
+        caller = await desk.verifier(audience).verify(issued.access_token)
+        # The runtime reads what identity wrote: the scopes and the patient in context.
+        assert (caller.principal_id, caller.patient_context) == (pid, pid)
+        assert caller.scopes is not None and str(caller.scopes) == "patient/*.rs"
+        caller.require_scope("Observation", "r", pid)
+        with pytest.raises(PermissionDenied):
+            caller.require_scope("Observation", "r", "pat_someone_else")
+        with pytest.raises(PermissionDenied):
+            caller.require_scope("Observation", "c", pid)
     with pytest.raises(Unauthenticated):
         await desk.verifier("medledger.anchoring").verify(issued.access_token)
 
@@ -404,7 +412,8 @@ async def test_a_client_gets_a_narrowed_scoped_token_for_the_fhir_gateway(endpoi
     assert claims["exp"] - claims["iat"] == 300
     for audience in domain.FHIR_TOKEN_AUDIENCES:
         caller = await endpoint.desk.verifier(audience).verify(body["access_token"])
-        assert caller.kind == "smart-client"
+        assert caller.kind == "smart-client" and caller.patient_context == ""
+        assert caller.scopes is not None and str(caller.scopes) == "system/Observation.rs system/Patient.r"
 
 
 async def test_a_replayed_assertion_is_refused_even_by_a_new_endpoint(endpoint: Endpoint) -> None:

@@ -21,8 +21,9 @@ CONTEXTS = ("patient", "user", "system")
 PERMISSIONS = "cruds"
 MAX_SCOPES = 64
 MAX_SCOPE_CHARS = 4096
-# FHIR resource type names are ASCII letters starting upper-case (Observation, MedicationRequest).
-_SCOPE = re.compile(r"(patient|user|system)/(\*|[A-Z][A-Za-z]{1,63})\.([a-z*]+)")
+# FHIR resource type names are ASCII letters starting upper-case (Observation, MedicationRequest);
+# the same pattern as the runtime's reader of the claim (medledger_runtime.auth.scopes).
+_SCOPE = re.compile(r"(patient|user|system)/(\*|[A-Z][A-Za-z]{0,63})\.([a-z*]+)")
 # v1 permission words and their v2 equivalents.
 _V1 = {"read": "rs", "write": "cud", "*": "cruds"}
 _V2 = re.compile(r"c?r?u?d?s?")
