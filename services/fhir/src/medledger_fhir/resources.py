@@ -2,9 +2,11 @@
 (with `If-Match`) and instance history of clinical resources, which are records; the Provenance
 of each record version; and Patient read, which is identity's.
 
-A clinical resource's FHIR id is its record id, its `meta.versionId` the record version, and
-records sets both (and `meta.lastUpdated`) before committing, so a read answers with the bytes
-committed. A Provenance's id is `{record_id}-{version}`: one per record version, never updated.
+A clinical resource's FHIR id is its record id with `_` written `-` (`rec_3f…` is `rec-3f…`: FHIR
+ids allow no `_`), its `meta.versionId` the record version, and records sets both (and
+`meta.lastUpdated`) before committing, so a read answers with the bytes committed. A
+Provenance's id is `{FHIR id}-{version}` (`rec-3f…-2`): one per record version, never updated. A
+Patient's id is the patient's principal id written the same way (`pat-…`).
 Every read goes to the service that owns the data with the caller's token and the purpose of
 use of the request (`X-Purpose-Of-Use`), so consent decides and the disclosure is logged there.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -80,10 +83,29 @@ def purpose_of_use(value: str | None) -> Purpose:
 _PATIENT_ELEMENTS = ("subject", "patient")
 
 
+def fhir_id(record_id: str) -> str:
+    """A record's (or a principal's) FHIR id: `_` written `-`, as records stamps it."""
+    return record_id.replace("_", "-")
+
+
+def record_id_of(resource_id: str) -> str:
+    """The record id behind a FHIR id (either form is taken: `rec-…` or `rec_…`)."""
+    return resource_id.replace("-", "_")
+
+
+_PATIENT_ID = re.compile(r"pat[-_]([0-9a-f]{32})")
+
+
+def principal_id_of(patient_id: str) -> str | None:
+    """The patient principal id (`pat_…`) of a Patient's FHIR id (`pat-…`, or `pat_…` as is)."""
+    match = _PATIENT_ID.fullmatch(patient_id)
+    return f"pat_{match.group(1)}" if match else None
+
+
 def patient_of(resource: dict[str, Any]) -> str:
-    """The patient a clinical resource is about: the id in its `subject` or `patient` reference
-    (`Patient/{id}`, relative or absolute), which is the patient's identity principal id. 422
-    naming the element otherwise: records file every resource under one patient."""
+    """The patient a clinical resource is about: the principal id (`pat_…`) its `subject` or
+    `patient` reference names (`Patient/pat-…`, relative or absolute). 422 naming the element
+    otherwise: records file every resource under one patient."""
     resource_type = resource.get("resourceType", "Resource")
     for element in _PATIENT_ELEMENTS:
         value = resource.get(element)
@@ -91,8 +113,9 @@ def patient_of(resource: dict[str, Any]) -> str:
             continue
         reference = value.get("reference") if isinstance(value, dict) else None
         parts = reference.split("/") if isinstance(reference, str) else []
-        if len(parts) >= 2 and parts[-2] == "Patient" and _is_id(parts[-1]):
-            return parts[-1]
+        principal_id = principal_id_of(parts[-1]) if len(parts) >= 2 and parts[-2] == "Patient" else None
+        if principal_id:
+            return principal_id
         raise FhirError(
             422, "the patient must be referenced as Patient/{id}", expression=(f"{resource_type}.{element}",)
         )
@@ -101,11 +124,6 @@ def patient_of(resource: dict[str, Any]) -> str:
         "a resource is filed under its patient: give a subject (or patient) reference Patient/{id}",
         expression=(f"{resource_type}.{_PATIENT_ELEMENTS[0]}",),
     )
-
-
-def _is_id(value: str) -> bool:
-    # FHIR ids are [A-Za-z0-9-.]{1,64}; medledger's record and principal ids add `_`.
-    return 0 < len(value) <= 64 and all(c.isascii() and (c.isalnum() or c in "-._") for c in value)
 
 
 def request_id(header: str | None, *, principal_id: str, operation: str) -> str:
@@ -148,15 +166,16 @@ def if_none_exist(value: str) -> ExistCriteria:
 
 
 def provenance_id(record_id: str, version: int) -> str:
-    return f"{record_id}-{version}"
+    """The FHIR id of a record version's Provenance: `{FHIR id}-{version}`."""
+    return f"{fhir_id(record_id)}-{version}"
 
 
 def parse_provenance_id(value: str) -> tuple[str, int] | None:
-    """`{record_id}-{version}` → its parts; None when it is not one of ours."""
-    record_id, dash, version = value.rpartition("-")
-    if not dash or not record_id or not version.isdigit() or not 0 < int(version) < 2**63:
+    """`{FHIR id}-{version}` → the record id and version; None when it is not one of ours."""
+    resource_id, dash, version = value.rpartition("-")
+    if not dash or not resource_id or not version.isdigit() or not 0 < int(version) < 2**63:
         return None
-    return record_id, int(version)
+    return record_id_of(resource_id), int(version)
 
 
 def last_modified(resource: dict[str, Any]) -> str | None:
@@ -197,11 +216,11 @@ def history_entry(base: str, resource_type: str, record_id: str, version: int, w
     """One version in a `history` Bundle: the resource, how it came (create for version 1, then
     update) and its answer's status, ETag and time."""
     return {
-        "fullUrl": f"{base}/{resource_type}/{record_id}",
+        "fullUrl": f"{base}/{resource_type}/{fhir_id(record_id)}",
         "resource": resource,
         "request": {
             "method": "POST" if version == 1 else "PUT",
-            "url": resource_type if version == 1 else f"{resource_type}/{record_id}",
+            "url": resource_type if version == 1 else f"{resource_type}/{fhir_id(record_id)}",
         },
         "response": {
             "status": "201 Created" if version == 1 else "200 OK",
@@ -284,7 +303,8 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
 
     def version_headers(request: web.Request, resource_type: str, record_id: str, version: int) -> dict[str, str]:
         base = base_url(request, public_base_url)
-        return {"ETag": etag(version), "Location": f"{base}/{resource_type}/{record_id}/_history/{version}"}
+        location = f"{base}/{resource_type}/{fhir_id(record_id)}/_history/{version}"
+        return {"ETag": etag(version), "Location": location}
 
     def answer_version(
         request: web.Request, resource_type: str, record_id: str, got: pb.GetRecordResponse, status: int = 200
@@ -375,7 +395,7 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
                 tokens=[pb.TokenMatch(parameter="identifier", values=criteria.identifiers)]
                 if criteria.identifiers
                 else [],
-                record_ids=criteria.ids,
+                record_ids=[record_id_of(i) for i in criteria.ids],
                 purpose=purpose(request),
                 page_size=2,
             ),
@@ -396,20 +416,20 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
 
     @answer_errors
     async def read(request: web.Request) -> web.StreamResponse:
-        resource_type, record_id = clinical_type(request), request.match_info["id"]
+        resource_type, record_id = clinical_type(request), record_id_of(request.match_info["id"])
         return answer_version(request, resource_type, record_id, await get_record(request, record_id, 0))
 
     @answer_errors
     async def vread(request: web.Request) -> web.StreamResponse:
-        resource_type, record_id = clinical_type(request), request.match_info["id"]
+        resource_type, record_id = clinical_type(request), record_id_of(request.match_info["id"])
         version = int(request.match_info["vid"])
         return answer_version(request, resource_type, record_id, await get_record(request, record_id, version))
 
     @answer_errors
     async def update(request: web.Request) -> web.StreamResponse:
-        resource_type, record_id = clinical_type(request), request.match_info["id"]
+        resource_type, record_id = clinical_type(request), record_id_of(request.match_info["id"])
         resource = await body_of(request, resource_type)
-        if resource.get("id") != record_id:
+        if resource.get("id") != request.match_info["id"]:
             raise FhirError(400, "the resource's id must be the id in the URL", expression=(f"{resource_type}.id",))
         patient_id = patient_of(resource)
         if_match = request.headers.get("If-Match")
@@ -418,7 +438,7 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
             request,
             resource_type,
             pb.PutRecordRequest(
-                request_id=write_request_id(request, f"update:{resource_type}/{record_id}"),
+                request_id=write_request_id(request, f"update:{resource_type}/{fhir_id(record_id)}"),
                 patient_id=patient_id,
                 category=CATEGORY_OF[resource_type],  # type: ignore[arg-type]
                 content=json.dumps(resource, separators=(",", ":")).encode(),
@@ -432,7 +452,7 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
 
     @answer_errors
     async def history(request: web.Request) -> web.StreamResponse:
-        resource_type, record_id = clinical_type(request), request.match_info["id"]
+        resource_type, record_id = clinical_type(request), record_id_of(request.match_info["id"])
         count = history_count(request.query.get("_count"))
         page_token = request.query.get("_page_token", "")
         listed: pb.ListRecordVersionsResponse = await records.ListRecordVersions(
@@ -460,7 +480,7 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
             )
             for v, g in zip(listed.versions, got, strict=True)
         ]
-        here = f"{base}/{resource_type}/{record_id}/_history"
+        here = f"{base}/{resource_type}/{fhir_id(record_id)}/_history"
         links = [{"relation": "self", "url": f"{here}?{request.query_string}" if request.query_string else here}]
         if listed.next_page_token:
             query = urlencode({"_count": count, "_page_token": listed.next_page_token})
@@ -490,12 +510,14 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
             target_type = json.loads(got.content).get("resourceType")
             if isinstance(target_type, str):
                 for target in resource.get("target", []):
-                    target["reference"] = f"{target_type}/{record_id}/_history/{got.version}"
+                    target["reference"] = f"{target_type}/{fhir_id(record_id)}/_history/{got.version}"
         return fhir_response(resource)
 
     @answer_errors
     async def patient(request: web.Request) -> web.StreamResponse:
-        principal_id = request.match_info["id"]
+        principal_id = principal_id_of(request.match_info["id"])
+        if principal_id is None:
+            raise FhirError(404, "no such Patient")
         got: id_pb.GetPrincipalResponse = await identity.GetPrincipal(
             id_pb.GetPrincipalRequest(
                 principal_id=principal_id,
@@ -510,7 +532,7 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
             # A patient's resource is deleted with their keys: what an erasure leaves.
             raise FhirError(410, "this patient's data was erased")
         resource = json.loads(got.fhir_resource)
-        resource["id"] = principal_id
+        resource["id"] = fhir_id(principal_id)
         meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
         resource["meta"] = {**meta, "versionId": str(got.principal.version)}
         return fhir_response(resource, headers={"ETag": etag(got.principal.version)})
