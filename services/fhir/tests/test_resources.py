@@ -35,16 +35,30 @@ def test_purpose_of_use_is_an_hl7_v3_code_bare_or_with_its_system_treat_by_defau
         assert status_of(lambda bad=bad: resources.purpose_of_use(bad)) == 400
 
 
+HEX = "0123456789abcdef" * 2
+
+
+def test_fhir_ids_are_record_and_principal_ids_without_underscores() -> None:
+    assert resources.fhir_id(f"rec_{HEX}") == f"rec-{HEX}"
+    assert resources.record_id_of(f"rec-{HEX}") == resources.record_id_of(f"rec_{HEX}") == f"rec_{HEX}"
+    assert resources.principal_id_of(f"pat-{HEX}") == resources.principal_id_of(f"pat_{HEX}") == f"pat_{HEX}"
+    for other in (f"prn-{HEX}", f"pat-{HEX}0", "pat-1", f"pat-{HEX.upper()}"):
+        assert resources.principal_id_of(other) is None
+
+
 def test_the_patient_is_the_subject_or_patient_reference_else_422_naming_the_element() -> None:
-    assert resources.patient_of({"resourceType": "Observation", "subject": {"reference": "Patient/pat_1"}}) == "pat_1"
-    absolute = {"resourceType": "Immunization", "patient": {"reference": "http://h/fhir/R4/Patient/pat_2"}}
-    assert resources.patient_of(absolute) == "pat_2"
+    relative = {"resourceType": "Observation", "subject": {"reference": f"Patient/pat-{HEX}"}}
+    assert resources.patient_of(relative) == f"pat_{HEX}"
+    absolute = {"resourceType": "Immunization", "patient": {"reference": f"http://h/fhir/R4/Patient/pat_{HEX}"}}
+    assert resources.patient_of(absolute) == f"pat_{HEX}"
     for resource, element in (
         ({"resourceType": "Observation"}, "Observation.subject"),
         ({"resourceType": "Observation", "subject": {"reference": "Group/g1"}}, "Observation.subject"),
+        ({"resourceType": "Observation", "subject": {"reference": f"Practitioner/pat-{HEX}"}}, "Observation.subject"),
+        ({"resourceType": "Observation", "subject": {"reference": "Patient/pat_1"}}, "Observation.subject"),
         ({"resourceType": "Observation", "subject": {"display": "someone"}}, "Observation.subject"),
         ({"resourceType": "AllergyIntolerance", "patient": {"reference": "Patient/a b"}}, "AllergyIntolerance.patient"),
-        ({"resourceType": "Observation", "subject": "Patient/pat_1"}, "Observation.subject"),
+        ({"resourceType": "Observation", "subject": f"Patient/pat-{HEX}"}, "Observation.subject"),
     ):
         with pytest.raises(FhirError) as raised:
             resources.patient_of(resource)
@@ -72,9 +86,9 @@ def test_if_none_exist_takes_identifiers_and_ids_and_refuses_other_parameters() 
 
 
 def test_provenance_ids_name_a_record_version() -> None:
-    pid = resources.provenance_id("rec_0af3", 12)
-    assert pid == "rec_0af3-12" and resources.parse_provenance_id(pid) == ("rec_0af3", 12)
-    for bad in ("rec_0af3", "rec_0af3-", "-3", "rec_0af3-0", "rec_0af3-x"):
+    pid = resources.provenance_id(f"rec_{HEX}", 12)
+    assert pid == f"rec-{HEX}-12" and resources.parse_provenance_id(pid) == (f"rec_{HEX}", 12)
+    for bad in ("rec-0af3", "rec-0af3-", "-3", "rec-0af3-0", "rec-0af3-x"):
         assert resources.parse_provenance_id(bad) is None
 
 
