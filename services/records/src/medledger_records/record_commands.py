@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from medledger_records import storage
 from medledger_runtime.auth import Caller
 from medledger_runtime.keys import DataKey, KeyInfo, KeyType
@@ -41,6 +43,14 @@ class ConsentService(Protocol):
     async def check(
         self, caller: Caller, patient_id: str, action: int, category: int, purpose: int
     ) -> ConsentAnswer: ...
+
+
+class SearchIndexer(Protocol):
+    """Indexes a FHIR version's search terms in the write's transaction (search.SearchIndex)."""
+
+    async def index(
+        self, conn: AsyncConnection, patient_id: str, record_id: str, resource_type: str, content: bytes
+    ) -> None: ...
 
 
 # Commands.
