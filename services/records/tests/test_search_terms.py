@@ -60,7 +60,12 @@ EXAMPLES: list[tuple[dict[str, object], list[tuple[str, str, str]]]] = [
         ],
     ),
     (
-        {"resourceType": "Procedure", "status": "completed", "code": cc(SNOMED, "73761001"), "category": cc(SNOMED, "1")},
+        {
+            "resourceType": "Procedure",
+            "status": "completed",
+            "code": cc(SNOMED, "73761001"),
+            "category": cc(SNOMED, "1"),
+        },
         [("code", SNOMED, "73761001"), ("category", SNOMED, "1"), ("status", "", "completed")],
     ),
     (
@@ -79,7 +84,11 @@ EXAMPLES: list[tuple[dict[str, object], list[tuple[str, str, str]]]] = [
         ],
     ),
     (
-        {"resourceType": "Immunization", "status": "completed", "vaccineCode": cc("http://hl7.org/fhir/sid/cvx", "140")},
+        {
+            "resourceType": "Immunization",
+            "status": "completed",
+            "vaccineCode": cc("http://hl7.org/fhir/sid/cvx", "140"),
+        },
         [("vaccine-code", "http://hl7.org/fhir/sid/cvx", "140"), ("status", "", "completed")],
     ),
     (
@@ -261,9 +270,7 @@ def test_periods_and_open_ends() -> None:
     assert ongoing is not None and ongoing.high == st.LATEST
     assert st.date_matches("ge", d("2025"), ongoing, NOW)
     assert not st.date_matches("eq", d("2020-03"), ongoing, NOW)  # it may still go on
-    closed = st.resource_date(
-        {"resourceType": "CarePlan", "period": {"start": "2020-03-01", "end": "2020-03-20"}}
-    )
+    closed = st.resource_date({"resourceType": "CarePlan", "period": {"start": "2020-03-01", "end": "2020-03-20"}})
     assert closed is not None and st.date_matches("eq", d("2020-03"), closed, NOW)
 
 
