@@ -10,7 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from medledger.events.v1 import records_events_pb2 as ev
@@ -111,7 +111,8 @@ class Desk:
         async with self.db.connect() as conn:
             rows = (await conn.execute(select(outbox.c.value).order_by(outbox.c.id))).all()
         events = [decode(raw) for (raw,) in rows]
-        return [unpack(e, ev.RecordsListed) for e in events if e.type == ev.RecordsListed.DESCRIPTOR.full_name]
+        wanted = ev.RecordsListed.DESCRIPTOR.full_name
+        return [cast(ev.RecordsListed, unpack(e, ev.RecordsListed)) for e in events if e.type == wanted]
 
 
 def key_manager_calls(operation: str) -> float:

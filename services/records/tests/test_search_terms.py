@@ -4,6 +4,7 @@ three forms of a token (`system|code`, `code`, `|code`), FHIR date ranges and th
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -275,7 +276,7 @@ def test_periods_and_open_ends() -> None:
 
 
 def test_each_type_has_its_clinical_date_and_the_first_present_element_wins() -> None:
-    examples = {
+    examples: dict[str, tuple[dict[str, Any], str]] = {
         "Observation": ({"effectiveDateTime": "2020-01-02", "issued": "2021-01-01T00:00:00Z"}, "2020-01-02"),
         "DiagnosticReport": ({"effectivePeriod": {"start": "2020-01-02", "end": "2020-01-02"}}, "2020-01-02"),
         "Condition": ({"onsetDateTime": "2020-01-02", "recordedDate": "2021-01-01"}, "2020-01-02"),
