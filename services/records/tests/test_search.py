@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import pytest
 from medledger.events.v1 import records_events_pb2 as ev
+from medledger.records.v1 import records_service_pb2 as pb
 from medledger.types.v1 import vocabulary_pb2 as v
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select, text
@@ -21,6 +22,7 @@ from sqlalchemy import func, select, text
 from medledger_devstack import synthetic
 from medledger_devstack.testing import Postgres
 from medledger_records import storage
+from medledger_records.api import RecordsApi
 from medledger_records.data_keys import DataKeyCache
 from medledger_records.erasure import ErasureDesk, RequestErasure
 from medledger_records.erasure_certificates import Certifier
@@ -36,8 +38,9 @@ from medledger_records.search import (
     TokenMatch,
     search_key_name,
 )
-from medledger_runtime.auth import Caller
+from medledger_runtime.auth import Caller, acting_as
 from medledger_runtime.db import Database
+from medledger_runtime.disclosures import disclosing_methods
 from medledger_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from medledger_runtime.events import decode, unpack
 from medledger_runtime.group_commit import OutboxGroupCommit
@@ -502,3 +505,35 @@ async def test_synthetic_patients_resources_are_found_by_their_codes(
             resource_type=resource_type, record_ids=(record_id,), dates=(DateMatch("date", "ge1900"),)
         )
         assert dated.total == 1, resource_type
+
+
+async def test_the_grpc_api_maps_the_request_and_answers_content_with_receipts(desk: Desk) -> None:
+    """RecordsApi.SearchRecords: the wire's request as the use case's command, FoundRecord with
+    summary, content and receipt. Its answer carries content (a disclosure), which the use case
+    logs itself: hence SearchRecords in main's `discloses_itself`."""
+    record_id = await desk.put(observation("API-1", when="2020-05-05"))
+    await desk.put(observation("API-2"))
+    api = RecordsApi(None, None, desk.records, desk.erasures, desk.search)  # type: ignore[arg-type]
+    request = pb.SearchRecordsRequest(
+        patient_id="pat_1",
+        resource_type="Observation",
+        tokens=[pb.TokenMatch(parameter="code", values=[f"{LOINC}|API-1", "API-3"])],
+        dates=[pb.DateMatch(parameter="date", value="ge2020-05")],
+        purpose=TREAT,
+    )
+    with acting_as(DOCTOR):
+        answer = await api.SearchRecords(request, None)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument) as refused:
+            await api.SearchRecords(pb.SearchRecordsRequest(patient_id="pat_1", resource_type="Nope"), None)  # type: ignore[arg-type]
+    assert refused.value.violations[0].field == "resource_type"
+    assert (answer.total, answer.next_page_token, list(answer.decision_ids)) == (1, "", [f"dec_{OBS}"])
+    [found] = answer.records
+    assert (found.summary.record_id, found.summary.resource_type, found.summary.category) == (
+        record_id,
+        "Observation",
+        OBS,
+    )
+    assert json.loads(found.content)["code"]["coding"][0]["code"] == "API-1"
+    assert (found.receipt.record_id, found.receipt.version) == (record_id, 1) and found.receipt.commitment
+    service = pb.DESCRIPTOR.services_by_name["RecordsService"]
+    assert "/medledger.records.v1.RecordsService/SearchRecords" in disclosing_methods([service])
