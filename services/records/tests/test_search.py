@@ -18,9 +18,10 @@ from medledger.records.v1 import records_service_pb2 as pb
 from medledger.types.v1 import vocabulary_pb2 as v
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_devstack import synthetic
-from medledger_devstack.testing import Postgres
+from medledger_devstack.testing import OpenBaoServer, Postgres
 from medledger_records import storage
 from medledger_records.api import RecordsApi
 from medledger_records.data_keys import DataKeyCache
@@ -44,7 +45,14 @@ from medledger_runtime.disclosures import disclosing_methods
 from medledger_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from medledger_runtime.events import decode, unpack
 from medledger_runtime.group_commit import OutboxGroupCommit
-from medledger_runtime.keys import KeyShredder, LocalKeyring, create_master_key_file
+from medledger_runtime.keys import (
+    KeyManager,
+    KeyShredder,
+    LocalKeyring,
+    VaultKeyManager,
+    create_master_key_file,
+    patient_key_name,
+)
 from medledger_runtime.outbox import COMMON_MIGRATIONS, outbox
 
 OBS = v.DataCategory.DATA_CATEGORY_OBSERVATIONS
@@ -94,7 +102,7 @@ class Desk:
     search: SearchDesk
     erasures: ErasureDesk
     consent: ConsentByCategory
-    keyring: LocalKeyring
+    keys: KeyManager
     db: Database
 
     async def put(self, content: bytes, caller: Caller = PATIENT, category: int = OBS, record_id: str = "") -> str:
@@ -123,15 +131,30 @@ def key_manager_calls(operation: str) -> float:
     return value or 0.0
 
 
-@pytest.fixture
-async def desk(postgres: Postgres, tmp_path: Any) -> AsyncIterator[Desk]:
-    db = Database(postgres.new_database("records"))
+@pytest.fixture(params=["postgresql", "sqlite", "openbao"])
+async def desk(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Desk]:
+    """On PostgreSQL with a local keyring, on SQLite (a laptop's default) with one, and on
+    PostgreSQL with OpenBao under records' own tokens (everyday and erasure, as deployed)."""
+    if request.param == "sqlite":
+        db = Database(f"sqlite+aiosqlite:///{tmp_path}/records.db")
+    else:
+        postgres: Postgres = request.getfixturevalue("postgres")
+        db = Database(postgres.new_database("records"))
     await db.migrate("common", COMMON_MIGRATIONS)
     await db.migrate("records", storage.MIGRATIONS)
-    master = create_master_key_file(tmp_path / "secrets" / "master.key")
-    keyring = await LocalKeyring.open(tmp_path / "keys" / "records.keyring", master)
-    keys = DataKeyCache(keyring)
-    shredder = KeyShredder(keyring)
+    everyday: KeyManager
+    if request.param == "openbao":
+        bao: OpenBaoServer = request.getfixturevalue("openbao")
+        everyday = VaultKeyManager(bao.address, token_file=bao.token_file("records"))
+        shredder = KeyShredder(VaultKeyManager(bao.address, token_file=bao.token_file("records-erasure")), everyday)
+        # The server outlives the test: each test starts without the patient's keys.
+        for name in (patient_key_name("records", "pat_1"), search_key_name("pat_1")):
+            await shredder.shred(name)
+    else:
+        master = create_master_key_file(tmp_path / "secrets" / "master.key")
+        everyday = await LocalKeyring.open(tmp_path / "keys" / "records.keyring", master)
+        shredder = KeyShredder(everyday)
+    keys = DataKeyCache(everyday)
     shredder.also_forget(keys.purge)
     disclosures = OutboxGroupCommit(db, what="the disclosure")
     writer = asyncio.create_task(disclosures.run())
@@ -142,7 +165,7 @@ async def desk(postgres: Postgres, tmp_path: Any) -> AsyncIterator[Desk]:
         db,
         shredder,
         None,
-        Certifier(keyring, backup_retention_seconds=3600.0),
+        Certifier(everyday, backup_retention_seconds=3600.0),
         lambda: None,
         check_interval=3600.0,
         participants=("records", "audit"),
@@ -150,13 +173,15 @@ async def desk(postgres: Postgres, tmp_path: Any) -> AsyncIterator[Desk]:
     await runner.start()
     erasures = ErasureDesk(db, runner, lambda: None, grace_seconds=3600.0)
     try:
-        yield Desk(records, SearchDesk(db, records, index), erasures, consent, keyring, db)
+        yield Desk(records, SearchDesk(db, records, index), erasures, consent, everyday, db)
     finally:
         writer.cancel()
         await asyncio.gather(writer, return_exceptions=True)
         await disclosures.close()
         await db.close()
-        await keyring.aclose()
+        await shredder.aclose()
+        if request.param == "openbao":
+            await everyday.aclose()
 
 
 async def test_search_by_code_in_its_three_forms_returns_content_and_receipts(desk: Desk) -> None:
@@ -366,6 +391,26 @@ async def test_key_manager_calls_one_hmac_per_write_and_per_token_search(desk: D
     ).total == 0
 
 
+async def text_columns(conn: AsyncConnection) -> list[tuple[str, str]]:
+    """(table, column) of every column that can hold text or bytes, on PostgreSQL or SQLite."""
+    if conn.dialect.name == "postgresql":
+        rows = await conn.execute(
+            text(
+                "SELECT table_name, column_name FROM information_schema.columns "
+                "WHERE table_schema NOT IN ('pg_catalog', 'information_schema') "
+                "AND data_type IN ('text', 'character varying', 'bytea', 'json', 'jsonb', 'character')"
+            )
+        )
+        return [(t, c) for t, c in rows]
+    found = []
+    tables = await conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))
+    for (table,) in tables.all():
+        for column in (await conn.execute(text(f'PRAGMA table_info("{table}")'))).all():
+            if any(kind in str(column.type).upper() for kind in ("CHAR", "TEXT", "BLOB", "CLOB", "JSON")):
+                found.append((table, column.name))
+    return found
+
+
 async def test_no_code_value_or_clinical_date_is_stored_or_sent_in_plaintext(desk: Desk) -> None:
     """The LEAK check: after writing resources with distinctive codes, identifiers and dates and
     searching them, every text and bytea column of records' database and every event in the
@@ -408,15 +453,7 @@ async def test_no_code_value_or_clinical_date_is_stored_or_sent_in_plaintext(des
 
     values: list[tuple[str, Any]] = []
     async with desk.db.connect() as conn:
-        columns = (
-            await conn.execute(
-                text(
-                    "SELECT table_name, column_name FROM information_schema.columns "
-                    "WHERE table_schema NOT IN ('pg_catalog', 'information_schema') "
-                    "AND data_type IN ('text', 'character varying', 'bytea', 'json', 'jsonb', 'character')"
-                )
-            )
-        ).all()
+        columns = await text_columns(conn)
         tables = {t for t, _ in columns}
         assert {"records", "record_versions", "search_terms", "outbox"} <= tables
         for table, column in columns:
@@ -441,14 +478,14 @@ async def test_no_code_value_or_clinical_date_is_stored_or_sent_in_plaintext(des
 async def test_an_approved_erasure_destroys_the_search_key_and_the_index(desk: Desk) -> None:
     await desk.put(observation("ERASE-ME"))
     key = search_key_name("pat_1")
-    assert (await desk.keyring.key_info(key)).latest_version == 1
+    assert (await desk.keys.key_info(key)).latest_version == 1
     assert key == "records-search-pat_1"
 
     pending = await desk.erasures.request(PATIENT, RequestErasure("pat_1", "leaving"))
     erasure = (await desk.erasures.approve(OFFICER, pending.erasure_id)).erasure
     assert erasure.state == COMPLETED
     with pytest.raises(NotFound):
-        await desk.keyring.key_info(key)
+        await desk.keys.key_info(key)
     async with desk.db.connect() as conn:
         assert (await conn.execute(select(func.count()).select_from(storage.search_terms))).scalar_one() == 0
     with pytest.raises(FailedPrecondition, match="erased"):

@@ -67,8 +67,10 @@ class SearchIndex:
     async def index(
         self, conn: AsyncConnection, patient_id: str, record_id: str, resource_type: str, content: bytes
     ) -> None:
-        """The record's index becomes its new version's terms (documents have none)."""
-        terms = search_terms.resource_terms(json.loads(content)) if resource_type else set()
+        """The record's index becomes its new version's terms."""
+        if not resource_type:
+            return  # a document: never indexed
+        terms = search_terms.resource_terms(json.loads(content))
         hashes: list[bytes] = []
         if terms:
             name = search_key_name(patient_id)
