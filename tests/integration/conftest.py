@@ -133,14 +133,14 @@ async def deploy_chain(
 
 
 def service_settings(cls: type, kafka: Kafka, database_url: str, **extra: Any) -> Any:
-    return cls(
-        grpc_port=0,
-        metrics_port=0,
-        database_url=database_url,
-        kafka_bootstrap_servers=kafka.bootstrap_servers,
-        outbox_poll_seconds=0.1,
-        **extra,
-    )
+    settings: dict[str, Any] = {
+        "grpc_port": 0,
+        "metrics_port": 0,
+        "database_url": database_url,
+        "kafka_bootstrap_servers": kafka.bootstrap_servers,
+        "outbox_poll_seconds": 0.1,
+    }
+    return cls(**{**settings, **extra})
 
 
 StackFactory = Callable[..., Any]
@@ -204,11 +204,15 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
                 broker = localstack.start_tansu(port, tmp_path / f"tansu-{port}.log")
                 exits.callback(broker.stop)
                 kafka = Kafka(f"{localstack.HOST}:{port}", broker)
+            # identity asks consent (a patient's resource to another reader) and consent starts
+            # after identity: its first replica's port is chosen now.
+            consent_port = localstack.free_port() if consent else 0
             id_settings = service_settings(
                 IdentitySettings,
                 kafka,
                 identity_db or postgres.new_database("identity"),
                 http_port=0,
+                consent_address=f"127.0.0.1:{consent_port}",
                 **keys_of("identity", master_key_file=master, keyring_file=tmp_path / "keyrings" / "identity.keyring"),
                 bootstrap_admin_secret_file=tmp_path / "admin.secret",
                 service_secrets_dir=secrets_dir,
@@ -228,6 +232,7 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
                         ConsentSettings,
                         kafka,
                         consent_db,
+                        grpc_port=consent_port if replica == 0 else 0,
                         identity_address=f"127.0.0.1:{identity.grpc_port}",
                         client_secret_file=secrets_dir / "consent.secret",
                         # A local keyring belongs to one process: a keyring per replica.

@@ -64,7 +64,9 @@ PERMIT = co_pb.ProvisionType.PROVISION_TYPE_PERMIT
 SERVICES = ("identity", "consent", "records", "audit", "anchoring")
 ROLES = ("admin", "org-admin", "privacy-officer", "auditor", "guardian", "pdp-client")
 KINDS = ("patient", "practitioner", "organization", "researcher", "service")
-COLUMNS = {"RPC", "public", "any caller", "finer rule", *ROLES, *KINDS}
+# SMART clients get tokens only at identity's OAuth endpoint, not by secret: a column of the
+# tables, not a caller of the matrix.
+COLUMNS = {"RPC", "public", "any caller", "finer rule", *ROLES, *KINDS, "smart-client"}
 
 # How the interceptor (medledger_runtime.auth.AuthInterceptor) words its PERMISSION_DENIED; the
 # API's finer rules word theirs otherwise, so a refusal tells which of the two made it.
@@ -431,6 +433,10 @@ def _requests(w: World, s: Side) -> dict[str, dict[str, pb_message.Message]]:
             "GetJwks": id_pb.GetJwksRequest(),
             "RegisterPrincipal": id_pb.RegisterPrincipalRequest(request_id=rid()),
             "GetPrincipal": id_pb.GetPrincipalRequest(principal_id=s.patient_id, include_fhir_resource=True),
+            "FindPrincipals": id_pb.FindPrincipalsRequest(
+                kind=vocab.PrincipalKind.PRINCIPAL_KIND_PRACTITIONER, identifier="http://hl7.org/fhir/sid/us-npi|0"
+            ),
+            "RegisterSmartClient": id_pb.RegisterSmartClientRequest(request_id=rid()),
             "ListPrincipals": id_pb.ListPrincipalsRequest(page_size=1),
             "UpdatePrincipalResource": id_pb.UpdatePrincipalResourceRequest(
                 request_id=rid(), principal_id=s.patient_id, fhir_resource=INVALID_FHIR

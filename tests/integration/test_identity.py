@@ -22,6 +22,8 @@ import grpc
 import jwt
 import pytest
 from aiokafka import AIOKafkaConsumer
+from joserfc import jwk as jose_jwk
+from joserfc import jwt as jose_jwt
 from medledger.anchoring.v1 import anchoring_service_pb2
 from medledger.audit.v1 import audit_service_pb2
 from medledger.consent.v1 import consent_service_pb2 as co_pb
@@ -381,7 +383,11 @@ def readme_table(service: str) -> tuple[dict[str, Access], set[str]]:
         if "public" in marked:
             public.add(rpc)
             continue
-        kinds = {m for m in marked if m in ("service", "practitioner", "patient", "researcher", "organization")}
+        kinds = {
+            m
+            for m in marked
+            if m in ("service", "practitioner", "patient", "researcher", "organization", "smart-client")
+        }
         roles = marked - kinds - {"any caller"}
         access[rpc] = Access() if "any caller" in marked else Access.of(roles=roles, kinds=kinds)
     return access, public
@@ -410,12 +416,16 @@ def _requests(target: str) -> dict[str, Any]:
     return {
         "RegisterPrincipal": pb.RegisterPrincipalRequest(request_id=rid(), kind=Kind.PRINCIPAL_KIND_RESEARCHER),
         "GetPrincipal": pb.GetPrincipalRequest(principal_id=target),
+        "FindPrincipals": pb.FindPrincipalsRequest(
+            kind=Kind.PRINCIPAL_KIND_PRACTITIONER, identifier="http://hl7.org/fhir/sid/us-npi|0"
+        ),
         "ListPrincipals": pb.ListPrincipalsRequest(),
         "UpdatePrincipalResource": pb.UpdatePrincipalResourceRequest(request_id=rid(), principal_id=target),
         "DeactivatePrincipal": pb.DeactivatePrincipalRequest(request_id=rid(), principal_id="rsr_" + "0" * 32),
         "ListDeactivatedPrincipals": pb.ListDeactivatedPrincipalsRequest(),
         "AssignRole": pb.AssignRoleRequest(request_id=rid(), principal_id=target, role=Role.ROLE_GUARDIAN),
         "RevokeRole": pb.RevokeRoleRequest(request_id=rid(), principal_id=target, role=Role.ROLE_GUARDIAN),
+        "RegisterSmartClient": pb.RegisterSmartClientRequest(request_id=rid()),
         "RotateSigningKey": pb.RotateSigningKeyRequest(request_id=rid()),
     }
 
@@ -613,3 +623,98 @@ async def test_no_personal_data_or_secret_in_logs_or_events(start_stack, caplog:
     async with stack.identity.db.connect() as conn:
         stored = (await conn.execute(select(identity_storage.P.fhir_resource))).scalars().all()
     assert all(family not in (s or "") for s in stored), "FHIR resources are stored encrypted"
+
+
+# -- SMART on FHIR ----------------------------------------------------------------------------------
+
+
+async def test_a_smart_client_gets_a_token_at_the_running_token_endpoint_and_uses_it(start_stack) -> None:
+    """RegisterSmartClient, then POST /oauth2/token on identity's HTTP port with an ES384
+    assertion addressed to the default endpoint URL; the scoped token is accepted by identity
+    (one of its audiences), and the assertion cannot be used twice."""
+    async with start_stack(consent=False) as stack:
+        p = Platform(stack)
+        org_id = (await p.register(Kind.PRINCIPAL_KIND_ORGANIZATION)).principal.principal_id
+        npi = uuid.uuid4().hex
+        doctor = await p.register(
+            Kind.PRINCIPAL_KIND_PRACTITIONER, organization_id=org_id, fhir_resource=practitioner_json(npi)
+        )
+        key = jose_jwk.ECKey.generate_key("P-384", parameters={"kid": "k1"}, private=True)
+        client = (
+            await p.admin.RegisterSmartClient(
+                pb.RegisterSmartClientRequest(
+                    request_id=rid(),
+                    organization_id=org_id,
+                    jwks_json=json.dumps({"keys": [key.as_dict(private=False)]}),
+                    allowed_scopes=["system/Practitioner.rs"],
+                )
+            )
+        ).principal
+        assert client.kind == Kind.PRINCIPAL_KIND_SMART_CLIENT and client.principal_id.startswith("cli_")
+
+        url = f"http://127.0.0.1:{stack.identity.http_port}/oauth2/token"
+        now = int(time.time())
+        claims = {"iss": client.principal_id, "sub": client.principal_id, "aud": url, "exp": now + 120,
+                  "jti": uuid.uuid4().hex}  # fmt: skip
+        form = {
+            "grant_type": "client_credentials",
+            "scope": "system/Practitioner.cruds system/Observation.rs",
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": jose_jwt.encode({"alg": "ES384", "kid": "k1"}, claims, key, algorithms=["ES384"]),
+        }
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url, data=form) as response:
+                assert response.status == 200 and response.headers["Cache-Control"] == "no-store"
+                body = await response.json()
+            async with http.post(url, data=form) as replay:
+                assert replay.status == 401 and (await replay.json())["error"] == "invalid_client"
+        assert body["scope"] == "system/Practitioner.rs" and body["expires_in"] == 300
+
+        identity = pb_grpc.IdentityServiceStub(make_channel(stack.identity_address))
+        found = await identity.FindPrincipals(
+            pb.FindPrincipalsRequest(
+                kind=Kind.PRINCIPAL_KIND_PRACTITIONER, identifier=f"http://hl7.org/fhir/sid/us-npi|{npi}"
+            ),
+            metadata=(("authorization", f"Bearer {body['access_token']}"),),
+        )
+        assert [f.principal_id for f in found.principals] == [doctor.principal.principal_id]
+
+
+async def test_a_patients_demographics_go_to_a_practitioner_consent_permits(start_stack) -> None:
+    """GetPrincipal asks the running consent service, as identity's own principal (pdp-client)."""
+    async with start_stack() as stack:
+        p = Platform(stack)
+        patient = await p.public.RegisterPatient(
+            pb.RegisterPatientRequest(request_id=rid(), fhir_patient=patient_json(uuid.uuid4().hex))
+        )
+        patient_id = patient.principal.principal_id
+        org_id = (await p.register(Kind.PRINCIPAL_KIND_ORGANIZATION)).principal.principal_id
+        doctors = [
+            await p.register(
+                Kind.PRINCIPAL_KIND_PRACTITIONER,
+                organization_id=org_id,
+                fhir_resource=practitioner_json(uuid.uuid4().hex),
+            )
+            for _ in range(2)
+        ]
+        await stack.known_to_consent(patient_id, org_id, *(d.principal.principal_id for d in doctors))
+        treat = vocabulary_pb2.PurposeOfUse.PURPOSE_OF_USE_TREAT
+        await p.consent_as(stack.client(patient_id, patient.client_secret)).GrantConsent(
+            co_pb.GrantConsentRequest(
+                request_id=rid(),
+                patient_id=patient_id,
+                grantee_id=doctors[0].principal.principal_id,
+                provision=co_pb.ProvisionType.PROVISION_TYPE_PERMIT,
+                actions=[vocabulary_pb2.Action.ACTION_READ],
+                categories=[vocabulary_pb2.DataCategory.DATA_CATEGORY_DEMOGRAPHICS],
+                purposes=[treat],
+            )
+        )
+        read = pb.GetPrincipalRequest(principal_id=patient_id, include_fhir_resource=True, purpose=treat)
+        permitted = p.identity_as(stack.client(doctors[0].principal.principal_id, doctors[0].client_secret))
+        got = await permitted.GetPrincipal(read)
+        assert json.loads(got.fhir_resource)["name"][0]["family"] == "Example"
+        refused = p.identity_as(stack.client(doctors[1].principal.principal_id, doctors[1].client_secret))
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await refused.GetPrincipal(read)
+        assert raised.value.code() == CODE.PERMISSION_DENIED and "consent denies it" in (raised.value.details() or "")

@@ -24,11 +24,13 @@ from medledger_identity import storage
 from medledger_identity.principal_commands import (
     ChangeRole,
     DeactivatePrincipal,
+    FindPrincipals,
     GetPrincipal,
     ListPrincipals,
     Registered,
     RegisterPatient,
     RegisterPrincipal,
+    RegisterSmartClient,
     UpdatePrincipalResource,
 )
 from medledger_identity.principals import Directory
@@ -46,12 +48,14 @@ _ORG_ADMINS = Access.of(roles=["admin", "org-admin"])
 ACCESS: dict[str, Access] = {
     _SERVICE + "RegisterPrincipal": _ORG_ADMINS,
     _SERVICE + "GetPrincipal": ANY_CALLER,
+    _SERVICE + "FindPrincipals": Access.of(roles=["admin", "org-admin"], kinds=["practitioner", "smart-client"]),
     _SERVICE + "ListPrincipals": Access.of(roles=["admin", "org-admin", "auditor", "privacy-officer"]),
     _SERVICE + "UpdatePrincipalResource": ANY_CALLER,
     _SERVICE + "DeactivatePrincipal": ANY_CALLER,
     _SERVICE + "ListDeactivatedPrincipals": Access.of(roles=["admin"], kinds=["service"]),
     _SERVICE + "AssignRole": _ORG_ADMINS,
     _SERVICE + "RevokeRole": _ORG_ADMINS,
+    _SERVICE + "RegisterSmartClient": _ORG_ADMINS,
     _SERVICE + "RotateSigningKey": _ADMINS,
 }
 
@@ -64,6 +68,7 @@ _WithPrincipal = TypeVar(
     pb.DeactivatePrincipalResponse,
     pb.AssignRoleResponse,
     pb.RevokeRoleResponse,
+    pb.RegisterSmartClientResponse,
 )
 R = TypeVar("R", bound=pb_message.Message)
 T = TypeVar("T")
@@ -215,9 +220,21 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
     async def GetPrincipal(
         self, request: pb.GetPrincipalRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetPrincipalResponse:
-        command = GetPrincipal(principal_id=request.principal_id, include_fhir_resource=request.include_fhir_resource)
+        command = GetPrincipal(
+            principal_id=request.principal_id,
+            include_fhir_resource=request.include_fhir_resource,
+            purpose=request.purpose,
+        )
         found = await self.principals.get(current_caller(), command)
         return pb.GetPrincipalResponse(principal=to_proto(found.principal), fhir_resource=found.fhir_resource)
+
+    async def FindPrincipals(
+        self, request: pb.FindPrincipalsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FindPrincipalsResponse:
+        found = await self.principals.find(
+            current_caller(), FindPrincipals(kind=request.kind, identifier=request.identifier)
+        )
+        return pb.FindPrincipalsResponse(principals=[to_proto(r) for r in found])
 
     async def ListPrincipals(
         self, request: pb.ListPrincipalsRequest, context: grpc.aio.ServicerContext
@@ -284,14 +301,35 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
         self, request: pb.IssueTokenRequest, context: grpc.aio.ServicerContext
     ) -> pb.IssueTokenResponse:
         command = IssueToken(
-            principal_id=request.principal_id, client_secret=request.client_secret, audience=request.audience
+            principal_id=request.principal_id,
+            client_secret=request.client_secret,
+            audience=request.audience,
+            scope=request.scope,
         )
         issued = await self.tokens.issue(command)
         return pb.IssueTokenResponse(
             access_token=issued.access_token,
             expires_at=timestamp(issued.expires_at),
             token_type="Bearer",  # noqa: S106
+            scope=issued.scope,
+            patient=issued.patient,
         )
+
+    async def RegisterSmartClient(
+        self, request: pb.RegisterSmartClientRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterSmartClientResponse:
+        command = RegisterSmartClient(
+            organization_id=request.organization_id,
+            jwks_json=request.jwks_json,
+            allowed_scopes=tuple(request.allowed_scopes),
+        )
+        once = self._changed(
+            "identity.RegisterSmartClient", request, request.request_id, pb.RegisterSmartClientResponse
+        )
+        response: pb.RegisterSmartClientResponse = await self.principals.register_smart_client(
+            current_caller(), command, once
+        )
+        return response
 
     async def GetJwks(self, request: pb.GetJwksRequest, context: grpc.aio.ServicerContext) -> pb.GetJwksResponse:
         return pb.GetJwksResponse(jwks_json=await self.tokens.jwks_json())

@@ -17,5 +17,11 @@ class IdentitySettings(ServiceSettings):
     bootstrap_admin_secret_file: Path | None = None
     # A folder of <service>.secret files: each makes (or updates) principal svc_<service>.
     service_secrets_dir: Path | None = None
+    # The OAuth 2.0 token endpoint's URL as SMART clients address it: their assertions' `aud`
+    # must be exactly this. Empty: http://127.0.0.1:<http port>/oauth2/token.
+    token_endpoint_url: str = ""
+    # Where consent answers: asked before a patient's FHIR resource goes to a reader other than
+    # the patient and their administrators.
+    consent_address: str = "127.0.0.1:50052"
     # At most this many Argon2id computations at once (each takes 19 MiB and a core for ~30 ms).
     max_concurrent_hashing: int = Field(default=2, ge=1, le=64)

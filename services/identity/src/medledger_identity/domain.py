@@ -14,6 +14,7 @@ from typing import Any
 import base58
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.practitioner import Practitioner
+from joserfc import jwk
 from medledger.types.v1 import vocabulary_pb2
 from pydantic import ValidationError
 
@@ -27,13 +28,22 @@ PrincipalKind = vocabulary_pb2.PrincipalKind
 Role = vocabulary_pb2.Role
 
 ISSUER = TOKEN_ISSUER
+# The FHIR gateway (a stateless component, no gRPC API of its own) is an audience too.
 AUDIENCES = frozenset(f"medledger.{name}" for name in (*SERVICES, *STATELESS_COMPONENTS))
 FHIR_AUDIENCE = "medledger.fhir"
 # A token for the FHIR gateway is sent on by it, unchanged, to the services it calls: those
 # accept it too (the caller's own token, so each service decides and logs as for a gRPC call).
-_FHIR_AUDIENCES = [FHIR_AUDIENCE, "medledger.identity", "medledger.consent", "medledger.records", "medledger.audit"]
+FHIR_TOKEN_AUDIENCES = (
+    FHIR_AUDIENCE,
+    "medledger.identity",
+    "medledger.consent",
+    "medledger.records",
+    "medledger.audit",
+)
 # RFC 8725 suggests short-lived tokens; deactivation also reaches every service within a second.
 TOKEN_TTL_SECONDS = 15 * 60
+# SMART Backend Services recommends five minutes for client_credentials tokens.
+CLIENT_TOKEN_TTL_SECONDS = 5 * 60
 MAX_FHIR_BYTES = 64 * 1024
 
 # Pseudonymous id prefixes: readable in logs without saying anything about the person.
@@ -43,7 +53,10 @@ _ID_PREFIX: dict[int, str] = {
     PrincipalKind.PRINCIPAL_KIND_ORGANIZATION: "org",
     PrincipalKind.PRINCIPAL_KIND_RESEARCHER: "rsr",
     PrincipalKind.PRINCIPAL_KIND_SERVICE: "svc",
+    PrincipalKind.PRINCIPAL_KIND_SMART_CLIENT: "cli",
 }
+# Kinds RegisterPrincipal makes; a SMART client only through RegisterSmartClient (with its JWKS).
+_REGISTERED_KINDS = frozenset(_ID_PREFIX) - {PrincipalKind.PRINCIPAL_KIND_SMART_CLIENT}
 # Kinds that carry a FHIR resource, and which one.
 _FHIR_MODEL: dict[int, type[Patient] | type[Practitioner]] = {
     PrincipalKind.PRINCIPAL_KIND_PATIENT: Patient,
@@ -73,7 +86,7 @@ def did_key(ed25519_public_key: bytes) -> str:
 
 
 def check_kind(kind: int) -> None:
-    if kind not in _ID_PREFIX:
+    if kind not in _REGISTERED_KINDS:
         raise InvalidArgument.field("kind", "must be one of patient, practitioner, organization, researcher, service")
 
 
@@ -199,6 +212,22 @@ def check_audience(audience: str) -> None:
         raise InvalidArgument.field("audience", "must be one of " + ", ".join(sorted(AUDIENCES)))
 
 
+def token_audience(audience: str) -> str | list[str]:
+    """The ``aud`` claim: the service asked for; for the FHIR gateway, it and the services it
+    calls with the same token."""
+    return list(FHIR_TOKEN_AUDIENCES) if audience == FHIR_AUDIENCE else audience
+
+
+def scope_context(kind: int) -> str:
+    """The SMART context a principal's scoped tokens are in: a patient's own data (patient/), a
+    SMART client's system access (system/), anyone else's as a user (user/)."""
+    if kind == PrincipalKind.PRINCIPAL_KIND_PATIENT:
+        return "patient"
+    if kind == PrincipalKind.PRINCIPAL_KIND_SMART_CLIENT:
+        return "system"
+    return "user"
+
+
 def token_claims(
     *,
     principal_id: str,
@@ -207,20 +236,29 @@ def token_claims(
     organization_id: str,
     audience: str,
     now: int,
+    scope: str = "",
+    ttl_seconds: int = TOKEN_TTL_SECONDS,
 ) -> dict[str, Any]:
-    """RFC 7519 claims of a medledger access token, plus kind, roles and organization."""
-    return {
+    """RFC 7519 claims of a medledger access token, plus kind, roles and organization; a scoped
+    token also carries ``scope`` (SMART v2, space-separated) and, for a patient, ``patient``
+    (SMART's patient in context: the patient themself)."""
+    claims: dict[str, Any] = {
         "iss": ISSUER,
-        "aud": _FHIR_AUDIENCES if audience == FHIR_AUDIENCE else audience,
+        "aud": token_audience(audience),
         "sub": principal_id,
         "jti": uuid.uuid4().hex,
         "iat": now,
         "nbf": now,
-        "exp": now + TOKEN_TTL_SECONDS,
+        "exp": now + ttl_seconds,
         "kind": KIND_NAMES[kind],
         "roles": sorted(ROLE_NAMES[r] for r in roles if r in ROLE_NAMES),
         "org": organization_id,
     }
+    if scope:
+        claims["scope"] = scope
+        if kind == PrincipalKind.PRINCIPAL_KIND_PATIENT:
+            claims["patient"] = principal_id
+    return claims
 
 
 def _b64url(data: bytes) -> str:
@@ -248,3 +286,108 @@ def jws_compact(signing_input: bytes, signature: bytes) -> str:
 def signing_kid(key_name: str, version: int) -> str:
     """The ``kid`` of one version of the token-signing key."""
     return f"{key_name}.v{version}"
+
+
+# -- SMART Backend Services clients -----------------------------------------------------------------
+
+# What a client may sign its assertions with (SMART: token_endpoint_auth_signing_alg_values_supported).
+CLIENT_ASSERTION_ALGORITHMS = ("ES384", "RS384")
+MAX_CLIENT_KEYS = 5
+MAX_JWKS_BYTES = 16 * 1024
+MIN_RSA_BITS = 2048
+# JWK members that only a private or symmetric key has (RFC 7518 §6.2.2, §6.3.2, §6.4).
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+_KEY_ALG = {"EC": "ES384", "RSA": "RS384"}
+
+
+def check_may_register_client(caller: Caller, organization_id: str) -> None:
+    """Admins register a client for any organization; org-admins for their own."""
+    if is_admin(caller):
+        return
+    if caller.has_role("org-admin") and organization_id and organization_id == caller.organization_id:
+        return
+    raise PermissionDenied("only admins, or org-admins for their organization, may register a SMART client")
+
+
+def _b64url_length(value: object) -> int:
+    """The byte length of a base64url member; 0 when it is not one."""
+    if not isinstance(value, str) or not value:
+        return 0
+    try:
+        return len(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+    except ValueError:
+        return 0
+
+
+def validate_client_jwks(raw: str, field: str = "jwks_json") -> str:
+    """A SMART client's JWKS: public ES384 (EC P-384) or RS384 (RSA ≥ 2048 bits) signing keys,
+    each with a distinct ``kid``, at most MAX_CLIENT_KEYS; its canonical JSON.
+
+    A private member anywhere refuses the whole set: identity keeps no client secret."""
+    if not raw or len(raw.encode()) > MAX_JWKS_BYTES:
+        raise InvalidArgument.field(field, f"required: a JWKS of at most {MAX_JWKS_BYTES} bytes")
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        raise InvalidArgument.field(field, "not JSON") from None
+    keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(keys, list) or not 1 <= len(keys) <= MAX_CLIENT_KEYS:
+        raise InvalidArgument.field(f"{field}.keys", f"a list of 1 to {MAX_CLIENT_KEYS} keys")
+    kids: set[str] = set()
+    public: list[dict[str, Any]] = []
+    for i, key in enumerate(keys):
+        where = f"{field}.keys[{i}]"
+        if not isinstance(key, dict):
+            raise InvalidArgument.field(where, "a JWK object")
+        if _PRIVATE_MEMBERS & key.keys():
+            raise InvalidArgument.field(where, "a private or symmetric key; register public keys only")
+        kid = key.get("kid")
+        if not isinstance(kid, str) or not 0 < len(kid) <= 128 or kid in kids:
+            raise InvalidArgument.field(f"{where}.kid", "required, at most 128 characters, distinct within the set")
+        kids.add(kid)
+        kty = key.get("kty")
+        if kty not in _KEY_ALG:
+            raise InvalidArgument.field(f"{where}.kty", "must be EC (ES384) or RSA (RS384)")
+        if key.get("alg", _KEY_ALG[kty]) != _KEY_ALG[kty]:
+            raise InvalidArgument.field(f"{where}.alg", f"must be {_KEY_ALG[kty]} for kty {kty}")
+        if key.get("use", "sig") != "sig" or not set(key.get("key_ops", ["verify"])) <= {"verify"}:
+            raise InvalidArgument.field(where, "must be a signature-verification key")
+        if kty == "EC" and key.get("crv") != "P-384":
+            raise InvalidArgument.field(f"{where}.crv", "must be P-384 for ES384")
+        if kty == "RSA" and _b64url_length(key.get("n")) * 8 < MIN_RSA_BITS:
+            raise InvalidArgument.field(f"{where}.n", f"an RSA key of at least {MIN_RSA_BITS} bits")
+        try:
+            imported = jwk.import_key(key)
+        except Exception:  # joserfc raises ValueError and its own errors for a malformed key
+            raise InvalidArgument.field(where, f"not a valid {kty} public key") from None
+        if imported.is_private:
+            raise InvalidArgument.field(where, "a private key; register public keys only")
+        public.append({**imported.as_dict(private=False), "kid": kid, "alg": _KEY_ALG[kty], "use": "sig"})
+    return json.dumps({"keys": public}, separators=(",", ":"), sort_keys=True)
+
+
+# -- finding principals by identifier -----------------------------------------------------------------
+
+
+def parse_identifier(identifier: str, field: str = "identifier") -> tuple[str, str]:
+    """FHIR's token form ``system|value`` (both required) as (system, value)."""
+    system, bar, value = identifier.partition("|")
+    if not bar or not system or not value or len(identifier) > 1024:
+        raise InvalidArgument.field(field, "must be system|value, both non-empty")
+    return system, value
+
+
+def check_may_find(caller: Caller, kind: int) -> None:
+    """Practitioners are found by admins, org-admins, practitioners and SMART clients (a FHIR
+    bundle names its authors); patients only by admins and SMART clients (an organization's
+    system importing its patients' data): anyone else could test whether a person is a patient."""
+    if kind == PrincipalKind.PRINCIPAL_KIND_PRACTITIONER:
+        if is_admin(caller) or caller.has_role("org-admin") or caller.kind in ("practitioner", "smart-client"):
+            return
+    elif kind == PrincipalKind.PRINCIPAL_KIND_PATIENT:
+        if is_admin(caller) or caller.kind == "smart-client":
+            return
+    else:
+        # Only patients and practitioners carry a FHIR resource, hence identifiers.
+        raise InvalidArgument.field("kind", "must be patient or practitioner: only they carry FHIR identifiers")
+    raise PermissionDenied("this caller may not look this kind of principal up by identifier")

@@ -26,6 +26,27 @@ class RegisterPrincipal:
 class GetPrincipal:
     principal_id: str
     include_fhir_resource: bool = False
+    # Why a reader other than the patient (and the patient's administrators) asks for a
+    # patient's resource: a medledger.types.v1 PurposeOfUse, asked of consent.
+    purpose: int = 0
+
+
+@dataclass(frozen=True)
+class FindPrincipals:
+    """Principals of `kind` with the FHIR identifier `identifier` (``system|value``)."""
+
+    kind: int
+    identifier: str
+
+
+@dataclass(frozen=True)
+class RegisterSmartClient:
+    """A SMART Backend Services client of an organization: its public JWKS (JSON) and the SMART
+    v2 system/ scopes it may be granted."""
+
+    organization_id: str
+    jwks_json: str
+    allowed_scopes: tuple[str, ...]
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,13 @@ from medledger.events.v1 import identity_events_pb2
 from medledger.types.v1 import vocabulary_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_identity import domain, storage
+from medledger_identity import domain, scopes, storage
+from medledger_identity.consent_client import ConsentService
 from medledger_identity.credentials import SecretHasher
 from medledger_identity.principal_commands import (
     ChangeRole,
     DeactivatePrincipal,
+    FindPrincipals,
     Found,
     GetPrincipal,
     ListPrincipals,
@@ -33,6 +35,7 @@ from medledger_identity.principal_commands import (
     Registered,
     RegisterPatient,
     RegisterPrincipal,
+    RegisterSmartClient,
     UpdatePrincipalResource,
 )
 from medledger_identity.resources import Resources
@@ -71,6 +74,7 @@ class Directory:
         source: str = "medledger.identity",
         legacy_keys: Callable[[], KeyManager] | None = None,
         deactivated: Callable[[str], None] = lambda principal_id: None,
+        consent: ConsentService | None = None,
     ) -> None:
         self.db = db
         self.keys = keys
@@ -81,6 +85,8 @@ class Directory:
         self.source = source
         # Told of each deactivation at once: this replica refuses the principal's tokens then.
         self.deactivated = deactivated
+        # Asked before a patient's resource goes to another reader; None: nobody else gets it.
+        self.consent = consent
 
     async def start(self) -> None:
         await self.resources.start()
@@ -117,11 +123,7 @@ class Directory:
 
         async def write(conn: AsyncConnection) -> Registered:
             if command.organization_id:
-                org = await storage.get_principal(conn, command.organization_id)
-                if org is None or org.kind != Kind.PRINCIPAL_KIND_ORGANIZATION:
-                    raise InvalidArgument.field("organization_id", "not a registered organization")
-                if org.status != ACTIVE:
-                    raise FailedPrecondition("the organization is deactivated")
+                await self._check_organization(conn, command.organization_id)
             row, secret = await self._create(
                 conn, kind=command.kind, organization_id=command.organization_id, resource=resource
             )
@@ -129,19 +131,88 @@ class Directory:
 
         return await (transaction or self._transaction)(write)
 
+    async def register_smart_client(
+        self,
+        caller: Caller,
+        command: RegisterSmartClient,
+        transaction: Callable[[Change], Awaitable[Any]] | None = None,
+    ) -> Any:
+        """An admin, or an org-admin for their organization, registers a SMART Backend Services
+        client: a principal of kind smart-client of the organization, with no secret, its public
+        JWKS and its allowed system/ scopes. Returns what the transaction returns (by default the
+        principal's row)."""
+        domain.check_may_register_client(caller, command.organization_id)
+        if not command.organization_id:
+            raise InvalidArgument.field("organization_id", "required: the organization the client acts for")
+        jwks_json = domain.validate_client_jwks(command.jwks_json)
+        allowed = scopes.parse_scopes(" ".join(command.allowed_scopes), "allowed_scopes")
+        if not allowed:
+            raise InvalidArgument.field("allowed_scopes", "at least one system/ scope")
+        scopes.check_context(allowed, "system", "allowed_scopes")
+
+        async def write(conn: AsyncConnection) -> storage.PrincipalRow:
+            await self._check_organization(conn, command.organization_id)
+            row, _ = await self._create(
+                conn,
+                kind=Kind.PRINCIPAL_KIND_SMART_CLIENT,
+                organization_id=command.organization_id,
+                resource=None,
+                with_secret=False,
+            )
+            await storage.insert_smart_client(
+                conn, storage.SmartClientRow(row.principal_id, jwks_json, scopes.scope_string(allowed))
+            )
+            return row
+
+        return await (transaction or self._transaction)(write)
+
+    async def _check_organization(self, conn: AsyncConnection, organization_id: str) -> None:
+        org = await storage.get_principal(conn, organization_id)
+        if org is None or org.kind != Kind.PRINCIPAL_KIND_ORGANIZATION:
+            raise InvalidArgument.field("organization_id", "not a registered organization")
+        if org.status != ACTIVE:
+            raise FailedPrecondition("the organization is deactivated")
+
     async def ensure_platform_principal(
         self, principal_id: str, secret: str, roles: tuple[int, ...], kind: int = Kind.PRINCIPAL_KIND_SERVICE
     ) -> None:
         """Create a service or the bootstrap admin at start, or update its secret to the file's."""
         async with self.db.transaction() as conn:
+            exists = await storage.get_principal(conn, principal_id) is not None
             stored = await storage.get_secret_hash(conn, principal_id)
-            if stored is None:
+            if not exists:
                 await self._create(
                     conn, kind=kind, organization_id="", resource=None, roles=roles,
                     principal_id=principal_id, client_secret=secret,
                 )  # fmt: skip
-            elif not await self.hasher.verify(stored, secret):
+            elif stored is None or not await self.hasher.verify(stored, secret):
                 await storage.set_secret_hash(conn, principal_id, await self.hasher.hash(secret))
+        self.notify()
+
+    async def ensure_own_principal(self, principal_id: str, roles: tuple[int, ...]) -> None:
+        """identity's own service principal, which signs its own tokens (no secret needed), with
+        at least `roles`: created at start if missing, granted a missing role (with its event)."""
+        async with self.db.transaction() as conn:
+            row = await storage.get_principal(conn, principal_id, for_update=True)
+            if row is None:
+                await self._create(
+                    conn, kind=Kind.PRINCIPAL_KIND_SERVICE, organization_id="", resource=None, roles=roles,
+                    principal_id=principal_id, with_secret=False,
+                )  # fmt: skip
+            else:
+                for role in sorted(set(roles) - set(row.roles)):
+                    granted = storage.PrincipalRow(**{**row.__dict__, "roles": tuple(sorted({*row.roles, role}))})
+                    row = await storage.save_changes(conn, row, granted)
+                    await self._emit(
+                        conn,
+                        row,
+                        identity_events_pb2.PrincipalRoleChanged(
+                            principal_id=principal_id,
+                            role=role,  # type: ignore[arg-type]
+                            granted=True,
+                            changed_by=principal_id,
+                        ),
+                    )
         self.notify()
 
     async def seal_secret(self, secret: str) -> str:
@@ -154,8 +225,9 @@ class Directory:
     # -- reading -------------------------------------------------------------------------------
 
     async def get(self, caller: Caller, command: GetPrincipal) -> Found:
-        """Anyone signed in reads a principal; its FHIR resource only the principal, admins and its
-        org-admins."""
+        """Anyone signed in reads a principal; its FHIR resource the principal, admins and its
+        org-admins, and a patient's a reader whom consent permits the demographics for
+        `command.purpose` (PERMISSION_DENIED with consent's reason otherwise)."""
         async with self.db.connect() as conn:
             row = await storage.get_principal(conn, command.principal_id)
         if row is None:
@@ -163,13 +235,42 @@ class Directory:
         resource = b""
         if command.include_fhir_resource:
             if not domain.may_read_resource(caller, row.principal_id, row.organization_id):
-                raise PermissionDenied("only the principal, admins and its org-admins may read its resource")
+                await self._ask_consent(caller, row, command.purpose)
             if row.fhir_resource:
                 # NotFound: the patient's key was deleted (their records were erased) and the
                 # ciphertext is about to go too: there is no resource any more.
                 with contextlib.suppress(NotFound):
                     resource = await self.resources.decrypt(row)
         return Found(row, resource)
+
+    async def _ask_consent(self, caller: Caller, row: storage.PrincipalRow, purpose: int) -> None:
+        """A patient's resource to another reader: as consent decides, as records asks it."""
+        if row.kind != Kind.PRINCIPAL_KIND_PATIENT or self.consent is None:
+            raise PermissionDenied("only the principal, admins and its org-admins may read its resource")
+        if purpose == vocabulary_pb2.PurposeOfUse.PURPOSE_OF_USE_UNSPECIFIED:
+            # No purpose, nothing for consent to permit: refused as before consent was asked.
+            raise PermissionDenied(
+                "only the principal, admins and its org-admins may read its resource, or a reader consent "
+                "permits for a purpose (give purpose)"
+            )
+        answer = await self.consent.check(
+            caller,
+            row.principal_id,
+            vocabulary_pb2.Action.ACTION_READ,
+            vocabulary_pb2.DataCategory.DATA_CATEGORY_DEMOGRAPHICS,
+            purpose,
+        )
+        if not answer.permit:
+            raise PermissionDenied(f"consent denies it: {answer.reason or answer.reason_code}")
+
+    async def find(self, caller: Caller, command: FindPrincipals) -> tuple[storage.PrincipalRow, ...]:
+        """Principals of a kind by FHIR identifier, through the identifiers' blind index (the
+        identifier itself is never stored). Who may: ``domain.check_may_find``."""
+        domain.check_may_find(caller, command.kind)
+        system, value = domain.parse_identifier(command.identifier)
+        index = await self.resources.blind_index(system, value)
+        async with self.db.connect() as conn:
+            return tuple(await storage.principals_by_blind_index(conn, index, command.kind))
 
     # Before `list`, whose name would shadow the builtin in this annotation.
     async def deactivated_ids(self) -> list[str]:
@@ -327,8 +428,10 @@ class Directory:
         roles: tuple[int, ...] = (),
         principal_id: str | None = None,
         client_secret: str | None = None,
+        with_secret: bool = True,
     ) -> tuple[storage.PrincipalRow, str]:
-        """Insert a principal with its key pair, encrypted resource, identifiers and secret."""
+        """Insert a principal with its key pair, encrypted resource, identifiers and secret (none
+        `with_secret` False: a SMART client authenticates with its keys)."""
         principal_id = principal_id or domain.new_principal_id(kind)
         key_name = f"principal-{principal_id}"
         await self.keys.ensure_key(key_name, KeyType.ED25519)
@@ -337,7 +440,7 @@ class Directory:
         if resource is not None:
             await storage.claim_identifiers(conn, principal_id, await self.resources.blind_indexes(resource))
             ciphertext = await self.resources.encrypt(principal_id, kind, resource, new=True)
-        secret = client_secret or domain.new_client_secret()
+        secret = (client_secret or domain.new_client_secret()) if with_secret else ""
         row = storage.PrincipalRow(
             principal_id=principal_id,
             kind=kind,
@@ -349,7 +452,7 @@ class Directory:
             created_at=time.time(),
             fhir_resource=ciphertext,
         )
-        await storage.insert_principal(conn, row, secret_hash=await self.hasher.hash(secret))
+        await storage.insert_principal(conn, row, secret_hash=await self.hasher.hash(secret) if secret else None)
         await self._emit(
             conn,
             row,

@@ -41,12 +41,13 @@ class Resources:
         await self.keys.ensure_key(RESOURCE_KEY, KeyType.AES256_GCM96)
 
     async def blind_indexes(self, resource: domain.FhirResource) -> list[str]:
-        return [
-            await self.keys.hmac(
-                BLIND_INDEX_KEY, domain.identifier_index_input(system, value), key_version=BLIND_INDEX_VERSION
-            )
-            for system, value in resource.identifiers
-        ]
+        return [await self.blind_index(system, value) for system, value in resource.identifiers]
+
+    async def blind_index(self, system: str, value: str) -> str:
+        """The blind index of one identifier: what is stored, and what a lookup compares."""
+        return await self.keys.hmac(
+            BLIND_INDEX_KEY, domain.identifier_index_input(system, value), key_version=BLIND_INDEX_VERSION
+        )
 
     async def encrypt(self, principal_id: str, kind: int, resource: domain.FhirResource, *, new: bool = False) -> str:
         """The resource's ciphertext, bound to the principal; `new`: make the key first (a

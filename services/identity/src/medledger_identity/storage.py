@@ -91,10 +91,31 @@ async def _list_resources_under_old_keys(conn: AsyncConnection) -> None:
     )
 
 
+# SMART Backend Services clients (principals of kind smart-client): their public keys and the
+# scopes they may be granted; and the `jti` of every client assertion accepted, kept until the
+# assertion expires, so that a replay is refused even after a restart or on another replica.
+smart_metadata = MetaData()
+smart_clients = Table(
+    "smart_clients",
+    smart_metadata,
+    Column("principal_id", String(64), primary_key=True),
+    Column("jwks_json", Text, nullable=False),
+    # Space-separated SMART v2 system/ scopes.
+    Column("allowed_scopes", Text, nullable=False),
+)
+client_assertion_jtis = Table(
+    "client_assertion_jtis",
+    smart_metadata,
+    Column("client_id", String(64), primary_key=True),
+    Column("jti", String(256), primary_key=True),
+    Column("expires_at", Float, nullable=False, index=True),
+)
+
 MIGRATIONS = [
     Migration(1, "principals", create_tables(metadata)),
     Migration(2, "roles, identifiers, keys, resources and credentials", _add_principal_columns),
     Migration(3, "patients' resources still under the old shared keys", _list_resources_under_old_keys),
+    Migration(4, "SMART clients and the client assertions seen", create_tables(smart_metadata)),
 ]
 
 P = _principals_v2.c
@@ -114,7 +135,8 @@ class PrincipalRow:
     fhir_resource: str | None = None
 
 
-async def insert_principal(conn: AsyncConnection, row: PrincipalRow, *, secret_hash: str) -> None:
+async def insert_principal(conn: AsyncConnection, row: PrincipalRow, *, secret_hash: str | None) -> None:
+    """A new principal; without a secret hash (a SMART client) no secret ever matches."""
     now = time.time()
     await conn.execute(
         insert(_principals_v2).values(
@@ -254,6 +276,61 @@ async def forget_personal_data(conn: AsyncConnection, principal_id: str) -> bool
         update(_principals_v2).where(P.principal_id == principal_id).values(fhir_resource=None, updated_at=time.time())
     )
     return bool(result.rowcount)
+
+
+# SMART clients.
+
+
+@dataclass(frozen=True)
+class SmartClientRow:
+    principal_id: str
+    jwks_json: str
+    allowed_scopes: str
+
+
+async def insert_smart_client(conn: AsyncConnection, client: SmartClientRow) -> None:
+    await conn.execute(
+        insert(smart_clients).values(
+            principal_id=client.principal_id, jwks_json=client.jwks_json, allowed_scopes=client.allowed_scopes
+        )
+    )
+
+
+async def get_smart_client(conn: AsyncConnection, principal_id: str) -> SmartClientRow | None:
+    c = smart_clients.c
+    r = (await conn.execute(select(smart_clients).where(c.principal_id == principal_id))).first()
+    return SmartClientRow(r.principal_id, r.jwks_json, r.allowed_scopes) if r else None
+
+
+async def record_assertion_jti(
+    conn: AsyncConnection, client_id: str, jti: str, expires_at: float, *, forget_before: float
+) -> bool:
+    """Record a client assertion's jti until it expires; False if it was seen before (a replay).
+
+    Those that expired before `forget_before` are dropped first: their assertions are refused
+    by their `exp` anyway."""
+    c = client_assertion_jtis.c
+    await conn.execute(delete(client_assertion_jtis).where(c.expires_at < forget_before))
+    try:
+        async with conn.begin_nested():
+            await conn.execute(
+                insert(client_assertion_jtis).values(client_id=client_id, jti=jti, expires_at=expires_at)
+            )
+    except IntegrityError:
+        return False
+    return True
+
+
+async def principals_by_blind_index(conn: AsyncConnection, blind_index: str, kind: int) -> list[PrincipalRow]:
+    """The principals of `kind` holding an identifier with this blind index (one at most: an
+    identifier is claimed once)."""
+    ids = (
+        await conn.execute(
+            select(principal_identifiers.c.principal_id).where(principal_identifiers.c.blind_index == blind_index)
+        )
+    ).scalars()
+    rows = [await get_principal(conn, str(i)) for i in ids]
+    return [r for r in rows if r is not None and r.kind == kind]
 
 
 # The key-owner migration.

@@ -20,7 +20,7 @@ from typing import Any
 from medledger.events.v1 import identity_events_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_identity import domain, storage
+from medledger_identity import domain, scopes, storage
 from medledger_identity.credentials import SecretHasher
 from medledger_identity.domain import jws_compact, jws_signing_input, signing_kid
 from medledger_identity.principals import ACTIVE
@@ -94,17 +94,21 @@ class TokenSigner:
 
 @dataclass(frozen=True)
 class IssueToken:
-    """A principal's client secret exchanged for a token for one service (`audience`)."""
+    """A principal's client secret exchanged for a token for one service (`audience`), limited
+    to SMART v2 `scope` (space-separated) when one is given."""
 
     principal_id: str
     client_secret: str
     audience: str
+    scope: str = ""
 
 
 @dataclass(frozen=True)
 class Issued:
     access_token: str
     expires_at: int  # seconds since the epoch
+    scope: str = ""  # granted, space-separated; "" for an unscoped token
+    patient: str = ""  # SMART's patient in context, for a patient's scoped token
 
 
 Rotation = Callable[[AsyncConnection], Awaitable[str]]
@@ -143,6 +147,7 @@ class TokenDesk:
         """Unauthenticated, the same for an unknown principal and a wrong secret; a deactivated
         principal gets none."""
         domain.check_audience(command.audience)
+        requested = scopes.parse_scopes(command.scope)
         if not command.principal_id or not command.client_secret or len(command.client_secret) > 256:
             raise Unauthenticated("invalid credentials")
         async with self.db.connect() as conn:
@@ -154,18 +159,32 @@ class TokenDesk:
             raise Unauthenticated("invalid credentials")
         if row.status != ACTIVE:
             raise Unauthenticated("the principal is deactivated")
+        # After authentication: which context a principal may ask says what kind it is.
+        scopes.check_context(requested, domain.scope_context(row.kind))
         if self.hasher.needs_rehash(stored):
             async with self.db.transaction() as conn:
                 await storage.set_secret_hash(conn, row.principal_id, await self.hasher.hash(command.client_secret))
+        return await self.sign_for(row, command.audience, scopes.scope_string(requested))
+
+    async def sign_for(
+        self,
+        row: storage.PrincipalRow,
+        audience: str,
+        scope: str,
+        ttl_seconds: int = domain.TOKEN_TTL_SECONDS,
+    ) -> Issued:
+        """A token for an authenticated, active principal."""
         claims = domain.token_claims(
             principal_id=row.principal_id,
             kind=row.kind,
             roles=row.roles,
             organization_id=row.organization_id,
-            audience=command.audience,
+            audience=audience,
             now=int(time.time()),
+            scope=scope,
+            ttl_seconds=ttl_seconds,
         )
-        return Issued(await self.signer.sign(claims), claims["exp"])
+        return Issued(await self.signer.sign(claims), claims["exp"], scope, claims.get("patient", ""))
 
     async def jwks_json(self) -> str:
         return await self.signer.jwks_json()
@@ -196,3 +215,34 @@ class TokenDesk:
             kid = await write(conn)
         self.notify()
         return kid
+
+
+# A cached own token is replaced this long before it expires.
+_OWN_TOKEN_MARGIN_SECONDS = 60
+
+
+class OwnTokens:
+    """Tokens of identity's own service principal (``svc_identity``) for calling other services:
+    signed here, as the issuer, from the principal's stored row (so its roles are the ones
+    identity records for it); cached per audience until a minute before they expire."""
+
+    def __init__(self, db: Database, desk: TokenDesk, principal_id: str) -> None:
+        self.db = db
+        self.desk = desk
+        self.principal_id = principal_id
+        self._cache: dict[str, Issued] = {}
+
+    async def token(self, audience: str) -> str:
+        cached = self._cache.get(audience)
+        if cached is not None and cached.expires_at - _OWN_TOKEN_MARGIN_SECONDS > time.time():
+            return cached.access_token
+        async with self.db.connect() as conn:
+            row = await storage.get_principal(conn, self.principal_id)
+        if row is None or row.status != ACTIVE:
+            raise Unavailable(f"identity's own principal {self.principal_id} is missing or deactivated")
+        issued = await self.desk.sign_for(row, audience, "")
+        self._cache[audience] = issued
+        return issued.access_token
+
+    def forget(self, audience: str) -> None:
+        self._cache.pop(audience, None)
