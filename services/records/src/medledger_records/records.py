@@ -278,6 +278,10 @@ class RecordDesk:
                 raise NotFound("no such record of this patient")
             caller.require_scope(domain.scope_type(record.resource_type), "u", patient_id)
             domain.check_new_version(record.category, record.media_type, command.category, command.media_type)
+            if record.resource_type and resource_type != record.resource_type:
+                # Types share categories (MedicationRequest, MedicationStatement): the category
+                # alone would let an update turn one into the other.
+                raise InvalidArgument.field("content.resourceType", "a new version keeps its record's resource type")
             # Under the row lock: of two writes expecting the same version, the second finds it gone.
             domain.check_expected_version(record.latest_version, command.expected_version)
             version = record.latest_version + 1
