@@ -168,6 +168,11 @@ async def test_create_read_update_history_through_fhirpy_and_fhirclient(start_st
         status, _, outcome = await call("POST", f"{base}/Observation", token, observation(patient_id, status=5))
         assert status == 422 and json.loads(outcome)["issue"][0]["expression"] == ["Observation.status"]
 
+        # A purpose that is no HL7 code is refused before anything is written (history: 2 versions).
+        status, _, _ = await call(
+            "PUT", f"{base}/Observation/{record_id}", token, stale, **{"X-Purpose-Of-Use": "CURIOSITY"}
+        )
+        assert status == 400
         # vread of the first version through fhirclient; the record under another type: 404.
         first = await asyncio.to_thread(Observation.read_from, f"Observation/{record_id}/_history/1", server)
         assert first.status == "final" and first.meta.versionId == "1"

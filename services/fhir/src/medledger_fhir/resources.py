@@ -296,9 +296,8 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
         if got.media_type != FHIR_JSON:
             raise FhirError(404, f"no such {resource_type}")
         resource = json.loads(got.content)
-        if resource.get("resourceType") != resource_type:
+        if not isinstance(resource, dict) or resource.get("resourceType") != resource_type:
             raise FhirError(404, f"no such {resource_type}")
-        assert isinstance(resource, dict)
         return resource
 
     def version_headers(request: web.Request, resource_type: str, record_id: str, version: int) -> dict[str, str]:
@@ -360,6 +359,7 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
     @answer_errors
     async def create(request: web.Request) -> web.StreamResponse:
         resource_type = clinical_type(request)
+        purpose(request)  # a bad header is refused before anything is written
         resource = await body_of(request, resource_type)
         patient_id = patient_of(resource)
         condition = request.headers.get("If-None-Exist")
@@ -428,6 +428,7 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
     @answer_errors
     async def update(request: web.Request) -> web.StreamResponse:
         resource_type, record_id = clinical_type(request), record_id_of(request.match_info["id"])
+        purpose(request)  # a bad header is refused before anything is written
         resource = await body_of(request, resource_type)
         if resource.get("id") != request.match_info["id"]:
             raise FhirError(400, "the resource's id must be the id in the URL", expression=(f"{resource_type}.id",))
@@ -481,7 +482,9 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
             for v, g in zip(listed.versions, got, strict=True)
         ]
         here = f"{base}/{resource_type}/{fhir_id(record_id)}/_history"
-        links = [{"relation": "self", "url": f"{here}?{request.query_string}" if request.query_string else here}]
+        # Links rebuilt from what was understood, not echoed from the request.
+        this_page = {"_count": count, **({"_page_token": page_token} if page_token else {})}
+        links = [{"relation": "self", "url": f"{here}?{urlencode(this_page)}"}]
         if listed.next_page_token:
             query = urlencode({"_count": count, "_page_token": listed.next_page_token})
             links.append({"relation": "next", "url": f"{here}?{query}"})
