@@ -253,6 +253,24 @@ async def test_a_stale_expected_version_is_refused_and_stores_nothing(desk: Desk
     assert third.version == 3
 
 
+async def test_a_new_version_keeps_its_records_resource_type(desk: Desk) -> None:
+    request = {
+        "resourceType": "MedicationRequest",
+        "status": "active",
+        "intent": "order",
+        "medicationCodeableConcept": {"text": "aspirin"},
+        "subject": {"reference": "Patient/pat-1"},
+    }
+    first = await desk.records.put(PATIENT, put(raw(request), category=MEDS))
+    before = await desk.counts()
+    statement = {k: v for k, v in request.items() if k != "intent"} | {"resourceType": "MedicationStatement"}
+    # Same category, another type: refused, nothing stored.
+    with pytest.raises(InvalidArgument) as refused:
+        await desk.records.put(PATIENT, put(raw(statement), category=MEDS, record_id=first.record_id))
+    assert refused.value.violations[0].field == "content.resourceType"
+    assert await desk.counts() == before
+
+
 async def test_of_two_concurrent_puts_expecting_the_same_version_exactly_one_wins(desk: Desk) -> None:
     first = await desk.records.put(PATIENT, put())
     for expected in (1, 2, 3):

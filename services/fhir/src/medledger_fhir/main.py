@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from medledger_fhir import audit_events, capability, consents
+from medledger_fhir import audit_events, capability, consents, resources
 from medledger_fhir.admission import Admission
 from medledger_fhir.backends import Backends
 from medledger_fhir.capability import Capabilities
@@ -46,6 +46,8 @@ def build(runtime: ServiceRuntime[FhirParts]) -> ServiceParts[FhirParts]:
     routes += capability.routes(
         capabilities, public_base_url=settings.public_base_url, token_endpoint=settings.token_endpoint_url
     )
+    routes += resources.routes(backends, public_base_url=settings.public_base_url)
+    capabilities.declare(resources.declarations())
     routes += consents.routes(backends, public_base_url=settings.public_base_url)
     capabilities.declare(consents.SUPPORTS)
     routes += audit_events.routes(backends, public_base_url=settings.public_base_url)
