@@ -21,6 +21,7 @@ match, every candidate's), each a hit of the data-key cache within its age limit
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 from collections.abc import Iterable, Sequence
@@ -197,7 +198,7 @@ def check_search(command: SearchRecords) -> _Query:
         updated.append(st.last_updated_bounds(prefix, wanted))
     if command.page_size < 0:
         raise InvalidArgument.field("page_size", "must not be negative")
-    after = domain.page_position(command.page_token) if command.page_token else None
+    after = _page_position(command.page_token) if command.page_token else None
     return _Query(tokens, dates, updated, after, domain.page_size(command.page_size))
 
 
@@ -315,4 +316,14 @@ class SearchDesk:
 
 
 def _next(page: Sequence[storage.Record]) -> str:
-    return domain.page_token(page[-1].updated_at, page[-1].record_id)
+    """An opaque token: where the next page starts, in ListRecords' order."""
+    position = domain.page_token(page[-1].updated_at, page[-1].record_id)
+    return base64.urlsafe_b64encode(position.encode()).decode().rstrip("=")
+
+
+def _page_position(token: str) -> tuple[float, str]:
+    try:
+        position = b64decode_strict(token, urlsafe=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument.field("page_token", "not a token this RPC returned") from None
+    return domain.page_position(position)
