@@ -32,6 +32,7 @@ from medledger_records.record_commands import ConsentAnswer, PutRecord
 from medledger_records.records import RecordDesk
 from medledger_records.search import (
     DateMatch,
+    SearchBackfill,
     SearchDesk,
     SearchIndex,
     SearchRecords,
@@ -574,3 +575,32 @@ async def test_the_grpc_api_maps_the_request_and_answers_content_with_receipts(d
     assert (found.receipt.record_id, found.receipt.version) == (record_id, 1) and found.receipt.commitment
     service = pb.DESCRIPTOR.services_by_name["RecordsService"]
     assert "/medledger.records.v1.RecordsService/SearchRecords" in disclosing_methods([service])
+
+
+async def test_records_written_before_the_index_are_indexed_by_the_backfill(desk: Desk) -> None:
+    index = desk.records.search_index
+    desk.records.search_index = None  # as the release before the index wrote them
+    old = await desk.put(observation("OLD-9"))
+    document = await desk.records.put(PATIENT, PutRecord("pat_1", OBS, "application/pdf", b"%PDF-1.7 x"))
+    desk.records.search_index = index
+    assert await desk.ids(("code", ("OLD-9",))) == set()
+
+    backfill = SearchBackfill(desk.db, desk.records, desk.search.index, page=1)
+    assert await backfill.run() == 1  # the Observation; never the document
+    assert await desk.ids(("code", ("OLD-9",))) == {old}
+    assert await backfill.run() == 0  # done once
+    async with desk.db.connect() as conn:
+        rows = await conn.execute(select(storage.search_terms.c.record_id).distinct())
+        assert {r.record_id for r in rows} == {old} and document.record_id != old
+
+
+async def test_the_backfill_never_indexes_an_erased_patient(desk: Desk) -> None:
+    index = desk.records.search_index
+    desk.records.search_index = None
+    await desk.put(observation("GONE-1"))
+    desk.records.search_index = index
+    pending = await desk.erasures.request(PATIENT, RequestErasure("pat_1", "leaving"))
+    await desk.erasures.approve(OFFICER, pending.erasure_id)
+    assert await SearchBackfill(desk.db, desk.records, desk.search.index).run() == 0
+    with pytest.raises(NotFound):
+        await desk.keys.key_info(search_key_name("pat_1"))  # not made again
