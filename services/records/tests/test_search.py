@@ -604,3 +604,28 @@ async def test_the_backfill_never_indexes_an_erased_patient(desk: Desk) -> None:
     assert await SearchBackfill(desk.db, desk.records, desk.search.index).run() == 0
     with pytest.raises(NotFound):
         await desk.keys.key_info(search_key_name("pat_1"))  # not made again
+
+
+class GuardianOf:
+    """Who acts for whom (as medledger_runtime.guardians.Guardians answers): one guardianship."""
+
+    def __init__(self, guardian_id: str, patient_id: str) -> None:
+        self.pair = (guardian_id, patient_id)
+
+    async def acts_for(self, caller: Caller, patient_id: str) -> bool:
+        return (caller.principal_id, patient_id) == self.pair and "guardian" in caller.roles
+
+
+async def test_a_guardian_searches_every_category_for_the_patient_without_consent(desk: Desk) -> None:
+    guardian = Caller("prn_g", "practitioner", frozenset({"guardian"}), "org_1", "tok_g", 0.0)
+    desk.records.guardians = GuardianOf("prn_g", "pat_1")  # type: ignore[assignment]
+    desk.consent.permitted = set()  # consent would refuse everything
+    both = {
+        await desk.put(observation("G"), category=OBS),
+        await desk.put(observation("G"), category=v.DataCategory.DATA_CATEGORY_CONDITIONS),
+    }
+    result = await desk.find(guardian, tokens=(TokenMatch("code", ("G",)),))
+    assert {f.record.record_id for f in result.records} == both and result.total == 2
+    assert desk.consent.asked == [] and result.decision_ids == []
+    [listed] = await desk.listed()
+    assert (listed.actor_id, listed.on_behalf_of) == ("prn_g", "pat_1")
