@@ -32,6 +32,7 @@ from medledger_records.record_commands import ConsentAnswer, PutRecord
 from medledger_records.records import RecordDesk
 from medledger_records.search import (
     DateMatch,
+    SearchBackfill,
     SearchDesk,
     SearchIndex,
     SearchRecords,
@@ -574,3 +575,57 @@ async def test_the_grpc_api_maps_the_request_and_answers_content_with_receipts(d
     assert (found.receipt.record_id, found.receipt.version) == (record_id, 1) and found.receipt.commitment
     service = pb.DESCRIPTOR.services_by_name["RecordsService"]
     assert "/medledger.records.v1.RecordsService/SearchRecords" in disclosing_methods([service])
+
+
+async def test_records_written_before_the_index_are_indexed_by_the_backfill(desk: Desk) -> None:
+    index = desk.records.search_index
+    desk.records.search_index = None  # as the release before the index wrote them
+    old = await desk.put(observation("OLD-9"))
+    document = await desk.records.put(PATIENT, PutRecord("pat_1", OBS, "application/pdf", b"%PDF-1.7 x"))
+    desk.records.search_index = index
+    assert await desk.ids(("code", ("OLD-9",))) == set()
+
+    backfill = SearchBackfill(desk.db, desk.records, desk.search.index, page=1)
+    assert await backfill.run() == 1  # the Observation; never the document
+    assert await desk.ids(("code", ("OLD-9",))) == {old}
+    assert await backfill.run() == 0  # done once
+    async with desk.db.connect() as conn:
+        rows = await conn.execute(select(storage.search_terms.c.record_id).distinct())
+        assert {r.record_id for r in rows} == {old} and document.record_id != old
+
+
+async def test_the_backfill_never_indexes_an_erased_patient(desk: Desk) -> None:
+    index = desk.records.search_index
+    desk.records.search_index = None
+    await desk.put(observation("GONE-1"))
+    desk.records.search_index = index
+    pending = await desk.erasures.request(PATIENT, RequestErasure("pat_1", "leaving"))
+    await desk.erasures.approve(OFFICER, pending.erasure_id)
+    assert await SearchBackfill(desk.db, desk.records, desk.search.index).run() == 0
+    with pytest.raises(NotFound):
+        await desk.keys.key_info(search_key_name("pat_1"))  # not made again
+
+
+class GuardianOf:
+    """Who acts for whom (as medledger_runtime.guardians.Guardians answers): one guardianship."""
+
+    def __init__(self, guardian_id: str, patient_id: str) -> None:
+        self.pair = (guardian_id, patient_id)
+
+    async def acts_for(self, caller: Caller, patient_id: str) -> bool:
+        return (caller.principal_id, patient_id) == self.pair and "guardian" in caller.roles
+
+
+async def test_a_guardian_searches_every_category_for_the_patient_without_consent(desk: Desk) -> None:
+    guardian = Caller("prn_g", "practitioner", frozenset({"guardian"}), "org_1", "tok_g", 0.0)
+    desk.records.guardians = GuardianOf("prn_g", "pat_1")  # type: ignore[assignment]
+    desk.consent.permitted = set()  # consent would refuse everything
+    both = {
+        await desk.put(observation("G"), category=OBS),
+        await desk.put(observation("G"), category=v.DataCategory.DATA_CATEGORY_CONDITIONS),
+    }
+    result = await desk.find(guardian, tokens=(TokenMatch("code", ("G",)),))
+    assert {f.record.record_id for f in result.records} == both and result.total == 2
+    assert desk.consent.asked == [] and result.decision_ids == []
+    [listed] = await desk.listed()
+    assert (listed.actor_id, listed.on_behalf_of) == ("prn_g", "pat_1")

@@ -19,7 +19,7 @@ from medledger_records.erasure_runner import ErasureRunner
 from medledger_records.handlers import CONFIRMATION_CONSUMER, ErasureConfirmationHandler
 from medledger_records.key_owners import data_key_migration
 from medledger_records.records import RecordDesk
-from medledger_records.search import SearchDesk, SearchIndex
+from medledger_records.search import SearchBackfill, SearchDesk, SearchIndex
 from medledger_records.storage import MIGRATIONS
 from medledger_runtime.events import TOPICS
 from medledger_runtime.group_commit import OutboxGroupCommit
@@ -135,6 +135,8 @@ def build(runtime: ServiceRuntime[RecordsParts]) -> ServiceParts[RecordsParts]:
             disclosures.run,
             api.finish_rotations,
             data_key_migration(runtime.db, everyday_keys, runtime.legacy_keys).keep_running,
+            # Records written before the search index existed get their terms.
+            SearchBackfill(runtime.db, records, search_index).keep_running,
         ],
         on_stop=on_stop,
     )

@@ -21,8 +21,10 @@ match, every candidate's), each a hit of the data-key cache within its age limit
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,10 +38,18 @@ from medledger_records.record_commands import ConsentService, Receipt
 from medledger_records.records import RecordDesk, receipt
 from medledger_runtime.auth import Caller
 from medledger_runtime.db import Database
-from medledger_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from medledger_runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    MedledgerError,
+    NotFound,
+    ResourceExhausted,
+)
 from medledger_runtime.keys import KeyInfo, KeyType, patient_key_name
 from medledger_runtime.keys.wire import b64decode_strict, parse_versioned
+from medledger_runtime.retry import retry
 
+log = logging.getLogger(__name__)
 INDEX_KEY_INPUT = b"medledger:records-search:index-key:v1"
 SEARCH_KEY_VERSION = 1
 # A date search decrypts its candidates: at most this many (narrow it with tokens, `_id` or
@@ -95,6 +105,63 @@ class SearchIndex:
 
 def blind(index_key: bytes, terms: Iterable[bytes]) -> list[bytes]:
     return [hmac.digest(index_key, t, "sha256") for t in terms]
+
+
+class SearchBackfill:
+    """Indexes the FHIR records written before the index existed: at start, then hourly (a replica
+    of the previous release may still write during a rolling update). Each record is indexed in
+    its own transaction under the same locks as a write (the patient's, shared with puts and
+    exclusive with the start of an erasure; then the record's row), from its latest version. A
+    record whose resource has no term at all is looked at again by each pass."""
+
+    def __init__(self, db: Database, records: RecordDesk, index: SearchIndex, *, page: int = 100) -> None:
+        self.db = db
+        self.records = records
+        self.index = index
+        self.page = page
+
+    async def run(self) -> int:
+        """One pass; how many records it indexed."""
+        after, indexed = "", 0
+        while True:
+            async with self.db.read() as conn:
+                ids = await search_storage.unindexed_after(conn, list(search_terms.TOKEN_PARAMETERS), after, self.page)
+            for record_id in ids:
+                indexed += await self._index(record_id)
+            if len(ids) < self.page:
+                break
+            after = ids[-1]
+        if indexed:
+            log.info("records written before the search index were indexed", extra={"records": indexed})
+        return indexed
+
+    async def _index(self, record_id: str) -> bool:
+        async with self.db.transaction() as conn:
+            found = await storage.get_record(conn, record_id)
+            if found is None:
+                return False
+            await storage.lock_patient(conn, found.patient_id, exclusive=False)
+            if await erasure_storage.erasures_of(conn, found.patient_id, [RUNNING, COMPLETED]):
+                return False  # its keys are (being) destroyed: never make a search key again
+            record = await storage.get_record(conn, record_id, for_update=True)
+            if record is None or record.erased_at is not None or record.media_type != domain.FHIR_JSON:
+                return False
+            stored = await storage.get_version(conn, record_id, record.latest_version)
+            if stored is None:
+                return False
+            content = await self.records._open(record, stored)
+            await self.index.index(conn, record.patient_id, record_id, record.resource_type, content)
+        return True
+
+    async def keep_running(self, every: float = 3600.0) -> None:
+        """The background job: :meth:`run` at start and then every `every` seconds, never ending;
+        an outage is waited out, another failure logged and tried again at the next pass."""
+        while True:
+            try:
+                await retry(self.run, "search index backfill", only_outages=True)
+            except MedledgerError as exc:
+                log.warning("the search index backfill stopped; trying again later", extra={"error": str(exc)})
+            await asyncio.sleep(every)
 
 
 # The use case.
@@ -197,7 +264,7 @@ def check_search(command: SearchRecords) -> _Query:
         updated.append(st.last_updated_bounds(prefix, wanted))
     if command.page_size < 0:
         raise InvalidArgument.field("page_size", "must not be negative")
-    after = domain.page_position(command.page_token) if command.page_token else None
+    after = _page_position(command.page_token) if command.page_token else None
     return _Query(tokens, dates, updated, after, domain.page_size(command.page_size))
 
 
@@ -315,4 +382,14 @@ class SearchDesk:
 
 
 def _next(page: Sequence[storage.Record]) -> str:
-    return domain.page_token(page[-1].updated_at, page[-1].record_id)
+    """An opaque token: where the next page starts, in ListRecords' order."""
+    position = domain.page_token(page[-1].updated_at, page[-1].record_id)
+    return base64.urlsafe_b64encode(position.encode()).decode().rstrip("=")
+
+
+def _page_position(token: str) -> tuple[float, str]:
+    try:
+        position = b64decode_strict(token, urlsafe=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument.field("page_token", "not a token this RPC returned") from None
+    return domain.page_position(position)

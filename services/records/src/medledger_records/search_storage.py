@@ -37,6 +37,24 @@ async def delete_terms_of(conn: AsyncConnection, patient_id: str) -> None:
     await conn.execute(delete(search_terms).where(search_terms.c.patient_id == patient_id))
 
 
+async def unindexed_after(conn: AsyncConnection, resource_types: Sequence[str], after: str, limit: int) -> list[str]:
+    """FHIR records of the indexed types with no index rows (written before the index existed,
+    or without any term), by record id after `after`."""
+    c, t = records.c, search_terms.c
+    query = (
+        select(c.record_id)
+        .where(
+            c.resource_type.in_(list(resource_types)),
+            c.erased_at.is_(None),
+            c.record_id > after,
+            ~select(t.record_id).where(t.record_id == c.record_id).exists(),
+        )
+        .order_by(c.record_id)
+        .limit(limit)
+    )
+    return [r.record_id for r in await conn.execute(query)]
+
+
 async def categories_of(conn: AsyncConnection, patient_id: str, resource_type: str) -> list[int]:
     """The categories the patient's records of this type are in: consent is asked about these."""
     c = records.c
