@@ -507,7 +507,8 @@ def test_the_fhir_gateway_keeps_nothing_and_calls_the_four_services(
     for callee in ("identity", "consent", "records", "audit"):
         assert data[f"MEDLEDGER_{callee.upper()}_ADDRESS"] == f"medledger-{callee}:{PORTS[callee]['grpc']}"
     assert data["MEDLEDGER_HTTP_PORT"] == "8080"
-    assert data["MEDLEDGER_TOKEN_ENDPOINT_URL"] == "http://medledger-identity:9111/oauth2/token"
+    token_endpoint = scenario_values(scenario)["components"].get("fhir", {}).get("tokenEndpointUrl")
+    assert data["MEDLEDGER_TOKEN_ENDPOINT_URL"] == (token_endpoint or "http://medledger-identity:9111/oauth2/token")
     assert data["MEDLEDGER_CLIENT_SECRET_FILE"] == "/etc/medledger/credentials/client.secret"
     assert "fhir" not in {component(j).removesuffix("-migrate") for j in of_kind(docs, "Job")}
     spec = deployment(docs, "fhir")["spec"]["template"]
