@@ -17,6 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 CHART = DEPLOY / "helm" / "medledger"
 SERVICES = ("identity", "consent", "records", "audit", "anchoring")
+# Stateless components in front of the services: no database, no Kafka, no keys.
+GATEWAYS = ("fhir",)
+# Everything the chart deploys as a medledger image.
+COMPONENTS = (*SERVICES, *GATEWAYS)
 SINGLE_WRITERS = ("audit", "anchoring")
 KUBERNETES_VERSION = "1.30.0"
 RELEASE, NAMESPACE = "medledger", "medledger"

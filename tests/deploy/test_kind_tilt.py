@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from deploylib import DEPLOY, ROOT, SERVICES, documents, render, scenario_values
+from deploylib import COMPONENTS, DEPLOY, GATEWAYS, ROOT, documents, render, scenario_values
 
 TILT_BUILTINS = (
     "allow_k8s_contexts",
@@ -115,11 +115,13 @@ def test_a_starlark_error_would_be_caught() -> None:
         sl.parse("Tiltfile", 'docker_build("a", ".",\n', sl.Dialect.extended())
 
 
-def test_builds_the_five_images_with_live_update(tilt: Tilt) -> None:
+def test_builds_the_six_images_with_live_update(tilt: Tilt) -> None:
     builds = {args[0]: kwargs for args, kwargs in tilt.named("docker_build_with_restart")}
-    assert set(builds) == {f"medledger/{s}" for s in SERVICES}
+    assert set(builds) == {f"medledger/{s}" for s in COMPONENTS}
     syncs = {(a[0], a[1]) for a, _ in tilt.named("sync")}
-    for service in SERVICES:
+    for gateway in GATEWAYS:  # its image needs no contract sources
+        assert "contracts" not in builds[f"medledger/{gateway}"]["only"]
+    for service in COMPONENTS:
         kwargs = builds[f"medledger/{service}"]
         assert kwargs["dockerfile"] == f"services/{service}/Dockerfile"
         assert (ROOT / kwargs["dockerfile"]).is_file()
@@ -157,7 +159,7 @@ def test_deploys_the_chart_with_the_development_values_through_helm(tilt: Tilt) 
         if d["kind"] == "Deployment"
         for c in d["spec"]["template"]["spec"]["containers"]
     }
-    assert images == {f"medledger/{s}" for s in SERVICES}, "Tilt replaces the images it builds, by name"
+    assert images == {f"medledger/{s}" for s in COMPONENTS}, "Tilt replaces the images it builds, by name"
 
 
 def test_installs_the_development_dependencies_through_helm_resource(tilt: Tilt) -> None:
@@ -192,9 +194,18 @@ def test_resources_name_real_objects_and_forward_every_port(tilt: Tilt) -> None:
         "records": [50053, 9103],
         "anchoring": [50054, 9104],
         "audit": [50055, 9105, 9115],
+        "fhir": [50056, 9106, 8080],
     }
     for service, wanted in ports.items():
         assert forwards[f"medledger-{service}"] == [f"{p}:{p}" for p in wanted]
+
+
+def test_the_gateway_starts_after_the_services_it_calls(tilt: Tilt) -> None:
+    deps = {args[0]: kwargs.get("resource_deps", []) for args, kwargs in tilt.named("k8s_resource") if args}
+    for gateway in GATEWAYS:
+        assert set(deps[f"medledger-{gateway}"]) == {
+            f"medledger-{s}" for s in ("identity", "consent", "records", "audit")
+        }
 
 
 def test_resource_dependencies_exist(tilt: Tilt) -> None:

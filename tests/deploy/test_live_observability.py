@@ -31,11 +31,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 import yaml
 from aiokafka import AIOKafkaProducer
-from deploylib import CHART, DEPLOY, ROOT, SERVICES, tool
+from deploylib import CHART, COMPONENTS, DEPLOY, ROOT, SERVICES, tool
 from medledger.anchoring.v1 import anchoring_service_pb2 as anchoring_pb
 from medledger.audit.v1 import audit_service_pb2 as audit_pb
 from medledger.consent.v1 import consent_service_pb2 as consent_pb
@@ -129,7 +130,7 @@ class Prometheus:
 
 
 def prometheus_config(stack: Stack) -> dict[str, Any]:
-    """One scrape job per service, named as the service (what the rules expect of `job`)."""
+    """One scrape job per service and for the FHIR gateway, named as it (what the rules expect of `job`)."""
     return {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
@@ -143,7 +144,7 @@ def prometheus_config(stack: Stack) -> dict[str, Any]:
                     }
                 ],
             }
-            for service in SERVICES
+            for service in COMPONENTS
         ],
     }
 
@@ -195,6 +196,7 @@ async def run_load(stack: Stack) -> dict[str, Any]:
         await load.setup()
         ledger = await load.run(LOAD_RATE, LOAD_SECONDS, progress=lambda line: print(line, flush=True))
         await beyond_the_mix(load)
+        await through_the_fhir_gateway(stack, load)
         await with_the_key_manager_sealed(stack, load)
     finally:
         await load.close()
@@ -295,6 +297,20 @@ async def beyond_the_mix(load: Load) -> None:
         await producer.stop()
 
 
+async def through_the_fhir_gateway(stack: Stack, load: Load) -> None:
+    """FHIR requests, so that the gateway's panels show real data: its CapabilityStatement (a
+    GET answered 200), and a type it does not serve (refused 404, an OperationOutcome). Its
+    fault counters (500, 503) are created at zero for every route."""
+    base = stack.ports.fhir_base_url
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.get(f"{base}/metadata") as reply:
+                assert reply.status == 200, await reply.text()
+        async with session.get(f"{base}/NoSuchType/{load.patients[0][0]}") as reply:
+            assert reply.status == 404, await reply.text()
+            assert (await reply.json(content_type=None))["resourceType"] == "OperationOutcome"
+
+
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prometheus, dict[str, Any]]]:
     prometheus_bin = tool("prometheus", "Debian package prometheus (apt-get install prometheus)")
@@ -345,7 +361,7 @@ def test_every_target_is_scraped(observed: tuple[Prometheus, dict[str, Any]]) ->
     prom, _ = observed
     targets = prom.get("/api/v1/targets")["data"]["activeTargets"]
     health = {t["labels"]["job"]: (t["health"], t["lastError"]) for t in targets}
-    assert health == {s: ("up", "") for s in SERVICES}
+    assert health == {s: ("up", "") for s in COMPONENTS}
 
 
 def test_every_dashboard_query_parses_and_returns_data(observed: tuple[Prometheus, dict[str, Any]]) -> None:
@@ -383,10 +399,14 @@ def test_every_rule_parses_and_evaluates(observed: tuple[Prometheus, dict[str, A
         assert len(group["rules"]) == len(next(g for g in groups if g["name"] == group["name"])["rules"])
         for rule in group["rules"]:
             assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
-    # The recording rules Prometheus evaluated have a series per service that answered RPCs.
+    # The recording rules Prometheus evaluated have a series per service that answered RPCs
+    # (the gateway's gRPC port answers health checks only: it may have none).
     for record in ("job:grpc_server_error_ratio:rate5m", "job:grpc_server_slow_ratio:rate5m"):
         jobs = {r["metric"]["job"] for r in prom.query(record)["data"]["result"]}
-        assert jobs == set(SERVICES), f"{record}: {sorted(jobs)}"
+        assert set(SERVICES) <= jobs <= set(COMPONENTS), f"{record}: {sorted(jobs)}"
+    # The HTTP SLI: the gateway's, beside identity's JWKS and audit's tiles when they were asked.
+    jobs = {r["metric"]["job"] for r in prom.query("job:http_server_error_ratio:rate5m")["data"]["result"]}
+    assert "fhir" in jobs and jobs <= set(COMPONENTS), sorted(jobs)
 
 
 def test_only_the_alerts_the_run_causes_fire(observed: tuple[Prometheus, dict[str, Any]]) -> None:

@@ -178,7 +178,7 @@ def test_dashboard_uses_the_datasource_variable(path: Path) -> None:
 
 def test_dashboards_cover_what_operators_watch() -> None:
     names = {p.stem for p in DASHBOARDS}
-    assert names == {"overview", "identity", "consent", "records", "audit", "anchoring"}
+    assert names == {"overview", "identity", "consent", "records", "audit", "anchoring", "fhir"}
     text = {p.stem: p.read_text() for p in DASHBOARDS}
     for board in ("identity", "consent", "records", "audit", "anchoring"):
         for metric in (
@@ -202,6 +202,17 @@ def test_dashboards_cover_what_operators_watch() -> None:
         "medledger_audit_last_verified_timestamp_seconds",
     ):
         assert metric in text["audit"]
+    # The FHIR gateway: requests by route and status, latency p50 and p99, on its board and the overview.
+    for board in ("fhir", "overview"):
+        assert (
+            "http_server_requests_total" in text[board] and "http_server_request_duration_seconds_bucket" in text[board]
+        )
+        assert 'job=\\"fhir\\"' in text[board], board
+    fhir = [t["expr"] for p in json.loads(text["fhir"])["panels"] for t in p.get("targets", [])]
+    assert any(
+        "http_route" in e and "http_response_status_code" in e and "http_server_requests_total" in e for e in fhir
+    )
+    assert {q for e in fhir for q in re.findall(r"histogram_quantile\((0\.\d+)", e)} >= {"0.5", "0.99"}
 
 
 def test_slo_document_states_the_numbers_the_rules_use() -> None:

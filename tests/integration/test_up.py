@@ -1,8 +1,8 @@
-"""``medledger up`` as a user runs it: a subprocess that starts the real stack (Tansu, Anvil and
-the five services), serves gRPC with reflection, and leaves no process behind when stopped; with
-it running, ``medledger demo --out`` writes evidence that ``medledger verify`` and a verifier
-without any medledger code accept. And the same story through the SDK against the stack on
-PostgreSQL, with what it leaves in the databases checked."""
+"""``medledger up`` as a user runs it: a subprocess that starts the real stack (Tansu, Anvil, the
+five services and the FHIR gateway), serves gRPC with reflection and FHIR R4 REST, and leaves no
+process behind when stopped; with it running, ``medledger demo --out`` writes evidence that
+``medledger verify`` and a verifier without any medledger code accept. And the same story
+through the SDK against the stack on PostgreSQL, with what it leaves in the databases checked."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 
+import aiohttp
 import grpc
 import pytest
 from medledger.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
@@ -42,6 +43,8 @@ from medledger_verifier.proof_files import TrustPolicy
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 SERVICES = ("identity", "consent", "records", "anchoring", "audit")
+# Stateless, after the services in port order; its own processes all the same.
+GATEWAYS = ("fhir",)
 
 
 class Ports:
@@ -55,9 +58,10 @@ class Ports:
         self.kafka, self.anvil = chosen.kafka, chosen.anvil
         self.grpc_base, self.metrics_base = chosen.grpc_base, chosen.metrics_base
         self.openbao = chosen.openbao
+        self.fhir = chosen.fhir
 
     def grpc(self, service: str) -> int:
-        return self.grpc_base + SERVICES.index(service)
+        return self.grpc_base + (*SERVICES, *GATEWAYS).index(service)
 
     def traces(self, state_dir: Path) -> tuple[str, str]:
         """Strings in the command line or environment of every process `up` starts: the state
@@ -76,6 +80,8 @@ class Ports:
             str(self.metrics_base),
             "--openbao-port",
             str(self.openbao),
+            "--fhir-port",
+            str(self.fhir),
         ]
 
 
@@ -222,6 +228,25 @@ async def _check_chain_side(state_dir: Path, ports: Ports, printed: str) -> dict
     return dict(recorded)
 
 
+async def _check_fhir_gateway(state_dir: Path, ports: Ports, printed: str) -> None:
+    """The gateway answers FHIR at the base URL `up` printed and wrote to stack.json: its
+    CapabilityStatement, public, as application/fhir+json."""
+    base = f"http://{localstack.HOST}:{ports.fhir}/fhir/R4"
+    assert f"FHIR R4 base     {base}" in printed, printed
+    stack = json.loads((state_dir / "stack.json").read_text())
+    assert stack["fhir"]["base_url"] == base, stack
+    assert stack["fhir"]["grpc"] == f"{localstack.HOST}:{ports.grpc('fhir')}", stack
+    async with aiohttp.ClientSession() as session, session.get(f"{base}/metadata") as reply:
+        assert reply.status == 200, await reply.text()
+        assert reply.content_type == "application/fhir+json"
+        capability = await reply.json(content_type=None)
+    assert capability["resourceType"] == "CapabilityStatement", capability
+    assert capability["fhirVersion"].startswith("4.0"), capability
+    # It points SMART clients at identity's token endpoint, as `up` configured it.
+    token_url = f"http://{localstack.HOST}:{ports.metrics_base + 10}/oauth2/token"
+    assert token_url in json.dumps(capability), capability
+
+
 async def _check_reuse(state_dir: Path, recorded: dict[str, object], capsys: pytest.CaptureFixture[str]) -> None:
     """The next `up`'s chain step on the chain state Anvil dumped: the same contracts, nothing
     deployed. (The step itself, on a fresh Anvil, rather than a second full `up`: seconds.)"""
@@ -254,7 +279,7 @@ async def test_up_serves_every_service_and_stops_everything_it_started(
 
         recorded = json.loads((state_dir / "up.pid").read_text())
         children = [RecordedProcess(**p) for p in recorded["processes"]]
-        assert sorted(p.name for p in children) == sorted(["kafka", "anvil", *SERVICES])
+        assert sorted(p.name for p in children) == sorted(["kafka", "anvil", *SERVICES, *GATEWAYS])
         assert all(p.alive() for p in children)
         # The leftover check below must see these processes while they run, or it proves nothing.
         assert len(_processes_mentioning(*ports.traces(state_dir))) >= 1 + len(children)
@@ -272,8 +297,11 @@ async def test_up_serves_every_service_and_stops_everything_it_started(
         status_ports = ["--grpc-port-base", str(ports.grpc_base), "--metrics-port-base", str(ports.metrics_base)]
         code, out = await _run("status", *status_ports)
         assert code == 0, out
-        assert "5 of 5 services serving" in out and "anchorer balance" in out, out
+        assert "5 of 5 services serving, the FHIR gateway serving" in out and "anchorer balance" in out, out
         assert "identity   SERVING" in out and "outbox backlog" in out, out
+        assert "fhir       SERVING\n" in out, out  # its metrics answer, with nothing to report
+
+        await _check_fhir_gateway(state_dir, ports, printed)
 
         # The chain side: both registries deployed, the anchorer named and funded, the log's
         # P-256 key registered, the trust policy written.
@@ -297,15 +325,18 @@ async def test_up_serves_every_service_and_stops_everything_it_started(
 
     log = "".join(output)
     assert up.returncode == 0, log
-    for name in ("kafka", "anvil", *SERVICES):
+    for name in ("kafka", "anvil", *SERVICES, *GATEWAYS):
         assert f"stopped {name} (pid" in log, log
+    # The gateway stops before the services it calls.
+    assert log.index("stopped fhir (pid") < min(log.index(f"stopped {s} (pid") for s in SERVICES), log
     leftovers = [p for p in children if p.alive()]
     assert not leftovers, f"still running after `up` stopped: {leftovers}"
     assert not _processes_mentioning(*ports.traces(state_dir))
     assert not (state_dir / "up.pid").exists()
     assert (state_dir / "anvil-state.json").exists()  # Anvil dumped its chain on SIGTERM
     code, out = await _run("status", *status_ports)
-    assert code == 1 and "0 of 5 services serving" in out and "unreachable" in out, out
+    assert code == 1 and "0 of 5 services serving, the FHIR gateway not serving" in out, out
+    assert "fhir       unreachable" in out, out
     await _check_reuse(state_dir, recorded, capsys)
 
     code, out = await _run("reset", "--state-dir", str(state_dir))
@@ -777,7 +808,7 @@ async def test_down_stops_what_a_killed_up_left_running(tmp_path: Path) -> None:
     try:
         await _read_until(up, "ready", output, within=90)
         children = [RecordedProcess(**p) for p in json.loads((state_dir / "up.pid").read_text())["processes"]]
-        assert sorted(p.name for p in children) == sorted(["kafka", "openbao", "anvil", *SERVICES])
+        assert sorted(p.name for p in children) == sorted(["kafka", "openbao", "anvil", *SERVICES, *GATEWAYS])
     finally:
         up.kill()  # SIGKILL: no chance to stop its children
         await up.wait()

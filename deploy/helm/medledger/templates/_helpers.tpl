@@ -102,8 +102,13 @@ imagePullSecrets:
 {{- if has .name (list "identity" "consent" "records" "audit") }}true{{ end -}}
 {{- end -}}
 
+{{/* Stateless components in front of the services: no database, no Kafka, no keys. */}}
+{{- define "medledger.gateway" -}}
+{{- if has .name (list "fhir") }}true{{ end -}}
+{{- end -}}
+
 {{- define "medledger.hasDatabase" -}}
-{{- if or .c.database.existingSecret .c.database.url }}true{{ end -}}
+{{- if or (dig "database" "existingSecret" "" .c) (dig "database" "url" "" .c) }}true{{ end -}}
 {{- end -}}
 
 {{- define "medledger.databaseSecretName" -}}
@@ -199,7 +204,8 @@ broke which keyword but not why, nor name the other value that would fix it.
 {{- $problems = append $problems "chain.anchorRegistryAddress is empty: anchoring refuses to start without it; set it to your AnchorRegistry contract's address (deploy/README.md, \"The chain\")" -}}
 {{- end -}}
 {{- range $name, $c := .Values.components -}}
-{{- if $c.enabled -}}
+{{- /* A gateway keeps nothing per pod: any number of replicas, no database. */ -}}
+{{- if and $c.enabled (not (include "medledger.gateway" (dict "name" $name))) -}}
 {{- $at := printf "components.%s" $name -}}
 {{- $autoscaled := dig "autoscaling" "enabled" false $c -}}
 {{- $scaled := or $autoscaled (gt (int $c.replicas) 1) -}}

@@ -157,8 +157,9 @@ def _tell_on_own_stack(out: Path | None) -> StoryResult:
 
 
 def free_ports(attempts: int = 200) -> Ports:
-    """Ports for a whole stack where nothing listens: Kafka, Anvil, OpenBao's two, and blocks of
-    gRPC and metrics ports (the metrics block spans 15, for JWKS and the log tiles)."""
+    """Ports for a whole stack where nothing listens: Kafka, Anvil, OpenBao's two, the FHIR
+    gateway's HTTP port, and blocks of gRPC and metrics ports (the metrics block spans 15, for
+    JWKS and the log tiles)."""
     # Below the kernel's ephemeral range (32768 and up by default): a service restarted later
     # (the chaos suite does) must find its port free, not taken by some outgoing connection.
     rng = random.Random()
@@ -166,7 +167,8 @@ def free_ports(attempts: int = 200) -> Ports:
         grpc_base = rng.randrange(20000, 26000)
         metrics_base = rng.randrange(26000, 32000)
         openbao = rng.randrange(10000, 11999)  # and the next port, its cluster port
-        ports = Ports(rng.randrange(12000, 16000), rng.randrange(16000, 20000), grpc_base, metrics_base, openbao)
+        fhir = rng.randrange(32100, 32700)  # above the metrics block, below the ephemeral range
+        ports = Ports(rng.randrange(12000, 16000), rng.randrange(16000, 20000), grpc_base, metrics_base, openbao, fhir)
         if not any(port_taken(port) for port, _ in ports.purposes()):
             return ports
     raise CommandError("found no free ports for a stack of its own")

@@ -7,9 +7,9 @@ start. ``up.pid`` names every process, with its start time, so a pid the kernel 
 unrelated process since is never signalled.
 
 If ``up`` itself still runs it is asked to stop (SIGTERM), as Ctrl-C would, and given time to
-stop its children in order. What is left is stopped here in the same order: the services
-(SIGTERM, then SIGKILL after their grace), then OpenBao, Anvil (SIGCONT first, in case it was
-stopped) and Kafka.
+stop its children in order. What is left is stopped here in the same order: the FHIR gateway,
+the services (SIGTERM, then SIGKILL after their grace), then OpenBao, Anvil (SIGCONT first, in
+case it was stopped) and Kafka.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from medledger_devstack.cli.state import DEFAULT_STATE_DIR, RecordedProcess, StateDir
+from medledger_devstack.stack.layout import GATEWAYS
 
 SUPERVISOR = "medledger up"
 # `up` gives its services 15 s and each piece of infrastructure 10 s: wait that long for it.
@@ -73,10 +74,13 @@ def run(args: argparse.Namespace) -> int:
             if left
             else "nothing else was left running"
         )
-    services = [p for p in left if p.name not in INFRA_ORDER]
-    for proc in services:  # all at once, so their grace periods overlap
-        _signal(proc, signal.SIGTERM)
-    _stop_each(services, SERVICE_STOP_SECONDS)
+    # The gateway before the services: its calls in flight need them to finish.
+    gateways = [p for p in left if p.name in GATEWAYS]
+    services = [p for p in left if p.name not in INFRA_ORDER and p.name not in GATEWAYS]
+    for tier in (gateways, services):
+        for proc in tier:  # all at once, so their grace periods overlap
+            _signal(proc, signal.SIGTERM)
+        _stop_each(tier, SERVICE_STOP_SECONDS)
     for name in INFRA_ORDER:
         for proc in (p for p in left if p.name == name):
             if name == "anvil":

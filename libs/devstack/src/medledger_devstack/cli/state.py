@@ -7,17 +7,19 @@ Layout::
       up.pid              JSON: the running ``up`` and the pids of the processes it started
       <service>.db        one SQLite database per service
       anvil-state.json    the chain state Anvil dumps every second and on SIGTERM
-      logs/<name>.log     one log per process (kafka, openbao, anvil, and each service)
+      logs/<name>.log     one log per process (kafka, openbao, anvil, each service, fhir)
       key-manager         where the keys are: "openbao" (the default) or "local" (keyrings/)
       openbao/            OpenBao's raft storage and config; openbao-init.json holds the unseal
                           key and root token (0600), used only by ``up``
-      secrets/            client secrets, openbao/<policy>.token (one token per service and
-                          role), keyring master keys (--keys local), and anchorer.key: the
+      secrets/            client secrets (services/<name>.secret, the gateway's fhir.secret
+                          too), openbao/<policy>.token (one token per service and role),
+                          keyring master keys (--keys local), and anchorer.key: the
                           anchoring service's chain account (hex private key, mode 0600)
       chain.json          the deployed registries, their owner, the anchorer and the RPC URL
       trust-policy.json   what a verifier of anchored proofs trusts: publish this file
       stack.json          where the running stack answers: Kafka, the chain, each service's gRPC
-                          and metrics (written once every service serves)
+                          and metrics, and the FHIR gateway's base URL (``fhir.base_url``);
+                          written once every service and the gateway serve
 
 Later commands keep their own files here too (keyrings/, with --keys local).
 """

@@ -2,7 +2,9 @@
 
 It starts Kafka (Tansu), creates the topics and their dead-letter topics, starts Anvil with its
 chain state in the state folder, then the five services, each its own process with its own log,
-and waits until every one answers the gRPC health check with SERVING.
+and waits until every one answers the gRPC health check with SERVING; then the FHIR gateway in
+front of them (FHIR R4 REST at ``http://127.0.0.1:8080/fhir/R4`` by default, ``--fhir-port``),
+which keeps no state of its own.
 
 The chain side: ``up`` makes the anchoring service's account (``secrets/anchorer.key``), deploys
 AnchorRegistry and ConsentRegistry from Anvil's first development account (their owner), names
@@ -38,11 +40,13 @@ from medledger_devstack.cli.reset import reset_state
 from medledger_devstack.cli.state import ADMIN_PRINCIPAL, DEFAULT_STATE_DIR, StateDir, describe_running
 from medledger_devstack.stack.layout import (
     DEFAULT_ANVIL_PORT,
+    DEFAULT_FHIR_PORT,
     DEFAULT_GRPC_PORT_BASE,
     DEFAULT_KAFKA_PORT,
     DEFAULT_LOG_ORIGIN,
     DEFAULT_METRICS_PORT_BASE,
     DEFAULT_OPENBAO_PORT,
+    GATEWAYS,
     HOST,
     KEY_MANAGERS,
     SERVICES,
@@ -57,7 +61,7 @@ from medledger_verifier import notes
 def register(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "up",
-        help="run Kafka, Anvil and the five services locally until Ctrl-C",
+        help="run Kafka, Anvil, the five services and the FHIR gateway locally until Ctrl-C",
         description="Run the whole medledger stack on this machine in the foreground; Ctrl-C stops it.",
     )
     parser.add_argument(
@@ -78,6 +82,12 @@ def register(subparsers: Any) -> None:
         help="OpenBao's API port; its cluster port is the next one (default: %(default)s)",
     )
     parser.add_argument(
+        "--fhir-port",
+        type=port_number,
+        default=DEFAULT_FHIR_PORT,
+        help="the FHIR gateway's HTTP port; FHIR R4 REST answers at /fhir/R4 (default: %(default)s)",
+    )
+    parser.add_argument(
         "--keys",
         choices=KEY_MANAGERS,
         default="openbao",
@@ -90,13 +100,18 @@ def register(subparsers: Any) -> None:
         "--grpc-port-base",
         type=port_number,
         default=DEFAULT_GRPC_PORT_BASE,
-        help="gRPC port of identity; consent, records, anchoring, audit get the next four (default: %(default)s)",
+        help=(
+            "gRPC port of identity; consent, records, anchoring, audit get the next four and the FHIR "
+            "gateway (health only) the one after (default: %(default)s)"
+        ),
     )
     parser.add_argument(
         "--metrics-port-base",
         type=port_number,
         default=DEFAULT_METRICS_PORT_BASE,
-        help="metrics port of identity; the other services get the next four (default: %(default)s)",
+        help=(
+            "metrics port of identity; the other services and the FHIR gateway get the next five (default: %(default)s)"
+        ),
     )
     parser.add_argument(
         "--start-timeout",
@@ -129,8 +144,10 @@ def port_number(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= value <= 65535 - (len(SERVICES) - 1):
-        raise argparse.ArgumentTypeError(f"{value} is not a usable port (1 to {65535 - (len(SERVICES) - 1)})")
+    # A base port leaves room for the block after it: the services' and the gateway's.
+    highest = 65535 - (len(SERVICES) + len(GATEWAYS) - 1)
+    if not 1 <= value <= highest:
+        raise argparse.ArgumentTypeError(f"{value} is not a usable port (1 to {highest})")
     return value
 
 
@@ -148,7 +165,9 @@ def _origin(text: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     state = StateDir.at(args.state_dir)
-    ports = Ports(args.kafka_port, args.anvil_port, args.grpc_port_base, args.metrics_port_base, args.openbao_port)
+    ports = Ports(
+        args.kafka_port, args.anvil_port, args.grpc_port_base, args.metrics_port_base, args.openbao_port, args.fhir_port
+    )
     preflight(state, ports, args.keys)
     if args.reset:
         reset_state(state)
@@ -184,7 +203,7 @@ def preflight(state: StateDir, ports: Ports, keys: str = "openbao") -> None:
             f"Stop it first (`medledger down --state-dir {state.path}`), or use another --state-dir."
         )
 
-    for module in (f"medledger_{s}" for s in SERVICES):
+    for module in (f"medledger_{s}" for s in (*SERVICES, *GATEWAYS)):
         if importlib.util.find_spec(module) is None:
             raise CommandError(f"the {module} package is not installed in {sys.executable}; run `uv sync`")
     try:
@@ -238,7 +257,7 @@ def port_taken(port: int) -> bool:
 def print_endpoints(stack: Stack) -> None:
     """Where everything answers, for the person who ran ``up``."""
     rows = [("service", "pid", "gRPC", "metrics")]
-    for name in SERVICES:
+    for name in (*SERVICES, *GATEWAYS):
         rows.append(
             (
                 name,
@@ -269,6 +288,7 @@ def print_endpoints(stack: Stack) -> None:
         print(f"  anchorer         {d.anchorer}  (key in {stack.state.anchorer_key_file()})")
         print(f"  chain            {stack.state.chain_file}")
         print(f"  trust policy     {stack.state.trust_policy_file}  (publish it for verifiers)")
+    print(f"  FHIR R4 base     {stack.ports.fhir_base_url}  (CapabilityStatement at /metadata)")
     print(f"  JWKS             http://{HOST}:{stack.ports.jwks}/.well-known/jwks.json")
     print(f"  audit log tiles  http://{HOST}:{stack.ports.tiles}/checkpoint")
     print(f"  admin            principal {ADMIN_PRINCIPAL}, client secret in {stack.state.admin_secret_file()}")

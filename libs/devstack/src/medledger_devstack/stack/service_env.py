@@ -1,11 +1,12 @@
 """How ``up`` configures each service: the environment of its process (ports, database, Kafka,
-its peers' addresses, where its keys are, and for anchoring the chain side)."""
+its peers' addresses, where its keys are, and for anchoring the chain side); and the FHIR
+gateway's, which has none of a database, Kafka or keys."""
 
 from __future__ import annotations
 
 from medledger_devstack import contracts, openbao
 from medledger_devstack.cli.state import StateDir
-from medledger_devstack.stack.layout import HOST, SERVICES, Ports
+from medledger_devstack.stack.layout import GATEWAYS, HOST, SERVICES, Ports
 
 
 def service_environment(
@@ -35,8 +36,8 @@ def service_environment(
         "PYTHONUNBUFFERED": "1",  # so `tail -f` on the log shows lines as they happen
     }
     if name == "identity":
-        # Every service's secret file exists before identity reads the folder.
-        for other in SERVICES[1:]:
+        # Every service's and gateway's secret file exists before identity reads the folder.
+        for other in (*SERVICES[1:], *GATEWAYS):
             state.service_secret_file(other)
         env["MEDLEDGER_SERVICE_SECRETS_DIR"] = str(state.service_secrets_dir())
         env["MEDLEDGER_BOOTSTRAP_ADMIN_SECRET_FILE"] = str(state.admin_secret_file())
@@ -58,6 +59,25 @@ def service_environment(
         env["MEDLEDGER_ANCHORER_KEY_FILE"] = str(state.anchorer_key_file())
         env["MEDLEDGER_TRUST_POLICY_FILE"] = str(state.trust_policy_file)
     return env
+
+
+def gateway_environment(name: str, *, state: StateDir, ports: Ports) -> dict[str, str]:
+    """The MEDLEDGER_* settings of the FHIR gateway: its ports, the four services it calls with the
+    caller's token, its own client secret, and identity's token endpoint for SMART clients."""
+    assert name in GATEWAYS, name
+    return {
+        "MEDLEDGER_GRPC_PORT": str(ports.grpc(name)),
+        "MEDLEDGER_METRICS_PORT": str(ports.metrics(name)),
+        "MEDLEDGER_HTTP_PORT": str(ports.fhir),
+        "MEDLEDGER_IDENTITY_ADDRESS": f"{HOST}:{ports.grpc('identity')}",
+        "MEDLEDGER_CONSENT_ADDRESS": f"{HOST}:{ports.grpc('consent')}",
+        "MEDLEDGER_RECORDS_ADDRESS": f"{HOST}:{ports.grpc('records')}",
+        "MEDLEDGER_AUDIT_ADDRESS": f"{HOST}:{ports.grpc('audit')}",
+        "MEDLEDGER_CLIENT_SECRET_FILE": str(state.service_secret_file(name)),
+        # identity serves its token endpoint on its HTTP port, beside the JWKS.
+        "MEDLEDGER_TOKEN_ENDPOINT_URL": f"http://{HOST}:{ports.jwks}/oauth2/token",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def key_manager_environment(name: str, state: StateDir, key_server: openbao.OpenBao | None) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """The supervisor of one ``medledger up``: it starts the stack's processes in order (Kafka, OpenBao,
-Anvil, the services), sets up the chain side between them, watches them while the stack runs, and
-stops them in reverse: only processes it started itself.
+Anvil, the services, then the FHIR gateway in front of them), sets up the chain side between them,
+watches them while the stack runs, and stops them in reverse: only processes it started itself.
 
 A service that dies while the stack runs is reported and the others keep running: Kafka keeps its
 messages only in memory, so stopping everything would throw away every event the other services
@@ -27,7 +27,7 @@ from aiokafka.errors import KafkaError
 from medledger_devstack import contracts, localstack, openbao
 from medledger_devstack.cli.state import RecordedProcess, StateDir
 from medledger_devstack.stack.chain_side import chain_step, publish_log, set_up_contracts
-from medledger_devstack.stack.layout import DEFAULT_LOG_ORIGIN, HOST, SERVICES, Ports
+from medledger_devstack.stack.layout import DEFAULT_LOG_ORIGIN, GATEWAYS, HOST, SERVICES, Ports
 from medledger_devstack.stack.processes import (
     LOG_TAIL_LINES,
     describe_exit,
@@ -37,7 +37,7 @@ from medledger_devstack.stack.processes import (
     stop_children_since,
     write_log_header,
 )
-from medledger_devstack.stack.service_env import service_environment
+from medledger_devstack.stack.service_env import gateway_environment, service_environment
 from medledger_runtime.files import write_atomically
 from medledger_runtime.kafka import ensure_topics
 from medledger_runtime.settings import ConfigError
@@ -79,6 +79,7 @@ class Stack:
         self.kafka: localstack.ManagedProcess | None = None
         self.anvil: localstack.ManagedProcess | None = None
         self.openbao: openbao.OpenBao | None = None
+        # The services and the gateways, by name: the medledger processes of this stack.
         self.services: dict[str, localstack.ManagedProcess] = {}
         self._signal: int | None = None
         self._dead: set[str] = set()
@@ -168,6 +169,10 @@ class Stack:
 
         self._start_service("anchoring")
         self._wait_until_serving(list(SERVICES), started, timeout)
+        # The gateway last: it only forwards to the services, so it is ready when they are.
+        for name in GATEWAYS:
+            self._start_service(name)
+        self._wait_until_serving(list(GATEWAYS), started, timeout)
         self._write_endpoints()
 
     def _start_openbao(self) -> None:
@@ -203,6 +208,11 @@ class Stack:
             "key_manager": {"kind": "openbao", "address": self.openbao.address} if self.openbao else {"kind": "local"},
             "grpc": {s: f"{HOST}:{self.ports.grpc(s)}" for s in SERVICES},
             "metrics": {s: f"http://{HOST}:{self.ports.metrics(s)}/metrics" for s in SERVICES},
+            "fhir": {
+                "base_url": self.ports.fhir_base_url,
+                "grpc": f"{HOST}:{self.ports.grpc('fhir')}",
+                "metrics": f"http://{HOST}:{self.ports.metrics('fhir')}/metrics",
+            },
         }
         write_atomically(self.state.endpoints_file, (json.dumps(endpoints, indent=2) + "\n").encode())
 
@@ -228,9 +238,10 @@ class Stack:
     def _spawn_service(self, name: str) -> localstack.ManagedProcess:
         log = self.state.log(name)
         write_log_header(log)
-        env = {
-            **os.environ,
-            **service_environment(
+        if name in GATEWAYS:
+            own = gateway_environment(name, state=self.state, ports=self.ports)
+        else:
+            own = service_environment(
                 name,
                 state=self.state,
                 ports=self.ports,
@@ -238,8 +249,8 @@ class Stack:
                 database_url=self.database_url,
                 key_server=self.openbao,
                 deployment=self.deployment,
-            ),
-        }
+            )
+        env = {**os.environ, **own}
         proc = localstack.ManagedProcess.spawn(name, [sys.executable, "-m", f"medledger_{name}"], log, env=env)
         self.services[name] = proc
         self._record_pids()
@@ -323,14 +334,17 @@ class Stack:
     # Stop --------------------------------------------------------------------------------
 
     def stop_all(self) -> None:
-        """Services first (they drain calls and flush to Kafka), then Anvil (SIGTERM makes it
-        dump its chain state), then Kafka. Only what this ``up`` started."""
+        """The gateway first (its calls in flight need the services to finish), then the services
+        (they drain calls and flush to Kafka), then Anvil (SIGTERM makes it dump its chain
+        state), then Kafka. Only what this ``up`` started."""
         alive = {name for name, proc in self.services.items() if proc.alive()}
-        for proc in self.services.values():
-            proc.signal(signal.SIGTERM)  # all at once, so their grace periods overlap
-        deadline = time.monotonic() + SERVICE_STOP_SECONDS
-        for name, proc in self.services.items():
-            self._stop(proc, max(0.1, deadline - time.monotonic()), was_alive=name in alive)
+        for tier in (GATEWAYS, SERVICES):
+            procs = {name: proc for name, proc in self.services.items() if name in tier}
+            for proc in procs.values():
+                proc.signal(signal.SIGTERM)  # all at once, so their grace periods overlap
+            deadline = time.monotonic() + SERVICE_STOP_SECONDS
+            for name, proc in procs.items():
+                self._stop(proc, max(0.1, deadline - time.monotonic()), was_alive=name in alive)
         for infra in reversed(self._infra()):
             self._stop(infra, INFRA_STOP_SECONDS, was_alive=infra.alive())
         stop_children_since(self._children_before)
