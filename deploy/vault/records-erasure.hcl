@@ -7,6 +7,12 @@ path "transit/keys/records-patient-*" {
   required_parameters = ["deletion_allowed"]
   allowed_parameters  = { "deletion_allowed" = [true] }
 }
+# The patient's search key (the blind index of their search terms) goes with the records.
+path "transit/keys/records-search-*" {
+  capabilities        = ["update", "delete"]
+  required_parameters = ["deletion_allowed"]
+  allowed_parameters  = { "deletion_allowed" = [true] }
+}
 # The name identity, consent and records once shared (patient-<id>): ciphertexts from before
 # the key-owner migration, in backups or not moved yet, were made under it, so each erasure
 # destroys it too (the first one to come does; with local keyrings each service has its own).

@@ -14,6 +14,14 @@ path "transit/decrypt/records-patient-*"           { capabilities = ["update"] }
 path "transit/rewrap/records-patient-*"            { capabilities = ["update"] }
 path "transit/datakey/plaintext/records-patient-*" { capabilities = ["update"] }
 
+# The patient's search key (hmac): the blind index of their FHIR resources' search terms. Every
+# HMAC pins version 1; no min_decryption_version, so no floor can hide version 1.
+path "transit/keys/records-search-*" {
+  capabilities       = ["read", "update"]   # ensure, info (for the erasure certificate)
+  allowed_parameters = { "type" = ["hmac"], "key_size" = [] }
+}
+path "transit/hmac/records-search-*" { capabilities = ["update"] }
+
 # The erasure certificates' signing key (a C2SP signed note): created once, its public key read,
 # notes signed and verified. The parameter list keeps it from being trimmed, exported or deleted.
 path "transit/keys/records-erasure-certificate" {

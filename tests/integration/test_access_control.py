@@ -493,6 +493,9 @@ def _requests(w: World, s: Side) -> dict[str, dict[str, pb_message.Message]]:
             "GetRecord": rec_pb.GetRecordRequest(record_id=s.record_id, purpose=TREAT),
             "ListRecordVersions": rec_pb.ListRecordVersionsRequest(record_id=s.record_id, purpose=TREAT),
             "ListRecords": rec_pb.ListRecordsRequest(patient_id=s.patient_id, purpose=TREAT),
+            "SearchRecords": rec_pb.SearchRecordsRequest(
+                patient_id=s.patient_id, resource_type="Observation", purpose=TREAT
+            ),
             "ExportRecords": rec_pb.ExportRecordsRequest(patient_id=s.patient_id),
             "RotatePatientKey": rec_pb.RotatePatientKeyRequest(patient_id=s.patient_id),
             "RequestErasure": rec_pb.RequestErasureRequest(request_id=rid(), patient_id=s.patient_id),
@@ -545,6 +548,7 @@ NAMES_A_PATIENT = {
         "GetRecord",
         "ListRecordVersions",
         "ListRecords",
+        "SearchRecords",
         "ExportRecords",
         "RotatePatientKey",
         "RequestErasure",
@@ -705,6 +709,8 @@ FINER: dict[tuple[str, str, str], tuple[grpc.StatusCode, grpc.StatusCode]] = {
     ("records", "ListRecordVersions", "guardian of the patient"): (_OK, _PD),
     ("records", "ListRecords", "patient"): (_OK, _PD),
     ("records", "ListRecords", "guardian of the patient"): (_OK, _OK),  # the other's: an empty list
+    ("records", "SearchRecords", "patient"): (_OK, _PD),
+    ("records", "SearchRecords", "guardian of the patient"): (_OK, _OK),  # the other's: nothing found
     ("records", "ExportRecords", "patient"): (_OK, _PD),
     ("records", "ExportRecords", "guardian of the patient"): (_OK, _PD),
     ("records", "ExportRecords", "guardian"): (_PD, _PD),  # the role, but nobody's guardian

@@ -295,8 +295,11 @@ async def test_after_an_erasure_no_ciphertext_of_the_patient_in_any_copy_decrypt
         assert set(by_name) == {"identity", "consent", "records", "audit"}
         for name in ("identity", "consent", "records"):
             assert by_name[name].outcome == Outcome.ERASURE_OUTCOME_DESTROYED
+            # records also destroys the patient's search key (the blind index of their FHIR terms).
+            search_key = [(patient_key_name("records-search", patient_id), [1])] if name == "records" else []
             assert [(k.key_name, list(k.versions)) for k in by_name[name].keys] == [
-                (patient_key_name(name, patient_id), [1])  # type: ignore[arg-type]
+                (patient_key_name(name, patient_id), [1]),  # type: ignore[arg-type]
+                *search_key,
             ]
             assert by_name[name].HasField("confirmed_at")
         assert by_name["audit"].outcome == Outcome.ERASURE_OUTCOME_DESTROYED_AT_APPEND

@@ -20,11 +20,13 @@ from medledger_runtime.keys import (
 
 
 def test_each_owner_has_a_prefix_no_other_owners_name_starts_with() -> None:
-    names = {owner: patient_key_name(owner, "Pat_1") for owner in ("identity", "consent", "records", "audit")}  # type: ignore[arg-type]
+    owners = ("identity", "consent", "records", "records-search", "audit")
+    names = {owner: patient_key_name(owner, "Pat_1") for owner in owners}  # type: ignore[arg-type]
     assert names == {
         "identity": "identity-patient-pat_1",
         "consent": "consent-patient-pat_1",
         "records": "records-patient-pat_1",
+        "records-search": "records-search-pat_1",
         "audit": "audit-subject-pat_1",
     }
     for owner, name in names.items():
@@ -41,6 +43,7 @@ def test_legacy_twin_is_the_old_shared_name_of_an_owners_patient_key_only() -> N
     assert legacy_twin("records-patient-pat_1") == "patient-pat_1"
     assert legacy_twin("identity-patient-pat_1") == "patient-pat_1"
     assert legacy_twin("audit-subject-pat_1") is None  # audit never shared its keys
+    assert legacy_twin("records-search-pat_1") is None  # nor were search keys ever shared
     assert legacy_twin("identity-token-signing") is None
 
 

@@ -82,6 +82,7 @@ FAMILIES = [
     Family("`principal-<id>`", "principal-", "ed25519", {"default": f"principal-{PSEUDONYM}"}),
     Family("`consent-patient-<id>`", "consent-patient-", "aes256-gcm96", {"default": f"consent-patient-{PSEUDONYM}"}),
     Family("`records-patient-<id>`", "records-patient-", "aes256-gcm96", {"default": f"records-patient-{PSEUDONYM}"}),
+    Family("`records-search-<id>`", "records-search-", "hmac", {"default": f"records-search-{PSEUDONYM}"}),
     Family(
         "`records-erasure-certificate`",
         "",

@@ -159,7 +159,11 @@ async def test_an_approved_erasure_shreds_the_key_so_the_records_read_as_erased(
         "audit": "destroyed-at-append",
     }
     [records_part] = [p for p in certificate.participants if p.name == "records"]
-    assert [(k.name, k.versions) for k in records_part.keys] == [(key_name, "1")]
+    # The patient's search key goes with it (already gone here: nothing of theirs was indexed).
+    assert [(k.name, k.versions) for k in records_part.keys] == [
+        (key_name, "1"),
+        (patient_key_name("records-search", "pat_1"), "already-gone"),
+    ]
     assert await desk.event_types() == [
         "RecordStored",
         "RecordDisclosed",

@@ -41,8 +41,9 @@ from medledger_records.record_commands import (
     Written,
 )
 from medledger_records.records import RecordDesk
+from medledger_records.search import DateMatch, SearchDesk, SearchRecords, TokenMatch
 from medledger_runtime.auth import Access, Caller, ScopeNeed, current_caller, patient_id_field
-from medledger_runtime.errors import InvalidArgument, MedledgerError
+from medledger_runtime.errors import FailedPrecondition, InvalidArgument, MedledgerError
 from medledger_runtime.idempotency import once_per_request
 from medledger_runtime.keys import patient_key_name
 from medledger_runtime.keys.wire import (
@@ -65,6 +66,7 @@ ACCESS: dict[str, Access] = {
     # A record's history is decided as a read of it.
     _SERVICE + "ListRecordVersions": Access.of(kinds=["practitioner", "patient", "researcher"], roles=["guardian"]),
     _SERVICE + "ListRecords": Access.of(kinds=["practitioner", "patient", "researcher"], roles=["guardian"]),
+    _SERVICE + "SearchRecords": Access.of(kinds=["practitioner", "patient", "researcher"], roles=["guardian"]),
     _SERVICE + "ExportRecords": Access.of(kinds=["patient"], roles=["guardian"]),
     _SERVICE + "RotatePatientKey": Access.of(roles=["admin"]),
     _SERVICE + "RequestErasure": Access.of(kinds=["patient"], roles=["admin", "guardian"]),
@@ -218,11 +220,19 @@ def _hold_placed(row: erasure_storage.LegalHoldRow) -> pb.PlaceLegalHoldResponse
 
 
 class RecordsApi(pb_grpc.RecordsServiceServicer):
-    def __init__(self, runtime: ServiceRuntime, keys: RecordKeys, records: RecordDesk, erasures: ErasureDesk) -> None:
+    def __init__(
+        self,
+        runtime: ServiceRuntime,
+        keys: RecordKeys,
+        records: RecordDesk,
+        erasures: ErasureDesk,
+        search: SearchDesk | None = None,
+    ) -> None:
         self.rt = runtime
         self.keys = keys  # for key rotation
         self.records = records
         self.erasures = erasures
+        self.search = search
 
     def _once(
         self,
@@ -331,6 +341,36 @@ class RecordsApi(pb_grpc.RecordsServiceServicer):
             records=[_summary(r) for r in listing.records],
             next_page_token=listing.next_page_token,
             decision_ids=listing.decision_ids,
+        )
+
+    async def SearchRecords(
+        self, request: pb.SearchRecordsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SearchRecordsResponse:
+        """FHIR search in the patient's compartment (search.py); RecordsListed is durable before
+        this answers, so the disclosure interceptor is told not to write its own."""
+        if self.search is None:
+            raise FailedPrecondition("search is not wired in this process")
+        command = SearchRecords(
+            patient_id=request.patient_id,
+            resource_type=request.resource_type,
+            tokens=tuple(TokenMatch(t.parameter, tuple(t.values)) for t in request.tokens),
+            dates=tuple(DateMatch(d.parameter, d.value) for d in request.dates),
+            record_ids=tuple(request.record_ids),
+            last_updated=tuple(request.last_updated),
+            purpose=request.purpose,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            count_only=request.count_only,
+        )
+        result = await self.search.search(current_caller(), command)
+        return pb.SearchRecordsResponse(
+            records=[
+                pb.FoundRecord(summary=_summary(f.record), content=f.content, receipt=_receipt(f.receipt))
+                for f in result.records
+            ],
+            next_page_token=result.next_page_token,
+            total=result.total,
+            decision_ids=result.decision_ids,
         )
 
     async def ExportRecords(

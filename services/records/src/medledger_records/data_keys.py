@@ -140,6 +140,11 @@ class DataKeyCache:
         self.purge(name)  # a put between the two may have cached a key of the old version
         return info
 
+    async def hmac(self, name: str, data: bytes, *, key_version: int | None = None) -> str:
+        """The search index's one call per write or search (search.py); nothing to cache."""
+        KEY_MANAGER_CALLS.labels("hmac").inc()
+        return await self._keys.hmac(name, data, key_version=key_version)
+
     async def rewrap(self, name: str, ciphertext: str) -> str:
         KEY_MANAGER_CALLS.labels("rewrap").inc()
         return await self._keys.rewrap(name, ciphertext)

@@ -7,8 +7,9 @@ next run (the runner takes RUNNING erasures up again):
    PatientKeysErasureRequested goes to the outbox, naming the participants asked (the
    deployment's, from the setting; kept with the erasure). Every put takes that lock shared and
    refuses a patient with a running or completed erasure, so no version is written after this.
-2. records' own part: the patient key's versions are read and kept; the key is deleted through
-   the :class:`KeyShredder` (the one credential that may delete keys); blob-store ciphertexts are
+2. records' own part: the patient key's versions are read and kept; the key, and the patient's
+   search key (``records-search-<id>``, the blind index's), are deleted through the
+   :class:`KeyShredder` (the one credential that may delete keys); blob-store ciphertexts are
    deleted; then one transaction drops ciphertexts, wrapped keys, salts and every metadata beyond
    ids, versions and commitments, and stores records' own confirmation.
 3. Each other participant (identity, consent) destroys its keys and confirms with
@@ -195,7 +196,12 @@ class ErasureRunner:
         if not row.key_versions:
             async with self.db.transaction() as conn:
                 await erasure_storage.set_erasure_state(conn, row.erasure_id, RUNNING, key_versions=versions)
+        # The search key (the blind index's HMAC key) goes too. Its versions are read now: a run
+        # resumed after it went finds none, and the certificate says it was already gone.
+        search_key = patient_key_name("records-search", row.patient_id)
+        search_versions = await self.shredder.key_versions(search_key)
         await self.shredder.shred(key_name)
+        await self.shredder.shred(search_key)
         if self.blobs is not None:
             async with self.db.connect() as conn:
                 blob_keys = await erasure_storage.blob_keys_of(conn, row.patient_id)
@@ -208,7 +214,10 @@ class ErasureRunner:
                 erasure_id=row.erasure_id,
                 patient_id=row.patient_id,
                 participant="records",
-                keys=[ev.DestroyedKey(key_name=key_name, versions=versions, already_gone=not versions)],
+                keys=[
+                    ev.DestroyedKey(key_name=key_name, versions=versions, already_gone=not versions),
+                    ev.DestroyedKey(key_name=search_key, versions=search_versions, already_gone=not search_versions),
+                ],
             )
             if await erasure_storage.set_erasure_state(
                 conn, row.erasure_id, RUNNING, records_erased=records_erased, versions_erased=versions_erased

@@ -7,10 +7,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_records.storage import erasure_confirmations, erasures, legal_holds, record_versions, records
+from medledger_records.storage import (
+    erasure_confirmations,
+    erasures,
+    legal_holds,
+    record_versions,
+    records,
+    search_terms,
+)
 from medledger_runtime.db import dialect_insert
 
 
@@ -213,6 +220,8 @@ async def erase_patient_data(conn: AsyncConnection, patient_id: str, now: float)
             written_at=0.0,
         )
     )
+    # The blind index: its key is gone, but its rows would still say which records share a term.
+    await conn.execute(delete(search_terms).where(search_terms.c.patient_id == patient_id))
     r = records.c
     erased = await conn.execute(
         update(records)

@@ -19,6 +19,7 @@ from medledger_records.erasure_runner import ErasureRunner
 from medledger_records.handlers import CONFIRMATION_CONSUMER, ErasureConfirmationHandler
 from medledger_records.key_owners import data_key_migration
 from medledger_records.records import RecordDesk
+from medledger_records.search import SearchBackfill, SearchDesk, SearchIndex
 from medledger_records.storage import MIGRATIONS
 from medledger_runtime.events import TOPICS
 from medledger_runtime.group_commit import OutboxGroupCommit
@@ -40,6 +41,7 @@ class RecordsParts:
 
     api: RecordsApi
     records: RecordDesk
+    search: SearchDesk
     erasures: ErasureDesk
     erasure_runner: ErasureRunner
 
@@ -92,6 +94,8 @@ def build(runtime: ServiceRuntime[RecordsParts]) -> ServiceParts[RecordsParts]:
     )
     disclosures = OutboxGroupCommit(runtime.db, what="the disclosure")
     disclosures.after_commit = runtime.relay.notify
+    # FHIR search's blind index, written with every FHIR version (search.py).
+    search_index = SearchIndex(keys)
     records = RecordDesk(
         runtime.db,
         keys,
@@ -102,18 +106,20 @@ def build(runtime: ServiceRuntime[RecordsParts]) -> ServiceParts[RecordsParts]:
         source=runtime.source,
         legacy_keys=runtime.legacy_keys,
         guardians=guardians,
+        search_index=search_index,
     )
-    api = RecordsApi(runtime, keys, records, erasures)
+    search = SearchDesk(runtime.db, records, search_index)
+    api = RecordsApi(runtime, keys, records, erasures, search)
     on_stop = [consent_channel.close, disclosures.close]
     return ServiceParts(
         service_descriptors=[records_service_pb2.DESCRIPTOR.services_by_name["RecordsService"]],
         register=lambda server: records_service_pb2_grpc.add_RecordsServiceServicer_to_server(api, server),
         access=ACCESS,
-        handle=RecordsParts(api=api, records=records, erasures=erasures, erasure_runner=runner),
+        handle=RecordsParts(api=api, records=records, search=search, erasures=erasures, erasure_runner=runner),
         public_methods=PUBLIC_METHODS,
         scopes=SCOPES,
         # Their use cases write RecordDisclosed and RecordsListed themselves, before answering.
-        discloses_itself=[f"/{_SERVICE}/GetRecord", f"/{_SERVICE}/ExportRecords"],
+        discloses_itself=[f"/{_SERVICE}/GetRecord", f"/{_SERVICE}/ExportRecords", f"/{_SERVICE}/SearchRecords"],
         # The participants that confirm by event emit on their own topics.
         consumers=[
             ConsumerSpec(
@@ -129,6 +135,8 @@ def build(runtime: ServiceRuntime[RecordsParts]) -> ServiceParts[RecordsParts]:
             disclosures.run,
             api.finish_rotations,
             data_key_migration(runtime.db, everyday_keys, runtime.legacy_keys).keep_running,
+            # Records written before the search index existed get their terms.
+            SearchBackfill(runtime.db, records, search_index).keep_running,
         ],
         on_stop=on_stop,
     )

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from medledger_records import storage
 from medledger_runtime.auth import Caller
 from medledger_runtime.keys import DataKey, KeyInfo, KeyType
@@ -42,6 +44,14 @@ class ConsentService(Protocol):
     async def check(
         self, caller: Caller, patient_id: str, action: int, category: int, purpose: int
     ) -> ConsentAnswer: ...
+
+
+class SearchIndexer(Protocol):
+    """Indexes a FHIR version's search terms in the write's transaction (search.SearchIndex)."""
+
+    async def index(
+        self, conn: AsyncConnection, patient_id: str, record_id: str, resource_type: str, content: bytes
+    ) -> None: ...
 
 
 # Commands.

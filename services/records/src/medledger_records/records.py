@@ -38,6 +38,7 @@ from medledger_records.record_commands import (
     PutRecords,
     Receipt,
     RecordKeys,
+    SearchIndexer,
     VersionEntry,
     VersionListing,
     Written,
@@ -132,6 +133,7 @@ class RecordDesk:
         source: str = "medledger.records",
         legacy_keys: Callable[[], KeyManager] | None = None,
         guardians: Guardians | None = None,
+        search_index: SearchIndexer | None = None,
     ) -> None:
         self.db = db
         self.keys = keys
@@ -145,6 +147,8 @@ class RecordDesk:
         self.legacy_keys = legacy_keys
         # Who acts for a patient (consent's guardianships, projected); None: nobody does.
         self.guardians = guardians
+        # The blind index of FHIR search terms (search.SearchIndex); None: nothing indexed.
+        self.search_index = search_index
 
     async def _is_guardian(self, caller: Caller, patient_id: str) -> bool:
         return self.guardians is not None and await self.guardians.acts_for(caller, patient_id)
@@ -329,6 +333,8 @@ class RecordDesk:
         await storage.insert_version(
             conn, stored, written_by=caller.principal_id, organization_id=caller.organization_id, now=now
         )
+        if self.search_index is not None:  # the latest version's search terms, in this transaction
+            await self.search_index.index(conn, patient_id, record.record_id, resource_type, command.content)
         await enqueue(conn, TOPICS["records"], event, key=patient_id.encode())
         return Written(record.record_id, version, receipt(stored))
 

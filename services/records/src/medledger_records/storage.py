@@ -133,6 +133,16 @@ legal_holds = Table(
     Column("released_by", String(64), nullable=False),
     Column("released_at", Float, nullable=True),
 )
+# The blind index of FHIR search (search.py): one row per search term of each record's latest
+# version, the term's HMAC under the patient's search key, never the term itself.
+search_terms = Table(
+    "search_terms",
+    metadata,
+    Column("record_id", String(64), primary_key=True),
+    Column("term", LargeBinary, primary_key=True),
+    Column("patient_id", String(64), nullable=False),
+)
+Index("ix_search_terms_patient_term", search_terms.c.patient_id, search_terms.c.term)
 
 # Migration 1 created the first three tables without the columns migration 2 adds.
 _ADDED_IN_2 = {"records": ("erased_at",), "record_versions": ("blob_key",)}
@@ -170,11 +180,16 @@ async def _erasure_participants(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: metadata.create_all(sync, tables=[erasure_confirmations]))
 
 
+async def _search_terms(conn: AsyncConnection) -> None:
+    await conn.run_sync(lambda sync: metadata.create_all(sync, tables=[search_terms]))
+
+
 MIGRATIONS = [
     Migration(1, "records and their versions", create_tables(_metadata_v1)),
     Migration(2, "erasures, legal holds and blob-store keys", _erasure_and_blobs),
     Migration(3, "erasure participants, their confirmations and signed certificates", _erasure_participants),
     guardians.migration(4),
+    Migration(5, "the blind index of FHIR search terms", _search_terms),
 ]
 
 

@@ -24,7 +24,7 @@ def validate_key_name(name: str) -> str:
     return name
 
 
-PatientKeyOwner = Literal["identity", "consent", "records", "audit"]
+PatientKeyOwner = Literal["identity", "consent", "records", "records-search", "audit"]
 """A service that keeps per-patient key material of its own (see KEYS.md, "One owner per key")."""
 
 # Each owner's prefix: a policy glob on it matches that owner's keys and no other's. Audit's HMAC
@@ -33,8 +33,13 @@ PATIENT_KEY_PREFIXES: Mapping[str, str] = {
     "identity": "identity-patient-",
     "consent": "consent-patient-",
     "records": "records-patient-",
+    # records' blind-index key of the patient (an hmac key, never rotated): its search terms.
+    "records-search": "records-search-",
     "audit": "audit-subject-",
 }
+# The owners whose patient keys replaced the shared ``patient-<pseudonym>``: only their keys have
+# a legacy twin (audit's subject keys and records' search keys never were shared).
+LEGACY_TWIN_OWNERS = frozenset({"identity", "consent", "records"})
 LEGACY_PATIENT_KEY_PREFIX = "patient-"
 """The name every service once shared (``patient-<pseudonym>``): only the key-owner migration
 reads it, and erasures destroy it."""

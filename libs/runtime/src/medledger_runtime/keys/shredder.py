@@ -12,6 +12,7 @@ from medledger_runtime.keys.base import (
 )
 from medledger_runtime.keys.names import (
     LEGACY_PATIENT_KEY_PREFIX,
+    LEGACY_TWIN_OWNERS,
     PATIENT_KEY_PREFIXES,
     validate_key_name,
 )
@@ -21,7 +22,7 @@ def legacy_twin(name: str) -> str | None:
     """``patient-<pseudonym>`` for an owner's patient key ``<owner>-patient-<pseudonym>`` (the
     shared name its ciphertexts had before the key-owner migration); None for any other key."""
     for owner, prefix in PATIENT_KEY_PREFIXES.items():
-        if owner != "audit" and name.startswith(prefix):
+        if owner in LEGACY_TWIN_OWNERS and name.startswith(prefix):
             return validate_key_name(LEGACY_PATIENT_KEY_PREFIX + name.removeprefix(prefix))
     return None
 
