@@ -466,7 +466,8 @@ async def run_batch(runner: BundleRunner, parsed: Parsed) -> list[dict[str, Any]
 def _entry_error(exc: grpc.aio.AioRpcError, entry: Entry) -> FhirError:
     """A service's error for one entry: records' field paths become the entry's FHIRPath."""
     error = from_rpc_error(exc)
-    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and any(p.startswith("records") for p in error.expression):
+    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        # A put of this entry alone: what records refused is the entry's resource.
         error.status, error.code = 422, "processing"
         error.expression = (f"{entry.path}.resource",)
     return error
