@@ -264,3 +264,27 @@ async def test_entries_kept_nowhere_are_answered_as_not_stored() -> None:
         answers = await run_transaction(runner(FakeIdentity(), FakeRecords()), parse_bundle(body))
     assert answers[-1]["status"] == "200 OK"
     assert answers[-1]["outcome"]["issue"][0]["severity"] == "information"
+
+
+async def test_a_practitioner_is_registered_with_the_organization_its_role_names() -> None:
+    body = transaction()
+    second = copy.deepcopy(body["entry"][0])
+    second["fullUrl"] = "urn:uuid:00000000-0000-4000-8000-000000000098"
+    second["resource"]["identifier"][0]["value"] = "fixture-org-0002"
+    role = {
+        "fullUrl": "urn:uuid:00000000-0000-4000-8000-000000000097",
+        "resource": {
+            "resourceType": "PractitionerRole",
+            "practitioner": {"reference": "urn:uuid:00000000-0000-4000-8000-000000000002"},
+            "organization": {"reference": second["fullUrl"]},
+        },
+        "request": {"method": "POST", "url": "PractitionerRole"},
+    }
+    body["entry"][1:1] = [second, role]
+    identity = FakeIdentity()
+    with acting_as(CALLER):
+        await run_transaction(runner(identity, FakeRecords()), parse_bundle(body))
+    orgs = [r for r in identity.registered if r.kind == Kind.PRINCIPAL_KIND_ORGANIZATION]
+    practitioner = next(r for r in identity.registered if r.kind == Kind.PRINCIPAL_KIND_PRACTITIONER)
+    assert len(orgs) == 2 and orgs[0].request_id != orgs[1].request_id
+    assert practitioner.organization_id == "org_0002"  # the role's organization, not the first one

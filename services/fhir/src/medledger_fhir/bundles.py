@@ -306,7 +306,9 @@ class BundleRunner:
         organization_id = ""
         if kind == Kind.PRINCIPAL_KIND_PRACTITIONER:
             employer = self.references.get(self.employer.get(entry.full_url, ""), "")
-            organization_id = employer.partition("/")[2] or self.organization_id or current_caller().organization_id
+            organization_id = (
+                service_id(employer.partition("/")[2]) or self.organization_id or current_caller().organization_id
+            )
             if not organization_id:
                 raise FhirError(
                     422,
