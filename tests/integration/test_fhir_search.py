@@ -180,6 +180,13 @@ async def test_search_with_paging_totals_consent_and_everything(start_stack: Any
         assert await labs.count() == 2
         assert await app.resources("Immunization").search(patient=subject, **{"vaccine-code": "140"}).count() == 1
 
+        # By FHIR id, and by write time (operational metadata, not the clinical date).
+        by_id = await app.resources("Observation").search(patient=subject, _id=found[0]["id"]).fetch_all()
+        assert [o["id"] for o in by_id] == [found[0]["id"]]
+        written_at = found[0]["meta"]["lastUpdated"]
+        assert await app.resources("Observation").search(patient=subject, _lastUpdated__ge=written_at[:10]).count() == 6
+        assert await app.resources("Observation").search(patient=subject, _lastUpdated__lt="2000-01-01").count() == 0
+
         # A category consent denies is neither returned nor counted: the same search as the patient finds two.
         assert await app.resources("Condition").search(patient=subject).count() == 0
         assert await app.resources("Condition").search(patient=subject).fetch_all() == []
