@@ -20,7 +20,7 @@ from medledger.identity.v1 import identity_service_pb2 as id_pb
 from medledger.identity.v1 import identity_service_pb2_grpc as id_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
-from medledger_devstack import localstack, synthetic
+from medledger_devstack import synthetic
 from medledger_fhir.bundles import FILED_WITH, NOT_KEPT
 from medledger_sdk.channels import make_channel
 
@@ -46,14 +46,7 @@ async def fetch(url: str, token: str, **kw: Any) -> tuple[int, dict[str, Any]]:
 
 
 async def test_batch_and_transaction_bundles_as_they_come(start_stack: Any) -> None:
-    port = localstack.free_port()
-    async with start_stack(
-        records=True,
-        audit=True,
-        fhir=True,
-        consent_settings={"grpc_port": port},
-        identity_settings={"consent_address": f"127.0.0.1:{port}"},
-    ) as stack:
+    async with start_stack(records=True, audit=True, fhir=True) as stack:
         base = stack.fhir_base
         public = id_grpc.IdentityServiceStub(make_channel(stack.identity_address))
         admin = id_grpc.IdentityServiceStub(stack.admin().channel(stack.identity_address, "medledger.identity"))

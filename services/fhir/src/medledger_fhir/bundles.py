@@ -51,7 +51,7 @@ SYSTEM_INTERACTIONS = ("batch", "transaction")
 MAX_ENTRIES = 5000
 # records' bound on one PutRecords: a transaction's clinical entries must fit one call (413
 # above); a batch's are put in chunks of it.
-MAX_RECORDS_PER_PUT = 1000
+MAX_RECORDS_PER_PUT = 5000
 # Principals an entry may be, by resource type.
 PRINCIPAL_KINDS: dict[str, int] = {
     "Patient": Kind.PRINCIPAL_KIND_PATIENT,
