@@ -207,9 +207,11 @@ async def test_search_with_paging_totals_consent_and_everything(start_stack: Any
         )
         modes = [e["search"]["mode"] for e in with_provenance["entry"]]
         assert status == 200 and modes.count("match") == 2 and modes.count("include") == 2
-        assert {
-            e["resource"]["resourceType"] for e in with_provenance["entry"] if e["search"]["mode"] == "include"
-        } == {"Provenance"}
+        matched = {e["resource"]["id"] for e in with_provenance["entry"] if e["search"]["mode"] == "match"}
+        included = [e["resource"] for e in with_provenance["entry"] if e["search"]["mode"] == "include"]
+        assert {p["resourceType"] for p in included} == {"Provenance"}
+        assert {p["target"][0]["reference"] for p in included} == {f"Observation/{i}/_history/1" for i in matched}
+        assert {p["id"] for p in included} == {f"{i}-1" for i in matched}
 
         # Unknown parameters: ignored (and left out of the self link), or 400 under Prefer: handling=strict.
         status, lenient = await fetch(f"{base}/Observation?patient={subject}&colour=blue", doctor_token)

@@ -360,6 +360,17 @@ def _match(base: str, resource: dict[str, Any], mode: str = "match", resource_id
     }
 
 
+def provenance_resource(raw: bytes, record_id: str, version: int, resource_type: str) -> dict[str, Any]:
+    """records' Provenance of a version as `Provenance/{id}` reads it: id `{FHIR id}-{version}`
+    (one per version, never updated) and its target referenced as `{type}/{id}/_history/{version}`."""
+    resource: dict[str, Any] = json.loads(raw)
+    resource["id"] = f"{fhir_id(record_id)}-{version}"
+    if resource_type:
+        for target in resource.get("target", []):
+            target["reference"] = f"{resource_type}/{fhir_id(record_id)}/_history/{version}"
+    return resource
+
+
 def _found(base: str, record: pb.FoundRecord) -> dict[str, Any]:
     return _match(base, json.loads(record.content), resource_id=fhir_id(record.summary.record_id))
 
@@ -371,15 +382,18 @@ async def _provenances(
     asked of consent and logged, as the version it belongs to was)."""
 
     async def one(record: pb.FoundRecord) -> dict[str, Any] | None:
+        record_id = record.summary.record_id
         got = await backends.records.GetRecord(
             pb.GetRecordRequest(
-                record_id=record.summary.record_id,
+                record_id=record_id,
                 version=record.receipt.version or record.summary.latest_version,
                 purpose=purpose,  # type: ignore[arg-type]
             ),
             metadata=metadata,
         )
-        return json.loads(got.provenance_fhir_json) if got.provenance_fhir_json else None
+        if not got.provenance_fhir_json:
+            return None
+        return provenance_resource(got.provenance_fhir_json, record_id, got.version, record.summary.resource_type)
 
     out = await asyncio.gather(*(one(r) for r in found))
     return [p for p in out if p is not None]
