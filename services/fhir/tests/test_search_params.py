@@ -3,12 +3,16 @@ keeps, and hostile values refused (400) or passed on as plain values, never inte
 
 from __future__ import annotations
 
+import json
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
+import grpc
 import pytest
 from aiohttp.test_utils import make_mocked_request
 from medledger.records.v1 import records_service_pb2 as pb
 
+from medledger_fhir.backends import Backends
 from medledger_fhir.capability import Capabilities, TypeSupport
 from medledger_fhir.outcomes import FhirError
 from medledger_fhir.search import (
@@ -19,6 +23,7 @@ from medledger_fhir.search import (
     everything_params,
     parse_search,
     purpose_of,
+    run_everything,
     strict_handling,
 )
 
@@ -210,3 +215,51 @@ def test_search_declarations_merge_with_another_modules() -> None:
 
 def test_request_is_a_records_search() -> None:
     assert isinstance(parse(PATIENT).request(TREAT), pb.SearchRecordsRequest)
+
+
+class FakeSearch:
+    """records' SearchRecords over a few stored resources per type, paged by offset."""
+
+    def __init__(self, stored: dict[str, int]) -> None:
+        self.stored = stored
+        self.asked: list[str] = []
+
+    async def SearchRecords(self, request: pb.SearchRecordsRequest, metadata: Any) -> Any:
+        self.asked.append(request.resource_type)
+        count = self.stored.get(request.resource_type, 0)
+        start = int(request.page_token or 0)
+        end = min(start + request.page_size, count)
+        found = [
+            pb.FoundRecord(
+                summary=pb.RecordSummary(record_id=f"rec_{request.resource_type.lower()}{i}"),
+                content=json.dumps({"resourceType": request.resource_type, "id": f"x{i}"}).encode(),
+            )
+            for i in range(start, end)
+        ]
+        return pb.SearchRecordsResponse(records=found, next_page_token=str(end) if end < count else "", total=count)
+
+
+class NoPatient:
+    async def GetPrincipal(self, request: Any, metadata: Any) -> Any:
+        raise grpc.aio.AioRpcError(grpc.StatusCode.PERMISSION_DENIED, grpc.aio.Metadata(), grpc.aio.Metadata())
+
+
+async def test_everything_pages_across_types_without_losing_or_repeating_one() -> None:
+    records = FakeSearch({"Condition": 3, "Encounter": 1, "Observation": 5})
+    backends = Backends(NoPatient(), None, records, None, ())  # type: ignore[arg-type]
+    request = make_mocked_request("GET", "/", headers={"Authorization": "Bearer t"})
+    params: list[tuple[str, str]] = [("_count", "4")]
+    seen: list[str] = []
+    pages = 0
+    while True:
+        bundle = await run_everything(backends, request, "pat-0a1b", params, "http://x/fhir/R4")
+        assert len(bundle["entry"]) <= 4
+        seen += [e["fullUrl"].rpartition("/")[2] for e in bundle["entry"]]
+        pages += 1
+        link = next((link["url"] for link in bundle["link"] if link["relation"] == "next"), None)
+        if link is None:
+            break
+        assert link.startswith("http://x/fhir/R4/Patient/pat-0a1b/$everything?_count=4&_page_token=")
+        params = [(k, v[0]) for k, v in parse_qs(urlparse(link).query).items()]
+    expected = [f"rec-condition{i}" for i in range(3)] + ["rec-encounter0"] + [f"rec-observation{i}" for i in range(5)]
+    assert sorted(seen) == sorted(expected) and len(seen) == len(set(seen)) and pages == 3
