@@ -215,12 +215,18 @@ async def test_a_batch_answers_each_entry() -> None:
     assert answers[8]["outcome"]["issue"][0]["expression"] == ["Bundle.entry[8].resource"]
     assert statuses[12] == "403 Forbidden"  # the Claim: its category denied, its neighbours not
     assert all(s == "201 Created" for i, s in enumerate(statuses) if i not in (8, 12))
-    # One call for the patient first; it failed, so each entry on its own, Encounters first, and
-    # references to entries stored before rewritten by the gateway.
+    # One call for the patient first; it failed, so one call per category, Encounters first, and
+    # in the category with the bad resource one per entry; references to entries stored before
+    # are rewritten by the gateway.
     assert len(records.calls[0].records) == 10
-    singles = records.calls[1:]
-    assert len(singles) == 10 and json.loads(singles[0].records[0].content)["resourceType"] == "Encounter"
-    report = next(c for c in singles if json.loads(c.records[0].content)["resourceType"] == "DiagnosticReport")
+    first_types = [json.loads(c.records[0].content)["resourceType"] for c in records.calls[1:]]
+    assert first_types[0] == "Encounter" and len(records.calls[1].records) == 2
+    observation_calls = [
+        c for c in records.calls[1:] if json.loads(c.records[0].content)["resourceType"] == "Observation"
+    ]
+    assert [len(c.records) for c in observation_calls] == [3, 1, 1, 1]
+    assert len(records.calls) == 1 + 7 + 3
+    report = next(c for c in records.calls if json.loads(c.records[0].content)["resourceType"] == "DiagnosticReport")
     # Its result is the Observation refused: left a urn:uuid, not pointed at anything else.
     assert "urn:uuid:00000000-0000-4000-8000-000000000009" not in report.references
     assert report.references["urn:uuid:00000000-0000-4000-8000-000000000005"].startswith("Encounter/rec-")

@@ -9,10 +9,11 @@ consent check per category, one data key), each entry's `urn:uuid:` fullUrl rewr
 and the principals' fullUrls passed as `references`.
 
 A batch handles each entry on its own, but puts a patient's clinical entries in one PutRecords
-call first, for speed; when that call fails, each of them is put on its own, so every entry gets
-its own status (a denied category is 403 for its entries only, an invalid resource 422 for
-itself only). GET, DELETE and PATCH entries are refused (400 per entry in a batch): search and
-read have their own routes.
+call first, for speed; when that call fails, one call per category (in dependency order, so
+references to entries stored before are rewritten), and, in a category refused for another
+reason than consent, one per entry: every entry gets its own status (a denied category is 403 for
+its entries only, an invalid resource 422 for itself only). GET, DELETE and PATCH entries are
+refused (400 per entry in a batch): search and read have their own routes.
 
 Entries of types this server keeps nowhere (Location, PractitionerRole, a client's Provenance:
 records writes its own for every version) are answered `200 OK` with an informational outcome
@@ -389,9 +390,13 @@ def _not_kept(entry: Entry) -> dict[str, Any]:
     return _answer("200 OK", outcome=outcome)
 
 
-def _ordered(entries: Sequence[Entry]) -> list[Entry]:
+def _by_category(entries: Sequence[Entry]) -> list[tuple[int, list[Entry]]]:
+    """Entries grouped by category, the categories in dependency order (_CATEGORY_ORDER)."""
     rank: dict[int, int] = {c: i for i, c in enumerate(_CATEGORY_ORDER)}
-    return sorted(entries, key=lambda e: (rank.get(FILED_WITH[e.resource_type], len(rank)), e.index))
+    groups: dict[int, list[Entry]] = {}
+    for entry in entries:
+        groups.setdefault(FILED_WITH[entry.resource_type], []).append(entry)
+    return sorted(groups.items(), key=lambda item: rank.get(item[0], len(rank)))
 
 
 async def run_transaction(runner: BundleRunner, parsed: Parsed) -> list[dict[str, Any]]:
@@ -455,9 +460,19 @@ async def run_batch(runner: BundleRunner, parsed: Parsed) -> list[dict[str, Any]
         try:
             await runner.put(patient_id, group, f"batch|{patient_id}|{start}")
         except grpc.aio.AioRpcError:
-            # One entry's problem must not be its neighbours': each on its own, in dependency order.
-            for entry in _ordered(group):
-                await attempt(entry, runner.put(patient_id, [entry], f"entry|{entry.index}"))
+            # One entry's problem must not be its neighbours': a call per category (consent
+            # decides by category), in dependency order; a category refused for another reason
+            # than consent, each of its entries on its own.
+            for category, entries in _by_category(group):
+                try:
+                    await runner.put(patient_id, entries, f"category|{patient_id}|{start}|{category}")
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.PERMISSION_DENIED or len(entries) == 1:
+                        for entry in entries:
+                            entry.response = _error_answer(_entry_error(exc, entry))
+                        continue
+                    for entry in entries:
+                        await attempt(entry, runner.put(patient_id, [entry], f"entry|{entry.index}"))
     for entry in parsed.entries:
         if entry.resource_type in NOT_KEPT:
             entry.response = _not_kept(entry)
