@@ -69,7 +69,7 @@ async def test_batch_and_transaction_bundles_as_they_come(start_stack: Any) -> N
             id_pb.AssignRoleRequest(request_id=rid(), principal_id=engine_id, role=vocab.Role.ROLE_ADMIN)
         )
 
-        async def patient_consenting(resource: dict[str, Any]) -> tuple[str, str]:
+        async def patient_consenting(resource: dict[str, Any], *, but: int = 0) -> tuple[str, str]:
             """The patient registers with the resource the bundle carries and lets the engine write
             (and read) every clinical category; (id, their gateway token)."""
             reply = await public.RegisterPatient(
@@ -86,7 +86,7 @@ async def test_batch_and_transaction_bundles_as_they_come(start_stack: Any) -> N
                     grantee_id=engine_id,
                     provision=co_pb.ProvisionType.PROVISION_TYPE_PERMIT,
                     actions=[vocab.Action.ACTION_READ, vocab.Action.ACTION_WRITE],
-                    categories=CLINICAL_CATEGORIES,
+                    categories=[c for c in CLINICAL_CATEGORIES if c != but],
                     purposes=[vocab.PurposeOfUse.PURPOSE_OF_USE_TREAT],
                 )
             )
@@ -166,3 +166,19 @@ async def test_batch_and_transaction_bundles_as_they_come(start_stack: Any) -> N
         except OperationOutcome as refused:
             assert "Bundle.entry[8].request.method" in str(refused)
         assert await mine.resources("Observation").search(patient=subject).count() == 0
+
+        # 4. A batch whose patient lets the engine write all but claims: the Claim entry alone is
+        # refused, with consent's reason; its neighbours are stored.
+        denied = json.loads(FIXTURE.read_text())
+        denied["entry"][2]["resource"]["identifier"] = [{"system": "urn:oid:1.2.3", "value": uuid.uuid4().hex}]
+        patient_id, patient_token = await patient_consenting(
+            denied["entry"][2]["resource"], but=vocab.DataCategory.DATA_CATEGORY_CLAIMS
+        )
+        answer = await client.execute("/", method="post", data=denied)
+        statuses = [e["response"]["status"] for e in answer["entry"]]
+        assert statuses[12] == "403 Forbidden" and all(s.startswith("20") for s in statuses[:12])
+        assert answer["entry"][12]["response"]["outcome"]["issue"][0]["details"]["coding"][0]["code"]
+        mine = AsyncFHIRClient(base, authorization=f"Bearer {patient_token}")
+        subject = f"Patient/{fhir_id(patient_id)}"
+        assert await mine.resources("Observation").search(patient=subject).count() == 3
+        assert await mine.resources("Claim").search(patient=subject).count() == 0
