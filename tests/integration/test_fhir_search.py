@@ -213,6 +213,13 @@ async def test_search_with_paging_totals_consent_and_everything(start_stack: Any
         assert {p["target"][0]["reference"] for p in included} == {f"Observation/{i}/_history/1" for i in matched}
         assert {p["id"] for p in included} == {f"{i}-1" for i in matched}
 
+        # The patient of the results, included once (identity asks consent for demographics).
+        status, with_patient = await fetch(
+            f"{base}/Observation?patient={subject}&category=laboratory&_include=Observation:patient", doctor_token
+        )
+        patients = [e for e in with_patient["entry"] if e["search"]["mode"] == "include"]
+        assert status == 200 and [e["fullUrl"] for e in patients] == [f"{base}/{subject}"]
+
         # Unknown parameters: ignored (and left out of the self link), or 400 under Prefer: handling=strict.
         status, lenient = await fetch(f"{base}/Observation?patient={subject}&colour=blue", doctor_token)
         assert status == 200 and lenient["total"] == 6 and "colour" not in lenient["link"][0]["url"]
