@@ -46,6 +46,25 @@ class TypeSupport:
     documentation: str = ""
 
 
+def _merge(name: str, a: TypeSupport, b: TypeSupport) -> TypeSupport:
+    twice = (
+        set(a.interactions) & set(b.interactions)
+        | {p.name for p in a.search_params} & {p.name for p in b.search_params}
+        | set(a.operations) & set(b.operations)
+    )
+    if twice:
+        raise ValueError(f"{name}: {sorted(twice)} declared twice")
+    return TypeSupport(
+        interactions=a.interactions + b.interactions,
+        search_params=a.search_params + b.search_params,
+        operations=a.operations + b.operations,
+        versioning=a.versioning,
+        conditional_create=a.conditional_create or b.conditional_create,
+        read_history=a.read_history or b.read_history,
+        documentation=" ".join(d for d in (a.documentation, b.documentation) if d),
+    )
+
+
 @dataclass
 class Capabilities:
     """The declarations of every route module, merged by resource type; system interactions
@@ -55,10 +74,11 @@ class Capabilities:
     system_interactions: list[str] = field(default_factory=list)
 
     def declare(self, supports: Mapping[str, TypeSupport]) -> None:
+        """Adds route modules' declarations; a type served by several modules (read in one,
+        search in another) merges them, but no interaction, parameter or operation twice."""
         for name, support in supports.items():
-            if name in self.types:
-                raise ValueError(f"{name} is declared twice")
-            self.types[name] = support
+            known = self.types.get(name)
+            self.types[name] = support if known is None else _merge(name, known, support)
 
     def declare_system(self, interactions: Iterable[str]) -> None:
         self.system_interactions.extend(interactions)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from medledger_fhir import audit_events, capability, consents, resources
+from medledger_fhir import audit_events, bundles, capability, consents, resources, search
 from medledger_fhir.admission import Admission
 from medledger_fhir.backends import Backends
 from medledger_fhir.capability import Capabilities
@@ -52,6 +52,11 @@ def build(runtime: ServiceRuntime[FhirParts]) -> ServiceParts[FhirParts]:
     capabilities.declare(consents.SUPPORTS)
     routes += audit_events.routes(backends, public_base_url=settings.public_base_url)
     capabilities.declare(audit_events.SUPPORTS)
+    routes += search.routes(backends, public_base_url=settings.public_base_url)
+    capabilities.declare(search.declarations())
+    capabilities.declare({"Patient": search.everything_declaration()})
+    routes += bundles.routes(backends)
+    capabilities.declare_system(bundles.SYSTEM_INTERACTIONS)
     admission = Admission(settings.max_in_flight)
     return ServiceParts(
         service_descriptors=[],
