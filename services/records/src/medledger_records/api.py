@@ -56,17 +56,27 @@ log = logging.getLogger(__name__)
 _SERVICE = "/medledger.records.v1.RecordsService/"
 # The erasure certificates' verifier key is public: anyone may verify a certificate.
 PUBLIC_METHODS: tuple[str, ...] = (_SERVICE + "GetErasureVerifierKey",)
-# The coarse table; keep it equal to services/records/README.md (a test compares them).
+# The coarse table; keep it equal to services/records/README.md (a test compares them). A SMART
+# Backend Services client (an integration engine) reads and writes as a practitioner does: consent
+# decides, by the client's organization.
 ACCESS: dict[str, Access] = {
-    _SERVICE + "PutRecord": Access.of(kinds=["practitioner", "patient"]),
-    _SERVICE + "PutRecords": Access.of(kinds=["practitioner", "patient"]),
+    _SERVICE + "PutRecord": Access.of(kinds=["practitioner", "patient", "smart-client"]),
+    _SERVICE + "PutRecords": Access.of(kinds=["practitioner", "patient", "smart-client"]),
     # A guardian (holding the role) acts for the patients who appointed them: the finer rules
     # ask the guardianships records keeps from consent's events.
-    _SERVICE + "GetRecord": Access.of(kinds=["practitioner", "patient", "researcher"], roles=["guardian"]),
+    _SERVICE + "GetRecord": Access.of(
+        kinds=["practitioner", "patient", "researcher", "smart-client"], roles=["guardian"]
+    ),
     # A record's history is decided as a read of it.
-    _SERVICE + "ListRecordVersions": Access.of(kinds=["practitioner", "patient", "researcher"], roles=["guardian"]),
-    _SERVICE + "ListRecords": Access.of(kinds=["practitioner", "patient", "researcher"], roles=["guardian"]),
-    _SERVICE + "SearchRecords": Access.of(kinds=["practitioner", "patient", "researcher"], roles=["guardian"]),
+    _SERVICE + "ListRecordVersions": Access.of(
+        kinds=["practitioner", "patient", "researcher", "smart-client"], roles=["guardian"]
+    ),
+    _SERVICE + "ListRecords": Access.of(
+        kinds=["practitioner", "patient", "researcher", "smart-client"], roles=["guardian"]
+    ),
+    _SERVICE + "SearchRecords": Access.of(
+        kinds=["practitioner", "patient", "researcher", "smart-client"], roles=["guardian"]
+    ),
     _SERVICE + "ExportRecords": Access.of(kinds=["patient"], roles=["guardian"]),
     _SERVICE + "RotatePatientKey": Access.of(roles=["admin"]),
     _SERVICE + "RequestErasure": Access.of(kinds=["patient"], roles=["admin", "guardian"]),
