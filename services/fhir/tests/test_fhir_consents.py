@@ -12,7 +12,7 @@ from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_consent import domain as consent_domain
 from medledger_consent import fhir as consent_fhir
-from medledger_fhir import principal_refs
+from medledger_fhir import ids, principal_refs
 from medledger_fhir.consents import consent_ref, grant_request, searchset
 from medledger_fhir.outcomes import FhirError
 
@@ -29,7 +29,7 @@ def consent(**provision: Any) -> dict[str, Any]:
             "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]
         },
         "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"reference": f"Patient/{principal_refs.fhir_id(PATIENT)}"},
+        "patient": {"reference": f"Patient/{ids.fhir_id(PATIENT)}"},
         "provision": {
             "type": "permit",
             "actor": [
@@ -39,7 +39,7 @@ def consent(**provision: Any) -> dict[str, Any]:
                             {"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}
                         ]
                     },
-                    "reference": {"reference": f"Practitioner/{principal_refs.fhir_id(PRACTITIONER)}"},
+                    "reference": {"reference": f"Practitioner/{ids.fhir_id(PRACTITIONER)}"},
                 }
             ],
             **provision,
@@ -165,7 +165,7 @@ def test_consent_ids_are_consents_with_or_without_a_version() -> None:
 
 def test_principal_references_both_ways() -> None:
     kinds = ("pat",)
-    assert principal_refs.from_reference(f"Patient/{principal_refs.fhir_id(PATIENT)}", kinds) == PATIENT
+    assert principal_refs.from_reference(f"Patient/{ids.fhir_id(PATIENT)}", kinds) == PATIENT
     assert principal_refs.from_reference(f"http://x/fhir/R4/Patient/pat-{'a' * 32}/_history/2", kinds) == PATIENT
     assert principal_refs.from_reference(PATIENT, kinds) == PATIENT
     assert principal_refs.from_reference(f"Practitioner/pat-{'a' * 32}", kinds) is None  # type and kind disagree

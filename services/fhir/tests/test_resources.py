@@ -9,7 +9,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
-from medledger_fhir import resources
+from medledger_fhir import http, ids, resources
 from medledger_fhir.outcomes import FhirError
 from medledger_fhir.resource_types import CLINICAL_TYPES
 from medledger_sdk.calls import RpcError
@@ -24,23 +24,23 @@ def status_of(call: object) -> int:
 
 
 def test_purpose_of_use_is_an_hl7_v3_code_bare_or_with_its_system_treat_by_default() -> None:
-    assert resources.purpose_of_use(None) == resources.purpose_of_use("") == P.PURPOSE_OF_USE_TREAT
-    assert resources.purpose_of_use("ETREAT") == P.PURPOSE_OF_USE_ETREAT
-    assert resources.purpose_of_use("hresch") == P.PURPOSE_OF_USE_HRESCH
-    assert resources.purpose_of_use(f"{resources.PURPOSE_SYSTEM}|HPAYMT") == P.PURPOSE_OF_USE_HPAYMT
-    assert resources.purpose_of_use("|PUBHLTH") == P.PURPOSE_OF_USE_PUBHLTH
+    assert http.purpose_of_use(None) == http.purpose_of_use("") == P.PURPOSE_OF_USE_TREAT
+    assert http.purpose_of_use("ETREAT") == P.PURPOSE_OF_USE_ETREAT
+    assert http.purpose_of_use("hresch") == P.PURPOSE_OF_USE_HRESCH
+    assert http.purpose_of_use(f"{http.PURPOSE_SYSTEM}|HPAYMT") == P.PURPOSE_OF_USE_HPAYMT
+    assert http.purpose_of_use("|PUBHLTH") == P.PURPOSE_OF_USE_PUBHLTH
     # Every proto purpose has its code, and nothing else is one.
-    assert set(resources.PURPOSES.values()) == {v.number for v in P.DESCRIPTOR.values if v.number}
+    assert set(http.PURPOSES.values()) == {v.number for v in P.DESCRIPTOR.values if v.number}
     for bad in ("UNSPECIFIED", "treatment", "http://example.org|TREAT", "TREAT,ETREAT"):
-        assert status_of(lambda bad=bad: resources.purpose_of_use(bad)) == 400
+        assert status_of(lambda bad=bad: http.purpose_of_use(bad)) == 400
 
 
 HEX = "0123456789abcdef" * 2
 
 
 def test_fhir_ids_are_record_and_principal_ids_without_underscores() -> None:
-    assert resources.fhir_id(f"rec_{HEX}") == f"rec-{HEX}"
-    assert resources.record_id_of(f"rec-{HEX}") == resources.record_id_of(f"rec_{HEX}") == f"rec_{HEX}"
+    assert ids.fhir_id(f"rec_{HEX}") == f"rec-{HEX}"
+    assert ids.service_id(f"rec-{HEX}") == ids.service_id(f"rec_{HEX}") == f"rec_{HEX}"
     assert resources.principal_id_of(f"pat-{HEX}") == resources.principal_id_of(f"pat_{HEX}") == f"pat_{HEX}"
     for other in (f"prn-{HEX}", f"pat-{HEX}0", "pat-1", f"pat-{HEX.upper()}"):
         assert resources.principal_id_of(other) is None

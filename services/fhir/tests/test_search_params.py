@@ -14,6 +14,7 @@ from medledger.records.v1 import records_service_pb2 as pb
 
 from medledger_fhir.backends import Backends
 from medledger_fhir.capability import Capabilities, TypeSupport
+from medledger_fhir.http import purpose_of, strict_handling
 from medledger_fhir.outcomes import FhirError
 from medledger_fhir.search import (
     MAX_COUNT,
@@ -22,9 +23,7 @@ from medledger_fhir.search import (
     declarations,
     everything_params,
     parse_search,
-    purpose_of,
     run_everything,
-    strict_handling,
 )
 
 TREAT = 1

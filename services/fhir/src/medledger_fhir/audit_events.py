@@ -29,7 +29,7 @@ from medledger.audit.v1 import audit_service_pb2 as audit_pb
 from medledger_fhir import principal_refs
 from medledger_fhir.backends import Backends, caller_metadata
 from medledger_fhir.capability import SearchParam, TypeSupport
-from medledger_fhir.http import BASE_PATH, base_url, fhir_response
+from medledger_fhir.http import BASE_PATH, base_url, fhir_response, strict_handling
 from medledger_fhir.outcomes import FhirError, answer_errors
 from medledger_runtime.http_server import HttpRoute
 from medledger_sdk.calls import RpcError
@@ -171,10 +171,6 @@ def export_request(query: Mapping[str, str], getall: Any) -> audit_pb.ExportAudi
     return request
 
 
-def _strict(request: web.Request) -> bool:
-    return "handling=strict" in request.headers.get("Prefer", "").replace(" ", "")
-
-
 def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
     audit = backends.audit
 
@@ -182,7 +178,7 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
     async def search(request: web.Request) -> web.StreamResponse:
         query = request.query
         unknown = sorted(set(query) - _SEARCH_PARAMS)
-        if unknown and _strict(request):
+        if unknown and strict_handling(request):
             raise FhirError(400, f"unknown search parameters: {', '.join(unknown)}")
         export = export_request(query, query.getall)
         actions = _token_codes(query.getall("action", []), "http://hl7.org/fhir/audit-event-action")

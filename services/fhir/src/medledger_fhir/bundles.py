@@ -38,9 +38,9 @@ from medledger.types.v1 import vocabulary_pb2
 
 from medledger_fhir.backends import Backends, Metadata, caller_metadata
 from medledger_fhir.http import BASE_PATH, etag, fhir_response, read_resource, version_from_etag
+from medledger_fhir.ids import fhir_id, service_id
 from medledger_fhir.outcomes import FHIR_JSON, FhirError, answer_errors, from_rpc_error, operation_outcome
 from medledger_fhir.resource_types import CATEGORY_OF
-from medledger_fhir.search import fhir_id, service_id
 from medledger_runtime.auth import current_caller
 from medledger_runtime.http_server import HttpRoute
 

@@ -49,6 +49,7 @@ from medledger_fhir.http import (
     http_date,
     raw_fhir_response,
     read_resource,
+    strict_handling,
     version_from_etag,
 )
 from medledger_fhir.outcomes import FhirError, answer_errors
@@ -324,10 +325,6 @@ def _offset(query: Mapping[str, str]) -> int:
     return int(text)
 
 
-def _strict(request: web.Request) -> bool:
-    return "handling=strict" in request.headers.get("Prefer", "").replace(" ", "")
-
-
 def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
     consent = backends.consent
 
@@ -355,7 +352,7 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
     async def search(request: web.Request) -> web.StreamResponse:
         query = request.query
         unknown = sorted(set(query) - _SEARCH_PARAMS)
-        if unknown and _strict(request):
+        if unknown and strict_handling(request):
             raise FhirError(400, f"unknown search parameters: {', '.join(unknown)}")
         if len(query.getall("patient", [])) + len(query.getall("actor", [])) != 1:
             raise FhirError(400, "search by one patient or one actor")

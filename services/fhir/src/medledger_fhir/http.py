@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 from aiohttp import web
+from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_fhir.outcomes import FHIR_JSON, FhirError
 
@@ -66,3 +67,49 @@ def version_from_etag(value: str, header: str) -> int:
 def http_date(seconds: float) -> str:
     """An HTTP date (RFC 9110), for Last-Modified."""
     return datetime.fromtimestamp(seconds, UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+# --- purpose of use ------------------------------------------------------------------------------
+
+# Why the client asks (consent decides on it): an HL7 v3 PurposeOfUse code in this header, as
+# tokens carry no purpose. A practitioner's everyday reason when absent; a patient reading their
+# own data needs none (the services ignore it then).
+PURPOSE_HEADER = "X-Purpose-Of-Use"
+# HL7 v3 ActReason, as a Coding's system may name it in the header (`system|code`).
+PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+DEFAULT_PURPOSE = vocab.PurposeOfUse.PURPOSE_OF_USE_TREAT
+Purpose: TypeAlias = vocab.PurposeOfUse.ValueType
+PURPOSES: dict[str, Purpose] = {
+    v.name.removeprefix("PURPOSE_OF_USE_"): vocab.PurposeOfUse.Value(v.name)
+    for v in vocab.PurposeOfUse.DESCRIPTOR.values
+    if v.number
+}
+
+
+def purpose_of_use(value: str | None) -> Purpose:
+    """The purpose a request states in `X-Purpose-Of-Use`: an HL7 v3 code (`TREAT`, `ETREAT`,
+    `HPAYMT`, `HOPERAT`, `HRESCH`, `PATRQT`, `PUBHLTH`), bare or as `system|code`; TREAT when
+    absent. 400 for anything else."""
+    if value is None or not value.strip():
+        return DEFAULT_PURPOSE
+    system, bar, code = value.strip().rpartition("|")
+    if bar and system not in ("", PURPOSE_SYSTEM):
+        raise FhirError(400, f"{PURPOSE_HEADER}: the code system must be {PURPOSE_SYSTEM}")
+    if code.upper() not in PURPOSES:
+        raise FhirError(400, f"{PURPOSE_HEADER} must be one of {', '.join(PURPOSES)}")
+    return PURPOSES[code.upper()]
+
+
+def purpose_of(request: web.Request) -> Purpose:
+    return purpose_of_use(request.headers.get(PURPOSE_HEADER))
+
+
+def strict_handling(request: web.Request) -> bool:
+    """`Prefer: handling=strict` (search.html#errors): unknown parameters are refused; lenient
+    (ignored) otherwise, as FHIR's default."""
+    for part in request.headers.getall("Prefer", []):
+        for pref in part.split(","):
+            name, _, value = pref.strip().partition("=")
+            if name.strip().lower() == "handling" and value.strip().strip('"').lower() == "strict":
+                return True
+    return False

@@ -19,11 +19,6 @@ RESOURCE_TYPE_OF = {"pat": "Patient", "prn": "Practitioner", "org": "Organizatio
 _PRINCIPAL = re.compile(r"(pat|prn|org|rsr|svc)[-_]([0-9a-f]{32})")
 
 
-def fhir_id(principal_id: str) -> str:
-    """``pat_…`` → ``pat-…``, the id of the principal's FHIR resource."""
-    return principal_id.replace("_", "-", 1)
-
-
 def from_reference(value: str, kinds: Iterable[str]) -> str | None:
     """The principal id a FHIR reference string names: ``Patient/pat-…``, ``[base]/Patient/pat-…``,
     ``pat-…`` or ``pat_…``; None when it names no principal of these kinds (``pat``, ``prn``,

@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeAlias
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import grpc
@@ -37,60 +37,22 @@ from medledger_fhir.http import (
     etag,
     fhir_response,
     http_date,
+    purpose_of,
     raw_fhir_response,
     read_resource,
     version_from_etag,
 )
+from medledger_fhir.ids import fhir_id, service_id
 from medledger_fhir.outcomes import FHIR_JSON, FhirError, answer_errors
 from medledger_fhir.resource_types import CATEGORY_OF, CLINICAL_TYPES
 from medledger_runtime.auth import current_caller
 from medledger_runtime.http_server import HttpRoute
 from medledger_sdk.calls import RpcError
 
-# --- purpose of use ------------------------------------------------------------------------------
-
-PURPOSE_HEADER = "X-Purpose-Of-Use"
-# HL7 v3 ActReason, as a Coding's system may name it in the header (`system|code`).
-PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
-# A practitioner's everyday reason; a patient reading their own data needs none (services ignore it).
-DEFAULT_PURPOSE = vocab.PurposeOfUse.PURPOSE_OF_USE_TREAT
-_PURPOSE_PREFIX = "PURPOSE_OF_USE_"
-Purpose: TypeAlias = vocab.PurposeOfUse.ValueType
-PURPOSES: dict[str, Purpose] = {
-    v.name.removeprefix(_PURPOSE_PREFIX): vocab.PurposeOfUse.Value(v.name)
-    for v in vocab.PurposeOfUse.DESCRIPTOR.values
-    if v.number
-}
-
-
-def purpose_of_use(value: str | None) -> Purpose:
-    """The purpose a request states in `X-Purpose-Of-Use`: an HL7 v3 code (`TREAT`, `ETREAT`,
-    `HPAYMT`, `HOPERAT`, `HRESCH`, `PATRQT`, `PUBHLTH`), bare or as `system|code`; TREAT when
-    absent. 400 for anything else."""
-    if value is None or not value.strip():
-        return DEFAULT_PURPOSE
-    system, bar, code = value.strip().rpartition("|")
-    if bar and system not in ("", PURPOSE_SYSTEM):
-        raise FhirError(400, f"{PURPOSE_HEADER}: the code system must be {PURPOSE_SYSTEM}")
-    if code.upper() not in PURPOSES:
-        raise FhirError(400, f"{PURPOSE_HEADER} must be one of {', '.join(PURPOSES)}")
-    return PURPOSES[code.upper()]
-
-
 # --- pure helpers --------------------------------------------------------------------------------
 
 # A clinical resource names its patient here (R4: most in `subject`, some in `patient`).
 _PATIENT_ELEMENTS = ("subject", "patient")
-
-
-def fhir_id(record_id: str) -> str:
-    """A record's (or a principal's) FHIR id: `_` written `-`, as records stamps it."""
-    return record_id.replace("_", "-")
-
-
-def record_id_of(resource_id: str) -> str:
-    """The record id behind a FHIR id (either form is taken: `rec-…` or `rec_…`)."""
-    return resource_id.replace("-", "_")
 
 
 _PATIENT_ID = re.compile(r"pat[-_]([0-9a-f]{32})")
@@ -175,7 +137,7 @@ def parse_provenance_id(value: str) -> tuple[str, int] | None:
     resource_id, dash, version = value.rpartition("-")
     if not dash or not resource_id or not version.isdigit() or not 0 < int(version) < 2**63:
         return None
-    return record_id_of(resource_id), int(version)
+    return service_id(resource_id), int(version)
 
 
 def last_modified(resource: dict[str, Any]) -> str | None:
@@ -272,8 +234,7 @@ _VID = "{vid:[1-9][0-9]{0,17}}"
 def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
     records, identity = backends.records, backends.identity
 
-    def purpose(request: web.Request) -> Purpose:
-        return purpose_of_use(request.headers.get(PURPOSE_HEADER))
+    purpose = purpose_of
 
     def clinical_type(request: web.Request) -> str:
         return request.match_info["type"]
@@ -395,7 +356,7 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
                 tokens=[pb.TokenMatch(parameter="identifier", values=criteria.identifiers)]
                 if criteria.identifiers
                 else [],
-                record_ids=[record_id_of(i) for i in criteria.ids],
+                record_ids=[service_id(i) for i in criteria.ids],
                 purpose=purpose(request),
                 page_size=2,
             ),
@@ -416,18 +377,18 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
 
     @answer_errors
     async def read(request: web.Request) -> web.StreamResponse:
-        resource_type, record_id = clinical_type(request), record_id_of(request.match_info["id"])
+        resource_type, record_id = clinical_type(request), service_id(request.match_info["id"])
         return answer_version(request, resource_type, record_id, await get_record(request, record_id, 0))
 
     @answer_errors
     async def vread(request: web.Request) -> web.StreamResponse:
-        resource_type, record_id = clinical_type(request), record_id_of(request.match_info["id"])
+        resource_type, record_id = clinical_type(request), service_id(request.match_info["id"])
         version = int(request.match_info["vid"])
         return answer_version(request, resource_type, record_id, await get_record(request, record_id, version))
 
     @answer_errors
     async def update(request: web.Request) -> web.StreamResponse:
-        resource_type, record_id = clinical_type(request), record_id_of(request.match_info["id"])
+        resource_type, record_id = clinical_type(request), service_id(request.match_info["id"])
         purpose(request)  # a bad header is refused before anything is written
         resource = await body_of(request, resource_type)
         if resource.get("id") != request.match_info["id"]:
@@ -453,7 +414,7 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
 
     @answer_errors
     async def history(request: web.Request) -> web.StreamResponse:
-        resource_type, record_id = clinical_type(request), record_id_of(request.match_info["id"])
+        resource_type, record_id = clinical_type(request), service_id(request.match_info["id"])
         count = history_count(request.query.get("_count"))
         page_token = request.query.get("_page_token", "")
         listed: pb.ListRecordVersionsResponse = await records.ListRecordVersions(

@@ -30,25 +30,14 @@ import grpc
 from aiohttp import web
 from medledger.identity.v1 import identity_service_pb2 as id_pb
 from medledger.records.v1 import records_service_pb2 as pb
-from medledger.types.v1 import vocabulary_pb2
 
 from medledger_fhir.backends import Backends, caller_metadata
 from medledger_fhir.capability import SearchParam, TypeSupport
-from medledger_fhir.http import BASE_PATH, base_url, fhir_response
+from medledger_fhir.http import BASE_PATH, base_url, fhir_response, purpose_of, strict_handling
+from medledger_fhir.ids import fhir_id, service_id
 from medledger_fhir.outcomes import FhirError, answer_errors
 from medledger_fhir.resource_types import CATEGORY_OF
 from medledger_runtime.http_server import HttpRoute
-
-Purpose = vocabulary_pb2.PurposeOfUse
-
-# The header a client names its purpose of use in (HL7 v3 PurposeOfUse codes: TREAT, ETREAT,
-# HRESCH, PATRQT, HPAYMT, HOPERAT, PUBHLTH); treatment when absent.
-PURPOSE_HEADER = "X-Purpose-Of-Use"
-_PURPOSES = {
-    value.name.removeprefix("PURPOSE_OF_USE_"): value.number
-    for value in Purpose.DESCRIPTOR.values
-    if value.number != Purpose.PURPOSE_OF_USE_UNSPECIFIED
-}
 
 # The paging parameter of `next` links: records' opaque page token, carried as is.
 PAGE_TOKEN_PARAM = "_page_token"  # noqa: S105 - a parameter name
@@ -120,35 +109,6 @@ _PAGE_TOKEN = re.compile(r"[A-Za-z0-9_\-=.~+/]{1,2048}")
 
 INCLUDE_PATIENT = frozenset({"*"})
 REVINCLUDE_PROVENANCE = frozenset({"Provenance:target", "*"})
-
-
-def fhir_id(service_id: str) -> str:
-    """A record's or principal's FHIR id: its id (`rec_3f…`, `pat_9a…`) with `_` written `-`, as
-    records stamps it (FHIR ids allow letters, digits, `-` and `.` only)."""
-    return service_id.replace("_", "-")
-
-
-def service_id(resource_id: str) -> str:
-    """The record or principal id of a FHIR id (ids are a prefix and hex: one to one)."""
-    return resource_id.replace("-", "_")
-
-
-def purpose_of(request: web.Request) -> int:
-    """The purpose of use the client names in `X-Purpose-Of-Use`, treatment when absent."""
-    code = request.headers.get(PURPOSE_HEADER, "TREAT").strip().upper()
-    if code not in _PURPOSES:
-        raise FhirError(400, f"{PURPOSE_HEADER} must be one of {', '.join(sorted(_PURPOSES))}")
-    return _PURPOSES[code]
-
-
-def strict_handling(request: web.Request) -> bool:
-    """`Prefer: handling=strict` (search.html#errors); lenient otherwise, as FHIR's default."""
-    for part in request.headers.getall("Prefer", []):
-        for pref in part.split(","):
-            name, _, value = pref.strip().partition("=")
-            if name.strip().lower() == "handling" and value.strip().strip('"').lower() == "strict":
-                return True
-    return False
 
 
 @dataclass
@@ -527,7 +487,7 @@ async def run_everything(
                 pb.SearchRecordsRequest(
                     patient_id=patient_id,
                     resource_type=resource_type,
-                    purpose=purpose,  # type: ignore[arg-type]
+                    purpose=purpose,
                     page_size=room,
                     page_token=token,
                 ),
