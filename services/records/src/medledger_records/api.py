@@ -18,8 +18,6 @@ from typing import TypeVar
 
 import grpc
 from google.protobuf import message as pb_message
-from medledger.consent.v1 import consent_service_pb2 as co_pb
-from medledger.consent.v1 import consent_service_pb2_grpc as co_grpc
 from medledger.records.v1 import records_service_pb2 as pb
 from medledger.records.v1 import records_service_pb2_grpc as pb_grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -27,7 +25,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from medledger_records import domain, erasure_storage, key_storage, storage
 from medledger_records.erasure import ErasureDesk, ErasureView, PlaceLegalHold, RequestErasure
 from medledger_records.record_commands import (
-    ConsentAnswer,
     ExportRecords,
     GetRecord,
     ListRecords,
@@ -120,30 +117,6 @@ SCOPES: dict[str, ScopeNeed] = {
 ROTATION_PAGE = 100
 T = TypeVar("T")
 R = TypeVar("R", bound=pb_message.Message)
-PERMIT = co_pb.Decision.DECISION_PERMIT
-
-
-class ConsentClient:
-    """The use cases' consent port over consent's gRPC API (records holds the `pdp-client` role)."""
-
-    def __init__(self, stub: co_grpc.ConsentServiceStub) -> None:
-        self.stub = stub
-
-    async def check(self, caller: Caller, patient_id: str, action: int, category: int, purpose: int) -> ConsentAnswer:
-        request = co_pb.CheckConsentRequest(
-            patient_id=patient_id,
-            actor_id=caller.principal_id,
-            action=action,  # type: ignore[arg-type]
-            category=category,  # type: ignore[arg-type]
-            purpose=purpose,  # type: ignore[arg-type]
-        )
-        answer: co_pb.CheckConsentResponse = await self.stub.CheckConsent(request)
-        return ConsentAnswer(
-            permit=answer.decision == PERMIT,
-            decision_id=answer.decision_id,
-            reason_code=answer.reason_code,
-            reason=answer.reason,
-        )
 
 
 def _receipt(r: Receipt) -> pb.Receipt:

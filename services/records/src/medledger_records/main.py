@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from medledger.consent.v1.consent_service_pb2_grpc import ConsentServiceStub
 from medledger.records.v1 import records_service_pb2, records_service_pb2_grpc
 
-from medledger_records.api import ACCESS, PUBLIC_METHODS, SCOPES, ConsentClient, RecordsApi
+from medledger_records.api import ACCESS, PUBLIC_METHODS, SCOPES, RecordsApi
 from medledger_records.blobs import FilesystemBlobStore
 from medledger_records.config import RecordsSettings
 from medledger_records.data_keys import CacheLimits, DataKeyCache
@@ -21,6 +21,7 @@ from medledger_records.key_owners import data_key_migration
 from medledger_records.records import RecordDesk
 from medledger_records.search import SearchBackfill, SearchDesk, SearchIndex
 from medledger_records.storage import MIGRATIONS
+from medledger_runtime.consent_checks import ConsentClient
 from medledger_runtime.events import TOPICS
 from medledger_runtime.group_commit import OutboxGroupCommit
 from medledger_runtime.grpc_client import service_channel

@@ -10,7 +10,8 @@ from typing import Any, Protocol
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_records import storage
-from medledger_runtime.auth import Caller
+from medledger_runtime.consent_checks import ConsentAnswer as ConsentAnswer
+from medledger_runtime.consent_checks import ConsentService as ConsentService
 from medledger_runtime.keys import DataKey, KeyInfo, KeyType
 
 
@@ -25,25 +26,6 @@ class RecordKeys(Protocol):
     async def rotate(self, name: str) -> KeyInfo: ...
     async def rewrap(self, name: str, ciphertext: str) -> str: ...
     async def set_min_decryption_version(self, name: str, version: int) -> KeyInfo: ...
-
-
-@dataclass(frozen=True)
-class ConsentAnswer:
-    """Consent's decision on one question."""
-
-    permit: bool
-    decision_id: str
-    reason_code: str = ""
-    reason: str = ""
-
-
-class ConsentService(Protocol):
-    """The consent service, asked whether `caller` may do `action` on the patient's records of
-    `category` for `purpose` (values of medledger.types.v1 Action, DataCategory, PurposeOfUse)."""
-
-    async def check(
-        self, caller: Caller, patient_id: str, action: int, category: int, purpose: int
-    ) -> ConsentAnswer: ...
 
 
 class SearchIndexer(Protocol):
