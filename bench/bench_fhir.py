@@ -8,12 +8,15 @@ floor:   what a bundle's resource costs before any I/O, per resource, over the s
 server:  identity and consent in this process; records, audit and the gateway each in a process
          of their own as deployed (PostgreSQL, the local keyring); a hospital, a doctor of it, and
          PATIENTS patients (env FHIR_PATIENTS, default 60) registered with a medical record number
-         each, each letting the hospital read and write every category for treatment; writes what
-         a client needs to CONFIG; serves until SIGTERM.
+         each, each letting the hospital read and write every category for treatment; the
+         hospital's integration engine, a SMART Backend Services client (its token by
+         client_credentials with an ES384 assertion); writes what a client needs to CONFIG;
+         serves until SIGTERM.
 client:  against the server, from its own process:
-         bundle  — every patient's synthetic record as one FHIR `transaction` Bundle (the seeded
-                   population's bundles, the Patient entry carrying the patient's number, so the
-                   gateway matches it), BUNDLE_CLIENTS at once: resources per second;
+         bundle  — every patient's synthetic record as one FHIR `transaction` Bundle posted by the
+                   engine (the seeded population's bundles as the generator wrote them, the Patient
+                   entry carrying the patient's number, so the gateway matches it),
+                   BUNDLE_CLIENTS at once: resources per second;
          read    — GET [base]/{type}/{id} of random loaded resources, 16 in flight, beside
                    GetRecord of the same records over gRPC, measured in turn;
          search  — GET [base]/Observation?patient=…&code=…, 16 in flight;
@@ -243,6 +246,42 @@ async def _patients(platform: Any, hospital: str, count: int) -> list[str]:
     return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
+async def engine_token(platform: Any, hospital: str) -> str:
+    """A SMART Backend Services client of the hospital, registered with its public key, and its
+    token from identity's endpoint by client_credentials with a signed assertion."""
+    from joserfc import jwk, jwt
+
+    key = jwk.ECKey.generate_key("P-384", parameters={"kid": "bench"}, private=True)
+    client = await platform.admin_identity.RegisterSmartClient(
+        id_pb.RegisterSmartClientRequest(
+            request_id=str(uuid.uuid4()),
+            organization_id=hospital,
+            jwks_json=json.dumps({"keys": [key.as_dict(private=False)]}),
+            allowed_scopes=["system/*.cruds"],
+        )
+    )
+    client_id = client.principal.principal_id
+    endpoint = f"http://127.0.0.1:{platform.identity.http_port}/oauth2/token"
+    claims = {
+        "iss": client_id,
+        "sub": client_id,
+        "aud": endpoint,
+        "exp": int(time.time()) + 300,
+        "jti": uuid.uuid4().hex,
+    }
+    form = {
+        "grant_type": "client_credentials",
+        "scope": "system/*.cruds",
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "client_assertion": jwt.encode({"alg": "ES384", "kid": key.kid}, claims, key, algorithms=["ES384"]),
+    }
+    async with aiohttp.ClientSession() as http, http.post(endpoint, data=form) as response:
+        body = await response.json(content_type=None)
+        if response.status != 200:
+            raise RuntimeError(f"the token endpoint answered {response.status}: {body}")
+        return str(body["access_token"])
+
+
 async def serve(bootstrap: str, database_urls: str, folder: Path, config: Path) -> None:
     from running_stack import identity_and_consent
 
@@ -271,6 +310,7 @@ async def serve(bootstrap: str, database_urls: str, folder: Path, config: Path) 
                         "base": base,
                         "records": f"127.0.0.1:{ports['records_grpc']}",
                         "fhir_token": await doctor_client.token("medledger.fhir"),
+                        "engine_token": await engine_token(platform, hospital),
                         "records_token": await doctor_client.token("medledger.records"),
                         "patients": patients,
                         "folder": str(folder),
@@ -311,7 +351,8 @@ async def load_bundles(cfg: dict[str, Any], http: aiohttp.ClientSession) -> dict
         nonlocal resources
         while queue:
             _, bundle = queue.pop()
-            async with http.post(cfg["base"], json=bundle, headers={"Content-Type": FHIR_JSON}) as response:
+            headers = {"Content-Type": FHIR_JSON, "Authorization": f"Bearer {cfg['engine_token']}"}
+            async with http.post(cfg["base"], json=bundle, headers=headers) as response:
                 body = await response.json(content_type=None)
                 if response.status != 200:
                     raise RuntimeError(f"a transaction failed: {response.status} {json.dumps(body)[:500]}")
