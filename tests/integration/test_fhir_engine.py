@@ -164,8 +164,10 @@ async def test_a_smart_client_posts_a_synthea_transaction_as_it_comes(start_stac
                     return count
 
         async def found(resource: dict[str, Any]) -> list[id_pb.Principal]:
-            kind = Kind.PRINCIPAL_KIND_ORGANIZATION if resource["resourceType"] == "Organization" else (
-                Kind.PRINCIPAL_KIND_PRACTITIONER
+            kind = (
+                Kind.PRINCIPAL_KIND_ORGANIZATION
+                if resource["resourceType"] == "Organization"
+                else (Kind.PRINCIPAL_KIND_PRACTITIONER)
             )
             reply = await admin.FindPrincipals(id_pb.FindPrincipalsRequest(kind=kind, identifier=identifier(resource)))
             return list(reply.principals)

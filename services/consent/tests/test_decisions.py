@@ -9,8 +9,8 @@ import asyncio
 from typing import TYPE_CHECKING
 
 import pytest
-from medledger.consent.v1 import consent_service_pb2 as pb
 from aiokafka.structs import ConsumerRecord
+from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.events.v1 import consent_events_pb2 as ev
 from medledger.events.v1 import identity_events_pb2 as id_ev
 from medledger.types.v1 import vocabulary_pb2 as v

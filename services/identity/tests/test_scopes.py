@@ -72,7 +72,9 @@ async def test_a_smart_client_registers_principals_of_the_kinds_its_scopes_creat
     # Researchers are no FHIR type a client's scopes name: only a `*` scope would reach them
     # (and the use case refuses the kind to a client then).
     with pytest.raises(PermissionDenied):
-        await call("RegisterPrincipal", pb.RegisterPrincipalRequest(kind=PrincipalKind.PRINCIPAL_KIND_RESEARCHER), **loader)
+        await call(
+            "RegisterPrincipal", pb.RegisterPrincipalRequest(kind=PrincipalKind.PRINCIPAL_KIND_RESEARCHER), **loader
+        )
 
 
 def readme_scope_rpcs() -> set[str]:

@@ -545,7 +545,9 @@ async def test_an_organization_carries_its_fhir_resource_encrypted_and_is_found_
     org_admin = Caller("prn_2", "practitioner", frozenset({"org-admin"}), bare.principal_id, "tok", 0.0)
     client = Caller("cli_1", "smart-client", frozenset(), bare.principal_id, "tok", 0.0)
     for caller in (ADMIN, practitioner, org_admin, client):
-        found = await desk.principals.find(caller, FindPrincipals(Kind.PRINCIPAL_KIND_ORGANIZATION, f"{SYNTHEA}|hospital-1"))
+        found = await desk.principals.find(
+            caller, FindPrincipals(Kind.PRINCIPAL_KIND_ORGANIZATION, f"{SYNTHEA}|hospital-1")
+        )
         assert [p.principal_id for p in found] == [hospital.principal_id]
     assert await desk.principals.find(ADMIN, FindPrincipals(Kind.PRINCIPAL_KIND_ORGANIZATION, f"{SYNTHEA}|x")) == ()
     patient = Caller("pat_1", "patient", frozenset(), "", "tok", 0.0)
@@ -610,7 +612,9 @@ async def test_a_smart_client_may_not_staff_other_organizations_or_register_othe
     with pytest.raises(PermissionDenied, match="practitioners of its own organization"):
         await desk.principals.register_principal(
             client,
-            RegisterPrincipal(Kind.PRINCIPAL_KIND_PRACTITIONER, others.principal_id, resource("Practitioner", NPI, "3")),
+            RegisterPrincipal(
+                Kind.PRINCIPAL_KIND_PRACTITIONER, others.principal_id, resource("Practitioner", NPI, "3")
+            ),
         )
     # A practitioner with an unknown organization is refused, naming the field.
     with pytest.raises(InvalidArgument) as raised:

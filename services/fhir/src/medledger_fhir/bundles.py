@@ -2,12 +2,12 @@
 
 Organization and Practitioner entries are identity's principals: matched by identifier
 (FindPrincipals) or registered, with their resource, when the caller may (RegisterPrincipal; a
-SMART client as its scopes allow: practitioners of its own organization or of one it registered). A Patient entry is matched
-or registered the same way, as an idempotent first step (the request id of a registration is
-derived from the identifier, so a retried bundle finds the same principal). Clinical entries are
-records: a transaction puts them all in ONE PutRecords call (one database transaction, one
-consent check per category, one data key), each entry's `urn:uuid:` fullUrl rewritten by records
-and the principals' fullUrls passed as `references`.
+SMART client as its scopes allow: practitioners of its own organization or of one it
+registered). A Patient entry is matched or registered the same way, as an idempotent first step
+(the request id of a registration is derived from the identifier, so a retried bundle finds the
+same principal). Clinical entries are records: a transaction puts them all in ONE PutRecords
+call (one database transaction, one consent check per category, one data key), each entry's
+`urn:uuid:` fullUrl rewritten by records and the principals' fullUrls passed as `references`.
 
 A batch handles each entry on its own, but puts a patient's clinical entries in one PutRecords
 call first, for speed; when that call fails, one call per category (in dependency order, so

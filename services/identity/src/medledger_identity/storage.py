@@ -113,7 +113,6 @@ client_assertion_jtis = Table(
 )
 
 
-
 async def _add_registered_by(conn: AsyncConnection) -> None:
     await conn.execute(text("ALTER TABLE principals ADD COLUMN registered_by VARCHAR(64) NOT NULL DEFAULT ''"))
 
