@@ -9,14 +9,19 @@ import asyncio
 from typing import TYPE_CHECKING
 
 import pytest
+from aiokafka.structs import ConsumerRecord
 from medledger.consent.v1 import consent_service_pb2 as pb
 from medledger.events.v1 import consent_events_pb2 as ev
+from medledger.events.v1 import identity_events_pb2 as id_ev
 from medledger.types.v1 import vocabulary_pb2 as v
 
 from medledger_consent import domain
 from medledger_consent.consents import GrantConsent, RevokeConsent
+from medledger_consent.handlers import PrincipalDirectoryHandler
 from medledger_runtime.auth import Caller
 from medledger_runtime.errors import InvalidArgument, NotFound
+from medledger_runtime.events import new_event
+from medledger_runtime.kafka import ConsumedMessage
 
 if TYPE_CHECKING:
     from conftest import World  # type: ignore[import-not-found]  # the fixture's type (conftest.py)
@@ -87,6 +92,33 @@ async def test_a_decision_records_the_organization_and_every_version_the_rule_wa
     recorded = [p for _, kind, p in await w.events() if kind == "ConsentDecisionRecorded"][-1]
     assert isinstance(recorded, ev.ConsentDecisionRecorded)
     assert list(recorded.considered) == considered and recorded.actor_organization_id == "org_1"
+
+
+async def test_a_smart_client_learned_from_identitys_event_is_covered_by_its_organizations_grant(
+    registered: World,
+) -> None:
+    """records asks consent with a SMART client (an integration engine) as the actor: consent
+    learns the client, a principal of kind smart-client, from identity's PrincipalRegistered, and
+    a consent naming its organization covers it; a client of another organization is denied."""
+    w = registered
+    learn = PrincipalDirectoryHandler(w.db)
+    for client_id, org_id in (("cli_1", "org_1"), ("cli_2", "org_2")):
+        registered_event = new_event(
+            source="medledger.identity",
+            payload=id_ev.PrincipalRegistered(
+                principal_id=client_id, kind=Kind.PRINCIPAL_KIND_SMART_CLIENT, organization_id=org_id
+            ),
+            aggregate_id=client_id,
+            version=1,
+        )
+        await learn(ConsumedMessage(ConsumerRecord("t", 0, 0, 0, 0, None, b"", None, 0, 0, ()), registered_event))
+    await w.consents.grant(PATIENT, grant("pat_1", "org_1"))
+    outcome, decision_id, _ = await w.checks.check(RECORDS, "pat_1", "cli_1", READ, OBS, TREAT)
+    assert outcome.decision == PERMIT
+    record = await w.checks.decision(PATIENT, decision_id)
+    assert (record.actor_id, record.actor_organization_id) == ("cli_1", "org_1")
+    denied, _, _ = await w.checks.check(RECORDS, "pat_1", "cli_2", READ, OBS, TREAT)
+    assert denied.decision != PERMIT
 
 
 async def test_a_version_recorded_after_the_decision_was_not_considered(registered: World) -> None:

@@ -24,6 +24,7 @@ from medledger_fhir.bundles import (
 )
 from medledger_fhir.outcomes import FhirError
 from medledger_runtime.auth import Caller, acting_as
+from medledger_runtime.auth.scopes import ScopeSet
 
 FIXTURE = Path(__file__).parent / "fixtures" / "synthea_batch.json"
 Kind = vocab.PrincipalKind
@@ -51,7 +52,6 @@ class FakeIdentity:
         self.registered: list[id_pb.RegisterPrincipalRequest] = []
 
     async def FindPrincipals(self, request: id_pb.FindPrincipalsRequest, metadata: Any) -> Any:
-        assert request.kind != Kind.PRINCIPAL_KIND_ORGANIZATION  # identity refuses it: no resource, no identifiers
         found = self.by_identifier.get((request.kind, request.identifier))
         return id_pb.FindPrincipalsResponse(
             principals=[id_pb.Principal(principal_id=found, version=3)] if found else []
@@ -156,7 +156,9 @@ async def test_a_transaction_registers_principals_then_puts_every_record_in_one_
         Kind.PRINCIPAL_KIND_PATIENT,
     ]
     org, practitioner, patient = identity.registered
-    assert not org.fhir_resource  # identity keeps no Organization resource
+    # identity keeps the Organization resource (matched by its identifier the next time).
+    assert json.loads(org.fhir_resource)["identifier"][0]["value"] == "fixture-org-0001"
+    assert "id" not in json.loads(org.fhir_resource)
     assert practitioner.organization_id == "org_0001"  # the bundle's Organization
     assert json.loads(patient.fhir_resource)["identifier"][0]["value"] == "fixture-patient-0001"
     assert len(records.calls) == 1
@@ -177,13 +179,39 @@ async def test_a_transaction_registers_principals_then_puts_every_record_in_one_
         (Kind.PRINCIPAL_KIND_PATIENT, "https://github.com/synthetichealth/synthea|fixture-patient-0001")
     ] = "pat_0003"
     identity.by_identifier[(Kind.PRINCIPAL_KIND_PRACTITIONER, "http://hl7.org/fhir/sid/us-npi|9999000001")] = "prn_0002"
+    identity.by_identifier[
+        (Kind.PRINCIPAL_KIND_ORGANIZATION, "https://github.com/synthetichealth/synthea|fixture-org-0001")
+    ] = "org_0001"
     again = runner(identity, records)
     with acting_as(CALLER):
         answers = await run_transaction(again, parse_bundle(transaction()))
-    assert answers[1]["status"] == answers[2]["status"] == "200 OK"
-    assert [r.kind for r in identity.registered[3:]] == [Kind.PRINCIPAL_KIND_ORGANIZATION]
-    assert identity.registered[3].request_id == org.request_id  # identity answers the first registration
+    assert [a["status"] for a in answers[:3]] == ["200 OK"] * 3
+    assert answers[0]["location"] == "Organization/org-0001"
+    assert len(identity.registered) == 3  # nothing registered twice
     assert records.calls[1].request_id == records.calls[0].request_id
+
+
+async def test_a_transaction_beyond_the_callers_scopes_is_refused_before_anything_is_written() -> None:
+    """A SMART client whose scopes leave out Practitioner create: 403 naming the entry, and
+    neither its Organization nor anything else registered or stored (a transaction is whole)."""
+    identity, records = FakeIdentity(), FakeRecords()
+    client = Caller(
+        "cli_engine", "smart-client", frozenset(), "org_home", "tok", 0.0,
+        scopes=ScopeSet.parse("system/Organization.cr system/Patient.cr system/Practitioner.rs system/*.rs "
+                              "system/Observation.c system/Encounter.c system/DiagnosticReport.c system/Claim.c "
+                              "system/Condition.c system/Procedure.c system/Immunization.c"),
+    )  # fmt: skip
+    with acting_as(client), pytest.raises(FhirError) as caught:
+        await run_transaction(runner(identity, records), parse_bundle(transaction()))
+    assert caught.value.status == 403 and caught.value.expression == ("Bundle.entry[1].resource",)
+    assert "create of Practitioner" in caught.value.message
+    assert not identity.registered and not records.calls
+    # The practitioner known already: nothing of it to create, and the rest is allowed.
+    identity.by_identifier[(Kind.PRINCIPAL_KIND_PRACTITIONER, "http://hl7.org/fhir/sid/us-npi|9999000001")] = "prn_0009"
+    with acting_as(client):
+        answers = await run_transaction(runner(identity, records), parse_bundle(transaction()))
+    assert [a["status"] for a in answers[:3]] == ["201 Created", "200 OK", "201 Created"]
+    assert len(records.calls) == 1
 
 
 async def test_a_transaction_with_a_bad_entry_fails_whole() -> None:

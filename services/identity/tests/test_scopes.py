@@ -60,6 +60,23 @@ async def test_an_integration_engine_finds_and_registers_by_kind() -> None:
     assert await call("AssignRole", pb.AssignRoleRequest(principal_id="prn_1"), kind="service", roles=["org-admin"])
 
 
+async def test_a_smart_client_registers_principals_of_the_kinds_its_scopes_create() -> None:
+    """Through identity's own access table (a smart-client may call RegisterPrincipal) and scopes."""
+    client = {"sub": "cli_1", "kind": "smart-client", "roles": [], "org": "org_1"}
+    loader = {**client, "scope": "system/Organization.c system/Practitioner.cr system/Patient.c"}
+    for kind in (ORGANIZATION, PRACTITIONER, PrincipalKind.PRINCIPAL_KIND_PATIENT):
+        assert await call("RegisterPrincipal", pb.RegisterPrincipalRequest(kind=kind), **loader)
+    reader = {**client, "scope": "system/*.rs system/Organization.c system/Patient.c"}
+    with pytest.raises(PermissionDenied, match="create of Practitioner"):
+        await call("RegisterPrincipal", pb.RegisterPrincipalRequest(kind=PRACTITIONER), **reader)
+    # Researchers are no FHIR type a client's scopes name: only a `*` scope would reach them
+    # (and the use case refuses the kind to a client then).
+    with pytest.raises(PermissionDenied):
+        await call(
+            "RegisterPrincipal", pb.RegisterPrincipalRequest(kind=PrincipalKind.PRINCIPAL_KIND_RESEARCHER), **loader
+        )
+
+
 def readme_scope_rpcs() -> set[str]:
     """The RPCs the README's "SMART scopes" table lists."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()

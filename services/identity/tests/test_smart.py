@@ -34,13 +34,14 @@ from medledger_identity.principal_commands import (
     RegisterPatient,
     RegisterPrincipal,
     RegisterSmartClient,
+    UpdatePrincipalResource,
 )
 from medledger_identity.principals import Directory
 from medledger_identity.scopes import Scope, narrow, parse_scope, parse_scopes, scope_string
 from medledger_identity.tokens import IssueToken, OwnTokens, TokenDesk, TokenSigner
 from medledger_runtime.auth import Caller, TokenVerifier
 from medledger_runtime.db import Database
-from medledger_runtime.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from medledger_runtime.errors import AlreadyExists, InvalidArgument, PermissionDenied, Unauthenticated
 from medledger_runtime.events import decode, unpack
 from medledger_runtime.http_server import HttpServer
 from medledger_runtime.keys import LocalKeyring, create_master_key_file
@@ -505,16 +506,128 @@ async def test_principals_are_found_by_identifier_through_the_blind_index(desk: 
     found = await desk.principals.find(client, FindPrincipals(Kind.PRINCIPAL_KIND_PATIENT, f"{SSN}|999-00-1111"))
     assert [p.principal_id for p in found] == [patient.principal_id]
 
-    # Patients are not for practitioners to probe; organizations carry no identifiers.
+    # Patients are not for practitioners to probe; researchers carry no identifiers.
     with pytest.raises(PermissionDenied):
         await desk.principals.find(
             practitioner_caller, FindPrincipals(Kind.PRINCIPAL_KIND_PATIENT, f"{SSN}|999-00-1111")
         )
     with pytest.raises(InvalidArgument):
-        await desk.principals.find(ADMIN, FindPrincipals(Kind.PRINCIPAL_KIND_ORGANIZATION, "urn:x|1"))
+        await desk.principals.find(ADMIN, FindPrincipals(Kind.PRINCIPAL_KIND_RESEARCHER, "urn:x|1"))
     for identifier in ("no-bar", "|value", "system|"):
         with pytest.raises(InvalidArgument):
             await desk.principals.find(ADMIN, FindPrincipals(Kind.PRINCIPAL_KIND_PRACTITIONER, identifier))
+
+
+# -- organizations' resources; SMART clients registering a directory ------------------------------
+
+SYNTHEA = "https://github.com/synthetichealth/synthea"
+
+
+def organization(value: str, name: str = "General Hospital") -> bytes:
+    return json.dumps(
+        {"resourceType": "Organization", "name": name, "identifier": [{"system": SYNTHEA, "value": value}]}
+    ).encode()
+
+
+async def test_an_organization_carries_its_fhir_resource_encrypted_and_is_found_by_identifier(desk: Desk) -> None:
+    hospital = (await register(desk, Kind.PRINCIPAL_KIND_ORGANIZATION, fhir=organization("hospital-1"))).principal
+    # Still optional: an organization known by its id alone.
+    bare = (await register(desk, Kind.PRINCIPAL_KIND_ORGANIZATION)).principal
+    assert bare.fhir_resource is None and hospital.fhir_resource is not None
+    assert "General Hospital" not in hospital.fhir_resource  # stored as the key manager's ciphertext
+    got = await desk.principals.get(ADMIN, GetPrincipal(hospital.principal_id, include_fhir_resource=True))
+    assert json.loads(got.fhir_resource) == json.loads(organization("hospital-1"))
+    async with desk.db.connect() as conn:
+        stored = (await conn.execute(select(storage.principal_identifiers.c.blind_index))).scalars().all()
+    assert stored == [await desk.principals.resources.blind_index(SYNTHEA, "hospital-1")]
+
+    practitioner = Caller("prn_1", "practitioner", frozenset(), bare.principal_id, "tok", 0.0)
+    org_admin = Caller("prn_2", "practitioner", frozenset({"org-admin"}), bare.principal_id, "tok", 0.0)
+    client = Caller("cli_1", "smart-client", frozenset(), bare.principal_id, "tok", 0.0)
+    for caller in (ADMIN, practitioner, org_admin, client):
+        found = await desk.principals.find(
+            caller, FindPrincipals(Kind.PRINCIPAL_KIND_ORGANIZATION, f"{SYNTHEA}|hospital-1")
+        )
+        assert [p.principal_id for p in found] == [hospital.principal_id]
+    assert await desk.principals.find(ADMIN, FindPrincipals(Kind.PRINCIPAL_KIND_ORGANIZATION, f"{SYNTHEA}|x")) == ()
+    patient = Caller("pat_1", "patient", frozenset(), "", "tok", 0.0)
+    with pytest.raises(PermissionDenied):
+        await desk.principals.find(patient, FindPrincipals(Kind.PRINCIPAL_KIND_ORGANIZATION, f"{SYNTHEA}|hospital-1"))
+
+    # The same identifier twice is ALREADY_EXISTS; an invalid Organization names its FHIR path.
+    with pytest.raises(AlreadyExists):
+        await register(desk, Kind.PRINCIPAL_KIND_ORGANIZATION, fhir=organization("hospital-1", "Another"))
+    with pytest.raises(InvalidArgument) as raised:
+        await register(desk, Kind.PRINCIPAL_KIND_ORGANIZATION, fhir=resource("Practitioner", NPI, "1"))
+    assert raised.value.violations[0].field == "fhir_resource.resourceType"
+    with pytest.raises(InvalidArgument) as raised:
+        await register(desk, Kind.PRINCIPAL_KIND_ORGANIZATION, fhir=b'{"resourceType": "Organization", "active": 3}')
+    assert raised.value.violations[0].field.startswith("fhir_resource.")
+
+    # The bare one gets a resource later, and is found by it; an empty one is refused.
+    await desk.principals.update_resource(
+        ADMIN, UpdatePrincipalResource(bare.principal_id, organization("clinic-2", "Clinic"))
+    )
+    found = await desk.principals.find(ADMIN, FindPrincipals(Kind.PRINCIPAL_KIND_ORGANIZATION, f"{SYNTHEA}|clinic-2"))
+    assert [p.principal_id for p in found] == [bare.principal_id]
+    with pytest.raises(InvalidArgument):
+        await desk.principals.update_resource(ADMIN, UpdatePrincipalResource(bare.principal_id, b""))
+
+
+async def test_a_smart_client_registers_patients_practitioners_and_organizations_without_secrets(
+    desk: Desk,
+) -> None:
+    own = (await register(desk, Kind.PRINCIPAL_KIND_ORGANIZATION)).principal
+    client = Caller("cli_engine", "smart-client", frozenset(), own.principal_id, "tok", 0.0)
+    registered: Registered = await desk.principals.register_principal(
+        client, RegisterPrincipal(Kind.PRINCIPAL_KIND_ORGANIZATION, "", organization("hospital-9"))
+    )
+    hospital = registered.principal
+    assert registered.client_secret == "" and hospital.registered_by == "cli_engine"
+    # Practitioners of its own organization and of the one it registered.
+    for org_id, npi in ((own.principal_id, "1"), (hospital.principal_id, "2")):
+        doctor: Registered = await desk.principals.register_principal(
+            client, RegisterPrincipal(Kind.PRINCIPAL_KIND_PRACTITIONER, org_id, resource("Practitioner", NPI, npi))
+        )
+        assert doctor.client_secret == "" and doctor.principal.organization_id == org_id
+    patient: Registered = await desk.principals.register_principal(
+        client, RegisterPrincipal(Kind.PRINCIPAL_KIND_PATIENT, "", resource("Patient", SSN, "555-00-1234"))
+    )
+    assert patient.client_secret == ""
+    async with desk.db.connect() as conn:
+        for registered_id in (hospital.principal_id, doctor.principal.principal_id, patient.principal.principal_id):
+            # No secret at all: the client cannot act as what it registered.
+            assert await storage.get_secret_hash(conn, registered_id) is None
+    with pytest.raises(Unauthenticated):
+        await desk.tokens.issue(IssueToken(patient.principal.principal_id, "", "medledger.fhir"))
+    # An admin's registration still makes a secret.
+    assert (await register(desk, Kind.PRINCIPAL_KIND_ORGANIZATION)).client_secret
+
+
+async def test_a_smart_client_may_not_staff_other_organizations_or_register_other_kinds(desk: Desk) -> None:
+    own = (await register(desk, Kind.PRINCIPAL_KIND_ORGANIZATION)).principal
+    others = (await register(desk, Kind.PRINCIPAL_KIND_ORGANIZATION, fhir=organization("elsewhere"))).principal
+    client = Caller("cli_engine", "smart-client", frozenset(), own.principal_id, "tok", 0.0)
+    before = await desk.count(storage.principals)
+    with pytest.raises(PermissionDenied, match="practitioners of its own organization"):
+        await desk.principals.register_principal(
+            client,
+            RegisterPrincipal(
+                Kind.PRINCIPAL_KIND_PRACTITIONER, others.principal_id, resource("Practitioner", NPI, "3")
+            ),
+        )
+    # A practitioner with an unknown organization is refused, naming the field.
+    with pytest.raises(InvalidArgument) as raised:
+        await desk.principals.register_principal(
+            client, RegisterPrincipal(Kind.PRINCIPAL_KIND_PRACTITIONER, "org_nope", resource("Practitioner", NPI, "4"))
+        )
+    assert raised.value.violations[0].field == "organization_id"
+    for kind in (Kind.PRINCIPAL_KIND_RESEARCHER, Kind.PRINCIPAL_KIND_SERVICE):
+        with pytest.raises(PermissionDenied):
+            await desk.principals.register_principal(client, RegisterPrincipal(kind, "", b""))
+    # Nothing was stored, and the identifier is still free.
+    assert await desk.count(storage.principals) == before
+    assert await desk.principals.find(ADMIN, FindPrincipals(Kind.PRINCIPAL_KIND_PRACTITIONER, f"{NPI}|3")) == ()
 
 
 # -- GetPrincipal: a patient's resource to a consented reader ----------------------------------------

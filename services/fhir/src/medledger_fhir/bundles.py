@@ -1,12 +1,13 @@
 """Bundles: `POST [base]` with a Bundle of type `batch` or `transaction` (http.html#transaction).
 
 Organization and Practitioner entries are identity's principals: matched by identifier
-(FindPrincipals) or registered when the caller may (RegisterPrincipal). A Patient entry is matched
-or registered the same way, as an idempotent first step (the request id of a registration is
-derived from the identifier, so a retried bundle finds the same principal). Clinical entries are
-records: a transaction puts them all in ONE PutRecords call (one database transaction, one
-consent check per category, one data key), each entry's `urn:uuid:` fullUrl rewritten by records
-and the principals' fullUrls passed as `references`.
+(FindPrincipals) or registered, with their resource, when the caller may (RegisterPrincipal; a
+SMART client as its scopes allow: practitioners of its own organization or of one it
+registered). A Patient entry is matched or registered the same way, as an idempotent first step
+(the request id of a registration is derived from the identifier, so a retried bundle finds the
+same principal). Clinical entries are records: a transaction puts them all in ONE PutRecords
+call (one database transaction, one consent check per category, one data key), each entry's
+`urn:uuid:` fullUrl rewritten by records and the principals' fullUrls passed as `references`.
 
 A batch handles each entry on its own, but puts a patient's clinical entries in one PutRecords
 call first, for speed; when that call fails, one call per category (in dependency order, so
@@ -42,6 +43,7 @@ from medledger_fhir.ids import fhir_id, service_id
 from medledger_fhir.outcomes import FHIR_JSON, FhirError, answer_errors, from_rpc_error, operation_outcome
 from medledger_fhir.resource_types import CATEGORY_OF
 from medledger_runtime.auth import current_caller
+from medledger_runtime.errors import PermissionDenied
 from medledger_runtime.http_server import HttpRoute
 
 Kind = vocabulary_pb2.PrincipalKind
@@ -285,7 +287,22 @@ class BundleRunner:
 
     async def principal(self, entry: Entry) -> dict[str, Any]:
         """Match the principal by identifier, else register it; its entry's response."""
+        return await self.match(entry) or await self.register(entry)
+
+    async def match(self, entry: Entry) -> dict[str, Any] | None:
+        """The principal identity holds under one of the entry's identifiers (FindPrincipals);
+        its entry's response, or None."""
         kind = PRINCIPAL_KINDS[entry.resource_type]
+        for identifier in self.identifiers(entry):
+            found = await self.backends.identity.FindPrincipals(
+                id_pb.FindPrincipalsRequest(kind=kind, identifier=identifier),  # type: ignore[arg-type]
+                metadata=self.metadata,
+            )
+            if found.principals:
+                return self._principal_answer(entry, found.principals[0], "200 OK")
+        return None
+
+    def identifiers(self, entry: Entry) -> list[str]:
         identifiers = _identifiers(entry.resource)
         if not identifiers:
             raise FhirError(
@@ -293,16 +310,12 @@ class BundleRunner:
                 f"a {entry.resource_type} needs an identifier (system and value) to be matched or registered",
                 expression=(f"{entry.path}.resource.identifier",),
             )
-        # identity indexes the identifiers of the principals that carry a FHIR resource only.
-        for identifier in identifiers if entry.resource_type != "Organization" else ():
-            found = await self.backends.identity.FindPrincipals(
-                id_pb.FindPrincipalsRequest(kind=kind, identifier=identifier),  # type: ignore[arg-type]
-                metadata=self.metadata,
-            )
-            if found.principals:
-                principal = found.principals[0]
-                return self._principal_answer(entry, principal, "200 OK")
-        carries_resource = entry.resource_type != "Organization"  # identity keeps no Organization resource
+        return identifiers
+
+    async def register(self, entry: Entry) -> dict[str, Any]:
+        """Register the entry's principal with its resource (RegisterPrincipal); its response."""
+        kind = PRINCIPAL_KINDS[entry.resource_type]
+        identifiers = self.identifiers(entry)
         resource = {k: v for k, v in entry.resource.items() if k not in ("id", "meta")}
         organization_id = ""
         if kind == Kind.PRINCIPAL_KIND_PRACTITIONER:
@@ -322,7 +335,7 @@ class BundleRunner:
                 request_id=_request_id("principal", str(kind), identifiers[0]),
                 kind=kind,  # type: ignore[arg-type]
                 organization_id=organization_id,
-                fhir_resource=json.dumps(resource).encode() if carries_resource else b"",
+                fhir_resource=json.dumps(resource).encode(),
             ),
             metadata=self.metadata,
         )
@@ -399,15 +412,33 @@ def _by_category(entries: Sequence[Entry]) -> list[tuple[int, list[Entry]]]:
     return sorted(groups.items(), key=lambda item: rank.get(item[0], len(rank)))
 
 
+def _check_scopes(entries: Sequence[Entry]) -> None:
+    """403 before anything is written when the caller's SMART scopes leave out a principal to
+    register or a clinical entry (identity and records refuse those themselves; asking first
+    keeps a transaction from registering its Organizations and then failing on a Practitioner)."""
+    caller = current_caller()
+    for entry in entries:
+        interaction = "u" if entry.record_id else "c"
+        try:
+            caller.require_scope(entry.resource_type, interaction)
+        except PermissionDenied as exc:
+            raise FhirError(403, str(exc), expression=(f"{entry.path}.resource",)) from None
+
+
 async def run_transaction(runner: BundleRunner, parsed: Parsed) -> list[dict[str, Any]]:
-    """All or nothing: principals first (idempotent), then every clinical entry in one PutRecords.
-    Any failure answers the whole request."""
+    """All or nothing: principals first (matched, then the unmatched registered, idempotent),
+    then every clinical entry in one PutRecords. Any failure answers the whole request; what the
+    caller's scopes do not allow is refused before any registration (`_check_scopes`)."""
     entries = parsed.entries
     runner.learn_roles(entries)
-    for kind in ("Organization", "Practitioner", "Patient"):
-        for entry in (e for e in entries if e.resource_type == kind):
-            entry.response = await runner.principal(entry)
+    principals = [e for kind in ("Organization", "Practitioner", "Patient") for e in entries if e.resource_type == kind]
+    for entry in principals:
+        entry.response = await runner.match(entry)
     clinical = [e for e in entries if e.resource_type in FILED_WITH]
+    _check_scopes([*(e for e in principals if e.response is None), *clinical])
+    for entry in principals:
+        if entry.response is None:
+            entry.response = await runner.register(entry)
     patients = {runner.patient_id(e) for e in clinical}
     if len(patients) > 1:
         raise FhirError(400, "a transaction's clinical entries belong to one patient", expression=("Bundle.entry",))

@@ -46,7 +46,7 @@ _ADMINS = Access.of(roles=["admin"])
 _ORG_ADMINS = Access.of(roles=["admin", "org-admin"])
 # The coarse table; keep it equal to services/identity/README.md (a test compares them).
 ACCESS: dict[str, Access] = {
-    _SERVICE + "RegisterPrincipal": _ORG_ADMINS,
+    _SERVICE + "RegisterPrincipal": Access.of(roles=["admin", "org-admin"], kinds=["smart-client"]),
     _SERVICE + "GetPrincipal": ANY_CALLER,
     _SERVICE + "FindPrincipals": Access.of(roles=["admin", "org-admin"], kinds=["practitioner", "smart-client"]),
     _SERVICE + "ListPrincipals": Access.of(roles=["admin", "org-admin", "auditor", "privacy-officer"]),
@@ -172,14 +172,17 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
         """A registration, once per request id; its new client secret is kept encrypted so that
         a retrying client still receives it."""
 
+        # A principal a SMART client registers has no secret: nothing to seal.
         async def seal(response: _WithSecret) -> _WithSecret:
             sealed = type(response)()
             sealed.CopyFrom(response)
-            sealed.client_secret = await self.principals.seal_secret(response.client_secret)
+            if response.client_secret:
+                sealed.client_secret = await self.principals.seal_secret(response.client_secret)
             return sealed
 
         async def unseal(response: _WithSecret) -> _WithSecret:
-            response.client_secret = await self.principals.unseal_secret(response.client_secret)
+            if response.client_secret:
+                response.client_secret = await self.principals.unseal_secret(response.client_secret)
             return response
 
         def respond(registered: Registered) -> _WithSecret:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import base58
+from fhir.resources.R4B.organization import Organization
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.practitioner import Practitioner
 from joserfc import jwk
@@ -58,10 +59,23 @@ _ID_PREFIX: dict[int, str] = {
 # Kinds RegisterPrincipal makes; a SMART client only through RegisterSmartClient (with its JWKS).
 _REGISTERED_KINDS = frozenset(_ID_PREFIX) - {PrincipalKind.PRINCIPAL_KIND_SMART_CLIENT}
 # Kinds that carry a FHIR resource, and which one.
-_FHIR_MODEL: dict[int, type[Patient] | type[Practitioner]] = {
+_FHIR_MODEL: dict[int, type[Patient] | type[Practitioner] | type[Organization]] = {
     PrincipalKind.PRINCIPAL_KIND_PATIENT: Patient,
     PrincipalKind.PRINCIPAL_KIND_PRACTITIONER: Practitioner,
+    PrincipalKind.PRINCIPAL_KIND_ORGANIZATION: Organization,
 }
+# Kinds whose resource may be left out: an organization registered before identity kept one, or
+# by an admin who knows it by its id alone, is still an organization.
+_RESOURCE_OPTIONAL = frozenset({PrincipalKind.PRINCIPAL_KIND_ORGANIZATION})
+# Kinds a SMART client may register (an integration engine loading a hospital's directory and
+# patients), each as its token's scopes allow (`c` of the kind's FHIR type).
+CLIENT_REGISTERED_KINDS = frozenset(
+    {
+        PrincipalKind.PRINCIPAL_KIND_PATIENT,
+        PrincipalKind.PRINCIPAL_KIND_PRACTITIONER,
+        PrincipalKind.PRINCIPAL_KIND_ORGANIZATION,
+    }
+)
 # FHIR's required binding for Patient.gender and Practitioner.gender; fhir.resources checks
 # types and cardinality but not bindings.
 ADMINISTRATIVE_GENDER = frozenset({"male", "female", "other", "unknown"})
@@ -106,17 +120,20 @@ class FhirResource:
     identifiers: tuple[tuple[str, str], ...]
 
 
-def validate_fhir(kind: int, raw: bytes, field: str) -> FhirResource | None:
+def validate_fhir(kind: int, raw: bytes, field: str, *, required: bool = False) -> FhirResource | None:
     """Validate `raw` as the FHIR R4 resource a principal of `kind` carries.
 
-    Patients and practitioners need one, with at least one identifier that has a system and a
-    value (the duplicate check uses them); other kinds take none. Errors name the FHIR path,
-    never the offending value: it may be personal data.
+    Patients and practitioners need one, organizations may have one; a resource has at least
+    one identifier with a system and a value (the duplicate check and FindPrincipals use them);
+    other kinds take none (`required`: an organization's too, when it is replaced). Errors name
+    the FHIR path, never the offending value: it may be personal data.
     """
     model = _FHIR_MODEL.get(kind)
     if model is None:
         if raw:
-            raise InvalidArgument.field(field, "only patients and practitioners carry a FHIR resource")
+            raise InvalidArgument.field(field, "only patients, practitioners and organizations carry a FHIR resource")
+        return None
+    if not raw and kind in _RESOURCE_OPTIONAL and not required:
         return None
     if not raw:
         raise InvalidArgument.field(field, f"required: a FHIR R4 {model.__name__} resource, JSON")
@@ -161,8 +178,14 @@ def is_admin(caller: Caller) -> bool:
     return caller.has_role("admin")
 
 
+def is_smart_client(caller: Caller) -> bool:
+    return caller.kind == "smart-client"
+
+
 def check_may_register(caller: Caller, kind: int, organization_id: str) -> None:
-    """Admins register any kind; org-admins register practitioners of their own organization."""
+    """Admins register any kind; org-admins register practitioners of their own organization;
+    SMART clients patients, practitioners and organizations (their token's scopes decide which;
+    a practitioner's organization: ``check_may_staff``)."""
     if is_admin(caller):
         return
     if (
@@ -172,7 +195,32 @@ def check_may_register(caller: Caller, kind: int, organization_id: str) -> None:
         and organization_id == caller.organization_id
     ):
         return
-    raise PermissionDenied("only admins, or org-admins for practitioners of their organization, may register this")
+    if is_smart_client(caller) and kind in CLIENT_REGISTERED_KINDS:
+        return
+    raise PermissionDenied(
+        "only admins, org-admins for practitioners of their organization, or SMART clients for patients, "
+        "practitioners and organizations may register this"
+    )
+
+
+def check_may_staff(caller: Caller, organization_id: str, organization_registered_by: str) -> None:
+    """A SMART client registers practitioners of its own organization or of an organization it
+    registered itself (the bundles it loads name the organizations their practitioners work
+    for): another organization's staff is its org-admins' to register."""
+    if not is_smart_client(caller):
+        return
+    if organization_id == caller.organization_id or organization_registered_by == caller.principal_id:
+        return
+    raise PermissionDenied(
+        "a SMART client registers practitioners of its own organization or of organizations it registered"
+    )
+
+
+def issues_secret(caller: Caller) -> bool:
+    """Whether a registration by `caller` makes the principal a client secret (returned to the
+    caller). Not by a SMART client: a system loading a directory must not be able to act as the
+    patients and practitioners it registers (a patient's secret grants consent)."""
+    return not is_smart_client(caller)
 
 
 def check_may_change_role(caller: Caller, role: int, target_organization_id: str) -> None:
@@ -378,16 +426,19 @@ def parse_identifier(identifier: str, field: str = "identifier") -> tuple[str, s
 
 
 def check_may_find(caller: Caller, kind: int) -> None:
-    """Practitioners are found by admins, org-admins, practitioners and SMART clients (a FHIR
-    bundle names its authors); patients only by admins and SMART clients (an organization's
-    system importing its patients' data): anyone else could test whether a person is a patient."""
-    if kind == PrincipalKind.PRINCIPAL_KIND_PRACTITIONER:
+    """Practitioners and organizations are found by admins, org-admins, practitioners and SMART
+    clients (a FHIR bundle names its authors and their organizations); patients only by admins
+    and SMART clients (an organization's system importing its patients' data): anyone else could
+    test whether a person is a patient."""
+    if kind in (PrincipalKind.PRINCIPAL_KIND_PRACTITIONER, PrincipalKind.PRINCIPAL_KIND_ORGANIZATION):
         if is_admin(caller) or caller.has_role("org-admin") or caller.kind in ("practitioner", "smart-client"):
             return
     elif kind == PrincipalKind.PRINCIPAL_KIND_PATIENT:
         if is_admin(caller) or caller.kind == "smart-client":
             return
     else:
-        # Only patients and practitioners carry a FHIR resource, hence identifiers.
-        raise InvalidArgument.field("kind", "must be patient or practitioner: only they carry FHIR identifiers")
+        # Only patients, practitioners and organizations carry a FHIR resource, hence identifiers.
+        raise InvalidArgument.field(
+            "kind", "must be patient, practitioner or organization: only they carry FHIR identifiers"
+        )
     raise PermissionDenied("this caller may not look this kind of principal up by identifier")

@@ -115,7 +115,9 @@ class Directory:
         command: RegisterPrincipal,
         transaction: Callable[[Registration], Awaitable[Any]] | None = None,
     ) -> Any:
-        """An admin registers any principal, an org-admin practitioners of their organization."""
+        """An admin registers any principal, an org-admin practitioners of their organization, a
+        SMART client patients, practitioners (of its organization or one it registered) and
+        organizations, without a client secret (``domain.issues_secret``)."""
         domain.check_kind(command.kind)
         domain.check_organization(command.kind, command.organization_id)
         domain.check_may_register(caller, command.kind, command.organization_id)
@@ -123,9 +125,15 @@ class Directory:
 
         async def write(conn: AsyncConnection) -> Registered:
             if command.organization_id:
-                await self._check_organization(conn, command.organization_id)
+                org = await self._check_organization(conn, command.organization_id)
+                domain.check_may_staff(caller, org.principal_id, org.registered_by)
             row, secret = await self._create(
-                conn, kind=command.kind, organization_id=command.organization_id, resource=resource
+                conn,
+                kind=command.kind,
+                organization_id=command.organization_id,
+                resource=resource,
+                with_secret=domain.issues_secret(caller),
+                registered_by=caller.principal_id,
             )
             return Registered(row, secret)
 
@@ -158,6 +166,7 @@ class Directory:
                 organization_id=command.organization_id,
                 resource=None,
                 with_secret=False,
+                registered_by=caller.principal_id,
             )
             await storage.insert_smart_client(
                 conn, storage.SmartClientRow(row.principal_id, jwks_json, scopes.scope_string(allowed))
@@ -166,12 +175,13 @@ class Directory:
 
         return await (transaction or self._transaction)(write)
 
-    async def _check_organization(self, conn: AsyncConnection, organization_id: str) -> None:
+    async def _check_organization(self, conn: AsyncConnection, organization_id: str) -> storage.PrincipalRow:
         org = await storage.get_principal(conn, organization_id)
         if org is None or org.kind != Kind.PRINCIPAL_KIND_ORGANIZATION:
             raise InvalidArgument.field("organization_id", "not a registered organization")
         if org.status != ACTIVE:
             raise FailedPrecondition("the organization is deactivated")
+        return org
 
     async def ensure_platform_principal(
         self, principal_id: str, secret: str, roles: tuple[int, ...], kind: int = Kind.PRINCIPAL_KIND_SERVICE
@@ -309,7 +319,7 @@ class Directory:
 
         async def apply(conn: AsyncConnection, row: storage.PrincipalRow) -> storage.PrincipalRow:
             domain.check_may_manage(caller, row.principal_id, row.organization_id)
-            resource = domain.validate_fhir(row.kind, command.fhir_resource, "fhir_resource")
+            resource = domain.validate_fhir(row.kind, command.fhir_resource, "fhir_resource", required=True)
             if resource is None:
                 raise FailedPrecondition("this principal's kind carries no FHIR resource")
             await storage.replace_identifiers(conn, row.principal_id, await self.resources.blind_indexes(resource))
@@ -429,6 +439,7 @@ class Directory:
         principal_id: str | None = None,
         client_secret: str | None = None,
         with_secret: bool = True,
+        registered_by: str = "",
     ) -> tuple[storage.PrincipalRow, str]:
         """Insert a principal with its key pair, encrypted resource, identifiers and secret (none
         `with_secret` False: a SMART client authenticates with its keys)."""
@@ -451,6 +462,7 @@ class Directory:
             roles=roles,
             created_at=time.time(),
             fhir_resource=ciphertext,
+            registered_by=registered_by,
         )
         await storage.insert_principal(conn, row, secret_hash=await self.hasher.hash(secret) if secret else None)
         await self._emit(

@@ -59,6 +59,7 @@ _principals_v2 = Table(
     Column("fhir_resource", Text),
     Column("secret_hash", String(256)),
     Column("updated_at", Float),
+    Column("registered_by", String(64)),
 )
 
 
@@ -111,11 +112,17 @@ client_assertion_jtis = Table(
     Column("expires_at", Float, nullable=False, index=True),
 )
 
+
+async def _add_registered_by(conn: AsyncConnection) -> None:
+    await conn.execute(text("ALTER TABLE principals ADD COLUMN registered_by VARCHAR(64) NOT NULL DEFAULT ''"))
+
+
 MIGRATIONS = [
     Migration(1, "principals", create_tables(metadata)),
     Migration(2, "roles, identifiers, keys, resources and credentials", _add_principal_columns),
     Migration(3, "patients' resources still under the old shared keys", _list_resources_under_old_keys),
     Migration(4, "SMART clients and the client assertions seen", create_tables(smart_metadata)),
+    Migration(5, "who registered each principal", _add_registered_by),
 ]
 
 P = _principals_v2.c
@@ -133,6 +140,9 @@ class PrincipalRow:
     created_at: float = 0.0
     # Key-manager ciphertext of the FHIR resource, or None.
     fhir_resource: str | None = None
+    # The principal that registered it ("" for self-registered patients and the platform's own
+    # principals): a SMART client staffs the organizations it registered (domain.check_may_staff).
+    registered_by: str = ""
 
 
 async def insert_principal(conn: AsyncConnection, row: PrincipalRow, *, secret_hash: str | None) -> None:
@@ -150,6 +160,7 @@ async def insert_principal(conn: AsyncConnection, row: PrincipalRow, *, secret_h
             fhir_resource=row.fhir_resource,
             secret_hash=secret_hash,
             updated_at=now,
+            registered_by=row.registered_by,
         )
     )
     for role in row.roles:
@@ -199,6 +210,7 @@ def _row(r: object, roles: tuple[int, ...]) -> PrincipalRow:
         roles=roles,
         created_at=float(r.created_at),  # type: ignore[attr-defined]
         fhir_resource=r.fhir_resource,  # type: ignore[attr-defined]
+        registered_by=r.registered_by or "",  # type: ignore[attr-defined]
     )
 
 
