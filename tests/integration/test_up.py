@@ -585,6 +585,7 @@ async def test_the_story_on_postgresql_through_the_sdk(tmp_path: Path, postgres:
             admin_secret=(state_dir / "secrets" / "admin.secret").read_text().strip(),
             trust_policy=TrustPolicy.read(state_dir / "trust-policy.json"),
             rpc_url=f"http://{localstack.HOST}:{ports.anvil}",
+            fhir_base_url=f"http://{localstack.HOST}:{ports.fhir}/fhir/R4",
             out_dir=tmp_path / "out",
         )
         result = await run_story(config, Narrator(said.append))
@@ -598,6 +599,10 @@ async def test_the_story_on_postgresql_through_the_sdk(tmp_path: Path, postgres:
             "break-glass read",
             "break-glass pending review",
             "break-glass reviewed",
+            "the engine's transaction",
+            "FHIR search",
+            "FHIR read denied to the researcher",
+            "who saw my data, over FHIR",
             "revoked consent denies",
             "who saw my data",
             "decision replayed",

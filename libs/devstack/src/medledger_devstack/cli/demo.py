@@ -114,8 +114,20 @@ def _config_of_running_stack(state: StateDir, base: int, out: Path | None) -> St
         admin_secret=admin_file.read_text().strip(),
         trust_policy=TrustPolicy.read(state.trust_policy_file),
         rpc_url=str(json.loads(state.chain_file.read_text())["rpc_url"]),
+        fhir_base_url=_fhir_base_url(state),
         out_dir=out,
     )
+
+
+def _fhir_base_url(state: StateDir) -> str:
+    """[base] of the running stack's FHIR gateway, as `up` wrote it to stack.json."""
+    try:
+        return str(json.loads(state.endpoints_file.read_text())["fhir"]["base_url"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise CommandError(
+            f"{state.endpoints_file} names no FHIR gateway ({exc}): a stack of an older `medledger up`? "
+            "Restart it, or use --own-stack."
+        ) from None
 
 
 def _endpoints(base: int) -> Endpoints:
@@ -146,6 +158,7 @@ def _tell_on_own_stack(out: Path | None) -> StoryResult:
             admin_secret=state.admin_secret_file().read_text().strip(),
             trust_policy=TrustPolicy.read(state.trust_policy_file),
             rpc_url=stack.rpc_url,
+            fhir_base_url=stack.ports.fhir_base_url,
             out_dir=out,
         )
         return _tell(config)

@@ -3,6 +3,7 @@ researcher denied, an emergency read after breaking the glass and its review, th
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -78,9 +79,11 @@ async def register_everyone(story: Story) -> None:
 
     # The patient registers themselves: a public RPC, no token.
     anonymous = story.client()
+    resource = patient_resource()
     registered = await anonymous.identity.RegisterPatient(
-        identity_pb.RegisterPatientRequest(request_id=rid(), fhir_patient=patient_resource())
+        identity_pb.RegisterPatientRequest(request_id=rid(), fhir_patient=resource)
     )
+    story.patient_identifier = json.loads(resource)["identifier"][0]
     story.patient_id = registered.principal.principal_id
     story.result.patient_id = story.patient_id
     story.result.cast[story.patient_id] = "the patient"

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from medledger.records.v1 import records_service_pb2 as records_pb
 
-from medledger_devstack.demo import care, consent_proof, decision_replay, erasure, evidence, proofs
+from medledger_devstack.demo import care, consent_proof, decision_replay, erasure, evidence, fhir_rest, proofs
 from medledger_devstack.demo.narrator import Narrator, Outcome, StoryResult
 from medledger_devstack.demo.waiting import ANCHOR_WAIT_SECONDS, code_of
 from medledger_sdk.calls import RpcError
@@ -26,6 +26,8 @@ class StoryConfig:
     admin_secret: str
     trust_policy: TrustPolicy
     rpc_url: str
+    # [base] of the FHIR gateway (`medledger up` prints it).
+    fhir_base_url: str
     out_dir: Path | None = None
     anchor_wait_seconds: float = ANCHOR_WAIT_SECONDS
 
@@ -47,11 +49,17 @@ class Story:
     researcher: Medledger
     patient_id: str
     patient: Medledger
+    # The patient's FHIR identifier (system and value), by which a bundle's Patient entry matches.
+    patient_identifier: dict[str, str]
     consent_id: str
     record_id: str
     receipt: records_pb.Receipt
     # The decision that let the doctor read (``care.store_and_read``).
     read_decision_id: str
+    # Set by the FHIR chapter: the Observations the engine loaded, and the code searched for.
+    fhir_observations: list[str]
+    fhir_code: str
+    fhir_code_count: int
     # Set by ``proofs.list_who_saw``: the patient's first disclosure, as the log holds it.
     access_index: int
     access_bytes: bytes
@@ -97,6 +105,9 @@ class Story:
             care.store_and_read,
             care.deny_the_researcher,
             care.break_the_glass,
+            fhir_rest.load_a_synthetic_patient,
+            fhir_rest.search_and_read,
+            fhir_rest.who_read_over_fhir,
             care.revoke,
             proofs.list_who_saw,
             decision_replay.replay_the_read,
@@ -110,7 +121,7 @@ class Story:
             for step in steps:
                 try:
                     await step(self)
-                except (RpcError, TimeoutError, OSError) as exc:
+                except (RpcError, TimeoutError, OSError, fhir_rest.FhirError) as exc:
                     # The story cannot go on without this step: say which failed and why.
                     self.check(step.__name__.replace("_", " "), False, f"failed: {type(exc).__name__}: {exc}")
                     break
