@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -208,10 +209,23 @@ async def who_read_over_fhir(story: Story) -> None:
         return found if len(grey) >= 2 else None
 
     found = await eventually(events, "the log to hold Dr. Grey's FHIR reads", LEARN_WAIT_SECONDS, story.say)
-    readers = collections.Counter(
-        story.name(who) for e in found if e.get("action") == "R" for who in _agents(e) if who != story.patient_id
+
+    def who_read(succeeded: bool) -> collections.Counter[str]:
+        return collections.Counter(
+            story.name(who)
+            for e in found
+            if e.get("action") == "R" and (e.get("outcome", "0") == "0") == succeeded
+            for who in _agents(e)
+            if who != story.patient_id
+        )
+
+    readers, refused = who_read(True), who_read(False)
+    story.say.say(
+        f"{len(found)} AuditEvents; reads by "
+        + ", ".join(f"{n} ({c})" for n, c in readers.items())
+        + "; refused: "
+        + (", ".join(f"{n} ({c})" for n, c in refused.items()) or "none")
     )
-    story.say.say(f"{len(found)} AuditEvents; reads by " + ", ".join(f"{n} ({c})" for n, c in readers.items()))
     story.check(
         "who saw my data, over FHIR",
         story.name(story.doctor_id) in readers,
@@ -219,12 +233,16 @@ async def who_read_over_fhir(story: Story) -> None:
     )
 
 
+_PRINCIPAL = re.compile(r"[a-z]{3}[_-][0-9a-f]{32}")
+
+
 def _agents(event: dict[str, Any]) -> list[str]:
+    """The principals an AuditEvent's agents name (not the log's own placeholders)."""
     out = []
     for agent in event.get("agent", []):
         who = agent.get("who", {})
         value = who.get("identifier", {}).get("value") or who.get("reference", "").rpartition("/")[2]
-        if value:
+        if _PRINCIPAL.fullmatch(value or ""):
             out.append(value.replace("-", "_"))
     return out
 
