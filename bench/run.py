@@ -326,9 +326,10 @@ def bench_records(bootstrap: str, pg: localstack.PostgresCluster, results: dict,
             f"which asks consent): {chained['calls_per_s']:,.0f} calls/s  p50 {chained['p50_ms']:.2f} ms  |  "
             f"{figures['chained_call']['ratio']:.0%} of the empty call"
         )
-        # Targets: with the local keyring, each of put and get at least 25% of the empty call;
-        # on OpenBao, at least 70% of the local keyring's rate, and at steady state at most 0.1
-        # key-manager calls per put or get (the data-key cache; KEYS.md).
+        # Targets: on OpenBao, at least 70% of the local keyring's rate, and at steady state at most
+        # 0.1 key-manager calls per put or get (the data-key cache; KEYS.md). The local keyring's
+        # former target, 25% of the empty call, is retired: section (j)'s FHIR targets replace it
+        # (reads against GetRecord, bundles against their floor); the ratio is still printed.
         for keys in ("local", "vault"):
             print(f"   records with the {'local keyring' if keys == 'local' else 'Vault (OpenBao)'}:", flush=True)
             config = Path(tmp) / f"records-{keys}.json"
@@ -354,7 +355,7 @@ def bench_records(bootstrap: str, pg: localstack.PostgresCluster, results: dict,
                         ratio = f["calls_per_s"] / empty["calls_per_s"]
                         figures[f"{keys}_{op}_{size}"] = {**f, "ratio": ratio}
                         if keys == "local":
-                            judged = f"(target >= 25%)  {verdict(ratio, 0.25)}"
+                            judged = "(no target: see (j))"
                         else:
                             local = figures[f"local_{op}_{size}"]["calls_per_s"]
                             figures[f"{keys}_{op}_{size}"]["of_local"] = f["calls_per_s"] / local
