@@ -322,3 +322,26 @@ async def test_a_practitioner_is_registered_with_the_organization_its_role_names
     practitioner = next(r for r in identity.registered if r.kind == Kind.PRINCIPAL_KIND_PRACTITIONER)
     assert len(orgs) == 2 and orgs[0].request_id != orgs[1].request_id
     assert practitioner.organization_id == "org_0002"  # the role's organization, not the first one
+
+
+class RacedIdentity(FakeIdentity):
+    """Another bundle registers each principal between this bundle's look-up and its registration
+    (two exports naming the same people, loaded at once): identity answers ALREADY_EXISTS."""
+
+    async def RegisterPrincipal(self, request: id_pb.RegisterPrincipalRequest, metadata: Any) -> Any:
+        reply = await super().RegisterPrincipal(request, metadata)
+        resource = json.loads(request.fhir_resource or b"{}")
+        for identifier in resource.get("identifier", []):
+            key = (request.kind, f"{identifier['system']}|{identifier['value']}")
+            self.by_identifier[key] = reply.principal.principal_id
+        raise rpc_error(grpc.StatusCode.ALREADY_EXISTS, "a principal with this identifier is already registered")
+
+
+async def test_a_principal_registered_meanwhile_by_another_bundle_is_matched() -> None:
+    identity, records = RacedIdentity(), FakeRecords()
+    with acting_as(CALLER):
+        answers = await run_transaction(runner(identity, records), parse_bundle(transaction()))
+    # Each principal was found after all, and the records were put under the patient found.
+    principals = [a for a in answers if a["status"] == "200 OK" and "location" in a][:3]
+    assert [p["location"].split("/")[0] for p in principals] == ["Organization", "Practitioner", "Patient"]
+    assert records.calls and records.calls[0].patient_id == "pat_0003"

@@ -313,6 +313,19 @@ class BundleRunner:
         return identifiers
 
     async def register(self, entry: Entry) -> dict[str, Any]:
+        """Register the principal (see `_register`); when another bundle registered it since it
+        was looked up (two exports naming the same people, loaded at once), it matches now."""
+        try:
+            return await self._register(entry)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.ABORTED):
+                raise
+            matched = await self.match(entry)
+            if matched is None:
+                raise
+            return matched
+
+    async def _register(self, entry: Entry) -> dict[str, Any]:
         """Register the entry's principal with its resource (RegisterPrincipal); its response."""
         kind = PRINCIPAL_KINDS[entry.resource_type]
         identifiers = self.identifiers(entry)
