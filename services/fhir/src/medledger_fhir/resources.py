@@ -108,6 +108,12 @@ class ExistCriteria:
     ids: tuple[str, ...] = ()
 
 
+# What If-None-Exist may name, checked as search parameters are: a FHIR id; an identifier's
+# `system|value` (or a value alone), one bar, no whitespace but single spaces, no control character.
+_RESOURCE_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_IDENTIFIER = re.compile(r"(?:[^|\s\x00-\x1f]{1,200}\|)?[^|\s\x00-\x1f]{1,200}(?: [^|\s\x00-\x1f]{1,200})*")
+
+
 def if_none_exist(value: str) -> ExistCriteria:
     identifiers: list[str] = []
     ids: list[str] = []
@@ -120,8 +126,12 @@ def if_none_exist(value: str) -> ExistCriteria:
         if not parts:
             raise FhirError(400, f"If-None-Exist: {name} has no value")
         if name == "identifier":
+            if not all(_IDENTIFIER.fullmatch(p) for p in parts):
+                raise FhirError(400, "If-None-Exist: identifier is system|value or value")
             identifiers += parts
         elif name == "_id":
+            if not all(_RESOURCE_ID.fullmatch(p) for p in parts):
+                raise FhirError(400, "If-None-Exist: _id is a resource id")
             ids += parts
         else:
             raise FhirError(400, f"If-None-Exist supports identifier and _id, not {name}")
@@ -228,10 +238,7 @@ WRITABLE_TYPES = frozenset(
 
 def declarations() -> dict[str, TypeSupport]:
     return {
-        **{
-            name: CLINICAL_SUPPORT if name in WRITABLE_TYPES else READ_ONLY_SUPPORT
-            for name in sorted(CLINICAL_TYPES)
-        },
+        **{name: CLINICAL_SUPPORT if name in WRITABLE_TYPES else READ_ONLY_SUPPORT for name in sorted(CLINICAL_TYPES)},
         # One Provenance per record version, never updated.
         "Provenance": TypeSupport(interactions=("read",), versioning="no-version"),
         # identity's principal: meta.versionId is the principal's version.
