@@ -377,9 +377,12 @@ async def world(stack: Any) -> AsyncIterator[World]:
             my_consents,
         )
         yield world
-        # After every test of the module: no answer was a server fault.
+        # After every test of the module: no answer was a server fault, and the searches were
+        # both refused and answered (the property test reached past the parameter checks).
         faults = [s for s in world.seen if s[2] >= 500]
         assert not faults, faults
+        searches = {status for method, url, status in world.seen if method == "GET" and "?" in url}
+        assert {200, 400} <= searches, searches
 
 
 async def stored(world: World) -> tuple[list[str], list[str]]:
