@@ -475,6 +475,11 @@ async def test_every_route_refuses_missing_forged_expired_and_foreign_tokens(wor
         for header in ("Bearer", "Basic dXNlcjpwYXNz", f"Bearer {world.tokens['valid']} extra", "bearer  "):
             got = await world.send(route.method, url, data=data, headers={**headers, "Authorization": header})
             assert got.status == 401, (route.path, header, got.status)
+    # Public routes (the statement, the SMART configuration) answer whatever token comes along.
+    for route in (r for r in world.routes if r.public):
+        for token in (None, world.tokens["forged"], world.tokens["not a JWT"]):
+            got = await world.send(route.method, world.url(route) + "?_format=' OR 1=1 --", token=token)
+            assert got.status == 200 and isinstance(got.body, dict), (route.path, got.status)
     # Hostile ids in every route's path: not found (or refused), never served.
     for route in world.routes:
         assert await disclosures_since(world.stack, marks) == [], "before " + route.path
