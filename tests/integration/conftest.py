@@ -174,6 +174,7 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
         anchoring_settings: dict[str, Any] | None = None,
         openbao: OpenBaoServer | None = None,
         fhir: bool = False,
+        fhir_settings: dict[str, Any] | None = None,
     ) -> AsyncIterator[Stack]:
         def keys_of(service: str, **local: Any) -> dict[str, Any]:
             """A service's key-manager settings: its local keyring, or its own tokens of OpenBao."""
@@ -335,6 +336,7 @@ def start_stack(postgres: Postgres, tmp_path: Path) -> StackFactory:
                             audit_address=f"127.0.0.1:{audit_runtime.grpc_port}",
                             client_secret_file=secrets_dir / "fhir.secret",
                             token_endpoint_url=f"http://127.0.0.1:{identity.http_port}/oauth2/token",
+                            **(fhir_settings or {}),
                         ),
                         (),
                         fhir_main.build,

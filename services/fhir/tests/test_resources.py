@@ -83,6 +83,10 @@ def test_if_none_exist_takes_identifiers_and_ids_and_refuses_other_parameters() 
     assert resources.if_none_exist("Observation?identifier=http%3A%2F%2Fs%7Cv").identifiers == ("http://s|v",)
     for bad in ("", "code=123", "identifier=", "identifier=a&status=final"):
         assert status_of(lambda bad=bad: resources.if_none_exist(bad)) == 400
+    # Values are checked as search values are: an id is a FHIR id, an identifier system|value.
+    assert resources.if_none_exist("identifier=urn:x|A 1").identifiers == ("urn:x|A 1",)
+    for bad in ("_id=../../etc", "_id=' OR 1=1 --", "identifier=a|b|c", "identifier=%00", "identifier=a  b"):
+        assert status_of(lambda bad=bad: resources.if_none_exist(bad)) == 400
 
 
 def test_provenance_ids_name_a_record_version() -> None:
@@ -138,3 +142,25 @@ def test_declarations_cover_every_clinical_type_provenance_and_patient() -> None
     assert set(declared["Observation"].interactions) == {"read", "vread", "update", "history-instance", "create"}
     assert declared["Observation"].conditional_create and declared["Observation"].versioning == "versioned-update"
     assert declared["Provenance"].interactions == declared["Patient"].interactions == ("read",)
+
+
+def test_a_type_naming_no_patient_is_read_but_not_created_or_updated_here() -> None:
+    declared = resources.declarations()
+    # Medication has no subject or patient: nothing here could say whose it is.
+    assert "Medication" not in resources.WRITABLE_TYPES
+    assert set(declared["Medication"].interactions) == {"read", "vread", "history-instance"}
+    assert not declared["Medication"].conditional_create
+    assert CLINICAL_TYPES - {"Medication"} == resources.WRITABLE_TYPES
+
+
+def test_control_characters_in_a_body_s_strings_are_named_by_their_fhirpath() -> None:
+    ok = {"resourceType": "Observation", "note": [{"text": "line one\nline two\ttabbed\r"}]}
+    assert http.control_character_at(ok) is None
+    assert http.control_character_at({"resourceType": "Observation", "status": "final\x00"}) == "Observation.status"
+    nested = {"resourceType": "Bundle", "entry": [{}, {"resource": {"code": {"text": "a\x1bb"}}}]}
+    assert http.control_character_at(nested) == "Bundle.entry[1].resource.code.text"
+    assert http.control_character_at({"resourceType": "Observation", "x\x07": 1}) == "Observation"
+    deep: object = "\x00"
+    for _ in range(5000):  # deeper than recursion would go
+        deep = [deep]
+    assert http.control_character_at({"resourceType": "Basic", "deep": deep}) is not None

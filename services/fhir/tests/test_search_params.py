@@ -22,9 +22,12 @@ from medledger_fhir.search import (
     EverythingCursor,
     declarations,
     everything_params,
+    everything_scope,
     parse_search,
     run_everything,
 )
+from medledger_runtime.auth import Caller, ScopeSet
+from medledger_runtime.errors import PermissionDenied
 
 TREAT = 1
 PATIENT = [("patient", "Patient/pat-0a1b")]
@@ -262,3 +265,20 @@ async def test_everything_pages_across_types_without_losing_or_repeating_one() -
         params = [(k, v[0]) for k, v in parse_qs(urlparse(link).query).items()]
     expected = [f"rec-condition{i}" for i in range(3)] + ["rec-encounter0"] + [f"rec-observation{i}" for i in range(5)]
     assert sorted(seen) == sorted(expected) and len(seen) == len(set(seen)) and pages == 3
+
+
+def test_everything_refuses_a_scoped_token_that_allows_none_of_its_types() -> None:
+    request = make_mocked_request("GET", "/fhir/R4/Patient/pat-0a1b/$everything", match_info={"id": "pat-0a1b"})
+
+    def caller(scopes: str | None, context: str = "pat_0a1b") -> Caller:
+        parsed = None if scopes is None else ScopeSet.parse(scopes)
+        return Caller("pat_0a1b", "patient", frozenset(), "", "t", 0.0, parsed, context)
+
+    for allowed in (None, "patient/Observation.rs", "patient/Patient.r", "patient/*.rs", "user/Condition.s"):
+        everything_scope(caller(allowed), request)  # each may ask: the services filter type by type
+    for refused in ("patient/Basic.rs", "patient/Observation.c", "user/Consent.rs"):
+        with pytest.raises(PermissionDenied):
+            everything_scope(caller(refused), request)
+    # A patient scope reaches only the patient in context.
+    with pytest.raises(PermissionDenied):
+        everything_scope(caller("patient/Observation.rs", context="pat_other"), request)

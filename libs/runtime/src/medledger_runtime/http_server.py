@@ -129,6 +129,8 @@ class HttpServer:
         render_error: ErrorRenderer | None = None,
     ) -> None:
         self._host = host
+        # What is served, as declared (tests enumerate a service's routes from its runtime).
+        self.routes: tuple[HttpRoute, ...] = tuple(routes)
         self._render_error = render_error or _text_error
         self._port = port
         self._max_body_bytes = max_body_bytes

@@ -193,14 +193,19 @@ def _category(coding: Any) -> int | None:
     return None
 
 
+def valid_consent(resource: Mapping[str, Any]) -> FhirConsent:
+    """The body as an R4 Consent; 422 naming each problem's FHIRPath."""
+    try:
+        return FhirConsent.model_validate(dict(resource))
+    except ValidationError as exc:
+        raise _invalid([(_fhirpath(tuple(e["loc"])), str(e["msg"])) for e in exc.errors(include_url=False)]) from None
+
+
 def grant_request(resource: Mapping[str, Any], request_id: str) -> consent_pb.GrantConsentRequest:
     """The GrantConsent a FHIR R4 Consent asks for; 422 naming each problem's FHIRPath."""
     if resource.get("resourceType") != "Consent":
         raise FhirError(400, "the body is not a Consent")
-    try:
-        model = FhirConsent.model_validate(dict(resource))
-    except ValidationError as exc:
-        raise _invalid([(_fhirpath(tuple(e["loc"])), str(e["msg"])) for e in exc.errors(include_url=False)]) from None
+    model = valid_consent(resource)
     problems: list[tuple[str, str]] = []
     if resource.get("status") != "active":
         problems.append(("Consent.status", "a consent is granted active"))
@@ -429,6 +434,8 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
             raise FhirError(400, "the body's id is the URL's")
         if consent_ref(body["id"])[0] != consent_id:
             raise FhirError(400, "the body's id is the URL's")
+        # Invalid FHIR is refused before the current version is read (a read is a disclosure).
+        valid_consent(body)
         latest = await get_version(request, consent_id, 0)
         if "If-Match" in request.headers:
             version = version_from_etag(request.headers["If-Match"], "If-Match")

@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import grpc
 from aiohttp import web
+from fhir.resources.R4B import get_fhir_model_class
 from medledger.identity.v1 import identity_service_pb2 as id_pb
 from medledger.records.v1 import records_service_pb2 as pb
 from medledger.types.v1 import vocabulary_pb2 as vocab
@@ -107,6 +108,12 @@ class ExistCriteria:
     ids: tuple[str, ...] = ()
 
 
+# What If-None-Exist may name, checked as search parameters are: a FHIR id; an identifier's
+# `system|value` (or a value alone), one bar, no whitespace but single spaces, no control character.
+_RESOURCE_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_IDENTIFIER = re.compile(r"(?:[^|\s\x00-\x1f]{1,200}\|)?[^|\s\x00-\x1f]{1,200}(?: [^|\s\x00-\x1f]{1,200})*")
+
+
 def if_none_exist(value: str) -> ExistCriteria:
     identifiers: list[str] = []
     ids: list[str] = []
@@ -119,8 +126,12 @@ def if_none_exist(value: str) -> ExistCriteria:
         if not parts:
             raise FhirError(400, f"If-None-Exist: {name} has no value")
         if name == "identifier":
+            if not all(_IDENTIFIER.fullmatch(p) for p in parts):
+                raise FhirError(400, "If-None-Exist: identifier is system|value or value")
             identifiers += parts
         elif name == "_id":
+            if not all(_RESOURCE_ID.fullmatch(p) for p in parts):
+                raise FhirError(400, "If-None-Exist: _id is a resource id")
             ids += parts
         else:
             raise FhirError(400, f"If-None-Exist supports identifier and _id, not {name}")
@@ -214,11 +225,20 @@ CLINICAL_SUPPORT = TypeSupport(
     conditional_create=True,
     read_history=True,
 )
+# A type whose resources name no patient (Medication) cannot be filed from its content alone, so
+# it is not created or updated here (a batch or records' own API files it under a patient given
+# beside it); it is read like the others.
+READ_ONLY_SUPPORT = TypeSupport(interactions=("read", "vread", "history-instance"), read_history=True)
+WRITABLE_TYPES = frozenset(
+    name
+    for name in CLINICAL_TYPES
+    if any(element in get_fhir_model_class(name).model_fields for element in _PATIENT_ELEMENTS)
+)
 
 
 def declarations() -> dict[str, TypeSupport]:
     return {
-        **{name: CLINICAL_SUPPORT for name in sorted(CLINICAL_TYPES)},
+        **{name: CLINICAL_SUPPORT if name in WRITABLE_TYPES else READ_ONLY_SUPPORT for name in sorted(CLINICAL_TYPES)},
         # One Provenance per record version, never updated.
         "Provenance": TypeSupport(interactions=("read",), versioning="no-version"),
         # identity's principal: meta.versionId is the principal's version.
@@ -227,6 +247,7 @@ def declarations() -> dict[str, TypeSupport]:
 
 
 _TYPE = "{type:" + "|".join(sorted(CLINICAL_TYPES)) + "}"
+_WRITABLE_TYPE = "{type:" + "|".join(sorted(WRITABLE_TYPES)) + "}"
 _ID = "{id:[A-Za-z0-9._-]{1,64}}"
 _VID = "{vid:[1-9][0-9]{0,17}}"
 
@@ -501,11 +522,11 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
         resource["meta"] = {**meta, "versionId": str(got.principal.version)}
         return fhir_response(resource, headers={"ETag": etag(got.principal.version)})
 
-    typed = f"{BASE_PATH}/{_TYPE}"
+    typed, writable = f"{BASE_PATH}/{_TYPE}", f"{BASE_PATH}/{_WRITABLE_TYPE}"
     return [
-        HttpRoute("POST", typed, create),
+        HttpRoute("POST", writable, create),
         HttpRoute.get(f"{typed}/{_ID}", read),
-        HttpRoute("PUT", f"{typed}/{_ID}", update),
+        HttpRoute("PUT", f"{writable}/{_ID}", update),
         HttpRoute.get(f"{typed}/{_ID}/_history", history),
         HttpRoute.get(f"{typed}/{_ID}/_history/{_VID}", vread),
         HttpRoute.get(f"{BASE_PATH}/Provenance/{_ID}", provenance),

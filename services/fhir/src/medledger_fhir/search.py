@@ -37,6 +37,8 @@ from medledger_fhir.http import BASE_PATH, base_url, fhir_response, purpose_of, 
 from medledger_fhir.ids import fhir_id, service_id
 from medledger_fhir.outcomes import FhirError, answer_errors
 from medledger_fhir.resource_types import CATEGORY_OF
+from medledger_runtime.auth import Caller, ScopeNeed
+from medledger_runtime.errors import PermissionDenied
 from medledger_runtime.http_server import HttpRoute
 
 # The paging parameter of `next` links: records' opaque page token, carried as is.
@@ -289,7 +291,8 @@ def parse_search(resource_type: str, params: Sequence[tuple[str, str]], *, stric
 async def search_params(request: web.Request) -> list[tuple[str, str]]:
     """The query string's parameters and, for POST _search, the form body's (search.html#Introduction)."""
     params = list(request.query.items())
-    if request.method == "POST":
+    # A POST without a body (all parameters in the URL) is a search too, whatever its media type.
+    if request.method == "POST" and request.body_exists:
         if request.content_type not in ("application/x-www-form-urlencoded", ""):
             raise FhirError(415, "send the search parameters as application/x-www-form-urlencoded")
         form = await request.post()
@@ -457,7 +460,8 @@ async def run_everything(
     """A page of the patient's $everything: the Patient first (first page), then each type's
     resources the caller may read. A type whose category consent denies is skipped, and that
     category not asked again on later pages."""
-    if not _ID.fullmatch(patient_id):
+    # Only a patient has a compartment: another id (a record's, say) is no Patient, as a read says.
+    if not _ID.fullmatch(patient_id) or not patient_id.startswith(("pat-", "pat_")):
         raise FhirError(404, "no such Patient")
     path = f"Patient/{patient_id}/$everything"
     patient_id = service_id(patient_id)
@@ -539,6 +543,22 @@ def declarations() -> dict[str, TypeSupport]:
     return out
 
 
+def everything_scope(caller: Caller, request: web.Request) -> None:
+    """What a scoped token needs for `$everything`: leave to search at least one of the types it
+    walks (or to read the Patient). Each type is then searched as its scopes allow (records checks
+    each, and a refused type is skipped like a category consent denies); a token that allows none
+    is refused whole, as every other route refuses a token beyond its scopes."""
+    scopes = caller.scopes
+    if scopes is None:
+        return
+    patient_id = service_id(request.match_info["id"])
+    context = caller.patient_context
+    if not scopes.permits_for_patient("Patient", "r", patient_id, context) and not any(
+        scopes.permits_for_patient(t, "s", patient_id, context) for t in EVERYTHING_TYPES
+    ):
+        raise PermissionDenied("this token's scopes allow none of the resources $everything returns")
+
+
 def everything_declaration() -> TypeSupport:
     return TypeSupport(interactions=(), operations=("everything",))
 
@@ -563,6 +583,6 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
     return [
         HttpRoute.get(f"{BASE_PATH}/{{type:{_TYPES_PATTERN}}}", search),
         HttpRoute("POST", f"{BASE_PATH}/{{type:{_TYPES_PATTERN}}}/_search", search),
-        HttpRoute.get(f"{BASE_PATH}/Patient/{{id}}/$everything", everything),
-        HttpRoute("POST", f"{BASE_PATH}/Patient/{{id}}/$everything", everything),
+        HttpRoute.get(f"{BASE_PATH}/Patient/{{id}}/$everything", everything, scope=ScopeNeed.by(everything_scope)),
+        HttpRoute("POST", f"{BASE_PATH}/Patient/{{id}}/$everything", everything, scope=ScopeNeed.by(everything_scope)),
     ]
