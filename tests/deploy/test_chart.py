@@ -666,8 +666,12 @@ def test_records_everyday_policy_cannot_delete_keys_and_the_erasure_policy_only_
     for service in ("identity", "consent", "records", "audit"):
         assert all('"delete"' not in body for _, body in hcl_rules(service)), service
         erasure = hcl_rules(f"{service}-erasure")
-        own = "audit-subject-" if service == "audit" else f"{service}-patient-"
-        assert erasure and all(path.startswith(("transit/keys/" + own, "transit/keys/patient-")) for path, _ in erasure)
+        # Its own per-patient keys only (records' include the patient's search key).
+        own = {"audit": ("audit-subject-",), "records": ("records-patient-", "records-search-")}.get(
+            service, (f"{service}-patient-",)
+        )
+        allowed = tuple(f"transit/keys/{prefix}" for prefix in (*own, "patient-"))
+        assert erasure and all(path.startswith(allowed) for path, _ in erasure)
         assert all('"delete"' in body and "required_parameters" in body for _, body in erasure)
 
 

@@ -65,6 +65,7 @@ STUBS = {
 # tiles is not").
 HTTP_ROUTES_NOT_DISCLOSURES = {
     ("identity", "/.well-known/jwks.json"): "public keys",
+    ("identity", "/oauth2/token"): "a SMART client's access token: no personal data",
     ("audit", "/checkpoint"): "the signed checkpoint: public",
     ("audit", "/tile/{path:.+}"): "hash tiles (public) and entry bundles (auditors): pseudonymous "
     "subjects only, the whole log unselected; logging a monitor's fetches would feed back into itself",
@@ -238,6 +239,12 @@ async def test_every_rpc_answering_with_personal_data_logs_its_disclosure_before
             ),
             "/medledger.records.v1.RecordsService/GetRecord": Read(
                 "doctor", rec_pb.GetRecordRequest(record_id=stored.record_id, purpose=TREAT), patient, "researcher"
+            ),
+            "/medledger.records.v1.RecordsService/SearchRecords": Read(
+                "doctor",
+                rec_pb.SearchRecordsRequest(patient_id=patient, resource_type="Observation", purpose=TREAT),
+                patient,
+                "other patient",
             ),
             "/medledger.records.v1.RecordsService/ExportRecords": Read(
                 "patient", rec_pb.ExportRecordsRequest(patient_id=patient), patient, "doctor"
