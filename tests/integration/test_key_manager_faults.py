@@ -171,7 +171,8 @@ async def remembered(db: Database, scope: str, request_id: str) -> bool:
 async def events_of(db: Database, cls: type[Any]) -> list[Any]:
     """Every event of type `cls` in a service's outbox (published or not), as `cls`."""
     async with db.connect() as conn:
-        values = [bytes(r.value) for r in await conn.execute(select(outbox.c.value))]
+        # In the order they were written: the tests take the ones after a point.
+        values = [bytes(r.value) for r in await conn.execute(select(outbox.c.value).order_by(outbox.c.id))]
     found = [decode(v) for v in values]
     return [unpack(e, cls) for e in found if e.type == cls.DESCRIPTOR.full_name]
 

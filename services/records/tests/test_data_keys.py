@@ -162,3 +162,28 @@ async def test_a_tampered_wrapped_key_is_data_loss_and_not_remembered(keyring: C
         with pytest.raises(DataLoss):
             await keys.decrypt_data_key(NAME, tampered)
     assert keyring.calls["decrypt_data_key"] == 2
+
+
+async def test_the_search_index_key_is_kept_within_max_age_and_only_for_a_pinned_version(keyring: Counted) -> None:
+    clock = Clock()
+    keys = cache(keyring, clock, max_age_seconds=300)
+    await keyring.keys.ensure_key("records-search-p1", KeyType.HMAC)
+    first = await keys.hmac("records-search-p1", b"index-key", key_version=1)
+    assert await keys.hmac("records-search-p1", b"index-key", key_version=1) == first
+    assert keyring.calls["hmac"] == 1
+    # Another input is another value; the latest version (unpinned) may change: never kept.
+    await keys.hmac("records-search-p1", b"other", key_version=1)
+    await keys.hmac("records-search-p1", b"index-key")
+    await keys.hmac("records-search-p1", b"index-key")
+    assert keyring.calls["hmac"] == 4
+    clock.now += 300
+    assert await keys.hmac("records-search-p1", b"index-key", key_version=1) == first
+    assert keyring.calls["hmac"] == 5  # past max_age: asked again
+    keys.purge("records-search-p1")
+    await keys.hmac("records-search-p1", b"index-key", key_version=1)
+    assert keyring.calls["hmac"] == 6
+    # No cache: every time.
+    off = cache(keyring, max_age_seconds=0)
+    await off.hmac("records-search-p1", b"index-key", key_version=1)
+    await off.hmac("records-search-p1", b"index-key", key_version=1)
+    assert keyring.calls["hmac"] == 8

@@ -32,7 +32,8 @@ _V = TypeVar("_V")
 
 LOOKUPS = Counter(
     "medledger_records_data_key_cache_lookups_total",
-    "Data-key cache lookups, by use (seal: a put; open: a get) and result (hit, miss).",
+    "Data-key cache lookups, by use (seal: a put; open: a get; hmac: a write's or a search's index key) "
+    "and result (hit, miss).",
     ["use", "result"],
 )
 KEY_MANAGER_CALLS = Counter(
@@ -78,6 +79,8 @@ class DataKeyCache:
         self._known: OrderedDict[str, KeyInfo] = OrderedDict()  # patient keys known to exist
         self._sealing: OrderedDict[str, _SealingKey] = OrderedDict()
         self._opened: OrderedDict[tuple[str, str], tuple[bytes, float]] = OrderedDict()
+        # The search index's keyed hashes: (key, input, version) → (HMAC, when made).
+        self._macs: OrderedDict[tuple[str, bytes, int | None], tuple[str, float]] = OrderedDict()
 
     # -- cached ---------------------------------------------------------------------------------
 
@@ -130,6 +133,8 @@ class DataKeyCache:
         self._sealing.pop(name, None)
         for cached in [k for k in self._opened if k[0] == name]:
             del self._opened[cached]
+        for mac in [k for k in self._macs if k[0] == name]:
+            del self._macs[mac]
 
     # -- straight through, forgetting what they make stale ----------------------------------------
 
@@ -141,9 +146,22 @@ class DataKeyCache:
         return info
 
     async def hmac(self, name: str, data: bytes, *, key_version: int | None = None) -> str:
-        """The search index's one call per write or search (search.py); nothing to cache."""
+        """The search index's keyed hash (search.py: the patient's index key, one per write or
+        search), kept as a data key is: within the age limit, a patient whose keys are cached
+        writes and searches without a key-manager call. Deterministic for a pinned version, so a
+        cached value is the value the key manager would give."""
+        now = self._clock()
+        cached = self._macs.get((name, data, key_version))
+        if cached is not None and now - cached[1] < self.limits.max_age_seconds:
+            self._macs.move_to_end((name, data, key_version))
+            LOOKUPS.labels("hmac", "hit").inc()
+            return cached[0]
+        LOOKUPS.labels("hmac", "miss").inc()
         KEY_MANAGER_CALLS.labels("hmac").inc()
-        return await self._keys.hmac(name, data, key_version=key_version)
+        mac = await self._keys.hmac(name, data, key_version=key_version)
+        if self.limits.enabled and key_version is not None:
+            self._remember(self._macs, (name, data, key_version), (mac, now))
+        return mac
 
     async def rewrap(self, name: str, ciphertext: str) -> str:
         KEY_MANAGER_CALLS.labels("rewrap").inc()

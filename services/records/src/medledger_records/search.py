@@ -6,14 +6,16 @@ Tokens are exact matches through a blind index: the patient's search key
 changes) gives, in ONE key-manager call, the request's index key (the HMAC of
 :data:`INDEX_KEY_INPUT`), under which each term (``search_terms.term``: resource type, parameter,
 form, system, code) is HMACed in process. Only those HMACs are stored, with the record id. The
-index key lives for one request, like a data key, and is gone with the search key at erasure.
+index key is kept as a data key is (data_keys.py, within its age limit), and is gone with the
+search key at erasure.
 
 Dates are matched by decrypt-and-filter: the candidates SQL leaves (compartment, type, permitted
 categories, `_id`, `_lastUpdated`, tokens) are decrypted within the patient's compartment and
 their clinical date compared (``search_terms.date_matches``); no date is stored anywhere.
 
-Key-manager calls: a FHIR write, one ``hmac`` (plus ``ensure_key`` of the search key, cached by
-the data-key cache); a search, one ``hmac`` when it has token matches, plus one data-key unwrap
+Key-manager calls: a FHIR write, one ``hmac`` for the patient's index key (kept by the data-key
+cache within its age limit, as a data key is: none for a patient seen lately), plus ``ensure_key``
+of the search key, cached too; a search, the same ``hmac`` when it has token matches, plus one data-key unwrap
 per distinct data key among the records it decrypts (the page's, for their content; with a date
 match, every candidate's), each a hit of the data-key cache within its age limit.
 """
