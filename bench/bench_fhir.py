@@ -59,6 +59,7 @@ from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_devstack import localstack
 from medledger_devstack.synthetic import population
+from medledger_fhir.resource_types import CLINICAL_TYPES
 from medledger_records import domain
 from medledger_runtime.events import new_event
 from medledger_runtime.keys import create_master_key_file
@@ -360,7 +361,7 @@ async def load_bundles(cfg: dict[str, Any], http: aiohttp.ClientSession) -> dict
             for entry in body.get("entry", []):
                 location = entry.get("response", {}).get("location", "")
                 parts = location.split("/")
-                if len(parts) >= 2 and parts[0] != "Patient":
+                if len(parts) >= 2 and parts[0] in CLINICAL_TYPES:  # records, read at [base]/{type}/{id}
                     loaded.setdefault(parts[0], []).append(parts[1])
 
     t0 = time.perf_counter()
@@ -420,7 +421,9 @@ async def client(config: Path, seconds: float, mode: str) -> dict[str, Any]:
 
                 async def get_record() -> None:
                     _, rid = rng.choice(targets)
-                    await stub.GetRecord(pb.GetRecordRequest(record_id=rid, purpose=TREAT), metadata=metadata)
+                    # A FHIR id is the record id with `_` written `-`.
+                    request = pb.GetRecordRequest(record_id=rid.replace("-", "_"), purpose=TREAT)
+                    await stub.GetRecord(request, metadata=metadata)
 
                 grpc_figures = await measure(get_record, seconds, in_flight=IN_FLIGHT)
             fhir_figures = await measure(fhir_read, seconds, in_flight=IN_FLIGHT)

@@ -498,3 +498,11 @@ async def test_put_records_through_the_servicer_is_idempotent_by_request_id(desk
     assert again.version == 2
     read = json.loads((await desk.records.get(PATIENT, GetRecord(record_id=target))).content)
     assert read["meta"]["versionId"] == "2"
+
+
+def test_references_resolved_outside_the_request_must_be_literal_references() -> None:
+    # What a rewritten reference becomes is not validated again as FHIR: the targets are checked.
+    domain.check_put_records("pat_1", [("", 0, "urn:uuid:a")], {"urn:uuid:p": "Patient/pat-1"})
+    for bad in ("not a reference", "Patient/", "patient/pat-1", "Patient/pat 1", "Patient/x\u0000", "A/" + "x" * 65):
+        with pytest.raises(InvalidArgument, match="references"):
+            domain.check_put_records("pat_1", [("", 0, "urn:uuid:a")], {"urn:uuid:p": bad})

@@ -92,6 +92,13 @@ COMMON_MIGRATIONS = [Migration(1, "outbox, inbox and idempotency keys", create_t
 _INSERT_OUTBOX = insert(outbox)
 
 
+def current_traceparent() -> str | None:
+    """The W3C traceparent of the current span, as an outbox row keeps it (enqueue_many's)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent")
+
+
 async def enqueue(conn: AsyncConnection, topic: str, event: Event, key: bytes | None = None) -> None:
     """Write `event` to the outbox inside the caller's transaction."""
     carrier: dict[str, str] = {}

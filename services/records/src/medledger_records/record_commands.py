@@ -35,6 +35,8 @@ class SearchIndexer(Protocol):
         self, conn: AsyncConnection, patient_id: str, record_id: str, resource_type: str, content: bytes
     ) -> None: ...
 
+    async def hashes(self, patient_id: str, content: bytes) -> list[bytes]: ...
+
 
 # Commands.
 

@@ -15,13 +15,14 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, overload
 
 from medledger.events.v1 import records_events_pb2 as ev
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from medledger_records import domain, erasure_storage, storage
+from medledger_records import domain, erasure_storage, search_storage, storage
 from medledger_records.blobs import BlobStore, blob_key
 from medledger_records.erasure_runner import COMPLETED, RUNNING
 from medledger_records.record_commands import (
@@ -50,7 +51,7 @@ from medledger_runtime.events import TOPICS, Event, new_event
 from medledger_runtime.group_commit import OutboxGroupCommit
 from medledger_runtime.guardians import Guardians
 from medledger_runtime.keys import LEGACY_PATIENT_KEY_PREFIX, DataKey, KeyInfo, KeyManager, KeyType, patient_key_name
-from medledger_runtime.outbox import enqueue
+from medledger_runtime.outbox import current_traceparent, enqueue, enqueue_many
 from medledger_runtime.settings import ConfigError
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,22 @@ class _OneDataKey:
         if self._key is None:
             self._key = await self._keys.data_key_for(name, self._bytes)
         return self._key
+
+
+@dataclass
+class _Batch:
+    """A PutRecords' new rows, written in one statement per table once every record is ready
+    (records, versions, index terms, outbox): a bulk load's cost is its rows, not its round trips."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    versions: list[dict[str, Any]] = field(default_factory=list)
+    terms: list[dict[str, Any]] = field(default_factory=list)
+    events: list[tuple[str, Event, bytes | None, str | None]] = field(default_factory=list)
+
+    async def flush(self, conn: AsyncConnection) -> None:
+        await storage.insert_records_and_versions(conn, self.records, self.versions)
+        await search_storage.insert_terms(conn, self.terms)
+        await enqueue_many(conn, self.events)
 
 
 def receipt(v: storage.StoredVersion) -> Receipt:
@@ -239,12 +256,17 @@ class RecordDesk:
 
         async def write(conn: AsyncConnection) -> list[Written]:
             keys = _OneDataKey(self.keys, sealed_bytes)
+            await self._check_not_erased(conn, patient_id)  # once for the request, under the lock
+            batch = _Batch()
             written = []
             for index, (put, resource_type, record_id) in enumerate(puts):
                 with domain.in_entry(index):
                     written.append(
-                        await self._write(conn, caller, put, resource_type, new_record_id=record_id, keys=keys)
+                        await self._write(
+                            conn, caller, put, resource_type, new_record_id=record_id, keys=keys, batch=batch
+                        )
                     )
+            await batch.flush(conn)
             return written
 
         return await (transaction or self._transaction)(write)
@@ -264,13 +286,13 @@ class RecordDesk:
         *,
         new_record_id: str = "",
         keys: _SealingKeys | None = None,
+        batch: _Batch | None = None,
     ) -> Written:
+        """One version. With a `batch` (a PutRecords, whose erasure check ran once before), the
+        new rows go to it instead of the database, which the batch then writes in one go."""
         patient_id = command.patient_id
-        # Shared with other writes, exclusive with the start of an erasure: once an erasure
-        # runs, no version is added (and no key re-created) for this patient.
-        await storage.lock_patient(conn, patient_id, exclusive=False)
-        for erasure in await erasure_storage.erasures_of(conn, patient_id, [RUNNING, COMPLETED]):
-            raise FailedPrecondition(f"this patient's records were erased ({erasure.erasure_id})", reason=ERASED)
+        if batch is None:
+            await self._check_not_erased(conn, patient_id)
         now = time.time()
         if command.record_id:
             record = await storage.get_record(conn, command.record_id, for_update=True)
@@ -291,7 +313,10 @@ class RecordDesk:
                 new_record_id or _new_record_id(), patient_id, command.category, command.media_type, 1, resource_type
             )
             version = 1
-            await storage.insert_record(conn, record, now)
+            if batch is None:
+                await storage.insert_record(conn, record, now)
+            else:
+                batch.records.append(storage.record_row(record, now))
         if command.assign_fhir_identity:
             # Stamped before the commitment: the bytes committed, sealed and read back are these.
             stamped = domain.assign_fhir_identity(
@@ -334,13 +359,31 @@ class RecordDesk:
             event.id,
             stored_key,
         )
-        await storage.insert_version(
-            conn, stored, written_by=caller.principal_id, organization_id=caller.organization_id, now=now
+        if batch is None:
+            await storage.insert_version(
+                conn, stored, written_by=caller.principal_id, organization_id=caller.organization_id, now=now
+            )
+            if self.search_index is not None:  # the latest version's search terms, in this transaction
+                await self.search_index.index(conn, patient_id, record.record_id, resource_type, command.content)
+            await enqueue(conn, TOPICS["records"], event, key=patient_id.encode())
+            return Written(record.record_id, version, receipt(stored))
+        batch.versions.append(
+            storage.version_row(stored, written_by=caller.principal_id, organization_id=caller.organization_id, now=now)
         )
-        if self.search_index is not None:  # the latest version's search terms, in this transaction
-            await self.search_index.index(conn, patient_id, record.record_id, resource_type, command.content)
-        await enqueue(conn, TOPICS["records"], event, key=patient_id.encode())
+        if self.search_index is not None and resource_type:
+            hashes = await self.search_index.hashes(patient_id, command.content)
+            if command.record_id:  # a new version: the previous version's terms go first
+                await search_storage.replace_terms(conn, patient_id, record.record_id, ())
+            batch.terms += search_storage.term_rows(patient_id, record.record_id, hashes)
+        batch.events.append((TOPICS["records"], event, patient_id.encode(), current_traceparent()))
         return Written(record.record_id, version, receipt(stored))
+
+    async def _check_not_erased(self, conn: AsyncConnection, patient_id: str) -> None:
+        """Shared with other writes, exclusive with the start of an erasure: once an erasure
+        runs, no version is added (and no key re-created) for this patient."""
+        await storage.lock_patient(conn, patient_id, exclusive=False)
+        for erasure in await erasure_storage.erasures_of(conn, patient_id, [RUNNING, COMPLETED]):
+            raise FailedPrecondition(f"this patient's records were erased ({erasure.erasure_id})", reason=ERASED)
 
     async def get(self, caller: Caller, command: GetRecord) -> Disclosed:
         """One version, once consent permits (unless it is the caller's own) and RecordDisclosed

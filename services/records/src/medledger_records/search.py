@@ -82,13 +82,16 @@ class SearchIndex:
         """The record's index becomes its new version's terms."""
         if not resource_type:
             return  # a document: never indexed
+        await search_storage.replace_terms(conn, patient_id, record_id, await self.hashes(patient_id, content))
+
+    async def hashes(self, patient_id: str, content: bytes) -> list[bytes]:
+        """A FHIR version's terms as the index holds them (a PutRecords writes many at once)."""
         terms = search_terms.resource_terms(json.loads(content))
-        hashes: list[bytes] = []
-        if terms:
-            name = search_key_name(patient_id)
-            await self.keys.ensure_key(name, KeyType.HMAC)
-            hashes = blind(await self._index_key(name), terms)
-        await search_storage.replace_terms(conn, patient_id, record_id, hashes)
+        if not terms:
+            return []
+        name = search_key_name(patient_id)
+        await self.keys.ensure_key(name, KeyType.HMAC)
+        return blind(await self._index_key(name), terms)
 
     async def query_hashes(self, patient_id: str, terms: Sequence[Sequence[bytes]]) -> list[list[bytes]] | None:
         """Each match's terms as the index holds them; None when the patient has no search key

@@ -26,10 +26,17 @@ _INSERT_TERM = insert(search_terms)
 async def replace_terms(conn: AsyncConnection, patient_id: str, record_id: str, hashes: Sequence[bytes]) -> None:
     """The record's index becomes `hashes` (its latest version's): the previous version's go."""
     await conn.execute(delete(search_terms).where(search_terms.c.record_id == record_id))
-    if hashes:
-        await conn.execute(
-            _INSERT_TERM, [{"record_id": record_id, "term": h, "patient_id": patient_id} for h in sorted(set(hashes))]
-        )
+    await insert_terms(conn, term_rows(patient_id, record_id, hashes))
+
+
+def term_rows(patient_id: str, record_id: str, hashes: Sequence[bytes]) -> list[dict[str, Any]]:
+    return [{"record_id": record_id, "term": h, "patient_id": patient_id} for h in sorted(set(hashes))]
+
+
+async def insert_terms(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    """The terms of new records (nothing to replace), many records' in one statement."""
+    if rows:
+        await conn.execute(_INSERT_TERM, list(rows))
 
 
 async def delete_terms_of(conn: AsyncConnection, patient_id: str) -> None:

@@ -250,20 +250,50 @@ _INSERT_VERSION = insert(record_versions)
 
 
 async def insert_record(conn: AsyncConnection, record: Record, now: float) -> None:
-    await conn.execute(
-        _INSERT_RECORD,
-        {
-            "record_id": record.record_id,
-            "patient_id": record.patient_id,
-            "category": record.category,
-            "media_type": record.media_type,
-            "resource_type": record.resource_type,
-            "latest_version": record.latest_version,
-            "created_at": now,
-            "updated_at": now,
-            "erased_at": None,
-        },
-    )
+    await conn.execute(_INSERT_RECORD, record_row(record, now))
+
+
+def record_row(record: Record, now: float) -> dict[str, Any]:
+    return {
+        "record_id": record.record_id,
+        "patient_id": record.patient_id,
+        "category": record.category,
+        "media_type": record.media_type,
+        "resource_type": record.resource_type,
+        "latest_version": record.latest_version,
+        "created_at": now,
+        "updated_at": now,
+        "erased_at": None,
+    }
+
+
+def version_row(v: StoredVersion, *, written_by: str, organization_id: str, now: float) -> dict[str, Any]:
+    return {
+        "record_id": v.record_id,
+        "version": v.version,
+        "patient_id": v.patient_id,
+        "key_name": v.key_name,
+        "wrapped_key": v.wrapped_key,
+        "ciphertext": v.ciphertext,
+        "salt": v.salt,
+        "commitment": v.commitment,
+        "event_id": v.event_id,
+        "blob_key": v.blob_key,
+        "written_by": written_by,
+        "organization_id": organization_id,
+        "written_at": now,
+    }
+
+
+async def insert_records_and_versions(
+    conn: AsyncConnection, record_rows: Sequence[dict[str, Any]], version_rows: Sequence[dict[str, Any]]
+) -> None:
+    """Many new records and versions in two statements (a PutRecords): one round trip each
+    instead of two per record."""
+    if record_rows:
+        await conn.execute(_INSERT_RECORD, list(record_rows))
+    if version_rows:
+        await conn.execute(_INSERT_VERSION, list(version_rows))
 
 
 async def set_latest_version(conn: AsyncConnection, record_id: str, version: int, now: float) -> None:
@@ -303,24 +333,7 @@ async def list_records(
 async def insert_version(
     conn: AsyncConnection, v: StoredVersion, *, written_by: str, organization_id: str, now: float
 ) -> None:
-    await conn.execute(
-        _INSERT_VERSION,
-        {
-            "record_id": v.record_id,
-            "version": v.version,
-            "patient_id": v.patient_id,
-            "key_name": v.key_name,
-            "wrapped_key": v.wrapped_key,
-            "ciphertext": v.ciphertext,
-            "salt": v.salt,
-            "commitment": v.commitment,
-            "event_id": v.event_id,
-            "blob_key": v.blob_key,
-            "written_by": written_by,
-            "organization_id": organization_id,
-            "written_at": now,
-        },
-    )
+    await conn.execute(_INSERT_VERSION, version_row(v, written_by=written_by, organization_id=organization_id, now=now))
 
 
 def _stored_version(row: Any, prefix: str = "") -> StoredVersion:
