@@ -526,7 +526,7 @@ def bench_anchoring(
     }
 
 
-def bench_fhir(bootstrap: str, pg: localstack.PostgresCluster, results: dict, seconds: float = 8.0) -> None:
+def bench_fhir(bootstrap: str, pg: localstack.PostgresCluster, results: dict, seconds: float = 9.0) -> None:
     """(j) The FHIR gateway beside the gRPC path: bundles loaded (against the floor of their
     validation, commitment and audit entry), reads against GetRecord, a patient's Observation
     search, and a mixed load of 16 clients."""
@@ -571,7 +571,9 @@ def bench_fhir(bootstrap: str, pg: localstack.PostgresCluster, results: dict, se
             print(
                 f"   reads: FHIR GET {r['fhir']['calls_per_s']:,.0f}/s p50 {r['fhir']['p50_ms']:.1f} ms "
                 f"p99 {r['fhir']['p99_ms']:.1f} ms  |  gRPC GetRecord {r['grpc']['calls_per_s']:,.0f}/s "
-                f"p50 {r['grpc']['p50_ms']:.1f} ms  |  {r['ratio']:.0%} (target >= 75%)  {verdict(r['ratio'], 0.75)}",
+                f"p50 {r['grpc']['p50_ms']:.1f} ms  |  {r['ratio']:.0%}, the median of "
+                + ", ".join(f"{x['ratio']:.0%}" for x in r["rounds"])
+                + f" (target >= 75%)  {verdict(r['ratio'], 0.75)}",
                 flush=True,
             )
             q = figures["search"] = client("search")
