@@ -583,6 +583,29 @@ async def test_the_capability_statement_claims_exactly_what_the_gateway_does(sta
                 (status, got),
             )
 
+        async def provenance_search() -> None:
+            observation = instance.get("Observation", "")
+            status, _, got = await gw("GET", f"Provenance?target=Observation/{observation}", doctor_token, **STRICT)
+            references = [e["resource"]["target"][0]["reference"] for e in (got or {}).get("entry", [])]
+            # Every version's, newest first (the Observation may have been updated by now).
+            check(
+                status == 200
+                and got["type"] == "searchset"
+                and references == [f"Observation/{observation}/_history/{n}" for n in range(len(references), 0, -1)],
+                "Provenance?target finds the record's versions' Provenances",
+                (status, got),
+            )
+            # Another record's target finds none of this one's; a target naming no record is 400.
+            other = instance.get("Condition", "")
+            status, _, got = await gw("GET", f"Provenance?target=Condition/{other}", doctor_token, **STRICT)
+            check(
+                status == 200 and f"Observation/{observation}" not in json.dumps(got),
+                "Provenance?target of another record finds none of this one's",
+                (status, got),
+            )
+            status, _, got = await gw("GET", "Provenance?target=nothing", doctor_token)
+            check(status == 400, "Provenance?target naming no record is refused", (status, got))
+
         async def audit_entries(query: str = "") -> Any:
             # One page of all (audit filters a page at a time; this patient has a few hundred).
             url = f"AuditEvent?patient={patient_ref}&_count=1000{query}"
@@ -625,6 +648,8 @@ async def test_the_capability_statement_claims_exactly_what_the_gateway_does(sta
             ("Patient", "read"): patient_read,
             ("Patient", "op:everything"): patient_everything,
             ("Provenance", "read"): provenance_read,
+            ("Provenance", "search-type"): provenance_search,
+            ("Provenance", "param:target"): provenance_search,
             ("AuditEvent", "search-type"): audit_search,
             ("AuditEvent", "param:patient"): audit_search,
             ("AuditEvent", "param:date"): audit_param("date", "ge2020-01-01", "lt2020-01-01"),

@@ -141,7 +141,9 @@ def test_declarations_cover_every_clinical_type_provenance_and_patient() -> None
     assert set(declared) == CLINICAL_TYPES | {"Provenance", "Patient"}
     assert set(declared["Observation"].interactions) == {"read", "vread", "update", "history-instance", "create"}
     assert declared["Observation"].conditional_create and declared["Observation"].versioning == "versioned-update"
-    assert declared["Provenance"].interactions == declared["Patient"].interactions == ("read",)
+    assert declared["Patient"].interactions == ("read",)
+    assert declared["Provenance"].interactions == ("read", "search-type")
+    assert [p.name for p in declared["Provenance"].search_params] == ["target"]
 
 
 def test_a_type_naming_no_patient_is_read_but_not_created_or_updated_here() -> None:
@@ -164,3 +166,10 @@ def test_control_characters_in_a_body_s_strings_are_named_by_their_fhirpath() ->
     for _ in range(5000):  # deeper than recursion would go
         deep = [deep]
     assert http.control_character_at({"resourceType": "Basic", "deep": deep}) is not None
+
+
+def test_a_provenance_target_names_a_clinical_record_and_maybe_its_version() -> None:
+    assert resources.parse_target(f"Observation/rec-{HEX}") == ("Observation", f"rec_{HEX}", 0)
+    assert resources.parse_target(f"http://h/fhir/R4/Condition/rec-{HEX}/_history/3") == ("Condition", f"rec_{HEX}", 3)
+    for bad in (None, "", "nothing", f"Patient/pat-{HEX}", f"Observation/{'x' * 65}", "Observation/' OR 1=1"):
+        assert resources.parse_target(bad) is None, bad

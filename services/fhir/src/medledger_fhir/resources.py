@@ -31,7 +31,7 @@ from medledger.records.v1 import records_service_pb2 as pb
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_fhir.backends import Backends, caller_metadata
-from medledger_fhir.capability import TypeSupport
+from medledger_fhir.capability import SearchParam, TypeSupport
 from medledger_fhir.http import (
     BASE_PATH,
     base_url,
@@ -41,6 +41,7 @@ from medledger_fhir.http import (
     purpose_of,
     raw_fhir_response,
     read_resource,
+    strict_handling,
     version_from_etag,
 )
 from medledger_fhir.ids import fhir_id, service_id
@@ -143,6 +144,18 @@ def provenance_id(record_id: str, version: int) -> str:
     return f"{fhir_id(record_id)}-{version}"
 
 
+_TARGET = re.compile(r"(?:.*/)?([A-Z][A-Za-z]+)/([A-Za-z0-9\-._]{1,64})(?:/_history/([0-9]{1,9}))?")
+
+
+def parse_target(value: str | None) -> tuple[str, str, int] | None:
+    """A Provenance search's `target` (`[base/]{type}/{id}[/_history/{vid}]`, a clinical type):
+    (type, record id, version or 0); None when it names no record."""
+    match = _TARGET.fullmatch(value or "") if value and len(value) <= 512 else None
+    if match is None or match.group(1) not in CLINICAL_TYPES:
+        return None
+    return match.group(1), service_id(match.group(2)), int(match.group(3) or 0)
+
+
 def parse_provenance_id(value: str) -> tuple[str, int] | None:
     """`{FHIR id}-{version}` → the record id and version; None when it is not one of ours."""
     resource_id, dash, version = value.rpartition("-")
@@ -240,7 +253,13 @@ def declarations() -> dict[str, TypeSupport]:
     return {
         **{name: CLINICAL_SUPPORT if name in WRITABLE_TYPES else READ_ONLY_SUPPORT for name in sorted(CLINICAL_TYPES)},
         # One Provenance per record version, never updated.
-        "Provenance": TypeSupport(interactions=("read",), versioning="no-version"),
+        "Provenance": TypeSupport(
+            interactions=("read", "search-type"),
+            search_params=(
+                SearchParam("target", "reference", "the record (version) it is about: {type}/{id}[/_history/{vid}]"),
+            ),
+            versioning="no-version",
+        ),
         # identity's principal: meta.versionId is the principal's version.
         "Patient": TypeSupport(interactions=("read",), versioning="versioned"),
     }
@@ -479,24 +498,74 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
         }
         return fhir_response(bundle)
 
-    @answer_errors
-    async def provenance(request: web.Request) -> web.StreamResponse:
-        parsed = parse_provenance_id(request.match_info["id"])
-        if parsed is None:
-            raise FhirError(404, "no such Provenance")
-        record_id, version = parsed
+    async def provenance_of(request: web.Request, record_id: str, version: int) -> dict[str, Any]:
         # The Provenance is the version's: read as the version is (consent, logged disclosure).
         got = await get_record(request, record_id, version)
         if not got.provenance_fhir_json:
             raise FhirError(404, "no such Provenance")
-        resource = json.loads(got.provenance_fhir_json)
+        resource: dict[str, Any] = json.loads(got.provenance_fhir_json)
         resource["id"] = provenance_id(record_id, got.version)
         if got.media_type == FHIR_JSON:
             target_type = json.loads(got.content).get("resourceType")
             if isinstance(target_type, str):
                 for target in resource.get("target", []):
                     target["reference"] = f"{target_type}/{fhir_id(record_id)}/_history/{got.version}"
-        return fhir_response(resource)
+        return resource
+
+    @answer_errors
+    async def provenance(request: web.Request) -> web.StreamResponse:
+        parsed = parse_provenance_id(request.match_info["id"])
+        if parsed is None:
+            raise FhirError(404, "no such Provenance")
+        return fhir_response(await provenance_of(request, *parsed))
+
+    @answer_errors
+    async def provenance_search(request: web.Request) -> web.StreamResponse:
+        """`Provenance?target={type}/{id}[/_history/{vid}]`: the record's versions' Provenances,
+        newest first (one version's with `_history`), each read as the version is."""
+        query = request.query
+        unknown = sorted(set(query) - {"target", "_count", "_page_token"})
+        if unknown and strict_handling(request):
+            raise FhirError(400, f"unknown search parameter {unknown[0]!r}", expression=(unknown[0],))
+        target = parse_target(query.get("target"))
+        if target is None:
+            raise FhirError(400, "a Provenance search names its target: target={type}/{id}", expression=("target",))
+        resource_type, record_id, version = target
+        count = history_count(query.get("_count"))
+        page_token = query.get("_page_token", "")
+        versions: list[int] = [version] if version else []
+        next_token = ""
+        if not version:
+            listed: pb.ListRecordVersionsResponse = await records.ListRecordVersions(
+                pb.ListRecordVersionsRequest(
+                    record_id=record_id, purpose=purpose(request), page_size=count, page_token=page_token
+                ),
+                metadata=caller_metadata(request),
+            )
+            if listed.record.resource_type != resource_type:
+                raise FhirError(404, f"no such {resource_type}")
+            versions, next_token = [v.version for v in listed.versions], listed.next_page_token
+        found = await asyncio.gather(*(provenance_of(request, record_id, v) for v in versions))
+        base = base_url(request, public_base_url)
+        here = f"{base}/Provenance"
+        target_text = f"{resource_type}/{fhir_id(record_id)}" + (f"/_history/{version}" if version else "")
+        this_page: dict[str, Any] = {
+            "target": target_text,
+            "_count": count,
+            **({"_page_token": page_token} if page_token else {}),
+        }
+        links = [{"relation": "self", "url": f"{here}?{urlencode(this_page)}"}]
+        if next_token:
+            links.append({"relation": "next", "url": f"{here}?{urlencode({**this_page, '_page_token': next_token})}"})
+        bundle: dict[str, Any] = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "link": links,
+            "entry": [{"fullUrl": f"{here}/{r['id']}", "resource": r, "search": {"mode": "match"}} for r in found],
+        }
+        if not page_token and not next_token:
+            bundle["total"] = len(found)
+        return fhir_response(bundle)
 
     @answer_errors
     async def patient(request: web.Request) -> web.StreamResponse:
@@ -530,5 +599,6 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
         HttpRoute.get(f"{typed}/{_ID}/_history", history),
         HttpRoute.get(f"{typed}/{_ID}/_history/{_VID}", vread),
         HttpRoute.get(f"{BASE_PATH}/Provenance/{_ID}", provenance),
+        HttpRoute.get(f"{BASE_PATH}/Provenance", provenance_search),
         HttpRoute.get(f"{BASE_PATH}/Patient/{_ID}", patient),
     ]
