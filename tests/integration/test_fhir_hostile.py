@@ -240,6 +240,15 @@ def takes_resource(route: HttpRoute) -> bool:
     return route.method in ("POST", "PUT") and not takes_form(route)
 
 
+def search_query(route: HttpRoute, world: World) -> str:
+    """What makes a search whole: its patient's compartment, or the record a Provenance is about."""
+    if not is_search(route):
+        return ""
+    if route.path.endswith("/Provenance"):
+        return f"?target=Observation/{world.ids['Observation']}"
+    return f"?patient=Patient/{as_fhir(world.patient_id)}"
+
+
 def is_search(route: HttpRoute) -> bool:
     return not route.public and (
         route.path.endswith(("/_search", "/$everything")) or (route.method == "GET" and "{id" not in route.path)
@@ -458,7 +467,7 @@ async def test_every_route_refuses_missing_forged_expired_and_foreign_tokens(wor
     for route in authenticated:
         assert await disclosures_since(world.stack, marks) == [], "before " + route.path
         # A search names its patient: the request is whole but for its token.
-        url = world.url(route) + (f"?patient=Patient/{as_fhir(world.patient_id)}" if is_search(route) else "")
+        url = world.url(route) + search_query(route, world)
         data = json.dumps(body_for(route, world)).encode() if takes_resource(route) else None
         headers = {"Content-Type": FHIR_JSON} if data else {}
         for name, token in [("no token", None), *world.tokens.items()]:
@@ -623,7 +632,15 @@ async def test_every_body_route_refuses_malformed_invalid_oversize_and_mistyped_
 
 
 def search_routes() -> list[str]:
-    return ["GET {type}", "POST {type}/_search", "GET Consent", "GET AuditEvent", "GET $everything", "POST $everything"]
+    return [
+        "GET {type}",
+        "POST {type}/_search",
+        "GET Consent",
+        "GET AuditEvent",
+        "GET Provenance",
+        "GET $everything",
+        "POST $everything",
+    ]
 
 
 @pytest.mark.parametrize("kind", search_routes())
@@ -682,11 +699,12 @@ async def test_search_routes_answer_injection_shaped_parameters_with_400_or_a_no
     else:
         query = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in params)
         got = await world.send("GET", f"{url}?{query}", token=world.tokens["valid"], headers=headers)
-    assert got.status in (200, 400), (kind, params, got.status, got.body)
+    # 403: a well-formed search of another patient's compartment (e.g. `patient=null`), refused.
+    assert got.status in (200, 400, 403), (kind, params, got.status, got.body)
     if got.status == 400 and not isinstance(got.body, dict):
         # aiohttp's HTTP parser refuses a request line over 8190 bytes before any route runs.
         assert len(query) > 8190 and b"more than 8190 bytes" in got.body, (kind, params, got.body)
-    elif got.status == 400:
+    elif got.status in (400, 403):
         assert got.body["resourceType"] == "OperationOutcome"
         assert await disclosures_since(world.stack, marks) == [], (kind, params)
     else:
@@ -694,6 +712,11 @@ async def test_search_routes_answer_injection_shaped_parameters_with_400_or_a_no
         # Only the caller's own: their Observation, their Patient, their consent, their log.
         for entry in got.body.get("entry", []):
             resource = entry["resource"]
-            own = {world.ids["Observation"], world.ids["Consent"] + "-v1", as_fhir(world.patient_id)}
+            own = {
+                world.ids["Observation"],
+                world.ids["Observation"] + "-1",  # its Provenance
+                world.ids["Consent"] + "-v1",
+                as_fhir(world.patient_id),
+            }
             assert resource["resourceType"] == "AuditEvent" or resource["id"] in own, (kind, params, resource["id"])
     assert await stored(world) == before
