@@ -27,7 +27,8 @@ from medledger.types.v1 import vocabulary_pb2 as vocab
 from multidict import CIMultiDict
 
 from medledger_devstack.testing import eventually
-from medledger_fhir.resources import fhir_id, record_id_of
+from medledger_fhir.ids import fhir_id
+from medledger_fhir.ids import service_id as record_id_of
 from medledger_sdk.channels import make_channel
 
 Kind = vocab.PrincipalKind
