@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from aiokafka.structs import ConsumerRecord
 from medledger.events.v1 import records_events_pb2
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from medledger_consent import break_glass_storage as consent_break_glass_storage
 from medledger_consent import domain as consent_domain
@@ -150,6 +150,18 @@ async def _crash_then_finish(
     await migration.run()
 
 
+async def _principal_as_of_v2(conn: Any, principal_id: str, kind: int, organization_id: str, resource: str) -> None:
+    """A principal row as identity wrote it at schema version 2 (before the columns of later
+    migrations existed): what an old deployment holds when the key-owner migration starts."""
+    await conn.execute(
+        text(
+            "INSERT INTO principals (principal_id, kind, status, organization_id, version, created_at, did, "
+            "fhir_resource, secret_hash, updated_at) VALUES (:p, :k, 1, :o, 1, 0, '', :r, 'x', 0)"
+        ),
+        {"p": principal_id, "k": kind, "o": organization_id, "r": resource},
+    )
+
+
 async def test_identity_moves_each_patients_resource_to_its_own_key_and_resumes_after_a_crash(
     postgres: Postgres, backend: Backend
 ) -> None:
@@ -161,12 +173,9 @@ async def test_identity_moves_each_patients_resource_to_its_own_key_and_resumes_
             old = legacy_patient_key_name(patient)
             await keys.old_world.ensure_key(old, KeyType.AES256_GCM96)
             ciphertext = await keys.old_world.encrypt(old, resource, associated_data=patient.encode())
-            row = identity_storage.PrincipalRow(patient, PATIENT_KIND, 1, "", 1, fhir_resource=ciphertext)
-            await identity_storage.insert_principal(conn, row, secret_hash="x")
+            await _principal_as_of_v2(conn, patient, PATIENT_KIND, "", ciphertext)
         # A practitioner's resource is under identity-resources already: not on the list.
-        await identity_storage.insert_principal(
-            conn, identity_storage.PrincipalRow("prc_1", 2, 1, "org_1", 1, fhir_resource="vault:v1:x"), secret_hash="x"
-        )
+        await _principal_as_of_v2(conn, "prc_1", 2, "org_1", "vault:v1:x")
     await db.migrate("identity", identity_storage.MIGRATIONS)  # migration 3 lists what is left to move
     pending = identity_storage.resources_under_old_keys
 
