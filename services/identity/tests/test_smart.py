@@ -23,7 +23,6 @@ from medledger.types.v1 import vocabulary_pb2 as v
 from sqlalchemy import func, select
 
 from medledger_identity import domain, storage
-from medledger_identity.consent_client import ConsentAnswer
 from medledger_identity.credentials import SecretHasher
 from medledger_identity.oauth import JWT_BEARER, PATH, ClientCredentials, token_route
 from medledger_identity.principal_commands import (
@@ -40,6 +39,7 @@ from medledger_identity.principals import Directory
 from medledger_identity.scopes import Scope, narrow, parse_scope, parse_scopes, scope_string
 from medledger_identity.tokens import IssueToken, OwnTokens, TokenDesk, TokenSigner
 from medledger_runtime.auth import Caller, TokenVerifier
+from medledger_runtime.consent_checks import ConsentAnswer
 from medledger_runtime.db import Database
 from medledger_runtime.errors import AlreadyExists, InvalidArgument, PermissionDenied, Unauthenticated
 from medledger_runtime.events import decode, unpack

@@ -14,10 +14,6 @@ from typing import Any
 
 import grpc
 
-from medledger_runtime.consent_checks import CONSENT_AUDIENCE as CONSENT_AUDIENCE
-from medledger_runtime.consent_checks import ConsentAnswer as ConsentAnswer
-from medledger_runtime.consent_checks import ConsentClient as ConsentClient
-from medledger_runtime.consent_checks import ConsentService as ConsentService
 from medledger_sdk.channels import with_metadata
 
 

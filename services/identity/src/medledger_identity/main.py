@@ -13,7 +13,7 @@ from medledger.types.v1 import vocabulary_pb2
 
 from medledger_identity.api import ACCESS, PUBLIC_METHODS, SCOPES, IdentityApi
 from medledger_identity.config import IdentitySettings
-from medledger_identity.consent_client import CONSENT_AUDIENCE, ConsentClient, OwnTokenInterceptor
+from medledger_identity.consent_client import OwnTokenInterceptor
 from medledger_identity.credentials import SecretHasher
 from medledger_identity.handlers import ERASURE_CONSUMER, PatientErasureHandler
 from medledger_identity.key_owners import resource_migration
@@ -22,6 +22,7 @@ from medledger_identity.oauth import ClientCredentials, token_route
 from medledger_identity.principals import Directory
 from medledger_identity.storage import MIGRATIONS
 from medledger_identity.tokens import OwnTokens, TokenDesk, TokenSigner
+from medledger_runtime.consent_checks import CONSENT_AUDIENCE, ConsentClient
 from medledger_runtime.events import SERVICES, STATELESS_COMPONENTS, TOPICS
 from medledger_runtime.grpc_client import service_channel
 from medledger_runtime.http_server import HttpRoute

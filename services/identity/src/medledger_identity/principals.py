@@ -22,7 +22,6 @@ from medledger.types.v1 import vocabulary_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from medledger_identity import domain, scopes, storage
-from medledger_identity.consent_client import ConsentService
 from medledger_identity.credentials import SecretHasher
 from medledger_identity.principal_commands import (
     ChangeRole,
@@ -40,6 +39,7 @@ from medledger_identity.principal_commands import (
 )
 from medledger_identity.resources import Resources
 from medledger_runtime.auth import Caller
+from medledger_runtime.consent_checks import ConsentService
 from medledger_runtime.db import Database
 from medledger_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from medledger_runtime.events import TOPICS, new_event

@@ -113,6 +113,8 @@ class _Batch:
     versions: list[dict[str, Any]] = field(default_factory=list)
     terms: list[dict[str, Any]] = field(default_factory=list)
     events: list[tuple[str, Event, bytes | None, str | None]] = field(default_factory=list)
+    # The request's trace context, the same for every event of the batch.
+    traceparent: str | None = field(default_factory=current_traceparent)
 
     async def flush(self, conn: AsyncConnection) -> None:
         await storage.insert_records_and_versions(conn, self.records, self.versions)
@@ -375,7 +377,7 @@ class RecordDesk:
             if command.record_id:  # a new version: the previous version's terms go first
                 await search_storage.replace_terms(conn, patient_id, record.record_id, ())
             batch.terms += search_storage.term_rows(patient_id, record.record_id, hashes)
-        batch.events.append((TOPICS["records"], event, patient_id.encode(), current_traceparent()))
+        batch.events.append((TOPICS["records"], event, patient_id.encode(), batch.traceparent))
         return Written(record.record_id, version, receipt(stored))
 
     async def _check_not_erased(self, conn: AsyncConnection, patient_id: str) -> None:
