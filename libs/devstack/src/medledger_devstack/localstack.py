@@ -51,7 +51,9 @@ def tansu_bin() -> Path:
 
 # Ports this process has handed out: a port is given once, even before its server listens.
 _HANDED_OUT: set[int] = set()
-_LISTEN_PORTS_FROM = 10_000
+# Below the blocks the demo's `free_ports` gives whole stacks (10000 and up) and below the
+# kernel's ephemeral range.
+_LISTEN_PORTS = (2_000, 10_000)
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -64,7 +66,7 @@ def _ephemeral_range() -> tuple[int, int]:
 
 
 def free_port() -> int:
-    """A free port for a server that will listen later, chosen below the kernel's ephemeral range.
+    """A free port for a server that will listen later, chosen outside the kernel's ephemeral range.
 
     A port the kernel picked for ``bind(0)`` is an ephemeral one: between this call and the
     server's bind, any outgoing connection (a Kafka client, a gRPC channel) may be given the same
@@ -72,14 +74,14 @@ def free_port() -> int:
     never handed to an outgoing connection, so only another listener could take it; a random one,
     checked free and never given twice by this process, makes that unlikely.
     """
-    low, _ = _ephemeral_range()
-    if low - _LISTEN_PORTS_FROM < 1_000:
-        # A range that leaves no room below it: fall back to asking the kernel.
+    first, end = _LISTEN_PORTS[0], min(_LISTEN_PORTS[1], _ephemeral_range()[0])
+    if end - first < 1_000:
+        # An ephemeral range that leaves no room below it: ask the kernel, as before.
         with socket.socket() as s:
             s.bind((HOST, 0))
             return int(s.getsockname()[1])
     for _ in range(200):
-        port = random.randrange(_LISTEN_PORTS_FROM, low)
+        port = random.randrange(first, end)
         if port in _HANDED_OUT:
             continue
         with socket.socket() as s:
@@ -89,7 +91,7 @@ def free_port() -> int:
                 continue
         _HANDED_OUT.add(port)
         return port
-    raise OSError(f"no free port found between {_LISTEN_PORTS_FROM} and {low}")
+    raise OSError(f"no free port found between {first} and {end}")
 
 
 def port_in_use(port: int, host: str = HOST) -> bool:
