@@ -6,20 +6,27 @@ token, verified once and then served from the verifier's cache, as repeated toke
 
 `chain` is a bare server whose method makes one call to a bare server at DOWNSTREAM_PORT before
 answering: the gRPC alone of a request that asks another service (records asking consent).
+`commit` is a bare server whose method commits one row (bench_commit.py's insert, on a
+connection of its own) before answering: an empty call and a durable commit composed in one
+server, the floor of any call that must write before it answers, with no logic of its own.
 `common-10` is `common` sampling 10% of traces (the Helm chart's default) instead of all.
 Usage: python bench_grpc.py server bare|common|common-10|auth|auth-10 PORT [TOKEN_FILE]   (serves until killed)
        python bench_grpc.py server chain PORT DOWNSTREAM_PORT            (serves until killed)
+       python bench_grpc.py server commit PORT DATABASE_URL              (serves until killed)
        python bench_grpc.py client PORT SECONDS [TOKEN_FILE]            (prints one JSON line)
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import grpc
 from closed_loop import measure
 from medledger.identity.v1 import identity_service_pb2 as pb
@@ -46,6 +53,18 @@ class Chain(pb_grpc.IdentityServiceServicer):
         return pb.GetPrincipalResponse()
 
 
+class Commit(pb_grpc.IdentityServiceServicer):
+    """Answers once one row is committed (autocommit: one statement, one fsync)."""
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.numbers = itertools.count()
+
+    async def GetPrincipal(self, request, context):  # type: ignore[no-untyped-def]
+        await self.connection.execute("INSERT INTO bench_commit VALUES ($1, $2)", next(self.numbers), "x" * 200)
+        return pb.GetPrincipalResponse()
+
+
 async def auth_interceptor(token_file: Path) -> AuthInterceptor:
     """An interceptor that accepts one principal, whose token it writes to `token_file`."""
     from bench_auth import make_token, signing_keys
@@ -65,10 +84,17 @@ async def auth_interceptor(token_file: Path) -> AuthInterceptor:
     )
 
 
-async def serve(kind: str, port: int, token_file: Path | None = None, downstream: int = 0) -> None:
-    if kind in ("bare", "chain"):
+async def serve(
+    kind: str, port: int, token_file: Path | None = None, downstream: int = 0, database_url: str = ""
+) -> None:
+    if kind in ("bare", "chain", "commit"):
         server = grpc.aio.server()
-        if kind == "chain":
+        if kind == "commit":
+            connection = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+            await connection.execute("DROP TABLE IF EXISTS bench_commit")
+            await connection.execute("CREATE TABLE bench_commit (n bigint PRIMARY KEY, body text)")
+            pb_grpc.add_IdentityServiceServicer_to_server(Commit(connection), server)
+        elif kind == "chain":
             channel = grpc.aio.insecure_channel(f"127.0.0.1:{downstream}")
             pb_grpc.add_IdentityServiceServicer_to_server(Chain(pb_grpc.IdentityServiceStub(channel)), server)
         else:
@@ -108,6 +134,8 @@ async def client(port: int, seconds: float, token_file: Path | None = None) -> N
 if __name__ == "__main__":
     if sys.argv[1] == "server" and sys.argv[2] == "chain":
         asyncio.run(serve("chain", int(sys.argv[3]), downstream=int(sys.argv[4])))
+    elif sys.argv[1] == "server" and sys.argv[2] == "commit":
+        asyncio.run(serve("commit", int(sys.argv[3]), database_url=sys.argv[4]))
     elif sys.argv[1] == "server":
         asyncio.run(serve(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]) if len(sys.argv) > 4 else None))
     else:

@@ -241,6 +241,18 @@ def bench_consent(bootstrap: str, pg: localstack.PostgresCluster, results: dict,
             server.wait(10)
         commits = pg.create_database(f"bench_commit_{uuid.uuid4().hex[:6]}")
         lone["durable commit"] = run_json(str(HERE / "bench_commit.py"), commits, str(seconds), in_flight=1)
+        # The two composed in one bare server, with no logic of its own: the floor of any call
+        # that commits before it answers (printed; the target stays the sum of the two above).
+        port = localstack.free_port()
+        server = subprocess.Popen([PY, str(HERE / "bench_grpc.py"), "server", "commit", str(port), commits])
+        try:
+            localstack.wait_for_port(port, 30, server, "committing gRPC server")
+            lone["empty call that commits, bare server"] = run_json(
+                str(HERE / "bench_grpc.py"), "client", str(port), str(seconds), in_flight=1
+            )
+        finally:
+            server.terminate()
+            server.wait(10)
         config = Path(tmp) / "consent.json"
         url = pg.create_database(f"bench_consent_{uuid.uuid4().hex[:6]}")
         stack_folder = Path(tmp) / "stack"
