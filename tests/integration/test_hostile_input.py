@@ -874,6 +874,46 @@ async def test_oversize_messages_are_refused_and_store_nothing(world: World) -> 
         assert (await patient.PutRecord(small, timeout=CALL_TIMEOUT)).version == 1
 
 
+async def test_control_characters_in_fhir_strings_are_invalid_argument_and_store_nothing(world: World) -> None:
+    """FHIR's JSON format forbids code points below 32 but tab, CR and LF in strings; records
+    refuses them, in a put and in a bulk put, naming the string's path, and stores nothing."""
+    from medledger.records.v1.records_service_pb2_grpc import RecordsServiceStub
+
+    from medledger_devstack.testing import bad_request_fields
+
+    records = world.runtime("records")
+    patient = RecordsServiceStub(world.channel("patient", "records"))
+    bad = copy.deepcopy(_observation())
+    bad.pop("id", None)
+    bad["code"]["text"] = "glucose\x1b[31m"
+    content = json.dumps(bad).encode()
+    put = rec_pb.PutRecordRequest(
+        request_id=rid(), patient_id=world.ids["patient"], category=OBS, content=content, media_type=FHIR_JSON
+    )
+    bulk = rec_pb.PutRecordsRequest(
+        request_id=rid(),
+        patient_id=world.ids["patient"],
+        records=[
+            rec_pb.RecordWrite(category=OBS, content=json.dumps(_observation()).encode(), media_type=FHIR_JSON),
+            rec_pb.RecordWrite(category=OBS, content=content, media_type=FHIR_JSON),
+        ],
+    )
+    for call, field in (
+        (patient.PutRecord(put, timeout=CALL_TIMEOUT), "content.code.text"),
+        (patient.PutRecords(bulk, timeout=CALL_TIMEOUT), "records[1].content.code.text"),
+    ):
+        before = await snapshot(records)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call
+        assert error.value.code() == CODE.INVALID_ARGUMENT, error.value.details()
+        assert bad_request_fields(error.value) == [field]
+        await assert_unchanged(records, before, CODE.INVALID_ARGUMENT, "a control character in FHIR content")
+    # Tab, CR and LF are allowed: the same put with a newline instead is stored.
+    bad["code"]["text"] = "glucose\n(fasting)"
+    put.request_id, put.content = rid(), json.dumps(bad).encode()
+    assert (await patient.PutRecord(put, timeout=CALL_TIMEOUT)).version == 1
+
+
 # --- malformed Kafka messages ---------------------------------------------------------------------
 
 UNDECODABLE = b"\x0a\xff\xff\xff\x0f"  # field 1, length-delimited, a length far past the end

@@ -155,19 +155,6 @@ def test_a_type_naming_no_patient_is_read_but_not_created_or_updated_here() -> N
     assert CLINICAL_TYPES - {"Medication"} == resources.WRITABLE_TYPES
 
 
-def test_control_characters_in_a_body_s_strings_are_named_by_their_fhirpath() -> None:
-    ok = {"resourceType": "Observation", "note": [{"text": "line one\nline two\ttabbed\r"}]}
-    assert http.control_character_at(ok) is None
-    assert http.control_character_at({"resourceType": "Observation", "status": "final\x00"}) == "Observation.status"
-    nested = {"resourceType": "Bundle", "entry": [{}, {"resource": {"code": {"text": "a\x1bb"}}}]}
-    assert http.control_character_at(nested) == "Bundle.entry[1].resource.code.text"
-    assert http.control_character_at({"resourceType": "Observation", "x\x07": 1}) == "Observation"
-    deep: object = "\x00"
-    for _ in range(5000):  # deeper than recursion would go
-        deep = [deep]
-    assert http.control_character_at({"resourceType": "Basic", "deep": deep}) is not None
-
-
 def test_a_provenance_target_names_a_clinical_record_and_maybe_its_version() -> None:
     assert resources.parse_target(f"Observation/rec-{HEX}") == ("Observation", f"rec_{HEX}", 0)
     assert resources.parse_target(f"http://h/fhir/R4/Condition/rec-{HEX}/_history/3") == ("Condition", f"rec_{HEX}", 3)

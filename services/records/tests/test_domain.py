@@ -77,6 +77,25 @@ def test_invalid_fhir_names_each_problem() -> None:
         assert [v.field for v in err.value.violations] == [field]
 
 
+def test_control_characters_in_a_resource_s_strings_are_invalid_fhir_named_by_their_path() -> None:
+    # fhir.resources lets them through; FHIR's JSON format does not (json.html#primitive).
+    base = {"resourceType": "Observation", "status": "final", "code": {"text": "ok"}}
+    note = dict(base, note=[{"text": "line one\nline two\ttabbed\r"}])
+    assert domain.validate_fhir(note) == "Observation"
+    for bad, field in (
+        (dict(base, code={"text": "a\x1bb"}), "content.code.text"),
+        (dict(base, note=[{"text": "fine"}, {"text": "\x00"}]), "content.note[1].text"),
+        (dict(base, status="final\x07"), "content.status"),
+    ):
+        with pytest.raises(InvalidArgument) as err:
+            domain.validate_fhir(bad)
+        assert [v.field for v in err.value.violations] == [field]
+    # Parsed from bytes, as a put parses them: the JSON escape is the character itself.
+    with pytest.raises(InvalidArgument) as err:
+        domain.validate_fhir(domain.parse_json(json.dumps(dict(base, code={"text": "\u0002"})).encode()))
+    assert [v.field for v in err.value.violations] == ["content.code.text"]
+
+
 def test_document_commitment_is_the_readme_formula() -> None:
     salt, data = domain.new_salt(), os.urandom(1000)
     expected = hashlib.sha256(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
@@ -11,6 +10,7 @@ from aiohttp import web
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_fhir.outcomes import FHIR_JSON, FhirError
+from medledger_runtime.fhir_json import control_character_at
 
 BASE_PATH = "/fhir/R4"
 # Media types a FHIR JSON body may come as (http.html#mime): the FHIR one, plain JSON too.
@@ -52,29 +52,6 @@ async def read_resource(request: web.Request) -> dict[str, Any]:
     if where is not None:
         raise FhirError(422, "FHIR strings hold no control characters but tab, CR and LF", expression=(where,))
     return body
-
-
-# json.html#primitive: a string SHALL NOT contain code points below 32 but tab, CR and LF.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
-
-
-def control_character_at(resource: dict[str, Any]) -> str | None:
-    """The FHIRPath of the first string (value or name) holding a control character FHIR
-    forbids; None when there is none. Walked without recursion: the body's depth is the client's."""
-    stack: list[tuple[str, Any]] = [(str(resource.get("resourceType")), resource)]
-    while stack:
-        path, value = stack.pop()
-        if isinstance(value, str):
-            if _CONTROL.search(value):
-                return path
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                if _CONTROL.search(key):
-                    return path
-                stack.append((f"{path}.{key}", item))
-        elif isinstance(value, list):
-            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
-    return None
 
 
 def etag(version: int) -> str:

@@ -37,6 +37,7 @@ from medledger_runtime.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
+from medledger_runtime.fhir_json import control_character_at
 
 # The commitment formulas live in medledger_verifier.commitments (the verifier recomputes them);
 # re-exported here for the tests and benchmarks that have always found them here.
@@ -74,7 +75,8 @@ PURPOSES = frozenset(v.number for v in vocabulary_pb2.PurposeOfUse.DESCRIPTOR.va
 
 def validate_fhir(resource: Any) -> str:
     """Check a parsed resource against the FHIR R4 model of its `resourceType` (with
-    `fhir.resources.R4B`); returns the resource type. InvalidArgument names each problem."""
+    `fhir.resources.R4B`) and FHIR JSON's string rule; returns the resource type.
+    InvalidArgument names each problem."""
     if not isinstance(resource, dict):
         raise InvalidArgument.field("content", "a FHIR resource is a JSON object")
     resource_type = resource.get("resourceType")
@@ -97,6 +99,11 @@ def validate_fhir(resource: Any) -> str:
             for error in exc.errors()[:20]
         )
         raise InvalidArgument(f"invalid FHIR {resource_type}", violations=violations) from None
+    where = control_character_at(resource)
+    if where is not None:
+        raise InvalidArgument.field(
+            "content" + where.removeprefix(resource_type), "FHIR strings hold no control characters but tab, CR and LF"
+        )
     return resource_type
 
 
