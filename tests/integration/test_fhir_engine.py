@@ -210,6 +210,15 @@ async def test_a_smart_client_posts_a_synthea_transaction_as_it_comes(start_stac
                 assert kind in NOT_KEPT and response["status"] == "200 OK"
             locations[entry["fullUrl"]] = response.get("location", "")
         assert await stored() == {t: types[t] for t in stored_types}
+        # Written by an application: its Provenance names the engine as a Device, for the hospital.
+        observation = next(v for k, v in locations.items() if v.startswith("Observation/"))
+        provenances = await mine.resources("Provenance").search(target=observation).fetch_raw()
+        agent = provenances["entry"][0]["resource"]["agent"][0]
+        assert agent["who"] == {
+            "type": "Device",
+            "identifier": {"system": "urn:medledger:principal", "value": engine.client_id},
+        }
+        assert agent["onBehalfOf"]["identifier"]["value"] == hospital_id
 
         # Each Organization and Practitioner is one principal, found by its identifier; an
         # Organization's FHIR resource is kept; a Practitioner belongs to its PractitionerRole's.

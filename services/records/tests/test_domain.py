@@ -133,13 +133,13 @@ def test_a_version_provenance_is_a_valid_fhir_provenance_naming_writer_and_organ
         record_id="rec_" + "a" * 32,
         version=3,
         patient_id="pat_1",
-        written_by="prc_2",
+        written_by="prn_2",
         organization_id="org_3",
         written_at=1_764_000_000.25,
     )
     parsed = Provenance.model_validate(by_practitioner)
     agent = parsed.agent[0]
-    assert agent.who.type == "Practitioner" and agent.who.identifier.value == "prc_2"
+    assert agent.who.type == "Practitioner" and agent.who.identifier.value == "prn_2"
     assert agent.onBehalfOf.identifier.value == "org_3"
     assert parsed.target[0].identifier.value == "rec_" + "a" * 32 + "/_history/3"
     assert by_practitioner["recorded"] == "2025-11-24T16:00:00.250Z"
@@ -148,3 +148,16 @@ def test_a_version_provenance_is_a_valid_fhir_provenance_naming_writer_and_organ
     )
     assert Provenance.model_validate(by_patient).agent[0].who.type == "Patient"
     assert "onBehalfOf" not in by_patient["agent"][0]
+    # The writer's kind, from its id: a guardian is a Patient, an application a Device; an id of
+    # no known kind is named by its identifier alone.
+    for written_by, kind in (("pat_9", "Patient"), ("cli_4", "Device"), ("svc_records", "Device"), ("xyz_5", None)):
+        by = domain.provenance(
+            record_id="rec_" + "a" * 32,
+            version=1,
+            patient_id="pat_1",
+            written_by=written_by,
+            organization_id="",
+            written_at=0,
+        )
+        who = Provenance.model_validate(by).agent[0].who
+        assert who.type == kind and who.identifier.value == written_by

@@ -37,6 +37,26 @@ def kind_name(kind: int) -> str:
     return KIND_NAMES[kind]
 
 
+# Principal ids are `{prefix}_{32 hex}`: pseudonymous, yet a log or a Provenance can tell a
+# patient from a practitioner or an application without asking identity.
+PRINCIPAL_ID_PREFIX: dict[int, str] = {
+    PrincipalKind.PRINCIPAL_KIND_PATIENT: "pat",
+    PrincipalKind.PRINCIPAL_KIND_PRACTITIONER: "prn",
+    PrincipalKind.PRINCIPAL_KIND_ORGANIZATION: "org",
+    PrincipalKind.PRINCIPAL_KIND_RESEARCHER: "rsr",
+    PrincipalKind.PRINCIPAL_KIND_SERVICE: "svc",
+    PrincipalKind.PRINCIPAL_KIND_SMART_CLIENT: "cli",
+}
+_KIND_OF_PREFIX = {prefix: kind for kind, prefix in PRINCIPAL_ID_PREFIX.items()}
+
+
+def principal_kind_of(principal_id: str) -> int | None:
+    """The kind a principal id's prefix names (``pat_…`` → ``PRINCIPAL_KIND_PATIENT``); None
+    for an id of no known prefix."""
+    prefix, underscore, _ = principal_id.partition("_")
+    return _KIND_OF_PREFIX.get(prefix) if underscore else None
+
+
 def service_principal_id(service: str) -> str:
     """The fixed id of a platform service's principal, e.g. ``svc_records``."""
-    return f"svc_{service}"
+    return f"{PRINCIPAL_ID_PREFIX[PrincipalKind.PRINCIPAL_KIND_SERVICE]}_{service}"

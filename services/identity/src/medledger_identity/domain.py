@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from medledger_runtime.auth import Caller
 from medledger_runtime.errors import FieldViolation, InvalidArgument, PermissionDenied
 from medledger_runtime.events import SERVICES, STATELESS_COMPONENTS
-from medledger_runtime.vocabulary import KIND_NAMES, ROLE_NAMES
+from medledger_runtime.vocabulary import KIND_NAMES, PRINCIPAL_ID_PREFIX, ROLE_NAMES
 from medledger_sdk.identity_link import TOKEN_ISSUER
 
 PrincipalKind = vocabulary_pb2.PrincipalKind
@@ -47,17 +47,8 @@ TOKEN_TTL_SECONDS = 15 * 60
 CLIENT_TOKEN_TTL_SECONDS = 5 * 60
 MAX_FHIR_BYTES = 64 * 1024
 
-# Pseudonymous id prefixes: readable in logs without saying anything about the person.
-_ID_PREFIX: dict[int, str] = {
-    PrincipalKind.PRINCIPAL_KIND_PATIENT: "pat",
-    PrincipalKind.PRINCIPAL_KIND_PRACTITIONER: "prn",
-    PrincipalKind.PRINCIPAL_KIND_ORGANIZATION: "org",
-    PrincipalKind.PRINCIPAL_KIND_RESEARCHER: "rsr",
-    PrincipalKind.PRINCIPAL_KIND_SERVICE: "svc",
-    PrincipalKind.PRINCIPAL_KIND_SMART_CLIENT: "cli",
-}
 # Kinds RegisterPrincipal makes; a SMART client only through RegisterSmartClient (with its JWKS).
-_REGISTERED_KINDS = frozenset(_ID_PREFIX) - {PrincipalKind.PRINCIPAL_KIND_SMART_CLIENT}
+_REGISTERED_KINDS = frozenset(PRINCIPAL_ID_PREFIX) - {PrincipalKind.PRINCIPAL_KIND_SMART_CLIENT}
 # Kinds that carry a FHIR resource, and which one.
 _FHIR_MODEL: dict[int, type[Patient] | type[Practitioner] | type[Organization]] = {
     PrincipalKind.PRINCIPAL_KIND_PATIENT: Patient,
@@ -84,7 +75,7 @@ _ED25519_PUB_MULTICODEC = b"\xed\x01"
 
 
 def new_principal_id(kind: int) -> str:
-    return f"{_ID_PREFIX[kind]}_{uuid.uuid4().hex}"
+    return f"{PRINCIPAL_ID_PREFIX[kind]}_{uuid.uuid4().hex}"
 
 
 def new_client_secret() -> str:

@@ -45,6 +45,7 @@ from medledger_runtime.errors import FailedPrecondition, InvalidArgument, NotFou
 from medledger_runtime.events import TOPICS, new_event
 from medledger_runtime.keys import KeyManager, KeyType
 from medledger_runtime.outbox import enqueue
+from medledger_runtime.vocabulary import PRINCIPAL_ID_PREFIX
 
 Kind = vocabulary_pb2.PrincipalKind
 ACTIVE = vocabulary_pb2.PrincipalStatus.PRINCIPAL_STATUS_ACTIVE
@@ -297,7 +298,7 @@ class Directory:
         if command.page_size < 0:
             raise InvalidArgument.field("page_size", "must not be negative")
         size = min(command.page_size or 100, MAX_PAGE_SIZE)
-        if command.kind and command.kind not in domain._ID_PREFIX:
+        if command.kind and command.kind not in PRINCIPAL_ID_PREFIX:
             raise InvalidArgument.field("kind", "unknown principal kind")
         async with self.db.connect() as conn:
             rows = await storage.list_principals(

@@ -38,6 +38,7 @@ from medledger_runtime.errors import (
     ResourceExhausted,
 )
 from medledger_runtime.fhir_json import control_character_at
+from medledger_runtime.vocabulary import PrincipalKind, principal_kind_of
 
 # The commitment formulas live in medledger_verifier.commitments (the verifier recomputes them);
 # re-exported here for the tests and benchmarks that have always found them here.
@@ -141,23 +142,35 @@ def fhir_instant(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# Provenance.agent.who's resource type by the writer's kind: an application (a SMART client, a
+# platform service) is a Device in FHIR R4; a researcher acts as a Practitioner.
+_AGENT_TYPE = {
+    PrincipalKind.PRINCIPAL_KIND_PATIENT: "Patient",
+    PrincipalKind.PRINCIPAL_KIND_PRACTITIONER: "Practitioner",
+    PrincipalKind.PRINCIPAL_KIND_RESEARCHER: "Practitioner",
+    PrincipalKind.PRINCIPAL_KIND_ORGANIZATION: "Organization",
+    PrincipalKind.PRINCIPAL_KIND_SMART_CLIENT: "Device",
+    PrincipalKind.PRINCIPAL_KIND_SERVICE: "Device",
+}
+
+
 def provenance(
     *, record_id: str, version: int, patient_id: str, written_by: str, organization_id: str, written_at: float
 ) -> dict[str, Any]:
-    """A FHIR R4 Provenance for one record version: who wrote it (the patient, or a
-    practitioner), for which organization, and when. Principals and organizations are named by
-    medledger identifiers, never by personal data."""
+    """A FHIR R4 Provenance for one record version: who wrote it (the patient or their guardian,
+    a practitioner, an application), for which organization, and when. Principals and
+    organizations are named by medledger identifiers, never by personal data."""
     author: dict[str, Any] = {
         "type": {
             "coding": [
                 {"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "author"}
             ]
         },
-        "who": {
-            "type": "Patient" if written_by == patient_id else "Practitioner",
-            "identifier": {"system": PRINCIPAL_SYSTEM, "value": written_by},
-        },
+        "who": {"identifier": {"system": PRINCIPAL_SYSTEM, "value": written_by}},
     }
+    agent_type = _AGENT_TYPE.get(principal_kind_of(written_by) or 0)
+    if agent_type:
+        author["who"] = {"type": agent_type, **author["who"]}
     if organization_id:
         author["onBehalfOf"] = {
             "type": "Organization",
