@@ -144,7 +144,7 @@ def fhir_instant(at: float) -> str:
 
 # Provenance.agent.who's resource type by the writer's kind: an application (a SMART client, a
 # platform service) is a Device in FHIR R4; a researcher acts as a Practitioner.
-_AGENT_TYPE = {
+_AGENT_TYPE: dict[int, str] = {
     PrincipalKind.PRINCIPAL_KIND_PATIENT: "Patient",
     PrincipalKind.PRINCIPAL_KIND_PRACTITIONER: "Practitioner",
     PrincipalKind.PRINCIPAL_KIND_RESEARCHER: "Practitioner",
