@@ -200,6 +200,36 @@ def seconds_observed(method: str, route: str) -> float:
     return REGISTRY.get_sample_value("http_server_request_duration_seconds_count", labels) or 0.0
 
 
+async def test_a_malformed_request_is_logged_without_its_content(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    # aiohttp's parser errors quote the line they stopped at: a search's parameters, a token.
+    secret = "pat_SECRET_NAME_Jane_Doe"
+    oversize = "a" * 9000
+    requests = (
+        f"GET /hello/x?name={secret}{oversize} HTTP/1.1\r\nHost: x\r\n\r\n",
+        f"GET /hello/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}{oversize}\r\n\r\n",
+        f"G\x00T /hello/{secret} HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    with caplog.at_level("DEBUG"):
+        for raw in requests:
+            reader, writer = await asyncio.open_connection("127.0.0.1", served.server.port)
+            writer.write(raw.encode())
+            await writer.drain()
+            answer = await reader.read(65536)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0]
+    logged = [(r.levelname, r.getMessage(), caplog.handler.format(r)) for r in caplog.records]
+    assert not [line for line in logged if secret in line[2]], "a malformed request's content was logged"
+    refused = [(level, message) for level, message, _ in logged if "malformed HTTP request" in message]
+    assert len(refused) == len(requests)
+    assert ("WARNING", "refused a malformed HTTP request: LineTooLong (400)") in refused
+    assert not [line for line in logged if line[0] in ("ERROR", "CRITICAL")]
+    # The server goes on serving.
+    async with aiohttp.ClientSession() as http, http.get(f"{served.base}/hello/again") as response:
+        assert response.status == 200
+
+
 async def test_a_request_is_counted_by_route_and_status_and_traced(served: Served) -> None:
     route = "/hello/{name}"
     # Created at zero with the server, so rate() works before the first request.

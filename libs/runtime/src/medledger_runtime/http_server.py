@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -69,6 +70,26 @@ _HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503,
 }
+
+
+class _MalformedRequestsWithoutContent(logging.Filter):
+    """aiohttp logs a request it cannot parse at ERROR with the exception, whose message quotes
+    the offending request line or header: a FHIR search's parameters, a bearer token. Such a log
+    keeps the exception's class and status only, at WARNING: a malformed request is the client's
+    fault, not the server's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.msg, record.args = "refused a malformed HTTP request: %s (%s)", (type(error).__name__, error.code)
+            record.exc_info, record.exc_text = None, None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_PROTOCOL_LOG = logging.getLogger("medledger.http.protocol")
+_PROTOCOL_LOG.addFilter(_MalformedRequestsWithoutContent())
 
 
 @dataclass(frozen=True)
@@ -150,7 +171,12 @@ class HttpServer:
         # The runner drains: on cleanup it closes the listening socket and idle connections,
         # then waits up to the grace for in-flight requests before cancelling them. aiohttp
         # reads a timeout of 0 as none at all, so no grace is the shortest one instead.
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=max(shutdown_grace_seconds, 0.001))
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=max(shutdown_grace_seconds, 0.001),
+            logger=_PROTOCOL_LOG,
+        )
         self._tracer = trace.get_tracer("medledger.http")
 
     async def start(self) -> int:
