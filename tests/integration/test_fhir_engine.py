@@ -24,8 +24,8 @@ from medledger.identity.v1 import identity_service_pb2_grpc as id_grpc
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_devstack import synthetic
-from medledger_fhir.bundles import FILED_WITH, NOT_KEPT
-from medledger_fhir.resource_types import CATEGORY_OF
+from medledger_fhir.bundles import NOT_KEPT
+from medledger_fhir.resource_types import CATEGORY_OF, FILED_WITH
 from medledger_sdk.channels import make_channel
 
 Kind = vocab.PrincipalKind

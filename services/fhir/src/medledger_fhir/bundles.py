@@ -41,7 +41,7 @@ from medledger_fhir.backends import Backends, Metadata, caller_metadata
 from medledger_fhir.http import BASE_PATH, etag, fhir_response, read_resource, version_from_etag
 from medledger_fhir.ids import fhir_id, service_id
 from medledger_fhir.outcomes import FHIR_JSON, FhirError, answer_errors, from_rpc_error, operation_outcome
-from medledger_fhir.resource_types import CATEGORY_OF
+from medledger_fhir.resource_types import FILED_WITH, PATIENT_ELEMENTS
 from medledger_runtime.auth import current_caller
 from medledger_runtime.errors import PermissionDenied
 from medledger_runtime.http_server import HttpRoute
@@ -61,17 +61,8 @@ PRINCIPAL_KINDS: dict[str, int] = {
     "Organization": Kind.PRINCIPAL_KIND_ORGANIZATION,
     "Practitioner": Kind.PRINCIPAL_KIND_PRACTITIONER,
 }
-# Patient-linked types Synthea writes beside the clinical ones, filed with the nearest category.
-FILED_WITH: dict[str, int] = {
-    **CATEGORY_OF,
-    "Device": C.DATA_CATEGORY_PROCEDURES,
-    "SupplyDelivery": C.DATA_CATEGORY_PROCEDURES,
-    "Coverage": C.DATA_CATEGORY_CLAIMS,
-}
 # Kept nowhere here: answered as not stored (see the module's docstring).
 NOT_KEPT = frozenset({"Location", "PractitionerRole", "Provenance"})
-# Where a clinical resource names its patient.
-_PATIENT_FIELDS = ("subject", "patient", "beneficiary")
 _URN_UUID = re.compile(r"urn:uuid:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 # Namespace of the request ids derived here (registrations, record puts).
@@ -123,7 +114,7 @@ class Parsed:
 
 
 def _patient_of(resource: dict[str, Any]) -> str:
-    for name in _PATIENT_FIELDS:
+    for name in PATIENT_ELEMENTS:
         ref = resource.get(name)
         if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
             return str(ref["reference"])

@@ -32,3 +32,14 @@ CATEGORY_OF: dict[str, int] = {
     "ExplanationOfBenefit": C.DATA_CATEGORY_CLAIMS,
 }
 CLINICAL_TYPES = frozenset(CATEGORY_OF)
+# What a bundle may file as records: the types above, and patient-linked types Synthea writes
+# beside them, filed with the nearest category and read through $everything only.
+FILED_WITH: dict[str, int] = {
+    **CATEGORY_OF,
+    "Device": C.DATA_CATEGORY_PROCEDURES,
+    "SupplyDelivery": C.DATA_CATEGORY_PROCEDURES,
+    "Coverage": C.DATA_CATEGORY_CLAIMS,
+}
+# Where a clinical resource names its patient (R4: most in `subject`, some in `patient`,
+# Coverage in `beneficiary`), in the order looked at.
+PATIENT_ELEMENTS = ("subject", "patient", "beneficiary")

@@ -46,16 +46,12 @@ from medledger_fhir.http import (
 )
 from medledger_fhir.ids import fhir_id, service_id
 from medledger_fhir.outcomes import FHIR_JSON, FhirError, answer_errors
-from medledger_fhir.resource_types import CATEGORY_OF, CLINICAL_TYPES
+from medledger_fhir.resource_types import CATEGORY_OF, CLINICAL_TYPES, PATIENT_ELEMENTS
 from medledger_runtime.auth import current_caller
 from medledger_runtime.http_server import HttpRoute
 from medledger_sdk.calls import RpcError
 
 # --- pure helpers --------------------------------------------------------------------------------
-
-# A clinical resource names its patient here (R4: most in `subject`, some in `patient`).
-_PATIENT_ELEMENTS = ("subject", "patient")
-
 
 _PATIENT_ID = re.compile(r"pat[-_]([0-9a-f]{32})")
 
@@ -71,7 +67,7 @@ def patient_of(resource: dict[str, Any]) -> str:
     `patient` reference names (`Patient/pat-…`, relative or absolute). 422 naming the element
     otherwise: records file every resource under one patient."""
     resource_type = resource.get("resourceType", "Resource")
-    for element in _PATIENT_ELEMENTS:
+    for element in PATIENT_ELEMENTS:
         value = resource.get(element)
         if value is None:
             continue
@@ -86,7 +82,7 @@ def patient_of(resource: dict[str, Any]) -> str:
     raise FhirError(
         422,
         "a resource is filed under its patient: give a subject (or patient) reference Patient/{id}",
-        expression=(f"{resource_type}.{_PATIENT_ELEMENTS[0]}",),
+        expression=(f"{resource_type}.{PATIENT_ELEMENTS[0]}",),
     )
 
 
@@ -245,7 +241,7 @@ READ_ONLY_SUPPORT = TypeSupport(interactions=("read", "vread", "history-instance
 WRITABLE_TYPES = frozenset(
     name
     for name in CLINICAL_TYPES
-    if any(element in get_fhir_model_class(name).model_fields for element in _PATIENT_ELEMENTS)
+    if any(element in get_fhir_model_class(name).model_fields for element in PATIENT_ELEMENTS)
 )
 
 
