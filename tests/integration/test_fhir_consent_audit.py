@@ -212,6 +212,27 @@ async def test_a_fhir_consent_grants_is_searched_revoked_and_the_patient_sees_wh
         with pytest.raises(ForbiddenError):
             await other_fhir.resources("AuditEvent").search(patient=me).fetch()
 
+        # X-Request-Id makes a retry safe for its caller only: the patient's retry is the first
+        # grant again, and another patient sending the same header value grants their own.
+        other_id = other.principal.principal_id
+        await stack.known_to_consent(other_id)
+        header = {"Content-Type": "application/fhir+json", "X-Request-Id": "consent-retry-1"}
+        created = []
+        for bearer, who in ((token, patient_id), (token, patient_id), (other_token, other_id)):
+            async with (
+                aiohttp.ClientSession(headers={"Authorization": f"Bearer {bearer}"}) as http,
+                http.post(
+                    f"{base}/Consent",
+                    json=consent_for(who, f"Practitioner/{as_fhir(doctor_id)}", purpose="HRESCH"),
+                    headers=header,
+                ) as response,
+            ):
+                assert response.status == 201, await response.text()
+                created.append((await response.json(content_type=None))["id"])
+        assert created[0] == created[1] != created[2]
+        research = await fhir.resources("Consent").search(patient=me, status="active").fetch_all()
+        assert sorted(c["id"] for c in research) == sorted([second["id"], created[0]])
+
         # The CapabilityStatement says so.
         async with aiohttp.ClientSession() as http, http.get(f"{base}/metadata") as response:
             statement = await response.json(content_type=None)

@@ -66,14 +66,14 @@ def test_the_patient_is_the_subject_or_patient_reference_else_422_naming_the_ele
 
 
 def test_request_ids_are_derived_per_caller_and_operation_or_fresh() -> None:
-    one = resources.request_id("abc", principal_id="prn_1", operation="create:Observation")
-    assert one == resources.request_id("abc", principal_id="prn_1", operation="create:Observation")
-    assert one != resources.request_id("abc", principal_id="prn_2", operation="create:Observation")
-    assert one != resources.request_id("abc", principal_id="prn_1", operation="update:Observation/rec_1")
-    fresh = {resources.request_id(None, principal_id="prn_1", operation="x") for _ in range(3)}
+    one = http.request_id("abc", principal_id="prn_1", operation="create:Observation")
+    assert one == http.request_id("abc", principal_id="prn_1", operation="create:Observation")
+    assert one != http.request_id("abc", principal_id="prn_2", operation="create:Observation")
+    assert one != http.request_id("abc", principal_id="prn_1", operation="update:Observation/rec_1")
+    fresh = {http.request_id(None, principal_id="prn_1", operation="x") for _ in range(3)}
     assert len(fresh) == 3
-    assert status_of(lambda: resources.request_id("x" * 129, principal_id="p", operation="o")) == 400
-    assert status_of(lambda: resources.request_id("a\nb", principal_id="p", operation="o")) == 400
+    assert status_of(lambda: http.request_id("x" * 129, principal_id="p", operation="o")) == 400
+    assert status_of(lambda: http.request_id("a\nb", principal_id="p", operation="o")) == 400
 
 
 def test_if_none_exist_takes_identifiers_and_ids_and_refuses_other_parameters() -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
 from typing import Any
@@ -51,6 +50,7 @@ from medledger_fhir.http import (
     read_resource,
     strict_handling,
     version_from_etag,
+    write_request_id,
 )
 from medledger_fhir.outcomes import FhirError, answer_errors
 from medledger_fhir.resource_types import CATEGORY_OF
@@ -289,11 +289,6 @@ def grant_error(error: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError | FhirError
     return FhirError(422, error.message, expression=tuple(p for p in paths if p))
 
 
-def _request_id(request: web.Request) -> str:
-    """The client's `X-Request-Id` (a retry with it returns the first result), else a new one."""
-    return request.headers.get("X-Request-Id") or str(uuid.uuid4())
-
-
 # -- answers ---------------------------------------------------------------------------------------
 
 
@@ -414,7 +409,7 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
 
     @answer_errors
     async def create(request: web.Request) -> web.StreamResponse:
-        grant = grant_request(await read_resource(request), _request_id(request))
+        grant = grant_request(await read_resource(request), write_request_id(request, "create:Consent"))
         try:
             granted = await consent.GrantConsent(grant, metadata=caller_metadata(request))
         except grpc.aio.AioRpcError as exc:
@@ -453,7 +448,9 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
         if status != "inactive":
             raise _invalid([("Consent.status", "inactive revokes; a revoked consent stays revoked")])
         revoked = await consent.RevokeConsent(
-            consent_pb.RevokeConsentRequest(request_id=_request_id(request), consent_id=consent_id),
+            consent_pb.RevokeConsentRequest(
+                request_id=write_request_id(request, f"revoke:Consent/{consent_id}"), consent_id=consent_id
+            ),
             metadata=caller_metadata(request),
         )
         return raw_fhir_response(revoked.fhir_consent_json.encode(), headers=_version_headers(revoked.consent))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
@@ -10,6 +11,7 @@ from aiohttp import web
 from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_fhir.outcomes import FHIR_JSON, FhirError
+from medledger_runtime.auth import current_caller
 from medledger_runtime.fhir_json import control_character_at
 
 BASE_PATH = "/fhir/R4"
@@ -118,3 +120,21 @@ def strict_handling(request: web.Request) -> bool:
             if name.strip().lower() == "handling" and value.strip().strip('"').lower() == "strict":
                 return True
     return False
+
+
+def request_id(header: str | None, *, principal_id: str, operation: str) -> str:
+    """The request_id of a write: derived from the client's `X-Request-Id` (so a client's retry
+    is answered with the first result), else fresh. Derived with the caller and the operation, so
+    one header value sent for two different writes never names the same request."""
+    if header is None:
+        return str(uuid.uuid4())
+    if not 0 < len(header) <= 128 or not header.isprintable():
+        raise FhirError(400, "X-Request-Id must be 1 to 128 printable characters")
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"medledger-fhir:{principal_id}:{operation}:{header}"))
+
+
+def write_request_id(request: web.Request, operation: str) -> str:
+    """The request_id of the caller's write `operation` (see request_id)."""
+    return request_id(
+        request.headers.get("X-Request-Id"), principal_id=current_caller().principal_id, operation=operation
+    )

@@ -17,7 +17,6 @@ import asyncio
 import json
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -43,11 +42,11 @@ from medledger_fhir.http import (
     read_resource,
     strict_handling,
     version_from_etag,
+    write_request_id,
 )
 from medledger_fhir.ids import fhir_id, service_id
 from medledger_fhir.outcomes import FHIR_JSON, FhirError, answer_errors
 from medledger_fhir.resource_types import CATEGORY_OF, CLINICAL_TYPES, PATIENT_ELEMENTS
-from medledger_runtime.auth import current_caller
 from medledger_runtime.http_server import HttpRoute
 from medledger_sdk.calls import RpcError
 
@@ -84,17 +83,6 @@ def patient_of(resource: dict[str, Any]) -> str:
         "a resource is filed under its patient: give a subject (or patient) reference Patient/{id}",
         expression=(f"{resource_type}.{PATIENT_ELEMENTS[0]}",),
     )
-
-
-def request_id(header: str | None, *, principal_id: str, operation: str) -> str:
-    """The request_id of a write: derived from the client's `X-Request-Id` (so a client's retry
-    is answered with the first result), else fresh. Derived with the caller and the operation, so
-    one header value sent for two different writes never names the same request."""
-    if header is None:
-        return str(uuid.uuid4())
-    if not 0 < len(header) <= 128 or not header.isprintable():
-        raise FhirError(400, "X-Request-Id must be 1 to 128 printable characters")
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"medledger-fhir:{principal_id}:{operation}:{header}"))
 
 
 @dataclass(frozen=True)
@@ -347,11 +335,6 @@ def routes(backends: Backends, *, public_base_url: str) -> list[HttpRoute]:
                 400, f"the body is a {resource['resourceType']}, not a {resource_type}", expression=("resourceType",)
             )
         return resource
-
-    def write_request_id(request: web.Request, operation: str) -> str:
-        return request_id(
-            request.headers.get("X-Request-Id"), principal_id=current_caller().principal_id, operation=operation
-        )
 
     @answer_errors
     async def create(request: web.Request) -> web.StreamResponse:
