@@ -123,6 +123,9 @@ INJECTIONS = (
     " ",
     "\t\n",
 )
+# The ones a FHIR string may hold: FHIR's JSON format forbids code points below 32 but tab, CR
+# and LF (json.html#primitive), and records refuses a resource with one (tested below).
+FHIR_INJECTIONS = tuple(s for s in INJECTIONS if not re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", s))
 LONG_STRINGS = (
     "x" * 10_240,
     "é" * 5_000,
@@ -179,8 +182,9 @@ def _observation() -> dict[str, Any]:
     return synthetic.population().first("Observation")
 
 
-def injected_observation(strings: tuple[str, ...] = INJECTIONS) -> dict[str, Any]:
-    """A valid FHIR R4 Observation whose free-text fields hold injection-shaped strings."""
+def injected_observation(strings: tuple[str, ...] = FHIR_INJECTIONS) -> dict[str, Any]:
+    """A FHIR R4 Observation whose free-text fields hold injection-shaped strings (valid FHIR
+    with the default strings)."""
     obs = copy.deepcopy(_observation())
     for key in [k for k in obs if k.startswith("value")]:
         del obs[key]
@@ -599,6 +603,7 @@ async def world(stack: Any) -> AsyncIterator[World]:
         fhir=[
             json.dumps(_observation()).encode(),
             json.dumps(injected_observation()).encode(),
+            json.dumps(injected_observation(INJECTIONS)).encode(),
             json.dumps(injected_practitioner()).encode(),
             json.dumps(injected_patient()).encode(),
             json.dumps(dict(_observation(), status=5)).encode(),
@@ -771,7 +776,7 @@ async def test_injection_shaped_strings_are_stored_and_returned_as_plain_data(wo
     read = await RecordsServiceStub(world.channel("doctor", "records")).GetRecord(
         rec_pb.GetRecordRequest(record_id=put.record_id, purpose=TREAT)
     )
-    assert read.content == content and json.loads(read.content)["valueString"] == "\n".join(INJECTIONS)
+    assert read.content == content and json.loads(read.content)["valueString"] == "\n".join(FHIR_INJECTIONS)
 
     # A practitioner named with them, read back with the FHIR resource.
     admin_identity = IdentityServiceStub(world.channel("admin", "identity"))

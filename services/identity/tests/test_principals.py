@@ -176,6 +176,9 @@ async def test_a_stranger_is_refused_the_resource_but_sees_the_pseudonym(desk: D
         (json.dumps({"resourceType": "Patient"}).encode(), "fhir_patient"),  # no identifier
         (patient(gender="robot"), "fhir_patient"),
         (practitioner("1234567893"), "fhir_patient"),  # not a Patient
+        # FHIR strings hold no control characters but tab, CR and LF: named by their path.
+        (patient(name=[{"family": "Doe\x1b[2J"}]), "fhir_patient.name[0].family"),
+        (patient(mrn="123\x00"), "fhir_patient.identifier[0].value"),
     ],
 )
 async def test_an_invalid_registration_is_invalid_argument_and_changes_nothing(
