@@ -39,6 +39,7 @@ from medledger_fhir.outcomes import FhirError, answer_errors
 from medledger_fhir.resource_types import CATEGORY_OF
 from medledger_runtime.auth import Caller, ScopeNeed
 from medledger_runtime.errors import PermissionDenied
+from medledger_runtime.fhir_search import DATE_ELEMENTS, DATE_PREFIXES, TOKEN_PARAMETERS
 from medledger_runtime.http_server import HttpRoute
 
 # The paging parameter of `next` links: records' opaque page token, carried as is.
@@ -55,38 +56,10 @@ MAX_DATE_MATCHES = 4
 MAX_IDS = 100
 MAX_PAGE_TOKEN_CHARS = 2048
 
-# The token search parameters records indexes (its search_terms.TOKEN_PARAMETERS: blind indexes
-# under the patient's search key), by resource type; FHIR R4's names. Other types: none.
-TOKEN_PARAMS: dict[str, tuple[str, ...]] = {
-    "AllergyIntolerance": (
-        "code",
-        "category",
-        "clinical-status",
-        "verification-status",
-        "criticality",
-        "type",
-        "identifier",
-    ),
-    "CarePlan": ("category", "status", "intent", "identifier"),
-    "Claim": ("status", "use", "priority", "identifier"),
-    "Condition": (
-        "code",
-        "category",
-        "clinical-status",
-        "verification-status",
-        "severity",
-        "body-site",
-        "identifier",
-    ),
-    "DiagnosticReport": ("code", "category", "status", "identifier"),
-    "Encounter": ("type", "class", "status", "identifier"),
-    "Immunization": ("vaccine-code", "status", "identifier"),
-    "MedicationRequest": ("code", "category", "status", "intent", "identifier"),
-    "Observation": ("code", "category", "status", "identifier"),
-    "Procedure": ("code", "category", "status", "identifier"),
-}
-# The types with a clinical date records matches `date` against (its DATE_ELEMENTS).
-DATE_TYPES = frozenset(TOKEN_PARAMS)
+# The token search parameters records indexes, by resource type (other types: none), and the
+# types with a clinical date records matches `date` against.
+TOKEN_PARAMS: dict[str, tuple[str, ...]] = {t: tuple(names) for t, names in TOKEN_PARAMETERS.items()}
+DATE_TYPES = frozenset(DATE_ELEMENTS)
 SEARCH_TYPES = tuple(sorted(CATEGORY_OF))
 # Parameters that name the compartment: `subject` as well, for the types that have one.
 COMPARTMENT_PARAMS = ("patient", "subject")
@@ -95,7 +68,6 @@ _RESULT_PARAMS = frozenset({"_id", "_lastUpdated", "_count", "_summary", "_inclu
 # Parameters a client sends that change nothing here: the format is always JSON.
 _IGNORED = frozenset({"_format", "_pretty"})
 
-_DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 # FHIR date / dateTime / instant (datatypes.html#dateTime), without the prefix.
 _DATE = re.compile(
     r"-?[0-9]{4}(-(0[1-9]|1[0-2])(-(0[1-9]|[12][0-9]|3[01])"
@@ -169,7 +141,7 @@ def patient_reference(name: str, value: str) -> str:
 
 
 def date_value(name: str, value: str) -> str:
-    prefix = value[:2] if value[:2] in _DATE_PREFIXES else ""
+    prefix = value[:2] if value[:2] in DATE_PREFIXES else ""
     if not _DATE.fullmatch(value[len(prefix) :]):
         raise _bad(name, "must be a FHIR date with an optional prefix (eq ne gt lt ge le sa eb ap)")
     return value

@@ -47,6 +47,7 @@ from medledger_runtime.errors import (
     NotFound,
     ResourceExhausted,
 )
+from medledger_runtime.fhir_search import DATE_ELEMENTS, DATE_PARAMETER, TOKEN_PARAMETERS
 from medledger_runtime.keys import KeyInfo, KeyType, patient_key_name
 from medledger_runtime.keys.wire import b64decode_strict, parse_versioned
 from medledger_runtime.retry import retry
@@ -130,7 +131,7 @@ class SearchBackfill:
         after, indexed = "", 0
         while True:
             async with self.db.read() as conn:
-                ids = await search_storage.unindexed_after(conn, list(search_terms.TOKEN_PARAMETERS), after, self.page)
+                ids = await search_storage.unindexed_after(conn, list(TOKEN_PARAMETERS), after, self.page)
             for record_id in ids:
                 indexed += await self._index(record_id)
             if len(ids) < self.page:
@@ -247,10 +248,8 @@ def check_search(command: SearchRecords) -> _Query:
         raise InvalidArgument.field("dates", f"at most {st.MAX_DATE_MATCHES} date matches")
     dates = []
     for i, date in enumerate(command.dates):
-        if date.parameter != st.DATE_PARAMETER or resource_type not in st.DATE_ELEMENTS:
-            raise InvalidArgument.field(
-                f"dates[{i}].parameter", f"only `date`, on {', '.join(sorted(st.DATE_ELEMENTS))}"
-            )
+        if date.parameter != DATE_PARAMETER or resource_type not in DATE_ELEMENTS:
+            raise InvalidArgument.field(f"dates[{i}].parameter", f"only `date`, on {', '.join(sorted(DATE_ELEMENTS))}")
         dates.append(st.parse_date_query(date.value, f"dates[{i}].value"))
     if len(command.record_ids) > st.MAX_RECORD_IDS:
         raise InvalidArgument.field("record_ids", f"at most {st.MAX_RECORD_IDS} ids")

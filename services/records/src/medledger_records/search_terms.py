@@ -2,8 +2,9 @@
 query's values become the same terms, and FHIR's date matching.
 
 Tokens (``code``, ``category``, ``status``, ``identifier``, ...) are exact matches: every value a
-resource has for a parameter of :data:`TOKEN_PARAMETERS` becomes terms in FHIR's three forms
-(``system|code``, ``code`` for any system, ``|code`` for no system), each folded with the resource
+resource has for a parameter of ``TOKEN_PARAMETERS`` (``medledger_runtime.fhir_search``, the table
+the FHIR gateway reads too) becomes terms in FHIR's three forms (``system|code``, ``code`` for any
+system, ``|code`` for no system), each folded with the resource
 type and the parameter into one byte string (:func:`term`). ``search.py`` stores only their HMACs
 (the blind index), never the terms. Dates are not indexed: they are matched after decryption
 within the patient's compartment (:func:`resource_dates`, :func:`date_matches`).
@@ -21,63 +22,9 @@ from typing import Any
 from fhir.resources.R4B import get_fhir_model_class
 
 from medledger_runtime.errors import InvalidArgument
+from medledger_runtime.fhir_search import DATE_ELEMENTS, DATE_PREFIXES, TOKEN_PARAMETERS
 
 TERM_DOMAIN = b"medledger:records-search:term:v1\n"
-
-# The token search parameters of FHIR R4 indexed per resource type: parameter -> the element
-# holding its values (a code, a Coding, a CodeableConcept or an Identifier, or a list of them).
-# The names are FHIR R4's (hl7.org/fhir/R4/searchparameter-registry.html); README "Search".
-TOKEN_PARAMETERS: Mapping[str, Mapping[str, str]] = {
-    "AllergyIntolerance": {
-        "code": "code",
-        "category": "category",
-        "clinical-status": "clinicalStatus",
-        "verification-status": "verificationStatus",
-        "criticality": "criticality",
-        "type": "type",
-        "identifier": "identifier",
-    },
-    "CarePlan": {"category": "category", "status": "status", "intent": "intent", "identifier": "identifier"},
-    "Claim": {"status": "status", "use": "use", "priority": "priority", "identifier": "identifier"},
-    "Condition": {
-        "code": "code",
-        "category": "category",
-        "clinical-status": "clinicalStatus",
-        "verification-status": "verificationStatus",
-        "severity": "severity",
-        "body-site": "bodySite",
-        "identifier": "identifier",
-    },
-    "DiagnosticReport": {"code": "code", "category": "category", "status": "status", "identifier": "identifier"},
-    "Encounter": {"type": "type", "class": "class", "status": "status", "identifier": "identifier"},
-    "Immunization": {"vaccine-code": "vaccineCode", "status": "status", "identifier": "identifier"},
-    "MedicationRequest": {
-        "code": "medicationCodeableConcept",
-        "category": "category",
-        "status": "status",
-        "intent": "intent",
-        "identifier": "identifier",
-    },
-    "Observation": {"code": "code", "category": "category", "status": "status", "identifier": "identifier"},
-    "Procedure": {"code": "code", "category": "category", "status": "status", "identifier": "identifier"},
-}
-
-# The clinical date of each resource type, FHIR's `date` parameter: the first of these elements
-# the resource has (an `[x]` element in any of its date forms: dateTime, instant, date, Period).
-DATE_ELEMENTS: Mapping[str, tuple[str, ...]] = {
-    "AllergyIntolerance": ("recordedDate", "onset"),
-    "CarePlan": ("period",),
-    "Claim": ("created",),
-    "Condition": ("onset", "recordedDate"),
-    "DiagnosticReport": ("effective",),
-    "Encounter": ("period",),
-    "Immunization": ("occurrence",),
-    "MedicationRequest": ("authoredOn",),
-    "Observation": ("effective", "issued"),
-    "Procedure": ("performed",),
-}
-DATE_PARAMETER = "date"
-DATE_PREFIXES = frozenset({"eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"})
 
 # Bounds of what a search may ask (each beyond is INVALID_ARGUMENT naming the field).
 MAX_TOKEN_MATCHES = 10
@@ -318,7 +265,7 @@ def _as_range(value: Any) -> DateRange | None:
 
 
 def resource_date(resource: Mapping[str, Any]) -> DateRange | None:
-    """The clinical date of a resource (:data:`DATE_ELEMENTS`), or None when it has none."""
+    """The clinical date of a resource (``DATE_ELEMENTS``), or None when it has none."""
     resource_type = resource.get("resourceType")
     for name in DATE_ELEMENTS.get(resource_type, ()) if isinstance(resource_type, str) else ():
         found = _as_range(_element(resource, name))
