@@ -11,6 +11,7 @@ import pytest
 from medledger_devstack import synthetic
 from medledger_records import search_terms as st
 from medledger_runtime.errors import InvalidArgument
+from medledger_runtime.fhir_search import DATE_ELEMENTS, TOKEN_PARAMETERS
 
 LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
@@ -154,8 +155,8 @@ def test_the_table_covers_the_resource_types_the_issue_names() -> None:
         "Claim": {"status", "identifier"},
     }
     for resource_type, parameters in wanted.items():
-        assert parameters <= set(st.TOKEN_PARAMETERS[resource_type]), resource_type
-        assert resource_type in st.DATE_ELEMENTS
+        assert parameters <= set(TOKEN_PARAMETERS[resource_type]), resource_type
+        assert resource_type in DATE_ELEMENTS
 
 
 @pytest.mark.parametrize(("resource", "expected"), EXAMPLES, ids=[str(e[0]["resourceType"]) for e in EXAMPLES])
@@ -176,7 +177,7 @@ def test_each_parameter_of_each_type_is_found_in_every_form(
     # Display texts, free text and codes under another parameter are no terms.
     assert st.query_term(rt, "status", "shown, not indexed", "f") not in terms
     for parameter, _, code in expected:
-        for other in st.TOKEN_PARAMETERS[rt]:
+        for other in TOKEN_PARAMETERS[rt]:
             if other != parameter and not any(p == other and c == code for p, _, c in expected):
                 assert st.query_term(rt, other, code, "f") not in terms
 
@@ -288,7 +289,7 @@ def test_each_type_has_its_clinical_date_and_the_first_present_element_wins() ->
         "CarePlan": ({"period": {"start": "2020-01-02", "end": "2020-01-02"}}, "2020-01-02"),
         "Claim": ({"created": "2020-01-02"}, "2020-01-02"),
     }
-    assert set(examples) == set(st.DATE_ELEMENTS)
+    assert set(examples) == set(DATE_ELEMENTS)
     for resource_type, (elements, day) in examples.items():
         assert st.resource_date({"resourceType": resource_type, **elements}) == d(day), resource_type
     observation = {"resourceType": "Observation", "issued": "2021-01-01T00:00:00Z"}
@@ -324,12 +325,12 @@ def test_every_synthetic_resource_of_an_indexed_type_has_terms_and_a_date(
     seen = set()
     for resource in synthetic_patients.resources():
         resource_type = resource["resourceType"]
-        if resource_type not in st.TOKEN_PARAMETERS:
+        if resource_type not in TOKEN_PARAMETERS:
             continue
         seen.add(resource_type)
         terms = st.resource_terms(resource)
         assert terms, resource_type
-        if "status" in st.TOKEN_PARAMETERS[resource_type]:
+        if "status" in TOKEN_PARAMETERS[resource_type]:
             assert st.query_term(resource_type, "status", resource["status"], "f") in terms, resource_type
         assert st.resource_date(resource) is not None, (resource_type, resource.get("id"))
     assert {"Observation", "Condition", "Encounter", "Procedure", "Immunization", "Claim"} <= seen
