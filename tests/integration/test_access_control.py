@@ -735,6 +735,7 @@ FINER: dict[tuple[str, str, str], tuple[grpc.StatusCode, grpc.StatusCode]] = {
     ("audit", "ExportAuditEvents", "patient"): (_OK, _PD),
     ("audit", "ExportAuditEvents", "guardian of the patient"): (_OK, _PD),
     ("audit", "ExportAuditEvents", "auditor"): (_OK, _OK),
+    ("audit", "ExportAuditEvents", "privacy-officer"): (_OK, _OK),
 }
 
 
@@ -785,8 +786,9 @@ async def test_listings_hold_only_what_the_caller_may_see(world: World) -> None:
 
 
 async def test_a_privacy_officer_lists_one_patients_entries_never_the_whole_log(world: World) -> None:
-    """A privacy officer replaying a decision reads the patient's entries; the log at large, or
-    entries by actor or record, stay the auditors'."""
+    """A privacy officer replaying a decision, or answering a patient's access request, reads the
+    patient's entries (and exports them as AuditEvents); the log at large, or entries by actor or
+    record, stay the auditors'."""
     officer = world.stub("audit", "privacy-officer")
     wanted = {"consent.version_recorded", "consent.decision"}
     types: set[str] = set()
@@ -803,6 +805,18 @@ async def test_a_privacy_officer_lists_one_patients_entries_never_the_whole_log(
     ):
         got = await outcome(officer.ListEntries(request, timeout=30))
         assert got.code == grpc.StatusCode.INVALID_ARGUMENT and "patient_id" in got.details, got
+    # The same trail as FHIR AuditEvents, to answer the patient's access request; one patient's only.
+    exported = await officer.ExportAuditEvents(
+        au_pb.ExportAuditEventsRequest(patient_id=world.own.patient_id, page_size=1000)
+    )
+    bundle = json.loads(exported.fhir_bundle_json)
+    assert exported.entries == len(bundle["entry"])
+    assert {e["resource"]["resourceType"] for e in bundle["entry"]} == {"AuditEvent"}
+    # Every entry listed above, and since then the log of the officer's own reads of them.
+    listed = {f"entry-{e.index}" for e in own.entries if e.entry}
+    assert listed and listed <= {e["resource"]["id"] for e in bundle["entry"]}
+    got = await outcome(officer.ExportAuditEvents(au_pb.ExportAuditEventsRequest(page_size=1), timeout=30))
+    assert got.code == grpc.StatusCode.INVALID_ARGUMENT and "patient_id" in got.details, got
 
 
 async def test_finer_rules_keep_organization_roles_to_their_own_organization(world: World) -> None:

@@ -46,7 +46,7 @@ ACCESS: dict[str, Access] = {
     # Whoever holds a receipt's commitment finds its entry.
     _SERVICE + "FindCommitment": Access(),
     _SERVICE + "ListEntries": Access.of(kinds=["patient"], roles=["auditor", "guardian", "privacy-officer"]),
-    _SERVICE + "ExportAuditEvents": Access.of(kinds=["patient"], roles=["auditor", "guardian"]),
+    _SERVICE + "ExportAuditEvents": Access.of(kinds=["patient"], roles=["auditor", "guardian", "privacy-officer"]),
     _SERVICE + "RedactEntry": Access.of(roles=["privacy-officer"]),
 }
 # What a token with SMART scopes needs (medledger_runtime.auth.scopes); any RPC not here refuses
@@ -229,11 +229,12 @@ class AuditApi(pb_grpc.AuditServiceServicer):
     ) -> list[Any]:
         auditor = caller.has_role("auditor")
         patient_id = request.patient_id
-        if not auditor and caller.has_role("privacy-officer") and isinstance(request, pb.ListEntriesRequest):
-            # A privacy officer reviews what was decided about one patient (a decision's replay
-            # needs the patient's consent versions), never the whole log.
+        if not auditor and caller.has_role("privacy-officer"):
+            # A privacy officer reviews one patient's trail (a decision's replay needs the
+            # patient's consent versions; a patient's access request, their AuditEvents), never
+            # the whole log.
             if not patient_id:
-                raise InvalidArgument.field("patient_id", "a privacy officer lists the entries of one patient")
+                raise InvalidArgument.field("patient_id", "a privacy officer reads the entries of one patient")
         elif not auditor:
             # A patient reads the entries about themselves, and only those; their guardian reads
             # them for the patient, naming the patient.
