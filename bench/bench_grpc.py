@@ -6,9 +6,10 @@ token, verified once and then served from the verifier's cache, as repeated toke
 
 `chain` is a bare server whose method makes one call to a bare server at DOWNSTREAM_PORT before
 answering: the gRPC alone of a request that asks another service (records asking consent).
-`commit` is a bare server whose method commits one row (bench_commit.py's insert, on a
-connection of its own) before answering: an empty call and a durable commit composed in one
-server, the floor of any call that must write before it answers, with no logic of its own.
+`commit` is a bare server whose method commits one row (bench_commit.py's insert) before
+answering, on ONE connection of its own (so for a lone caller, IN_FLIGHT=1, as run.py runs it):
+an empty call and a durable commit composed in one server, the floor of any call that must
+write before it answers, with no logic of its own.
 `common-10` is `common` sampling 10% of traces (the Helm chart's default) instead of all.
 Usage: python bench_grpc.py server bare|common|common-10|auth|auth-10 PORT [TOKEN_FILE]   (serves until killed)
        python bench_grpc.py server chain PORT DOWNSTREAM_PORT            (serves until killed)

@@ -3,7 +3,7 @@
 # Each suite runs on MEDLEDGER_TEST_WORKERS pytest-xdist workers (default: the cores, at most 4),
 # a test file's tests on one worker: most integration tests wait on brokers, chains and timers,
 # so two files at a time nearly halve the time even on two cores. MEDLEDGER_TEST_WORKERS=0 runs
-# in one process.
+# in one process (for -s or --pdb).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 cores=$(nproc 2>/dev/null || echo 2)
@@ -22,7 +22,8 @@ for suite in "${suites[@]}"; do
   if [ $code -ne 0 ] && [ $code -ne 5 ]; then failed+=("$suite"); fi
   printf '==> suite %s took %ss (exit %s)\n' "$suite" "$(( $(date +%s) - start ))" "$code"
 done
-printf '\n==> all suites took %ss (%s workers)\n' "$(( $(date +%s) - total_start ))" "$workers"
+if [ "$workers" = 0 ]; then how="one process"; else how="$workers workers"; fi
+printf '\n==> all suites took %ss (%s)\n' "$(( $(date +%s) - total_start ))" "$how"
 if [ ${#failed[@]} -ne 0 ]; then
   echo "==> failed suites: ${failed[*]}"
   exit 1

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from medledger_runtime.vocabulary import KIND_NAMES, PRINCIPAL_ID_PREFIX, principal_kind_of, service_principal_id
+from medledger_runtime.vocabulary import (
+    KIND_NAMES,
+    PRINCIPAL_ID_PREFIX,
+    PrincipalKind,
+    principal_kind_of,
+    service_principal_id,
+)
 
 
 def test_every_principal_kind_has_a_prefix_that_reads_back() -> None:
@@ -10,7 +16,7 @@ def test_every_principal_kind_has_a_prefix_that_reads_back() -> None:
     assert len(set(PRINCIPAL_ID_PREFIX.values())) == len(PRINCIPAL_ID_PREFIX)
     for kind, prefix in PRINCIPAL_ID_PREFIX.items():
         assert principal_kind_of(f"{prefix}_{'0' * 32}") == kind
-    assert principal_kind_of(service_principal_id("records")) == principal_kind_of("svc_x")
+    assert principal_kind_of(service_principal_id("records")) == PrincipalKind.PRINCIPAL_KIND_SERVICE
 
 
 def test_an_id_of_no_known_prefix_has_no_kind() -> None:

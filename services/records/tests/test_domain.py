@@ -132,7 +132,6 @@ def test_a_version_provenance_is_a_valid_fhir_provenance_naming_writer_and_organ
     by_practitioner = domain.provenance(
         record_id="rec_" + "a" * 32,
         version=3,
-        patient_id="pat_1",
         written_by="prn_2",
         organization_id="org_3",
         written_at=1_764_000_000.25,
@@ -144,17 +143,26 @@ def test_a_version_provenance_is_a_valid_fhir_provenance_naming_writer_and_organ
     assert parsed.target[0].identifier.value == "rec_" + "a" * 32 + "/_history/3"
     assert by_practitioner["recorded"] == "2025-11-24T16:00:00.250Z"
     by_patient = domain.provenance(
-        record_id="rec_" + "a" * 32, version=1, patient_id="pat_1", written_by="pat_1", organization_id="", written_at=0
+        record_id="rec_" + "a" * 32, version=1, written_by="pat_1", organization_id="", written_at=0
     )
     assert Provenance.model_validate(by_patient).agent[0].who.type == "Patient"
     assert "onBehalfOf" not in by_patient["agent"][0]
-    # The writer's kind, from its id: a guardian is a Patient, an application a Device; an id of
-    # no known kind is named by its identifier alone.
-    for written_by, kind in (("pat_9", "Patient"), ("cli_4", "Device"), ("svc_records", "Device"), ("xyz_5", None)):
+    # The writer's own kind, from its id, whoever they write for: a guardian who is a patient is a
+    # Patient, one who is a practitioner a Practitioner, an application a Device; an id of no
+    # known kind is named by its identifier alone.
+    writers = (
+        ("pat_9", "Patient"),
+        ("prn_8", "Practitioner"),
+        ("rsr_7", "Practitioner"),
+        ("org_6", "Organization"),
+        ("cli_4", "Device"),
+        ("svc_records", "Device"),
+        ("xyz_5", None),
+    )
+    for written_by, kind in writers:
         by = domain.provenance(
             record_id="rec_" + "a" * 32,
             version=1,
-            patient_id="pat_1",
             written_by=written_by,
             organization_id="",
             written_at=0,

@@ -51,9 +51,9 @@ def tansu_bin() -> Path:
 
 # Ports this process has handed out: a port is given once, even before its server listens.
 _HANDED_OUT: set[int] = set()
-# Below the blocks the demo's `free_ports` gives whole stacks (10000 and up) and below the
-# kernel's ephemeral range.
-_LISTEN_PORTS = (2_000, 10_000)
+# Below `medledger up`'s default ports (8080 and up: FHIR, OpenBao, Anvil, Kafka, metrics), the
+# blocks the demo's `free_ports` gives whole stacks (10000 and up) and the kernel's ephemeral range.
+LISTEN_PORTS = range(2_000, 8_000)
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -65,23 +65,31 @@ def _ephemeral_range() -> tuple[int, int]:
         return 49152, 65535
 
 
-def free_port() -> int:
-    """A free port for a server that will listen later, chosen outside the kernel's ephemeral range.
+def listen_ports() -> range | None:
+    """Where `free_port` picks: LISTEN_PORTS below the ephemeral range; None when that leaves
+    fewer than 1,000 (an ephemeral range set unusually low), and the kernel picks."""
+    ports = range(LISTEN_PORTS.start, min(LISTEN_PORTS.stop, _ephemeral_range()[0]))
+    return ports if len(ports) >= 1_000 else None
+
+
+def free_port(ports: range | None = None) -> int:
+    """A free port for a server that will listen later, chosen outside the kernel's ephemeral range
+    (from `ports`, by default `listen_ports()`).
 
     A port the kernel picked for ``bind(0)`` is an ephemeral one: between this call and the
     server's bind, any outgoing connection (a Kafka client, a gRPC channel) may be given the same
     port, and the server then fails with "address already in use". A port outside that range is
     never handed to an outgoing connection, so only another listener could take it; a random one,
-    checked free and never given twice by this process, makes that unlikely.
+    checked free and never given twice by this process, makes that unlikely (test workers are
+    processes of their own: rare, not impossible).
     """
-    first, end = _LISTEN_PORTS[0], min(_LISTEN_PORTS[1], _ephemeral_range()[0])
-    if end - first < 1_000:
-        # An ephemeral range that leaves no room below it: ask the kernel, as before.
+    ports = ports or listen_ports()
+    if ports is None:
         with socket.socket() as s:
             s.bind((HOST, 0))
             return int(s.getsockname()[1])
     for _ in range(200):
-        port = random.randrange(first, end)
+        port = random.choice(ports)
         if port in _HANDED_OUT:
             continue
         with socket.socket() as s:
@@ -91,7 +99,7 @@ def free_port() -> int:
                 continue
         _HANDED_OUT.add(port)
         return port
-    raise OSError(f"no free port found between {first} and {end}")
+    raise OSError(f"no free port found in {ports.start}-{ports.stop - 1}")
 
 
 def port_in_use(port: int, host: str = HOST) -> bool:

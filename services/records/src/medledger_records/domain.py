@@ -155,10 +155,10 @@ _AGENT_TYPE: dict[int, str] = {
 
 
 def provenance(
-    *, record_id: str, version: int, patient_id: str, written_by: str, organization_id: str, written_at: float
+    *, record_id: str, version: int, written_by: str, organization_id: str, written_at: float
 ) -> dict[str, Any]:
-    """A FHIR R4 Provenance for one record version: who wrote it (the patient or their guardian,
-    a practitioner, an application), for which organization, and when. Principals and
+    """A FHIR R4 Provenance for one record version: who wrote it (a patient, a practitioner, an
+    application), for which organization, and when. Principals and
     organizations are named by medledger identifiers, never by personal data."""
     author: dict[str, Any] = {
         "type": {

@@ -130,7 +130,6 @@ def provenance(record: storage.Record, stored: storage.StoredVersion) -> dict[st
     return domain.provenance(
         record_id=record.record_id,
         version=stored.version,
-        patient_id=record.patient_id,
         written_by=stored.written_by,
         organization_id=stored.organization_id,
         written_at=stored.written_at,
