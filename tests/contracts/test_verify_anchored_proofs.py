@@ -338,7 +338,7 @@ def test_another_contract_or_chain_fails_the_chain_check(world: World) -> None:
 def test_an_unreachable_chain_is_a_failed_chain_check(world: World) -> None:
     from medledger_devstack import localstack
 
-    fails_at(verify(world, rpc_url=f"http://127.0.0.1:{localstack.free_port()}"), "chain", "could not ask the chain")
+    fails_at(verify(world, rpc_url=f"http://127.0.0.1:{localstack.closed_port()}"), "chain", "could not ask the chain")
 
 
 def test_an_anchor_root_or_size_not_on_chain_fails_anchored(world: World) -> None:

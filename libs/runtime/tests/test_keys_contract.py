@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from prometheus_client import REGISTRY
 
-from medledger_devstack.localstack import HOST, free_port
+from medledger_devstack.localstack import HOST, closed_port
 from medledger_devstack.openbao import OpenBao
 from medledger_devstack.testing import OpenBaoServer
 from medledger_runtime.errors import (
@@ -788,7 +788,7 @@ async def test_vault_revoked_token_is_permission_denied(openbao: OpenBaoServer) 
 
 
 async def test_vault_unreachable_is_unavailable() -> None:
-    port = free_port()
+    port = closed_port()
 
     def errors(op: str) -> float:
         labels = {"backend": "vault", "operation": op, "code": "UNAVAILABLE"}

@@ -29,7 +29,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["IdentityService"]
 
 
 async def _refused_database_error() -> Exception:
-    engine = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{localstack.free_port()}/x")
+    engine = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{localstack.closed_port()}/x")
     try:
         async with engine.connect():
             pass
@@ -83,7 +83,7 @@ async def test_asyncpg_errors_met_unwrapped_count_as_the_database_being_away() -
         assert dependency_outage(error) == "the database", error
     assert dependency_outage(pg.UniqueViolationError("duplicate key")) is None
     assert dependency_outage(pg.UndefinedTableError("relation does not exist")) is None
-    db = Database(f"postgresql+asyncpg://postgres@127.0.0.1:{localstack.free_port()}/x")
+    db = Database(f"postgresql+asyncpg://postgres@127.0.0.1:{localstack.closed_port()}/x")
     try:
         with pytest.raises(Exception) as refused:
             await DriverQuery(sqlalchemy.select(sqlalchemy.literal(1))).first(db, {})
@@ -111,7 +111,7 @@ class Failing(pb_grpc.IdentityServiceServicer):
 
 
 async def test_outages_are_unavailable_to_the_caller_and_bugs_internal() -> None:
-    servicer = Failing(f"127.0.0.1:{localstack.free_port()}")
+    servicer = Failing(f"127.0.0.1:{localstack.closed_port()}")
     servicer.database_error = await _refused_database_error()
     server = GrpcServer(
         host="127.0.0.1",

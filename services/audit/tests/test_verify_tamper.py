@@ -457,7 +457,7 @@ async def test_a_checkpoint_row_holding_another_checkpoint_is_named(copy: Copy) 
 
 
 async def test_a_chain_that_cannot_be_read_or_knows_no_such_log_fails_by_name(copy: Copy, anvil: Anvil) -> None:
-    closed = f"http://{localstack.HOST}:{localstack.free_port()}"
+    closed = f"http://{localstack.HOST}:{localstack.closed_port()}"
     code, out = await copy.command("--rpc", closed)
     assert code == 1 and "[chain-unreadable]" in out and "could not read the chain" in out, out
     w3 = chain.connect(anvil.rpc_url)

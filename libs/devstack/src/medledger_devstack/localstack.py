@@ -102,6 +102,19 @@ def free_port(ports: range | None = None) -> int:
     raise OSError(f"no free port found in {ports.start}-{ports.stop - 1}")
 
 
+# Sockets bound and never listening, held for the process's life (see closed_port).
+_CLOSED: list[socket.socket] = []
+
+
+def closed_port() -> int:
+    """A port where a connection is refused, for as long as this process runs: bound by a socket
+    that never listens (connecting gets a reset), so no server or other test can take it."""
+    s = socket.socket()
+    s.bind((HOST, 0))
+    _CLOSED.append(s)
+    return int(s.getsockname()[1])
+
+
 def port_in_use(port: int, host: str = HOST) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
