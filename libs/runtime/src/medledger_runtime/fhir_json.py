@@ -9,6 +9,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from medledger_runtime.errors import InvalidArgument
+
+CONTROL_CHARACTER_RULE = "FHIR strings hold no control characters but tab, CR and LF"
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
@@ -30,3 +33,13 @@ def control_character_at(resource: dict[str, Any]) -> str | None:
         elif isinstance(value, list):
             stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
     return None
+
+
+def check_strings(resource: dict[str, Any], field: str) -> None:
+    """InvalidArgument when a string of `resource` (the request's `field`) holds a control
+    character, naming it below the field (`content.code.text`)."""
+    where = control_character_at(resource)
+    if where is not None:
+        raise InvalidArgument.field(
+            field + where.removeprefix(str(resource.get("resourceType"))), CONTROL_CHARACTER_RULE
+        )

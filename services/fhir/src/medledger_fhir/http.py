@@ -12,7 +12,7 @@ from medledger.types.v1 import vocabulary_pb2 as vocab
 
 from medledger_fhir.outcomes import FHIR_JSON, FhirError
 from medledger_runtime.auth import current_caller
-from medledger_runtime.fhir_json import control_character_at
+from medledger_runtime.fhir_json import CONTROL_CHARACTER_RULE, control_character_at
 
 BASE_PATH = "/fhir/R4"
 # Media types a FHIR JSON body may come as (http.html#mime): the FHIR one, plain JSON too.
@@ -52,7 +52,7 @@ async def read_resource(request: web.Request) -> dict[str, Any]:
         raise FhirError(400, "the body is not a FHIR resource (a JSON object with resourceType)")
     where = control_character_at(body)
     if where is not None:
-        raise FhirError(422, "FHIR strings hold no control characters but tab, CR and LF", expression=(where,))
+        raise FhirError(422, CONTROL_CHARACTER_RULE, expression=(where,))
     return body
 
 

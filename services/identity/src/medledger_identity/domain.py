@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from medledger_runtime.auth import Caller
 from medledger_runtime.errors import FieldViolation, InvalidArgument, PermissionDenied
 from medledger_runtime.events import SERVICES, STATELESS_COMPONENTS
-from medledger_runtime.fhir_json import control_character_at
+from medledger_runtime.fhir_json import check_strings
 from medledger_runtime.vocabulary import KIND_NAMES, PRINCIPAL_ID_PREFIX, ROLE_NAMES
 from medledger_sdk.identity_link import TOKEN_ISSUER
 
@@ -149,11 +149,7 @@ def validate_fhir(kind: int, raw: bytes, field: str, *, required: bool = False) 
             for err in exc.errors(include_input=False, include_url=False)[:20]
         )
         raise InvalidArgument(f"{field}: not a valid FHIR R4 {model.__name__}", violations=violations) from None
-    where = control_character_at(document)
-    if where is not None:
-        raise InvalidArgument.field(
-            field + where.removeprefix(model.__name__), "FHIR strings hold no control characters but tab, CR and LF"
-        )
+    check_strings(document, field)
     gender = getattr(resource, "gender", None)
     if gender is not None and gender not in ADMINISTRATIVE_GENDER:
         raise InvalidArgument.field(f"{field}.gender", "must be one of " + ", ".join(sorted(ADMINISTRATIVE_GENDER)))

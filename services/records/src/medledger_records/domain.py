@@ -37,7 +37,7 @@ from medledger_runtime.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from medledger_runtime.fhir_json import control_character_at
+from medledger_runtime.fhir_json import check_strings
 from medledger_runtime.vocabulary import PrincipalKind, principal_kind_of
 
 # The commitment formulas live in medledger_verifier.commitments (the verifier recomputes them);
@@ -100,11 +100,7 @@ def validate_fhir(resource: Any) -> str:
             for error in exc.errors()[:20]
         )
         raise InvalidArgument(f"invalid FHIR {resource_type}", violations=violations) from None
-    where = control_character_at(resource)
-    if where is not None:
-        raise InvalidArgument.field(
-            "content" + where.removeprefix(resource_type), "FHIR strings hold no control characters but tab, CR and LF"
-        )
+    check_strings(resource, "content")
     return resource_type
 
 
@@ -158,8 +154,8 @@ def provenance(
     *, record_id: str, version: int, written_by: str, organization_id: str, written_at: float
 ) -> dict[str, Any]:
     """A FHIR R4 Provenance for one record version: who wrote it (a patient, a practitioner, an
-    application), for which organization, and when. Principals and
-    organizations are named by medledger identifiers, never by personal data."""
+    application), for which organization, and when. Principals and organizations are named by
+    medledger identifiers, never by personal data."""
     author: dict[str, Any] = {
         "type": {
             "coding": [
